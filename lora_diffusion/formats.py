@@ -1,0 +1,312 @@
+"""LoRA file formats as pure functions over plain dicts of tensors.
+
+The canonical in-memory form is ``dict[str, LoraWeights]`` keyed by ``"<component>.<module path>"``, e.g.
+``"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"`` or
+``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"``: text-encoder paths always carry the
+``text_model.`` level, as every shared format does, whatever the installed transformers calls its modules.
+Each value holds ``A`` (down, ``[r, in]`` or ``[r, in, k, k]``), ``B`` (up, ``[out, r]`` or ``[out, r, 1, 1]``)
+and ``alpha`` (``alpha = rank`` when a format stores none).
+
+Each format is a ``to_x`` / ``from_x`` pair; ``read_lora_file`` detects the format, ``write_lora_file``
+writes one. Only safetensors is read: pickled checkpoints are refused without being opened.
+
+Example:
+    >>> lora, meta = read_lora_file("pytorch_lora_weights.safetensors")
+    >>> sd, header = to_diffusers(lora)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoraWeights",
+    "LoraFormatError",
+    "COMPONENTS",
+    "to_diffusers",
+    "from_diffusers",
+    "detect_format",
+    "read_lora_file",
+    "write_lora_file",
+    "READERS",
+    "WRITERS",
+]
+
+FORMAT_VERSION = 1
+COMPONENTS = ("unet", "text_encoder")
+METADATA_KEY = "lora_diffusion"  # our own header entry: JSON with format_version, base_model, trigger words...
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+class LoraWeights(NamedTuple):
+    """One layer's adapter: ``A`` (down), ``B`` (up), ``alpha``. Rank is ``A.shape[0]``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file or state dict that cannot be read: the message names the file, key and shapes."""
+
+
+Lora = dict[str, LoraWeights]
+
+
+def strip_text_model(path: str) -> str:
+    """``text_model.encoder.x`` -> ``encoder.x`` (the module path without the pre-5.6 ``text_model.`` level)."""
+    return path.removeprefix("text_model.")
+
+
+def with_text_model(path: str) -> str:
+    """The canonical text-encoder module path, with ``text_model.``."""
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
+# ---------------------------------------------------------------------------------------------- diffusers/PEFT
+def _most_common(values: dict[str, float]) -> float:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Canonical -> (state dict, safetensors header) that stock ``pipe.load_lora_weights`` reads.
+
+    Keys ``unet.<path>.lora_A.weight`` / ``lora_B.weight``; rank and alpha go to the header's
+    ``lora_adapter_metadata`` as PEFT ``LoraConfig`` fields per component (``unet.r``, ``unet.lora_alpha``,
+    ``unet.target_modules``, ``unet.rank_pattern``, ``unet.alpha_pattern``), so alpha != rank loads right.
+    """
+    state: dict[str, torch.Tensor] = {}
+    adapter_meta: dict[str, object] = {}
+    for component in COMPONENTS:
+        items = {k.split(".", 1)[1]: v for k, v in lora.items() if k.split(".", 1)[0] == component}
+        if not items:
+            continue
+        for path, w in items.items():
+            state[f"{component}.{path}.lora_A.weight"] = w.A
+            state[f"{component}.{path}.lora_B.weight"] = w.B
+        # PEFT matches target_modules and patterns as module-path suffixes: the text-encoder paths without
+        # `text_model.` match both the flattened (transformers >= 5.6) and the older CLIPTextModel.
+        short = {strip_text_model(p): w for p, w in items.items()}
+        ranks = {p: w.rank for p, w in short.items()}
+        alphas = {p: float(w.alpha) for p, w in short.items()}
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        adapter_meta.update(
+            {
+                f"{component}.r": r,
+                f"{component}.lora_alpha": alpha,
+                f"{component}.target_modules": sorted(short),
+                f"{component}.rank_pattern": {p: v for p, v in ranks.items() if v != r},
+                f"{component}.alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+                f"{component}.use_dora": False,
+                f"{component}.lora_dropout": 0.0,
+                f"{component}.init_lora_weights": True,
+                f"{component}.bias": "none",
+            }
+        )
+    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(adapter_meta, sort_keys=True)}
+    return state, header
+
+
+def _pattern_value(patterns: dict, path: str, default: float) -> float:
+    short = strip_text_model(path)
+    for key, value in patterns.items():
+        if short == key or short.endswith("." + key) or path == key:
+            return float(value)
+    return float(default)
+
+
+_DIFFUSERS_SUFFIXES = {
+    # current PEFT keys and the older diffusers attention-processor / text-encoder keys
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora.down.weight": "A",
+    ".lora.up.weight": "B",
+    ".lora_linear_layer.down.weight": "A",
+    ".lora_linear_layer.up.weight": "B",
+}
+_OLD_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+
+
+def _split_diffusers_key(key: str) -> tuple[str, str] | None:
+    for suffix, role in _DIFFUSERS_SUFFIXES.items():
+        if key.endswith(suffix):
+            path = key[: -len(suffix)]
+            # old attention-processor keys: `...attn1.processor.to_q_lora.down.weight`
+            head, _, last = path.rpartition(".processor.")
+            if last in _OLD_PROCESSOR:
+                path = f"{head}.{_OLD_PROCESSOR[last]}"
+            return path, role
+    for old, new in _OLD_PROCESSOR.items():
+        for part, role in ((".down.weight", "A"), (".up.weight", "B")):
+            if key.endswith(f".processor.{old}{part}"):
+                return key[: -len(f".processor.{old}{part}")] + "." + new, role
+    return None
+
+
+def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict") -> Lora:
+    """diffusers/PEFT state dict (+ header) -> canonical. Reads alpha from ``lora_adapter_metadata``."""
+    header = header or {}
+    adapter_meta = json.loads(header[DIFFUSERS_METADATA_KEY]) if header.get(DIFFUSERS_METADATA_KEY) else {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        split = _split_diffusers_key(key)
+        if split is None:
+            raise LoraFormatError(f"{source}: key {key!r} is not a diffusers LoRA key (expected .lora_A/.lora_B.weight)")
+        path, role = split
+        component, _, module = path.partition(".")
+        if component not in COMPONENTS:
+            raise LoraFormatError(f"{source}: key {key!r} is for component {component!r}; supported: {COMPONENTS}")
+        if component == "text_encoder":
+            module = with_text_model(module)
+        parts.setdefault(f"{component}.{module}", {})[role] = tensor
+    lora: Lora = {}
+    for name, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise LoraFormatError(f"{source}: {name} has only {sorted(ab)}; both lora_A and lora_B are needed")
+        a, b = ab["A"], ab["B"]
+        _check_pair(name, a, b, source)
+        component = name.split(".", 1)[0]
+        rank = a.shape[0]
+        if f"{component}.lora_alpha" in adapter_meta:
+            default_r = adapter_meta.get(f"{component}.r", rank)
+            alpha = _pattern_value(adapter_meta.get(f"{component}.alpha_pattern") or {}, name.split(".", 1)[1], adapter_meta[f"{component}.lora_alpha"])
+            r_meta = _pattern_value(adapter_meta.get(f"{component}.rank_pattern") or {}, name.split(".", 1)[1], default_r)
+            if int(r_meta) != rank:
+                raise LoraFormatError(f"{source}: {name} has rank {rank} in its tensors but {int(r_meta)} in the metadata")
+        else:
+            alpha = float(rank)
+        lora[name] = LoraWeights(a, b, float(alpha))
+    return lora
+
+
+def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, source: str) -> None:
+    if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != b.shape[1]:
+        raise LoraFormatError(
+            f"{source}: {name} has mismatched factors: down {tuple(a.shape)} and up {tuple(b.shape)} "
+            "(expected down [r, in(, k, k)] and up [out, r(, 1, 1)])"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- registry and files
+Reader = Callable[[dict[str, torch.Tensor], dict[str, str], str], Lora]
+Writer = Callable[[Lora], tuple[dict[str, torch.Tensor], dict[str, str]]]
+
+# Other formats (kohya/A1111, cloneofsimo) register here: name -> (detector, reader) / writer.
+READERS: dict[str, tuple[Callable[[dict[str, torch.Tensor], dict[str, str]], bool], Reader]] = {
+    "diffusers": (lambda sd, header: all(_split_diffusers_key(k) is not None for k in sd), from_diffusers),
+}
+WRITERS: dict[str, Writer] = {"diffusers": to_diffusers}
+
+
+def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> str:
+    """Name of the format of a LoRA state dict (a key of ``READERS``); raises ``LoraFormatError`` if none fits."""
+    header = header or {}
+    for name, (detect, _) in READERS.items():
+        if state and detect(state, header):
+            return name
+    lycoris = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in state if any(t in k for t in ("hada_", "lokr_"))})
+    if lycoris:
+        raise LoraFormatError(f"LyCORIS adapter types {lycoris} (LoHa/LoKr) are not supported yet")
+    sample = ", ".join(list(state)[:3])
+    raise LoraFormatError(f"unrecognised LoRA format; first keys: {sample}")
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFormatError(
+            f"{path}: pickled checkpoints ({path.suffix}) are refused and never unpickled, since unpickling can "
+            "run arbitrary code; convert it to .safetensors with a tool you trust"
+        )
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise LoraFormatError(f"{path}: this is a pickled (torch.save) file, not safetensors; it was not unpickled")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file, refusing pickles with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LoRA file")
+    _refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    return state, header
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[Lora, dict[str, str]]:
+    """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``."""
+    state, header = read_safetensors(path)
+    if not state:
+        raise LoraFormatError(f"{path}: the file holds no tensors")
+    try:
+        fmt = detect_format(state, header)
+        lora = READERS[fmt][1](state, header, str(path))
+    except LoraFormatError as e:
+        msg = str(e)
+        raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    return lora, {**header, "_format": fmt}
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.save_file`` through a temp file and rename, so a kill mid-save keeps the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_lora_file(
+    path: str | os.PathLike,
+    lora: Lora,
+    *,
+    metadata: dict | None = None,
+    format: str = "diffusers",
+    dtype: torch.dtype = torch.float16,
+) -> None:
+    """Write ``lora`` as ``format`` with tensors in ``dtype``; ``metadata`` goes to our own header entry."""
+    if format not in WRITERS:
+        raise ValueError(f"unknown format {format!r}; choose from {sorted(WRITERS)}")
+    if not lora:
+        raise ValueError("nothing to save: the LoRA is empty")
+    cast = {k: LoraWeights(w.A.detach().to(dtype), w.B.detach().to(dtype), w.alpha) for k, w in lora.items()}
+    state, header = WRITERS[format](cast)
+    ours = {"format_version": FORMAT_VERSION, **(metadata or {})}
+    header[METADATA_KEY] = json.dumps(ours, sort_keys=True, default=str)
+    atomic_save(state, path, header)
+
+
+def our_metadata(header: dict[str, str]) -> dict:
+    """Our own metadata (format version, base model, trigger words, ...) from a file header."""
+    raw = header.get(METADATA_KEY)
+    return json.loads(raw) if raw else {}

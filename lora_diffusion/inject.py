@@ -1,0 +1,221 @@
+"""Which layers get LoRA (targets are data, matched by module path) and the model-level operations.
+
+Targets are plain regexes over the module path of a diffusers ``UNet2DConditionModel`` or a transformers CLIP
+text encoder (with or without the ``text_model.`` level that transformers >= 5.6 flattened away). They do not
+depend on class names, so an upstream class rename does not silently disable LoRA.
+
+Example:
+    >>> params = inject_lora(pipe.unet, rank=4, targets="attn")          # to_q/k/v/out.0 in attn1 and attn2
+    >>> params = inject_lora(pipe.text_encoder, rank=4)                   # q/k/v/out_proj
+    >>> inject_lora(pipe.unet, rank=8, targets=["attn2.to_k", "attn2.to_v"], adapter="cross-kv")
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .layers import LoraConv2d, LoraLayer, LoraLinear
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TARGET_PRESETS",
+    "inject_lora",
+    "remove_lora",
+    "lora_layers",
+    "model_kind",
+    "resolve_targets",
+    "lora_parameters",
+    "attach",
+    "detach",
+]
+
+# One place for every default target list: component kind -> preset -> regex over the full module path.
+_UNET_ATTN = r"(.*\.)?attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_UNET_CROSS = r"(.*\.)?attn2\.(to_q|to_k|to_v|to_out\.0)"
+_UNET_MLP = r"(.*\.)?(transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out))"
+_UNET_CONV = r"(.*\.)?(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(downsamplers|upsamplers)\.\d+\.conv)"
+_TE_ATTN = r"(.*\.)?self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+_TE_MLP = r"(.*\.)?mlp\.(fc1|fc2)"
+
+TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    "unet": {
+        "attn": [_UNET_ATTN],
+        "cross": [_UNET_CROSS],
+        "attn-mlp": [_UNET_ATTN, _UNET_MLP],
+        "full": [_UNET_ATTN, _UNET_MLP, _UNET_CONV],
+    },
+    "text_encoder": {
+        "attn": [_TE_ATTN],
+        "cross": [_TE_ATTN],  # a text encoder has no cross-attention: its attention is the sensible subset
+        "attn-mlp": [_TE_ATTN, _TE_MLP],
+        "full": [_TE_ATTN, _TE_MLP],
+    },
+}
+
+Targets = str | Iterable[str] | None
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"unet"`` for a diffusers UNet, ``"text_encoder"`` for a CLIP-like text encoder."""
+    if hasattr(model, "down_blocks") and hasattr(model, "up_blocks"):
+        return "unet"
+    if any(name.endswith("self_attn") for name, _ in model.named_modules()):
+        return "text_encoder"
+    raise TypeError(
+        f"{type(model).__name__} is neither a diffusers UNet (down_blocks/up_blocks) nor a CLIP-like text "
+        "encoder (self_attn); pass `targets` as a regex or suffix list"
+    )
+
+
+def resolve_targets(model: nn.Module, targets: Targets) -> list[str]:
+    """Module paths of ``model`` selected by ``targets`` (a preset name, a regex, or a list of suffixes)."""
+    if targets is None:
+        targets = "attn"
+    if isinstance(targets, str) and targets in TARGET_PRESETS["unet"]:
+        patterns = [re.compile(p) for p in TARGET_PRESETS[model_kind(model)][targets]]
+
+        def match(name: str) -> bool:
+            return any(p.fullmatch(name) for p in patterns)
+
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets {targets!r} is neither a preset {sorted(TARGET_PRESETS['unet'])} nor a valid regex: {e}") from e
+
+        def match(name: str) -> bool:
+            return pattern.fullmatch(name) is not None
+
+    else:
+        suffixes = list(targets)
+
+        def match(name: str) -> bool:
+            return any(name == s or name.endswith("." + s) for s in suffixes)
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            if match(name):
+                names.append(name)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and match(name) and not _inside_lora(name, model):
+            names.append(name)
+    return names
+
+
+def _inside_lora(name: str, model: nn.Module) -> bool:
+    return ".base_layer" in name or ".lora_" in name
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(module path, layer)`` for every LoRA layer in ``model``, detached (fused) ones included."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+    yield from getattr(model, DETACHED_ATTR, {}).items()
+
+
+# While fused, wrappers are swapped out for their base layers so that generation runs the base modules
+# themselves (zero added latency); the wrappers wait in this attribute of the model until `attach`.
+DETACHED_ATTR = "_lora_detached"
+
+
+def detach(model: nn.Module) -> None:
+    """Swap every LoRA wrapper for its (fused) base layer; the wrappers are kept on the model."""
+    detached = getattr(model, DETACHED_ATTR, {})
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, layer.base_layer)
+        detached[name] = layer
+    object.__setattr__(model, DETACHED_ATTR, detached)
+
+
+def attach(model: nn.Module) -> None:
+    """Put detached LoRA wrappers back in place of their base layers."""
+    for name, layer in getattr(model, DETACHED_ATTR, {}).items():
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, layer)
+    object.__setattr__(model, DETACHED_ATTR, {})
+
+
+def inject_lora(
+    model: nn.Module,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: Targets = None,
+    adapter: str = "default",
+) -> list[nn.Parameter]:
+    """Wrap each target layer of ``model`` in a LoRA layer holding a fresh adapter and return its parameters.
+
+    ``targets``: a preset (``"attn"`` default: to_q/k/v/out.0 of attn1 and attn2 in the UNet, q/k/v/out_proj in
+    the text encoder; ``"cross"``: UNet attn2 only; ``"attn-mlp"``: adds feed-forward and proj_in/out, kohya's
+    default; ``"full"``: adds ResNet convs, LoCon), a regex fully matching module paths, or a list of module
+    path suffixes. ``alpha=None`` means alpha = rank. A layer already wrapped gets the adapter beside the others.
+    All other parameters of ``model`` are frozen; the returned LoRA parameters require grad.
+
+    Example:
+        >>> params = inject_lora(unet, rank=4, alpha=8)
+        >>> optimizer = torch.optim.AdamW(params, lr=1e-4)
+    """
+    attach(model)
+    names = resolve_targets(model, targets)
+    if not names:
+        raise ValueError(f"targets {targets!r} matched no Linear/Conv2d layer in {type(model).__name__}")
+    model.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            wrapper = LoraLinear(module) if isinstance(module, nn.Linear) else LoraConv2d(module)
+            parent, child = _get_parent(model, name)
+            setattr(parent, child, wrapper)
+            module = wrapper
+        try:
+            module.add_adapter(adapter, rank=rank, alpha=alpha, dropout=dropout)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
+        for p in (module.lora_A[adapter], module.lora_B[adapter]):
+            p.requires_grad_(True)
+            params.append(p)
+    logger.info("injected adapter %r (rank %d) into %d layers of %s", adapter, rank, len(names), type(model).__name__)
+    return params
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Put the original modules back (the same weight tensors, unfused first if fused)."""
+    attach(model)
+    for name, layer in list(lora_layers(model)):
+        layer.unfuse()
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, layer.base_layer)
+
+
+def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
+    """LoRA parameters of ``model`` (of one adapter, or all)."""
+    out = []
+    for _, layer in lora_layers(model):
+        for name in layer.specs:
+            if adapter is None or name == adapter:
+                out += [layer.lora_A[name], layer.lora_B[name]]
+    return out
+
+
+def adapter_state(model: nn.Module, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{module path: (A, B, alpha)}`` of one adapter, module paths as in ``model`` (wrapper level)."""
+    out = {}
+    for name, layer in lora_layers(model):
+        if adapter in layer.specs:
+            out[name] = (layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach(), layer.specs[adapter].alpha)
+    return out

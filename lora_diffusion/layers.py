@@ -1,0 +1,323 @@
+"""LoRA layers: wrappers around a frozen ``nn.Linear`` or ``nn.Conv2d`` holding named low-rank adapters.
+
+The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_i(A_i(x))``.
+
+* The base layer is kept as ``base_layer`` (never rebuilt), so ``remove_lora`` can put it back.
+* ``B @ A`` is never materialised in the forward: the low-rank path is two thin matmuls (or convs).
+* Several active adapters are computed as one concatenated pair of matmuls: the ``A`` factors are stacked
+  along the rank axis and the ``B`` factors side by side, with each adapter's ``w * alpha / r`` folded into its
+  columns of ``B``. The stacked tensors are cached and rebuilt only when a factor changes (tracked with the
+  tensors' version counters), an adapter is added, or a weight changes.
+* Fusing bakes the weighted deltas into the base weight, accumulated in fp32 and cast back once. The base
+  weight is copied before the first fuse and ``unfuse`` restores that copy, so unfusing is **exact**
+  (bit-identical), and re-weighting while fused recomputes ``W0 + delta`` from the copy, which equals fusing
+  afresh bit for bit.
+
+Example:
+    >>> layer = LoraLinear(torch.nn.Linear(8, 8))
+    >>> layer.add_adapter("style", rank=2, alpha=2.0)
+    >>> torch.equal(layer(torch.ones(1, 8)), layer.base_layer(torch.ones(1, 8)))  # B = 0 at init
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LoraLayer", "LoraLinear", "LoraConv2d", "AdapterSpec"]
+
+
+@dataclass
+class AdapterSpec:
+    """Hyper-parameters of one adapter in one layer."""
+
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraLayer(nn.Module):
+    """Base class for LoRA wrappers. Subclasses define the shapes and the two low-rank ops."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.weights: dict[str, float] = {}  # user weight per adapter (strength); 0 or absent = inactive
+        self.active: list[str] = []  # adapters that take part in forward/fuse, in insertion order
+        self.disabled = False
+        self.fused: dict[str, float] = {}  # adapter -> effective weight baked into base_layer.weight
+        self._base_backup: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ shapes (subclasses)
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def _a_shape(self, rank: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _b_shape(self, rank: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _max_rank(self) -> int:
+        raise NotImplementedError
+
+    def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``B @ A`` reshaped to the base weight's shape (fp32 in, fp32 out)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Add a fresh adapter ``name``: ``A`` random (kaiming-uniform, as PEFT), ``B`` zero.
+
+        Raises ``ValueError`` if the name exists or the rank exceeds what the layer allows.
+        """
+        if name in self.specs:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if rank > self._max_rank():
+            raise ValueError(
+                f"rank {rank} is larger than this layer allows ({self._max_rank()} for "
+                f"{type(self.base_layer).__name__} {tuple(self.base_layer.weight.shape)})"
+            )
+        weight = self.base_layer.weight
+        dtype = dtype or (weight.dtype if weight.dtype == torch.float32 else torch.float32)
+        a = torch.empty(self._a_shape(rank), device=weight.device, dtype=dtype)
+        b = torch.zeros(self._b_shape(rank), device=weight.device, dtype=dtype)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / rank)
+        else:
+            raise ValueError(f"unknown init {init!r}; use 'kaiming' or 'gaussian'")
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.specs[name] = AdapterSpec(rank=rank, alpha=float(rank if alpha is None else alpha))
+        self.weights[name] = 1.0
+        self.active.append(name)
+        self._cache_key = None
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unfusing first if it is fused)."""
+        self._require(name)
+        if self.fused:
+            self.unfuse()
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        del self.specs[name]
+        del self.weights[name]
+        if name in self.active:
+            self.active.remove(name)
+        self._cache_key = None
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Activate exactly the adapters named in ``weights`` (those in this layer) with these weights."""
+        self.active = [n for n in self.specs if n in weights]
+        for name in self.active:
+            self.weights[name] = float(weights[name])
+        self._cache_key = None
+        if self.fused:
+            self.fuse()
+
+    def set_lora_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, alpha: float | None = None) -> None:
+        """Copy given factors into adapter ``name``; shapes must match exactly."""
+        self._require(name)
+        for label, src, dst in (("lora_A", a, self.lora_A[name]), ("lora_B", b, self.lora_B[name])):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{label} of adapter {name!r}: file has shape {tuple(src.shape)}, layer expects {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(src)
+        if alpha is not None:
+            self.specs[name].alpha = float(alpha)
+        self._cache_key = None
+
+    def _require(self, name: str) -> None:
+        if name not in self.specs:
+            raise KeyError(f"no adapter {name!r} in this layer; have {list(self.specs)}")
+
+    # ------------------------------------------------------------------ forward
+    def _live(self) -> list[str]:
+        """Adapters that contribute to the forward (active, non-zero weight, not fused)."""
+        return [n for n in self.active if self.weights.get(n, 0.0) != 0.0 and n not in self.fused]
+
+    def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in; cached."""
+        params = [(self.lora_A[n], self.lora_B[n]) for n in names]
+        needs_grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in params)
+        key = tuple((n, self.weights[n], self.specs[n].scale, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params))
+        if not needs_grad and key == self._cache_key and self._cache is not None:
+            return self._cache
+        a_cat = torch.cat([a for a, _ in params], dim=0)
+        scales = torch.cat(
+            [torch.full((self.specs[n].rank,), self.weights[n] * self.specs[n].scale, dtype=b.dtype, device=b.device) for n, (_, b) in zip(names, params)]
+        )
+        b_cat = torch.cat([b for _, b in params], dim=1)
+        b_cat = b_cat * scales.view(1, -1, *([1] * (b_cat.dim() - 2)))
+        if not needs_grad:
+            self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
+        return a_cat, b_cat
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        names = self._live()
+        if not names:
+            return result
+        out_dtype = result.dtype
+        if len(names) == 1 or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
+            # One adapter (the training case): same op order as PEFT, B(A(dropout(x))) * scale.
+            for n in names:
+                a, b = self.lora_A[n], self.lora_B[n]
+                h = self.lora_dropout[n](x.to(a.dtype))
+                result = result + (self._low_rank(h, a, b) * (self.weights[n] * self.specs[n].scale)).to(out_dtype)
+            return result
+        a_cat, b_cat = self._stacked(names)
+        return result + self._low_rank(x.to(a_cat.dtype), a_cat, b_cat).to(out_dtype)
+
+    # ------------------------------------------------------------------ fuse
+    def delta_weight(self, names: list[str] | None = None, weights: dict[str, float] | None = None) -> torch.Tensor:
+        """fp32 ``sum_i w_i (alpha_i/r_i) B_i A_i`` in the base weight's shape (default: active adapters)."""
+        names = list(self.active if names is None else names)
+        weights = self.weights if weights is None else weights
+        w = self.base_layer.weight
+        if not names:
+            return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        a_cat = torch.cat([self.lora_A[n].detach().float() for n in names], dim=0)
+        b_cat = torch.cat(
+            [self.lora_B[n].detach().float() * (weights[n] * self.specs[n].scale) for n in names], dim=1
+        )
+        return self._delta_from(a_cat, b_cat).to(w.device)
+
+    def fuse(self) -> None:
+        """Bake the active adapters at their weights into the base weight: ``W = W0 + delta`` (fp32, cast once).
+
+        Calling it again after a weight change recomputes from the saved ``W0``, equal to fusing afresh.
+        """
+        names = [n for n in self.active if self.weights.get(n, 0.0) != 0.0]
+        weight = self.base_layer.weight
+        if self._base_backup is None:
+            self._base_backup = weight.detach().clone()
+        delta = self.delta_weight(names)
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"refusing to fuse: adapters {names} contain NaN or Inf")
+        with torch.no_grad():
+            weight.copy_((self._base_backup.float() + delta).to(weight.dtype))
+        self.fused = {n: self.weights[n] for n in names}
+        self._cache_key = None
+
+    def unfuse(self) -> None:
+        """Restore the base weight exactly (bit-identical) from the copy taken at the first fuse."""
+        if self._base_backup is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._base_backup)
+        self._base_backup = None
+        self.fused = {}
+        self._cache_key = None
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={s.rank} alpha={s.alpha:g} w={self.weights[n]:g}" for n, s in self.specs.items())
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear``: ``A`` is ``[r, in]``, ``B`` is ``[out, r]``."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _a_shape(self, rank: int) -> tuple[int, ...]:
+        return (rank, self.in_features)
+
+    def _b_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.out_features, rank)
+
+    def _max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, a), b)
+
+    def _delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return b @ a
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA around ``nn.Conv2d`` (LoCon): ``A`` is a conv ``[r, in, k, k]`` with the base kernel, stride,
+    padding and dilation; ``B`` is a 1x1 conv ``[out, r, 1, 1]``."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"LoraConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
+        if base_layer.groups != 1:
+            raise ValueError("LoRA on grouped convolutions is not supported")
+        if base_layer.padding_mode != "zeros":
+            raise ValueError(f"LoRA on Conv2d with padding_mode={base_layer.padding_mode!r} is not supported")
+        super().__init__(base_layer)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels
+
+    def _a_shape(self, rank: int) -> tuple[int, ...]:
+        return (rank, self.in_features, *self.base_layer.kernel_size)
+
+    def _b_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.out_features, rank, 1, 1)
+
+    def _max_rank(self) -> int:
+        k = self.base_layer.kernel_size
+        return min(self.in_features * k[0] * k[1], self.out_features)
+
+    def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        h = F.conv2d(x, a, None, base.stride, base.padding, base.dilation)
+        return F.conv2d(h, b)
+
+    def _delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        r = a.shape[0]
+        return (b.reshape(b.shape[0], r) @ a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
