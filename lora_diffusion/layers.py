@@ -227,11 +227,11 @@ class LoraLayer(nn.Module):
         """
         names = [n for n in self.active if self.weights.get(n, 0.0) != 0.0]
         weight = self.base_layer.weight
-        if self._base_backup is None:
-            self._base_backup = weight.detach().clone()
         delta = self.delta_weight(names)
         if not torch.isfinite(delta).all():
             raise ValueError(f"refusing to fuse: adapters {names} contain NaN or Inf")
+        if self._base_backup is None:
+            self._base_backup = weight.detach().clone()
         with torch.no_grad():
             weight.copy_((self._base_backup.float() + delta).to(weight.dtype))
         self.fused = {n: self.weights[n] for n in names}

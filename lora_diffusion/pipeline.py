@@ -115,7 +115,6 @@ def save_lora(
         raise ValueError("save_lora needs unet= and/or text_encoder=")
     meta.update(
         {
-            "adapter": adapter,
             "components": sorted({k.split(".", 1)[0] for k in lora}),
             "ranks": sorted({w.rank for w in lora.values()}),
             "alphas": sorted({w.alpha for w in lora.values()}),

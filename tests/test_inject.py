@@ -1,0 +1,80 @@
+"""Injection into the tiny UNet and CLIP text encoder: targets, freezing, removal."""
+
+import pytest
+import torch
+
+from lora_diffusion import inject_lora, remove_lora
+from lora_diffusion.inject import lora_layers, resolve_targets
+from lora_diffusion.layers import LoraConv2d, LoraLinear
+
+from conftest import randomize_lora
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 16, 16, generator=g)
+    cond = torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        return unet(sample, 10, encoder_hidden_states=cond).sample
+
+
+def test_default_targets_are_attention_projections(pipe):
+    unet_names = resolve_targets(pipe.unet, None)
+    # tiny UNet: 2 down + 3 up + 1 mid transformer blocks, each attn1 and attn2 with q, k, v, out.0
+    assert len(unet_names) == 6 * 2 * 4
+    assert all(n.rsplit(".", 2)[-2:] in (["attn1", "to_q"], ["attn1", "to_k"], ["attn1", "to_v"], ["attn2", "to_q"],
+               ["attn2", "to_k"], ["attn2", "to_v"]) or n.endswith(".to_out.0") for n in unet_names)
+    te_names = resolve_targets(pipe.text_encoder, None)
+    assert len(te_names) == 5 * 4 and all(n.split(".")[-1] in {"q_proj", "k_proj", "v_proj", "out_proj"} for n in te_names)
+
+
+def test_presets_regex_and_suffixes(pipe):
+    cross = resolve_targets(pipe.unet, "cross")
+    assert len(cross) == 24 and all(".attn2." in n for n in cross)
+    mlp = resolve_targets(pipe.unet, "attn-mlp")
+    assert len(mlp) == 48 + 6 * 2 + 6 * 2  # + ff.net.0.proj, ff.net.2, proj_in, proj_out
+    full = resolve_targets(pipe.unet, "full")
+    assert any(n.endswith("resnets.0.conv1") for n in full) and len(full) > len(mlp)
+    assert resolve_targets(pipe.unet, ["attn2.to_k"]) == [n for n in cross if n.endswith("attn2.to_k")]
+    assert resolve_targets(pipe.unet, r"mid_block\..*attn1\.to_q") == ["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert len(resolve_targets(pipe.text_encoder, "attn-mlp")) == 5 * 6
+    with pytest.raises(ValueError, match="matched no Linear/Conv2d"):
+        inject_lora(pipe.unet, targets=["no_such_layer"])
+
+
+def test_fresh_injection_changes_nothing_and_only_lora_trains(pipe):
+    before = _unet_out(pipe.unet)
+    params = inject_lora(pipe.unet, rank=4, alpha=8, targets="full")
+    assert torch.equal(_unet_out(pipe.unet), before)
+    trainable = {id(p) for p in pipe.unet.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in params}
+    assert any(isinstance(layer, LoraConv2d) for _, layer in lora_layers(pipe.unet))
+    assert any(isinstance(layer, LoraLinear) for _, layer in lora_layers(pipe.unet))
+
+
+def test_second_adapter_sits_beside_the_first(pipe):
+    inject_lora(pipe.unet, rank=2, adapter="a")
+    inject_lora(pipe.unet, rank=3, targets="cross", adapter="b")
+    layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_k")
+    assert list(layer.specs) == ["a", "b"] and layer.specs["b"].rank == 3
+    self_attn = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_k")
+    assert list(self_attn.specs) == ["a"]
+    with pytest.raises(ValueError, match="already exists"):
+        inject_lora(pipe.unet, rank=2, adapter="a")
+
+
+def test_remove_lora_puts_back_the_same_modules(pipe):
+    originals = {n: m for n, m in pipe.unet.named_modules()}
+    before = _unet_out(pipe.unet)
+    inject_lora(pipe.unet, rank=4)
+    randomize_lora(pipe.unet)
+    assert not torch.allclose(_unet_out(pipe.unet), before)
+    remove_lora(pipe.unet)
+    after = {n: m for n, m in pipe.unet.named_modules()}
+    assert after.keys() == originals.keys() and all(after[n] is originals[n] for n in after)
+    assert torch.equal(_unet_out(pipe.unet), before)
+
+
+def test_rank_too_large_names_the_layer(pipe):
+    with pytest.raises(ValueError, match=r"encoder\.layers\.0\.self_attn\.k_proj: rank 64 is larger"):
+        inject_lora(pipe.text_encoder, rank=64)

@@ -1,0 +1,128 @@
+"""Our numbers equal the references: PEFT-injected models, and stock diffusers loading our files (and v.v.)."""
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402
+
+from lora_diffusion import inject_lora, load_lora, save_lora  # noqa: E402
+from lora_diffusion.formats import read_safetensors  # noqa: E402
+from lora_diffusion.inject import lora_layers  # noqa: E402
+from lora_diffusion.testing import tiny_pipeline  # noqa: E402
+
+from conftest import generate, randomize_lora  # noqa: E402
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _copy_ours_into_peft(ours, theirs):
+    """Copy our A/B factors into the PEFT layer at the same module path."""
+    peft_modules = dict(theirs.named_modules())
+    for path, layer in lora_layers(ours):
+        target = peft_modules[path]
+        with torch.no_grad():
+            target.lora_A["default"].weight.copy_(layer.lora_A["default"])
+            target.lora_B["default"].weight.copy_(layer.lora_B["default"])
+
+
+def test_unet_and_text_encoder_equal_peft():
+    ours, ref = tiny_pipeline(0), tiny_pipeline(0)
+    inject_lora(ours.unet, rank=4, alpha=8)
+    inject_lora(ours.text_encoder, rank=2, alpha=3)
+    randomize_lora(ours.unet, seed=1)
+    randomize_lora(ours.text_encoder, seed=2)
+    ref.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3, target_modules=TE_TARGETS), ref.text_encoder)
+    _copy_ours_into_peft(ours.unet, ref.unet)
+    _copy_ours_into_peft(ours.text_encoder, ref.text_encoder)
+
+    ids = ours.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        te_ours, te_ref = ours.text_encoder(ids)[0], ref.text_encoder(ids)[0]
+        base_te = tiny_pipeline(0).text_encoder(ids)[0]
+    assert not torch.allclose(te_ours, base_te, atol=1e-3)  # the adapters really act
+    torch.testing.assert_close(te_ours, te_ref, rtol=1e-5, atol=1e-5)
+
+    g = torch.Generator().manual_seed(0)
+    sample, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        u_ours = ours.unet(sample, 500, encoder_hidden_states=cond).sample
+        u_ref = ref.unet(sample, 500, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(u_ours, u_ref, rtol=1e-5, atol=1e-5)
+
+
+def _trained_lora_file(tmp_path, rank=4, alpha=8, te_rank=2, te_alpha=6):
+    pipe = tiny_pipeline(0)
+    inject_lora(pipe.unet, rank=rank, alpha=alpha)
+    inject_lora(pipe.text_encoder, rank=te_rank, alpha=te_alpha)
+    randomize_lora(pipe.unet, seed=3)
+    randomize_lora(pipe.text_encoder, seed=4)
+    path = tmp_path / "style.safetensors"
+    save_lora(path, unet=pipe.unet, text_encoder=pipe.text_encoder, dtype=torch.float32, metadata={"trigger_words": ["<s1>"]})
+    return path
+
+
+def test_our_file_loads_in_stock_diffusers_with_alpha(tmp_path):
+    path = _trained_lora_file(tmp_path)
+    base = generate(tiny_pipeline(0))
+    ours = tiny_pipeline(0)
+    load_lora(ours, path)
+    ref = tiny_pipeline(0)
+    ref.load_lora_weights(str(path))
+    a, b = generate(ours), generate(ref)
+    assert abs(a - base).max() > 0.05  # the LoRA changes the image
+    assert abs(a - b).max() < 1e-5
+
+
+def test_diffusers_file_from_peft_loads_with_ours(tmp_path):
+    ref = tiny_pipeline(0)
+    unet_cfg = LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS, init_lora_weights="gaussian")
+    te_cfg = LoraConfig(r=2, lora_alpha=5, target_modules=TE_TARGETS, init_lora_weights="gaussian")
+    ref.unet.add_adapter(unet_cfg)
+    inject_adapter_in_model(te_cfg, ref.text_encoder)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in list(ref.unet.named_parameters()) + list(ref.text_encoder.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path),
+        unet_lora_layers=get_peft_model_state_dict(ref.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(ref.text_encoder),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(),
+        text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+    )
+    diffusers_pipe = tiny_pipeline(0)
+    diffusers_pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    ours = tiny_pipeline(0)
+    name = load_lora(ours, tmp_path / "pytorch_lora_weights.safetensors")
+    assert name == tmp_path.name
+    layer = ours.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert layer.specs[name].alpha == 2 and layer.specs[name].rank == 4
+    a, b = generate(ours), generate(diffusers_pipe)
+    assert abs(a - generate(tiny_pipeline(0))).max() > 0.05
+    assert abs(a - b).max() < 1e-5
+
+
+def test_save_load_save_is_identical(tmp_path):
+    first = _trained_lora_file(tmp_path)
+    pipe = tiny_pipeline(0)
+    name = load_lora(pipe, first)
+    second = tmp_path / "again.safetensors"
+    save_lora(second, unet=pipe.unet, text_encoder=pipe.text_encoder, adapter=name, dtype=torch.float32)
+    (s1, h1), (s2, h2) = read_safetensors(first), read_safetensors(second)
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert h1 == h2  # metadata too: trigger words, ranks, alphas, diffusers' adapter metadata
+
+
+def test_fp16_default_and_text_encoder_keys(tmp_path):
+    pipe = tiny_pipeline(0)
+    inject_lora(pipe.text_encoder, rank=2)
+    path = save_lora(tmp_path / "te.safetensors", text_encoder=pipe.text_encoder)
+    state, header = read_safetensors(path)
+    assert all(t.dtype == torch.float16 for t in state.values())
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in state
+    assert "lora_adapter_metadata" in header and header["format"] == "pt"
