@@ -1,0 +1,222 @@
+"""Pipeline-level invariants and bad input: load, weights, disable, fuse/unfuse."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_diffusion import (
+    LoraFormatError,
+    LoraLayer,
+    disable_lora,
+    enable_lora,
+    fuse,
+    inject_lora,
+    list_adapters,
+    load_lora,
+    save_lora,
+    set_adapters,
+    unfuse,
+)
+from lora_diffusion.testing import tiny_pipeline
+
+from conftest import generate, randomize_lora
+
+
+def _lora_file(path, seed, rank=4, alpha=None, te=True, std=0.3):
+    pipe = tiny_pipeline(0)
+    inject_lora(pipe.unet, rank=rank, alpha=alpha)
+    randomize_lora(pipe.unet, seed=seed, std=std)
+    if te:
+        inject_lora(pipe.text_encoder, rank=2, alpha=alpha)
+        randomize_lora(pipe.text_encoder, seed=seed + 100)
+    return save_lora(path, unet=pipe.unet, text_encoder=pipe.text_encoder if te else None, dtype=torch.float32)
+
+
+@pytest.fixture
+def two_files(tmp_path):
+    return _lora_file(tmp_path / "style.safetensors", 1, rank=4, alpha=8), _lora_file(tmp_path / "subject.safetensors", 2, rank=2)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_disabled_equals_base_and_enable_restores(two_files):
+    base = generate(tiny_pipeline(0))
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    with_lora = generate(pipe)
+    assert abs(with_lora - base).max() > 0.05
+    disable_lora(pipe)
+    assert abs(generate(pipe) - base).max() == 0
+    enable_lora(pipe)
+    assert abs(generate(pipe) - with_lora).max() == 0
+
+
+def test_fused_equals_unfused_with_zero_overhead_and_unfuse_is_exact(two_files):
+    pipe = tiny_pipeline(0)
+    original = {"unet": _weights(pipe.unet), "te": _weights(pipe.text_encoder)}
+    load_lora(pipe, two_files[0])
+    load_lora(pipe, two_files[1], weight=-0.6)
+    assert list_adapters(pipe) == {"unet": ["style", "subject"], "text_encoder": ["style", "subject"]}
+    unfused = generate(pipe)
+    fuse(pipe)
+    assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())  # generation runs the base modules
+    assert not any(isinstance(m, LoraLayer) for m in pipe.text_encoder.modules())
+    assert abs(generate(pipe) - unfused).max() < 1e-4
+    unfuse(pipe)
+    for key, model in (("unet", pipe.unet), ("te", pipe.text_encoder)):
+        now = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+        assert now.keys() == original[key].keys()
+        assert all(torch.equal(now[k], original[key][k]) for k in now), "unfuse must restore the base bit for bit"
+    assert abs(generate(pipe) - unfused).max() == 0
+
+
+def test_two_adapters_equal_sum_of_weighted_deltas(two_files):
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    load_lora(pipe, two_files[1])
+    set_adapters(pipe, {"style": 0.3, "subject": 0.9})
+    layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_v")
+    d_style = layer.delta_weight(["style"], {"style": 1.0})
+    d_subject = layer.delta_weight(["subject"], {"subject": 1.0})
+    torch.testing.assert_close(layer.delta_weight(), 0.3 * d_style + 0.9 * d_subject)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(
+        layer(x), torch.nn.functional.linear(x, layer.base_layer.weight + 0.3 * d_style + 0.9 * d_subject, layer.base_layer.bias),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_reweight_while_fused_equals_fusing_afresh(two_files):
+    a = tiny_pipeline(0)
+    for f in two_files:
+        load_lora(a, f)
+    fuse(a)
+    set_adapters(a, {"style": -0.5, "subject": 1.7})
+    b = tiny_pipeline(0)
+    for f in two_files:
+        load_lora(b, f)
+    set_adapters(b, {"style": -0.5, "subject": 1.7})
+    fuse(b)
+    wa, wb = _weights(a.unet), _weights(b.unet)
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    assert abs(generate(a) - generate(b)).max() == 0
+
+
+def test_disable_while_fused_gives_base(two_files):
+    base = generate(tiny_pipeline(0))
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    fused = (fuse(pipe), generate(pipe))[1]
+    disable_lora(pipe)
+    assert abs(generate(pipe) - base).max() == 0
+    enable_lora(pipe)
+    assert abs(generate(pipe) - fused).max() == 0
+
+
+def test_pickled_files_are_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("lora.pt", "lora.ckpt", "lora.bin", "disguised.safetensors"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(Evil()))
+        with pytest.raises(LoraFormatError, match="pickle"):
+            load_lora(tiny_pipeline(0), path)
+    assert not marker.exists()
+
+
+def test_unmatched_keys_name_the_keys_and_the_architecture(tmp_path):
+    sd15 = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.zeros(4, 768),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": torch.zeros(320, 4),
+    }
+    path = tmp_path / "sd15.safetensors"
+    save_file(sd15, path)
+    pipe = tiny_pipeline(0)
+    with pytest.raises(LoraFormatError, match=r"sd15\.safetensors: 1 of 1 unet keys match no layer.*down_blocks\.0\.attentions\.0.*SD 1\.x"):
+        load_lora(pipe, path)
+    assert list_adapters(pipe) == {}
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    bad = {f"{key}.lora_A.weight": torch.zeros(4, 48), f"{key}.lora_B.weight": torch.zeros(64, 4)}
+    path = tmp_path / "bad.safetensors"
+    save_file(bad, path)
+    pipe = tiny_pipeline(0)
+    with pytest.raises(LoraFormatError, match=r"attn1\.to_q: file has down \(4, 48\) / up \(64, 4\).*\(64, 64\) needs \(4, 64\) / \(64, 4\)"):
+        load_lora(pipe, path)
+    assert list_adapters(pipe) == {}  # nothing half-loaded
+
+
+def test_strict_false_loads_what_matches(tmp_path, caplog):
+    ok = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    sd = {f"{ok}.lora_A.weight": torch.ones(2, 64), f"{ok}.lora_B.weight": torch.ones(64, 2),
+          "unet.nowhere.to_q.lora_A.weight": torch.ones(2, 64), "unet.nowhere.to_q.lora_B.weight": torch.ones(64, 2)}
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, path)
+    with pytest.raises(LoraFormatError, match="unet.nowhere.to_q"):
+        load_lora(tiny_pipeline(0), path)
+    pipe = tiny_pipeline(0)
+    with caplog.at_level("WARNING"):
+        load_lora(pipe, path, strict=False)
+    assert "Loaded the other 1 layers" in caplog.text
+    assert list_adapters(pipe) == {"unet": ["partial"]}
+
+
+def test_nan_in_file_refuses_to_fuse(tmp_path):
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    b = torch.ones(64, 2)
+    b[0, 0] = float("inf")
+    path = tmp_path / "nan.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 64), f"{key}.lora_B.weight": b}, path)
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, path)
+    before = _weights(pipe.unet)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fuse(pipe)
+    after = _weights(pipe.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_same_name_twice_is_refused(two_files):
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    with pytest.raises(ValueError, match="already loaded"):
+        load_lora(pipe, two_files[0])
+    assert load_lora(pipe, two_files[0], adapter="style2") == "style2"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_pipelines(tmp_path, dtype):
+    # a moderate LoRA: large random deltas on q/k saturate the attention softmax, where fp16 rounding explodes
+    path = _lora_file(tmp_path / "style.safetensors", 1, rank=4, alpha=8, te=False, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    sample, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    reference = tiny_pipeline(0)
+    load_lora(reference, path)
+    with torch.no_grad():
+        expected = reference.unet(sample, 10, encoder_hidden_states=cond).sample
+    pipe = tiny_pipeline(0, dtype=dtype)
+    load_lora(pipe, path)
+    layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert layer.lora_A["style"].dtype == dtype
+    sample, cond = sample.to(dtype), cond.to(dtype)
+    with torch.no_grad():
+        unfused = pipe.unet(sample, 10, encoder_hidden_states=cond).sample
+        w0 = layer.base_layer.weight.detach().clone()
+        fuse(pipe)
+        fused = pipe.unet(sample, 10, encoder_hidden_states=cond).sample
+        unfuse(pipe)
+    assert unfused.dtype == dtype and torch.isfinite(unfused).all()
+    tol = 5e-3 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(unfused.float(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(fused.float(), expected, rtol=tol, atol=tol)
+    assert torch.equal(layer.base_layer.weight, w0)
