@@ -13,7 +13,8 @@ reference in the same run, timed alternately, median of ``--iters`` after ``--wa
 * ``fuse`` / ``unfuse`` / ``reweight_fused``: fusing 4 adapters, unfusing, and changing the weights of 4 fused
   adapters (ours: ``set_adapters`` while fused; diffusers: ``unfuse_lora``, ``set_adapters``, ``fuse_lora``).
 * ``load``: loading one adapter file (UNet + text encoder) into a pipeline without LoRA.
-* ``file_size``: bytes of one adapter file per rank (same dtype; and each library's default dtype).
+* ``file_size``: bytes of one adapter file per rank (same dtype; and each library's default dtype); diffusers'
+  file is written with its ``LoraConfig`` metadata, as ours carries alpha too.
 
 The model ("bench" shapes): UNet2DConditionModel with block_out_channels (64, 128), two cross-attention down
 and up blocks, layers_per_block 2, cross_attention_dim 64 (88 attention projections), 16x16 latents; the
@@ -274,15 +275,24 @@ def bench_file_size(ctx: Context, comps: dict, folder: Path, ranks: list[int]) -
         unet_p, te_p = copy.deepcopy(comps["unet"]), copy.deepcopy(comps["text_encoder"])
         peft_add(unet_p, te_p, rank=rank)
         out_p = folder / f"peft_r{rank}"
-        StableDiffusionPipeline.save_lora_weights(
+        StableDiffusionPipeline.save_lora_weights(  # with the LoraConfig in the header, so alpha survives
             out_p,
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet_p)),
             text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(te_p)),
+            unet_lora_adapter_metadata=unet_p.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=te_p.peft_config["default"].to_dict(),
         )
-        ref = (out_p / "pytorch_lora_weights.safetensors").stat().st_size
+        ref_path = out_p / "pytorch_lora_weights.safetensors"
         for dtype, label in ((torch.float32, "fp32 both"), (torch.float16, "defaults: ours fp16, diffusers fp32")):
             path = ld.save_lora(folder / f"ours_r{rank}_{label[:4]}.safetensors", unet=unet_o, text_encoder=te_o, dtype=dtype)
-            emit(ctx, "file_size", f"rank {rank}, {label}", path.stat().st_size, ref, "peft", unit="bytes")
+            emit(ctx, "file_size", f"rank {rank}, {label}", path.stat().st_size, ref_path.stat().st_size, "peft",
+                 unit="bytes", ours_header_bytes=_header_bytes(path), ref_header_bytes=_header_bytes(ref_path))
+
+
+def _header_bytes(path: Path) -> int:
+    """Size of a safetensors file's JSON header (tensor index + metadata)."""
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,8 +9,8 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 * ``train_step``: a LoRA r=4 step (to_q/k/v/out.0 of attn1+attn2, fp32 LoRA parameters, bf16 autocast, MSE,
   AdamW) with ours (``inject_lora``) against the floor and against diffusers+PEFT (``LoraConfig`` +
   ``unet.add_adapter`` + ``cast_training_params``, as ``train_text_to_image_lora.py``), same init (PEFT's A
-  copied from ours), inputs and seed. ``train_peak_mem``: peak GPU memory of each (one model resident at a
-  time).
+  copied from ours), inputs and seed. ``train_peak_mem``: peak GPU memory of each above what was allocated
+  before it built its model copy (so: its UNet copy, LoRA parameters, optimizer state, activations).
 * ``train_step_compiled`` (``--compile``, opt-in): our step with ``torch.compile`` (default mode
   ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
   checked against the eager step from the same start (losses and LoRA parameters after the same steps).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import sys
 import tempfile
@@ -76,6 +77,7 @@ class Setup:
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.iters, self.warmup = args.iters, args.warmup
+        self._resident = 0
         self.latent = 8 if args.tiny else 64
         unet_cfg, clip_cfg = (TINY_UNET, TINY_CLIP) if args.tiny else (SD15_UNET, CLIP_L)
         self.ctx_dim = unet_cfg["cross_attention_dim"]
@@ -125,13 +127,22 @@ class Setup:
     def unet_copy(self):
         return copy.deepcopy(self.comps["unet"])
 
-    def reset_peak(self) -> None:
+    def resident(self) -> None:
+        """Note what is allocated before a variant builds its model: its peak is counted above this (so the
+        master copies and the text encoder kept on the GPU for all variants are left out)."""
+        gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+            self._resident = torch.cuda.memory_allocated()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
 
     def peak_mb(self) -> float | None:
-        return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+        """Peak GPU memory since ``reset_peak`` above ``resident()``: the variant's model copy, LoRA parameters,
+        optimizer state, activations and workspace."""
+        return (torch.cuda.max_memory_allocated() - self._resident) / 2**20 if self.cuda else None
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -194,6 +205,7 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
     for batch in batches:
         inp = s.inputs(batch)
         log(f"train, batch {batch}: floor")
+        s.resident()
         unet = s.unet_copy()
         step = floor_step(s, unet, inp)
         step()
@@ -215,6 +227,7 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
              tflops_per_s=tflops, peak_mb=floor_mem)
 
         log(f"train, batch {batch}: ours")
+        s.resident()
         unet, params = ours_model(s)
         a_init = {p: layer.lora_A["default"].detach().clone() for p, layer in lora_layers(unet)}
         step, losses_o = lora_step(s, unet, params, inp)
@@ -224,6 +237,7 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         del unet, params, step
 
         log(f"train, batch {batch}: diffusers+PEFT")
+        s.resident()
         unet, params = peft_model(s, a_init)
         step, losses_p = lora_step(s, unet, params, inp)
         s.reset_peak()
@@ -243,6 +257,7 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     """Our step under torch.compile, timed, then checked against eager from the same start."""
     log(f"train, batch {batch}: ours compiled (mode={mode}); the first call compiles")
     cudagraphs = mode == "reduce-overhead" and s.cuda
+    s.resident()
     unet, params = ours_model(s)
     start = [p.detach().clone() for p in params]
     compiled = torch.compile(unet, mode=mode)

@@ -38,7 +38,7 @@ def _run(*args: str) -> list[dict]:
 
 
 def test_cpu_bench_quick():
-    lines = _run("bench/cpu.py", "--quick")
+    lines = _run("bench/cpu.py", "--quick", "--threads", "1")
     figures = {(line["bench"], line["case"], line["ref"]) for line in lines}
     for k in (1, 4, 8):
         assert ("infer_unfused", f"{k} adapters", "peft") in figures
@@ -54,7 +54,7 @@ def test_cpu_bench_quick():
 
 
 def test_gpu_bench_tiny_on_cpu():
-    lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1")
+    lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1")
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused"} <= benches
     floor = next(line for line in lines if line["bench"] == "train_floor")
