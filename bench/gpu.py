@@ -180,7 +180,7 @@ def lora_step(s: Setup, unet, params, inp: dict, *, fused_adam: bool = False, cu
 
 def ours_model(s: Setup):
     unet = s.unet_copy()
-    with torch.random.fork_rng(devices=[s.device] if s.cuda else []):
+    with torch.random.fork_rng(devices=[]):  # manual_seed seeds CUDA too: the same A on every call
         torch.manual_seed(123)
         params = ld.inject_lora(unet, rank=4, targets="attn")
     unet.train()
