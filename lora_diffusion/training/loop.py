@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import shutil
 import threading
@@ -291,7 +292,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     optimizer_class = _optimizer_class(config)
     state = outputs.load_state(resume) if resume else None
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun on a CPU machine): gloo on CPU
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu)
     is_main, device = accelerator.is_main_process, accelerator.device
     seed = [config.seed if config.seed >= 0 else (state["seed"] if state else random.randrange(2**31))]
     broadcast_object_list(seed)  # every process must draw the same batches
@@ -308,9 +311,12 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
-        model.to(device) if weight_dtype == torch.float32 else model.to(device, dtype=weight_dtype)
+        model.to(device)
+        if weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
     vae.eval()
     text_encoder.eval()
+    torch.manual_seed(seed)  # the random LoRA A factors (and nothing else) come from here
     pivot = PivotalToken(tokenizer, text_encoder, config.token, config.initializer_token) if config.pivotal_tuning else None
     targets = _targets(config.target_modules)
     unet_params = inject_lora(unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets)
