@@ -368,3 +368,35 @@ def test_buckets_cache_latents_pivotal_tuning_and_samples(base, tmp_path):
     stock = load_pipeline(base)
     stock.load_textual_inversion(str(out / "embeddings.safetensors"))
     assert "<new-word>" in stock.tokenizer.get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------- GPU-path flags on CPU
+def test_gradient_checkpointing_gives_the_same_weights(base, tmp_path):
+    common = dict(max_train_steps=2, learning_rate=1e-2, train_text_encoder=True, save_precision="fp32")
+    plain = train(config(base, tmp_path / "a", **common))
+    flat_images(tmp_path / "b" / "data")
+    ckpt = train(config(base, tmp_path / "b", gradient_checkpointing=True, **common))
+    assert ckpt.pipeline.unet.is_gradient_checkpointing and not plain.pipeline.unet.is_gradient_checkpointing
+    a, b = lora_tensors(plain.lora_path), lora_tensors(ckpt.lora_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_cli_with_config_file_bf16_and_flags(base, tmp_path, capsys):
+    from lora_diffusion.training.cli import main
+
+    data = flat_images(tmp_path / "data")
+    toml = tmp_path / "style.toml"
+    toml.write_text(f'pretrained_model_name_or_path = "{base}"\ntrain_data_dir = "{data}"\nresolution = 32\n'
+                    f'max_train_steps = 2\nnum_validation_images = 0\ntoken = "<s>"\nrank = 8\n')
+    out = tmp_path / "out"
+    code = main(["--config", str(toml), "--output_dir", str(out), "--mixed_precision", "bf16", "--rank", "2", "--seed", "1"])
+    assert code == 0, capsys.readouterr().err
+    lora, header = read_lora_file(out / outputs.LORA_NAME)
+    assert {w.rank for w in lora.values()} == {2}  # the flag beat the file
+    assert next(iter(read_safetensors(out / outputs.LORA_NAME)[0].values())).dtype == torch.float16
+    training = our_metadata(header)["training"]
+    assert training["mixed_precision"] == "bf16" and training["seed"] == 1 and training["resolution"] == 32
+    assert (out / "log.csv").is_file() and (out / "loss.png").is_file()
+    assert main(["--config", str(toml), "--output_dir", str(out)]) == 2  # a previous run is there
+    assert "previous run" in capsys.readouterr().err

@@ -190,7 +190,7 @@ def scan_images(
     return examples
 
 
-def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.5) -> list[tuple[int, int]]:
     """(width, height) pairs of about ``resolution**2`` pixels, sides multiples of ``step``, aspect up to ``max_ratio``.
 
     Example:

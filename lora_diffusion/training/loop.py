@@ -269,6 +269,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         >>> result = train(TrainConfig(pretrained_model_name_or_path="tiny", train_data_dir="data"), cancel=stop)
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import broadcast_object_list
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -294,6 +295,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun on a CPU machine): gloo on CPU
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    AcceleratorState._reset_state()  # a process (the UI) may train again with another --mixed_precision
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu)
     is_main, device = accelerator.is_main_process, accelerator.device
     seed = [config.seed if config.seed >= 0 else (state["seed"] if state else random.randrange(2**31))]
@@ -333,7 +335,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder or pivot is not None:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.23
+                text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_text = config.train_text_encoder or pivot is not None
 
     # 3. data: the batch order of process `rank` from the step we start at
