@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import read_lora_file, read_safetensors
+from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora
 from ..pipeline import lora_from_model, save_lora
 from . import outputs
@@ -397,8 +397,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             save_lora(folder / outputs.LORA_NAME, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
                       dtype=torch.float32, metadata={"step": at_step, "base_model": config.pretrained_model_name_or_path})
             if pivot is not None:
-                from ..formats import atomic_save
-
                 atomic_save(pivot.state(), folder / "embeddings.safetensors", {"format": "pt"})
             outputs.save_state(folder, {"step": at_step, "seed": seed, "optimizer": optimizer.state_dict(),
                                         "lr_scheduler": lr_scheduler.state_dict(), "rng": _rng_state()})
@@ -506,8 +504,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             lora_path = output_dir / outputs.LORA_NAME
             metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes)
             if pivot is not None:
-                from ..formats import atomic_save
-
                 atomic_save(pivot.state(), output_dir / "embeddings.safetensors", {"format": "pt"})
                 metadata["embedding_file"] = "embeddings.safetensors"
             save_lora(lora_path, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
