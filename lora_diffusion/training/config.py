@@ -86,7 +86,7 @@ class TrainConfig:
     cache_latents: bool = _f(False, "encode every image once with the VAE (random crop then stays fixed)")
     # ------------------------------------------------------------------ speed, memory
     mixed_precision: str = _f("no", "mixed precision (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, about a third slower)")
     dataloader_num_workers: int = _f(0, "worker processes loading images")
     # ------------------------------------------------------------------ checkpoints, samples
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
