@@ -92,12 +92,12 @@ def test_training_moves_the_model_toward_the_training_images(base, base_v, tmp_p
     path = base_v if v_prediction else base
     before = load_pipeline(path)
     loss0, dist0 = denoising_loss(before), generated_distance(before)
-    result = train(config(path, tmp_path, max_train_steps=25, learning_rate=1e-2, train_batch_size=2,
+    result = train(config(path, tmp_path, max_train_steps=15, learning_rate=1e-2, train_batch_size=2,
                           target_modules="full", max_grad_norm=0.0))
-    assert result.status == "completed" and result.global_step == 25
+    assert result.status == "completed" and result.global_step == 15
     loss1, dist1 = denoising_loss(result.pipeline), generated_distance(result.pipeline)
-    assert loss1 < 0.6 * loss0, (loss0, loss1)  # measured: 1.09 -> 0.37 (epsilon), 0.56 -> 0.25 (v)
-    assert dist1 < 0.7 * dist0, (dist0, dist1)  # measured: 20.9 -> 6.9 (epsilon), 0.79 -> 0.23 (v)
+    assert loss1 < 0.6 * loss0, (loss0, loss1)  # measured: 1.09 -> 0.48 (epsilon), 0.56 -> 0.27 (v)
+    assert dist1 < 0.7 * dist0, (dist0, dist1)  # measured: 20.9 -> 9.2 (epsilon), 0.79 -> 0.26 (v)
 
 
 def test_target_follows_the_scheduler_prediction_type():
