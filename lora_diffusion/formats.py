@@ -278,8 +278,12 @@ def _refuse_pickle(path: Path) -> None:
             "run arbitrary code; convert it to .safetensors with a tool you trust"
         )
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # a safetensors file starts with its header length (u64, little endian) and then "{"; that length's first
+    # byte can be 0x80 or "P", so only a file that is not shaped like safetensors is taken for a pickle
+    header_len = int.from_bytes(head[:8], "little")
+    safetensors_like = len(head) == 9 and head[8:9] == b"{" and header_len + 8 <= path.stat().st_size
+    if not safetensors_like and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise LoraFormatError(f"{path}: this is a pickled (torch.save) file, not safetensors; it was not unpickled")
 
 

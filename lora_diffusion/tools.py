@@ -70,8 +70,21 @@ def bake(
         unfuse(pipe)
         for name in names.values():
             delete_adapter(pipe, name)
+        _drop_empty_wrappers(pipe)
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
+
+
+def _drop_empty_wrappers(pipe) -> None:
+    """Put base layers back where a LoRA wrapper holds no adapter any more."""
+    from .inject import _get_parent, lora_layers
+
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component, None)
+        for path, layer in list(lora_layers(model) if model is not None else []):
+            if not layer.specs:
+                parent, child = _get_parent(model, path)
+                setattr(parent, child, layer.base_layer)
 
 
 def _target_pattern(key: str) -> str:

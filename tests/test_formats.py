@@ -311,3 +311,20 @@ def test_inspect(tmp_path, lora, capsys):
     assert cli_main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "kohya" in out and "attn2.to_k" in out
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path, lora):
+    """A safetensors header length whose low byte is 0x80 (the pickle opcode) must not be taken for a pickle."""
+    path = tmp_path / "x.safetensors"
+    state = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32, 1, 1),
+             "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(64, 2, 1, 1)}  # fmt: skip
+    for pad in range(256):
+        save_file(state, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_lora_file(path)[1]["_format"] == "diffusers"
+    pickle = tmp_path / "p.safetensors"
+    torch.save(state, pickle)
+    with pytest.raises(LoraFormatError, match="pickled"):
+        read_lora_file(pickle)
