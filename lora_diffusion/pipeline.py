@@ -194,8 +194,8 @@ def _plan(
         plan.append((target, w))
     if missing:
         msg = (
-            f"{source}: {len(missing)} of {len(items)} {component} keys match no layer of this model, e.g. "
-            f"{', '.join(missing[:3])}. The file looks made for {guess_architecture(lora)}."
+            f"{source}: {len(missing)} of {len(items)} {component} keys match no layer of this model: "
+            f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. The file looks made for {guess_architecture(lora)}."
         )
         if strict or not plan:
             raise LoraFormatError(msg)

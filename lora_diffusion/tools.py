@@ -2,7 +2,7 @@
 
 ``lora-diffusion merge a.safetensors:0.7 b.safetensors:0.3 -o out.safetensors [--mode svd --rank 16] [--format kohya]``
 ``lora-diffusion convert IN OUT --to kohya|diffusers``
-``lora-diffusion bake BASE a.safetensors:0.7 -o DIR``
+``lora-diffusion bake BASE a.safetensors:0.7 -o DIR [--single-file model.safetensors]``
 ``lora-diffusion inspect FILE [--json]``
 
 Example:
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from .blend import merge_loras
-from .formats import WRITERS, guess_architecture, our_metadata, read_lora_file, write_lora_file
+from .formats import WRITERS, atomic_save, guess_architecture, our_metadata, read_lora_file, write_lora_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bake", "inspect_lora", "convert_lora", "register"]
+__all__ = ["bake", "to_ldm_checkpoint", "inspect_lora", "convert_lora", "register"]
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -41,11 +41,13 @@ def bake(
     *,
     text_encoder: dict[str | os.PathLike, float] | None = None,
     dtype: torch.dtype | None = None,
+    single_file: str | os.PathLike | None = None,
 ) -> Path:
     """Write a full diffusers model folder with the given LoRA files fused in at these weights.
 
     ``base`` is a diffusers model folder or a loaded pipeline (left as it was). ``text_encoder`` optionally gives
     other weights for the text encoder, per file. The result loads with ``from_pretrained`` and no LoRA code.
+    ``single_file`` also writes an original-layout (LDM) ``.safetensors`` checkpoint for A1111 / ComfyUI.
 
     Example:
         >>> bake("models/sd15", {"style.safetensors": 0.8, "subject.safetensors": 1.0}, "models/sd15-blend")
@@ -66,6 +68,8 @@ def bake(
     fuse(pipe)  # wrappers are swapped out while fused: the modules saved are the plain ones, fused weights
     try:
         pipe.save_pretrained(out_dir)
+        if single_file is not None:
+            atomic_save(to_ldm_checkpoint(pipe), single_file, {"format": "pt"})
     finally:
         unfuse(pipe)
         for name in names.values():
@@ -73,6 +77,81 @@ def bake(
         _drop_empty_wrappers(pipe)
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
+
+
+def _ldm_unet_names(unet) -> dict[str, str]:
+    """diffusers UNet module prefix -> LDM prefix (``down_blocks.1.attentions.0.`` -> ``input_blocks.4.1.``)."""
+    lpb = unet.config.layers_per_block
+    lpb = lpb if isinstance(lpb, int) else lpb[0]
+    n = lpb + 1
+    names = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.", "conv_in.": "input_blocks.0.0.",
+             "conv_norm_out.": "out.0.", "conv_out.": "out.2.", "mid_block.resnets.0.": "middle_block.0.",
+             "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2."}  # fmt: skip
+    for i, block in enumerate(unet.down_blocks):
+        for j in range(lpb):
+            names[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{n * i + j + 1}.0."
+            names[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{n * i + j + 1}.1."
+        names[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{n * (i + 1)}.0.op."
+    for i, block in enumerate(unet.up_blocks):
+        for j in range(n):
+            names[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{n * i + j}.0."
+            names[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{n * i + j}.1."
+        names[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{n * i + lpb}.{2 if hasattr(block, 'attentions') else 1}."
+    return names
+
+
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
+_LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    for src in sorted(prefixes, key=len, reverse=True):
+        if key.startswith(src):
+            return prefixes[src] + key[len(src) :]
+    return key
+
+
+def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's UNet, VAE and CLIP text encoder as one original-layout (LDM / A1111) SD 1.x state dict.
+
+    Example:
+        >>> safetensors.torch.save_file(to_ldm_checkpoint(pipe), "model.safetensors")
+    """
+    out: dict[str, torch.Tensor] = {}
+    unet_names = _ldm_unet_names(pipe.unet)
+    for key, t in pipe.unet.state_dict().items():
+        new = _rename(key, unet_names)
+        if ".resnets." in key or key.startswith("mid_block.resnets"):
+            head, _, leaf = new.rpartition(".")  # weight / bias
+            block, _, layer = head.rpartition(".")
+            new = f"{block}.{_LDM_RESNET.get(layer, layer)}.{leaf}"
+        out["model.diffusion_model." + new] = t
+    vae_names = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out.",
+                 "encoder.mid_block.resnets.0.": "encoder.mid.block_1.", "encoder.mid_block.resnets.1.": "encoder.mid.block_2.",
+                 "encoder.mid_block.attentions.0.": "encoder.mid.attn_1.", "decoder.mid_block.resnets.0.": "decoder.mid.block_1.",
+                 "decoder.mid_block.resnets.1.": "decoder.mid.block_2.", "decoder.mid_block.attentions.0.": "decoder.mid.attn_1."}  # fmt: skip
+    n_up = len(pipe.vae.decoder.up_blocks)
+    for i, block in enumerate(pipe.vae.encoder.down_blocks):
+        for j in range(len(block.resnets)):
+            vae_names[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        vae_names[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+    for i, block in enumerate(pipe.vae.decoder.up_blocks):
+        for j in range(len(block.resnets)):
+            vae_names[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n_up - 1 - i}.block.{j}."
+        vae_names[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n_up - 1 - i}.upsample."
+    for key, t in pipe.vae.state_dict().items():
+        new = _rename(key, vae_names).replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".attn_1." in new:
+            head, _, leaf = new.rpartition(".")
+            block, _, layer = head.partition(".attn_1.")
+            new = f"{block}.attn_1.{_LDM_VAE_ATTN.get(layer, layer)}.{leaf}"
+            if leaf == "weight" and t.dim() == 2:
+                t = t[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
+        out["first_stage_model." + new] = t
+    for key, t in pipe.text_encoder.state_dict().items():
+        out["cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)] = t
+    return out
 
 
 def _drop_empty_wrappers(pipe) -> None:
@@ -180,8 +259,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_bake(args: argparse.Namespace) -> int:
-    out = bake(args.base, dict(_weighted(s) for s in args.loras), args.output, dtype=_DTYPES[args.dtype] if args.dtype else None)
-    print(f"wrote {out}")
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    out = bake(args.base, dict(_weighted(s) for s in args.loras), args.output, dtype=dtype, single_file=args.single_file)
+    print(f"wrote {out}" + (f" and {args.single_file}" if args.single_file else ""))
     return 0
 
 
@@ -225,6 +305,7 @@ def register(subparsers) -> None:
     p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    p.add_argument("--single-file", default=None, metavar="CKPT.safetensors", help="also write an original-layout checkpoint (A1111/ComfyUI)")
     p.set_defaults(func=_cmd_bake)
 
     p = subparsers.add_parser("inspect", help="show a LoRA file's format, architecture, ranks, targets, metadata")

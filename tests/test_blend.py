@@ -238,13 +238,24 @@ def test_bake_writes_a_model_with_the_blend_fused_in(files, tmp_path):
 
     base = tiny_pipeline(0)
     base.save_pretrained(tmp_path / "base")
-    assert cli_main(["bake", str(tmp_path / "base"), f"{files / 'a.safetensors'}:0.3", f"{files / 'b.safetensors'}:-0.9", "-o", str(tmp_path / "baked")]) == 0
+    args = ["bake", str(tmp_path / "base"), f"{files / 'a.safetensors'}:0.3", f"{files / 'b.safetensors'}:-0.9", "-o", str(tmp_path / "baked")]
+    assert cli_main([*args, "--single-file", str(tmp_path / "baked.safetensors")]) == 0
     baked = StableDiffusionPipeline.from_pretrained(tmp_path / "baked", safety_checker=None, requires_safety_checker=False)
     baked.set_progress_bar_config(disable=True)
     assert not any(isinstance(m, LoraLinear) for m in baked.unet.modules())
     blended = loaded(files, "a", "b", a=0.3, b=-0.9)
     fuse(blended)
     np.testing.assert_allclose(generate(baked), generate(blended), atol=1e-6)
+    # the single-file checkpoint holds the same weights in the original layout: diffusers' own converters agree
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(tmp_path / "baked.safetensors"))
+    te = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ckpt).items()}
+    for back, model in ((convert_ldm_unet_checkpoint(ckpt, dict(baked.unet.config)), baked.unet),
+                        (convert_ldm_vae_checkpoint(ckpt, dict(baked.vae.config)), baked.vae), (te, baked.text_encoder)):  # fmt: skip
+        ref = model.state_dict()
+        assert back.keys() == ref.keys() and all(torch.equal(back[k], ref[k]) for k in ref)
     # a pipeline object is left as it was
     before = weights_of(base)
     bake(base, {files / "a.safetensors": 1.0}, tmp_path / "baked2")
