@@ -185,15 +185,14 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
         state[f"{name}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
     linear = [w for w in lora.values() if w.A.dim() == 2 or w.A.shape[2:] == (1, 1)]
     conv = [w for w in lora.values() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)]
-    common = lambda ws, f: Counter(f(w) for w in ws).most_common(1)[0][0]  # noqa: E731
     ref = linear or conv
     version, arch = _architecture_spec(lora)
     title = str(metadata.get("name") or metadata.get("adapter") or "lora")
     header = {
         "format": "pt",
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(common(ref, lambda w: w.rank)),
-        "ss_network_alpha": str(common(ref, lambda w: float(w.alpha))),
+        "ss_network_dim": str(_most_common([w.rank for w in ref])),
+        "ss_network_alpha": str(_most_common([float(w.alpha) for w in ref])),
         "ss_base_model_version": version,
         "ss_v2": str(version == "sd_v2"),
         "ss_output_name": title,
@@ -205,7 +204,7 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     }
     if conv:
         header["ss_network_args"] = json.dumps(
-            {"conv_dim": str(common(conv, lambda w: w.rank)), "conv_alpha": str(common(conv, lambda w: float(w.alpha)))}
+            {"conv_dim": str(_most_common([w.rank for w in conv])), "conv_alpha": str(_most_common([float(w.alpha) for w in conv]))}
         )
     if metadata.get("trigger_words"):
         words = metadata["trigger_words"]
@@ -213,6 +212,10 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     if metadata.get("base_model"):
         header["ss_sd_model_name"] = str(metadata["base_model"])
     return state, header
+
+
+def _most_common(values: list):
+    return Counter(values).most_common(1)[0][0]
 
 
 def _text_key(key: str) -> str:
