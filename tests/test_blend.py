@@ -261,3 +261,11 @@ def test_bake_writes_a_model_with_the_blend_fused_in(files, tmp_path):
     bake(base, {files / "a.safetensors": 1.0}, tmp_path / "baked2")
     after = weights_of(base)
     assert not list(lora_layers(base.unet)) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adapters_loaded_under_inference_mode_blend(files):
+    """Factors created inside torch.inference_mode() have no version counter; the concatenated path still runs."""
+    with torch.inference_mode():
+        pipe = loaded(files, "a", "b", a=0.3, b=0.9)
+        image = generate(pipe)
+    np.testing.assert_array_equal(image, generate(loaded(files, "a", "b", a=0.3, b=0.9)))
