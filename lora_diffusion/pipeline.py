@@ -122,6 +122,8 @@ def save_lora(
             "saved_by": f"lora_diffusion {__version__}",
         }
     )
+    if format == "kohya":
+        meta.setdefault("name", adapter)  # kohya's ss_output_name / modelspec.title
     meta.update(metadata or {})
     write_lora_file(path, lora, metadata=meta, format=format, dtype=dtype)
     return path
