@@ -25,7 +25,7 @@ from .library import TABLE_HEADERS, UIError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_demo", "MAX_SLOTS"]
+__all__ = ["build_demo", "launch", "LoginRequired", "MAX_SLOTS"]
 
 MAX_SLOTS = 8  # LoRA rows on the Generate tab; more can be used through <lora:name:w> tags
 HISTORY = 24  # images kept in a session's gallery
@@ -156,7 +156,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 upload_name = gr.Textbox(label="Name (default: the file name)")
                 upload_btn = gr.Button("Add to library")
             with gr.Row():
-                delete_name = gr.Dropdown(choices=[], label="LoRA to delete")
+                delete_name = gr.Dropdown(choices=[], label="LoRA to delete", allow_custom_value=True)
                 delete_btn = gr.Button("Delete", variant="stop")
             lib_message = gr.Markdown(elem_id="library-message")
 
@@ -299,8 +299,67 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             refresh, None, refresh_outputs, api_visibility="private")
         delete_btn.click(on_delete, [delete_name], [lib_message], api_name="delete_lora").then(
             refresh, None, refresh_outputs, api_visibility="private")
-        demo.load(refresh, None, refresh_outputs, api_name="refresh")
+        demo.load(refresh, None, refresh_outputs, api_name="library")
     return demo
+
+
+# What the login page itself needs; with --auth every other route answers 401 until the user has logged in.
+PUBLIC_PATHS = {"/", "/login", "/login/", "/logout", "/favicon.ico", "/theme.css", "/gradio_api/theme.css", "/robots.txt",
+                "/manifest.json"}
+PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+LOOPBACK_ONLY = {"/gradio_api/startup-events"}  # gradio's launch calls it on itself; it only reports startup
+
+
+class LoginRequired:
+    """ASGI middleware: with gradio auth on, refuse every non-public route to a request without a login cookie.
+
+    Gradio itself checks the login on its data and API routes; this also covers the ones it leaves open
+    (heartbeat, cancel, reset, streams, run history, openapi.json, ...), so ``--auth`` protects every route.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket") and not self._public(scope):
+            gradio_app = scope.get("app")
+            if getattr(gradio_app, "auth", None) is not None and not self._logged_in(scope, gradio_app):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse({"detail": {"error": "Not authenticated"}}, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _public(scope) -> bool:
+        path = scope.get("path", "")
+        if path in LOOPBACK_ONLY:
+            return (scope.get("client") or ("",))[0] in ("127.0.0.1", "::1")
+        return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+    @staticmethod
+    def _logged_in(scope, gradio_app) -> bool:
+        from starlette.requests import HTTPConnection
+
+        cookies = HTTPConnection(scope).cookies
+        cid = gradio_app.cookie_id
+        token = cookies.get(f"access-token-{cid}") or cookies.get(f"access-token-unsecure-{cid}")
+        return gradio_app.tokens.get(token) is not None
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """``demo.queue().launch(**kwargs)``, adding ``LoginRequired`` when ``auth`` is given; returns launch's tuple."""
+    if kwargs.get("auth"):
+        from starlette.middleware import Middleware
+
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(LoginRequired)]
+        kwargs["app_kwargs"] = app_kwargs
+    return demo.queue().launch(**kwargs)
 
 
 def _truthy(value) -> bool:

@@ -58,21 +58,21 @@ def launch_kwargs(args: argparse.Namespace) -> dict:
         "server_port": args.port,
         "auth": parse_auth(args.auth),
         "share": bool(args.share),
-        "max_file_size": f"{args.max_upload_mb:g}mb",
+        "max_file_size": int(args.max_upload_mb * 1024 * 1024),  # gradio refuses larger uploads before they land
         "show_error": False,
     }
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the backend and the app from ``args`` and serve until interrupted."""
-    from ui.app import build_demo
+    from ui.app import build_demo, launch
     from ui.handlers import Backend
 
     backend = Backend(args.model, args.lora_dir, args.data_root, max_upload_mb=args.max_upload_mb)
     kwargs = launch_kwargs(args)
     if kwargs["server_name"] not in ("127.0.0.1", "localhost", "::1") and not kwargs["auth"]:
         logger.warning("serving on %s without --auth: anyone who can reach this port can use the UI", args.host)
-    build_demo(backend).queue().launch(**kwargs)
+    launch(build_demo(backend), **kwargs)
     return 0
 
 
