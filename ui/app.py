@@ -62,7 +62,7 @@ def _rows(table) -> list[list]:
 def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
     """The four-tab app (Generate, Train, Merge, Library) over ``backend``."""
     with gr.Blocks(title="lora-diffusion") as demo:
-        gr.Markdown(f"## lora-diffusion &nbsp;·&nbsp; model `{backend.model_label}` &nbsp;·&nbsp; library `{backend.library.root}`")
+        gr.Markdown(f"## lora-diffusion &nbsp;·&nbsp; model `{backend.model_label}` &nbsp;·&nbsp; library `{backend.library_label}`")
         slot_names = gr.State([])
         history = gr.State([])
         job_id = gr.State(None)
@@ -80,8 +80,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         with gr.Row(visible=False, equal_height=True) as row:
                             checks.append(gr.Checkbox(label=f"LoRA {i}", value=False, elem_id=f"lora-use-{i}", min_width=120))
                             weights.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", elem_id=f"lora-weight-{i}", scale=3))
-                            te_weights.append(gr.Number(value=None, label="text-encoder weight (blank: same)",
-                                                        elem_id=f"lora-te-{i}", min_width=120))
+                            te_weights.append(gr.Textbox(value="", label="text-encoder weight", placeholder="same",
+                                                         elem_id=f"lora-te-{i}", min_width=100, scale=1))
                         slot_rows.append(row)
                     with gr.Row():
                         preset = gr.Dropdown(list(BLOCK_PRESETS), value="all blocks", label="Per-block preset (UNet)")
@@ -95,10 +95,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         height = gr.Number(0, label="Height (0: model default)", precision=0)
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):
-                    gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height="auto")
+                    gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
+                                         object_fit="contain")
                     image_info = gr.Markdown(elem_id="image-info")
                     snippet = gr.Code(language="python", label="diffusers code that reproduces the selected image",
-                                      elem_id="snippet", buttons=["copy"])
+                                      elem_id="snippet", buttons=["copy"], wrap_lines=True)
 
         # ------------------------------------------------------------------ Train
         with gr.Tab("Train", id="train"):
@@ -189,7 +190,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             loras = {}
             for i, name in enumerate(names[:max_slots]):
                 if use[i]:
-                    loras[name] = (float(w[i]), None if te[i] is None or te[i] == "" else float(te[i]))
+                    loras[name] = (float(w[i]), _optional_weight(te[i], name))
             result = backend.generate(
                 GenerateRequest(prompt=prompt or "", negative_prompt=negative or "", loras=loras, block_preset=preset,
                                 fuse=bool(fuse), seed=int(seed or 0), steps=int(steps), guidance=float(guidance),
@@ -360,6 +361,16 @@ def launch(demo: gr.Blocks, **kwargs):
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(LoginRequired)]
         kwargs["app_kwargs"] = app_kwargs
     return demo.queue().launch(**kwargs)
+
+
+def _optional_weight(value, name: str) -> float | None:
+    """A text-encoder weight box: blank means "same as the UNet weight"."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UIError(f"text-encoder weight of {name}: {value!r} is not a number (leave it blank for the same weight)") from None
 
 
 def _truthy(value) -> bool:

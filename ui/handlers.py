@@ -455,6 +455,7 @@ class Backend:
         self._pipe = None if model is None or isinstance(model, (str, os.PathLike)) else model
         self.model = str(model) if isinstance(model, (str, os.PathLike)) else None
         self.library = LoraLibrary(lora_dir, max_upload_mb=max_upload_mb)
+        self.library_label = str(lora_dir)
         self.data_root = Path(data_root).resolve() if data_root else None
         self.device = device
         self._train_fn = train_fn
