@@ -181,8 +181,9 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     images = make_images(tmp_path / "up", 3, corrupt=1)
     table = {"headers": ["file", "caption"], "data": [[p.name, "a square"] for p in images]}
     out = client.predict([handle_file(str(p)) for p in images], None, table, "trained", "style", "", 2, 3, 1e-3, 5e-5,
-                         False, "", 0, api_name="/train")
-    status = out[1] if isinstance(out[1], str) and "step" in out[1] else str(out)
+                         False, SIZE, "", 0, api_name="/train")
+    progress, status = out[0], out[1]
+    assert '<progress value="3" max="3"' in progress
     assert "done" in status and "broken0.png" in status, status
     assert "trained" in backend.library.names()
     img, caption, _, _ = generate(client, backend, {"trained": (1.0, None)})

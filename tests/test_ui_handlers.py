@@ -326,23 +326,28 @@ def test_prepare_dataset_skips_unreadable_images(tmp_path):
         prepare_dataset([(str(text), ""), (str(good[-1]), "")], tmp_path / "data2")
 
 
-def _fake_train(template: Path, gate: threading.Event | None = None, seen: list | None = None):
-    """Stands in for lora_diffusion.training.train: writes a checkpoint every step and reports progress."""
+def _fake_train(template: Path, gate: threading.Semaphore | None = None, seen: list | None = None):
+    """Stands in for lora_diffusion.training.train with its contract: progress after every step (False stops the
+    run), a checkpoint folder when stopped, the final file only when completed, a result object."""
 
     def train(config, progress):
         out = Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         for step in range(1, config.max_train_steps + 1):
             if gate is not None:
-                gate.wait(10)
-            shutil.copy(template, out / "pytorch_lora_weights.safetensors")
+                assert gate.acquire(timeout=10)  # one permit per step
             keep_going = progress({"step": step, "max_steps": config.max_train_steps, "loss": 1.0 / step, "lr": 1e-4,
                                    "eta_s": 0.1, "sample_paths": []})
             if seen is not None:
                 seen.append((config.name, step))
             if keep_going is False:
-                return {"cancelled_at": step}
-        return {}
+                ckpt = out / "checkpoints" / f"checkpoint-{step}"
+                ckpt.mkdir(parents=True)
+                shutil.copy(template, ckpt / "pytorch_lora_weights.safetensors")
+                return SimpleNamespace(status="cancelled", lora_path=None, checkpoint=ckpt, global_step=step, sample_paths=[])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template, out / "pytorch_lora_weights.safetensors")
+        return SimpleNamespace(status="completed", lora_path=out / "pytorch_lora_weights.safetensors", checkpoint=None,
+                               global_step=config.max_train_steps, sample_paths=[])
 
     return train
 
@@ -353,7 +358,7 @@ def _job(backend, job_id, name, steps):
 
 
 def test_training_queue_runs_one_job_at_a_time_and_cancel_keeps_the_checkpoint(tmp_path, lora_files, model_dir):
-    gate = threading.Event()
+    gate = threading.Semaphore(0)
     seen: list = []
     backend = Backend(model_dir, tmp_path / "loras", train_fn=_fake_train(lora_files["style"], gate, seen))
     first = backend.queue.submit(_job(backend, 1, "first", 50))
@@ -367,12 +372,13 @@ def test_training_queue_runs_one_job_at_a_time_and_cancel_keeps_the_checkpoint(t
     assert second.status == "queued" and not seen
     backend.queue.cancel(third)  # dropped while waiting
     assert third.finished and third.status == "cancelled" and backend.queue.position(second) == 1
-    gate.set()
-    for _ in range(200):
+    gate.release(3)
+    for _ in range(500):
         if first.step >= 3:
             break
         threading.Event().wait(0.01)
     backend.cancel_training(first)
+    gate.release(100)
     assert first.done_event.wait(10) and second.done_event.wait(10)
     assert first.status == "cancelled" and 3 <= first.step < 50, first.message
     assert second.status == "done" and second.step == 2
@@ -390,7 +396,8 @@ def test_training_with_the_real_trainer(tmp_path, model_dir):
     images = make_images(tmp_path / "imgs", 3, corrupt=1)
     job = backend.start_training(
         __import__("ui.handlers", fromlist=["TrainRequest"]).TrainRequest(
-            name="tiny_style", images=[(str(p), "a square") for p in images], max_train_steps=3, rank=2, resolution=SIZE)
+            name="tiny_style", images=[(str(p), "a square") for p in images], max_train_steps=3, rank=2, resolution=SIZE,
+            extra={"num_validation_images": 1, "validation_inference_steps": 2})
     )
     assert job.done_event.wait(120), job.status
     assert job.status == "done", job.message

@@ -318,6 +318,7 @@ class TrainRequest:
     resolution: int | None = None
     validation_prompt: str = ""
     seed: int = 0
+    extra: dict = field(default_factory=dict)  # any other TrainConfig fields, e.g. {"num_validation_images": 2}
 
 
 @dataclass
@@ -678,8 +679,10 @@ class Backend:
             "text_encoder_lr": float(req.text_encoder_lr),
             "train_text_encoder": bool(req.train_text_encoder),
             "resolution": int(req.resolution or self._default_resolution()),
-            "validation_prompt": req.validation_prompt.strip() or None,
+            "validation_prompt": req.validation_prompt.strip(),
+            "validation_steps": max(1, int(req.max_train_steps) // 4),  # a few samples while it runs
             "seed": int(req.seed),
+            **req.extra,
         }
         if dataclasses.is_dataclass(TrainConfig):
             known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -687,16 +690,29 @@ class Backend:
             if dropped:
                 logger.warning("TrainConfig has no fields %s; not passed", dropped)
             values = {k: v for k, v in values.items() if k in known}
-        config = TrainConfig(**values)
+        try:
+            config = TrainConfig(**values)
+            if hasattr(config, "validate"):
+                config.validate()
+        except (TypeError, ValueError) as e:
+            raise UIError(f"training settings: {e}") from None
         job = TrainJob(id=job_id, name=name, config=config, output_dir=job_dir / "out", skipped_images=skipped)
         job.max_steps = int(req.max_train_steps)
         logger.info("queued training job %d (%s) on %d images", job_id, name, count)
         return self.queue.submit(job)
 
     def _default_resolution(self) -> int:
+        """The base model's native image size (sample size x VAE scale), read without loading the model."""
         if self._pipe is not None:
             return int(self._pipe.unet.config.sample_size * getattr(self._pipe, "vae_scale_factor", 8))
-        return 64 if self.model is None else 512
+        if self.model is None:
+            return 64
+        try:
+            unet = json.loads((Path(self.model) / "unet" / "config.json").read_text())
+            vae = json.loads((Path(self.model) / "vae" / "config.json").read_text())
+            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 512
 
     def cancel_training(self, job: TrainJob) -> None:
         self.queue.cancel(job)
@@ -706,28 +722,50 @@ class Backend:
         if train is None:
             from lora_diffusion.training import train
         error: Exception | None = None
+        result = None
         try:
-            train(job.config, progress=job.update)
+            result = train(job.config, progress=job.update)
         except Exception as e:  # noqa: BLE001 - reported in the UI; a checkpoint may still be usable
             logger.exception("training job %s raised", job.id)
             error = e
-        weights = job.output_dir / "pytorch_lora_weights.safetensors"
-        cancelled = job.cancel_event.is_set()
+        cancelled = job.cancel_event.is_set() or getattr(result, "status", None) == "cancelled"
+        for p in getattr(result, "sample_paths", None) or []:
+            if str(p) not in job.samples:
+                job.samples.append(str(p))
         if error is not None and not cancelled:
             job.status, job.message = "failed", f"{type(error).__name__}: {error}"
             return
-        if not weights.is_file():
+        if getattr(result, "status", None) not in (None, "completed", "cancelled"):
+            job.status, job.message = "failed", str(getattr(result, "message", "") or result.status)
+            return
+        weights = _trained_weights(job.output_dir, result)
+        if weights is None:
             job.status = "cancelled" if cancelled else "failed"
             job.message = "no checkpoint was written" + (" before the job was cancelled" if cancelled else "")
             return
-        sample = job.samples[-1] if job.samples else None
+        sample = next((p for p in reversed(job.samples) if Path(p).is_file()), None)
         job.result = self.library.add_file(weights, job.name, sample=sample, check_size=False)
-        where = f"at step {job.step}" if cancelled else f"after {job.step} steps"
+        job.step = int(getattr(result, "global_step", job.step) or job.step)
         job.status = "cancelled" if cancelled else "done"
-        job.message = f"{'cancelled ' if cancelled else ''}{where}; added {job.name!r} to the library"
+        where = f"cancelled at step {job.step}; its last checkpoint" if cancelled else f"trained {job.step} steps;"
+        job.message = f"{where} added to the library as {job.name!r}"
         if job.skipped_images:
             job.message += f" (skipped {len(job.skipped_images)} unreadable images)"
         shutil.rmtree(job.output_dir.parent / "data", ignore_errors=True)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _trained_weights(output_dir: Path, result: Any) -> Path | None:
+    """The LoRA a run left: its final file, else the newest checkpoint's (what a cancelled run keeps)."""
+    candidates = [getattr(result, "lora_path", None), output_dir / LORA_FILE]
+    checkpoint = getattr(result, "checkpoint", None)
+    if checkpoint:
+        candidates.append(Path(checkpoint) / LORA_FILE)
+    found = sorted(output_dir.glob(f"**/checkpoint-*/{LORA_FILE}"), key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    candidates += found[::-1]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
 def format_report(report: Any) -> str:
