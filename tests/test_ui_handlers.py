@@ -404,3 +404,24 @@ def test_training_with_the_real_trainer(tmp_path, model_dir):
     assert job.skipped_images and job.skipped_images[0].startswith("broken0.png")
     assert "tiny_style" in backend.library.names() and len(job.losses) >= 1
     gen(backend, loras={"tiny_style": (1.0, None)})
+
+
+def test_cancelling_real_training_keeps_a_usable_checkpoint(tmp_path, model_dir):
+    pytest.importorskip("lora_diffusion.training", reason="training (issue 3) has not landed on this branch yet")
+    from ui.handlers import TrainRequest
+
+    backend = Backend(model_dir, tmp_path / "loras")
+    images = make_images(tmp_path / "imgs", 2)
+    job = backend.start_training(TrainRequest(
+        name="stopped", images=[(str(p), "a square") for p in images], max_train_steps=200, rank=2, resolution=SIZE,
+        extra={"num_validation_images": 0}))
+    for _ in range(1000):
+        if job.step >= 2 or job.finished:
+            break
+        threading.Event().wait(0.02)
+    backend.cancel_training(job)
+    assert job.done_event.wait(120)
+    assert job.status == "cancelled" and 2 <= job.step < 200, job.message
+    pipe = tiny_pipeline(0)
+    assert load_lora(pipe, backend.library.path_for("stopped")) == "stopped"
+    assert any(float(layer.lora_B["stopped"].abs().sum()) > 0 for _, layer in lora_layers(pipe.unet))  # it learned
