@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lora_diffusion import delete_adapter, fuse, load_lora, unfuse
+from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.formats import LoraFormatError
 from lora_diffusion.inject import lora_layers
 
@@ -100,6 +101,16 @@ def parse_lora_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
         >>> parse_lora_tags("a cat <lora:style:0.5> <lora:ink:0.2:1>")
         ('a cat', {'style': (0.5, 0.5), 'ink': (1.0, 0.2)})
     """
+    try:
+        from lora_diffusion.blend import parse_prompt
+    except ImportError:
+        parse_prompt = None
+    if parse_prompt is not None:
+        try:
+            clean, tags = parse_prompt(prompt)
+        except ValueError as e:
+            raise UIError(str(e)) from None
+        return clean, {check_name(n): (float(w.unet), float(w.te)) for n, w in tags.items()}
     found: dict[str, tuple[float, float]] = {}
     for match in _TAG.finditer(prompt):
         tag = match.group(0)
@@ -124,6 +135,11 @@ def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, f
     Example:
         >>> apply_blend(pipe, {"style": (0.8, 0.0), "subject": (1.0, 1.0)}, {"down": 0, "mid": 1, "up": 1})
     """
+    unet_w = {n: w for n, (w, _) in loras.items()}
+    te_w = {n: t for n, (_, t) in loras.items()}
+    if "blocks" in inspect.signature(set_adapters).parameters:  # the blending module's set_adapters
+        set_adapters(pipe, unet_w, text_encoder=te_w, blocks=blocks)
+        return
     unet, te = getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)
     if unet is not None:
         for path, layer in lora_layers(unet):
@@ -131,10 +147,10 @@ def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, f
             for prefix, block in _BLOCK_OF_PATH:
                 if blocks and path.startswith(prefix):
                     factor = float(blocks.get(block, 1.0))
-            layer.set_weights({n: w * factor for n, (w, _) in loras.items()})
+            layer.set_weights({n: w * factor for n, w in unet_w.items()})
     if te is not None:
         for _, layer in lora_layers(te):
-            layer.set_weights({n: t for n, (_, t) in loras.items()})
+            layer.set_weights(te_w)
 
 
 def _fmt(x: float) -> str:
