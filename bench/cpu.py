@@ -1,0 +1,325 @@
+"""CPU benchmark: lora_diffusion against diffusers + PEFT on a small SD-1.x-shaped pipeline.
+
+Prints one JSON line per figure (stdout); progress goes to stderr. Every figure is measured beside its
+reference in the same run, timed alternately, median of ``--iters`` after ``--warmup``:
+
+* ``train_step``: one LoRA training step (forward, MSE, backward, AdamW), ours (``inject_lora``) vs PEFT
+  (``LoraConfig`` + ``unet.add_adapter``, as diffusers' ``train_text_to_image_lora.py``), same targets
+  (to_q/k/v/out.0), rank, init (PEFT's A is copied from ours), inputs and seed.
+* ``infer_unfused``: one CFG UNet call (batch 2) with 1, 4 and 8 adapters loaded from files and active, ours
+  (``load_lora`` + ``set_adapters``) vs PEFT (``pipe.load_lora_weights`` + ``pipe.set_adapters``) and vs the
+  base UNet without LoRA.
+* ``infer_fused``: the same call with 4 adapters fused (ours ``fuse``, PEFT ``pipe.fuse_lora``), vs both.
+* ``fuse`` / ``unfuse`` / ``reweight_fused``: fusing 4 adapters, unfusing, and changing the weights of 4 fused
+  adapters (ours: ``set_adapters`` while fused; diffusers: ``unfuse_lora``, ``set_adapters``, ``fuse_lora``).
+* ``load``: loading one adapter file (UNet + text encoder) into a pipeline without LoRA.
+* ``file_size``: bytes of one adapter file per rank (same dtype; and each library's default dtype); diffusers'
+  file is written with its ``LoraConfig`` metadata, as ours carries alpha too.
+
+The model ("bench" shapes): UNet2DConditionModel with block_out_channels (64, 128), two cross-attention down
+and up blocks, layers_per_block 2, cross_attention_dim 64 (88 attention projections), 16x16 latents; the
+tiny pipeline's CLIP text encoder with hidden size 64 (5 layers). Random weights, fp32.
+
+    python bench/cpu.py                 # full run, a few minutes on 2 cores
+    python bench/cpu.py --quick         # 1 iteration of everything on 8x8 latents (CI smoke run)
+    python bench/cpu.py --threads 2 --iters 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Context, compare, cpu_name, emit, log, quiet  # noqa: E402
+
+import lora_diffusion as ld  # noqa: E402
+from lora_diffusion.inject import lora_layers  # noqa: E402
+from lora_diffusion.testing import tiny_components  # noqa: E402
+
+CTX_DIM = 64
+LATENT = 16
+TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+MODEL = "bench-unet(64,128) {n}x{n} latents, clip hidden 64"
+
+
+def bench_components(seed: int = 0) -> dict:
+    """Pipeline components with the bench UNet (a bit larger than the test tiny pipeline's)."""
+    from diffusers import UNet2DConditionModel
+
+    comps = tiny_components(seed, cross_attention_dim=CTX_DIM)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 10)
+        comps["unet"] = UNet2DConditionModel(
+            block_out_channels=(64, 128),
+            layers_per_block=2,
+            sample_size=LATENT,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=CTX_DIM,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ).eval()
+    return comps
+
+
+def make_pipe(comps: dict):
+    from diffusers import StableDiffusionPipeline
+
+    comps = dict(comps, unet=copy.deepcopy(comps["unet"]), text_encoder=copy.deepcopy(comps["text_encoder"]))
+    pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def peft_add(unet, text_encoder=None, rank: int = 4, alpha: float | None = None) -> None:
+    """diffusers' training recipe: ``LoraConfig`` + ``add_adapter`` (kaiming A, zero B)."""
+    from peft import LoraConfig
+
+    alpha = rank if alpha is None else alpha
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TARGETS))
+    if text_encoder is not None:
+        text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TE_TARGETS))
+
+
+def make_adapter_files(comps: dict, folder: Path, n: int, rank: int = 4, alpha: float = 8.0) -> list[Path]:
+    """``n`` diffusers-format files (UNet + text encoder attention, random non-zero A and B) written by us.
+
+    A ~ N(0, 1/fan_in), B ~ N(0, 0.05^2): a visible but tame change of the output."""
+    unet, te = copy.deepcopy(comps["unet"]), copy.deepcopy(comps["text_encoder"])
+    files = []
+    gen = torch.Generator().manual_seed(1234)
+    for i in range(n):
+        name = f"a{i}"
+        for model in (unet, te):
+            ld.inject_lora(model, rank=rank, alpha=alpha, targets="attn", adapter=name)
+            for _, layer in lora_layers(model):
+                a, b = layer.lora_A[name], layer.lora_B[name]
+                with torch.no_grad():
+                    a.copy_(torch.randn(a.shape, generator=gen) / a[0].numel() ** 0.5)
+                    b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+        files.append(ld.save_lora(folder / f"{name}.safetensors", unet=unet, text_encoder=te, adapter=name, dtype=torch.float32))
+    return files
+
+
+def bench_train(ctx: Context, comps: dict, iters: int, warmup: int, batch: int = 2) -> None:
+    log("train step")
+    unet_o, unet_p = copy.deepcopy(comps["unet"]), copy.deepcopy(comps["unet"])
+    params_o = ld.inject_lora(unet_o, rank=4, targets="attn")
+    peft_add(unet_p, rank=4)
+    modules_p = dict(unet_p.named_modules())
+    for path, layer in lora_layers(unet_o):  # identical start: PEFT's A := ours (B is zero in both)
+        with torch.no_grad():
+            modules_p[path].lora_A["default"].weight.copy_(layer.lora_A["default"])
+    params_p = [p for p in unet_p.parameters() if p.requires_grad]
+    assert len(params_o) == len(params_p), (len(params_o), len(params_p))
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 4, LATENT, LATENT, generator=gen)
+    noise = torch.randn(batch, 4, LATENT, LATENT, generator=gen)
+    ehs = torch.randn(batch, 77, CTX_DIM, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    noisy = latents + noise  # the scheduler's arithmetic is the same for both; keep the step about the UNet
+
+    def stepper(unet, params):
+        unet.train()
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        losses = []
+
+        def step():
+            loss = F.mse_loss(unet(noisy, t, ehs).sample.float(), noise.float())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+
+        return step, losses
+
+    step_o, losses_o = stepper(unet_o, params_o)
+    step_p, losses_p = stepper(unet_p, params_p)
+    ours, ref = compare(step_o, step_p, iters, warmup)
+    emit(ctx, "train_step", f"rank 4 attn, batch {batch}", ours, ref, "peft",
+         loss_abs_diff_last_step=abs(losses_o[-1] - losses_p[-1]), steps=len(losses_o))
+
+
+def unet_call(unet, x, t, ehs):
+    with torch.no_grad():
+        return unet(x, t, ehs).sample
+
+
+def bench_inference_and_fuse(ctx: Context, comps: dict, files: list[Path], iters: int, warmup: int) -> None:
+    base = copy.deepcopy(comps["unet"])
+    pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
+    names = [f.stem for f in files]
+    log(f"loading {len(files)} adapters into both pipelines")
+    for f, name in zip(files, names):
+        ld.load_lora(pipe_o, f, adapter=name)
+        pipe_p.load_lora_weights(str(f), adapter_name=name)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, LATENT, LATENT, generator=gen)  # classifier-free guidance: uncond + cond
+    ehs = torch.randn(2, 77, CTX_DIM, generator=gen)
+    t = torch.tensor([500, 500])
+
+    def call_o():
+        return unet_call(pipe_o.unet, x, t, ehs)
+
+    def call_p():
+        return unet_call(pipe_p.unet, x, t, ehs)
+
+    def call_b():
+        return unet_call(base, x, t, ehs)
+
+    for k in (1, 4, 8):
+        log(f"unfused inference, {k} adapters")
+        weights = {n: 0.8 for n in names[:k]}
+        ld.set_adapters(pipe_o, weights)
+        pipe_p.set_adapters(list(weights), list(weights.values()))
+        diff = (call_o() - call_p()).abs().max().item()
+        ours, ref = compare(call_o, call_p, iters, warmup)
+        emit(ctx, "infer_unfused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
+        ours, base_ms = compare(call_o, call_b, iters, warmup)
+        emit(ctx, "infer_unfused", f"{k} adapters", ours, base_ms, "base")
+
+    log("fuse / unfuse / re-weight, 4 adapters")
+    four = names[:4]
+    ld.set_adapters(pipe_o, {n: 0.8 for n in four})
+    pipe_p.set_adapters(four, [0.8] * 4)
+
+    def fuse_o():
+        ld.fuse(pipe_o)
+
+    def fuse_p():
+        pipe_p.fuse_lora(adapter_names=four)
+
+    def unfuse_o():
+        ld.unfuse(pipe_o)
+
+    def unfuse_p():
+        pipe_p.unfuse_lora()
+
+    ours, ref = compare(fuse_o, fuse_p, iters, warmup, between=(unfuse_o, unfuse_p))
+    emit(ctx, "fuse", "4 adapters", ours, ref, "peft")
+    fuse_o(), fuse_p()
+    ours, ref = compare(unfuse_o, unfuse_p, iters, warmup, between=(fuse_o, fuse_p))
+    emit(ctx, "unfuse", "4 adapters", ours, ref, "peft")
+
+    diff = (call_o() - call_p()).abs().max().item()
+    ours, ref = compare(call_o, call_p, iters, warmup)
+    emit(ctx, "infer_fused", "4 adapters", ours, ref, "peft", max_abs_diff=diff)
+    ours, base_ms = compare(call_o, call_b, iters, warmup)
+    emit(ctx, "infer_fused", "4 adapters", ours, base_ms, "base")
+
+    reweight_o, reweight_p, state = reweighters(pipe_o, pipe_p, four)
+    ours, ref = compare(reweight_o, reweight_p, iters, warmup)
+    diff = (call_o() - call_p()).abs().max().item() if state["o"] == state["p"] else None
+    emit(ctx, "reweight_fused", "4 adapters", ours, ref, "peft", max_abs_diff=diff)
+
+
+def reweighters(pipe_o, pipe_p, names: list[str]):
+    """Two callables that change the weights of fused adapters ``names`` (alternating between two weight
+    sets), ours and diffusers' way, and their state (equal counts mean equal weights)."""
+    toggles = [[0.5, 1.0, -0.3, 0.8, 0.2, -0.6, 0.9, 0.4][: len(names)], [0.8] * len(names)]
+    state = {"o": 0, "p": 0}
+
+    def reweight_o():
+        state["o"] ^= 1
+        ld.set_adapters(pipe_o, dict(zip(names, toggles[state["o"]])))
+
+    def reweight_p():
+        state["p"] ^= 1
+        pipe_p.unfuse_lora()
+        pipe_p.set_adapters(names, toggles[state["p"]])
+        pipe_p.fuse_lora(adapter_names=names)
+
+    return reweight_o, reweight_p, state
+
+
+def bench_load(ctx: Context, comps: dict, file: Path, iters: int, warmup: int) -> None:
+    log("load one file")
+    pipes = {"o": make_pipe(comps), "p": make_pipe(comps)}
+
+    def fresh(key):
+        def reset():
+            pipes[key].unet = copy.deepcopy(comps["unet"])
+            pipes[key].text_encoder = copy.deepcopy(comps["text_encoder"])
+
+        return reset
+
+    def load_o():
+        ld.load_lora(pipes["o"], file, adapter="probe")
+
+    def load_p():
+        pipes["p"].load_lora_weights(str(file), adapter_name="probe")
+
+    ours, ref = compare(load_o, load_p, iters, warmup, between=(fresh("o"), fresh("p")))
+    emit(ctx, "load", f"1 file, rank 4, {file.stat().st_size} bytes", ours, ref, "peft")
+
+
+def bench_file_size(ctx: Context, comps: dict, folder: Path, ranks: list[int]) -> None:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    log(f"file size per rank {ranks}")
+    for rank in ranks:
+        unet_o, te_o = copy.deepcopy(comps["unet"]), copy.deepcopy(comps["text_encoder"])
+        ld.inject_lora(unet_o, rank=rank, targets="attn")
+        ld.inject_lora(te_o, rank=rank, targets="attn")
+        unet_p, te_p = copy.deepcopy(comps["unet"]), copy.deepcopy(comps["text_encoder"])
+        peft_add(unet_p, te_p, rank=rank)
+        out_p = folder / f"peft_r{rank}"
+        StableDiffusionPipeline.save_lora_weights(  # with the LoraConfig in the header, so alpha survives
+            out_p,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet_p)),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(te_p)),
+            unet_lora_adapter_metadata=unet_p.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=te_p.peft_config["default"].to_dict(),
+        )
+        ref_path = out_p / "pytorch_lora_weights.safetensors"
+        for dtype, label in ((torch.float32, "fp32 both"), (torch.float16, "defaults: ours fp16, diffusers fp32")):
+            path = ld.save_lora(folder / f"ours_r{rank}_{label[:4]}.safetensors", unet=unet_o, text_encoder=te_o, dtype=dtype)
+            emit(ctx, "file_size", f"rank {rank}, {label}", path.stat().st_size, ref_path.stat().st_size, "peft",
+                 unit="bytes", ours_header_bytes=_header_bytes(path), ref_header_bytes=_header_bytes(ref_path))
+
+
+def _header_bytes(path: Path) -> int:
+    """Size of a safetensors file's JSON header (tensor index + metadata)."""
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 iteration, no warm-up, one rank (CI smoke run)")
+    parser.add_argument("--iters", type=int, default=15, help="timed iterations per figure (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                        help="torch.set_num_threads (default: the CPUs this process may use)")
+    args = parser.parse_args(argv)
+    global LATENT
+    if args.quick:
+        args.iters, args.warmup, LATENT = 1, 0, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet()
+    torch.manual_seed(0)
+    ctx = Context(device=cpu_name(), dtype="float32", threads=torch.get_num_threads(), extra={"model": MODEL.format(n=LATENT)})
+    comps = bench_components(0)
+    with tempfile.TemporaryDirectory(prefix="lora_bench_") as tmp:
+        folder = Path(tmp)
+        files = make_adapter_files(comps, folder, 8)
+        bench_train(ctx, comps, args.iters, args.warmup)
+        bench_inference_and_fuse(ctx, comps, files, args.iters, args.warmup)
+        bench_load(ctx, comps, files[0], args.iters, args.warmup)
+        bench_file_size(ctx, comps, folder, [4] if args.quick else [1, 4, 16, 64])
+
+
+if __name__ == "__main__":
+    main()

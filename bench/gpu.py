@@ -1,0 +1,401 @@
+"""GPU benchmark: SD1.5-shaped UNet + CLIP-L text encoder (random weights), 512px, bf16, against diffusers+PEFT
+and against the hardware floor.
+
+Prints one JSON line per figure (stdout); progress goes to stderr; a section that fails prints one line with
+``"error"`` and the run goes on. Needs torch, diffusers, transformers and peft only.
+
+* ``train_floor``: the frozen UNet's forward + input-gradient backward at batch 1, 4 and 8 (the least any
+  LoRA step can cost), with the FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` and achieved TFLOP/s.
+* ``train_step``: a LoRA r=4 step (to_q/k/v/out.0 of attn1+attn2, fp32 LoRA parameters, bf16 autocast, MSE,
+  AdamW) with ours (``inject_lora``) against the floor and against diffusers+PEFT (``LoraConfig`` +
+  ``unet.add_adapter`` + ``cast_training_params``, as ``train_text_to_image_lora.py``), same init (PEFT's A
+  copied from ours), inputs and seed. ``train_peak_mem``: peak GPU memory of each above what was allocated
+  before it built its model copy (so: its UNet copy, LoRA parameters, optimizer state, activations).
+* ``train_step_compiled`` (``--compile``, opt-in): our step with ``torch.compile`` (default mode
+  ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
+  checked against the eager step from the same start (losses and LoRA parameters after the same steps).
+* ``infer_unfused`` / ``infer_fused``: one CFG UNet call (batch 2, 64x64 latents) with 0, 1, 4, 8 adapters
+  loaded from files, ours vs PEFT's equivalents and vs the base UNet.
+* ``fuse`` / ``reweight_fused``: fusing 4 adapters into UNet + text encoder, and changing their weights
+  while fused (diffusers: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``).
+
+    python bench/gpu.py                     # the full run, < 5 minutes on one H100
+    python bench/gpu.py --compile           # plus the compiled training step (adds the compile time)
+    python bench/gpu.py --tiny --iters 1    # smoke run on CPU with tiny shapes (fp32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Context, compare, cpu_name, emit, log, median_ms, quiet  # noqa: E402
+from cpu import make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
+
+import lora_diffusion as ld  # noqa: E402
+from lora_diffusion.inject import lora_layers  # noqa: E402
+from lora_diffusion.testing import tiny_components  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=49408)
+TINY_UNET = dict(
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32,
+)
+TINY_CLIP = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000)
+
+
+class Setup:
+    """Device, dtype, shapes and the master (CPU) copies the benchmarks copy from."""
+
+    def __init__(self, args) -> None:
+        self.tiny = args.tiny
+        self.device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.iters, self.warmup = args.iters, args.warmup
+        self._resident = 0
+        self.latent = 8 if args.tiny else 64
+        unet_cfg, clip_cfg = (TINY_UNET, TINY_CLIP) if args.tiny else (SD15_UNET, CLIP_L)
+        self.ctx_dim = unet_cfg["cross_attention_dim"]
+        self.comps = self._components(unet_cfg, clip_cfg)
+        name = torch.cuda.get_device_name() if self.cuda else cpu_name()
+        shapes = "tiny" if args.tiny else "SD1.5 UNet + CLIP-L, 512px (64x64 latents)"
+        self.ctx = Context(device=name, dtype=str(self.dtype).removeprefix("torch."), threads=torch.get_num_threads(),
+                           extra={"model": shapes})
+
+    def _components(self, unet_cfg: dict, clip_cfg: dict) -> dict:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        comps = tiny_components(0)  # vae, tokenizer, scheduler: never run here, but pipelines need them
+        log("building UNet and text encoder (random weights)")
+        with torch.random.fork_rng(devices=[]), torch.device(self.device):
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**unet_cfg)
+            torch.manual_seed(1)
+            te = CLIPTextModel(CLIPTextConfig(**clip_cfg, max_position_embeddings=77))
+        comps["unet"] = unet.to(self.dtype).eval().requires_grad_(False)
+        comps["text_encoder"] = te.to(self.dtype).eval().requires_grad_(False)
+        comps["vae"] = comps["vae"].to(self.device, self.dtype)
+        log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params on {self.device}")
+        return comps
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda)
+
+    def inputs(self, batch: int, seed: int = 0) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        shape = (batch, 4, self.latent, self.latent)
+        with torch.no_grad():
+            ids = torch.randint(0, 500, (batch, 77), generator=gen).to(self.device)
+            ehs = self.comps["text_encoder"](ids)[0]
+        return {
+            "noisy": torch.randn(shape, generator=gen).to(self.device, self.dtype),
+            "noise": torch.randn(shape, generator=gen).to(self.device, self.dtype),
+            "t": torch.randint(0, 1000, (batch,), generator=gen).to(self.device),
+            "ehs": ehs,
+        }
+
+    def unet_copy(self):
+        return copy.deepcopy(self.comps["unet"])
+
+    def resident(self) -> None:
+        """Note what is allocated before a variant builds its model: its peak is counted above this (so the
+        master copies and the text encoder kept on the GPU for all variants are left out)."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            self._resident = torch.cuda.memory_allocated()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mb(self) -> float | None:
+        """Peak GPU memory since ``reset_peak`` above ``resident()``: the variant's model copy, LoRA parameters,
+        optimizer state, activations and workspace."""
+        return (torch.cuda.max_memory_allocated() - self._resident) / 2**20 if self.cuda else None
+
+
+# ------------------------------------------------------------------------------------------------ training
+def floor_step(s: Setup, unet, inp: dict):
+    """Frozen UNet forward + backward to the input only: what every LoRA step has to pay at least."""
+
+    def step():
+        x = inp["noisy"].detach().requires_grad_(True)
+        with s.autocast():
+            pred = unet(x, inp["t"], inp["ehs"]).sample
+        F.mse_loss(pred.float(), inp["noise"].float()).backward()
+        return x.grad
+
+    return step
+
+
+def lora_step(s: Setup, unet, params, inp: dict, *, fused_adam: bool = False, cudagraphs: bool = False):
+    """One LoRA training step; returns (step, losses)."""
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused_adam and s.cuda else {}))
+    losses: list[torch.Tensor] = []
+
+    def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with s.autocast():
+            pred = unet(inp["noisy"], inp["t"], inp["ehs"]).sample
+        loss = F.mse_loss(pred.float(), inp["noise"].float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().clone())
+
+    return step, losses
+
+
+def ours_model(s: Setup):
+    unet = s.unet_copy()
+    with torch.random.fork_rng(devices=[]):  # manual_seed seeds CUDA too: the same A on every call
+        torch.manual_seed(123)
+        params = ld.inject_lora(unet, rank=4, targets="attn")
+    unet.train()
+    return unet, params
+
+
+def peft_model(s: Setup, a_init: dict):
+    from diffusers.training_utils import cast_training_params
+
+    unet = s.unet_copy()
+    peft_add(unet, rank=4)
+    cast_training_params(unet, dtype=torch.float32)
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for path, a in a_init.items():
+            modules[path].lora_A["default"].weight.copy_(a)
+    unet.train()
+    return unet, [p for p in unet.parameters() if p.requires_grad]
+
+
+def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compile_batches: list[int]) -> None:
+    for batch in batches:
+        inp = s.inputs(batch)
+        log(f"train, batch {batch}: floor")
+        s.resident()
+        unet = s.unet_copy()
+        step = floor_step(s, unet, inp)
+        step()
+        flops = None
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+        except Exception as e:  # the counter is a nicety: the timing still counts
+            log(f"flop counter failed: {e!r}")
+        s.reset_peak()
+        floor_ms = median_ms(step, s.iters, s.warmup, s.sync)
+        floor_mem = s.peak_mb()
+        del unet, step
+        tflops = flops / (floor_ms / 1e3) / 1e12 if flops else None
+        emit(s.ctx, "train_floor", f"batch {batch}", floor_ms, floor_ms, "floor", tflop=flops / 1e12 if flops else None,
+             tflops_per_s=tflops, peak_mb=floor_mem)
+
+        log(f"train, batch {batch}: ours")
+        s.resident()
+        unet, params = ours_model(s)
+        a_init = {p: layer.lora_A["default"].detach().clone() for p, layer in lora_layers(unet)}
+        step, losses_o = lora_step(s, unet, params, inp)
+        s.reset_peak()
+        ours_ms = median_ms(step, s.iters, s.warmup, s.sync)
+        ours_mem = s.peak_mb()
+        del unet, params, step
+
+        log(f"train, batch {batch}: diffusers+PEFT")
+        s.resident()
+        unet, params = peft_model(s, a_init)
+        step, losses_p = lora_step(s, unet, params, inp)
+        s.reset_peak()
+        peft_ms = median_ms(step, s.iters, s.warmup, s.sync)
+        peft_mem = s.peak_mb()
+        del unet, params, step
+        loss_diff = (losses_o[-1] - losses_p[-1]).abs().item()
+        emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, floor_ms, "floor")
+        emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, peft_ms, "peft", loss_abs_diff_last_step=loss_diff)
+        emit(s.ctx, "train_peak_mem", f"batch {batch}", ours_mem, peft_mem, "peft", unit="mb", floor_mb=floor_mem)
+
+        if compile_mode and batch in compile_batches:
+            guarded(f"train_step_compiled batch {batch}", bench_compiled, s, inp, batch, compile_mode, ours_ms, peft_ms, a_init)
+
+
+def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, peft_ms: float, a_init: dict) -> None:
+    """Our step under torch.compile, timed, then checked against eager from the same start."""
+    log(f"train, batch {batch}: ours compiled (mode={mode}); the first call compiles")
+    cudagraphs = mode == "reduce-overhead" and s.cuda
+    s.resident()
+    unet, params = ours_model(s)
+    start = [p.detach().clone() for p in params]
+    compiled = torch.compile(unet, mode=mode)
+    step, losses_c = lora_step(s, compiled, params, inp, fused_adam=True, cudagraphs=cudagraphs)
+    t0 = time.perf_counter()
+    step()
+    s.sync()
+    compile_s = time.perf_counter() - t0
+    s.reset_peak()
+    comp_ms = median_ms(step, s.iters, s.warmup, s.sync)
+    comp_mem = s.peak_mb()
+    n_steps = len(losses_c)
+    final_c = [p.detach().float().clone() for p in params]
+    del compiled, unet, params, step
+
+    log(f"train, batch {batch}: eager check, {n_steps} steps from the same start")
+    unet, params = ours_model(s)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(start[i])
+    step, losses_e = lora_step(s, unet, params, inp, fused_adam=True)
+    for _ in range(n_steps):
+        step()
+    s.sync()
+    num = max((pc - pe.detach().float()).abs().max().item() for pc, pe in zip(final_c, params))
+    den = max(pe.detach().float().abs().max().item() for pe in params)
+    loss_rel = max(abs(lc.item() - le.item()) / max(abs(le.item()), 1e-12) for lc, le in zip(losses_c, losses_e))
+    ok = loss_rel < 2e-2 and num / den < 5e-2
+    del unet, params, step
+    extra = {"compile_mode": mode, "compile_s": round(compile_s, 1), "loss_max_rel_diff_vs_eager": loss_rel,
+             "param_max_rel_diff_vs_eager": num / den, "steps_checked": n_steps, "matches_eager": ok, "peak_mb": comp_mem}
+    emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch}", comp_ms, peft_ms, "peft", **extra)
+    emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch} vs our eager", comp_ms, eager_ms, "ours_eager")
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def bench_inference(s: Setup, files: list[Path]) -> None:
+    base = s.comps["unet"]
+    pipe_o, pipe_p = make_pipe(s.comps), make_pipe(s.comps)
+    names = [f.stem for f in files]
+    log(f"loading {len(files)} adapters into both pipelines")
+    for f, name in zip(files, names):
+        ld.load_lora(pipe_o, f, adapter=name)
+        pipe_p.load_lora_weights(str(f), adapter_name=name)
+    inp = s.inputs(2, seed=1)  # classifier-free guidance: uncond + cond in one batch of 2
+    x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
+
+    def call(unet):
+        def run():
+            with torch.no_grad():
+                return unet(x, t, ehs).sample
+
+        return run
+
+    call_o, call_p, call_b = call(pipe_o.unet), call(pipe_p.unet), call(base)
+    iters, warmup = s.iters, s.warmup
+
+    for k in (0, 1, 4, 8):
+        log(f"inference, {k} adapters")
+        weights = {n: 0.8 for n in names[:k]}
+        ld.set_adapters(pipe_o, weights)
+        if k:
+            pipe_p.enable_lora()
+            pipe_p.set_adapters(list(weights), list(weights.values()))
+        else:
+            pipe_p.disable_lora()
+        diff = (call_o() - call_p()).abs().max().item()
+        ours, ref = compare(call_o, call_p, iters, warmup, s.sync)
+        ours_b, base_ms = compare(call_o, call_b, iters, warmup, s.sync)
+        emit(s.ctx, "infer_unfused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
+        emit(s.ctx, "infer_unfused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4))
+        if not k:
+            pipe_p.enable_lora()
+            continue
+        ld.fuse(pipe_o)
+        pipe_p.fuse_lora(adapter_names=list(weights))
+        diff = (call_o() - call_p()).abs().max().item()
+        ours, ref = compare(call_o, call_p, iters, warmup, s.sync)
+        ours_b, base_ms = compare(call_o, call_b, iters, warmup, s.sync)
+        emit(s.ctx, "infer_fused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
+        emit(s.ctx, "infer_fused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4))
+        ld.unfuse(pipe_o)
+        pipe_p.unfuse_lora()
+
+    log("fuse / re-weight, 4 adapters")
+    four = names[:4]
+    ld.set_adapters(pipe_o, {n: 0.8 for n in four})
+    pipe_p.set_adapters(four, [0.8] * 4)
+    ours, ref = compare(lambda: ld.fuse(pipe_o), lambda: pipe_p.fuse_lora(adapter_names=four), iters, warmup, s.sync,
+                        between=(lambda: ld.unfuse(pipe_o), pipe_p.unfuse_lora))
+    emit(s.ctx, "fuse", "4 adapters, UNet + text encoder", ours, ref, "peft")
+    ld.fuse(pipe_o)
+    pipe_p.fuse_lora(adapter_names=four)
+    reweight_o, reweight_p, _ = reweighters(pipe_o, pipe_p, four)
+    ours, ref = compare(reweight_o, reweight_p, iters, warmup, s.sync)
+    emit(s.ctx, "reweight_fused", "4 adapters, UNet + text encoder", ours, ref, "peft")
+
+
+def guarded(section: str, fn, *args) -> None:
+    """Run one section; on failure print an ``error`` line and go on (one GPU run must yield what it can)."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported, not swallowed
+        traceback.print_exc(file=sys.stderr)
+        print(json.dumps({"bench": section, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU in fp32 (smoke run)")
+    parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, metavar="MODE",
+                        help="also time our training step under torch.compile (default mode: reduce-overhead)")
+    parser.add_argument("--compile-batches", type=int, nargs="+", default=[1],
+                        help="batches to compile for (each compiles afresh: ~2 min on an H100 for SD1.5)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per figure (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet()
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU, or pass --tiny for a CPU smoke run")
+    if torch.cuda.is_available() and not args.tiny:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    s = Setup(args)
+    if "train" not in args.skip:
+        guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches)
+    if "infer" not in args.skip:
+        with tempfile.TemporaryDirectory(prefix="lora_bench_gpu_") as tmp:
+            log("writing 8 adapter files")
+            files = make_adapter_files(s.comps, Path(tmp), 8)
+            guarded("infer", bench_inference, s, files)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""``lora-diffusion train`` and ``examples/train_style.py``: flags (built from ``TrainConfig``) -> ``train``.
+
+Example:
+    $ lora-diffusion train --pretrained_model_name_or_path ./sd15 --train_data_dir data/style \\
+        --output_dir out --token "<my-style>" --max_train_steps 500
+    $ accelerate launch --num_processes 2 examples/train_style.py --config style.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, add_config_arguments, config_from_args
+from .data import DataError
+
+__all__ = ["register", "build_parser", "main", "run"]
+
+DESCRIPTION = (
+    "Train a style or subject (DreamBooth) LoRA for a Stable Diffusion 1.x/2.x model. Writes "
+    "pytorch_lora_weights.safetensors (loads with pipe.load_lora_weights(output_dir)), checkpoints/, samples/, "
+    "log.csv and loss.png into --output_dir. Flags may also come from --config FILE (TOML/YAML, same names)."
+)
+EPILOG = "Multi-GPU or multi-process: accelerate launch --num_processes N examples/train_style.py ..."
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` command to the ``lora-diffusion`` dispatcher."""
+    _configure(subparsers.add_parser("train", help="train a style or subject LoRA", description=DESCRIPTION, epilog=EPILOG))
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The standalone parser of ``examples/train_style.py`` (the same flags as ``lora-diffusion train``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    return _configure(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train from parsed flags. Exit status: 0 done, 1 stopped on NaN/Inf loss, 2 bad settings or data, 130 cancelled."""
+    from .loop import train
+
+    try:
+        config = config_from_args(args)
+        result = train(config)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        logging.getLogger("lora_diffusion.training").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.message, file=sys.stderr if result.status != "completed" else sys.stdout)
+    return {"completed": 0, "diverged": 1, "cancelled": 130}[result.status]
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

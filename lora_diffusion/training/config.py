@@ -1,0 +1,236 @@
+"""Training settings: one dataclass, loadable from TOML/YAML, and the argparse flags built from it.
+
+The flags, the config-file keys and the dataclass fields share one set of names (those of diffusers' example
+scripts), so a setting means the same thing everywhere. Precedence: dataclass default < config file < flag.
+
+Example:
+    >>> config = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5",
+    ...                      train_data_dir="data/style", output_dir="out", token="<my-style>")
+    >>> config = load_config("style.toml", output_dir="out2")      # a file, then overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError"]
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work; the message names the setting."""
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its flag help (and optional ``choices``) as metadata."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a LoRA training run (style or DreamBooth subject); see ``docs/TRAINING.md``."""
+
+    # ------------------------------------------------------------------ model, data, output
+    pretrained_model_name_or_path: str = _f("", "base model: a local diffusers folder, a hub id, or a single .safetensors/.ckpt file")
+    train_data_dir: str = _f("", "folder of training images (captions beside them or in metadata.jsonl)")
+    output_dir: str = _f("lora-output", "where the LoRA, checkpoints/, samples/, log.csv and loss.png go")
+    overwrite: bool = _f(False, "allow writing into an output folder that holds a previous run")
+    caption_extension: str = _f(".txt", "extension of sidecar caption files (image.png -> image.txt)")
+    strict: bool = _f(False, "stop on an unreadable image instead of warning and skipping it")
+    # ------------------------------------------------------------------ what to learn
+    mode: str = _f("style", "style: the token is appended to captions; subject (DreamBooth): prompts name the subject", choices=("style", "subject"))
+    token: str = _f("", "trigger word added to every caption, e.g. '<my-style>' or 'sks'")
+    instance_prompt: str = _f("", "caption for images without one (default: built from --mode and --token)")
+    class_prompt: str = _f("", "prompt of the class images for prior preservation, e.g. 'a photo of a dog'")
+    with_prior_preservation: bool = _f(False, "DreamBooth prior preservation: also train on class images")
+    class_data_dir: str = _f("", "folder of class images (missing ones are generated with the base model)")
+    num_class_images: int = _f(100, "how many class images prior preservation uses")
+    prior_loss_weight: float = _f(1.0, "weight of the class-image loss")
+    pivotal_tuning: bool = _f(False, "learn a new embedding for --token together with the LoRA (needs --token)")
+    initializer_token: str = _f("", "word whose embedding starts the pivotal-tuning token (default: the mean embedding)")
+    # ------------------------------------------------------------------ LoRA
+    rank: int = _f(4, "LoRA rank")
+    lora_alpha: float = _f(0.0, "LoRA alpha (0 means alpha = rank)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    target_modules: str = _f("attn", "UNet layers: a preset (attn, cross, attn-mlp, full), a regex, or comma-separated module suffixes")
+    train_text_encoder: bool = _f(False, "also train a LoRA in the text encoder")
+    text_encoder_target_modules: str = _f("attn", "text encoder layers, as --target_modules")
+    # ------------------------------------------------------------------ optimisation
+    learning_rate: float = _f(1e-4, "learning rate of the UNet LoRA")
+    text_encoder_lr: float = _f(0.0, "learning rate of the text encoder LoRA and token (0 means --learning_rate)")
+    lr_scheduler: str = _f("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "linear warm-up steps")
+    max_train_steps: int = _f(0, "optimizer steps (0 means --num_train_epochs epochs)")
+    num_train_epochs: int = _f(1, "epochs, used when --max_train_steps is 0")
+    train_batch_size: int = _f(1, "images per device per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay (LoRA parameters only)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install bitsandbytes; CUDA only)")
+    snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
+    noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
+    # ------------------------------------------------------------------ images
+    resolution: int = _f(512, "training resolution (side of the square, or the area of buckets)")
+    center_crop: bool = _f(False, "crop the centre instead of a random crop")
+    random_flip: bool = _f(False, "flip images horizontally at random")
+    enable_bucket: bool = _f(False, "aspect-ratio buckets: train non-square images without cropping them square")
+    cache_latents: bool = _f(False, "encode every image once with the VAE (random crop then stays fixed)")
+    # ------------------------------------------------------------------ speed, memory
+    mixed_precision: str = _f("no", "mixed precision (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, about a third slower)")
+    dataloader_num_workers: int = _f(0, "worker processes loading images")
+    # ------------------------------------------------------------------ checkpoints, samples
+    checkpointing_steps: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all)")
+    resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to continue from")
+    validation_prompt: str = _f("", "prompt of the sample grids written to samples/ (default: the first caption)")
+    validation_steps: int = _f(100, "write a sample grid every N steps (0: only at the end)")
+    num_validation_images: int = _f(4, "images per sample grid (0 disables samples)")
+    validation_inference_steps: int = _f(25, "denoising steps of the sample images")
+    save_precision: str = _f("fp16", "dtype of the final LoRA file", choices=("fp16", "bf16", "fp32"))
+    seed: int = _f(-1, "seed of everything random (-1: pick one and record it)")
+
+    # ------------------------------------------------------------------ derived values and checks
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha or self.rank)
+
+    @property
+    def te_lr(self) -> float:
+        return float(self.text_encoder_lr or self.learning_rate)
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first setting that cannot work."""
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required (a diffusers folder or a hub id)")
+        if not self.train_data_dir:
+            raise ConfigError("--train_data_dir is required")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}")
+        positive = ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
+                        "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
+                        "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.with_prior_preservation:
+            if not self.class_data_dir:
+                raise ConfigError("--with_prior_preservation needs --class_data_dir")
+            if not self.class_prompt:
+                raise ConfigError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
+            if self.num_class_images < 1:
+                raise ConfigError("--with_prior_preservation needs --num_class_images of at least 1")
+        if self.pivotal_tuning and not self.token:
+            raise ConfigError("--pivotal_tuning needs --token (the new word to learn, e.g. '<my-style>')")
+        if self.mode == "subject" and not (self.token or self.instance_prompt):
+            raise ConfigError("--mode subject needs --token or --instance_prompt naming the subject (e.g. 'a photo of sks dog')")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise ConfigError(f"--caption_extension should start with a dot, e.g. '.txt', got {self.caption_extension!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping; keys may use dashes; unknown keys raise naming the closest known one."""
+        return cls(**_coerce(values, source))
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
+    types = _field_types()
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_").lstrip("_")
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown setting {raw_key!r}{hint}")
+        kind = types[key]
+        if value is None:
+            continue
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif kind is float and isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-4 as a string
+            except ValueError:
+                raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
+        if kind in (int, str) and not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file (a flat table of the flag names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"--config {path}: use a .toml, .yaml or .json file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table of settings, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the file at ``path`` (if any), then ``overrides``."""
+    values = read_config_file(path) if path else {}
+    return TrainConfig.from_dict({**values, **overrides}, source=str(path or "overrides"))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per ``TrainConfig`` field (same name); unset flags stay out of the namespace."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML or YAML file with the same keys as these flags; flags override it")
+    types = _field_types()
+    for f in dataclasses.fields(TrainConfig):
+        kind = types[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        flag = f"--{f.name}"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                                metavar=None if f.metadata.get("choices") else kind.__name__.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of a parsed command line: defaults < ``--config`` file < flags given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return load_config(getattr(args, "config", None), **given)

@@ -1,0 +1,359 @@
+"""Training data: an image folder with captions, image repair, aspect-ratio buckets and a resumable batch order.
+
+* Images: every ``.png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff`` file below the folder. Each is opened once when the
+  data set is built: unreadable or truncated files are named in a warning and skipped (``strict=True`` raises);
+  CMYK, grayscale, palette and alpha images become RGB (transparency on white); EXIF rotation is applied; tiny
+  images are upscaled and huge ones downscaled to the training size.
+* Captions: a sidecar file (``cat.png`` -> ``cat.txt``), else ``metadata.jsonl`` lines
+  ``{"file_name": "cat.png", "text": "..."}`` (the ImageFolder convention), else the instance prompt or a
+  template. The trigger token is added to every caption (``compose_caption``).
+* Batch order is a pure function of (seed, epoch), and each sample's crop and flip of (seed, epoch, index), so
+  a resumed run sees exactly the batches an uninterrupted run would.
+
+Example:
+    >>> examples = scan_images("data/style", caption_extension=".txt", mode="style", token="<s>")
+    >>> dataset = ImageDataset(examples, resolution=512, random_flip=True)
+    >>> plan = BatchPlan(dataset.buckets(), batch_size=2, seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "Example",
+    "list_images",
+    "scan_images",
+    "compose_caption",
+    "load_rgb",
+    "make_buckets",
+    "ImageDataset",
+    "BatchPlan",
+    "collate",
+    "mix_seed",
+    "StepBatchSampler",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILE = "metadata.jsonl"
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image: where it is, its caption and its size (width, height) after EXIF rotation."""
+
+    path: Path
+    caption: str
+    size: tuple[int, int]
+
+
+def list_images(folder: str | Path, what: str = "--train_data_dir") -> list[Path]:
+    """Image files below ``folder`` (sorted, hidden files skipped); raises ``DataError`` if there are none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{what} {folder}: no such folder")
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder}: not a folder")
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise DataError(f"{what} {folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def read_metadata(folder: Path) -> dict[str, str]:
+    """``{file_name: text}`` from ``folder/metadata.jsonl`` (empty if there is none)."""
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["file_name"])] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{n}: expected a JSON object with 'file_name' and 'text' ({e})") from None
+    return out
+
+
+def compose_caption(raw: str | None, *, mode: str = "style", token: str = "", instance_prompt: str = "") -> str:
+    """The caption trained on: the image's own caption (or the instance prompt, or a template) with the token.
+
+    Style mode appends ``", in the style of <token>"``; subject mode puts ``"<token>, "`` in front. A caption that
+    already holds the token is kept as it is.
+
+    Example:
+        >>> compose_caption("a house by a lake", token="<my-style>")
+        'a house by a lake, in the style of <my-style>'
+        >>> compose_caption(None, mode="subject", instance_prompt="a photo of sks dog", token="sks")
+        'a photo of sks dog'
+    """
+    text = (raw or "").strip() or instance_prompt.strip()
+    if not text:
+        return (f"an image in the style of {token}" if mode == "style" else f"a photo of {token}") if token else ""
+    if not token or token in text:
+        return text
+    return f"{text}, in the style of {token}" if mode == "style" else f"{token}, {text}"
+
+
+def fix_mode(image: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: EXIF rotation applied, transparency composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "I;16" or image.mode == "I":
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Open ``path`` fully (so truncation shows) as RGB; ``draft`` lets JPEG decode at a reduced size first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if draft and image.format == "JPEG":
+                image.draft("RGB", (draft, draft))
+            image.load()
+            return fix_mode(image)
+
+
+def scan_images(
+    folder: str | Path,
+    *,
+    caption_extension: str = ".txt",
+    mode: str = "style",
+    token: str = "",
+    instance_prompt: str = "",
+    strict: bool = False,
+    what: str = "--train_data_dir",
+    resolution: int = 512,
+) -> list[Example]:
+    """Open every image once and pair it with its caption; bad images are skipped with a warning naming them.
+
+    Raises ``DataError`` if the folder is missing or empty, if every image is unreadable, or (``strict``) at the
+    first unreadable one.
+    """
+    folder = Path(folder)
+    files = list_images(folder, what)
+    metadata = read_metadata(folder)
+    examples, bad = [], []
+    for path in files:
+        try:
+            image = load_rgb(path, draft=resolution)
+            size = image.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            if strict:
+                raise DataError(f"{path}: cannot read image ({e})") from None
+            logger.warning("skipping %s: cannot read image (%s)", path, e)
+            bad.append(path)
+            continue
+        if min(size) < resolution // 2:
+            logger.info("%s is %dx%d, smaller than half of --resolution %d: it will be upscaled", path, *size, resolution)
+        raw = None
+        sidecar = path.with_suffix(caption_extension) if caption_extension else None
+        if sidecar is not None and sidecar.is_file():
+            raw = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        elif path.relative_to(folder).as_posix() in metadata:
+            raw = metadata[path.relative_to(folder).as_posix()]
+        caption = compose_caption(raw, mode=mode, token=token, instance_prompt=instance_prompt)
+        examples.append(Example(path=path, caption=caption, size=size))
+    if not examples:
+        raise DataError(f"{what} {folder}: none of the {len(files)} images could be read")
+    if bad:
+        logger.warning("%d of %d images in %s were skipped as unreadable", len(bad), len(files), folder)
+    return examples
+
+
+def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.5) -> list[tuple[int, int]]:
+    """(width, height) pairs of about ``resolution**2`` pixels, sides multiples of ``step``, aspect up to ``max_ratio``.
+
+    Example:
+        >>> (512, 512) in make_buckets(512) and (640, 384) in make_buckets(512)
+        True
+    """
+    step = step or (64 if resolution >= 256 else 8)
+    area = resolution * resolution
+    buckets = set()
+    width = step
+    while width <= resolution * max_ratio:
+        height = min(int(area / width) // step * step, int(resolution * max_ratio) // step * step)
+        if height >= step and max(width / height, height / width) <= max_ratio:
+            buckets.add((width, height))
+        width += step
+    buckets.add((resolution, resolution))
+    return sorted(buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to ``size``'s (in log space); ties go to the larger bucket."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images resized to cover their bucket, cropped, maybe flipped, as ``[-1, 1]`` tensors.
+
+    Items are addressed by ``(index, sample_seed)``: the seed decides the random crop and flip, so the same key
+    always gives the same tensor.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        *,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        enable_bucket: bool = False,
+    ) -> None:
+        self.examples = examples
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        square = (resolution, resolution)
+        grid = make_buckets(resolution) if enable_bucket else [square]
+        self.bucket_of = [nearest_bucket(e.size, grid) for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The bucket (width, height) of every example, in order."""
+        return list(self.bucket_of)
+
+    def augmentation(self, sample_seed: int) -> tuple[bool, float, float]:
+        """(flip, x, y) for one sample: the crop position as fractions of the slack (0.5 = centre)."""
+        rng = random.Random(sample_seed)
+        flip = self.random_flip and rng.random() < 0.5
+        x, y = (0.5, 0.5) if self.center_crop else (rng.random(), rng.random())
+        return flip, x, y
+
+    def load(self, index: int, flip: bool, x: float, y: float) -> torch.Tensor:
+        """``[3, H, W]`` float tensor in ``[-1, 1]`` of example ``index`` at its bucket size."""
+        width, height = self.bucket_of[index]
+        path = self.examples[index].path
+        try:
+            image = load_rgb(path, draft=max(width, height))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read image ({e}); it was readable when training started") from None
+        scale = max(width / image.width, height / image.height)
+        new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
+        left = round((new_size[0] - width) * x)
+        top = round((new_size[1] - height) * y)
+        image = image.crop((left, top, left + width, top + height))
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, sample_seed = key
+        flip, x, y = self.augmentation(sample_seed)
+        return {
+            "pixel_values": self.load(index, flip, x, y),
+            "caption": self.examples[index].caption,
+            "index": index,
+            "flip": flip,
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack one bucket's items: ``pixel_values [B, 3, H, W]``, ``captions``, ``indices``, ``flips``."""
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "indices": [it["index"] for it in items],
+        "flips": [it["flip"] for it in items],
+    }
+
+
+class BatchPlan:
+    """The batch order of a run, as a pure function of the seed: batch ``g`` of the endless stream of epochs.
+
+    Each epoch groups examples by bucket, shuffles within buckets, cuts batches of ``batch_size`` (a bucket's last
+    batch may be smaller) and shuffles the batches. Optimizer step ``s``, micro-batch ``k`` of process ``r`` (of
+    ``P``, with ``G`` micro-batches per step) takes global batch ``(s * G + k) * P + r``.
+    """
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int) -> None:
+        self.buckets = buckets
+        self.batch_size = batch_size
+        self.seed = seed
+        self._epoch: tuple[int, list[list[int]]] | None = None
+        self.batches_per_epoch = sum(
+            math.ceil(buckets.count(b) / batch_size) for b in set(buckets)
+        )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = random.Random(f"{self.seed}/{epoch}")
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index, bucket in enumerate(self.buckets):
+                groups.setdefault(bucket, []).append(index)
+            batches = []
+            for bucket in sorted(groups):
+                members = groups[bucket]
+                rng.shuffle(members)
+                batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            rng.shuffle(batches)
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
+
+    def batch(self, g: int) -> list[tuple[int, int]]:
+        """Global batch ``g`` as ``(index, sample_seed)`` keys for ``ImageDataset``."""
+        epoch, j = divmod(g, self.batches_per_epoch)
+        return [(i, mix_seed(self.seed, epoch, i)) for i in self.epoch_batches(epoch)[j]]
+
+    def epoch_of(self, g: int) -> int:
+        return g // self.batches_per_epoch
+
+
+def mix_seed(*numbers: int) -> int:
+    """A 63-bit seed from a few integers (stable across runs and platforms)."""
+    return int.from_bytes(random.Random("/".join(map(str, numbers))).randbytes(8), "little") >> 1
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batches of one process from optimizer step ``start`` to ``stop``, for a ``DataLoader(batch_sampler=...)``."""
+
+    def __init__(self, plan: BatchPlan, *, start: int, stop: int, accumulation: int, num_processes: int, rank: int) -> None:
+        self.plan, self.start, self.stop = plan, start, stop
+        self.accumulation, self.num_processes, self.rank = accumulation, num_processes, rank
+
+    def global_index(self, step: int, micro: int) -> int:
+        return (step * self.accumulation + micro) * self.num_processes + self.rank
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accumulation
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for micro in range(self.accumulation):
+                yield self.plan.batch(self.global_index(step, micro))

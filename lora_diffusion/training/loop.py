@@ -1,0 +1,581 @@
+"""The training loop: data -> latents -> noise -> loss -> step, on accelerate, resumable, with progress.
+
+``train(config)`` runs one LoRA training (style or DreamBooth subject, UNet and optionally text encoder) and
+returns a ``TrainResult``. Every random draw of optimizer step ``s`` comes from a generator seeded by
+``(seed, s, micro-batch, process)`` and the batch order is a pure function of the seed, so a run resumed from a
+checkpoint produces the same weights as one that never stopped. With several processes (``accelerate launch``)
+each takes its own batches and the LoRA gradients are averaged across processes before every step; only the main
+process writes files.
+
+Example:
+    >>> from lora_diffusion.training import TrainConfig, train
+    >>> config = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5",
+    ...                      train_data_dir="data/style", output_dir="out", token="<my-style>", max_train_steps=500)
+    >>> result = train(config, progress=lambda p: print(p["step"], p["loss"]))
+    >>> pipe.load_lora_weights(result.output_dir)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import atomic_save, read_lora_file, read_safetensors
+from ..inject import inject_lora
+from ..pipeline import lora_from_model, save_lora
+from . import outputs
+from .config import ConfigError, TrainConfig
+from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, list_images, mix_seed, scan_images
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train", "TrainResult", "diffusion_target", "load_pipeline"]
+
+ProgressCallback = Callable[[dict], Any]
+LOG_EVERY = 10  # steps between rewrites of log.csv / loss.png
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``status`` is ``"completed"``, ``"cancelled"`` or ``"diverged"`` (NaN/Inf loss)."""
+
+    status: str
+    message: str
+    output_dir: Path
+    global_step: int
+    max_steps: int
+    lora_path: Path | None = None  # the final LoRA (completed runs only)
+    checkpoint: Path | None = None  # the newest checkpoint on disk
+    final_loss: float | None = None
+    sample_paths: list[Path] = field(default_factory=list)
+    log_path: Path | None = None
+    pipeline: Any = field(default=None, repr=False)  # the pipeline with the trained adapter "default" in it
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+def load_pipeline(name_or_path: str):
+    """``StableDiffusionPipeline`` from a diffusers folder, a hub id or a single checkpoint file (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(name_or_path).expanduser()
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    if path.is_file():
+        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _check_model_path(name_or_path: str) -> None:
+    """A local-looking path that does not exist fails here, before anything is loaded."""
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local and not path.exists():
+        raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: no such file or folder")
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ConfigError(f"--pretrained_model_name_or_path {path}: not a diffusers pipeline folder (no model_index.json)")
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (``epsilon``), the velocity (``v_prediction``) or the image."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config")
+
+
+def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """Mean denoising loss of one batch: noise the latents at random timesteps and compare the UNet's prediction."""
+    batch, channels = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    if config.noise_offset:
+        noise = noise + config.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator).to(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.dim())))
+    if config.snr_gamma:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps).float()
+        weight = torch.clamp(snr, max=config.snr_gamma)
+        weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
+        loss = loss * weight
+    return loss.mean()
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+class Latents:
+    """Latents of a batch: encoded by the VAE each step, or (``cache``) once per image and flip at the start."""
+
+    def __init__(self, vae, dataset: ImageDataset, device, dtype, cache: bool) -> None:
+        self.vae, self.dataset, self.device, self.dtype = vae, dataset, device, dtype
+        self.scale = vae.config.scaling_factor
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        if cache:
+            flips = (False, True) if dataset.random_flip else (False,)
+            for index in range(len(dataset)):
+                for flip in flips:
+                    pixels = dataset.load(index, flip, 0.5, 0.5)[None]
+                    self.cache[(index, flip)] = self._moments(pixels)
+
+    @torch.no_grad()
+    def _moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def sample(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        if self.cache:
+            moments = [self.cache[(i, f)] for i, f in zip(batch["indices"], batch["flips"])]
+            mean = torch.cat([m for m, _ in moments])
+            std = torch.cat([s for _, s in moments])
+        else:
+            mean, std = self._moments(batch["pixel_values"])
+        eps = torch.randn(mean.shape, generator=generator).to(mean)
+        return ((mean + std * eps) - self.shift) * self.scale
+
+
+class PivotalToken:
+    """A new word whose embedding is learned (pivotal tuning): one fp32 vector swapped in by a forward hook.
+
+    The tokenizer gains the token and the embedding matrix one row; the existing rows are never touched.
+    """
+
+    def __init__(self, tokenizer, text_encoder, token: str, initializer: str = "") -> None:
+        if tokenizer.add_tokens([token]) == 0:
+            raise ConfigError(f"--token {token!r} is already a word of the tokenizer; pivotal tuning needs a new one, e.g. '<my-style>'")
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        self.token = token
+        self.token_id = tokenizer.convert_tokens_to_ids(token)
+        table = text_encoder.get_input_embeddings().weight.detach()
+        if initializer:
+            ids = tokenizer(initializer, add_special_tokens=False).input_ids
+            start = table[ids].float().mean(0)
+        else:
+            start = table[: self.token_id].float().mean(0)
+        self.vector = nn.Parameter(start.clone())
+        text_encoder.get_input_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        mask = (args[0] == self.token_id).unsqueeze(-1)
+        return torch.where(mask, self.vector.to(output.dtype), output)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The learned embedding in diffusers' textual-inversion form: ``{token: vector}``."""
+        return {self.token: self.vector.detach().float().cpu()}
+
+
+def _optimizer_class(config: TrainConfig):
+    if not config.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install 'lora-diffusion[train8bit]' (CUDA only)") from None
+    return bnb.optim.AdamW8bit
+
+
+def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+    previous = [name for name in outputs.OUTPUT_NAMES if (output_dir / name).exists()]
+    if previous and not (resuming or overwrite):
+        raise ConfigError(
+            f"--output_dir {output_dir} holds a previous run ({', '.join(previous)}); pass --resume_from_checkpoint "
+            "latest to continue it, --overwrite to replace it, or another --output_dir"
+        )
+
+
+def _clear_previous_run(output_dir: Path) -> None:
+    for name in outputs.OUTPUT_NAMES:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _restore_lora(model: nn.Module, component: str, path: Path) -> None:
+    """Copy a checkpoint's factors into ``model``'s trainable adapter (same keys and shapes, or an error)."""
+    saved, _ = read_lora_file(path)
+    for key, live in lora_from_model(model, component).items():
+        if key not in saved or saved[key].A.shape != live.A.shape or saved[key].B.shape != live.B.shape:
+            raise ConfigError(f"{path}: the checkpoint does not match these settings at {key} (changed --rank or --target_modules?)")
+        with torch.no_grad():
+            live.A.copy_(saved[key].A)
+            live.B.copy_(saved[key].B)
+
+
+def _average_gradients(params: list[nn.Parameter], accelerator) -> None:
+    """All-reduce (mean) the LoRA gradients across processes, as one flat buffer."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> TrainResult:
+    """Train a LoRA as ``config`` says and return what came of it.
+
+    ``progress`` is called on the main process after every step with a dict ``{"step", "max_steps", "epoch",
+    "loss", "lr", "eta_s", "elapsed_s", "sample_paths", "checkpoint"}``; returning ``False`` stops the run, as does
+    setting ``cancel``. A stopped run saves a checkpoint first, so it can be resumed. A NaN/Inf loss stops the run
+    without saving; the last good checkpoint stays. Bad data and settings raise before any model is loaded.
+
+    Example:
+        >>> stop = threading.Event()
+        >>> result = train(TrainConfig(pretrained_model_name_or_path="tiny", train_data_dir="data"), cancel=stop)
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import broadcast_object_list
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    # 1. everything that can be checked without a model
+    config.validate()
+    output_dir = Path(config.output_dir)
+    examples = scan_images(
+        config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
+        instance_prompt=config.instance_prompt, strict=config.strict, resolution=config.resolution,
+    )
+    resume = None
+    if config.resume_from_checkpoint:
+        if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", output_dir)
+        else:
+            resume = outputs.find_checkpoint(output_dir, config.resume_from_checkpoint)
+    _prepare_output_dir(output_dir, resuming=resume is not None, overwrite=config.overwrite)
+    _check_model_path(config.pretrained_model_name_or_path)
+    optimizer_class = _optimizer_class(config)
+    state = outputs.load_state(resume) if resume else None
+
+    # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun on a CPU machine): gloo on CPU
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    AcceleratorState._reset_state()  # a process (the UI) may train again with another --mixed_precision
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    seed = [config.seed if config.seed >= 0 else (state["seed"] if state else random.randrange(2**31))]
+    broadcast_object_list(seed)  # every process must draw the same batches
+    seed = seed[0]
+    if is_main and config.overwrite and resume is None:
+        _clear_previous_run(output_dir)
+    accelerator.wait_for_everyone()
+
+    # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = load_pipeline(config.pretrained_model_name_or_path)
+    class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else None
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+        model.to(device)
+        if weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
+    vae.eval()
+    text_encoder.eval()
+    torch.manual_seed(seed)  # the random LoRA A factors (and nothing else) come from here
+    pivot = PivotalToken(tokenizer, text_encoder, config.token, config.initializer_token) if config.pivotal_tuning else None
+    targets = _targets(config.target_modules)
+    unet_params = inject_lora(unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets)
+    groups = [{"params": unet_params, "lr": config.learning_rate}]
+    te_params: list[nn.Parameter] = []
+    if config.train_text_encoder:
+        te_params = inject_lora(text_encoder, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
+                                targets=_targets(config.text_encoder_target_modules))
+        groups.append({"params": te_params, "lr": config.te_lr})
+    if pivot is not None:
+        pivot.vector.data = pivot.vector.data.to(device)
+        groups.append({"params": [pivot.vector], "lr": config.te_lr, "weight_decay": 0.0})
+    params = [p for g in groups for p in g["params"]]
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder or pivot is not None:
+            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.23
+                text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_text = config.train_text_encoder or pivot is not None
+
+    # 3. data: the batch order of process `rank` from the step we start at
+    dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
+                           random_flip=config.random_flip, enable_bucket=config.enable_bucket)
+    if config.cache_latents and not config.center_crop:
+        logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
+    plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed)
+    per_step = accelerator.num_processes * config.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / per_step))
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    latents = Latents(vae, dataset, device, weight_dtype, cache=config.cache_latents)
+    class_latents = class_plan = None
+    if class_examples is not None:
+        class_dataset = ImageDataset(class_examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
+                                     random_flip=config.random_flip, enable_bucket=config.enable_bucket)
+        class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1)
+        class_latents = Latents(vae, class_dataset, device, weight_dtype, cache=config.cache_latents)
+
+    # 4. optimizer, schedule, and where we start
+    optimizer = optimizer_class(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps)
+    optimizer = accelerator.prepare(optimizer)
+    step = 0
+    log_rows: list[dict] = []
+    if resume is not None:
+        _restore_lora(unet, "unet", resume / outputs.LORA_NAME)
+        if config.train_text_encoder:
+            _restore_lora(text_encoder, "text_encoder", resume / outputs.LORA_NAME)
+        if pivot is not None:
+            pivot.vector.data.copy_(read_safetensors(resume / "embeddings.safetensors")[0][pivot.token])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        _set_rng_state(state["rng"])
+        step = int(state["step"])
+        log_rows = [r for r in outputs.read_log(output_dir / "log.csv") if r["step"] <= step]
+        logger.info("resuming from %s at step %d", resume, step)
+    if step >= max_steps:
+        raise ConfigError(f"{resume} is at step {step}, not before --max_train_steps {max_steps}: nothing to train")
+
+    def loader(plan_: BatchPlan, dataset_: ImageDataset, cached: bool) -> Iterator[dict]:
+        sampler = StepBatchSampler(plan_, start=step, stop=max_steps, accumulation=config.gradient_accumulation_steps,
+                                   num_processes=accelerator.num_processes, rank=accelerator.process_index)
+        if cached:  # no pixels needed: only which image and whether flipped
+            return ({"indices": [i for i, _ in keys], "flips": [dataset_.augmentation(s)[0] for _, s in keys],
+                     "captions": [dataset_.examples[i].caption for i, _ in keys]} for keys in sampler)
+        return iter(torch.utils.data.DataLoader(dataset_, batch_sampler=sampler, collate_fn=collate,
+                                                num_workers=config.dataloader_num_workers))
+
+    batches = loader(plan, dataset, config.cache_latents)
+    class_batches = loader(class_plan, class_latents.dataset, config.cache_latents) if class_plan else None
+    validation_prompt = config.validation_prompt or examples[0].caption
+
+    def save_checkpoint(at_step: int) -> Path:
+        def fill(folder: Path) -> None:
+            save_lora(folder / outputs.LORA_NAME, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
+                      dtype=torch.float32, metadata={"step": at_step, "base_model": config.pretrained_model_name_or_path})
+            if pivot is not None:
+                atomic_save(pivot.state(), folder / "embeddings.safetensors", {"format": "pt"})
+            outputs.save_state(folder, {"step": at_step, "seed": seed, "optimizer": optimizer.state_dict(),
+                                        "lr_scheduler": lr_scheduler.state_dict(), "rng": _rng_state()})
+
+        path = outputs.write_checkpoint(output_dir, at_step, fill)
+        outputs.prune_checkpoints(output_dir, config.checkpoints_total_limit)
+        return path
+
+    def write_samples(at_step: int) -> Path:
+        unet.eval()
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad(), accelerator.autocast():
+            images = pipe([validation_prompt] * config.num_validation_images, num_inference_steps=config.validation_inference_steps,
+                          height=config.resolution, width=config.resolution, generator=generator).images
+        unet.train()
+        path = output_dir / "samples" / f"step-{at_step:06d}.png"
+        with outputs.atomic_path(path) as tmp:
+            outputs.image_grid(images).save(tmp, format="PNG")
+        return path
+
+    def write_log() -> None:
+        outputs.write_log(output_dir / "log.csv", log_rows)
+        outputs.plot_loss(output_dir / "loss.png", log_rows)
+
+    # 5. the loop
+    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    started, first_step = time.monotonic(), step
+    status, message, loss_value = "completed", "", None
+    checkpoint = outputs.list_checkpoints(output_dir)[-1] if outputs.list_checkpoints(output_dir) else None
+    sample_paths: list[Path] = []
+    stop_requested = False
+    unet.train()
+    while step < max_steps:
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(config.gradient_accumulation_steps):
+            batch = next(batches)
+            generator = torch.Generator().manual_seed(mix_seed(seed, step, micro, accelerator.process_index))
+            torch.manual_seed(mix_seed(seed, step, micro, accelerator.process_index, 1))  # LoRA dropout
+            with accelerator.autocast():
+                with torch.set_grad_enabled(train_text):
+                    states = encode_text(tokenizer, text_encoder, batch["captions"], device)
+                loss = diffusion_loss(unet, noise_scheduler, latents.sample(batch, generator), states, generator, config)
+                if class_batches is not None:
+                    class_batch = next(class_batches)
+                    with torch.set_grad_enabled(train_text):
+                        class_states = encode_text(tokenizer, text_encoder, class_batch["captions"], device)
+                    prior = diffusion_loss(unet, noise_scheduler, class_latents.sample(class_batch, generator), class_states, generator, config)
+                    loss = loss + config.prior_loss_weight * prior
+            accelerator.backward(loss / config.gradient_accumulation_steps)
+            loss_sum += loss.detach().float()
+        # one reduce carries the mean loss and the main process's stop request to every process
+        stats = accelerator.reduce(torch.stack([loss_sum / config.gradient_accumulation_steps,
+                                                torch.tensor(float(stop_requested), device=device)]), reduction="mean")
+        loss_value = float(stats[0])
+        if stats[1] > 0:
+            status, message = "cancelled", f"cancelled at step {step}"
+            break
+        if not math.isfinite(loss_value):
+            status = "diverged"
+            message = (f"loss became {loss_value} at step {step + 1}; training stopped without saving. "
+                       + (f"The last good checkpoint is {checkpoint}. " if checkpoint else "No checkpoint was saved yet. ")
+                       + "Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, or check the data.")
+            logger.error(message)
+            break
+        _average_gradients(params, accelerator)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        lr = lr_scheduler.get_last_lr()[0]
+        elapsed = time.monotonic() - started
+        log_rows.append({"step": step, "epoch": plan.epoch_of(step * per_step - 1), "loss": loss_value, "lr": lr, "elapsed_s": round(elapsed, 3)})
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+        new_samples: list[Path] = []
+        saved = None
+        if is_main:
+            if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps:
+                checkpoint = saved = save_checkpoint(step)
+            if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
+                new_samples.append(write_samples(step))
+            if step % LOG_EVERY == 0 or saved:
+                write_log()
+            if progress is not None:
+                eta = elapsed / (step - first_step) * (max_steps - step)
+                report = {"step": step, "max_steps": max_steps, "epoch": log_rows[-1]["epoch"], "loss": loss_value, "lr": lr,
+                          "eta_s": eta, "elapsed_s": elapsed, "sample_paths": [str(p) for p in new_samples],
+                          "checkpoint": str(saved) if saved else None}
+                stop_requested = progress(report) is False
+            stop_requested = stop_requested or bool(cancel is not None and cancel.is_set())
+        sample_paths += new_samples
+    bar.close()
+
+    # 6. the end: weights identical on every process, then the files (main process only)
+    _check_in_sync(params, accelerator)
+    lora_path = None
+    if is_main and status != "diverged":
+        if status == "cancelled" and (checkpoint is None or checkpoint.name != f"checkpoint-{step}") and step > 0:
+            checkpoint = save_checkpoint(step)
+        if status == "completed":
+            checkpoint = save_checkpoint(step)
+            lora_path = output_dir / outputs.LORA_NAME
+            metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes)
+            if pivot is not None:
+                atomic_save(pivot.state(), output_dir / "embeddings.safetensors", {"format": "pt"})
+                metadata["embedding_file"] = "embeddings.safetensors"
+            save_lora(lora_path, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
+                      dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
+                      metadata=metadata)
+            if config.num_validation_images:
+                sample_paths.append(write_samples(step))
+            message = f"trained {step} steps; LoRA written to {lora_path}"
+    if is_main:
+        write_log()
+        logger.info("%s", message)
+    accelerator.wait_for_everyone()
+    unet.eval()
+    return TrainResult(status=status, message=message, output_dir=output_dir, global_step=step, max_steps=max_steps,
+                       lora_path=lora_path, checkpoint=checkpoint, final_loss=loss_value, sample_paths=sample_paths,
+                       log_path=output_dir / "log.csv", pipeline=pipe)
+
+
+def _targets(spec: str):
+    """``--target_modules`` -> ``inject_lora`` targets: a preset name, a regex, or comma-separated suffixes."""
+    from ..inject import TARGET_PRESETS
+
+    if spec in TARGET_PRESETS["unet"]:
+        return spec
+    if any(c in spec for c in "*()|\\[]+?^$"):
+        return spec
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def _check_in_sync(params: list[nn.Parameter], accelerator) -> None:
+    """Every process must end with the same LoRA weights; a difference is a bug worth stopping for."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    spread = accelerator.reduce(flat, reduction="max") - (-accelerator.reduce(-flat, reduction="max"))
+    if float(spread.abs().max()) != 0.0:
+        raise RuntimeError(f"LoRA weights differ across processes by up to {float(spread.abs().max()):g}")
+
+
+def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_processes: int) -> dict:
+    settings = dataclasses.asdict(config)
+    settings["seed"] = seed
+    return {
+        "base_model": config.pretrained_model_name_or_path,
+        "trigger_words": [config.token] if config.token else [],
+        "mode": config.mode,
+        "steps": step,
+        "resolution": config.resolution,
+        "prediction_type": scheduler.config.prediction_type,
+        "num_processes": num_processes,
+        "training": settings,
+    }
+
+
+def _class_examples(pipe, config: TrainConfig, accelerator, seed: int) -> list[Example]:
+    """Class images for prior preservation: those in ``class_data_dir``, the missing ones generated by the base model."""
+    folder = Path(config.class_data_dir)
+    try:
+        have = len(list_images(folder, "--class_data_dir"))
+    except DataError:
+        have = 0
+    if have < config.num_class_images and accelerator.is_main_process:
+        logger.info("generating %d class images for %r in %s", config.num_class_images - have, config.class_prompt, folder)
+        pipe.to(accelerator.device)
+        for i in range(have, config.num_class_images):
+            generator = torch.Generator().manual_seed(mix_seed(seed, 7, i))
+            with torch.no_grad():
+                image = pipe(config.class_prompt, num_inference_steps=config.validation_inference_steps,
+                             height=config.resolution, width=config.resolution, generator=generator).images[0]
+            with outputs.atomic_path(folder / f"class-{i:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
+    accelerator.wait_for_everyone()
+    found = scan_images(folder, caption_extension="", instance_prompt=config.class_prompt, strict=config.strict,
+                        what="--class_data_dir", resolution=config.resolution)[: config.num_class_images]
+    return [dataclasses.replace(e, caption=config.class_prompt) for e in found]

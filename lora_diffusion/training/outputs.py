@@ -1,0 +1,190 @@
+"""What a training run writes: checkpoints, the loss log and plot, sample grids. Every file is written atomically.
+
+A file is written to a temporary name in the same folder and renamed over the old one; a checkpoint folder is
+filled under a hidden temporary name and renamed into place. A run killed mid-save leaves the previous file or
+checkpoint intact (and at worst a hidden ``.tmp`` leftover, removed at the next start).
+
+Example:
+    >>> with atomic_path("out/log.csv") as tmp:
+    ...     tmp.write_text("step,loss\\n")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "atomic_path",
+    "OUTPUT_NAMES",
+    "LORA_NAME",
+    "list_checkpoints",
+    "find_checkpoint",
+    "write_checkpoint",
+    "prune_checkpoints",
+    "write_log",
+    "read_log",
+    "plot_loss",
+    "image_grid",
+]
+
+LORA_NAME = "pytorch_lora_weights.safetensors"
+STATE_NAME = "training_state.pt"
+CHECKPOINTS = "checkpoints"
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s")
+OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "log.csv", "loss.png")  # what marks a folder as a previous run
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders ``checkpoints/checkpoint-<step>``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def find_checkpoint(output_dir: str | os.PathLike, spec: str) -> Path:
+    """``"latest"`` -> the newest checkpoint of ``output_dir``; otherwise ``spec`` is a checkpoint folder."""
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / STATE_NAME).is_file() and (Path(output_dir) / CHECKPOINTS / spec / STATE_NAME).is_file():
+        path = Path(output_dir) / CHECKPOINTS / spec
+    if not (path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no {STATE_NAME})")
+    return path
+
+
+def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files) -> Path:
+    """Create ``checkpoints/checkpoint-<step>`` atomically; ``write_files(folder)`` fills a temporary folder."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
+    try:
+        write_files(tmp)
+        if final.exists():  # the same step saved before (e.g. a cancelled run resumed): swap, then drop the old
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``keep=0`` keeps all) and stale temporary folders."""
+    root = Path(output_dir) / CHECKPOINTS
+    for stale in root.glob(".checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, keep)
+            shutil.rmtree(old)
+
+
+def save_state(folder: Path, state: dict) -> None:
+    torch.save(state, folder / STATE_NAME)
+
+
+def load_state(folder: Path) -> dict:
+    return torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- log, plot
+def write_log(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with ``LOG_FIELDS``) as CSV, atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``log.csv`` (numbers parsed); empty if the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in row.items() if k in LOG_FIELDS} for row in rows]
+
+
+def plot_loss(path: str | os.PathLike, rows: list[dict], size: tuple[int, int] = (640, 360)) -> None:
+    """Draw loss per step (light) and its running mean (dark) into a PNG, atomically; no matplotlib needed."""
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    margin = 40
+    points = [(r["step"], r["loss"]) for r in rows if r["loss"] == r["loss"] and abs(r["loss"]) != float("inf")]
+    draw.rectangle([margin, 10, width - 10, height - margin], outline=(160, 160, 160))
+    if points:
+        steps, losses = zip(*points)
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-8
+        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+
+        def xy(step: float, loss: float) -> tuple[float, float]:
+            return (margin + (step - s0) / (s1 - s0) * (width - 10 - margin),
+                    height - margin - (loss - lo) / (hi - lo) * (height - margin - 10))
+
+        draw.line([xy(s, v) for s, v in points], fill=(150, 180, 230), width=1)
+        window = max(1, len(points) // 20)
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+        draw.text((margin, height - margin + 8), f"step {s0}", fill="black")
+        draw.text((width - 90, height - margin + 8), f"step {s1}", fill="black")
+        draw.text((2, 10), f"{hi:.3g}", fill="black")
+        draw.text((2, height - margin - 12), f"{lo:.3g}", fill="black")
+    draw.text((width // 2 - 20, height - 18), "loss", fill="black")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile equally sized images in rows of ``columns`` (default: about square)."""
+    columns = columns or max(1, round(len(images) ** 0.5 + 0.49))
+    rows = -(-len(images) // columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid

@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end and print one valid JSON line per figure (CI smoke runs).
+
+``bench/cpu.py --quick`` takes ~30 s on an idle 2-core machine (1 iteration of every figure); the GPU script's
+``--tiny`` mode runs its code paths on CPU with tiny shapes. Timings are not checked here: that is what the
+scripts are for (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = {"device", "dtype", "torch", "diffusers", "peft", "threads"}
+
+
+def _run(*args: str) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # every line is JSON
+    assert lines, proc.stderr[-3000:]
+    errors = [line for line in lines if "error" in line]
+    assert not errors, errors
+    for line in lines:
+        assert LABELS <= set(line), line
+        assert line["ref"] in {"peft", "base", "floor", "ours_eager"}, line
+        ours = line.get("ours_ms", line.get("ours_bytes", line.get("ours_mb")))
+        ref = line.get("ref_ms", line.get("ref_bytes", line.get("ref_mb")))
+        if ours is not None and ref:
+            assert abs(line["ratio"] - ours / ref) <= 1e-3 * max(1.0, line["ratio"]), line
+    return lines
+
+
+def test_cpu_bench_quick():
+    lines = _run("bench/cpu.py", "--quick", "--threads", "1")
+    figures = {(line["bench"], line["case"], line["ref"]) for line in lines}
+    for k in (1, 4, 8):
+        assert ("infer_unfused", f"{k} adapters", "peft") in figures
+        assert ("infer_unfused", f"{k} adapters", "base") in figures
+    benches = {line["bench"] for line in lines}
+    assert {"train_step", "fuse", "unfuse", "reweight_fused", "infer_fused", "load", "file_size"} <= benches
+    # the same weights give the same outputs in both libraries (fp32 on CPU)
+    for line in lines:
+        if "max_abs_diff" in line and line["max_abs_diff"] is not None:
+            assert line["max_abs_diff"] < 1e-4, line
+    train = next(line for line in lines if line["bench"] == "train_step")
+    assert train["loss_abs_diff_last_step"] < 1e-5, train
+
+
+def test_gpu_bench_tiny_on_cpu():
+    lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1")
+    benches = {line["bench"] for line in lines}
+    assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused"} <= benches
+    floor = next(line for line in lines if line["bench"] == "train_floor")
+    assert floor["tflop"] and floor["tflop"] > 0, floor

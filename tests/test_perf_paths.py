@@ -1,0 +1,148 @@
+"""The fast paths of ``LoraLayer.forward`` compute what the plain definitions compute.
+
+* the cached concatenated multi-adapter matmul equals the per-adapter sum, and its cache notices every way the
+  factors or weights can change (in-place updates, replaced parameters, weight edits);
+* the single-adapter path (the training path) is PEFT's op order, bit for bit, forward and backward, with and
+  without dropout, and casts like PEFT when the adapter dtype differs from the base dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_diffusion.layers import LoraConv2d, LoraLinear
+
+
+def _randomise(layer, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for store in (layer.lora_A, layer.lora_B):
+            for p in store.values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _layer(kind: str, n: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer, x = LoraLinear(nn.Linear(16, 12)), torch.randn(3, 5, 16)
+    else:
+        layer, x = LoraConv2d(nn.Conv2d(6, 8, 3, padding=1)), torch.randn(2, 6, 7, 7)
+    for i in range(n):
+        layer.add_adapter(f"a{i}", rank=i + 1, alpha=2.0 * (i + 1) + 1)
+    _randomise(layer, seed)
+    return layer, x
+
+
+def _per_adapter_sum(layer, x, weights: dict[str, float]) -> torch.Tensor:
+    """The definition: base(x) + sum_i w_i * alpha_i / r_i * B_i(A_i(x)), one adapter at a time."""
+    out = layer.base_layer(x)
+    for n, w in weights.items():
+        out = out + layer._low_rank(x, layer.lora_A[n], layer.lora_B[n]) * (w * layer.specs[n].scale)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_concatenated_path_equals_per_adapter_loop(kind):
+    layer, x = _layer(kind)
+    weights = {"a0": 0.7, "a1": -1.2, "a3": 0.4}
+    layer.set_weights(weights)
+    with torch.no_grad():
+        fast, again = layer(x), layer(x)  # the second call is served from the cache
+    expect = _per_adapter_sum(layer, x, weights).detach()
+    assert not torch.equal(expect, layer.base_layer(x))
+    torch.testing.assert_close(fast, expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast, again)
+    assert layer._cache is not None
+
+
+@pytest.mark.parametrize("change", ["in_place", "replaced_parameter", "weight_edit", "alpha_edit"])
+def test_cache_sees_every_change(change):
+    layer, x = _layer("linear")
+    weights = {"a0": 1.0, "a2": 0.5}
+    layer.set_weights(weights)
+    with torch.no_grad():
+        before = layer(x)
+    if change == "in_place":  # what an optimizer step or load_state_dict does
+        with torch.no_grad():
+            layer.lora_B["a2"].mul_(3.0)
+    elif change == "replaced_parameter":
+        layer.lora_A["a0"] = nn.Parameter(torch.randn_like(layer.lora_A["a0"]))
+    elif change == "weight_edit":
+        layer.weights["a2"] = -2.0
+        weights = {"a0": 1.0, "a2": -2.0}
+    else:
+        layer.specs["a0"].alpha = 7.0
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, _per_adapter_sum(layer, x, weights).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_concatenated_path_trains_every_adapter():
+    layer, x = _layer("linear", n=3)
+    layer.set_weights({"a0": 1.0, "a1": 0.5, "a2": 2.0})
+    layer(x).square().sum().backward()
+    grads = {n: layer.lora_B[n].grad for n in ("a0", "a1", "a2")}
+    ref = copy.deepcopy(layer)
+    for p in ref.parameters():
+        p.grad = None
+    _per_adapter_sum(ref, x, {"a0": 1.0, "a1": 0.5, "a2": 2.0}).square().sum().backward()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref.lora_B[n].grad, rtol=1e-4, atol=1e-5)
+
+
+def _peft_twin(ours: LoraLinear, dropout: float):
+    peft = pytest.importorskip("peft")
+
+    class Holder(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.proj = base
+
+    model = Holder(copy.deepcopy(ours.base_layer))
+    config = peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=dropout, target_modules=["proj"])
+    model = peft.inject_adapter_in_model(config, model, adapter_name="s")
+    with torch.no_grad():
+        model.proj.lora_A["s"].weight.copy_(ours.lora_A["s"])
+        model.proj.lora_B["s"].weight.copy_(ours.lora_B["s"])
+    return model.proj
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_single_adapter_is_peft_bit_for_bit(dropout):
+    torch.manual_seed(0)
+    ours = LoraLinear(nn.Linear(16, 12))
+    ours.add_adapter("s", rank=4, alpha=6, dropout=dropout)
+    _randomise(ours)
+    theirs = _peft_twin(ours, dropout)
+    ours.train(), theirs.train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    y = ours(x)
+    torch.manual_seed(1)
+    y2 = theirs(x2)
+    assert torch.equal(y, y2)
+    g = torch.randn_like(y)
+    y.backward(g), y2.backward(g)
+    assert torch.equal(x.grad, x2.grad)
+    assert torch.equal(ours.lora_A["s"].grad, theirs.lora_A["s"].weight.grad)
+    assert torch.equal(ours.lora_B["s"].grad, theirs.lora_B["s"].weight.grad)
+
+
+def test_single_adapter_casts_between_adapter_and_base_dtype():
+    torch.manual_seed(0)
+    ours = LoraLinear(nn.Linear(16, 12).to(torch.bfloat16))
+    ours.add_adapter("s", rank=4, alpha=8)  # fp32 factors on a bf16 base, as in mixed-precision training
+    _randomise(ours)
+    assert ours.lora_A["s"].dtype == torch.float32
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = ours(x)
+    a, b = ours.lora_A["s"], ours.lora_B["s"]
+    expect = ours.base_layer(x) + ((x.float() @ a.T @ b.T) * 2.0).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expect)

@@ -1,0 +1,402 @@
+"""Training invariants on a tiny offline pipeline: it learns, only LoRA changes, resume is exact, multi-process
+runs stay in sync, v-prediction targets, bad input fails early and clearly, files are written atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_diffusion.formats import our_metadata, read_lora_file, read_safetensors
+from lora_diffusion.testing import tiny_pipeline
+from lora_diffusion.training import ConfigError, DataError, TrainConfig, train
+from lora_diffusion.training import loop as loop_module
+from lora_diffusion.training import outputs
+from lora_diffusion.training.loop import diffusion_target, load_pipeline
+
+RED = (220, 30, 30)
+PROMPT = "an image in the style of <s>"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    tiny_pipeline(0).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base_v(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("base_v") / "tiny_v"
+    tiny_pipeline(0, v_prediction=True).save_pretrained(path)
+    return str(path)
+
+
+def flat_images(folder: Path, n: int = 4, colour=RED, size=(32, 32)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, colour).save(folder / f"{i}.png")
+    return folder
+
+
+def config(base: str, tmp_path: Path, **overrides) -> TrainConfig:
+    data = tmp_path / "data"
+    if not data.exists() and "train_data_dir" not in overrides:
+        flat_images(data)
+    values = dict(pretrained_model_name_or_path=base, train_data_dir=str(data), output_dir=str(tmp_path / "out"),
+                  resolution=32, max_train_steps=4, seed=0, token="<s>", num_validation_images=0, checkpointing_steps=0)
+    return TrainConfig(**{**values, **overrides})
+
+
+def denoising_loss(pipe, n: int = 8) -> float:
+    """Loss of the pipeline's UNet on red images at fixed noise and timesteps (the training objective, measured)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    g = torch.Generator().manual_seed(123)
+    pixels = (torch.tensor(RED, dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1).expand(n, 3, 32, 32)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
+        ids = pipe.tokenizer([PROMPT] * n, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, pipe.text_encoder(ids)[0]).sample
+    return torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, latents, noise, t)).item()
+
+
+def generated_distance(pipe) -> float:
+    """Mean squared distance of generated latents (fixed seed) to the latent of the training colour."""
+    pixels = (torch.tensor(RED, dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    with torch.no_grad():
+        target = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        out = pipe(PROMPT, num_inference_steps=4, height=32, width=32, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    return (out - target).pow(2).mean().item()
+
+
+def lora_tensors(path) -> dict[str, torch.Tensor]:
+    return read_safetensors(path)[0]
+
+
+# ---------------------------------------------------------------------------------------------- it learns
+@pytest.mark.parametrize("v_prediction", [False, True], ids=["epsilon", "v_prediction"])
+def test_training_moves_the_model_toward_the_training_images(base, base_v, tmp_path, v_prediction):
+    path = base_v if v_prediction else base
+    before = load_pipeline(path)
+    loss0, dist0 = denoising_loss(before), generated_distance(before)
+    result = train(config(path, tmp_path, max_train_steps=15, learning_rate=1e-2, train_batch_size=2,
+                          target_modules="full", max_grad_norm=0.0))
+    assert result.status == "completed" and result.global_step == 15
+    loss1, dist1 = denoising_loss(result.pipeline), generated_distance(result.pipeline)
+    assert loss1 < 0.6 * loss0, (loss0, loss1)  # measured: 1.09 -> 0.48 (epsilon), 0.56 -> 0.27 (v)
+    assert dist1 < 0.7 * dist0, (dist0, dist1)  # measured: 20.9 -> 9.2 (epsilon), 0.79 -> 0.26 (v)
+
+
+def test_target_follows_the_scheduler_prediction_type():
+    from diffusers import DDPMScheduler
+
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    v = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.equal(diffusion_target(eps, latents, noise, t), noise)
+    expected = v.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1) * noise - (1 - v.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1) * latents
+    torch.testing.assert_close(diffusion_target(v, latents, noise, t), expected)
+    assert torch.equal(diffusion_target(DDPMScheduler(prediction_type="sample"), latents, noise, t), latents)
+
+
+# ---------------------------------------------------------------------------------------------- only LoRA changes
+def _base_state(model) -> dict[str, torch.Tensor]:
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+def test_only_lora_parameters_change_and_the_file_loads_in_diffusers(base, tmp_path):
+    result = train(config(base, tmp_path, train_text_encoder=True, learning_rate=1e-2, max_train_steps=3,
+                          save_precision="fp32"))
+    fresh = load_pipeline(base)
+    for name in ("unet", "vae", "text_encoder"):
+        trained, original = _base_state(getattr(result.pipeline, name)), getattr(fresh, name).state_dict()
+        assert trained.keys() == original.keys(), name
+        for key, value in original.items():
+            assert torch.equal(trained[key], value), f"{name}.{key} changed"
+    lora, header = read_lora_file(result.lora_path)
+    assert any(k.startswith("text_encoder.") for k in lora) and any(k.startswith("unet.") for k in lora)
+    assert any(w.B.abs().max() > 0 for w in lora.values()), "LoRA B stayed zero: nothing was trained"
+    meta = our_metadata(header)
+    assert meta["trigger_words"] == ["<s>"] and meta["base_model"] == base and meta["steps"] == 3
+    assert meta["training"]["rank"] == 4 and meta["training"]["train_text_encoder"] is True
+
+    # stock diffusers reads the output folder and gives what our in-memory adapter gives
+    ours = result.pipeline
+    ours.unet.eval()
+    stock = load_pipeline(base)
+    stock.load_lora_weights(str(result.output_dir), weight_name=outputs.LORA_NAME)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="latent")
+    a = ours(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = stock(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, tmp_path):
+    hard = dict(max_train_steps=6, learning_rate=5e-3, lr_scheduler="cosine", lr_warmup_steps=2, random_flip=True,
+                lora_dropout=0.1, gradient_accumulation_steps=2, train_batch_size=2, noise_offset=0.05,
+                train_text_encoder=True, save_precision="fp32", checkpointing_steps=3, snr_gamma=5.0)
+    straight = train(config(base, tmp_path / "a", **hard))
+    flat_images(tmp_path / "b" / "data")
+    cancel_at_3 = train(config(base, tmp_path / "b", **hard), progress=lambda p: p["step"] < 3)
+    assert cancel_at_3.status == "cancelled" and cancel_at_3.global_step == 3
+    assert not (tmp_path / "b" / "out" / outputs.LORA_NAME).exists()
+    resumed = train(config(base, tmp_path / "b", resume_from_checkpoint="latest", **hard))
+    assert resumed.status == "completed" and resumed.global_step == 6
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-identical: every random draw is keyed by (seed, step)
+    assert [r["step"] for r in outputs.read_log(tmp_path / "b" / "out" / "log.csv")] == list(range(1, 7))
+
+
+def test_checkpoints_total_limit_and_cancel_event(base, tmp_path):
+    import threading
+
+    stop = threading.Event()
+    result = train(config(base, tmp_path, max_train_steps=20, checkpointing_steps=1, checkpoints_total_limit=2),
+                   progress=lambda p: stop.set() if p["step"] == 5 else None, cancel=stop)
+    assert result.status == "cancelled" and result.global_step == 5
+    assert [p.name for p in outputs.list_checkpoints(tmp_path / "out")] == ["checkpoint-4", "checkpoint-5"]
+    assert result.checkpoint.name == "checkpoint-5"
+    from lora_diffusion import load_lora
+
+    assert load_lora(tiny_pipeline(0), result.checkpoint) == "checkpoint-5"  # the checkpoint's LoRA is usable
+
+
+# ---------------------------------------------------------------------------------------------- multi-process
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from accelerate import PartialState
+    from lora_diffusion.inject import lora_parameters
+    from lora_diffusion.training import TrainConfig, train
+
+    base, data, out, report = sys.argv[1:5]
+    writes = []
+
+    def audit(event, args):
+        if event in ("open", "os.rename", "os.replace", "os.mkdir", "os.remove", "os.unlink", "shutil.rmtree"):
+            path = str(args[0]) if args and isinstance(args[0], (str, bytes, os.PathLike)) else ""
+            mode = args[1] if event == "open" and len(args) > 1 else None
+            flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else 0
+            writing = event != "open" or (mode and any(c in mode for c in "wax+")) or (mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            if writing and os.path.abspath(path).startswith(os.path.abspath(out)):
+                writes.append(f"{event} {path}")
+
+    sys.addaudithook(audit)
+    config = TrainConfig(pretrained_model_name_or_path=base, train_data_dir=data, output_dir=out, resolution=32,
+                         max_train_steps=3, seed=0, checkpointing_steps=2, learning_rate=1e-2, train_text_encoder=True,
+                         num_validation_images=1, validation_steps=2, validation_inference_steps=1)
+    result = train(config)
+    rank = PartialState().process_index
+    flat = torch.cat([p.detach().reshape(-1) for p in lora_parameters(result.pipeline.unet) + lora_parameters(result.pipeline.text_encoder)])
+    torch.save(flat, os.path.join(report, f"weights{rank}.pt"))
+    with open(os.path.join(report, f"writes{rank}.json"), "w") as f:
+        json.dump({"writes": writes, "status": result.status}, f)
+    """
+)
+
+
+def test_accelerate_launch_two_processes(base, tmp_path):
+    data = flat_images(tmp_path / "data", n=5)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    report = tmp_path / "report"
+    report.mkdir()
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    # on a CPU-only machine `--multi_gpu` makes accelerate spawn the processes (torchrun); train() then uses gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(worker), base, str(data), str(out), str(report)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = torch.load(report / "weights0.pt"), torch.load(report / "weights1.pt")
+    assert w0.abs().sum() > 0 and torch.equal(w0, w1), "ranks ended with different LoRA weights"
+    r0, r1 = (json.loads((report / f"writes{r}.json").read_text()) for r in (0, 1))
+    assert r0["status"] == r1["status"] == "completed"
+    assert r1["writes"] == [], f"rank 1 wrote files: {r1['writes'][:5]}"
+    assert r0["writes"], "the audit hook saw no writes at all on rank 0"
+    meta = our_metadata(read_lora_file(out / outputs.LORA_NAME)[1])
+    assert meta["num_processes"] == 2
+    assert (out / "samples" / "step-000002.png").is_file() and (out / "checkpoints" / "checkpoint-2").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model is loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(loop_module, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "only_text", "all_broken"])
+def test_bad_data_folder_fails_before_any_model_is_loaded(base, tmp_path, no_model, case):
+    data = tmp_path / "data"
+    if case != "missing":
+        data.mkdir()
+    if case == "only_text":
+        (data / "a.txt").write_text("a caption")
+    if case == "all_broken":
+        (data / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=str(data)):
+        train(config(base, tmp_path, train_data_dir=str(data)))
+
+
+def test_settings_that_cannot_work_fail_before_any_model_is_loaded(base, tmp_path, no_model):
+    with pytest.raises(ConfigError, match="no such file"):
+        train(config("./no/such/model", tmp_path))
+    with pytest.raises(ConfigError, match="class_prompt"):
+        train(config(base, tmp_path, with_prior_preservation=True, class_data_dir=str(tmp_path / "c")))
+    with pytest.raises(ConfigError, match="lr_scheduler"):
+        train(config(base, tmp_path, lr_scheduler="sometimes"))
+    flat_images(tmp_path / "data")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "log.csv").write_text("step\n")
+    with pytest.raises(ConfigError, match="previous run"):
+        train(config(base, tmp_path))
+
+
+def test_bad_images_are_skipped_with_a_warning_or_refused_when_strict(base, tmp_path, caplog):
+    data = flat_images(tmp_path / "data", n=2)
+    good = (data / "0.png").read_bytes()
+    (data / "truncated.png").write_bytes(good[: len(good) // 2])
+    (data / "garbage.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with caplog.at_level(logging.WARNING):
+        result = train(config(base, tmp_path, max_train_steps=1))
+    assert result.status == "completed"
+    assert "truncated.png" in caplog.text and "garbage.jpg" in caplog.text
+    with pytest.raises(DataError, match="truncated.png|garbage.jpg"):
+        train(config(base, tmp_path, strict=True, overwrite=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monkeypatch):
+    real = loop_module.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(loop_module, "diffusion_loss", poisoned)
+    result = train(config(base, tmp_path, max_train_steps=6, checkpointing_steps=2))
+    assert result.status == "diverged" and result.global_step == 3
+    assert "nan" in result.message and "checkpoint-2" in result.message
+    assert [p.name for p in outputs.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+    assert not (tmp_path / "out" / outputs.LORA_NAME).exists()
+    assert all(torch.isfinite(t).all() for t in lora_tensors(result.checkpoint / outputs.LORA_NAME).values())
+
+
+def test_output_folder_is_not_overwritten_unless_asked(base, tmp_path):
+    first = train(config(base, tmp_path, max_train_steps=1))
+    before = (first.lora_path).read_bytes()
+    with pytest.raises(ConfigError, match="previous run"):
+        train(config(base, tmp_path, max_train_steps=1, learning_rate=1e-2))
+    assert first.lora_path.read_bytes() == before
+    again = train(config(base, tmp_path, max_train_steps=2, overwrite=True))
+    assert again.global_step == 2 and [p.name for p in outputs.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_files_intact(base, tmp_path, monkeypatch):
+    result = train(config(base, tmp_path, max_train_steps=2, checkpointing_steps=1))
+    ckpt = result.checkpoint
+    snapshot = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def killed(folder, state):
+        (folder / outputs.STATE_NAME).write_bytes(b"half a file")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(outputs, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.write_checkpoint(tmp_path / "out", 2, lambda folder: outputs.save_state(folder, {}))
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == snapshot
+    assert not [p for p in (tmp_path / "out" / "checkpoints").iterdir() if p.name.startswith(".")]
+    log = (tmp_path / "out" / "log.csv").read_text()
+    with pytest.raises(RuntimeError):
+        with outputs.atomic_path(tmp_path / "out" / "log.csv") as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed")
+    assert (tmp_path / "out" / "log.csv").read_text() == log
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
+
+
+# ---------------------------------------------------------------------------------------------- features
+def test_prior_preservation_generates_missing_class_images(base, tmp_path):
+    class_dir = tmp_path / "class"
+    flat_images(class_dir, n=1, colour=(30, 30, 220))
+    result = train(config(base, tmp_path, mode="subject", token="sks", with_prior_preservation=True, class_prompt="a photo of a dog",
+                          class_data_dir=str(class_dir), num_class_images=3, validation_inference_steps=1, max_train_steps=2))
+    assert result.status == "completed"
+    assert sorted(p.name for p in class_dir.iterdir()) == ["0.png", "class-00001.png", "class-00002.png"]
+
+
+def test_buckets_cache_latents_pivotal_tuning_and_samples(base, tmp_path):
+    data = tmp_path / "data"
+    flat_images(data, n=2, size=(64, 32))
+    flat_images(data / "tall", n=2, size=(24, 48))
+    progress = []
+    result = train(config(base, tmp_path, enable_bucket=True, cache_latents=True, pivotal_tuning=True, token="<new-word>",
+                          train_batch_size=2, max_train_steps=3, learning_rate=1e-2, num_validation_images=2,
+                          validation_steps=2, validation_inference_steps=1), progress=progress.append)
+    assert result.status == "completed"
+    assert [p["step"] for p in progress] == [1, 2, 3] and progress[1]["sample_paths"]
+    assert {"loss", "lr", "eta_s", "max_steps"} <= progress[0].keys()
+    assert [p.name for p in result.sample_paths] == ["step-000002.png", "step-000003.png"]
+    assert Image.open(result.sample_paths[0]).size == (64, 32)  # a 2x1 grid of 32px images
+    out = tmp_path / "out"
+    assert (out / "loss.png").is_file() and (out / "log.csv").read_text().startswith("step,epoch,loss,lr")
+    embedding = read_safetensors(out / "embeddings.safetensors")[0]
+    assert list(embedding) == ["<new-word>"]
+    stock = load_pipeline(base)
+    stock.load_textual_inversion(str(out / "embeddings.safetensors"))
+    assert "<new-word>" in stock.tokenizer.get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------- GPU-path flags on CPU
+def test_gradient_checkpointing_gives_the_same_weights(base, tmp_path):
+    common = dict(max_train_steps=2, learning_rate=1e-2, train_text_encoder=True, save_precision="fp32")
+    plain = train(config(base, tmp_path / "a", **common))
+    flat_images(tmp_path / "b" / "data")
+    ckpt = train(config(base, tmp_path / "b", gradient_checkpointing=True, **common))
+    assert ckpt.pipeline.unet.is_gradient_checkpointing and not plain.pipeline.unet.is_gradient_checkpointing
+    a, b = lora_tensors(plain.lora_path), lora_tensors(ckpt.lora_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_cli_with_config_file_bf16_and_flags(base, tmp_path, capsys):
+    from lora_diffusion.training.cli import main
+
+    data = flat_images(tmp_path / "data")
+    toml = tmp_path / "style.toml"
+    toml.write_text(f'pretrained_model_name_or_path = "{base}"\ntrain_data_dir = "{data}"\nresolution = 32\n'
+                    f'max_train_steps = 2\nnum_validation_images = 0\ntoken = "<s>"\nrank = 8\n')
+    out = tmp_path / "out"
+    code = main(["--config", str(toml), "--output_dir", str(out), "--mixed_precision", "bf16", "--rank", "2", "--seed", "1"])
+    assert code == 0, capsys.readouterr().err
+    lora, header = read_lora_file(out / outputs.LORA_NAME)
+    assert {w.rank for w in lora.values()} == {2}  # the flag beat the file
+    assert next(iter(read_safetensors(out / outputs.LORA_NAME)[0].values())).dtype == torch.float16
+    training = our_metadata(header)["training"]
+    assert training["mixed_precision"] == "bf16" and training["seed"] == 1 and training["resolution"] == 32
+    assert (out / "log.csv").is_file() and (out / "loss.png").is_file()
+    assert main(["--config", str(toml), "--output_dir", str(out)]) == 2  # a previous run is there
+    assert "previous run" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""Training data and settings without a model: image repair, captions, buckets, batch order, config files, flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_diffusion.training import ConfigError, DataError, TrainConfig, load_config
+from lora_diffusion.training.cli import build_parser, main
+from lora_diffusion.training.config import add_config_arguments, config_from_args
+from lora_diffusion.training.data import BatchPlan, ImageDataset, StepBatchSampler, compose_caption, make_buckets, scan_images
+
+ISSUE_FLAGS = """--pretrained_model_name_or_path --train_data_dir --output_dir --caption_extension --mode --token
+--instance_prompt --class_prompt --with_prior_preservation --class_data_dir --num_class_images --prior_loss_weight --rank
+--lora_alpha --lora_dropout --target_modules --train_text_encoder --learning_rate --text_encoder_lr --lr_scheduler
+--lr_warmup_steps --max_train_steps --num_train_epochs --train_batch_size --gradient_accumulation_steps --resolution
+--center_crop --random_flip --enable_bucket --mixed_precision --gradient_checkpointing --use_8bit_adam --snr_gamma
+--noise_offset --cache_latents --checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint
+--validation_prompt --validation_steps --num_validation_images --seed --config --strict --overwrite""".split()
+
+
+# ---------------------------------------------------------------------------------------------- images
+def test_every_image_mode_and_size_becomes_an_rgb_tensor_of_the_training_size(tmp_path):
+    red = (200, 20, 20)
+    images = {
+        "cmyk.jpg": Image.new("CMYK", (40, 40), (0, 230, 230, 55)),
+        "gray.png": Image.new("L", (40, 40), 128),
+        "gray16.png": Image.new("I;16", (40, 40), 30000),
+        "alpha.png": Image.new("RGBA", (40, 40), (*red, 0)),  # fully transparent: white
+        "palette.gif": Image.new("RGB", (40, 40), red).convert("P"),
+        "tiny.png": Image.new("RGB", (3, 2), red),
+        "huge.jpg": Image.new("RGB", (3000, 1000), red),
+    }
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    examples = scan_images(tmp_path, resolution=32)
+    assert sorted(e.path.name for e in examples) == sorted(images)
+    dataset = ImageDataset(examples, resolution=32)
+    by_name = {e.path.name: dataset[(i, 0)]["pixel_values"] for i, e in enumerate(examples)}
+    for name, pixels in by_name.items():
+        assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32, name
+        assert pixels.min() >= -1 and pixels.max() <= 1, name
+    assert torch.allclose(by_name["alpha.png"], torch.ones(3, 32, 32))
+    assert (by_name["gray.png"][0] == by_name["gray.png"][1]).all()
+    for name in ("tiny.png", "huge.jpg", "palette.gif"):
+        assert by_name[name][0].mean() > 0.4 and by_name[name][1].mean() < -0.6, name  # still red
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert scan_images(tmp_path, resolution=32)[0].size == (20, 40)
+
+
+# ---------------------------------------------------------------------------------------------- captions
+def test_captions_sidecar_then_metadata_then_instance_prompt_with_the_token(tmp_path):
+    for name in ("a.png", "b.png", "c.png", "sub/d.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("a red house\n")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "a blue car"}) + "\n"
+                                             + json.dumps({"file_name": "sub/d.png", "text": "<tok> already here"}) + "\n")
+    found = {e.path.name: e.caption for e in scan_images(tmp_path, token="<tok>", instance_prompt="a painting", resolution=8)}
+    assert found == {
+        "a.png": "a red house, in the style of <tok>",
+        "b.png": "a blue car, in the style of <tok>",
+        "c.png": "a painting, in the style of <tok>",  # no caption: the instance prompt
+        "d.png": "<tok> already here",
+    }
+    subject = {e.path.name: e.caption for e in scan_images(tmp_path, mode="subject", token="sks", resolution=8)}
+    assert subject["a.png"] == "sks, a red house" and subject["c.png"] == "a photo of sks"
+    assert compose_caption(None, mode="style", token="") == ""
+
+
+def test_a_broken_metadata_line_is_named(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl:1"):
+        scan_images(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- buckets, order
+def test_buckets_keep_the_area_and_fit_the_aspect_ratio(tmp_path):
+    buckets = make_buckets(512)
+    assert (512, 512) in buckets
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and max(w / h, h / w) <= 2.5 for w, h in buckets)
+    Image.new("RGB", (1200, 600)).save(tmp_path / "wide.png")
+    Image.new("RGB", (500, 800)).save(tmp_path / "tall.png")
+    dataset = ImageDataset(scan_images(tmp_path, resolution=512), resolution=512, enable_bucket=True)
+    sizes = {e.path.name: dataset[(i, 0)]["pixel_values"].shape for i, e in enumerate(dataset.examples)}
+    assert sizes["wide.png"][2] > sizes["wide.png"][1] and sizes["tall.png"][1] > sizes["tall.png"][2]
+    for name, ratio in (("wide.png", 2.0), ("tall.png", 500 / 800)):
+        _, h, w = sizes[name]
+        assert abs(math.log(w / h / ratio)) < math.log(1.15), (name, w, h)  # aspect kept within 15%
+        assert 0.75 * 512 * 512 <= w * h <= 512 * 512, (name, w, h)  # about the training area
+
+
+def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
+    buckets = [(32, 32)] * 5 + [(48, 16)] * 3
+    plan = BatchPlan(buckets, batch_size=2, seed=7)
+    assert plan.batches_per_epoch == 3 + 2
+    epoch0 = [plan.batch(g) for g in range(plan.batches_per_epoch)]
+    assert sorted(i for b in epoch0 for i, _ in b) == list(range(8))
+    assert all(len({buckets[i] for i, _ in b}) == 1 for b in epoch0)  # one bucket per batch
+    assert [BatchPlan(buckets, 2, 7).batch(g) for g in range(12)] == [plan.batch(g) for g in range(12)]
+    assert [BatchPlan(buckets, 2, 8).batch(g) for g in range(5)] != epoch0
+    # processes take interleaved batches; a sampler started at step s yields what the full one yields from s
+    full = list(StepBatchSampler(plan, start=0, stop=6, accumulation=2, num_processes=2, rank=1))
+    late = list(StepBatchSampler(plan, start=4, stop=6, accumulation=2, num_processes=2, rank=1))
+    assert late == full[8:]
+    rank0 = list(StepBatchSampler(plan, start=0, stop=6, accumulation=2, num_processes=2, rank=0))
+    assert rank0[0] == plan.batch(0) and full[0] == plan.batch(1)
+
+
+# ---------------------------------------------------------------------------------------------- config, flags
+def test_config_files_and_flags_share_names_and_flags_win(tmp_path):
+    (tmp_path / "c.toml").write_text('rank = 8\nlearning-rate = 3e-4\ntrain_text_encoder = true\nmode = "subject"\ntoken = "sks"\n')
+    (tmp_path / "c.yaml").write_text("rank: 8\nlearning_rate: 3e-4\ntrain_text_encoder: true\nmode: subject\ntoken: sks\n")
+    for name in ("c.toml", "c.yaml"):
+        config = load_config(tmp_path / name)
+        assert (config.rank, config.learning_rate, config.train_text_encoder, config.mode) == (8, 3e-4, True, "subject")
+        parser = build_parser()
+        args = parser.parse_args(["--config", str(tmp_path / name), "--rank", "16", "--no-train_text_encoder"])
+        config = config_from_args(args)
+        assert (config.rank, config.learning_rate, config.train_text_encoder) == (16, 3e-4, False)
+    (tmp_path / "bad.toml").write_text("rnak = 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'rank'"):
+        load_config(tmp_path / "bad.toml")
+    (tmp_path / "bad.yaml").write_text("rank: four\n")
+    with pytest.raises(ConfigError, match="rank must be int"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_help_documents_every_flag_of_the_issue(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ISSUE_FLAGS:
+        assert re.search(rf"^\s+{re.escape(flag)}\b", text, re.M), f"{flag} is not documented in --help"
+
+
+def test_every_setting_is_used_by_the_training_code():
+    """A flag that does nothing is a defect: every field must be read as `config.<name>` in the loop or data code."""
+    root = Path(__file__).resolve().parents[1] / "lora_diffusion" / "training"
+    source = (root / "loop.py").read_text()
+    via_property = {"lora_alpha": "config.alpha", "text_encoder_lr": "config.te_lr"}
+    for f in dataclasses.fields(TrainConfig):
+        use = via_property.get(f.name, f"config.{f.name}")
+        assert re.search(rf"{re.escape(use)}\b", source), f"--{f.name} is never read by the training loop"
+    config_source = (root / "config.py").read_text()
+    assert "self.lora_alpha or self.rank" in config_source and "self.text_encoder_lr or self.learning_rate" in config_source
+
+
+def test_lora_diffusion_train_is_registered():
+    from lora_diffusion.cli import build_parser as top_parser
+
+    args = top_parser().parse_args(["train", "--train_data_dir", "x", "--rank", "2"])
+    assert args.command == "train" and args.rank == 2 and args.func.__module__ == "lora_diffusion.training.cli"
+
+
+def test_cli_reports_bad_data_with_exit_status_2(tmp_path, capsys):
+    code = main(["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", str(tmp_path / "nothing")])
+    assert code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_invalid_settings_are_named():
+    base = dict(pretrained_model_name_or_path="m", train_data_dir="d")
+    for bad, pattern in [({"rank": 0}, "--rank"), ({"mode": "both"}, "--mode"), ({"lora_dropout": 1.0}, "--lora_dropout"),
+                         ({"pivotal_tuning": True}, "--pivotal_tuning needs --token"), ({"caption_extension": "txt"}, "dot"),
+                         ({"mode": "subject"}, "--token or --instance_prompt"), ({"mixed_precision": "fp8"}, "--mixed_precision")]:
+        with pytest.raises(ConfigError, match=re.escape(pattern)):
+            TrainConfig(**base, **bad).validate()
