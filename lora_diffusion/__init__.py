@@ -9,6 +9,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from .blend import apply_prompt_loras, merge_loras, parse_prompt
 from .formats import LoraFormatError, read_lora_file, write_lora_file
 from .inject import TARGET_PRESETS, inject_lora, remove_lora
 from .layers import LoraConv2d, LoraLayer, LoraLinear
@@ -44,4 +45,7 @@ __all__ = [
     "LoraFormatError",
     "read_lora_file",
     "write_lora_file",
+    "merge_loras",
+    "parse_prompt",
+    "apply_prompt_loras",
 ]

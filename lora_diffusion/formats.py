@@ -44,6 +44,11 @@ __all__ = [
     "write_lora_file",
     "READERS",
     "WRITERS",
+    "guess_architecture",
+    "lycoris_types",
+    "to_kohya",
+    "from_kohya",
+    "from_cloneofsimo",
 ]
 
 FORMAT_VERSION = 1
@@ -87,12 +92,13 @@ def _most_common(values: dict[str, float]) -> float:
     return Counter(values.values()).most_common(1)[0][0]
 
 
-def to_diffusers(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def to_diffusers(lora: Lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical -> (state dict, safetensors header) that stock ``pipe.load_lora_weights`` reads.
 
     Keys ``unet.<path>.lora_A.weight`` / ``lora_B.weight``; rank and alpha go to the header's
     ``lora_adapter_metadata`` as PEFT ``LoraConfig`` fields per component (``unet.r``, ``unet.lora_alpha``,
     ``unet.target_modules``, ``unet.rank_pattern``, ``unet.alpha_pattern``), so alpha != rank loads right.
+    ``metadata`` (our own) is not used here; ``write_lora_file`` stores it in its own header entry.
     """
     state: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, object] = {}
@@ -198,6 +204,23 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
     return lora
 
 
+def guess_architecture(lora: Lora) -> str:
+    """A short description of the model a LoRA was made for, from its key names and shapes."""
+    te_dims = {w.A.shape[1] for k, w in lora.items() if k.startswith("text_encoder.") and "self_attn" in k}
+    cross = {w.A.shape[1] for k, w in lora.items() if k.startswith("unet.") and "attn2.to_k" in k}
+    if any(k.startswith("text_encoder_2.") for k in lora) or 2048 in cross:
+        return "SDXL (two text encoders, 2048-d cross-attention)"
+    hints = []
+    if 1024 in te_dims or 1024 in cross:
+        hints.append("SD 2.x (OpenCLIP-H, 1024-d text features)")
+    if 768 in te_dims or 768 in cross:
+        hints.append("SD 1.x (CLIP-L, 768-d text features)")
+    if not hints:
+        dims = sorted(te_dims | cross)
+        hints.append(f"a model with {dims}-d text features" if dims else "an unknown model")
+    return " or ".join(hints)
+
+
 def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, source: str) -> None:
     if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != b.shape[1]:
         raise LoraFormatError(
@@ -207,14 +230,30 @@ def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, source: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- registry and files
-Reader = Callable[[dict[str, torch.Tensor], dict[str, str], str], Lora]
-Writer = Callable[[Lora], tuple[dict[str, torch.Tensor], dict[str, str]]]
+Reader = Callable[..., Lora]  # (state, header, source, **context) -> canonical
+Writer = Callable[[Lora, dict], tuple[dict[str, torch.Tensor], dict[str, str]]]  # (lora, our metadata) -> (state, header)
 
-# Other formats (kohya/A1111, cloneofsimo) register here: name -> (detector, reader) / writer.
+# name -> (detector, reader) / writer; tried in this order. kohya and cloneofsimo register at the end of this file.
 READERS: dict[str, tuple[Callable[[dict[str, torch.Tensor], dict[str, str]], bool], Reader]] = {
     "diffusers": (lambda sd, header: all(_split_diffusers_key(k) is not None for k in sd), from_diffusers),
 }
 WRITERS: dict[str, Writer] = {"diffusers": to_diffusers}
+# readers that map positions to module paths and accept the model's module listing as `modules=`
+NEEDS_MODULES = {"cloneofsimo"}
+
+# LyCORIS adapter types, recognised by their key fragments, so that a file is refused by name
+_LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT", ".on_input": "(IA)^3"}
+
+
+def lycoris_types(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """LyCORIS/other adapter types found in a state dict -> number of keys, e.g. ``{"LoHa": 12}``."""
+    found: Counter = Counter()
+    for key in state:
+        for fragment, name in _LYCORIS.items():
+            if fragment in key:
+                found[name] += 1
+                break
+    return dict(found)
 
 
 def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> str:
@@ -223,9 +262,11 @@ def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None 
     for name, (detect, _) in READERS.items():
         if state and detect(state, header):
             return name
-    lycoris = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in state if any(t in k for t in ("hada_", "lokr_"))})
+    lycoris = lycoris_types(state)
     if lycoris:
-        raise LoraFormatError(f"LyCORIS adapter types {lycoris} (LoHa/LoKr) are not supported yet")
+        kinds = ", ".join(f"{name} ({n} keys)" for name, n in sorted(lycoris.items()))
+        example = next(k for k in state if any(f in k for f in _LYCORIS))
+        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon; e.g. key {example!r}")
     sample = ", ".join(list(state)[:3])
     raise LoraFormatError(f"unrecognised LoRA format; first keys: {sample}")
 
@@ -237,8 +278,12 @@ def _refuse_pickle(path: Path) -> None:
             "run arbitrary code; convert it to .safetensors with a tool you trust"
         )
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # a safetensors file starts with its header length (u64, little endian) and then "{"; that length's first
+    # byte can be 0x80 or "P", so only a file that is not shaped like safetensors is taken for a pickle
+    header_len = int.from_bytes(head[:8], "little")
+    safetensors_like = len(head) == 9 and head[8:9] == b"{" and header_len + 8 <= path.stat().st_size
+    if not safetensors_like and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise LoraFormatError(f"{path}: this is a pickled (torch.save) file, not safetensors; it was not unpickled")
 
 
@@ -257,14 +302,19 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return state, header
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[Lora, dict[str, str]]:
-    """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``."""
+def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> tuple[Lora, dict[str, str]]:
+    """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``.
+
+    ``modules``: component -> ``[(module path, class name), ...]`` of the target model, for positional formats
+    (cloneofsimo); without it they assume the SD 1.x layout.
+    """
     state, header = read_safetensors(path)
     if not state:
         raise LoraFormatError(f"{path}: the file holds no tensors")
     try:
         fmt = detect_format(state, header)
-        lora = READERS[fmt][1](state, header, str(path))
+        context = {"modules": modules} if modules is not None and fmt in NEEDS_MODULES else {}
+        lora = READERS[fmt][1](state, header, str(path), **context)
     except LoraFormatError as e:
         msg = str(e)
         raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -294,14 +344,17 @@ def write_lora_file(
     format: str = "diffusers",
     dtype: torch.dtype = torch.float16,
 ) -> None:
-    """Write ``lora`` as ``format`` with tensors in ``dtype``; ``metadata`` goes to our own header entry."""
+    """Write ``lora`` as ``format`` (``diffusers`` or ``kohya``) with tensors in ``dtype``.
+
+    ``metadata`` goes to our own header entry (and, for kohya, to ``ss_*``/``modelspec.*`` keys).
+    """
     if format not in WRITERS:
         raise ValueError(f"unknown format {format!r}; choose from {sorted(WRITERS)}")
     if not lora:
         raise ValueError("nothing to save: the LoRA is empty")
     cast = {k: LoraWeights(w.A.detach().to(dtype), w.B.detach().to(dtype), w.alpha) for k, w in lora.items()}
-    state, header = WRITERS[format](cast)
     ours = {"format_version": FORMAT_VERSION, **(metadata or {})}
+    state, header = WRITERS[format](cast, ours)
     header[METADATA_KEY] = json.dumps(ours, sort_keys=True, default=str)
     atomic_save(state, path, header)
 
@@ -310,3 +363,12 @@ def our_metadata(header: dict[str, str]) -> dict:
     """Our own metadata (format version, base model, trigger words, ...) from a file header."""
     raw = header.get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+# ---------------------------------------------------------------------------------------------- other formats
+from .formats_cloneofsimo import from_cloneofsimo, is_cloneofsimo  # noqa: E402  (they use the names above)
+from .formats_kohya import from_kohya, is_kohya, to_kohya  # noqa: E402
+
+READERS["kohya"] = (is_kohya, from_kohya)
+READERS["cloneofsimo"] = (is_cloneofsimo, from_cloneofsimo)
+WRITERS["kohya"] = to_kohya

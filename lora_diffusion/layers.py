@@ -181,8 +181,12 @@ class LoraLayer(nn.Module):
         """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in; cached."""
         params = self._factors(names)
         needs_grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in params)
-        key = tuple((n, self.weights[n], self.specs[n].scale, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params))
-        if not needs_grad and key == self._cache_key and self._cache is not None:
+        # factors created under torch.inference_mode() have no version counter: rebuild instead of caching
+        cacheable = not needs_grad and not any(a.is_inference() or b.is_inference() for a, b in params)
+        key = cacheable and tuple(
+            (n, self.weights[n], self.specs[n].scale, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params)
+        )
+        if cacheable and key == self._cache_key and self._cache is not None:
             return self._cache
         a_cat = torch.cat([a for a, _ in params], dim=0)
         scales = torch.cat(
@@ -190,7 +194,7 @@ class LoraLayer(nn.Module):
         )
         b_cat = torch.cat([b for _, b in params], dim=1)
         b_cat = b_cat * scales.view(1, -1, *([1] * (b_cat.dim() - 2)))
-        if not needs_grad:
+        if cacheable:
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
         return a_cat, b_cat
 

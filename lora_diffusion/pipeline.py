@@ -28,6 +28,7 @@ from .formats import (
     Lora,
     LoraFormatError,
     LoraWeights,
+    guess_architecture,
     our_metadata,
     read_lora_file,
     strip_text_model,
@@ -134,21 +135,19 @@ def _adapter_names(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def guess_architecture(lora: Lora) -> str:
-    """A short description of the model a LoRA was made for, from its key names and shapes."""
-    te_dims = {w.A.shape[1] for k, w in lora.items() if k.startswith("text_encoder.") and "self_attn" in k}
-    cross = {w.A.shape[1] for k, w in lora.items() if k.startswith("unet.") and "attn2.to_k" in k}
-    hints = []
-    if any(k.startswith("text_encoder_2.") for k in lora) or 2048 in cross:
-        hints.append("SDXL")
-    if 1024 in te_dims or 1024 in cross:
-        hints.append("SD 2.x (OpenCLIP-H, 1024-d text features)")
-    if 768 in te_dims or 768 in cross:
-        hints.append("SD 1.x (CLIP-L, 768-d text features)")
-    if not hints:
-        dims = sorted(te_dims | cross)
-        hints.append(f"a model with {dims}-d text features" if dims else "an unknown model")
-    return " or ".join(hints)
+def module_listing(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(module path, class name), ...]`` in ``named_modules`` order, LoRA wrappers shown as their base layer
+    (what positional formats such as cloneofsimo's index by)."""
+    out = []
+    skip = None  # a wrapper's own children (base_layer, lora_A...) follow it contiguously
+    for name, module in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(module, LoraLayer):
+            skip = name + "."
+            module = module.base_layer
+        out.append((name, type(module).__name__))
+    return out
 
 
 def _resolve_module(model: nn.Module, component: str, path: str) -> str | None:
@@ -186,15 +185,16 @@ def _plan(
         if (tuple(w.A.shape), tuple(w.B.shape)) != expect:
             raise LoraFormatError(
                 f"{source}: {component}.{path}: file has down {tuple(w.A.shape)} / up {tuple(w.B.shape)}, "
-                f"the model's {type(base).__name__} {tuple(base.weight.shape)} needs {expect[0]} / {expect[1]}"
+                f"the model's {type(base).__name__} {tuple(base.weight.shape)} needs {expect[0]} / {expect[1]}. "
+                f"The file looks made for {guess_architecture(lora)}."
             )
         if isinstance(layer, LoraLayer) and adapter in layer.specs:
             raise ValueError(f"adapter {adapter!r} is already loaded in {component}; pass another adapter= name")
         plan.append((target, w))
     if missing:
         msg = (
-            f"{source}: {len(missing)} of {len(items)} {component} keys match no layer of this model, e.g. "
-            f"{', '.join(missing[:3])}. The file looks made for {guess_architecture(lora)}."
+            f"{source}: {len(missing)} of {len(items)} {component} keys match no layer of this model: "
+            f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. The file looks made for {guess_architecture(lora)}."
         )
         if strict or not plan:
             raise LoraFormatError(msg)
@@ -270,13 +270,16 @@ def load_lora(
     path = Path(path)
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
-    lora, header = read_lora_file(path)
+    lora, header = read_lora_file(path, modules={c: module_listing(m) for c, m in _components(pipe)})
     if adapter is None:
         adapter = path.parent.name if path.stem == "pytorch_lora_weights" else path.stem
     components = sorted({k.split(".", 1)[0] for k in lora})
     for component in components:
         if getattr(pipe, component, None) is None:
-            raise LoraFormatError(f"{path}: the file has {component} layers but the pipeline has no {component}")
+            raise LoraFormatError(
+                f"{path}: the file has {component} layers but the pipeline has no {component}; "
+                f"it looks made for {guess_architecture(lora)}"
+            )
         if adapter in _adapter_names(getattr(pipe, component)):
             raise ValueError(f"adapter {adapter!r} is already loaded; pass adapter= to load {path} under another name")
     # check every component before changing any: a bad file leaves the pipeline as it was
@@ -297,21 +300,51 @@ def list_adapters(pipe) -> dict[str, list[str]]:
     return {c: _adapter_names(m) for c, m in _components(pipe) if _adapter_names(m)}
 
 
-def set_adapters(pipe, weights: dict[str, float]) -> None:
+def set_adapters(
+    pipe,
+    weights: dict[str, float],
+    *,
+    text_encoder: dict[str, float] | float | None = None,
+    blocks: dict | list | None = None,
+) -> None:
     """Make exactly the adapters in ``weights`` active, with these weights (negative allowed).
 
-    Works fused or not: a fused pipeline is re-fused from its saved base weights, equal to fusing afresh.
+    ``text_encoder``: separate text-encoder weights (A1111's te / unet, ComfyUI's strength_clip /
+    strength_model): a dict overriding ``weights`` per adapter there (an adapter named only here is active in
+    the text encoder only), or one number for every adapter. Default: ``weights`` apply to both.
+    ``blocks``: per-block UNet multipliers, either global or ``{adapter: spec}``; a spec is a diffusers-style
+    dict ``{"down": 0.3, "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` or a 17-value LoRA Block Weight
+    vector (SD1; its BASE value scales the text encoder). See ``blend.block_factor`` for the exact rules.
+    A layer's effective weight is ``weight * block factor``; the forward stays one concatenated matmul pair.
+
+    Works fused or not: while fused, each layer's weight is recomputed as its saved base plus the new delta
+    (one concatenated matmul per layer, without reloading), which equals fusing afresh bit for bit.
 
     Example:
-        >>> set_adapters(pipe, {"style": 0.8, "subject": 1.0})
+        >>> set_adapters(pipe, {"style": 0.8, "subject": 1.0}, text_encoder={"style": 0.5})
+        >>> set_adapters(pipe, {"style": 1.0}, blocks={"style": {"down": 0, "mid": 0.5, "up": 1}})
     """
+    from .blend import block_factor, check_blocks
+
     known = {n for names in list_adapters(pipe).values() for n in names}
-    unknown = sorted(set(weights) - known)
+    te_weights = dict(weights)
+    if isinstance(text_encoder, (int, float)):
+        te_weights = {n: float(text_encoder) for n in weights}
+    elif text_encoder is not None:
+        te_weights.update(text_encoder)
+    per_adapter = isinstance(blocks, dict) and bool(blocks) and set(blocks) <= known and not set(blocks) & {"down", "mid", "up"}
+    specs = blocks if per_adapter else {n: blocks for n in set(weights) | set(te_weights)}
+    unknown = sorted((set(weights) | set(te_weights) | (set(blocks) if per_adapter else set())) - known)
     if unknown:
         raise KeyError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
-    for _, model in _components(pipe):
-        for _, layer in lora_layers(model):
-            layer.set_weights(weights)
+    for spec in specs.values():
+        check_blocks(spec)
+    for component, model in _components(pipe):
+        base = te_weights if component == "text_encoder" else weights
+        lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
+        lpb = lpb if isinstance(lpb, int) else 2
+        for path, layer in lora_layers(model):
+            layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()})
 
 
 def _set_disabled(pipe, disabled: bool) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_pipeline", "tiny_components", "byte_tokenizer_dir"]
+__all__ = ["tiny_pipeline", "tiny_components", "byte_tokenizer_dir", "random_lora"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -116,3 +116,42 @@ def tiny_pipeline(seed: int = 0, *, v_prediction: bool = False, dtype: torch.dty
     pipe = StableDiffusionPipeline(**tiny_components(seed, v_prediction=v_prediction), requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def random_lora(
+    pipe,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    alpha: float | None = None,
+    unet_targets="attn",
+    text_encoder_targets="attn",
+    std: float = 0.1,
+) -> dict:
+    """A canonical LoRA (``{"<component>.<path>": LoraWeights}``) with random non-zero factors for ``pipe``'s
+    layers, without touching ``pipe``; ``text_encoder_targets=None`` leaves the text encoder out.
+
+    Example:
+        >>> write_lora_file("style.safetensors", random_lora(pipe, seed=1, rank=4, alpha=8), dtype=torch.float32)
+    """
+    from .formats import LoraWeights, with_text_model
+    from .inject import resolve_targets
+    from .layers import LoraLayer
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for component, targets in (("unet", unet_targets), ("text_encoder", text_encoder_targets)):
+        model = getattr(pipe, component, None)
+        if model is None or targets is None:
+            continue
+        for path in resolve_targets(model, targets):
+            base = model.get_submodule(path)
+            base = base.base_layer if isinstance(base, LoraLayer) else base
+            w = base.weight
+            a_shape = (rank, *w.shape[1:])
+            b_shape = (w.shape[0], rank) + ((1, 1) if w.dim() == 4 else ())
+            a = torch.randn(a_shape, generator=gen) * std
+            b = torch.randn(b_shape, generator=gen) * std
+            key_path = with_text_model(path) if component == "text_encoder" else path
+            out[f"{component}.{key_path}"] = LoraWeights(a, b, float(rank if alpha is None else alpha))
+    return out

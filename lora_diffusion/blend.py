@@ -1,0 +1,344 @@
+"""Blending adapters: per-block weights, prompt syntax, and exact or SVD merges of LoRA files.
+
+Every blend acts on ``delta W = w * (alpha / r) * B @ A``; the factors ``A`` and ``B`` of different adapters
+are never averaged (that adds cross terms). A concatenated merge is exact (ranks add up); an SVD merge is
+labelled approximate and reports its relative Frobenius error per layer and overall.
+
+Example:
+    >>> report = merge_loras({"style.safetensors": 0.7, "subject.safetensors": 0.3}, "both.safetensors")
+    >>> report = merge_loras({"a.safetensors": 1, "b.safetensors": 1}, "ab16.safetensors", mode="svd", rank=16)
+    >>> report.error                                   # overall relative Frobenius error of the rank-16 merge
+    >>> prompt, weights = parse_prompt("a cat <lora:style:0.7> <lora:subject:1:0.8>")
+    >>> block_factor({"down": 0.5, "up": {"block_1": [1, 0.5, 0]}}, "unet", "up_blocks.1.attentions.2.proj_in")
+    0.0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .formats import FORMAT_VERSION, Lora, LoraWeights, read_lora_file, write_lora_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LBW_SD1",
+    "lbw_block",
+    "block_factor",
+    "check_blocks",
+    "merge_lora_dicts",
+    "merge_loras",
+    "MergeReport",
+    "parse_prompt",
+    "PromptWeight",
+    "apply_prompt_loras",
+]
+
+# ---------------------------------------------------------------------------------------------- block weights
+# LoRA Block Weight (sd-webui-lora-block-weight) SD1 vector: BASE = text encoder, then the LDM UNet blocks
+# that hold attention. Block names refer to the original LDM input_blocks / output_blocks indices.
+LBW_SD1 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
+           "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")  # fmt: skip
+
+_BLOCK_PATH = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)(\.|$)")
+
+BlockSpec = float | Sequence[float] | Mapping[str, object] | None
+
+
+def lbw_block(component: str, path: str, layers_per_block: int = 2) -> str | None:
+    """LBW block name of a layer (``"BASE"``, ``"IN04"``, ``"MID"``, ``"OUT07"``), ``None`` outside the blocks.
+
+    Example:
+        >>> lbw_block("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+        'IN04'
+    """
+    if component.startswith("text_encoder"):
+        return "BASE"
+    if path.startswith("mid_block."):
+        return "MID"
+    m = _BLOCK_PATH.match(path)
+    if not m:
+        return None  # conv_in, time_embedding, conv_out
+    kind, b, sub, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+    n = layers_per_block + 1
+    if kind == "down_blocks":
+        index = n * b + (n if sub == "downsamplers" else j + 1)
+        return f"IN{index:02d}"
+    index = n * b + (n - 1 if sub == "upsamplers" else j)
+    return f"OUT{index:02d}"
+
+
+def _diffusers_block_factor(spec: Mapping[str, object], path: str) -> float:
+    """diffusers-style ``{"down": x, "mid": y, "up": {"block_0": [..]}}`` factor for one UNet module path."""
+    if path.startswith("mid_block."):
+        mid = spec.get("mid", 1.0)
+        return float(mid[0] if isinstance(mid, (list, tuple)) else mid)
+    m = _BLOCK_PATH.match(path)
+    if not m:
+        return 1.0
+    updown = "down" if m.group(1) == "down_blocks" else "up"
+    value = spec.get(updown, 1.0)
+    if isinstance(value, Mapping):
+        value = value.get(f"block_{m.group(2)}", 1.0)
+    if isinstance(value, (list, tuple)):
+        if m.group(3) in ("downsamplers", "upsamplers"):
+            return float(value[-1])  # a sampler follows the block's last layer
+        j = int(m.group(4))
+        if len(value) == 1:
+            return float(value[0])
+        if j >= len(value):
+            raise ValueError(f"blocks[{updown!r}][block_{m.group(2)}] has {len(value)} values but {path} is layer {j}")
+        return float(value[j])
+    return float(value)
+
+
+def block_factor(spec: BlockSpec, component: str, path: str, layers_per_block: int = 2) -> float:
+    """Multiplier of one layer's weight under a block spec.
+
+    ``spec`` is ``None`` (1.0), a 17-value LBW vector (``LBW_SD1`` order; BASE scales the text encoder; blocks
+    outside the vector, such as IN00/IN03 or OUT00-OUT02, keep 1.0), or a diffusers-style dict ``{"down": 0.3,
+    "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` (a number for a whole side or block; a list per layer index,
+    shared by ``attentions.j`` and ``resnets.j``; samplers take the block's last value; text encoder and layers
+    outside the blocks 1.0). ``path`` is the module path inside ``component``.
+
+    Example:
+        >>> block_factor([1, 0, 0, 0, 0, 0, 0, 0.5] + [1] * 9, "unet", "mid_block.attentions.0.proj_in")
+        0.5
+    """
+    if spec is None:
+        return 1.0
+    if isinstance(spec, Mapping):
+        return 1.0 if component.startswith("text_encoder") else _diffusers_block_factor(spec, path)
+    if isinstance(spec, (int, float)):
+        return 1.0 if component.startswith("text_encoder") else float(spec)
+    values = list(spec)
+    if len(values) != len(LBW_SD1):
+        raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}), got {len(values)}")
+    name = lbw_block(component, path, layers_per_block)
+    return float(values[LBW_SD1.index(name)]) if name in LBW_SD1 else 1.0
+
+
+def check_blocks(spec: BlockSpec) -> None:
+    """Raise ``ValueError`` early for a malformed block spec (unknown keys, wrong vector length)."""
+    if spec is None or isinstance(spec, (int, float)):
+        return
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"down", "mid", "up"})
+        if unknown:
+            raise ValueError(f"block weights take keys 'down', 'mid', 'up'; got {unknown}")
+        for side in ("down", "up"):
+            value = spec.get(side)
+            if isinstance(value, Mapping):
+                bad = [k for k in value if not re.fullmatch(r"block_\d+", str(k))]
+                if bad:
+                    raise ValueError(f"blocks[{side!r}] keys must be 'block_<i>', got {bad}")
+        return
+    if len(list(spec)) != len(LBW_SD1):
+        raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}), got {len(list(spec))}")
+
+
+# ---------------------------------------------------------------------------------------------- merging
+@dataclass
+class MergeReport:
+    """Result of a merge: the merged LoRA, its mode, and (svd) the relative Frobenius error per layer and overall.
+
+    ``errors[key] = ||dW - dW_merged||_F / ||dW||_F`` measured on the factors as written; ``error`` is the same
+    over all layers together, ``sqrt(sum ||dW - dW_merged||^2 / sum ||dW||^2)``. A concat merge reports zeros.
+    """
+
+    lora: Lora
+    mode: str
+    errors: dict[str, float] = field(default_factory=dict)
+    error: float = 0.0
+    path: Path | None = None
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({w.rank for w in self.lora.values()})
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _delta(weights: Sequence[tuple[LoraWeights, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated fp32 ``(A_cat [R, in*k*k], B_cat [out, R])`` with ``w * alpha / r`` folded into B."""
+    a = torch.cat([_flat(w.A.float()) for w, _ in weights], dim=0)
+    b = torch.cat([_flat(w.B.float()) * (weight * w.alpha / w.rank) for w, weight in weights], dim=1)
+    return a, b
+
+
+def _as_layer(a: torch.Tensor, b: torch.Tensor, like: LoraWeights) -> LoraWeights:
+    """Flat factors back to the layer's shapes (conv: ``[r, in, k, k]`` and ``[out, r, 1, 1]``); alpha = rank."""
+    r = a.shape[0]
+    if like.A.dim() == 4:
+        return LoraWeights(a.reshape(r, *like.A.shape[1:]), b.reshape(b.shape[0], r, 1, 1), float(r))
+    return LoraWeights(a, b, float(r))
+
+
+def merge_lora_dicts(
+    loras: Sequence[tuple[Lora, float]],
+    *,
+    mode: str = "concat",
+    rank: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> MergeReport:
+    """Merge canonical LoRAs with weights into one: ``dW = sum_i w_i (alpha_i/r_i) B_i A_i`` per layer.
+
+    ``mode="concat"``: exact; ``A = [A_1; A_2; ...]``, ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]``, rank = sum of
+    ranks, alpha = rank. ``mode="svd"``: the best rank-``rank`` approximation of ``dW`` (``rank=None``: the
+    concatenated rank, exact), computed from QR factors of ``B`` and ``A`` so it never forms an SVD of the full
+    matrix; the singular values are split evenly between the factors. Errors are measured after casting the
+    factors to ``dtype`` (what the file will hold). Layers present in only some inputs are merged from those.
+
+    Example:
+        >>> report = merge_lora_dicts([(style, 0.7), (subject, 0.3)], mode="svd", rank=8)
+    """
+    if mode not in ("concat", "svd"):
+        raise ValueError(f"mode must be 'concat' or 'svd', got {mode!r}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if not loras:
+        raise ValueError("nothing to merge")
+    keys = list(dict.fromkeys(k for lora, _ in loras for k in lora))
+    merged: Lora = {}
+    errors: dict[str, float] = {}
+    err_sq = norm_sq = 0.0
+    for key in keys:
+        parts = [(lora[key], float(w)) for lora, w in loras if key in lora]
+        shapes = {(tuple(p.A.shape[1:]), tuple(p.B.shape[:1])) for p, _ in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"{key}: the inputs disagree on the layer's shape ({sorted(shapes)}); they target different models")
+        a0, b0 = a, b = _delta(parts)
+        if mode == "svd":
+            qb, rb = torch.linalg.qr(b)  # b = qb rb
+            qa, ra = torch.linalg.qr(a.T)  # a = ra^T qa^T
+            u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+            k = min(rank or a.shape[0], s.numel())
+            root = s[:k].sqrt()
+            b, a = (qb @ u[:, :k]) * root, root[:, None] * (vh[:k] @ qa.T)
+        out = _as_layer(a, b, parts[0][0])
+        if dtype is not None:
+            out = LoraWeights(out.A.to(dtype), out.B.to(dtype), out.alpha)
+        merged[key] = out
+        if mode == "svd":
+            exact = b0 @ a0
+            diff = float((exact - _flat(out.B.float()) @ _flat(out.A.float())).pow(2).sum())
+            total = float(exact.pow(2).sum())
+            errors[key] = (diff / total) ** 0.5 if total > 0 else 0.0
+            err_sq, norm_sq = err_sq + diff, norm_sq + total
+    report = MergeReport(merged, mode, errors, (err_sq / norm_sq) ** 0.5 if norm_sq > 0 else 0.0)
+    if mode == "svd":
+        logger.info("svd merge to rank %s: overall relative Frobenius error %.3g", rank, report.error)
+    return report
+
+
+def merge_loras(
+    inputs: Mapping[str | os.PathLike, float] | Sequence[tuple[str | os.PathLike, float]],
+    out: str | os.PathLike | None = None,
+    *,
+    mode: str = "concat",
+    rank: int | None = None,
+    format: str = "diffusers",
+    dtype: torch.dtype = torch.float16,
+    metadata: dict | None = None,
+) -> MergeReport:
+    """Merge LoRA files with weights (any readable format, mixed ranks and alphas) and write ``out``.
+
+    See ``merge_lora_dicts`` for the modes. ``format``: ``"diffusers"`` or ``"kohya"``. The merge's inputs,
+    weights, mode, rank and (svd) overall error go into the file's metadata. Returns the ``MergeReport``.
+
+    Example:
+        >>> merge_loras({"a.safetensors": 0.7, "b.safetensors": 0.3}, "out.safetensors", mode="svd", rank=16).error
+        0.0123
+    """
+    pairs = list(inputs.items()) if isinstance(inputs, Mapping) else list(inputs)
+    loras = [(read_lora_file(path)[0], float(w)) for path, w in pairs]
+    report = merge_lora_dicts(loras, mode=mode, rank=rank, dtype=dtype)
+    if out is not None:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": Path(out).stem,
+            "merged_from": [{"file": Path(p).name, "weight": float(w)} for p, w in pairs],
+            "merge_mode": mode,
+            **({"merge_rank": rank, "merge_rel_error": report.error} if mode == "svd" else {}),
+            **(metadata or {}),
+        }
+        write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype)
+        report.path = Path(out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- prompt syntax
+class PromptWeight(NamedTuple):
+    """Weights of one ``<lora:...>`` tag: text encoder (``te``) and UNet (``unet``)."""
+
+    te: float
+    unet: float
+
+
+_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
+
+
+def parse_prompt(prompt: str) -> tuple[str, dict[str, PromptWeight]]:
+    """Split A1111-style LoRA tags out of a prompt: ``(clean prompt, {name: PromptWeight(te, unet)})``.
+
+    ``<lora:name>`` is weight 1, ``<lora:name:w>`` sets both, ``<lora:name:te:unet>`` each (A1111 order), and
+    the named forms ``te=`` / ``unet=`` work too. A name given twice keeps the last tag (with a warning).
+
+    Example:
+        >>> parse_prompt("a cat <lora:style:0.7> <lora:subject:1:0.8>")
+        ('a cat', {'style': PromptWeight(te=0.7, unet=0.7), 'subject': PromptWeight(te=1.0, unet=0.8)})
+    """
+    found: dict[str, PromptWeight] = {}
+    for m in _TAG.finditer(prompt):
+        name = m.group(1).strip()
+        args = [a.strip() for a in m.group(2).split(":")[1:]]
+        positional = [a for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        try:
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+        except ValueError:
+            raise ValueError(f"bad LoRA tag {m.group(0)!r}: weights must be numbers") from None
+        if name in found:
+            logger.warning("LoRA %r is tagged twice in the prompt; the last tag wins", name)
+        found[name] = PromptWeight(te, unet)
+    clean = _TAG.sub(" ", prompt)
+    clean = re.sub(r"\s+([,.;])", r"\1", re.sub(r"\s+", " ", clean)).strip()
+    clean = re.sub(r"(,\s*)+$", "", re.sub(r"^(,\s*)+", "", clean))
+    return clean, found
+
+
+def apply_prompt_loras(pipe, prompt: str, lora_dir: str | os.PathLike | None = None) -> str:
+    """Load (from ``lora_dir/<name>.safetensors``, once) and weight the LoRAs tagged in ``prompt``; return the
+    prompt without tags. Adapters already loaded but not tagged are switched off, as in A1111.
+
+    Example:
+        >>> prompt = apply_prompt_loras(pipe, "a cat <lora:style:0.7>", "loras/")
+        >>> image = pipe(prompt).images[0]
+    """
+    from .pipeline import list_adapters, load_lora, set_adapters  # pipeline builds on this module
+
+    clean, tags = parse_prompt(prompt)
+    loaded = {n for names in list_adapters(pipe).values() for n in names}
+    for name in tags:
+        if name in loaded:
+            continue
+        if lora_dir is None:
+            raise KeyError(f"LoRA {name!r} is not loaded and no lora_dir was given; loaded: {sorted(loaded)}")
+        path = Path(lora_dir) / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no LoRA file for the tag <lora:{name}:...>")
+        load_lora(pipe, path, adapter=name)
+        loaded.add(name)
+    set_adapters(pipe, {n: w.unet for n, w in tags.items()}, text_encoder={n: w.te for n, w in tags.items()})
+    return clean

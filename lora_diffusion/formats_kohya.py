@@ -1,0 +1,224 @@
+"""kohya-ss / AUTOMATIC1111 / ComfyUI LoRA files as pure functions over plain dicts of tensors.
+
+A kohya key is a prefix plus the module path with every ``.`` replaced by ``_``, then ``.lora_down.weight``,
+``.lora_up.weight`` or ``.alpha`` (a 0-dim tensor):
+``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight``,
+``lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha``. Prefixes: ``lora_unet_``, ``lora_te_`` (SD1/2),
+``lora_te1_`` / ``lora_te2_`` (SDXL). Files made from the original LDM checkpoints name UNet modules the LDM
+way (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``middle_block``, ``output_blocks``,
+``in_layers_2``...); they are mapped to diffusers module paths for the SD1/SD2 layout (two layers per block).
+
+Turning ``_`` back into ``.`` uses a rule set: the path is split at every ``_`` and the pieces that form one
+module name (``down_blocks``, ``to_q``, ``time_emb_proj``, ...) are joined again.
+
+Example:
+    >>> state, header = to_kohya(lora, {"name": "style", "trigger_words": ["sks"]})
+    >>> from_kohya(state, header) == lora   # tensors and alpha round-trip
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+
+import torch
+
+__all__ = ["to_kohya", "from_kohya", "is_kohya", "kohya_name", "module_path_from_kohya", "KOHYA_PREFIXES"]
+
+# kohya prefix <-> canonical component
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+_WRITE_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+
+# Module names that contain "_" (diffusers UNet, CLIP text encoder, and the LDM UNet). Longest first.
+_COMPOUNDS = sorted(
+    {
+        # diffusers UNet
+        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+        "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv_norm_out",
+        "time_embedding", "linear_1", "linear_2", "add_embedding", "norm_out",
+        # CLIP text encoder
+        "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
+        "text_projection",
+        # LDM / original SD UNet
+        "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
+        "skip_connection", "time_embed", "label_emb",
+    },
+    key=lambda s: -s.count("_"),
+)
+_COMPOUND_PARTS = [tuple(c.split("_")) for c in _COMPOUNDS]
+
+# LDM ResBlock sub-layers -> diffusers ResnetBlock2D
+_LDM_RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
+_LDM_RESNET_HEADS = ("in_layers", "out_layers", "emb_layers", "skip_connection")
+_LAYERS_PER_BLOCK = 2  # SD1 / SD2
+
+
+def _dots(name: str) -> str:
+    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in`` (the rule set)."""
+    parts = name.split("_")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        for compound in _COMPOUND_PARTS:
+            if tuple(parts[i : i + len(compound)]) == compound:
+                out.append("_".join(compound))
+                i += len(compound)
+                break
+        else:
+            out.append(parts[i])
+            i += 1
+    return ".".join(out)
+
+
+def _ldm_to_diffusers(path: str) -> str:
+    """Map an LDM UNet module path (SD1/SD2 layout) to the diffusers one; other paths are returned unchanged."""
+    fixed = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
+    if path in fixed:
+        return fixed[path]
+    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)", path)
+    if not m:
+        return path
+    kind, i, j, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    if kind == "middle_block":
+        # middle_block.{0,1,2}.rest: ResBlock, SpatialTransformer, ResBlock (the inner index is absent)
+        rest = f"{j}.{rest}" if j is not None else rest
+        block = {0: "resnets.0", 1: "attentions.0", 2: "resnets.1"}.get(i)
+        if block is None:
+            return path
+        return f"mid_block.{block}.{_LDM_RESNET.get(rest, rest)}"
+    n = _LAYERS_PER_BLOCK + 1
+    if kind == "input_blocks":
+        b, layer = (i - 1) // n, (i - 1) % n
+        prefix = f"down_blocks.{b}"
+        if rest == "op":
+            return f"{prefix}.downsamplers.0.conv"
+    else:
+        b, layer = i // n, i % n
+        prefix = f"up_blocks.{b}"
+        if rest == "conv":
+            return f"{prefix}.upsamplers.0.conv"
+    if rest.startswith(_LDM_RESNET_HEADS):
+        return f"{prefix}.resnets.{layer}.{_LDM_RESNET.get(rest, rest)}"
+    return f"{prefix}.attentions.{layer}.{rest}"
+
+
+def module_path_from_kohya(name: str) -> tuple[str, str]:
+    """``lora_unet_down_blocks_0_..._to_q`` -> ``("unet", "down_blocks.0....to_q")`` (LDM names mapped)."""
+    for prefix, component in KOHYA_PREFIXES.items():
+        if name.startswith(prefix):
+            path = _dots(name[len(prefix) :])
+            if component == "unet":
+                path = _ldm_to_diffusers(path)
+            return component, path
+    raise ValueError(f"{name!r} has no kohya prefix ({', '.join(KOHYA_PREFIXES)})")
+
+
+def kohya_name(key: str) -> str:
+    """Canonical ``"unet.down_blocks.0....to_q"`` -> kohya module name ``lora_unet_down_blocks_0_..._to_q``."""
+    component, _, path = key.partition(".")
+    if component not in _WRITE_PREFIX:
+        raise ValueError(f"{key!r}: component {component!r} has no kohya prefix")
+    return _WRITE_PREFIX[component] + path.replace(".", "_")
+
+
+def is_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> bool:
+    """Every key is a kohya LoRA key (``lora_unet_``/``lora_te*_`` + ``.lora_down/.lora_up/.alpha``)."""
+    return bool(state) and all(k.startswith(tuple(KOHYA_PREFIXES)) and k.endswith(tuple(_SUFFIXES)) for k in state)
+
+
+def from_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):
+    """kohya/A1111/ComfyUI state dict -> canonical ``{"<component>.<path>": LoraWeights}``; missing alpha = rank."""
+    from .formats import LoraFormatError, LoraWeights, _check_pair, with_text_model
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        for suffix, role in _SUFFIXES.items():
+            if key.endswith(suffix):
+                parts.setdefault(key[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            raise LoraFormatError(f"{source}: key {key!r} is not a kohya LoRA key (.lora_down.weight/.lora_up.weight/.alpha)")
+    lora = {}
+    for name, p in parts.items():
+        if "A" not in p or "B" not in p:
+            raise LoraFormatError(f"{source}: {name} has only {sorted(p)}; both lora_down and lora_up are needed")
+        component, path = module_path_from_kohya(name)
+        if component.startswith("text_encoder"):
+            path = with_text_model(path)
+        key = f"{component}.{path}"
+        _check_pair(key, p["A"], p["B"], source)
+        if key in lora:
+            raise LoraFormatError(f"{source}: two kohya keys map to the same module {key} (one is {name})")
+        alpha = float(p["alpha"].float().item()) if "alpha" in p else float(p["A"].shape[0])
+        lora[key] = LoraWeights(p["A"], p["B"], alpha)
+    return lora
+
+
+def _architecture_spec(lora) -> tuple[str, str]:
+    """(``ss_base_model_version``, ``modelspec.architecture`` prefix) from the text-feature width."""
+    from .formats import guess_architecture
+
+    guess = guess_architecture(lora)
+    if guess.startswith("SDXL"):
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+    if guess.startswith("SD 2"):
+        return "sd_v2", "stable-diffusion-v2-512"
+    return "sd_v1", "stable-diffusion-v1"
+
+
+def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Canonical -> (kohya state dict, header with ``ss_*`` and ``modelspec.*`` keys) that A1111 and ComfyUI load.
+
+    ``.alpha`` is a 0-dim fp32 tensor (exact for any alpha). ``metadata`` (our own: ``name``/``adapter``,
+    ``trigger_words``, ``base_model``) fills ``ss_output_name``, ``modelspec.title`` and
+    ``modelspec.trigger_phrase``.
+    """
+    metadata = metadata or {}
+    state: dict[str, torch.Tensor] = {}
+    for key, w in lora.items():
+        name = kohya_name(key if not key.startswith("text_encoder") else _text_key(key))
+        state[f"{name}.lora_down.weight"] = w.A
+        state[f"{name}.lora_up.weight"] = w.B
+        state[f"{name}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+    linear = [w for w in lora.values() if w.A.dim() == 2 or w.A.shape[2:] == (1, 1)]
+    conv = [w for w in lora.values() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)]
+    ref = linear or conv
+    version, arch = _architecture_spec(lora)
+    title = str(metadata.get("name") or metadata.get("adapter") or "lora")
+    header = {
+        "format": "pt",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(_most_common([w.rank for w in ref])),
+        "ss_network_alpha": str(_most_common([float(w.alpha) for w in ref])),
+        "ss_base_model_version": version,
+        "ss_v2": str(version == "sd_v2"),
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if conv:
+        header["ss_network_args"] = json.dumps(
+            {"conv_dim": str(_most_common([w.rank for w in conv])), "conv_alpha": str(_most_common([float(w.alpha) for w in conv]))}
+        )
+    if metadata.get("trigger_words"):
+        words = metadata["trigger_words"]
+        header["modelspec.trigger_phrase"] = ", ".join(words) if isinstance(words, (list, tuple)) else str(words)
+    if metadata.get("base_model"):
+        header["ss_sd_model_name"] = str(metadata["base_model"])
+    return state, header
+
+
+def _most_common(values: list):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _text_key(key: str) -> str:
+    """Text-encoder keys in kohya files always carry ``text_model.``."""
+    component, _, path = key.partition(".")
+    return f"{component}.{path if path.startswith('text_model.') else 'text_model.' + path}"

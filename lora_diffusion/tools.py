@@ -1,0 +1,314 @@
+"""File tools: bake adapters into a model folder, inspect and convert LoRA files, and their CLI commands.
+
+``lora-diffusion merge a.safetensors:0.7 b.safetensors:0.3 -o out.safetensors [--mode svd --rank 16] [--format kohya]``
+``lora-diffusion convert IN OUT --to kohya|diffusers``
+``lora-diffusion bake BASE a.safetensors:0.7 -o DIR [--single-file model.safetensors]``
+``lora-diffusion inspect FILE [--json]``
+
+Example:
+    >>> bake("models/sd15", {"style.safetensors": 0.8}, "models/sd15-style")
+    >>> inspect_lora("style.safetensors")["architecture"]
+    'SD 1.x (CLIP-L, 768-d text features)'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .blend import merge_loras
+from .formats import WRITERS, atomic_save, guess_architecture, our_metadata, read_lora_file, write_lora_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["bake", "to_ldm_checkpoint", "inspect_lora", "convert_lora", "register"]
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------- python API
+def bake(
+    base,
+    loras: dict[str | os.PathLike, float],
+    out_dir: str | os.PathLike,
+    *,
+    text_encoder: dict[str | os.PathLike, float] | None = None,
+    dtype: torch.dtype | None = None,
+    single_file: str | os.PathLike | None = None,
+) -> Path:
+    """Write a full diffusers model folder with the given LoRA files fused in at these weights.
+
+    ``base`` is a diffusers model folder or a loaded pipeline (left as it was). ``text_encoder`` optionally gives
+    other weights for the text encoder, per file. The result loads with ``from_pretrained`` and no LoRA code.
+    ``single_file`` also writes an original-layout (LDM) ``.safetensors`` checkpoint for A1111 / ComfyUI.
+
+    Example:
+        >>> bake("models/sd15", {"style.safetensors": 0.8, "subject.safetensors": 1.0}, "models/sd15-blend")
+    """
+    from .pipeline import delete_adapter, fuse, load_lora, set_adapters, unfuse
+
+    if isinstance(base, (str, os.PathLike)):
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(base, **({"torch_dtype": dtype} if dtype else {}))
+    else:
+        pipe = base
+    names = {}
+    for i, path in enumerate(loras):
+        names[path] = load_lora(pipe, path, adapter=f"_bake{i}")
+    te = {names[p]: float(w) for p, w in (text_encoder or {}).items()}
+    set_adapters(pipe, {names[p]: float(w) for p, w in loras.items()}, text_encoder=te or None)
+    fuse(pipe)  # wrappers are swapped out while fused: the modules saved are the plain ones, fused weights
+    try:
+        pipe.save_pretrained(out_dir)
+        if single_file is not None:
+            atomic_save(to_ldm_checkpoint(pipe), single_file, {"format": "pt"})
+    finally:
+        unfuse(pipe)
+        for name in names.values():
+            delete_adapter(pipe, name)
+        _drop_empty_wrappers(pipe)
+    logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
+    return Path(out_dir)
+
+
+def _ldm_unet_names(unet) -> dict[str, str]:
+    """diffusers UNet module prefix -> LDM prefix (``down_blocks.1.attentions.0.`` -> ``input_blocks.4.1.``)."""
+    lpb = unet.config.layers_per_block
+    lpb = lpb if isinstance(lpb, int) else lpb[0]
+    n = lpb + 1
+    names = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.", "conv_in.": "input_blocks.0.0.",
+             "conv_norm_out.": "out.0.", "conv_out.": "out.2.", "mid_block.resnets.0.": "middle_block.0.",
+             "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2."}  # fmt: skip
+    for i, block in enumerate(unet.down_blocks):
+        for j in range(lpb):
+            names[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{n * i + j + 1}.0."
+            names[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{n * i + j + 1}.1."
+        names[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{n * (i + 1)}.0.op."
+    for i, block in enumerate(unet.up_blocks):
+        for j in range(n):
+            names[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{n * i + j}.0."
+            names[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{n * i + j}.1."
+        names[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{n * i + lpb}.{2 if hasattr(block, 'attentions') else 1}."
+    return names
+
+
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
+_LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    for src in sorted(prefixes, key=len, reverse=True):
+        if key.startswith(src):
+            return prefixes[src] + key[len(src) :]
+    return key
+
+
+def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's UNet, VAE and CLIP text encoder as one original-layout (LDM / A1111) SD 1.x state dict.
+
+    Example:
+        >>> safetensors.torch.save_file(to_ldm_checkpoint(pipe), "model.safetensors")
+    """
+    out: dict[str, torch.Tensor] = {}
+    unet_names = _ldm_unet_names(pipe.unet)
+    for key, t in pipe.unet.state_dict().items():
+        new = _rename(key, unet_names)
+        if ".resnets." in key or key.startswith("mid_block.resnets"):
+            head, _, leaf = new.rpartition(".")  # weight / bias
+            block, _, layer = head.rpartition(".")
+            new = f"{block}.{_LDM_RESNET.get(layer, layer)}.{leaf}"
+        out["model.diffusion_model." + new] = t
+    vae_names = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out.",
+                 "encoder.mid_block.resnets.0.": "encoder.mid.block_1.", "encoder.mid_block.resnets.1.": "encoder.mid.block_2.",
+                 "encoder.mid_block.attentions.0.": "encoder.mid.attn_1.", "decoder.mid_block.resnets.0.": "decoder.mid.block_1.",
+                 "decoder.mid_block.resnets.1.": "decoder.mid.block_2.", "decoder.mid_block.attentions.0.": "decoder.mid.attn_1."}  # fmt: skip
+    n_up = len(pipe.vae.decoder.up_blocks)
+    for i, block in enumerate(pipe.vae.encoder.down_blocks):
+        for j in range(len(block.resnets)):
+            vae_names[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        vae_names[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+    for i, block in enumerate(pipe.vae.decoder.up_blocks):
+        for j in range(len(block.resnets)):
+            vae_names[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n_up - 1 - i}.block.{j}."
+        vae_names[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n_up - 1 - i}.upsample."
+    for key, t in pipe.vae.state_dict().items():
+        new = _rename(key, vae_names).replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".attn_1." in new:
+            head, _, leaf = new.rpartition(".")
+            block, _, layer = head.partition(".attn_1.")
+            new = f"{block}.attn_1.{_LDM_VAE_ATTN.get(layer, layer)}.{leaf}"
+            if leaf == "weight" and t.dim() == 2:
+                t = t[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
+        out["first_stage_model." + new] = t
+    for key, t in pipe.text_encoder.state_dict().items():
+        out["cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)] = t
+    return out
+
+
+def _drop_empty_wrappers(pipe) -> None:
+    """Put base layers back where a LoRA wrapper holds no adapter any more."""
+    from .inject import _get_parent, lora_layers
+
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component, None)
+        for path, layer in list(lora_layers(model) if model is not None else []):
+            if not layer.specs:
+                parent, child = _get_parent(model, path)
+                setattr(parent, child, layer.base_layer)
+
+
+def _target_pattern(key: str) -> str:
+    """``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`` -> ``unet attn2.to_k``."""
+    component, _, path = key.partition(".")
+    parts = [p for p in path.split(".") if not p.isdigit()]
+    return f"{component} {'.'.join(parts[-2:])}"
+
+
+def inspect_lora(path: str | os.PathLike) -> dict:
+    """What a LoRA file holds: format, architecture guess, ranks, alphas, targets, size, trigger words, metadata.
+
+    Example:
+        >>> info = inspect_lora("style.safetensors"); info["format"], info["ranks"]
+        ('kohya', {4: 192})
+    """
+    lora, header = read_lora_file(path)
+    fmt = header.pop("_format")
+    ours = our_metadata(header)
+    words: list[str] = list(ours.get("trigger_words") or [])
+    if header.get("modelspec.trigger_phrase"):
+        words += [w.strip() for w in header["modelspec.trigger_phrase"].split(",") if w.strip()]
+    if header.get("ss_tag_frequency"):
+        try:
+            freq: Counter = Counter()
+            for tags in json.loads(header["ss_tag_frequency"]).values():
+                freq.update(tags)
+            words += [t for t, _ in freq.most_common(5)]
+        except (ValueError, AttributeError):
+            pass
+    params = sum(w.A.numel() + w.B.numel() for w in lora.values())
+    dtypes = Counter(str(w.A.dtype).removeprefix("torch.") for w in lora.values())
+    return {
+        "file": str(path),
+        "format": fmt,
+        "architecture": guess_architecture(lora),
+        "layers": dict(Counter(k.split(".", 1)[0] for k in lora)),
+        "ranks": dict(sorted(Counter(w.rank for w in lora.values()).items())),
+        "alphas": dict(sorted(Counter(float(w.alpha) for w in lora.values()).items())),
+        "targets": dict(sorted(Counter(_target_pattern(k) for k in lora).items())),
+        "conv_layers": sum(1 for w in lora.values() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)),
+        "params": params,
+        "dtype": dtypes.most_common(1)[0][0],
+        "size_bytes": Path(path).stat().st_size,
+        "trigger_words": list(dict.fromkeys(words)),
+        "metadata": {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(header.items())},
+    }
+
+
+def convert_lora(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "kohya", dtype: torch.dtype | None = None) -> Path:
+    """Rewrite a LoRA file in another format (``kohya`` or ``diffusers``), keeping tensors (and their dtype
+    unless ``dtype`` is given), alphas and our metadata.
+
+    Example:
+        >>> convert_lora("pytorch_lora_weights.safetensors", "style_kohya.safetensors", to="kohya")
+    """
+    if to not in WRITERS:
+        raise ValueError(f"unknown format {to!r}; choose from {sorted(WRITERS)}")
+    lora, header = read_lora_file(src)
+    meta = {"name": Path(dst).stem, **our_metadata(header), "converted_from": header["_format"]}
+    if header.get("modelspec.trigger_phrase") and not meta.get("trigger_words"):
+        meta["trigger_words"] = [w.strip() for w in header["modelspec.trigger_phrase"].split(",")]
+    dtype = dtype or next(iter(lora.values())).A.dtype
+    write_lora_file(dst, lora, metadata=meta, format=to, dtype=dtype)
+    return Path(dst)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _weighted(spec: str) -> tuple[str, float]:
+    """``path.safetensors:0.7`` -> ``("path.safetensors", 0.7)``; no ``:weight`` means 1.0."""
+    m = re.fullmatch(r"(.+?):(-?[0-9.]+(?:e-?\d+)?)", spec)
+    if m and not os.path.exists(spec):
+        return m.group(1), float(m.group(2))
+    return spec, 1.0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    inputs = [_weighted(s) for s in args.inputs]
+    report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype])
+    print(f"wrote {args.output}: {len(report.lora)} layers, ranks {report.ranks}, mode {report.mode}")
+    if report.mode == "svd":
+        worst = sorted(report.errors.items(), key=lambda kv: -kv[1])[:5]
+        for key, err in worst:
+            print(f"  {err:.4%}  {key}")
+        print(f"relative Frobenius error: {report.error:.4%} overall, {max(report.errors.values()):.4%} worst layer")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    out = convert_lora(args.input, args.output, to=args.to, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out} ({args.to})")
+    return 0
+
+
+def _cmd_bake(args: argparse.Namespace) -> int:
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    out = bake(args.base, dict(_weighted(s) for s in args.loras), args.output, dtype=dtype, single_file=args.single_file)
+    print(f"wrote {out}" + (f" and {args.single_file}" if args.single_file else ""))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_lora(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("file", "format", "architecture", "layers", "ranks", "alphas", "conv_layers", "params", "dtype", "size_bytes", "trigger_words"):
+        print(f"{key:14} {info[key]}")
+    print("targets")
+    for pattern, n in info["targets"].items():
+        print(f"  {n:4d}  {pattern}")
+    if info["metadata"]:
+        print("metadata")
+        for k, v in info["metadata"].items():
+            print(f"  {k}: {v}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``merge``, ``convert``, ``bake`` and ``inspect`` to the ``lora-diffusion`` command line."""
+    p = subparsers.add_parser("merge", help="merge LoRA files with weights into one (exact concat or SVD)")
+    p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--mode", choices=["concat", "svd"], default="concat", help="concat: exact, ranks add up; svd: compress to --rank")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
+    p.set_defaults(func=_cmd_merge)
+
+    p = subparsers.add_parser("convert", help="convert a LoRA file between kohya/A1111 and diffusers formats")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--to", choices=sorted(WRITERS), required=True)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: keep the input's")
+    p.set_defaults(func=_cmd_convert)
+
+    p = subparsers.add_parser("bake", help="write a diffusers model folder with LoRA files fused in")
+    p.add_argument("base", help="a diffusers model folder")
+    p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    p.add_argument("--single-file", default=None, metavar="CKPT.safetensors", help="also write an original-layout checkpoint (A1111/ComfyUI)")
+    p.set_defaults(func=_cmd_bake)
+
+    p = subparsers.add_parser("inspect", help="show a LoRA file's format, architecture, ranks, targets, metadata")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_inspect)

@@ -1,0 +1,271 @@
+"""Blending: runtime weights (per adapter, text encoder, per block) against diffusers+PEFT, fused vs unfused,
+re-weighting while fused, merged files (concat exact, SVD error as reported), prompt tags, baking."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from lora_diffusion import fuse, load_lora, set_adapters, unfuse
+from lora_diffusion.blend import LBW_SD1, PromptWeight, apply_prompt_loras, block_factor, lbw_block, merge_loras, parse_prompt
+from lora_diffusion.cli import main as cli_main
+from lora_diffusion.formats import read_lora_file, write_lora_file
+from lora_diffusion.inject import lora_layers
+from lora_diffusion.layers import LoraLinear
+from lora_diffusion.testing import random_lora, tiny_pipeline
+from lora_diffusion.tools import bake
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def generate(pipe) -> np.ndarray:
+    g = torch.Generator().manual_seed(0)
+    return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=g, output_type="np").images
+
+
+def weights_of(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """a: rank 4, alpha 8, UNet attention + text encoder; b: rank 2, alpha 1, UNet attention + MLP, text encoder."""
+    d = tmp_path_factory.mktemp("loras")
+    pipe = tiny_pipeline(0)
+    write_lora_file(d / "a.safetensors", random_lora(pipe, seed=1, rank=4, alpha=8), dtype=torch.float32)
+    write_lora_file(d / "b.safetensors", random_lora(pipe, seed=2, rank=2, alpha=1, unet_targets="attn-mlp"), dtype=torch.float32)
+    return d
+
+
+def loaded(files, *names, **weights):
+    pipe = tiny_pipeline(0)
+    for n in names:
+        load_lora(pipe, files / f"{n}.safetensors")
+    if weights:
+        set_adapters(pipe, weights)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------- against diffusers
+@pytest.fixture(scope="module")
+def reference(files):
+    pytest.importorskip("peft")
+    ref = tiny_pipeline(0)
+    ref.load_lora_weights(str(files / "a.safetensors"), adapter_name="a")
+    ref.load_lora_weights(str(files / "b.safetensors"), adapter_name="b")
+    return ref
+
+
+def test_runtime_blend_equals_diffusers_set_adapters(files, reference):
+    reference.set_adapters(["a", "b"], adapter_weights=[0.3, 0.9])
+    ours = loaded(files, "a", "b", a=0.3, b=0.9)
+    expected = generate(reference)
+    assert np.abs(expected - generate(tiny_pipeline(0))).max() > 1e-2
+    np.testing.assert_allclose(generate(ours), expected, atol=1e-5)
+
+
+def test_per_block_and_text_encoder_weights_equal_diffusers(files, reference):
+    unet_blocks = {"down": 0.5, "mid": 0, "up": {"block_0": [1.0, 0.5, -1.0]}}
+    reference.set_adapters(["a", "b"], adapter_weights=[{"unet": unet_blocks, "text_encoder": 0.2}, 0.9])
+    ours = loaded(files, "a", "b")
+    set_adapters(ours, {"a": 1.0, "b": 0.9}, text_encoder={"a": 0.2}, blocks={"a": unet_blocks})
+    np.testing.assert_allclose(generate(ours), generate(reference), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- block weights
+def test_lbw_block_names():
+    assert lbw_block("unet", "down_blocks.0.attentions.0.proj_in") == "IN01"
+    assert lbw_block("unet", "down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q") == "IN08"
+    assert lbw_block("unet", "down_blocks.0.downsamplers.0.conv") == "IN03"
+    assert lbw_block("unet", "mid_block.resnets.1.conv1") == "MID"
+    assert lbw_block("unet", "up_blocks.1.attentions.0.proj_out") == "OUT03"
+    assert lbw_block("unet", "up_blocks.3.attentions.2.proj_out") == "OUT11"
+    assert lbw_block("unet", "up_blocks.0.upsamplers.0.conv") == "OUT02"
+    assert lbw_block("text_encoder", "encoder.layers.0.self_attn.q_proj") == "BASE"
+    assert lbw_block("unet", "conv_in") is None
+    # every SD1 attention block of the vector is reached by some layer
+    attention_blocks = {lbw_block("unet", f"{s}_blocks.{b}.attentions.{j}.proj_in") for s, bs, js in (("down", range(3), range(2)), ("up", range(1, 4), range(3))) for b in bs for j in js}
+    assert attention_blocks | {"BASE", "MID"} == set(LBW_SD1)
+
+
+def test_lbw_vector_zero_equals_leaving_those_layers_out(files):
+    # tiny UNet: down_blocks.1 = IN04/IN05, mid = MID, up_blocks.0 = OUT00-OUT02 (outside the 17: weight 1)
+    vector = [0.0] + [1, 1, 0, 0, 1, 1] + [0.0] + [1] * 9  # BASE (text encoder), IN04, IN05 and MID off
+    ours = loaded(files, "a")
+    set_adapters(ours, {"a": 0.7}, blocks=vector)
+    lora, _ = read_lora_file(files / "a.safetensors")
+    kept = {k: w for k, w in lora.items() if k.startswith("unet.up_blocks.")}
+    assert 0 < len(kept) < len(lora)
+    write_lora_file(files / "a_up.safetensors", kept, dtype=torch.float32)
+    ref = tiny_pipeline(0)
+    load_lora(ref, files / "a_up.safetensors", weight=0.7)
+    np.testing.assert_array_equal(generate(ours), generate(ref))
+    assert block_factor(vector, "unet", "up_blocks.0.attentions.1.proj_in") == 1.0
+
+
+def test_text_encoder_weight_zero_equals_unet_only(files):
+    ours = loaded(files, "a")
+    set_adapters(ours, {"a": 0.6}, text_encoder={"a": 0.0})
+    lora, _ = read_lora_file(files / "a.safetensors")
+    write_lora_file(files / "a_unet.safetensors", {k: w for k, w in lora.items() if k.startswith("unet.")}, dtype=torch.float32)
+    ref = tiny_pipeline(0)
+    load_lora(ref, files / "a_unet.safetensors", weight=0.6)
+    np.testing.assert_array_equal(generate(ours), generate(ref))
+
+
+def test_bad_block_specs_raise(files):
+    pipe = loaded(files, "a")
+    with pytest.raises(ValueError, match="17 values"):
+        set_adapters(pipe, {"a": 1}, blocks=[1, 0, 1])
+    with pytest.raises(ValueError, match="'down', 'mid', 'up'"):
+        set_adapters(pipe, {"a": 1}, blocks={"middle": 0})
+    with pytest.raises(ValueError, match="has 2 values"):
+        set_adapters(pipe, {"a": 1}, blocks={"up": {"block_0": [1, 0]}})
+    with pytest.raises(KeyError, match="nope"):
+        set_adapters(pipe, {"nope": 1})
+
+
+# ---------------------------------------------------------------------------------------------- unfused forward
+def test_several_adapters_run_as_one_low_rank_matmul_pair(files, monkeypatch):
+    calls = []
+    original = LoraLinear._low_rank
+    monkeypatch.setattr(LoraLinear, "_low_rank", lambda self, x, a, b: calls.append(a.shape[0]) or original(self, x, a, b))
+    pipe = loaded(files, "a", "b", a=0.3, b=-0.9)
+    layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+    layer(torch.randn(1, 3, layer.in_features))
+    assert calls == [4 + 2]  # one call over the concatenated ranks, not one per adapter
+
+
+# ---------------------------------------------------------------------------------------------- fused
+@pytest.mark.parametrize("wa, wb", [(0.3, 0.9), (-0.5, 1.7)])
+def test_fused_equals_unfused_and_unfuse_restores(files, wa, wb):
+    pipe = loaded(files, "a", "b", a=wa, b=wb)
+    unfused = generate(pipe)
+    before = weights_of(tiny_pipeline(0))
+    fuse(pipe)
+    assert not any(isinstance(m, LoraLinear) for m in pipe.unet.modules())  # wrappers swapped out
+    np.testing.assert_allclose(generate(pipe), unfused, atol=1e-5)
+    unfuse(pipe)
+    after = {k.replace(".base_layer", ""): v for k, v in weights_of(pipe).items() if ".lora_" not in k}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_reweighting_while_fused_equals_fusing_afresh(files):
+    pipe = loaded(files, "a", "b", a=0.3, b=0.9)
+    fuse(pipe)
+    set_adapters(pipe, {"a": -0.4, "b": 1.2}, text_encoder={"b": 0.5}, blocks={"a": {"mid": 0}})
+    fresh = loaded(files, "a", "b")
+    set_adapters(fresh, {"a": -0.4, "b": 1.2}, text_encoder={"b": 0.5}, blocks={"a": {"mid": 0}})
+    fuse(fresh)
+    w1, w2 = weights_of(pipe), weights_of(fresh)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)  # bit for bit
+
+
+# ---------------------------------------------------------------------------------------------- merging files
+def test_concat_merge_equals_runtime_blend(files, tmp_path):
+    report = merge_loras({files / "a.safetensors": 0.3, files / "b.safetensors": -0.9}, tmp_path / "ab.safetensors", dtype=torch.float32)
+    assert report.mode == "concat" and report.error == 0.0
+    merged = tiny_pipeline(0)
+    load_lora(merged, tmp_path / "ab.safetensors")
+    assert merged.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q").specs["ab"].rank == 6
+    blended = loaded(files, "a", "b", a=0.3, b=-0.9)
+    np.testing.assert_allclose(generate(merged), generate(blended), atol=1e-5)
+
+
+def _file_deltas(path, weights=None) -> dict[str, torch.Tensor]:
+    lora, _ = read_lora_file(path)
+    return {k: (w.B.float().flatten(1) @ w.A.float().flatten(1)) * (w.alpha / w.rank) for k, w in lora.items()}
+
+
+def test_svd_merge_full_rank_exact_and_low_rank_error_as_reported(files, tmp_path):
+    inputs = {files / "a.safetensors": 0.7, files / "b.safetensors": 0.4}
+    exact = {}
+    for path, w in inputs.items():
+        for k, d in _file_deltas(path).items():
+            exact[k] = exact.get(k, 0) + w * d
+    full = merge_loras(inputs, tmp_path / "full.safetensors", mode="svd", dtype=torch.float32)
+    got = _file_deltas(tmp_path / "full.safetensors")
+    assert full.error < 1e-5
+    assert all(torch.allclose(got[k], exact[k], atol=1e-6) for k in exact)
+
+    low = merge_loras(inputs, tmp_path / "r1.safetensors", mode="svd", rank=1, format="kohya")
+    got = _file_deltas(tmp_path / "r1.safetensors")
+    assert set(low.ranks) == {1} and low.error > 0.1
+    per_layer = {k: float((exact[k] - got[k]).norm() / exact[k].norm()) for k in exact}
+    overall = (sum(float((exact[k] - got[k]).pow(2).sum()) for k in exact) / sum(float(exact[k].pow(2).sum()) for k in exact)) ** 0.5
+    assert low.error == pytest.approx(overall, rel=1e-4)
+    assert all(low.errors[k] == pytest.approx(per_layer[k], rel=1e-3, abs=1e-6) for k in exact)
+    assert read_lora_file(tmp_path / "r1.safetensors")[1]["_format"] == "kohya"
+
+
+def test_merge_cli(files, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    assert cli_main(["merge", f"{files / 'a.safetensors'}:0.7", f"{files / 'b.safetensors'}:0.3", "-o", str(out), "--mode", "svd", "--rank", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "relative Frobenius error" in text
+    _, header = read_lora_file(out)
+    assert '"merge_mode": "svd"' in header["lora_diffusion"] and '"weight": 0.7' in header["lora_diffusion"]
+
+
+# ---------------------------------------------------------------------------------------------- prompt syntax
+def test_parse_prompt():
+    clean, w = parse_prompt("a cat <lora:style:0.7>, <lora:subject:1:0.8> on a mat <lora:neg:-0.5> <lora:plain>")
+    assert clean == "a cat, on a mat"
+    assert w == {"style": PromptWeight(0.7, 0.7), "subject": PromptWeight(1.0, 0.8), "neg": PromptWeight(-0.5, -0.5), "plain": PromptWeight(1.0, 1.0)}
+    assert parse_prompt("<lora:x:te=0.2:unet=0.9> dog")[1] == {"x": PromptWeight(0.2, 0.9)}
+    with pytest.raises(ValueError, match="bad LoRA tag"):
+        parse_prompt("<lora:x:strong>")
+
+
+def test_apply_prompt_loras(files):
+    pipe = tiny_pipeline(0)
+    clean = apply_prompt_loras(pipe, "a red circle <lora:a:0.3> <lora:b:1:0.9>", files)
+    assert clean == "a red circle"
+    ref = loaded(files, "a", "b")
+    set_adapters(ref, {"a": 0.3, "b": 0.9}, text_encoder={"a": 0.3, "b": 1.0})
+    np.testing.assert_array_equal(generate(pipe), generate(ref))
+    apply_prompt_loras(pipe, "a red circle <lora:b:0.5>", files)  # a is untagged now: off
+    layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert layer.active == ["b"] and layer.weights["b"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- baking
+def test_bake_writes_a_model_with_the_blend_fused_in(files, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    base = tiny_pipeline(0)
+    base.save_pretrained(tmp_path / "base")
+    args = ["bake", str(tmp_path / "base"), f"{files / 'a.safetensors'}:0.3", f"{files / 'b.safetensors'}:-0.9", "-o", str(tmp_path / "baked")]
+    assert cli_main([*args, "--single-file", str(tmp_path / "baked.safetensors")]) == 0
+    baked = StableDiffusionPipeline.from_pretrained(tmp_path / "baked", safety_checker=None, requires_safety_checker=False)
+    baked.set_progress_bar_config(disable=True)
+    assert not any(isinstance(m, LoraLinear) for m in baked.unet.modules())
+    blended = loaded(files, "a", "b", a=0.3, b=-0.9)
+    fuse(blended)
+    np.testing.assert_allclose(generate(baked), generate(blended), atol=1e-6)
+    # the single-file checkpoint holds the same weights in the original layout: diffusers' own converters agree
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(tmp_path / "baked.safetensors"))
+    te = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ckpt).items()}
+    for back, model in ((convert_ldm_unet_checkpoint(ckpt, dict(baked.unet.config)), baked.unet),
+                        (convert_ldm_vae_checkpoint(ckpt, dict(baked.vae.config)), baked.vae), (te, baked.text_encoder)):  # fmt: skip
+        ref = model.state_dict()
+        assert back.keys() == ref.keys() and all(torch.equal(back[k], ref[k]) for k in ref)
+    # a pipeline object is left as it was
+    before = weights_of(base)
+    bake(base, {files / "a.safetensors": 1.0}, tmp_path / "baked2")
+    after = weights_of(base)
+    assert not list(lora_layers(base.unet)) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adapters_loaded_under_inference_mode_blend(files):
+    """Factors created inside torch.inference_mode() have no version counter; the concatenated path still runs."""
+    with torch.inference_mode():
+        pipe = loaded(files, "a", "b", a=0.3, b=0.9)
+        image = generate(pipe)
+    np.testing.assert_array_equal(image, generate(loaded(files, "a", "b", a=0.3, b=0.9)))

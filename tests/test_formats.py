@@ -1,0 +1,330 @@
+"""Formats people share: kohya/A1111/ComfyUI (diffusers and LDM names, LoCon), older diffusers keys,
+cloneofsimo; bad input; the convert/inspect tools. Tiny offline pipelines, 2-step 32x32 generations."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_diffusion import load_lora
+from lora_diffusion.cli import main as cli_main
+from lora_diffusion.formats import (
+    LoraFormatError,
+    LoraWeights,
+    from_diffusers,
+    from_kohya,
+    read_lora_file,
+    to_diffusers,
+    to_kohya,
+    write_lora_file,
+)
+from lora_diffusion.formats_cloneofsimo import cloneofsimo_paths, sd1_module_listing
+from lora_diffusion.formats_kohya import module_path_from_kohya
+from lora_diffusion.inject import lora_layers
+from lora_diffusion.pipeline import module_listing, save_lora
+from lora_diffusion.testing import random_lora, tiny_pipeline
+from lora_diffusion.tools import inspect_lora
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def generate(pipe) -> np.ndarray:
+    g = torch.Generator().manual_seed(0)
+    return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=g, output_type="np").images
+
+
+def deltas(model) -> dict[str, torch.Tensor]:
+    return {p: layer.delta_weight() for p, layer in lora_layers(model)}
+
+
+@pytest.fixture(scope="module")
+def pipe0():
+    return tiny_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def lora(pipe0):
+    """Rank 4, alpha 8 (alpha != rank) on UNet attention + MLP and the text encoder's attention."""
+    return random_lora(pipe0, seed=1, rank=4, alpha=8, unet_targets="attn-mlp")
+
+
+# ---------------------------------------------------------------------------------------------- kohya
+def test_kohya_export_loads_in_diffusers_like_ours(tmp_path, lora):
+    path = tmp_path / "style.safetensors"
+    write_lora_file(path, lora, format="kohya", dtype=torch.float32)
+    ours = tiny_pipeline(0)
+    load_lora(ours, path)
+    ref = tiny_pipeline(0)
+    ref.load_lora_weights(str(path), adapter_name="style")  # diffusers converts the kohya keys itself
+    base = generate(tiny_pipeline(0))
+    a, b = generate(ours), generate(ref)
+    assert np.abs(a - base).max() > 1e-2  # the LoRA (alpha 8 / rank 4) does something
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_kohya_keys_alpha_and_metadata(tmp_path, pipe0, lora):
+    path = tmp_path / "k.safetensors"
+    save_lora_path = tmp_path / "ours.safetensors"
+    write_lora_file(save_lora_path, lora, dtype=torch.float32)
+    p = tiny_pipeline(0)
+    load_lora(p, save_lora_path, adapter="style")
+    save_lora(path, unet=p.unet, text_encoder=p.text_encoder, adapter="style", format="kohya", metadata={"trigger_words": ["sks"]})
+    state = load_file(str(path))
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in state
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in state
+    assert state["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha"].item() == 8.0
+    _, header = read_lora_file(path)
+    assert header["_format"] == "kohya"
+    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8.0"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert header["modelspec.trigger_phrase"] == "sks"
+    assert header["ss_output_name"] == "style"
+
+
+def test_kohya_roundtrip_tensors_and_alpha(lora):
+    state, header = to_kohya(lora)
+    back = from_kohya(state, header)
+    assert back.keys() == lora.keys()
+    for k, w in lora.items():
+        assert torch.equal(back[k].A, w.A) and torch.equal(back[k].B, w.B) and back[k].alpha == w.alpha
+    state2, _ = to_kohya(back)
+    assert state2.keys() == state.keys()
+    assert all(torch.equal(state2[k], state[k]) for k in state)
+
+
+def test_kohya_convert_cli_roundtrip(tmp_path, lora):
+    src = tmp_path / "a.safetensors"
+    write_lora_file(src, lora, format="kohya", dtype=torch.float16)
+    assert cli_main(["convert", str(src), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert cli_main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    a, b = load_file(str(src)), load_file(str(tmp_path / "k.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "kohya, path",
+    [
+        ("lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_ff_net_0_proj", "down_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj"),
+        ("lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_out_0", "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0"),
+        ("lora_unet_down_blocks_0_resnets_1_time_emb_proj", "down_blocks.0.resnets.1.time_emb_proj"),
+        ("lora_unet_mid_block_resnets_0_conv_shortcut", "mid_block.resnets.0.conv_shortcut"),
+        ("lora_unet_time_embedding_linear_1", "time_embedding.linear_1"),
+        ("lora_te_text_model_encoder_layers_11_self_attn_out_proj", "text_model.encoder.layers.11.self_attn.out_proj"),
+        ("lora_te_text_model_encoder_layers_3_mlp_fc2", "text_model.encoder.layers.3.mlp.fc2"),
+        # original LDM / SD checkpoint names (SD1/SD2 layout)
+        ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+        ("lora_unet_input_blocks_8_1_proj_in", "down_blocks.2.attentions.1.proj_in"),
+        ("lora_unet_input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+        ("lora_unet_input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+        ("lora_unet_input_blocks_0_0", "conv_in"),
+        ("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v", "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"),
+        ("lora_unet_middle_block_2_emb_layers_1", "mid_block.resnets.1.time_emb_proj"),
+        ("lora_unet_output_blocks_3_1_transformer_blocks_0_ff_net_2", "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"),
+        ("lora_unet_output_blocks_0_0_skip_connection", "up_blocks.0.resnets.0.conv_shortcut"),
+        ("lora_unet_output_blocks_11_0_out_layers_3", "up_blocks.3.resnets.2.conv2"),
+        ("lora_unet_output_blocks_2_1_conv", "up_blocks.0.upsamplers.0.conv"),
+        ("lora_unet_output_blocks_5_2_conv", "up_blocks.1.upsamplers.0.conv"),
+        ("lora_unet_time_embed_2", "time_embedding.linear_2"),
+        ("lora_unet_out_2", "conv_out"),
+    ],
+)
+def test_kohya_names_to_module_paths(kohya, path):
+    assert module_path_from_kohya(kohya)[1] == path
+
+
+def _ldm_name(path: str) -> str:
+    """diffusers attention path of the tiny UNet -> LDM name (the inverse the test needs, written independently)."""
+    m = re.fullmatch(r"(down|up)_blocks\.(\d)\.attentions\.(\d)\.(.*)", path)
+    if m:
+        side, b, j, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        index = 3 * b + j + 1 if side == "down" else 3 * b + j
+        return f"{'input' if side == 'down' else 'output'}_blocks.{index}.1.{rest}"
+    return path.replace("mid_block.attentions.0", "middle_block.1")
+
+
+def test_kohya_ldm_named_file_loads_like_diffusers_named(tmp_path, lora):
+    state, header = to_kohya(lora)
+    ldm = {}
+    for key, tensor in state.items():
+        name, _, suffix = key.partition(".")
+        if name.startswith("lora_unet_"):
+            component, path = module_path_from_kohya(name)
+            name = "lora_unet_" + _ldm_name(path).replace(".", "_")
+        ldm[f"{name}.{suffix}"] = tensor
+    assert any("input_blocks_4_1" in k for k in ldm) and any("middle_block_1" in k for k in ldm)
+    save_file(ldm, str(tmp_path / "ldm.safetensors"), metadata=header)
+    save_file(state, str(tmp_path / "diffusers_names.safetensors"), metadata=header)
+    a, b = tiny_pipeline(0), tiny_pipeline(0)
+    load_lora(a, tmp_path / "ldm.safetensors")
+    load_lora(b, tmp_path / "diffusers_names.safetensors")
+    da, db = deltas(a.unet), deltas(b.unet)
+    assert da.keys() == db.keys() and len(da) == sum(k.startswith("unet.") for k in lora)
+    assert all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_kohya_locon_convs_load(tmp_path, pipe0):
+    locon = random_lora(pipe0, seed=3, rank=2, alpha=1, unet_targets="full", text_encoder_targets=None)
+    assert any(w.A.dim() == 4 and w.A.shape[-1] == 3 for w in locon.values())
+    write_lora_file(tmp_path / "locon.safetensors", locon, format="kohya", dtype=torch.float32)
+    write_lora_file(tmp_path / "locon_d.safetensors", locon, format="diffusers", dtype=torch.float32)
+    a, b = tiny_pipeline(0), tiny_pipeline(0)
+    load_lora(a, tmp_path / "locon.safetensors")
+    load_lora(b, tmp_path / "locon_d.safetensors")
+    assert "conv1" in json.dumps(list(deltas(a.unet)))
+    np.testing.assert_array_equal(generate(a), generate(b))
+    assert inspect_lora(tmp_path / "locon.safetensors")["conv_layers"] > 0
+    assert "conv_dim" in read_lora_file(tmp_path / "locon.safetensors")[1]["ss_network_args"]
+
+
+# ---------------------------------------------------------------------------------------------- older diffusers keys
+def test_older_diffusers_keys(lora):
+    state, header = to_diffusers(lora)
+    old = {}
+    for key, tensor in state.items():
+        if key.startswith("text_encoder."):
+            key = key.replace(".lora_A.weight", ".lora_linear_layer.down.weight").replace(".lora_B.weight", ".lora_linear_layer.up.weight")
+        elif ".attn1." in key:
+            m = re.fullmatch(r"(.*attn1)\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight", key)
+            if m:
+                proc = {"to_out.0": "to_out"}.get(m.group(2), m.group(2))
+                key = f"{m.group(1)}.processor.{proc}_lora.{'down' if m.group(3) == 'A' else 'up'}.weight"
+        else:
+            key = key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+        old[key] = tensor
+    assert any(".processor.to_out_lora.down.weight" in k for k in old)
+    back = from_diffusers(old, header)
+    assert back.keys() == lora.keys()
+    assert all(torch.equal(back[k].A, w.A) and back[k].alpha == w.alpha for k, w in lora.items())
+
+
+# ---------------------------------------------------------------------------------------------- cloneofsimo
+def _cloneofsimo_order(model, targets):
+    """cloneofsimo's own traversal (`_find_modules`), written independently of the reader."""
+    out = []
+    for ancestor in model.modules():
+        if type(ancestor).__name__ in targets:
+            for name, module in ancestor.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    out.append(module)
+    return out
+
+
+def test_cloneofsimo_file_loads_to_the_right_modules(tmp_path, caplog):
+    pipe = tiny_pipeline(0)
+    gen = torch.Generator().manual_seed(5)
+    state, meta, expect = {}, {}, {}
+    for component, targets in (("unet", ["CrossAttention", "Attention", "GEGLU"]), ("text_encoder", ["CLIPAttention"])):
+        meta[component] = json.dumps(targets)
+        for i, module in enumerate(_cloneofsimo_order(getattr(pipe, component), targets)):
+            state[f"{component}:{i}:down"] = torch.randn(2, module.in_features, generator=gen)
+            state[f"{component}:{i}:up"] = torch.randn(module.out_features, 2, generator=gen)
+            meta[f"{component}:{i}:rank"] = "2"
+            expect[id(module)] = (state[f"{component}:{i}:down"], state[f"{component}:{i}:up"])
+    state["<s1>"] = torch.randn(32)
+    meta["<s1>"] = "<embed>"
+    save_file(state, str(tmp_path / "simo.safetensors"), metadata=meta)
+    with caplog.at_level(logging.WARNING):
+        load_lora(pipe, tmp_path / "simo.safetensors", adapter="simo")
+    assert "<s1>" in caplog.text
+    seen = 0
+    for component in ("unet", "text_encoder"):
+        for _, layer in lora_layers(getattr(pipe, component)):
+            a, b = expect[id(layer.base_layer)]
+            assert torch.equal(layer.lora_A["simo"], a) and torch.equal(layer.lora_B["simo"], b)
+            assert layer.specs["simo"].alpha == 2  # scale baked in: alpha = rank
+            seen += 1
+    assert seen == len(expect) and seen > 60  # every Attention's q/k/v/out, GEGLU proj, CLIPAttention k/v/q/out
+
+
+def test_cloneofsimo_sd1_layout_matches_the_real_traversal():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD 1.x defaults
+    targets = ["CrossAttention", "Attention", "GEGLU"]
+    real = cloneofsimo_paths(module_listing(unet), targets)
+    assert cloneofsimo_paths(sd1_module_listing("unet"), targets) == real
+    assert len(real) == 16 * 9  # 16 transformer blocks: attn1 + attn2 (4 each) + GEGLU proj
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_unmatched_keys_raise_listing_them_and_strict_false_warns(tmp_path, lora, caplog):
+    bad = dict(lora)
+    w = bad["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    bad["unet.down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q"] = LoraWeights(w.A.clone(), w.B.clone(), w.alpha)
+    write_lora_file(tmp_path / "bad.safetensors", bad, dtype=torch.float32)
+    pipe = tiny_pipeline(0)
+    with pytest.raises(LoraFormatError, match=r"1 of \d+ unet keys match no layer.*down_blocks\.7"):
+        load_lora(pipe, tmp_path / "bad.safetensors")
+    assert not list(lora_layers(pipe.unet))  # nothing half-loaded
+    with caplog.at_level(logging.WARNING):
+        load_lora(pipe, tmp_path / "bad.safetensors", strict=False)
+    n_unet = sum(k.startswith("unet.") for k in lora)
+    assert f"Loaded the other {n_unet} layers" in caplog.text and "down_blocks.7" in caplog.text
+
+
+def _fake(lora_shapes: dict[str, tuple[int, int]], rank: int = 4):
+    return {k: LoraWeights(torch.zeros(rank, i), torch.zeros(o, rank), float(rank)) for k, (i, o) in lora_shapes.items()}
+
+
+def test_other_architectures_are_named(tmp_path):
+    pipe = tiny_pipeline(0)
+    sd2 = _fake({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (1024, 1024)})
+    write_lora_file(tmp_path / "sd2.safetensors", sd2)
+    with pytest.raises(LoraFormatError, match=r"SD 2\.x"):
+        load_lora(pipe, tmp_path / "sd2.safetensors")
+    sdxl = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280),
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 4),
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4)}  # fmt: skip
+    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(LoraFormatError, match="SDXL"):
+        load_lora(pipe, tmp_path / "sdxl.safetensors")
+    assert inspect_lora(tmp_path / "sdxl.safetensors")["architecture"].startswith("SDXL")
+
+
+@pytest.mark.parametrize("keys, kind", [(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa"), (("lokr_w1", "lokr_w2"), "LoKr")])
+def test_lycoris_types_are_refused_by_name(tmp_path, keys, kind):
+    state = {f"lora_unet_down_blocks_1_attentions_0_proj_in.{k}": torch.zeros(4, 4) for k in keys}
+    state["lora_unet_down_blocks_1_attentions_0_proj_in.alpha"] = torch.tensor(4.0)
+    save_file(state, str(tmp_path / "lyco.safetensors"))
+    with pytest.raises(LoraFormatError, match=f"{kind}.*not supported yet"):
+        load_lora(tiny_pipeline(0), tmp_path / "lyco.safetensors")
+
+
+def test_inspect(tmp_path, lora, capsys):
+    path = tmp_path / "style.safetensors"
+    write_lora_file(path, lora, format="kohya", metadata={"trigger_words": ["sks style"]})
+    info = inspect_lora(path)
+    assert info["format"] == "kohya" and info["ranks"] == {4: len(lora)} and info["alphas"] == {8.0: len(lora)}
+    assert info["trigger_words"] == ["sks style"] and info["dtype"] == "float16"
+    assert info["targets"]["unet attn2.to_k"] == 6 and info["targets"]["text_encoder self_attn.q_proj"] == 5
+    assert "ss_network_dim" in info["metadata"]
+    assert cli_main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "kohya" in out and "attn2.to_k" in out
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path, lora):
+    """A safetensors header length whose low byte is 0x80 (the pickle opcode) must not be taken for a pickle."""
+    path = tmp_path / "x.safetensors"
+    state = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32, 1, 1),
+             "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(64, 2, 1, 1)}  # fmt: skip
+    for pad in range(256):
+        save_file(state, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_lora_file(path)[1]["_format"] == "diffusers"
+    pickle = tmp_path / "p.safetensors"
+    torch.save(state, pickle)
+    with pytest.raises(LoraFormatError, match="pickled"):
+        read_lora_file(pickle)
