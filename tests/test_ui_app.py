@@ -162,7 +162,6 @@ def test_two_clients_generating_at_once_each_get_their_own_blend(served):
 
 
 def test_merge_two_loras_into_a_new_file(served):
-    pytest.importorskip("lora_diffusion.blend", reason="merging (issue 5) has not landed on this branch yet")
     backend, _, client = served
     table = {"headers": ["use", "LoRA", "weight"], "data": [[True, "style", 0.7], [True, "ink", 0.5], [False, "foreign", 1.0]]}
     report, file = client.predict(table, "svd", 4, "diffusers", "merged_svd", api_name="/merge")
@@ -176,7 +175,6 @@ def test_merge_two_loras_into_a_new_file(served):
 
 
 def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
-    pytest.importorskip("lora_diffusion.training", reason="training (issue 3) has not landed on this branch yet")
     backend, _, client = served
     images = make_images(tmp_path / "up", 3, corrupt=1)
     table = {"headers": ["file", "caption"], "data": [[p.name, "a square"] for p in images]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -285,6 +286,31 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
 
 
+# ---------------------------------------------------------------------------------------------- merge
+def test_concat_merge_generates_the_blend_it_was_made_from(backend):
+    blend = {"style": (0.7, None), "ink": (-0.5, None)}
+    info, report = backend.merge({"style": 0.7, "ink": -0.5, "foreign": 0.0}, "merged_concat")
+    try:
+        assert info.name == "merged_concat" and info.rank == "4, 6" and "concat" in report  # ranks add up
+        merged = pixels(gen(backend, loras={"merged_concat": (1.0, None)}).image)
+        assert np.abs(merged - pixels(gen(backend, loras=blend).image)).max() <= 2  # exact (up to fp16 storage)
+        assert np.abs(merged - pixels(gen(backend).image)).mean() > 1.0
+        with pytest.raises(UIError, match="already exists"):
+            backend.merge({"style": 1.0}, "merged_concat")
+        info, report = backend.merge({"style": 0.7, "ink": -0.5}, "merged_svd", mode="svd", rank=1, format="kohya")
+        assert info.format == "kohya" and info.rank == "1"
+        error = float(re.search(r"^error: ([\d.e-]+)", report, re.M).group(1))
+        assert 0.01 < error < 1.0
+        with pytest.raises(UIError, match="needs a rank"):
+            backend.merge({"style": 1.0}, "x", mode="svd")
+        with pytest.raises(UIError, match="invalid LoRA name"):
+            backend.merge({"style": 1.0}, "../x")
+    finally:
+        for name in ("merged_concat", "merged_svd"):
+            if backend.library.exists(name):
+                backend.delete(name)
+
+
 # ---------------------------------------------------------------------------------------------- concurrency
 def test_concurrent_generations_do_not_mix_blends(backend):
     blends = {"a": {"style": (1.0, None)}, "b": {"ink": (1.5, 0.0)}, "c": {"style": (-1.0, None), "ink": (0.5, None)}}
@@ -391,7 +417,6 @@ def test_training_queue_runs_one_job_at_a_time_and_cancel_keeps_the_checkpoint(t
 
 
 def test_training_with_the_real_trainer(tmp_path, model_dir):
-    pytest.importorskip("lora_diffusion.training", reason="training (issue 3) has not landed on this branch yet")
     backend = Backend(model_dir, tmp_path / "loras")
     images = make_images(tmp_path / "imgs", 3, corrupt=1)
     job = backend.start_training(
@@ -407,7 +432,6 @@ def test_training_with_the_real_trainer(tmp_path, model_dir):
 
 
 def test_cancelling_real_training_keeps_a_usable_checkpoint(tmp_path, model_dir):
-    pytest.importorskip("lora_diffusion.training", reason="training (issue 3) has not landed on this branch yet")
     from ui.handlers import TrainRequest
 
     backend = Backend(model_dir, tmp_path / "loras")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import itertools
 import json
 import logging
@@ -33,8 +32,8 @@ from typing import Any
 import torch
 
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
+from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import LoraFormatError
-from lora_diffusion.inject import lora_layers
 
 from .library import LoraInfo, LoraLibrary, UIError, check_name, safe_child
 
@@ -69,7 +68,6 @@ BLOCK_PRESETS: dict[str, dict[str, float] | None] = {
     "no MID": {"down": 1.0, "mid": 0.0, "up": 1.0},
     "OUT half": {"down": 1.0, "mid": 1.0, "up": 0.5},
 }
-_BLOCK_OF_PATH = (("down_blocks.", "down"), ("mid_block.", "mid"), ("up_blocks.", "up"))
 
 
 def default_model() -> str | None:
@@ -82,75 +80,34 @@ def default_model() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- prompts, blends
-_TAG = re.compile(r"<lora:([^:>]*)((?::[^:>]*){0,2})>", re.IGNORECASE)
-
-
-def _number(text: str, tag: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise UIError(f"prompt tag {tag}: {text!r} is not a number") from None
-
-
 def parse_lora_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
     """A1111 tags out of a prompt: ``(prompt without tags, {name: (unet weight, text-encoder weight)})``.
 
-    ``<lora:name>`` is weight 1, ``<lora:name:w>`` weight w for both, ``<lora:name:te:unet>`` separate weights.
+    ``<lora:name>`` is weight 1, ``<lora:name:w>`` weight w for both, ``<lora:name:te:unet>`` separate weights
+    (``lora_diffusion.blend.parse_prompt``); names must be plain library names.
 
     Example:
         >>> parse_lora_tags("a cat <lora:style:0.5> <lora:ink:0.2:1>")
         ('a cat', {'style': (0.5, 0.5), 'ink': (1.0, 0.2)})
     """
     try:
-        from lora_diffusion.blend import parse_prompt
-    except ImportError:
-        parse_prompt = None
-    if parse_prompt is not None:
-        try:
-            clean, tags = parse_prompt(prompt)
-        except ValueError as e:
-            raise UIError(str(e)) from None
-        return clean, {check_name(n): (float(w.unet), float(w.te)) for n, w in tags.items()}
-    found: dict[str, tuple[float, float]] = {}
-    for match in _TAG.finditer(prompt):
-        tag = match.group(0)
-        name = check_name(match.group(1))
-        values = [v for v in match.group(2).split(":")[1:]]
-        if len(values) == 0:
-            found[name] = (1.0, 1.0)
-        elif len(values) == 1:
-            w = _number(values[0], tag)
-            found[name] = (w, w)
-        else:
-            found[name] = (_number(values[1], tag), _number(values[0], tag))
-    clean = re.sub(r"\s+", " ", _TAG.sub(" ", prompt)).strip().strip(",").strip()
-    return clean, found
+        clean, tags = parse_prompt(prompt)
+    except ValueError as e:
+        raise UIError(str(e)) from None
+    return clean, {check_name(n): (float(w.unet), float(w.te)) for n, w in tags.items()}
 
 
 def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, float] | None = None) -> None:
     """Make exactly ``loras`` active: ``{name: (unet weight, text-encoder weight)}``, UNet weights times ``blocks``.
 
-    ``blocks`` scales the UNet's ``down``/``mid``/``up`` blocks (other UNet layers keep factor 1).
+    ``blocks`` scales the UNet's ``down``/``mid``/``up`` blocks (diffusers' per-block dict; see
+    ``lora_diffusion.blend.block_factor``).
 
     Example:
         >>> apply_blend(pipe, {"style": (0.8, 0.0), "subject": (1.0, 1.0)}, {"down": 0, "mid": 1, "up": 1})
     """
-    unet_w = {n: w for n, (w, _) in loras.items()}
-    te_w = {n: t for n, (_, t) in loras.items()}
-    if "blocks" in inspect.signature(set_adapters).parameters:  # the blending module's set_adapters
-        set_adapters(pipe, unet_w, text_encoder=te_w, blocks=blocks)
-        return
-    unet, te = getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)
-    if unet is not None:
-        for path, layer in lora_layers(unet):
-            factor = 1.0
-            for prefix, block in _BLOCK_OF_PATH:
-                if blocks and path.startswith(prefix):
-                    factor = float(blocks.get(block, 1.0))
-            layer.set_weights({n: w * factor for n, w in unet_w.items()})
-    if te is not None:
-        for _, layer in lora_layers(te):
-            layer.set_weights(te_w)
+    set_adapters(pipe, {n: w for n, (w, _) in loras.items()}, text_encoder={n: t for n, (_, t) in loras.items()},
+                 blocks=blocks)
 
 
 def _fmt(x: float) -> str:
@@ -603,10 +560,6 @@ class Backend:
         format: str = "diffusers",
     ) -> tuple[LoraInfo, str]:
         """Merge library LoRAs into a new library file; returns its info and a report (SVD error included)."""
-        try:
-            from lora_diffusion.blend import merge_loras
-        except ImportError as e:
-            raise UIError(f"merging is not available in this installation ({e})") from None
         out_name = check_name(out_name)
         out = self.library.path_for(out_name)
         if out.exists():
@@ -785,9 +738,12 @@ def _trained_weights(output_dir: Path, result: Any) -> Path | None:
 
 
 def format_report(report: Any) -> str:
-    """A merge report (dataclass, dict or anything else) as ``key: value`` lines."""
-    if dataclasses.is_dataclass(report) and not isinstance(report, type):
-        report = dataclasses.asdict(report)
-    if isinstance(report, dict):
-        return "\n".join(f"{k}: {v}" for k, v in report.items())
-    return str(report)
+    """A ``MergeReport`` as a few lines: mode, ranks, the SVD error overall and its worst layers."""
+    lines = [f"mode: {report.mode}", f"rank: {', '.join(map(str, report.ranks))}"]
+    if report.mode == "svd":
+        lines.append(f"error: {report.error:.4g} (relative Frobenius norm of the change, all layers)")
+        worst = sorted(report.errors.items(), key=lambda kv: -kv[1])[:3]
+        lines += [f"  {key}: {err:.4g}" for key, err in worst]
+    else:
+        lines.append("error: 0 (concatenation is exact)")
+    return "\n".join(lines)
