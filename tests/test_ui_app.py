@@ -225,3 +225,33 @@ def test_auth_protects_every_route(tmp_path):
         assert out[0][0]["caption"].startswith("style 1")
     finally:
         demo.close()
+
+
+def test_python_dash_m_ui_serves_on_loopback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "ui", "--port", str(port), "--lora-dir", str(tmp_path / "loras")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.3)
+        else:
+            pytest.fail("python -m ui did not start within 60 s")
+        assert (tmp_path / "loras").is_dir()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert f"http://127.0.0.1:{port}" in out and "gradio.live" not in out
