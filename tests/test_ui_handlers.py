@@ -231,6 +231,17 @@ def test_generation_follows_the_blend(backend):
     assert np.array_equal(pixels(gen(backend, loras={"style": (0.0, 0.0)}).image), base)
 
 
+def test_saved_images_are_new_files_carrying_their_blend(backend):
+    from PIL import Image
+
+    result = gen(backend, loras={"style": (0.5, None)})
+    first, second = backend.save_image(result), backend.save_image(result)
+    assert first != second  # never rewritten in place (a download of the first may be under way)
+    with Image.open(first) as im:
+        assert im.text["lora_diffusion_snippet"] == result.snippet and "style 0.5" in im.text["parameters"]
+        assert np.array_equal(pixels(im), pixels(result.image))
+
+
 def test_text_encoder_weight_and_block_presets_change_the_image(backend):
     same = pixels(gen(backend, loras={"style": (1.0, None)}).image)
     no_te = gen(backend, loras={"style": (1.0, 0.0)})

@@ -198,7 +198,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 width=int(width or 0) or None, height=int(height or 0) or None)
             )
             info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
-            past = [{"image": result.image, "caption": result.caption, "info": info, "snippet": result.snippet}, *(past or [])][:HISTORY]
+            # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
+            path = backend.save_image(result)
+            past = [{"image": path, "caption": result.caption, "info": info, "snippet": result.snippet}, *(past or [])][:HISTORY]
             return [(h["image"], h["caption"]) for h in past], past, info, result.snippet
 
         def on_select(past, evt: gr.SelectData):

@@ -438,6 +438,7 @@ class Backend:
         self._loaded: dict[str, tuple[int, int]] = {}  # adapter name -> (mtime_ns, size) of the file it came from
         self._ids = itertools.count(1)
         self._model_dir: str | None = None
+        self._out_dir: Path | None = None
         self.queue = TrainQueue(self._run_training)
 
     @property
@@ -548,6 +549,20 @@ class Backend:
             guidance=float(req.guidance), width=width, height=height,
         )
         return GenerateResult(image, prompt, loras, caption, snippet, settings)
+
+    def save_image(self, result: GenerateResult) -> str:
+        """Write the image to this backend's output folder as a new PNG carrying its caption and snippet."""
+        from PIL.PngImagePlugin import PngInfo
+
+        with self._load_lock:
+            if self._out_dir is None:
+                self._out_dir = Path(tempfile.mkdtemp(prefix="lora_ui_images_"))
+            path = self._out_dir / f"{next(self._ids):05d}-seed{result.settings['seed']}.png"
+        info = PngInfo()
+        info.add_text("parameters", f"{result.prompt}\n{result.caption}")
+        info.add_text("lora_diffusion_snippet", result.snippet)
+        result.image.save(path, pnginfo=info)
+        return str(path)
 
     # ------------------------------------------------------------------ merge
     def merge(
