@@ -1,0 +1,257 @@
+"""The launched Gradio app, driven through ``gradio_client`` (and raw HTTP for auth): one app per module."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+gr = pytest.importorskip("gradio", reason="the UI needs gradio: pip install -e '.[ui]'")
+gradio_client = pytest.importorskip("gradio_client")
+httpx = pytest.importorskip("httpx")
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+from ui.app import MAX_SLOTS, build_demo, launch  # noqa: E402
+from ui.cli import add_arguments, launch_kwargs  # noqa: E402
+from ui.handlers import Backend  # noqa: E402
+from ui_support import SIZE, STEPS, free_port, make_foreign_lora, make_images, make_lora, pixels, tiny_model_dir  # noqa: E402
+
+
+def cli_kwargs(*argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return launch_kwargs(parser.parse_args(list(argv)))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui_app")
+    lib = root / "loras"
+    lib.mkdir()
+    make_lora(lib / "style.safetensors", 1)
+    make_lora(lib / "ink.safetensors", 2, rank=2)
+    make_foreign_lora(lib / "foreign.safetensors")
+    make_images(root / "data" / "squares", 3, corrupt=1)
+    backend = Backend(tiny_model_dir(root / "model"), lib, root / "data")
+    demo = build_demo(backend)
+    assert backend._pipe is None  # building the app does no model work
+    kwargs = cli_kwargs("--port", str(free_port()), "--lora-dir", str(lib))
+    kwargs.update(prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch(demo, **kwargs)
+    client = Client(url, verbose=False)
+    yield backend, url, client
+    demo.close()
+
+
+def generate(client, backend, blend: dict, prompt="a red circle", seed=0):
+    """Call /generate with the Generate tab's slots: ``blend`` = {name: (weight, te weight or None)}."""
+    names = backend.library.names()[:MAX_SLOTS]
+    use = [n in blend for n in names] + [False] * (MAX_SLOTS - len(names))
+    weights = [blend[n][0] if n in blend else 1.0 for n in names] + [1.0] * (MAX_SLOTS - len(names))
+    te = [str(blend[n][1]) if n in blend and blend[n][1] is not None else "" for n in names] + [""] * (MAX_SLOTS - len(names))
+    out = client.predict(prompt, "", "all blocks", False, seed, STEPS, 5.0, SIZE, SIZE, *use, *weights, *te, api_name="/generate")
+    gallery, info, snippet = out[0], out[-2], out[-1]
+    return pixels(gallery[0]["image"]), gallery[0]["caption"], info, snippet
+
+
+def test_binds_to_loopback_only(served):
+    _, url, _ = served
+    host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()
+    assert host == "127.0.0.1"
+    socket.create_connection((host, int(port)), timeout=2).close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # this machine's outward address (nothing is sent)
+        try:
+            s.connect(("10.255.255.255", 1))
+            outward = s.getsockname()[0]
+        except OSError:
+            outward = "127.0.0.1"
+    if outward.startswith("127."):
+        pytest.skip("this machine has no non-loopback IPv4 address to check against")
+    with pytest.raises(OSError):
+        socket.create_connection((outward, int(port)), timeout=2).close()
+
+
+def test_generate_with_two_loras_follows_the_weights(served):
+    backend, _, client = served
+    a, caption_a, info, snippet = generate(client, backend, {"style": (1.0, None), "ink": (0.5, None)})
+    b, caption_b, _, _ = generate(client, backend, {"style": (1.0, None), "ink": (-1.0, 0.0)})
+    again, _, _, _ = generate(client, backend, {"style": (1.0, None), "ink": (0.5, None)})
+    base, caption_base, _, _ = generate(client, backend, {})
+    assert caption_a.startswith("ink 0.5 + style 1 |") and caption_b.startswith("ink -1 (te 0) + style 1 |")
+    assert caption_base.startswith("no LoRA")
+    assert "ink 0.5 + style 1" in info
+    assert 'adapter_name="style"' in snippet and "set_adapters(['ink', 'style'], adapter_weights=[0.5, 1.0])" in snippet
+    assert np.array_equal(a, again)
+    assert np.abs(a - b).mean() > 1.0 and np.abs(a - base).mean() > 1.0
+    # A1111 tags in the prompt do the same as the sliders
+    tagged, _, _, _ = generate(client, backend, {}, prompt="a red circle <lora:style:1> <lora:ink:0.5>")
+    assert np.array_equal(tagged, a)
+
+
+def test_a_lora_for_another_model_shows_the_loaders_message(served):
+    backend, _, client = served
+    with pytest.raises(Exception) as err:
+        generate(client, backend, {"foreign": (1.0, None)})
+    msg = str(err.value)
+    assert "match no layer" in msg and "SD 1.x" in msg and "Traceback" not in msg
+
+
+def test_upload_and_delete_through_the_app(served, tmp_path):
+    backend, _, client = served
+    good = make_lora(tmp_path / "fresh.safetensors", 7)
+    msg = client.predict(handle_file(str(good)), "", api_name="/upload_lora")
+    assert "added **fresh**" in msg and "fresh" in backend.library.names()
+    with pytest.raises(Exception, match="invalid LoRA name"):
+        client.predict(handle_file(str(good)), "../../escaped", api_name="/upload_lora")
+    with pytest.raises(Exception, match="already exists"):
+        client.predict(handle_file(str(good)), "", api_name="/upload_lora")
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(Exception):
+        client.predict(handle_file(str(ckpt)), "", api_name="/upload_lora")
+    assert not list(tmp_path.parent.glob("escaped*")) and sorted(backend.library.names()) == ["foreign", "fresh", "ink", "style"]
+    assert "deleted **fresh**" in client.predict("fresh", api_name="/delete_lora")
+    assert "fresh" not in backend.library.names()
+
+
+def test_oversize_uploads_are_refused(tmp_path):
+    backend = Backend(None, tmp_path / "loras", max_upload_mb=0.01)
+    demo = build_demo(backend)
+    kwargs = cli_kwargs("--port", str(free_port()), "--max-upload-mb", "0.01")
+    _, url, _ = launch(demo, prevent_thread_lock=True, quiet=True, **kwargs)
+    try:
+        big = make_lora(tmp_path / "big.safetensors", 3)  # ~40 kB
+        with pytest.raises(Exception) as err:
+            Client(url, verbose=False).predict(handle_file(str(big)), "", api_name="/upload_lora")
+        assert "big" not in backend.library.names()
+        assert "limit" in str(err.value).lower() or "large" in str(err.value).lower() or "size" in str(err.value).lower()
+    finally:
+        demo.close()
+
+
+def test_two_clients_generating_at_once_each_get_their_own_blend(served):
+    backend, url, _ = served
+    blends = [{"style": (1.5, None)}, {"ink": (1.5, 0.0), "style": (-0.5, None)}]
+    clients = [Client(url, verbose=False) for _ in blends]
+    reference = [generate(clients[0], backend, b, seed=5)[0] for b in blends]
+    assert not np.array_equal(reference[0], reference[1])
+    results: list[list] = [[], []]
+    errors = []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                results[i].append(generate(clients[i], backend, blends[i], seed=5)[0])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in range(2):
+        assert len(results[i]) == 3 and all(np.array_equal(r, reference[i]) for r in results[i])
+
+
+def test_merge_two_loras_into_a_new_file(served):
+    backend, _, client = served
+    table = {"headers": ["use", "LoRA", "weight"], "data": [[True, "style", 0.7], [True, "ink", 0.5], [False, "foreign", 1.0]]}
+    report, file = client.predict(table, "svd", 4, "diffusers", "merged_svd", api_name="/merge")
+    assert "merged_svd" in backend.library.names() and "merged_svd" in report
+    assert "error" in report.lower()
+    assert file and file.endswith(".safetensors")
+    report, _ = client.predict(table, "concat", 0, "kohya", "merged_kohya", api_name="/merge")
+    assert backend.library.info("merged_kohya").format == "kohya"
+    img, caption, _, _ = generate(client, backend, {"merged_svd": (1.0, None)})
+    assert caption.startswith("merged_svd 1")
+
+
+def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
+    backend, _, client = served
+    images = make_images(tmp_path / "up", 3, corrupt=1)
+    table = {"headers": ["file", "caption"], "data": [[p.name, "a square"] for p in images]}
+    out = client.predict([handle_file(str(p)) for p in images], None, table, "trained", "style", "", 2, 3, 1e-3, 5e-5,
+                         False, SIZE, "", 0, api_name="/train")
+    progress, status = out[0], out[1]
+    assert '<progress value="3" max="3"' in progress
+    assert "done" in status and "broken0.png" in status, status
+    assert "trained" in backend.library.names()
+    img, caption, _, _ = generate(client, backend, {"trained": (1.0, None)})
+    assert caption.startswith("trained 1")
+
+
+def test_auth_protects_every_route(tmp_path):
+    backend = Backend(None, tmp_path / "loras")
+    make_lora(tmp_path / "loras" / "style.safetensors", 1)
+    demo = build_demo(backend)
+    app, url, _ = launch(demo, prevent_thread_lock=True, quiet=True,
+                         **cli_kwargs("--port", str(free_port()), "--auth", "alice:s3cret:x"))
+    public = {"/", "/login", "/login/", "/logout", "/favicon.ico", "/theme.css", "/gradio_api/theme.css", "/robots.txt",
+              "/manifest.json",
+              "/gradio_api/startup-events"}  # loopback only: gradio's launch calls it on itself
+    try:
+        routes = []
+        for r in app.router.routes:
+            for c in getattr(r, "_effective_candidates", None) or [r]:
+                methods = getattr(getattr(c, "original_route", c), "methods", None) or {"GET"}
+                routes += [(getattr(c, "path", ""), m) for m in methods if m != "HEAD"]
+        assert len(routes) > 40
+        anon = httpx.Client(base_url=url, timeout=5)
+        checked = 0
+        for path, method in routes:
+            if path in public or path.startswith(("/assets/", "/static/", "/svelte/", "/pwa_icon")):
+                continue
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
+            with anon.stream(method, concrete) as resp:
+                assert resp.status_code == 401, (method, path, resp.status_code)
+            checked += 1
+        assert checked > 40
+        assert anon.get("/config").status_code == 401
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        with pytest.raises(Exception):
+            Client(url, auth=("alice", "wrong"), verbose=False)
+        client = Client(url, auth=("alice", "s3cret:x"), verbose=False)
+        out = client.predict("ok", "", "all blocks", False, 0, 1, 1.0, SIZE, SIZE, True, *[False] * (MAX_SLOTS - 1),
+                             *[1.0] * MAX_SLOTS, *[""] * MAX_SLOTS, api_name="/generate")
+        assert out[0][0]["caption"].startswith("style 1")
+    finally:
+        demo.close()
+
+
+def test_python_dash_m_ui_serves_on_loopback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "ui", "--port", str(port), "--lora-dir", str(tmp_path / "loras")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.3)
+        else:
+            pytest.fail("python -m ui did not start within 60 s")
+        assert (tmp_path / "loras").is_dir()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert f"http://127.0.0.1:{port}" in out and "gradio.live" not in out

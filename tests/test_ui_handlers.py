@@ -1,0 +1,462 @@
+"""UI handlers without a browser or gradio: library safety, blends, generation, concurrency, training queue."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lora_diffusion import list_adapters, load_lora
+from lora_diffusion.inject import lora_layers
+from lora_diffusion.testing import tiny_pipeline
+
+from ui.handlers import (
+    BLOCK_PRESETS,
+    Backend,
+    GenerateRequest,
+    TrainJob,
+    TrainQueue,
+    UIError,
+    apply_blend,
+    parse_lora_tags,
+    prepare_dataset,
+)
+from ui.library import LoraLibrary, check_name
+from ui_support import SIZE, STEPS, make_foreign_lora, make_images, make_lora, pixels, tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("files")
+    return {
+        "style": make_lora(folder / "style.safetensors", 1),
+        "ink": make_lora(folder / "ink.safetensors", 2, rank=2),
+        "foreign": make_foreign_lora(folder / "foreign.safetensors"),
+    }
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory, model_dir, lora_files):
+    lib = tmp_path_factory.mktemp("loras")
+    for name, path in lora_files.items():
+        shutil.copy(path, lib / f"{name}.safetensors")
+    return Backend(model_dir, lib)
+
+
+def gen(backend, prompt="a red circle", **kw):
+    kw.setdefault("steps", STEPS)
+    kw.setdefault("width", SIZE)
+    kw.setdefault("height", SIZE)
+    kw.setdefault("guidance", 5.0)
+    return backend.generate(GenerateRequest(prompt, **kw))
+
+
+# ---------------------------------------------------------------------------------------------- import hygiene
+def test_importing_the_ui_loads_no_gradio_and_no_model():
+    code = (
+        "import sys, ui, ui.handlers, ui.library, ui.cli, lora_diffusion.cli as c; c.build_parser();"
+        "bad = [m for m in ('gradio', 'diffusers', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_defaults_bind_loopback_without_share():
+    import argparse
+
+    from ui.cli import add_arguments, launch_kwargs, parse_auth
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    kw = launch_kwargs(parser.parse_args([]))
+    assert kw["server_name"] == "127.0.0.1" and kw["server_port"] == 7860
+    assert kw["share"] is False and kw["auth"] is None
+    kw = launch_kwargs(parser.parse_args(["--host", "0.0.0.0", "--auth", "me:a:b", "--port", "9000"]))
+    assert kw["server_name"] == "0.0.0.0" and kw["auth"] == ("me", "a:b") and kw["server_port"] == 9000
+    with pytest.raises(SystemExit):
+        parse_auth("nopassword")
+
+
+def test_dispatcher_has_the_ui_command():
+    from lora_diffusion.cli import build_parser
+
+    args = build_parser().parse_args(["ui", "--lora-dir", "x"])
+    assert args.lora_dir == "x" and args.host == "127.0.0.1" and callable(args.func)
+
+
+# ---------------------------------------------------------------------------------------------- library safety
+@pytest.mark.parametrize("name", ["../x", "../../etc/passwd", "/etc/passwd", "a/b", "..", ".", "a.b", "", "x\\y", "C:\\x", " ", "-x"])
+def test_names_cannot_escape_the_library(tmp_path, name):
+    lib = LoraLibrary(tmp_path / "loras")
+    with pytest.raises(UIError):
+        lib.path_for(name)
+    with pytest.raises(UIError):
+        check_name(name)
+
+
+def test_valid_names_stay_inside(tmp_path):
+    lib = LoraLibrary(tmp_path / "loras")
+    for name in ("style", "my_style-2", "A1.safetensors".replace(".safetensors", ""), "x.safetensors"):
+        assert lib.path_for(name).parent == lib.root
+
+
+def test_upload_checks(tmp_path, lora_files):
+    lib = LoraLibrary(tmp_path / "loras", max_upload_mb=1)
+    info = lib.add_file(lora_files["style"])
+    assert info.name == "style" and info.path.parent == lib.root and info.format == "diffusers"
+    assert info.rank == "2, 4" and info.trigger_words == ["<s1>"] and info.base_model == "tiny"
+    with pytest.raises(UIError, match="already exists"):
+        lib.add_file(lora_files["style"])
+    with pytest.raises(UIError, match="invalid LoRA name"):
+        lib.add_file(lora_files["style"], "../../evil")
+    with pytest.raises(UIError, match="invalid LoRA name"):
+        lib.add_file(lora_files["style"], str(tmp_path / "abs"))
+    assert not (tmp_path / "evil.safetensors").exists() and not (tmp_path / "abs.safetensors").exists()
+    # an uploaded file's own odd name is turned into a plain name inside the library
+    odd = tmp_path / "up" / "..my style!.safetensors"
+    odd.parent.mkdir()
+    shutil.copy(lora_files["ink"], odd)
+    assert lib.add_file(odd).path.parent == lib.root
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"whatever")
+    with pytest.raises(UIError, match="only .safetensors"):
+        lib.add_file(ckpt)
+    big = tmp_path / "big.safetensors"
+    shutil.copy(lora_files["style"], big)
+    with open(big, "ab") as f:
+        f.write(b"\0" * (1024 * 1024))
+    with pytest.raises(UIError, match="upload limit is 1 MB"):
+        lib.add_file(big)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(UIError, match="junk.safetensors"):
+        lib.add_file(junk)
+    assert sorted(lib.names()) == ["my_style", "style"]
+    lib.delete("style")
+    assert lib.names() == ["my_style"]
+    with pytest.raises(UIError):
+        lib.delete("../my_style")
+
+
+class _Boom:
+    """Unpickling this creates a marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickles_are_never_loaded(tmp_path, backend):
+    marker = tmp_path / "unpickled"
+    for name in ("evil.safetensors", "evil.ckpt", "evil.pt"):
+        torch.save({"w": torch.zeros(1), "x": _Boom(marker)}, tmp_path / name)
+        with pytest.raises(UIError):
+            backend.library.add_file(tmp_path / name, "evil")
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(pickle.dumps(_Boom(marker)))
+    with pytest.raises(UIError):
+        backend.library.add_file(raw, "evil")
+    # a pickle dropped straight into the library folder is refused when used, too
+    shutil.copy(tmp_path / "evil.safetensors", backend.library.root / "evil.safetensors")
+    try:
+        with pytest.raises(UIError, match="pickle"):
+            gen(backend, "x <lora:evil:1>")
+    finally:
+        (backend.library.root / "evil.safetensors").unlink()
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- prompts and blends
+def test_parse_lora_tags():
+    assert parse_lora_tags("a cat <lora:style:0.5>, <lora:ink:0.2:1> <lora:x>") == (
+        "a cat", {"style": (0.5, 0.5), "ink": (1.0, 0.2), "x": (1.0, 1.0)})
+    with pytest.raises(UIError):
+        parse_lora_tags("<lora:../x:1>")
+    with pytest.raises(UIError, match="number"):
+        parse_lora_tags("<lora:x:heavy>")
+
+
+def test_apply_blend_sets_per_component_and_per_block_weights(lora_files):
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, lora_files["style"], adapter="style")
+    load_lora(pipe, lora_files["ink"], adapter="ink")
+    apply_blend(pipe, {"style": (0.8, 0.3), "ink": (-0.5, 0.0)}, BLOCK_PRESETS["OUT half"])
+    seen = set()
+    for path, layer in lora_layers(pipe.unet):
+        factor = 0.5 if path.startswith("up_blocks.") else 1.0
+        assert layer.active == ["style", "ink"]
+        assert layer.weights["style"] == pytest.approx(0.8 * factor) and layer.weights["ink"] == pytest.approx(-0.5 * factor)
+        seen.add(path.split(".")[0])
+    assert seen == {"down_blocks", "mid_block", "up_blocks"}
+    for _, layer in lora_layers(pipe.text_encoder):
+        assert layer.weights["style"] == 0.3 and layer.weights["ink"] == 0.0
+    apply_blend(pipe, {"ink": (1.0, 1.0)})
+    assert all(layer.active == ["ink"] for _, layer in lora_layers(pipe.unet))
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def test_generation_follows_the_blend(backend):
+    base = pixels(gen(backend).image)
+    one = gen(backend, loras={"style": (1.0, None)})
+    half = gen(backend, loras={"style": (0.5, None), "ink": (1.0, None)})
+    assert np.array_equal(pixels(gen(backend, loras={"style": (1.0, None)}).image), pixels(one.image))  # deterministic
+    for a, b in ((base, pixels(one.image)), (pixels(one.image), pixels(half.image)), (base, pixels(half.image))):
+        assert np.abs(a - b).mean() > 1.0
+    # tags are the same as the sliders, and they leave the prompt
+    tagged = gen(backend, "a red circle <lora:style:0.5> <lora:ink:1>")
+    assert tagged.prompt == "a red circle" and tagged.loras == half.loras
+    assert np.array_equal(pixels(tagged.image), pixels(half.image))
+    assert half.caption.startswith("style 0.5 + ink 1 |")
+    # zero weight is the base model
+    assert np.array_equal(pixels(gen(backend, loras={"style": (0.0, 0.0)}).image), base)
+
+
+def test_saved_images_are_new_files_carrying_their_blend(backend):
+    from PIL import Image
+
+    result = gen(backend, loras={"style": (0.5, None)})
+    first, second = backend.save_image(result), backend.save_image(result)
+    assert first != second  # never rewritten in place (a download of the first may be under way)
+    with Image.open(first) as im:
+        assert im.text["lora_diffusion_snippet"] == result.snippet and "style 0.5" in im.text["parameters"]
+        assert np.array_equal(pixels(im), pixels(result.image))
+
+
+def test_text_encoder_weight_and_block_presets_change_the_image(backend):
+    same = pixels(gen(backend, loras={"style": (1.0, None)}).image)
+    no_te = gen(backend, loras={"style": (1.0, 0.0)})
+    assert "(te 0)" in no_te.caption
+    assert np.abs(same - pixels(no_te.image)).mean() > 0.5
+    out_only = gen(backend, loras={"style": (1.0, None)}, block_preset="OUT (up) only")
+    assert np.abs(same - pixels(out_only.image)).mean() > 0.5
+    with pytest.raises(UIError, match="block preset"):
+        gen(backend, block_preset="nope")
+
+
+def test_fused_generation_matches_unfused_and_restores_the_base(backend):
+    pipe = backend.pipe
+    gen(backend, loras={"style": (1.0, None)})  # loaded
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    unfused = pixels(gen(backend, loras={"style": (0.7, None), "ink": (0.6, None)}).image)
+    fused = gen(backend, loras={"style": (0.7, None), "ink": (0.6, None)}, fuse=True)
+    assert fused.caption.endswith("fused")
+    assert np.abs(unfused - pixels(fused.image)).max() <= 2
+    after = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_lora_for_another_model_gives_the_loaders_message(backend):
+    with pytest.raises(UIError) as err:
+        gen(backend, loras={"foreign": (1.0, None)})
+    msg = str(err.value)
+    assert "foreign" in msg and "match no layer" in msg and "SD 1.x" in msg and "Traceback" not in msg
+    assert "foreign" not in {n for names in list_adapters(backend.pipe).values() for n in names}
+    gen(backend, loras={"style": (1.0, None)})  # the pipeline still works
+
+
+def test_missing_and_invalid_loras_are_refused(backend):
+    with pytest.raises(UIError, match="no LoRA named 'ghost'"):
+        gen(backend, loras={"ghost": (1.0, None)})
+    with pytest.raises(UIError, match="invalid LoRA name"):
+        gen(backend, "x <lora:../../etc/passwd:1>")
+    with pytest.raises(UIError, match="multiples of 8"):
+        gen(backend, width=30)
+
+
+def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
+    pytest.importorskip("peft", reason="stock diffusers needs peft for load_lora_weights/set_adapters")
+    for kw in ({"loras": {"style": (0.8, None), "ink": (0.5, None)}},
+               {"loras": {"style": (1.0, 0.3)}, "block_preset": "OUT half", "negative_prompt": "blurry"}):
+        result = gen(backend, **kw)
+        assert "load_lora_weights" in result.snippet and "set_adapters" in result.snippet
+        scope: dict = {}
+        exec(result.snippet, scope)  # noqa: S102 - our own generated code
+        theirs = pixels(scope["image"])
+        ours = pixels(result.image)
+        assert np.abs(theirs - ours).max() <= 2, result.snippet
+        assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
+
+
+# ---------------------------------------------------------------------------------------------- merge
+def test_concat_merge_generates_the_blend_it_was_made_from(backend):
+    blend = {"style": (0.7, None), "ink": (-0.5, None)}
+    info, report = backend.merge({"style": 0.7, "ink": -0.5, "foreign": 0.0}, "merged_concat")
+    try:
+        assert info.name == "merged_concat" and info.rank == "4, 6" and "concat" in report  # ranks add up
+        merged = pixels(gen(backend, loras={"merged_concat": (1.0, None)}).image)
+        assert np.abs(merged - pixels(gen(backend, loras=blend).image)).max() <= 2  # exact (up to fp16 storage)
+        assert np.abs(merged - pixels(gen(backend).image)).mean() > 1.0
+        with pytest.raises(UIError, match="already exists"):
+            backend.merge({"style": 1.0}, "merged_concat")
+        info, report = backend.merge({"style": 0.7, "ink": -0.5}, "merged_svd", mode="svd", rank=1, format="kohya")
+        assert info.format == "kohya" and info.rank == "1"
+        error = float(re.search(r"^error: ([\d.e-]+)", report, re.M).group(1))
+        assert 0.01 < error < 1.0
+        with pytest.raises(UIError, match="needs a rank"):
+            backend.merge({"style": 1.0}, "x", mode="svd")
+        with pytest.raises(UIError, match="invalid LoRA name"):
+            backend.merge({"style": 1.0}, "../x")
+    finally:
+        for name in ("merged_concat", "merged_svd"):
+            if backend.library.exists(name):
+                backend.delete(name)
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+def test_concurrent_generations_do_not_mix_blends(backend):
+    blends = {"a": {"style": (1.0, None)}, "b": {"ink": (1.5, 0.0)}, "c": {"style": (-1.0, None), "ink": (0.5, None)}}
+    reference = {k: pixels(gen(backend, loras=v, seed=3).image) for k, v in blends.items()}
+    assert len({r.tobytes() for r in reference.values()}) == 3
+    results: dict[str, list] = {k: [] for k in blends}
+    errors = []
+
+    def worker(key):
+        try:
+            for _ in range(3):
+                results[key].append(pixels(gen(backend, loras=blends[key], seed=3).image))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in blends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for key, images in results.items():
+        assert len(images) == 3 and all(np.array_equal(img, reference[key]) for img in images), key
+
+
+# ---------------------------------------------------------------------------------------------- training data and queue
+def test_prepare_dataset_skips_unreadable_images(tmp_path):
+    good = make_images(tmp_path / "src", 2, corrupt=2)
+    text = tmp_path / "src" / "notes.jpg"
+    text.write_text("hello")
+    items = [(str(p), f"caption {p.stem}") for p in good] + [(str(text), "")]
+    n, skipped = prepare_dataset(items, tmp_path / "data")
+    assert n == 2
+    assert sorted(s.split(":")[0] for s in skipped) == ["broken0.png", "broken1.png", "notes.jpg"]
+    written = sorted(p.name for p in (tmp_path / "data").glob("*.png"))
+    assert len(written) == 2 and (tmp_path / "data" / "metadata.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "data" / written[0]).with_suffix(".txt").read_text() == "caption img0"
+    with pytest.raises(UIError, match="none of the 2 images"):
+        prepare_dataset([(str(text), ""), (str(good[-1]), "")], tmp_path / "data2")
+
+
+def _fake_train(template: Path, gate: threading.Semaphore | None = None, seen: list | None = None):
+    """Stands in for lora_diffusion.training.train with its contract: progress after every step (False stops the
+    run), a checkpoint folder when stopped, the final file only when completed, a result object."""
+
+    def train(config, progress):
+        out = Path(config.output_dir)
+        for step in range(1, config.max_train_steps + 1):
+            if gate is not None:
+                assert gate.acquire(timeout=10)  # one permit per step
+            keep_going = progress({"step": step, "max_steps": config.max_train_steps, "loss": 1.0 / step, "lr": 1e-4,
+                                   "eta_s": 0.1, "sample_paths": []})
+            if seen is not None:
+                seen.append((config.name, step))
+            if keep_going is False:
+                ckpt = out / "checkpoints" / f"checkpoint-{step}"
+                ckpt.mkdir(parents=True)
+                shutil.copy(template, ckpt / "pytorch_lora_weights.safetensors")
+                return SimpleNamespace(status="cancelled", lora_path=None, checkpoint=ckpt, global_step=step, sample_paths=[])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template, out / "pytorch_lora_weights.safetensors")
+        return SimpleNamespace(status="completed", lora_path=out / "pytorch_lora_weights.safetensors", checkpoint=None,
+                               global_step=config.max_train_steps, sample_paths=[])
+
+    return train
+
+
+def _job(backend, job_id, name, steps):
+    out = backend.library.root / ".train" / name / "out"
+    return TrainJob(id=job_id, name=name, config=SimpleNamespace(output_dir=out, max_train_steps=steps, name=name), output_dir=out)
+
+
+def test_training_queue_runs_one_job_at_a_time_and_cancel_keeps_the_checkpoint(tmp_path, lora_files, model_dir):
+    gate = threading.Semaphore(0)
+    seen: list = []
+    backend = Backend(model_dir, tmp_path / "loras", train_fn=_fake_train(lora_files["style"], gate, seen))
+    first = backend.queue.submit(_job(backend, 1, "first", 50))
+    second = backend.queue.submit(_job(backend, 2, "second", 2))
+    third = backend.queue.submit(_job(backend, 3, "third", 2))
+    for _ in range(100):
+        if first.status == "running":
+            break
+        threading.Event().wait(0.02)
+    assert (backend.queue.position(first), backend.queue.position(second), backend.queue.position(third)) == (0, 1, 2)
+    assert second.status == "queued" and not seen
+    backend.queue.cancel(third)  # dropped while waiting
+    assert third.finished and third.status == "cancelled" and backend.queue.position(second) == 1
+    gate.release(3)
+    for _ in range(500):
+        if first.step >= 3:
+            break
+        threading.Event().wait(0.01)
+    backend.cancel_training(first)
+    gate.release(100)
+    assert first.done_event.wait(10) and second.done_event.wait(10)
+    assert first.status == "cancelled" and 3 <= first.step < 50, first.message
+    assert second.status == "done" and second.step == 2
+    assert [n for n, _ in seen] == ["first"] * first.step + ["second"] * 2  # strictly one after the other
+    assert sorted(backend.library.names()) == ["first", "second"]
+    # the cancelled job's last checkpoint is a usable LoRA
+    pipe = tiny_pipeline(0)
+    assert load_lora(pipe, backend.library.path_for("first")) == "first"
+    assert [x for x, _ in first.losses][:3] == [1, 2, 3]
+
+
+def test_training_with_the_real_trainer(tmp_path, model_dir):
+    backend = Backend(model_dir, tmp_path / "loras")
+    images = make_images(tmp_path / "imgs", 3, corrupt=1)
+    job = backend.start_training(
+        __import__("ui.handlers", fromlist=["TrainRequest"]).TrainRequest(
+            name="tiny_style", images=[(str(p), "a square") for p in images], max_train_steps=3, rank=2, resolution=SIZE,
+            extra={"num_validation_images": 1, "validation_inference_steps": 2})
+    )
+    assert job.done_event.wait(120), job.status
+    assert job.status == "done", job.message
+    assert job.skipped_images and job.skipped_images[0].startswith("broken0.png")
+    assert "tiny_style" in backend.library.names() and len(job.losses) >= 1
+    gen(backend, loras={"tiny_style": (1.0, None)})
+
+
+def test_cancelling_real_training_keeps_a_usable_checkpoint(tmp_path, model_dir):
+    from ui.handlers import TrainRequest
+
+    backend = Backend(model_dir, tmp_path / "loras")
+    images = make_images(tmp_path / "imgs", 2)
+    job = backend.start_training(TrainRequest(
+        name="stopped", images=[(str(p), "a square") for p in images], max_train_steps=200, rank=2, resolution=SIZE,
+        extra={"num_validation_images": 0}))
+    for _ in range(1000):
+        if job.step >= 2 or job.finished:
+            break
+        threading.Event().wait(0.02)
+    backend.cancel_training(job)
+    assert job.done_event.wait(120)
+    assert job.status == "cancelled" and 2 <= job.step < 200, job.message
+    pipe = tiny_pipeline(0)
+    assert load_lora(pipe, backend.library.path_for("stopped")) == "stopped"
+    assert any(float(layer.lora_B["stopped"].abs().sum()) > 0 for _, layer in lora_layers(pipe.unet))  # it learned

@@ -1,0 +1,383 @@
+"""The Gradio app: ``build_demo(backend) -> gr.Blocks``. Widgets and wiring only; the work is in ``ui.handlers``.
+
+Nothing here loads a model: the backend loads it on the first generation.
+
+Example:
+    >>> from ui.handlers import Backend
+    >>> demo = build_demo(Backend(lora_dir="loras"))
+    >>> demo.queue().launch(server_name="127.0.0.1", server_port=7860)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from lora_diffusion.formats import LoraFormatError
+
+from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, job_status
+from .library import TABLE_HEADERS, UIError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_demo", "launch", "LoginRequired", "MAX_SLOTS"]
+
+MAX_SLOTS = 8  # LoRA rows on the Generate tab; more can be used through <lora:name:w> tags
+HISTORY = 24  # images kept in a session's gallery
+POLL_S = 0.5
+
+
+def _user_errors(fn):
+    """Show ``UIError``/``LoraFormatError`` messages in the UI (a toast) instead of a generic error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UIError, LoraFormatError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    return wrapper
+
+
+def _file_path(f) -> str:
+    return f if isinstance(f, str) else getattr(f, "name", None) or f["path"]
+
+
+def _rows(table) -> list[list]:
+    if table is None:
+        return []
+    if isinstance(table, pd.DataFrame):
+        return table.values.tolist()
+    if isinstance(table, dict):
+        return table.get("data") or []
+    return list(table)
+
+
+def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
+    """The four-tab app (Generate, Train, Merge, Library) over ``backend``."""
+    with gr.Blocks(title="lora-diffusion") as demo:
+        gr.Markdown(f"## lora-diffusion &nbsp;·&nbsp; model `{backend.model_label}` &nbsp;·&nbsp; library `{backend.library_label}`")
+        slot_names = gr.State([])
+        history = gr.State([])
+        job_id = gr.State(None)
+
+        # ------------------------------------------------------------------ Generate
+        with gr.Tab("Generate", id="generate"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    prompt = gr.Textbox(label="Prompt", value="a red circle", elem_id="prompt",
+                                        placeholder="a red circle <lora:name:0.8>  (A1111 tags work)")
+                    negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                    no_loras = gr.Markdown("*The library is empty: train, merge or upload a LoRA.*", visible=True)
+                    slot_rows, checks, weights, te_weights = [], [], [], []
+                    for i in range(max_slots):
+                        with gr.Row(visible=False, equal_height=True) as row:
+                            checks.append(gr.Checkbox(label=f"LoRA {i}", value=False, elem_id=f"lora-use-{i}", min_width=120))
+                            weights.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", elem_id=f"lora-weight-{i}", scale=3))
+                            te_weights.append(gr.Textbox(value="", label="text-encoder weight", placeholder="same",
+                                                         elem_id=f"lora-te-{i}", min_width=100, scale=1))
+                        slot_rows.append(row)
+                    with gr.Row():
+                        preset = gr.Dropdown(list(BLOCK_PRESETS), value="all blocks", label="Per-block preset (UNet)")
+                        fuse = gr.Checkbox(False, label="Fuse (bake the blend into the weights while generating)")
+                    with gr.Row():
+                        seed = gr.Number(0, label="Seed", precision=0)
+                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                        guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                    with gr.Row():
+                        width = gr.Number(0, label="Width (0: model default)", precision=0)
+                        height = gr.Number(0, label="Height (0: model default)", precision=0)
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                with gr.Column(scale=3):
+                    gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
+                                         object_fit="contain")
+                    image_info = gr.Markdown(elem_id="image-info")
+                    snippet = gr.Code(language="python", label="diffusers code that reproduces the selected image",
+                                      elem_id="snippet", buttons=["copy"], wrap_lines=True)
+
+        # ------------------------------------------------------------------ Train
+        with gr.Tab("Train", id="train"):
+            with gr.Row():
+                with gr.Column():
+                    train_files = gr.File(file_count="multiple", file_types=["image"], label="Training images",
+                                          elem_id="train-files")
+                    folder = gr.Dropdown(choices=[], value=None, label="…or a folder under --data-root",
+                                         visible=backend.data_root is not None, allow_custom_value=False)
+                    captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], column_count=2,
+                                            interactive=True, type="array", static_columns=[0], label="Captions (editable)")
+                with gr.Column():
+                    with gr.Row():
+                        train_name = gr.Textbox(label="LoRA name", placeholder="my_style")
+                        mode = gr.Radio(["style", "subject"], value="style", label="Mode")
+                        token = gr.Textbox(label="Trigger word", placeholder="<s1> or sks")
+                    with gr.Row():
+                        rank = gr.Number(4, label="Rank", precision=0)
+                        max_steps = gr.Number(200, label="Steps", precision=0)
+                        lr = gr.Number(1e-4, label="Learning rate")
+                        te_lr = gr.Number(5e-5, label="Text-encoder learning rate")
+                    with gr.Row():
+                        train_te = gr.Checkbox(False, label="Train the text encoder")
+                        resolution = gr.Number(0, label="Resolution (0: the model's own)", precision=0)
+                        train_seed = gr.Number(0, label="Seed", precision=0)
+                    val_prompt = gr.Textbox(label="Validation prompt (samples while training)")
+                    with gr.Row():
+                        start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
+                        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+                    train_progress = gr.HTML(elem_id="train-progress")
+                    train_status = gr.Markdown(elem_id="train-status")
+                    loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=220)
+                    train_samples = gr.Gallery(label="Validation samples", columns=4, height="auto")
+
+        # ------------------------------------------------------------------ Merge
+        with gr.Tab("Merge", id="merge"):
+            merge_table = gr.Dataframe(headers=["use", "LoRA", "weight"], datatype=["bool", "str", "number"],
+                                       column_count=3, interactive=True, type="array", static_columns=[1],
+                                       label="LoRAs to merge (tick and weight them)")
+            with gr.Row():
+                merge_mode = gr.Radio(["concat", "svd"], value="concat", label="Method (concat is exact; SVD approximates)")
+                merge_rank = gr.Number(8, label="SVD rank", precision=0)
+                merge_format = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Output format")
+                merge_name = gr.Textbox(label="Output name", placeholder="merged")
+            merge_btn = gr.Button("Merge", variant="primary")
+            merge_report = gr.Markdown(elem_id="merge-report")
+            merge_file = gr.File(label="Merged file", interactive=False)
+
+        # ------------------------------------------------------------------ Library
+        with gr.Tab("Library", id="library"):
+            lib_table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, type="array", label="LoRA library",
+                                     elem_id="library-table", wrap=True)
+            lib_samples = gr.Gallery(label="Samples", columns=6, height="auto")
+            with gr.Row():
+                upload_file = gr.File(file_types=[".safetensors"], label="Upload a LoRA (.safetensors only)")
+                upload_name = gr.Textbox(label="Name (default: the file name)")
+                upload_btn = gr.Button("Add to library")
+            with gr.Row():
+                delete_name = gr.Dropdown(choices=[], label="LoRA to delete", allow_custom_value=True)
+                delete_btn = gr.Button("Delete", variant="stop")
+            lib_message = gr.Markdown(elem_id="library-message")
+
+        # ------------------------------------------------------------------ handlers
+        refresh_outputs = [slot_names, no_loras, *slot_rows, *checks, merge_table, lib_table, lib_samples, delete_name, folder]
+
+        def refresh():
+            names = backend.library.names()
+            shown = names[:max_slots]
+            rows = [gr.Row(visible=i < len(shown)) for i in range(max_slots)]
+            boxes = [gr.Checkbox(label=shown[i] if i < len(shown) else f"LoRA {i}") for i in range(max_slots)]
+            infos = backend.library.list()
+            samples = [(str(i.sample), i.name) for i in infos if i.sample]
+            return [
+                shown,
+                gr.Markdown(visible=not names),
+                *rows,
+                *boxes,
+                [[False, n, 1.0] for n in names],
+                [i.row() for i in infos],
+                samples,
+                gr.Dropdown(choices=names, value=None),
+                gr.Dropdown(choices=backend.data_folders(), value=None),
+            ]
+
+        @_user_errors
+        def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, names, past, *slots):
+            names = names or backend.library.names()[:max_slots]
+            use, w, te = slots[:max_slots], slots[max_slots : 2 * max_slots], slots[2 * max_slots :]
+            loras = {}
+            for i, name in enumerate(names[:max_slots]):
+                if use[i]:
+                    loras[name] = (float(w[i]), _optional_weight(te[i], name))
+            result = backend.generate(
+                GenerateRequest(prompt=prompt or "", negative_prompt=negative or "", loras=loras, block_preset=preset,
+                                fuse=bool(fuse), seed=int(seed or 0), steps=int(steps), guidance=float(guidance),
+                                width=int(width or 0) or None, height=int(height or 0) or None)
+            )
+            info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
+            # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
+            path = backend.save_image(result)
+            past = [{"image": path, "caption": result.caption, "info": info, "snippet": result.snippet}, *(past or [])][:HISTORY]
+            return [(h["image"], h["caption"]) for h in past], past, info, result.snippet
+
+        def on_select(past, evt: gr.SelectData):
+            item = (past or [])[evt.index] if past and evt.index < len(past) else None
+            return (item["info"], item["snippet"]) if item else ("", "")
+
+        def on_images(files, folder_name):
+            paths = [_file_path(f) for f in files or []]
+            if folder_name:
+                paths += [str(p) for p in backend.folder_images(folder_name)]
+            from .handlers import caption_rows
+
+            return caption_rows(paths)
+
+        def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, res, val_prompt, seed):
+            paths = [_file_path(f) for f in files or []]
+            try:
+                if folder_name:
+                    paths += [str(p) for p in backend.folder_images(folder_name)]
+                by_name = {str(r[0]): str(r[1] or "") for r in _rows(table) if r and r[0]}
+                req = TrainRequest(
+                    name=name or "", images=[(p, by_name.get(Path(p).name, "")) for p in paths], mode=mode,
+                    token=token or "", rank=int(rank or 4), max_train_steps=int(steps or 1), learning_rate=float(lr),
+                    text_encoder_lr=float(te_lr), train_text_encoder=bool(train_te), resolution=int(res or 0) or None,
+                    validation_prompt=val_prompt or "", seed=int(seed or 0),
+                )
+                job = backend.start_training(req)
+            except (UIError, LoraFormatError) as e:
+                raise gr.Error(str(e), print_exception=False) from None
+            while True:
+                done = job.finished
+                yield _train_view(job, backend.queue.position(job))
+                if done:
+                    return
+                time.sleep(POLL_S)
+
+        def _train_view(job, position):
+            frac = job.step / job.max_steps if job.max_steps else 0.0
+            bar = (f'<progress value="{job.step}" max="{max(job.max_steps, 1)}" style="width:100%"></progress>'
+                   f"<div>step {job.step} / {job.max_steps} ({frac:.0%})"
+                   + (f" · ETA {job.eta_s:.0f} s" if job.eta_s is not None and job.status == "running" else "") + "</div>")
+            status = job_status(job, position)
+            if job.skipped_images:
+                status += "  \n**Skipped unreadable images:** " + "; ".join(job.skipped_images)
+            plot = pd.DataFrame(job.losses, columns=["step", "loss"])
+            return job.id, bar, status, plot, [p for p in job.samples if Path(p).is_file()]
+
+        def on_cancel(current):
+            job = backend.queue.jobs.get(current) if current is not None else None
+            if job is None:
+                return "no training job to cancel"
+            backend.cancel_training(job)
+            return f"cancelling job {job.id} ({job.name}); the last checkpoint is kept"
+
+        @_user_errors
+        def on_merge(table, mode, rank, fmt, name):
+            chosen = {str(r[1]): float(r[2] or 0) for r in _rows(table) if len(r) >= 3 and _truthy(r[0])}
+            info, report = backend.merge(chosen, name or "", mode=mode, rank=int(rank or 0) or None, format=fmt)
+            text = f"Merged **{len(chosen)}** LoRAs into **{info.name}** ({info.format}, rank {info.rank}, {info.size_mb:.2f} MB)."
+            if report:
+                text += "\n\n```\n" + report + "\n```"
+            return text, str(info.path)
+
+        @_user_errors
+        def on_upload(file, name):
+            if not file:
+                raise UIError("choose a .safetensors file first")
+            info = backend.upload(_file_path(file), name or None)
+            return f"added **{info.name}** ({info.format}, rank {info.rank}, {info.size_mb:.2f} MB)"
+
+        @_user_errors
+        def on_delete(name):
+            if not name:
+                raise UIError("choose a LoRA to delete")
+            backend.delete(name)
+            return f"deleted **{name}**"
+
+        slot_inputs = [*checks, *weights, *te_weights]
+        generate_btn.click(
+            on_generate,
+            [prompt, negative, preset, fuse, seed, steps, guidance, width, height, slot_names, history, *slot_inputs],
+            [gallery, history, image_info, snippet],
+            api_name="generate",
+            concurrency_limit=2,  # the backend's lock keeps the two blends apart
+        )
+        gallery.select(on_select, [history], [image_info, snippet], api_visibility="private")
+        train_files.change(on_images, [train_files, folder], [captions], api_visibility="private")
+        folder.change(on_images, [train_files, folder], [captions], api_visibility="private")
+        start_btn.click(
+            on_train,
+            [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, resolution, val_prompt,
+             train_seed],
+            [job_id, train_progress, train_status, loss_plot, train_samples],
+            api_name="train",
+            concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time
+        ).then(refresh, None, refresh_outputs, api_visibility="private")
+        cancel_btn.click(on_cancel, [job_id], [train_status], api_name="cancel_training")
+        merge_btn.click(on_merge, [merge_table, merge_mode, merge_rank, merge_format, merge_name], [merge_report, merge_file],
+                        api_name="merge").then(refresh, None, refresh_outputs, api_visibility="private")
+        upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
+            refresh, None, refresh_outputs, api_visibility="private")
+        delete_btn.click(on_delete, [delete_name], [lib_message], api_name="delete_lora").then(
+            refresh, None, refresh_outputs, api_visibility="private")
+        demo.load(refresh, None, refresh_outputs, api_name="library")
+    return demo
+
+
+# What the login page itself needs; with --auth every other route answers 401 until the user has logged in.
+PUBLIC_PATHS = {"/", "/login", "/login/", "/logout", "/favicon.ico", "/theme.css", "/gradio_api/theme.css", "/robots.txt",
+                "/manifest.json"}
+PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+LOOPBACK_ONLY = {"/gradio_api/startup-events"}  # gradio's launch calls it on itself; it only reports startup
+
+
+class LoginRequired:
+    """ASGI middleware: with gradio auth on, refuse every non-public route to a request without a login cookie.
+
+    Gradio itself checks the login on its data and API routes; this also covers the ones it leaves open
+    (heartbeat, cancel, reset, streams, run history, openapi.json, ...), so ``--auth`` protects every route.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket") and not self._public(scope):
+            gradio_app = scope.get("app")
+            if getattr(gradio_app, "auth", None) is not None and not self._logged_in(scope, gradio_app):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse({"detail": {"error": "Not authenticated"}}, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _public(scope) -> bool:
+        path = scope.get("path", "")
+        if path in LOOPBACK_ONLY:
+            return (scope.get("client") or ("",))[0] in ("127.0.0.1", "::1")
+        return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+    @staticmethod
+    def _logged_in(scope, gradio_app) -> bool:
+        from starlette.requests import HTTPConnection
+
+        cookies = HTTPConnection(scope).cookies
+        cid = gradio_app.cookie_id
+        token = cookies.get(f"access-token-{cid}") or cookies.get(f"access-token-unsecure-{cid}")
+        return gradio_app.tokens.get(token) is not None
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """``demo.queue().launch(**kwargs)``, adding ``LoginRequired`` when ``auth`` is given; returns launch's tuple."""
+    if kwargs.get("auth"):
+        from starlette.middleware import Middleware
+
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(LoginRequired)]
+        kwargs["app_kwargs"] = app_kwargs
+    return demo.queue().launch(**kwargs)
+
+
+def _optional_weight(value, name: str) -> float | None:
+    """A text-encoder weight box: blank means "same as the UNet weight"."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UIError(f"text-encoder weight of {name}: {value!r} is not a number (leave it blank for the same weight)") from None
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "x")
+    return bool(value)

@@ -1,0 +1,764 @@
+"""What the UI does, as plain Python over the public ``lora_diffusion`` API: no gradio import here.
+
+``Backend`` owns the pipeline (loaded on first use, never at import), the LoRA library folder, one lock that
+makes "set the blend, then generate" atomic (so two users' blends never mix through the shared pipeline) and a
+training queue that runs one job at a time. ``ui.app`` only wires these to widgets.
+
+Example:
+    >>> backend = Backend(model=None, lora_dir="loras")            # None: the bundled tiny model
+    >>> result = backend.generate(GenerateRequest("a red circle <lora:style:0.8>", seed=1, steps=4))
+    >>> result.image.size, result.caption
+    ((64, 64), 'style 0.8 | seed 1, 4 steps, cfg 7.5, 64x64')
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
+from lora_diffusion.blend import merge_loras, parse_prompt
+from lora_diffusion.formats import LoraFormatError
+
+from .library import LoraInfo, LoraLibrary, UIError, check_name, safe_child
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Backend",
+    "GenerateRequest",
+    "GenerateResult",
+    "TrainRequest",
+    "TrainJob",
+    "TrainQueue",
+    "BLOCK_PRESETS",
+    "UIError",
+    "parse_lora_tags",
+    "apply_blend",
+    "prepare_dataset",
+    "caption_rows",
+    "diffusers_snippet",
+    "default_model",
+]
+
+TINY_FALLBACK = "lora_diffusion.testing.tiny_pipeline(0)"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Per-block strengths of the UNet, in diffusers' vocabulary (down = IN, mid = MID, up = OUT); None = all 1.
+BLOCK_PRESETS: dict[str, dict[str, float] | None] = {
+    "all blocks": None,
+    "IN (down) only": {"down": 1.0, "mid": 0.0, "up": 0.0},
+    "MID only": {"down": 0.0, "mid": 1.0, "up": 0.0},
+    "OUT (up) only": {"down": 0.0, "mid": 0.0, "up": 1.0},
+    "no MID": {"down": 1.0, "mid": 0.0, "up": 1.0},
+    "OUT half": {"down": 1.0, "mid": 1.0, "up": 0.5},
+}
+
+
+def default_model() -> str | None:
+    """The bundled tiny model's folder, or ``None`` when it is not installed (then ``tiny_pipeline(0)`` is used)."""
+    try:
+        from lora_diffusion.data import TINY_MODEL
+    except ImportError:
+        return None
+    return str(TINY_MODEL) if TINY_MODEL and Path(TINY_MODEL).is_dir() else None
+
+
+# ---------------------------------------------------------------------------------------------- prompts, blends
+def parse_lora_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
+    """A1111 tags out of a prompt: ``(prompt without tags, {name: (unet weight, text-encoder weight)})``.
+
+    ``<lora:name>`` is weight 1, ``<lora:name:w>`` weight w for both, ``<lora:name:te:unet>`` separate weights
+    (``lora_diffusion.blend.parse_prompt``); names must be plain library names.
+
+    Example:
+        >>> parse_lora_tags("a cat <lora:style:0.5> <lora:ink:0.2:1>")
+        ('a cat', {'style': (0.5, 0.5), 'ink': (1.0, 0.2)})
+    """
+    try:
+        clean, tags = parse_prompt(prompt)
+    except ValueError as e:
+        raise UIError(str(e)) from None
+    return clean, {check_name(n): (float(w.unet), float(w.te)) for n, w in tags.items()}
+
+
+def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, float] | None = None) -> None:
+    """Make exactly ``loras`` active: ``{name: (unet weight, text-encoder weight)}``, UNet weights times ``blocks``.
+
+    ``blocks`` scales the UNet's ``down``/``mid``/``up`` blocks (diffusers' per-block dict; see
+    ``lora_diffusion.blend.block_factor``).
+
+    Example:
+        >>> apply_blend(pipe, {"style": (0.8, 0.0), "subject": (1.0, 1.0)}, {"down": 0, "mid": 1, "up": 1})
+    """
+    set_adapters(pipe, {n: w for n, (w, _) in loras.items()}, text_encoder={n: t for n, (_, t) in loras.items()},
+                 blocks=blocks)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def blend_label(loras: dict[str, tuple[float, float]]) -> str:
+    """``"style 0.8 (te 0.5) + ink 1"``, or ``"no LoRA"``."""
+    parts = [f"{n} {_fmt(w)}" + ("" if t == w else f" (te {_fmt(t)})") for n, (w, t) in loras.items()]
+    return " + ".join(parts) or "no LoRA"
+
+
+# ---------------------------------------------------------------------------------------------- generation
+@dataclass
+class GenerateRequest:
+    """One generation: prompt (A1111 ``<lora:name:w>`` tags allowed) and the LoRA blend.
+
+    ``loras`` maps a library name to its UNet weight and optional text-encoder weight (``None``: same as UNet).
+    Tags in the prompt add LoRAs or override these weights.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    block_preset: str = "all blocks"
+    fuse: bool = False
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class GenerateResult:
+    """An image and what made it: the effective blend, a caption, and a diffusers snippet that reproduces it."""
+
+    image: Any  # PIL.Image.Image
+    prompt: str
+    loras: dict[str, tuple[float, float]]
+    caption: str
+    snippet: str
+    settings: dict
+
+
+def _py(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def diffusers_snippet(
+    model: str | None,
+    lora_paths: dict[str, str],
+    loras: dict[str, tuple[float, float]],
+    *,
+    prompt: str,
+    negative_prompt: str,
+    blocks: dict[str, float] | None,
+    fused: bool,
+    seed: int,
+    steps: int,
+    guidance: float,
+    width: int,
+    height: int,
+) -> str:
+    """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation."""
+    lines = ["import torch", "from diffusers import StableDiffusionPipeline", ""]
+    if model is None:
+        lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
+        lines.append("pipe = tiny_pipeline(0)  # the UI's built-in tiny model")
+    else:
+        lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({_py(model)})")
+    active = {n: wt for n, wt in loras.items()}
+    for name in active:
+        lines.append(f"pipe.load_lora_weights({_py(lora_paths[name])}, adapter_name={_py(name)})")
+    if active:
+        weights = []
+        for w, t in active.values():
+            if blocks is None and t == w:
+                weights.append(w)
+            else:
+                unet = w if blocks is None else {k: w * v for k, v in blocks.items()}
+                weights.append({"unet": unet, "text_encoder": t})
+        lines.append(f"pipe.set_adapters({list(active)!r}, adapter_weights={weights!r})")
+        if fused:
+            lines.append("pipe.fuse_lora()")
+    args = [_py(prompt)]
+    if negative_prompt:
+        args.append(f"negative_prompt={_py(negative_prompt)}")
+    args += [
+        f"num_inference_steps={steps}",
+        f"guidance_scale={guidance!r}",
+        f"height={height}",
+        f"width={width}",
+        f'generator=torch.Generator("cpu").manual_seed({seed})',
+    ]
+    lines.append("image = pipe(" + ", ".join(args) + ").images[0]")
+    return "\n".join(lines) + "\n"
+
+
+def load_pipeline(model: str | None, device: str | None = None):
+    """A ``StableDiffusionPipeline`` from a diffusers folder or hub id; ``None``: ``tiny_pipeline(0)``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        from lora_diffusion.testing import tiny_pipeline
+
+        pipe = tiny_pipeline(0)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        kwargs = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UIError(f"cannot load model {model!r}: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- training data
+def caption_rows(paths: Sequence[str | os.PathLike]) -> list[list[str]]:
+    """``[[file name, caption]]`` for a caption table; captions from a ``<stem>.txt`` beside the image, if any."""
+    rows = []
+    for p in paths:
+        p = Path(p)
+        txt = p.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
+        rows.append([p.name, caption])
+    return rows
+
+
+def prepare_dataset(items: Sequence[tuple[str | os.PathLike, str]], out_dir: str | os.PathLike) -> tuple[int, list[str]]:
+    """Copy readable images (re-encoded as PNG) with ``<stem>.txt`` captions and a ``metadata.jsonl`` to ``out_dir``.
+
+    Returns ``(images written, ["<file>: <why it was skipped>", ...])``; raises ``UIError`` if none is readable.
+
+    Example:
+        >>> n, skipped = prepare_dataset([("a.png", "a red circle"), ("broken.jpg", "")], "job/data")
+        >>> n, skipped
+        (1, ['broken.jpg: cannot identify image file'])
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+    meta_lines = []
+    for i, (src, caption) in enumerate(items):
+        src = Path(src)
+        try:
+            with Image.open(src) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            reason = str(e).replace(str(src), "").strip(" '") or type(e).__name__
+            skipped.append(f"{src.name}: {reason}")
+            continue
+        stem = f"{i:04d}_" + re.sub(r"[^A-Za-z0-9_-]", "_", src.stem)[:40]
+        rgb.save(out / f"{stem}.png")
+        (out / f"{stem}.txt").write_text(caption or "", encoding="utf-8")
+        meta_lines.append(json.dumps({"file_name": f"{stem}.png", "text": caption or ""}))
+    if not meta_lines:
+        raise UIError(f"none of the {len(items)} images could be read: " + "; ".join(skipped[:5]))
+    (out / "metadata.jsonl").write_text("\n".join(meta_lines) + "\n", encoding="utf-8")
+    return len(meta_lines), skipped
+
+
+# ---------------------------------------------------------------------------------------------- training queue
+@dataclass
+class TrainRequest:
+    """A training job from the Train tab. ``images`` are ``(path, caption)`` pairs."""
+
+    name: str
+    images: list[tuple[str, str]]
+    mode: str = "style"
+    token: str = ""
+    rank: int = 4
+    max_train_steps: int = 100
+    learning_rate: float = 1e-4
+    text_encoder_lr: float = 5e-5
+    train_text_encoder: bool = False
+    resolution: int | None = None
+    validation_prompt: str = ""
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # any other TrainConfig fields, e.g. {"num_validation_images": 2}
+
+
+@dataclass
+class TrainJob:
+    """One queued, running or finished training job; the UI polls it."""
+
+    id: int
+    name: str
+    config: Any
+    output_dir: Path
+    status: str = "queued"  # queued | running | done | cancelled | failed
+    step: int = 0
+    max_steps: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    lr: float | None = None
+    eta_s: float | None = None
+    samples: list[str] = field(default_factory=list)
+    skipped_images: list[str] = field(default_factory=list)
+    message: str = ""
+    result: LoraInfo | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    done_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.done_event.is_set()
+
+    def update(self, report: dict) -> bool:
+        """Take one progress report from ``train``; returns False once cancelled (which stops training)."""
+        self.step = int(report.get("step", self.step))
+        self.max_steps = int(report.get("max_steps", self.max_steps))
+        if report.get("loss") is not None:
+            self.losses.append((self.step, float(report["loss"])))
+        self.lr = report.get("lr", self.lr)
+        self.eta_s = report.get("eta_s", self.eta_s)
+        for p in report.get("sample_paths") or []:
+            if str(p) not in self.samples:
+                self.samples.append(str(p))
+        return not self.cancel_event.is_set()
+
+
+class TrainQueue:
+    """Runs jobs one at a time on a worker thread, in submission order; reports each waiting job's position."""
+
+    def __init__(self, runner: Callable[[TrainJob], None]) -> None:
+        self._runner = runner
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[TrainJob] = collections.deque()
+        self._running: TrainJob | None = None
+        self._thread: threading.Thread | None = None
+        self.jobs: dict[int, TrainJob] = {}
+
+    def submit(self, job: TrainJob) -> TrainJob:
+        with self._cond:
+            self.jobs[job.id] = job
+            self._waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="lora-train-queue", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return job
+
+    def position(self, job: TrainJob) -> int:
+        """0 while running (or finished), n for the n-th job waiting."""
+        with self._cond:
+            return self._waiting.index(job) + 1 if job in self._waiting else 0
+
+    def active_names(self) -> set[str]:
+        with self._cond:
+            return {j.name for j in self._waiting} | ({self._running.name} if self._running else set())
+
+    def cancel(self, job: TrainJob) -> None:
+        """Stop a running job after its current step (its last checkpoint is kept), or drop a waiting one."""
+        job.cancel_event.set()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.status, job.message = "cancelled", "cancelled before it started"
+                job.done_event.set()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    self._cond.wait()
+                job = self._running = self._waiting.popleft()
+            try:
+                job.status = "running"
+                self._runner(job)
+            except Exception as e:  # noqa: BLE001 - a failed job must not stop the queue
+                logger.exception("training job %s failed", job.id)
+                job.status, job.message = "failed", f"{type(e).__name__}: {e}"
+            finally:
+                with self._cond:
+                    self._running = None
+                job.done_event.set()
+
+
+def job_status(job: TrainJob, position: int) -> str:
+    """One line for the UI: queue position, step / ETA / loss, or the outcome."""
+    if job.status == "queued":
+        return f"queued: position {position} (one training job runs at a time)"
+    if job.status == "running":
+        loss = f", loss {job.losses[-1][1]:.4f}" if job.losses else ""
+        eta = f", ETA {job.eta_s:.0f} s" if job.eta_s is not None else ""
+        return f"running: step {job.step}/{job.max_steps}{eta}{loss}"
+    return f"{job.status}: {job.message}"
+
+
+# ---------------------------------------------------------------------------------------------- the backend
+class Backend:
+    """Pipeline, LoRA library and training queue behind the UI.
+
+    Args:
+        model: a local diffusers folder or hub id; ``None`` for the bundled tiny model (``lora_diffusion.data.
+            TINY_MODEL``), or ``tiny_pipeline(0)`` built in code where that is not installed; or a pipeline object.
+        lora_dir: the LoRA library folder.
+        data_root: the folder training images may be picked from (``None``: uploads only).
+        max_upload_mb: larger uploads are refused.
+        train_fn: the training function (default ``lora_diffusion.training.train``, imported when first needed).
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        lora_dir: str | os.PathLike = "loras",
+        data_root: str | os.PathLike | None = None,
+        *,
+        max_upload_mb: float = 512,
+        device: str | None = None,
+        train_fn: Callable | None = None,
+    ) -> None:
+        if model is None:
+            model = default_model()
+        self._pipe = None if model is None or isinstance(model, (str, os.PathLike)) else model
+        self.model = str(model) if isinstance(model, (str, os.PathLike)) else None
+        self.library = LoraLibrary(lora_dir, max_upload_mb=max_upload_mb)
+        self.library_label = str(lora_dir)
+        self.data_root = Path(data_root).resolve() if data_root else None
+        self.device = device
+        self._train_fn = train_fn
+        self._load_lock = threading.Lock()
+        self.generate_lock = threading.Lock()  # held across set-blend + denoise: no cross-talk between users
+        self._loaded: dict[str, tuple[int, int]] = {}  # adapter name -> (mtime_ns, size) of the file it came from
+        self._ids = itertools.count(1)
+        self._model_dir: str | None = None
+        self._out_dir: Path | None = None
+        self.queue = TrainQueue(self._run_training)
+
+    @property
+    def model_label(self) -> str:
+        return self.model or TINY_FALLBACK
+
+    @property
+    def pipe(self):
+        """The pipeline, loaded on first use."""
+        with self._load_lock:
+            if self._pipe is None:
+                logger.info("loading model %s", self.model_label)
+                self._pipe = load_pipeline(self.model, self.device)
+            return self._pipe
+
+    # ------------------------------------------------------------------ library
+    def upload(self, path: str | os.PathLike, name: str | None = None) -> LoraInfo:
+        """Add an uploaded file to the library (safetensors only, size-limited, must be a readable LoRA)."""
+        return self.library.add_file(path, name or None)
+
+    def delete(self, name: str) -> None:
+        """Delete a LoRA from the library and unload it from the pipeline."""
+        name = check_name(name)
+        with self.generate_lock:
+            self.library.delete(name)
+            self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        if name in self._loaded and self._pipe is not None:
+            delete_adapter(self._pipe, name)
+        self._loaded.pop(name, None)
+
+    def _sync(self, names: Sequence[str]) -> None:
+        """Load (or reload, if the file changed) the named LoRAs into the pipeline. Call with the lock held."""
+        pipe = self.pipe
+        for name in names:
+            path = self.library.path_for(name)
+            if not path.is_file():
+                self._unload(name)
+                raise UIError(f"no LoRA named {name!r} in the library")
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            if self._loaded.get(name) == key:
+                continue
+            self._unload(name)
+            try:
+                load_lora(pipe, path, adapter=name)
+            except LoraFormatError as e:
+                raise UIError(f"cannot use LoRA {name!r}: {str(e).replace(str(path) + ': ', '')}") from None
+            self._loaded[name] = key
+
+    # ------------------------------------------------------------------ generate
+    def resolve_blend(self, req: GenerateRequest) -> tuple[str, dict[str, tuple[float, float]]]:
+        """The prompt without tags and the effective ``{name: (unet, te)}`` blend (tags override the sliders)."""
+        clean, tags = parse_lora_tags(req.prompt)
+        loras = {check_name(n): (float(w), float(w if t is None else t)) for n, (w, t) in req.loras.items()}
+        loras.update(tags)
+        return clean, loras
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        """Generate one image with the requested blend; the blend is set and used under one lock."""
+        if req.block_preset not in BLOCK_PRESETS:
+            raise UIError(f"unknown block preset {req.block_preset!r}; choose from {list(BLOCK_PRESETS)}")
+        blocks = BLOCK_PRESETS[req.block_preset]
+        prompt, loras = self.resolve_blend(req)
+        negative, neg_tags = parse_lora_tags(req.negative_prompt or "")
+        if neg_tags:
+            raise UIError("put <lora:...> tags in the prompt, not the negative prompt")
+        steps = int(req.steps)
+        if not 1 <= steps <= 200:
+            raise UIError(f"steps must be between 1 and 200, got {steps}")
+        with self.generate_lock:
+            pipe = self.pipe
+            scale = getattr(pipe, "vae_scale_factor", 8)
+            width = int(req.width or pipe.unet.config.sample_size * scale)
+            height = int(req.height or pipe.unet.config.sample_size * scale)
+            if width % 8 or height % 8 or not (8 <= width <= 2048 and 8 <= height <= 2048):
+                raise UIError(f"width and height must be multiples of 8 between 8 and 2048, got {width}x{height}")
+            self._sync(list(loras))
+            apply_blend(pipe, loras, blocks)
+            fused = bool(req.fuse and loras)
+            if fused:
+                fuse(pipe)
+            try:
+                generator = torch.Generator("cpu").manual_seed(int(req.seed))
+                image = pipe(
+                    prompt,
+                    negative_prompt=negative or None,
+                    num_inference_steps=steps,
+                    guidance_scale=float(req.guidance),
+                    height=height,
+                    width=width,
+                    generator=generator,
+                ).images[0]
+            finally:
+                if fused:
+                    unfuse(pipe)
+        settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
+                    "height": height, "block_preset": req.block_preset, "fused": fused}
+        caption = f"{blend_label(loras)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
+        if blocks is not None:
+            caption += f", blocks: {req.block_preset}"
+        if fused:
+            caption += ", fused"
+        snippet = diffusers_snippet(
+            self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
+            negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
+            guidance=float(req.guidance), width=width, height=height,
+        )
+        return GenerateResult(image, prompt, loras, caption, snippet, settings)
+
+    def save_image(self, result: GenerateResult) -> str:
+        """Write the image to this backend's output folder as a new PNG carrying its caption and snippet."""
+        from PIL.PngImagePlugin import PngInfo
+
+        with self._load_lock:
+            if self._out_dir is None:
+                self._out_dir = Path(tempfile.mkdtemp(prefix="lora_ui_images_"))
+            path = self._out_dir / f"{next(self._ids):05d}-seed{result.settings['seed']}.png"
+        info = PngInfo()
+        info.add_text("parameters", f"{result.prompt}\n{result.caption}")
+        info.add_text("lora_diffusion_snippet", result.snippet)
+        result.image.save(path, pnginfo=info)
+        return str(path)
+
+    # ------------------------------------------------------------------ merge
+    def merge(
+        self,
+        weights: dict[str, float],
+        out_name: str,
+        *,
+        mode: str = "concat",
+        rank: int | None = None,
+        format: str = "diffusers",
+    ) -> tuple[LoraInfo, str]:
+        """Merge library LoRAs into a new library file; returns its info and a report (SVD error included)."""
+        out_name = check_name(out_name)
+        out = self.library.path_for(out_name)
+        if out.exists():
+            raise UIError(f"a LoRA named {out_name!r} already exists; choose another output name")
+        chosen = {check_name(n): float(w) for n, w in weights.items() if float(w) != 0.0}
+        if not chosen:
+            raise UIError("choose at least one LoRA with a non-zero weight")
+        if mode not in ("concat", "svd"):
+            raise UIError(f"mode must be 'concat' or 'svd', got {mode!r}")
+        if mode == "svd" and not rank:
+            raise UIError("SVD merging needs a rank")
+        paths = {}
+        for n, w in chosen.items():
+            if not self.library.exists(n):
+                raise UIError(f"no LoRA named {n!r} in the library")
+            paths[str(self.library.path_for(n))] = w
+        try:
+            report = merge_loras(paths, str(out), mode=mode, rank=int(rank) if mode == "svd" else None, format=format)
+        except (LoraFormatError, ValueError) as e:
+            raise UIError(f"merge failed: {e}") from None
+        return self.library.info(out_name), format_report(report)
+
+    # ------------------------------------------------------------------ train
+    def data_folders(self) -> list[str]:
+        """Folders under ``data_root`` (relative paths, ``.`` for the root) that contain images."""
+        if self.data_root is None or not self.data_root.is_dir():
+            return []
+        found = set()
+        for dirpath, dirnames, filenames in os.walk(self.data_root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if any(f.lower().endswith(IMAGE_SUFFIXES) for f in filenames):
+                found.add(os.path.relpath(dirpath, self.data_root))
+        return sorted(found)
+
+    def folder_images(self, relative: str) -> list[Path]:
+        """Image files in a folder under ``data_root`` (refusing paths that leave it)."""
+        if self.data_root is None:
+            raise UIError("no --data-root was given; upload the images instead")
+        folder = safe_child(self.data_root, relative) if relative not in ("", ".") else self.data_root
+        if not folder.is_dir():
+            raise UIError(f"{relative!r} is not a folder under the data root")
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def model_path(self) -> str:
+        """A folder or hub id the training function can load the base model from."""
+        if self.model is not None:
+            return self.model
+        with self._load_lock:
+            if self._model_dir is None:
+                from lora_diffusion.testing import tiny_pipeline
+
+                folder = Path(tempfile.mkdtemp(prefix="lora_ui_model_"))
+                tiny_pipeline(0).save_pretrained(folder)
+                self._model_dir = str(folder)
+            return self._model_dir
+
+    def start_training(self, req: TrainRequest) -> TrainJob:
+        """Check the request, write the dataset (skipping unreadable images) and queue the job."""
+        name = check_name(req.name)
+        if self.library.exists(name) or name in self.queue.active_names():
+            raise UIError(f"a LoRA named {name!r} already exists or is being trained; choose another name")
+        if req.mode not in ("style", "subject"):
+            raise UIError(f"mode must be 'style' or 'subject', got {req.mode!r}")
+        if req.mode == "subject" and not req.token.strip():
+            raise UIError("subject mode needs a trigger word")
+        if not req.images:
+            raise UIError("add some training images first")
+        if not 1 <= int(req.max_train_steps) <= 100_000 or not 1 <= int(req.rank) <= 1024:
+            raise UIError("steps must be 1-100000 and rank 1-1024")
+        try:
+            from lora_diffusion.training import TrainConfig
+        except ImportError as e:
+            raise UIError(f"training is not available in this installation ({e})") from None
+        job_id = next(self._ids)
+        job_dir = self.library.root / ".train" / f"{time.strftime('%Y%m%d-%H%M%S')}-{job_id}-{name}"
+        count, skipped = prepare_dataset(req.images, job_dir / "data")
+        values = {
+            "pretrained_model_name_or_path": self.model_path(),
+            "train_data_dir": str(job_dir / "data"),
+            "output_dir": str(job_dir / "out"),
+            "mode": req.mode,
+            "token": req.token.strip(),
+            "rank": int(req.rank),
+            "max_train_steps": int(req.max_train_steps),
+            "learning_rate": float(req.learning_rate),
+            "text_encoder_lr": float(req.text_encoder_lr),
+            "train_text_encoder": bool(req.train_text_encoder),
+            "resolution": int(req.resolution or self._default_resolution()),
+            "validation_prompt": req.validation_prompt.strip(),
+            "validation_steps": max(1, int(req.max_train_steps) // 4),  # a few samples while it runs
+            "seed": int(req.seed),
+            **req.extra,
+        }
+        if dataclasses.is_dataclass(TrainConfig):
+            known = {f.name for f in dataclasses.fields(TrainConfig)}
+            dropped = sorted(set(values) - known)
+            if dropped:
+                logger.warning("TrainConfig has no fields %s; not passed", dropped)
+            values = {k: v for k, v in values.items() if k in known}
+        try:
+            config = TrainConfig(**values)
+            if hasattr(config, "validate"):
+                config.validate()
+        except (TypeError, ValueError) as e:
+            raise UIError(f"training settings: {e}") from None
+        job = TrainJob(id=job_id, name=name, config=config, output_dir=job_dir / "out", skipped_images=skipped)
+        job.max_steps = int(req.max_train_steps)
+        logger.info("queued training job %d (%s) on %d images", job_id, name, count)
+        return self.queue.submit(job)
+
+    def _default_resolution(self) -> int:
+        """The base model's native image size (sample size x VAE scale), read without loading the model."""
+        if self._pipe is not None:
+            return int(self._pipe.unet.config.sample_size * getattr(self._pipe, "vae_scale_factor", 8))
+        if self.model is None:
+            return 64
+        try:
+            unet = json.loads((Path(self.model) / "unet" / "config.json").read_text())
+            vae = json.loads((Path(self.model) / "vae" / "config.json").read_text())
+            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 512
+
+    def cancel_training(self, job: TrainJob) -> None:
+        self.queue.cancel(job)
+
+    def _run_training(self, job: TrainJob) -> None:
+        train = self._train_fn
+        if train is None:
+            from lora_diffusion.training import train
+        error: Exception | None = None
+        result = None
+        try:
+            result = train(job.config, progress=job.update)
+        except Exception as e:  # noqa: BLE001 - reported in the UI; a checkpoint may still be usable
+            logger.exception("training job %s raised", job.id)
+            error = e
+        cancelled = job.cancel_event.is_set() or getattr(result, "status", None) == "cancelled"
+        for p in getattr(result, "sample_paths", None) or []:
+            if str(p) not in job.samples:
+                job.samples.append(str(p))
+        if error is not None and not cancelled:
+            job.status, job.message = "failed", f"{type(error).__name__}: {error}"
+            return
+        if getattr(result, "status", None) not in (None, "completed", "cancelled"):
+            job.status, job.message = "failed", str(getattr(result, "message", "") or result.status)
+            return
+        weights = _trained_weights(job.output_dir, result)
+        if weights is None:
+            job.status = "cancelled" if cancelled else "failed"
+            job.message = "no checkpoint was written" + (" before the job was cancelled" if cancelled else "")
+            return
+        sample = next((p for p in reversed(job.samples) if Path(p).is_file()), None)
+        job.result = self.library.add_file(weights, job.name, sample=sample, check_size=False)
+        job.step = int(getattr(result, "global_step", job.step) or job.step)
+        job.status = "cancelled" if cancelled else "done"
+        where = f"cancelled at step {job.step}; its last checkpoint" if cancelled else f"trained {job.step} steps;"
+        job.message = f"{where} added to the library as {job.name!r}"
+        if job.skipped_images:
+            job.message += f" (skipped {len(job.skipped_images)} unreadable images)"
+        shutil.rmtree(job.output_dir.parent / "data", ignore_errors=True)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _trained_weights(output_dir: Path, result: Any) -> Path | None:
+    """The LoRA a run left: its final file, else the newest checkpoint's (what a cancelled run keeps)."""
+    candidates = [getattr(result, "lora_path", None), output_dir / LORA_FILE]
+    checkpoint = getattr(result, "checkpoint", None)
+    if checkpoint:
+        candidates.append(Path(checkpoint) / LORA_FILE)
+    found = sorted(output_dir.glob(f"**/checkpoint-*/{LORA_FILE}"), key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    candidates += found[::-1]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+def format_report(report: Any) -> str:
+    """A ``MergeReport`` as a few lines: mode, ranks, the SVD error overall and its worst layers."""
+    lines = [f"mode: {report.mode}", f"rank: {', '.join(map(str, report.ranks))}"]
+    if report.mode == "svd":
+        lines.append(f"error: {report.error:.4g} (relative Frobenius norm of the change, all layers)")
+        worst = sorted(report.errors.items(), key=lambda kv: -kv[1])[:3]
+        lines += [f"  {key}: {err:.4g}" for key, err in worst]
+    else:
+        lines.append("error: 0 (concatenation is exact)")
+    return "\n".join(lines)
