@@ -117,6 +117,17 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
+    """The LoRA wrapper at module path ``name``, wrapping the Linear/Conv2d there first if needed."""
+    module = model.get_submodule(name)
+    if isinstance(module, LoraLayer):
+        return module
+    wrapper = LoraLinear(module) if isinstance(module, nn.Linear) else LoraConv2d(module)
+    parent, child = _get_parent(model, name)
+    setattr(parent, child, wrapper)
+    return wrapper
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(module path, layer)`` for every LoRA layer in ``model``, detached (fused) ones included."""
     for name, module in model.named_modules():
@@ -176,12 +187,7 @@ def inject_lora(
     model.requires_grad_(False)
     params: list[nn.Parameter] = []
     for name in names:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoraLayer):
-            wrapper = LoraLinear(module) if isinstance(module, nn.Linear) else LoraConv2d(module)
-            parent, child = _get_parent(model, name)
-            setattr(parent, child, wrapper)
-            module = wrapper
+        module = wrap_layer(model, name)
         try:
             module.add_adapter(adapter, rank=rank, alpha=alpha, dropout=dropout)
         except ValueError as e:

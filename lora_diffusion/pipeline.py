@@ -35,8 +35,8 @@ from .formats import (
     with_text_model,
     write_lora_file,
 )
-from .inject import _get_parent, attach, detach, lora_layers
-from .layers import LoraConv2d, LoraLayer, LoraLinear
+from .inject import attach, detach, lora_layers, wrap_layer
+from .layers import LoraLayer
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +227,7 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, LoraWeights]], adapter: 
     fused = bool(getattr(model, "_lora_detached", {}))
     attach(model)
     for target, w in plan:
-        layer = model.get_submodule(target)
-        if not isinstance(layer, LoraLayer):
-            wrapper = LoraLinear(layer) if isinstance(layer, nn.Linear) else LoraConv2d(layer)
-            parent, child = _get_parent(model, target)
-            setattr(parent, child, wrapper)
-            layer = wrapper
+        layer = wrap_layer(model, target)
         layer.add_adapter(adapter, rank=w.rank, alpha=w.alpha, dtype=layer.base_layer.weight.dtype)
         layer.set_lora_weights(adapter, w.A, w.B)
         layer.lora_A[adapter].requires_grad_(False)
