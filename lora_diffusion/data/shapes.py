@@ -49,7 +49,7 @@ SHAPES: tuple[str, ...] = BASE_SHAPES + NEW_SHAPES
 STYLES: tuple[str, ...] = ("plain", "striped")
 
 #: Stripe period (pixels, measured across the stripes) of the ``"striped"`` style.
-STRIPE_PERIOD: float = 10.0
+STRIPE_PERIOD: float = 16.0
 #: Brightness factor of the dark stripes of the ``"striped"`` style.
 STRIPE_SHADE: float = 0.4
 _SUPERSAMPLE = 4
