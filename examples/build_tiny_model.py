@@ -10,7 +10,7 @@ Stages: (1) tokenizer, (2) VAE on a mix of plain/striped images of all shapes, u
 min-SNR weighting, 10% caption dropout for classifier-free guidance, warmup + cosine LR, EMA weights,
 (5) evaluate colour/shape accuracy on held-out seeds, save the EMA pipeline in fp16 safetensors, reload it.
 
-Usage (about 40 minutes on 2 CPU cores with the defaults):
+Usage (37 min measured on 2 busy CPU cores with the defaults, about 25 min on idle ones):
     python examples/build_tiny_model.py
     python examples/build_tiny_model.py --unet-steps 200 --vae-steps 50 --out /tmp/tiny  # smoke run
     python examples/build_tiny_model.py --reuse-vae   # retrain only text encoder + UNet

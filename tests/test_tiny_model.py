@@ -1,7 +1,7 @@
 """The shape data generator, the image metrics, the example data sets and the bundled tiny model.
 
 The model tests load ``lora_diffusion/assets/tiny-shapes`` offline and check that it follows prompts on
-held-out seeds (colour and shape measured with ``lora_diffusion.data.metrics``). About 15 s on 2 CPU cores.
+held-out seeds (colour and shape measured with ``lora_diffusion.data.metrics``). About 20 s on 2 CPU cores.
 """
 
 from __future__ import annotations
