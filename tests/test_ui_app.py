@@ -189,7 +189,7 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
 
 
 def test_auth_protects_every_route(tmp_path):
-    backend = Backend(None, tmp_path / "loras")
+    backend = Backend(tiny_model_dir(tmp_path / "model"), tmp_path / "loras")
     make_lora(tmp_path / "loras" / "style.safetensors", 1)
     demo = build_demo(backend)
     app, url, _ = launch(demo, prevent_thread_lock=True, quiet=True,

@@ -20,7 +20,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 
 from ui.app import build_demo, launch  # noqa: E402
 from ui.handlers import Backend  # noqa: E402
-from ui_support import free_port, make_lora  # noqa: E402
+from ui_support import bundled_pipeline, free_port, make_lora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,8 +32,9 @@ def url(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     lib = root / "loras"
     lib.mkdir()
-    make_lora(lib / "ink_style.safetensors", 2, rank=2)
-    make_lora(lib / "stripes.safetensors", 1)
+    # the default --model is the bundled model: LoRAs for it, small enough to keep its images recognisable
+    make_lora(lib / "ink_style.safetensors", 2, rank=2, std=0.05, base=bundled_pipeline)
+    make_lora(lib / "stripes.safetensors", 1, std=0.05, base=bundled_pipeline)
     cwd = os.getcwd()
     os.chdir(root)  # so the header shows the library as a user would give it: ./loras
     try:
@@ -58,7 +59,7 @@ def test_slider_generate_and_screenshot(url, tmp_path):
             slider.fill("0.4")
             number = page.locator("#lora-weight-1 input[type=number]")
             sync_api.expect(number).to_have_value("0.4")
-            page.locator("#prompt textarea").fill("a red circle on a blue square")
+            page.locator("#prompt textarea").fill("a red circle on a white background")
             page.locator("#generate-btn").click()
             image = page.locator("#gallery img").first
             image.wait_for(state="visible", timeout=60_000)

@@ -19,9 +19,10 @@ SIZE = 32  # generate 32x32 images (16x16 latents) in tests
 STEPS = 3
 
 
-def make_lora(path, seed: int, *, te: bool = True, rank: int = 4, std: float = 0.3, metadata: dict | None = None) -> Path:
-    """A LoRA file for ``tiny_pipeline(0)`` with random (non-zero) factors."""
-    pipe = tiny_pipeline(0)
+def make_lora(path, seed: int, *, te: bool = True, rank: int = 4, std: float = 0.3, metadata: dict | None = None,
+              base=None) -> Path:
+    """A LoRA file with random (non-zero) factors for ``base()`` (default ``tiny_pipeline(0)``)."""
+    pipe = base() if base else tiny_pipeline(0)
     inject_lora(pipe.unet, rank=rank)
     randomize_lora(pipe.unet, seed=seed, std=std)
     if te:
@@ -56,6 +57,15 @@ def make_images(folder, n: int = 3, *, corrupt: int = 0) -> list[Path]:
         p.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
         paths.append(p)
     return paths
+
+
+def bundled_pipeline():
+    """The bundled tiny model (the UI's default ``--model``)."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_diffusion.data import TINY_MODEL
+
+    return StableDiffusionPipeline.from_pretrained(TINY_MODEL, safety_checker=None)
 
 
 def tiny_model_dir(folder) -> str:
