@@ -216,12 +216,3 @@ def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Par
             if adapter is None or name == adapter:
                 out += [layer.lora_A[name], layer.lora_B[name]]
     return out
-
-
-def adapter_state(model: nn.Module, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``{module path: (A, B, alpha)}`` of one adapter, module paths as in ``model`` (wrapper level)."""
-    out = {}
-    for name, layer in lora_layers(model):
-        if adapter in layer.specs:
-            out[name] = (layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach(), layer.specs[adapter].alpha)
-    return out
