@@ -295,6 +295,9 @@ def _header_bytes(path: Path) -> int:
         return int.from_bytes(f.read(8), "little")
 
 
+SECTIONS = ("train", "inference", "load", "file_size")  # inference: unfused/fused calls, fuse, unfuse, re-weight
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 iteration, no warm-up, one rank (CI smoke run)")
@@ -302,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                         help="torch.set_num_threads (default: the CPUs this process may use)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                        help=f"run only these sections: {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     global LATENT
     if args.quick:
@@ -315,10 +320,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="lora_bench_") as tmp:
         folder = Path(tmp)
         files = make_adapter_files(comps, folder, 8)
-        bench_train(ctx, comps, args.iters, args.warmup)
-        bench_inference_and_fuse(ctx, comps, files, args.iters, args.warmup)
-        bench_load(ctx, comps, files[0], args.iters, args.warmup)
-        bench_file_size(ctx, comps, folder, [4] if args.quick else [1, 4, 16, 64])
+        if "train" in args.only:
+            bench_train(ctx, comps, args.iters, args.warmup)
+        if "inference" in args.only:
+            bench_inference_and_fuse(ctx, comps, files, args.iters, args.warmup)
+        if "load" in args.only:
+            bench_load(ctx, comps, files[0], args.iters, args.warmup)
+        if "file_size" in args.only:
+            bench_file_size(ctx, comps, folder, [4] if args.quick else [1, 4, 16, 64])
 
 
 if __name__ == "__main__":

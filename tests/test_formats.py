@@ -328,3 +328,33 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path, 
     torch.save(state, pickle)
     with pytest.raises(LoraFormatError, match="pickled"):
         read_lora_file(pickle)
+
+
+def test_suffix_regex_matches_exactly_the_paths_as_peft_suffixes():
+    """``target_modules`` is written as one regex: it must accept each path and any ``prefix.`` + path, and
+    nothing else, for every preset on an SD1.5-shaped UNet and for random path sets."""
+    import random
+
+    from diffusers import UNet2DConditionModel
+
+    from lora_diffusion.formats import suffix_regex
+    from lora_diffusion.inject import resolve_targets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+    names = [n for n, _ in unet.named_modules()]
+    for preset in ("attn", "cross", "attn-mlp", "full"):
+        targets = resolve_targets(unet, preset)
+        rx = re.compile(suffix_regex(targets))
+        assert [n for n in names if rx.fullmatch(n)] == targets, preset
+        assert all(rx.fullmatch("text_model." + t) for t in targets)
+        assert len(rx.pattern) < 0.2 * len(json.dumps(targets))
+    rng = random.Random(0)
+    parts = ["a", "b", "0", "1", "to_out", "x.y"[0]]
+    for _ in range(200):
+        universe = {".".join(rng.choice(parts) for _ in range(rng.randint(1, 4))) for _ in range(30)}
+        chosen = {p for p in universe if rng.random() < 0.4} or {next(iter(universe))}
+        rx = re.compile(suffix_regex(chosen))
+        for name in universe | {"z." + p for p in universe} | {p + "z" for p in universe}:
+            expected = any(name == c or name.endswith("." + c) for c in chosen)
+            assert (rx.fullmatch(name) is not None) == expected, (sorted(chosen), name)

@@ -126,3 +126,42 @@ def test_fp16_default_and_text_encoder_keys(tmp_path):
     assert all(t.dtype == torch.float16 for t in state.values())
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in state
     assert "lora_adapter_metadata" in header and header["format"] == "pt"
+
+
+def test_partial_targets_load_in_stock_diffusers_exactly_and_quietly(tmp_path):
+    """A file with only some layers (UNet cross-attention, two text-encoder projections, one of them with its
+    own rank and alpha) wraps exactly those layers in stock diffusers, without PEFT's config/state-dict
+    inconsistency warning, and gives our images; its header is smaller than diffusers' own."""
+    import warnings
+
+    pipe = tiny_pipeline(0)
+    inject_lora(pipe.unet, rank=4, alpha=2, targets="cross")
+    inject_lora(pipe.text_encoder, rank=2, alpha=3, targets=r".*layers\.1\.self_attn\.v_proj")
+    inject_lora(pipe.text_encoder, rank=4, alpha=4, targets=r".*layers\.0\.self_attn\.q_proj", adapter="other")
+    for _, layer in lora_layers(pipe.text_encoder):  # one adapter, two (rank, alpha) pairs
+        if "other" in layer.specs:
+            layer.specs["default"] = layer.specs.pop("other")
+            for store in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                store["default"] = store.pop("other")
+            layer.weights, layer.active = {"default": 1.0}, ["default"]
+    randomize_lora(pipe.unet, seed=5)
+    randomize_lora(pipe.text_encoder, seed=6)
+    path = save_lora(tmp_path / "partial.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, dtype=torch.float32)
+
+    ref = tiny_pipeline(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref.load_lora_weights(str(path))
+    assert not [w for w in caught if "inconsisten" in str(w.message)], [str(w.message) for w in caught]
+    for model in ("unet", "text_encoder"):
+        wrapped = {n for n, m in getattr(ref, model).named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
+        expected = {n for n, _ in lora_layers(getattr(pipe, model))}
+        assert {n.removeprefix("text_model.") for n in wrapped} == {n.removeprefix("text_model.") for n in expected}
+    q = ref.text_encoder.get_submodule(next(n for n, _ in lora_layers(pipe.text_encoder) if n.endswith("0.self_attn.q_proj")))
+    assert q.r["default_0"] == 4 and q.scaling["default_0"] == 1.0  # the per-layer rank/alpha reached PEFT
+
+    ours = tiny_pipeline(0)
+    load_lora(ours, path)
+    a, b = generate(ours), generate(ref)
+    assert abs(a - generate(tiny_pipeline(0))).max() > 0.05
+    assert abs(a - b).max() < 1e-5
