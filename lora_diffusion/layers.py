@@ -61,6 +61,8 @@ class LoraLayer(nn.Module):
         self._base_backup: torch.Tensor | None = None
         self._cache_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fuse_key: tuple | None = None  # fp32 factors kept while fused (re-weighting reuses them)
+        self._fuse_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ shapes (subclasses)
     @property
@@ -81,10 +83,6 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``B @ A`` reshaped to the base weight's shape (fp32 in, fp32 out)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ adapters
@@ -129,10 +127,10 @@ class LoraLayer(nn.Module):
         self._cache_key = None
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (unfusing first if it is fused)."""
+        """Remove adapter ``name``; a fused layer stays fused with the other adapters."""
         self._require(name)
-        if self.fused:
-            self.unfuse()
+        if name in self.fused:
+            self.restore_fused({n: w for n, w in self.fused.items() if n != name})
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
         del self.specs[name]
@@ -141,14 +139,22 @@ class LoraLayer(nn.Module):
             self.active.remove(name)
         self._cache_key = None
 
-    def set_weights(self, weights: dict[str, float]) -> None:
-        """Activate exactly the adapters named in ``weights`` (those in this layer) with these weights."""
+    def set_weights(self, weights: dict[str, float], refuse: bool = True) -> None:
+        """Activate exactly the adapters named in ``weights`` (those in this layer) with these weights.
+
+        A fused layer is re-fused at once unless ``refuse=False`` (the caller re-fuses many layers together);
+        if that fuse is refused, the old weights stay."""
+        previous = (list(self.active), dict(self.weights))
         self.active = [n for n in self.specs if n in weights]
         for name in self.active:
             self.weights[name] = float(weights[name])
         self._cache_key = None
-        if self.fused:
-            self.fuse()
+        if self.fused and refuse:
+            try:
+                self.fuse()
+            except ValueError:
+                self.active, self.weights = previous
+                raise
 
     def set_lora_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, alpha: float | None = None) -> None:
         """Copy given factors into adapter ``name``; shapes must match exactly."""
@@ -222,6 +228,38 @@ class LoraLayer(nn.Module):
         return result + self._low_rank(x.to(a_cat.dtype), a_cat, b_cat).to(out_dtype)
 
     # ------------------------------------------------------------------ fuse
+    def fuse_weights(self) -> dict[str, float]:
+        """``{adapter: weight}`` that ``fuse`` bakes in: the active adapters with a non-zero weight."""
+        return {n: self.weights[n] for n in self.active if self.weights.get(n, 0.0) != 0.0}
+
+    def scale_row(self, weights: dict[str, float]) -> list[float]:
+        """``w * alpha / r`` of each adapter in ``weights``, repeated over its rank rows (the stacked-B scales)."""
+        return [w * self.specs[n].scale for n, w in weights.items() for _ in range(self.specs[n].rank)]
+
+    def _fp32_factors(self, names: list[str], cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``A`` stacked ``[R, in*k*k]`` and ``B`` side by side ``[out, R]``, unscaled, on the weight's device.
+
+        While fused they are kept (keyed on the factors' version counters), so re-weighting costs one scale, one
+        matmul and one add per layer."""
+        params = self._factors(names)
+        key = None
+        if cache and not any(a.is_inference() or b.is_inference() for a, b in params):
+            key = tuple((n, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params))
+            if key == self._fuse_key and self._fuse_cache is not None:
+                return self._fuse_cache
+        device = self.base_layer.weight.device
+        a32 = torch.cat([a.detach().reshape(a.shape[0], -1) for a, _ in params]).to(device, torch.float32)
+        b32 = torch.cat([b.detach().reshape(b.shape[0], -1) for _, b in params], dim=1).to(device, torch.float32)
+        if key is not None:
+            self._fuse_key, self._fuse_cache = key, (a32, b32)
+        return a32, b32
+
+    def _delta32(self, weights: dict[str, float], scales: torch.Tensor | None = None, cache: bool = False) -> torch.Tensor:
+        a32, b32 = self._fp32_factors(list(weights), cache)
+        if scales is None:
+            scales = torch.tensor(self.scale_row(weights), dtype=torch.float32).to(b32.device)
+        return (b32 * scales) @ a32
+
     def delta_weight(self, names: list[str] | None = None, weights: dict[str, float] | None = None) -> torch.Tensor:
         """fp32 ``sum_i w_i (alpha_i/r_i) B_i A_i`` in the base weight's shape (default: active adapters)."""
         names = list(self.active if names is None else names)
@@ -229,28 +267,42 @@ class LoraLayer(nn.Module):
         w = self.base_layer.weight
         if not names:
             return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        a_cat = torch.cat([self.lora_A[n].detach().float() for n in names], dim=0)
-        b_cat = torch.cat(
-            [self.lora_B[n].detach().float() * (weights[n] * self.specs[n].scale) for n in names], dim=1
-        )
-        return self._delta_from(a_cat, b_cat).to(w.device)
+        return self._delta32({n: weights[n] for n in names}).view(w.shape)
+
+    def write_fused(self, weights: dict[str, float], scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Set ``W = W0 + sum w s B A`` (fp32, rounded once) for ``weights`` and return the new weight's fp32 sum,
+        a 0-dim tensor that is finite iff the weight is (one reduction, where ``isfinite().all()`` runs five ops).
+        No host-device sync here, so a model fuses with one sync in all (``pipeline.fuse_layers``).
+        ``scales``: this layer's ``scale_row`` already on the device."""
+        weight = self.base_layer.weight
+        if self._base_backup is None:
+            self._base_backup = weight.detach().clone()
+        with torch.no_grad():
+            if weights:
+                torch.add(self._base_backup, self._delta32(weights, scales, cache=True).view(weight.shape), out=weight)
+            else:
+                weight.copy_(self._base_backup)
+        self.fused = dict(weights)
+        self._cache_key = None
+        return weight.sum(dtype=torch.float32)
+
+    def restore_fused(self, previous: dict[str, float]) -> None:
+        """Back to the fused state ``previous`` (``{}``: unfused), after a refused fuse."""
+        if previous:
+            self.write_fused(previous)
+        else:
+            self.unfuse()
 
     def fuse(self) -> None:
         """Bake the active adapters at their weights into the base weight: ``W = W0 + delta`` (fp32, cast once).
 
-        Calling it again after a weight change recomputes from the saved ``W0``, equal to fusing afresh.
+        Calling it again after a weight change recomputes from the saved ``W0``, equal to fusing afresh. Raises
+        ``ValueError`` (and leaves the layer as it was) if the fused weight would hold NaN or Inf.
         """
-        names = [n for n in self.active if self.weights.get(n, 0.0) != 0.0]
-        weight = self.base_layer.weight
-        delta = self.delta_weight(names)
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"refusing to fuse: adapters {names} contain NaN or Inf")
-        if self._base_backup is None:
-            self._base_backup = weight.detach().clone()
-        with torch.no_grad():
-            weight.copy_((self._base_backup.float() + delta).to(weight.dtype))
-        self.fused = {n: self.weights[n] for n in names}
-        self._cache_key = None
+        previous, weights = dict(self.fused), self.fuse_weights()
+        if not bool(torch.isfinite(self.write_fused(weights))):
+            self.restore_fused(previous)
+            raise ValueError(f"refusing to fuse: adapters {list(weights)} give NaN or Inf weights")
 
     def unfuse(self) -> None:
         """Restore the base weight exactly (bit-identical) from the copy taken at the first fuse."""
@@ -258,6 +310,7 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 self.base_layer.weight.copy_(self._base_backup)
         self._base_backup = None
+        self._fuse_key = self._fuse_cache = None
         self.fused = {}
         self._cache_key = None
 
@@ -292,9 +345,6 @@ class LoraLinear(LoraLayer):
 
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, a), b)
-
-    def _delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return b @ a
 
 
 class LoraConv2d(LoraLayer):
@@ -332,7 +382,3 @@ class LoraConv2d(LoraLayer):
         base = self.base_layer
         h = F.conv2d(x, a, None, base.stride, base.padding, base.dilation)
         return F.conv2d(h, b)
-
-    def _delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        r = a.shape[0]
-        return (b.reshape(b.shape[0], r) @ a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])

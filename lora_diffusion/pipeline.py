@@ -35,7 +35,7 @@ from .formats import (
     with_text_model,
     write_lora_file,
 )
-from .inject import attach, detach, lora_layers, wrap_layer
+from .inject import DETACHED_ATTR, attach, detach, lora_layers, wrap_layer
 from .layers import LoraLayer
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def _resolve_module(model: nn.Module, component: str, path: str) -> str | None:
     if component == "text_encoder":
         candidates = [path, strip_text_model(path)]
     modules = dict(model.named_modules())
-    detached = getattr(model, "_lora_detached", {})
+    detached = getattr(model, DETACHED_ATTR, {})
     for cand in candidates:
         if cand in modules or cand in detached:
             return cand
@@ -179,7 +179,7 @@ def _plan(
         if target is None:
             missing.append(f"{component}.{path}")
             continue
-        layer = getattr(model, "_lora_detached", {}).get(target) or model.get_submodule(target)
+        layer = getattr(model, DETACHED_ATTR, {}).get(target) or model.get_submodule(target)
         base = layer.base_layer if isinstance(layer, LoraLayer) else layer
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise LoraFormatError(f"{source}: {component}.{path} targets a {type(base).__name__}, not a Linear or Conv2d")
@@ -224,7 +224,7 @@ def apply_lora(
 
 
 def _apply_plan(model: nn.Module, plan: list[tuple[str, LoraWeights]], adapter: str, weight: float) -> int:
-    fused = bool(getattr(model, "_lora_detached", {}))
+    fused = bool(getattr(model, DETACHED_ATTR, {}))
     attach(model)
     for target, w in plan:
         layer = wrap_layer(model, target)
@@ -233,10 +233,16 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, LoraWeights]], adapter: 
         layer.lora_A[adapter].requires_grad_(False)
         layer.lora_B[adapter].requires_grad_(False)
         layer.weights[adapter] = float(weight)
-        if fused:
-            layer.fuse()
     if fused:
-        detach(model)
+        layers = [(target, model.get_submodule(target)) for target, _ in plan]
+        try:
+            fuse_layers(layers)
+        except ValueError:
+            for _, layer in layers:  # nothing half-loaded
+                layer.delete_adapter(adapter)
+            raise
+        finally:
+            detach(model)
     return len(plan)
 
 
@@ -336,17 +342,25 @@ def set_adapters(
         raise KeyError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
     for spec in specs.values():
         check_blocks(spec)
-    for component, model in _components(pipe):
-        base = te_weights if component == "text_encoder" else weights
-        lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
-        lpb = lpb if isinstance(lpb, int) else 2
-        for path, layer in lora_layers(model):
-            layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()})
+    changed: list[tuple[str, LoraLayer, tuple]] = []
+    try:
+        for component, model in _components(pipe):
+            base = te_weights if component == "text_encoder" else weights
+            lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
+            lpb = lpb if isinstance(lpb, int) else 2
+            for path, layer in lora_layers(model):
+                changed.append((path, layer, (list(layer.active), dict(layer.weights))))
+                layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, refuse=False)
+        fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
+    except ValueError:
+        for _, layer, (active, old) in changed:
+            layer.active, layer.weights, layer._cache_key = active, old, None
+        raise
 
 
 def _set_disabled(pipe, disabled: bool) -> None:
     for _, model in _components(pipe):
-        was_fused = bool(getattr(model, "_lora_detached", {}))
+        was_fused = bool(getattr(model, DETACHED_ATTR, {}))
         if disabled and was_fused:
             # a fused delta lives in the base weights: take it out, and remember to put it back on enable
             unfuse_model(model)
@@ -370,26 +384,58 @@ def enable_lora(pipe) -> None:
 def delete_adapter(pipe, adapter: str) -> None:
     """Remove one adapter from every component."""
     for _, model in _components(pipe):
+        was_fused = bool(getattr(model, DETACHED_ATTR, {}))
         attach(model)
         for _, layer in list(lora_layers(model)):
             if adapter in layer.specs:
-                layer.delete_adapter(adapter)
+                layer.delete_adapter(adapter)  # a fused layer is re-fused without it
+        if was_fused:
+            detach(model)
         getattr(model, _META_ATTR, {}).pop(adapter, None)
 
 
 # ---------------------------------------------------------------------------------------------- fuse
+def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
+    """(Re-)fuse each ``(path, layer)`` at its current weights with one host-device sync for them all.
+
+    The per-row scales of every layer travel to the device in one copy; each layer then costs a scale, a matmul,
+    an add and a sum (its fp32 factors are kept while fused), and the sums are checked together at the end.
+    If any fused weight would hold NaN or Inf, every layer goes back to how it was and ``ValueError`` names the
+    layers.
+    """
+    plans = [(path, layer, layer.fuse_weights(), dict(layer.fused)) for path, layer in layers]
+    rows: dict[torch.device, list[float]] = {}
+    spans = []
+    for _, layer, weights, _ in plans:
+        row = layer.scale_row(weights)
+        values = rows.setdefault(layer.base_layer.weight.device, [])
+        spans.append((len(values), len(row)))
+        values.extend(row)
+    scales = {device: torch.tensor(values, dtype=torch.float32).to(device) for device, values in rows.items()}
+    flags: dict[torch.device, list[torch.Tensor]] = {}  # per layer: the fused weight's sum, finite iff it is
+    for (_, layer, weights, _), (start, n) in zip(plans, spans):
+        device = layer.base_layer.weight.device
+        flags.setdefault(device, []).append(layer.write_fused(weights, scales[device][start : start + n]))
+    if all(bool(torch.isfinite(torch.stack(f)).all()) for f in flags.values()):
+        return
+    bad = [path for path, layer, _, _ in plans if not bool(torch.isfinite(layer.base_layer.weight).all())]
+    for _, layer, _, previous in plans:
+        layer.restore_fused(previous)
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    raise ValueError(f"refusing to fuse: {bad[0]}{more} would get NaN or Inf weights (a NaN/Inf in an adapter, or "
+                     f"weights too large for {layers[0][1].base_layer.weight.dtype}); nothing was changed")
+
+
 def fuse_model(model: nn.Module) -> None:
     """Fuse one model's active adapters into its weights and swap the wrappers out (zero added latency)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    for layer in layers:
-        delta_ok = all(
-            torch.isfinite(layer.lora_A[n]).all() and torch.isfinite(layer.lora_B[n]).all() for n in layer.active
-        )
-        if not delta_ok:
-            raise ValueError("refusing to fuse: an active adapter contains NaN or Inf values")
+    was_fused = bool(getattr(model, DETACHED_ATTR, {}))
     attach(model)
-    for layer in layers:
-        layer.fuse()
+    try:
+        fuse_layers(list(lora_layers(model)))
+    except ValueError:
+        if was_fused:  # fuse_layers put the old fused weights back
+            detach(model)
+        raise
     detach(model)
 
 

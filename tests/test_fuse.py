@@ -1,0 +1,142 @@
+"""Fusing and re-weighting a whole pipeline: one host-device sync per call, a few ops per layer, one rounding,
+and a refused fuse (NaN/Inf, or a float16 overflow) leaves everything as it was."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lora_diffusion import delete_adapter, fuse, list_adapters, load_lora, set_adapters, unfuse
+from lora_diffusion.formats import write_lora_file
+from lora_diffusion.inject import lora_layers
+from lora_diffusion.testing import random_lora, tiny_pipeline
+
+from conftest import generate
+
+LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it; ``_local_scalar_dense`` is a tensor read on the host (a device sync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _pipe_with(tmp_path, n: int, dtype=torch.float32, **lora_kwargs):
+    pipe = tiny_pipeline(0, dtype=dtype)
+    for i in range(n):
+        path = tmp_path / f"a{i}.safetensors"
+        write_lora_file(path, random_lora(tiny_pipeline(0), seed=i, rank=2 + i, alpha=4, **lora_kwargs), dtype=torch.float32)
+        load_lora(pipe, path)
+    return pipe
+
+
+def _weights(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_reweighting_a_fused_pipeline_syncs_once_and_runs_few_ops_per_layer(tmp_path):
+    pipe = _pipe_with(tmp_path, 4)
+    names = ["a0", "a1", "a2", "a3"]
+    fuse(pipe)
+    n_layers = sum(1 for c in ("unet", "text_encoder") for _ in lora_layers(getattr(pipe, c)))
+    with OpCounter() as counter:
+        set_adapters(pipe, dict(zip(names, (0.1, 0.5, -0.3, 0.8))))
+    ops = counter.ops
+    assert ops["_local_scalar_dense"] == 1, ops  # one host read of all the layers' checks
+    # per layer: scale, matmul, add into the weight, sum (+ two views); was ~20 ops and a sync per layer
+    assert ops["mm"] == ops["add"] == ops["sum"] == n_layers and ops["mul"] <= n_layers + 1, ops
+    assert sum(ops.values()) <= 6 * n_layers + 10, ops
+    with OpCounter() as counter:
+        unfuse(pipe)
+        fuse(pipe)
+    assert counter.ops["_local_scalar_dense"] == 2, counter.ops  # one per component (UNet, text encoder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_weight_is_rounded_once_from_fp32(tmp_path, dtype):
+    pipe = _pipe_with(tmp_path, 2, dtype=dtype)
+    set_adapters(pipe, {"a0": 0.7, "a1": -1.3})
+    layer = dict(lora_layers(pipe.unet))[LAYER]
+    w0 = layer.base_layer.weight.detach().clone()
+    expected = (w0.float() + layer.delta_weight()).to(dtype)
+    fuse(pipe)
+    assert torch.equal(dict(lora_layers(pipe.unet))[LAYER].base_layer.weight, expected)
+    assert not torch.equal(expected, w0)
+
+
+def test_refused_reweight_changes_nothing(tmp_path):
+    pipe = _pipe_with(tmp_path, 2)
+    bad = tmp_path / "bad.safetensors"
+    key = f"unet.{LAYER}"
+    b = torch.ones(64, 2)
+    b[0, 0] = float("nan")
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 64), f"{key}.lora_B.weight": b}, bad)
+    load_lora(pipe, bad, weight=0.0)  # loaded but inactive: the fuse below leaves it out
+    set_adapters(pipe, {"a0": 0.5, "a1": 1.0})
+    fuse(pipe)
+    before, image = _weights(pipe), generate(pipe)
+    states = {p: (list(layer.active), dict(layer.weights), dict(layer.fused)) for p, layer in lora_layers(pipe.unet)}
+    with pytest.raises(ValueError, match=rf"refusing to fuse: {LAYER} would get NaN or Inf"):
+        set_adapters(pipe, {"a0": 0.5, "a1": 1.0, "bad": 1.0})
+    _assert_same(before, _weights(pipe))
+    assert {p: (list(layer.active), dict(layer.weights), dict(layer.fused)) for p, layer in lora_layers(pipe.unet)} == states
+    assert (generate(pipe) == image).all()  # still fused, still the same blend
+    set_adapters(pipe, {"a0": 1.0})  # and it still works
+    assert not (generate(pipe) == image).all()
+
+
+def test_loading_a_bad_file_into_a_fused_pipeline_is_refused_whole(tmp_path):
+    pipe = _pipe_with(tmp_path, 1)
+    fuse(pipe)
+    before = _weights(pipe)
+    key = f"unet.{LAYER}"
+    b = torch.ones(64, 2)
+    b[3, 1] = float("inf")
+    bad = tmp_path / "bad.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 64), f"{key}.lora_B.weight": b}, bad)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        load_lora(pipe, bad)
+    assert list_adapters(pipe) == {"unet": ["a0"], "text_encoder": ["a0"]}
+    _assert_same(before, _weights(pipe))
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    """Finite factors whose fused weight exceeds float16's range: caught on the fused weight itself."""
+    pipe = tiny_pipeline(0, dtype=torch.float16)
+    key = f"unet.{LAYER}"
+    huge = tmp_path / "huge.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.full((2, 64), 300.0), f"{key}.lora_B.weight": torch.full((64, 2), 300.0)}, huge)
+    load_lora(pipe, huge)
+    before = _weights(pipe)
+    with pytest.raises(ValueError, match="too large for torch.float16"):
+        fuse(pipe)
+    _assert_same(before, _weights(pipe))
+
+
+def test_deleting_an_adapter_while_fused_keeps_the_others_fused(tmp_path):
+    pipe = _pipe_with(tmp_path, 2)
+    fuse(pipe)
+    delete_adapter(pipe, "a1")
+    assert not any(True for _ in pipe.unet.modules() if hasattr(_, "lora_A"))  # still the base modules: fused
+    fused_image = generate(pipe)
+    unfuse(pipe)
+    np.testing.assert_allclose(generate(pipe), fused_image, atol=1e-5)  # == a0 alone, unfused
+    assert np.abs(generate(tiny_pipeline(0)) - fused_image).max() > 1e-2  # a0 is still in
