@@ -14,6 +14,8 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 * ``train_step_compiled`` (``--compile``, opt-in): our step with ``torch.compile`` (default mode
   ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
   checked against the eager step from the same start (losses and LoRA parameters after the same steps).
+* ``train_floor`` / ``train_step`` with ``--floor-variants``: the floor and our step with the UNet in
+  ``channels_last``, or under ``torch.compile`` (default mode), each against the plain floor.
 * ``infer_unfused`` / ``infer_fused``: one CFG UNet call (batch 2, 64x64 latents) with 0, 1, 4, 8 adapters
   loaded from files, ours vs PEFT's equivalents and vs the base UNet.
 * ``fuse`` / ``reweight_fused``: fusing 4 adapters into UNet + text encoder, and changing their weights
@@ -21,6 +23,7 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 
     python bench/gpu.py                     # the full run, < 5 minutes on one H100
     python bench/gpu.py --compile           # plus the compiled training step (adds the compile time)
+    python bench/gpu.py --floor-variants channels_last compile   # the floor (and ours) lowered, TFLOP/s before/after
     python bench/gpu.py --tiny --iters 1    # smoke run on CPU with tiny shapes (fp32)
 """
 
@@ -46,6 +49,7 @@ from cpu import make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E4
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.inject import lora_layers  # noqa: E402
 from lora_diffusion.testing import tiny_components  # noqa: E402
+from lora_diffusion.training import compile_unet  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64,
@@ -77,6 +81,7 @@ class Setup:
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.iters, self.warmup = args.iters, args.warmup
+        self.compile_backend = args.compile_backend
         self._resident = 0
         self.latent = 8 if args.tiny else 64
         unet_cfg, clip_cfg = (TINY_UNET, TINY_CLIP) if args.tiny else (SD15_UNET, CLIP_L)
@@ -201,7 +206,38 @@ def peft_model(s: Setup, a_init: dict):
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
-def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compile_batches: list[int]) -> None:
+def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms: float, flops: float | None) -> None:
+    """The floor lowered where our code controls it: channels_last (``--channels_last`` in training), or the
+    frozen UNet under torch.compile (``--compile default``); and our LoRA step in the same setting."""
+    log(f"train, batch {batch}: floor and ours, {variant}")
+    results = {}
+    for who in ("floor", "ours"):
+        s.resident()
+        if who == "floor":
+            unet, params = s.unet_copy(), None
+        else:
+            unet, params = ours_model(s)
+        if variant == "channels_last":
+            unet.to(memory_format=torch.channels_last)
+        model = compile_unet(unet, "default", s.compile_backend) if variant == "compile" else unet
+        step = floor_step(s, model, inp) if who == "floor" else lora_step(s, model, params, inp)[0]
+        t0 = time.perf_counter()
+        step()
+        s.sync()
+        first_s = time.perf_counter() - t0
+        s.reset_peak()
+        results[who] = (median_ms(step, s.iters, s.warmup, s.sync), s.peak_mb(), first_s)
+        del unet, params, model, step
+    (f_ms, f_mem, f_first), (o_ms, o_mem, o_first) = results["floor"], results["ours"]
+    tflops = flops / (f_ms / 1e3) / 1e12 if flops else None
+    emit(s.ctx, "train_floor", f"batch {batch}, {variant}", f_ms, floor_ms, "floor", tflops_per_s=tflops, peak_mb=f_mem,
+         first_call_s=round(f_first, 1))
+    emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}, {variant}", o_ms, f_ms, "floor", floor_variant=variant,
+         peak_mb=o_mem, first_call_s=round(o_first, 1))
+
+
+def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compile_batches: list[int],
+                   floor_variants: list[str]) -> None:
     for batch in batches:
         inp = s.inputs(batch)
         log(f"train, batch {batch}: floor")
@@ -225,6 +261,8 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         tflops = flops / (floor_ms / 1e3) / 1e12 if flops else None
         emit(s.ctx, "train_floor", f"batch {batch}", floor_ms, floor_ms, "floor", tflop=flops / 1e12 if flops else None,
              tflops_per_s=tflops, peak_mb=floor_mem)
+        for variant in floor_variants:
+            guarded(f"train_floor {variant} batch {batch}", bench_floor_variant, s, inp, batch, variant, floor_ms, flops)
 
         log(f"train, batch {batch}: ours")
         s.resident()
@@ -260,7 +298,7 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     s.resident()
     unet, params = ours_model(s)
     start = [p.detach().clone() for p in params]
-    compiled = torch.compile(unet, mode=mode)
+    compiled = compile_unet(unet, mode, s.compile_backend)  # what `--compile` does in training
     step, losses_c = lora_step(s, compiled, params, inp, fused_adam=True, cudagraphs=cudagraphs)
     t0 = time.perf_counter()
     step()
@@ -370,9 +408,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU in fp32 (smoke run)")
     parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, metavar="MODE",
                         help="also time our training step under torch.compile (default mode: reduce-overhead)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick smoke run)")
     parser.add_argument("--compile-batches", type=int, nargs="+", default=[1],
                         help="batches to compile for (each compiles afresh: ~2 min on an H100 for SD1.5)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--floor-variants", nargs="*", default=[], choices=["channels_last", "compile"],
+                        help="also time the floor and our eager step with the UNet in channels_last, or under "
+                             "torch.compile (default mode; compiles twice per batch: minutes)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per figure (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -388,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     s = Setup(args)
     if "train" not in args.skip:
-        guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches)
+        guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches, args.floor_variants)
     if "infer" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="lora_bench_gpu_") as tmp:
             log("writing 8 adapter files")

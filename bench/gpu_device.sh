@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one command for a bare, offline GPU machine (see docs/BENCHMARKS.md, "GPU"):
-#   here:  bash bench/fetch_wheels.sh
-#   there: bash bench/gpu_device.sh            (with .whl carried; results in $OUT or ./gpu-results)
-# Installs the carried wheels into /tmp/site, then runs the plain benchmark and the compiled training step,
-# each writing JSON lines, so that what finishes comes back even if a later part runs out of time.
+# The GPU benchmark for a bare, offline GPU machine, in two parts that each fit one 10-minute device call:
+#   here:  bash bench/fetch_wheels.sh                  (diffusers + peft wheels into .whl/, git-ignored)
+#   there: bash bench/gpu_device.sh 1                  (with .whl carried; about 6 minutes on an H100)
+#          bash bench/gpu_device.sh 2                  (the batch-8 compiled step and compiled floor; ~6 minutes)
+# Part 1: floor, our eager step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours in channels_last),
+#         inference with 0/1/4/8 adapters, fuse and re-weight; then the compiled (CUDA-graph) step at batch 1.
+# Part 2: at batch 8, our step under torch.compile and the floor under torch.compile.
+# Results (JSON lines, logs, versions) go to $OUT (the device tool's folder) or ./gpu-results; each run has its own
+# timeout, so what finished comes back even if a later run is cut short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+part="${1:-1}"
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -13,9 +18,18 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/versions.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv >> "$out/versions.txt" 2>&1
-timeout "${GPU_BENCH_TIMEOUT:-240}" python3 bench/gpu.py "$@" > "$out/gpu.jsonl" 2> "$out/gpu.log"
-echo "gpu.py exit $?"
-timeout "${GPU_COMPILE_TIMEOUT:-240}" python3 bench/gpu.py --skip infer --batches 1 8 --compile-only --compile \
-    --compile-batches 1 8 > "$out/gpu_compiled.jsonl" 2> "$out/gpu_compiled.log"
-echo "gpu.py --compile exit $?"
-cat "$out"/*.jsonl
+
+run() {  # run NAME SECONDS ARGS...: one gpu.py invocation into $out/NAME.jsonl (+ .log)
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 bench/gpu.py "$@" > "$out/$name.jsonl" 2> "$out/$name.log"
+    echo "$name: exit $? ($(wc -l < "$out/$name.jsonl") figures)"
+}
+if [ "$part" = 1 ]; then
+    run gpu 270 --floor-variants channels_last
+    run gpu_compiled_b1 250 --skip infer --batches 1 --compile reduce-overhead --compile-batches 1
+else
+    run gpu_compiled_b8 540 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --floor-variants compile
+fi
+grep -h '"error"' "$out"/*.jsonl || true
+tail -n 3 "$out"/*.log

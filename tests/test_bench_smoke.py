@@ -54,8 +54,14 @@ def test_cpu_bench_quick():
 
 
 def test_gpu_bench_tiny_on_cpu():
-    lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1")
+    lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
+                 "--compile", "default", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile")
     benches = {line["bench"] for line in lines}
-    assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused"} <= benches
+    assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
+            "train_step_compiled"} <= benches
+    cases = {line["case"] for line in lines}
+    assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile"} <= cases
+    compiled = next(line for line in lines if line["bench"] == "train_step_compiled")
+    assert compiled["matches_eager"], compiled
     floor = next(line for line in lines if line["bench"] == "train_floor")
     assert floor["tflop"] and floor["tflop"] > 0, floor

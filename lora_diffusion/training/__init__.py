@@ -10,6 +10,6 @@ Example:
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import DataError
-from .loop import TrainResult, train
+from .loop import TrainResult, compile_unet, train
 
-__all__ = ["TrainConfig", "load_config", "train", "TrainResult", "ConfigError", "DataError"]
+__all__ = ["TrainConfig", "load_config", "train", "TrainResult", "ConfigError", "DataError", "compile_unet"]

@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = ["TrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError"]
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -88,6 +89,10 @@ class TrainConfig:
     mixed_precision: str = _f("no", "mixed precision (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, about a third slower)")
     dataloader_num_workers: int = _f(0, "worker processes loading images")
+    compile: str = _f("none", "torch.compile the UNet's training step: default, reduce-overhead (CUDA graphs: for small "
+                      "batches on a GPU), max-autotune; the first steps compile (minutes)", choices=COMPILE_MODES)
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor generates fused kernels; aot_eager only traces (a quick check)")
+    channels_last: bool = _f(False, "UNet in channels_last memory format (faster convolutions on recent GPUs)")
     # ------------------------------------------------------------------ checkpoints, samples
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all)")

@@ -38,12 +38,12 @@ from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora
 from ..pipeline import lora_from_model, save_lora
 from . import outputs
-from .config import ConfigError, TrainConfig
+from .config import COMPILE_MODES, ConfigError, TrainConfig
 from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, list_images, mix_seed, scan_images
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "TrainResult", "diffusion_target", "load_pipeline"]
+__all__ = ["train", "TrainResult", "diffusion_target", "load_pipeline", "compile_unet"]
 
 ProgressCallback = Callable[[dict], Any]
 LOG_EVERY = 10  # steps between rewrites of log.csv / loss.png
@@ -122,6 +122,31 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
         weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
         loss = loss * weight
     return loss.mean()
+
+
+def _check_compile(mode: str, backend: str) -> None:
+    import torch._dynamo
+
+    if mode not in COMPILE_MODES or mode == "none":
+        raise ConfigError(f"--compile {mode!r}: choose one of {', '.join(m for m in COMPILE_MODES if m != 'none')}")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ConfigError(f"--compile_backend {backend!r}: choose one of {', '.join(sorted(backends))}")
+
+
+def compile_unet(unet: nn.Module, mode: str = "default", backend: str = "inductor"):
+    """``torch.compile`` of ``unet`` for LoRA training; returns the compiled callable and leaves ``unet`` itself
+    eager (sampling and saving use it). ``mode="reduce-overhead"`` runs CUDA graphs: call
+    ``torch.compiler.cudagraph_mark_step_begin()`` before each step's forward.
+
+    Example:
+        >>> step_unet = compile_unet(unet, "reduce-overhead")
+        >>> loss = diffusion_loss(step_unet, scheduler, latents, states, generator, config)
+    """
+    _check_compile(mode, backend)
+    if backend != "inductor":  # modes are inductor options
+        return torch.compile(unet, backend=backend)
+    return torch.compile(unet, mode=None if mode == "default" else mode)
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
@@ -291,6 +316,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     _prepare_output_dir(output_dir, resuming=resume is not None, overwrite=config.overwrite)
     _check_model_path(config.pretrained_model_name_or_path)
     optimizer_class = _optimizer_class(config)
+    if config.compile != "none":
+        _check_compile(config.compile, config.compile_backend)
     state = outputs.load_state(resume) if resume else None
 
     # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun on a CPU machine): gloo on CPU
@@ -316,6 +343,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         model.to(device)
         if weight_dtype != torch.float32:
             model.to(dtype=weight_dtype)
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
     vae.eval()
     text_encoder.eval()
     torch.manual_seed(seed)  # the random LoRA A factors (and nothing else) come from here
@@ -340,6 +369,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             else:
                 text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_text = config.train_text_encoder or pivot is not None
+    # the step's UNet: compiled (opt-in) or the module itself; sampling and saving always use the eager module
+    step_unet = compile_unet(unet, config.compile, config.compile_backend) if config.compile != "none" else unet
+    cudagraphs = config.compile == "reduce-overhead" and device.type == "cuda"
 
     # 3. data: the batch order of process `rank` from the step we start at
     dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
@@ -435,15 +467,17 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             batch = next(batches)
             generator = torch.Generator().manual_seed(mix_seed(seed, step, micro, accelerator.process_index))
             torch.manual_seed(mix_seed(seed, step, micro, accelerator.process_index, 1))  # LoRA dropout
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with accelerator.autocast():
                 with torch.set_grad_enabled(train_text):
                     states = encode_text(tokenizer, text_encoder, batch["captions"], device)
-                loss = diffusion_loss(unet, noise_scheduler, latents.sample(batch, generator), states, generator, config)
+                loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config)
                 if class_batches is not None:
                     class_batch = next(class_batches)
                     with torch.set_grad_enabled(train_text):
                         class_states = encode_text(tokenizer, text_encoder, class_batch["captions"], device)
-                    prior = diffusion_loss(unet, noise_scheduler, class_latents.sample(class_batch, generator), class_states, generator, config)
+                    prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator), class_states, generator, config)
                     loss = loss + config.prior_loss_weight * prior
             accelerator.backward(loss / config.gradient_accumulation_steps)
             loss_sum += loss.detach().float()
