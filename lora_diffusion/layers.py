@@ -212,11 +212,12 @@ class LoraLayer(nn.Module):
         if not names:
             return result
         out_dtype = result.dtype
-        if len(names) == 1 or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
-            # One adapter (the training case): same op order as PEFT, B(A(dropout(x))) * scale.
+        params = self._factors(names)
+        if len(names) == 1 or (self.training and any(not isinstance(self.lora_dropout._modules[n], nn.Identity) for n in names)):
+            # One adapter (training, or one LoRA at inference): PEFT's op order bit for bit, B(A(dropout(x))) * scale.
             # (no-op casts and Identity dropouts are skipped: each module/op call costs ~1 us per layer)
             dropouts = self.lora_dropout._modules
-            for n, (a, b) in zip(names, self._factors(names)):
+            for n, (a, b) in zip(names, params):
                 h = x if x.dtype == a.dtype else x.to(a.dtype)
                 drop = dropouts[n]
                 if not isinstance(drop, nn.Identity):
@@ -224,8 +225,16 @@ class LoraLayer(nn.Module):
                 delta = self._low_rank(h, a, b) * (self.weights[n] * self.specs[n].scale)
                 result = result + (delta if delta.dtype == out_dtype else delta.to(out_dtype))
             return result
+        # Several adapters: one cached pair of stacked factors with the scales folded into B; outside autograd
+        # the second matmul adds into the base output (LoraLinear).
         a_cat, b_cat = self._stacked(names)
+        if not (torch.is_grad_enabled() and (x.requires_grad or a_cat.requires_grad or b_cat.requires_grad)):
+            return self._add_low_rank_(result, x, a_cat, b_cat)
         return result + self._low_rank(x.to(a_cat.dtype), a_cat, b_cat).to(out_dtype)
+
+    def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``result + B(A(x))`` outside autograd; a subclass may add into ``result`` in place."""
+        return result + self._low_rank(x.to(a.dtype), a, b).to(result.dtype)
 
     # ------------------------------------------------------------------ fuse
     def fuse_weights(self) -> dict[str, float]:
@@ -345,6 +354,14 @@ class LoraLinear(LoraLayer):
 
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, a), b)
+
+    def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # the second matmul adds into the base output (one kernel for matmul + add, one rounding)
+        if a.dtype != result.dtype or not result.is_contiguous() or x.dtype != a.dtype:
+            return super()._add_low_rank_(result, x, a, b)
+        h = F.linear(x, a)
+        result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
+        return result
 
 
 class LoraConv2d(LoraLayer):

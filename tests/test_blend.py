@@ -129,14 +129,26 @@ def test_bad_block_specs_raise(files):
 
 
 # ---------------------------------------------------------------------------------------------- unfused forward
-def test_several_adapters_run_as_one_low_rank_matmul_pair(files, monkeypatch):
-    calls = []
-    original = LoraLinear._low_rank
-    monkeypatch.setattr(LoraLinear, "_low_rank", lambda self, x, a, b: calls.append(a.shape[0]) or original(self, x, a, b))
+@pytest.mark.parametrize("grad", [False, True])
+def test_several_adapters_run_as_one_low_rank_matmul_pair(files, monkeypatch, grad):
+    """Two adapters (ranks 4 and 2): one down-projection over the 6 stacked ranks; outside autograd the up-
+    projection adds into the base output (addmm_), with autograd it is a plain matmul and an add."""
+    import torch.nn.functional as F
+
+    downs = []
+    original = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: downs.append(w.shape[0]) or original(x, w, b))
     pipe = loaded(files, "a", "b", a=0.3, b=-0.9)
     layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
-    layer(torch.randn(1, 3, layer.in_features))
-    assert calls == [4 + 2]  # one call over the concatenated ranks, not one per adapter
+    x = torch.randn(1, 3, layer.in_features, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    ranks = [n for n in downs if n < layer.out_features]
+    assert ranks == [4 + 2], downs  # one call over the concatenated ranks, not one per adapter
+    assert len(downs) == (3 if grad else 2), downs  # base, A; + B with autograd (else addmm_ into the base output)
+    expected = layer.base_layer(x) + sum(w * layer.specs[n].scale * (x @ layer.lora_A[n].T @ layer.lora_B[n].T)
+                                         for n, w in (("a", 0.3), ("b", -0.9)))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- fused

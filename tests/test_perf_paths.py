@@ -146,3 +146,26 @@ def test_single_adapter_casts_between_adapter_and_base_dtype():
     expect = ours.base_layer(x) + ((x.float() @ a.T @ b.T) * 2.0).to(torch.bfloat16)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, expect)
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
+def test_inference_path_adds_into_the_base_output_or_falls_back(factor_dtype):
+    """Several adapters outside autograd: same dtypes -> the up-projection adds into the base output (addmm_);
+    fp32 factors on a bf16 base -> the out-of-place path. Both equal the definition; inference_mode too."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 12).to(torch.bfloat16))
+    for i in range(2):
+        layer.add_adapter(f"a{i}", rank=2 + i, alpha=3.0, dtype=factor_dtype)
+    _randomise(layer)
+    x = torch.randn(2, 5, 16).to(torch.bfloat16)
+    weights = {"a0": 0.6, "a1": -1.1}
+    layer.set_weights(weights)
+    with torch.no_grad():
+        expect = layer.base_layer(x).float() + sum(
+            w * layer.specs[n].scale * (x.float() @ layer.lora_A[n].float().T @ layer.lora_B[n].float().T) for n, w in weights.items()
+        )
+        got = layer(x)
+    with torch.inference_mode():
+        again = layer(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, again)
+    torch.testing.assert_close(got.float(), expect, rtol=2e-2, atol=2e-2)
