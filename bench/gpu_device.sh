@@ -6,6 +6,7 @@
 # Part 1: floor, our eager step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours in channels_last),
 #         inference with 0/1/4/8 adapters, fuse and re-weight; then the compiled (CUDA-graph) step at batch 1.
 # Part 2: at batch 8, our step under torch.compile and the floor under torch.compile.
+# Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
 # Results (JSON lines, logs, versions) go to $OUT (the device tool's folder) or ./gpu-results; each run has its own
 # timeout, so what finished comes back even if a later run is cut short.
 set -uo pipefail
@@ -16,13 +17,14 @@ mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
-'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/versions.txt"
+'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee "$out/versions.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv >> "$out/versions.txt" 2>&1
 
 run() {  # run NAME SECONDS ARGS...: one gpu.py invocation into $out/NAME.jsonl (+ .log)
     local name=$1 seconds=$2
     shift 2
-    timeout "$seconds" python3 bench/gpu.py "$@" > "$out/$name.jsonl" 2> "$out/$name.log"
+    # shellcheck disable=SC2086  # GPU_BENCH_ARGS: extra flags, e.g. "--tiny --iters 1 --compile-backend aot_eager"
+    timeout "$seconds" python3 bench/gpu.py "$@" ${GPU_BENCH_ARGS:-} > "$out/$name.jsonl" 2> "$out/$name.log"
     echo "$name: exit $? ($(wc -l < "$out/$name.jsonl") figures)"
 }
 if [ "$part" = 1 ]; then
