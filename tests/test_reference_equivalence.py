@@ -165,3 +165,51 @@ def test_partial_targets_load_in_stock_diffusers_exactly_and_quietly(tmp_path):
     a, b = generate(ours), generate(ref)
     assert abs(a - generate(tiny_pipeline(0))).max() > 0.05
     assert abs(a - b).max() < 1e-5
+
+
+def test_mixed_precision_step_equals_peft_bit_for_bit_with_fewer_casts():
+    """bf16 UNet, fp32 LoRA factors, autocast (the GPU recipe, here on CPU autocast): loss and every LoRA gradient
+    equal PEFT's bit for bit, while we skip PEFT's lossless bf16 -> fp32 -> bf16 round trip of each layer input."""
+    import collections
+    import copy
+
+    from diffusers.training_utils import cast_training_params
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    unet = tiny_pipeline(0, dtype=torch.bfloat16).unet
+    ours, ref = copy.deepcopy(unet), copy.deepcopy(unet)
+    inject_lora(ours, rank=4, alpha=8)
+    randomize_lora(ours, seed=1, std=0.1)
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS))
+    cast_training_params(ref, dtype=torch.float32)
+    _copy_ours_into_peft(ours, ref)
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 4, 16, 16, generator=g).bfloat16(), torch.randn(2, 77, 32, generator=g).bfloat16()
+    results = []
+    for model in (ours, ref):
+        model.train()
+        with Count() as count:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x, torch.tensor([10, 500]), cond).sample
+            loss = out.float().pow(2).mean()
+            loss.backward()
+        grads = {n.replace(".default", "").replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B"): p.grad
+                 for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads, count.ops["_to_copy"]))
+    (loss_o, grads_o, casts_o), (loss_p, grads_p, casts_p) = results
+    assert next(iter(grads_o.values())).dtype == torch.float32
+    assert torch.equal(loss_o, loss_p)
+    assert grads_o.keys() == grads_p.keys() and len(grads_o) > 0
+    assert all(torch.equal(grads_o[k], grads_p[k]) for k in grads_o)
+    assert any(grads_o[k].abs().max() > 0 for k in grads_o)
+    n_layers = sum(1 for _ in lora_layers(ours))
+    assert casts_o <= casts_p - 2 * n_layers, (casts_o, casts_p, n_layers)  # >= 2 casts fewer per layer
