@@ -234,7 +234,13 @@ class LoraLayer(nn.Module):
                 h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
                 if not identity:
                     h = drop(h)
-                delta = self._low_rank(h, a, b) * (self.weights[n] * self.specs[n].scale)
+                scale = self.weights[n] * self.specs[n].scale
+                if scale == 1.0:  # alpha = rank, weight 1: the multiply is a no-op
+                    delta = self._low_rank(h, a, b)
+                elif math.frexp(scale)[0] in (0.5, -0.5):  # a power of two scales B exactly: same bits, small tensor
+                    delta = self._low_rank(h, a, b * scale)
+                else:
+                    delta = self._low_rank(h, a, b) * scale
                 result = result + (delta if delta.dtype == out_dtype else delta.to(out_dtype))
             return result
         # Several adapters: one cached pair of stacked factors with the scales folded into B; outside autograd

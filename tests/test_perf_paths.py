@@ -95,7 +95,7 @@ def test_concatenated_path_trains_every_adapter():
         torch.testing.assert_close(g, ref.lora_B[n].grad, rtol=1e-4, atol=1e-5)
 
 
-def _peft_twin(ours: LoraLinear, dropout: float):
+def _peft_twin(ours: LoraLinear, dropout: float, alpha: float = 6.0):
     peft = pytest.importorskip("peft")
 
     class Holder(nn.Module):
@@ -104,7 +104,7 @@ def _peft_twin(ours: LoraLinear, dropout: float):
             self.proj = base
 
     model = Holder(copy.deepcopy(ours.base_layer))
-    config = peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=dropout, target_modules=["proj"])
+    config = peft.LoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"])
     model = peft.inject_adapter_in_model(config, model, adapter_name="s")
     with torch.no_grad():
         model.proj.lora_A["s"].weight.copy_(ours.lora_A["s"])
@@ -113,12 +113,15 @@ def _peft_twin(ours: LoraLinear, dropout: float):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_single_adapter_is_peft_bit_for_bit(dropout):
+@pytest.mark.parametrize("alpha", [6.0, 4.0, 16.0, 1.0], ids=["scale1.5", "scale1", "scale4", "scale0.25"])
+def test_single_adapter_is_peft_bit_for_bit(dropout, alpha):
+    """Scale 1 skips the multiply and a power-of-two scale goes into B (exact in floating point); any other scale
+    multiplies the output as PEFT does. Forward and backward equal PEFT's bit for bit in every case."""
     torch.manual_seed(0)
     ours = LoraLinear(nn.Linear(16, 12))
-    ours.add_adapter("s", rank=4, alpha=6, dropout=dropout)
+    ours.add_adapter("s", rank=4, alpha=alpha, dropout=dropout)
     _randomise(ours)
-    theirs = _peft_twin(ours, dropout)
+    theirs = _peft_twin(ours, dropout, alpha)
     ours.train(), theirs.train()
     x = torch.randn(3, 5, 16, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
