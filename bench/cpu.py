@@ -42,7 +42,7 @@ from _common import Context, compare, cpu_name, emit, log, quiet  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.inject import lora_layers  # noqa: E402
-from lora_diffusion.testing import tiny_components  # noqa: E402
+from lora_diffusion.testing import OpCounter, tiny_components  # noqa: E402
 
 CTX_DIM = 64
 LATENT = 16
@@ -147,6 +147,74 @@ def bench_train(ctx: Context, comps: dict, iters: int, warmup: int, batch: int =
     ours, ref = compare(step_o, step_p, iters, warmup)
     emit(ctx, "train_step", f"rank 4 attn, batch {batch}", ours, ref, "peft",
          loss_abs_diff_last_step=abs(losses_o[-1] - losses_p[-1]), steps=len(losses_o))
+
+
+def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> None:
+    """aten ops (on a GPU: kernel launches, at least) per training step and per CFG call, in the GPU recipe: bf16
+    UNet, fp32 LoRA factors, bf16 autocast, foreach AdamW. Counted once after a warm-up step, with the floor
+    (frozen forward + input-gradient backward) and the base call beside them."""
+    from diffusers.training_utils import cast_training_params
+
+    log("aten ops per training step and per CFG call (bf16 autocast)")
+    base = copy.deepcopy(comps["unet"]).to(torch.bfloat16).requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(batch, 4, LATENT, LATENT, generator=gen).bfloat16()
+    noise = torch.randn(batch, 4, LATENT, LATENT, generator=gen).bfloat16()
+    ehs = torch.randn(batch, 77, CTX_DIM, generator=gen).bfloat16()
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+
+    def count(fn) -> int:
+        fn()  # warm-up: optimizer state, caches
+        with OpCounter() as ops:
+            fn()
+        return ops.total
+
+    def floor():
+        x = noisy.detach().requires_grad_(True)
+        with autocast():
+            pred = base(x, t, ehs).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+
+    def stepper(unet, params):
+        unet.train()
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+        def step():
+            with autocast():
+                pred = unet(noisy, t, ehs).sample
+            F.mse_loss(pred.float(), noise.float()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    unet_o, unet_p = copy.deepcopy(base), copy.deepcopy(base)
+    params_o = ld.inject_lora(unet_o, rank=4, targets="attn")
+    peft_add(unet_p, rank=4)
+    cast_training_params(unet_p, dtype=torch.float32)
+    params_p = [p for p in unet_p.parameters() if p.requires_grad]
+    floor_ops = count(floor)
+    ours, ref = count(stepper(unet_o, params_o)), count(stepper(unet_p, params_p))
+    emit(ctx, "train_step_ops", f"rank 4 attn, batch {batch}, bf16 autocast", ours, ref, "peft", unit="ops",
+         floor_ops=floor_ops, lora_ops_vs_peft=round((ours - floor_ops) / (ref - floor_ops), 4))
+
+    pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
+    for pipe in (pipe_o, pipe_p):
+        pipe.unet.to(torch.bfloat16)
+    names = [f.stem for f in files]
+    for f, name in zip(files, names):
+        ld.load_lora(pipe_o, f, adapter=name)
+        pipe_p.load_lora_weights(str(f), adapter_name=name)
+    cfg = noisy[:2], t[:2], ehs[:2]
+    base_ops = count(lambda: unet_call(base, *cfg))
+    for k in (1, 4, 8):
+        weights = {n: 0.8 for n in names[:k]}
+        ld.set_adapters(pipe_o, weights)
+        pipe_p.set_adapters(list(weights), list(weights.values()))
+        ours, ref = count(lambda: unet_call(pipe_o.unet, *cfg)), count(lambda: unet_call(pipe_p.unet, *cfg))
+        emit(ctx, "infer_unfused_ops", f"{k} adapters, bf16", ours, ref, "peft", unit="ops", base_ops=base_ops,
+             ours_vs_base=round(ours / base_ops, 4), peft_vs_base=round(ref / base_ops, 4))
 
 
 def unet_call(unet, x, t, ehs):
@@ -295,7 +363,7 @@ def _header_bytes(path: Path) -> int:
         return int.from_bytes(f.read(8), "little")
 
 
-SECTIONS = ("train", "inference", "load", "file_size")  # inference: unfused/fused calls, fuse, unfuse, re-weight
+SECTIONS = ("train", "inference", "load", "file_size", "ops")  # inference: unfused/fused calls, fuse, unfuse, re-weight
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_load(ctx, comps, files[0], args.iters, args.warmup)
         if "file_size" in args.only:
             bench_file_size(ctx, comps, folder, [4] if args.quick else [1, 4, 16, 64])
+        if "ops" in args.only:
+            bench_ops(ctx, comps, files)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_pipeline", "tiny_components", "byte_tokenizer_dir", "random_lora"]
+__all__ = ["tiny_pipeline", "tiny_components", "byte_tokenizer_dir", "random_lora", "OpCounter"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -155,3 +155,40 @@ def random_lora(
             key_path = with_text_model(path) if component == "text_encoder" else path
             out[f"{component}.{key_path}"] = LoraWeights(a, b, float(rank if alpha is None else alpha))
     return out
+
+
+class OpCounter:
+    """Count the aten ops run inside ``with OpCounter() as ops:`` (a ``TorchDispatchMode``): on a GPU each is at
+    least one kernel launch, so the count predicts launch-bound cost on any machine. ``ops.counts`` maps op
+    names to calls; ``_local_scalar_dense`` is a tensor read on the host (on a GPU, a sync).
+
+    Example:
+        >>> with OpCounter() as ops:
+        ...     set_adapters(pipe, {"style": 0.5})
+        >>> ops.total, ops.counts["_local_scalar_dense"]
+    """
+
+    def __init__(self) -> None:
+        import collections
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: collections.Counter = collections.Counter()
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.counts, self._mode = counts, _Mode()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __enter__(self) -> "OpCounter":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

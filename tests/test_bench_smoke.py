@@ -30,8 +30,9 @@ def _run(*args: str) -> list[dict]:
     for line in lines:
         assert LABELS <= set(line), line
         assert line["ref"] in {"peft", "base", "floor", "ours_eager"}, line
-        ours = line.get("ours_ms", line.get("ours_bytes", line.get("ours_mb")))
-        ref = line.get("ref_ms", line.get("ref_bytes", line.get("ref_mb")))
+        unit = next((u for u in ("ms", "bytes", "mb", "ops") if f"ours_{u}" in line), None)
+        assert unit, line
+        ours, ref = line[f"ours_{unit}"], line[f"ref_{unit}"]
         if ours is not None and ref:
             assert abs(line["ratio"] - ours / ref) <= 1e-3 * max(1.0, line["ratio"]), line
     return lines
@@ -44,7 +45,10 @@ def test_cpu_bench_quick():
         assert ("infer_unfused", f"{k} adapters", "peft") in figures
         assert ("infer_unfused", f"{k} adapters", "base") in figures
     benches = {line["bench"] for line in lines}
-    assert {"train_step", "fuse", "unfuse", "reweight_fused", "infer_fused", "load", "file_size"} <= benches
+    assert {"train_step", "fuse", "unfuse", "reweight_fused", "infer_fused", "load", "file_size", "train_step_ops",
+            "infer_unfused_ops"} <= benches
+    ops = next(line for line in lines if line["bench"] == "train_step_ops")
+    assert ops["floor_ops"] < ops["ours_ops"] <= ops["ref_ops"], ops  # a LoRA step costs more ops than the floor
     # the same weights give the same outputs in both libraries (fp32 on CPU)
     for line in lines:
         if "max_abs_diff" in line and line["max_abs_diff"] is not None:

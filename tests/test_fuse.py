@@ -3,34 +3,19 @@ and a refused fuse (NaN/Inf, or a float16 overflow) leaves everything as it was.
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_diffusion import delete_adapter, fuse, list_adapters, load_lora, set_adapters, unfuse
 from lora_diffusion.formats import write_lora_file
 from lora_diffusion.inject import lora_layers
-from lora_diffusion.testing import random_lora, tiny_pipeline
+from lora_diffusion.testing import OpCounter, random_lora, tiny_pipeline
 
 from conftest import generate
 
 LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops run under it; ``_local_scalar_dense`` is a tensor read on the host (a device sync)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _pipe_with(tmp_path, n: int, dtype=torch.float32, **lora_kwargs):
@@ -59,7 +44,7 @@ def test_reweighting_a_fused_pipeline_syncs_once_and_runs_few_ops_per_layer(tmp_
     n_layers = sum(1 for c in ("unet", "text_encoder") for _ in lora_layers(getattr(pipe, c)))
     with OpCounter() as counter:
         set_adapters(pipe, dict(zip(names, (0.1, 0.5, -0.3, 0.8))))
-    ops = counter.ops
+    ops = counter.counts
     assert ops["_local_scalar_dense"] == 1, ops  # one host read of all the layers' checks
     # per layer: scale, matmul, add into the weight, sum (+ two views); was ~20 ops and a sync per layer
     assert ops["mm"] == ops["add"] == ops["sum"] == n_layers and ops["mul"] <= n_layers + 1, ops
@@ -67,7 +52,7 @@ def test_reweighting_a_fused_pipeline_syncs_once_and_runs_few_ops_per_layer(tmp_
     with OpCounter() as counter:
         unfuse(pipe)
         fuse(pipe)
-    assert counter.ops["_local_scalar_dense"] == 2, counter.ops  # one per component (UNet, text encoder)
+    assert counter.counts["_local_scalar_dense"] == 2, counter.counts  # one per component (UNet, text encoder)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

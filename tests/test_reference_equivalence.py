@@ -170,20 +170,11 @@ def test_partial_targets_load_in_stock_diffusers_exactly_and_quietly(tmp_path):
 def test_mixed_precision_step_equals_peft_bit_for_bit_with_fewer_casts():
     """bf16 UNet, fp32 LoRA factors, autocast (the GPU recipe, here on CPU autocast): loss and every LoRA gradient
     equal PEFT's bit for bit, while we skip PEFT's lossless bf16 -> fp32 -> bf16 round trip of each layer input."""
-    import collections
     import copy
 
     from diffusers.training_utils import cast_training_params
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
+    from lora_diffusion.testing import OpCounter
 
     unet = tiny_pipeline(0, dtype=torch.bfloat16).unet
     ours, ref = copy.deepcopy(unet), copy.deepcopy(unet)
@@ -197,14 +188,14 @@ def test_mixed_precision_step_equals_peft_bit_for_bit_with_fewer_casts():
     results = []
     for model in (ours, ref):
         model.train()
-        with Count() as count:
+        with OpCounter() as count:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(x, torch.tensor([10, 500]), cond).sample
             loss = out.float().pow(2).mean()
             loss.backward()
         grads = {n.replace(".default", "").replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B"): p.grad
                  for n, p in model.named_parameters() if p.requires_grad}
-        results.append((loss, grads, count.ops["_to_copy"]))
+        results.append((loss, grads, count.counts["_to_copy"]))
     (loss_o, grads_o, casts_o), (loss_p, grads_p, casts_p) = results
     assert next(iter(grads_o.values())).dtype == torch.float32
     assert torch.equal(loss_o, loss_p)
