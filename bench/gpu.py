@@ -206,9 +206,21 @@ def peft_model(s: Setup, a_init: dict):
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
+def _with_sdpa_backend(step, name: str):
+    """``step`` with torch's scaled-dot-product attention restricted to one backend (cuDNN's on Hopper), where
+    diffusers' default lets torch pick (flash attention for bf16)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel([getattr(SDPBackend, name)]):
+            return step()
+
+    return run
+
+
 def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms: float, flops: float | None) -> None:
-    """The floor lowered where our code controls it: channels_last (``--channels_last`` in training), or the
-    frozen UNet under torch.compile (``--compile default``); and our LoRA step in the same setting."""
+    """The floor lowered where our code controls it: channels_last (``--channels_last`` in training), cuDNN's
+    attention kernel, or the UNet under torch.compile (``--compile default``); and our LoRA step the same way."""
     log(f"train, batch {batch}: floor and ours, {variant}")
     results = {}
     for who in ("floor", "ours"):
@@ -221,6 +233,8 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
             unet.to(memory_format=torch.channels_last)
         model = compile_unet(unet, "default", s.compile_backend) if variant == "compile" else unet
         step = floor_step(s, model, inp) if who == "floor" else lora_step(s, model, params, inp)[0]
+        if variant == "sdpa_cudnn":
+            step = _with_sdpa_backend(step, "CUDNN_ATTENTION")
         t0 = time.perf_counter()
         step()
         s.sync()
@@ -412,9 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-batches", type=int, nargs="+", default=[1],
                         help="batches to compile for (each compiles afresh: ~2 min on an H100 for SD1.5)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--floor-variants", nargs="*", default=[], choices=["channels_last", "compile"],
-                        help="also time the floor and our eager step with the UNet in channels_last, or under "
-                             "torch.compile (default mode; compiles twice per batch: minutes)")
+    parser.add_argument("--floor-variants", nargs="*", default=[], choices=["channels_last", "sdpa_cudnn", "compile"],
+                        help="also time the floor and our eager step with the UNet in channels_last, with cuDNN "
+                             "attention (GPU), or under torch.compile (default mode; compiles twice per batch: minutes)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per figure (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)

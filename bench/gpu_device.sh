@@ -28,7 +28,7 @@ run() {  # run NAME SECONDS ARGS...: one gpu.py invocation into $out/NAME.jsonl 
     echo "$name: exit $? ($(wc -l < "$out/$name.jsonl") figures)"
 }
 if [ "$part" = 1 ]; then
-    run gpu 270 --floor-variants channels_last
+    run gpu 270 --floor-variants channels_last sdpa_cudnn
     run gpu_compiled_b1 250 --skip infer --batches 1 --compile reduce-overhead --compile-batches 1
 else
     run gpu_compiled_b8 540 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --floor-variants compile
