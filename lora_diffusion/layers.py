@@ -150,17 +150,17 @@ class LoraLayer(nn.Module):
             self.active.remove(name)
         self._cache_key = None
 
-    def set_weights(self, weights: dict[str, float], refuse: bool = True) -> None:
+    def set_weights(self, weights: dict[str, float], fuse_now: bool = True) -> None:
         """Activate exactly the adapters named in ``weights`` (those in this layer) with these weights.
 
-        A fused layer is re-fused at once unless ``refuse=False`` (the caller re-fuses many layers together);
+        A fused layer is re-fused at once unless ``fuse_now=False`` (the caller re-fuses many layers together);
         if that fuse is refused, the old weights stay."""
         previous = (list(self.active), dict(self.weights))
         self.active = [n for n in self.specs if n in weights]
         for name in self.active:
             self.weights[name] = float(weights[name])
         self._cache_key = None
-        if self.fused and refuse:
+        if self.fused and fuse_now:
             try:
                 self.fuse()
             except ValueError:
@@ -194,9 +194,9 @@ class LoraLayer(nn.Module):
         store_a, store_b = self.lora_A._parameters, self.lora_B._parameters
         return [(store_a[n], store_b[n]) for n in names]
 
-    def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in; cached."""
-        params = self._factors(names)
+    def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in; cached.
+        ``params``: ``self._factors(names)``."""
         needs_grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in params)
         # factors created under torch.inference_mode() have no version counter: rebuild instead of caching
         cacheable = not needs_grad and not any(a.is_inference() or b.is_inference() for a, b in params)
@@ -245,7 +245,7 @@ class LoraLayer(nn.Module):
             return result
         # Several adapters: one cached pair of stacked factors with the scales folded into B; outside autograd
         # the second matmul adds into the base output (LoraLinear).
-        a_cat, b_cat = self._stacked(names)
+        a_cat, b_cat = self._stacked(names, params)
         if not (torch.is_grad_enabled() and (x.requires_grad or a_cat.requires_grad or b_cat.requires_grad)):
             return self._add_low_rank_(result, x, a_cat, b_cat)
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)

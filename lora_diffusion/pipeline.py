@@ -350,7 +350,7 @@ def set_adapters(
             lpb = lpb if isinstance(lpb, int) else 2
             for path, layer in lora_layers(model):
                 changed.append((path, layer, (list(layer.active), dict(layer.weights))))
-                layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, refuse=False)
+                layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
     except ValueError:
         for _, layer, (active, old) in changed:
