@@ -30,7 +30,7 @@ def _run(*args: str) -> list[dict]:
     for line in lines:
         assert LABELS <= set(line), line
         assert line["ref"] in {"peft", "base", "floor", "ours_eager"}, line
-        unit = next((u for u in ("ms", "bytes", "mb", "ops") if f"ours_{u}" in line), None)
+        unit = next((u for u in ("ms", "us", "bytes", "mb", "ops") if f"ours_{u}" in line), None)
         assert unit, line
         ours, ref = line[f"ours_{unit}"], line[f"ref_{unit}"]
         if ours is not None and ref:
@@ -46,7 +46,7 @@ def test_cpu_bench_quick():
         assert ("infer_unfused", f"{k} adapters", "base") in figures
     benches = {line["bench"] for line in lines}
     assert {"train_step", "fuse", "unfuse", "reweight_fused", "infer_fused", "load", "file_size", "train_step_ops",
-            "infer_unfused_ops"} <= benches
+            "infer_unfused_ops", "layer_overhead"} <= benches
     ops = next(line for line in lines if line["bench"] == "train_step_ops")
     assert ops["floor_ops"] < ops["ours_ops"] <= ops["ref_ops"], ops  # a LoRA step costs more ops than the floor
     # the same weights give the same outputs in both libraries (fp32 on CPU)
