@@ -15,7 +15,8 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
   ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
   checked against the eager step from the same start (losses and LoRA parameters after the same steps).
 * ``train_floor`` / ``train_step`` with ``--floor-variants``: the floor and our step with the UNet in
-  ``channels_last``, or under ``torch.compile`` (default mode), each against the plain floor.
+  ``channels_last``, with cuDNN's attention kernel (``sdpa_cudnn``), or under ``torch.compile`` (default mode),
+  each against the plain floor.
 * ``infer_unfused`` / ``infer_fused``: one CFG UNet call (batch 2, 64x64 latents) with 0, 1, 4, 8 adapters
   loaded from files, ours vs PEFT's equivalents and vs the base UNet.
 * ``fuse`` / ``reweight_fused``: fusing 4 adapters into UNet + text encoder, and changing their weights
@@ -23,7 +24,7 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 
     python bench/gpu.py                     # the full run, < 5 minutes on one H100
     python bench/gpu.py --compile           # plus the compiled training step (adds the compile time)
-    python bench/gpu.py --floor-variants channels_last compile   # the floor (and ours) lowered, TFLOP/s before/after
+    python bench/gpu.py --floor-variants channels_last sdpa_cudnn compile   # the floor (and ours) lowered, TFLOP/s
     python bench/gpu.py --tiny --iters 1    # smoke run on CPU with tiny shapes (fp32)
 """
 
