@@ -404,6 +404,7 @@ def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     layers.
     """
     plans = [(path, layer, layer.fuse_weights(), dict(layer.fused)) for path, layer in layers]
+    plans = [plan for plan in plans if plan[2] or plan[3]]  # a layer with nothing to fuse, now or before, stays as it is
     rows: dict[torch.device, list[float]] = {}
     spans = []
     for _, layer, weights, _ in plans:
@@ -423,7 +424,7 @@ def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
         layer.restore_fused(previous)
     more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
     raise ValueError(f"refusing to fuse: {bad[0]}{more} would get NaN or Inf weights (a NaN/Inf in an adapter, or "
-                     f"weights too large for {layers[0][1].base_layer.weight.dtype}); nothing was changed")
+                     f"weights too large for {plans[0][1].base_layer.weight.dtype}); nothing was changed")
 
 
 def fuse_model(model: nn.Module) -> None:

@@ -125,3 +125,28 @@ def test_deleting_an_adapter_while_fused_keeps_the_others_fused(tmp_path):
     unfuse(pipe)
     np.testing.assert_allclose(generate(pipe), fused_image, atol=1e-5)  # == a0 alone, unfused
     assert np.abs(generate(tiny_pipeline(0)) - fused_image).max() > 1e-2  # a0 is still in
+
+
+def test_layers_without_an_active_adapter_are_left_alone(tmp_path):
+    """Fusing only a cross-attention adapter while an all-attention one is inactive: the self-attention layers
+    are not touched (no backup, no kernels), the cross-attention ones are fused."""
+    pipe = tiny_pipeline(0)
+    for name, targets, seed in (("cross", "cross", 1), ("all", "attn", 2)):
+        path = tmp_path / f"{name}.safetensors"
+        write_lora_file(path, random_lora(tiny_pipeline(0), seed=seed, unet_targets=targets, text_encoder_targets=None),
+                        dtype=torch.float32)
+        load_lora(pipe, path)
+    base = {k: v for k, v in _weights(tiny_pipeline(0)).items()}
+    with OpCounter() as counter:
+        set_adapters(pipe, {"cross": 1.0})
+        fuse(pipe)
+    layers = dict(lora_layers(pipe.unet))
+    cross = [p for p in layers if ".attn2." in p]
+    assert cross and len(cross) < len(layers)
+    assert counter.counts["mm"] == len(cross)  # one matmul per fused layer, none for the others
+    for path, layer in layers.items():
+        if ".attn2." in path:
+            assert layer.fused == {"cross": 1.0}
+        else:
+            assert not layer.fused and layer._base_backup is None
+            assert torch.equal(layer.base_layer.weight, base[f"unet.{path}.weight"])
