@@ -65,10 +65,11 @@ def test_two_adapters_equal_sum_of_weighted_deltas(make, x):
     torch.testing.assert_close(layer(x), only_a(x) + only_b(x) - base(x), rtol=1e-4, atol=1e-4)
 
 
-def test_fuse_equals_unfused_and_unfuse_is_exact():
-    layer = _with_adapters(LoraLinear(_linear()), {"a": (4, 8.0), "b": (2, 2.0)})
+@pytest.mark.parametrize("make, wrapper, x", [(_linear, LoraLinear, torch.randn(7, 16)), (_conv, LoraConv2d, torch.randn(2, 6, 9, 9))],
+                         ids=["linear", "conv"])
+def test_fuse_equals_unfused_and_unfuse_is_exact(make, wrapper, x):
+    layer = _with_adapters(wrapper(make()), {"a": (4, 8.0), "b": (2, 2.0)})
     layer.set_weights({"a": 0.5, "b": 1.5})
-    x = torch.randn(7, 16)
     w0 = layer.base_layer.weight.detach().clone()
     unfused = layer(x)
     layer.fuse()
@@ -77,7 +78,7 @@ def test_fuse_equals_unfused_and_unfuse_is_exact():
     # re-weighting while fused equals fusing afresh, bit for bit
     layer.set_weights({"a": -0.25, "b": 2.0})
     reweighted = layer.base_layer.weight.detach().clone()
-    fresh = _with_adapters(LoraLinear(_linear()), {"a": (4, 8.0), "b": (2, 2.0)})
+    fresh = _with_adapters(wrapper(make()), {"a": (4, 8.0), "b": (2, 2.0)})
     fresh.set_weights({"a": -0.25, "b": 2.0})
     fresh.fuse()
     assert torch.equal(reweighted, fresh.base_layer.weight)
