@@ -155,7 +155,7 @@ class LoraLayer(nn.Module):
 
         A fused layer is re-fused at once unless ``fuse_now=False`` (the caller re-fuses many layers together);
         if that fuse is refused, the old weights stay."""
-        previous = (list(self.active), dict(self.weights))
+        previous = self.weight_state()
         self.active = [n for n in self.specs if n in weights]
         for name in self.active:
             self.weights[name] = float(weights[name])
@@ -164,8 +164,17 @@ class LoraLayer(nn.Module):
             try:
                 self.fuse()
             except ValueError:
-                self.active, self.weights = previous
+                self.restore_weights(previous)
                 raise
+
+    def weight_state(self) -> tuple[list[str], dict[str, float]]:
+        """The active adapters and their weights, for ``restore_weights``."""
+        return list(self.active), dict(self.weights)
+
+    def restore_weights(self, state: tuple[list[str], dict[str, float]]) -> None:
+        """Put back a ``weight_state()`` (after a refused re-weight; the fused weight is the caller's business)."""
+        self.active, self.weights = list(state[0]), dict(state[1])
+        self._cache_key = None
 
     def set_lora_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, alpha: float | None = None) -> None:
         """Copy given factors into adapter ``name``; shapes must match exactly."""

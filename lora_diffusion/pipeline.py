@@ -349,12 +349,12 @@ def set_adapters(
             lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
             lpb = lpb if isinstance(lpb, int) else 2
             for path, layer in lora_layers(model):
-                changed.append((path, layer, (list(layer.active), dict(layer.weights))))
+                changed.append((path, layer, layer.weight_state()))
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
     except ValueError:
-        for _, layer, (active, old) in changed:
-            layer.active, layer.weights, layer._cache_key = active, old, None
+        for _, layer, state in changed:
+            layer.restore_weights(state)
         raise
 
 
