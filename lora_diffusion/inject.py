@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -61,8 +62,18 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
 Targets = str | Iterable[str] | None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module behind ``torch.compile(model)`` (a pipeline may hold the compiled wrapper): LoRA works on the
+    original module, so paths and file keys carry no ``_orig_mod.`` and the compiled wrapper sees every change."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # nothing is compiled unless dynamo is loaded
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def model_kind(model: nn.Module) -> str:
     """``"unet"`` for a diffusers UNet, ``"text_encoder"`` for a CLIP-like text encoder."""
+    model = unwrap(model)
     if hasattr(model, "down_blocks") and hasattr(model, "up_blocks"):
         return "unet"
     if any(name.endswith("self_attn") for name, _ in model.named_modules()):
@@ -75,6 +86,7 @@ def model_kind(model: nn.Module) -> str:
 
 def resolve_targets(model: nn.Module, targets: Targets) -> list[str]:
     """Module paths of ``model`` selected by ``targets`` (a preset name, a regex, or a list of suffixes)."""
+    model = unwrap(model)
     if targets is None:
         targets = "attn"
     if isinstance(targets, str) and targets in TARGET_PRESETS["unet"]:
@@ -119,6 +131,7 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
     """The LoRA wrapper at module path ``name``, wrapping the Linear/Conv2d there first if needed."""
+    model = unwrap(model)
     module = model.get_submodule(name)
     if isinstance(module, LoraLayer):
         return module
@@ -130,6 +143,7 @@ def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(module path, layer)`` for every LoRA layer in ``model``, detached (fused) ones included."""
+    model = unwrap(model)
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
@@ -143,6 +157,7 @@ DETACHED_ATTR = "_lora_detached"
 
 def detach(model: nn.Module) -> None:
     """Swap every LoRA wrapper for its (fused) base layer; the wrappers are kept on the model."""
+    model = unwrap(model)
     detached = getattr(model, DETACHED_ATTR, {})
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
         parent, child = _get_parent(model, name)
@@ -153,9 +168,11 @@ def detach(model: nn.Module) -> None:
 
 def attach(model: nn.Module) -> None:
     """Put detached LoRA wrappers back in place of their base layers."""
+    model = unwrap(model)
     for name, layer in getattr(model, DETACHED_ATTR, {}).items():
         parent, child = _get_parent(model, name)
         setattr(parent, child, layer)
+        layer.follow_base()
     object.__setattr__(model, DETACHED_ATTR, {})
 
 
@@ -180,6 +197,7 @@ def inject_lora(
         >>> params = inject_lora(unet, rank=4, alpha=8)
         >>> optimizer = torch.optim.AdamW(params, lr=1e-4)
     """
+    model = unwrap(model)
     attach(model)
     names = resolve_targets(model, targets)
     if not names:
@@ -201,6 +219,7 @@ def inject_lora(
 
 def remove_lora(model: nn.Module) -> None:
     """Put the original modules back (the same weight tensors, unfused first if fused)."""
+    model = unwrap(model)
     attach(model)
     for name, layer in list(lora_layers(model)):
         layer.unfuse()

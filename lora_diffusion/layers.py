@@ -74,6 +74,11 @@ class LoraLayer(nn.Module):
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fuse_key: tuple | None = None  # fp32 factors kept while fused (re-weighting reuses them)
         self._fuse_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # What a compiled forward reads: the active unfused adapters and their ``w * alpha / r`` per rank row as a
+        # tensor, kept current by every method that changes them (in place where the shape stays), so that
+        # torch.compile / CUDA graphs follow a re-weight without recompiling.
+        self._compiled_names: list[str] = []
+        self.register_buffer("lora_scales", torch.zeros(0, device=base_layer.weight.device), persistent=False)
 
     # ------------------------------------------------------------------ shapes (subclasses)
     @property
@@ -105,8 +110,9 @@ class LoraLayer(nn.Module):
         dropout: float = 0.0,
         init: str = "kaiming",
         dtype: torch.dtype | None = None,
+        weight: float = 1.0,
     ) -> None:
-        """Add a fresh adapter ``name``: ``A`` random (kaiming-uniform, as PEFT), ``B`` zero.
+        """Add a fresh adapter ``name``, active at ``weight``: ``A`` random (kaiming-uniform, as PEFT), ``B`` zero.
 
         Raises ``ValueError`` if the name exists or the rank exceeds what the layer allows.
         """
@@ -119,10 +125,10 @@ class LoraLayer(nn.Module):
                 f"rank {rank} is larger than this layer allows ({self._max_rank()} for "
                 f"{type(self.base_layer).__name__} {tuple(self.base_layer.weight.shape)})"
             )
-        weight = self.base_layer.weight
-        dtype = dtype or (weight.dtype if weight.dtype == torch.float32 else torch.float32)
-        a = torch.empty(self._a_shape(rank), device=weight.device, dtype=dtype)
-        b = torch.zeros(self._b_shape(rank), device=weight.device, dtype=dtype)
+        device = self.base_layer.weight.device
+        dtype = dtype or torch.float32
+        a = torch.empty(self._a_shape(rank), device=device, dtype=dtype)
+        b = torch.zeros(self._b_shape(rank), device=device, dtype=dtype)
         if init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         elif init == "gaussian":
@@ -133,9 +139,9 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(b)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.specs[name] = AdapterSpec(rank=rank, alpha=float(rank if alpha is None else alpha))
-        self.weights[name] = 1.0
+        self.weights[name] = float(weight)
         self.active.append(name)
-        self._cache_key = None
+        self._changed()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; a fused layer stays fused with the other adapters."""
@@ -148,18 +154,18 @@ class LoraLayer(nn.Module):
         del self.weights[name]
         if name in self.active:
             self.active.remove(name)
-        self._cache_key = None
+        self._changed()
 
     def set_weights(self, weights: dict[str, float], fuse_now: bool = True) -> None:
         """Activate exactly the adapters named in ``weights`` (those in this layer) with these weights.
 
-        A fused layer is re-fused at once unless ``fuse_now=False`` (the caller re-fuses many layers together);
-        if that fuse is refused, the old weights stay."""
+        A fused layer is re-fused at once unless ``fuse_now=False`` (the caller re-fuses many layers together and
+        calls ``sync_scales`` for them all); if that fuse is refused, the old weights stay."""
         previous = self.weight_state()
         self.active = [n for n in self.specs if n in weights]
         for name in self.active:
             self.weights[name] = float(weights[name])
-        self._cache_key = None
+        self._changed(sync=fuse_now)
         if self.fused and fuse_now:
             try:
                 self.fuse()
@@ -174,7 +180,7 @@ class LoraLayer(nn.Module):
     def restore_weights(self, state: tuple[list[str], dict[str, float]]) -> None:
         """Put back a ``weight_state()`` (after a refused re-weight; the fused weight is the caller's business)."""
         self.active, self.weights = list(state[0]), dict(state[1])
-        self._cache_key = None
+        self._changed()
 
     def set_lora_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, alpha: float | None = None) -> None:
         """Copy given factors into adapter ``name``; shapes must match exactly."""
@@ -186,7 +192,56 @@ class LoraLayer(nn.Module):
                 dst.copy_(src)
         if alpha is not None:
             self.specs[name].alpha = float(alpha)
+        self._changed()
+
+    def _changed(self, sync: bool = True) -> None:
+        """Adapters, weights or the fused set changed: drop the eager cache and refresh the compiled forward's."""
         self._cache_key = None
+        if sync:
+            self.sync_scales()
+
+    def compiled_scale_row(self) -> list[float]:
+        """The values ``lora_scales`` should hold: ``scale_row`` of the active unfused adapters (zero weights too,
+        so that a slider at 0 costs no recompile)."""
+        return self.scale_row({n: self.weights[n] for n in self.active if n not in self.fused})
+
+    def sync_scales(self, values: torch.Tensor | None = None) -> None:
+        """Bring ``lora_scales`` up to date with ``compiled_scale_row()`` (given as ``values`` by a caller that
+        refreshes many layers with one host-device copy). Updated in place when the length is unchanged, so a
+        captured CUDA graph reads the new weights."""
+        names = [n for n in self.active if n not in self.fused]
+        buffer, device = self.lora_scales, self.base_layer.weight.device
+        if values is None:
+            row = self.compiled_scale_row()
+            if not row and buffer.numel() == 0 and buffer.device == device and buffer.dtype == torch.float32:
+                # e.g. every adapter fused: nothing to do, no ops
+                self._compiled_names = names
+                return
+            values = torch.tensor(row, dtype=torch.float32)
+        with torch.no_grad():
+            if buffer.shape == values.shape and buffer.device == device and buffer.dtype == torch.float32 and (
+                torch.is_inference_mode_enabled() or not buffer.is_inference()
+            ):
+                buffer.copy_(values)
+            else:
+                self.lora_scales = values.to(device=device, dtype=torch.float32, copy=True)
+        self._compiled_names = names
+
+    def follow_base(self) -> None:
+        """Move the adapters (and the fused base copy) to the base layer's device if the model moved without
+        them: while fused the wrapper is out of the module tree, so ``model.to(device)`` moves only its base."""
+        if self.lora_scales.device != self.base_layer.weight.device:
+            self.to(self.base_layer.weight.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half()/.cuda(): the module's tensors move; so must the fused base copy, the scales stay fp32
+        # (recomputed from the Python weights), and the caches are rebuilt on the new device
+        super()._apply(fn, *args, **kwargs)
+        if self._base_backup is not None:
+            self._base_backup = fn(self._base_backup)
+        self._fuse_key = self._fuse_cache = None
+        self._changed()
+        return self
 
     def _require(self, name: str) -> None:
         if name not in self.specs:
@@ -224,25 +279,34 @@ class LoraLayer(nn.Module):
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
         return a_cat, b_cat
 
+    def _one_by_one(self, names: list[str]) -> bool:
+        """Adapter by adapter (one adapter, or a training dropout) rather than one stacked matmul pair."""
+        dropouts = self.lora_dropout._modules
+        return len(names) == 1 or (self.training and any(not isinstance(dropouts[n], nn.Identity) for n in names))
+
+    def _adapter_input(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
+        """``dropout(x)`` in the factors' dtype, as PEFT; the cast is skipped where autocast casts back anyway."""
+        drop = self.lora_dropout._modules[name]
+        identity = isinstance(drop, nn.Identity)
+        h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
+        return h if identity else drop(h)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, result)
         names = self._live()
         if not names:
             return result
         out_dtype = result.dtype
         params = self._factors(names)
-        if len(names) == 1 or (self.training and any(not isinstance(self.lora_dropout._modules[n], nn.Identity) for n in names)):
+        if self._one_by_one(names):
             # One adapter (training, or one LoRA at inference): PEFT's op order bit for bit, B(A(dropout(x))) * scale.
             # (no-op casts and Identity dropouts are skipped: each module/op call costs ~1 us per layer)
-            dropouts = self.lora_dropout._modules
             for n, (a, b) in zip(names, params):
-                drop = dropouts[n]
-                identity = isinstance(drop, nn.Identity)
-                h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
-                if not identity:
-                    h = drop(h)
+                h = self._adapter_input(x, a, n)
                 scale = self.weights[n] * self.specs[n].scale
                 if scale == 1.0:  # alpha = rank, weight 1: the multiply is a no-op
                     delta = self._low_rank(h, a, b)
@@ -257,6 +321,28 @@ class LoraLayer(nn.Module):
         a_cat, b_cat = self._stacked(names, params)
         if not (torch.is_grad_enabled() and (x.requires_grad or a_cat.requires_grad or b_cat.requires_grad)):
             return self._add_low_rank_(result, x, a_cat, b_cat)
+        h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
+        return result + self._low_rank(h, a_cat, b_cat).to(out_dtype)
+
+    def _compiled_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The forward as torch.compile traces it: no caches, version counters or Python-float weights, so the
+        graph guards only on which adapters are active and fused and reads their scales from ``lora_scales``.
+        The same ops as eager, up to where the (exact) scale multiply happens."""
+        names = self._compiled_names
+        if not names:
+            return result
+        out_dtype, scales = result.dtype, self.lora_scales
+        params = self._factors(names)
+        if self._one_by_one(names):
+            row = 0
+            for n, (a, b) in zip(names, params):
+                delta = self._low_rank(self._adapter_input(x, a, n), a, b) * scales[row]
+                row += self.specs[n].rank
+                result = result + (delta if delta.dtype == out_dtype else delta.to(out_dtype))
+            return result
+        a_cat = torch.cat([a for a, _ in params], dim=0)
+        b_cat = torch.cat([b for _, b in params], dim=1)
+        b_cat = b_cat * scales.to(b_cat.dtype).view(1, -1, *([1] * (b_cat.dim() - 2)))
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
         return result + self._low_rank(h, a_cat, b_cat).to(out_dtype)
 
@@ -311,6 +397,7 @@ class LoraLayer(nn.Module):
         a 0-dim tensor that is finite iff the weight is (one reduction, where ``isfinite().all()`` runs five ops).
         No host-device sync here, so a model fuses with one sync in all (``pipeline.fuse_layers``).
         ``scales``: this layer's ``scale_row`` already on the device."""
+        self.follow_base()
         weight = self.base_layer.weight
         if self._base_backup is None:
             self._base_backup = weight.detach().clone()
@@ -320,7 +407,7 @@ class LoraLayer(nn.Module):
             else:
                 weight.copy_(self._base_backup)
         self.fused = dict(weights)
-        self._cache_key = None
+        self._changed()
         return weight.sum(dtype=torch.float32)
 
     def restore_fused(self, previous: dict[str, float]) -> None:
@@ -343,13 +430,14 @@ class LoraLayer(nn.Module):
 
     def unfuse(self) -> None:
         """Restore the base weight exactly (bit-identical) from the copy taken at the first fuse."""
+        self.follow_base()
         if self._base_backup is not None:
             with torch.no_grad():
                 self.base_layer.weight.copy_(self._base_backup)
         self._base_backup = None
         self._fuse_key = self._fuse_cache = None
         self.fused = {}
-        self._cache_key = None
+        self._changed()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={s.rank} alpha={s.alpha:g} w={self.weights[n]:g}" for n, s in self.specs.items())

@@ -35,7 +35,7 @@ from .formats import (
     with_text_model,
     write_lora_file,
 )
-from .inject import DETACHED_ATTR, attach, detach, lora_layers, wrap_layer
+from .inject import DETACHED_ATTR, attach, detach, lora_layers, unwrap, wrap_layer
 from .layers import LoraLayer
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _components(pipe) -> Iterator[tuple[str, nn.Module]]:
     for name in COMPONENTS:
         model = getattr(pipe, name, None)
         if model is not None:
-            yield name, model
+            yield name, unwrap(model)
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -107,6 +107,7 @@ def save_lora(
     for component, model in (("unet", unet), ("text_encoder", text_encoder)):
         if model is None:
             continue
+        model = unwrap(model)
         part = lora_from_model(model, component, adapter)
         if not part:
             raise ValueError(f"{component} has no adapter {adapter!r}; it has {_adapter_names(model)}")
@@ -141,6 +142,7 @@ def module_listing(model: nn.Module) -> list[tuple[str, str]]:
     """``[(module path, class name), ...]`` in ``named_modules`` order, LoRA wrappers shown as their base layer
     (what positional formats such as cloneofsimo's index by)."""
     out = []
+    model = unwrap(model)
     skip = None  # a wrapper's own children (base_layer, lora_A...) follow it contiguously
     for name, module in model.named_modules():
         if skip and name.startswith(skip):
@@ -220,6 +222,7 @@ def apply_lora(
     (``strict=False`` logs a warning and goes on). A shape mismatch names the key and both shapes. Nothing is
     changed in the model unless every layer checks out.
     """
+    model = unwrap(model)
     return _apply_plan(model, _plan(model, component, lora, adapter, strict, source), adapter, weight)
 
 
@@ -228,11 +231,10 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, LoraWeights]], adapter: 
     attach(model)
     for target, w in plan:
         layer = wrap_layer(model, target)
-        layer.add_adapter(adapter, rank=w.rank, alpha=w.alpha, dtype=layer.base_layer.weight.dtype)
+        layer.add_adapter(adapter, rank=w.rank, alpha=w.alpha, dtype=layer.base_layer.weight.dtype, weight=weight)
         layer.set_lora_weights(adapter, w.A, w.B)
         layer.lora_A[adapter].requires_grad_(False)
         layer.lora_B[adapter].requires_grad_(False)
-        layer.weights[adapter] = float(weight)
     if fused:
         layers = [(target, model.get_submodule(target)) for target, _ in plan]
         try:
@@ -273,24 +275,25 @@ def load_lora(
     path = Path(path)
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
-    lora, header = read_lora_file(path, modules={c: module_listing(m) for c, m in _components(pipe)})
+    models = dict(_components(pipe))
+    lora, header = read_lora_file(path, modules={c: module_listing(m) for c, m in models.items()})
     if adapter is None:
         adapter = path.parent.name if path.stem == "pytorch_lora_weights" else path.stem
     components = sorted({k.split(".", 1)[0] for k in lora})
     for component in components:
-        if getattr(pipe, component, None) is None:
+        if component not in models:
             raise LoraFormatError(
                 f"{path}: the file has {component} layers but the pipeline has no {component}; "
                 f"it looks made for {guess_architecture(lora)}"
             )
-        if adapter in _adapter_names(getattr(pipe, component)):
+        if adapter in _adapter_names(models[component]):
             raise ValueError(f"adapter {adapter!r} is already loaded; pass adapter= to load {path} under another name")
     # check every component before changing any: a bad file leaves the pipeline as it was
-    plans = {c: _plan(getattr(pipe, c), c, lora, adapter, strict, str(path)) for c in components}
+    plans = {c: _plan(models[c], c, lora, adapter, strict, str(path)) for c in components}
     meta = our_metadata(header)
     patched = 0
     for component, plan in plans.items():
-        model = getattr(pipe, component)
+        model = models[component]
         patched += _apply_plan(model, plan, adapter, weight)
         model.__dict__.setdefault(_META_ATTR, {})[adapter] = meta
     logger.info("loaded %s as adapter %r into %d layers", path, adapter, patched)
@@ -352,6 +355,10 @@ def set_adapters(
                 changed.append((path, layer, layer.weight_state()))
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
+        # what a compiled UNet reads, for the unfused layers (a fuse refreshed its own): one host-device copy
+        layers = [layer for _, layer, _ in changed if not layer.fused]
+        for layer, values in zip(layers, _rows_on_devices([(layer, layer.compiled_scale_row()) for layer in layers])):
+            layer.sync_scales(values)
     except ValueError:
         for _, layer, state in changed:
             layer.restore_weights(state)
@@ -395,6 +402,19 @@ def delete_adapter(pipe, adapter: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fuse
+def _rows_on_devices(rows: list[tuple[LoraLayer, list[float]]]) -> list[torch.Tensor]:
+    """Each ``(layer, row of floats)`` as an fp32 tensor on the layer's device: slices of one tensor per device,
+    so that any number of layers costs one host-device copy."""
+    flat: dict[torch.device, list[float]] = {}
+    spans = []
+    for layer, row in rows:
+        values = flat.setdefault(layer.base_layer.weight.device, [])
+        spans.append((len(values), len(row)))
+        values.extend(row)
+    tensors = {device: torch.tensor(values, dtype=torch.float32).to(device) for device, values in flat.items()}
+    return [tensors[layer.base_layer.weight.device][start : start + n] for (layer, _), (start, n) in zip(rows, spans)]
+
+
 def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     """(Re-)fuse each ``(path, layer)`` at its current weights with one host-device sync for them all.
 
@@ -405,18 +425,10 @@ def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     """
     plans = [(path, layer, layer.fuse_weights(), dict(layer.fused)) for path, layer in layers]
     plans = [plan for plan in plans if plan[2] or plan[3]]  # a layer with nothing to fuse, now or before, stays as it is
-    rows: dict[torch.device, list[float]] = {}
-    spans = []
-    for _, layer, weights, _ in plans:
-        row = layer.scale_row(weights)
-        values = rows.setdefault(layer.base_layer.weight.device, [])
-        spans.append((len(values), len(row)))
-        values.extend(row)
-    scales = {device: torch.tensor(values, dtype=torch.float32).to(device) for device, values in rows.items()}
+    scales = _rows_on_devices([(layer, layer.scale_row(weights)) for _, layer, weights, _ in plans])
     flags: dict[torch.device, list[torch.Tensor]] = {}  # per layer: the fused weight's sum, finite iff it is
-    for (_, layer, weights, _), (start, n) in zip(plans, spans):
-        device = layer.base_layer.weight.device
-        flags.setdefault(device, []).append(layer.write_fused(weights, scales[device][start : start + n]))
+    for (_, layer, weights, _), row in zip(plans, scales):
+        flags.setdefault(row.device, []).append(layer.write_fused(weights, row))
     if all(bool(torch.isfinite(torch.stack(f)).all()) for f in flags.values()):
         return
     bad = [path for path, layer, _, _ in plans if not bool(torch.isfinite(layer.base_layer.weight).all())]
@@ -429,6 +441,7 @@ def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
 
 def fuse_model(model: nn.Module) -> None:
     """Fuse one model's active adapters into its weights and swap the wrappers out (zero added latency)."""
+    model = unwrap(model)
     was_fused = bool(getattr(model, DETACHED_ATTR, {}))
     attach(model)
     try:
@@ -442,6 +455,7 @@ def fuse_model(model: nn.Module) -> None:
 
 def unfuse_model(model: nn.Module) -> None:
     """Restore one model's base weights exactly and put the LoRA wrappers back."""
+    model = unwrap(model)
     attach(model)
     for _, layer in lora_layers(model):
         layer.unfuse()

@@ -25,6 +25,7 @@ import torch
 
 from .blend import merge_loras
 from .formats import WRITERS, atomic_save, guess_architecture, our_metadata, read_lora_file, write_lora_file
+from .inject import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,9 @@ def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
         >>> safetensors.torch.save_file(to_ldm_checkpoint(pipe), "model.safetensors")
     """
     out: dict[str, torch.Tensor] = {}
-    unet_names = _ldm_unet_names(pipe.unet)
-    for key, t in pipe.unet.state_dict().items():
+    unet, text_encoder = unwrap(pipe.unet), unwrap(pipe.text_encoder)
+    unet_names = _ldm_unet_names(unet)
+    for key, t in unet.state_dict().items():
         new = _rename(key, unet_names)
         if ".resnets." in key or key.startswith("mid_block.resnets"):
             head, _, leaf = new.rpartition(".")  # weight / bias
@@ -149,7 +151,7 @@ def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
             if leaf == "weight" and t.dim() == 2:
                 t = t[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
         out["first_stage_model." + new] = t
-    for key, t in pipe.text_encoder.state_dict().items():
+    for key, t in text_encoder.state_dict().items():
         out["cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)] = t
     return out
 
@@ -160,6 +162,7 @@ def _drop_empty_wrappers(pipe) -> None:
 
     for component in ("unet", "text_encoder"):
         model = getattr(pipe, component, None)
+        model = None if model is None else unwrap(model)
         for path, layer in list(lora_layers(model) if model is not None else []):
             if not layer.specs:
                 parent, child = _get_parent(model, path)
