@@ -21,10 +21,14 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
   loaded from files, ours vs PEFT's equivalents and vs the base UNet.
 * ``fuse`` / ``reweight_fused``: fusing 4 adapters into UNet + text encoder, and changing their weights
   while fused (diffusers: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``).
+* ``infer_unfused_compiled`` / ``infer_fused_compiled`` (``--compile-infer``, opt-in): the same CFG call with
+  the UNet under ``torch.compile`` (default: the ``cudagraphs`` backend), ours with 1 / 4 / 8 adapters and 4
+  fused against the base UNet compiled alike; each line also says whether a re-weight recompiled (it must not).
 
     python bench/gpu.py                     # the full run, < 5 minutes on one H100
     python bench/gpu.py --compile           # plus the compiled training step (adds the compile time)
     python bench/gpu.py --floor-variants channels_last sdpa_cudnn compile   # the floor (and ours) lowered, TFLOP/s
+    python bench/gpu.py --skip train infer --compile-infer   # compiled inference only (CUDA graphs, ~3 minutes)
     python bench/gpu.py --tiny --iters 1    # smoke run on CPU with tiny shapes (fp32)
 """
 
@@ -409,6 +413,80 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
     emit(s.ctx, "reweight_fused", "4 adapters, UNet + text encoder", ours, ref, "peft")
 
 
+def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: list[int]) -> None:
+    """One CFG UNet call under torch.compile: ours with 1 / 4 / 8 adapters unfused and 4 fused, each against the
+    base UNet compiled the same way (the launch overhead gone from both, what is left is the LoRA kernels), and a
+    re-weight of the compiled model, which must not recompile.
+
+    ``mode``: ``cudagraphs`` (dynamo's CUDA-graph backend over the eager kernels: compiles in seconds),
+    ``reduce-overhead`` (inductor + CUDA graphs), ``default`` or ``max-autotune`` (inductor)."""
+    from torch._dynamo.utils import counters
+
+    def compiled(module):
+        if s.compile_backend != "inductor":  # e.g. aot_eager: the CPU smoke run
+            return torch.compile(module, backend=s.compile_backend)
+        if mode == "cudagraphs":
+            return torch.compile(module, backend="cudagraphs")
+        return torch.compile(module, mode=None if mode == "default" else mode)
+
+    graphed = s.cuda and mode in ("cudagraphs", "reduce-overhead")
+    pipe = make_pipe(s.comps)
+    names = [f.stem for f in files]
+    for f, name in zip(files, names):
+        ld.load_lora(pipe, f, adapter=name)
+    inp = s.inputs(2, seed=1)
+    x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
+
+    def call(unet):
+        def run():
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last output may be reused
+            with torch.no_grad():
+                return unet(x, t, ehs).sample.clone()
+
+        return run
+
+    eager_o = call(pipe.unet)
+    call_o, call_b = call(compiled(pipe.unet)), call(compiled(s.comps["unet"]))
+    log(f"inference compiled ({mode}): base; the first call compiles")
+    t0 = time.perf_counter()
+    call_b()
+    s.sync()
+    base_compile_s = time.perf_counter() - t0
+    extra = {"compile_mode": mode, "base_compile_s": round(base_compile_s, 1)}
+
+    def timed_first_call() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        call_o()
+        s.sync()
+        return round(time.perf_counter() - t0, 1), (call_o() - eager_o()).abs().max().item()
+
+    for k in counts:
+        log(f"inference compiled ({mode}), {k} adapters: compiles")
+        ld.set_adapters(pipe, {n: 0.8 for n in names[:k]})
+        compile_s, diff = timed_first_call()
+        ours, base_ms = compare(call_o, call_b, s.iters, s.warmup, s.sync)
+        # re-weighting a compiled model: the new weights land in its scale tensors, no new graph
+        graphs = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        ld.set_adapters(pipe, {n: 0.8 - 0.1 * i for i, n in enumerate(names[:k])})
+        s.sync()
+        reweight_ms = (time.perf_counter() - t0) * 1e3
+        diff_after = (call_o() - eager_o()).abs().max().item()
+        recompiled = counters["stats"]["unique_graphs"] != graphs
+        emit(s.ctx, "infer_unfused_compiled", f"{k} adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
+             compile_s=compile_s, reweight_ms=round(reweight_ms, 3), recompiled_on_reweight=recompiled,
+             max_abs_diff_after_reweight=diff_after, **extra)
+
+    log(f"inference compiled ({mode}), 4 adapters fused: compiles")
+    ld.set_adapters(pipe, {n: 0.8 for n in names[:4]})
+    ld.fuse(pipe)
+    compile_s, diff = timed_first_call()
+    ours, base_ms = compare(call_o, call_b, s.iters, s.warmup, s.sync)
+    emit(s.ctx, "infer_fused_compiled", "4 adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
+         compile_s=compile_s, **extra)
+
+
 def guarded(section: str, fn, *args) -> None:
     """Run one section; on failure print an ``error`` line and go on (one GPU run must yield what it can)."""
     try:
@@ -433,6 +511,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per figure (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile-infer", nargs="?", const="cudagraphs", default=None, metavar="MODE",
+                        choices=["cudagraphs", "reduce-overhead", "default", "max-autotune"],
+                        help="also time the CFG call compiled, ours vs the base compiled alike (default mode: "
+                             "cudagraphs, dynamo's CUDA-graph backend; compiles 5 times)")
+    parser.add_argument("--compile-infer-counts", type=int, nargs="+", default=[1, 4, 8], choices=range(1, 9),
+                        metavar="N", help="numbers of unfused adapters for --compile-infer (each compiles once)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
     args = parser.parse_args(argv)
     if args.threads:
@@ -446,11 +530,14 @@ def main(argv: list[str] | None = None) -> None:
     s = Setup(args)
     if "train" not in args.skip:
         guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches, args.floor_variants)
-    if "infer" not in args.skip:
+    if "infer" not in args.skip or args.compile_infer:
         with tempfile.TemporaryDirectory(prefix="lora_bench_gpu_") as tmp:
             log("writing 8 adapter files")
             files = make_adapter_files(s.comps, Path(tmp), 8)
-            guarded("infer", bench_inference, s, files)
+            if "infer" not in args.skip:
+                guarded("infer", bench_inference, s, files)
+            if args.compile_infer:
+                guarded("infer_compiled", bench_inference_compiled, s, files, args.compile_infer, args.compile_infer_counts)
     log("done")
 
 

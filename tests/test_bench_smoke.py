@@ -29,7 +29,7 @@ def _run(*args: str) -> list[dict]:
     assert not errors, errors
     for line in lines:
         assert LABELS <= set(line), line
-        assert line["ref"] in {"peft", "base", "floor", "ours_eager"}, line
+        assert line["ref"] in {"peft", "base", "floor", "ours_eager", "base_compiled"}, line
         unit = next((u for u in ("ms", "us", "bytes", "mb", "ops") if f"ours_{u}" in line), None)
         assert unit, line
         ours, ref = line[f"ours_{unit}"], line[f"ref_{unit}"]
@@ -59,13 +59,18 @@ def test_cpu_bench_quick():
 
 def test_gpu_bench_tiny_on_cpu():
     lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
-                 "--compile", "default", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile")
+                 "--compile", "default", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
+                 "--compile-infer", "--compile-infer-counts", "4")  # each count is a compile: ~10 s here
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
-            "train_step_compiled"} <= benches
+            "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled"} <= benches
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile"} <= cases
     compiled = next(line for line in lines if line["bench"] == "train_step_compiled")
     assert compiled["matches_eager"], compiled
+    for line in lines:
+        if line["bench"].startswith("infer_") and line["bench"].endswith("_compiled"):  # aot_eager: eager's aten ops
+            assert line["max_abs_diff"] == 0.0 and not line.get("recompiled_on_reweight"), line
+            assert line.get("max_abs_diff_after_reweight", 0.0) == 0.0, line
     floor = next(line for line in lines if line["bench"] == "train_floor")
     assert floor["tflop"] and floor["tflop"] > 0, floor
