@@ -44,6 +44,10 @@ class AdapterSpec:
         return self.alpha / self.rank
 
 
+# True while torch.compile traces (torch >= 2.3; older versions run the eager forward, graph breaks and all)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
 def _autocast_recasts(x: torch.Tensor) -> bool:
     """Whether autocast is on for ``x``'s device with ``x``'s dtype: then the low-rank matmuls cast their inputs
     to that dtype anyway, and casting ``x`` up to the fp32 factors' dtype first (as PEFT does) is a lossless round
@@ -295,7 +299,7 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return self._compiled_forward(x, result)
         names = self._live()
         if not names:
