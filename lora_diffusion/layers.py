@@ -12,6 +12,8 @@ The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_
   weight is copied before the first fuse and ``unfuse`` restores that copy, so unfusing is **exact**
   (bit-identical), and re-weighting while fused recomputes ``W0 + delta`` from the copy, which equals fusing
   afresh bit for bit.
+* Under ``torch.compile`` the forward takes no cache: it stacks the factors in the graph and reads the weights
+  from the ``lora_scales`` buffer, which every change updates in place, so a re-weight needs no recompile.
 
 Example:
     >>> layer = LoraLinear(torch.nn.Linear(8, 8))
