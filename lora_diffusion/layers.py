@@ -434,8 +434,9 @@ class LoraLayer(nn.Module):
             self.restore_fused(previous)
             raise ValueError(f"refusing to fuse: adapters {list(weights)} give NaN or Inf weights")
 
-    def unfuse(self) -> None:
-        """Restore the base weight exactly (bit-identical) from the copy taken at the first fuse."""
+    def unfuse(self, sync: bool = True) -> None:
+        """Restore the base weight exactly (bit-identical) from the copy taken at the first fuse.
+        ``sync=False``: the caller refreshes ``lora_scales`` for many layers at once (``sync_scales``)."""
         self.follow_base()
         if self._base_backup is not None:
             with torch.no_grad():
@@ -443,7 +444,7 @@ class LoraLayer(nn.Module):
         self._base_backup = None
         self._fuse_key = self._fuse_cache = None
         self.fused = {}
-        self._changed()
+        self._changed(sync=sync)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={s.rank} alpha={s.alpha:g} w={self.weights[n]:g}" for n, s in self.specs.items())

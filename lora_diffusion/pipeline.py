@@ -355,10 +355,7 @@ def set_adapters(
                 changed.append((path, layer, layer.weight_state()))
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
-        # what a compiled UNet reads, for the unfused layers (a fuse refreshed its own): one host-device copy
-        layers = [layer for _, layer, _ in changed if not layer.fused]
-        for layer, values in zip(layers, _rows_on_devices([(layer, layer.compiled_scale_row()) for layer in layers])):
-            layer.sync_scales(values)
+        sync_scales([layer for _, layer, _ in changed if not layer.fused])  # a fuse refreshed its own
     except ValueError:
         for _, layer, state in changed:
             layer.restore_weights(state)
@@ -415,6 +412,12 @@ def _rows_on_devices(rows: list[tuple[LoraLayer, list[float]]]) -> list[torch.Te
     return [tensors[layer.base_layer.weight.device][start : start + n] for (layer, _), (start, n) in zip(rows, spans)]
 
 
+def sync_scales(layers: list[LoraLayer]) -> None:
+    """Refresh what a compiled model reads (each layer's ``lora_scales``) with one host-device copy for all."""
+    for layer, values in zip(layers, _rows_on_devices([(layer, layer.compiled_scale_row()) for layer in layers])):
+        layer.sync_scales(values)
+
+
 def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     """(Re-)fuse each ``(path, layer)`` at its current weights with one host-device sync for them all.
 
@@ -457,8 +460,10 @@ def unfuse_model(model: nn.Module) -> None:
     """Restore one model's base weights exactly and put the LoRA wrappers back."""
     model = unwrap(model)
     attach(model)
-    for _, layer in lora_layers(model):
-        layer.unfuse()
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.unfuse(sync=False)
+    sync_scales(layers)
 
 
 def fuse(pipe) -> None:
