@@ -7,9 +7,10 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 * ``train_floor``: the frozen UNet's forward + input-gradient backward at batch 1, 4 and 8 (the least any
   LoRA step can cost), with the FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` and achieved TFLOP/s.
 * ``train_step``: a LoRA r=4 step (to_q/k/v/out.0 of attn1+attn2, fp32 LoRA parameters, bf16 autocast, MSE,
-  AdamW) with ours (``inject_lora``) against the floor and against diffusers+PEFT (``LoraConfig`` +
-  ``unet.add_adapter`` + ``cast_training_params``, as ``train_text_to_image_lora.py``), same init (PEFT's A
-  copied from ours), inputs and seed. ``train_peak_mem``: peak GPU memory of each above what was allocated
+  AdamW: fused for ours on CUDA, as our training loop; PEFT's as diffusers' script) with ours (``inject_lora``)
+  against the floor and against diffusers+PEFT (``LoraConfig`` + ``unet.add_adapter`` +
+  ``cast_training_params``, as ``train_text_to_image_lora.py``), same init (PEFT's A copied from ours), inputs
+  and seed. ``train_peak_mem``: peak GPU memory of each above what was allocated
   before it built its model copy (so: its UNet copy, LoRA parameters, optimizer state, activations).
 * ``train_step_compiled`` (``--compile``, opt-in): our step with ``torch.compile`` (default mode
   ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
@@ -237,7 +238,7 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
         if variant == "channels_last":
             unet.to(memory_format=torch.channels_last)
         model = compile_unet(unet, "default", s.compile_backend) if variant == "compile" else unet
-        step = floor_step(s, model, inp) if who == "floor" else lora_step(s, model, params, inp)[0]
+        step = floor_step(s, model, inp) if who == "floor" else lora_step(s, model, params, inp, fused_adam=True)[0]
         if variant == "sdpa_cudnn":
             step = _with_sdpa_backend(step, "CUDNN_ATTENTION")
         t0 = time.perf_counter()
@@ -287,7 +288,7 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         s.resident()
         unet, params = ours_model(s)
         a_init = {p: layer.lora_A["default"].detach().clone() for p, layer in lora_layers(unet)}
-        step, losses_o = lora_step(s, unet, params, inp)
+        step, losses_o = lora_step(s, unet, params, inp, fused_adam=True)  # as training does on CUDA
         s.reset_peak()
         ours_ms = median_ms(step, s.iters, s.warmup, s.sync)
         ours_mem = s.peak_mb()
