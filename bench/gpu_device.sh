@@ -3,12 +3,13 @@
 #   here:  bash bench/fetch_wheels.sh                  (diffusers + peft wheels into .whl/, git-ignored)
 #   there: bash bench/gpu_device.sh 1                  (with .whl carried; about 6 minutes on an H100)
 #          bash bench/gpu_device.sh 2                  (the batch-8 compiled step and compiled floor; ~6 minutes)
-#          bash bench/gpu_device.sh 3                  (compiled inference, CUDA graphs, vs the base alike; ~4 minutes)
-# Part 1: floor, our eager step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours in channels_last),
-#         inference with 0/1/4/8 adapters, fuse and re-weight; then the compiled (CUDA-graph) step at batch 1.
+#          bash bench/gpu_device.sh 3                  (inference: eager, fuse, re-weight, then compiled; ~5 minutes)
+# Part 1: floor, our eager step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours in channels_last and
+#         with cuDNN attention); then the compiled (CUDA-graph) step at batch 1.
 # Part 2: at batch 8, our step under torch.compile and the floor under torch.compile.
-# Part 3: the CFG call under torch.compile (dynamo's cudagraphs backend: no codegen, compiles fast), ours with
-#         1/4/8 adapters and 4 fused against the base compiled alike, and whether a re-weight recompiles.
+# Part 3: inference with 0/1/4/8 adapters (ours, PEFT, base), fuse and re-weight; then the CFG call under
+#         torch.compile (dynamo's cudagraphs backend: no codegen, compiles fast), ours with 1/4/8 adapters and
+#         4 fused against the base compiled alike, and whether a re-weight recompiles.
 # One device session (15 min) fits part 1 and part 3; part 2 needs a session of its own.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
 # Results (JSON lines, logs, versions) go to $OUT (the device tool's folder) or ./gpu-results; each run has its own
@@ -32,10 +33,10 @@ run() {  # run NAME SECONDS ARGS...: one gpu.py invocation into $out/NAME.jsonl 
     echo "$name: exit $? ($(wc -l < "$out/$name.jsonl") figures)"
 }
 if [ "$part" = 1 ]; then
-    run gpu 270 --floor-variants channels_last sdpa_cudnn
+    run gpu 270 --skip infer --floor-variants channels_last sdpa_cudnn
     run gpu_compiled_b1 250 --skip infer --batches 1 --compile reduce-overhead --compile-batches 1
 elif [ "$part" = 3 ]; then
-    run gpu_compiled_infer 500 --skip train infer --compile-infer cudagraphs
+    run gpu_infer 500 --skip train --compile-infer cudagraphs
 else
     run gpu_compiled_b8 540 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --floor-variants compile
 fi
