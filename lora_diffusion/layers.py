@@ -206,16 +206,20 @@ class LoraLayer(nn.Module):
         if sync:
             self.sync_scales()
 
+    def _unfused_active(self) -> list[str]:
+        """The adapters a compiled forward computes: active and not fused (zero weights too, so that a slider at 0
+        costs no recompile)."""
+        return [n for n in self.active if n not in self.fused]
+
     def compiled_scale_row(self) -> list[float]:
-        """The values ``lora_scales`` should hold: ``scale_row`` of the active unfused adapters (zero weights too,
-        so that a slider at 0 costs no recompile)."""
-        return self.scale_row({n: self.weights[n] for n in self.active if n not in self.fused})
+        """The values ``lora_scales`` should hold: ``scale_row`` of ``_unfused_active()``."""
+        return self.scale_row({n: self.weights[n] for n in self._unfused_active()})
 
     def sync_scales(self, values: torch.Tensor | None = None) -> None:
         """Bring ``lora_scales`` up to date with ``compiled_scale_row()`` (given as ``values`` by a caller that
         refreshes many layers with one host-device copy). Updated in place when the length is unchanged, so a
         captured CUDA graph reads the new weights."""
-        names = [n for n in self.active if n not in self.fused]
+        names = self._unfused_active()
         buffer, device = self.lora_scales, self.base_layer.weight.device
         if values is None:
             row = self.compiled_scale_row()
@@ -240,13 +244,15 @@ class LoraLayer(nn.Module):
             self.to(self.base_layer.weight.device)
 
     def _apply(self, fn, *args, **kwargs):
-        # .to()/.half()/.cuda(): the module's tensors move; so must the fused base copy, the scales stay fp32
-        # (recomputed from the Python weights), and the caches are rebuilt on the new device
+        # .to()/.half()/.cuda(): the module's tensors move; so must the fused base copy, the caches are rebuilt on
+        # the new device, and scales that a cast rounded are recomputed from the Python weights (they stay fp32)
         super()._apply(fn, *args, **kwargs)
         if self._base_backup is not None:
             self._base_backup = fn(self._base_backup)
         self._fuse_key = self._fuse_cache = None
-        self._changed()
+        self._cache_key = self._cache = None
+        if self.lora_scales.dtype != torch.float32:
+            self.sync_scales()
         return self
 
     def _require(self, name: str) -> None:
