@@ -62,6 +62,15 @@ def cpu_name() -> str:
     return f"cpu: {name} ({os.cpu_count()} cores)"
 
 
+def once_s(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Wall time of one call of ``fn()`` in seconds (a first call: compiling, CUDA-graph capture)."""
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t0
+
+
 def median_ms(fn: Callable[[], object], iters: int, warmup: int, sync: Callable[[], None] | None = None) -> float:
     """Median wall time of ``fn()`` in ms over ``iters`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):

@@ -41,7 +41,6 @@ import gc
 import json
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Context, compare, cpu_name, emit, log, median_ms, quiet  # noqa: E402
+from _common import Context, compare, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
 from cpu import make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
@@ -241,10 +240,7 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
         step = floor_step(s, model, inp) if who == "floor" else lora_step(s, model, params, inp, fused_adam=True)[0]
         if variant == "sdpa_cudnn":
             step = _with_sdpa_backend(step, "CUDNN_ATTENTION")
-        t0 = time.perf_counter()
-        step()
-        s.sync()
-        first_s = time.perf_counter() - t0
+        first_s = once_s(step, s.sync)
         s.reset_peak()
         results[who] = (median_ms(step, s.iters, s.warmup, s.sync), s.peak_mb(), first_s)
         del unet, params, model, step
@@ -320,10 +316,7 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     start = [p.detach().clone() for p in params]
     compiled = compile_unet(unet, mode, s.compile_backend)  # what `--compile` does in training
     step, losses_c = lora_step(s, compiled, params, inp, fused_adam=True, cudagraphs=cudagraphs)
-    t0 = time.perf_counter()
-    step()
-    s.sync()
-    compile_s = time.perf_counter() - t0
+    compile_s = once_s(step, s.sync)
     s.reset_peak()
     comp_ms = median_ms(step, s.iters, s.warmup, s.sync)
     comp_mem = s.peak_mb()
@@ -423,12 +416,10 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
     ``reduce-overhead`` (inductor + CUDA graphs), ``default`` or ``max-autotune`` (inductor)."""
     from torch._dynamo.utils import counters
 
-    def compiled(module):
-        if s.compile_backend != "inductor":  # e.g. aot_eager: the CPU smoke run
-            return torch.compile(module, backend=s.compile_backend)
-        if mode == "cudagraphs":
-            return torch.compile(module, backend="cudagraphs")
-        return torch.compile(module, mode=None if mode == "default" else mode)
+    def compiled(module):  # as training compiles; a backend other than inductor (aot_eager: CPU smoke) overrides
+        if mode == "cudagraphs" and s.compile_backend == "inductor":
+            return compile_unet(module, "default", "cudagraphs")
+        return compile_unet(module, "default" if mode == "cudagraphs" else mode, s.compile_backend)
 
     graphed = s.cuda and mode in ("cudagraphs", "reduce-overhead")
     pipe = make_pipe(s.comps)
@@ -450,17 +441,10 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
     eager_o = call(pipe.unet)
     call_o, call_b = call(compiled(pipe.unet)), call(compiled(s.comps["unet"]))
     log(f"inference compiled ({mode}): base; the first call compiles")
-    t0 = time.perf_counter()
-    call_b()
-    s.sync()
-    base_compile_s = time.perf_counter() - t0
-    extra = {"compile_mode": mode, "base_compile_s": round(base_compile_s, 1)}
+    extra = {"compile_mode": mode, "base_compile_s": round(once_s(call_b, s.sync), 1)}
 
     def timed_first_call() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        call_o()
-        s.sync()
-        return round(time.perf_counter() - t0, 1), (call_o() - eager_o()).abs().max().item()
+        return round(once_s(call_o, s.sync), 1), (call_o() - eager_o()).abs().max().item()
 
     for k in counts:
         log(f"inference compiled ({mode}), {k} adapters: compiles")
@@ -469,10 +453,7 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
         ours, base_ms = compare(call_o, call_b, s.iters, s.warmup, s.sync)
         # re-weighting a compiled model: the new weights land in its scale tensors, no new graph
         graphs = counters["stats"]["unique_graphs"]
-        t0 = time.perf_counter()
-        ld.set_adapters(pipe, {n: 0.8 - 0.1 * i for i, n in enumerate(names[:k])})
-        s.sync()
-        reweight_ms = (time.perf_counter() - t0) * 1e3
+        reweight_ms = once_s(lambda: ld.set_adapters(pipe, {n: 0.8 - 0.1 * i for i, n in enumerate(names[:k])}), s.sync) * 1e3
         diff_after = (call_o() - eager_o()).abs().max().item()
         recompiled = counters["stats"]["unique_graphs"] != graphs
         emit(s.ctx, "infer_unfused_compiled", f"{k} adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
