@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU benchmark for a bare, offline GPU machine, in two parts that each fit one 10-minute device call:
+# The GPU benchmark for a bare, offline GPU machine, in parts that each fit one 10-minute device call:
 #   here:  bash bench/fetch_wheels.sh                  (diffusers + peft wheels into .whl/, git-ignored)
-#   there: bash bench/gpu_device.sh 1                  (with .whl carried; about 6 minutes on an H100)
-#          bash bench/gpu_device.sh 2                  (the batch-8 compiled step and compiled floor; ~6 minutes)
-#          bash bench/gpu_device.sh 3                  (inference: eager, fuse, re-weight, then compiled; ~5 minutes)
-# Part 1: floor, our eager step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours in channels_last and
-#         with cuDNN attention); then the compiled (CUDA-graph) step at batch 1.
-# Part 2: at batch 8, our step under torch.compile and the floor under torch.compile.
-# Part 3: inference with 0/1/4/8 adapters (ours, PEFT, base), fuse and re-weight; then the CFG call under
-#         torch.compile (dynamo's cudagraphs backend: no codegen, compiles fast), ours with 1/4/8 adapters and
-#         4 fused against the base compiled alike, and whether a re-weight recompiles.
-# One device session (15 min) fits part 1 and part 3; part 2 needs a session of its own.
+#   there: bash bench/gpu_device.sh 1                  (with .whl carried; at most 9 minutes, ~5 expected)
+#          bash bench/gpu_device.sh 2                  (the batch-1 compiled training step; at most 6 minutes)
+#          bash bench/gpu_device.sh 3                  (the batch-8 compiled step and compiled floor; ~6 minutes)
+# Part 1: everything eager, then compiled inference, each in its own process with its own timeout:
+#         floor, our step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours in channels_last and with
+#         cuDNN attention); inference with 0/1/4/8 adapters (ours, PEFT, base), fuse and re-weight; then the CFG
+#         call under torch.compile (dynamo's cudagraphs backend: no codegen, compiles fast), ours with 1/4/8
+#         adapters and 4 fused against the base compiled alike, and whether a re-weight recompiles.
+# Part 2: our batch-1 step under CUDA graphs: dynamo's cudagraphs backend (compiles in seconds), then inductor's
+#         reduce-overhead (minutes of codegen); each checked against eager.
+# Part 3: at batch 8, our step under torch.compile and the floor under torch.compile.
+# A 15-minute device session fits part 1 and part 2 (one start, the second call at once, while it is warm).
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
 # Results (JSON lines, logs, versions) go to $OUT (the device tool's folder) or ./gpu-results; each run has its own
 # timeout, so what finished comes back even if a later run is cut short.
@@ -33,10 +35,12 @@ run() {  # run NAME SECONDS ARGS...: one gpu.py invocation into $out/NAME.jsonl 
     echo "$name: exit $? ($(wc -l < "$out/$name.jsonl") figures)"
 }
 if [ "$part" = 1 ]; then
-    run gpu 270 --skip infer --floor-variants channels_last sdpa_cudnn
-    run gpu_compiled_b1 250 --skip infer --batches 1 --compile reduce-overhead --compile-batches 1
-elif [ "$part" = 3 ]; then
-    run gpu_infer 500 --skip train --compile-infer cudagraphs
+    run gpu_train 200 --skip infer --floor-variants channels_last sdpa_cudnn
+    run gpu_infer 130 --skip train
+    run gpu_infer_compiled 200 --skip train infer --compile-infer cudagraphs
+elif [ "$part" = 2 ]; then
+    run gpu_compiled_b1_cudagraphs 120 --batches 1 --skip infer --compile reduce-overhead --compile-backend cudagraphs
+    run gpu_compiled_b1 220 --batches 1 --skip infer --compile reduce-overhead
 else
     run gpu_compiled_b8 540 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --floor-variants compile
 fi
