@@ -61,6 +61,15 @@ def _autocast_recasts(x: torch.Tensor) -> bool:
         return False
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` (all on one device) hold no NaN or Inf, with one host read: their fp32 2-norms in one
+    multi-tensor pass (a few kernels for any number of tensors, where a reduction each would launch one per
+    tensor), non-finite iff some element is (or, for fp32 tensors, if squares overflow: |w| > ~1e18)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))).all())
+
+
 class LoraLayer(nn.Module):
     """Base class for LoRA wrappers. Subclasses define the shapes and the two low-rank ops."""
 
@@ -405,9 +414,9 @@ class LoraLayer(nn.Module):
         return self._delta32({n: weights[n] for n in names}).view(w.shape)
 
     def write_fused(self, weights: dict[str, float], scales: torch.Tensor | None = None) -> torch.Tensor:
-        """Set ``W = W0 + sum w s B A`` (fp32, rounded once) for ``weights`` and return the new weight's fp32 sum,
-        a 0-dim tensor that is finite iff the weight is (one reduction, where ``isfinite().all()`` runs five ops).
-        No host-device sync here, so a model fuses with one sync in all (``pipeline.fuse_layers``).
+        """Set ``W = W0 + sum w s B A`` (fp32, rounded once) for ``weights`` and return the new weight.
+        No host-device sync here: the caller checks the weights of many layers at once (``all_finite``), so a
+        model fuses with one sync in all (``pipeline.fuse_layers``).
         ``scales``: this layer's ``scale_row`` already on the device."""
         self.follow_base()
         weight = self.base_layer.weight
@@ -420,7 +429,7 @@ class LoraLayer(nn.Module):
                 weight.copy_(self._base_backup)
         self.fused = dict(weights)
         self._changed()
-        return weight.sum(dtype=torch.float32)
+        return weight
 
     def restore_fused(self, previous: dict[str, float]) -> None:
         """Back to the fused state ``previous`` (``{}``: unfused), after a refused fuse."""
@@ -436,7 +445,7 @@ class LoraLayer(nn.Module):
         ``ValueError`` (and leaves the layer as it was) if the fused weight would hold NaN or Inf.
         """
         previous, weights = dict(self.fused), self.fuse_weights()
-        if not bool(torch.isfinite(self.write_fused(weights))):
+        if not all_finite([self.write_fused(weights)]):
             self.restore_fused(previous)
             raise ValueError(f"refusing to fuse: adapters {list(weights)} give NaN or Inf weights")
 

@@ -36,7 +36,7 @@ from .formats import (
     write_lora_file,
 )
 from .inject import DETACHED_ATTR, attach, detach, lora_layers, unwrap, wrap_layer
-from .layers import LoraLayer
+from .layers import LoraLayer, all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,11 @@ def save_lora(
     return path
 
 
-def _adapter_names(model: nn.Module) -> list[str]:
+def _adapter_names(model: nn.Module, layers: list[tuple[str, LoraLayer]] | None = None) -> list[str]:
+    """Adapter names in ``model`` in load order (``layers``: its ``lora_layers``, if the caller walked it already:
+    a walk of an SD1.5 UNet's ~1700 modules costs ~1.5 ms of Python)."""
     names: dict[str, None] = {}
-    for _, layer in lora_layers(model):
+    for _, layer in lora_layers(model) if layers is None else layers:
         names.update(dict.fromkeys(layer.specs))
     return list(names)
 
@@ -303,7 +305,7 @@ def load_lora(
 # ---------------------------------------------------------------------------------------------- weights, on/off
 def list_adapters(pipe) -> dict[str, list[str]]:
     """Adapter names per component, e.g. ``{"unet": ["style"], "text_encoder": ["style"]}``."""
-    return {c: _adapter_names(m) for c, m in _components(pipe) if _adapter_names(m)}
+    return {c: names for c, m in _components(pipe) if (names := _adapter_names(m))}
 
 
 def set_adapters(
@@ -332,7 +334,8 @@ def set_adapters(
     """
     from .blend import block_factor, check_blocks
 
-    known = {n for names in list_adapters(pipe).values() for n in names}
+    layers = {component: list(lora_layers(model)) for component, model in _components(pipe)}  # one walk each
+    known = {n for component, model in _components(pipe) for n in _adapter_names(model, layers[component])}
     te_weights = dict(weights)
     if isinstance(text_encoder, (int, float)):
         te_weights = {n: float(text_encoder) for n in weights}
@@ -351,7 +354,7 @@ def set_adapters(
             base = te_weights if component == "text_encoder" else weights
             lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
             lpb = lpb if isinstance(lpb, int) else 2
-            for path, layer in lora_layers(model):
+            for path, layer in layers[component]:
                 changed.append((path, layer, layer.weight_state()))
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
@@ -421,18 +424,19 @@ def sync_scales(layers: list[LoraLayer]) -> None:
 def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     """(Re-)fuse each ``(path, layer)`` at its current weights with one host-device sync for them all.
 
-    The per-row scales of every layer travel to the device in one copy; each layer then costs a scale, a matmul,
-    an add and a sum (its fp32 factors are kept while fused), and the sums are checked together at the end.
+    The per-row scales of every layer travel to the device in one copy; each layer then costs a scale, a matmul
+    and an add (its fp32 factors are kept while fused), and the new weights are checked together at the end
+    (``all_finite``: a few kernels and one host read per device).
     If any fused weight would hold NaN or Inf, every layer goes back to how it was and ``ValueError`` names the
     layers.
     """
     plans = [(path, layer, layer.fuse_weights(), dict(layer.fused)) for path, layer in layers]
     plans = [plan for plan in plans if plan[2] or plan[3]]  # a layer with nothing to fuse, now or before, stays as it is
     scales = _rows_on_devices([(layer, layer.scale_row(weights)) for _, layer, weights, _ in plans])
-    flags: dict[torch.device, list[torch.Tensor]] = {}  # per layer: the fused weight's sum, finite iff it is
+    fused: dict[torch.device, list[torch.Tensor]] = {}  # the new weights, checked together per device
     for (_, layer, weights, _), row in zip(plans, scales):
-        flags.setdefault(row.device, []).append(layer.write_fused(weights, row))
-    if all(bool(torch.isfinite(torch.stack(f)).all()) for f in flags.values()):
+        fused.setdefault(row.device, []).append(layer.write_fused(weights, row))
+    if all(all_finite(weights) for weights in fused.values()):
         return
     bad = [path for path, layer, _, _ in plans if not bool(torch.isfinite(layer.base_layer.weight).all())]
     for _, layer, _, previous in plans:
