@@ -338,10 +338,45 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     loss_rel = max(abs(lc.item() - le.item()) / max(abs(le.item()), 1e-12) for lc, le in zip(losses_c, losses_e))
     ok = loss_rel < 2e-2 and num / den < 5e-2
     del unet, params, step
-    extra = {"compile_mode": mode, "compile_s": round(compile_s, 1), "loss_max_rel_diff_vs_eager": loss_rel,
+    extra = {"compile_mode": mode, "compile_s": round(compile_s, 1), "cudagraph_skips": _cudagraph_skips(), "loss_max_rel_diff_vs_eager": loss_rel,
              "param_max_rel_diff_vs_eager": num / den, "steps_checked": n_steps, "matches_eager": ok, "peak_mb": comp_mem}
     emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch}", comp_ms, peft_ms, "peft", **extra)
     emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch} vs our eager", comp_ms, eager_ms, "ours_eager")
+
+
+def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
+    """Where a step's GPU time goes: torch.profiler's kernel table (top 30 by GPU time) for the floor and for our
+    eager LoRA step at ``batch``, to stderr; and one ``profile`` line per variant with the kernel count and the
+    GPU time summed over kernels, per step. No figure against a reference: this guides the next change."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inp = s.inputs(batch)
+    for who in ("floor", "ours"):
+        log(f"profile, batch {batch}: {who}")
+        s.resident()
+        if who == "floor":
+            unet, params = s.unet_copy(), None
+            step = floor_step(s, unet, inp)
+        else:
+            unet, params = ours_model(s)
+            step = lora_step(s, unet, params, inp, fused_adam=True)[0]
+        for _ in range(2):
+            step()
+        s.sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            s.sync()
+        events = prof.key_averages()
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        table = events.table(sort_by=key, row_limit=30)
+        print(f"=== profile, batch {batch}, {who} ({steps} steps) ===\n{table}", file=sys.stderr, flush=True)
+        kernels = [e for e in prof.events() if e.device_type.name == ("CUDA" if s.cuda else "CPU") and not e.is_async]
+        gpu_us = sum(getattr(e, key.replace("_total", ""), 0) or 0 for e in events) / steps
+        print(json.dumps({"bench": "profile", "case": f"batch {batch}, {who}", "kernels_per_step": len(kernels) / steps if s.cuda else None,
+                          "gpu_ms_per_step": round(gpu_us / 1e3, 3), **s.ctx.labels()}), flush=True)
+        del unet, params, step
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -458,7 +493,7 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
         recompiled = counters["stats"]["unique_graphs"] != graphs
         emit(s.ctx, "infer_unfused_compiled", f"{k} adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
              compile_s=compile_s, reweight_ms=round(reweight_ms, 3), recompiled_on_reweight=recompiled,
-             max_abs_diff_after_reweight=diff_after, **extra)
+             max_abs_diff_after_reweight=diff_after, cudagraph_skips=_cudagraph_skips(), **extra)
 
     log(f"inference compiled ({mode}), 4 adapters fused: compiles")
     ld.set_adapters(pipe, {n: 0.8 for n in names[:4]})
@@ -466,7 +501,15 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
     compile_s, diff = timed_first_call()
     ours, base_ms = compare(call_o, call_b, s.iters, s.warmup, s.sync)
     emit(s.ctx, "infer_fused_compiled", "4 adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
-         compile_s=compile_s, **extra)
+         compile_s=compile_s, cudagraph_skips=_cudagraph_skips(), **extra)
+
+
+def _cudagraph_skips() -> int:
+    """Graphs that torch left un-graphed so far in this process (each logs why): 0 means every graph replays as
+    one CUDA graph."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def guarded(section: str, fn, *args) -> None:
@@ -493,13 +536,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per figure (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--compile-infer", nargs="?", const="cudagraphs", default=None, metavar="MODE",
+    parser.add_argument("--compile-infer", nargs="?", const="reduce-overhead", default=None, metavar="MODE",
                         choices=["cudagraphs", "reduce-overhead", "default", "max-autotune"],
                         help="also time the CFG call compiled, ours vs the base compiled alike (default mode: "
-                             "cudagraphs, dynamo's CUDA-graph backend; compiles 5 times)")
+                             "reduce-overhead, inductor + CUDA graphs; compiles 5 times)")
     parser.add_argument("--compile-infer-counts", type=int, nargs="+", default=[1, 4, 8], choices=range(1, 9),
                         metavar="N", help="numbers of unfused adapters for --compile-infer (each compiles once)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
+    parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
+                        help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -512,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     s = Setup(args)
     if "train" not in args.skip:
         guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches, args.floor_variants)
+    for batch in args.profile:
+        guarded(f"profile batch {batch}", bench_profile, s, batch)
     if "infer" not in args.skip or args.compile_infer:
         with tempfile.TemporaryDirectory(prefix="lora_bench_gpu_") as tmp:
             log("writing 8 adapter files")

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The GPU benchmark for a bare, offline GPU machine, in parts that each fit one 10-minute device call:
 #   here:  bash bench/fetch_wheels.sh                  (diffusers + peft wheels into .whl/, git-ignored)
-#   there: bash bench/gpu_device.sh 1                  (with .whl carried; at most 9 minutes, ~5 expected)
-#          bash bench/gpu_device.sh 2                  (the batch-1 compiled training step; at most 6 minutes)
-#          bash bench/gpu_device.sh 3                  (the batch-8 compiled step and compiled floor; ~6 minutes)
-# Part 1: everything eager, then compiled inference, each in its own process with its own timeout:
-#         floor, our step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours in channels_last and with
-#         cuDNN attention); inference with 0/1/4/8 adapters (ours, PEFT, base), fuse and re-weight; then the CFG
-#         call under torch.compile (dynamo's cudagraphs backend: no codegen, compiles fast), ours with 1/4/8
-#         adapters and 4 fused against the base compiled alike, and whether a re-weight recompiles.
-# Part 2: our batch-1 step under CUDA graphs: dynamo's cudagraphs backend (compiles in seconds), then inductor's
-#         reduce-overhead (minutes of codegen); each checked against eager.
-# Part 3: at batch 8, our step under torch.compile and the floor under torch.compile.
-# A 15-minute device session fits part 1 and part 2 (one start, the second call at once, while it is warm).
+#   there: bash bench/gpu_device.sh N                  (with .whl carried)
+# Part 1 (measured 2026-11-27, 196 s on an H100): everything eager, then compiled inference, each in its own
+#         process with its own timeout: floor, our step and diffusers+PEFT's at batch 1/4/8 (+ the floor and ours
+#         in channels_last and with cuDNN attention); inference with 0/1/4/8 adapters (ours, PEFT, base), fuse and
+#         re-weight; then the CFG call under dynamo's cudagraphs backend (compiles fast, but copies every
+#         parameter into the graph on each call: see docs/BENCHMARKS.md; part 4 is the figure to read).
+# Part 2 (measured 2026-11-27, 210 s): our batch-1 step under CUDA graphs: dynamo's cudagraphs backend, then
+#         inductor's reduce-overhead; each checked against eager.
+# Part 3 (~6 min): the kernel profile of the floor and of our eager step at batch 8 (where the LoRA overhead
+#         goes), then our batch-8 step under reduce-overhead (inductor compiles ~2-3 min).
+# Part 4 (~5 min): the CFG call under reduce-overhead, ours with 1/4/8 adapters and 4 fused against the base
+#         compiled alike, and whether a re-weight recompiles.
+# Part 5 (~7 min): the floor and our step at batch 8 under torch.compile default (measured 2026-11-27).
+# A 15-minute device session fits two parts of ~5 minutes when the second call follows at once (the machine
+# stays warm 30 s); parts 3 and 4 are what is still unmeasured.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
 # Results (JSON lines, logs, versions) go to $OUT (the device tool's folder) or ./gpu-results; each run has its own
 # timeout, so what finished comes back even if a later run is cut short.
@@ -41,8 +44,13 @@ if [ "$part" = 1 ]; then
 elif [ "$part" = 2 ]; then
     run gpu_compiled_b1_cudagraphs 120 --batches 1 --skip infer --compile reduce-overhead --compile-backend cudagraphs
     run gpu_compiled_b1 220 --batches 1 --skip infer --compile reduce-overhead
+elif [ "$part" = 3 ]; then
+    run gpu_profile_b8 90 --skip train infer --profile 8
+    run gpu_compiled_b8 400 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8
+elif [ "$part" = 4 ]; then
+    run gpu_infer_compiled_ro 500 --skip train infer --compile-infer reduce-overhead
 else
-    run gpu_compiled_b8 540 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --floor-variants compile
+    run gpu_floor_compiled_b8 540 --skip infer --batches 8 --floor-variants compile
 fi
 grep -h '"error"' "$out"/*.jsonl || true
 tail -n 3 "$out"/*.log
