@@ -224,10 +224,11 @@ class LoraLayer(nn.Module):
         """The values ``lora_scales`` should hold: ``scale_row`` of ``_unfused_active()``."""
         return self.scale_row({n: self.weights[n] for n in self._unfused_active()})
 
-    def sync_scales(self, values: torch.Tensor | None = None) -> None:
+    def sync_scales(self, values: torch.Tensor | None = None, copies: list | None = None) -> None:
         """Bring ``lora_scales`` up to date with ``compiled_scale_row()`` (given as ``values`` by a caller that
         refreshes many layers with one host-device copy). Updated in place when the length is unchanged, so a
-        captured CUDA graph reads the new weights."""
+        captured CUDA graph reads the new weights; ``copies``: append ``(buffer, values)`` there instead, for the
+        caller to copy all layers' in one ``torch._foreach_copy_``."""
         names = self._unfused_active()
         buffer, device = self.lora_scales, self.base_layer.weight.device
         if values is None:
@@ -241,7 +242,10 @@ class LoraLayer(nn.Module):
             if buffer.shape == values.shape and buffer.device == device and buffer.dtype == torch.float32 and (
                 torch.is_inference_mode_enabled() or not buffer.is_inference()
             ):
-                buffer.copy_(values)
+                if copies is None:
+                    buffer.copy_(values)
+                else:
+                    copies.append((buffer, values))
             else:
                 self.lora_scales = values.to(device=device, dtype=torch.float32, copy=True)
         self._compiled_names = names

@@ -414,9 +414,14 @@ def _rows_on_devices(rows: list[tuple[LoraLayer, list[float]]]) -> list[torch.Te
 
 
 def sync_scales(layers: list[LoraLayer]) -> None:
-    """Refresh what a compiled model reads (each layer's ``lora_scales``) with one host-device copy for all."""
+    """Refresh what a compiled model reads (each layer's ``lora_scales``) with one host-device copy for all, and
+    the in-place updates (a re-weight: same adapters, new weights) in one multi-tensor copy."""
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer, values in zip(layers, _rows_on_devices([(layer, layer.compiled_scale_row()) for layer in layers])):
-        layer.sync_scales(values)
+        layer.sync_scales(values, copies)
+    if copies:
+        with torch.no_grad():
+            torch._foreach_copy_([buffer for buffer, _ in copies], [values for _, values in copies])
 
 
 def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:

@@ -86,6 +86,23 @@ def test_set_adapters_walks_each_model_once(tmp_path, monkeypatch, fused):
     assert walks == {"unet": 2, "text_encoder": 2}
 
 
+def test_unfused_reweight_refreshes_every_layers_scales_in_one_copy(tmp_path):
+    """What a compiled model reads (``lora_scales``) follows a re-weight in place: one host-to-device tensor and
+    one multi-tensor copy for all layers (was a copy per layer: 176 launches for SD1.5 UNet + CLIP-L)."""
+    pipe = _pipe_with(tmp_path, 3)
+    set_adapters(pipe, {"a0": 0.5, "a2": 1.0})
+    layers = [layer for c in ("unet", "text_encoder") for _, layer in lora_layers(getattr(pipe, c))]
+    buffers = [layer.lora_scales for layer in layers]
+    with OpCounter() as counter:
+        set_adapters(pipe, {"a0": -0.3, "a2": 0.7})
+    assert counter.counts["_foreach_copy_"] == 1 and not counter.counts["copy_"], counter.counts
+    assert counter.counts["lift_fresh"] == 1, counter.counts
+    for layer, buffer in zip(layers, buffers):
+        assert layer.lora_scales is buffer  # in place: a captured CUDA graph reads the new values
+        assert layer.lora_scales.tolist() == pytest.approx(layer.compiled_scale_row())
+        assert layer.lora_scales.tolist() != pytest.approx(layer.scale_row({"a0": 0.5, "a2": 1.0}))
+
+
 def test_lora_layers_lists_what_named_modules_finds(tmp_path):
     """The walk that skips the wrappers' insides finds the same layers, in the same order, fused or not."""
     from lora_diffusion.layers import LoraLayer
