@@ -13,6 +13,8 @@ reference in the same run, timed alternately, median of ``--iters`` after ``--wa
 * ``fuse`` / ``unfuse`` / ``reweight_fused``: fusing 4 adapters, unfusing, and changing the weights of 4 fused
   adapters (ours: ``set_adapters`` while fused; diffusers: ``unfuse_lora``, ``set_adapters``, ``fuse_lora``).
 * ``load``: loading one adapter file (UNet + text encoder) into a pipeline without LoRA.
+* ``host_reweight_unfused`` / ``host_fuse`` / ``host_reweight_fused``: the same calls on a model with SD1.5's
+  structure (176 LoRA layers) but 32 wide, so that the Python and dispatch work a GPU's host pays is what counts.
 * ``file_size``: bytes of one adapter file per rank (same dtype; and each library's default dtype); diffusers'
   file is written with its ``LoraConfig`` metadata, as ours carries alpha too.
 
@@ -79,6 +81,17 @@ def make_pipe(comps: dict):
     pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_both(pipe_o, pipe_p, files: list[Path]) -> list[str]:
+    """Load ``files`` into both pipelines (ours with ``load_lora``, diffusers' with ``load_lora_weights``), each
+    adapter named after its file's stem; returns the names."""
+    names = [f.stem for f in files]
+    log(f"loading {len(files)} adapters into both pipelines")
+    for f, name in zip(files, names):
+        ld.load_lora(pipe_o, f, adapter=name)
+        pipe_p.load_lora_weights(str(f), adapter_name=name)
+    return names
 
 
 def peft_add(unet, text_encoder=None, rank: int = 4, alpha: float | None = None) -> None:
@@ -203,10 +216,7 @@ def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> N
     pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
     for pipe in (pipe_o, pipe_p):
         pipe.unet.to(torch.bfloat16)
-    names = [f.stem for f in files]
-    for f, name in zip(files, names):
-        ld.load_lora(pipe_o, f, adapter=name)
-        pipe_p.load_lora_weights(str(f), adapter_name=name)
+    names = load_both(pipe_o, pipe_p, files)
     cfg = noisy[:2], t[:2], ehs[:2]
     base_ops = count(lambda: unet_call(base, *cfg))
     for k in (1, 4, 8):
@@ -271,11 +281,7 @@ def unet_call(unet, x, t, ehs):
 def bench_inference_and_fuse(ctx: Context, comps: dict, files: list[Path], iters: int, warmup: int) -> None:
     base = copy.deepcopy(comps["unet"])
     pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
-    names = [f.stem for f in files]
-    log(f"loading {len(files)} adapters into both pipelines")
-    for f, name in zip(files, names):
-        ld.load_lora(pipe_o, f, adapter=name)
-        pipe_p.load_lora_weights(str(f), adapter_name=name)
+    names = load_both(pipe_o, pipe_p, files)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, LATENT, LATENT, generator=gen)  # classifier-free guidance: uncond + cond
     ehs = torch.randn(2, 77, CTX_DIM, generator=gen)
@@ -336,9 +342,39 @@ def bench_inference_and_fuse(ctx: Context, comps: dict, files: list[Path], iters
     emit(ctx, "reweight_fused", "4 adapters", ours, ref, "peft", max_abs_diff=diff)
 
 
-def reweighters(pipe_o, pipe_p, names: list[str]):
-    """Two callables that change the weights of fused adapters ``names`` (alternating between two weight
-    sets), ours and diffusers' way, and their state (equal counts mean equal weights)."""
+def bench_host(ctx: Context, folder: Path, iters: int, warmup: int) -> None:
+    """Re-weighting and fusing on a model with SD1.5's structure (4 UNet levels of 2 layers, 16 transformer
+    blocks; a 12-layer CLIP: 176 LoRA layers) but 32 wide: the arithmetic is nearly nothing, so what is timed is
+    the Python and dispatch work that a GPU's host pays for a slider move on SD1.5 itself."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    log("host cost: SD1.5 structure, 32 wide, 4 adapters")
+    comps = tiny_components(0, cross_attention_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20)
+        comps["unet"] = UNet2DConditionModel(sample_size=8, layers_per_block=2, block_out_channels=(32, 32, 32, 32),
+                                             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
+        comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=12, num_attention_heads=4,
+                                                             intermediate_size=37, vocab_size=1000)).eval()
+    files = make_adapter_files(comps, folder / "host", 4)
+    pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
+    names = load_both(pipe_o, pipe_p, files)
+    case = "4 adapters, SD1.5 structure (176 layers), 32 wide"
+    ours, ref = compare(*reweighters(pipe_o, pipe_p, names, fused=False)[:2], iters, warmup)
+    emit(ctx, "host_reweight_unfused", case, ours, ref, "peft")
+    ours, ref = compare(lambda: ld.fuse(pipe_o), lambda: pipe_p.fuse_lora(adapter_names=names), iters, warmup,
+                        between=(lambda: ld.unfuse(pipe_o), pipe_p.unfuse_lora))
+    emit(ctx, "host_fuse", case, ours, ref, "peft")
+    ld.fuse(pipe_o), pipe_p.fuse_lora(adapter_names=names)
+    ours, ref = compare(*reweighters(pipe_o, pipe_p, names)[:2], iters, warmup)
+    emit(ctx, "host_reweight_fused", case, ours, ref, "peft")
+
+
+def reweighters(pipe_o, pipe_p, names: list[str], fused: bool = True):
+    """Two callables that change the weights of adapters ``names`` (alternating between two weight sets), ours
+    and diffusers' way (``fused``: diffusers unfuses, re-weights and fuses again), and their state (equal counts
+    mean equal weights)."""
     toggles = [[0.5, 1.0, -0.3, 0.8, 0.2, -0.6, 0.9, 0.4][: len(names)], [0.8] * len(names)]
     state = {"o": 0, "p": 0}
 
@@ -348,9 +384,11 @@ def reweighters(pipe_o, pipe_p, names: list[str]):
 
     def reweight_p():
         state["p"] ^= 1
-        pipe_p.unfuse_lora()
+        if fused:
+            pipe_p.unfuse_lora()
         pipe_p.set_adapters(names, toggles[state["p"]])
-        pipe_p.fuse_lora(adapter_names=names)
+        if fused:
+            pipe_p.fuse_lora(adapter_names=names)
 
     return reweight_o, reweight_p, state
 
@@ -409,7 +447,7 @@ def _header_bytes(path: Path) -> int:
         return int.from_bytes(f.read(8), "little")
 
 
-SECTIONS = ("train", "inference", "load", "file_size", "ops", "layer")  # inference: unfused/fused calls, fuse, unfuse, re-weight
+SECTIONS = ("train", "inference", "load", "file_size", "ops", "layer", "host")  # inference: unfused/fused calls, fuse, unfuse, re-weight
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -446,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_ops(ctx, comps, files)
         if "layer" in args.only:
             bench_layer(ctx, args.iters)
+        if "host" in args.only:
+            bench_host(ctx, folder, args.iters, args.warmup)
 
 
 if __name__ == "__main__":

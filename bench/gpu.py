@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Context, compare, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
-from cpu import make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
+from cpu import load_both, make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.inject import lora_layers  # noqa: E402
@@ -345,12 +345,13 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
 
 
 def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
-    """Where a step's GPU time goes: torch.profiler's kernel table (top 30 by GPU time) for the floor and for our
-    eager LoRA step at ``batch``, to stderr; and one ``profile`` line per variant with the kernel count and the
-    GPU time summed over kernels, per step. No figure against a reference: this guides the next change."""
+    """Where a step's GPU time goes: torch.profiler's kernel table (top 30 by GPU time) of the floor and of our
+    eager LoRA step at ``batch``, on stderr; and one ``profile`` line: our GPU time per step summed over kernels
+    against the floor's, with both kernel counts per step (on a CPU the GPU figures are empty)."""
     from torch.profiler import ProfilerActivity, profile
 
     inp = s.inputs(batch)
+    totals = {}
     for who in ("floor", "ours"):
         log(f"profile, batch {batch}: {who}")
         s.resident()
@@ -363,31 +364,27 @@ def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
         for _ in range(2):
             step()
         s.sync()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])) as prof:
             for _ in range(steps):
                 step()
             s.sync()
         events = prof.key_averages()
         key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-        table = events.table(sort_by=key, row_limit=30)
-        print(f"=== profile, batch {batch}, {who} ({steps} steps) ===\n{table}", file=sys.stderr, flush=True)
+        print(f"=== profile, batch {batch}, {who} ({steps} steps) ===\n{events.table(sort_by=key, row_limit=30)}",
+              file=sys.stderr, flush=True)
         kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA") / steps if s.cuda else None
-        gpu_us = sum(getattr(e, key) for e in events) / steps
-        print(json.dumps({"bench": "profile", "case": f"batch {batch}, {who}", "kernels_per_step": kernels,
-                          "gpu_ms_per_step": round(gpu_us / 1e3, 3), **s.ctx.labels()}), flush=True)
+        totals[who] = (sum(getattr(e, key) for e in events) / steps / 1e3 if s.cuda else None, kernels)
         del unet, params, step
+    (floor_ms, floor_kernels), (ours_ms, ours_kernels) = totals["floor"], totals["ours"]
+    emit(s.ctx, "profile", f"batch {batch}, GPU time summed over kernels", ours_ms, floor_ms, "floor",
+         kernels_per_step=ours_kernels, floor_kernels_per_step=floor_kernels)
 
 
 # ------------------------------------------------------------------------------------------------ inference
 def bench_inference(s: Setup, files: list[Path]) -> None:
     base = s.comps["unet"]
     pipe_o, pipe_p = make_pipe(s.comps), make_pipe(s.comps)
-    names = [f.stem for f in files]
-    log(f"loading {len(files)} adapters into both pipelines")
-    for f, name in zip(files, names):
-        ld.load_lora(pipe_o, f, adapter=name)
-        pipe_p.load_lora_weights(str(f), adapter_name=name)
+    names = load_both(pipe_o, pipe_p, files)
     inp = s.inputs(2, seed=1)  # classifier-free guidance: uncond + cond in one batch of 2
     x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
 

@@ -46,7 +46,7 @@ def test_cpu_bench_quick():
         assert ("infer_unfused", f"{k} adapters", "base") in figures
     benches = {line["bench"] for line in lines}
     assert {"train_step", "fuse", "unfuse", "reweight_fused", "infer_fused", "load", "file_size", "train_step_ops",
-            "infer_unfused_ops", "layer_overhead"} <= benches
+            "infer_unfused_ops", "layer_overhead", "host_reweight_unfused", "host_fuse", "host_reweight_fused"} <= benches
     ops = next(line for line in lines if line["bench"] == "train_step_ops")
     assert ops["floor_ops"] < ops["ours_ops"] <= ops["ref_ops"], ops  # a LoRA step costs more ops than the floor
     # the same weights give the same outputs in both libraries (fp32 on CPU)
@@ -60,10 +60,10 @@ def test_cpu_bench_quick():
 def test_gpu_bench_tiny_on_cpu():
     lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
                  "--compile", "default", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
-                 "--compile-infer", "--compile-infer-counts", "4")  # each count is a compile: ~10 s here
+                 "--compile-infer", "--compile-infer-counts", "4", "--profile", "1")  # each count is a compile: ~10 s here
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
-            "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled"} <= benches
+            "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile"} <= benches
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile"} <= cases
     compiled = next(line for line in lines if line["bench"] == "train_step_compiled")
