@@ -11,8 +11,9 @@
 #         inductor's reduce-overhead; each checked against eager.
 # Part 3 (~6 min): the kernel profile of the floor and of our eager step at batch 8 (where the LoRA overhead
 #         goes), then our batch-8 step under reduce-overhead (inductor compiles ~2-3 min).
-# Part 4 (~5 min): the CFG call under reduce-overhead, ours with 1/4/8 adapters and 4 fused against the base
-#         compiled alike, and whether a re-weight recompiles.
+# Part 4 (~6 min): eager inference, fuse and re-weight again (35 s: the re-weight after 2026-11-27's changes), then
+#         the CFG call under reduce-overhead, ours with 1/4/8 adapters and 4 fused against the base compiled alike,
+#         and whether a re-weight recompiles.
 # Part 5 (~7 min): the floor and our step at batch 8 under torch.compile default (measured 2026-11-27).
 # A 15-minute device session fits two parts of ~5 minutes when the second call follows at once (the machine
 # stays warm 30 s); parts 3 and 4 are what is still unmeasured.
@@ -48,7 +49,8 @@ elif [ "$part" = 3 ]; then
     run gpu_profile_b8 90 --skip train infer --profile 8
     run gpu_compiled_b8 400 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8
 elif [ "$part" = 4 ]; then
-    run gpu_infer_compiled_ro 500 --skip train infer --compile-infer reduce-overhead
+    run gpu_infer 130 --skip train
+    run gpu_infer_compiled_ro 450 --skip train infer --compile-infer reduce-overhead
 else
     run gpu_floor_compiled_b8 540 --skip infer --batches 8 --floor-variants compile
 fi
