@@ -142,11 +142,16 @@ def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """``(module path, layer)`` for every LoRA layer in ``model``, detached (fused) ones included.
-
-    In ``named_modules`` order, but without entering the wrappers (a LoRA layer holds no other): an SD1.5 UNet
-    with adapters on attention is walked in 0.3 ms instead of 1 ms, which every ``set_adapters`` pays."""
+    """``(module path, layer)`` for every LoRA layer in ``model``, detached (fused) ones included."""
     model = unwrap(model)
+    yield from _wrappers_in_tree(model)
+    yield from getattr(model, DETACHED_ATTR, {}).items()
+
+
+def _wrappers_in_tree(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """The LoRA wrappers in ``model``'s module tree, in ``named_modules`` order, but without entering them (a LoRA
+    layer holds no other): an SD1.5 UNet with adapters on attention is walked in 0.3 ms instead of 1 ms, which
+    every ``set_adapters`` pays."""
     stack, seen = [("", model)], set()
     while stack:
         name, module = stack.pop()
@@ -158,7 +163,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             continue
         prefix = f"{name}." if name else ""
         stack.extend((prefix + key, child) for key, child in reversed(module._modules.items()) if child is not None)
-    yield from getattr(model, DETACHED_ATTR, {}).items()
 
 
 # While fused, wrappers are swapped out for their base layers so that generation runs the base modules
@@ -170,7 +174,7 @@ def detach(model: nn.Module) -> None:
     """Swap every LoRA wrapper for its (fused) base layer; the wrappers are kept on the model."""
     model = unwrap(model)
     detached = getattr(model, DETACHED_ATTR, {})
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+    for name, layer in list(_wrappers_in_tree(model)):
         parent, child = _get_parent(model, name)
         setattr(parent, child, layer.base_layer)
         detached[name] = layer
