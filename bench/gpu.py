@@ -211,6 +211,16 @@ def peft_model(s: Setup, a_init: dict):
     return unet, [p for p in unet.parameters() if p.requires_grad]
 
 
+def floor_or_ours(s: Setup, who: str):
+    """``(unet, params)``: a fresh frozen UNet copy for ``"floor"`` (params ``None``), or one with our LoRA."""
+    return (s.unet_copy(), None) if who == "floor" else ours_model(s)
+
+
+def step_of(s: Setup, who: str, unet, params, inp: dict):
+    """The floor's step, or our LoRA step with fused AdamW (as our training loop on CUDA)."""
+    return floor_step(s, unet, inp) if who == "floor" else lora_step(s, unet, params, inp, fused_adam=True)[0]
+
+
 def _with_sdpa_backend(step, name: str):
     """``step`` with torch's scaled-dot-product attention restricted to one backend (cuDNN's on Hopper), where
     diffusers' default lets torch pick (flash attention for bf16)."""
@@ -230,14 +240,11 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
     results = {}
     for who in ("floor", "ours"):
         s.resident()
-        if who == "floor":
-            unet, params = s.unet_copy(), None
-        else:
-            unet, params = ours_model(s)
+        unet, params = floor_or_ours(s, who)
         if variant == "channels_last":
             unet.to(memory_format=torch.channels_last)
         model = compile_unet(unet, "default", s.compile_backend) if variant == "compile" else unet
-        step = floor_step(s, model, inp) if who == "floor" else lora_step(s, model, params, inp, fused_adam=True)[0]
+        step = step_of(s, who, model, params, inp)
         if variant == "sdpa_cudnn":
             step = _with_sdpa_backend(step, "CUDNN_ATTENTION")
         first_s = once_s(step, s.sync)
@@ -355,12 +362,8 @@ def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
     for who in ("floor", "ours"):
         log(f"profile, batch {batch}: {who}")
         s.resident()
-        if who == "floor":
-            unet, params = s.unet_copy(), None
-            step = floor_step(s, unet, inp)
-        else:
-            unet, params = ours_model(s)
-            step = lora_step(s, unet, params, inp, fused_adam=True)[0]
+        unet, params = floor_or_ours(s, who)
+        step = step_of(s, who, unet, params, inp)
         for _ in range(2):
             step()
         s.sync()
