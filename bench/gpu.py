@@ -10,7 +10,8 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
   AdamW: fused for ours on CUDA, as our training loop; PEFT's as diffusers' script) with ours (``inject_lora``)
   against the floor and against diffusers+PEFT (``LoraConfig`` + ``unet.add_adapter`` +
   ``cast_training_params``, as ``train_text_to_image_lora.py``), same init (PEFT's A copied from ours), inputs
-  and seed. ``train_peak_mem``: peak GPU memory of each above what was allocated
+  and seed. Ours with its default backward (dense on CUDA: ``set_backward``) and with the low-rank one (PEFT's
+  ops, ``..., lowrank backward``). ``train_peak_mem``: peak GPU memory of each above what was allocated
   before it built its model copy (so: its UNet copy, LoRA parameters, optimizer state, activations).
 * ``train_step_compiled`` (``--compile``, opt-in): our step with ``torch.compile`` (default mode
   ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
@@ -52,7 +53,7 @@ from _common import Context, compare, cpu_name, emit, log, median_ms, once_s, qu
 from cpu import load_both, make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
-from lora_diffusion.inject import lora_layers  # noqa: E402
+from lora_diffusion.inject import lora_layers, set_backward  # noqa: E402
 from lora_diffusion.testing import tiny_components  # noqa: E402
 from lora_diffusion.training import compile_unet  # noqa: E402
 
@@ -188,11 +189,12 @@ def lora_step(s: Setup, unet, params, inp: dict, *, fused_adam: bool = False, cu
     return step, losses
 
 
-def ours_model(s: Setup):
+def ours_model(s: Setup, backward: str = "auto"):
     unet = s.unet_copy()
     with torch.random.fork_rng(devices=[]):  # manual_seed seeds CUDA too: the same A on every call
         torch.manual_seed(123)
         params = ld.inject_lora(unet, rank=4, targets="attn")
+    set_backward(unet, backward)
     unet.train()
     return unet, params
 
@@ -295,6 +297,15 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         s.reset_peak()
         ours_ms = median_ms(step, s.iters, s.warmup, s.sync)
         ours_mem = s.peak_mb()
+        mode = next(layer for _, layer in lora_layers(unet)).backward_mode
+        del unet, params, step
+
+        log(f"train, batch {batch}: ours, low-rank backward (PEFT's ops)")
+        s.resident()
+        unet, params = ours_model(s, backward="lowrank")
+        step, _ = lora_step(s, unet, params, inp, fused_adam=True)
+        lowrank_ms = median_ms(step, s.iters, s.warmup, s.sync)
+        lowrank_mem = s.peak_mb()
         del unet, params, step
 
         log(f"train, batch {batch}: diffusers+PEFT")
@@ -306,7 +317,9 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         peft_mem = s.peak_mb()
         del unet, params, step
         loss_diff = (losses_o[-1] - losses_p[-1]).abs().item()
-        emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, floor_ms, "floor")
+        emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, floor_ms, "floor", backward=mode)
+        emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}, lowrank backward", lowrank_ms, floor_ms, "floor",
+             backward="lowrank", vs_peft=round(lowrank_ms / peft_ms, 4), peak_mb=lowrank_mem)
         emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, peft_ms, "peft", loss_abs_diff_last_step=loss_diff)
         emit(s.ctx, "train_peak_mem", f"batch {batch}", ours_mem, peft_mem, "peft", unit="mb", floor_mb=floor_mem)
 

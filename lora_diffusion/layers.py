@@ -50,15 +50,20 @@ class AdapterSpec:
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts matmul inputs on ``x``'s device to, or ``None`` where it is off."""
+    try:
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    except (TypeError, AttributeError):  # torch < 2.4: no per-device query
+        return torch.get_autocast_gpu_dtype() if x.is_cuda and torch.is_autocast_enabled() else None
+
+
 def _autocast_recasts(x: torch.Tensor) -> bool:
     """Whether autocast is on for ``x``'s device with ``x``'s dtype: then the low-rank matmuls cast their inputs
     to that dtype anyway, and casting ``x`` up to the fp32 factors' dtype first (as PEFT does) is a lossless round
     trip that costs two activation-sized kernels forward and two backward per layer. Skipping it is bit-exact."""
-    try:
-        device = x.device.type
-        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == x.dtype
-    except (TypeError, AttributeError):  # torch < 2.4: no per-device query
-        return False
+    return _autocast_dtype(x) == x.dtype
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -70,8 +75,69 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))).all())
 
 
+BACKWARD_MODES = ("auto", "dense", "lowrank")
+
+
+class _DenseBackward(torch.autograd.Function):
+    """One adapter on a frozen ``nn.Linear``: ``y = W x + b + s B A x``. The forward is the layer's own (PEFT's
+    ops, bit for bit, eagerly). The backward goes through the dense weight ``W' = W + s B A`` ([out, in], a few
+    small kernels): the input gradient is the one matmul ``g W'`` that the frozen layer pays anyway, and the factor
+    gradients come from the weight gradient ``G = g^T x``: ``dB = s G A^T``, ``dA = s B^T G``. One compute-bound
+    GEMM over the activations replaces four rank-r matmuls and an add (each a memory-bound pass over them), so a
+    step costs less wherever ``in * out / (in + out)`` is small next to the GPU's FLOP per byte (every SD layer).
+    Gradients equal the low-rank ones up to rounding (``G`` is accumulated in fp32 on CUDA).
+
+    ``scale``: ``None`` eagerly (the layer's Python weights), or the ``lora_scales`` entry under torch.compile."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, weight, layer, name, scale):  # noqa: D102 - weight: the frozen base weight (saved)
+        # the factors cast as autocast would cast them inside F.linear (the same bits), kept for the backward
+        dtype = _autocast_dtype(x)
+        a_c, b_c = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
+        ctx.save_for_backward(x, a, b, a_c, b_c, weight)
+        ctx.scale = layer.weights[name] * layer.specs[name].scale if scale is None else scale
+        return layer._add_adapter(layer.base_layer(x), x, name, a_c, b_c, scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, a, b, a_c, b_c, weight = ctx.saved_tensors
+        scale, dtype = ctx.scale, grad.dtype
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = da = db = None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                if isinstance(scale, torch.Tensor):
+                    dense = torch.addmm(weight.to(dtype), (b_c * scale).to(dtype), a_c.to(dtype))
+                else:
+                    dense = torch.addmm(weight.to(dtype), b_c.to(dtype), a_c.to(dtype), alpha=scale)
+                dx = (g @ dense).view(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                gw = _mm_fp32(g.t(), x.reshape(-1, x.shape[-1]).to(dtype))  # [out, in], fp32
+                if isinstance(scale, torch.Tensor) or scale != 1.0:
+                    gw = gw.mul_(scale)
+                if ctx.needs_input_grad[1]:
+                    da = torch.mm(b.t().float(), gw).to(a.dtype)
+                if ctx.needs_input_grad[2]:
+                    db = torch.mm(gw, a.t().float()).to(b.dtype)
+        return dx, da, db, None, None, None, None
+
+
+def _mm_fp32(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    """``m1 @ m2`` as fp32: accumulated and written in fp32 by one CUDA GEMM where torch has it, else cast after."""
+    if m1.is_cuda and m1.dtype != torch.float32:
+        try:
+            return torch.mm(m1, m2, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
+            pass
+    return torch.mm(m1, m2).float()
+
+
 class LoraLayer(nn.Module):
     """Base class for LoRA wrappers. Subclasses define the shapes and the two low-rank ops."""
+
+    # How a training step differentiates a single adapter: "lowrank" through the factors (PEFT's ops, bit for bit),
+    # "dense" through W + s B A (``_DenseBackward``: Linear only), "auto" dense on CUDA. Set with ``set_backward``.
+    backward_mode = "auto"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -316,7 +382,18 @@ class LoraLayer(nn.Module):
         h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
         return h if identity else drop(h)
 
+    def _dense_backward(self, x: torch.Tensor, names: list[str]) -> bool:
+        """Whether this call trains through ``_DenseBackward`` (a ``LoraLinear`` decides)."""
+        return False
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.is_grad_enabled() and not (self.disabled or args or kwargs):
+            compiling = _is_compiling()
+            names = self._compiled_names if compiling else self._live()
+            if self._dense_backward(x, names):
+                a, b = self._factors(names)[0]
+                scale = self.lora_scales[0] if compiling else None
+                return _DenseBackward.apply(x, a, b, self.base_layer.weight, self, names[0], scale)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -329,17 +406,8 @@ class LoraLayer(nn.Module):
         params = self._factors(names)
         if self._one_by_one(names):
             # One adapter (training, or one LoRA at inference): PEFT's op order bit for bit, B(A(dropout(x))) * scale.
-            # (no-op casts and Identity dropouts are skipped: each module/op call costs ~1 us per layer)
             for n, (a, b) in zip(names, params):
-                h = self._adapter_input(x, a, n)
-                scale = self.weights[n] * self.specs[n].scale
-                if scale == 1.0:  # alpha = rank, weight 1: the multiply is a no-op
-                    delta = self._low_rank(h, a, b)
-                elif math.frexp(scale)[0] in (0.5, -0.5):  # a power of two scales B exactly: same bits, small tensor
-                    delta = self._low_rank(h, a, b * scale)
-                else:
-                    delta = self._low_rank(h, a, b) * scale
-                result = result + (delta if delta.dtype == out_dtype else delta.to(out_dtype))
+                result = self._add_adapter(result, x, n, a, b)
             return result
         # Several adapters: one cached pair of stacked factors with the scales folded into B; outside autograd
         # the second matmul adds into the base output (LoraLinear).
@@ -348,6 +416,27 @@ class LoraLayer(nn.Module):
             return self._add_low_rank_(result, x, a_cat, b_cat)
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
         return result + self._low_rank(h, a_cat, b_cat).to(out_dtype)
+
+    def _add_adapter(self, result: torch.Tensor, x: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``result + B(A(dropout(x))) * w * alpha / r`` for one adapter, in PEFT's op order (bit for bit); no-op
+        casts and Identity dropouts are skipped (each module/op call costs ~1 us per layer). ``scale``: a tensor
+        (``lora_scales``, under torch.compile) in place of the Python weight."""
+        h = self._adapter_input(x, a, name)
+        if scale is not None:
+            # in fp32, rounded once, as eager multiplies by a Python float (a bf16 tensor times an fp32 0-d tensor
+            # would round the scale to bf16 first)
+            delta = self._low_rank(h, a, b)
+            delta = delta * scale if delta.dtype == torch.float32 else (delta.float() * scale).to(delta.dtype)
+            return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+        scale = self.weights[name] * self.specs[name].scale
+        if scale == 1.0:  # alpha = rank, weight 1: the multiply is a no-op
+            delta = self._low_rank(h, a, b)
+        elif math.frexp(scale)[0] in (0.5, -0.5):  # a power of two scales B exactly: same bits, small tensor
+            delta = self._low_rank(h, a, b * scale)
+        else:
+            delta = self._low_rank(h, a, b) * scale
+        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
 
     def _compiled_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The forward as torch.compile traces it: no caches, version counters or Python-float weights, so the
@@ -361,9 +450,8 @@ class LoraLayer(nn.Module):
         if self._one_by_one(names):
             row = 0
             for n, (a, b) in zip(names, params):
-                delta = self._low_rank(self._adapter_input(x, a, n), a, b) * scales[row]
+                result = self._add_adapter(result, x, n, a, b, scales[row])
                 row += self.specs[n].rank
-                result = result + (delta if delta.dtype == out_dtype else delta.to(out_dtype))
             return result
         a_cat = torch.cat([a for a, _ in params], dim=0)
         b_cat = torch.cat([b for _, b in params], dim=1)
@@ -496,6 +584,14 @@ class LoraLinear(LoraLayer):
 
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, a), b)
+
+    def _dense_backward(self, x: torch.Tensor, names: list[str]) -> bool:
+        mode = self.backward_mode
+        if mode == "lowrank" or len(names) != 1 or (mode == "auto" and not x.is_cuda):
+            return False
+        base = self.base_layer
+        frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+        return frozen and not (self.training and not isinstance(self.lora_dropout._modules[names[0]], nn.Identity))
 
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # the second matmul adds into the base output (one kernel for matmul + add, one rounding)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lora_diffusion.formats import our_metadata, read_lora_file, read_safetensors
+from lora_diffusion.inject import lora_layers
 from lora_diffusion.testing import tiny_pipeline
 from lora_diffusion.training import ConfigError, DataError, TrainConfig, train
 from lora_diffusion.training import loop as loop_module
@@ -390,7 +391,8 @@ def test_gradient_checkpointing_gives_the_same_weights(base, tmp_path):
 def test_compiled_training_matches_eager(base, tmp_path, backend):
     """--compile: the UNet step under torch.compile learns the same LoRA as eager; only the step is compiled
     (the pipeline returned, the samples and the files use the eager module)."""
-    common = dict(max_train_steps=3, learning_rate=1e-2, save_precision="fp32")
+    # the dense backward, as on a GPU (on a CPU the default is the low-rank one, compiled in test_compile.py)
+    common = dict(max_train_steps=3, learning_rate=1e-2, save_precision="fp32", lora_backward="dense")
     eager = train(config(base, tmp_path / "eager", **common))
     flat_images(tmp_path / "compiled" / "data")
     compiled = train(config(base, tmp_path / "compiled", compile="default", compile_backend=backend, **common))
@@ -402,6 +404,23 @@ def test_compiled_training_matches_eager(base, tmp_path, backend):
     atol = 0.0 if backend == "aot_eager" else 2e-3
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=key)
+
+
+def test_dense_backward_trains_the_same_lora(base, tmp_path):
+    """--lora_backward dense (the default on CUDA) against lowrank (PEFT's ops), UNet and text encoder, with
+    gradient checkpointing (the dense forward is recomputed there)."""
+    common = dict(max_train_steps=3, learning_rate=1e-2, train_text_encoder=True, gradient_checkpointing=True,
+                  save_precision="fp32")
+    lowrank = train(config(base, tmp_path / "a", lora_backward="lowrank", **common))
+    flat_images(tmp_path / "b" / "data")
+    dense = train(config(base, tmp_path / "b", lora_backward="dense", **common))
+    layers = [layer for model in (dense.pipeline.unet, dense.pipeline.text_encoder) for _, layer in lora_layers(model)]
+    assert layers and all(layer.backward_mode == "dense" for layer in layers)
+    a, b = lora_tensors(lowrank.lora_path), lora_tensors(dense.lora_path)
+    assert a.keys() == b.keys() and any("text_encoder" in k for k in a)
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    for key in a:  # rounding differs; Adam magnifies that up to ~lr on tiny gradients
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-3, msg=key)
 
 
 def test_channels_last_trains_the_same_lora(base, tmp_path):

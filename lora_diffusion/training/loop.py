@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import atomic_save, read_lora_file, read_safetensors
-from ..inject import inject_lora
+from ..inject import inject_lora, set_backward
 from ..pipeline import lora_from_model, save_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
@@ -361,6 +361,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         pivot.vector.data = pivot.vector.data.to(device)
         groups.append({"params": [pivot.vector], "lr": config.te_lr, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]
+    for model in (unet, text_encoder):
+        set_backward(model, config.lora_backward)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder or pivot is not None:

@@ -1,0 +1,160 @@
+"""The dense backward (``set_backward(model, "dense")``, the default on CUDA): a single adapter on a frozen Linear
+differentiated through ``W + s B A``.
+
+* the forward is untouched (bit for bit the low-rank one, so the loss is PEFT's);
+* the gradients equal the low-rank ones (fp32: to rounding; bf16: as close to the exact gradients of the same
+  bf16 inputs as the low-rank ones are), with fewer ops;
+* everything it cannot do (dropout in training, several adapters, a trainable base, convolutions) falls back to
+  the low-rank path; it traces under torch.compile in one graph and trains there as eagerly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_diffusion import inject_lora
+from lora_diffusion.inject import lora_layers, set_backward
+from lora_diffusion.layers import LoraConv2d, LoraLinear
+from lora_diffusion.testing import OpCounter, tiny_pipeline
+
+
+def _linear(alpha: float = 3.0, weight: float = 0.7, dtype=torch.float32, shape=(16, 12), seed: int = 0):
+    torch.manual_seed(seed)
+    layer = LoraLinear(nn.Linear(*shape).to(dtype).requires_grad_(False))
+    layer.add_adapter("a", rank=2, alpha=alpha, weight=weight)
+    with torch.no_grad():
+        layer.lora_B["a"].normal_(std=0.5)
+    return layer
+
+
+def _grads(layer, x, mode: str, autocast: bool = False):
+    """Output, and the gradients of x, A and B under a fixed random output gradient, with ``mode``."""
+    set_backward(layer, mode)
+    layer.zero_grad()
+    x = x.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    y.backward(g)
+    return y.detach(), g, [x.grad, layer.lora_A["a"].grad.clone(), layer.lora_B["a"].grad.clone()], y.grad_fn
+
+
+def _is_dense(grad_fn) -> bool:
+    return type(grad_fn).__name__.startswith("_DenseBackward")
+
+
+@pytest.mark.parametrize("alpha,weight", [(2.0, 1.0), (4.0, 1.0), (3.0, 0.7)], ids=["scale 1", "scale 2", "scale 1.05"])
+def test_dense_backward_equals_lowrank(alpha, weight):
+    layer, x = _linear(alpha, weight), torch.randn(3, 5, 16)
+    y_low, _, grads_low, fn_low = _grads(layer, x, "lowrank")
+    y_dense, _, grads_dense, fn_dense = _grads(layer, x, "dense")
+    assert _is_dense(fn_dense) and not _is_dense(fn_low)
+    assert torch.equal(y_dense, y_low)  # the forward is the low-rank one
+    for name, dense, low in zip(("x", "A", "B"), grads_dense, grads_low):
+        assert low.abs().max() > 0
+        assert dense.shape == low.shape and dense.dtype == low.dtype
+        torch.testing.assert_close(dense, low, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 96)])
+def test_dense_backward_is_as_accurate_as_lowrank_in_bf16(shape):
+    """bf16 base, fp32 factors, bf16 autocast: each gradient is within 1.25x the low-rank path's error of the exact
+    (fp64) gradient of the same bf16 inputs, factors and output gradient."""
+    layer = _linear(4.0, 0.8, torch.bfloat16, shape)
+    with torch.no_grad():
+        layer.lora_B["a"].mul_(0.05)
+    x = torch.randn(2, 256, shape[0]).bfloat16()
+    y_low, g, grads_low, _ = _grads(layer, x, "lowrank", autocast=True)
+    y_dense, _, grads_dense, _ = _grads(layer, x, "dense", autocast=True)
+    assert torch.equal(y_dense, y_low)
+    s = 0.8 * 4.0 / 2
+    a, b = (layer.lora_A["a"].detach().bfloat16().double(), layer.lora_B["a"].detach().bfloat16().double())
+    x64, g64, w64 = x.double().reshape(-1, shape[0]), g.double().reshape(-1, shape[1]), layer.base_layer.weight.double()
+    gw = g64.t() @ x64
+    exact = [(g64 @ (w64 + s * b @ a)).view(x.shape), s * b.t() @ gw, s * gw @ a.t()]
+    for name, dense, low, ref in zip(("x", "A", "B"), grads_dense, grads_low, exact):
+        err = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert err(low) < 1e-2, name
+        assert err(dense) <= 1.25 * err(low), (name, err(dense), err(low))
+
+
+@pytest.mark.parametrize("case", ["dropout", "two adapters", "trainable base", "trainable bias", "conv", "no grad"])
+def test_what_dense_cannot_do_falls_back_to_lowrank(case):
+    layer, x = _linear(), torch.randn(3, 5, 16)
+    if case == "dropout":
+        layer = LoraLinear(nn.Linear(16, 12).requires_grad_(False))
+        layer.add_adapter("a", rank=2, dropout=0.5)
+    elif case == "two adapters":
+        layer.add_adapter("b", rank=3)
+    elif case == "trainable base":
+        layer.base_layer.weight.requires_grad_(True)
+    elif case == "trainable bias":
+        layer.base_layer.bias.requires_grad_(True)
+    elif case == "conv":
+        layer, x = LoraConv2d(nn.Conv2d(6, 8, 3, padding=1).requires_grad_(False)), torch.randn(2, 6, 7, 7)
+        layer.add_adapter("a", rank=2)
+    set_backward(layer, "dense")
+    x.requires_grad_(True)
+    with torch.set_grad_enabled(case != "no grad"):
+        y = layer(x)
+    assert not _is_dense(y.grad_fn)
+    if case == "dropout":  # in eval mode dropout is off: dense again
+        assert _is_dense(layer.eval()(x).grad_fn)
+
+
+def test_auto_is_lowrank_on_a_cpu_and_modes_are_checked():
+    layer, x = _linear(), torch.randn(3, 16, requires_grad=True)
+    assert layer.backward_mode == "auto" and not _is_dense(layer(x).grad_fn)
+    with pytest.raises(ValueError, match="backward mode 'fast': choose one of auto, dense, lowrank"):
+        set_backward(layer, "fast")
+
+
+def test_unet_step_dense_equals_lowrank_with_fewer_ops():
+    """A bf16 UNet step under autocast (the GPU recipe): the same loss bit for bit, the same LoRA gradients to
+    bf16 rounding, in fewer ops (kernel launches on a GPU)."""
+    unet = tiny_pipeline(0, dtype=torch.bfloat16).unet
+    inject_lora(unet, rank=4, alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_layers(unet):
+            layer.lora_B["default"].normal_(std=0.05, generator=gen)
+    x, cond = torch.randn(2, 4, 16, 16, generator=gen).bfloat16(), torch.randn(2, 77, 32, generator=gen).bfloat16()
+    results = {}
+    for mode in ("lowrank", "dense"):
+        model = copy.deepcopy(unet).train()
+        set_backward(model, mode)
+        with OpCounter() as ops:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x, torch.tensor([10, 500]), cond).sample.float().pow(2).mean()
+            loss.backward()
+        grads = torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+        results[mode] = (loss.detach(), grads, ops.total)
+    (loss_l, grads_l, ops_l), (loss_d, grads_d, ops_d) = results["lowrank"], results["dense"]
+    assert torch.equal(loss_d, loss_l)
+    assert grads_l.abs().max() > 0
+    assert ((grads_d - grads_l).norm() / grads_l.norm()).item() < 2e-2
+    n_layers = sum(1 for _ in lora_layers(unet))
+    assert ops_d <= ops_l - n_layers, (ops_d, ops_l, n_layers)  # >= 1 op fewer per layer
+
+
+def test_compiled_dense_backward_traces_in_one_graph_and_trains_as_eager():
+    layer = _linear(3.0, 0.7)
+    for p in (layer.lora_A["a"], layer.lora_B["a"]):
+        p.requires_grad_(True)
+    set_backward(layer, "dense")
+    traced = copy.deepcopy(layer)
+    compiled = torch.compile(traced, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, 16)
+    outs = [model(x) for model in (layer, compiled)]
+    assert _is_dense(outs[0].grad_fn)
+    for out in outs:
+        out.square().mean().backward()
+    assert torch.equal(outs[0], outs[1])
+    for store in ("lora_A", "lora_B"):
+        grad = getattr(layer, store)["a"].grad
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(getattr(traced, store)["a"].grad, grad, rtol=1e-6, atol=0, msg=store)
