@@ -214,8 +214,11 @@ def peft_model(s: Setup, a_init: dict):
 
 
 def floor_or_ours(s: Setup, who: str):
-    """``(unet, params)``: a fresh frozen UNet copy for ``"floor"`` (params ``None``), or one with our LoRA."""
-    return (s.unet_copy(), None) if who == "floor" else ours_model(s)
+    """``(unet, params)``: a fresh frozen UNet copy for ``"floor"`` (params ``None``), or one with our LoRA
+    (``"ours"``; ``"ours-lowrank"``: with the low-rank backward)."""
+    if who == "floor":
+        return s.unet_copy(), None
+    return ours_model(s, backward="lowrank" if who == "ours-lowrank" else "auto")
 
 
 def step_of(s: Setup, who: str, unet, params, inp: dict):
@@ -372,7 +375,7 @@ def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
 
     inp = s.inputs(batch)
     totals = {}
-    for who in ("floor", "ours"):
+    for who in ("floor", "ours", "ours-lowrank"):
         log(f"profile, batch {batch}: {who}")
         s.resident()
         unet, params = floor_or_ours(s, who)
@@ -388,12 +391,13 @@ def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
         key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
         print(f"=== profile, batch {batch}, {who} ({steps} steps) ===\n{events.table(sort_by=key, row_limit=30)}",
               file=sys.stderr, flush=True)
-        kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA") / steps if s.cuda else None
-        totals[who] = (sum(getattr(e, key) for e in events) / steps / 1e3 if s.cuda else None, kernels)
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        totals[who] = (sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3, len(kernels) / steps) if s.cuda else (None, None)
         del unet, params, step
-    (floor_ms, floor_kernels), (ours_ms, ours_kernels) = totals["floor"], totals["ours"]
-    emit(s.ctx, "profile", f"batch {batch}, GPU time summed over kernels", ours_ms, floor_ms, "floor",
-         kernels_per_step=ours_kernels, floor_kernels_per_step=floor_kernels)
+    floor_ms, floor_kernels = totals.pop("floor")
+    for who, (ours_ms, ours_kernels) in totals.items():
+        emit(s.ctx, "profile", f"batch {batch}, GPU time summed over kernels, {who}", ours_ms, floor_ms, "floor",
+             kernels_per_step=ours_kernels, floor_kernels_per_step=floor_kernels)
 
 
 # ------------------------------------------------------------------------------------------------ inference

@@ -9,14 +9,17 @@
 #         parameter into the graph on each call: see docs/BENCHMARKS.md; part 4 is the figure to read).
 # Part 2 (measured 2026-11-27, 210 s): our batch-1 step under CUDA graphs: dynamo's cudagraphs backend, then
 #         inductor's reduce-overhead; each checked against eager.
-# Part 3 (~6 min): the kernel profile of the floor and of our eager step at batch 8 (where the LoRA overhead
-#         goes), then our batch-8 step under reduce-overhead (inductor compiles ~2-3 min).
-# Part 4 (~6 min): eager inference, fuse and re-weight again (35 s: the re-weight after 2026-11-27's changes), then
-#         the CFG call under reduce-overhead, ours with 1/4/8 adapters and 4 fused against the base compiled alike,
-#         and whether a re-weight recompiles.
-# Part 5 (~7 min): the floor and our step at batch 8 under torch.compile default (measured 2026-11-27).
-# A 15-minute device session fits two parts of ~5 minutes when the second call follows at once (the machine
-# stays warm 30 s); parts 3 and 4 are what is still unmeasured.
+# Part 3 (~6 min): the kernel profile of the floor and of our eager step at batch 8, then our batch-8 step under
+#         reduce-overhead (inductor compiles ~2-3 min).
+# Part 4 (~6 min): the CFG call under reduce-overhead, ours with 1/4/8 adapters and 4 fused against the base
+#         compiled alike, and whether a re-weight recompiles.
+# Part 5 (~7 min): the floor and our step at batch 8 under torch.compile default (measured 2026-11-27 before the
+#         dense backward).
+# Part 6 (~4 min): everything eager after the dense backward: floor, ours (dense backward) and ours (low-rank
+#         backward) and diffusers+PEFT at batch 1/4/8; the kernel profile at batch 8 (floor, dense, low-rank);
+#         inference with 0/1/4/8 adapters, fuse and re-weight.
+# A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
+# warm 30 s): 6, then 5, then 4 as time allows.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
 # Results (JSON lines, logs, versions) go to $OUT (the device tool's folder) or ./gpu-results; each run has its own
 # timeout, so what finished comes back even if a later run is cut short.
@@ -49,10 +52,16 @@ elif [ "$part" = 3 ]; then
     run gpu_profile_b8 90 --skip train infer --profile 8
     run gpu_compiled_b8 400 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8
 elif [ "$part" = 4 ]; then
-    run gpu_infer 130 --skip train
-    run gpu_infer_compiled_ro 450 --skip train infer --compile-infer reduce-overhead
+    run gpu_infer_compiled_ro "${PART_SECONDS:-450}" --skip train infer --compile-infer reduce-overhead
+elif [ "$part" = 5 ]; then
+    run gpu_floor_compiled_b8 "${PART_SECONDS:-540}" --skip infer --batches 8 --floor-variants compile
+elif [ "$part" = 6 ]; then
+    run gpu_train 150 --skip infer
+    run gpu_profile_b8 100 --skip train infer --profile 8
+    run gpu_infer 100 --skip train
 else
-    run gpu_floor_compiled_b8 540 --skip infer --batches 8 --floor-variants compile
+    echo "no part $part: 1-6" >&2
+    exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true
 tail -n 3 "$out"/*.log
