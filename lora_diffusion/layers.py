@@ -90,36 +90,48 @@ class _DenseBackward(torch.autograd.Function):
     ``scale``: ``None`` eagerly (the layer's Python weights), or the ``lora_scales`` entry under torch.compile."""
 
     @staticmethod
-    def forward(ctx, x, a, b, weight, layer, name, scale):  # noqa: D102 - weight: the frozen base weight (saved)
+    def forward(ctx, x, a, b, weight, bias, layer, name, scale):  # noqa: D102 - weight, bias: the frozen nn.Linear's
         # the factors cast as autocast would cast them inside F.linear (the same bits), kept for the backward
         dtype = _autocast_dtype(x)
-        a_c, b_c = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
+        a_c, b_c = (a, b) if dtype is None or a.dtype == dtype else (a.to(dtype), b.to(dtype))
         ctx.save_for_backward(x, a, b, a_c, b_c, weight)
         ctx.scale = layer.weights[name] * layer.specs[name].scale if scale is None else scale
-        return layer._add_adapter(layer.base_layer(x), x, name, a_c, b_c, scale)
+        return layer._add_adapter(F.linear(x, weight, bias), x, name, a_c, b_c, scale)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        device = grad.device.type
+        if torch.is_autocast_enabled(device):  # backward() called inside autocast: the casts below are explicit
+            with torch.autocast(device, enabled=False):
+                return _DenseBackward._grads(ctx, grad)
+        return _DenseBackward._grads(ctx, grad)
+
+    @staticmethod
+    def _grads(ctx, grad):
         x, a, b, a_c, b_c, weight = ctx.saved_tensors
-        scale, dtype = ctx.scale, grad.dtype
+        scale, dtype, needs = ctx.scale, grad.dtype, ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         dx = da = db = None
-        with torch.autocast(grad.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                if isinstance(scale, torch.Tensor):
-                    dense = torch.addmm(weight.to(dtype), (b_c * scale).to(dtype), a_c.to(dtype))
-                else:
-                    dense = torch.addmm(weight.to(dtype), b_c.to(dtype), a_c.to(dtype), alpha=scale)
-                dx = (g @ dense).view(x.shape).to(x.dtype)
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                gw = _mm_fp32(g.t(), x.reshape(-1, x.shape[-1]).to(dtype))  # [out, in], fp32
-                if isinstance(scale, torch.Tensor) or scale != 1.0:
-                    gw = gw.mul_(scale)
-                if ctx.needs_input_grad[1]:
-                    da = torch.mm(b.t().float(), gw).to(a.dtype)
-                if ctx.needs_input_grad[2]:
-                    db = torch.mm(gw, a.t().float()).to(b.dtype)
-        return dx, da, db, None, None, None, None
+        if needs[0]:
+            if isinstance(scale, torch.Tensor):
+                dense = torch.addmm(_cast(weight, dtype), _cast(b_c * scale, dtype), _cast(a_c, dtype))
+            else:
+                dense = torch.addmm(_cast(weight, dtype), _cast(b_c, dtype), _cast(a_c, dtype), alpha=scale)
+            dx = _cast((g @ dense).view(x.shape), x.dtype)
+        if needs[1] or needs[2]:
+            gw = _mm_fp32(g.t(), _cast(x.reshape(-1, x.shape[-1]), dtype))  # [out, in], fp32
+            if isinstance(scale, torch.Tensor) or scale != 1.0:
+                gw = gw.mul_(scale)
+            if needs[1]:
+                da = _cast(torch.mm(_cast(b, torch.float32).t(), gw), a.dtype)
+            if needs[2]:
+                db = _cast(torch.mm(gw, _cast(a, torch.float32).t()), b.dtype)
+        return dx, da, db, None, None, None, None, None
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where it is a no-op (~1 us each, several per layer and step)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _mm_fp32(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
@@ -387,19 +399,18 @@ class LoraLayer(nn.Module):
         return False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if torch.is_grad_enabled() and not (self.disabled or args or kwargs):
-            compiling = _is_compiling()
-            names = self._compiled_names if compiling else self._live()
-            if self._dense_backward(x, names):
-                a, b = self._factors(names)[0]
-                scale = self.lora_scales[0] if compiling else None
-                return _DenseBackward.apply(x, a, b, self.base_layer.weight, self, names[0], scale)
-        result = self.base_layer(x, *args, **kwargs)
+        base = self._modules["base_layer"]  # (nn.Module.__getattr__ costs ~0.5 us a call)
         if self.disabled:
-            return result
-        if _is_compiling():
+            return base(x, *args, **kwargs)
+        compiling = _is_compiling()
+        names = self._compiled_names if compiling else self._live()
+        if torch.is_grad_enabled() and not (args or kwargs) and self._dense_backward(x, names):
+            a, b = self._factors(names)[0]
+            scale = self.lora_scales[0] if compiling else None
+            return _DenseBackward.apply(x, a, b, base.weight, base.bias, self, names[0], scale)
+        result = base(x, *args, **kwargs)
+        if compiling:
             return self._compiled_forward(x, result)
-        names = self._live()
         if not names:
             return result
         out_dtype = result.dtype
@@ -589,9 +600,12 @@ class LoraLinear(LoraLayer):
         mode = self.backward_mode
         if mode == "lowrank" or len(names) != 1 or (mode == "auto" and not x.is_cuda):
             return False
-        base = self.base_layer
-        frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-        return frozen and not (self.training and not isinstance(self.lora_dropout._modules[names[0]], nn.Identity))
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear:  # a subclass may compute (or store its weight) otherwise
+            return False
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        return frozen and not (self.training and type(self.lora_dropout._modules[names[0]]) is not nn.Identity)
 
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # the second matmul adds into the base output (one kernel for matmul + add, one rounding)

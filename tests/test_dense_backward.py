@@ -82,7 +82,15 @@ def test_dense_backward_is_as_accurate_as_lowrank_in_bf16(shape):
         assert err(dense) <= 1.25 * err(low), (name, err(dense), err(low))
 
 
-@pytest.mark.parametrize("case", ["dropout", "two adapters", "trainable base", "trainable bias", "conv", "no grad"])
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass computing something else than ``x W^T + b`` (as quantized Linears do)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("case", ["dropout", "two adapters", "trainable base", "trainable bias", "conv", "no grad",
+                                  "Linear subclass"])
 def test_what_dense_cannot_do_falls_back_to_lowrank(case):
     layer, x = _linear(), torch.randn(3, 5, 16)
     if case == "dropout":
@@ -94,6 +102,9 @@ def test_what_dense_cannot_do_falls_back_to_lowrank(case):
         layer.base_layer.weight.requires_grad_(True)
     elif case == "trainable bias":
         layer.base_layer.bias.requires_grad_(True)
+    elif case == "Linear subclass":
+        layer = LoraLinear(_ScaledLinear(16, 12).requires_grad_(False))
+        layer.add_adapter("a", rank=2)
     elif case == "conv":
         layer, x = LoraConv2d(nn.Conv2d(6, 8, 3, padding=1).requires_grad_(False)), torch.randn(2, 6, 7, 7)
         layer.add_adapter("a", rank=2)
