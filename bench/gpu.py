@@ -367,19 +367,21 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch} vs our eager", comp_ms, eager_ms, "ours_eager")
 
 
-def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
+def bench_profile(s: Setup, batch: int, compile_mode: str | None = None, steps: int = 3) -> None:
     """Where a step's GPU time goes: torch.profiler's kernel table (top 30 by GPU time) of the floor and of our
-    eager LoRA step at ``batch``, on stderr; and one ``profile`` line: our GPU time per step summed over kernels
-    against the floor's, with both kernel counts per step (on a CPU the GPU figures are empty)."""
+    LoRA step at ``batch`` (eager, or both under torch.compile ``compile_mode``; eager also our low-rank
+    backward), on stderr; and ``profile`` lines: our GPU time per step summed over kernels against the floor's,
+    with both kernel counts per step (on a CPU the GPU figures are empty)."""
     from torch.profiler import ProfilerActivity, profile
 
     inp = s.inputs(batch)
     totals = {}
-    for who in ("floor", "ours", "ours-lowrank"):
-        log(f"profile, batch {batch}: {who}")
+    for who in ("floor", "ours") if compile_mode else ("floor", "ours", "ours-lowrank"):
+        log(f"profile, batch {batch}: {who}" + (f", compiled ({compile_mode}); the first call compiles" if compile_mode else ""))
         s.resident()
         unet, params = floor_or_ours(s, who)
-        step = step_of(s, who, unet, params, inp)
+        model = compile_unet(unet, compile_mode, s.compile_backend) if compile_mode else unet
+        step = step_of(s, who, model, params, inp)
         for _ in range(2):
             step()
         s.sync()
@@ -393,11 +395,11 @@ def bench_profile(s: Setup, batch: int, steps: int = 3) -> None:
               file=sys.stderr, flush=True)
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         totals[who] = (sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3, len(kernels) / steps) if s.cuda else (None, None)
-        del unet, params, step
+        del unet, params, model, step
     floor_ms, floor_kernels = totals.pop("floor")
     for who, (ours_ms, ours_kernels) in totals.items():
-        emit(s.ctx, "profile", f"batch {batch}, GPU time summed over kernels, {who}", ours_ms, floor_ms, "floor",
-             kernels_per_step=ours_kernels, floor_kernels_per_step=floor_kernels)
+        emit(s.ctx, "profile", f"batch {batch}, GPU time summed over kernels, {who}" + (f", compile {compile_mode}" if compile_mode else ""),
+             ours_ms, floor_ms, "floor", kernels_per_step=ours_kernels, floor_kernels_per_step=floor_kernels)
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -562,6 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")
+    parser.add_argument("--profile-compile", default=None, metavar="MODE", choices=["default", "max-autotune"],
+                        help="--profile the floor and our step under torch.compile in this mode instead of eagerly")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -575,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     if "train" not in args.skip:
         guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches, args.floor_variants)
     for batch in args.profile:
-        guarded(f"profile batch {batch}", bench_profile, s, batch)
+        guarded(f"profile batch {batch}", bench_profile, s, batch, args.profile_compile)
     if "infer" not in args.skip or args.compile_infer:
         with tempfile.TemporaryDirectory(prefix="lora_bench_gpu_") as tmp:
             log("writing 8 adapter files")

@@ -18,8 +18,12 @@
 # Part 6 (~4 min): everything eager after the dense backward: floor, ours (dense backward) and ours (low-rank
 #         backward) and diffusers+PEFT at batch 1/4/8; the kernel profile at batch 8 (floor, dense, low-rank);
 #         inference with 0/1/4/8 adapters, fuse and re-weight.
+#         (6, 5 and 4 measured 2026-11-27, second session: docs/results/gpu-h100-2026-11-27-b; part 4 was cut off
+#         after 4 adapters: give it PART_SECONDS=450.)
+# Part 7 (~5 min): the kernel profile at batch 8 with the floor and our step both under torch.compile default:
+#         where the compiled step's 1.5x over the compiled floor goes.
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
-# warm 30 s): 6, then 5, then 4 as time allows.
+# warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
 # Results (JSON lines, logs, versions) go to $OUT (the device tool's folder) or ./gpu-results; each run has its own
 # timeout, so what finished comes back even if a later run is cut short.
@@ -59,8 +63,10 @@ elif [ "$part" = 6 ]; then
     run gpu_train 150 --skip infer
     run gpu_profile_b8 100 --skip train infer --profile 8
     run gpu_infer 100 --skip train
+elif [ "$part" = 7 ]; then
+    run gpu_profile_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default
 else
-    echo "no part $part: 1-6" >&2
+    echo "no part $part: 1-7" >&2
     exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true
