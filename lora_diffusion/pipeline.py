@@ -36,7 +36,7 @@ from .formats import (
     write_lora_file,
 )
 from .inject import DETACHED_ATTR, attach, detach, lora_layers, unwrap, wrap_layer
-from .layers import LoraLayer, all_finite
+from .layers import LoraLayer, all_finite, floats_on_devices, fuse_many
 
 logger = logging.getLogger(__name__)
 
@@ -403,14 +403,7 @@ def delete_adapter(pipe, adapter: str) -> None:
 def _rows_on_devices(rows: list[tuple[LoraLayer, list[float]]]) -> list[torch.Tensor]:
     """Each ``(layer, row of floats)`` as an fp32 tensor on the layer's device: slices of one tensor per device,
     so that any number of layers costs one host-device copy."""
-    flat: dict[torch.device, list[float]] = {}
-    spans = []
-    for layer, row in rows:
-        values = flat.setdefault(layer.base_layer.weight.device, [])
-        spans.append((len(values), len(row)))
-        values.extend(row)
-    tensors = {device: torch.tensor(values, dtype=torch.float32).to(device) for device, values in flat.items()}
-    return [tensors[layer.base_layer.weight.device][start : start + n] for (layer, _), (start, n) in zip(rows, spans)]
+    return floats_on_devices([(layer.base_layer.weight.device, row) for layer, row in rows])
 
 
 def sync_scales(layers: list[LoraLayer]) -> None:
@@ -427,18 +420,17 @@ def sync_scales(layers: list[LoraLayer]) -> None:
 def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     """(Re-)fuse each ``(path, layer)`` at its current weights with one host-device sync for them all.
 
-    The per-row scales of every layer travel to the device in one copy; each layer then costs a scale, a matmul
-    and an add (its fp32 factors are kept while fused), and the new weights are checked together at the end
-    (``all_finite``: a few kernels and one host read per device).
+    The layers are fused together (``fuse_many``: one batched matmul per shape, their fp32 factors kept while
+    fused), and the new weights are checked together at the end (``all_finite``: a few kernels and one host read
+    per device).
     If any fused weight would hold NaN or Inf, every layer goes back to how it was and ``ValueError`` names the
     layers.
     """
     plans = [(path, layer, layer.fuse_weights(), dict(layer.fused)) for path, layer in layers]
     plans = [plan for plan in plans if plan[2] or plan[3]]  # a layer with nothing to fuse, now or before, stays as it is
-    scales = _rows_on_devices([(layer, layer.scale_row(weights)) for _, layer, weights, _ in plans])
     fused: dict[torch.device, list[torch.Tensor]] = {}  # the new weights, checked together per device
-    for (_, layer, weights, _), row in zip(plans, scales):
-        fused.setdefault(row.device, []).append(layer.write_fused(weights, row))
+    for weight in fuse_many([(layer, weights) for _, layer, weights, _ in plans]):
+        fused.setdefault(weight.device, []).append(weight)
     if all(all_finite(weights) for weights in fused.values()):
         return
     bad = [path for path, layer, _, _ in plans if not bool(torch.isfinite(layer.base_layer.weight).all())]

@@ -37,6 +37,13 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def _factor_shapes(pipe) -> set[tuple[int, int, int]]:
+    """``(out, in * k * k, total rank)`` of the fused layers: the batches of ``fuse_many``."""
+    return {(w.shape[0], w.numel() // w.shape[0], sum(layer.specs[n].rank for n in layer.fused))
+            for c in ("unet", "text_encoder") for _, layer in lora_layers(getattr(pipe, c)) if layer.fused
+            for w in [layer.base_layer.weight]}
+
+
 def test_reweighting_a_fused_pipeline_syncs_once_and_runs_few_ops_per_layer(tmp_path):
     pipe = _pipe_with(tmp_path, 4)
     names = ["a0", "a1", "a2", "a3"]
@@ -46,12 +53,15 @@ def test_reweighting_a_fused_pipeline_syncs_once_and_runs_few_ops_per_layer(tmp_
         set_adapters(pipe, dict(zip(names, (0.1, 0.5, -0.3, 0.8))))
     ops = counter.counts
     assert ops["_local_scalar_dense"] == 1, ops  # one host read of all the layers' checks
-    # per layer: scale, matmul, add into the weight (+ two views); was ~20 ops and a sync per layer. The new
-    # weights are checked for NaN/Inf by one multi-tensor norm (a few kernels on a GPU), not a reduction each
-    assert ops["mm"] == ops["add"] == n_layers and ops["mul"] <= n_layers + 1 and not ops["sum"], ops
+    # no kernel per layer: one batched matmul per shape of factors (and a scale, two stacks and two multi-tensor
+    # ops for the add and the cast); was a scale, a matmul and an add per layer, and before that ~20 ops and a
+    # sync. The new weights are checked for NaN/Inf by one multi-tensor norm, not a reduction each
+    n_shapes = len(_factor_shapes(pipe))
+    assert 1 < n_shapes < n_layers / 4
+    assert ops["bmm"] == n_shapes and not ops["mm"] and not ops["add"] and not ops["sum"], ops
     assert ops["_foreach_norm"] == 1, ops
-    kernels = sum(n for op, n in ops.items() if op not in ("view", "slice", "detach"))  # views launch nothing
-    assert kernels <= 3 * n_layers + 10, ops
+    kernels = sum(n for op, n in ops.items() if op not in ("view", "slice", "detach", "unbind"))  # views launch nothing
+    assert kernels <= 6 * n_shapes + 10, ops
     with OpCounter() as counter:
         unfuse(pipe)
     # the scales a compiled model reads come back for all layers in one host-to-device tensor per component
@@ -207,10 +217,35 @@ def test_layers_without_an_active_adapter_are_left_alone(tmp_path):
     layers = dict(lora_layers(pipe.unet))
     cross = [p for p in layers if ".attn2." in p]
     assert cross and len(cross) < len(layers)
-    assert counter.counts["mm"] == len(cross)  # one matmul per fused layer, none for the others
+    # one batched matmul per shape of the fused layers' factors, none for the others
+    assert counter.counts["bmm"] == len(_factor_shapes(pipe)) and not counter.counts["mm"]
     for path, layer in layers.items():
         if ".attn2." in path:
             assert layer.fused == {"cross": 1.0}
         else:
             assert not layer.fused and layer._base_backup is None
             assert torch.equal(layer.base_layer.weight, base[f"unet.{path}.weight"])
+
+
+def test_fusing_in_smaller_batches_gives_the_same_weights(tmp_path, monkeypatch):
+    """``fuse_many`` bounds the fp32 deltas it holds at once (``_FUSE_CHUNK``); one layer per batch fuses to the
+    same bits, and so does each layer's own ``fuse``."""
+    from lora_diffusion import layers as layers_module
+
+    def fused_weights():
+        return {path: layer.base_layer.weight.detach().clone() for path, layer in lora_layers(pipe.unet)}
+
+    pipe = _pipe_with(tmp_path, 2)
+    set_adapters(pipe, {"a0": 0.7, "a1": -1.3})
+    before = fused_weights()
+    fuse(pipe)
+    batched = fused_weights()
+    assert not any(torch.equal(batched[k], before[k]) for k in before)
+    unfuse(pipe)
+    monkeypatch.setattr(layers_module, "_FUSE_CHUNK", 1)
+    fuse(pipe)
+    _assert_same(fused_weights(), batched)
+    unfuse(pipe)
+    for _, layer in lora_layers(pipe.unet):
+        layer.fuse()
+    _assert_same(fused_weights(), batched)
