@@ -11,7 +11,9 @@ The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_
 * Fusing bakes the weighted deltas into the base weight, accumulated in fp32 and cast back once. The base
   weight is copied before the first fuse and ``unfuse`` restores that copy, so unfusing is **exact**
   (bit-identical), and re-weighting while fused recomputes ``W0 + delta`` from the copy, which equals fusing
-  afresh bit for bit.
+  afresh bit for bit. Many layers fuse together (``fuse_many``: one batched matmul per shape of factors).
+* Training differentiates a single adapter on a frozen Linear through ``W + s B A`` on CUDA (``_DenseBackward``:
+  one weight-gradient GEMM in place of four rank-r matmuls); the forward stays the two thin matmuls.
 * Under ``torch.compile`` the forward takes no cache: it stacks the factors in the graph and reads the weights
   from the ``lora_scales`` buffer, which every change updates in place, so a re-weight needs no recompile.
 
@@ -497,8 +499,8 @@ class LoraLayer(nn.Module):
     def _fp32_factors(self, names: list[str], cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``A`` stacked ``[R, in*k*k]`` and ``B`` side by side ``[out, R]``, unscaled, on the weight's device.
 
-        While fused they are kept (keyed on the factors' version counters), so re-weighting costs one scale, one
-        matmul and one add per layer."""
+        While fused they are kept (keyed on the factors' version counters), so a re-weight recomputes only the
+        batched matmul of ``fuse_many``."""
         params = self._factors(names)
         key = None
         if cache and not any(a.is_inference() or b.is_inference() for a, b in params):
