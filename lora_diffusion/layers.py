@@ -514,15 +514,11 @@ class LoraLayer(nn.Module):
             self._fuse_key, self._fuse_cache = key, (a32, b32)
         return a32, b32
 
-    def _delta32(self, weights: dict[str, float], scales: torch.Tensor | None = None, cache: bool = False) -> torch.Tensor:
+    def _delta32(self, weights: dict[str, float]) -> torch.Tensor:
         """fp32 ``sum w s B A`` as ``[out, in*k*k]``: the batched matmul that fusing uses (one layer of the batch)."""
-        a32, b32 = self._fp32_factors(list(weights), cache)
-        if scales is None:
-            scales = self._scales32(weights, b32.device)
+        a32, b32 = self._fp32_factors(list(weights), cache=False)
+        scales = torch.tensor(self.scale_row(weights), dtype=torch.float32).to(b32.device)
         return torch.bmm((b32 * scales)[None], a32[None])[0]
-
-    def _scales32(self, weights: dict[str, float], device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.scale_row(weights), dtype=torch.float32).to(device)
 
     def delta_weight(self, names: list[str] | None = None, weights: dict[str, float] | None = None) -> torch.Tensor:
         """fp32 ``sum_i w_i (alpha_i/r_i) B_i A_i`` in the base weight's shape (default: active adapters)."""
