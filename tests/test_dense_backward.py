@@ -118,10 +118,18 @@ def test_what_dense_cannot_do_falls_back_to_lowrank(case):
 
 
 def test_auto_is_lowrank_on_a_cpu_and_modes_are_checked():
+    import dataclasses
+
+    from lora_diffusion.layers import BACKWARD_MODES
+    from lora_diffusion.training import TrainConfig
+
     layer, x = _linear(), torch.randn(3, 16, requires_grad=True)
     assert layer.backward_mode == "auto" and not _is_dense(layer(x).grad_fn)
     with pytest.raises(ValueError, match="backward mode 'fast': choose one of auto, dense, lowrank"):
         set_backward(layer, "fast")
+    # the training config (torch-free, so it spells the modes out) offers exactly these
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "lora_backward")
+    assert tuple(field.metadata["choices"]) == BACKWARD_MODES and field.default == "auto"
 
 
 def test_unet_step_dense_equals_lowrank_with_fewer_ops():
