@@ -80,6 +80,16 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 BACKWARD_MODES = ("auto", "dense", "lowrank")
 
 
+def dense_backward_pays(in_features: int, out_features: int) -> bool:
+    """Whether ``auto`` takes the dense backward for a Linear of this size on a GPU. Per row of activations it
+    trades the low-rank backward's memory traffic (its rank-r matmuls and the add read or write ~7 bf16 values per
+    element of ``in + out``: ~14 bytes) for a weight-gradient GEMM of ``2 * in * out`` FLOP, so it pays while
+    ``in * out / (in + out)`` stays under the GPU's FLOP per byte (~200 on an H100) times 7, ~1400. The bound, 1024,
+    takes square layers up to 2048 wide: every SD1.5 / SDXL attention projection and every CLIP-L layer; wider
+    layers keep the low-rank backward."""
+    return in_features * out_features <= 1024 * (in_features + out_features)
+
+
 class _DenseBackward(torch.autograd.Function):
     """One adapter on a frozen ``nn.Linear``: ``y = W x + b + s B A x``. The forward is the layer's own (PEFT's
     ops, bit for bit, eagerly). The backward goes through the dense weight ``W' = W + s B A`` ([out, in], a few
@@ -655,7 +665,9 @@ class LoraLinear(LoraLayer):
 
     def _dense_backward(self, x: torch.Tensor, names: list[str]) -> bool:
         mode = self.backward_mode
-        if mode == "lowrank" or len(names) != 1 or (mode == "auto" and not x.is_cuda):
+        if mode == "lowrank" or len(names) != 1:
+            return False
+        if mode == "auto" and not (x.is_cuda and dense_backward_pays(self.in_features, self.out_features)):
             return False
         base = self._modules["base_layer"]
         if type(base) is not nn.Linear:  # a subclass may compute (or store its weight) otherwise

@@ -177,3 +177,11 @@ def test_compiled_dense_backward_traces_in_one_graph_and_trains_as_eager():
         grad = getattr(layer, store)["a"].grad
         assert grad.abs().max() > 0
         torch.testing.assert_close(getattr(traced, store)["a"].grad, grad, rtol=1e-6, atol=0, msg=store)
+
+
+def test_auto_takes_dense_for_sd_sized_layers_only():
+    from lora_diffusion.layers import dense_backward_pays
+
+    sd = [(320, 320), (640, 640), (1280, 1280), (768, 320), (768, 1280), (1280, 5120), (2048, 2048), (768, 3072)]
+    assert all(dense_backward_pays(i, o) for i, o in sd)
+    assert not any(dense_backward_pays(i, o) for i, o in [(3072, 3072), (4096, 4096), (5120, 5120), (3072, 12288)])
