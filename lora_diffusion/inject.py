@@ -255,8 +255,8 @@ def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Par
 def set_backward(model: nn.Module, mode: str) -> None:
     """How training differentiates ``model``'s single-adapter LoRA Linears: ``"dense"`` through ``W + s B A`` (one
     weight-gradient GEMM in place of four rank-r matmuls: faster on a GPU, gradients equal up to rounding),
-    ``"lowrank"`` through the factors (PEFT's ops: its gradients bit for bit), or ``"auto"`` (dense on CUDA, the
-    default). The forward is the same in all three.
+    ``"lowrank"`` through the factors (PEFT's ops: its gradients bit for bit), or ``"auto"`` (the default: dense
+    on CUDA for layers up to 2048 wide, ``layers.dense_backward_pays``). The forward is the same in all three.
 
     Example:
         >>> set_backward(pipe.unet, "lowrank")  # gradients exactly as diffusers+PEFT's

@@ -160,7 +160,8 @@ class LoraLayer(nn.Module):
     """Base class for LoRA wrappers. Subclasses define the shapes and the two low-rank ops."""
 
     # How a training step differentiates a single adapter: "lowrank" through the factors (PEFT's ops, bit for bit),
-    # "dense" through W + s B A (``_DenseBackward``: Linear only), "auto" dense on CUDA. Set with ``set_backward``.
+    # "dense" through W + s B A (``_DenseBackward``: Linear only), "auto" dense on CUDA where it pays
+    # (``dense_backward_pays``). Set with ``set_backward``.
     backward_mode = "auto"
 
     # Plain Python state, never a parameter, buffer or module: set without nn.Module.__setattr__'s bookkeeping
