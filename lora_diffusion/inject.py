@@ -256,7 +256,9 @@ def set_backward(model: nn.Module, mode: str) -> None:
     """How training differentiates ``model``'s single-adapter LoRA Linears: ``"dense"`` through ``W + s B A`` (one
     weight-gradient GEMM in place of four rank-r matmuls: faster on a GPU, gradients equal up to rounding),
     ``"lowrank"`` through the factors (PEFT's ops: its gradients bit for bit), or ``"auto"`` (the default: dense
-    on CUDA for layers up to 2048 wide, ``layers.dense_backward_pays``). The forward is the same in all three.
+    in eager CUDA steps for layers up to 2048 wide, ``layers.dense_backward_pays``; low-rank under
+    torch.compile, whose fused kernels take most of the low-rank backward's extra passes away). The forward is the
+    same in all three.
 
     Example:
         >>> set_backward(pipe.unet, "lowrank")  # gradients exactly as diffusers+PEFT's

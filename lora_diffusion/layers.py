@@ -160,7 +160,7 @@ class LoraLayer(nn.Module):
     """Base class for LoRA wrappers. Subclasses define the shapes and the two low-rank ops."""
 
     # How a training step differentiates a single adapter: "lowrank" through the factors (PEFT's ops, bit for bit),
-    # "dense" through W + s B A (``_DenseBackward``: Linear only), "auto" dense on CUDA where it pays
+    # "dense" through W + s B A (``_DenseBackward``: Linear only), "auto" dense in eager CUDA steps where it pays
     # (``dense_backward_pays``). Set with ``set_backward``.
     backward_mode = "auto"
 
@@ -668,8 +668,8 @@ class LoraLinear(LoraLayer):
         mode = self.backward_mode
         if mode == "lowrank" or len(names) != 1:
             return False
-        if mode == "auto" and not (x.is_cuda and dense_backward_pays(self.in_features, self.out_features)):
-            return False
+        if mode == "auto" and not (x.is_cuda and not _is_compiling() and dense_backward_pays(self.in_features, self.out_features)):
+            return False  # (compiled, inductor fuses most of the low-rank backward's extra passes away)
         base = self._modules["base_layer"]
         if type(base) is not nn.Linear:  # a subclass may compute (or store its weight) otherwise
             return False
