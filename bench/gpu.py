@@ -215,10 +215,10 @@ def peft_model(s: Setup, a_init: dict):
 
 def floor_or_ours(s: Setup, who: str):
     """``(unet, params)``: a fresh frozen UNet copy for ``"floor"`` (params ``None``), or one with our LoRA
-    (``"ours"``; ``"ours-lowrank"``: with the low-rank backward)."""
+    (``"ours"``: the default backward; ``"ours-lowrank"`` / ``"ours-dense"``: that backward)."""
     if who == "floor":
         return s.unet_copy(), None
-    return ours_model(s, backward="lowrank" if who == "ours-lowrank" else "auto")
+    return ours_model(s, backward={"ours-lowrank": "lowrank", "ours-dense": "dense"}.get(who, "auto"))
 
 
 def step_of(s: Setup, who: str, unet, params, inp: dict):
@@ -243,7 +243,8 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
     attention kernel, or the UNet under torch.compile (``--compile default``); and our LoRA step the same way."""
     log(f"train, batch {batch}: floor and ours, {variant}")
     results = {}
-    for who in ("floor", "ours"):
+    # compiled, ``auto`` keeps the low-rank backward: ours with the dense one compiled too, to compare
+    for who in ("floor", "ours", "ours-dense") if variant == "compile" else ("floor", "ours"):
         s.resident()
         unet, params = floor_or_ours(s, who)
         if variant == "channels_last":
@@ -256,12 +257,13 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
         s.reset_peak()
         results[who] = (median_ms(step, s.iters, s.warmup, s.sync), s.peak_mb(), first_s)
         del unet, params, model, step
-    (f_ms, f_mem, f_first), (o_ms, o_mem, o_first) = results["floor"], results["ours"]
+    f_ms, f_mem, f_first = results.pop("floor")
     tflops = flops / (f_ms / 1e3) / 1e12 if flops else None
     emit(s.ctx, "train_floor", f"batch {batch}, {variant}", f_ms, floor_ms, "floor", tflops_per_s=tflops, peak_mb=f_mem,
          first_call_s=round(f_first, 1))
-    emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}, {variant}", o_ms, f_ms, "floor", floor_variant=variant,
-         peak_mb=o_mem, first_call_s=round(o_first, 1))
+    for who, (o_ms, o_mem, o_first) in results.items():
+        case = f"rank 4 attn, batch {batch}, {variant}" + (", dense backward" if who == "ours-dense" else "")
+        emit(s.ctx, "train_step", case, o_ms, f_ms, "floor", floor_variant=variant, peak_mb=o_mem, first_call_s=round(o_first, 1))
 
 
 def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compile_batches: list[int],

@@ -13,8 +13,8 @@
 #         reduce-overhead (inductor compiles ~2-3 min).
 # Part 4 (~6 min): the CFG call under reduce-overhead, ours with 1/4/8 adapters and 4 fused against the base
 #         compiled alike, and whether a re-weight recompiles.
-# Part 5 (~7 min): the floor and our step at batch 8 under torch.compile default (measured 2026-11-27 before the
-#         dense backward).
+# Part 5 (~8 min): the floor and our step at batch 8 under torch.compile default, ours with the default (low-rank
+#         when compiled) and with the dense backward (measured 2026-11-27 with dense only, in 323 s).
 # Part 6 (~4 min): everything eager after the dense backward: floor, ours (dense backward) and ours (low-rank
 #         backward) and diffusers+PEFT at batch 1/4/8; the kernel profile at batch 8 (floor, dense, low-rank);
 #         inference with 0/1/4/8 adapters, fuse and re-weight.
