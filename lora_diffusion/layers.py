@@ -418,7 +418,7 @@ class LoraLayer(nn.Module):
         h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
         return h if identity else drop(h)
 
-    def _dense_backward(self, x: torch.Tensor, names: list[str]) -> bool:
+    def _dense_backward(self, x: torch.Tensor, names: list[str], compiling: bool) -> bool:
         """Whether this call trains through ``_DenseBackward`` (a ``LoraLinear`` decides)."""
         return False
 
@@ -428,7 +428,7 @@ class LoraLayer(nn.Module):
             return base(x, *args, **kwargs)
         compiling = _is_compiling()
         names = self._compiled_names if compiling else self._live()
-        if torch.is_grad_enabled() and not (args or kwargs) and self._dense_backward(x, names):
+        if torch.is_grad_enabled() and not (args or kwargs) and self._dense_backward(x, names, compiling):
             a, b = self._factors(names)[0]
             scale = self.lora_scales[0] if compiling else None
             return _DenseBackward.apply(x, a, b, base.weight, base.bias, self, names[0], scale)
@@ -664,11 +664,11 @@ class LoraLinear(LoraLayer):
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, a), b)
 
-    def _dense_backward(self, x: torch.Tensor, names: list[str]) -> bool:
+    def _dense_backward(self, x: torch.Tensor, names: list[str], compiling: bool) -> bool:
         mode = self.backward_mode
         if mode == "lowrank" or len(names) != 1:
             return False
-        if mode == "auto" and not (x.is_cuda and not _is_compiling() and dense_backward_pays(self.in_features, self.out_features)):
+        if mode == "auto" and not (x.is_cuda and not compiling and dense_backward_pays(self.in_features, self.out_features)):
             return False  # (compiled, inductor fuses most of the low-rank backward's extra passes away)
         base = self._modules["base_layer"]
         if type(base) is not nn.Linear:  # a subclass may compute (or store its weight) otherwise
