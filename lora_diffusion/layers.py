@@ -4,10 +4,13 @@ The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_
 
 * The base layer is kept as ``base_layer`` (never rebuilt), so ``remove_lora`` can put it back.
 * ``B @ A`` is never materialised in the forward: the low-rank path is two thin matmuls (or convs).
-* Several active adapters are computed as one concatenated pair of matmuls: the ``A`` factors are stacked
-  along the rank axis and the ``B`` factors side by side, with each adapter's ``w * alpha / r`` folded into its
-  columns of ``B``. The stacked tensors are cached and rebuilt only when a factor changes (tracked with the
-  tensors' version counters), an adapter is added, or a weight changes.
+* One adapter in autograd (training) runs PEFT's ops in PEFT's order: the loss and gradients equal PEFT's bit for
+  bit. Several adapters, and any number outside autograd (inference), are one concatenated pair of matmuls: the
+  ``A`` factors stacked along the rank axis and the ``B`` factors side by side, each adapter's ``w * alpha / r``
+  folded into its columns of ``B`` (fp32 multiply, one rounding); at inference the second matmul adds into the
+  base output (one kernel). The stacked tensors are cached and rebuilt only when a factor changes (tracked with
+  the tensors' version counters), an adapter is added, or a weight changes. So one adapter at inference equals
+  PEFT's output to rounding (one rounding of ``s B`` and of the sum in place of PEFT's three), not bit for bit.
 * Fusing bakes the weighted deltas into the base weight, accumulated in fp32 and cast back once. The base
   weight is copied before the first fuse and ``unfuse`` restores that copy, so unfusing is **exact**
   (bit-identical), and re-weighting while fused recomputes ``W0 + delta`` from the copy, which equals fusing
@@ -66,6 +69,18 @@ def _autocast_recasts(x: torch.Tensor) -> bool:
     to that dtype anyway, and casting ``x`` up to the fp32 factors' dtype first (as PEFT does) is a lossless round
     trip that costs two activation-sized kernels forward and two backward per layer. Skipping it is bit-exact."""
     return _autocast_dtype(x) == x.dtype
+
+
+def _tracked(x: torch.Tensor, params: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether autograd records a LoRA call on ``x`` with factors ``params``."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(a.requires_grad or b.requires_grad for a, b in params))
+
+
+def _scale_columns(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``B`` ``[out, R, ...]`` times the fp32 ``scales`` ``[R]`` per column, multiplied in fp32 and rounded once to
+    ``B``'s dtype (a bf16 B times a bf16 scale would round the scale first)."""
+    scaled = b.float() * scales.view(1, -1, *([1] * (b.dim() - 2)))
+    return scaled if b.dtype == torch.float32 else scaled.to(b.dtype)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -385,31 +400,28 @@ class LoraLayer(nn.Module):
         store_a, store_b = self.lora_A._parameters, self.lora_B._parameters
         return [(store_a[n], store_b[n]) for n in names]
 
-    def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in; cached.
-        ``params``: ``self._factors(names)``."""
-        needs_grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in params)
+    def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]], tracked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in (multiplied in fp32,
+        rounded once); cached outside autograd. ``params``: ``self._factors(names)``; ``tracked``: ``_tracked``."""
         # factors created under torch.inference_mode() have no version counter: rebuild instead of caching
-        cacheable = not needs_grad and not any(a.is_inference() or b.is_inference() for a, b in params)
+        cacheable = not tracked and not any(a.is_inference() or b.is_inference() for a, b in params)
         key = cacheable and tuple(
             (n, self.weights[n], self.specs[n].scale, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params)
         )
         if cacheable and key == self._cache_key and self._cache is not None:
             return self._cache
-        a_cat = torch.cat([a for a, _ in params], dim=0)
-        scales = torch.cat(
-            [torch.full((self.specs[n].rank,), self.weights[n] * self.specs[n].scale, dtype=b.dtype, device=b.device) for n, (_, b) in zip(names, params)]
-        )
-        b_cat = torch.cat([b for _, b in params], dim=1)
-        b_cat = b_cat * scales.view(1, -1, *([1] * (b_cat.dim() - 2)))
+        a_cat, b_cat = torch.cat([a for a, _ in params], dim=0), torch.cat([b for _, b in params], dim=1)
+        scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=torch.float32)
+        b_cat = _scale_columns(b_cat, scales.to(b_cat.device))
         if cacheable:
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
         return a_cat, b_cat
 
-    def _one_by_one(self, names: list[str]) -> bool:
-        """Adapter by adapter (one adapter, or a training dropout) rather than one stacked matmul pair."""
+    def _one_by_one(self, names: list[str], tracked: bool) -> bool:
+        """Adapter by adapter (one adapter in autograd, or a training dropout) rather than one stacked matmul pair.
+        ``tracked``: whether autograd records this call (``_tracked``)."""
         dropouts = self.lora_dropout._modules
-        return len(names) == 1 or (self.training and any(not isinstance(dropouts[n], nn.Identity) for n in names))
+        return (tracked and len(names) == 1) or (self.training and any(not isinstance(dropouts[n], nn.Identity) for n in names))
 
     def _adapter_input(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
         """``dropout(x)`` in the factors' dtype, as PEFT; the cast is skipped where autocast casts back anyway."""
@@ -437,20 +449,20 @@ class LoraLayer(nn.Module):
             return self._compiled_forward(x, result)
         if not names:
             return result
-        out_dtype = result.dtype
         params = self._factors(names)
-        if self._one_by_one(names):
-            # One adapter (training, or one LoRA at inference): PEFT's op order bit for bit, B(A(dropout(x))) * scale.
+        tracked = _tracked(x, params)
+        if self._one_by_one(names, tracked):
+            # One adapter in autograd (training): PEFT's op order bit for bit, B(A(dropout(x))) * scale.
             for n, (a, b) in zip(names, params):
                 result = self._add_adapter(result, x, n, a, b)
             return result
-        # Several adapters: one cached pair of stacked factors with the scales folded into B; outside autograd
-        # the second matmul adds into the base output (LoraLinear).
-        a_cat, b_cat = self._stacked(names, params)
-        if not (torch.is_grad_enabled() and (x.requires_grad or a_cat.requires_grad or b_cat.requires_grad)):
+        # Several adapters, or any number outside autograd: one cached pair of stacked factors with the scales
+        # folded into B; outside autograd the second matmul adds into the base output (LoraLinear: one kernel).
+        a_cat, b_cat = self._stacked(names, params, tracked)
+        if not tracked:
             return self._add_low_rank_(result, x, a_cat, b_cat)
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
-        return result + self._low_rank(h, a_cat, b_cat).to(out_dtype)
+        return result + self._low_rank(h, a_cat, b_cat).to(result.dtype)
 
     def _add_adapter(self, result: torch.Tensor, x: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor,
                      scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -480,19 +492,20 @@ class LoraLayer(nn.Module):
         names = self._compiled_names
         if not names:
             return result
-        out_dtype, scales = result.dtype, self.lora_scales
-        params = self._factors(names)
-        if self._one_by_one(names):
+        scales, params = self.lora_scales, self._factors(names)
+        tracked = _tracked(x, params)
+        if self._one_by_one(names, tracked):
             row = 0
             for n, (a, b) in zip(names, params):
                 result = self._add_adapter(result, x, n, a, b, scales[row])
                 row += self.specs[n].rank
             return result
         a_cat = torch.cat([a for a, _ in params], dim=0)
-        b_cat = torch.cat([b for _, b in params], dim=1)
-        b_cat = b_cat * scales.to(b_cat.dtype).view(1, -1, *([1] * (b_cat.dim() - 2)))
+        b_cat = _scale_columns(torch.cat([b for _, b in params], dim=1), scales)
+        if not tracked:
+            return self._add_low_rank_(result, x, a_cat, b_cat)
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
-        return result + self._low_rank(h, a_cat, b_cat).to(out_dtype)
+        return result + self._low_rank(h, a_cat, b_cat).to(result.dtype)
 
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``result + B(A(x))`` outside autograd; a subclass may add into ``result`` in place."""

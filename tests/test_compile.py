@@ -81,7 +81,7 @@ def test_compiled_unet_follows_every_change(tmp_path):
     with torch.no_grad():  # weight 0 everywhere is the base model
         plain = tiny_pipeline().unet(x, t, ehs).sample
     torch.testing.assert_close(two[1], plain, rtol=0, atol=1e-6)
-    set_adapters(pipe, {"a1": 0.5})  # one adapter: the other code path, compiled once
+    set_adapters(pipe, {"a1": 0.5})  # another active set: compiled once more
     agrees()
     one = reweighting_does_not_recompile({"a1": -1.0}, {"a1": 0.0}, {"a1": 2.0})
     torch.testing.assert_close(one[1], plain, rtol=0, atol=1e-6)

@@ -151,17 +151,18 @@ def test_single_adapter_casts_between_adapter_and_base_dtype():
     assert torch.equal(y, expect)
 
 
+@pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
-def test_inference_path_adds_into_the_base_output_or_falls_back(factor_dtype):
-    """Several adapters outside autograd: same dtypes -> the up-projection adds into the base output (addmm_);
-    fp32 factors on a bf16 base -> the out-of-place path. Both equal the definition; inference_mode too."""
+def test_inference_path_adds_into_the_base_output_or_falls_back(factor_dtype, n):
+    """Adapters outside autograd (one or several): same dtypes -> the up-projection adds into the base output
+    (addmm_); fp32 factors on a bf16 base -> the out-of-place path. Both equal the definition; inference_mode too."""
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(16, 12).to(torch.bfloat16))
-    for i in range(2):
+    for i in range(n):
         layer.add_adapter(f"a{i}", rank=2 + i, alpha=3.0, dtype=factor_dtype)
     _randomise(layer)
     x = torch.randn(2, 5, 16).to(torch.bfloat16)
-    weights = {"a0": 0.6, "a1": -1.1}
+    weights = {"a0": 0.6, "a1": -1.1} if n == 2 else {"a0": 0.6}
     layer.set_weights(weights)
     with torch.no_grad():
         expect = layer.base_layer(x).float() + sum(
@@ -172,3 +173,34 @@ def test_inference_path_adds_into_the_base_output_or_falls_back(factor_dtype):
         again = layer(x)
     assert got.dtype == torch.bfloat16 and torch.equal(got, again)
     torch.testing.assert_close(got.float(), expect, rtol=2e-2, atol=2e-2)
+
+
+def test_one_adapter_outside_autograd_is_the_stacked_path_and_in_autograd_peft():
+    """One adapter at inference goes through the cached stacked factors (scale folded into B); with autograd
+    recording, PEFT's ops (bit for bit, tested above). The two agree to rounding."""
+    layer, x = _layer("linear", n=1)
+    layer.set_weights({"a0": 0.7})
+    with torch.no_grad():
+        fast = layer(x)
+    assert layer._cache is not None
+    tracked = layer(x)
+    assert tracked.requires_grad and not torch.equal(fast, tracked.detach())  # scale 0.7 * 3 / 1: not exact
+    torch.testing.assert_close(fast, tracked.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, _per_adapter_sum(layer, x, {"a0": 0.7}).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_factors_fold_the_scale_with_one_rounding():
+    """bf16 B times ``w * alpha / r`` is multiplied in fp32 and rounded once (not the scale rounded to bf16 first)."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 12).to(torch.bfloat16))
+    for i in range(2):
+        layer.add_adapter(f"a{i}", rank=2, alpha=3.0, dtype=torch.bfloat16)
+    _randomise(layer)
+    weights = {"a0": 0.8, "a1": -0.3}
+    layer.set_weights(weights)
+    with torch.no_grad():
+        layer(torch.randn(2, 16).bfloat16())
+    expect = torch.cat([(layer.lora_B[n].float() * (w * 1.5)).bfloat16() for n, w in weights.items()], dim=1)
+    twice = torch.cat([layer.lora_B[n] * torch.tensor(w * 1.5, dtype=torch.bfloat16) for n, w in weights.items()], dim=1)
+    assert not torch.equal(expect, twice)  # the test can tell the two roundings apart
+    assert torch.equal(layer._cache[1], expect)
