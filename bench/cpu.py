@@ -14,7 +14,8 @@ reference in the same run, timed alternately, median of ``--iters`` after ``--wa
   adapters (ours: ``set_adapters`` while fused; diffusers: ``unfuse_lora``, ``set_adapters``, ``fuse_lora``).
 * ``load``: loading one adapter file (UNet + text encoder) into a pipeline without LoRA.
 * ``host_reweight_unfused`` / ``host_fuse`` / ``host_reweight_fused``: the same calls on a model with SD1.5's
-  structure (176 LoRA layers) but 32 wide, so that the Python and dispatch work a GPU's host pays is what counts.
+  structure (176 LoRA layers) but 32 wide, so that the Python and dispatch work a GPU's host pays is what counts;
+  ``host_train_step``: a training step of the GPU recipe (``Recipe``) on that UNet, with the floor beside it.
 * ``file_size``: bytes of one adapter file per rank (same dtype; and each library's default dtype); diffusers'
   file is written with its ``LoraConfig`` metadata, as ours carries alpha too.
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Context, compare, cpu_name, emit, log, quiet  # noqa: E402
+from _common import Context, compare, cpu_name, emit, log, median_ms, quiet  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.inject import lora_layers  # noqa: E402
@@ -163,20 +164,64 @@ def bench_train(ctx: Context, comps: dict, iters: int, warmup: int, batch: int =
          loss_abs_diff_last_step=abs(losses_o[-1] - losses_p[-1]), steps=len(losses_o))
 
 
-def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> None:
-    """aten ops (on a GPU: kernel launches, at least) per training step and per CFG call, in the GPU recipe: bf16
-    UNet, fp32 LoRA factors, bf16 autocast, foreach AdamW. Counted once after a warm-up step, with the floor
-    (frozen forward + input-gradient backward) and the base call beside them."""
-    from diffusers.training_utils import cast_training_params
+class Recipe:
+    """The GPU training recipe on a CPU: a bf16 UNet, fp32 LoRA factors (rank 4 on the attention projections),
+    bf16 autocast, foreach AdamW; ``floor`` is the frozen forward + input-gradient backward. Steppers for the floor,
+    ours (``backward``: as ``auto`` picks on a GPU, ``"dense"``, unless told) and diffusers+PEFT on one batch."""
 
+    def __init__(self, unet, batch: int, latent: int, ctx_dim: int) -> None:
+        from diffusers.training_utils import cast_training_params
+
+        self.base = copy.deepcopy(unet).to(torch.bfloat16).requires_grad_(False)
+        gen = torch.Generator().manual_seed(0)
+        self.noisy = torch.randn(batch, 4, latent, latent, generator=gen).bfloat16()
+        self.noise = torch.randn(batch, 4, latent, latent, generator=gen).bfloat16()
+        self.ehs = torch.randn(batch, 77, ctx_dim, generator=gen).bfloat16()
+        self.t = torch.randint(0, 1000, (batch,), generator=gen)
+        self.unet_p = copy.deepcopy(self.base)
+        peft_add(self.unet_p, rank=4)
+        cast_training_params(self.unet_p, dtype=torch.float32)
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def floor(self):
+        x = self.noisy.detach().requires_grad_(True)
+        with self.autocast():
+            pred = self.base(x, self.t, self.ehs).sample
+        F.mse_loss(pred.float(), self.noise.float()).backward()
+
+    def ours(self, backward: str = "dense"):
+        from lora_diffusion.inject import set_backward
+
+        unet = copy.deepcopy(self.base)
+        params = ld.inject_lora(unet, rank=4, targets="attn")
+        set_backward(unet, backward)
+        return self._stepper(unet, params)
+
+    def peft(self):
+        return self._stepper(self.unet_p, [p for p in self.unet_p.parameters() if p.requires_grad])
+
+    def _stepper(self, unet, params):
+        unet.train()
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+        def step():
+            with self.autocast():
+                pred = unet(self.noisy, self.t, self.ehs).sample
+            F.mse_loss(pred.float(), self.noise.float()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+
+def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> None:
+    """aten ops (on a GPU: kernel launches, at least) per training step and per CFG call, in the GPU recipe
+    (``Recipe``). Counted once after a warm-up step, with the floor and the base call beside them."""
     log("aten ops per training step and per CFG call (bf16 autocast)")
-    base = copy.deepcopy(comps["unet"]).to(torch.bfloat16).requires_grad_(False)
-    gen = torch.Generator().manual_seed(0)
-    noisy = torch.randn(batch, 4, LATENT, LATENT, generator=gen).bfloat16()
-    noise = torch.randn(batch, 4, LATENT, LATENT, generator=gen).bfloat16()
-    ehs = torch.randn(batch, 77, CTX_DIM, generator=gen).bfloat16()
-    t = torch.randint(0, 1000, (batch,), generator=gen)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    recipe = Recipe(comps["unet"], batch, LATENT, CTX_DIM)
+    base = recipe.base
 
     def count(fn) -> int:
         fn()  # warm-up: optimizer state, caches
@@ -184,40 +229,17 @@ def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> N
             fn()
         return ops.total
 
-    def floor():
-        x = noisy.detach().requires_grad_(True)
-        with autocast():
-            pred = base(x, t, ehs).sample
-        F.mse_loss(pred.float(), noise.float()).backward()
-
-    def stepper(unet, params):
-        unet.train()
-        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-
-        def step():
-            with autocast():
-                pred = unet(noisy, t, ehs).sample
-            F.mse_loss(pred.float(), noise.float()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    unet_o, unet_p = copy.deepcopy(base), copy.deepcopy(base)
-    params_o = ld.inject_lora(unet_o, rank=4, targets="attn")
-    peft_add(unet_p, rank=4)
-    cast_training_params(unet_p, dtype=torch.float32)
-    params_p = [p for p in unet_p.parameters() if p.requires_grad]
-    floor_ops = count(floor)
-    ours, ref = count(stepper(unet_o, params_o)), count(stepper(unet_p, params_p))
-    emit(ctx, "train_step_ops", f"rank 4 attn, batch {batch}, bf16 autocast", ours, ref, "peft", unit="ops",
-         floor_ops=floor_ops, lora_ops_vs_peft=round((ours - floor_ops) / (ref - floor_ops), 4))
+    floor_ops = count(recipe.floor)
+    ours, ref = count(recipe.ours()), count(recipe.peft())
+    emit(ctx, "train_step_ops", f"rank 4 attn, batch {batch}, bf16 autocast, dense backward", ours, ref, "peft", unit="ops",
+         floor_ops=floor_ops, lora_ops_vs_peft=round((ours - floor_ops) / (ref - floor_ops), 4),
+         lowrank_backward_ops=count(recipe.ours("lowrank")))
 
     pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
     for pipe in (pipe_o, pipe_p):
         pipe.unet.to(torch.bfloat16)
     names = load_both(pipe_o, pipe_p, files)
-    cfg = noisy[:2], t[:2], ehs[:2]
+    cfg = recipe.noisy[:2], recipe.t[:2], recipe.ehs[:2]
     base_ops = count(lambda: unet_call(base, *cfg))
     for k in (1, 4, 8):
         weights = {n: 0.8 for n in names[:k]}
@@ -349,7 +371,7 @@ def bench_host(ctx: Context, folder: Path, iters: int, warmup: int) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    log("host cost: SD1.5 structure, 32 wide, 4 adapters")
+    log("host cost: SD1.5 structure, 32 wide, 4 adapters; train step")
     comps = tiny_components(0, cross_attention_dim=32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(20)
@@ -357,6 +379,12 @@ def bench_host(ctx: Context, folder: Path, iters: int, warmup: int) -> None:
                                              cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
         comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=12, num_attention_heads=4,
                                                              intermediate_size=37, vocab_size=1000)).eval()
+    # the training step of the GPU recipe (128 UNet layers; 16x16 latents: the 4th level is 2x2 for GroupNorm)
+    recipe = Recipe(comps["unet"], batch=1, latent=16, ctx_dim=32)
+    floor = median_ms(recipe.floor, iters, warmup)
+    ours, ref = compare(recipe.ours(), recipe.peft(), iters, warmup)
+    emit(ctx, "host_train_step", "rank 4 attn, SD1.5 structure (128 layers), 32 wide, bf16 autocast, dense backward",
+         ours, ref, "peft", floor_ms=round(floor, 3), lora_overhead_vs_peft=round((ours - floor) / (ref - floor), 4))
     files = make_adapter_files(comps, folder / "host", 4)
     pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
     names = load_both(pipe_o, pipe_p, files)
