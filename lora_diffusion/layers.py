@@ -64,6 +64,10 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
         return torch.get_autocast_gpu_dtype() if x.is_cuda and torch.is_autocast_enabled() else None
 
 
+# what autocast casts to its dtype on the way into a matmul (float64 stays)
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _autocast_recasts(x: torch.Tensor) -> bool:
     """Whether autocast is on for ``x``'s device with ``x``'s dtype: then the low-rank matmuls cast their inputs
     to that dtype anyway, and casting ``x`` up to the fp32 factors' dtype first (as PEFT does) is a lossless round
@@ -118,9 +122,16 @@ class _DenseBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, weight, bias, layer, name, scale):  # noqa: D102 - weight, bias: the frozen nn.Linear's
-        # the factors cast as autocast would cast them inside F.linear (the same bits), kept for the backward
+        # The input and the factors cast once, as autocast would cast them inside each F.linear (the same bits),
+        # and kept for the backward: an fp32 input (a LayerNorm's output under autocast) is cast once, not once
+        # per matmul and again in the backward, and saved at half the size.
         dtype = _autocast_dtype(x)
-        a_c, b_c = (a, b) if dtype is None or a.dtype == dtype else (a.to(dtype), b.to(dtype))
+        ctx.x_dtype = x.dtype
+        if dtype is not None:
+            a_c, b_c = _cast(a, dtype), _cast(b, dtype)
+            x = _cast(x, dtype) if x.dtype in _AUTOCAST_ELIGIBLE else x
+        else:
+            a_c, b_c = a, b
         ctx.save_for_backward(x, a, b, a_c, b_c, weight)
         ctx.scale = layer.weights[name] * layer.specs[name].scale if scale is None else scale
         return layer._add_adapter(F.linear(x, weight, bias), x, name, a_c, b_c, scale)
@@ -144,7 +155,7 @@ class _DenseBackward(torch.autograd.Function):
                 dense = torch.addmm(_cast(weight, dtype), _cast(b_c * scale, dtype), _cast(a_c, dtype))
             else:
                 dense = torch.addmm(_cast(weight, dtype), _cast(b_c, dtype), _cast(a_c, dtype), alpha=scale)
-            dx = _cast((g @ dense).view(x.shape), x.dtype)
+            dx = _cast((g @ dense).view(x.shape), ctx.x_dtype)
         if needs[1] or needs[2]:
             gw = _mm_fp32(g.t(), _cast(x.reshape(-1, x.shape[-1]), dtype))  # [out, in], fp32
             if isinstance(scale, torch.Tensor) or scale != 1.0:

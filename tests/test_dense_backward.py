@@ -160,6 +160,29 @@ def test_unet_step_dense_equals_lowrank_with_fewer_ops():
     assert ops_d <= ops_l - n_layers, (ops_d, ops_l, n_layers)  # >= 1 op fewer per layer
 
 
+def test_an_fp32_input_under_autocast_is_cast_once_and_saved_in_bf16():
+    """A LayerNorm's output reaches q/k/v in fp32 under autocast. The dense path casts it once (not once per matmul
+    and again in the backward) and saves the bf16 copy; the bits are the low-rank path's, and x's gradient is fp32."""
+    layer = _linear(dtype=torch.bfloat16, shape=(64, 48))
+    x = torch.randn(2, 9, 64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y_dense, _, grads_dense, fn = _grads(layer, x, "dense", autocast=True)
+    assert _is_dense(fn)
+    activations = [t for t in saved if t.numel() == x.numel()]
+    assert len(activations) == 1 and activations[0].dtype == torch.bfloat16
+    y_low, _, grads_low, _ = _grads(layer, x, "lowrank", autocast=True)
+    assert torch.equal(y_dense, y_low) and grads_dense[0].dtype == torch.float32
+    set_backward(layer, "dense")
+    x, g = x.requires_grad_(True), torch.ones(2, 9, 48, dtype=torch.bfloat16)
+    with OpCounter() as ops:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(g)
+    # the input once, A and B once each, dx back to fp32, the weight gradient G to fp32 (CPU: a cast after the mm)
+    assert ops.counts["_to_copy"] == 5, ops.counts
+
+
 def test_compiled_dense_backward_traces_in_one_graph_and_trains_as_eager():
     layer = _linear(3.0, 0.7)
     for p in (layer.lora_A["a"], layer.lora_B["a"]):
