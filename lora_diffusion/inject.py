@@ -130,8 +130,10 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
-    """The LoRA wrapper at module path ``name``, wrapping the Linear/Conv2d there first if needed."""
+    """The LoRA wrapper at module path ``name``, wrapping the Linear/Conv2d there first if needed (detached
+    wrappers are put back first: a model's tree holds wrappers only while none is detached)."""
     model = unwrap(model)
+    attach(model)
     module = model.get_submodule(name)
     if isinstance(module, LoraLayer):
         return module
@@ -144,8 +146,10 @@ def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(module path, layer)`` for every LoRA layer in ``model``, detached (fused) ones included."""
     model = unwrap(model)
-    yield from _wrappers_in_tree(model)
-    yield from getattr(model, DETACHED_ATTR, {}).items()
+    detached = getattr(model, DETACHED_ATTR, {})
+    if not detached:  # while fused, ``detach`` has taken every wrapper out of the tree: no walk (a re-weight's 15 %)
+        yield from _wrappers_in_tree(model)
+    yield from detached.items()
 
 
 def _wrappers_in_tree(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

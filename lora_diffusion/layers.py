@@ -80,6 +80,15 @@ def _tracked(x: torch.Tensor, params: list[tuple[torch.Tensor, torch.Tensor]]) -
     return torch.is_grad_enabled() and (x.requires_grad or any(a.requires_grad or b.requires_grad for a, b in params))
 
 
+def _factor_key(names: list[str], params: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple | None:
+    """What identifies the current values of ``params``: their version counters (in-place updates) and storage
+    (replaced ``.data``); ``None`` for factors made under ``torch.inference_mode()``, which count no versions."""
+    try:
+        return tuple((n, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
 def _scale_columns(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``B`` ``[out, R, ...]`` times the fp32 ``scales`` ``[R]`` per column, multiplied in fp32 and rounded once to
     ``B``'s dtype (a bf16 B times a bf16 scale would round the scale first)."""
@@ -358,7 +367,7 @@ class LoraLayer(nn.Module):
         captured CUDA graph reads the new weights; ``copies``: append ``(buffer, values)`` there instead, for the
         caller to copy all layers' in one ``torch._foreach_copy_``."""
         names = self._unfused_active()
-        buffer, device = self.lora_scales, self.base_layer.weight.device
+        buffer, device = self._buffers["lora_scales"], self._modules["base_layer"].weight.device
         if values is None:
             row = self.compiled_scale_row()
             if not row and buffer.numel() == 0 and buffer.device == device and buffer.dtype == torch.float32:
@@ -381,8 +390,9 @@ class LoraLayer(nn.Module):
     def follow_base(self) -> None:
         """Move the adapters (and the fused base copy) to the base layer's device if the model moved without
         them: while fused the wrapper is out of the module tree, so ``model.to(device)`` moves only its base."""
-        if self.lora_scales.device != self.base_layer.weight.device:
-            self.to(self.base_layer.weight.device)
+        device = self._modules["base_layer"].weight.device  # (dict reads: a re-weight calls this per layer)
+        if self._buffers["lora_scales"].device != device:
+            self.to(device)
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.half()/.cuda(): the module's tensors move; so must the fused base copy, the caches are rebuilt on
@@ -529,7 +539,11 @@ class LoraLayer(nn.Module):
 
     def scale_row(self, weights: dict[str, float]) -> list[float]:
         """``w * alpha / r`` of each adapter in ``weights``, repeated over its rank rows (the stacked-B scales)."""
-        return [w * self.specs[n].scale for n, w in weights.items() for _ in range(self.specs[n].rank)]
+        row: list[float] = []
+        for n, w in weights.items():
+            spec = self.specs[n]
+            row += [w * spec.scale] * spec.rank
+        return row
 
     def _fp32_factors(self, names: list[str], cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``A`` stacked ``[R, in*k*k]`` and ``B`` side by side ``[out, R]``, unscaled, on the weight's device.
@@ -537,11 +551,9 @@ class LoraLayer(nn.Module):
         While fused they are kept (keyed on the factors' version counters), so a re-weight recomputes only the
         batched matmul of ``fuse_many``."""
         params = self._factors(names)
-        key = None
-        if cache and not any(a.is_inference() or b.is_inference() for a, b in params):
-            key = tuple((n, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params))
-            if key == self._fuse_key and self._fuse_cache is not None:
-                return self._fuse_cache
+        key = _factor_key(names, params) if cache else None
+        if key is not None and key == self._fuse_key and self._fuse_cache is not None:
+            return self._fuse_cache
         device = self.base_layer.weight.device
         a32 = torch.cat([a.detach().reshape(a.shape[0], -1) for a, _ in params]).to(device, torch.float32)
         b32 = torch.cat([b.detach().reshape(b.shape[0], -1) for _, b in params], dim=1).to(device, torch.float32)
