@@ -78,3 +78,21 @@ def test_remove_lora_puts_back_the_same_modules(pipe):
 def test_rank_too_large_names_the_layer(pipe):
     with pytest.raises(ValueError, match=r"encoder\.layers\.0\.self_attn\.k_proj: rank 64 is larger"):
         inject_lora(pipe.text_encoder, rank=64)
+
+
+def test_wrapping_a_layer_of_a_fused_model_puts_the_detached_wrappers_back(pipe):
+    """While fused, every wrapper is out of the module tree (``lora_layers`` then reads only the detached ones,
+    without walking the tree): ``wrap_layer`` attaches them first, so no wrapper is ever missed or listed twice."""
+    from lora_diffusion import fuse
+    from lora_diffusion.inject import DETACHED_ATTR, wrap_layer
+
+    inject_lora(pipe.unet, rank=2, targets="cross")
+    fuse(pipe)
+    fused = dict(lora_layers(pipe.unet))
+    assert len(fused) == 24 and len(getattr(pipe.unet, DETACHED_ATTR)) == 24
+    path = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    new = wrap_layer(pipe.unet, path)
+    assert not getattr(pipe.unet, DETACHED_ATTR)
+    layers = list(lora_layers(pipe.unet))
+    assert len(layers) == 25 and len({p for p, _ in layers}) == 25
+    assert dict(layers)[path] is new and all(dict(layers)[p] is layer for p, layer in fused.items())
