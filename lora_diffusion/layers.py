@@ -418,31 +418,37 @@ class LoraLayer(nn.Module):
     def _factors(self, names: list[str]) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """``[(A, B)]`` of ``names``, read from the ParameterDicts' own store: their ``__getitem__`` costs ~1 us,
         which adds up over ~100 layers x several adapters per UNet call."""
-        store_a, store_b = self.lora_A._parameters, self.lora_B._parameters
+        modules = self._modules
+        store_a, store_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
         return [(store_a[n], store_b[n]) for n in names]
 
     def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]], tracked: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in (multiplied in fp32,
         rounded once); cached outside autograd. ``params``: ``self._factors(names)``; ``tracked``: ``_tracked``."""
-        # factors created under torch.inference_mode() have no version counter: rebuild instead of caching
-        cacheable = not tracked and not any(a.is_inference() or b.is_inference() for a, b in params)
-        key = cacheable and tuple(
-            (n, self.weights[n], self.specs[n].scale, a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in zip(names, params)
-        )
-        if cacheable and key == self._cache_key and self._cache is not None:
-            return self._cache
+        key = None
+        if not tracked:
+            weights, specs = self.weights, self.specs
+            try:  # factors created under torch.inference_mode() count no versions: rebuilt each call, not cached
+                key = tuple((n, weights[n], specs[n].scale, a._version, b._version, a.data_ptr(), b.data_ptr())
+                            for n, (a, b) in zip(names, params))
+            except RuntimeError:
+                key = None
+            if key is not None and key == self._cache_key and self._cache is not None:
+                return self._cache
         a_cat, b_cat = torch.cat([a for a, _ in params], dim=0), torch.cat([b for _, b in params], dim=1)
         scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=torch.float32)
         b_cat = _scale_columns(b_cat, scales.to(b_cat.device))
-        if cacheable:
+        if key is not None:
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
         return a_cat, b_cat
 
     def _one_by_one(self, names: list[str], tracked: bool) -> bool:
         """Adapter by adapter (one adapter in autograd, or a training dropout) rather than one stacked matmul pair.
         ``tracked``: whether autograd records this call (``_tracked``)."""
-        dropouts = self.lora_dropout._modules
-        return (tracked and len(names) == 1) or (self.training and any(not isinstance(dropouts[n], nn.Identity) for n in names))
+        if tracked and len(names) == 1:
+            return True
+        dropouts = self._modules["lora_dropout"]._modules
+        return self.training and any(not isinstance(dropouts[n], nn.Identity) for n in names)
 
     def _adapter_input(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
         """``dropout(x)`` in the factors' dtype, as PEFT; the cast is skipped where autocast casts back anyway."""
