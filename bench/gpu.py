@@ -20,7 +20,9 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
   ``channels_last``, with cuDNN's attention kernel (``sdpa_cudnn``), or under ``torch.compile`` (default mode),
   each against the plain floor.
 * ``infer_unfused`` / ``infer_fused``: one CFG UNet call (batch 2, 64x64 latents) with 0, 1, 4, 8 adapters
-  loaded from files, ours vs PEFT's equivalents and vs the base UNet.
+  loaded from files, ours vs PEFT's equivalents and vs the base UNet; ``infer_unfused_gpu_time``: the same calls'
+  GPU time summed over their kernels (torch.profiler) with kernel counts, ours vs base (PEFT's beside): the eager
+  call is launch-bound, so this is what the LoRA kernels cost where the host does not hide them (CUDA graphs).
 * ``fuse`` / ``reweight_fused``: fusing 4 adapters into UNet + text encoder, and changing their weights
   while fused (diffusers: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``).
 * ``infer_unfused_compiled`` / ``infer_fused_compiled`` (``--compile-infer``, opt-in): the same CFG call with
@@ -395,13 +397,34 @@ def bench_profile(s: Setup, batch: int, compile_mode: str | None = None, steps: 
         key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
         print(f"=== profile, batch {batch}, {who} ({steps} steps) ===\n{events.table(sort_by=key, row_limit=30)}",
               file=sys.stderr, flush=True)
-        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-        totals[who] = (sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3, len(kernels) / steps) if s.cuda else (None, None)
+        totals[who] = _kernel_totals(s, prof, steps)
         del unet, params, model, step
     floor_ms, floor_kernels = totals.pop("floor")
     for who, (ours_ms, ours_kernels) in totals.items():
         emit(s.ctx, "profile", f"batch {batch}, GPU time summed over kernels, {who}" + (f", compile {compile_mode}" if compile_mode else ""),
              ours_ms, floor_ms, "floor", kernels_per_step=ours_kernels, floor_kernels_per_step=floor_kernels)
+
+
+def _kernel_totals(s: Setup, prof, calls: int) -> tuple[float | None, float | None]:
+    """GPU ms per call summed over the profiled kernels, and kernels per call; ``(None, None)`` on a CPU."""
+    if not s.cuda:
+        return None, None
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return sum(e.time_range.elapsed_us() for e in kernels) / calls / 1e3, len(kernels) / calls
+
+
+def kernel_time(s: Setup, fn, calls: int = 5) -> tuple[float | None, float | None]:
+    """``_kernel_totals`` of ``calls`` calls of ``fn``: what a call costs the GPU, whatever the host adds (eager
+    inference is launch-bound, so wall clock hides the LoRA kernels' own cost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    s.sync()
+    with profile(activities=[ProfilerActivity.CUDA] if s.cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        s.sync()
+    return _kernel_totals(s, prof, calls)
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -436,6 +459,9 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
         ours_b, base_ms = compare(call_o, call_b, iters, warmup, s.sync)
         emit(s.ctx, "infer_unfused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
         emit(s.ctx, "infer_unfused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4))
+        (o_gpu, o_kernels), (p_gpu, p_kernels), (b_gpu, b_kernels) = (kernel_time(s, f) for f in (call_o, call_p, call_b))
+        emit(s.ctx, "infer_unfused_gpu_time", f"{k} adapters, GPU time summed over kernels", o_gpu, b_gpu, "base",
+             kernels_per_call=o_kernels, base_kernels_per_call=b_kernels, peft_ms=p_gpu, peft_kernels_per_call=p_kernels)
         if not k:
             pipe_p.enable_lora()
             continue
