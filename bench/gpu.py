@@ -257,15 +257,19 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
             step = _with_sdpa_backend(step, "CUDNN_ATTENTION")
         first_s = once_s(step, s.sync)
         s.reset_peak()
-        results[who] = (median_ms(step, s.iters, s.warmup, s.sync), s.peak_mb(), first_s)
+        ms, mem = median_ms(step, s.iters, s.warmup, s.sync), s.peak_mb()
+        # the GPU's share of the wall clock: a step whose kernels sum to much less than its wall time is host-bound
+        gpu_ms, kernels = kernel_time(s, step, 3)
+        results[who] = (ms, mem, first_s, {"gpu_ms_per_step": gpu_ms, "kernels_per_step": kernels})
         del unet, params, model, step
-    f_ms, f_mem, f_first = results.pop("floor")
+    f_ms, f_mem, f_first, f_gpu = results.pop("floor")
     tflops = flops / (f_ms / 1e3) / 1e12 if flops else None
     emit(s.ctx, "train_floor", f"batch {batch}, {variant}", f_ms, floor_ms, "floor", tflops_per_s=tflops, peak_mb=f_mem,
-         first_call_s=round(f_first, 1))
-    for who, (o_ms, o_mem, o_first) in results.items():
+         first_call_s=round(f_first, 1), **f_gpu)
+    for who, (o_ms, o_mem, o_first, o_gpu) in results.items():
         case = f"rank 4 attn, batch {batch}, {variant}" + (", dense backward" if who == "ours-dense" else "")
-        emit(s.ctx, "train_step", case, o_ms, f_ms, "floor", floor_variant=variant, peak_mb=o_mem, first_call_s=round(o_first, 1))
+        emit(s.ctx, "train_step", case, o_ms, f_ms, "floor", floor_variant=variant, peak_mb=o_mem, first_call_s=round(o_first, 1),
+             floor_gpu_ms_per_step=f_gpu["gpu_ms_per_step"], **o_gpu)
 
 
 def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compile_batches: list[int],
