@@ -17,7 +17,7 @@
 #         when compiled) and with the dense backward (measured 2026-11-27 with dense only, in 323 s).
 # Part 6 (~4 min): everything eager after the dense backward: floor, ours (dense backward) and ours (low-rank
 #         backward) and diffusers+PEFT at batch 1/4/8; the kernel profile at batch 8 (floor, dense, low-rank);
-#         inference with 0/1/4/8 adapters, fuse and re-weight.
+#         inference with 0/1/4/8 adapters (wall clock and GPU time), fuse and re-weight.
 #         (6, 5 and 4 measured 2026-11-27, second session: docs/results/gpu-h100-2026-11-27-b; part 4 was cut off
 #         after 4 adapters: give it PART_SECONDS=450.)
 # Part 7 (~5 min): the kernel profile at batch 8 with the floor and our step both under torch.compile default:
@@ -62,7 +62,7 @@ elif [ "$part" = 5 ]; then
 elif [ "$part" = 6 ]; then
     run gpu_train 150 --skip infer
     run gpu_profile_b8 100 --skip train infer --profile 8
-    run gpu_infer 100 --skip train
+    run gpu_infer 130 --skip train
 elif [ "$part" = 7 ]; then
     run gpu_profile_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default
 else
