@@ -425,20 +425,15 @@ class LoraLayer(nn.Module):
     def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]], tracked: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in (multiplied in fp32,
         rounded once); cached outside autograd. ``params``: ``self._factors(names)``; ``tracked``: ``_tracked``."""
-        key = None
-        if not tracked:
-            weights, specs = self.weights, self.specs
-            try:  # factors created under torch.inference_mode() count no versions: rebuilt each call, not cached
-                key = tuple((n, weights[n], specs[n].scale, a._version, b._version, a.data_ptr(), b.data_ptr())
-                            for n, (a, b) in zip(names, params))
-            except RuntimeError:
-                key = None
-            if key is not None and key == self._cache_key and self._cache is not None:
-                return self._cache
+        # (factors made under torch.inference_mode() have no key: rebuilt each call, not cached)
+        factors = None if tracked else _factor_key(names, params)
+        key = factors and (factors, tuple((self.weights[n], self.specs[n].scale) for n in names))
+        if key and key == self._cache_key and self._cache is not None:
+            return self._cache
         a_cat, b_cat = torch.cat([a for a, _ in params], dim=0), torch.cat([b for _, b in params], dim=1)
         scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=torch.float32)
         b_cat = _scale_columns(b_cat, scales.to(b_cat.device))
-        if key is not None:
+        if key:
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
         return a_cat, b_cat
 
