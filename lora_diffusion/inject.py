@@ -17,7 +17,6 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 
-import torch
 from torch import nn
 
 from .layers import BACKWARD_MODES, LoraConv2d, LoraLayer, LoraLinear

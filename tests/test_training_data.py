@@ -14,7 +14,7 @@ from PIL import Image
 
 from lora_diffusion.training import ConfigError, DataError, TrainConfig, load_config
 from lora_diffusion.training.cli import build_parser, main
-from lora_diffusion.training.config import add_config_arguments, config_from_args
+from lora_diffusion.training.config import config_from_args
 from lora_diffusion.training.data import BatchPlan, ImageDataset, StepBatchSampler, compose_caption, make_buckets, scan_images
 
 ISSUE_FLAGS = """--pretrained_model_name_or_path --train_data_dir --output_dir --caption_extension --mode --token

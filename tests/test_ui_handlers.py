@@ -25,7 +25,6 @@ from ui.handlers import (
     Backend,
     GenerateRequest,
     TrainJob,
-    TrainQueue,
     UIError,
     apply_blend,
     parse_lora_tags,
