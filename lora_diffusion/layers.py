@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,28 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 # what autocast casts to its dtype on the way into a matmul (float64 stays)
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+# (weakref to an input, its version, weakref to its cast): the last input ``_cast_shared`` cast
+_LAST_CAST: tuple = (None, 0, None)
+
+
+def _cast_shared(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, one tensor for consecutive calls on the same unchanged ``x``: q, k and v of a
+    self-attention read one LayerNorm output (fp32 under CUDA autocast), so they share one cast, and the dense
+    backward saves that one copy for all three. Weak references only: nothing is kept alive."""
+    global _LAST_CAST
+    ref, version, cast_ref = _LAST_CAST
+    try:
+        current = x._version
+    except RuntimeError:  # an inference tensor: no version counter, no sharing
+        return x.to(dtype)
+    if ref is not None and ref() is x and version == current:
+        cast = cast_ref()
+        if cast is not None and cast.dtype == dtype:
+            return cast
+    cast = x.to(dtype)
+    _LAST_CAST = (weakref.ref(x), current, weakref.ref(cast))
+    return cast
 
 
 def _autocast_recasts(x: torch.Tensor) -> bool:
@@ -132,13 +155,15 @@ class _DenseBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, weight, bias, layer, name, scale):  # noqa: D102 - weight, bias: the frozen nn.Linear's
         # The input and the factors cast once, as autocast would cast them inside each F.linear (the same bits),
-        # and kept for the backward: an fp32 input (a LayerNorm's output under autocast) is cast once, not once
-        # per matmul and again in the backward, and saved at half the size.
+        # and kept for the backward: an fp32 input (a LayerNorm's output under CUDA autocast) is cast once, not
+        # once per matmul and again in the backward, saved at half the size, and (eagerly) shared by the layers
+        # that read it (q, k, v).
         dtype = _autocast_dtype(x)
         ctx.x_dtype = x.dtype
         if dtype is not None:
             a_c, b_c = _cast(a, dtype), _cast(b, dtype)
-            x = _cast(x, dtype) if x.dtype in _AUTOCAST_ELIGIBLE else x
+            if x.dtype != dtype and x.dtype in _AUTOCAST_ELIGIBLE:
+                x = x.to(dtype) if scale is not None else _cast_shared(x, dtype)  # (scale: under torch.compile)
         else:
             a_c, b_c = a, b
         ctx.save_for_backward(x, a, b, a_c, b_c, weight)

@@ -183,6 +183,54 @@ def test_an_fp32_input_under_autocast_is_cast_once_and_saved_in_bf16():
     assert ops.counts["_to_copy"] == 5, ops.counts
 
 
+def test_layers_reading_one_fp32_input_share_its_cast():
+    """q, k and v read one LayerNorm output: one cast of it for the three, one bf16 copy saved for their backward;
+    outputs and gradients are the bits of three separate casts."""
+    layers = [_linear(dtype=torch.bfloat16, shape=(64, 48), seed=i) for i in range(3)]
+    for layer in layers:
+        set_backward(layer, "dense")
+    x = torch.randn(2, 9, 64)
+    g = torch.randn(2, 9, 48).bfloat16()
+
+    def run(share: bool):
+        for layer in layers:
+            layer.zero_grad()
+        leaf = x.detach().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with OpCounter() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+                h = leaf * 1.0  # a non-leaf fp32 activation, as a LayerNorm's output under CUDA autocast
+                outs = [layer(h if share else h.clone()) for layer in layers]
+        sum((o.float() * g.float()).sum() for o in outs).backward()
+        activations = {t.data_ptr() for t in saved if t.numel() == x.numel() and t.dtype == torch.bfloat16}
+        grads = [leaf.grad] + [p.grad for layer in layers for p in (layer.lora_A["a"], layer.lora_B["a"])]
+        return outs, grads, len(activations), ops.counts["_to_copy"]
+
+    outs_s, grads_s, saved_s, casts_s = run(share=True)
+    outs_c, grads_c, saved_c, casts_c = run(share=False)
+    assert all(_is_dense(o.grad_fn) for o in outs_s)
+    assert (saved_s, saved_c) == (1, 3)
+    assert (casts_s, casts_c) == (1 + 6, 3 + 6)  # the input(s), then A and B of each layer
+    assert all(torch.equal(a, b) for a, b in zip(outs_s, outs_c))
+    assert all(a.abs().max() > 0 and torch.equal(a, b) for a, b in zip(grads_s, grads_c))
+
+
+def test_a_shared_cast_is_never_stale():
+    from lora_diffusion.layers import _cast_shared
+
+    x = torch.randn(4, 8)
+    first = _cast_shared(x, torch.bfloat16)
+    assert _cast_shared(x, torch.bfloat16) is first  # the same x, unchanged: shared
+    x.add_(1.0)  # changed in place: a new cast with the new values
+    second = _cast_shared(x, torch.bfloat16)
+    assert second is not first and torch.equal(second, x.bfloat16())
+    assert _cast_shared(x.clone(), torch.bfloat16) is not second  # another tensor
+    assert _cast_shared(x, torch.float16).dtype == torch.float16
+    with torch.inference_mode():
+        y = torch.randn(4, 8)
+    assert torch.equal(_cast_shared(y, torch.bfloat16), y.bfloat16())  # no version counter: cast, never shared
+
+
 def test_compiled_dense_backward_traces_in_one_graph_and_trains_as_eager():
     layer = _linear(3.0, 0.7)
     for p in (layer.lora_A["a"], layer.lora_B["a"]):
