@@ -31,6 +31,7 @@ tiny pipeline's CLIP text encoder with hidden size 64 (5 layers). Random weights
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -164,10 +165,35 @@ def bench_train(ctx: Context, comps: dict, iters: int, warmup: int, batch: int =
          loss_abs_diff_last_step=abs(losses_o[-1] - losses_p[-1]), steps=len(losses_o))
 
 
+@contextlib.contextmanager
+def cuda_autocast_norms():
+    """Within it, CPU autocast runs ``layer_norm`` and ``group_norm`` as CUDA autocast does: inputs cast to fp32,
+    fp32 output (CPU autocast keeps them in bf16). Then the ops of an autocast step on a CPU are those a GPU runs,
+    the casts of the norm outputs into the next matmul or conv included."""
+    originals = F.layer_norm, F.group_norm
+
+    def in_fp32(fn):
+        def run(*args, **kwargs):
+            if not torch.is_autocast_enabled("cpu"):
+                return fn(*args, **kwargs)
+            up = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+            with torch.autocast("cpu", enabled=False):
+                return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+        return run
+
+    F.layer_norm, F.group_norm = in_fp32(originals[0]), in_fp32(originals[1])
+    try:
+        yield
+    finally:
+        F.layer_norm, F.group_norm = originals
+
+
 class Recipe:
     """The GPU training recipe on a CPU: a bf16 UNet, fp32 LoRA factors (rank 4 on the attention projections),
-    bf16 autocast, foreach AdamW; ``floor`` is the frozen forward + input-gradient backward. Steppers for the floor,
-    ours (``backward``: as ``auto`` picks on a GPU, ``"dense"``, unless told) and diffusers+PEFT on one batch."""
+    bf16 autocast with CUDA's fp32 norms (``cuda_autocast_norms``), foreach AdamW; ``floor`` is the frozen forward
+    + input-gradient backward. Steppers for the floor, ours (``backward``: as ``auto`` picks on a GPU, ``"dense"``,
+    unless told) and diffusers+PEFT on one batch."""
 
     def __init__(self, unet, batch: int, latent: int, ctx_dim: int) -> None:
         from diffusers.training_utils import cast_training_params
@@ -182,8 +208,10 @@ class Recipe:
         peft_add(self.unet_p, rank=4)
         cast_training_params(self.unet_p, dtype=torch.float32)
 
+    @contextlib.contextmanager
     def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16), cuda_autocast_norms():
+            yield
 
     def floor(self):
         x = self.noisy.detach().requires_grad_(True)
