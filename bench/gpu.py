@@ -22,7 +22,9 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 * ``infer_unfused`` / ``infer_fused``: one CFG UNet call (batch 2, 64x64 latents) with 0, 1, 4, 8 adapters
   loaded from files, ours vs PEFT's equivalents and vs the base UNet; ``infer_unfused_gpu_time``: the same calls'
   GPU time summed over their kernels (torch.profiler) with kernel counts, ours vs base (PEFT's beside): the eager
-  call is launch-bound, so this is what the LoRA kernels cost where the host does not hide them (CUDA graphs).
+  call is launch-bound, so this is what the LoRA kernels cost where the host does not hide them (CUDA graphs);
+  ``infer_unfused_pair``: 4 adapters with the merged weight off (every layer through the low-rank pair) against
+  the default (merged weight where ``layers.merged_forward_pays``), wall clock and GPU time.
 * ``fuse`` / ``reweight_fused``: fusing 4 adapters into UNet + text encoder, and changing their weights
   while fused (diffusers: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``).
 * ``infer_unfused_compiled`` / ``infer_fused_compiled`` (``--compile-infer``, opt-in): the same CFG call with
@@ -39,6 +41,7 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -55,6 +58,7 @@ from _common import Context, compare, cpu_name, emit, log, median_ms, once_s, qu
 from cpu import load_both, make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
+from lora_diffusion import layers  # noqa: E402
 from lora_diffusion.inject import lora_layers, set_backward  # noqa: E402
 from lora_diffusion.testing import tiny_components  # noqa: E402
 from lora_diffusion.training import compile_unet  # noqa: E402
@@ -432,6 +436,17 @@ def kernel_time(s: Setup, fn, calls: int = 5) -> tuple[float | None, float | Non
 
 
 # ------------------------------------------------------------------------------------------------ inference
+@contextlib.contextmanager
+def pairs_only():
+    """Inference without the merged weight: every layer runs the stacked low-rank pair (the choice before it)."""
+    rule = layers.merged_forward_pays
+    layers.merged_forward_pays = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        layers.merged_forward_pays = rule
+
+
 def bench_inference(s: Setup, files: list[Path]) -> None:
     base = s.comps["unet"]
     pipe_o, pipe_p = make_pipe(s.comps), make_pipe(s.comps)
@@ -466,6 +481,12 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
         (o_gpu, o_kernels), (p_gpu, p_kernels), (b_gpu, b_kernels) = (kernel_time(s, f) for f in (call_o, call_p, call_b))
         emit(s.ctx, "infer_unfused_gpu_time", f"{k} adapters, GPU time summed over kernels", o_gpu, b_gpu, "base",
              kernels_per_call=o_kernels, base_kernels_per_call=b_kernels, peft_ms=p_gpu, peft_kernels_per_call=p_kernels)
+        if k == 4:  # the same call with the merged weight off: every layer through the stacked low-rank pair
+            with pairs_only():
+                pair = median_ms(call_o, iters, warmup, s.sync)
+                pair_gpu, pair_kernels = kernel_time(s, call_o)
+            emit(s.ctx, "infer_unfused_pair", f"{k} adapters, low-rank pair in every layer", pair, ours_b, "merged",
+                 gpu_ms=pair_gpu, kernels_per_call=pair_kernels, merged_gpu_ms=o_gpu, merged_kernels_per_call=o_kernels)
         if not k:
             pipe_p.enable_lora()
             continue

@@ -3,20 +3,24 @@
 The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_i(A_i(x))``.
 
 * The base layer is kept as ``base_layer`` (never rebuilt), so ``remove_lora`` can put it back.
-* ``B @ A`` is never materialised in the forward: the low-rank path is two thin matmuls (or convs).
 * One adapter in autograd (training) runs PEFT's ops in PEFT's order: the loss and gradients equal PEFT's bit for
-  bit. Several adapters, and any number outside autograd (inference), are one concatenated pair of matmuls: the
-  ``A`` factors stacked along the rank axis and the ``B`` factors side by side, each adapter's ``w * alpha / r``
-  folded into its columns of ``B`` (fp32 multiply, one rounding); at inference the second matmul adds into the
-  base output (one kernel). The stacked tensors are cached and rebuilt only when a factor changes (tracked with
-  the tensors' version counters), an adapter is added, or a weight changes. So one adapter at inference equals
-  PEFT's output to rounding (one rounding of ``s B`` and of the sum in place of PEFT's three), not bit for bit.
+  bit; ``B @ A`` is never materialised there, the low-rank path is two thin matmuls (or convs). Several adapters
+  in autograd are one concatenated pair of matmuls: the ``A`` factors stacked along the rank axis and the ``B``
+  factors side by side, each adapter's ``w * alpha / r`` folded into its columns of ``B`` (fp32 multiply, one
+  rounding). The stacked tensors are cached and rebuilt only when a factor changes (tracked with the tensors'
+  version counters), an adapter is added, or a weight changes.
+* Outside autograd (inference), any number of adapters runs either through the merged weight
+  ``W + sum s B A``, formed per call by one small GEMM from the stacked factors and fed to the base op (one extra
+  kernel per layer; the base weight is never written), or, where the activations are smaller than the weight
+  (few tokens: cross-attention keys and values, the text encoder), as the stacked pair whose second matmul adds
+  into the base output (``merged_forward_pays`` picks by memory traffic). Either way the output equals PEFT's to
+  rounding, not bit for bit; the merged weight is the fused one up to the factors' rounding.
 * Fusing bakes the weighted deltas into the base weight, accumulated in fp32 and cast back once. The base
   weight is copied before the first fuse and ``unfuse`` restores that copy, so unfusing is **exact**
   (bit-identical), and re-weighting while fused recomputes ``W0 + delta`` from the copy, which equals fusing
   afresh bit for bit. Many layers fuse together (``fuse_many``: one batched matmul per shape of factors).
 * Training differentiates a single adapter on a frozen Linear through ``W + s B A`` on CUDA (``_DenseBackward``:
-  one weight-gradient GEMM in place of four rank-r matmuls); the forward stays the two thin matmuls.
+  one weight-gradient GEMM in place of four rank-r matmuls); the forward stays PEFT's two thin matmuls.
 * Under ``torch.compile`` the forward takes no cache: it stacks the factors in the graph and reads the weights
   from the ``lora_scales`` buffer, which every change updates in place, so a re-weight needs no recompile.
 
@@ -112,11 +116,12 @@ def _factor_key(names: list[str], params: list[tuple[torch.Tensor, torch.Tensor]
         return None
 
 
-def _scale_columns(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``B`` ``[out, R, ...]`` times the fp32 ``scales`` ``[R]`` per column, multiplied in fp32 and rounded once to
-    ``B``'s dtype (a bf16 B times a bf16 scale would round the scale first)."""
-    scaled = b.float() * scales.view(1, -1, *([1] * (b.dim() - 2)))
-    return scaled if b.dtype == torch.float32 else scaled.to(b.dtype)
+def _scale_columns(b: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``B`` ``[out, R, ...]`` times ``scales`` ``[R]`` per column, multiplied in fp32 (fp64 for an fp64 ``B``) and
+    rounded once to ``dtype`` (default ``B``'s; a bf16 B times a bf16 scale would round the scale first)."""
+    wide = torch.promote_types(b.dtype, torch.float32)  # (an fp64 B stays fp64)
+    scaled = _cast(b, wide) * _cast(scales, wide).view(1, -1, *([1] * (b.dim() - 2)))
+    return _cast(scaled, dtype or b.dtype)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -139,6 +144,26 @@ def dense_backward_pays(in_features: int, out_features: int) -> bool:
     takes square layers up to 2048 wide: every SD1.5 / SDXL attention projection and every CLIP-L layer; wider
     layers keep the low-rank backward."""
     return in_features * out_features <= 1024 * (in_features + out_features)
+
+
+# Elements of memory traffic worth one kernel launch's fixed cost, by device type: the merged weight takes one
+# extra kernel per layer where the stacked pair takes two (a GPU launch costs ~2-5 us, ~2M bf16 elements at 3 TB/s;
+# a CPU op's overhead is small next to its FLOP)
+_LAUNCH_ELEMENTS = {"cuda": 1 << 21}
+
+
+def merged_forward_pays(tokens: int, in_features: int, out_features: int, weight_numel: int, device: str = "cpu") -> bool:
+    """Whether an inference call on ``tokens`` rows of activations runs through the merged weight
+    ``W' = W + sum_i s_i B_i A_i`` (one small GEMM that reads ``W`` and writes ``W'``, then the base op on ``W'``:
+    one extra kernel per layer, for any number of adapters) rather than the stacked low-rank pair (two matmuls
+    over the activations, the second adding into the base output). By memory traffic, which bounds both on a GPU:
+    the merged weight moves ``2 * weight_numel`` elements, the pair reads ``x`` and reads and writes the output,
+    ``tokens * (in + 2 * out)``, and takes one more kernel (``_LAUNCH_ELEMENTS``); on a CPU the FLOP counts order
+    the two about the same way. An SD1.5 UNet at 512 px with CFG takes the merged weight in every layer but the
+    8x8 mid block's on a GPU; on a CPU, also not in the 16x16 level's or for the 77 text tokens (cross-attention
+    keys and values, the text encoder)."""
+    launch = _LAUNCH_ELEMENTS.get(device, 0)
+    return 2 * weight_numel <= tokens * (in_features + 2 * out_features) + launch
 
 
 class _DenseBackward(torch.autograd.Function):
@@ -447,17 +472,20 @@ class LoraLayer(nn.Module):
         store_a, store_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
         return [(store_a[n], store_b[n]) for n in names]
 
-    def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]], tracked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]], tracked: bool,
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated ``A`` (rank-stacked) and ``B`` with ``w * alpha / r`` folded in (multiplied in fp32,
-        rounded once); cached outside autograd. ``params``: ``self._factors(names)``; ``tracked``: ``_tracked``."""
+        rounded once), in ``dtype`` if given (the merged forward's: the base weight's); cached outside autograd.
+        ``params``: ``self._factors(names)``; ``tracked``: ``_tracked``."""
         # (factors made under torch.inference_mode() have no key: rebuilt each call, not cached)
         factors = None if tracked else _factor_key(names, params)
-        key = factors and (factors, tuple((self.weights[n], self.specs[n].scale) for n in names))
+        dtype = dtype or params[0][1].dtype
+        key = factors and (factors, tuple((self.weights[n], self.specs[n].scale) for n in names), dtype)
         if key and key == self._cache_key and self._cache is not None:
             return self._cache
         a_cat, b_cat = torch.cat([a for a, _ in params], dim=0), torch.cat([b for _, b in params], dim=1)
-        scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=torch.float32)
-        b_cat = _scale_columns(b_cat, scales.to(b_cat.device))
+        scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=torch.float64)
+        a_cat, b_cat = _cast(a_cat, dtype), _scale_columns(b_cat, scales.to(b_cat.device), dtype)
         if key:
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
         return a_cat, b_cat
@@ -491,20 +519,26 @@ class LoraLayer(nn.Module):
             a, b = self._factors(names)[0]
             scale = self.lora_scales[0] if compiling else None
             return _DenseBackward.apply(x, a, b, base.weight, base.bias, self, names[0], scale)
-        result = base(x, *args, **kwargs)
         if compiling:
-            return self._compiled_forward(x, result)
+            return self._compiled_forward(x, args, kwargs)
         if not names:
-            return result
+            return base(x, *args, **kwargs)
         params = self._factors(names)
         tracked = _tracked(x, params)
         if self._one_by_one(names, tracked):
             # One adapter in autograd (training): PEFT's op order bit for bit, B(A(dropout(x))) * scale.
+            result = base(x, *args, **kwargs)
             for n, (a, b) in zip(names, params):
                 result = self._add_adapter(result, x, n, a, b)
             return result
         # Several adapters, or any number outside autograd: one cached pair of stacked factors with the scales
-        # folded into B; outside autograd the second matmul adds into the base output (LoraLinear: one kernel).
+        # folded into B. Outside autograd, through the merged weight where that moves fewer bytes, else the second
+        # matmul adds into the base output (LoraLinear: one kernel).
+        if not tracked and not (args or kwargs) and self._merge_pays(x):
+            weight = base.weight
+            a_cat, b_cat = self._stacked(names, params, tracked, weight.dtype)
+            return self._merged_forward(x, a_cat, b_cat)
+        result = base(x, *args, **kwargs)
         a_cat, b_cat = self._stacked(names, params, tracked)
         if not tracked:
             return self._add_low_rank_(result, x, a_cat, b_cat)
@@ -532,27 +566,49 @@ class LoraLayer(nn.Module):
             delta = self._low_rank(h, a, b) * scale
         return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
 
-    def _compiled_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _compiled_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """The forward as torch.compile traces it: no caches, version counters or Python-float weights, so the
-        graph guards only on which adapters are active and fused and reads their scales from ``lora_scales``.
-        The same ops as eager, up to where the (exact) scale multiply happens."""
-        names = self._compiled_names
+        graph guards only on which adapters are active and fused (and, for the merged weight, on the input's
+        size) and reads their scales from ``lora_scales``. The same ops as eager, up to where the (exact) scale
+        multiply happens."""
+        base, names = self._modules["base_layer"], self._compiled_names
         if not names:
-            return result
+            return base(x, *args, **kwargs)
         scales, params = self.lora_scales, self._factors(names)
         tracked = _tracked(x, params)
         if self._one_by_one(names, tracked):
-            row = 0
+            result, row = base(x, *args, **kwargs), 0
             for n, (a, b) in zip(names, params):
                 result = self._add_adapter(result, x, n, a, b, scales[row])
                 row += self.specs[n].rank
             return result
+        merge = not tracked and not (args or kwargs) and self._merge_pays(x)
         a_cat = torch.cat([a for a, _ in params], dim=0)
-        b_cat = _scale_columns(torch.cat([b for _, b in params], dim=1), scales)
+        b_cat = torch.cat([b for _, b in params], dim=1)
+        if merge:
+            weight = base.weight
+            return self._merged_forward(x, _cast(a_cat, weight.dtype), _scale_columns(b_cat, scales, weight.dtype))
+        result, b_cat = base(x, *args, **kwargs), _scale_columns(b_cat, scales)
         if not tracked:
             return self._add_low_rank_(result, x, a_cat, b_cat)
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
         return result + self._low_rank(h, a_cat, b_cat).to(result.dtype)
+
+    _MERGEABLE: type | None = None  # the exact base type whose op ``_merged_forward`` repeats
+
+    def _merge_pays(self, x: torch.Tensor) -> bool:
+        """Whether this inference call runs through the merged weight (``merged_forward_pays``); only for a plain
+        ``nn.Linear`` / ``nn.Conv2d`` base, whose op ``_merged_forward`` repeats."""
+        base = self._modules["base_layer"]
+        if type(base) is not self._MERGEABLE:
+            return False
+        weight = base._parameters["weight"]
+        out_features, in_features = weight.shape[0], weight.shape[1]
+        return merged_forward_pays(x.numel() // in_features, in_features, out_features, weight.numel(), x.device.type)
+
+    def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The base op on ``W + B A`` (``B`` with the scales folded in, both in the weight's dtype)."""
+        raise NotImplementedError
 
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``result + B(A(x))`` outside autograd; a subclass may add into ``result`` in place."""
@@ -701,6 +757,8 @@ def floats_on_devices(rows: list[tuple[torch.device, list[float]]]) -> list[torc
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear``: ``A`` is ``[r, in]``, ``B`` is ``[out, r]``."""
 
+    _MERGEABLE = nn.Linear
+
     def __init__(self, base_layer: nn.Linear) -> None:
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
@@ -739,6 +797,10 @@ class LoraLinear(LoraLayer):
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
         return frozen and not (self.training and type(self.lora_dropout._modules[names[0]]) is not nn.Identity)
 
+    def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        base = self._modules["base_layer"]
+        return F.linear(x, torch.addmm(base._parameters["weight"], b, a), base._parameters["bias"])
+
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # the second matmul adds into the base output (one kernel for matmul + add, one rounding)
         if a.dtype != result.dtype or not result.is_contiguous() or x.dtype != a.dtype:
@@ -751,6 +813,8 @@ class LoraLinear(LoraLayer):
 class LoraConv2d(LoraLayer):
     """LoRA around ``nn.Conv2d`` (LoCon): ``A`` is a conv ``[r, in, k, k]`` with the base kernel, stride,
     padding and dilation; ``B`` is a 1x1 conv ``[out, r, 1, 1]``."""
+
+    _MERGEABLE = nn.Conv2d
 
     def __init__(self, base_layer: nn.Conv2d) -> None:
         if not isinstance(base_layer, nn.Conv2d):
@@ -783,3 +847,9 @@ class LoraConv2d(LoraLayer):
         base = self.base_layer
         h = F.conv2d(x, a, None, base.stride, base.padding, base.dilation)
         return F.conv2d(h, b)
+
+    def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        base = self._modules["base_layer"]
+        weight = base._parameters["weight"]
+        merged = torch.addmm(weight.reshape(weight.shape[0], -1), b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1))
+        return base._conv_forward(x, merged.view(weight.shape), base._parameters["bias"])

@@ -74,7 +74,9 @@ def test_fuse_equals_unfused_and_unfuse_is_exact(make, wrapper, x):
     unfused = layer(x)
     layer.fuse()
     assert not torch.equal(layer.base_layer.weight, w0)
-    torch.testing.assert_close(layer(x), unfused, rtol=1e-5, atol=1e-5)
+    # to fp32 rounding of sums whose terms reach the output's largest values (~75 here: ulp 8e-6), which both
+    # sides round differently (unfused inference runs through its own merged weight, formed by another GEMM)
+    torch.testing.assert_close(layer(x), unfused, rtol=1e-5, atol=1e-6 * unfused.abs().max().item())
     # re-weighting while fused equals fusing afresh, bit for bit
     layer.set_weights({"a": -0.25, "b": 2.0})
     reweighted = layer.base_layer.weight.detach().clone()

@@ -205,3 +205,106 @@ def test_stacked_factors_fold_the_scale_with_one_rounding():
     twice = torch.cat([layer.lora_B[n] * torch.tensor(w * 1.5, dtype=torch.bfloat16) for n, w in weights.items()], dim=1)
     assert not torch.equal(expect, twice)  # the test can tell the two roundings apart
     assert torch.equal(layer._cache[1], expect)
+
+
+def _merged_calls(layer, monkeypatch) -> list:
+    calls: list = []
+    original = type(layer)._merged_forward
+
+    def spy(self, x, a, b):
+        calls.append(tuple(x.shape))
+        return original(self, x, a, b)
+
+    monkeypatch.setattr(type(layer), "_merged_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_inference_through_the_merged_weight_equals_the_definition_and_fusing(kind, n, monkeypatch):
+    """Outside autograd, on enough tokens, the adapters run as ``W + sum s B A`` (one small GEMM), which equals the
+    definition and the fused layer to fp32 rounding; few tokens keep the low-rank pair. The choice is by traffic."""
+    layer, _ = _layer(kind, n=n)
+    weights = {f"a{i}": (0.7, -1.2, 0.4)[i] for i in range(n)}
+    layer.set_weights(weights)
+    big = torch.randn(4, 64, 16) if kind == "linear" else torch.randn(2, 6, 16, 16)
+    small = torch.randn(1, 16) if kind == "linear" else torch.randn(1, 6, 2, 2)
+    calls = _merged_calls(layer, monkeypatch)
+    with torch.no_grad():
+        merged, few = layer(big), layer(small)
+    assert calls == [tuple(big.shape)]  # the small input took the stacked pair
+    for x, got in ((big, merged), (small, few)):
+        expect = _per_adapter_sum(layer, x, weights).detach()
+        assert not torch.equal(expect, layer.base_layer(x))
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    tracked = layer(big)  # autograd records: never merged (training keeps PEFT's ops or the stacked pair)
+    assert len(calls) == 1
+    torch.testing.assert_close(merged, tracked.detach(), rtol=1e-5, atol=1e-5)
+    layer.fuse()
+    with torch.no_grad():
+        torch.testing.assert_close(merged, layer(big), rtol=1e-5, atol=1e-5)
+    layer.unfuse()
+    with torch.no_grad():
+        assert torch.equal(layer(big), merged)  # the stacked factors are cached: same bits again
+
+
+def test_merged_inference_is_two_ops_for_any_number_of_adapters():
+    """The merged weight costs one op (addmm) over the base layer's, for 1 or 8 adapters, once the stacked factors
+    are cached; bf16 layers with fp32 factors keep the factors cast in the cache, not per call."""
+    from lora_diffusion.testing import OpCounter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 16).to(torch.bfloat16)
+    for n in (1, 8):
+        layer = LoraLinear(nn.Linear(16, 12).to(torch.bfloat16))
+        for i in range(n):
+            layer.add_adapter(f"a{i}", rank=2, alpha=3.0)  # fp32 factors on a bf16 base
+        _randomise(layer)
+        with torch.no_grad():
+            layer(x)
+            with OpCounter() as ops:
+                y = layer(x)
+            with OpCounter() as base_ops:
+                layer.base_layer(x)
+        assert ops.total == base_ops.total + 1, (n, dict(ops.counts))
+        expect = layer.base_layer(x).float() + sum(
+            1.5 * (x.float() @ layer.lora_A[f"a{i}"].T @ layer.lora_B[f"a{i}"].T) for i in range(n))
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
+
+
+def test_merged_inference_on_a_bf16_layer_is_the_fused_layer_to_one_rounding():
+    """bf16 base, bf16 factors: the merged weight is rounded once from an fp32 accumulation, as fusing does, so the
+    outputs differ only where the factors' bf16 copies of ``s B`` differ from fusing's fp32 ones (a bf16 ulp)."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 48).to(torch.bfloat16))
+    for i in range(2):
+        layer.add_adapter(f"a{i}", rank=4, alpha=3.0, dtype=torch.bfloat16)
+    _randomise(layer)
+    layer.set_weights({"a0": 0.8, "a1": -0.3})
+    x = torch.randn(4, 64, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        merged = layer(x)
+        layer.fuse()
+        fused = layer(x)
+    diff = (merged.float() - fused.float()).abs()
+    assert diff.max() <= 2 ** -6 * fused.float().abs().max(), diff.max()
+    assert (diff == 0).float().mean() > 0.5  # mostly the same bits
+
+
+def test_merged_weight_rule_on_sd15_shapes():
+    """What ``merged_forward_pays`` documents for an SD1.5 UNet at 512 px with CFG (batch 2): the merged weight
+    everywhere on a GPU but the 8x8 mid block; on a CPU not at 16x16 nor for the 77 text tokens."""
+    from lora_diffusion.layers import merged_forward_pays
+
+    cases = {  # (tokens, in, out): (cuda, cpu)
+        (2 * 64 * 64, 320, 320): (True, True),
+        (2 * 32 * 32, 640, 640): (True, True),
+        (2 * 16 * 16, 1280, 1280): (True, False),
+        (2 * 8 * 8, 1280, 1280): (False, False),
+        (2 * 77, 768, 320): (True, False),
+        (2 * 77, 768, 1280): (True, False),
+    }
+    for (tokens, n_in, n_out), expect in cases.items():
+        got = tuple(merged_forward_pays(tokens, n_in, n_out, n_in * n_out, device) for device in ("cuda", "cpu"))
+        assert got == expect, (tokens, n_in, n_out)
