@@ -261,7 +261,7 @@ def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> N
     ours, ref = count(recipe.ours()), count(recipe.peft())
     emit(ctx, "train_step_ops", f"rank 4 attn, batch {batch}, bf16 autocast, dense backward", ours, ref, "peft", unit="ops",
          floor_ops=floor_ops, lora_ops_vs_peft=round((ours - floor_ops) / (ref - floor_ops), 4),
-         lowrank_backward_ops=count(recipe.ours("lowrank")))
+         lowrank_backward_ops=count(recipe.ours("lowrank")), merged_forward_ops=count(recipe.ours("merged")))
 
     pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
     for pipe in (pipe_o, pipe_p):
@@ -413,6 +413,9 @@ def bench_host(ctx: Context, folder: Path, iters: int, warmup: int) -> None:
     ours, ref = compare(recipe.ours(), recipe.peft(), iters, warmup)
     emit(ctx, "host_train_step", "rank 4 attn, SD1.5 structure (128 layers), 32 wide, bf16 autocast, dense backward",
          ours, ref, "peft", floor_ms=round(floor, 3), lora_overhead_vs_peft=round((ours - floor) / (ref - floor), 4))
+    merged, ref = compare(recipe.ours("merged"), recipe.peft(), iters, warmup)
+    emit(ctx, "host_train_step", "rank 4 attn, SD1.5 structure (128 layers), 32 wide, bf16 autocast, merged forward",
+         merged, ref, "peft", floor_ms=round(floor, 3), lora_overhead_vs_peft=round((merged - floor) / (ref - floor), 4))
     files = make_adapter_files(comps, folder / "host", 4)
     pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
     names = load_both(pipe_o, pipe_p, files)

@@ -94,6 +94,7 @@ class Setup:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.iters, self.warmup = args.iters, args.warmup
         self.compile_backend = args.compile_backend
+        self.compiled_who = args.compiled_steps  # our compiled steps beside the compiled floor (variant, profile)
         self._resident = 0
         self.latent = 8 if args.tiny else 64
         unet_cfg, clip_cfg = (TINY_UNET, TINY_CLIP) if args.tiny else (SD15_UNET, CLIP_L)
@@ -221,10 +222,10 @@ def peft_model(s: Setup, a_init: dict):
 
 def floor_or_ours(s: Setup, who: str):
     """``(unet, params)``: a fresh frozen UNet copy for ``"floor"`` (params ``None``), or one with our LoRA
-    (``"ours"``: the default backward; ``"ours-lowrank"`` / ``"ours-dense"``: that backward)."""
+    (``"ours"``: the default backward; ``"ours-lowrank"`` / ``"ours-dense"`` / ``"ours-merged"``: that mode)."""
     if who == "floor":
         return s.unet_copy(), None
-    return ours_model(s, backward={"ours-lowrank": "lowrank", "ours-dense": "dense"}.get(who, "auto"))
+    return ours_model(s, backward={"ours-lowrank": "lowrank", "ours-dense": "dense", "ours-merged": "merged"}.get(who, "auto"))
 
 
 def step_of(s: Setup, who: str, unet, params, inp: dict):
@@ -249,8 +250,8 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
     attention kernel, or the UNet under torch.compile (``--compile default``); and our LoRA step the same way."""
     log(f"train, batch {batch}: floor and ours, {variant}")
     results = {}
-    # compiled, ``auto`` keeps the low-rank backward: ours with the dense one compiled too, to compare
-    for who in ("floor", "ours", "ours-dense") if variant == "compile" else ("floor", "ours"):
+    # compiled, ``auto`` keeps the low-rank backward: ours with the dense one (or the merged forward) compiled too
+    for who in ("floor", *s.compiled_who) if variant == "compile" else ("floor", "ours"):
         s.resident()
         unet, params = floor_or_ours(s, who)
         if variant == "channels_last":
@@ -271,7 +272,7 @@ def bench_floor_variant(s: Setup, inp: dict, batch: int, variant: str, floor_ms:
     emit(s.ctx, "train_floor", f"batch {batch}, {variant}", f_ms, floor_ms, "floor", tflops_per_s=tflops, peak_mb=f_mem,
          first_call_s=round(f_first, 1), **f_gpu)
     for who, (o_ms, o_mem, o_first, o_gpu) in results.items():
-        case = f"rank 4 attn, batch {batch}, {variant}" + (", dense backward" if who == "ours-dense" else "")
+        case = f"rank 4 attn, batch {batch}, {variant}" + {"ours-dense": ", dense backward", "ours-merged": ", merged"}.get(who, "")
         emit(s.ctx, "train_step", case, o_ms, f_ms, "floor", floor_variant=variant, peak_mb=o_mem, first_call_s=round(o_first, 1),
              floor_gpu_ms_per_step=f_gpu["gpu_ms_per_step"], **o_gpu)
 
@@ -323,6 +324,15 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         lowrank_mem = s.peak_mb()
         del unet, params, step
 
+        log(f"train, batch {batch}: ours, merged forward (dense backward, the forward through W + s B A)")
+        s.resident()
+        unet, params = ours_model(s, backward="merged")
+        step, losses_m = lora_step(s, unet, params, inp, fused_adam=True)
+        s.reset_peak()
+        merged_ms = median_ms(step, s.iters, s.warmup, s.sync)
+        merged_mem = s.peak_mb()
+        del unet, params, step
+
         log(f"train, batch {batch}: diffusers+PEFT")
         s.resident()
         unet, params = peft_model(s, a_init)
@@ -335,6 +345,9 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, floor_ms, "floor", backward=mode)
         emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}, lowrank backward", lowrank_ms, floor_ms, "floor",
              backward="lowrank", vs_peft=round(lowrank_ms / peft_ms, 4), peak_mb=lowrank_mem)
+        emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}, merged forward", merged_ms, floor_ms, "floor",
+             backward="merged", vs_peft=round(merged_ms / peft_ms, 4), peak_mb=merged_mem,
+             loss_abs_diff_last_step_vs_peft=(losses_m[-1] - losses_p[-1]).abs().item())
         emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, peft_ms, "peft", loss_abs_diff_last_step=loss_diff)
         emit(s.ctx, "train_peak_mem", f"batch {batch}", ours_mem, peft_mem, "peft", unit="mb", floor_mb=floor_mem)
 
@@ -388,7 +401,7 @@ def bench_profile(s: Setup, batch: int, compile_mode: str | None = None, steps: 
 
     inp = s.inputs(batch)
     totals = {}
-    for who in ("floor", "ours") if compile_mode else ("floor", "ours", "ours-lowrank"):
+    for who in ("floor", *s.compiled_who) if compile_mode else ("floor", "ours", "ours-lowrank", "ours-merged"):
         log(f"profile, batch {batch}: {who}" + (f", compiled ({compile_mode}); the first call compiles" if compile_mode else ""))
         s.resident()
         unet, params = floor_or_ours(s, who)
@@ -614,6 +627,9 @@ def main(argv: list[str] | None = None) -> None:
                              "reduce-overhead, inductor + CUDA graphs; compiles 5 times)")
     parser.add_argument("--compile-infer-counts", type=int, nargs="+", default=[1, 4, 8], choices=range(1, 9),
                         metavar="N", help="numbers of unfused adapters for --compile-infer (each compiles once)")
+    parser.add_argument("--compiled-steps", nargs="+", default=["ours", "ours-dense"], choices=["ours", "ours-dense", "ours-lowrank", "ours-merged"],
+                        help="our steps compiled beside the compiled floor (--floor-variants compile, --profile-compile): "
+                             "ours = the default backward (low-rank when compiled), or that backward mode")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")

@@ -15,13 +15,17 @@
 #         compiled alike, and whether a re-weight recompiles.
 # Part 5 (~8 min): the floor and our step at batch 8 under torch.compile default, ours with the default (low-rank
 #         when compiled) and with the dense backward (measured 2026-11-27 with dense only, in 323 s).
-# Part 6 (~4 min): everything eager after the dense backward: floor, ours (dense backward) and ours (low-rank
-#         backward) and diffusers+PEFT at batch 1/4/8; the kernel profile at batch 8 (floor, dense, low-rank);
-#         inference with 0/1/4/8 adapters (wall clock and GPU time), fuse and re-weight.
+# Part 6 (~5 min): everything eager after the dense backward: floor, ours (dense backward), ours (low-rank
+#         backward), ours (merged forward) and diffusers+PEFT at batch 1/4/8; the kernel profile at batch 8 (floor,
+#         dense, low-rank, merged); inference with 0/1/4/8 adapters (wall clock and GPU time; 4 also with the merged
+#         weight off), fuse and re-weight.
 #         (6, 5 and 4 measured 2026-11-27, second session: docs/results/gpu-h100-2026-11-27-b; part 4 was cut off
 #         after 4 adapters: give it PART_SECONDS=450.)
 # Part 7 (~5 min): the kernel profile at batch 8 with the floor and our step both under torch.compile default:
 #         where the compiled step's 1.5x over the compiled floor goes.
+# Part 8 (~5 min): the kernel profile at batch 8 of the compiled floor and our compiled step with the merged
+#         forward (set_backward "merged": the frozen model's GEMMs on W + s B A, nothing over the activations).
+#         Parts 6 and 8, then 4, are the next session's order (docs/BENCHMARKS.md, fourth session).
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -58,15 +62,17 @@ elif [ "$part" = 3 ]; then
 elif [ "$part" = 4 ]; then
     run gpu_infer_compiled_ro "${PART_SECONDS:-450}" --skip train infer --compile-infer reduce-overhead
 elif [ "$part" = 5 ]; then
-    run gpu_floor_compiled_b8 "${PART_SECONDS:-540}" --skip infer --batches 8 --floor-variants compile
+    run gpu_floor_compiled_b8 "${PART_SECONDS:-540}" --skip infer --batches 8 --floor-variants compile --compiled-steps ours ours-dense
 elif [ "$part" = 6 ]; then
-    run gpu_train 150 --skip infer
-    run gpu_profile_b8 100 --skip train infer --profile 8
-    run gpu_infer 130 --skip train
+    run gpu_train 190 --skip infer
+    run gpu_profile_b8 120 --skip train infer --profile 8
+    run gpu_infer 150 --skip train
 elif [ "$part" = 7 ]; then
-    run gpu_profile_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default
+    run gpu_profile_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default --compiled-steps ours
+elif [ "$part" = 8 ]; then
+    run gpu_merged_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default --compiled-steps ours-merged
 else
-    echo "no part $part: 1-7" >&2
+    echo "no part $part: 1-8" >&2
     exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true

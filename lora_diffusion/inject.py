@@ -261,7 +261,9 @@ def set_backward(model: nn.Module, mode: str) -> None:
     ``"lowrank"`` through the factors (PEFT's ops: its gradients bit for bit), or ``"auto"`` (the default: dense
     in eager CUDA steps for layers up to 2048 wide, ``layers.dense_backward_pays``; low-rank under
     torch.compile, whose fused kernels take most of the low-rank backward's extra passes away). The forward is the
-    same in all three.
+    same in these three. ``"merged"`` is ``"dense"`` with the forward through ``W + s B A`` as well: the step runs
+    the frozen model's GEMMs on the merged weights plus one small GEMM per layer and nothing over the activations,
+    and the loss equals PEFT's to rounding (the merged weight is rounded once to the compute dtype), not bit for bit.
 
     Example:
         >>> set_backward(pipe.unet, "lowrank")  # gradients exactly as diffusers+PEFT's

@@ -133,7 +133,7 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))).all())
 
 
-BACKWARD_MODES = ("auto", "dense", "lowrank")
+BACKWARD_MODES = ("auto", "dense", "lowrank", "merged")
 
 
 def dense_backward_pays(in_features: int, out_features: int) -> bool:
@@ -193,6 +193,8 @@ class _DenseBackward(torch.autograd.Function):
             a_c, b_c = a, b
         ctx.save_for_backward(x, a, b, a_c, b_c, weight)
         ctx.scale = layer.weights[name] * layer.specs[name].scale if scale is None else scale
+        if layer.backward_mode == "merged":  # the forward through W' too: the base GEMM on W', nothing over x
+            return F.linear(x, _dense_weight(weight, a_c, b_c, ctx.scale, dtype or weight.dtype), bias)
         return layer._add_adapter(F.linear(x, weight, bias), x, name, a_c, b_c, scale)
 
     @staticmethod
@@ -210,11 +212,7 @@ class _DenseBackward(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         dx = da = db = None
         if needs[0]:
-            if isinstance(scale, torch.Tensor):
-                dense = torch.addmm(_cast(weight, dtype), _cast(b_c * scale, dtype), _cast(a_c, dtype))
-            else:
-                dense = torch.addmm(_cast(weight, dtype), _cast(b_c, dtype), _cast(a_c, dtype), alpha=scale)
-            dx = _cast((g @ dense).view(x.shape), ctx.x_dtype)
+            dx = _cast((g @ _dense_weight(weight, a_c, b_c, scale, dtype)).view(x.shape), ctx.x_dtype)
         if needs[1] or needs[2]:
             gw = _mm_fp32(g.t(), _cast(x.reshape(-1, x.shape[-1]), dtype))  # [out, in], fp32
             if isinstance(scale, torch.Tensor) or scale != 1.0:
@@ -224,6 +222,14 @@ class _DenseBackward(torch.autograd.Function):
             if needs[2]:
                 db = _cast(torch.mm(gw, _cast(a, torch.float32).t()), b.dtype)
         return dx, da, db, None, None, None, None, None
+
+
+def _dense_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """``W + s B A`` in ``dtype``: one GEMM (accumulated in fp32 on CUDA, rounded once); ``scale`` a float or, under
+    torch.compile, a 0-d tensor."""
+    if isinstance(scale, torch.Tensor):
+        return torch.addmm(_cast(weight, dtype), _cast(b * scale, dtype), _cast(a, dtype))
+    return torch.addmm(_cast(weight, dtype), _cast(b, dtype), _cast(a, dtype), alpha=scale)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -246,7 +252,8 @@ class LoraLayer(nn.Module):
 
     # How a training step differentiates a single adapter: "lowrank" through the factors (PEFT's ops, bit for bit),
     # "dense" through W + s B A (``_DenseBackward``: Linear only), "auto" dense in eager CUDA steps where it pays
-    # (``dense_backward_pays``). Set with ``set_backward``.
+    # (``dense_backward_pays``), "merged" dense with the forward through W + s B A too (the loss PEFT's to
+    # rounding, not bit for bit). Set with ``set_backward``.
     backward_mode = "auto"
 
     # Plain Python state, never a parameter, buffer or module: set without nn.Module.__setattr__'s bookkeeping

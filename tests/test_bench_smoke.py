@@ -29,7 +29,7 @@ def _run(*args: str) -> list[dict]:
     assert not errors, errors
     for line in lines:
         assert LABELS <= set(line), line
-        assert line["ref"] in {"peft", "base", "floor", "ours_eager", "base_compiled"}, line
+        assert line["ref"] in {"peft", "base", "floor", "ours_eager", "base_compiled", "merged"}, line
         unit = next((u for u in ("ms", "us", "bytes", "mb", "ops") if f"ours_{u}" in line), None)
         assert unit, line
         ours, ref = line[f"ours_{unit}"], line[f"ref_{unit}"]

@@ -95,8 +95,9 @@ class TrainConfig:
     channels_last: bool = _f(False, "UNet in channels_last memory format (faster convolutions on recent GPUs)")
     lora_backward: str = _f("auto", "how the LoRA gradients are computed: dense (through W + s*B*A: one GEMM in place of four "
                             "rank-r matmuls, faster on a GPU), lowrank (PEFT's ops, its gradients bit for bit), auto "
-                            "(dense on CUDA for layers up to 2048 wide, low-rank under --compile)",
-                            choices=("auto", "dense", "lowrank"))  # = layers.BACKWARD_MODES (config stays torch-free)
+                            "(dense on CUDA for layers up to 2048 wide, low-rank under --compile), merged (dense, and "
+                            "the forward through W + s*B*A too: the loss PEFT's to rounding, not bit for bit)",
+                            choices=("auto", "dense", "lowrank", "merged"))  # = layers.BACKWARD_MODES (config stays torch-free)
     # ------------------------------------------------------------------ checkpoints, samples
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all)")
