@@ -491,7 +491,8 @@ class LoraLayer(nn.Module):
         if key and key == self._cache_key and self._cache is not None:
             return self._cache
         a_cat, b_cat = torch.cat([a for a, _ in params], dim=0), torch.cat([b for _, b in params], dim=1)
-        scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=torch.float64)
+        wide = torch.promote_types(b_cat.dtype, torch.float32)  # (fp64 only for fp64 factors: MPS has none)
+        scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=wide)
         a_cat, b_cat = _cast(a_cat, dtype), _scale_columns(b_cat, scales.to(b_cat.device), dtype)
         if key:
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
