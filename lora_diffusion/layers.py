@@ -543,8 +543,7 @@ class LoraLayer(nn.Module):
         # folded into B. Outside autograd, through the merged weight where that moves fewer bytes, else the second
         # matmul adds into the base output (LoraLinear: one kernel).
         if not tracked and not (args or kwargs) and self._merge_pays(x):
-            weight = base.weight
-            a_cat, b_cat = self._stacked(names, params, tracked, weight.dtype)
+            a_cat, b_cat = self._stacked(names, params, tracked, base._parameters["weight"].dtype)
             return self._merged_forward(x, a_cat, b_cat)
         result = base(x, *args, **kwargs)
         a_cat, b_cat = self._stacked(names, params, tracked)
@@ -799,7 +798,7 @@ class LoraLinear(LoraLayer):
         if mode == "auto" and not (x.is_cuda and not compiling and dense_backward_pays(self.in_features, self.out_features)):
             return False  # (compiled, inductor fuses most of the low-rank backward's extra passes away)
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear:  # a subclass may compute (or store its weight) otherwise
+        if type(base) is not self._MERGEABLE:  # a subclass may compute (or store its weight) otherwise
             return False
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
