@@ -452,12 +452,12 @@ def kernel_time(s: Setup, fn, calls: int = 5) -> tuple[float | None, float | Non
 @contextlib.contextmanager
 def pairs_only():
     """Inference without the merged weight: every layer runs the stacked low-rank pair (the choice before it)."""
-    rule = layers.merged_forward_pays
-    layers.merged_forward_pays = lambda *args, **kwargs: False
+    rule = layers.LoraLayer._merge_pays
+    layers.LoraLayer._merge_pays = lambda self, x: False
     try:
         yield
     finally:
-        layers.merged_forward_pays = rule
+        layers.LoraLayer._merge_pays = rule
 
 
 def bench_inference(s: Setup, files: list[Path]) -> None:

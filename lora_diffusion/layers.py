@@ -146,10 +146,16 @@ def dense_backward_pays(in_features: int, out_features: int) -> bool:
     return in_features * out_features <= 1024 * (in_features + out_features)
 
 
-# Elements of memory traffic worth one kernel launch's fixed cost, by device type: the merged weight takes one
-# extra kernel per layer where the stacked pair takes two (a GPU launch costs ~2-5 us, ~2M bf16 elements at 3 TB/s;
-# a CPU op's overhead is small next to its FLOP)
-_LAUNCH_ELEMENTS = {"cuda": 1 << 21}
+# Elements of memory traffic worth one kernel launch's fixed cost on CUDA: the merged weight takes one extra kernel
+# per layer where the stacked pair takes two (a GPU launch costs ~2-5 us, ~2M bf16 elements at 3 TB/s; a CPU op's
+# overhead is small next to its FLOP)
+_CUDA_LAUNCH_ELEMENTS = 1 << 21
+
+
+def merged_forward_min_tokens(in_features: int, out_features: int, weight_numel: int, cuda: bool) -> int:
+    """The fewest rows of activations for which ``merged_forward_pays``: ``ceil((2 * |W| - launch) / (in + 2 out))``."""
+    launch = _CUDA_LAUNCH_ELEMENTS if cuda else 0
+    return max(0, -(-(2 * weight_numel - launch) // (in_features + 2 * out_features)))
 
 
 def merged_forward_pays(tokens: int, in_features: int, out_features: int, weight_numel: int, device: str = "cpu") -> bool:
@@ -158,12 +164,11 @@ def merged_forward_pays(tokens: int, in_features: int, out_features: int, weight
     one extra kernel per layer, for any number of adapters) rather than the stacked low-rank pair (two matmuls
     over the activations, the second adding into the base output). By memory traffic, which bounds both on a GPU:
     the merged weight moves ``2 * weight_numel`` elements, the pair reads ``x`` and reads and writes the output,
-    ``tokens * (in + 2 * out)``, and takes one more kernel (``_LAUNCH_ELEMENTS``); on a CPU the FLOP counts order
-    the two about the same way. An SD1.5 UNet at 512 px with CFG takes the merged weight in every layer but the
-    8x8 mid block's on a GPU; on a CPU, also not in the 16x16 level's or for the 77 text tokens (cross-attention
-    keys and values, the text encoder)."""
-    launch = _LAUNCH_ELEMENTS.get(device, 0)
-    return 2 * weight_numel <= tokens * (in_features + 2 * out_features) + launch
+    ``tokens * (in + 2 * out)``, and takes one more kernel (``_CUDA_LAUNCH_ELEMENTS``); on a CPU the FLOP counts
+    order the two about the same way. An SD1.5 UNet at 512 px with CFG takes the merged weight in every layer but
+    the 8x8 mid block's on a GPU; on a CPU, also not in the 16x16 level's or for the 77 text tokens
+    (cross-attention keys and values, the text encoder). Each layer keeps its thresholds (``_merge_min``)."""
+    return tokens >= merged_forward_min_tokens(in_features, out_features, weight_numel, device == "cuda")
 
 
 class _DenseBackward(torch.autograd.Function):
@@ -259,7 +264,7 @@ class LoraLayer(nn.Module):
     # Plain Python state, never a parameter, buffer or module: set without nn.Module.__setattr__'s bookkeeping
     # (~1.5 us a call; a re-weight sets several per layer, 176 layers in SD1.5 with its text encoder).
     _PLAIN = frozenset({"specs", "weights", "active", "disabled", "fused", "backward_mode", "_base_backup",
-                        "_cache_key", "_cache", "_fuse_key", "_fuse_cache", "_compiled_names"})
+                        "_cache_key", "_cache", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min"})
 
     def __setattr__(self, name: str, value) -> None:
         if name in LoraLayer._PLAIN:
@@ -287,6 +292,12 @@ class LoraLayer(nn.Module):
         # tensor, kept current by every method that changes them (in place where the shape stays), so that
         # torch.compile / CUDA graphs follow a re-weight without recompiling.
         self._compiled_names: list[str] = []
+        # the input sizes (elements) from which inference takes the merged weight, (CPU, CUDA): fixed by the base
+        # weight's shape (``merged_forward_pays``); ``None``: a base whose op ``_merged_forward`` does not repeat
+        weight = base_layer.weight
+        self._merge_min = None if type(base_layer) is not self._MERGEABLE else tuple(
+            weight.shape[1] * merged_forward_min_tokens(weight.shape[1], weight.shape[0], weight.numel(), cuda)
+            for cuda in (False, True))
         self.register_buffer("lora_scales", torch.zeros(0, device=base_layer.weight.device), persistent=False)
 
     # ------------------------------------------------------------------ shapes (subclasses)
@@ -604,14 +615,10 @@ class LoraLayer(nn.Module):
     _MERGEABLE: type | None = None  # the exact base type whose op ``_merged_forward`` repeats
 
     def _merge_pays(self, x: torch.Tensor) -> bool:
-        """Whether this inference call runs through the merged weight (``merged_forward_pays``); only for a plain
-        ``nn.Linear`` / ``nn.Conv2d`` base, whose op ``_merged_forward`` repeats."""
-        base = self._modules["base_layer"]
-        if type(base) is not self._MERGEABLE:
-            return False
-        weight = base._parameters["weight"]
-        out_features, in_features = weight.shape[0], weight.shape[1]
-        return merged_forward_pays(x.numel() // in_features, in_features, out_features, weight.numel(), x.device.type)
+        """Whether this inference call runs through the merged weight (``merged_forward_pays``, by the layer's
+        thresholds); only for a plain ``nn.Linear`` / ``nn.Conv2d`` base, whose op ``_merged_forward`` repeats."""
+        limits = self._merge_min
+        return limits is not None and x.numel() >= limits[x.is_cuda]
 
     def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The base op on ``W + B A`` (``B`` with the scales folded in, both in the weight's dtype)."""

@@ -308,3 +308,29 @@ def test_merged_weight_rule_on_sd15_shapes():
     for (tokens, n_in, n_out), expect in cases.items():
         got = tuple(merged_forward_pays(tokens, n_in, n_out, n_in * n_out, device) for device in ("cuda", "cpu"))
         assert got == expect, (tokens, n_in, n_out)
+
+
+def test_each_layer_keeps_the_rules_thresholds():
+    """A layer decides with thresholds kept from its base's shape (``_merge_min``, no rule call per forward): the
+    same decision as ``merged_forward_pays`` at the boundary, for Linear and Conv2d; other base types never merge."""
+    from lora_diffusion.layers import merged_forward_min_tokens, merged_forward_pays
+
+    for base in (nn.Linear(768, 320, device="meta"), nn.Linear(1280, 1280, device="meta"), nn.Conv2d(32, 48, 3, device="meta")):
+        layer = LoraLinear(base) if isinstance(base, nn.Linear) else LoraConv2d(base)
+        n_in, n_out, numel = base.weight.shape[1], base.weight.shape[0], base.weight.numel()
+        for cuda, device in ((False, "cpu"), (True, "cuda")):
+            least = merged_forward_min_tokens(n_in, n_out, numel, cuda)
+            assert merged_forward_pays(least, n_in, n_out, numel, device)
+            assert least == 0 or not merged_forward_pays(least - 1, n_in, n_out, numel, device)
+            assert layer._merge_min[cuda] == least * n_in
+        assert layer._merge_min[0] > n_in  # (on a CPU each of these needs more than one row)
+        least = merged_forward_min_tokens(n_in, n_out, numel, False)
+        shape = (least, n_in) if isinstance(base, nn.Linear) else (1, n_in, least, 1)
+        assert layer._merge_pays(torch.empty(shape, device="meta"))
+        smaller = (least - 1, n_in) if isinstance(base, nn.Linear) else (1, n_in, least - 1, 1)
+        assert not layer._merge_pays(torch.empty(smaller, device="meta"))
+
+    class Quantized(nn.Linear):  # a subclass computes its own way: never merged
+        pass
+
+    assert LoraLinear(Quantized(16, 16))._merge_min is None
