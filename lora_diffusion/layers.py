@@ -15,9 +15,9 @@ The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_
   (few tokens: cross-attention keys and values, the text encoder), as the stacked pair whose second matmul adds
   into the base output (``merged_forward_pays`` picks by memory traffic). Either way the output equals PEFT's to
   rounding, not bit for bit; the merged weight is the fused one up to the factors' rounding.
-* Fusing bakes the weighted deltas into the base weight, accumulated in fp32 and cast back once. The base
-  weight is copied before the first fuse and ``unfuse`` restores that copy, so unfusing is **exact**
-  (bit-identical), and re-weighting while fused recomputes ``W0 + delta`` from the copy, which equals fusing
+* Fusing bakes the weighted deltas into the base weight, accumulated in fp32 (fp64 for an fp64 weight) and cast
+  back once. The base weight is copied before the first fuse and ``unfuse`` restores that copy, so unfusing is
+  **exact** (bit-identical), and re-weighting while fused recomputes ``W0 + delta`` from the copy, which equals fusing
   afresh bit for bit. Many layers fuse together (``fuse_many``: one batched matmul per shape of factors).
 * Training differentiates a single adapter on a frozen Linear through ``W + s B A`` on CUDA (``_DenseBackward``:
   one weight-gradient GEMM in place of four rank-r matmuls); the forward stays PEFT's two thin matmuls.
@@ -124,13 +124,24 @@ def _scale_columns(b: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | N
     return _cast(scaled, dtype or b.dtype)
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What fusing and its checks compute in for weights of ``dtype``: fp32, fp64 for fp64 (a Python test, not
+    ``torch.promote_types``, which dispatches an op per call)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether ``tensors`` (all on one device) hold no NaN or Inf, with one host read: their fp32 2-norms in one
-    multi-tensor pass (a few kernels for any number of tensors, where a reduction each would launch one per
-    tensor), non-finite iff some element is (or, for fp32 tensors, if squares overflow: |w| > ~1e18)."""
-    if not tensors:
+    """Whether ``tensors`` (all on one device) hold no NaN or Inf, with one host read: their 2-norms (fp32; fp64
+    for fp64 tensors) in one multi-tensor pass per width (a few kernels for any number of tensors, where a
+    reduction each would launch one per tensor), non-finite iff some element is (or, for fp32 tensors, if squares
+    overflow: |w| > ~1e18)."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(_accumulation_dtype(t.dtype), []).append(t)
+    if not groups:
         return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))).all())
+    finite = [torch.isfinite(torch.stack(torch._foreach_norm(ts, 2, dtype=dtype))) for dtype, ts in groups.items()]
+    return bool((finite[0] if len(finite) == 1 else torch.cat(finite)).all())
 
 
 BACKWARD_MODES = ("auto", "dense", "lowrank", "merged")
@@ -286,7 +297,7 @@ class LoraLayer(nn.Module):
         self._base_backup: torch.Tensor | None = None
         self._cache_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fuse_key: tuple | None = None  # fp32 factors kept while fused (re-weighting reuses them)
+        self._fuse_key: tuple | None = None  # widened factors kept while fused (re-weighting reuses them)
         self._fuse_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         # What a compiled forward reads: the active unfused adapters and their ``w * alpha / r`` per rank row as a
         # tensor, kept current by every method that changes them (in place where the shape stays), so that
@@ -641,8 +652,9 @@ class LoraLayer(nn.Module):
             row += [w * spec.scale] * spec.rank
         return row
 
-    def _fp32_factors(self, names: list[str], cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``A`` stacked ``[R, in*k*k]`` and ``B`` side by side ``[out, R]``, unscaled, on the weight's device.
+    def _fuse_factors(self, names: list[str], cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` stacked ``[R, in*k*k]`` and ``B`` side by side ``[out, R]``, unscaled, on the weight's device, in
+        the dtype fusing accumulates in: fp32 (fp64 for an fp64 weight).
 
         While fused they are kept (keyed on the factors' version counters), so a re-weight recomputes only the
         batched matmul of ``fuse_many``."""
@@ -650,30 +662,33 @@ class LoraLayer(nn.Module):
         key = _factor_key(names, params) if cache else None
         if key is not None and key == self._fuse_key and self._fuse_cache is not None:
             return self._fuse_cache
-        device = self.base_layer.weight.device
-        a32 = torch.cat([a.detach().reshape(a.shape[0], -1) for a, _ in params]).to(device, torch.float32)
-        b32 = torch.cat([b.detach().reshape(b.shape[0], -1) for _, b in params], dim=1).to(device, torch.float32)
+        weight = self.base_layer.weight
+        wide = _accumulation_dtype(weight.dtype)
+        a_cat = torch.cat([a.detach().reshape(a.shape[0], -1) for a, _ in params]).to(weight.device, wide)
+        b_cat = torch.cat([b.detach().reshape(b.shape[0], -1) for _, b in params], dim=1).to(weight.device, wide)
         if key is not None:
-            self._fuse_key, self._fuse_cache = key, (a32, b32)
-        return a32, b32
+            self._fuse_key, self._fuse_cache = key, (a_cat, b_cat)
+        return a_cat, b_cat
 
-    def _delta32(self, weights: dict[str, float]) -> torch.Tensor:
-        """fp32 ``sum w s B A`` as ``[out, in*k*k]``: the batched matmul that fusing uses (one layer of the batch)."""
-        a32, b32 = self._fp32_factors(list(weights), cache=False)
-        scales = torch.tensor(self.scale_row(weights), dtype=torch.float32).to(b32.device)
-        return torch.bmm((b32 * scales)[None], a32[None])[0]
+    def _delta(self, weights: dict[str, float]) -> torch.Tensor:
+        """``sum w s B A`` as ``[out, in*k*k]`` in fusing's dtype: the batched matmul that fusing uses (one layer of
+        the batch)."""
+        a, b = self._fuse_factors(list(weights), cache=False)
+        scales = torch.tensor(self.scale_row(weights), dtype=b.dtype, device=b.device)
+        return torch.bmm((b * scales)[None], a[None])[0]
 
     def delta_weight(self, names: list[str] | None = None, weights: dict[str, float] | None = None) -> torch.Tensor:
-        """fp32 ``sum_i w_i (alpha_i/r_i) B_i A_i`` in the base weight's shape (default: active adapters)."""
+        """``sum_i w_i (alpha_i/r_i) B_i A_i`` in the base weight's shape (default: active adapters), in the dtype
+        fusing accumulates in: fp32 (fp64 for an fp64 weight)."""
         names = list(self.active if names is None else names)
         weights = self.weights if weights is None else weights
         w = self.base_layer.weight
         if not names:
-            return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        return self._delta32({n: weights[n] for n in names}).view(w.shape)
+            return torch.zeros(w.shape, dtype=_accumulation_dtype(w.dtype), device=w.device)
+        return self._delta({n: weights[n] for n in names}).view(w.shape)
 
     def write_fused(self, weights: dict[str, float]) -> torch.Tensor:
-        """Set ``W = W0 + sum w s B A`` (fp32, rounded once) for ``weights`` and return the new weight.
+        """Set ``W = W0 + sum w s B A`` (fp32 or fp64, rounded once) for ``weights`` and return the new weight.
         No host-device sync here: the caller checks the weights of many layers at once (``all_finite``), so a
         model fuses with one sync in all (``pipeline.fuse_layers``, which fuses many layers with ``fuse_many``)."""
         return fuse_many([(self, weights)])[0]
@@ -686,7 +701,8 @@ class LoraLayer(nn.Module):
             self.unfuse()
 
     def fuse(self) -> None:
-        """Bake the active adapters at their weights into the base weight: ``W = W0 + delta`` (fp32, cast once).
+        """Bake the active adapters at their weights into the base weight: ``W = W0 + delta`` (fp32 or fp64, cast
+        once).
 
         Calling it again after a weight change recomputes from the saved ``W0``, equal to fusing afresh. Raises
         ``ValueError`` (and leaves the layer as it was) if the fused weight would hold NaN or Inf.
@@ -712,17 +728,18 @@ class LoraLayer(nn.Module):
         return ", ".join(f"{n}: r={s.rank} alpha={s.alpha:g} w={self.weights[n]:g}" for n, s in self.specs.items())
 
 
-_FUSE_CHUNK = 1 << 24  # fp32 elements of the deltas that one batched matmul of fuse_many writes at most (64 MB)
+_FUSE_CHUNK = 1 << 24  # elements of the deltas that one batched matmul of fuse_many writes at most (64 MB in fp32)
 
 
 def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Tensor]:
-    """``write_fused`` for many layers: each ``(layer, {adapter: weight})`` gets ``W = W0 + sum w s B A`` (fp32,
-    rounded once), and the new weights come back in order. No host-device sync (see ``all_finite``).
+    """``write_fused`` for many layers: each ``(layer, {adapter: weight})`` gets ``W = W0 + sum w s B A`` (in fp32,
+    fp64 for an fp64 weight; rounded once), and the new weights come back in order. No host-device sync (see
+    ``all_finite``).
 
-    Layers whose fp32 factors have the same shapes on the same device share one batched matmul, their scales
+    Layers whose widened factors have the same shapes and dtype on the same device share one batched matmul, their scales
     travel in one host-device copy per device, and the adds and casts run as two multi-tensor ops per batch, so an
     SD1.5 UNet (128 layers, ~10 shapes) fuses or re-weights in a few dozen kernels where a scale, a matmul and an
-    add per layer took ~400. A batch writes at most ``_FUSE_CHUNK`` fp32 elements of deltas at a time.
+    add per layer took ~400. A batch writes at most ``_FUSE_CHUNK`` elements of deltas at a time.
     """
     groups: dict[tuple, list[tuple]] = {}
     out = []
@@ -736,11 +753,12 @@ def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Ten
             if not weights:
                 weight.copy_(layer._base_backup)
                 continue
-            a32, b32 = layer._fp32_factors(list(weights), cache=True)
-            groups.setdefault((weight.device, a32.shape, b32.shape), []).append(
-                (a32, b32, layer.scale_row(weights), layer._base_backup, weight))
-        scales = floats_on_devices([(key[0], [v for member in members for v in member[2]]) for key, members in groups.items()])
-        for ((_, a_shape, b_shape), members), rows in zip(groups.items(), scales):
+            a, b = layer._fuse_factors(list(weights), cache=True)
+            groups.setdefault((weight.device, a.dtype, a.shape, b.shape), []).append(
+                (a, b, layer.scale_row(weights), layer._base_backup, weight))
+        scales = floats_on_devices([(device, dtype, [v for member in members for v in member[2]])
+                                    for (device, dtype, _, _), members in groups.items()])
+        for ((_, _, a_shape, b_shape), members), rows in zip(groups.items(), scales):
             rows = rows.view(len(members), 1, b_shape[1])
             step = max(1, _FUSE_CHUNK // (b_shape[0] * a_shape[1]))
             for start in range(0, len(members), step):
@@ -748,7 +766,7 @@ def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Ten
                 b = torch.stack([m[1] for m in chunk]) * rows[start : start + step]
                 delta = torch.bmm(b, torch.stack([m[0] for m in chunk]))
                 deltas = [d.view(m[4].shape) for d, m in zip(delta.unbind(0), chunk)]
-                torch._foreach_add_(deltas, [m[3] for m in chunk])  # W0 + delta in fp32
+                torch._foreach_add_(deltas, [m[3] for m in chunk])  # W0 + delta, in fp32 (fp64)
                 torch._foreach_copy_([m[4] for m in chunk], deltas)  # rounded once to the weight's dtype
         for layer, weights in items:
             layer.fused = dict(weights)
@@ -756,16 +774,17 @@ def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Ten
     return out
 
 
-def floats_on_devices(rows: list[tuple[torch.device, list[float]]]) -> list[torch.Tensor]:
-    """Each ``(device, floats)`` as an fp32 tensor there: slices of one tensor per device (one host-device copy)."""
-    flat: dict[torch.device, list[float]] = {}
+def floats_on_devices(rows: list[tuple[torch.device, torch.dtype, list[float]]]) -> list[torch.Tensor]:
+    """Each ``(device, dtype, floats)`` as a tensor there: slices of one tensor per device and dtype (one
+    host-device copy each)."""
+    flat: dict[tuple[torch.device, torch.dtype], list[float]] = {}
     spans = []
-    for device, row in rows:
-        values = flat.setdefault(device, [])
-        spans.append((device, len(values), len(row)))
+    for device, dtype, row in rows:
+        values = flat.setdefault((device, dtype), [])
+        spans.append(((device, dtype), len(values), len(row)))
         values.extend(row)
-    tensors = {device: torch.tensor(values, dtype=torch.float32).to(device) for device, values in flat.items()}
-    return [tensors[device][start : start + n] for device, start, n in spans]
+    tensors = {(device, dtype): torch.tensor(values, dtype=dtype).to(device) for (device, dtype), values in flat.items()}
+    return [tensors[key][start : start + n] for key, start, n in spans]
 
 
 class LoraLinear(LoraLayer):

@@ -403,7 +403,7 @@ def delete_adapter(pipe, adapter: str) -> None:
 def _rows_on_devices(rows: list[tuple[LoraLayer, list[float]]]) -> list[torch.Tensor]:
     """Each ``(layer, row of floats)`` as an fp32 tensor on the layer's device: slices of one tensor per device,
     so that any number of layers costs one host-device copy."""
-    return floats_on_devices([(layer.base_layer.weight.device, row) for layer, row in rows])
+    return floats_on_devices([(layer.base_layer.weight.device, torch.float32, row) for layer, row in rows])
 
 
 def sync_scales(layers: list[LoraLayer]) -> None:
@@ -420,7 +420,7 @@ def sync_scales(layers: list[LoraLayer]) -> None:
 def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     """(Re-)fuse each ``(path, layer)`` at its current weights with one host-device sync for them all.
 
-    The layers are fused together (``fuse_many``: one batched matmul per shape, their fp32 factors kept while
+    The layers are fused together (``fuse_many``: one batched matmul per shape, their widened factors kept while
     fused), and the new weights are checked together at the end (``all_finite``: a few kernels and one host read
     per device).
     If any fused weight would hold NaN or Inf, every layer goes back to how it was and ``ValueError`` names the

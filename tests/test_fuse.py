@@ -141,6 +141,29 @@ def test_fused_weight_is_rounded_once_from_fp32(tmp_path, dtype):
     assert not torch.equal(expected, w0)
 
 
+def test_float64_pipeline_fuses_in_float64(tmp_path):
+    """An fp64 model fuses in fp64 (fusing in fp32 would round every weight to fp32, and the fp32 NaN check
+    refused fp64 tensors): the fused weight is ``W0 + delta`` in fp64, the fused UNet equals the unfused one to
+    fp64 rounding, and unfusing restores the weights bit for bit."""
+    pipe = _pipe_with(tmp_path, 2, dtype=torch.float64)
+    set_adapters(pipe, {"a0": 0.7, "a1": -1.3})
+    before = _weights(pipe)
+    layer = dict(lora_layers(pipe.unet))[LAYER]
+    w0 = layer.base_layer.weight.detach().clone()
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float64
+    g = torch.Generator().manual_seed(0)
+    sample, cond = torch.randn(2, 4, 16, 16, generator=g).double(), torch.randn(2, 77, 32, generator=g).double()
+    with torch.no_grad():
+        unfused = pipe.unet(sample, 500, encoder_hidden_states=cond).sample
+        fuse(pipe)
+        fused = pipe.unet(sample, 500, encoder_hidden_states=cond).sample
+    assert torch.equal(dict(lora_layers(pipe.unet))[LAYER].base_layer.weight, w0 + delta)
+    torch.testing.assert_close(fused, unfused, rtol=1e-10, atol=1e-10 * unfused.abs().max().item())
+    unfuse(pipe)
+    _assert_same(_weights(pipe), before)
+
+
 def test_refused_reweight_changes_nothing(tmp_path):
     pipe = _pipe_with(tmp_path, 2)
     bad = tmp_path / "bad.safetensors"
