@@ -56,6 +56,45 @@ class AdapterSpec:
         return self.alpha / self.rank
 
 
+def _slot(name: str) -> str:
+    """Where adapter ``name`` is kept in ``lora_A`` / ``lora_B`` / ``lora_dropout``: torch's parameter and module
+    names can't hold ``.``, adapter names can (A1111 names a LoRA after its file, such as ``detail_v1.5``), so a
+    ``.`` is kept as ``%2E`` (and ``%`` as ``%25``, which keeps the map one to one)."""
+    return name.replace("%", "%25").replace(".", "%2E") if "." in name or "%" in name else name
+
+
+class _AdapterParameters(nn.ParameterDict):
+    """``nn.ParameterDict`` indexed by adapter name (see ``_slot``)."""
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return super().__getitem__(_slot(name))
+
+    def __setitem__(self, name: str, value) -> None:
+        super().__setitem__(_slot(name), value)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(_slot(name))
+
+    def __contains__(self, name) -> bool:
+        return super().__contains__(_slot(name))
+
+
+class _AdapterModules(nn.ModuleDict):
+    """``nn.ModuleDict`` indexed by adapter name (see ``_slot``)."""
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(_slot(name))
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        super().__setitem__(_slot(name), module)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(_slot(name))
+
+    def __contains__(self, name) -> bool:
+        return super().__contains__(_slot(name))
+
+
 # True while torch.compile traces (torch >= 2.3; older versions run the eager forward, graph breaks and all)
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
@@ -133,15 +172,17 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether ``tensors`` (all on one device) hold no NaN or Inf, with one host read: their 2-norms (fp32; fp64
     for fp64 tensors) in one multi-tensor pass per width (a few kernels for any number of tensors, where a
-    reduction each would launch one per tensor), non-finite iff some element is (or, for fp32 tensors, if squares
-    overflow: |w| > ~1e18)."""
+    reduction each would launch one per tensor), non-finite iff some element is or the squares overflow (|w| >
+    ~1e18 in fp32): only then is each tensor checked element by element, so huge finite weights pass."""
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault(_accumulation_dtype(t.dtype), []).append(t)
     if not groups:
         return True
     finite = [torch.isfinite(torch.stack(torch._foreach_norm(ts, 2, dtype=dtype))) for dtype, ts in groups.items()]
-    return bool((finite[0] if len(finite) == 1 else torch.cat(finite)).all())
+    if bool((finite[0] if len(finite) == 1 else torch.cat(finite)).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 BACKWARD_MODES = ("auto", "dense", "lowrank", "merged")
@@ -286,9 +327,9 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = _AdapterParameters()  # adapter name -> parameter (a name may hold '.': ``_slot``)
+        self.lora_B = _AdapterParameters()
+        self.lora_dropout = _AdapterModules()
         self.specs: dict[str, AdapterSpec] = {}
         self.weights: dict[str, float] = {}  # user weight per adapter (strength); 0 or absent = inactive
         self.active: list[str] = []  # adapters that take part in forward/fuse, in insertion order
@@ -499,7 +540,7 @@ class LoraLayer(nn.Module):
         which adds up over ~100 layers x several adapters per UNet call."""
         modules = self._modules
         store_a, store_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
-        return [(store_a[n], store_b[n]) for n in names]
+        return [(store_a[k], store_b[k]) for k in map(_slot, names)]
 
     def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]], tracked: bool,
                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,11 +567,11 @@ class LoraLayer(nn.Module):
         if tracked and len(names) == 1:
             return True
         dropouts = self._modules["lora_dropout"]._modules
-        return self.training and any(not isinstance(dropouts[n], nn.Identity) for n in names)
+        return self.training and any(not isinstance(dropouts[_slot(n)], nn.Identity) for n in names)
 
     def _adapter_input(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
         """``dropout(x)`` in the factors' dtype, as PEFT; the cast is skipped where autocast casts back anyway."""
-        drop = self.lora_dropout._modules[name]
+        drop = self.lora_dropout._modules[_slot(name)]
         identity = isinstance(drop, nn.Identity)
         h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
         return h if identity else drop(h)
@@ -828,7 +869,7 @@ class LoraLinear(LoraLayer):
             return False
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-        return frozen and not (self.training and type(self.lora_dropout._modules[names[0]]) is not nn.Identity)
+        return frozen and not (self.training and type(self.lora_dropout._modules[_slot(names[0])]) is not nn.Identity)
 
     def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         base = self._modules["base_layer"]

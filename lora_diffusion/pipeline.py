@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 _META_ATTR = "_lora_metadata"  # model attribute: adapter name -> our metadata from the file it came from
+_DISABLED_ATTR = "_lora_disabled"  # model attribute: disable_lora is in force (new layers start disabled too)
+_REFUSE_ATTR = "_lora_refuse"  # model attribute: fuse when enable_lora comes (fused, or fuse asked, while disabled)
 
 
 def _components(pipe) -> Iterator[tuple[str, nn.Module]]:
@@ -227,25 +229,42 @@ def apply_lora(
 
 
 def _apply_plan(model: nn.Module, plan: list[tuple[str, LoraWeights]], adapter: str, weight: float) -> int:
+    """Add ``adapter`` to the layers of ``plan`` (wrapping them where needed; a fused model fuses it in). On any
+    error the adapter is taken out again and the wrappers this call made are removed: nothing half-loaded."""
     fused = bool(getattr(model, DETACHED_ATTR, {}))
+    disabled = model.__dict__.get(_DISABLED_ATTR, False)
     attach(model)
-    for target, w in plan:
-        layer = wrap_layer(model, target)
-        layer.add_adapter(adapter, rank=w.rank, alpha=w.alpha, dtype=layer.base_layer.weight.dtype, weight=weight)
-        layer.set_lora_weights(adapter, w.A, w.B)
-        layer.lora_A[adapter].requires_grad_(False)
-        layer.lora_B[adapter].requires_grad_(False)
-    if fused:
-        layers = [(target, model.get_submodule(target)) for target, _ in plan]
-        try:
-            fuse_layers(layers)
-        except ValueError:
-            for _, layer in layers:  # nothing half-loaded
-                layer.delete_adapter(adapter)
-            raise
-        finally:
+    touched: list[tuple[str, LoraLayer, bool]] = []  # (path, layer, wrapped by this call)
+    try:
+        for target, w in plan:
+            fresh = not isinstance(model.get_submodule(target), LoraLayer)
+            layer = wrap_layer(model, target)
+            touched.append((target, layer, fresh))
+            layer.disabled = layer.disabled or disabled
+            layer.add_adapter(adapter, rank=w.rank, alpha=w.alpha, dtype=layer.base_layer.weight.dtype, weight=weight)
+            layer.set_lora_weights(adapter, w.A, w.B)
+            layer.lora_A[adapter].requires_grad_(False)
+            layer.lora_B[adapter].requires_grad_(False)
+        if fused:
+            fuse_layers([(target, layer) for target, layer, _ in touched])
+    except BaseException:
+        _take_out(model, adapter, touched)
+        raise
+    finally:
+        if fused:
             detach(model)
     return len(plan)
+
+
+def _take_out(model: nn.Module, adapter: str, touched: list[tuple[str, LoraLayer, bool]]) -> None:
+    """Undo a part-done ``_apply_plan``: delete ``adapter`` where it was added (a fused layer re-fuses without
+    it) and put back the base layers of the wrappers that call made."""
+    for target, layer, fresh in touched:
+        if adapter in layer.specs:
+            layer.delete_adapter(adapter)
+        if fresh and not layer.specs:
+            parent, _, child = target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
 
 
 def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -291,11 +310,17 @@ def load_lora(
     # check every component before changing any: a bad file leaves the pipeline as it was
     plans = {c: _plan(models[c], c, lora, adapter, strict, str(path)) for c in components}
     meta = our_metadata(header)
-    patched = 0
-    for component, plan in plans.items():
-        model = models[component]
-        patched += _apply_plan(model, plan, adapter, weight)
-        model.__dict__.setdefault(_META_ATTR, {})[adapter] = meta
+    patched, done = 0, []
+    try:
+        for component, plan in plans.items():
+            model = models[component]
+            patched += _apply_plan(model, plan, adapter, weight)
+            done.append(model)
+            model.__dict__.setdefault(_META_ATTR, {})[adapter] = meta
+    except BaseException:  # e.g. the UNet's fuse refused it after the text encoder took it: take it out there too
+        for model in done:
+            _delete_from_model(model, adapter)
+        raise
     logger.info("loaded %s as adapter %r into %d layers", path, adapter, patched)
     return adapter
 
@@ -357,7 +382,7 @@ def set_adapters(
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
         sync_scales([layer for _, layer, _ in changed if not layer.fused])  # a fuse refreshed its own
-    except ValueError:
+    except BaseException:  # (fuse_layers put the fused weights back)
         for _, layer, state in changed:
             layer.restore_weights(state)
         raise
@@ -369,34 +394,42 @@ def _set_disabled(pipe, disabled: bool) -> None:
         if disabled and was_fused:
             # a fused delta lives in the base weights: take it out, and remember to put it back on enable
             unfuse_model(model)
-            model.__dict__["_lora_refuse"] = True
+            model.__dict__[_REFUSE_ATTR] = True
+        model.__dict__[_DISABLED_ATTR] = disabled
         for _, layer in lora_layers(model):
             layer.disabled = disabled
-        if not disabled and model.__dict__.pop("_lora_refuse", False):
+        if not disabled and model.__dict__.pop(_REFUSE_ATTR, False):
             fuse_model(model)
 
 
 def disable_lora(pipe) -> None:
-    """Run the pipeline as the base model (adapters kept; a fused pipeline is unfused until ``enable_lora``)."""
+    """Run the pipeline as the base model (adapters kept; a fused pipeline is unfused until ``enable_lora``).
+
+    While disabled, adapters loaded later stay off too, and ``fuse`` waits for ``enable_lora`` (as in diffusers,
+    where a disabled model runs the base weights whatever was fused)."""
     _set_disabled(pipe, True)
 
 
 def enable_lora(pipe) -> None:
-    """Undo ``disable_lora`` (re-fusing if the pipeline was fused)."""
+    """Undo ``disable_lora`` (fusing if the pipeline was fused, or ``fuse`` was called, while disabled)."""
     _set_disabled(pipe, False)
 
 
 def delete_adapter(pipe, adapter: str) -> None:
     """Remove one adapter from every component."""
     for _, model in _components(pipe):
-        was_fused = bool(getattr(model, DETACHED_ATTR, {}))
-        attach(model)
-        for _, layer in list(lora_layers(model)):
-            if adapter in layer.specs:
-                layer.delete_adapter(adapter)  # a fused layer is re-fused without it
-        if was_fused:
-            detach(model)
-        getattr(model, _META_ATTR, {}).pop(adapter, None)
+        _delete_from_model(model, adapter)
+
+
+def _delete_from_model(model: nn.Module, adapter: str) -> None:
+    was_fused = bool(getattr(model, DETACHED_ATTR, {}))
+    attach(model)
+    for _, layer in list(lora_layers(model)):
+        if adapter in layer.specs:
+            layer.delete_adapter(adapter)  # a fused layer is re-fused without it
+    if was_fused:
+        detach(model)
+    getattr(model, _META_ATTR, {}).pop(adapter, None)
 
 
 # ---------------------------------------------------------------------------------------------- fuse
@@ -424,31 +457,43 @@ def fuse_layers(layers: list[tuple[str, LoraLayer]]) -> None:
     fused), and the new weights are checked together at the end (``all_finite``: a few kernels and one host read
     per device).
     If any fused weight would hold NaN or Inf, every layer goes back to how it was and ``ValueError`` names the
-    layers.
+    layers; so it does on any other error on the way.
     """
     plans = [(path, layer, layer.fuse_weights(), dict(layer.fused)) for path, layer in layers]
     plans = [plan for plan in plans if plan[2] or plan[3]]  # a layer with nothing to fuse, now or before, stays as it is
     fused: dict[torch.device, list[torch.Tensor]] = {}  # the new weights, checked together per device
-    for weight in fuse_many([(layer, weights) for _, layer, weights, _ in plans]):
-        fused.setdefault(weight.device, []).append(weight)
-    if all(all_finite(weights) for weights in fused.values()):
-        return
-    bad = [path for path, layer, _, _ in plans if not bool(torch.isfinite(layer.base_layer.weight).all())]
-    for _, layer, _, previous in plans:
-        layer.restore_fused(previous)
+    try:
+        for weight in fuse_many([(layer, weights) for _, layer, weights, _ in plans]):
+            fused.setdefault(weight.device, []).append(weight)
+        if all(all_finite(weights) for weights in fused.values()):
+            return
+        bad = [path for path, layer, _, _ in plans if not bool(torch.isfinite(layer.base_layer.weight).all())]
+    except BaseException:
+        _restore_fused(plans)
+        raise
+    _restore_fused(plans)
     more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
     raise ValueError(f"refusing to fuse: {bad[0]}{more} would get NaN or Inf weights (a NaN/Inf in an adapter, or "
                      f"weights too large for {plans[0][1].base_layer.weight.dtype}); nothing was changed")
 
 
+def _restore_fused(plans: list[tuple[str, LoraLayer, dict[str, float], dict[str, float]]]) -> None:
+    for _, layer, _, previous in plans:
+        layer.restore_fused(previous)
+
+
 def fuse_model(model: nn.Module) -> None:
-    """Fuse one model's active adapters into its weights and swap the wrappers out (zero added latency)."""
+    """Fuse one model's active adapters into its weights and swap the wrappers out (zero added latency); while
+    ``disable_lora`` is in force, the fuse waits for ``enable_lora``."""
     model = unwrap(model)
+    if model.__dict__.get(_DISABLED_ATTR, False):
+        model.__dict__[_REFUSE_ATTR] = True
+        return
     was_fused = bool(getattr(model, DETACHED_ATTR, {}))
     attach(model)
     try:
         fuse_layers(list(lora_layers(model)))
-    except ValueError:
+    except BaseException:
         if was_fused:  # fuse_layers put the old fused weights back
             detach(model)
         raise
@@ -456,8 +501,10 @@ def fuse_model(model: nn.Module) -> None:
 
 
 def unfuse_model(model: nn.Module) -> None:
-    """Restore one model's base weights exactly and put the LoRA wrappers back."""
+    """Restore one model's base weights exactly and put the LoRA wrappers back (and forget a fuse that waits
+    for ``enable_lora``)."""
     model = unwrap(model)
+    model.__dict__.pop(_REFUSE_ATTR, None)
     attach(model)
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:

@@ -1,14 +1,17 @@
 """Pipeline-level invariants and bad input: load, weights, disable, fuse/unfuse."""
 
 import pickle
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lora_diffusion import (
     LoraFormatError,
     LoraLayer,
+    delete_adapter,
     disable_lora,
     enable_lora,
     fuse,
@@ -19,14 +22,15 @@ from lora_diffusion import (
     set_adapters,
     unfuse,
 )
+from lora_diffusion.inject import lora_layers
 from lora_diffusion.testing import tiny_pipeline
 
 from conftest import generate, randomize_lora
 
 
-def _lora_file(path, seed, rank=4, alpha=None, te=True, std=0.3):
+def _lora_file(path, seed, rank=4, alpha=None, te=True, std=0.3, targets=None):
     pipe = tiny_pipeline(0)
-    inject_lora(pipe.unet, rank=rank, alpha=alpha)
+    inject_lora(pipe.unet, rank=rank, alpha=alpha, targets=targets)
     randomize_lora(pipe.unet, seed=seed, std=std)
     if te:
         inject_lora(pipe.text_encoder, rank=2, alpha=alpha)
@@ -115,6 +119,106 @@ def test_disable_while_fused_gives_base(two_files):
     assert abs(generate(pipe) - base).max() == 0
     enable_lora(pipe)
     assert abs(generate(pipe) - fused).max() == 0
+
+
+def _fused(model) -> bool:
+    return any(layer.fused for _, layer in lora_layers(model))
+
+
+def test_fuse_while_disabled_waits_for_enable_and_new_adapters_stay_off(two_files, tmp_path):
+    """As in diffusers, a disabled model runs its base weights whatever is fused or loaded meanwhile: ``fuse``
+    waits for ``enable_lora``, and an adapter loaded on layers not wrapped before starts disabled too."""
+    base = generate(tiny_pipeline(0))
+    mlp = _lora_file(tmp_path / "mlp.safetensors", 3, targets="attn-mlp", te=False)
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    disable_lora(pipe)
+    fuse(pipe)
+    assert not _fused(pipe.unet) and abs(generate(pipe) - base).max() == 0
+    load_lora(pipe, mlp)  # its feed-forward layers were not wrapped before
+    assert abs(generate(pipe) - base).max() == 0
+    enable_lora(pipe)
+    assert _fused(pipe.unet) and _fused(pipe.text_encoder)
+    ref = tiny_pipeline(0)
+    load_lora(ref, two_files[0]), load_lora(ref, mlp), fuse(ref)
+    assert abs(generate(pipe) - generate(ref)).max() == 0
+
+
+def test_unfuse_while_disabled_is_not_undone_by_enable(two_files):
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    unfused = generate(pipe)
+    fuse(pipe)
+    disable_lora(pipe)
+    unfuse(pipe)
+    enable_lora(pipe)
+    assert not _fused(pipe.unet) and not _fused(pipe.text_encoder)
+    assert abs(generate(pipe) - unfused).max() == 0
+
+
+def test_refused_load_into_a_fused_pipeline_changes_no_component(two_files, tmp_path):
+    """The text encoder takes a file's adapter before the UNet does: when the UNet's fuse refuses it (here a
+    factor that overflows fp16 once fused), the text encoder gives it back too, and no wrapper is left behind."""
+    tensors, header = load_file(two_files[1]), safe_open(two_files[1], "pt").metadata()
+    key = next(k for k in tensors if k.startswith("unet.") and "lora_B" in k)
+    tensors[key] = torch.full_like(tensors[key], 6e4)  # (an fp16 number)
+    bad = tmp_path / "overflow.safetensors"
+    save_file(tensors, bad, metadata=header)
+    pipe = tiny_pipeline(0, dtype=torch.float16)
+    load_lora(pipe, two_files[0])
+    fuse(pipe)
+    before = {c: (_weights(getattr(pipe, c)), [n for n, _ in getattr(pipe, c).named_modules()]) for c in ("unet", "text_encoder")}
+    with pytest.raises(ValueError, match="refusing to fuse"):
+        load_lora(pipe, bad)
+    assert list_adapters(pipe) == {"unet": ["style"], "text_encoder": ["style"]}
+    for c, (weights, modules) in before.items():
+        model = getattr(pipe, c)
+        assert [n for n, _ in model.named_modules()] == modules
+        assert all(torch.equal(weights[k], v) for k, v in _weights(model).items())
+
+
+def test_huge_finite_weights_fuse_and_non_finite_ones_are_refused(two_files):
+    """The fuse check is exact: weights whose squares overflow an fp32 norm but are finite fuse (this raised an
+    IndexError), an infinite scale is refused with every weight and setting as it was."""
+    pipe = tiny_pipeline(0)
+    original = _weights(pipe.unet)
+    load_lora(pipe, two_files[0])
+    fuse(pipe)
+    fused = _weights(pipe.unet)
+    with pytest.raises(ValueError, match="refusing to fuse: .* would get NaN or Inf"):
+        set_adapters(pipe, {"style": 1e300})  # inf once the scales are fp32
+    assert all(torch.equal(fused[k], v) for k, v in _weights(pipe.unet).items())
+    assert {layer.weights["style"] for _, layer in lora_layers(pipe.unet)} == {1.0}
+    set_adapters(pipe, {"style": 1e20})
+    weights = torch.cat([w.flatten() for w in _weights(pipe.unet).values()])
+    assert weights.isfinite().all() and not torch.linalg.vector_norm(weights).isfinite()
+    unfuse(pipe)
+    assert all(torch.equal(layer.base_layer.weight, original[f"{path}.weight"]) for path, layer in lora_layers(pipe.unet))
+
+
+def test_adapter_names_may_hold_dots(two_files, tmp_path):
+    """A1111 names a LoRA after its file (``detail_v1.5``); torch's parameter names can't hold a dot, so the
+    layers keep such a name escaped, and every function takes the name as it is."""
+    dotted = tmp_path / "detail_v1.5.safetensors"
+    shutil.copy(two_files[0], dotted)
+    pipe, ref = tiny_pipeline(0), tiny_pipeline(0)
+    assert load_lora(pipe, dotted) == "detail_v1.5"
+    assert load_lora(pipe, dotted, adapter="a%2Eb.c") == "a%2Eb.c"  # ('%' escaped too: no two names collide)
+    load_lora(ref, two_files[0]), load_lora(ref, two_files[0], adapter="other")
+    assert list_adapters(pipe)["unet"] == ["detail_v1.5", "a%2Eb.c"]
+    for weights in ({"detail_v1.5": 0.5}, {"detail_v1.5": 0.5, "a%2Eb.c": -1.0}):
+        set_adapters(pipe, weights)
+        set_adapters(ref, {{"detail_v1.5": "style", "a%2Eb.c": "other"}[k]: w for k, w in weights.items()})
+        assert abs(generate(pipe) - generate(ref)).max() == 0
+        fuse(pipe), fuse(ref)
+        assert abs(generate(pipe) - generate(ref)).max() == 0
+        unfuse(pipe), unfuse(ref)
+    out = save_lora(tmp_path / "out.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, adapter="detail_v1.5",
+                   dtype=torch.float32)
+    saved, source = load_file(out), load_file(two_files[0])
+    assert saved.keys() == source.keys() and all(torch.equal(saved[k].float(), source[k]) for k in source)
+    delete_adapter(pipe, "detail_v1.5")
+    assert list_adapters(pipe)["unet"] == ["a%2Eb.c"]
 
 
 def test_pickled_files_are_refused_and_never_unpickled(tmp_path):
