@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import NamedTuple
 
 import torch
@@ -126,20 +126,28 @@ def block_factor(spec: BlockSpec, component: str, path: str, layers_per_block: i
     return float(values[LBW_SD1.index(name)]) if name in LBW_SD1 else 1.0
 
 
-def check_blocks(spec: BlockSpec) -> None:
-    """Raise ``ValueError`` early for a malformed block spec (unknown keys, wrong vector length)."""
+def check_blocks(spec: BlockSpec, layers_per_block: int = 2) -> None:
+    """Raise ``ValueError`` early for a malformed block spec: unknown keys, a wrong LBW vector length, or (as
+    diffusers) a per-layer list whose length is not the block's layer count: ``layers_per_block`` down,
+    one more up, 1 for mid (a one-value list stands for the whole block)."""
     if spec is None or isinstance(spec, (int, float)):
         return
     if isinstance(spec, Mapping):
         unknown = sorted(set(spec) - {"down", "mid", "up"})
         if unknown:
             raise ValueError(f"block weights take keys 'down', 'mid', 'up'; got {unknown}")
-        for side in ("down", "up"):
+        counts = {"down": layers_per_block, "up": layers_per_block + 1, "mid": 1}
+        for side, count in counts.items():
             value = spec.get(side)
-            if isinstance(value, Mapping):
+            if isinstance(value, Mapping) and side != "mid":
                 bad = [k for k in value if not re.fullmatch(r"block_\d+", str(k))]
                 if bad:
                     raise ValueError(f"blocks[{side!r}] keys must be 'block_<i>', got {bad}")
+            lists = value.items() if isinstance(value, Mapping) else [(None, value)]
+            for block, values in lists:
+                if isinstance(values, (list, tuple)) and len(values) not in (1, count):
+                    where = side if block is None else f"{side}.{block}"
+                    raise ValueError(f"blocks: expected {count} values for {where} (one per layer), got {len(values)}")
         return
     if len(list(spec)) != len(LBW_SD1):
         raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}), got {len(list(spec))}")
@@ -304,6 +312,9 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, PromptWeight]]:
         args = [a.strip() for a in m.group(2).split(":")[1:]]
         positional = [a for a in args if "=" not in a]
         named = dict(a.split("=", 1) for a in args if "=" in a)
+        ignored = [f"{k}=" for k in named if k not in ("te", "unet")] + (["dyn"] if len(positional) > 2 else [])
+        if ignored:
+            logger.warning("LoRA tag %s: %s not supported, ignored", m.group(0), ", ".join(ignored))
         try:
             te = float(named.get("te", positional[0] if positional else 1.0))
             unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
@@ -322,23 +333,37 @@ def apply_prompt_loras(pipe, prompt: str, lora_dir: str | os.PathLike | None = N
     """Load (from ``lora_dir/<name>.safetensors``, once) and weight the LoRAs tagged in ``prompt``; return the
     prompt without tags. Adapters already loaded but not tagged are switched off, as in A1111.
 
+    Every tag is checked before anything loads (a name must stay inside ``lora_dir``: no absolute paths, no
+    ``..``), and on any error the adapters this call loaded are deleted again: the pipeline stays as it was.
+
     Example:
         >>> prompt = apply_prompt_loras(pipe, "a cat <lora:style:0.7>", "loras/")
         >>> image = pipe(prompt).images[0]
     """
-    from .pipeline import list_adapters, load_lora, set_adapters  # pipeline builds on this module
+    from .pipeline import delete_adapter, list_adapters, load_lora, set_adapters  # pipeline builds on this module
 
     clean, tags = parse_prompt(prompt)
     loaded = {n for names in list_adapters(pipe).values() for n in names}
-    for name in tags:
-        if name in loaded:
-            continue
-        if lora_dir is None:
-            raise KeyError(f"LoRA {name!r} is not loaded and no lora_dir was given; loaded: {sorted(loaded)}")
-        path = Path(lora_dir) / f"{name}.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no LoRA file for the tag <lora:{name}:...>")
-        load_lora(pipe, path, adapter=name)
-        loaded.add(name)
-    set_adapters(pipe, {n: w.unet for n, w in tags.items()}, text_encoder={n: w.te for n, w in tags.items()})
+    paths = {name: _tag_path(name, lora_dir, loaded) for name in tags if name not in loaded}
+    added: list[str] = []
+    try:
+        for name, path in paths.items():
+            added.append(load_lora(pipe, path, adapter=name, weight=0.0))
+        set_adapters(pipe, {n: w.unet for n, w in tags.items()}, text_encoder={n: w.te for n, w in tags.items()})
+    except BaseException:
+        for name in added:
+            delete_adapter(pipe, name)
+        raise
     return clean
+
+
+def _tag_path(name: str, lora_dir: str | os.PathLike | None, loaded: set[str]) -> Path:
+    """The file of the tag ``<lora:name:...>``: ``lora_dir/<name>.safetensors``, which must exist inside it."""
+    if lora_dir is None:
+        raise KeyError(f"LoRA {name!r} is not loaded and no lora_dir was given; loaded: {sorted(loaded)}")
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in PurePath(name.replace("\\", "/")).parts:
+        raise ValueError(f"<lora:{name}:...>: a LoRA name is a file name inside {lora_dir}, not a path out of it")
+    path = Path(lora_dir) / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no LoRA file for the tag <lora:{name}:...>")
+    return path

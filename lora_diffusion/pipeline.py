@@ -369,8 +369,9 @@ def set_adapters(
     unknown = sorted((set(weights) | set(te_weights) | (set(blocks) if per_adapter else set())) - known)
     if unknown:
         raise KeyError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
+    lpb = getattr(getattr(getattr(pipe, "unet", None), "config", None), "layers_per_block", 2)
     for spec in specs.values():
-        check_blocks(spec)
+        check_blocks(spec, lpb if isinstance(lpb, int) else 2)
     changed: list[tuple[str, LoraLayer, tuple]] = []
     try:
         for component, model in _components(pipe):

@@ -122,8 +122,12 @@ def test_bad_block_specs_raise(files):
         set_adapters(pipe, {"a": 1}, blocks=[1, 0, 1])
     with pytest.raises(ValueError, match="'down', 'mid', 'up'"):
         set_adapters(pipe, {"a": 1}, blocks={"middle": 0})
-    with pytest.raises(ValueError, match="has 2 values"):
-        set_adapters(pipe, {"a": 1}, blocks={"up": {"block_0": [1, 0]}})
+    # per-layer lists as diffusers counts them (layers_per_block 2: 2 down, 3 up, 1 mid; one value: whole block)
+    for spec, where in (({"up": {"block_0": [1, 0]}}, "3 values for up.block_0"), ({"up": {"block_0": [1, 0.5, 0, 7]}}, "3 values for up.block_0"),
+                        ({"down": [1, 0, 1]}, "2 values for down"), ({"mid": [0.5, 2]}, "1 values for mid")):
+        with pytest.raises(ValueError, match=f"expected {where} .one per layer., got"):
+            set_adapters(pipe, {"a": 1}, blocks=spec)
+    set_adapters(pipe, {"a": 1}, blocks={"down": [0.5], "mid": [0.2], "up": {"block_1": [1, 0.5, 0]}})
     with pytest.raises(KeyError, match="nope"):
         set_adapters(pipe, {"nope": 1})
 
@@ -232,6 +236,12 @@ def test_parse_prompt():
         parse_prompt("<lora:x:strong>")
 
 
+def test_parse_prompt_names_what_it_ignores(caplog):
+    with caplog.at_level("WARNING", logger="lora_diffusion.blend"):
+        assert parse_prompt("<lora:a:1:lbw=OUTD> <lora:b:1:1:16>")[1] == {"a": PromptWeight(1.0, 1.0), "b": PromptWeight(1.0, 1.0)}
+    assert "<lora:a:1:lbw=OUTD>: lbw= not supported" in caplog.text and "<lora:b:1:1:16>: dyn not supported" in caplog.text
+
+
 def test_apply_prompt_loras(files):
     pipe = tiny_pipeline(0)
     clean = apply_prompt_loras(pipe, "a red circle <lora:a:0.3> <lora:b:1:0.9>", files)
@@ -242,6 +252,29 @@ def test_apply_prompt_loras(files):
     apply_prompt_loras(pipe, "a red circle <lora:b:0.5>", files)  # a is untagged now: off
     layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
     assert layer.active == ["b"] and layer.weights["b"] == 0.5
+
+
+def test_a_refused_prompt_changes_nothing(files, tmp_path):
+    """Every tag is checked before anything loads, a failure later takes out what this call loaded, and a tag
+    can't name a file outside the LoRA folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "evil.safetensors").write_bytes((files / "b.safetensors").read_bytes())
+    (files / "sub").mkdir(exist_ok=True)
+    for prompt, error in (("cat <lora:b:0.5> <lora:nope:1>", FileNotFoundError),
+                          (f"cat <lora:b:1> <lora:{outside / 'evil'}:1>", ValueError),
+                          ("cat <lora:b:1> <lora:../outside/evil:1>", ValueError),
+                          ("cat <lora:b:1> <lora:sub/../../outside/evil:1>", ValueError),
+                          ("cat <lora:b:2> <lora:a:1e300>", ValueError)):  # loads b, then the fused re-weight is refused
+        pipe = tiny_pipeline(0)
+        apply_prompt_loras(pipe, "cat <lora:a:0.7>", files)
+        fuse(pipe)
+        before = weights_of(pipe), generate(pipe)
+        with pytest.raises(error):
+            apply_prompt_loras(pipe, prompt, files)
+        assert list(dict(lora_layers(pipe.unet))["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"].specs) == ["a"], prompt
+        after = weights_of(pipe), generate(pipe)
+        assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and np.array_equal(before[1], after[1]), prompt
 
 
 # ---------------------------------------------------------------------------------------------- baking
