@@ -459,3 +459,70 @@ def test_cancelling_real_training_keeps_a_usable_checkpoint(tmp_path, model_dir)
     pipe = tiny_pipeline(0)
     assert load_lora(pipe, backend.library.path_for("stopped")) == "stopped"
     assert any(float(layer.lora_B["stopped"].abs().sum()) > 0 for _, layer in lora_layers(pipe.unet))  # it learned
+
+
+def _wait(condition, timeout=10.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return True
+        threading.Event().wait(0.01)
+    return condition()
+
+
+def test_a_name_held_by_a_training_job_is_refused_to_uploads_merges_and_other_jobs(tmp_path, lora_files, model_dir):
+    from ui.handlers import TrainRequest
+
+    gate = threading.Semaphore(0)
+    lib = tmp_path / "loras"
+    lib.mkdir()
+    shutil.copy(lora_files["style"], lib / "style.safetensors")
+    backend = Backend(model_dir, lib, train_fn=_fake_train(lora_files["ink"], gate))
+    images = [(str(p), "a square") for p in make_images(tmp_path / "imgs", 2)]
+    job = backend.start_training(TrainRequest("jcap", images, max_train_steps=2))
+    waiting = backend.start_training(TrainRequest("jwait", images, max_train_steps=2))
+    assert _wait(lambda: job.status == "running") and waiting.status == "queued"
+    for name in ("jcap", "jwait"):  # running, queued
+        with pytest.raises(UIError, match=f"training job is making a LoRA named '{name}'"):
+            backend.upload(lora_files["style"], name)
+        with pytest.raises(UIError, match=f"training job is making a LoRA named '{name}'"):
+            backend.merge({"style": 1.0}, name)
+        with pytest.raises(UIError, match=f"training job is making a LoRA named '{name}'"):
+            backend.start_training(TrainRequest(name, images, max_train_steps=2))
+    # an upload named by its file ('jcap.safetensors') is refused too
+    named_like_the_job = tmp_path / "up" / "jcap.safetensors"
+    named_like_the_job.parent.mkdir()
+    shutil.copy(lora_files["style"], named_like_the_job)
+    with pytest.raises(UIError, match="training job"):
+        backend.upload(named_like_the_job)
+    gate.release(10)
+    assert job.done_event.wait(10) and waiting.done_event.wait(10)
+    assert (job.status, waiting.status) == ("done", "done"), (job.message, waiting.message)
+    assert job.result.name == "jcap" and "as 'jcap'" in job.message
+    assert sorted(backend.library.names()) == ["jcap", "jwait", "style"]
+    assert (lib / "jcap.safetensors").read_bytes() == lora_files["ink"].read_bytes()  # the trained weights
+    with pytest.raises(UIError, match="already exists"):  # and once done, the usual refusal
+        backend.upload(lora_files["style"], "jcap")
+
+
+def test_a_trained_lora_whose_name_was_taken_anyway_goes_in_under_a_free_name(tmp_path, lora_files, model_dir):
+    from ui.handlers import TrainRequest
+
+    gate = threading.Semaphore(0)
+    lib = tmp_path / "loras"
+    backend = Backend(model_dir, lib, train_fn=_fake_train(lora_files["ink"], gate))
+    images = [(str(p), "a square") for p in make_images(tmp_path / "imgs", 2)]
+    long_name = "x" * 64
+    jobs = [backend.start_training(TrainRequest(n, images, max_train_steps=1)) for n in ("jcap", long_name)]
+    assert _wait(lambda: jobs[0].status == "running")
+    # someone drops files into the library folder under the jobs' names (and 'jcap-2') while they run
+    for name in ("jcap", "jcap-2", long_name):
+        shutil.copy(lora_files["style"], lib / f"{name}.safetensors")
+    gate.release(10)
+    assert all(j.done_event.wait(10) for j in jobs)
+    assert [j.status for j in jobs] == ["done", "done"], [j.message for j in jobs]
+    assert jobs[0].result.name == "jcap-3" and "as 'jcap-3'" in jobs[0].message and "'jcap' was taken" in jobs[0].message
+    assert jobs[1].result.name == "x" * 62 + "-2" and check_name(jobs[1].result.name)
+    for name in ("jcap", "jcap-2", long_name):  # what was there is kept as it was
+        assert (lib / f"{name}.safetensors").read_bytes() == lora_files["style"].read_bytes()
+    for j in jobs:
+        assert j.result.path.read_bytes() == lora_files["ink"].read_bytes()

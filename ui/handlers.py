@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -35,7 +36,7 @@ from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import LoraFormatError
 
-from .library import LoraInfo, LoraLibrary, UIError, check_name, safe_child
+from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
 
 logger = logging.getLogger(__name__)
 
@@ -440,6 +441,8 @@ class Backend:
         self._model_dir: str | None = None
         self._out_dir: Path | None = None
         self.queue = TrainQueue(self._run_training)
+        self._names_lock = threading.Lock()
+        self._writing: set[str] = set()  # library names an upload, merge or training start is writing right now
 
     @property
     def model_label(self) -> str:
@@ -457,7 +460,49 @@ class Backend:
     # ------------------------------------------------------------------ library
     def upload(self, path: str | os.PathLike, name: str | None = None) -> LoraInfo:
         """Add an uploaded file to the library (safetensors only, size-limited, must be a readable LoRA)."""
-        return self.library.add_file(path, name or None)
+        src = Path(path)
+        if src.suffix.lower() != SUFFIX:
+            return self.library.add_file(src, name or None)  # refuses it, with the library's message
+        target = check_name(name) if name else sanitize_name(src.name[: -len(SUFFIX)])
+        with self._claim(target):
+            return self.library.add_file(src, target)
+
+    def _name_taken(self, name: str, *, own_job: TrainJob | None = None) -> str | None:
+        """Why ``name`` cannot be given to a new library file (``None``: it is free). Call with ``_names_lock``."""
+        if name in self.queue.active_names() and not (own_job is not None and name == own_job.name):
+            return f"a training job is making a LoRA named {name!r}; choose another name (or cancel that job)"
+        if name in self._writing:
+            return f"a LoRA named {name!r} is being written right now; choose another name"
+        if self.library.exists(name):
+            return f"a LoRA named {name!r} already exists; delete it first or choose another name"
+        return None
+
+    @contextlib.contextmanager
+    def _claim(self, name: str):
+        """Hold ``name`` while a new library file is made under it: refused (``UIError``) if a LoRA, a queued or
+        running training job or another write holds it, so that no two of them can end up wanting one file."""
+        with self._names_lock:
+            taken = self._name_taken(name)
+            if taken:
+                raise UIError(taken)
+            self._writing.add(name)
+        try:
+            yield name
+        finally:
+            with self._names_lock:
+                self._writing.discard(name)
+
+    def _claim_free_name(self, job: TrainJob) -> str:
+        """The job's own name, or (if something took it meanwhile) the first free ``<name>-2``, ``<name>-3``, ...;
+        held in ``_writing`` until the caller discards it."""
+        with self._names_lock:
+            for i in itertools.count(1):
+                suffix = "" if i == 1 else f"-{i}"
+                candidate = job.name[: 64 - len(suffix)] + suffix
+                if self._name_taken(candidate, own_job=job) is None:
+                    self._writing.add(candidate)
+                    return candidate
+        raise AssertionError("unreachable")
 
     def delete(self, name: str) -> None:
         """Delete a LoRA from the library and unload it from the pipeline."""
@@ -579,6 +624,11 @@ class Backend:
         out = self.library.path_for(out_name)
         if out.exists():
             raise UIError(f"a LoRA named {out_name!r} already exists; choose another output name")
+        with self._claim(out_name):
+            return self._merge(weights, out_name, out, mode=mode, rank=rank, format=format)
+
+    def _merge(self, weights: dict[str, float], out_name: str, out: Path, *, mode: str, rank: int | None,
+               format: str) -> tuple[LoraInfo, str]:
         chosen = {check_name(n): float(w) for n, w in weights.items() if float(w) != 0.0}
         if not chosen:
             raise UIError("choose at least one LoRA with a non-zero weight")
@@ -634,8 +684,10 @@ class Backend:
     def start_training(self, req: TrainRequest) -> TrainJob:
         """Check the request, write the dataset (skipping unreadable images) and queue the job."""
         name = check_name(req.name)
-        if self.library.exists(name) or name in self.queue.active_names():
-            raise UIError(f"a LoRA named {name!r} already exists or is being trained; choose another name")
+        with self._claim(name):  # held until the job is queued: two starts under one name cannot both pass
+            return self._start_training(req, name)
+
+    def _start_training(self, req: TrainRequest, name: str) -> TrainJob:
         if req.mode not in ("style", "subject"):
             raise UIError(f"mode must be 'style' or 'subject', got {req.mode!r}")
         if req.mode == "subject" and not req.token.strip():
@@ -728,11 +780,21 @@ class Backend:
             job.message = "no checkpoint was written" + (" before the job was cancelled" if cancelled else "")
             return
         sample = next((p for p in reversed(job.samples) if Path(p).is_file()), None)
-        job.result = self.library.add_file(weights, job.name, sample=sample, check_size=False)
         job.step = int(getattr(result, "global_step", job.step) or job.step)
+        name = self._claim_free_name(job)  # the job's name, unless a LoRA got it meanwhile (never lose the result)
+        try:
+            job.result = self.library.add_file(weights, name, sample=sample, check_size=False)
+        except (UIError, OSError) as e:
+            job.status, job.message = "failed", f"could not add the LoRA to the library ({e}); it is in {weights}"
+            return
+        finally:
+            with self._names_lock:
+                self._writing.discard(name)
         job.status = "cancelled" if cancelled else "done"
         where = f"cancelled at step {job.step}; its last checkpoint" if cancelled else f"trained {job.step} steps;"
-        job.message = f"{where} added to the library as {job.name!r}"
+        job.message = f"{where} added to the library as {name!r}"
+        if name != job.name:
+            job.message += f" ({job.name!r} was taken meanwhile)"
         if job.skipped_images:
             job.message += f" (skipped {len(job.skipped_images)} unreadable images)"
         shutil.rmtree(job.output_dir.parent / "data", ignore_errors=True)
