@@ -526,3 +526,50 @@ def test_a_trained_lora_whose_name_was_taken_anyway_goes_in_under_a_free_name(tm
         assert (lib / f"{name}.safetensors").read_bytes() == lora_files["style"].read_bytes()
     for j in jobs:
         assert j.result.path.read_bytes() == lora_files["ink"].read_bytes()
+
+
+def _nan_lora(src, dest, component):
+    """``src`` with NaN in one layer of ``component`` (``unet`` or ``text_encoder``)."""
+    from lora_diffusion.formats import LoraWeights, read_lora_file, write_lora_file
+
+    lora, _ = read_lora_file(src)
+    key = next(k for k in sorted(lora) if k.startswith(component + "."))
+    lora[key] = LoraWeights(lora[key].A, torch.full_like(lora[key].B, float("nan")), lora[key].alpha)
+    write_lora_file(dest, lora, dtype=torch.float32)
+
+
+def test_a_refused_fuse_is_a_message_and_leaves_the_pipeline_as_it_was(backend, lora_files):
+    blend = {"style": (0.7, None), "ink": (0.6, None)}
+    reference = pixels(gen(backend, loras=blend).image)
+    def base_weights(model):  # names change while a model is fused (its wrappers are swapped out)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n}
+
+    before, te_before = base_weights(backend.pipe.unet), base_weights(backend.pipe.text_encoder)
+    for component in ("unet", "text_encoder"):  # text encoder: fuse refuses it after fusing the UNet
+        name = f"nan_{component}"
+        _nan_lora(lora_files["style"], backend.library.root / f"{name}.safetensors", component)
+        try:
+            with pytest.raises(UIError, match="cannot fuse this blend: refusing to fuse: .* NaN or Inf"):
+                gen(backend, loras={name: (1.0, None), "style": (0.5, None)}, fuse=True)
+            for was, now in ((before, base_weights(backend.pipe.unet)), (te_before, base_weights(backend.pipe.text_encoder))):
+                assert set(now) == set(was) and all(torch.equal(was[n], now[n]) for n in was)
+            assert np.array_equal(pixels(gen(backend, loras=blend).image), reference)  # later generations as before
+            fused = gen(backend, loras=blend, fuse=True)  # and fusing a good blend still works
+            assert np.abs(pixels(fused.image) - reference).max() <= 2
+        finally:
+            backend.delete(name)
+
+
+def test_a_blend_the_library_refuses_to_set_is_a_message(backend, monkeypatch):
+    import ui.handlers
+
+    reference = pixels(gen(backend, loras={"style": (1.0, None)}).image)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("blocks[up][block_9]: no such block")
+
+    monkeypatch.setattr(ui.handlers, "set_adapters", refuse)
+    with pytest.raises(UIError, match=r"cannot set this blend: blocks\[up\]\[block_9\]: no such block"):
+        gen(backend, loras={"style": (1.0, None)})
+    monkeypatch.undo()
+    assert np.array_equal(pixels(gen(backend, loras={"style": (1.0, None)}).image), reference)

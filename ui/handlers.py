@@ -115,6 +115,16 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def _blend_error(error: Exception, fused: bool) -> str:
+    """The message for a blend the library refused to set (``set_adapters``) or to fuse (``fuse``)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    if isinstance(error, IndexError):  # fuse's NaN/Inf report can fail this way on an overflow
+        text = f"the fused weights would not be finite ({type(error).__name__}: {error})"
+    what = "cannot fuse this blend" if fused else "cannot set this blend"
+    hint = "; generate without Fuse, or lower the weights" if fused else ""
+    return f"{what}: {text}{hint}"
+
+
 def blend_label(loras: dict[str, tuple[float, float]]) -> str:
     """``"style 0.8 (te 0.5) + ink 1"``, or ``"no LoRA"``."""
     parts = [f"{n} {_fmt(w)}" + ("" if t == w else f" (te {_fmt(t)})") for n, (w, t) in loras.items()]
@@ -563,10 +573,16 @@ class Backend:
             if width % 8 or height % 8 or not (8 <= width <= 2048 and 8 <= height <= 2048):
                 raise UIError(f"width and height must be multiples of 8 between 8 and 2048, got {width}x{height}")
             self._sync(list(loras))
-            apply_blend(pipe, loras, blocks)
             fused = bool(req.fuse and loras)
-            if fused:
-                fuse(pipe)
+            fusing = False
+            try:
+                apply_blend(pipe, loras, blocks)
+                if fused:
+                    fusing = True
+                    fuse(pipe)
+            except (KeyError, ValueError, IndexError) as e:
+                unfuse(pipe)  # fuse goes model by model: a refused text encoder leaves the UNet fused
+                raise UIError(_blend_error(e, fusing)) from None
             try:
                 generator = torch.Generator("cpu").manual_seed(int(req.seed))
                 image = pipe(
