@@ -573,3 +573,27 @@ def test_a_blend_the_library_refuses_to_set_is_a_message(backend, monkeypatch):
         gen(backend, loras={"style": (1.0, None)})
     monkeypatch.undo()
     assert np.array_equal(pixels(gen(backend, loras={"style": (1.0, None)}).image), reference)
+
+
+def test_refused_training_requests_leave_nothing_in_the_library(tmp_path, lora_files, model_dir):
+    from ui.handlers import TrainRequest
+
+    backend = Backend(model_dir, tmp_path / "loras", train_fn=_fake_train(lora_files["style"]))
+    good = [(str(p), "a square") for p in make_images(tmp_path / "imgs", 2)]
+    broken = [(str(p), "") for p in make_images(tmp_path / "bad", 0, corrupt=2)]
+    refused = [
+        (TrainRequest("j0", good, learning_rate=-1), "learning_rate must not be negative"),
+        (TrainRequest("j0", good, text_encoder_lr=-1), "text_encoder_lr must not be negative"),
+        (TrainRequest("j0", good, extra={"lr_scheduler": "sometimes"}), "lr_scheduler"),
+        (TrainRequest("j0", good, learning_rate="fast"), "training settings"),
+        (TrainRequest("j0", broken), "none of the 2 images could be read"),
+        (TrainRequest("j0", broken, learning_rate=-1), "learning_rate must not be negative"),  # settings first
+    ]
+    for req, message in refused:
+        with pytest.raises(UIError, match=message):
+            backend.start_training(req)
+        left = sorted(str(p.relative_to(backend.library.root)) for p in backend.library.root.rglob("*"))
+        assert left in ([], [".train"]), (message, left)
+    assert not backend.queue.jobs
+    job = backend.start_training(TrainRequest("j0", good, max_train_steps=1))  # the name is still free
+    assert job.done_event.wait(10) and job.status == "done", job.message

@@ -718,36 +718,40 @@ class Backend:
             raise UIError(f"training is not available in this installation ({e})") from None
         job_id = next(self._ids)
         job_dir = self.library.root / ".train" / f"{time.strftime('%Y%m%d-%H%M%S')}-{job_id}-{name}"
-        count, skipped = prepare_dataset(req.images, job_dir / "data")
-        values = {
-            "pretrained_model_name_or_path": self.model_path(),
-            "train_data_dir": str(job_dir / "data"),
-            "output_dir": str(job_dir / "out"),
-            "mode": req.mode,
-            "token": req.token.strip(),
-            "rank": int(req.rank),
-            "max_train_steps": int(req.max_train_steps),
-            "learning_rate": float(req.learning_rate),
-            "text_encoder_lr": float(req.text_encoder_lr),
-            "train_text_encoder": bool(req.train_text_encoder),
-            "resolution": int(req.resolution or self._default_resolution()),
-            "validation_prompt": req.validation_prompt.strip(),
-            "validation_steps": max(1, int(req.max_train_steps) // 4),  # a few samples while it runs
-            "seed": int(req.seed),
-            **req.extra,
-        }
-        if dataclasses.is_dataclass(TrainConfig):
-            known = {f.name for f in dataclasses.fields(TrainConfig)}
-            dropped = sorted(set(values) - known)
-            if dropped:
-                logger.warning("TrainConfig has no fields %s; not passed", dropped)
-            values = {k: v for k, v in values.items() if k in known}
-        try:
+        try:  # every setting is checked before the images are copied: a refused request writes nothing
+            values = {
+                "pretrained_model_name_or_path": self.model_path(),
+                "train_data_dir": str(job_dir / "data"),
+                "output_dir": str(job_dir / "out"),
+                "mode": req.mode,
+                "token": req.token.strip(),
+                "rank": int(req.rank),
+                "max_train_steps": int(req.max_train_steps),
+                "learning_rate": float(req.learning_rate),
+                "text_encoder_lr": float(req.text_encoder_lr),
+                "train_text_encoder": bool(req.train_text_encoder),
+                "resolution": int(req.resolution or self._default_resolution()),
+                "validation_prompt": req.validation_prompt.strip(),
+                "validation_steps": max(1, int(req.max_train_steps) // 4),  # a few samples while it runs
+                "seed": int(req.seed),
+                **req.extra,
+            }
+            if dataclasses.is_dataclass(TrainConfig):
+                known = {f.name for f in dataclasses.fields(TrainConfig)}
+                dropped = sorted(set(values) - known)
+                if dropped:
+                    logger.warning("TrainConfig has no fields %s; not passed", dropped)
+                values = {k: v for k, v in values.items() if k in known}
             config = TrainConfig(**values)
             if hasattr(config, "validate"):
                 config.validate()
         except (TypeError, ValueError) as e:
             raise UIError(f"training settings: {e}") from None
+        try:
+            count, skipped = prepare_dataset(req.images, job_dir / "data")
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)  # no copies of the user's images are left behind
+            raise
         job = TrainJob(id=job_id, name=name, config=config, output_dir=job_dir / "out", skipped_images=skipped)
         job.max_steps = int(req.max_train_steps)
         logger.info("queued training job %d (%s) on %d images", job_id, name, count)
