@@ -597,3 +597,25 @@ def test_refused_training_requests_leave_nothing_in_the_library(tmp_path, lora_f
     assert not backend.queue.jobs
     job = backend.start_training(TrainRequest("j0", good, max_train_steps=1))  # the name is still free
     assert job.done_event.wait(10) and job.status == "done", job.message
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_weights_and_guidance_that_are_not_finite_numbers_are_refused(backend, bad):
+    with pytest.raises(UIError, match=f"weight of style must be a finite number, got {bad!r}"):
+        gen(backend, loras={"style": (bad, None)})
+    with pytest.raises(UIError, match="text-encoder weight of style must be a finite number"):
+        gen(backend, loras={"style": (1.0, float(bad))})
+    with pytest.raises(UIError, match="weight of style must be a finite number"):
+        gen(backend, f"a red circle <lora:style:{bad}>")
+    with pytest.raises(UIError, match="guidance must be a finite number"):
+        gen(backend, guidance=float(bad))
+    with pytest.raises(UIError, match="weight of style must be a number, got 'heavy'"):
+        gen(backend, loras={"style": ("heavy", None)})
+
+
+def test_seeds_torch_cannot_take_are_refused(backend):
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(UIError, match="seed must be a whole number from"):
+            gen(backend, seed=seed)
+    assert gen(backend, seed=2**64 - 1).settings["seed"] == 2**64 - 1  # the ends of the range work
+    gen(backend, seed=-(2**63))

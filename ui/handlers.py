@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -109,6 +110,20 @@ def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, f
     """
     set_adapters(pipe, {n: w for n, (w, _) in loras.items()}, text_encoder={n: t for n, (_, t) in loras.items()},
                  blocks=blocks)
+
+
+def _finite(value: Any, what: str) -> float:
+    """``value`` as a finite float, else ``UIError`` naming ``what`` (a NaN or Inf weight gives a black image)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UIError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise UIError(f"{what} must be a finite number, got {value!r}")
+    return x
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def _fmt(x: float) -> str:
@@ -549,9 +564,10 @@ class Backend:
     def resolve_blend(self, req: GenerateRequest) -> tuple[str, dict[str, tuple[float, float]]]:
         """The prompt without tags and the effective ``{name: (unet, te)}`` blend (tags override the sliders)."""
         clean, tags = parse_lora_tags(req.prompt)
-        loras = {check_name(n): (float(w), float(w if t is None else t)) for n, (w, t) in req.loras.items()}
+        loras = {check_name(n): (w, w if t is None else t) for n, (w, t) in req.loras.items()}
         loras.update(tags)
-        return clean, loras
+        return clean, {n: (_finite(w, f"the weight of {n}"), _finite(t, f"the text-encoder weight of {n}"))
+                       for n, (w, t) in loras.items()}
 
     def generate(self, req: GenerateRequest) -> GenerateResult:
         """Generate one image with the requested blend; the blend is set and used under one lock."""
@@ -565,6 +581,9 @@ class Backend:
         steps = int(req.steps)
         if not 1 <= steps <= 200:
             raise UIError(f"steps must be between 1 and 200, got {steps}")
+        _finite(req.guidance, "guidance")
+        if not SEED_RANGE[0] <= int(req.seed) <= SEED_RANGE[1]:
+            raise UIError(f"the seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {req.seed}")
         with self.generate_lock:
             pipe = self.pipe
             scale = getattr(pipe, "vae_scale_factor", 8)
