@@ -619,3 +619,11 @@ def test_seeds_torch_cannot_take_are_refused(backend):
             gen(backend, seed=seed)
     assert gen(backend, seed=2**64 - 1).settings["seed"] == 2**64 - 1  # the ends of the range work
     gen(backend, seed=-(2**63))
+
+
+def test_merge_weights_must_be_finite_numbers(backend):
+    for bad, message in ((float("nan"), "must be a finite number"), (float("inf"), "must be a finite number"), ("abc", "must be a number"),
+                         (None, "must be a number")):
+        with pytest.raises(UIError, match=f"the weight of style {message}"):
+            backend.merge({"style": bad, "ink": 1.0}, "merged_bad")
+        assert not backend.library.exists("merged_bad")  # no NaN file in the library

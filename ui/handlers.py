@@ -664,7 +664,8 @@ class Backend:
 
     def _merge(self, weights: dict[str, float], out_name: str, out: Path, *, mode: str, rank: int | None,
                format: str) -> tuple[LoraInfo, str]:
-        chosen = {check_name(n): float(w) for n, w in weights.items() if float(w) != 0.0}
+        parsed = {check_name(n): _finite(w, f"the weight of {n}") for n, w in weights.items()}  # NaN made a NaN file
+        chosen = {n: w for n, w in parsed.items() if w != 0.0}
         if not chosen:
             raise UIError("choose at least one LoRA with a non-zero weight")
         if mode not in ("concat", "svd"):
