@@ -627,3 +627,32 @@ def test_merge_weights_must_be_finite_numbers(backend):
         with pytest.raises(UIError, match=f"the weight of style {message}"):
             backend.merge({"style": bad, "ink": 1.0}, "merged_bad")
         assert not backend.library.exists("merged_bad")  # no NaN file in the library
+
+
+def test_cancelled_and_failed_jobs_leave_no_copies_of_the_images(tmp_path, lora_files, model_dir):
+    from ui.handlers import TrainRequest
+
+    gate = threading.Semaphore(0)
+    fake = _fake_train(lora_files["style"], gate)
+
+    def train(config, progress):
+        if Path(config.output_dir).parent.name.endswith("-boom"):
+            raise RuntimeError("out of memory")
+        return fake(config, progress)
+
+    backend = Backend(model_dir, tmp_path / "loras", train_fn=train)
+    images = [(str(p), "a square") for p in make_images(tmp_path / "imgs", 2)]
+    running = backend.start_training(TrainRequest("first", images, max_train_steps=1))
+    waiting = backend.start_training(TrainRequest("second", images, max_train_steps=1))
+    boom = backend.start_training(TrainRequest("boom", images, max_train_steps=1))
+    assert _wait(lambda: running.status == "running")
+    jobs = {j.name: j.output_dir.parent for j in (running, waiting, boom)}
+    assert all((folder / "data" / "metadata.jsonl").is_file() for folder in jobs.values())
+    backend.cancel_training(waiting)
+    assert waiting.status == "cancelled" and not jobs["second"].exists()
+    gate.release(10)
+    assert running.done_event.wait(10) and boom.done_event.wait(10)
+    assert running.status == "done" and boom.status == "failed" and "out of memory" in boom.message
+    assert not (jobs["first"] / "data").exists() and (jobs["first"] / "out").is_dir()  # its output stays
+    assert not jobs["boom"].exists()
+    assert backend.library.names() == ["first"]

@@ -389,14 +389,18 @@ class TrainQueue:
         with self._cond:
             return {j.name for j in self._waiting} | ({self._running.name} if self._running else set())
 
-    def cancel(self, job: TrainJob) -> None:
-        """Stop a running job after its current step (its last checkpoint is kept), or drop a waiting one."""
+    def cancel(self, job: TrainJob) -> bool:
+        """Stop a running job after its current step (its last checkpoint is kept), or drop a waiting one.
+
+        Returns True if the job was waiting (it will never run)."""
         job.cancel_event.set()
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.status, job.message = "cancelled", "cancelled before it started"
                 job.done_event.set()
+                return True
+        return False
 
     def _work(self) -> None:
         while True:
@@ -791,9 +795,19 @@ class Backend:
             return 512
 
     def cancel_training(self, job: TrainJob) -> None:
-        self.queue.cancel(job)
+        """Stop a running job after its current step, or drop a waiting one (and its copies of the images)."""
+        if self.queue.cancel(job):
+            shutil.rmtree(job.output_dir.parent, ignore_errors=True)
 
     def _run_training(self, job: TrainJob) -> None:
+        try:
+            self._train_and_add(job)
+        finally:  # whatever the outcome, the job's copies of the images go; its output (checkpoints) stays
+            shutil.rmtree(job.output_dir.parent / "data", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                job.output_dir.parent.rmdir()  # only if nothing else is left in the job folder
+
+    def _train_and_add(self, job: TrainJob) -> None:
         train = self._train_fn
         if train is None:
             from lora_diffusion.training import train
@@ -837,7 +851,6 @@ class Backend:
             job.message += f" ({job.name!r} was taken meanwhile)"
         if job.skipped_images:
             job.message += f" (skipped {len(job.skipped_images)} unreadable images)"
-        shutil.rmtree(job.output_dir.parent / "data", ignore_errors=True)
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
