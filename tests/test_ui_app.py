@@ -187,6 +187,21 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     assert caption.startswith("trained 1")
 
 
+def test_empty_or_non_number_boxes_show_a_message(served, tmp_path):
+    backend, _, client = served
+    images = make_images(tmp_path / "up", 1)
+    table = {"headers": ["file", "caption"], "data": [[images[0].name, "a square"]]}
+    for lr, te_lr, message in ((None, 5e-5, "the learning rate is empty"), (1e-4, None, "text-encoder learning rate is empty")):
+        with pytest.raises(Exception, match=message):
+            client.predict([handle_file(str(images[0]))], None, table, "never", "style", "", 2, 3, lr, te_lr,
+                           False, SIZE, "", 0, api_name="/train")
+    assert "never" not in backend.library.names() and not backend.queue.active_names()
+    merge_table = {"headers": ["use", "LoRA", "weight"], "data": [[True, "style", "abc"], [True, "ink", 0.5]]}
+    with pytest.raises(Exception, match="the weight of style must be a number, got 'abc'"):
+        client.predict(merge_table, "concat", 0, "diffusers", "never_merged", api_name="/merge")
+    assert "never_merged" not in backend.library.names()
+
+
 def test_auth_protects_every_route(tmp_path):
     backend = Backend(tiny_model_dir(tmp_path / "model"), tmp_path / "loras")
     make_lora(tmp_path / "loras" / "style.safetensors", 1)

@@ -223,8 +223,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 by_name = {str(r[0]): str(r[1] or "") for r in _rows(table) if r and r[0]}
                 req = TrainRequest(
                     name=name or "", images=[(p, by_name.get(Path(p).name, "")) for p in paths], mode=mode,
-                    token=token or "", rank=int(rank or 4), max_train_steps=int(steps or 1), learning_rate=float(lr),
-                    text_encoder_lr=float(te_lr), train_text_encoder=bool(train_te), resolution=int(res or 0) or None,
+                    token=token or "", rank=int(rank or 4), max_train_steps=int(steps or 1),
+                    learning_rate=_number(lr, "the learning rate"), text_encoder_lr=_number(te_lr, "the text-encoder learning rate"), train_text_encoder=bool(train_te), resolution=int(res or 0) or None,
                     validation_prompt=val_prompt or "", seed=int(seed or 0),
                 )
                 job = backend.start_training(req)
@@ -257,7 +257,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         @_user_errors
         def on_merge(table, mode, rank, fmt, name):
-            chosen = {str(r[1]): float(r[2] or 0) for r in _rows(table) if len(r) >= 3 and _truthy(r[0])}
+            chosen = {str(r[1]): 0.0 if r[2] is None or str(r[2]).strip() == "" else r[2]  # the backend checks numbers
+                      for r in _rows(table) if len(r) >= 3 and _truthy(r[0])}
             info, report = backend.merge(chosen, name or "", mode=mode, rank=int(rank or 0) or None, format=fmt)
             text = f"Merged **{len(chosen)}** LoRAs into **{info.name}** ({info.format}, rank {info.rank}, {info.size_mb:.2f} MB)."
             if report:
@@ -375,6 +376,16 @@ def _optional_weight(value, name: str) -> float | None:
         return float(value)
     except ValueError:
         raise UIError(f"text-encoder weight of {name}: {value!r} is not a number (leave it blank for the same weight)") from None
+
+
+def _number(value, what: str) -> float:
+    """A number box that must not be left empty (gradio gives ``None`` for an emptied ``gr.Number``)."""
+    if value is None or str(value).strip() == "":
+        raise UIError(f"{what} is empty: enter a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise UIError(f"{what}: {value!r} is not a number") from None
 
 
 def _truthy(value) -> bool:
