@@ -517,10 +517,19 @@ def fuse(pipe) -> None:
     """Bake the active adapters at their weights into the base weights (fp32 accumulation, one cast).
 
     After ``fuse`` the UNet and text encoder run their original modules: generation costs exactly what the base
-    model costs. ``set_adapters`` while fused re-fuses from the saved base weights. Refuses NaN/Inf adapters.
+    model costs. ``set_adapters`` while fused re-fuses from the saved base weights. Refuses NaN/Inf adapters, and
+    then no component is fused that was not before.
     """
-    for _, model in _components(pipe):
-        fuse_model(model)
+    fused_here = []
+    try:
+        for _, model in _components(pipe):
+            if not getattr(model, DETACHED_ATTR, {}):
+                fused_here.append(model)
+            fuse_model(model)
+    except BaseException:
+        for model in fused_here:
+            unfuse_model(model)
+        raise
 
 
 def unfuse(pipe) -> None:

@@ -177,6 +177,25 @@ def test_refused_load_into_a_fused_pipeline_changes_no_component(two_files, tmp_
         assert all(torch.equal(weights[k], v) for k, v in _weights(model).items())
 
 
+def test_a_fuse_refused_in_one_component_fuses_none(two_files, tmp_path):
+    """``fuse`` goes component by component (the UNet first): when the text encoder refuses, the UNet is
+    unfused again, bit for bit."""
+    tensors, header = load_file(two_files[1]), safe_open(two_files[1], "pt").metadata()
+    key = next(k for k in tensors if k.startswith("text_encoder.") and "lora_B" in k)
+    tensors[key] = torch.full_like(tensors[key], 6e4)  # (an fp16 number; the fused fp16 weight overflows)
+    tensors[key.replace("lora_B", "lora_A")].fill_(1.0)
+    bad = tmp_path / "te_overflow.safetensors"
+    save_file(tensors, bad, metadata=header)
+    pipe = tiny_pipeline(0, dtype=torch.float16)
+    load_lora(pipe, bad)
+    before = {c: _weights(getattr(pipe, c)) for c in ("unet", "text_encoder")}
+    with pytest.raises(ValueError, match="refusing to fuse"):
+        fuse(pipe)
+    assert not _fused(pipe.unet) and not _fused(pipe.text_encoder)
+    for c, weights in before.items():
+        assert all(torch.equal(weights[k], v) for k, v in _weights(getattr(pipe, c)).items())
+
+
 def test_huge_finite_weights_fuse_and_non_finite_ones_are_refused(two_files):
     """The fuse check is exact: weights whose squares overflow an fp32 norm but are finite fuse (this raised an
     IndexError), an infinite scale is refused with every weight and setting as it was."""
