@@ -133,8 +133,6 @@ def _fmt(x: float) -> str:
 def _blend_error(error: Exception, fused: bool) -> str:
     """The message for a blend the library refused to set (``set_adapters``) or to fuse (``fuse``)."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    if isinstance(error, IndexError):  # fuse's NaN/Inf report can fail this way on an overflow
-        text = f"the fused weights would not be finite ({type(error).__name__}: {error})"
     what = "cannot fuse this blend" if fused else "cannot set this blend"
     hint = "; generate without Fuse, or lower the weights" if fused else ""
     return f"{what}: {text}{hint}"
@@ -603,8 +601,8 @@ class Backend:
                 if fused:
                     fusing = True
                     fuse(pipe)
-            except (KeyError, ValueError, IndexError) as e:
-                unfuse(pipe)  # fuse goes model by model: a refused text encoder leaves the UNet fused
+            except (KeyError, ValueError) as e:
+                unfuse(pipe)  # (a refused fuse fuses nothing; a refused blend on a fused pipeline: generate unfused)
                 raise UIError(_blend_error(e, fusing)) from None
             try:
                 generator = torch.Generator("cpu").manual_seed(int(req.seed))
