@@ -363,6 +363,13 @@ def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> t
     return lora, {**header, "_format": fmt}
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open(path, "w")`` (0o666) or ``mkdir`` (0o777) would give."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """``safetensors.save_file`` through a temp file and rename, so a kill mid-save keeps the old file."""
     path = Path(path)

@@ -18,13 +18,16 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from .blend import merge_loras
-from .formats import WRITERS, atomic_save, guess_architecture, our_metadata, read_lora_file, write_lora_file
+from .formats import WRITERS, atomic_save, guess_architecture, our_metadata, read_lora_file, umask_mode, write_lora_file
 from .inject import unwrap
 
 logger = logging.getLogger(__name__)
@@ -43,18 +46,25 @@ def bake(
     text_encoder: dict[str | os.PathLike, float] | None = None,
     dtype: torch.dtype | None = None,
     single_file: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a full diffusers model folder with the given LoRA files fused in at these weights.
 
     ``base`` is a diffusers model folder or a loaded pipeline (left as it was). ``text_encoder`` optionally gives
     other weights for the text encoder, per file. The result loads with ``from_pretrained`` and no LoRA code.
     ``single_file`` also writes an original-layout (LDM) ``.safetensors`` checkpoint for A1111 / ComfyUI.
+    Outputs are refused if they are (or, for the folder, hold or lie inside) an input or the base folder, and if
+    they exist unless ``overwrite``; the folder is written beside ``out_dir`` and renamed into place.
 
     Example:
         >>> bake("models/sd15", {"style.safetensors": 0.8, "subject.safetensors": 1.0}, "models/sd15-blend")
     """
     from .pipeline import delete_adapter, fuse, load_lora, set_adapters, unfuse
 
+    inputs = [("the input", p) for p in loras] + ([("the base model folder", base)] if isinstance(base, (str, os.PathLike)) else [])
+    check_output(out_dir, inputs, overwrite=overwrite, folder=True)
+    if single_file is not None:
+        check_output(single_file, [*inputs, ("the output folder", out_dir)], overwrite=overwrite)
     if isinstance(base, (str, os.PathLike)):
         from diffusers import DiffusionPipeline
 
@@ -68,7 +78,8 @@ def bake(
     set_adapters(pipe, {names[p]: float(w) for p, w in loras.items()}, text_encoder=te or None)
     fuse(pipe)  # wrappers are swapped out while fused: the modules saved are the plain ones, fused weights
     try:
-        pipe.save_pretrained(out_dir)
+        with _new_folder(out_dir) as tmp:
+            pipe.save_pretrained(tmp)
         if single_file is not None:
             atomic_save(to_ldm_checkpoint(pipe), single_file, {"format": "pt"})
     finally:
@@ -78,6 +89,59 @@ def bake(
         _drop_empty_wrappers(pipe)
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
+
+
+def check_output(
+    out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], *, overwrite: bool, folder: bool = False
+) -> None:
+    """Refuse to write ``out`` over one of ``inputs`` (``(label, path)`` pairs), or, for a ``folder``, into or
+    around one; refuse an existing ``out`` unless ``overwrite``. ``ValueError`` / ``FileExistsError`` name both.
+
+    Example:
+        >>> check_output("a.safetensors", [("the input", "a.safetensors")], overwrite=True)
+        ValueError: a.safetensors: refusing to write over the input a.safetensors
+    """
+    target = Path(out).resolve()
+    for label, src in inputs:
+        source = Path(src).resolve()
+        if target == source or (target.exists() and source.exists() and os.path.samefile(target, source)):
+            raise ValueError(f"{out}: refusing to write over {label} {src}")
+        if folder and source.is_relative_to(target):
+            raise ValueError(f"{out}: refusing to write a folder that holds {label} {src}")
+        if folder and target.is_relative_to(source):
+            raise ValueError(f"{out}: refusing to write a folder inside {label} {src}")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    if target.is_dir() and not folder:
+        raise IsADirectoryError(f"{out} is a folder; name a file")
+    if target.exists() and folder and (not target.is_dir() or (any(target.iterdir()) and not (target / "model_index.json").is_file())):
+        raise FileExistsError(f"{out} exists and is not a diffusers model folder; refusing to replace it")
+
+
+class _new_folder:
+    """``with _new_folder(out) as tmp:`` write into ``tmp`` beside ``out``; on success ``tmp`` replaces ``out``
+    (an older ``out`` is removed only then), on error it is removed and ``out`` is untouched."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        os.chmod(self.tmp, umask_mode(0o777))  # mkdtemp makes it 0700; a plain mkdir gives 0777 & ~umask
+        return self.tmp
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))
+            os.replace(self.out, old / "old")
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old)
 
 
 def _ldm_unet_names(unet) -> dict[str, str]:
@@ -216,15 +280,18 @@ def inspect_lora(path: str | os.PathLike) -> dict:
     }
 
 
-def convert_lora(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "kohya", dtype: torch.dtype | None = None) -> Path:
+def convert_lora(
+    src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "kohya", dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """Rewrite a LoRA file in another format (``kohya`` or ``diffusers``), keeping tensors (and their dtype
-    unless ``dtype`` is given), alphas and our metadata.
+    unless ``dtype`` is given), alphas and our metadata. ``dst`` may not be ``src``, nor exist unless ``overwrite``.
 
     Example:
         >>> convert_lora("pytorch_lora_weights.safetensors", "style_kohya.safetensors", to="kohya")
     """
     if to not in WRITERS:
         raise ValueError(f"unknown format {to!r}; choose from {sorted(WRITERS)}")
+    check_output(dst, [("the input", src)], overwrite=overwrite)
     lora, header = read_lora_file(src)
     meta = {"name": Path(dst).stem, **our_metadata(header), "converted_from": header["_format"]}
     if header.get("modelspec.trigger_phrase") and not meta.get("trigger_words"):
@@ -245,6 +312,7 @@ def _weighted(spec: str) -> tuple[str, float]:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     inputs = [_weighted(s) for s in args.inputs]
+    check_output(args.output, [("the input", p) for p, _ in inputs], overwrite=args.overwrite)
     report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype])
     print(f"wrote {args.output}: {len(report.lora)} layers, ranks {report.ranks}, mode {report.mode}")
     if report.mode == "svd":
@@ -256,14 +324,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    out = convert_lora(args.input, args.output, to=args.to, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    out = convert_lora(args.input, args.output, to=args.to, dtype=_DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to})")
     return 0
 
 
 def _cmd_bake(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
-    out = bake(args.base, dict(_weighted(s) for s in args.loras), args.output, dtype=dtype, single_file=args.single_file)
+    loras = dict(_weighted(s) for s in args.loras)
+    out = bake(args.base, loras, args.output, dtype=dtype, single_file=args.single_file, overwrite=args.overwrite)
     print(f"wrote {out}" + (f" and {args.single_file}" if args.single_file else ""))
     return 0
 
@@ -294,6 +363,7 @@ def register(subparsers) -> None:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_merge)
 
     p = subparsers.add_parser("convert", help="convert a LoRA file between kohya/A1111 and diffusers formats")
@@ -301,6 +371,7 @@ def register(subparsers) -> None:
     p.add_argument("output")
     p.add_argument("--to", choices=sorted(WRITERS), required=True)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: keep the input's")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_convert)
 
     p = subparsers.add_parser("bake", help="write a diffusers model folder with LoRA files fused in")
@@ -309,6 +380,7 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     p.add_argument("--single-file", default=None, metavar="CKPT.safetensors", help="also write an original-layout checkpoint (A1111/ComfyUI)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder / file")
     p.set_defaults(func=_cmd_bake)
 
     p = subparsers.add_parser("inspect", help="show a LoRA file's format, architecture, ranks, targets, metadata")

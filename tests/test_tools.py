@@ -1,0 +1,98 @@
+"""The file tools and their command line: outputs never replace inputs or existing files unasked, errors are one
+line, a loaded pipeline comes back from ``bake`` as it was. Tiny offline pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_diffusion.cli import main as cli_main
+from lora_diffusion.formats import write_lora_file
+from lora_diffusion.testing import random_lora, tiny_pipeline
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """a.safetensors (diffusers), b.safetensors (kohya), base/ (a diffusers model folder)."""
+    d = tmp_path_factory.mktemp("tools")
+    pipe = tiny_pipeline(0)
+    write_lora_file(d / "a.safetensors", random_lora(pipe, seed=1, rank=4, alpha=8), dtype=torch.float32)
+    write_lora_file(d / "b.safetensors", random_lora(pipe, seed=2, rank=2, alpha=1), format="kohya", dtype=torch.float32)
+    pipe.save_pretrained(d / "base")
+    return d
+
+
+def digest(path: Path) -> str:
+    """A hash of a file, or of every file in a folder (names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def refused(capsys, args: list[str], match: str) -> str:
+    """Run the CLI, expecting a refusal matching ``match``."""
+    with pytest.raises((ValueError, OSError)) as e:
+        cli_main([str(a) for a in args])
+    assert re.search(match, str(e.value)), str(e.value)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_merge_and_convert_never_write_over_an_input(files, capsys):
+    a, b = files / "a.safetensors", files / "b.safetensors"
+    before = digest(a), digest(b)
+    refused(capsys, ["merge", f"{a}:0.5", f"{b}:0.5", "-o", a], "over the input")
+    refused(capsys, ["merge", f"{a}:0.5", f"{b}:0.5", "-o", b, "--overwrite"], "over the input")
+    refused(capsys, ["convert", b, b, "--to", "kohya", "--overwrite"], "over the input")
+    assert (digest(a), digest(b)) == before
+
+
+def test_existing_outputs_need_overwrite(files, tmp_path, capsys):
+    a, b = files / "a.safetensors", files / "b.safetensors"
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"mine")
+    refused(capsys, ["convert", a, out, "--to", "kohya"], r"exists; pass --overwrite")
+    refused(capsys, ["merge", a, b, "-o", out], r"exists; pass --overwrite")
+    assert out.read_bytes() == b"mine"
+    assert cli_main(["convert", str(a), str(out), "--to", "kohya", "--overwrite"]) == 0
+    assert cli_main(["merge", str(a), str(b), "-o", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() != b"mine"
+
+
+def test_bake_never_writes_over_the_base_or_a_lora(files, tmp_path, capsys):
+    base, a = files / "base", files / "a.safetensors"
+    before = digest(base), digest(a)
+    refused(capsys, ["bake", base, a, "-o", base, "--overwrite"], "over the base model folder")
+    refused(capsys, ["bake", base, a, "-o", base / "unet", "--overwrite"], "inside the base model folder")
+    refused(capsys, ["bake", base, a, "-o", files, "--overwrite"], "holds the input")
+    refused(capsys, ["bake", base, a, "-o", tmp_path / "baked", "--single-file", a, "--overwrite"], "over the input")
+    assert (digest(base), digest(a)) == before
+    assert not (tmp_path / "baked").exists()
+
+
+def test_bake_replaces_an_existing_folder_only_with_overwrite(files, tmp_path, capsys):
+    base, a = files / "base", files / "a.safetensors"
+    out, ckpt = tmp_path / "baked", tmp_path / "baked.safetensors"
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+    ckpt.write_bytes(b"mine")
+    refused(capsys, ["bake", base, a, "-o", out], r"exists; pass --overwrite")
+    refused(capsys, ["bake", base, a, "-o", tmp_path / "new", "--single-file", ckpt], r"exists; pass --overwrite")
+    assert (out / "model_index.json").read_text() == "{}" and ckpt.read_bytes() == b"mine"
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep me")
+    refused(capsys, ["bake", base, a, "-o", mine, "--overwrite"], "not a diffusers model folder")
+    assert cli_main(["bake", str(base), str(a), "-o", str(out), "--single-file", str(ckpt), "--overwrite"]) == 0
+    assert (out / "unet").is_dir() and (out / "model_index.json").read_text() != "{}" and ckpt.stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "baked.safetensors", "notes"]  # no temp folders left
