@@ -61,6 +61,8 @@ def bake(
     """
     from .pipeline import delete_adapter, fuse, load_lora, set_adapters, unfuse
 
+    if isinstance(base, (str, os.PathLike)):
+        _check_base(base)
     inputs = [("the input", p) for p in loras] + ([("the base model folder", base)] if isinstance(base, (str, os.PathLike)) else [])
     check_output(out_dir, inputs, overwrite=overwrite, folder=True)
     if single_file is not None:
@@ -68,7 +70,12 @@ def bake(
     if isinstance(base, (str, os.PathLike)):
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(base, **({"torch_dtype": dtype} if dtype else {}))
+        try:
+            pipe = DiffusionPipeline.from_pretrained(base, **({"torch_dtype": dtype} if dtype else {}))
+        except OSError as e:
+            if Path(base).exists():
+                raise
+            raise FileNotFoundError(f"{base}: no such model folder, nor a hub model that could be loaded (--debug shows why)") from e
     else:
         pipe = base
     names = {}
@@ -89,6 +96,18 @@ def bake(
         _drop_empty_wrappers(pipe)
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
+
+
+def _check_base(base: str | os.PathLike) -> None:
+    """A base model must be a diffusers folder (with ``model_index.json``) or look like a hub id (``org/name``)."""
+    path = Path(base)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{base}: not a diffusers model folder (it has no model_index.json)")
+    elif path.exists():
+        raise ValueError(f"{base}: a file, not a diffusers model folder")
+    elif not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(base)):
+        raise FileNotFoundError(f"{base}: no such model folder")
 
 
 def check_output(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lora_diffusion.cli import main as cli_main
-from lora_diffusion.formats import write_lora_file
+from lora_diffusion.formats import read_lora_file, write_lora_file
 from lora_diffusion.testing import random_lora, tiny_pipeline
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -39,11 +39,17 @@ def digest(path: Path) -> str:
 
 
 def refused(capsys, args: list[str], match: str) -> str:
-    """Run the CLI, expecting a refusal matching ``match``."""
-    with pytest.raises((ValueError, OSError)) as e:
-        cli_main([str(a) for a in args])
-    assert re.search(match, str(e.value)), str(e.value)
-    return str(e.value)
+    """Run the CLI, expecting a refusal: exit status 2 and one ``error: ...`` line on stderr matching ``match``."""
+    try:
+        rc = cli_main([str(a) for a in args])
+    except (ValueError, OSError) as e:
+        pytest.fail(f"the CLI raised {type(e).__name__}: {e}")
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(match, lines[0]), lines[0]
+    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -96,3 +102,55 @@ def test_bake_replaces_an_existing_folder_only_with_overwrite(files, tmp_path, c
     assert cli_main(["bake", str(base), str(a), "-o", str(out), "--single-file", str(ckpt), "--overwrite"]) == 0
     assert (out / "unet").is_dir() and (out / "model_index.json").read_text() != "{}" and ckpt.stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "baked.safetensors", "notes"]  # no temp folders left
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_user_errors_are_one_line_and_exit_2(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from lora_diffusion.formats import LoraWeights
+
+    a = files / "a.safetensors"
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(a.read_bytes()[:1000])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    torch.save({"x": torch.zeros(2)}, tmp_path / "p.ckpt")
+    loha = {f"lora_unet_down_blocks_1_attentions_0_proj_in.{k}": torch.zeros(4, 4) for k in ("hada_w1_a", "hada_w1_b")}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    key, w = next(iter(read_lora_file(a)[0].items()))
+    odd = {key: LoraWeights(torch.zeros(2, w.A.shape[1] + 1), torch.zeros(w.B.shape[0], 2), 2.0)}
+    write_lora_file(tmp_path / "odd.safetensors", odd)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "out.safetensors"
+    refused(capsys, ["inspect", trunc], r"trunc\.safetensors: not a readable safetensors file")
+    refused(capsys, ["inspect", tmp_path / "empty.safetensors"], r"empty\.safetensors")
+    refused(capsys, ["inspect", tmp_path / "p.ckpt"], r"p\.ckpt: pickled")
+    refused(capsys, ["inspect", tmp_path / "missing.safetensors"], r"missing\.safetensors: no such LoRA file")
+    refused(capsys, ["convert", tmp_path / "loha.safetensors", out, "--to", "kohya"], r"LoHa")
+    refused(capsys, ["merge", a, tmp_path / "odd.safetensors", "-o", out], re.escape(key) + ".*shape")
+    refused(capsys, ["merge", a, a, "-o", out, "--mode", "svd", "--rank", "0"], r"rank")
+    refused(capsys, ["bake", tmp_path / "nonexistent", a, "-o", tmp_path / "zz"], r"nonexistent: no such model folder")
+    refused(capsys, ["bake", tmp_path / "file", a, "-o", tmp_path / "zz"], r"file: a file, not a diffusers model folder")
+    refused(capsys, ["bake", tmp_path, a, "-o", tmp_path / "zz"], r"not a diffusers model folder")
+    assert not out.exists() and not (tmp_path / "zz").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from lora_diffusion.formats import LoraFormatError
+
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(LoraFormatError):
+        cli_main(["inspect", str(tmp_path / "empty.safetensors"), "--debug"])
+    with pytest.raises(LoraFormatError):
+        cli_main(["--debug", "inspect", str(tmp_path / "empty.safetensors")])
+    monkeypatch.setenv("LORA_DIFFUSION_DEBUG", "1")
+    with pytest.raises(LoraFormatError):
+        cli_main(["inspect", str(tmp_path / "empty.safetensors")])
+
+
+def test_an_invalid_hub_id_is_named_as_such(capsys):
+    from huggingface_hub.errors import HFValidationError
+
+    from lora_diffusion.cli import error_message
+
+    assert error_message(HFValidationError("Repo id must be in the form 'repo_name'")).startswith("not a diffusers folder or hub id")
