@@ -371,13 +371,15 @@ def umask_mode(mode: int = 0o666) -> int:
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """``safetensors.save_file`` through a temp file and rename, so a kill mid-save keeps the old file."""
+    """``safetensors.save_file`` through a temp file and rename, so a kill mid-save keeps the old file. The file
+    gets the mode a plain ``open(path, "w")`` gives (``0o666`` less the umask), not ``0o600``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, umask_mode(0o666))  # safetensors writes 0o600 whatever the file's mode was
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -154,6 +154,9 @@ class _new_folder:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        for folder, _, names in os.walk(self.tmp):  # safetensors writes 0o600: give the files a plain open()'s mode
+            for name in names:
+                os.chmod(os.path.join(folder, name), umask_mode(0o666))
         old = None
         if self.out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))

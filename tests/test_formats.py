@@ -358,3 +358,23 @@ def test_suffix_regex_matches_exactly_the_paths_as_peft_suffixes():
         for name in universe | {"z." + p for p in universe} | {p + "z" for p in universe}:
             expected = any(name == c or name.endswith("." + c) for c in chosen)
             assert (rx.fullmatch(name) is not None) == expected, (sorted(chosen), name)
+
+
+def test_written_files_get_the_umask_mode(tmp_path, lora):
+    """Files are written through a temp file: the result has the mode of a plain open(), not mkstemp's 0600."""
+    import os
+
+    from lora_diffusion.formats import atomic_save
+
+    old = os.umask(0o022)
+    try:
+        write_lora_file(tmp_path / "a.safetensors", lora)
+        write_lora_file(tmp_path / "a.safetensors", lora, format="kohya")  # over an existing file
+        atomic_save({"x": torch.zeros(2)}, tmp_path / "x.safetensors", {"format": "pt"})
+        os.umask(0o027)
+        write_lora_file(tmp_path / "b.safetensors", lora)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "a.safetensors").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(tmp_path / "x.safetensors").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(tmp_path / "b.safetensors").st_mode & 0o777) == oct(0o640)

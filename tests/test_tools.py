@@ -154,3 +154,16 @@ def test_an_invalid_hub_id_is_named_as_such(capsys):
     from lora_diffusion.cli import error_message
 
     assert error_message(HFValidationError("Repo id must be in the form 'repo_name'")).startswith("not a diffusers folder or hub id")
+
+
+def test_baked_files_get_the_umask_mode(files, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert cli_main(["bake", str(files / "base"), str(files / "a.safetensors"), "-o", str(tmp_path / "baked"), "--single-file", str(tmp_path / "m.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")}
+    assert modes["baked"] == oct(0o755) and modes["m.safetensors"] == oct(0o644)
+    assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {oct(0o644)}, modes
