@@ -2,8 +2,8 @@
 
 The canonical in-memory form is ``dict[str, LoraWeights]`` keyed by ``"<component>.<module path>"``, e.g.
 ``"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"`` or
-``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"``: text-encoder paths always carry the
-``text_model.`` level, as every shared format does, whatever the installed transformers calls its modules.
+``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"`` (SDXL's second encoder: ``text_encoder_2.``):
+text-encoder paths always carry the ``text_model.`` level, as every shared format does, whatever the installed transformers calls its modules.
 Each value holds ``A`` (down, ``[r, in]`` or ``[r, in, k, k]``), ``B`` (up, ``[out, r]`` or ``[out, r, 1, 1]``)
 and ``alpha`` (``alpha = rank`` when a format stores none).
 
@@ -38,6 +38,7 @@ __all__ = [
     "LoraWeights",
     "LoraFormatError",
     "COMPONENTS",
+    "FILE_COMPONENTS",
     "to_diffusers",
     "from_diffusers",
     "detect_format",
@@ -53,7 +54,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder")  # what a pipeline loads adapters into
+FILE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what files hold and formats carry (SDXL: two encoders)
 METADATA_KEY = "lora_diffusion"  # our own header entry: JSON with format_version, base_model, trigger words...
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
@@ -134,17 +136,26 @@ def _most_common(values: dict[str, float]) -> float:
     return Counter(values.values()).most_common(1)[0][0]
 
 
+def check_components(lora: Lora, format: str) -> None:
+    """Refuse (naming it) a component that ``format`` cannot hold, rather than drop its layers."""
+    unknown = sorted({k.split(".", 1)[0] for k in lora} - set(FILE_COMPONENTS))
+    if unknown:
+        example = next(k for k in lora if k.split(".", 1)[0] == unknown[0])
+        raise LoraFormatError(f"the {format} format has no place for component {unknown[0]!r} (e.g. {example}); it holds {FILE_COMPONENTS}")
+
+
 def to_diffusers(lora: Lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical -> (state dict, safetensors header) that stock ``pipe.load_lora_weights`` reads.
 
-    Keys ``unet.<path>.lora_A.weight`` / ``lora_B.weight``; rank and alpha go to the header's
+    Keys ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (``text_encoder.``, ``text_encoder_2.``); rank and alpha go to the header's
     ``lora_adapter_metadata`` as PEFT ``LoraConfig`` fields per component (``unet.r``, ``unet.lora_alpha``,
     ``unet.target_modules``, ``unet.rank_pattern``, ``unet.alpha_pattern``), so alpha != rank loads right.
     ``metadata`` (our own) is not used here; ``write_lora_file`` stores it in its own header entry.
     """
+    check_components(lora, "diffusers")
     state: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, object] = {}
-    for component in COMPONENTS:
+    for component in FILE_COMPONENTS:
         items = {k.split(".", 1)[1]: v for k, v in lora.items() if k.split(".", 1)[0] == component}
         if not items:
             continue
@@ -221,9 +232,9 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
             raise LoraFormatError(f"{source}: key {key!r} is not a diffusers LoRA key (expected .lora_A/.lora_B.weight)")
         path, role = split
         component, _, module = path.partition(".")
-        if component not in COMPONENTS:
-            raise LoraFormatError(f"{source}: key {key!r} is for component {component!r}; supported: {COMPONENTS}")
-        if component == "text_encoder":
+        if component not in FILE_COMPONENTS:
+            raise LoraFormatError(f"{source}: key {key!r} is for component {component!r}; supported: {FILE_COMPONENTS}")
+        if component.startswith("text_encoder"):
             module = with_text_model(module)
         parts.setdefault(f"{component}.{module}", {})[role] = tensor
     lora: Lora = {}

@@ -4,7 +4,7 @@ A kohya key is a prefix plus the module path with every ``.`` replaced by ``_``,
 ``.lora_up.weight`` or ``.alpha`` (a 0-dim tensor):
 ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight``,
 ``lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha``. Prefixes: ``lora_unet_``, ``lora_te_`` (SD1/2),
-``lora_te1_`` / ``lora_te2_`` (SDXL). Files made from the original LDM checkpoints name UNet modules the LDM
+``lora_te1_`` / ``lora_te2_`` (SDXL: a file with a second text encoder names the first ``lora_te1_``). Files made from the original LDM checkpoints name UNet modules the LDM
 way (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``middle_block``, ``output_blocks``,
 ``in_layers_2``...); they are mapped to diffusers module paths for the SD1/SD2 layout (two layers per block).
 
@@ -116,12 +116,14 @@ def module_path_from_kohya(name: str) -> tuple[str, str]:
     raise ValueError(f"{name!r} has no kohya prefix ({', '.join(KOHYA_PREFIXES)})")
 
 
-def kohya_name(key: str) -> str:
-    """Canonical ``"unet.down_blocks.0....to_q"`` -> kohya module name ``lora_unet_down_blocks_0_..._to_q``."""
+def kohya_name(key: str, sdxl: bool = False) -> str:
+    """Canonical ``"unet.down_blocks.0....to_q"`` -> kohya module name ``lora_unet_down_blocks_0_..._to_q``.
+    ``sdxl``: the file also has ``text_encoder_2``, so the first text encoder is ``lora_te1_``, as kohya writes."""
     component, _, path = key.partition(".")
     if component not in _WRITE_PREFIX:
         raise ValueError(f"{key!r}: component {component!r} has no kohya prefix")
-    return _WRITE_PREFIX[component] + path.replace(".", "_")
+    prefix = "lora_te1_" if sdxl and component == "text_encoder" else _WRITE_PREFIX[component]
+    return prefix + path.replace(".", "_")
 
 
 def is_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> bool:
@@ -176,10 +178,14 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     ``trigger_words``, ``base_model``) fills ``ss_output_name``, ``modelspec.title`` and
     ``modelspec.trigger_phrase``.
     """
+    from .formats import check_components
+
+    check_components(lora, "kohya")
     metadata = metadata or {}
+    sdxl = any(k.startswith("text_encoder_2.") for k in lora)
     state: dict[str, torch.Tensor] = {}
     for key, w in lora.items():
-        name = kohya_name(key if not key.startswith("text_encoder") else _text_key(key))
+        name = kohya_name(key if not key.startswith("text_encoder") else _text_key(key), sdxl)
         state[f"{name}.lora_down.weight"] = w.A
         state[f"{name}.lora_up.weight"] = w.B
         state[f"{name}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)

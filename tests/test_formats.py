@@ -378,3 +378,57 @@ def test_written_files_get_the_umask_mode(tmp_path, lora):
     assert oct(os.stat(tmp_path / "a.safetensors").st_mode & 0o777) == oct(0o644)
     assert oct(os.stat(tmp_path / "x.safetensors").st_mode & 0o777) == oct(0o644)
     assert oct(os.stat(tmp_path / "b.safetensors").st_mode & 0o777) == oct(0o640)
+
+
+# ---------------------------------------------------------------------------------------------- SDXL: two text encoders
+@pytest.fixture(scope="module")
+def sdxl_lora(lora):
+    """The tiny LoRA plus a second text encoder (``text_encoder_2``, other tensors), as an SDXL file has."""
+    te2 = {"text_encoder_2." + k.split(".", 1)[1]: LoraWeights(w.A * 2, w.B * 3, 2.0) for k, w in lora.items() if k.startswith("text_encoder.")}
+    return {**lora, **te2}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k, w in a.items():
+        assert torch.equal(b[k].A, w.A) and torch.equal(b[k].B, w.B) and b[k].alpha == w.alpha, k
+
+
+def test_sdxl_second_text_encoder_round_trips_in_every_format(sdxl_lora):
+    assert_same(sdxl_lora, from_diffusers(*to_diffusers(sdxl_lora)))
+    state, header = to_kohya(sdxl_lora)
+    prefixes = {k.split("text_model")[0] for k in state if k.startswith("lora_te")}
+    assert prefixes == {"lora_te1_", "lora_te2_"}  # kohya's SDXL names: the first encoder is te1 beside te2
+    assert_same(sdxl_lora, from_kohya(state, header))
+    # diffusers' own kohya converter reads both encoders from our file
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    converted = _convert_non_diffusers_lora_to_diffusers(dict(state))[0]
+    n_te = sum(k.startswith("text_encoder.") for k in sdxl_lora)
+    assert sum(k.startswith("text_encoder_2.") for k in converted) == 2 * n_te
+    assert sum(k.startswith("text_encoder.") for k in converted) == 2 * n_te
+
+
+def test_sdxl_files_keep_every_layer_through_convert_and_merge(tmp_path, sdxl_lora, pipe0):
+    from lora_diffusion.blend import merge_loras
+
+    src = tmp_path / "x.safetensors"
+    write_lora_file(src, sdxl_lora, format="kohya", dtype=torch.float32)
+    assert_same(sdxl_lora, read_lora_file(src)[0])
+    assert cli_main(["convert", str(src), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert_same(sdxl_lora, read_lora_file(tmp_path / "d.safetensors")[0])
+    assert cli_main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    a, b = load_file(str(src)), load_file(str(tmp_path / "k.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged = merge_loras({src: 0.5, tmp_path / "d.safetensors": 0.5}, tmp_path / "m.safetensors", dtype=torch.float32)
+    assert read_lora_file(tmp_path / "m.safetensors")[0].keys() == merged.lora.keys() == sdxl_lora.keys()
+    with pytest.raises(LoraFormatError, match="text_encoder_2"):
+        load_lora(tiny_pipeline(0), tmp_path / "d.safetensors")  # an SD1 pipeline has no second encoder
+
+
+def test_a_component_no_format_holds_is_refused_not_dropped(lora):
+    w = next(iter(lora.values()))
+    odd = {**lora, "transformer.blocks.0.attn.to_q": w}
+    for writer in (to_diffusers, to_kohya):
+        with pytest.raises(LoraFormatError, match="'transformer'.*blocks.0.attn.to_q"):
+            writer(odd)
