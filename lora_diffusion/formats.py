@@ -405,10 +405,13 @@ def write_lora_file(
     metadata: dict | None = None,
     format: str = "diffusers",
     dtype: torch.dtype = torch.float16,
+    header: dict[str, str] | None = None,
 ) -> None:
     """Write ``lora`` as ``format`` (``diffusers`` or ``kohya``) with tensors in ``dtype``.
 
-    ``metadata`` goes to our own header entry (and, for kohya, to ``ss_*``/``modelspec.*`` keys).
+    ``metadata`` goes to our own header entry (and, for kohya, to ``ss_*``/``modelspec.*`` keys). ``header``:
+    other header entries written as they are (a source file's ``user_metadata``: kohya's ``ss_tag_frequency``,
+    ``modelspec.*``...), over the writer's own, except the keys the format computes from the tensors.
     """
     if format not in WRITERS:
         raise ValueError(f"unknown format {format!r}; choose from {sorted(WRITERS)}")
@@ -416,9 +419,25 @@ def write_lora_file(
         raise ValueError("nothing to save: the LoRA is empty")
     cast = {k: LoraWeights(w.A.detach().to(dtype), w.B.detach().to(dtype), w.alpha) for k, w in lora.items()}
     ours = {"format_version": FORMAT_VERSION, **(metadata or {})}
-    state, header = WRITERS[format](cast, ours)
-    header[METADATA_KEY] = json.dumps(ours, sort_keys=True, default=str)
-    atomic_save(state, path, header)
+    state, written = WRITERS[format](cast, ours)
+    written.update({k: str(v) for k, v in (header or {}).items() if k not in DERIVED_HEADER_KEYS})
+    written[METADATA_KEY] = json.dumps(ours, sort_keys=True, default=str)
+    atomic_save(state, path, written)
+
+
+# header keys a writer computes from the tensors: never copied from another file's header
+DERIVED_HEADER_KEYS = frozenset(
+    {"format", "_format", DIFFUSERS_METADATA_KEY, METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args"}
+)
+
+
+def user_metadata(header: dict[str, str]) -> dict[str, str]:
+    """The header entries a user or trainer wrote (kohya's ``ss_*``, ``modelspec.*``, anything else), without the
+    format's own bookkeeping (``DERIVED_HEADER_KEYS``, cloneofsimo's target lists, ranks and token flags)."""
+    from .formats_cloneofsimo import is_format_key
+
+    cloneofsimo = header.get("_format") == "cloneofsimo"
+    return {k: v for k, v in header.items() if k not in DERIVED_HEADER_KEYS and not (cloneofsimo and is_format_key(k, v))}
 
 
 def our_metadata(header: dict[str, str]) -> dict:

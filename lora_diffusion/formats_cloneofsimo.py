@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["from_cloneofsimo", "is_cloneofsimo", "cloneofsimo_paths", "sd1_module_listing"]
+__all__ = ["from_cloneofsimo", "is_cloneofsimo", "cloneofsimo_paths", "sd1_module_listing", "learned_tokens"]
 
 _KEY = re.compile(r"(?P<component>[A-Za-z_]+):(?P<index>\d+):(?P<role>up|down)")
 EMBED_FLAG = "<embed>"
@@ -40,6 +40,16 @@ def is_cloneofsimo(state: dict[str, torch.Tensor], header: dict[str, str] | None
     header = header or {}
     lora_keys = [k for k in state if _KEY.fullmatch(k)]
     return bool(lora_keys) and all(_KEY.fullmatch(k) or header.get(k) == EMBED_FLAG for k in state)
+
+
+def learned_tokens(header: dict[str, str]) -> list[str]:
+    """The learned token embeddings (``<s1>``...) a cloneofsimo file holds beside its LoRA layers."""
+    return [k for k, v in header.items() if v == EMBED_FLAG]
+
+
+def is_format_key(key: str, value: str) -> bool:
+    """A cloneofsimo header entry that describes the file's layout: target lists, ranks, token flags."""
+    return value == EMBED_FLAG or key in ("unet", "text_encoder") or re.fullmatch(r"[A-Za-z_]+:\d+:rank", key) is not None
 
 
 def sd1_module_listing(component: str) -> Listing:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from .blend import merge_loras
-from .formats import WRITERS, atomic_save, guess_architecture, our_metadata, read_lora_file, umask_mode, write_lora_file
+from .formats import WRITERS, LoraFormatError, atomic_save, guess_architecture, our_metadata, read_lora_file, umask_mode, user_metadata, write_lora_file
+from .formats_cloneofsimo import learned_tokens
 from .inject import unwrap
 
 logger = logging.getLogger(__name__)
@@ -303,10 +304,19 @@ def inspect_lora(path: str | os.PathLike) -> dict:
 
 
 def convert_lora(
-    src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "kohya", dtype: torch.dtype | None = None, overwrite: bool = False
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str = "kohya",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    drop_embeddings: bool = False,
 ) -> Path:
     """Rewrite a LoRA file in another format (``kohya`` or ``diffusers``), keeping tensors (and their dtype
-    unless ``dtype`` is given), alphas and our metadata. ``dst`` may not be ``src``, nor exist unless ``overwrite``.
+    unless ``dtype`` is given), alphas, our metadata and the source header's user metadata (kohya's ``ss_*``,
+    ``modelspec.*``...). ``dst`` may not be ``src``, nor exist unless ``overwrite``. A file with learned token
+    embeddings (cloneofsimo's ``<s1>``) is refused, since neither format has a place for them, unless
+    ``drop_embeddings``.
 
     Example:
         >>> convert_lora("pytorch_lora_weights.safetensors", "style_kohya.safetensors", to="kohya")
@@ -315,11 +325,19 @@ def convert_lora(
         raise ValueError(f"unknown format {to!r}; choose from {sorted(WRITERS)}")
     check_output(dst, [("the input", src)], overwrite=overwrite)
     lora, header = read_lora_file(src)
+    tokens = learned_tokens(header)
+    if tokens and not drop_embeddings:
+        raise LoraFormatError(
+            f"{src}: the learned token embedding(s) {', '.join(tokens)} have no place in a {to} LoRA file; "
+            "pass --drop-embeddings (drop_embeddings=True) to convert the LoRA layers without them"
+        )
     meta = {"name": Path(dst).stem, **our_metadata(header), "converted_from": header["_format"]}
     if header.get("modelspec.trigger_phrase") and not meta.get("trigger_words"):
         meta["trigger_words"] = [w.strip() for w in header["modelspec.trigger_phrase"].split(",")]
     dtype = dtype or next(iter(lora.values())).A.dtype
-    write_lora_file(dst, lora, metadata=meta, format=to, dtype=dtype)
+    write_lora_file(dst, lora, metadata=meta, format=to, dtype=dtype, header=user_metadata(header))
+    if tokens:
+        logger.warning("%s: dropped the learned token embedding(s) %s", src, ", ".join(tokens))
     return Path(dst)
 
 
@@ -346,7 +364,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    out = convert_lora(args.input, args.output, to=args.to, dtype=_DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    out = convert_lora(args.input, args.output, to=args.to, dtype=dtype, overwrite=args.overwrite, drop_embeddings=args.drop_embeddings)
     print(f"wrote {out} ({args.to})")
     return 0
 
@@ -394,6 +413,7 @@ def register(subparsers) -> None:
     p.add_argument("--to", choices=sorted(WRITERS), required=True)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: keep the input's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--drop-embeddings", action="store_true", help="convert a file with learned token embeddings without them")
     p.set_defaults(func=_cmd_convert)
 
     p = subparsers.add_parser("bake", help="write a diffusers model folder with LoRA files fused in")

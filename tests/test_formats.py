@@ -432,3 +432,43 @@ def test_a_component_no_format_holds_is_refused_not_dropped(lora):
     for writer in (to_diffusers, to_kohya):
         with pytest.raises(LoraFormatError, match="'transformer'.*blocks.0.attn.to_q"):
             writer(odd)
+
+
+# ---------------------------------------------------------------------------------------------- convert keeps what users wrote
+def test_convert_keeps_the_source_header_and_trigger_words(tmp_path, lora):
+    src = tmp_path / "k.safetensors"
+    state, header = to_kohya(lora)
+    user = {"ss_tag_frequency": json.dumps({"10_style": {"sks style": 9, "stripes": 4}}), "ss_training_comment": "mine",
+            "ss_sd_model_hash": "abc123", "modelspec.title": "My Style", "modelspec.trigger_phrase": "sks style",
+            "ss_output_name": "my_style", "ss_base_model_version": "sd_v1", "my_note": "keep me"}  # fmt: skip
+    save_file(state, str(src), metadata={**header, **user})
+    words = inspect_lora(src)["trigger_words"]
+    assert words[:2] == ["sks style", "stripes"]
+    assert cli_main(["convert", str(src), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert cli_main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k2.safetensors"), "--to", "kohya"]) == 0
+    assert cli_main(["convert", str(src), str(tmp_path / "k3.safetensors"), "--to", "kohya"]) == 0
+    for out in ("d", "k2", "k3"):
+        _, got = read_lora_file(tmp_path / f"{out}.safetensors")
+        assert {k: got.get(k) for k in user} == user, out
+        assert inspect_lora(tmp_path / f"{out}.safetensors")["trigger_words"] == words, out
+        assert json.loads(got["lora_diffusion"])["trigger_words"] == ["sks style"], out
+    _, d = read_lora_file(tmp_path / "d.safetensors")
+    assert d["_format"] == "diffusers" and "lora_adapter_metadata" in d  # the format's own keys are written afresh
+
+
+def test_convert_refuses_to_drop_learned_tokens_unless_told(tmp_path, caplog):
+    state, meta = {"<s1>": torch.randn(768)}, {"<s1>": "<embed>", "text_encoder": json.dumps(["CLIPAttention"])}
+    for i, path in enumerate(cloneofsimo_paths(sd1_module_listing("text_encoder"), ["CLIPAttention"])):
+        state[f"text_encoder:{i}:down"], state[f"text_encoder:{i}:up"] = torch.randn(1, 768), torch.randn(768, 1)
+        meta[f"text_encoder:{i}:rank"] = "1"
+    save_file(state, str(tmp_path / "simo.safetensors"), metadata=meta)
+    out = tmp_path / "out.safetensors"
+    for to in ("diffusers", "kohya"):
+        with pytest.raises(LoraFormatError, match="<s1>.*--drop-embeddings"):
+            cli_main(["convert", str(tmp_path / "simo.safetensors"), str(out), "--to", to, "--debug"])
+        assert not out.exists()
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(["convert", str(tmp_path / "simo.safetensors"), str(out), "--to", "kohya", "--drop-embeddings"]) == 0
+    assert "dropped the learned token embedding(s) <s1>" in caplog.text
+    lora, header = read_lora_file(out)
+    assert len(lora) == 48 and not {"<s1>", "text_encoder", "text_encoder:0:rank"} & set(header)
