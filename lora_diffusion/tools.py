@@ -60,7 +60,7 @@ def bake(
     Example:
         >>> bake("models/sd15", {"style.safetensors": 0.8, "subject.safetensors": 1.0}, "models/sd15-blend")
     """
-    from .pipeline import delete_adapter, fuse, load_lora, set_adapters, unfuse
+    from .pipeline import delete_adapter, fuse, list_adapters, load_lora, set_adapters, unfuse
 
     if isinstance(base, (str, os.PathLike)):
         _check_base(base)
@@ -79,13 +79,19 @@ def bake(
             raise FileNotFoundError(f"{base}: no such model folder, nor a hub model that could be loaded (--debug shows why)") from e
     else:
         pipe = base
-    names = {}
-    for i, path in enumerate(loras):
-        names[path] = load_lora(pipe, path, adapter=f"_bake{i}")
-    te = {names[p]: float(w) for p, w in (text_encoder or {}).items()}
-    set_adapters(pipe, {names[p]: float(w) for p, w in loras.items()}, text_encoder=te or None)
-    fuse(pipe)  # wrappers are swapped out while fused: the modules saved are the plain ones, fused weights
+    saved = _adapter_state(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
+    taken = {n for found in list_adapters(pipe).values() for n in found}
+    names: dict = {}
     try:
+        if saved["fused"]:
+            unfuse(pipe)
+        for layer, _, _ in saved["layers"]:
+            layer.disabled = False  # what enable_lora does, without touching a disabled-while-fused pipeline's flag
+        for i, path in enumerate(loras):
+            names[path] = load_lora(pipe, path, adapter=_free_name(f"_bake{i}", taken))
+        te = {names[p]: float(w) for p, w in (text_encoder or {}).items()}
+        set_adapters(pipe, {names[p]: float(w) for p, w in loras.items()}, text_encoder=te or None)
+        fuse(pipe)  # wrappers are swapped out while fused: the modules saved are the plain ones, fused weights
         with _new_folder(out_dir) as tmp:
             pipe.save_pretrained(tmp)
         if single_file is not None:
@@ -95,8 +101,31 @@ def bake(
         for name in names.values():
             delete_adapter(pipe, name)
         _drop_empty_wrappers(pipe)
+        for layer, weights, disabled in saved["layers"]:
+            layer.restore_weights(weights)
+            layer.disabled = disabled
+        if saved["fused"]:
+            fuse(pipe)
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
+
+
+def _adapter_state(pipe) -> dict:
+    """What ``bake`` puts back: every LoRA layer's active adapters, weights and on/off, and whether it was fused."""
+    from .inject import lora_layers
+
+    layers = [layer for c in ("unet", "text_encoder") if getattr(pipe, c, None) is not None for _, layer in lora_layers(getattr(pipe, c))]
+    return {"layers": [(layer, layer.weight_state(), layer.disabled) for layer in layers], "fused": any(layer.fused for layer in layers)}
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... if it is taken (the new name is added to ``taken``)."""
+    n, candidate = 0, name
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
 
 
 def _check_base(base: str | os.PathLike) -> None:

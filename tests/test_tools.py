@@ -167,3 +167,75 @@ def test_baked_files_get_the_umask_mode(files, tmp_path):
     modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")}
     assert modes["baked"] == oct(0o755) and modes["m.safetensors"] == oct(0o644)
     assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {oct(0o644)}, modes
+
+
+# ---------------------------------------------------------------------------------------------- bake leaves a pipeline as it was
+def pipeline_state(pipe) -> tuple:
+    """Adapters, each layer's active list, weights, on/off and fused set, and every weight tensor."""
+    from lora_diffusion.inject import lora_layers
+    from lora_diffusion.pipeline import list_adapters
+
+    layers = {(c, p): (list(layer.active), dict(layer.weights), layer.disabled, dict(layer.fused)) for c in ("unet", "text_encoder")
+              for p, layer in lora_layers(getattr(pipe, c))}  # fmt: skip
+    tensors = {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+    return list_adapters(pipe), layers, tensors
+
+
+def assert_unchanged(before, after):
+    assert before[:2] == after[:2]
+    assert before[2].keys() == after[2].keys() and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+
+
+@torch.no_grad()
+def outputs(pipe) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 32, 32, generator=g)
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    return pipe.unet(x, torch.tensor([10]), encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+
+
+@pytest.mark.parametrize("state", ["weighted", "fused", "disabled"])
+def test_bake_leaves_a_loaded_pipeline_as_it_was(files, tmp_path, state):
+    from lora_diffusion import disable_lora, fuse, load_lora, set_adapters
+    from lora_diffusion.tools import bake
+
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, files / "a.safetensors", adapter="ours")
+    set_adapters(pipe, {"ours": 0.5}, text_encoder={"ours": 0.2})
+    {"fused": fuse, "disabled": disable_lora}.get(state, lambda p: None)(pipe)
+    before, out = pipeline_state(pipe), outputs(pipe)
+    bake(pipe, {files / "b.safetensors": 1.0}, tmp_path / "baked")
+    assert_unchanged(before, pipeline_state(pipe))
+    assert torch.equal(outputs(pipe), out)
+    # the folder holds b alone at 1.0, whatever the pipeline had on
+    ref = tiny_pipeline(0)
+    load_lora(ref, files / "b.safetensors")
+    fuse(ref)
+    from diffusers import StableDiffusionPipeline
+
+    baked = StableDiffusionPipeline.from_pretrained(tmp_path / "baked", safety_checker=None, requires_safety_checker=False)
+    torch.testing.assert_close(outputs(baked), outputs(ref), rtol=0, atol=1e-6)
+
+
+def test_a_failed_bake_leaves_no_adapter_behind(files, tmp_path):
+    from lora_diffusion import fuse, load_lora, set_adapters
+    from lora_diffusion.formats import LoraFormatError, LoraWeights, read_lora_file
+    from lora_diffusion.tools import bake
+
+    key, w = next(iter(read_lora_file(files / "a.safetensors")[0].items()))
+    write_lora_file(tmp_path / "bad.safetensors", {key: LoraWeights(torch.zeros(2, w.A.shape[1] + 1), torch.zeros(w.B.shape[0], 2), 2.0)})
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, files / "a.safetensors", adapter="ours")
+    set_adapters(pipe, {"ours": 0.5})
+    fuse(pipe)
+    before = pipeline_state(pipe)
+    with pytest.raises(LoraFormatError, match="bad.safetensors"):
+        bake(pipe, {files / "b.safetensors": 1.0, tmp_path / "bad.safetensors": 1.0}, tmp_path / "baked")
+    assert_unchanged(before, pipeline_state(pipe))
+    assert not (tmp_path / "baked").exists()
+    plain = tiny_pipeline(0)
+    with pytest.raises(LoraFormatError):
+        bake(plain, {files / "b.safetensors": 1.0, tmp_path / "bad.safetensors": 1.0}, tmp_path / "baked")
+    from lora_diffusion.inject import lora_layers
+
+    assert not list(lora_layers(plain.unet)) and not list(lora_layers(plain.text_encoder))
