@@ -58,6 +58,7 @@ COMPONENTS = ("unet", "text_encoder")  # what a pipeline loads adapters into
 FILE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what files hold and formats carry (SDXL: two encoders)
 METADATA_KEY = "lora_diffusion"  # our own header entry: JSON with format_version, base_model, trigger words...
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+DEFAULT_FILE_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 
@@ -295,7 +296,7 @@ WRITERS: dict[str, Writer] = {"diffusers": to_diffusers}
 NEEDS_MODULES = {"cloneofsimo"}
 
 # LyCORIS adapter types, recognised by their key fragments, so that a file is refused by name
-_LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT", ".on_input": "(IA)^3"}
+_LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT", ".on_input": "(IA)^3"}
 
 
 def lycoris_types(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -320,8 +321,22 @@ def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None 
         kinds = ", ".join(f"{name} ({n} keys)" for name, n in sorted(lycoris.items()))
         example = next(k for k in state if any(f in k for f in _LYCORIS))
         raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon; e.g. key {example!r}")
-    sample = ", ".join(list(state)[:3])
-    raise LoraFormatError(f"unrecognised LoRA format; first keys: {sample}")
+    if not state:
+        raise LoraFormatError("no tensors: not a LoRA")
+    # name the keys that spoil the closest format (the one most keys fit), not keys that are fine
+    from .formats_cloneofsimo import EMBED_FLAG
+
+    misfits = {
+        name: [k for k in state if header.get(k) != EMBED_FLAG and not detect({k: state[k]}, header)] for name, (detect, _) in READERS.items()
+    }
+    closest = min(misfits, key=lambda name: len(misfits[name]))
+    bad = misfits[closest]
+    if len(bad) == len(state):
+        raise LoraFormatError(f"unrecognised LoRA format: no key fits a known format; first keys: {', '.join(list(state)[:3])}")
+    raise LoraFormatError(
+        f"{len(bad)} of {len(state)} keys fit no LoRA format (the others are {closest}): "
+        f"{', '.join(repr(k) for k in bad[:5])}{', ...' if len(bad) > 5 else ''}"
+    )
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -355,12 +370,22 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return state, header
 
 
+def lora_file(path: str | os.PathLike) -> Path:
+    """``path``, or ``<path>/pytorch_lora_weights.safetensors`` for a folder (what diffusers saves)."""
+    path = Path(path)
+    return path / DEFAULT_FILE_NAME if path.is_dir() else path
+
+
 def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> tuple[Lora, dict[str, str]]:
     """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``.
 
-    ``modules``: component -> ``[(module path, class name), ...]`` of the target model, for positional formats
-    (cloneofsimo); without it they assume the SD 1.x layout.
+    A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. ``modules``: component ->
+    ``[(module path, class name), ...]`` of the target model, for positional formats (cloneofsimo); without it
+    they assume the SD 1.x layout.
     """
+    if Path(path).is_dir() and not lora_file(path).is_file():
+        raise FileNotFoundError(f"{path}: a folder without {DEFAULT_FILE_NAME}")
+    path = lora_file(path)
     state, header = read_safetensors(path)
     if not state:
         raise LoraFormatError(f"{path}: the file holds no tensors")

@@ -154,6 +154,8 @@ def from_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
         _check_pair(key, p["A"], p["B"], source)
         if key in lora:
             raise LoraFormatError(f"{source}: two kohya keys map to the same module {key} (one is {name})")
+        if "alpha" in p and p["alpha"].numel() != 1:
+            raise LoraFormatError(f"{source}: {name}.alpha has shape {list(p['alpha'].shape)}; an alpha is one number")
         alpha = float(p["alpha"].float().item()) if "alpha" in p else float(p["A"].shape[0])
         lora[key] = LoraWeights(p["A"], p["B"], alpha)
     return lora

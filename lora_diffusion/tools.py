@@ -27,7 +27,18 @@ from pathlib import Path
 import torch
 
 from .blend import merge_loras
-from .formats import WRITERS, LoraFormatError, atomic_save, guess_architecture, our_metadata, read_lora_file, umask_mode, user_metadata, write_lora_file
+from .formats import (
+    WRITERS,
+    LoraFormatError,
+    atomic_save,
+    guess_architecture,
+    lora_file,
+    our_metadata,
+    read_lora_file,
+    umask_mode,
+    user_metadata,
+    write_lora_file,
+)
 from .formats_cloneofsimo import learned_tokens
 from .inject import unwrap
 
@@ -300,6 +311,7 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         ('kohya', {4: 192})
     """
     lora, header = read_lora_file(path)
+    path = lora_file(path)  # a folder's pytorch_lora_weights.safetensors
     fmt = header.pop("_format")
     ours = our_metadata(header)
     words: list[str] = list(ours.get("trigger_words") or [])

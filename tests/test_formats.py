@@ -472,3 +472,36 @@ def test_convert_refuses_to_drop_learned_tokens_unless_told(tmp_path, caplog):
     assert "dropped the learned token embedding(s) <s1>" in caplog.text
     lora, header = read_lora_file(out)
     assert len(lora) == 48 and not {"<s1>", "text_encoder", "text_encoder:0:rank"} & set(header)
+
+
+# ---------------------------------------------------------------------------------------------- errors name the key
+def test_errors_name_the_bad_key(tmp_path, lora):
+    state, header = to_kohya(lora)
+    alpha_key = next(k for k in state if k.endswith(".alpha"))
+    save_file({**state, alpha_key: torch.tensor([8.0, 8.0])}, str(tmp_path / "alpha.safetensors"))
+    with pytest.raises(LoraFormatError, match=re.escape(alpha_key) + r" has shape \[2\]"):
+        read_lora_file(tmp_path / "alpha.safetensors")
+    save_file({**state, alpha_key: torch.tensor([8.0])}, str(tmp_path / "alpha1.safetensors"))
+    assert read_lora_file(tmp_path / "alpha1.safetensors")[0].keys() == lora.keys()  # one number in a 1-d tensor is fine
+    save_file({**state, "something_else": torch.zeros(3)}, str(tmp_path / "stray.safetensors"))
+    with pytest.raises(LoraFormatError, match=r"1 of \d+ keys fit no LoRA format \(the others are kohya\): 'something_else'$"):
+        read_lora_file(tmp_path / "stray.safetensors")
+
+
+def test_peft_dora_is_named(tmp_path, lora):
+    state, header = to_diffusers(lora)
+    key = next(k for k in state if k.endswith(".lora_A.weight"))
+    state[key.replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(32)
+    save_file(state, str(tmp_path / "dora.safetensors"), metadata=header)
+    with pytest.raises(LoraFormatError, match="DoRA.*not supported yet"):
+        read_lora_file(tmp_path / "dora.safetensors")
+
+
+def test_a_folder_is_read_like_load_lora_reads_it(tmp_path, lora, capsys):
+    (tmp_path / "style").mkdir()
+    write_lora_file(tmp_path / "style" / "pytorch_lora_weights.safetensors", lora)
+    info = inspect_lora(tmp_path / "style")
+    assert info["format"] == "diffusers" and info["layers"]["unet"] > 0 and info["size_bytes"] > 1000
+    assert cli_main(["inspect", str(tmp_path / "style")]) == 0
+    assert cli_main(["inspect", str(tmp_path)]) == 2
+    assert "a folder without pytorch_lora_weights.safetensors" in capsys.readouterr().err
