@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -396,7 +397,26 @@ def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> t
     except LoraFormatError as e:
         msg = str(e)
         raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    check_finite(state, str(path))
+    bad_alpha = next((k for k, w in lora.items() if not math.isfinite(w.alpha)), None)
+    if bad_alpha is not None:
+        raise LoraFormatError(f"{path}: {bad_alpha} has alpha {lora[bad_alpha].alpha}; factors and alphas must be finite")
     return lora, {**header, "_format": fmt}
+
+
+_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf in any floating tensor, naming the first bad key. One multi-tensor norm for the whole
+    file; tensor by tensor only when that is not finite (an fp16 norm can overflow with finite values)."""
+    floats = [(k, t) for k, t in state.items() if t.is_floating_point()]
+    fast = [t for _, t in floats if t.dtype in _NORM_DTYPES]
+    if len(fast) == len(floats) and (not fast or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(fast)])).all())):
+        return
+    for key, t in floats:
+        if not bool(torch.isfinite(t if t.dtype in _NORM_DTYPES else t.float()).all()):
+            raise LoraFormatError(f"{source}: {key} holds NaN or Inf values; factors and alphas must be finite")
 
 
 def umask_mode(mode: int = 0o666) -> int:

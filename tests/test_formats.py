@@ -505,3 +505,31 @@ def test_a_folder_is_read_like_load_lora_reads_it(tmp_path, lora, capsys):
     assert cli_main(["inspect", str(tmp_path / "style")]) == 0
     assert cli_main(["inspect", str(tmp_path)]) == 2
     assert "a folder without pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_non_finite_weights_are_refused_by_key(tmp_path, lora, fmt, capsys):
+    state, header = (to_kohya if fmt == "kohya" else to_diffusers)(lora)
+    keys = list(state)
+    for i, bad in ((3, float("nan")), (len(keys) - 1, float("inf"))):
+        broken = dict(state)
+        t = broken[keys[i]].clone().reshape(-1)
+        t[-1] = bad
+        broken[keys[i]] = t.reshape(state[keys[i]].shape)
+        save_file(broken, str(tmp_path / "bad.safetensors"), metadata=header)
+        with pytest.raises(LoraFormatError, match=re.escape(f"bad.safetensors: {keys[i]} holds NaN or Inf")):
+            load_lora(tiny_pipeline(0), tmp_path / "bad.safetensors")
+        assert cli_main(["merge", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "m.safetensors"), "--mode", "svd"]) == 2
+        assert keys[i] in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+    big = {k: (v * 6e4 if v.dim() and v.is_floating_point() else v).half() for k, v in state.items()}  # finite, fp16 norm overflows
+    save_file(big, str(tmp_path / "big.safetensors"), metadata=header)
+    assert read_lora_file(tmp_path / "big.safetensors")[0].keys() == lora.keys()
+
+
+def test_a_non_finite_alpha_in_the_diffusers_header_is_refused(tmp_path, lora):
+    state, header = to_diffusers(lora)
+    meta = json.loads(header["lora_adapter_metadata"])
+    meta["unet.lora_alpha"] = float("nan")
+    save_file(state, str(tmp_path / "a.safetensors"), metadata={**header, "lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(LoraFormatError, match=r"a.safetensors: unet\..* has alpha nan"):
+        read_lora_file(tmp_path / "a.safetensors")
