@@ -188,10 +188,16 @@ def to_diffusers(lora: Lora, metadata: dict | None = None) -> tuple[dict[str, to
 
 
 def _pattern_value(patterns: dict, path: str, default: float) -> float:
-    short = strip_text_model(path)
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``): the first key,
+    in order, that is a regex matching the module path or a ``.``-separated tail of it wins. A text-encoder path
+    is tried with and without ``text_model.`` (transformers >= 5.6 has no such level)."""
+    candidates = (path, strip_text_model(path))
     for key, value in patterns.items():
-        if short == key or short.endswith("." + key) or path == key:
-            return float(value)
+        try:
+            if any(re.match(rf"(.*\.)?({key})$", cand) for cand in candidates):
+                return float(value)
+        except re.error as e:
+            raise LoraFormatError(f"pattern {key!r} in the lora_adapter_metadata header is not a valid regex ({e})") from None
     return float(default)
 
 

@@ -533,3 +533,30 @@ def test_a_non_finite_alpha_in_the_diffusers_header_is_refused(tmp_path, lora):
     save_file(state, str(tmp_path / "a.safetensors"), metadata={**header, "lora_adapter_metadata": json.dumps(meta)})
     with pytest.raises(LoraFormatError, match=r"a.safetensors: unet\..* has alpha nan"):
         read_lora_file(tmp_path / "a.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- PEFT patterns
+def test_regex_alpha_patterns_match_like_peft_in_stock_diffusers(tmp_path, lora):
+    """PEFT reads ``alpha_pattern`` keys as regexes (first match, in order, on a ``.``-tail of the module path)."""
+    from safetensors import safe_open
+
+    path = tmp_path / "re.safetensors"
+    write_lora_file(path, lora, dtype=torch.float32)
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    meta = json.loads(header["lora_adapter_metadata"])
+    meta["unet.alpha_pattern"] = {"up_blocks\\.0\\..*to_q": 0.5, "to_q": 3.0, "attn2\\.to_(k|v)": 16.0}
+    meta["text_encoder.alpha_pattern"] = {"layers\\.[01]\\.self_attn\\.q_proj": 2.0}
+    header["lora_adapter_metadata"] = json.dumps(meta)
+    save_file(load_file(str(path)), str(path), metadata=header)
+    ours = tiny_pipeline(0)
+    load_lora(ours, path, adapter="re")
+    alphas = {p: layer.specs["re"].alpha for c in ("unet", "text_encoder") for p, layer in lora_layers(getattr(ours, c))}
+    assert alphas["up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q"] == 0.5
+    assert alphas["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == 3.0
+    assert alphas["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"] == 16.0
+    assert alphas["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"] == 8.0
+    assert sorted(v for p, v in alphas.items() if "q_proj" in p) == [2.0, 2.0, 8.0, 8.0, 8.0]
+    ref = tiny_pipeline(0)
+    ref.load_lora_weights(str(path), adapter_name="re")
+    np.testing.assert_allclose(generate(ours), generate(ref), atol=1e-5)
