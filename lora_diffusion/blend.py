@@ -214,6 +214,8 @@ def merge_lora_dicts(
         raise ValueError(f"mode must be 'concat' or 'svd', got {mode!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if rank is not None and mode != "svd":
+        raise ValueError(f"rank={rank} needs mode='svd' (a concat merge is exact: its ranks add up)")
     if not loras:
         raise ValueError("nothing to merge")
     keys = list(dict.fromkeys(k for lora, _ in loras for k in lora))

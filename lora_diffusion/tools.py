@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -384,14 +385,23 @@ def convert_lora(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _weighted(spec: str) -> tuple[str, float]:
-    """``path.safetensors:0.7`` -> ``("path.safetensors", 0.7)``; no ``:weight`` means 1.0."""
-    m = re.fullmatch(r"(.+?):(-?[0-9.]+(?:e-?\d+)?)", spec)
-    if m and not os.path.exists(spec):
-        return m.group(1), float(m.group(2))
-    return spec, 1.0
+    """``path.safetensors:0.7`` -> ``("path.safetensors", 0.7)``; no ``:weight`` means 1.0 (and so does an
+    existing file whose name has a colon)."""
+    path, colon, weight = spec.rpartition(":")
+    if not colon or os.path.exists(spec) or not path:
+        return spec, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{spec}: {weight!r} after the last ':' is not a weight (FILE[:WEIGHT], e.g. style.safetensors:0.7)")
+    return path, value
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    if args.rank is not None and args.mode != "svd":
+        raise ValueError(f"--rank {args.rank} needs --mode svd (a concat merge is exact: its ranks add up)")
     inputs = [_weighted(s) for s in args.inputs]
     check_output(args.output, [("the input", p) for p, _ in inputs], overwrite=args.overwrite)
     report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype])

@@ -239,3 +239,19 @@ def test_a_failed_bake_leaves_no_adapter_behind(files, tmp_path):
     from lora_diffusion.inject import lora_layers
 
     assert not list(lora_layers(plain.unet)) and not list(lora_layers(plain.text_encoder))
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def test_merge_arguments_that_would_be_ignored_or_misread_are_refused(files, tmp_path, capsys):
+    from lora_diffusion.blend import merge_lora_dicts
+    from lora_diffusion.formats import read_lora_file
+
+    a, b, out = files / "a.safetensors", files / "b.safetensors", tmp_path / "m.safetensors"
+    refused(capsys, ["merge", a, b, "-o", out, "--rank", "2"], r"--rank 2 needs --mode svd")
+    refused(capsys, ["merge", f"{a}:1.2.3", b, "-o", out], r"a\.safetensors:1\.2\.3: '1\.2\.3' after the last ':' is not a weight")
+    refused(capsys, ["merge", f"{a}:nan", b, "-o", out], r"'nan' after the last ':' is not a weight")
+    assert not out.exists()
+    with pytest.raises(ValueError, match="needs mode='svd'"):
+        merge_lora_dicts([(read_lora_file(a)[0], 1.0)], rank=2)
+    assert cli_main(["merge", f"{a}:0.5", f"{b}:-1e-1", "-o", str(out)]) == 0
+    assert '"weight": -0.1' in read_lora_file(out)[1]["lora_diffusion"]
