@@ -476,7 +476,7 @@ def test_convert_refuses_to_drop_learned_tokens_unless_told(tmp_path, caplog):
 
 # ---------------------------------------------------------------------------------------------- errors name the key
 def test_errors_name_the_bad_key(tmp_path, lora):
-    state, header = to_kohya(lora)
+    state, _ = to_kohya(lora)
     alpha_key = next(k for k in state if k.endswith(".alpha"))
     save_file({**state, alpha_key: torch.tensor([8.0, 8.0])}, str(tmp_path / "alpha.safetensors"))
     with pytest.raises(LoraFormatError, match=re.escape(alpha_key) + r" has shape \[2\]"):
