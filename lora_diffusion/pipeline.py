@@ -403,6 +403,37 @@ def _set_disabled(pipe, disabled: bool) -> None:
             fuse_model(model)
 
 
+def snapshot(pipe) -> list:
+    """What ``set_adapters``, ``disable_lora``/``enable_lora`` and ``fuse``/``unfuse`` change, per component, for
+    ``restore``: each layer's active adapters, weights and on/off, the model's on/off, a fuse waiting for
+    ``enable_lora``, and whether it is fused. (Adapters themselves are not copied: delete the ones added since.)"""
+    return [(model, model.__dict__.get(_DISABLED_ATTR, False), model.__dict__.get(_REFUSE_ATTR, False),
+             bool(getattr(model, DETACHED_ATTR, {})), [(layer, layer.weight_state(), layer.disabled) for _, layer in lora_layers(model)])
+            for _, model in _components(pipe)]
+
+
+def restore(state: list) -> None:
+    """Put back a ``snapshot`` (the layers it lists that still hold their adapters)."""
+    for model, disabled, refuse, fused, layers in state:
+        unfuse_model(model)
+        for layer, weights, layer_disabled in layers:
+            layer.restore_weights((weights[0], {n: w for n, w in weights[1].items() if n in layer.specs}))
+            layer.disabled = layer_disabled
+        model.__dict__[_DISABLED_ATTR] = disabled
+        if fused:
+            fuse_model(model)
+        if refuse:
+            model.__dict__[_REFUSE_ATTR] = True
+
+
+def enable_all(pipe) -> None:
+    """Every layer on, fused or not as it is, without ``enable_lora``'s fuse (for a caller that ``restore``\ s)."""
+    for _, model in _components(pipe):
+        model.__dict__[_DISABLED_ATTR] = False
+        for _, layer in lora_layers(model):
+            layer.disabled = False
+
+
 def disable_lora(pipe) -> None:
     """Run the pipeline as the base model (adapters kept; a fused pipeline is unfused until ``enable_lora``).
 

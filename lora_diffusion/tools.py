@@ -72,7 +72,7 @@ def bake(
     Example:
         >>> bake("models/sd15", {"style.safetensors": 0.8, "subject.safetensors": 1.0}, "models/sd15-blend")
     """
-    from .pipeline import delete_adapter, fuse, list_adapters, load_lora, set_adapters, unfuse
+    from .pipeline import delete_adapter, enable_all, fuse, list_adapters, load_lora, restore, set_adapters, snapshot, unfuse
 
     if isinstance(base, (str, os.PathLike)):
         _check_base(base)
@@ -91,14 +91,12 @@ def bake(
             raise FileNotFoundError(f"{base}: no such model folder, nor a hub model that could be loaded (--debug shows why)") from e
     else:
         pipe = base
-    saved = _adapter_state(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
+    saved = snapshot(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
     taken = {n for found in list_adapters(pipe).values() for n in found}
     names: dict = {}
     try:
-        if saved["fused"]:
-            unfuse(pipe)
-        for layer, _, _ in saved["layers"]:
-            layer.disabled = False  # what enable_lora does, without touching a disabled-while-fused pipeline's flag
+        unfuse(pipe)
+        enable_all(pipe)
         for i, path in enumerate(loras):
             names[path] = load_lora(pipe, path, adapter=_free_name(f"_bake{i}", taken))
         te = {names[p]: float(w) for p, w in (text_encoder or {}).items()}
@@ -113,21 +111,9 @@ def bake(
         for name in names.values():
             delete_adapter(pipe, name)
         _drop_empty_wrappers(pipe)
-        for layer, weights, disabled in saved["layers"]:
-            layer.restore_weights(weights)
-            layer.disabled = disabled
-        if saved["fused"]:
-            fuse(pipe)
+        restore(saved)
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
-
-
-def _adapter_state(pipe) -> dict:
-    """What ``bake`` puts back: every LoRA layer's active adapters, weights and on/off, and whether it was fused."""
-    from .inject import lora_layers
-
-    layers = [layer for c in ("unet", "text_encoder") if getattr(pipe, c, None) is not None for _, layer in lora_layers(getattr(pipe, c))]
-    return {"layers": [(layer, layer.weight_state(), layer.disabled) for layer in layers], "fused": any(layer.fused for layer in layers)}
 
 
 def _free_name(name: str, taken: set[str]) -> str:

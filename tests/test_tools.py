@@ -194,19 +194,23 @@ def outputs(pipe) -> torch.Tensor:
     return pipe.unet(x, torch.tensor([10]), encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
 
 
-@pytest.mark.parametrize("state", ["weighted", "fused", "disabled"])
+@pytest.mark.parametrize("state", ["weighted", "fused", "disabled", "fused, disabled"])
 def test_bake_leaves_a_loaded_pipeline_as_it_was(files, tmp_path, state):
-    from lora_diffusion import disable_lora, fuse, load_lora, set_adapters
+    from lora_diffusion import disable_lora, enable_lora, fuse, load_lora, set_adapters
+    from lora_diffusion.inject import lora_layers
     from lora_diffusion.tools import bake
 
     pipe = tiny_pipeline(0)
     load_lora(pipe, files / "a.safetensors", adapter="ours")
     set_adapters(pipe, {"ours": 0.5}, text_encoder={"ours": 0.2})
-    {"fused": fuse, "disabled": disable_lora}.get(state, lambda p: None)(pipe)
+    for step in state.split(", "):
+        {"fused": fuse, "disabled": disable_lora}.get(step, lambda p: None)(pipe)
     before, out = pipeline_state(pipe), outputs(pipe)
     bake(pipe, {files / "b.safetensors": 1.0}, tmp_path / "baked")
     assert_unchanged(before, pipeline_state(pipe))
     assert torch.equal(outputs(pipe), out)
+    enable_lora(pipe)  # fused before disable_lora: enable fuses it again, bake or no bake
+    assert any(layer.fused for _, layer in lora_layers(pipe.unet)) == state.startswith("fused")
     # the folder holds b alone at 1.0, whatever the pipeline had on
     ref = tiny_pipeline(0)
     load_lora(ref, files / "b.safetensors")
