@@ -294,14 +294,20 @@ def test_strict_false_loads_what_matches(tmp_path, caplog):
     assert list_adapters(pipe) == {"unet": ["partial"]}
 
 
-def test_nan_in_file_refuses_to_fuse(tmp_path):
+def test_nan_in_file_is_refused_and_a_nan_adapter_refuses_to_fuse(tmp_path):
     key = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
     b = torch.ones(64, 2)
     b[0, 0] = float("inf")
     path = tmp_path / "nan.safetensors"
     save_file({f"{key}.lora_A.weight": torch.ones(2, 64), f"{key}.lora_B.weight": b}, path)
     pipe = tiny_pipeline(0)
+    with pytest.raises(LoraFormatError, match=rf"nan.safetensors: {key}.lora_B.weight holds NaN or Inf"):
+        load_lora(pipe, path)
+    assert list_adapters(pipe) == {}
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 64), f"{key}.lora_B.weight": torch.ones(64, 2)}, path)
     load_lora(pipe, path)
+    with torch.no_grad():  # an Inf that training put there
+        pipe.unet.get_submodule(key.removeprefix("unet.")).lora_B["nan"][0, 0] = float("inf")
     before = _weights(pipe.unet)
     with pytest.raises(ValueError, match="NaN or Inf"):
         fuse(pipe)

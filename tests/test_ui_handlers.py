@@ -528,13 +528,14 @@ def test_a_trained_lora_whose_name_was_taken_anyway_goes_in_under_a_free_name(tm
         assert j.result.path.read_bytes() == lora_files["ink"].read_bytes()
 
 
-def _nan_lora(src, dest, component):
-    """``src`` with NaN in one layer of ``component`` (``unet`` or ``text_encoder``)."""
+def _overflowing_lora(src, dest, component):
+    """``src`` with one layer of ``component`` (``unet`` or ``text_encoder``) whose factors are finite (a file with
+    NaN is refused when read) but whose fused weight overflows fp32."""
     from lora_diffusion.formats import LoraWeights, read_lora_file, write_lora_file
 
     lora, _ = read_lora_file(src)
     key = next(k for k in sorted(lora) if k.startswith(component + "."))
-    lora[key] = LoraWeights(lora[key].A, torch.full_like(lora[key].B, float("nan")), lora[key].alpha)
+    lora[key] = LoraWeights(torch.ones_like(lora[key].A), torch.full_like(lora[key].B, 3e38), lora[key].alpha)
     write_lora_file(dest, lora, dtype=torch.float32)
 
 
@@ -547,7 +548,7 @@ def test_a_refused_fuse_is_a_message_and_leaves_the_pipeline_as_it_was(backend, 
     before, te_before = base_weights(backend.pipe.unet), base_weights(backend.pipe.text_encoder)
     for component in ("unet", "text_encoder"):  # text encoder: fuse refuses it after fusing the UNet
         name = f"nan_{component}"
-        _nan_lora(lora_files["style"], backend.library.root / f"{name}.safetensors", component)
+        _overflowing_lora(lora_files["style"], backend.library.root / f"{name}.safetensors", component)
         try:
             with pytest.raises(UIError, match="cannot fuse this blend: refusing to fuse: .* NaN or Inf"):
                 gen(backend, loras={name: (1.0, None), "style": (0.5, None)}, fuse=True)
