@@ -285,7 +285,9 @@ def load_lora(
 
     The name defaults to the file name without extension (the folder name for ``pytorch_lora_weights``).
     A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. The new adapter is active at
-    ``weight`` beside those already loaded; a fused pipeline stays fused with it included.
+    ``weight`` beside those already loaded; a fused pipeline stays fused with it included. A LoRA trained with
+    a learned token (``--pivotal_tuning``) brings it along: the ``embeddings.safetensors`` its metadata names,
+    beside it, is added to the tokenizer and text encoder (``pipe.load_textual_inversion``), once.
 
     Example:
         >>> load_lora(pipe, "loras/style.safetensors", weight=0.7)
@@ -321,8 +323,32 @@ def load_lora(
         for model in done:
             _delete_from_model(model, adapter)
         raise
+    if meta.get("embedding_file"):
+        _load_embeddings(pipe, path.parent / str(meta["embedding_file"]), path)
     logger.info("loaded %s as adapter %r into %d layers", path, adapter, patched)
     return adapter
+
+
+def _load_embeddings(pipe, file: Path, source: Path) -> None:
+    """Add the learned tokens of ``file`` (``{token: vector}``, diffusers' textual-inversion form) to ``pipe``;
+    a token the tokenizer knows already is left as it is (loading a LoRA twice adds it once)."""
+    if not file.is_file():
+        logger.warning("%s was trained with a learned token, but %s is not beside it: the token stays unknown to the "
+                       "tokenizer (copy the file next to the LoRA, or pipe.load_textual_inversion it)", source, file.name)
+        return
+    from safetensors.torch import load_file
+
+    tokens = load_file(file)
+    vocab = pipe.tokenizer.get_vocab()
+    new = {token: vector for token, vector in tokens.items() if token not in vocab}
+    if not new:
+        return
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    for token, vector in new.items():
+        if vector.shape[-1] != width:
+            raise LoraFormatError(f"{file}: the vector of {token!r} is {vector.shape[-1]} wide; this text encoder's "
+                                  f"embeddings are {width} wide")
+    pipe.load_textual_inversion([{token: vector} for token, vector in new.items()], token=list(new))
 
 
 # ---------------------------------------------------------------------------------------------- weights, on/off

@@ -240,6 +240,31 @@ def test_adapter_names_may_hold_dots(two_files, tmp_path):
     assert list_adapters(pipe)["unet"] == ["a%2Eb.c"]
 
 
+def test_a_learned_token_comes_with_its_lora(tmp_path, caplog):
+    """A pivotal-tuning LoRA names its ``embeddings.safetensors`` in its metadata: ``load_lora`` adds the token
+    to the tokenizer and its vector to the text encoder (which holds LoRA layers too), once."""
+    pipe = tiny_pipeline(0)
+    inject_lora(pipe.unet, rank=2), inject_lora(pipe.text_encoder, rank=2)
+    randomize_lora(pipe.unet, seed=1), randomize_lora(pipe.text_encoder, seed=2)
+    folder = tmp_path / "pti"
+    save_lora(folder / "pytorch_lora_weights.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder,
+              metadata={"embedding_file": "embeddings.safetensors", "trigger_words": ["<strp>"]})
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    save_file({"<strp>": vector}, folder / "embeddings.safetensors")
+    fresh = tiny_pipeline(0)
+    size = len(fresh.tokenizer)
+    load_lora(fresh, folder)
+    token = fresh.tokenizer.convert_tokens_to_ids("<strp>")
+    assert len(fresh.tokenizer) == size + 1 and torch.equal(fresh.text_encoder.get_input_embeddings().weight[token], vector)
+    assert fresh.tokenizer("a <strp> circle").input_ids.count(token) == 1
+    load_lora(fresh, folder, adapter="again")
+    assert len(fresh.tokenizer) == size + 1
+    (folder / "embeddings.safetensors").unlink()
+    with caplog.at_level("WARNING", logger="lora_diffusion.pipeline"):
+        load_lora(tiny_pipeline(0), folder)
+    assert "trained with a learned token, but embeddings.safetensors is not beside it" in caplog.text
+
+
 def test_pickled_files_are_refused_and_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
 
