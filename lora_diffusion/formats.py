@@ -3,7 +3,8 @@
 The canonical in-memory form is ``dict[str, LoraWeights]`` keyed by ``"<component>.<module path>"``, e.g.
 ``"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"`` or
 ``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"`` (SDXL's second encoder: ``text_encoder_2.``):
-text-encoder paths always carry the ``text_model.`` level, as every shared format does, whatever the installed transformers calls its modules.
+text-encoder paths always carry the ``text_model.`` level, as every shared format does, whatever the installed
+transformers calls its modules.
 Each value holds ``A`` (down, ``[r, in]`` or ``[r, in, k, k]``), ``B`` (up, ``[out, r]`` or ``[out, r, 1, 1]``)
 and ``alpha`` (``alpha = rank`` when a format stores none).
 
