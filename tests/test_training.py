@@ -316,6 +316,42 @@ def test_output_folder_is_not_overwritten_unless_asked(base, tmp_path):
     assert again.global_step == 2 and [p.name for p in outputs.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
 
 
+def fake_previous_run(out: Path) -> dict[str, bytes]:
+    """An output folder holding a previous run's files (no training needed); returns {relative path: bytes}."""
+    for name, data in {outputs.LORA_NAME: b"old lora", "log.csv": b"step\n1\n", "checkpoints/checkpoint-1/"
+                       + outputs.STATE_NAME: b"old state", "samples/step-000001.png": b"old png"}.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_writes(base, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    old = fake_previous_run(out)
+    files = lambda: {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def refuse(*args, **kwargs):  # a model that does not load (a typo in its name, a broken folder)
+        raise ConfigError("cannot load the model")
+
+    monkeypatch.setattr(loop_module, "load_pipeline", refuse)
+    with pytest.raises(ConfigError, match="cannot load"):
+        train(config(base, tmp_path, overwrite=True))
+    assert files() == old
+    monkeypatch.undo()
+
+    def crash(*args, **kwargs):  # a failure in the first step, before anything is written
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(loop_module, "diffusion_loss", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(config(base, tmp_path, overwrite=True))
+    assert files() == old and not [p for p in out.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    result = train(config(base, tmp_path, overwrite=True, max_train_steps=1))
+    assert result.status == "completed" and outputs.read_log(out / "log.csv")[0]["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted([outputs.LORA_NAME, "checkpoints", "log.csv", "loss.png"])
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_and_files_intact(base, tmp_path, monkeypatch):
     result = train(config(base, tmp_path, max_train_steps=2, checkpointing_steps=1))
     ckpt = result.checkpoint

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ __all__ = ["train", "TrainResult", "diffusion_target", "load_pipeline", "compile
 
 ProgressCallback = Callable[[dict], Any]
 LOG_EVERY = 10  # steps between rewrites of log.csv / loss.png
+PREVIOUS_RUN = ".previous-run-"  # prefix of the hidden folder holding a run that --overwrite replaces
 
 
 @dataclass
@@ -227,6 +229,9 @@ def _optimizer_class(config: TrainConfig):
 
 def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
     previous = [name for name in outputs.OUTPUT_NAMES if (output_dir / name).exists()]
+    for aside in output_dir.glob(f"{PREVIOUS_RUN}*"):
+        logger.warning("%s holds the outputs of a run that an interrupted --overwrite run set aside; move them back "
+                       "or delete the folder", aside)
     if previous and not (resuming or overwrite):
         raise ConfigError(
             f"--output_dir {output_dir} holds a previous run ({', '.join(previous)}); pass --resume_from_checkpoint "
@@ -234,13 +239,32 @@ def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> No
         )
 
 
-def _clear_previous_run(output_dir: Path) -> None:
-    for name in outputs.OUTPUT_NAMES:
-        path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+class _PreviousRun:
+    """With ``--overwrite``: the previous run's outputs, moved into a hidden folder of ``output_dir`` just before the
+    new run writes, deleted once it has written something, put back if it fails before writing anything."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.aside: Path | None = None
+        names = [name for name in outputs.OUTPUT_NAMES if (output_dir / name).exists()]
+        if names:
+            self.aside = Path(tempfile.mkdtemp(prefix=PREVIOUS_RUN, dir=output_dir))
+            for name in names:
+                os.rename(output_dir / name, self.aside / name)
+            logger.info("--overwrite: the previous run in %s is set aside in %s until this run writes", output_dir, self.aside)
+
+    def close(self, failed: bool = False) -> None:
+        """Delete the previous run, or (``failed`` and this run wrote nothing) put it back."""
+        if self.aside is None:
+            return
+        if failed and not any((self.output_dir / name).exists() for name in outputs.OUTPUT_NAMES):
+            for item in self.aside.iterdir():
+                os.rename(item, self.output_dir / item.name)
+            self.aside.rmdir()
+            logger.warning("the run failed before writing anything; the previous run in %s is left as it was", self.output_dir)
+        else:
+            shutil.rmtree(self.aside)
+        self.aside = None
 
 
 def _restore_lora(model: nn.Module, component: str, path: Path) -> None:
@@ -328,9 +352,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     seed = [config.seed if config.seed >= 0 else (state["seed"] if state else random.randrange(2**31))]
     broadcast_object_list(seed)  # every process must draw the same batches
     seed = seed[0]
-    if is_main and config.overwrite and resume is None:
-        _clear_previous_run(output_dir)
-    accelerator.wait_for_everyone()
 
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -458,103 +479,112 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         outputs.plot_loss(output_dir / "loss.png", log_rows)
 
     # 5. the loop
-    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
-    started, first_step = time.monotonic(), step
-    status, message, loss_value = "completed", "", None
-    checkpoint = outputs.list_checkpoints(output_dir)[-1] if outputs.list_checkpoints(output_dir) else None
-    sample_paths: list[Path] = []
-    stop_requested = False
-    unet.train()
-    while step < max_steps:
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(config.gradient_accumulation_steps):
-            batch = next(batches)
-            generator = torch.Generator().manual_seed(mix_seed(seed, step, micro, accelerator.process_index))
-            torch.manual_seed(mix_seed(seed, step, micro, accelerator.process_index, 1))  # LoRA dropout
-            if cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with accelerator.autocast():
-                with torch.set_grad_enabled(train_text):
-                    states = encode_text(tokenizer, text_encoder, batch["captions"], device)
-                loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config)
-                if class_batches is not None:
-                    class_batch = next(class_batches)
+    # nothing of a previous run is touched before this point: --overwrite sets it aside now, deletes it at the end
+    previous = _PreviousRun(output_dir) if is_main and config.overwrite and resume is None else None
+    try:
+        bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+        started, first_step = time.monotonic(), step
+        status, message, loss_value = "completed", "", None
+        checkpoint = outputs.list_checkpoints(output_dir)[-1] if outputs.list_checkpoints(output_dir) else None
+        sample_paths: list[Path] = []
+        stop_requested = False
+        unet.train()
+        while step < max_steps:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(config.gradient_accumulation_steps):
+                batch = next(batches)
+                generator = torch.Generator().manual_seed(mix_seed(seed, step, micro, accelerator.process_index))
+                torch.manual_seed(mix_seed(seed, step, micro, accelerator.process_index, 1))  # LoRA dropout
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with accelerator.autocast():
                     with torch.set_grad_enabled(train_text):
-                        class_states = encode_text(tokenizer, text_encoder, class_batch["captions"], device)
-                    prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator), class_states, generator, config)
-                    loss = loss + config.prior_loss_weight * prior
-            accelerator.backward(loss / config.gradient_accumulation_steps)
-            loss_sum += loss.detach().float()
-        # one reduce carries the mean loss and the main process's stop request to every process
-        stats = accelerator.reduce(torch.stack([loss_sum / config.gradient_accumulation_steps,
-                                                torch.tensor(float(stop_requested), device=device)]), reduction="mean")
-        loss_value = float(stats[0])
-        if stats[1] > 0:
-            status, message = "cancelled", f"cancelled at step {step}"
-            break
-        if not math.isfinite(loss_value):
-            status = "diverged"
-            message = (f"loss became {loss_value} at step {step + 1}; training stopped without saving. "
-                       + (f"The last good checkpoint is {checkpoint}. " if checkpoint else "No checkpoint was saved yet. ")
-                       + "Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, or check the data.")
-            logger.error(message)
-            break
-        _average_gradients(params, accelerator)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+                        states = encode_text(tokenizer, text_encoder, batch["captions"], device)
+                    loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config)
+                    if class_batches is not None:
+                        class_batch = next(class_batches)
+                        with torch.set_grad_enabled(train_text):
+                            class_states = encode_text(tokenizer, text_encoder, class_batch["captions"], device)
+                        prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator), class_states, generator, config)
+                        loss = loss + config.prior_loss_weight * prior
+                accelerator.backward(loss / config.gradient_accumulation_steps)
+                loss_sum += loss.detach().float()
+            # one reduce carries the mean loss and the main process's stop request to every process
+            stats = accelerator.reduce(torch.stack([loss_sum / config.gradient_accumulation_steps,
+                                                    torch.tensor(float(stop_requested), device=device)]), reduction="mean")
+            loss_value = float(stats[0])
+            if stats[1] > 0:
+                status, message = "cancelled", f"cancelled at step {step}"
+                break
+            if not math.isfinite(loss_value):
+                status = "diverged"
+                message = (f"loss became {loss_value} at step {step + 1}; training stopped without saving. "
+                           + (f"The last good checkpoint is {checkpoint}. " if checkpoint else "No checkpoint was saved yet. ")
+                           + "Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, or check the data.")
+                logger.error(message)
+                break
+            _average_gradients(params, accelerator)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        lr = lr_scheduler.get_last_lr()[0]
-        elapsed = time.monotonic() - started
-        log_rows.append({"step": step, "epoch": plan.epoch_of(step * per_step - 1), "loss": loss_value, "lr": lr, "elapsed_s": round(elapsed, 3)})
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-        bar.update(1)
-        new_samples: list[Path] = []
-        saved = None
+            lr = lr_scheduler.get_last_lr()[0]
+            elapsed = time.monotonic() - started
+            log_rows.append({"step": step, "epoch": plan.epoch_of(step * per_step - 1), "loss": loss_value, "lr": lr, "elapsed_s": round(elapsed, 3)})
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            new_samples: list[Path] = []
+            saved = None
+            if is_main:
+                if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps:
+                    checkpoint = saved = save_checkpoint(step)
+                if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
+                    new_samples.append(write_samples(step))
+                if step % LOG_EVERY == 0 or saved:
+                    write_log()
+                if progress is not None:
+                    eta = elapsed / (step - first_step) * (max_steps - step)
+                    report = {"step": step, "max_steps": max_steps, "epoch": log_rows[-1]["epoch"], "loss": loss_value, "lr": lr,
+                              "eta_s": eta, "elapsed_s": elapsed, "sample_paths": [str(p) for p in new_samples],
+                              "checkpoint": str(saved) if saved else None}
+                    stop_requested = progress(report) is False
+                stop_requested = stop_requested or bool(cancel is not None and cancel.is_set())
+            sample_paths += new_samples
+        bar.close()
+
+        # 6. the end: weights identical on every process, then the files (main process only)
+        _check_in_sync(params, accelerator)
+        lora_path = None
+        if is_main and status != "diverged":
+            if status == "cancelled" and (checkpoint is None or checkpoint.name != f"checkpoint-{step}") and step > 0:
+                checkpoint = save_checkpoint(step)
+            if status == "completed":
+                checkpoint = save_checkpoint(step)
+                lora_path = output_dir / outputs.LORA_NAME
+                metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes)
+                if pivot is not None:
+                    atomic_save(pivot.state(), output_dir / "embeddings.safetensors", {"format": "pt"})
+                    metadata["embedding_file"] = "embeddings.safetensors"
+                save_lora(lora_path, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
+                          dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
+                          metadata=metadata)
+                if config.num_validation_images:
+                    sample_paths.append(write_samples(step))
+                message = f"trained {step} steps; LoRA written to {lora_path}"
         if is_main:
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps:
-                checkpoint = saved = save_checkpoint(step)
-            if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
-                new_samples.append(write_samples(step))
-            if step % LOG_EVERY == 0 or saved:
-                write_log()
-            if progress is not None:
-                eta = elapsed / (step - first_step) * (max_steps - step)
-                report = {"step": step, "max_steps": max_steps, "epoch": log_rows[-1]["epoch"], "loss": loss_value, "lr": lr,
-                          "eta_s": eta, "elapsed_s": elapsed, "sample_paths": [str(p) for p in new_samples],
-                          "checkpoint": str(saved) if saved else None}
-                stop_requested = progress(report) is False
-            stop_requested = stop_requested or bool(cancel is not None and cancel.is_set())
-        sample_paths += new_samples
-    bar.close()
-
-    # 6. the end: weights identical on every process, then the files (main process only)
-    _check_in_sync(params, accelerator)
-    lora_path = None
-    if is_main and status != "diverged":
-        if status == "cancelled" and (checkpoint is None or checkpoint.name != f"checkpoint-{step}") and step > 0:
-            checkpoint = save_checkpoint(step)
-        if status == "completed":
-            checkpoint = save_checkpoint(step)
-            lora_path = output_dir / outputs.LORA_NAME
-            metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes)
-            if pivot is not None:
-                atomic_save(pivot.state(), output_dir / "embeddings.safetensors", {"format": "pt"})
-                metadata["embedding_file"] = "embeddings.safetensors"
-            save_lora(lora_path, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
-                      dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
-                      metadata=metadata)
-            if config.num_validation_images:
-                sample_paths.append(write_samples(step))
-            message = f"trained {step} steps; LoRA written to {lora_path}"
-    if is_main:
-        write_log()
-        logger.info("%s", message)
-    accelerator.wait_for_everyone()
-    unet.eval()
+            write_log()
+            logger.info("%s", message)
+        accelerator.wait_for_everyone()
+        unet.eval()
+    except BaseException:
+        if previous is not None:
+            previous.close(failed=True)
+        raise
+    if previous is not None:
+        previous.close()
     return TrainResult(status=status, message=message, output_dir=output_dir, global_step=step, max_steps=max_steps,
                        lora_path=lora_path, checkpoint=checkpoint, final_loss=loss_value, sample_paths=sample_paths,
                        log_path=output_dir / "log.csv", pipeline=pipe)
