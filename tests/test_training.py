@@ -178,6 +178,33 @@ def test_checkpoints_total_limit_and_cancel_event(base, tmp_path):
     assert load_lora(tiny_pipeline(0), result.checkpoint) == "checkpoint-5"  # the checkpoint's LoRA is usable
 
 
+def test_ctrl_c_saves_a_checkpoint_at_the_current_step_and_exits_130(base, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from lora_diffusion.training.cli import main
+
+    real, calls = loop_module.diffusion_loss, {"n": 0}
+
+    def ctrl_c_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C: the handler runs in the main thread
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "diffusion_loss", ctrl_c_in_step_3)
+    data = flat_images(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(["--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--output_dir", str(out),
+                 "--resolution", "32", "--max_train_steps", "8", "--checkpointing_steps", "2", "--num_validation_images", "0"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert [p.name for p in outputs.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert "cancelled at step 3" in err.splitlines()[-1] and "checkpoint-3" in err.splitlines()[-1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    resumed = train(config(base, tmp_path, max_train_steps=8, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    assert resumed.status == "completed" and [r["step"] for r in outputs.read_log(out / "log.csv")] == list(range(1, 9))
+
+
 # ---------------------------------------------------------------------------------------------- multi-process
 WORKER = textwrap.dedent(
     """

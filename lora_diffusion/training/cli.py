@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("lora_diffusion.training").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C while saving: files on disk stay whole
+        print("cancelled (Ctrl-C); the newest checkpoint on disk, if any, is intact", file=sys.stderr)
+        return 130
     print(result.message, file=sys.stderr if result.status != "completed" else sys.stdout)
     return {"completed": 0, "diverged": 1, "cancelled": 130}[result.status]
 

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -267,6 +268,30 @@ class _PreviousRun:
         self.aside = None
 
 
+class _CtrlC:
+    """Ctrl-C (SIGINT) during the loop, in the main thread: the first one stops the run after the current step,
+    like ``cancel`` (a checkpoint is saved); a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        logger.warning("Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _restore_lora(model: nn.Module, component: str, path: Path) -> None:
     """Copy a checkpoint's factors into ``model``'s trainable adapter (same keys and shapes, or an error)."""
     saved, _ = read_lora_file(path)
@@ -481,6 +506,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 5. the loop
     # nothing of a previous run is touched before this point: --overwrite sets it aside now, deletes it at the end
     previous = _PreviousRun(output_dir) if is_main and config.overwrite and resume is None else None
+    ctrl_c = _CtrlC().__enter__()
     try:
         bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
         started, first_step = time.monotonic(), step
@@ -490,6 +516,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         stop_requested = False
         unet.train()
         while step < max_steps:
+            if stop_requested and accelerator.num_processes == 1:  # no need to agree with other processes
+                status, message = "cancelled", f"cancelled at step {step}"
+                break
             loss_sum = torch.zeros((), device=device)
             for micro in range(config.gradient_accumulation_steps):
                 batch = next(batches)
@@ -552,6 +581,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                               "checkpoint": str(saved) if saved else None}
                     stop_requested = progress(report) is False
                 stop_requested = stop_requested or bool(cancel is not None and cancel.is_set())
+            stop_requested = stop_requested or ctrl_c.pressed
             sample_paths += new_samples
         bar.close()
 
@@ -561,6 +591,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         if is_main and status != "diverged":
             if status == "cancelled" and (checkpoint is None or checkpoint.name != f"checkpoint-{step}") and step > 0:
                 checkpoint = save_checkpoint(step)
+            if status == "cancelled":
+                message += (f"; checkpoint saved in {checkpoint} (continue with --resume_from_checkpoint latest)"
+                            if step > 0 else "; nothing was saved")
             if status == "completed":
                 checkpoint = save_checkpoint(step)
                 lora_path = output_dir / outputs.LORA_NAME
@@ -583,6 +616,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         if previous is not None:
             previous.close(failed=True)
         raise
+    finally:
+        ctrl_c.__exit__()
     if previous is not None:
         previous.close()
     return TrainResult(status=status, message=message, output_dir=output_dir, global_step=step, max_steps=max_steps,
