@@ -302,6 +302,33 @@ def test_settings_that_cannot_work_fail_before_any_model_is_loaded(base, tmp_pat
         train(config(base, tmp_path))
 
 
+def test_a_model_that_does_not_load_is_one_line_and_exit_2(base, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from lora_diffusion.training.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    for weights in (broken / "unet").glob("diffusion_pytorch_model.*"):
+        weights.unlink()
+    with pytest.raises(ConfigError, match=rf"^{broken}: cannot load the unet \("):
+        train(config(str(broken), tmp_path))
+    (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="x.ckpt: cannot load it as a single-file"):
+        train(config(str(tmp_path / "x.ckpt"), tmp_path))
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop_module, "load_pipeline", lambda *a: pytest.fail("models/sd15 was taken for a hub id"))
+    with pytest.raises(ConfigError, match="models/sd15: no such file or folder"):
+        train(config("models/sd15", tmp_path))
+    monkeypatch.undo()
+    code = main(["--pretrained_model_name_or_path", str(broken), "--train_data_dir", str(tmp_path / "data"),
+                 "--output_dir", str(tmp_path / "out"), "--resolution", "32"])
+    err = capsys.readouterr().err  # diffusers' loading bar, then our line
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: {broken}: cannot load the unet (")
+
+
 def test_bad_images_are_skipped_with_a_warning_or_refused_when_strict(base, tmp_path, caplog):
     data = flat_images(tmp_path / "data", n=2)
     good = (data / "0.png").read_bytes()

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         result = train(config)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OSError) as e:
         logging.getLogger("lora_diffusion.training").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -84,10 +86,39 @@ def load_pipeline(name_or_path: str):
     return pipe
 
 
+def _load_model(name_or_path: str):
+    """``load_pipeline``, with a failure turned into a one-line ``ConfigError`` naming the model and, in a diffusers
+    folder, the component that did not load (the original exception stays chained)."""
+    try:
+        return load_pipeline(name_or_path)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError, pickle.UnpicklingError) as e:
+        flag = f"--pretrained_model_name_or_path {name_or_path}"
+        cause = _first_line(e)
+        path = Path(name_or_path).expanduser()
+        if path.is_file():
+            raise ConfigError(f"{flag}: cannot load it as a single-file Stable Diffusion checkpoint ({cause})") from e
+        if path.is_dir():
+            try:
+                components = [k for k, v in json.loads((path / "model_index.json").read_text()).items()
+                              if isinstance(v, list) and v[0]]
+            except (OSError, ValueError, AttributeError):
+                components = []
+            failed = next((c for c in components if str(path / c) in str(e)), None)
+            raise ConfigError(f"{path}: cannot load the {failed or 'model'} ({cause})") from e
+        raise ConfigError(f"{flag}: no such model folder, and it did not load from the Hugging Face Hub "
+                          f"(offline, a typo, or a private model?)") from e
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_model_path(name_or_path: str) -> None:
     """A local-looking path that does not exist fails here, before anything is loaded."""
     path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+                   or len(path.parts) > 1 and Path(path.parts[0]).is_dir())  # models/sd15 where ./models exists
     if looks_local and not path.exists():
         raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: no such file or folder")
     if path.is_dir() and not (path / "model_index.json").is_file():
@@ -380,7 +411,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = load_pipeline(config.pretrained_model_name_or_path)
+    pipe = _load_model(config.pretrained_model_name_or_path)
     class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else None
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
