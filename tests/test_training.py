@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -162,6 +163,25 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit-identical: every random draw is keyed by (seed, step)
     assert [r["step"] for r in outputs.read_log(tmp_path / "b" / "out" / "log.csv")] == list(range(1, 7))
+
+
+def test_resume_refuses_a_changed_lora_shape_and_applies_a_changed_learning_rate(base, tmp_path, monkeypatch):
+    first = train(config(base, tmp_path, max_train_steps=2, learning_rate=1e-4, lr_scheduler="cosine"))
+    assert first.checkpoint.name == "checkpoint-2"
+    monkeypatch.setattr(loop_module, "load_pipeline", lambda *a: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(ConfigError, match=r"--lora_alpha 64.0 differs from 4.0 in .*checkpoint-2"):
+        train(config(base, tmp_path, max_train_steps=4, lora_alpha=64, resume_from_checkpoint="latest"))
+    with pytest.raises(ConfigError, match=r"--train_text_encoder True differs from False"):
+        train(config(base, tmp_path, max_train_steps=4, train_text_encoder=True, resume_from_checkpoint="latest"))
+    monkeypatch.undo()
+    resumed = train(config(base, tmp_path, max_train_steps=4, learning_rate=1e-2, lr_scheduler="cosine",
+                           resume_from_checkpoint="latest"))
+    lrs = [r["lr"] for r in outputs.read_log(tmp_path / "out" / "log.csv")]
+    assert lrs[1] < 1e-4 and lrs[2] > 1e-3  # the schedule goes on at the new base rate (cosine at 3/4: x0.146)
+    assert lrs[2] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-6)
+    training = our_metadata(read_lora_file(resumed.lora_path)[1])["training"]
+    assert training["learning_rate"] == 1e-2
+    assert training["resumed"] == [{"step": 2, "changed": {"learning_rate": [1e-4, 1e-2], "max_train_steps": [2, 4]}}]
 
 
 def test_checkpoints_total_limit_and_cancel_event(base, tmp_path):

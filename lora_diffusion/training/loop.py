@@ -399,6 +399,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if config.compile != "none":
         _check_compile(config.compile, config.compile_backend)
     state = outputs.load_state(resume) if resume else None
+    resumed = _check_resume_settings(config, state, resume) if state else []
 
     # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun on a CPU machine): gloo on CPU
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -472,6 +473,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 4. optimizer, schedule, and where we start
     # on CUDA, torch's fused AdamW: one kernel for every LoRA tensor instead of a dozen multi-tensor launches
     fused = {"fused": True} if optimizer_class is torch.optim.AdamW and device.type == "cuda" else {}
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     optimizer = optimizer_class(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay, **fused)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps)
     optimizer = accelerator.prepare(optimizer)
@@ -485,6 +487,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             pivot.vector.data.copy_(read_safetensors(resume / "embeddings.safetensors")[0][pivot.token])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+        _apply_settings(optimizer, lr_scheduler, configured, config)  # the optimizer state holds the old ones
         _set_rng_state(state["rng"])
         step = int(state["step"])
         log_rows = [r for r in outputs.read_log(output_dir / "log.csv") if r["step"] <= step]
@@ -511,7 +514,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                       dtype=torch.float32, metadata={"step": at_step, "base_model": config.pretrained_model_name_or_path})
             if pivot is not None:
                 atomic_save(pivot.state(), folder / "embeddings.safetensors", {"format": "pt"})
-            outputs.save_state(folder, {"step": at_step, "seed": seed, "optimizer": optimizer.state_dict(),
+            outputs.save_state(folder, {"step": at_step, "seed": seed, "settings": _settings(config, seed),
+                                        "resumed": resumed, "optimizer": optimizer.state_dict(),
                                         "lr_scheduler": lr_scheduler.state_dict(), "rng": _rng_state()})
 
         path = outputs.write_checkpoint(output_dir, at_step, fill)
@@ -629,6 +633,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 checkpoint = save_checkpoint(step)
                 lora_path = output_dir / outputs.LORA_NAME
                 metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes)
+                if resumed:
+                    metadata["training"]["resumed"] = resumed
                 if pivot is not None:
                     atomic_save(pivot.state(), output_dir / "embeddings.safetensors", {"format": "pt"})
                     metadata["embedding_file"] = "embeddings.safetensors"
@@ -675,6 +681,57 @@ def _check_in_sync(params: list[nn.Parameter], accelerator) -> None:
     spread = accelerator.reduce(flat, reduction="max") - (-accelerator.reduce(-flat, reduction="max"))
     if float(spread.abs().max()) != 0.0:
         raise RuntimeError(f"LoRA weights differ across processes by up to {float(spread.abs().max()):g}")
+
+
+def _fixed_on_resume(settings: dict) -> dict:
+    """The settings a resumed run cannot change: they shape the LoRA saved in the checkpoint."""
+    te, pivot = settings["train_text_encoder"], settings["pivotal_tuning"]
+    return {"rank": settings["rank"], "lora_alpha": settings["lora_alpha"], "target_modules": settings["target_modules"],
+            "train_text_encoder": te, "text_encoder_target_modules": settings["text_encoder_target_modules"] if te else None,
+            "pivotal_tuning": pivot, "token": settings["token"] if pivot else None}
+
+
+NOT_SETTINGS = ("resume_from_checkpoint", "overwrite")
+
+
+def _settings(config: TrainConfig, seed: int) -> dict:
+    """What a checkpoint records of the run's settings (``lora_alpha`` resolved, the seed drawn)."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_SETTINGS}
+    return {**values, "lora_alpha": config.alpha, "seed": seed}
+
+
+def _check_resume_settings(config: TrainConfig, state: dict, resume: Path) -> list[dict]:
+    """Refuse a change that cannot take effect on resume (the LoRA's shape); log the others, which do (learning
+    rates, schedule, optimizer settings: applied from the resumed step on). Returns the run's history of changes."""
+    history = list(state.get("resumed", []))
+    saved = state.get("settings")
+    if not saved:  # a checkpoint from before settings were recorded
+        return history
+    now = _settings(config, state["seed"] if config.seed < 0 else config.seed)
+    for flag, before in _fixed_on_resume(saved).items():
+        if _fixed_on_resume(now)[flag] != before:
+            raise ConfigError(f"--{flag} {_fixed_on_resume(now)[flag]!r} differs from {before!r} in {resume}: a resumed run "
+                              f"keeps the LoRA it was trained with; pass --{flag} {before!r} or start a new run")
+    changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
+    for key, (old, new) in changed.items():
+        logger.warning("resuming %s at step %d with --%s %r (the checkpoint's run used %r): it applies from here on",
+                       resume, state["step"], key, new, old)
+    if changed:
+        history.append({"step": int(state["step"]), "changed": changed})
+    return history
+
+
+def _apply_settings(optimizer, lr_scheduler, configured: list[dict], config: TrainConfig) -> None:
+    """After loading an optimizer and schedule state: this run's learning rates and AdamW settings, not the saved ones."""
+    for group, wanted in zip(optimizer.param_groups, configured):
+        group["weight_decay"] = wanted.get("weight_decay", config.adam_weight_decay)
+        group["initial_lr"] = wanted["lr"]
+    lr_scheduler.base_lrs = [wanted["lr"] for wanted in configured]
+    if hasattr(lr_scheduler, "lr_lambdas"):  # diffusers' schedules: base rate x a factor of the step
+        lrs = [base * f(lr_scheduler.last_epoch) for base, f in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs
 
 
 def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_processes: int) -> dict:
