@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -184,6 +185,20 @@ def test_resume_refuses_a_changed_lora_shape_and_applies_a_changed_learning_rate
     assert training["resumed"] == [{"step": 2, "changed": {"learning_rate": [1e-4, 1e-2], "max_train_steps": [2, 4]}}]
 
 
+def test_resume_latest_without_a_checkpoint_starts_afresh_over_a_stopped_run(base, tmp_path, caplog):
+    out = tmp_path / "out"
+    (out / "samples").mkdir(parents=True)
+    (out / "log.csv").write_text("step,epoch,loss,lr,elapsed_s\n1,0,0.5,0.0001,0.1\n2,0,0.4,0.0001,0.2\n")
+    (out / "samples" / "step-000002.png").write_bytes(b"old")
+    with caplog.at_level(logging.WARNING):
+        result = train(config(base, tmp_path, max_train_steps=1, resume_from_checkpoint="latest"))
+    assert result.status == "completed" and caplog.text.count("no checkpoint") == 1 and "replacing" in caplog.text
+    assert [r["step"] for r in outputs.read_log(out / "log.csv")] == [1] and not (out / "samples").exists()
+    shutil.rmtree(out / "checkpoints")  # a finished LoRA without checkpoints is not replaced unasked
+    with pytest.raises(ConfigError, match="holds a finished LoRA but no checkpoint"):
+        train(config(base, tmp_path, max_train_steps=1, resume_from_checkpoint="latest"))
+
+
 def test_checkpoints_total_limit_and_cancel_event(base, tmp_path):
     import threading
 
@@ -323,8 +338,6 @@ def test_settings_that_cannot_work_fail_before_any_model_is_loaded(base, tmp_pat
 
 
 def test_a_model_that_does_not_load_is_one_line_and_exit_2(base, tmp_path, monkeypatch, capsys):
-    import shutil
-
     from lora_diffusion.training.cli import main
 
     broken = tmp_path / "broken"

@@ -387,13 +387,20 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
         instance_prompt=config.instance_prompt, strict=config.strict, resolution=config.resolution,
     )
-    resume = None
+    resume, replace_stopped = None, False
     if config.resume_from_checkpoint:
         if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", output_dir)
+            # a run stopped before its first checkpoint: start afresh, replacing what it wrote (log, plot, samples)
+            stopped = [name for name in outputs.OUTPUT_NAMES if (output_dir / name).exists()]
+            if outputs.LORA_NAME in stopped and not config.overwrite:
+                raise ConfigError(f"--resume_from_checkpoint latest: {output_dir} holds a finished LoRA but no checkpoint to "
+                                  "continue from; pass --overwrite to replace it, or another --output_dir")
+            replace_stopped = bool(stopped)
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run%s", output_dir,
+                           f" (replacing the stopped run's {', '.join(stopped)})" if stopped else "")
         else:
             resume = outputs.find_checkpoint(output_dir, config.resume_from_checkpoint)
-    _prepare_output_dir(output_dir, resuming=resume is not None, overwrite=config.overwrite)
+    _prepare_output_dir(output_dir, resuming=resume is not None or replace_stopped, overwrite=config.overwrite)
     _check_model_path(config.pretrained_model_name_or_path)
     optimizer_class = _optimizer_class(config)
     if config.compile != "none":
@@ -540,7 +547,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     # 5. the loop
     # nothing of a previous run is touched before this point: --overwrite sets it aside now, deletes it at the end
-    previous = _PreviousRun(output_dir) if is_main and config.overwrite and resume is None else None
+    previous = _PreviousRun(output_dir) if is_main and (config.overwrite or replace_stopped) and resume is None else None
     ctrl_c = _CtrlC().__enter__()
     try:
         bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
