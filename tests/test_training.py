@@ -472,6 +472,22 @@ def test_prior_preservation_generates_missing_class_images(base, tmp_path):
     assert sorted(p.name for p in class_dir.iterdir()) == ["0.png", "class-00001.png", "class-00002.png"]
 
 
+def test_class_images_are_topped_up_under_new_names(base, tmp_path):
+    from types import SimpleNamespace
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in (0, 2, 4):  # class-00001 and class-00003 of an earlier run were deleted by the user
+        Image.new("RGB", (32, 32), (30, 30, 10 * i)).save(class_dir / f"class-{i:05d}.png")
+    before = {p.name: p.read_bytes() for p in class_dir.iterdir()}
+    accelerator = SimpleNamespace(is_main_process=True, device=torch.device("cpu"), wait_for_everyone=lambda: None)
+    cfg = config(base, tmp_path, with_prior_preservation=True, class_prompt="a photo of a dog", mode="subject",
+                 token="sks", class_data_dir=str(class_dir), num_class_images=5, validation_inference_steps=1)
+    found = loop_module._class_examples(load_pipeline(base), cfg, accelerator, seed=0)
+    assert len(found) == 5 and sorted(p.name for p in class_dir.iterdir()) == [f"class-{i:05d}.png" for i in (0, 2, 3, 4, 5)]
+    assert all((class_dir / name).read_bytes() == data for name, data in before.items())
+
+
 def test_buckets_cache_latents_pivotal_tuning_and_samples(base, tmp_path):
     data = tmp_path / "data"
     flat_images(data, n=2, size=(64, 32))

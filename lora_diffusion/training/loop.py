@@ -766,13 +766,17 @@ def _class_examples(pipe, config: TrainConfig, accelerator, seed: int) -> list[E
     if have < config.num_class_images and accelerator.is_main_process:
         logger.info("generating %d class images for %r in %s", config.num_class_images - have, config.class_prompt, folder)
         pipe.to(accelerator.device)
-        for i in range(have, config.num_class_images):
+        i = have
+        for _ in range(config.num_class_images - have):
+            while any(folder.glob(f"class-{i:05d}.*")):  # never overwrite an image: take the next free name
+                i += 1
             generator = torch.Generator().manual_seed(mix_seed(seed, 7, i))
             with torch.no_grad():
                 image = pipe(config.class_prompt, num_inference_steps=config.validation_inference_steps,
                              height=config.resolution, width=config.resolution, generator=generator).images[0]
             with outputs.atomic_path(folder / f"class-{i:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
+            i += 1
     accelerator.wait_for_everyone()
     found = scan_images(folder, caption_extension="", instance_prompt=config.class_prompt, strict=config.strict,
                         what="--class_data_dir", resolution=config.resolution)[: config.num_class_images]
