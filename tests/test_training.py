@@ -462,6 +462,26 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_files_intact(base, tmp
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
 
 
+def test_outputs_get_the_permissions_of_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        outputs.write_log(tmp_path / "log.csv", [{"step": 1, "epoch": 0, "loss": 0.5, "lr": 1e-4, "elapsed_s": 0.1}])
+        outputs.plot_loss(tmp_path / "loss.png", [])
+
+        def fill(folder):
+            outputs.save_state(folder, {"step": 1})
+            (folder / outputs.LORA_NAME).write_bytes(b"x")
+            os.chmod(folder / outputs.LORA_NAME, 0o600)  # as safetensors' save_file leaves it
+
+        ckpt = outputs.write_checkpoint(tmp_path, 1, fill)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {"log.csv": 0o644, "loss.png": 0o644, "checkpoints": 0o755, "checkpoints/checkpoint-1": 0o755,
+                     f"checkpoints/checkpoint-1/{outputs.STATE_NAME}": 0o644, f"checkpoints/checkpoint-1/{outputs.LORA_NAME}": 0o644}
+    assert ckpt.name == "checkpoint-1"
+
+
 # ---------------------------------------------------------------------------------------------- features
 def test_prior_preservation_generates_missing_class_images(base, tmp_path):
     class_dir = tmp_path / "class"
