@@ -176,6 +176,7 @@ def test_invalid_settings_are_named():
     base = dict(pretrained_model_name_or_path="m", train_data_dir="d")
     for bad, pattern in [({"rank": 0}, "--rank"), ({"mode": "both"}, "--mode"), ({"lora_dropout": 1.0}, "--lora_dropout"),
                          ({"pivotal_tuning": True}, "--pivotal_tuning needs --token"), ({"caption_extension": "txt"}, "dot"),
-                         ({"mode": "subject"}, "--token or --instance_prompt"), ({"mixed_precision": "fp8"}, "--mixed_precision")]:
+                         ({"mode": "subject"}, "--token or --instance_prompt"), ({"mixed_precision": "fp8"}, "--mixed_precision"),
+                         ({"resolution": 60}, "--resolution must be a multiple of 8")]:
         with pytest.raises(ConfigError, match=re.escape(pattern)):
             TrainConfig(**base, **bad).validate()

@@ -80,7 +80,7 @@ class TrainConfig:
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
     noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
     # ------------------------------------------------------------------ images
-    resolution: int = _f(512, "training resolution (side of the square, or the area of buckets)")
+    resolution: int = _f(512, "training resolution, a multiple of 8 (side of the square, or the area of buckets)")
     center_crop: bool = _f(False, "crop the centre instead of a random crop")
     random_flip: bool = _f(False, "flip images horizontally at random")
     enable_bucket: bool = _f(False, "aspect-ratio buckets: train non-square images without cropping them square")
@@ -138,6 +138,9 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's downscaling factor), got {self.resolution}; "
+                              f"try {max(8, self.resolution // 8 * 8)} or {self.resolution // 8 * 8 + 8}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.with_prior_preservation:
