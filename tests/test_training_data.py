@@ -86,6 +86,9 @@ def test_a_broken_metadata_line_is_named(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
     with pytest.raises(DataError, match=r"metadata.jsonl:1"):
         scan_images(tmp_path)
+    (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"metadata.jsonl:1: not UTF-8 text \(byte 0xe9\)"):
+        scan_images(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- buckets, order
@@ -138,6 +141,23 @@ def test_config_files_and_flags_share_names_and_flags_win(tmp_path):
     (tmp_path / "bad.yaml").write_text("rank: four\n")
     with pytest.raises(ConfigError, match="rank must be int"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_malformed_or_non_utf8_config_files_are_one_line_errors_naming_file_and_line(tmp_path):
+    cases = {
+        "syntax.toml": (b'rank = 4\nlearning_rate = = 1\n', r"syntax.toml: not valid TOML: .*line 2"),
+        "broken.yaml": (b"rank: 4\nmode: [style\n", r"broken.yaml:\d+: not valid YAML"),
+        "broken.json": (b'{"rank": 4,\n}', r"broken.json:2: not valid JSON"),
+        "latin1.toml": ('rank = 4\ntoken = "caf\u00e9"\n'.encode("latin-1"), r"latin1.toml:2: not UTF-8 text \(byte 0xe9\)"),
+    }
+    for name, (data, pattern) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match=pattern) as error:
+            load_config(tmp_path / name)
+        assert "\n" not in str(error.value), name
+    (tmp_path / "utf16.toml").write_text('rank = 8\ntoken = "caf\u00e9"\n', encoding="utf-16")  # with its BOM
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfrank: 8\n")
+    assert load_config(tmp_path / "utf16.toml").token == "caf\u00e9" and load_config(tmp_path / "bom.yaml").rank == 8
 
 
 def test_help_documents_every_flag_of_the_issue(capsys):

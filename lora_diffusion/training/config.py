@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import difflib
 import json
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError"]
+__all__ = ["TrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError", "read_text"]
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -198,24 +199,54 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+def read_text(path: str | os.PathLike, error: type[Exception] = ConfigError, what: str = "") -> str:
+    """A text file's contents: UTF-8 (a byte-order mark is dropped) or UTF-16 with its byte-order mark. Other bytes
+    raise ``error`` naming the file (after ``what``, e.g. ``"--config "``) and the line.
+
+    Example:
+        >>> read_text("captions/cat.txt")
+        'a cat on a sofa'
+    """
+    data = Path(path).read_bytes()
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        raise error(f"{what}{path}:{line}: not {name} text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Settings from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file (a flat table of the flag names)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"--config {path}: use a .toml, .yaml or .json file")
+    text = read_text(path, ConfigError, "--config ")
     if path.suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:  # the message ends "(at line L, column C)"
+            raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
     elif path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config {path}{where}: not valid YAML: {problem}") from None
     else:
-        raise ConfigError(f"--config {path}: use a .toml, .yaml or .json file")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a table of settings, got {type(data).__name__}")
     return data

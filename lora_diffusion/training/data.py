@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import read_text
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -87,7 +89,7 @@ def read_metadata(folder: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     out = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, DataError).splitlines(), 1):
         if not line.strip():
             continue
         try:
