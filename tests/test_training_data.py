@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -79,6 +80,22 @@ def test_captions_sidecar_then_metadata_then_instance_prompt_with_the_token(tmp_
     subject = {e.path.name: e.caption for e in scan_images(tmp_path, mode="subject", token="sks", resolution=8)}
     assert subject["a.png"] == "sks, a red house" and subject["c.png"] == "a photo of sks"
     assert compose_caption(None, mode="style", token="") == ""
+
+
+def test_caption_encodings_and_metadata_file_names(tmp_path, caplog):
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("a triangle", encoding="utf-16")  # with its BOM, as Windows' Notepad writes it
+    (tmp_path / "b.txt").write_bytes("\ufeffa square".encode("utf-8"))  # a UTF-8 BOM
+    (tmp_path / "metadata.jsonl").write_bytes("\ufeff".encode("utf-8") + b'{"file_name": "./c.png", "text": "a circle"}\n'
+                                              + b'{"file_name": "missing.png", "text": "nothing"}\n')
+    with caplog.at_level(logging.WARNING):
+        found = {e.path.name: e.caption for e in scan_images(tmp_path, resolution=8)}
+    assert found == {"a.png": "a triangle", "b.png": "a square", "c.png": "a circle", "d.png": ""}
+    assert "1 of its 2 entries name no image" in caplog.text and "missing.png" in caplog.text
+    (tmp_path / "d.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(DataError, match=r"d.txt:1: not UTF-8 text"):
+        scan_images(tmp_path, resolution=8)
 
 
 def test_a_broken_metadata_line_is_named(tmp_path):

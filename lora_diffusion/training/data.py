@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import posixpath
 import random
 import warnings
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ def read_metadata(folder: Path) -> dict[str, str]:
             continue
         try:
             row = json.loads(line)
-            out[str(row["file_name"])] = str(row["text"])
+            name = posixpath.normpath(str(row["file_name"]).replace("\\", "/"))  # "./cat.png" names cat.png too
+            out[name] = str(row["text"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}:{n}: expected a JSON object with 'file_name' and 'text' ({e})") from None
     return out
@@ -165,6 +167,7 @@ def scan_images(
     files = list_images(folder, what)
     metadata = read_metadata(folder)
     examples, bad = [], []
+    unused = set(metadata)
     for path in files:
         try:
             image = load_rgb(path, draft=resolution)
@@ -179,12 +182,16 @@ def scan_images(
             logger.info("%s is %dx%d, smaller than half of --resolution %d: it will be upscaled", path, *size, resolution)
         raw = None
         sidecar = path.with_suffix(caption_extension) if caption_extension else None
+        unused.discard(path.relative_to(folder).as_posix())
         if sidecar is not None and sidecar.is_file():
-            raw = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+            raw = read_text(sidecar, DataError).strip()
         elif path.relative_to(folder).as_posix() in metadata:
             raw = metadata[path.relative_to(folder).as_posix()]
         caption = compose_caption(raw, mode=mode, token=token, instance_prompt=instance_prompt)
         examples.append(Example(path=path, caption=caption, size=size))
+    if unused:
+        logger.warning("%s: %d of its %d entries name no image of %s (file_name is relative to that folder), e.g. %r",
+                       folder / METADATA_FILE, len(unused), len(metadata), folder, sorted(unused)[0])
     if not examples:
         raise DataError(f"{what} {folder}: none of the {len(files)} images could be read")
     if bad:
