@@ -54,6 +54,19 @@ def test_every_image_mode_and_size_becomes_an_rgb_tensor_of_the_training_size(tm
         assert by_name[name][0].mean() > 0.4 and by_name[name][1].mean() < -0.6, name  # still red
 
 
+def test_huge_images_are_read_and_only_a_decompression_bomb_is_refused(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands for PIL's 89.5 MP: the test stays small
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "huge.png")  # over the limit, under twice it
+    Image.new("RGB", (50, 50), (200, 20, 20)).save(tmp_path / "bomb.png")  # over twice the limit
+    with caplog.at_level(logging.WARNING):
+        found = scan_images(tmp_path, resolution=8)
+    assert [e.path.name for e in found] == ["huge.png"] and found[0].size == (40, 30)
+    assert ImageDataset(found, resolution=8)[(0, 0)]["pixel_values"].shape == (3, 8, 8)
+    assert re.search(r"bomb.png.*2500 pixels", caplog.text) and "huge.png" not in caplog.text
+    with pytest.raises(DataError, match=r"bomb.png: cannot read image \(too large to decode: .*2500 pixels"):
+        scan_images(tmp_path, resolution=8, strict=True)
+
+
 def test_exif_rotation_is_applied(tmp_path):
     image = Image.new("RGB", (40, 20), (0, 0, 0))
     exif = image.getexif()

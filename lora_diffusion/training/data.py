@@ -137,10 +137,18 @@ def fix_mode(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
-    """Open ``path`` fully (so truncation shows) as RGB; ``draft`` lets JPEG decode at a reduced size first."""
+    """Open ``path`` fully (so truncation shows) as RGB; ``draft`` lets JPEG decode at a reduced size first.
+
+    Images up to twice PIL's ``Image.MAX_IMAGE_PIXELS`` (about 179 MP by default) are read (and later downscaled);
+    a larger one is refused as a possible decompression bomb (``ValueError`` giving its size).
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL warns from 1x its limit, refuses at 2x
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"too large to decode: {e}") from None
+        with image:
             if draft and image.format == "JPEG":
                 image.draft("RGB", (draft, draft))
             image.load()
