@@ -16,6 +16,7 @@ import codecs
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -129,13 +130,18 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}")
+        types = _field_types()
+        for f in dataclasses.fields(self):
+            if types[f.name] is float and not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"--{f.name} must be a finite number, got {getattr(self, f.name)}")
         positive = ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
-                        "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers")
+                        "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
+                        "prior_loss_weight", "lora_alpha")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
