@@ -594,6 +594,29 @@ def test_channels_last_trains_the_same_lora(base, tmp_path):
         torch.testing.assert_close(other[key], plain[key], rtol=0, atol=1e-3, msg=key)
 
 
+def test_optimizer_and_schedule_get_the_adam_and_schedule_flags(monkeypatch, tmp_path):
+    """The flags reach torch's AdamW and diffusers' get_scheduler (spied; the run stops at the first step)."""
+    import diffusers.optimization
+
+    seen = {}
+
+    def spy(name, optimizer, **kwargs):
+        group = optimizer.param_groups[0]
+        seen.update(kwargs, betas=group["betas"], eps=group["eps"])
+        raise KeyboardInterrupt  # enough: stop before training
+
+    monkeypatch.setattr(diffusers.optimization, "get_scheduler", spy)
+    monkeypatch.setattr(loop_module, "load_pipeline", lambda *a: tiny_pipeline(0))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    config = TrainConfig(pretrained_model_name_or_path=str(tmp_path), train_data_dir=str(tmp_path), output_dir=str(tmp_path / "o"),
+                         resolution=8, max_train_steps=1, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6,
+                         lr_scheduler="cosine_with_restarts", lr_num_cycles=3, lr_power=2.0, num_validation_images=0)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    assert seen["betas"] == (0.8, 0.99) and seen["eps"] == 1e-6 and seen["num_cycles"] == 3 and seen["power"] == 2.0
+
+
 def test_compile_settings_are_checked_before_any_model_is_loaded(base, tmp_path, no_model):
     with pytest.raises(ConfigError, match="--compile_backend 'nope'"):
         train(config(base, tmp_path, compile="default", compile_backend="nope"))

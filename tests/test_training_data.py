@@ -25,6 +25,7 @@ ISSUE_FLAGS = """--pretrained_model_name_or_path --train_data_dir --output_dir -
 --center_crop --random_flip --enable_bucket --mixed_precision --gradient_checkpointing --use_8bit_adam --snr_gamma
 --noise_offset --cache_latents --checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint
 --validation_prompt --validation_steps --num_validation_images --seed --config --strict --overwrite""".split()
+DIFFUSERS_FLAGS = "--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --lr_num_cycles --lr_power".split()
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -208,6 +209,25 @@ def test_every_setting_is_used_by_the_training_code():
         assert re.search(rf"{re.escape(use)}\b", source), f"--{f.name} is never read by the training loop"
     config_source = (root / "config.py").read_text()
     assert "self.lora_alpha or self.rank" in config_source and "self.text_encoder_lr or self.learning_rate" in config_source
+
+
+def test_diffusers_flag_names_and_defaults():
+    """diffusers' train_dreambooth_lora.py / train_text_to_image_lora.py names and defaults for the optimizer and
+    schedule; --instance_data_dir is DreamBooth's name of the data folder."""
+    args = build_parser().parse_args(["--instance_data_dir", "data/dog", "--adam_beta1", "0.8", "--lr_num_cycles", "3"])
+    config = config_from_args(args)
+    assert config.train_data_dir == "data/dog" and config.adam_beta1 == 0.8 and config.lr_num_cycles == 3
+    defaults = TrainConfig()
+    assert (defaults.adam_beta1, defaults.adam_beta2, defaults.adam_epsilon, defaults.lr_num_cycles, defaults.lr_power) == (
+        0.9, 0.999, 1e-08, 1, 1.0)
+    assert load_config(None, instance_data_dir="d").train_data_dir == "d"
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, instance_data_dir="d", train_data_dir="e")
+    text = build_parser().format_help()
+    for flag in DIFFUSERS_FLAGS + ["--instance_data_dir"]:
+        assert flag in text, flag
+    with pytest.raises(ConfigError, match="--adam_beta2 must be in"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", adam_beta2=1.0).validate()
 
 
 def test_lora_diffusion_train_is_registered():

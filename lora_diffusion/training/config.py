@@ -44,7 +44,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ model, data, output
     pretrained_model_name_or_path: str = _f("", "base model: a local diffusers folder, a hub id, or a single .safetensors/.ckpt file")
-    train_data_dir: str = _f("", "folder of training images (captions beside them or in metadata.jsonl)")
+    train_data_dir: str = _f("", "folder of training images (captions beside them or in metadata.jsonl); "
+                             "--instance_data_dir (DreamBooth's name) is the same setting")
     output_dir: str = _f("lora-output", "where the LoRA, checkpoints/, samples/, log.csv and loss.png go")
     overwrite: bool = _f(False, "allow writing into an output folder that holds a previous run")
     caption_extension: str = _f(".txt", "extension of sidecar caption files (image.png -> image.txt)")
@@ -72,10 +73,15 @@ class TrainConfig:
     text_encoder_lr: float = _f(0.0, "learning rate of the text encoder LoRA and token (0 means --learning_rate)")
     lr_scheduler: str = _f("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _f(0, "linear warm-up steps")
+    lr_num_cycles: int = _f(1, "hard restarts of --lr_scheduler cosine_with_restarts")
+    lr_power: float = _f(1.0, "power of --lr_scheduler polynomial")
     max_train_steps: int = _f(0, "optimizer steps (0 means --num_train_epochs epochs)")
     num_train_epochs: int = _f(1, "epochs, used when --max_train_steps is 0")
     train_batch_size: int = _f(1, "images per device per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-08, "AdamW epsilon")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay (LoRA parameters only)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install bitsandbytes; CUDA only)")
@@ -141,13 +147,18 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha")
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's downscaling factor), got {self.resolution}; "
                               f"try {max(8, self.resolution // 8 * 8)} or {self.resolution // 8 * 8 + 8}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr_num_cycles < 1:
+            raise ConfigError(f"--lr_num_cycles must be at least 1, got {self.lr_num_cycles}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.with_prior_preservation:
@@ -178,11 +189,18 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
+ALIASES = {"instance_data_dir": "train_data_dir"}  # diffusers' DreamBooth scripts' name -> ours
+
+
 def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     types = _field_types()
     out: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_").lstrip("_")
+        if key in ALIASES:
+            if ALIASES[key] in out or any(str(k).replace("-", "_").lstrip("_") == ALIASES[key] for k in values):
+                raise ConfigError(f"{source}: give {key} or {ALIASES[key]}, not both (they are the same setting)")
+            key = ALIASES[key]
         if key not in types:
             close = difflib.get_close_matches(key, list(types), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -272,11 +290,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         kind = types[f.name]
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        flag = f"--{f.name}"
+        flags = [f"--{f.name}"] + [f"--{alias}" for alias, name in ALIASES.items() if name == f.name]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+            parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
                                 metavar=None if f.metadata.get("choices") else kind.__name__.upper(), help=help_text)
 
 

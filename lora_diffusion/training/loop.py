@@ -481,8 +481,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # on CUDA, torch's fused AdamW: one kernel for every LoRA tensor instead of a dozen multi-tensor launches
     fused = {"fused": True} if optimizer_class is torch.optim.AdamW and device.type == "cuda" else {}
     configured = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-    optimizer = optimizer_class(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay, **fused)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps)
+    optimizer = optimizer_class(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                eps=config.adam_epsilon, weight_decay=config.adam_weight_decay, **fused)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps,
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
     optimizer = accelerator.prepare(optimizer)
     step = 0
     log_rows: list[dict] = []
@@ -732,6 +734,7 @@ def _apply_settings(optimizer, lr_scheduler, configured: list[dict], config: Tra
     """After loading an optimizer and schedule state: this run's learning rates and AdamW settings, not the saved ones."""
     for group, wanted in zip(optimizer.param_groups, configured):
         group["weight_decay"] = wanted.get("weight_decay", config.adam_weight_decay)
+        group["betas"], group["eps"] = (config.adam_beta1, config.adam_beta2), config.adam_epsilon
         group["initial_lr"] = wanted["lr"]
     lr_scheduler.base_lrs = [wanted["lr"] for wanted in configured]
     if hasattr(lr_scheduler, "lr_lambdas"):  # diffusers' schedules: base rate x a factor of the step
