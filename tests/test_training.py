@@ -163,7 +163,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit-identical: every random draw is keyed by (seed, step)
-    assert [r["step"] for r in outputs.read_log(tmp_path / "b" / "out" / "log.csv")] == list(range(1, 7))
+    log = outputs.read_log(tmp_path / "b" / "out" / "log.csv")
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert log[3]["elapsed_s"] >= log[2]["elapsed_s"]  # the run's time goes on across the resume
 
 
 def test_resume_refuses_a_changed_lora_shape_and_applies_a_changed_learning_rate(base, tmp_path, monkeypatch):
@@ -174,6 +176,8 @@ def test_resume_refuses_a_changed_lora_shape_and_applies_a_changed_learning_rate
         train(config(base, tmp_path, max_train_steps=4, lora_alpha=64, resume_from_checkpoint="latest"))
     with pytest.raises(ConfigError, match=r"--train_text_encoder True differs from False"):
         train(config(base, tmp_path, max_train_steps=4, train_text_encoder=True, resume_from_checkpoint="latest"))
+    with pytest.raises(ConfigError, match="checkpoint-2 is at step 2, not before --max_train_steps 2: nothing to train"):
+        train(config(base, tmp_path, max_train_steps=2, lr_scheduler="cosine", resume_from_checkpoint="latest"))
     monkeypatch.undo()
     resumed = train(config(base, tmp_path, max_train_steps=4, learning_rate=1e-2, lr_scheduler="cosine",
                            resume_from_checkpoint="latest"))

@@ -237,6 +237,15 @@ def test_lora_diffusion_train_is_registered():
     assert args.command == "train" and args.rank == 2 and args.func.__module__ == "lora_diffusion.training.cli"
 
 
+def test_verbose_flag_before_or_after_the_subcommand():
+    from lora_diffusion.cli import build_parser as top_parser
+
+    assert top_parser().parse_args(["train", "--rank", "2", "-v"]).verbose is True
+    assert top_parser().parse_args(["-v", "train", "--rank", "2"]).verbose is True
+    assert top_parser().parse_args(["train", "--rank", "2"]).verbose is False
+    assert build_parser().parse_args(["-v"]).verbose is True and not hasattr(build_parser().parse_args([]), "verbose")
+
+
 def test_cli_reports_bad_data_with_exit_status_2(tmp_path, capsys):
     code = main(["--pretrained_model_name_or_path", str(tmp_path), "--train_data_dir", str(tmp_path / "nothing")])
     assert code == 2 and "no such folder" in capsys.readouterr().err

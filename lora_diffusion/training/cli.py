@@ -26,6 +26,8 @@ EPILOG = "Multi-GPU or multi-process: accelerate launch --num_processes N exampl
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    # after the subcommand too (`lora-diffusion train ... -v`); SUPPRESS keeps a `-v` given before it
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -38,9 +40,7 @@ def register(subparsers) -> None:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The standalone parser of ``examples/train_style.py`` (the same flags as ``lora-diffusion train``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    return _configure(parser)
+    return _configure(argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run(args)
 
 

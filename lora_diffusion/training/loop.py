@@ -417,6 +417,18 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     broadcast_object_list(seed)  # every process must draw the same batches
     seed = seed[0]
 
+    # the batch order and the length of the run (no model needed): a finished checkpoint stops here
+    dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
+                           random_flip=config.random_flip, enable_bucket=config.enable_bucket)
+    if config.cache_latents and not config.center_crop:
+        logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
+    plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed)
+    per_step = accelerator.num_processes * config.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / per_step))
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    if state is not None and int(state["step"]) >= max_steps:
+        raise ConfigError(f"{resume} is at step {state['step']}, not before --max_train_steps {max_steps}: nothing to train")
+
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = _load_model(config.pretrained_model_name_or_path)
@@ -461,14 +473,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     cudagraphs = config.compile == "reduce-overhead" and device.type == "cuda"
 
     # 3. data: the batch order of process `rank` from the step we start at
-    dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
-                           random_flip=config.random_flip, enable_bucket=config.enable_bucket)
-    if config.cache_latents and not config.center_crop:
-        logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
-    plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed)
-    per_step = accelerator.num_processes * config.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / per_step))
-    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     latents = Latents(vae, dataset, device, weight_dtype, cache=config.cache_latents)
     class_latents = class_plan = None
     if class_examples is not None:
@@ -524,7 +528,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             if pivot is not None:
                 atomic_save(pivot.state(), folder / "embeddings.safetensors", {"format": "pt"})
             outputs.save_state(folder, {"step": at_step, "seed": seed, "settings": _settings(config, seed),
-                                        "resumed": resumed, "optimizer": optimizer.state_dict(),
+                                        "resumed": resumed, "elapsed_s": elapsed_before + time.monotonic() - started,
+                                        "optimizer": optimizer.state_dict(),
                                         "lr_scheduler": lr_scheduler.state_dict(), "rng": _rng_state()})
 
         path = outputs.write_checkpoint(output_dir, at_step, fill)
@@ -554,6 +559,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     try:
         bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
         started, first_step = time.monotonic(), step
+        elapsed_before = float(state.get("elapsed_s", log_rows[-1]["elapsed_s"] if log_rows else 0.0)) if state else 0.0
         status, message, loss_value = "completed", "", None
         checkpoint = outputs.list_checkpoints(output_dir)[-1] if outputs.list_checkpoints(output_dir) else None
         sample_paths: list[Path] = []
@@ -605,7 +611,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             step += 1
 
             lr = lr_scheduler.get_last_lr()[0]
-            elapsed = time.monotonic() - started
+            run_time = time.monotonic() - started
+            elapsed = elapsed_before + run_time  # over the whole run, resumes included
             log_rows.append({"step": step, "epoch": plan.epoch_of(step * per_step - 1), "loss": loss_value, "lr": lr, "elapsed_s": round(elapsed, 3)})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
@@ -619,7 +626,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 if step % LOG_EVERY == 0 or saved:
                     write_log()
                 if progress is not None:
-                    eta = elapsed / (step - first_step) * (max_steps - step)
+                    eta = run_time / (step - first_step) * (max_steps - step)
                     report = {"step": step, "max_steps": max_steps, "epoch": log_rows[-1]["epoch"], "loss": loss_value, "lr": lr,
                               "eta_s": eta, "elapsed_s": elapsed, "sample_paths": [str(p) for p in new_samples],
                               "checkpoint": str(saved) if saved else None}
