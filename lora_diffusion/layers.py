@@ -316,7 +316,7 @@ class LoraLayer(nn.Module):
     # Plain Python state, never a parameter, buffer or module: set without nn.Module.__setattr__'s bookkeeping
     # (~1.5 us a call; a re-weight sets several per layer, 176 layers in SD1.5 with its text encoder).
     _PLAIN = frozenset({"specs", "weights", "active", "disabled", "fused", "backward_mode", "_base_backup",
-                        "_cache_key", "_cache", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min"})
+                        "_cache_key", "_cache", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min", "_escaped"})
 
     def __setattr__(self, name: str, value) -> None:
         if name in LoraLayer._PLAIN:
@@ -334,6 +334,7 @@ class LoraLayer(nn.Module):
         self.weights: dict[str, float] = {}  # user weight per adapter (strength); 0 or absent = inactive
         self.active: list[str] = []  # adapters that take part in forward/fuse, in insertion order
         self.disabled = False
+        self._escaped = False  # some adapter name is kept escaped (``_slot``): the hot paths map names only then
         self.fused: dict[str, float] = {}  # adapter -> effective weight baked into base_layer.weight
         self._base_backup: torch.Tensor | None = None
         self._cache_key: tuple | None = None
@@ -407,6 +408,7 @@ class LoraLayer(nn.Module):
             nn.init.normal_(a, std=1.0 / rank)
         else:
             raise ValueError(f"unknown init {init!r}; use 'kaiming' or 'gaussian'")
+        self._escaped = self._escaped or _slot(name) != name
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -540,7 +542,7 @@ class LoraLayer(nn.Module):
         which adds up over ~100 layers x several adapters per UNet call."""
         modules = self._modules
         store_a, store_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
-        return [(store_a[k], store_b[k]) for k in map(_slot, names)]
+        return [(store_a[k], store_b[k]) for k in (map(_slot, names) if self._escaped else names)]
 
     def _stacked(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]], tracked: bool,
                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -566,12 +568,15 @@ class LoraLayer(nn.Module):
         ``tracked``: whether autograd records this call (``_tracked``)."""
         if tracked and len(names) == 1:
             return True
-        dropouts = self._modules["lora_dropout"]._modules
-        return self.training and any(not isinstance(dropouts[_slot(n)], nn.Identity) for n in names)
+        return self.training and any(not isinstance(self._dropout(n), nn.Identity) for n in names)
+
+    def _dropout(self, name: str) -> nn.Module:
+        """Adapter ``name``'s dropout, read from the ModuleDict's own store (see ``_factors``)."""
+        return self._modules["lora_dropout"]._modules[_slot(name) if self._escaped else name]
 
     def _adapter_input(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
         """``dropout(x)`` in the factors' dtype, as PEFT; the cast is skipped where autocast casts back anyway."""
-        drop = self.lora_dropout._modules[_slot(name)]
+        drop = self._dropout(name)
         identity = isinstance(drop, nn.Identity)
         h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
         return h if identity else drop(h)
@@ -869,7 +874,7 @@ class LoraLinear(LoraLayer):
             return False
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-        return frozen and not (self.training and type(self.lora_dropout._modules[_slot(names[0])]) is not nn.Identity)
+        return frozen and not (self.training and type(self._dropout(names[0])) is not nn.Identity)
 
     def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         base = self._modules["base_layer"]
