@@ -142,6 +142,12 @@ def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
     return wrapper
 
 
+def unwrap_layer(model: nn.Module, name: str) -> None:
+    """Put the base layer back at module path ``name`` in place of its LoRA wrapper (the same tensors)."""
+    parent, child = _get_parent(model, name)
+    setattr(parent, child, parent.get_submodule(child).base_layer)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(module path, layer)`` for every LoRA layer in ``model``, detached (fused) ones included."""
     model = unwrap(model)
@@ -241,8 +247,7 @@ def remove_lora(model: nn.Module) -> None:
     attach(model)
     for name, layer in list(lora_layers(model)):
         layer.unfuse()
-        parent, child = _get_parent(model, name)
-        setattr(parent, child, layer.base_layer)
+        unwrap_layer(model, name)
 
 
 def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:

@@ -35,7 +35,7 @@ from .formats import (
     with_text_model,
     write_lora_file,
 )
-from .inject import DETACHED_ATTR, attach, detach, lora_layers, unwrap, wrap_layer
+from .inject import DETACHED_ATTR, attach, detach, lora_layers, unwrap, unwrap_layer, wrap_layer
 from .layers import LoraLayer, all_finite, floats_on_devices, fuse_many
 
 logger = logging.getLogger(__name__)
@@ -263,8 +263,7 @@ def _take_out(model: nn.Module, adapter: str, touched: list[tuple[str, LoraLayer
         if adapter in layer.specs:
             layer.delete_adapter(adapter)
         if fresh and not layer.specs:
-            parent, _, child = target.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+            unwrap_layer(model, target)
 
 
 def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -453,7 +452,7 @@ def restore(state: list) -> None:
 
 
 def enable_all(pipe) -> None:
-    """Every layer on, fused or not as it is, without ``enable_lora``'s fuse (for a caller that ``restore``\ s)."""
+    """Every layer on, fused or not as it is, without ``enable_lora``'s fuse (for a caller that will ``restore``)."""
     for _, model in _components(pipe):
         model.__dict__[_DISABLED_ATTR] = False
         for _, layer in lora_layers(model):

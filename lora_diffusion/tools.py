@@ -272,15 +272,14 @@ def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
 
 def _drop_empty_wrappers(pipe) -> None:
     """Put base layers back where a LoRA wrapper holds no adapter any more."""
-    from .inject import _get_parent, lora_layers
+    from .inject import lora_layers, unwrap_layer
 
     for component in ("unet", "text_encoder"):
         model = getattr(pipe, component, None)
         model = None if model is None else unwrap(model)
         for path, layer in list(lora_layers(model) if model is not None else []):
             if not layer.specs:
-                parent, child = _get_parent(model, path)
-                setattr(parent, child, layer.base_layer)
+                unwrap_layer(model, path)
 
 
 def _target_pattern(key: str) -> str:
