@@ -31,6 +31,7 @@ from .formats import (
     guess_architecture,
     our_metadata,
     read_lora_file,
+    read_safetensors,
     strip_text_model,
     with_text_model,
     write_lora_file,
@@ -102,8 +103,6 @@ def save_lora(
         >>> save_lora("out/pytorch_lora_weights.safetensors", unet=pipe.unet, metadata={"trigger_words": ["<s>"]})
     """
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: LoRA files are written as .safetensors")
     lora: Lora = {}
     meta: dict = {}
     for component, model in (("unet", unet), ("text_encoder", text_encoder)):
@@ -308,9 +307,10 @@ def load_lora(
             )
         if adapter in _adapter_names(models[component]):
             raise ValueError(f"adapter {adapter!r} is already loaded; pass adapter= to load {path} under another name")
-    # check every component before changing any: a bad file leaves the pipeline as it was
+    # check every component (and a learned token's file) before changing any: a bad file leaves the pipeline as it was
     plans = {c: _plan(models[c], c, lora, adapter, strict, str(path)) for c in components}
     meta = our_metadata(header)
+    tokens = _learned_tokens(pipe, path, meta.get("embedding_file"))
     patched, done = 0, []
     try:
         for component, plan in plans.items():
@@ -318,36 +318,37 @@ def load_lora(
             patched += _apply_plan(model, plan, adapter, weight)
             done.append(model)
             model.__dict__.setdefault(_META_ATTR, {})[adapter] = meta
+        if tokens:
+            pipe.load_textual_inversion([{token: vector} for token, vector in tokens.items()], token=list(tokens))
     except BaseException:  # e.g. the UNet's fuse refused it after the text encoder took it: take it out there too
         for model in done:
             _delete_from_model(model, adapter)
         raise
-    if meta.get("embedding_file"):
-        _load_embeddings(pipe, path.parent / str(meta["embedding_file"]), path)
     logger.info("loaded %s as adapter %r into %d layers", path, adapter, patched)
     return adapter
 
 
-def _load_embeddings(pipe, file: Path, source: Path) -> None:
-    """Add the learned tokens of ``file`` (``{token: vector}``, diffusers' textual-inversion form) to ``pipe``;
-    a token the tokenizer knows already is left as it is (loading a LoRA twice adds it once)."""
+def _learned_tokens(pipe, source: Path, name: object) -> dict[str, torch.Tensor]:
+    """The learned tokens that a LoRA's metadata names (``embedding_file``: ``{token: vector}`` in diffusers'
+    textual-inversion form, a file beside the LoRA) and the tokenizer lacks, checked against the text encoder; a
+    token it knows already is left as it is (loading a LoRA twice adds it once)."""
+    if not name:
+        return {}
+    if Path(str(name)).name != str(name) or str(name) in (".", ".."):
+        raise LoraFormatError(f"{source}: embedding_file {name!r} must be a file name beside the LoRA, not a path")
+    file = source.parent / str(name)
     if not file.is_file():
         logger.warning("%s was trained with a learned token, but %s is not beside it: the token stays unknown to the "
                        "tokenizer (copy the file next to the LoRA, or pipe.load_textual_inversion it)", source, file.name)
-        return
-    from safetensors.torch import load_file
-
-    tokens = load_file(file)
+        return {}
     vocab = pipe.tokenizer.get_vocab()
-    new = {token: vector for token, vector in tokens.items() if token not in vocab}
-    if not new:
-        return
+    tokens = {token: vector for token, vector in read_safetensors(file)[0].items() if token not in vocab}
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    for token, vector in new.items():
-        if vector.shape[-1] != width:
-            raise LoraFormatError(f"{file}: the vector of {token!r} is {vector.shape[-1]} wide; this text encoder's "
-                                  f"embeddings are {width} wide")
-    pipe.load_textual_inversion([{token: vector} for token, vector in new.items()], token=list(new))
+    for token, vector in tokens.items():
+        if vector.shape[-1] != width or not bool(torch.isfinite(vector).all()):
+            raise LoraFormatError(f"{file}: the vector of {token!r} has shape {tuple(vector.shape)}; this text "
+                                  f"encoder needs finite vectors {width} wide")
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------- weights, on/off
@@ -415,17 +416,22 @@ def set_adapters(
 
 
 def _set_disabled(pipe, disabled: bool) -> None:
-    for _, model in _components(pipe):
-        was_fused = bool(getattr(model, DETACHED_ATTR, {}))
-        if disabled and was_fused:
-            # a fused delta lives in the base weights: take it out, and remember to put it back on enable
-            unfuse_model(model)
-            model.__dict__[_REFUSE_ATTR] = True
-        model.__dict__[_DISABLED_ATTR] = disabled
-        for _, layer in lora_layers(model):
-            layer.disabled = disabled
-        if not disabled and model.__dict__.pop(_REFUSE_ATTR, False):
-            fuse_model(model)
+    before = snapshot(pipe)
+    try:
+        for _, model in _components(pipe):
+            was_fused = bool(getattr(model, DETACHED_ATTR, {}))
+            if disabled and was_fused:
+                # a fused delta lives in the base weights: take it out, and remember to put it back on enable
+                unfuse_model(model)
+                model.__dict__[_REFUSE_ATTR] = True
+            model.__dict__[_DISABLED_ATTR] = disabled
+            for _, layer in lora_layers(model):
+                layer.disabled = disabled
+            if not disabled and model.__dict__.pop(_REFUSE_ATTR, False):
+                fuse_model(model)
+    except BaseException:  # a refused fuse on enable: every component stays as it was (disabled, fuse waiting)
+        restore(before)
+        raise
 
 
 def snapshot(pipe) -> list:
@@ -468,7 +474,8 @@ def disable_lora(pipe) -> None:
 
 
 def enable_lora(pipe) -> None:
-    """Undo ``disable_lora`` (fusing if the pipeline was fused, or ``fuse`` was called, while disabled)."""
+    """Undo ``disable_lora`` (fusing if the pipeline was fused, or ``fuse`` was called, while disabled; if that
+    fuse is refused, the pipeline stays disabled as it was)."""
     _set_disabled(pipe, False)
 
 

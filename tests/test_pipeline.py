@@ -265,6 +265,57 @@ def test_a_learned_token_comes_with_its_lora(tmp_path, caplog):
     assert "trained with a learned token, but embeddings.safetensors is not beside it" in caplog.text
 
 
+def test_a_bad_learned_token_refuses_the_whole_load(tmp_path):
+    """A vector of the wrong width, or an ``embedding_file`` that is a path out of the LoRA's folder, refuses the
+    load before anything changes."""
+    pipe = tiny_pipeline(0)
+    inject_lora(pipe.unet, rank=2)
+    randomize_lora(pipe.unet, seed=1)
+    save_file({"<outside>": torch.ones(32)}, tmp_path / "secret.safetensors")
+    for name, embedding_file, vector in (("wide", "embeddings.safetensors", torch.ones(35)),
+                                         ("escape", "../secret.safetensors", None),
+                                         ("absolute", str(tmp_path / "secret.safetensors"), None)):
+        folder = tmp_path / name
+        save_lora(folder / "pytorch_lora_weights.safetensors", unet=pipe.unet, metadata={"embedding_file": embedding_file})
+        if vector is not None:
+            save_file({"<tok>": vector}, folder / "embeddings.safetensors")
+        fresh = tiny_pipeline(0)
+        before, size = _weights(fresh.unet), len(fresh.tokenizer)
+        with pytest.raises(LoraFormatError, match=r"shape \(35,\); this text encoder needs finite vectors 32 wide|must be a file name beside the LoRA"):
+            load_lora(fresh, folder)
+        assert list_adapters(fresh) == {} and len(fresh.tokenizer) == size
+        assert all(torch.equal(before[k], v) for k, v in _weights(fresh.unet).items())
+
+
+def test_a_refused_enable_leaves_the_pipeline_disabled(two_files, tmp_path):
+    """Enabling fuses what was fused (or asked to fuse) while disabled; when that fuse is refused (here a text
+    encoder factor loaded while disabled overflows fp16 once fused), every component stays disabled, unfused,
+    with its fuse still waiting."""
+    tensors, header = load_file(two_files[1]), safe_open(two_files[1], "pt").metadata()
+    key = next(k for k in tensors if k.startswith("text_encoder.") and "lora_B" in k)
+    tensors[key] = torch.full_like(tensors[key], 6e4)
+    tensors[key.replace("lora_B", "lora_A")].fill_(1.0)
+    bad = tmp_path / "te_overflow.safetensors"
+    save_file(tensors, bad, metadata=header)
+    base = generate(tiny_pipeline(0, dtype=torch.float16))
+    pipe = tiny_pipeline(0, dtype=torch.float16)
+    load_lora(pipe, two_files[0])
+    fuse(pipe)
+    disable_lora(pipe)
+    load_lora(pipe, bad)
+    before = {c: _weights(getattr(pipe, c)) for c in ("unet", "text_encoder")}
+    with pytest.raises(ValueError, match="refusing to fuse"):
+        enable_lora(pipe)
+    assert not _fused(pipe.unet) and not _fused(pipe.text_encoder)
+    assert all(layer.disabled for c in ("unet", "text_encoder") for _, layer in lora_layers(getattr(pipe, c)))
+    for c, weights in before.items():
+        assert all(torch.equal(weights[k], v) for k, v in _weights(getattr(pipe, c)).items())
+    assert abs(generate(pipe) - base).max() == 0
+    delete_adapter(pipe, "te_overflow")
+    enable_lora(pipe)  # the fuse still waits: enabling now fuses the rest
+    assert _fused(pipe.unet) and _fused(pipe.text_encoder)
+
+
 def test_pickled_files_are_refused_and_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
 
