@@ -465,6 +465,8 @@ def write_lora_file(
     other header entries written as they are (a source file's ``user_metadata``: kohya's ``ss_tag_frequency``,
     ``modelspec.*``...), over the writer's own, except the keys the format computes from the tensors.
     """
+    if Path(path).suffix != ".safetensors":  # (``-o out/`` would write a file named ``out``)
+        raise ValueError(f"{path}: LoRA files are written as .safetensors")
     if format not in WRITERS:
         raise ValueError(f"unknown format {format!r}; choose from {sorted(WRITERS)}")
     if not lora:

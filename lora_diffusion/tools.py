@@ -92,6 +92,8 @@ def bake(
     else:
         pipe = base
     saved = snapshot(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
+    tokenizer = getattr(pipe, "tokenizer", None)
+    vocab = set(tokenizer.get_vocab()) if tokenizer is not None else set()  # (a LoRA's learned token is baked in)
     taken = {n for found in list_adapters(pipe).values() for n in found}
     names: dict = {}
     try:
@@ -112,6 +114,9 @@ def bake(
             delete_adapter(pipe, name)
         _drop_empty_wrappers(pipe)
         restore(saved)
+        added = [t for t in tokenizer.get_vocab() if t not in vocab] if tokenizer is not None else []
+        if added:
+            pipe.unload_textual_inversion(added)
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
 

@@ -53,6 +53,13 @@ def refused(capsys, args: list[str], match: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def test_lora_outputs_must_be_safetensors_files(files, capsys, tmp_path):
+    a, out = files / "a.safetensors", f"{tmp_path / 'outdir'}/"  # (-o out/ wrote a file named out)
+    refused(capsys, ["merge", f"{a}:0.5", "-o", out], "LoRA files are written as .safetensors")
+    refused(capsys, ["convert", a, out, "--to", "kohya"], "LoRA files are written as .safetensors")
+    assert not (tmp_path / "outdir").exists()
+
+
 def test_merge_and_convert_never_write_over_an_input(files, capsys):
     a, b = files / "a.safetensors", files / "b.safetensors"
     before = digest(a), digest(b)
@@ -259,3 +266,27 @@ def test_merge_arguments_that_would_be_ignored_or_misread_are_refused(files, tmp
         merge_lora_dicts([(read_lora_file(a)[0], 1.0)], rank=2)
     assert cli_main(["merge", f"{a}:0.5", f"{b}:-1e-1", "-o", str(out)]) == 0
     assert '"weight": -0.1' in read_lora_file(out)[1]["lora_diffusion"]
+
+
+def test_bake_with_a_learned_token_bakes_it_and_leaves_the_callers_tokenizer_alone(files, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_diffusion.formats import our_metadata
+    from lora_diffusion.tools import bake
+
+    lora, header = read_lora_file(files / "a.safetensors")
+    folder = tmp_path / "pti"
+    write_lora_file(folder / "pytorch_lora_weights.safetensors", lora, dtype=torch.float32,
+                    metadata={**our_metadata(header), "embedding_file": "embeddings.safetensors"})
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    save_file({"<strp>": vector}, folder / "embeddings.safetensors")
+    pipe = tiny_pipeline(0)
+    size, table = len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    bake(pipe, {folder / "pytorch_lora_weights.safetensors": 1.0}, tmp_path / "baked")
+    assert len(pipe.tokenizer) == size and "<strp>" not in pipe.tokenizer.get_vocab()
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
+    from diffusers import StableDiffusionPipeline
+
+    baked = StableDiffusionPipeline.from_pretrained(tmp_path / "baked", safety_checker=None, requires_safety_checker=False)
+    token = baked.tokenizer.convert_tokens_to_ids("<strp>")
+    assert token == size and torch.equal(baked.text_encoder.get_input_embeddings().weight[token], vector)
