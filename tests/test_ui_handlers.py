@@ -102,7 +102,7 @@ def test_dispatcher_has_the_ui_command():
 
 
 # ---------------------------------------------------------------------------------------------- library safety
-@pytest.mark.parametrize("name", ["../x", "../../etc/passwd", "/etc/passwd", "a/b", "..", ".", "a.b", "", "x\\y", "C:\\x", " ", "-x"])
+@pytest.mark.parametrize("name", ["../x", "../../etc/passwd", "/etc/passwd", "a/b", "..", ".", "a..b", "a.", ".a", "", "x\\y", "C:\\x", " ", "-x"])
 def test_names_cannot_escape_the_library(tmp_path, name):
     lib = LoraLibrary(tmp_path / "loras")
     with pytest.raises(UIError):
@@ -113,8 +113,25 @@ def test_names_cannot_escape_the_library(tmp_path, name):
 
 def test_valid_names_stay_inside(tmp_path):
     lib = LoraLibrary(tmp_path / "loras")
-    for name in ("style", "my_style-2", "A1.safetensors".replace(".safetensors", ""), "x.safetensors"):
+    for name in ("style", "my_style-2", "A1.safetensors".replace(".safetensors", ""), "x.safetensors", "a.b", "detail_v1.5"):
         assert lib.path_for(name).parent == lib.root
+
+
+def test_names_with_dots_work_end_to_end(tmp_path, model_dir, lora_files):
+    """A1111 names LoRAs after files such as ``detail_v1.5``: listed, uploaded, tagged, merged and deleted as such."""
+    lib = tmp_path / "loras"
+    lib.mkdir()
+    shutil.copy(lora_files["style"], lib / "detail_v1.5.safetensors")
+    backend = Backend(model_dir, lib)
+    assert backend.library.names() == ["detail_v1.5"]
+    assert backend.upload(lora_files["ink"], "ink.v2").name == "ink.v2"
+    tagged = gen(backend, "a red circle <lora:detail_v1.5:0.7> <lora:ink.v2:0.5>")
+    slid = gen(backend, loras={"detail_v1.5": (0.7, None), "ink.v2": (0.5, None)})
+    assert np.array_equal(pixels(tagged.image), pixels(slid.image))
+    info, _ = backend.merge({"detail_v1.5": 0.5, "ink.v2": 0.5}, "merged.v2")
+    assert info.name == "merged.v2" and backend.library.names() == ["detail_v1.5", "ink.v2", "merged.v2"]
+    backend.delete("detail_v1.5")
+    assert backend.library.names() == ["ink.v2", "merged.v2"]
 
 
 def test_upload_checks(tmp_path, lora_files):

@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LoraLibrary", "LoraInfo", "UIError", "check_name", "safe_child", "NAME_PATTERN"]
 
-# Adapter names end up as nn.ParameterDict keys (no dots) and as file names (no separators).
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# Names are file names (no separators) and adapter names; dots are fine (A1111 names such as detail_v1.5), a run
+# of them or a trailing one is not.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?=[A-Za-z0-9_-])){0,63}")
 SUFFIX = ".safetensors"
 DEFAULT_MAX_UPLOAD_MB = 512
 
@@ -40,21 +41,22 @@ class UIError(ValueError):
 
 
 def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid LoRA name (letters, digits, ``_``, ``-``; no paths), else raise ``UIError``."""
+    """Return ``name`` if it is a valid LoRA name (letters, digits, ``_``, ``-``, single dots inside; no paths),
+    else raise ``UIError``."""
     name = (name or "").strip()
     if name.endswith(SUFFIX):
         name = name[: -len(SUFFIX)]
     if not NAME_PATTERN.fullmatch(name):
         raise UIError(
-            f"invalid LoRA name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit "
-            "(no paths, no '..')"
+            f"invalid LoRA name {name!r}: use 1-64 letters, digits, '_', '-' or single dots, starting with a letter or "
+            "digit (no paths, no '..')"
         )
     return name
 
 
 def sanitize_name(stem: str) -> str:
     """A valid name made from an uploaded file's stem: other characters become ``_``."""
-    name = re.sub(r"[^A-Za-z0-9_-]", "_", stem).strip("_-")[:64]
+    name = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9_.-]", "_", stem)).strip("_-.")[:64].rstrip(".")
     return name or "lora"
 
 
