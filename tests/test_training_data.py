@@ -94,6 +94,10 @@ def test_captions_sidecar_then_metadata_then_instance_prompt_with_the_token(tmp_
     subject = {e.path.name: e.caption for e in scan_images(tmp_path, mode="subject", token="sks", resolution=8)}
     assert subject["a.png"] == "sks, a red house" and subject["c.png"] == "a photo of sks"
     assert compose_caption(None, mode="style", token="") == ""
+    # the token as a word of its own, not inside another ("desks" holds no "sks", "artistic" no "art")
+    assert compose_caption("two desks in an office", mode="subject", token="sks") == "sks, two desks in an office"
+    assert compose_caption("a painting, artistic", token="art") == "a painting, artistic, in the style of art"
+    assert compose_caption("a photo of sks, smiling", mode="subject", token="sks") == "a photo of sks, smiling"
 
 
 def test_caption_encodings_and_metadata_file_names(tmp_path, caplog):

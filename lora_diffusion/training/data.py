@@ -23,6 +23,7 @@ import logging
 import math
 import posixpath
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ def compose_caption(raw: str | None, *, mode: str = "style", token: str = "", in
     """The caption trained on: the image's own caption (or the instance prompt, or a template) with the token.
 
     Style mode appends ``", in the style of <token>"``; subject mode puts ``"<token>, "`` in front. A caption that
-    already holds the token is kept as it is.
+    already holds the token as a word of its own is kept as it is ("desks" does not hold "sks").
 
     Example:
         >>> compose_caption("a house by a lake", token="<my-style>")
@@ -117,7 +118,7 @@ def compose_caption(raw: str | None, *, mode: str = "style", token: str = "", in
     text = (raw or "").strip() or instance_prompt.strip()
     if not text:
         return (f"an image in the style of {token}" if mode == "style" else f"a photo of {token}") if token else ""
-    if not token or token in text:
+    if not token or re.search(rf"(?<!\w){re.escape(token)}(?!\w)", text):
         return text
     return f"{text}, in the style of {token}" if mode == "style" else f"{token}, {text}"
 
