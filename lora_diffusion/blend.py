@@ -162,9 +162,9 @@ class MergeReport:
     over all layers together, ``sqrt(sum ||dW - dW_merged||^2 / sum ||dW||^2)``. A concat merge reports zeros.
     """
 
-    lora: Lora
+    lora: Lora = field(repr=False)
     mode: str
-    errors: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict, repr=False)
     error: float = 0.0
     path: Path | None = None
 

@@ -177,6 +177,7 @@ def _wrappers_in_tree(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 # While fused, wrappers are swapped out for their base layers so that generation runs the base modules
 # themselves (zero added latency); the wrappers wait in this attribute of the model until `attach`.
 DETACHED_ATTR = "_lora_detached"
+_REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # parameter name -> requires_grad before the first inject_lora
 
 
 def detach(model: nn.Module) -> None:
@@ -226,6 +227,8 @@ def inject_lora(
     names = resolve_targets(model, targets)
     if not names:
         raise ValueError(f"targets {targets!r} matched no Linear/Conv2d layer in {type(model).__name__}")
+    # which parameters trained before the first injection: remove_lora gives them back
+    model.__dict__.setdefault(_REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
     params: list[nn.Parameter] = []
     for name in names:
@@ -242,12 +245,16 @@ def inject_lora(
 
 
 def remove_lora(model: nn.Module) -> None:
-    """Put the original modules back (the same weight tensors, unfused first if fused)."""
+    """Put the original modules back (the same weight tensors, unfused first if fused), with the
+    ``requires_grad`` they had before ``inject_lora`` froze them."""
     model = unwrap(model)
     attach(model)
     for name, layer in list(lora_layers(model)):
         layer.unfuse()
         unwrap_layer(model, name)
+    flags = model.__dict__.pop(_REQUIRES_GRAD_ATTR, {})
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags.get(name, param.requires_grad))
 
 
 def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:

@@ -97,7 +97,8 @@ def save_lora(
     The default diffusers/PEFT format loads in stock diffusers (``pipe.load_lora_weights(path)``), alpha
     included (in the ``lora_adapter_metadata`` header). Our own header entry holds the format version, ranks,
     alphas and targets, whatever metadata the adapter was loaded with, and ``metadata`` (base model, trigger
-    words...), which wins. Tensors are fp16 unless ``dtype`` says otherwise. Written atomically.
+    words...), which wins. Tensors are fp16 unless ``dtype`` says otherwise. Written atomically. A model given
+    without the adapter is left out (a UNet-only LoRA saved with ``text_encoder=`` too); none holding it raises.
 
     Example:
         >>> save_lora("out/pytorch_lora_weights.safetensors", unet=pipe.unet, metadata={"trigger_words": ["<s>"]})
@@ -105,17 +106,15 @@ def save_lora(
     path = Path(path)
     lora: Lora = {}
     meta: dict = {}
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
-        model = unwrap(model)
-        part = lora_from_model(model, component, adapter)
-        if not part:
-            raise ValueError(f"{component} has no adapter {adapter!r}; it has {_adapter_names(model)}")
-        lora.update(part)
+    given = {c: unwrap(m) for c, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+    if not given:
+        raise ValueError("save_lora needs unet= and/or text_encoder=")
+    for component, model in given.items():
+        lora.update(lora_from_model(model, component, adapter))
         meta.update(getattr(model, _META_ATTR, {}).get(adapter, {}))
     if not lora:
-        raise ValueError("save_lora needs unet= and/or text_encoder=")
+        have = "; ".join(f"{c} has {_adapter_names(m)}" for c, m in given.items())
+        raise ValueError(f"no adapter {adapter!r} to save: {have}")
     meta.update(
         {
             "components": sorted({k.split(".", 1)[0] for k in lora}),
@@ -480,8 +479,12 @@ def enable_lora(pipe) -> None:
 
 
 def delete_adapter(pipe, adapter: str) -> None:
-    """Remove one adapter from every component."""
-    for _, model in _components(pipe):
+    """Remove one adapter from every component (``KeyError`` if none holds it, as PEFT)."""
+    models = [model for _, model in _components(pipe)]
+    if not any(adapter in _adapter_names(model) for model in models):
+        known = sorted({n for model in models for n in _adapter_names(model)})
+        raise KeyError(f"no adapter named {adapter!r}; loaded adapters: {known}")
+    for model in models:
         _delete_from_model(model, adapter)
 
 

@@ -65,14 +65,18 @@ def test_second_adapter_sits_beside_the_first(pipe):
 
 def test_remove_lora_puts_back_the_same_modules(pipe):
     originals = {n: m for n, m in pipe.unet.named_modules()}
+    pipe.unet.conv_in.requires_grad_(False)  # the user's own choice of what trains comes back too
+    trainable = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
     before = _unet_out(pipe.unet)
     inject_lora(pipe.unet, rank=4)
+    inject_lora(pipe.unet, rank=2, adapter="second")
     randomize_lora(pipe.unet)
     assert not torch.allclose(_unet_out(pipe.unet), before)
     remove_lora(pipe.unet)
     after = {n: m for n, m in pipe.unet.named_modules()}
     assert after.keys() == originals.keys() and all(after[n] is originals[n] for n in after)
     assert torch.equal(_unet_out(pipe.unet), before)
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == trainable and not all(trainable.values())
 
 
 def test_rank_too_large_names_the_layer(pipe):

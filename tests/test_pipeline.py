@@ -391,6 +391,28 @@ def test_nan_in_file_is_refused_and_a_nan_adapter_refuses_to_fuse(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_save_lora_leaves_out_a_model_without_the_adapter(two_files, tmp_path):
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    unet_only = _lora_file(tmp_path / "unet_only.safetensors", 3, te=False)
+    load_lora(pipe, unet_only)
+    out = save_lora(tmp_path / "out.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, adapter="unet_only",
+                    dtype=torch.float32)
+    saved, source = load_file(out), load_file(unet_only)
+    assert saved.keys() == source.keys() and all(k.startswith("unet.") for k in saved)
+    with pytest.raises(ValueError, match=r"no adapter 'nope' to save: unet has \['style', 'unet_only'\]; text_encoder has \['style'\]"):
+        save_lora(tmp_path / "none.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, adapter="nope")
+    assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_deleting_an_unknown_adapter_is_an_error(two_files):
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, two_files[0])
+    with pytest.raises(KeyError, match=r"no adapter named 'styl'; loaded adapters: \['style'\]"):
+        delete_adapter(pipe, "styl")
+    assert list_adapters(pipe) == {"unet": ["style"], "text_encoder": ["style"]}
+
+
 def test_same_name_twice_is_refused(two_files):
     pipe = tiny_pipeline(0)
     load_lora(pipe, two_files[0])
