@@ -90,8 +90,19 @@ def test_cli_defaults_bind_loopback_without_share():
     assert kw["share"] is False and kw["auth"] is None
     kw = launch_kwargs(parser.parse_args(["--host", "0.0.0.0", "--auth", "me:a:b", "--port", "9000"]))
     assert kw["server_name"] == "0.0.0.0" and kw["auth"] == ("me", "a:b") and kw["server_port"] == 9000
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--auth expects USER:PASS"):
         parse_auth("nopassword")
+
+
+def test_ui_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from lora_diffusion.cli import main as cli_main
+
+    (tmp_path / "file").write_text("")
+    for args, message in ((["--auth", "nopassword"], "error: --auth expects USER:PASS"),
+                          (["--lora-dir", str(tmp_path / "file")], "a file, not a folder")):
+        assert cli_main(["ui", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 def test_dispatcher_has_the_ui_command():

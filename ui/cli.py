@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["register", "main", "add_arguments", "parse_auth", "launch_kwargs", "run"]
 
+DESCRIPTION = ("Start the web UI (train, generate, merge, library). It listens on 127.0.0.1 unless --host says "
+               "otherwise; --auth USER:PASS guards every route.")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
@@ -36,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     """Add the ``ui`` command to the ``lora-diffusion`` dispatcher."""
     parser = subparsers.add_parser("ui", help="start the Gradio web UI (train, generate, merge, library)",
-                                   description=__doc__.split("\n\n")[0])
+                                   description=DESCRIPTION)
     add_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -47,7 +50,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
         return None
     user, sep, password = value.partition(":")
     if not sep or not user or not password:
-        raise SystemExit("--auth expects USER:PASS")
+        raise ValueError("--auth expects USER:PASS")
     return user, password
 
 
@@ -68,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from ui.app import build_demo, launch
     from ui.handlers import Backend
 
+    kwargs = launch_kwargs(args)  # (a bad --auth is refused before anything loads)
     backend = Backend(args.model, args.lora_dir, args.data_root, max_upload_mb=args.max_upload_mb)
-    kwargs = launch_kwargs(args)
     if kwargs["server_name"] not in ("127.0.0.1", "localhost", "::1") and not kwargs["auth"]:
         logger.warning("serving on %s without --auth: anyone who can reach this port can use the UI", args.host)
     launch(build_demo(backend), **kwargs)
@@ -78,9 +81,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ui [options]``."""
-    parser = argparse.ArgumentParser(prog="python -m ui", description="lora-diffusion web UI")
+    parser = argparse.ArgumentParser(prog="python -m ui", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run(args)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:  # as lora-diffusion does: one line, status 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -123,6 +123,8 @@ class LoraLibrary:
 
     def __init__(self, root: str | os.PathLike, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> None:
         self.root = Path(root).resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise UIError(f"--lora-dir {root}: a file, not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
         self._cache: dict[str, tuple[tuple[int, int], LoraInfo]] = {}

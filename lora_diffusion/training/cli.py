@@ -51,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         result = train(config)
     except (ConfigError, DataError, OSError) as e:
-        logging.getLogger("lora_diffusion.training").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C while saving: files on disk stay whole
