@@ -503,12 +503,13 @@ def test_class_images_are_topped_up_under_new_names(base, tmp_path):
     class_dir.mkdir()
     for i in (0, 2, 4):  # class-00001 and class-00003 of an earlier run were deleted by the user
         Image.new("RGB", (32, 32), (30, 30, 10 * i)).save(class_dir / f"class-{i:05d}.png")
+    (class_dir / "class-00006.png").write_bytes(b"")  # unreadable: not one of the images there
     before = {p.name: p.read_bytes() for p in class_dir.iterdir()}
     accelerator = SimpleNamespace(is_main_process=True, device=torch.device("cpu"), wait_for_everyone=lambda: None)
     cfg = config(base, tmp_path, with_prior_preservation=True, class_prompt="a photo of a dog", mode="subject",
                  token="sks", class_data_dir=str(class_dir), num_class_images=5, validation_inference_steps=1)
     found = loop_module._class_examples(load_pipeline(base), cfg, accelerator, seed=0)
-    assert len(found) == 5 and sorted(p.name for p in class_dir.iterdir()) == [f"class-{i:05d}.png" for i in (0, 2, 3, 4, 5)]
+    assert len(found) == 5 and sorted(p.name for p in class_dir.iterdir()) == [f"class-{i:05d}.png" for i in (0, 2, 3, 4, 5, 6)]
     assert all((class_dir / name).read_bytes() == data for name, data in before.items())
 
 

@@ -94,7 +94,8 @@ class TrainConfig:
     enable_bucket: bool = _f(False, "aspect-ratio buckets: train non-square images without cropping them square")
     cache_latents: bool = _f(False, "encode every image once with the VAE (random crop then stays fixed)")
     # ------------------------------------------------------------------ speed, memory
-    mixed_precision: str = _f("no", "mixed precision (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = _f("no", "compute dtype of the frozen model and the forward: bf16 on recent GPUs and CPUs; "
+                                    "fp16 with loss scaling", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, about a third slower)")
     dataloader_num_workers: int = _f(0, "worker processes loading images")
     compile: str = _f("none", "torch.compile the UNet's training step: default, reduce-overhead (CUDA graphs: for small "
@@ -289,7 +290,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     types = _field_types()
     for f in dataclasses.fields(TrainConfig):
         kind = types[f.name]
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # (a help that explains its default says it once)
+            help_text += f" (default: {f.default!r})"
         flags = [f"--{f.name}"] + [f"--{alias}" for alias, name in ALIASES.items() if name == f.name]
         if kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
