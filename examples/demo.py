@@ -6,7 +6,7 @@ Offline, on a CPU, in a few minutes. Writes to --out:
   grid.png                                   rows: prompts; columns: base | style | subject | style 0.5 + subject 0.5
   metrics.json                               stripe energy and heart IoU per column
 
-Run: python examples/demo.py [--out out] [--steps 300]
+Run: python examples/demo.py [--out out] [--steps 400]
 """
 
 from __future__ import annotations
