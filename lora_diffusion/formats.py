@@ -426,11 +426,29 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
             raise LoraFormatError(f"{source}: {key} holds NaN or Inf values; factors and alphas must be finite")
 
 
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: what ``open(path, "w")`` (0o666) or ``mkdir`` (0o777) would give."""
-    current = os.umask(0)
-    os.umask(current)
-    return mode & ~current
+def _umask() -> int:
+    """The process umask, read without changing it where the OS shows it (``os.umask`` sets it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_public(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, all it holds) the mode a plain ``open(path, "w")`` / ``mkdir`` gives,
+    ``0o666`` / ``0o777`` less the umask: ``mkstemp``, ``mkdtemp`` and safetensors make them ``0o600`` / ``0o700``,
+    which a server running as another user (A1111, ComfyUI, a shared models folder) cannot read."""
+    path, mask = Path(path), _umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for item in path.rglob("*"):
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
@@ -442,7 +460,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, umask_mode(0o666))  # safetensors writes 0o600 whatever the file's mode was
+        make_public(tmp)  # safetensors writes 0o600 whatever the file's mode was
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -36,7 +36,7 @@ from .formats import (
     lora_file,
     our_metadata,
     read_lora_file,
-    umask_mode,
+    make_public,
     user_metadata,
     write_lora_file,
 )
@@ -180,16 +180,13 @@ class _new_folder:
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        os.chmod(self.tmp, umask_mode(0o777))  # mkdtemp makes it 0700; a plain mkdir gives 0777 & ~umask
         return self.tmp
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        for folder, _, names in os.walk(self.tmp):  # safetensors writes 0o600: give the files a plain open()'s mode
-            for name in names:
-                os.chmod(os.path.join(folder, name), umask_mode(0o666))
+        make_public(self.tmp)
         old = None
         if self.out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))

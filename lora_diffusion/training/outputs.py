@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ..formats import make_public
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,31 +49,6 @@ LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s")
 OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "log.csv", "loss.png")  # what marks a folder as a previous run
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (``os.umask`` sets it: not thread-safe)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _public(path: Path) -> None:
-    """The permissions an ordinary ``open``/``mkdir`` gives (mkstemp, mkdtemp and safetensors use 0600/0700)."""
-    mask = _umask()
-    if path.is_dir():
-        os.chmod(path, 0o777 & ~mask)
-        for item in path.rglob("*"):
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
-    else:
-        os.chmod(path, 0o666 & ~mask)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed."""
@@ -81,7 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _public(Path(tmp))
+        make_public(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -121,7 +98,7 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
     try:
         write_files(tmp)
-        _public(tmp)
+        make_public(tmp)
         if final.exists():  # the same step saved before (e.g. a cancelled run resumed): swap, then drop the old
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
