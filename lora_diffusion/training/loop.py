@@ -301,16 +301,14 @@ class _PreviousRun:
 
 class _CtrlC:
     """Ctrl-C (SIGINT) during the loop, in the main thread: the first one stops the run after the current step,
-    like ``cancel`` (a checkpoint is saved); a second one raises ``KeyboardInterrupt`` at once."""
+    like ``cancel`` (a checkpoint is saved); a second one raises ``KeyboardInterrupt`` at once. The handler is
+    installed on creation (only over Python's default one) and ``restore`` puts the previous one back."""
 
     def __init__(self) -> None:
         self.pressed = False
         self.previous = None
-
-    def __enter__(self) -> _CtrlC:
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
 
     def _handle(self, signum, frame) -> None:
         if self.pressed:
@@ -318,7 +316,7 @@ class _CtrlC:
         self.pressed = True
         logger.warning("Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
@@ -555,7 +553,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 5. the loop
     # nothing of a previous run is touched before this point: --overwrite sets it aside now, deletes it at the end
     previous = _PreviousRun(output_dir) if is_main and (config.overwrite or replace_stopped) and resume is None else None
-    ctrl_c = _CtrlC().__enter__()
+    ctrl_c = _CtrlC()
     try:
         bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
         started, first_step = time.monotonic(), step
@@ -670,7 +668,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             previous.close(failed=True)
         raise
     finally:
-        ctrl_c.__exit__()
+        ctrl_c.restore()
     if previous is not None:
         previous.close()
     return TrainResult(status=status, message=message, output_dir=output_dir, global_step=step, max_steps=max_steps,
