@@ -438,9 +438,45 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_writes(base, tmp_pat
         train(config(base, tmp_path, overwrite=True))
     assert files() == old and not [p for p in out.iterdir() if p.name.startswith(".")]
     monkeypatch.undo()
+
+    def nan(*args, **kwargs):  # a run that diverges after writing its log: no checkpoint, no LoRA
+        return torch.full((), float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(loop_module, "diffusion_loss", nan)
+    assert train(config(base, tmp_path, overwrite=True, max_train_steps=12)).status == "diverged"
+    assert files() == old and not [p for p in out.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
     result = train(config(base, tmp_path, overwrite=True, max_train_steps=1))
     assert result.status == "completed" and outputs.read_log(out / "log.csv")[0]["step"] == 1
     assert sorted(p.name for p in out.iterdir()) == sorted([outputs.LORA_NAME, "checkpoints", "log.csv", "loss.png"])
+
+
+def test_resuming_an_earlier_checkpoint_keeps_later_ones_aside(base, tmp_path):
+    """Resuming at step 2 of a 6-step run abandons checkpoints 4 and 6: they are kept in checkpoints/superseded-1,
+    so the new run's checkpoints are the ones `latest` finds and `--checkpoints_total_limit` prunes."""
+    out = tmp_path / "out"
+    train(config(base, tmp_path, max_train_steps=6, checkpointing_steps=2))
+    cancelled = train(config(base, tmp_path, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=1,
+                             resume_from_checkpoint="checkpoint-2"), progress=lambda p: p["step"] < 3)
+    assert cancelled.status == "cancelled" and cancelled.checkpoint.name == "checkpoint-3"
+    assert [p.name for p in outputs.list_checkpoints(out)] == ["checkpoint-3"]
+    assert sorted(p.name for p in (out / "checkpoints" / "superseded-1").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    resumed = train(config(base, tmp_path, max_train_steps=6, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    assert resumed.status == "completed" and resumed.global_step == 6
+
+
+def test_a_run_stopped_between_its_last_checkpoint_and_its_lora_can_be_finished(base, tmp_path):
+    out = tmp_path / "out"
+    done = train(config(base, tmp_path, max_train_steps=3, checkpointing_steps=3, save_precision="fp32"))
+    lora = read_safetensors(done.lora_path)[0]
+    done.lora_path.unlink()  # killed after checkpoint-3, before the LoRA
+    finished = train(config(base, tmp_path, max_train_steps=3, checkpointing_steps=3, save_precision="fp32",
+                            resume_from_checkpoint="latest"))
+    assert finished.status == "completed" and finished.global_step == 3
+    again = read_safetensors(out / outputs.LORA_NAME)[0]
+    assert again.keys() == lora.keys() and all(torch.equal(again[k], lora[k]) for k in lora)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        train(config(base, tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_and_files_intact(base, tmp_path, monkeypatch):

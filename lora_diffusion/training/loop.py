@@ -273,7 +273,8 @@ def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> No
 
 class _PreviousRun:
     """With ``--overwrite``: the previous run's outputs, moved into a hidden folder of ``output_dir`` just before the
-    new run writes, deleted once it has written something, put back if it fails before writing anything."""
+    new run writes; deleted once the new run has saved a checkpoint or its LoRA, put back if it ends (fails,
+    diverges, is cancelled) before that."""
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
@@ -285,18 +286,28 @@ class _PreviousRun:
                 os.rename(output_dir / name, self.aside / name)
             logger.info("--overwrite: the previous run in %s is set aside in %s until this run writes", output_dir, self.aside)
 
-    def close(self, failed: bool = False) -> None:
-        """Delete the previous run, or (``failed`` and this run wrote nothing) put it back."""
+    def close(self) -> None:
+        """Delete the previous run if this one saved a checkpoint or its LoRA; else put it back (this run's log,
+        plot and samples, worth nothing without weights, make way for it)."""
         if self.aside is None:
             return
-        if failed and not any((self.output_dir / name).exists() for name in outputs.OUTPUT_NAMES):
+        if (self.output_dir / outputs.LORA_NAME).exists() or outputs.list_checkpoints(self.output_dir):
+            shutil.rmtree(self.aside)
+        else:
+            for name in outputs.OUTPUT_NAMES:
+                path = self.output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             for item in self.aside.iterdir():
                 os.rename(item, self.output_dir / item.name)
             self.aside.rmdir()
-            logger.warning("the run failed before writing anything; the previous run in %s is left as it was", self.output_dir)
-        else:
-            shutil.rmtree(self.aside)
+            logger.warning("this run saved no checkpoint; the previous run in %s is back as it was", self.output_dir)
         self.aside = None
+
+
+def _left_to_do(step: int, max_steps: int, output_dir: Path) -> bool:
+    """Whether a run resumed at ``step`` has work left: steps, or (at ``max_steps``, a run stopped between its
+    last checkpoint and its LoRA) the final outputs."""
+    return step < max_steps or (step == max_steps and not (output_dir / outputs.LORA_NAME).exists())
 
 
 class _CtrlC:
@@ -424,7 +435,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     per_step = accelerator.num_processes * config.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / per_step))
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    if state is not None and int(state["step"]) >= max_steps:
+    if state is not None and not _left_to_do(int(state["step"]), max_steps, output_dir):
         raise ConfigError(f"{resume} is at step {state['step']}, not before --max_train_steps {max_steps}: nothing to train")
 
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
@@ -503,7 +514,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         step = int(state["step"])
         log_rows = [r for r in outputs.read_log(output_dir / "log.csv") if r["step"] <= step]
         logger.info("resuming from %s at step %d", resume, step)
-    if step >= max_steps:
+    if not _left_to_do(step, max_steps, output_dir):
         raise ConfigError(f"{resume} is at step {step}, not before --max_train_steps {max_steps}: nothing to train")
 
     def loader(plan_: BatchPlan, dataset_: ImageDataset, cached: bool) -> Iterator[dict]:
@@ -553,6 +564,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 5. the loop
     # nothing of a previous run is touched before this point: --overwrite sets it aside now, deletes it at the end
     previous = _PreviousRun(output_dir) if is_main and (config.overwrite or replace_stopped) and resume is None else None
+    if is_main and resume is not None:  # resuming an earlier step abandons the checkpoints past it: kept aside
+        outputs.set_aside_checkpoints_after(output_dir, step)
     ctrl_c = _CtrlC()
     try:
         bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
@@ -663,14 +676,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             logger.info("%s", message)
         accelerator.wait_for_everyone()
         unet.eval()
-    except BaseException:
-        if previous is not None:
-            previous.close(failed=True)
-        raise
     finally:
         ctrl_c.restore()
-    if previous is not None:
-        previous.close()
+        if previous is not None:
+            previous.close()
     return TrainResult(status=status, message=message, output_dir=output_dir, global_step=step, max_steps=max_steps,
                        lora_path=lora_path, checkpoint=checkpoint, final_loss=loss_value, sample_paths=sample_paths,
                        log_path=output_dir / "log.csv", pipeline=pipe)

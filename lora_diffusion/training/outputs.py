@@ -112,6 +112,24 @@ def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files) -> P
     return final
 
 
+def set_aside_checkpoints_after(output_dir: str | os.PathLike, step: int) -> Path | None:
+    """Resuming at ``step`` abandons the checkpoints past it (a later run, resumed from earlier): they move into
+    ``checkpoints/superseded-<n>/``, kept, but neither ``latest`` nor pruned any more. Returns that folder."""
+    later = [p for p in list_checkpoints(output_dir) if int(p.name.split("-")[-1]) > step]
+    if not later:
+        return None
+    root = Path(output_dir) / CHECKPOINTS
+    n = 1
+    while (root / f"superseded-{n}").exists():
+        n += 1
+    aside = root / f"superseded-{n}"
+    aside.mkdir()
+    for path in later:
+        os.rename(path, aside / path.name)
+    logger.warning("resuming at step %d: the later checkpoints %s are kept in %s", step, ", ".join(p.name for p in later), aside)
+    return aside
+
+
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (``keep=0`` keeps all) and stale temporary folders."""
     root = Path(output_dir) / CHECKPOINTS
