@@ -414,16 +414,21 @@ def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> t
 _NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse NaN/Inf in any floating tensor, naming the first bad key. One multi-tensor norm for the whole
-    file; tensor by tensor only when that is not finite (an fp16 norm can overflow with finite values)."""
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The first key whose floating tensor holds NaN or Inf, or ``None``. One multi-tensor norm for them all;
+    tensor by tensor only when that is not finite (an fp16 norm can overflow with finite values)."""
     floats = [(k, t) for k, t in state.items() if t.is_floating_point()]
     fast = [t for _, t in floats if t.dtype in _NORM_DTYPES]
     if len(fast) == len(floats) and (not fast or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(fast)])).all())):
-        return
-    for key, t in floats:
-        if not bool(torch.isfinite(t if t.dtype in _NORM_DTYPES else t.float()).all()):
-            raise LoraFormatError(f"{source}: {key} holds NaN or Inf values; factors and alphas must be finite")
+        return None
+    return next((key for key, t in floats if not bool(torch.isfinite(t if t.dtype in _NORM_DTYPES else t.float()).all())), None)
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf in any floating tensor, naming the first bad key (``first_non_finite``)."""
+    key = first_non_finite(state)
+    if key is not None:
+        raise LoraFormatError(f"{source}: {key} holds NaN or Inf values; factors and alphas must be finite")
 
 
 def _umask() -> int:
@@ -492,6 +497,10 @@ def write_lora_file(
     cast = {k: LoraWeights(w.A.detach().to(dtype), w.B.detach().to(dtype), w.alpha) for k, w in lora.items()}
     ours = {"format_version": FORMAT_VERSION, **(metadata or {})}
     state, written = WRITERS[format](cast, ours)
+    bad = first_non_finite(state)  # (a merge at a large weight can overflow float16: a file read would refuse)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} is not finite in {dtype} (NaN, Inf or too large): nothing was written; save "
+                         "as float32 or bfloat16, or lower the weights")
     written.update({k: str(v) for k, v in (header or {}).items() if k not in DERIVED_HEADER_KEYS})
     written[METADATA_KEY] = json.dumps(ours, sort_keys=True, default=str)
     atomic_save(state, path, written)
