@@ -195,6 +195,9 @@ def test_empty_or_non_number_boxes_show_a_message(served, tmp_path):
         with pytest.raises(Exception, match=message):
             client.predict([handle_file(str(images[0]))], None, table, "never", "style", "", 2, 3, lr, te_lr,
                            False, SIZE, "", 0, api_name="/train")
+    with pytest.raises(Exception, match="the rank is empty"):  # (it silently became 4)
+        client.predict([handle_file(str(images[0]))], None, table, "never", "style", "", None, 3, 1e-4, 5e-5,
+                       False, SIZE, "", 0, api_name="/train")
     assert "never" not in backend.library.names() and not backend.queue.active_names()
     merge_table = {"headers": ["use", "LoRA", "weight"], "data": [[True, "style", "abc"], [True, "ink", 0.5]]}
     with pytest.raises(Exception, match="the weight of style must be a number, got 'abc'"):
@@ -269,3 +272,26 @@ def test_python_dash_m_ui_serves_on_loopback(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert f"http://127.0.0.1:{port}" in out and "gradio.live" not in out
+
+
+def test_a_row_whose_lora_changes_starts_unticked_and_the_lora_folder_is_served(tmp_path, monkeypatch):
+    """After a delete (or an upload that sorts first), the LoRA in a Generate row changes: its tick and weights
+    must not carry over to the new LoRA. And gradio serves the library's files wherever --lora-dir is."""
+    lib = tmp_path / "loras"
+    lib.mkdir()
+    for name, seed in (("b", 1), ("c", 2)):
+        make_lora(lib / f"{name}.safetensors", seed)
+    demo = build_demo(Backend(tiny_model_dir(tmp_path / "model"), lib))
+    refresh = next(f.fn for f in demo.fns.values() if f.api_name == "library")
+    explicit = lambda update: update._constructor_args[0] if hasattr(update, "_constructor_args") else update  # noqa: E731
+    out = refresh(["a", "c"])  # row 0 held "a" (now deleted: "b" moves in), row 1 still "c"
+    assert out[0] == ["b", "c"]
+    box0, box1 = (explicit(out[2 + MAX_SLOTS + i]) for i in (0, 1))
+    slider0, slider1 = (explicit(out[2 + 2 * MAX_SLOTS + i]) for i in (0, 1))
+    assert box0 == {"label": "b", "value": False} and box1 == {"label": "c"}
+    assert slider0 == {"value": 1.0} and slider1 == {"__type__": "update"}
+    seen = {}
+    monkeypatch.setattr(type(demo), "launch", lambda self, **kw: seen.update(kw))
+    monkeypatch.setattr(type(demo), "queue", lambda self, **kw: self)
+    launch(demo, server_port=free_port())
+    assert seen["allowed_paths"] == [str(lib.resolve())]

@@ -139,6 +139,10 @@ def test_names_with_dots_work_end_to_end(tmp_path, model_dir, lora_files):
     tagged = gen(backend, "a red circle <lora:detail_v1.5:0.7> <lora:ink.v2:0.5>")
     slid = gen(backend, loras={"detail_v1.5": (0.7, None), "ink.v2": (0.5, None)})
     assert np.array_equal(pixels(tagged.image), pixels(slid.image))
+    scope: dict = {}
+    exec(tagged.snippet, scope)  # noqa: S102 - stock diffusers takes no '.' in adapter names: the snippet maps them
+    assert 'adapter_name="detail_v1_5"' in tagged.snippet
+    assert np.abs(pixels(scope["image"]) - pixels(tagged.image)).max() <= 2
     info, _ = backend.merge({"detail_v1.5": 0.5, "ink.v2": 0.5}, "merged.v2")
     assert info.name == "merged.v2" and backend.library.names() == ["detail_v1.5", "ink.v2", "merged.v2"]
     backend.delete("detail_v1.5")
@@ -324,7 +328,22 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
 
 
+def test_a_backend_keeps_the_newest_images_on_disk(backend, monkeypatch):
+    import ui.handlers
+
+    monkeypatch.setattr(ui.handlers, "KEEP_IMAGES", 3)
+    result = gen(backend)
+    paths = [Path(backend.save_image(result)) for _ in range(5)]
+    assert [p.exists() for p in paths] == [False, False, True, True, True]
+
+
 # ---------------------------------------------------------------------------------------------- merge
+def test_a_merge_that_overflows_float16_writes_nothing(backend):
+    with pytest.raises(UIError, match="merge failed: .* is not finite in torch.float16 .NaN, Inf or too large.: nothing was written"):
+        backend.merge({"style": 1e6}, "too_big")
+    assert not backend.library.exists("too_big")
+
+
 def test_concat_merge_generates_the_blend_it_was_made_from(backend):
     blend = {"style": (0.7, None), "ink": (-0.5, None)}
     info, report = backend.merge({"style": 0.7, "ink": -0.5, "foreign": 0.0}, "merged_concat")
@@ -617,6 +636,8 @@ def test_refused_training_requests_leave_nothing_in_the_library(tmp_path, lora_f
         (TrainRequest("j0", good, learning_rate="fast"), "training settings"),
         (TrainRequest("j0", broken), "none of the 2 images could be read"),
         (TrainRequest("j0", broken, learning_rate=-1), "learning_rate must not be negative"),  # settings first
+        (TrainRequest("j0", good, resolution=16384), "training resolution must be 8-2048"),  # (held the queue, then OOM)
+        (TrainRequest("j0", good, seed=10**30), "the seed must be a whole number"),  # (failed only when it ran)
     ]
     for req, message in refused:
         with pytest.raises(UIError, match=message):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -163,13 +164,21 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             lib_message = gr.Markdown(elem_id="library-message")
 
         # ------------------------------------------------------------------ handlers
-        refresh_outputs = [slot_names, no_loras, *slot_rows, *checks, merge_table, lib_table, lib_samples, delete_name, folder]
+        refresh_outputs = [slot_names, no_loras, *slot_rows, *checks, *weights, *te_weights, merge_table, lib_table,
+                           lib_samples, delete_name, folder]
 
-        def refresh():
+        def refresh(previous=None):
             names = backend.library.names()
             shown = names[:max_slots]
+            previous = list(previous or [])
+            # a row whose LoRA changed (one deleted or added before it) starts unticked at weight 1: a tick or a
+            # weight set for another LoRA must not carry over to the one that moved into its row
+            same = [i < len(previous) and i < len(shown) and previous[i] == shown[i] for i in range(max_slots)]
             rows = [gr.Row(visible=i < len(shown)) for i in range(max_slots)]
-            boxes = [gr.Checkbox(label=shown[i] if i < len(shown) else f"LoRA {i}") for i in range(max_slots)]
+            label = [shown[i] if i < len(shown) else f"LoRA {i}" for i in range(max_slots)]
+            boxes = [gr.Checkbox(label=label[i]) if same[i] else gr.Checkbox(label=label[i], value=False) for i in range(max_slots)]
+            sliders = [gr.update() if same[i] else gr.Slider(value=1.0) for i in range(max_slots)]
+            te_boxes = [gr.update() if same[i] else gr.Textbox(value="") for i in range(max_slots)]
             infos = backend.library.list()
             samples = [(str(i.sample), i.name) for i in infos if i.sample]
             return [
@@ -177,6 +186,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 gr.Markdown(visible=not names),
                 *rows,
                 *boxes,
+                *sliders,
+                *te_boxes,
                 [[False, n, 1.0] for n in names],
                 [i.row() for i in infos],
                 samples,
@@ -194,8 +205,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     loras[name] = (float(w[i]), _optional_weight(te[i], name))
             result = backend.generate(
                 GenerateRequest(prompt=prompt or "", negative_prompt=negative or "", loras=loras, block_preset=preset,
-                                fuse=bool(fuse), seed=int(seed or 0), steps=int(steps), guidance=float(guidance),
-                                width=int(width or 0) or None, height=int(height or 0) or None)
+                                fuse=bool(fuse), seed=_whole(seed, "the seed", 0), steps=_whole(steps, "steps"),
+                                guidance=_number(guidance, "guidance"), width=_whole(width, "the width", 0) or None,
+                                height=_whole(height, "the height", 0) or None)
             )
             info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
             # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
@@ -220,12 +232,12 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             try:
                 if folder_name:
                     paths += [str(p) for p in backend.folder_images(folder_name)]
-                by_name = {str(r[0]): str(r[1] or "") for r in _rows(table) if r and r[0]}
+                by_name = {str(r[0]): str((r[1] if len(r) > 1 else "") or "") for r in _rows(table) if r and r[0]}
                 req = TrainRequest(
                     name=name or "", images=[(p, by_name.get(Path(p).name, "")) for p in paths], mode=mode,
-                    token=token or "", rank=int(rank or 4), max_train_steps=int(steps or 1),
-                    learning_rate=_number(lr, "the learning rate"), text_encoder_lr=_number(te_lr, "the text-encoder learning rate"), train_text_encoder=bool(train_te), resolution=int(res or 0) or None,
-                    validation_prompt=val_prompt or "", seed=int(seed or 0),
+                    token=token or "", rank=_whole(rank, "the rank"), max_train_steps=_whole(steps, "steps"),
+                    learning_rate=_number(lr, "the learning rate"), text_encoder_lr=_number(te_lr, "the text-encoder learning rate"), train_text_encoder=bool(train_te), resolution=_whole(res, "the resolution", 0) or None,
+                    validation_prompt=val_prompt or "", seed=_whole(seed, "the seed", 0),
                 )
                 job = backend.start_training(req)
             except (UIError, LoraFormatError) as e:
@@ -259,7 +271,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         def on_merge(table, mode, rank, fmt, name):
             chosen = {str(r[1]): 0.0 if r[2] is None or str(r[2]).strip() == "" else r[2]  # the backend checks numbers
                       for r in _rows(table) if len(r) >= 3 and _truthy(r[0])}
-            info, report = backend.merge(chosen, name or "", mode=mode, rank=int(rank or 0) or None, format=fmt)
+            info, report = backend.merge(chosen, name or "", mode=mode, rank=_whole(rank, "the rank", 0) or None, format=fmt)
             text = f"Merged **{len(chosen)}** LoRAs into **{info.name}** ({info.format}, rank {info.rank}, {info.size_mb:.2f} MB)."
             if report:
                 text += "\n\n```\n" + report + "\n```"
@@ -297,15 +309,18 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time
-        ).then(refresh, None, refresh_outputs, api_visibility="private")
+        ).then(refresh, [slot_names], refresh_outputs, api_visibility="private")
         cancel_btn.click(on_cancel, [job_id], [train_status], api_name="cancel_training")
         merge_btn.click(on_merge, [merge_table, merge_mode, merge_rank, merge_format, merge_name], [merge_report, merge_file],
-                        api_name="merge").then(refresh, None, refresh_outputs, api_visibility="private")
+                        api_name="merge").then(refresh, [slot_names], refresh_outputs, api_visibility="private")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
-            refresh, None, refresh_outputs, api_visibility="private")
+            refresh, [slot_names], refresh_outputs, api_visibility="private")
         delete_btn.click(on_delete, [delete_name], [lib_message], api_name="delete_lora").then(
-            refresh, None, refresh_outputs, api_visibility="private")
-        demo.load(refresh, None, refresh_outputs, api_name="library")
+            refresh, [slot_names], refresh_outputs, api_visibility="private")
+        demo.load(refresh, [slot_names], refresh_outputs, api_name="library")
+    # gradio serves only files under the working directory and the temp folder unless told: the library's samples,
+    # merged files and training samples live under --lora-dir, wherever that is
+    demo.lora_dir = str(backend.library.root)
     return demo
 
 
@@ -358,7 +373,10 @@ class LoginRequired:
 
 
 def launch(demo: gr.Blocks, **kwargs):
-    """``demo.queue().launch(**kwargs)``, adding ``LoginRequired`` when ``auth`` is given; returns launch's tuple."""
+    """``demo.queue().launch(**kwargs)``, adding ``LoginRequired`` when ``auth`` is given and the LoRA folder to the
+    paths gradio may serve; returns launch's tuple."""
+    if getattr(demo, "lora_dir", None):
+        kwargs["allowed_paths"] = [*kwargs.get("allowed_paths", []), demo.lora_dir]
     if kwargs.get("auth"):
         from starlette.middleware import Middleware
 
@@ -376,6 +394,21 @@ def _optional_weight(value, name: str) -> float | None:
         return float(value)
     except ValueError:
         raise UIError(f"text-encoder weight of {name}: {value!r} is not a number (leave it blank for the same weight)") from None
+
+
+def _whole(value, what: str, default: int | None = None) -> int:
+    """A whole-number box: empty gives ``default`` (or a message if there is none), NaN, Inf and text a message."""
+    if value is None or str(value).strip() == "":
+        if default is None:
+            raise UIError(f"{what} is empty: enter a whole number")
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise UIError(f"{what}: {value!r} is not a number") from None
+    if not math.isfinite(number) or number != int(number):
+        raise UIError(f"{what} must be a whole number, got {value!r}")
+    return int(number)
 
 
 def _number(value, what: str) -> float:

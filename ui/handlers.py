@@ -124,6 +124,8 @@ def _finite(value: Any, what: str) -> float:
 
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+KEEP_IMAGES = 200  # generated PNGs a backend keeps on disk (a gallery shows the newest 24)
+MAX_TRAIN_RESOLUTION = 2048  # as generation's largest side
 
 
 def _fmt(x: float) -> str:
@@ -204,8 +206,13 @@ def diffusers_snippet(
     else:
         lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({_py(model)})")
     active = {n: wt for n, wt in loras.items()}
-    for name in active:
-        lines.append(f"pipe.load_lora_weights({_py(lora_paths[name])}, adapter_name={_py(name)})")
+    adapter_names: dict[str, str] = {}
+    for name in active:  # PEFT's adapter names can't hold '.': detail_v1.5 -> detail_v1_5 (kept distinct)
+        adapter = name.replace(".", "_")
+        while adapter in adapter_names.values():
+            adapter += "_"
+        adapter_names[name] = adapter
+        lines.append(f"pipe.load_lora_weights({_py(lora_paths[name])}, adapter_name={_py(adapter)})")
     if active:
         weights = []
         for w, t in active.values():
@@ -214,7 +221,7 @@ def diffusers_snippet(
             else:
                 unet = w if blocks is None else {k: w * v for k, v in blocks.items()}
                 weights.append({"unet": unet, "text_encoder": t})
-        lines.append(f"pipe.set_adapters({list(active)!r}, adapter_weights={weights!r})")
+        lines.append(f"pipe.set_adapters({list(adapter_names.values())!r}, adapter_weights={weights!r})")
         if fused:
             lines.append("pipe.fuse_lora()")
     args = [_py(prompt)]
@@ -640,6 +647,9 @@ class Backend:
             if self._out_dir is None:
                 self._out_dir = Path(tempfile.mkdtemp(prefix="lora_ui_images_"))
             path = self._out_dir / f"{next(self._ids):05d}-seed{result.settings['seed']}.png"
+            # a long-running server keeps the newest KEEP_IMAGES, not every image (this one included)
+            for old in sorted(self._out_dir.glob("*.png"), key=lambda p: int(p.name.split("-")[0]))[: 1 - KEEP_IMAGES]:
+                old.unlink(missing_ok=True)
         info = PngInfo()
         info.add_text("parameters", f"{result.prompt}\n{result.caption}")
         info.add_text("lora_diffusion_snippet", result.snippet)
@@ -734,6 +744,10 @@ class Backend:
             raise UIError("add some training images first")
         if not 1 <= int(req.max_train_steps) <= 100_000 or not 1 <= int(req.rank) <= 1024:
             raise UIError("steps must be 1-100000 and rank 1-1024")
+        if req.resolution is not None and not 8 <= int(req.resolution) <= MAX_TRAIN_RESOLUTION:
+            raise UIError(f"the training resolution must be 8-{MAX_TRAIN_RESOLUTION}, got {req.resolution}")
+        if not SEED_RANGE[0] <= int(req.seed) <= SEED_RANGE[1]:
+            raise UIError(f"the seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {req.seed}")
         try:
             from lora_diffusion.training import TrainConfig
         except ImportError as e:
