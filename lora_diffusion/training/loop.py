@@ -731,9 +731,10 @@ def _check_resume_settings(config: TrainConfig, state: dict, resume: Path) -> li
     if not saved:  # a checkpoint from before settings were recorded
         return history
     now = _settings(config, state["seed"] if config.seed < 0 else config.seed)
+    fixed = _fixed_on_resume(now)
     for flag, before in _fixed_on_resume(saved).items():
-        if _fixed_on_resume(now)[flag] != before:
-            raise ConfigError(f"--{flag} {_fixed_on_resume(now)[flag]!r} differs from {before!r} in {resume}: a resumed run "
+        if fixed[flag] != before:
+            raise ConfigError(f"--{flag} {fixed[flag]!r} differs from {before!r} in {resume}: a resumed run "
                               f"keeps the LoRA it was trained with; pass --{flag} {before!r} or start a new run")
     changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
     for key, (old, new) in changed.items():
