@@ -18,14 +18,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -454,6 +456,28 @@ def make_public(path: str | os.PathLike) -> None:
     if path.is_dir():
         for item in path.rglob("*"):
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_folder(out) as tmp:`` write into ``tmp``, a hidden folder beside ``out``; on success it gets the
+    umask's modes and replaces ``out`` (an older ``out`` is removed only then), on error it is removed and ``out``
+    stays as it was (a kill leaves a hidden ``.<name>.*`` folder, never a half-written ``out``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        make_public(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "old")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:

@@ -19,8 +19,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,12 +29,12 @@ from .blend import merge_loras
 from .formats import (
     WRITERS,
     LoraFormatError,
+    atomic_folder,
     atomic_save,
     guess_architecture,
     lora_file,
     our_metadata,
     read_lora_file,
-    make_public,
     user_metadata,
     write_lora_file,
 )
@@ -104,7 +102,7 @@ def bake(
         te = {names[p]: float(w) for p, w in (text_encoder or {}).items()}
         set_adapters(pipe, {names[p]: float(w) for p, w in loras.items()}, text_encoder=te or None)
         fuse(pipe)  # wrappers are swapped out while fused: the modules saved are the plain ones, fused weights
-        with _new_folder(out_dir) as tmp:
+        with atomic_folder(out_dir) as tmp:
             pipe.save_pretrained(tmp)
         if single_file is not None:
             atomic_save(to_ldm_checkpoint(pipe), single_file, {"format": "pt"})
@@ -168,32 +166,6 @@ def check_output(
         raise IsADirectoryError(f"{out} is a folder; name a file")
     if target.exists() and folder and (not target.is_dir() or (any(target.iterdir()) and not (target / "model_index.json").is_file())):
         raise FileExistsError(f"{out} exists and is not a diffusers model folder; refusing to replace it")
-
-
-class _new_folder:
-    """``with _new_folder(out) as tmp:`` write into ``tmp`` beside ``out``; on success ``tmp`` replaces ``out``
-    (an older ``out`` is removed only then), on error it is removed and ``out`` is untouched."""
-
-    def __init__(self, out: str | os.PathLike) -> None:
-        self.out = Path(out)
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, kind, value, tb) -> None:
-        if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        make_public(self.tmp)
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))
-            os.replace(self.out, old / "old")
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old)
 
 
 def _ldm_unet_names(unet) -> dict[str, str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ..formats import make_public
+from ..formats import atomic_folder, make_public
 
 logger = logging.getLogger(__name__)
 
@@ -92,23 +92,9 @@ def find_checkpoint(output_dir: str | os.PathLike, spec: str) -> Path:
 
 def write_checkpoint(output_dir: str | os.PathLike, step: int, write_files) -> Path:
     """Create ``checkpoints/checkpoint-<step>`` atomically; ``write_files(folder)`` fills a temporary folder."""
-    root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
-    try:
+    final = Path(output_dir) / CHECKPOINTS / f"checkpoint-{step}"
+    with atomic_folder(final) as tmp:  # (the same step saved before, e.g. a cancelled run resumed: swapped in)
         write_files(tmp)
-        make_public(tmp)
-        if final.exists():  # the same step saved before (e.g. a cancelled run resumed): swap, then drop the old
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
