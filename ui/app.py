@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pandas as pd
 
 from lora_diffusion.formats import LoraFormatError
 
-from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, job_status
+from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status
 from .library import TABLE_HEADERS, UIError
 
 logger = logging.getLogger(__name__)
@@ -402,11 +401,8 @@ def _whole(value, what: str, default: int | None = None) -> int:
         if default is None:
             raise UIError(f"{what} is empty: enter a whole number")
         return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise UIError(f"{what}: {value!r} is not a number") from None
-    if not math.isfinite(number) or number != int(number):
+    number = finite_number(value, what)
+    if number != int(number):
         raise UIError(f"{what} must be a whole number, got {value!r}")
     return int(number)
 
@@ -415,10 +411,7 @@ def _number(value, what: str) -> float:
     """A number box that must not be left empty (gradio gives ``None`` for an emptied ``gr.Number``)."""
     if value is None or str(value).strip() == "":
         raise UIError(f"{what} is empty: enter a number")
-    try:
-        return float(value)
-    except ValueError:
-        raise UIError(f"{what}: {value!r} is not a number") from None
+    return finite_number(value, what)
 
 
 def _truthy(value) -> bool:

@@ -112,7 +112,7 @@ def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, f
                  blocks=blocks)
 
 
-def _finite(value: Any, what: str) -> float:
+def finite_number(value: Any, what: str) -> float:
     """``value`` as a finite float, else ``UIError`` naming ``what`` (a NaN or Inf weight gives a black image)."""
     try:
         x = float(value)
@@ -124,6 +124,13 @@ def _finite(value: Any, what: str) -> float:
 
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _seed(value: Any) -> int:
+    """``value`` as a seed ``torch.Generator.manual_seed`` takes, else ``UIError``."""
+    if not SEED_RANGE[0] <= int(value) <= SEED_RANGE[1]:
+        raise UIError(f"the seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {value}")
+    return int(value)
 KEEP_IMAGES = 200  # generated PNGs a backend keeps on disk (a gallery shows the newest 24)
 MAX_TRAIN_RESOLUTION = 2048  # as generation's largest side
 
@@ -575,7 +582,7 @@ class Backend:
         clean, tags = parse_lora_tags(req.prompt)
         loras = {check_name(n): (w, w if t is None else t) for n, (w, t) in req.loras.items()}
         loras.update(tags)
-        return clean, {n: (_finite(w, f"the weight of {n}"), _finite(t, f"the text-encoder weight of {n}"))
+        return clean, {n: (finite_number(w, f"the weight of {n}"), finite_number(t, f"the text-encoder weight of {n}"))
                        for n, (w, t) in loras.items()}
 
     def generate(self, req: GenerateRequest) -> GenerateResult:
@@ -590,9 +597,8 @@ class Backend:
         steps = int(req.steps)
         if not 1 <= steps <= 200:
             raise UIError(f"steps must be between 1 and 200, got {steps}")
-        _finite(req.guidance, "guidance")
-        if not SEED_RANGE[0] <= int(req.seed) <= SEED_RANGE[1]:
-            raise UIError(f"the seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {req.seed}")
+        finite_number(req.guidance, "guidance")
+        _seed(req.seed)
         with self.generate_lock:
             pipe = self.pipe
             scale = getattr(pipe, "vae_scale_factor", 8)
@@ -676,7 +682,7 @@ class Backend:
 
     def _merge(self, weights: dict[str, float], out_name: str, out: Path, *, mode: str, rank: int | None,
                format: str) -> tuple[LoraInfo, str]:
-        parsed = {check_name(n): _finite(w, f"the weight of {n}") for n, w in weights.items()}  # NaN made a NaN file
+        parsed = {check_name(n): finite_number(w, f"the weight of {n}") for n, w in weights.items()}  # NaN made a NaN file
         chosen = {n: w for n, w in parsed.items() if w != 0.0}
         if not chosen:
             raise UIError("choose at least one LoRA with a non-zero weight")
@@ -746,8 +752,7 @@ class Backend:
             raise UIError("steps must be 1-100000 and rank 1-1024")
         if req.resolution is not None and not 8 <= int(req.resolution) <= MAX_TRAIN_RESOLUTION:
             raise UIError(f"the training resolution must be 8-{MAX_TRAIN_RESOLUTION}, got {req.resolution}")
-        if not SEED_RANGE[0] <= int(req.seed) <= SEED_RANGE[1]:
-            raise UIError(f"the seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {req.seed}")
+        _seed(req.seed)
         try:
             from lora_diffusion.training import TrainConfig
         except ImportError as e:
