@@ -394,16 +394,15 @@ def set_adapters(
     unknown = sorted((set(weights) | set(te_weights) | (set(blocks) if per_adapter else set())) - known)
     if unknown:
         raise KeyError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
-    lpb = getattr(getattr(getattr(pipe, "unet", None), "config", None), "layers_per_block", 2)
+    lpb = getattr(getattr(dict(_components(pipe)).get("unet"), "config", None), "layers_per_block", 2)  # (blocks: UNet)
+    lpb = lpb if isinstance(lpb, int) else 2
     for spec in specs.values():
-        check_blocks(spec, lpb if isinstance(lpb, int) else 2)
+        check_blocks(spec, lpb)
     changed: list[tuple[str, LoraLayer, tuple]] = []
     try:
-        for component, model in _components(pipe):
+        for component, found in layers.items():
             base = te_weights if component == "text_encoder" else weights
-            lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
-            lpb = lpb if isinstance(lpb, int) else 2
-            for path, layer in layers[component]:
+            for path, layer in found:
                 changed.append((path, layer, layer.weight_state()))
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
