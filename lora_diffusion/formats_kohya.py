@@ -4,8 +4,9 @@ A kohya key is a prefix plus the module path with every ``.`` replaced by ``_``,
 ``.lora_up.weight`` or ``.alpha`` (a 0-dim tensor):
 ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight``,
 ``lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha``. Prefixes: ``lora_unet_``, ``lora_te_`` (SD1/2),
-``lora_te1_`` / ``lora_te2_`` (SDXL: a file with a second text encoder names the first ``lora_te1_``). Files made from the original LDM checkpoints name UNet modules the LDM
-way (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``middle_block``, ``output_blocks``,
+``lora_te1_`` / ``lora_te2_`` (SDXL: a file with a second text encoder names the first ``lora_te1_``). Files made
+from the original LDM checkpoints name UNet modules the LDM way
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``middle_block``, ``output_blocks``,
 ``in_layers_2``...); they are mapped to diffusers module paths for the SD1/SD2 layout (two layers per block).
 
 Turning ``_`` back into ``.`` uses a rule set: the path is split at every ``_`` and the pieces that form one
