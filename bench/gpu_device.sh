@@ -26,6 +26,10 @@
 # Part 8 (~5 min): the kernel profile at batch 8 of the compiled floor and our compiled step with the merged
 #         forward (set_backward "merged": the frozen model's GEMMs on W + s B A, nothing over the activations).
 #         Parts 6 and 8, then 4, are the next session's order (docs/BENCHMARKS.md, fourth session).
+# Part 9 (~7 min): the targets' figures in one call: eager training at batch 1/4/8 (floor, dense, low-rank, merged,
+#         PEFT), eager inference (0/1/4/8 adapters, fuse, re-weight), then the floor and our merged-forward step
+#         compiled (default mode) at batch 8, timed, beside PEFT's eager step. Then part 4 with PART4_COUNTS=4 if
+#         the session has ~4 minutes left (base and 4 adapters compiled).
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -60,7 +64,8 @@ elif [ "$part" = 3 ]; then
     run gpu_profile_b8 90 --skip train infer --profile 8
     run gpu_compiled_b8 400 --skip infer --batches 8 --compile reduce-overhead --compile-batches 8
 elif [ "$part" = 4 ]; then
-    run gpu_infer_compiled_ro "${PART_SECONDS:-450}" --skip train infer --compile-infer reduce-overhead
+    # shellcheck disable=SC2086  # PART4_COUNTS: the adapter counts to compile, e.g. "4" when time is short
+    run gpu_infer_compiled_ro "${PART_SECONDS:-450}" --skip train infer --compile-infer reduce-overhead --compile-infer-counts ${PART4_COUNTS:-1 4 8}
 elif [ "$part" = 5 ]; then
     run gpu_floor_compiled_b8 "${PART_SECONDS:-540}" --skip infer --batches 8 --floor-variants compile --compiled-steps ours ours-dense
 elif [ "$part" = 6 ]; then
@@ -71,8 +76,12 @@ elif [ "$part" = 7 ]; then
     run gpu_profile_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default --compiled-steps ours
 elif [ "$part" = 8 ]; then
     run gpu_merged_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default --compiled-steps ours-merged
+elif [ "$part" = 9 ]; then
+    run gpu_train 110 --skip infer
+    run gpu_infer 80 --skip train
+    run gpu_merged_compiled_b8 "${PART_SECONDS:-380}" --skip infer --batches 8 --floor-variants compile --compiled-steps ours-merged
 else
-    echo "no part $part: 1-8" >&2
+    echo "no part $part: 1-9" >&2
     exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true
