@@ -674,8 +674,8 @@ class LoraLayer(nn.Module):
     def _merge_pays(self, x: torch.Tensor) -> bool:
         """Whether this inference call runs through the merged weight (``merged_forward_pays``, by the layer's
         thresholds); only for a plain ``nn.Linear`` / ``nn.Conv2d`` base, whose op ``_merged_forward`` repeats."""
-        limits = self._merge_min
-        return limits is not None and x.numel() >= limits[x.is_cuda]
+        limits = self._merge_min  # (indexed by an int: torch 2.11's dynamo cannot index a tuple by a bool)
+        return limits is not None and x.numel() >= limits[1 if x.is_cuda else 0]
 
     def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The base op on ``W + B A`` (``B`` with the scales folded in, both in the weight's dtype)."""

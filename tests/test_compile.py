@@ -198,3 +198,31 @@ def test_inductor_compiled_unet_matches_eager_and_reweights_without_recompiling(
             out, expect = compiled(x, t, ehs).sample, pipe.unet(x, t, ehs).sample
         torch.testing.assert_close(out, expect, rtol=0, atol=2e-5)  # inductor reorders float ops: measured 2.4e-6
         assert (_graphs() > graphs) == new_graph, weights
+
+
+def test_compiled_merged_weight_is_one_graph_and_follows_reweights(tmp_path, monkeypatch):
+    """The merged-weight inference path (taken on a GPU for SD1.5's layers; forced here by zeroing each layer's
+    thresholds) traces without a graph break, equals eager, and re-weights without recompiling."""
+    merged, calls = LoraLinear._merged_forward, []
+
+    def counted(self, *args):  # counted in eager only (a traced list append would recompile)
+        if not torch.compiler.is_compiling():
+            calls.append(1)
+        return merged(self, *args)
+
+    monkeypatch.setattr(LoraLinear, "_merged_forward", counted)
+    pipe = _pipe_with(tmp_path, 2)
+    layers = [layer for _, layer in lora_layers(pipe.unet) if layer._merge_min is not None]
+    assert layers
+    for layer in layers:
+        layer._merge_min = (0, 0)
+    compiled = torch.compile(pipe.unet, backend="aot_eager", fullgraph=True)
+    x, t, ehs = _inputs()
+    graphs = None
+    for weights in ({"a0": 0.7, "a1": -0.3}, {"a0": 1.5, "a1": 0.2}):
+        set_adapters(pipe, weights)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t, ehs).sample, pipe.unet(x, t, ehs).sample, rtol=0, atol=1e-5)
+        graphs = _graphs() if graphs is None else graphs
+        assert _graphs() == graphs, "re-weighting recompiled"
+    assert calls, "the merged weight was not used"
