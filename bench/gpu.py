@@ -95,6 +95,7 @@ class Setup:
         self.iters, self.warmup = args.iters, args.warmup
         self.compile_backend = args.compile_backend
         self.compiled_who = args.compiled_steps  # our compiled steps beside the compiled floor (variant, profile)
+        self.compile_step = args.compile_step  # our step for --compile (timed, checked against eager)
         self._resident = 0
         self.latent = 8 if args.tiny else 64
         unet_cfg, clip_cfg = (TINY_UNET, TINY_CLIP) if args.tiny else (SD15_UNET, CLIP_L)
@@ -356,11 +357,13 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
 
 
 def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, peft_ms: float, a_init: dict) -> None:
-    """Our step under torch.compile, timed, then checked against eager from the same start."""
-    log(f"train, batch {batch}: ours compiled (mode={mode}); the first call compiles")
+    """Our step (``--compile-step``: the default backward, or that mode) under torch.compile, timed, then checked
+    against eager (the same backward mode) from the same start."""
+    who = s.compile_step
+    log(f"train, batch {batch}: {who} compiled (mode={mode}); the first call compiles")
     cudagraphs = mode == "reduce-overhead" and s.cuda
     s.resident()
-    unet, params = ours_model(s)
+    unet, params = floor_or_ours(s, who)
     start = [p.detach().clone() for p in params]
     compiled = compile_unet(unet, mode, s.compile_backend)  # what `--compile` does in training
     step, losses_c = lora_step(s, compiled, params, inp, fused_adam=True, cudagraphs=cudagraphs)
@@ -373,7 +376,7 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     del compiled, unet, params, step
 
     log(f"train, batch {batch}: eager check, {n_steps} steps from the same start")
-    unet, params = ours_model(s)
+    unet, params = floor_or_ours(s, who)
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(start[i])
@@ -386,7 +389,7 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     loss_rel = max(abs(lc.item() - le.item()) / max(abs(le.item()), 1e-12) for lc, le in zip(losses_c, losses_e))
     ok = loss_rel < 2e-2 and num / den < 5e-2
     del unet, params, step
-    extra = {"compile_mode": mode, "compile_s": round(compile_s, 1), "cudagraph_skips": _cudagraph_skips(), "loss_max_rel_diff_vs_eager": loss_rel,
+    extra = {"compile_mode": mode, "step": who, "compile_s": round(compile_s, 1), "cudagraph_skips": _cudagraph_skips(), "graph_breaks": _graph_breaks(), "loss_max_rel_diff_vs_eager": loss_rel,
              "param_max_rel_diff_vs_eager": num / den, "steps_checked": n_steps, "matches_eager": ok, "peak_mb": comp_mem}
     emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch}", comp_ms, peft_ms, "peft", **extra)
     emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch} vs our eager", comp_ms, eager_ms, "ours_eager")
@@ -510,6 +513,10 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
         ours_b, base_ms = compare(call_o, call_b, iters, warmup, s.sync)
         emit(s.ctx, "infer_fused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
         emit(s.ctx, "infer_fused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4))
+        # the wall clock of a launch-bound call moves by a few % between timings; the kernels show what differs
+        (f_gpu, f_kernels), (b_gpu, b_kernels) = kernel_time(s, call_o), kernel_time(s, call_b)
+        emit(s.ctx, "infer_fused_gpu_time", f"{k} adapters, GPU time summed over kernels", f_gpu, b_gpu, "base",
+             kernels_per_call=f_kernels, base_kernels_per_call=b_kernels)
         ld.unfuse(pipe_o)
         pipe_p.unfuse_lora()
 
@@ -578,7 +585,7 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
         recompiled = counters["stats"]["unique_graphs"] != graphs
         emit(s.ctx, "infer_unfused_compiled", f"{k} adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
              compile_s=compile_s, reweight_ms=round(reweight_ms, 3), recompiled_on_reweight=recompiled,
-             max_abs_diff_after_reweight=diff_after, cudagraph_skips=_cudagraph_skips(), **extra)
+             max_abs_diff_after_reweight=diff_after, cudagraph_skips=_cudagraph_skips(), graph_breaks=_graph_breaks(), **extra)
 
     log(f"inference compiled ({mode}), 4 adapters fused: compiles")
     ld.set_adapters(pipe, {n: 0.8 for n in names[:4]})
@@ -586,7 +593,16 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
     compile_s, diff = timed_first_call()
     ours, base_ms = compare(call_o, call_b, s.iters, s.warmup, s.sync)
     emit(s.ctx, "infer_fused_compiled", "4 adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
-         compile_s=compile_s, cudagraph_skips=_cudagraph_skips(), **extra)
+         compile_s=compile_s, cudagraph_skips=_cudagraph_skips(), graph_breaks=_graph_breaks(), **extra)
+
+
+def _graph_breaks() -> int:
+    """Graph breaks so far in this process, and frames dynamo gave up on (it runs those eagerly and compiles
+    the frames they call one by one): 0 means each compiled model traced whole. (On torch 2.11 an unsupported
+    op in a LoRA layer once made dynamo give up on the whole UNet, which no graph-break count showed.)"""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()) + counters["frames"]["total"] - counters["frames"]["ok"]
 
 
 def _cudagraph_skips() -> int:
@@ -630,6 +646,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compiled-steps", nargs="+", default=["ours", "ours-dense"], choices=["ours", "ours-dense", "ours-lowrank", "ours-merged"],
                         help="our steps compiled beside the compiled floor (--floor-variants compile, --profile-compile): "
                              "ours = the default backward (low-rank when compiled), or that backward mode")
+    parser.add_argument("--compile-step", default="ours", choices=["ours", "ours-dense", "ours-lowrank", "ours-merged"],
+                        help="our step for --compile: the default backward (low-rank when compiled), or that backward mode")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")

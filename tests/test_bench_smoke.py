@@ -68,10 +68,11 @@ def test_gpu_bench_tiny_on_cpu():
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
             "rank 4 attn, batch 1, compile, dense backward"} <= cases
     compiled = next(line for line in lines if line["bench"] == "train_step_compiled")
-    assert compiled["matches_eager"], compiled
+    assert compiled["matches_eager"] and compiled["graph_breaks"] == 0, compiled
     for line in lines:
         if line["bench"].startswith("infer_") and line["bench"].endswith("_compiled"):  # aot_eager: eager's aten ops
             assert line["max_abs_diff"] == 0.0 and not line.get("recompiled_on_reweight"), line
+            assert line["graph_breaks"] == 0, line
             assert line.get("max_abs_diff_after_reweight", 0.0) == 0.0, line
     floor = next(line for line in lines if line["bench"] == "train_floor")
     assert floor["tflop"] and floor["tflop"] > 0, floor
