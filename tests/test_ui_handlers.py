@@ -105,6 +105,18 @@ def test_ui_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_ui_command_without_gradio_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from lora_diffusion.cli import main as cli_main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the `ui` extra were not installed
+    monkeypatch.delitem(sys.modules, "ui.app", raising=False)
+    assert cli_main(["ui", "--lora-dir", str(tmp_path / "loras")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the UI needs gradio: pip install 'lora-diffusion[ui]'"], err
+
+
 def test_dispatcher_has_the_ui_command():
     from lora_diffusion.cli import build_parser
 

@@ -68,11 +68,16 @@ def launch_kwargs(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Build the backend and the app from ``args`` and serve until interrupted."""
-    from ui.app import build_demo, launch
     from ui.handlers import Backend
 
     kwargs = launch_kwargs(args)  # (a bad --auth is refused before anything loads)
     backend = Backend(args.model, args.lora_dir, args.data_root, max_upload_mb=args.max_upload_mb)
+    try:
+        from ui.app import build_demo, launch
+    except ModuleNotFoundError as e:  # the `ui` extra is not installed: one line, not a traceback
+        if e.name not in ("gradio", "pandas"):
+            raise
+        raise OSError(f"the UI needs {e.name}: pip install 'lora-diffusion[ui]'") from None
     if kwargs["server_name"] not in ("127.0.0.1", "localhost", "::1") and not kwargs["auth"]:
         logger.warning("serving on %s without --auth: anyone who can reach this port can use the UI", args.host)
     launch(build_demo(backend), **kwargs)
