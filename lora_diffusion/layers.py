@@ -559,7 +559,9 @@ class LoraLayer(nn.Module):
         wide = torch.promote_types(b_cat.dtype, torch.float32)  # (fp64 only for fp64 factors: MPS has none)
         scales = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=wide)
         a_cat, b_cat = _cast(a_cat, dtype), _scale_columns(b_cat, scales.to(b_cat.device), dtype)
-        if key:
+        # (not from a frame torch.compile traces: where dynamo gives up on a model it compiles the frames it calls,
+        # this one too, and under CUDA graphs their outputs are overwritten by the next replay)
+        if key and not _is_compiling():
             self._cache_key, self._cache = key, (a_cat.detach(), b_cat.detach())
         return a_cat, b_cat
 

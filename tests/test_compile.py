@@ -226,3 +226,23 @@ def test_compiled_merged_weight_is_one_graph_and_follows_reweights(tmp_path, mon
         graphs = _graphs() if graphs is None else graphs
         assert _graphs() == graphs, "re-weighting recompiled"
     assert calls, "the merged weight was not used"
+
+
+def test_eager_cache_is_not_written_from_a_compiled_frame():
+    """Where dynamo gives up on a model's frame it runs it eagerly and compiles the frames it calls one by one,
+    the layer's eager ``_stacked`` too. Under CUDA graphs that frame's outputs live in the graph's memory and are
+    overwritten by the next replay, so the eager cache must not keep them (torch 2.11 on an H100: "accessing
+    tensor output of CUDAGraphs that has been overwritten"). Eagerly the cache still fills."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 8))
+    for name in ("a", "b"):
+        layer.add_adapter(name, rank=2, alpha=2)
+        nn.init.normal_(layer.lora_B[name])
+    names = ["a", "b"]
+    with torch.no_grad():
+        compiled = torch.compile(layer._stacked, backend="aot_eager")
+        a_cat, b_cat = compiled(names, layer._factors(names), False)
+        assert layer._cache is None, "a compiled frame wrote the eager cache"
+        expect = layer._stacked(names, layer._factors(names), False)
+    assert layer._cache is not None
+    torch.testing.assert_close((a_cat, b_cat), expect, rtol=0, atol=0)
