@@ -82,7 +82,7 @@ def main() -> None:
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(TINY_MODEL, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_MODEL)  # (the bundled model loads in fp32)
     pipe.set_progress_bar_config(disable=True)
     load_lora(pipe, style, adapter="style")
     load_lora(pipe, subject, adapter="subject")

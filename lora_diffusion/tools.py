@@ -48,6 +48,16 @@ __all__ = ["bake", "to_ldm_checkpoint", "inspect_lora", "convert_lora", "registe
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """The keyword that gives diffusers' ``from_pretrained`` a dtype: ``dtype=`` where the installed diffusers
+    takes it (``torch_dtype=`` warns there as deprecated), ``torch_dtype=`` in older ones; ``{}`` for ``None``."""
+    if dtype is None:
+        return {}
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 # ---------------------------------------------------------------------------------------------- python API
 def bake(
     base,
@@ -82,7 +92,7 @@ def bake(
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(base, **({"torch_dtype": dtype} if dtype else {}))
+            pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwargs(dtype))
         except OSError as e:
             if Path(base).exists():
                 raise

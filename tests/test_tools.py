@@ -290,3 +290,19 @@ def test_bake_with_a_learned_token_bakes_it_and_leaves_the_callers_tokenizer_alo
     baked = StableDiffusionPipeline.from_pretrained(tmp_path / "baked", safety_checker=None, requires_safety_checker=False)
     token = baked.tokenizer.convert_tokens_to_ids("<strp>")
     assert token == size and torch.equal(baked.text_encoder.get_input_embeddings().weight[token], vector)
+
+
+def test_bake_loads_the_base_in_the_dtype_asked_without_a_deprecation_warning(files, tmp_path):
+    """Newer diffusers (0.42 here) warn that ``torch_dtype=`` is deprecated: bake passes the keyword the installed
+    diffusers takes (``dtype=`` there), and the baked UNet is stored in that dtype."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from lora_diffusion.tools import bake
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        bake(files / "base", {files / "a.safetensors": 1.0}, tmp_path / "baked", dtype=torch.bfloat16)
+    unet = load_file(tmp_path / "baked" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in unet.values()} == {torch.bfloat16}

@@ -255,7 +255,9 @@ def load_pipeline(model: str | None, device: str | None = None):
     else:
         from diffusers import StableDiffusionPipeline
 
-        kwargs = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
+        from lora_diffusion.tools import dtype_kwargs
+
+        kwargs = dtype_kwargs(torch.float16 if device.startswith("cuda") else None)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as e:
