@@ -267,10 +267,15 @@ def _drop_empty_wrappers(pipe) -> None:
 
 
 def _target_pattern(key: str) -> str:
-    """``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`` -> ``unet attn2.to_k``."""
+    """The module path below its last numbered container (``transformer_blocks.0``, ``layers.3``, ``resnets.1``),
+    as target lists name it: ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0`` ->
+    ``unet attn1.to_out.0``, ``...ff.net.0.proj`` -> ``unet ff.net.0.proj``; a lone name keeps its container's
+    (``unet attentions.proj_in``, ``unet resnets.conv1``)."""
     component, _, path = key.partition(".")
-    parts = [p for p in path.split(".") if not p.isdigit()]
-    return f"{component} {'.'.join(parts[-2:])}"
+    parts = path.split(".")
+    cut = max((i + 2 for i in range(len(parts) - 1) if parts[i].endswith("s") and parts[i + 1].isdigit()), default=0)
+    tail = parts[cut:] if len(parts) - cut > 1 or cut < 2 else [parts[cut - 2], *parts[cut:]]
+    return f"{component} {'.'.join(tail)}"
 
 
 def inspect_lora(path: str | os.PathLike) -> dict:

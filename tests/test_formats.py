@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_diffusion import load_lora
+from lora_diffusion import inject_lora, load_lora
 from lora_diffusion.cli import main as cli_main
 from lora_diffusion.formats import (
     LoraFormatError,
@@ -311,6 +311,21 @@ def test_inspect(tmp_path, lora, capsys):
     assert cli_main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "kohya" in out and "attn2.to_k" in out
+
+
+def test_inspect_names_targets_as_target_lists_do(tmp_path):
+    """Labels are the module paths below the last numbered container, as diffusers' and PEFT's target lists name
+    them (the feed-forward layers were labelled ``ff.net`` and ``net.proj``)."""
+    pipe = tiny_pipeline(0)
+    inject_lora(pipe.unet, rank=2, targets="full")
+    inject_lora(pipe.text_encoder, rank=2, targets="attn-mlp")
+    path = tmp_path / "full.safetensors"
+    save_lora(path, unet=pipe.unet, text_encoder=pipe.text_encoder)
+    targets = inspect_lora(path)["targets"]
+    for label in ("unet attn1.to_out.0", "unet attn2.to_k", "unet ff.net.0.proj", "unet ff.net.2", "unet attentions.proj_in",
+                  "unet resnets.conv1", "unet resnets.time_emb_proj", "text_encoder self_attn.out_proj", "text_encoder mlp.fc1"):
+        assert targets.get(label), (label, targets)
+    assert not any(label.endswith((" ff.net", " net.proj", " to_out")) for label in targets), targets
 
 
 def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path, lora):
