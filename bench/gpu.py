@@ -47,6 +47,7 @@ import gc
 import json
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -534,6 +535,39 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
     emit(s.ctx, "reweight_fused", "4 adapters, UNet + text encoder", ours, ref, "peft")
 
 
+def bench_inference_host(s: Setup, files: list[Path], calls: int = 5) -> None:
+    """Where an eager CFG call's host time goes (the eager call is launch-bound on the GPU): torch.profiler's CPU
+    table (top 25 by self CPU time) of the base call and of ours with one adapter on stderr, and one
+    ``infer_host`` line: CPU time per call summed over the aten ops, and ops per call, ours against the base."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = make_pipe(s.comps)
+    ld.load_lora(pipe, files[0], adapter=files[0].stem)
+    inp = s.inputs(2, seed=1)
+    x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
+    totals = {}
+    for who, unet in (("base", s.comps["unet"]), ("ours, 1 adapter", pipe.unet)):
+        log(f"inference host profile: {who}")
+        with torch.no_grad():
+            for _ in range(3):
+                unet(x, t, ehs)
+            s.sync()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    unet(x, t, ehs)
+                s.sync()
+                wall_ms = (time.perf_counter() - t0) * 1e3 / calls  # (the profiler's own cost included)
+        events = prof.key_averages()
+        print(f"=== inference host profile, {who} ({calls} calls) ===\n{events.table(sort_by='self_cpu_time_total', row_limit=25)}",
+              file=sys.stderr, flush=True)
+        aten = [e for e in events if e.key.startswith("aten::")]
+        totals[who] = (sum(e.self_cpu_time_total for e in aten) / 1e3 / calls, sum(e.count for e in aten) / calls, wall_ms)
+    (b_ms, b_ops, b_wall), (o_ms, o_ops, o_wall) = totals["base"], totals["ours, 1 adapter"]
+    emit(s.ctx, "infer_host", "1 adapter, CPU time summed over aten ops", o_ms, b_ms, "base", ops_per_call=o_ops,
+         base_ops_per_call=b_ops, wall_ms_per_call=round(o_wall, 3), base_wall_ms_per_call=round(b_wall, 3))
+
+
 def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: list[int]) -> None:
     """One CFG UNet call under torch.compile: ours with 1 / 4 / 8 adapters unfused and 4 fused, each against the
     base UNet compiled the same way (the launch overhead gone from both, what is left is the LoRA kernels), and a
@@ -651,6 +685,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")
+    parser.add_argument("--profile-infer", action="store_true",
+                        help="also print torch.profiler's host (CPU) table of the eager CFG call, base and ours with 1 adapter")
     parser.add_argument("--profile-compile", default=None, metavar="MODE", choices=["default", "max-autotune"],
                         help="--profile the floor and our step under torch.compile in this mode instead of eagerly")
     args = parser.parse_args(argv)
@@ -667,12 +703,14 @@ def main(argv: list[str] | None = None) -> None:
         guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches, args.floor_variants)
     for batch in args.profile:
         guarded(f"profile batch {batch}", bench_profile, s, batch, args.profile_compile)
-    if "infer" not in args.skip or args.compile_infer:
+    if "infer" not in args.skip or args.compile_infer or args.profile_infer:
         with tempfile.TemporaryDirectory(prefix="lora_bench_gpu_") as tmp:
             log("writing 8 adapter files")
             files = make_adapter_files(s.comps, Path(tmp), 8)
             if "infer" not in args.skip:
                 guarded("infer", bench_inference, s, files)
+            if args.profile_infer:
+                guarded("infer_host", bench_inference_host, s, files)
             if args.compile_infer:
                 guarded("infer_compiled", bench_inference_compiled, s, files, args.compile_infer, args.compile_infer_counts)
     log("done")

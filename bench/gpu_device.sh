@@ -32,7 +32,9 @@
 #         the session has ~4 minutes left (base and 4 adapters compiled).
 # Part 10 (~4-5 min): the batch-8 step under CUDA graphs (inductor reduce-overhead) with the merged forward, checked
 #         against eager, beside the eager floor, our eager steps and PEFT's: the compiled default-mode step was
-#         launch-bound (part 9: 108.7 ms wall for 56.8 ms of kernels). Then part 4 with PART4_COUNTS="4 1 8".
+#         launch-bound (part 9: 108.7 ms wall for 56.8 ms of kernels). First (~30 s) the host profile of the eager
+#         CFG call, base and ours with one adapter (part 9: ~55 us of wall per LoRA layer, where the CPU bench
+#         measures ~6). Then part 4 with PART4_COUNTS="4 1 8".
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -84,6 +86,7 @@ elif [ "$part" = 9 ]; then
     run gpu_infer 80 --skip train
     run gpu_merged_compiled_b8 "${PART_SECONDS:-380}" --skip infer --batches 8 --floor-variants compile --compiled-steps ours-merged
 elif [ "$part" = 10 ]; then
+    run gpu_infer_host 60 --skip train infer --profile-infer
     run gpu_compiled_b8_ro "${PART_SECONDS:-330}" --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --compile-step ours-merged
 else
     echo "no part $part: 1-10" >&2

@@ -60,10 +60,11 @@ def test_cpu_bench_quick():
 def test_gpu_bench_tiny_on_cpu():
     lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
                  "--compile", "default", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
-                 "--compile-infer", "--compile-infer-counts", "4", "--profile", "1")  # each count is a compile: ~10 s here
+                 "--compile-infer", "--compile-infer-counts", "4", "--profile", "1", "--profile-infer")  # each count is a compile: ~10 s here
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
-            "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile"} <= benches
+            "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
+            "infer_fused_gpu_time"} <= benches
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
             "rank 4 attn, batch 1, compile, dense backward"} <= cases
