@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LBW_SD1",
+    "LBW_SDXL",
     "lbw_block",
     "block_factor",
     "check_blocks",
@@ -47,6 +48,8 @@ __all__ = [
 # that hold attention. Block names refer to the original LDM input_blocks / output_blocks indices.
 LBW_SD1 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
            "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")  # fmt: skip
+# and its 12-value SDXL vector (SDXL's UNet has three levels, attention in the lower two and the middle)
+LBW_SDXL = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
 
 _BLOCK_PATH = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)(\.|$)")
 
@@ -103,8 +106,9 @@ def _diffusers_block_factor(spec: Mapping[str, object], path: str) -> float:
 def block_factor(spec: BlockSpec, component: str, path: str, layers_per_block: int = 2) -> float:
     """Multiplier of one layer's weight under a block spec.
 
-    ``spec`` is ``None`` (1.0), a 17-value LBW vector (``LBW_SD1`` order; BASE scales the text encoder; blocks
-    outside the vector, such as IN00/IN03 or OUT00-OUT02, keep 1.0), or a diffusers-style dict ``{"down": 0.3,
+    ``spec`` is ``None`` (1.0), a 17-value LBW vector (``LBW_SD1`` order, or SDXL's 12 in ``LBW_SDXL`` order;
+    BASE scales the text encoders; blocks outside the vector, such as SD1's IN00/IN03 or OUT00-OUT02, keep
+    1.0), or a diffusers-style dict ``{"down": 0.3,
     "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` (a number for a whole side or block; a list per layer index,
     shared by ``attentions.j`` and ``resnets.j``; samplers take the block's last value; text encoder and layers
     outside the blocks 1.0). ``path`` is the module path inside ``component``.
@@ -120,10 +124,18 @@ def block_factor(spec: BlockSpec, component: str, path: str, layers_per_block: i
     if isinstance(spec, (int, float)):
         return 1.0 if component.startswith("text_encoder") else float(spec)
     values = list(spec)
-    if len(values) != len(LBW_SD1):
-        raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}), got {len(values)}")
+    names = _lbw_names(len(values))
     name = lbw_block(component, path, layers_per_block)
-    return float(values[LBW_SD1.index(name)]) if name in LBW_SD1 else 1.0
+    return float(values[names.index(name)]) if name in names else 1.0
+
+
+def _lbw_names(count: int) -> tuple[str, ...]:
+    """The block names of an LBW vector of ``count`` values: SD1's 17 or SDXL's 12."""
+    for names in (LBW_SD1, LBW_SDXL):
+        if count == len(names):
+            return names
+    raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}) or 12 for SDXL "
+                     f"({', '.join(LBW_SDXL)}), got {count}")
 
 
 def check_blocks(spec: BlockSpec, layers_per_block: int = 2) -> None:
@@ -149,8 +161,7 @@ def check_blocks(spec: BlockSpec, layers_per_block: int = 2) -> None:
                     where = side if block is None else f"{side}.{block}"
                     raise ValueError(f"blocks: expected {count} values for {where} (one per layer), got {len(values)}")
         return
-    if len(list(spec)) != len(LBW_SD1):
-        raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}), got {len(list(spec))}")
+    _lbw_names(len(list(spec)))
 
 
 # ---------------------------------------------------------------------------------------------- merging

@@ -58,8 +58,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-COMPONENTS = ("unet", "text_encoder")  # what a pipeline loads adapters into
 FILE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what files hold and formats carry (SDXL: two encoders)
+COMPONENTS = FILE_COMPONENTS  # what a pipeline loads adapters into (those it has: SDXL's text_encoder_2 too)
 METADATA_KEY = "lora_diffusion"  # our own header entry: JSON with format_version, base_model, trigger words...
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 DEFAULT_FILE_NAME = "pytorch_lora_weights.safetensors"

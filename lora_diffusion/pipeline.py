@@ -1,7 +1,8 @@
 """Adapters on a Stable Diffusion pipeline: save, load, weight, enable/disable, fuse/unfuse.
 
-These functions need only ``pipe.unet`` and ``pipe.text_encoder`` (any diffusers ``StableDiffusionPipeline``
-or an object with those attributes); they never need peft.
+These functions need only ``pipe.unet`` and ``pipe.text_encoder`` (and SDXL's ``pipe.text_encoder_2`` where the
+pipeline has one: any diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, or an object with
+those attributes); they never need peft.
 
 Example:
     >>> name = load_lora(pipe, "style.safetensors")                 # adapter "style", weight 1.0
@@ -74,7 +75,7 @@ def lora_from_model(model: nn.Module, component: str, adapter: str = "default") 
     out: Lora = {}
     for path, layer in lora_layers(model):
         if adapter in layer.specs:
-            if component == "text_encoder":
+            if component.startswith("text_encoder"):
                 path = with_text_model(path)
             out[f"{component}.{path}"] = LoraWeights(
                 layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach(), layer.specs[adapter].alpha
@@ -87,6 +88,7 @@ def save_lora(
     *,
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
     adapter: str = "default",
     metadata: dict | None = None,
     dtype: torch.dtype = torch.float16,
@@ -106,9 +108,10 @@ def save_lora(
     path = Path(path)
     lora: Lora = {}
     meta: dict = {}
-    given = {c: unwrap(m) for c, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+    models = (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+    given = {c: unwrap(m) for c, m in models if m is not None}
     if not given:
-        raise ValueError("save_lora needs unet= and/or text_encoder=")
+        raise ValueError("save_lora needs unet=, text_encoder= or text_encoder_2= (SDXL's second encoder)")
     for component, model in given.items():
         lora.update(lora_from_model(model, component, adapter))
         meta.update(getattr(model, _META_ATTR, {}).get(adapter, {}))
@@ -156,7 +159,7 @@ def module_listing(model: nn.Module) -> list[tuple[str, str]]:
 
 def _resolve_module(model: nn.Module, component: str, path: str) -> str | None:
     candidates = [path]
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         candidates = [path, strip_text_model(path)]
     modules = dict(model.named_modules())
     detached = getattr(model, DETACHED_ATTR, {})
@@ -278,7 +281,8 @@ def load_lora(
     weight: float = 1.0,
     strict: bool = True,
 ) -> str:
-    """Load a LoRA file into ``pipe``'s UNet and text encoder (no peft needed); returns the adapter name.
+    """Load a LoRA file into ``pipe``'s UNet and text encoder(s) (SDXL: both; no peft needed); returns the
+    adapter name.
 
     The name defaults to the file name without extension (the folder name for ``pytorch_lora_weights``).
     A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. The new adapter is active at
@@ -366,11 +370,11 @@ def set_adapters(
     """Make exactly the adapters in ``weights`` active, with these weights (negative allowed).
 
     ``text_encoder``: separate text-encoder weights (A1111's te / unet, ComfyUI's strength_clip /
-    strength_model): a dict overriding ``weights`` per adapter there (an adapter named only here is active in
-    the text encoder only), or one number for every adapter. Default: ``weights`` apply to both.
+    strength_model; SDXL: both encoders): a dict overriding ``weights`` per adapter there (an adapter named only
+    here is active in the text encoder only), or one number for every adapter. Default: ``weights`` apply to both.
     ``blocks``: per-block UNet multipliers, either global or ``{adapter: spec}``; a spec is a diffusers-style
-    dict ``{"down": 0.3, "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` or a 17-value LoRA Block Weight
-    vector (SD1; its BASE value scales the text encoder). See ``blend.block_factor`` for the exact rules.
+    dict ``{"down": 0.3, "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` or a LoRA Block Weight vector
+    (17 values for SD1, 12 for SDXL; its BASE value scales the text encoders). See ``blend.block_factor`` for the exact rules.
     A layer's effective weight is ``weight * block factor``; the forward stays one concatenated matmul pair.
 
     Works fused or not: while fused, each layer's weight is recomputed as its saved base plus the new delta
@@ -401,7 +405,7 @@ def set_adapters(
     changed: list[tuple[str, LoraLayer, tuple]] = []
     try:
         for component, found in layers.items():
-            base = te_weights if component == "text_encoder" else weights
+            base = te_weights if component.startswith("text_encoder") else weights
             for path, layer in found:
                 changed.append((path, layer, layer.weight_state()))
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_pipeline", "tiny_components", "byte_tokenizer_dir", "random_lora", "OpCounter"]
+__all__ = ["tiny_pipeline", "tiny_sdxl_pipeline", "tiny_components", "byte_tokenizer_dir", "random_lora", "OpCounter"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -41,6 +41,12 @@ def byte_tokenizer_dir() -> str:
     return str(folder)
 
 
+# the tiny UNet's layout: SD's block structure (layers_per_block 2, attention in the lower level) at 32/64 wide
+_TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                  norm_num_groups=32)
+
+
 def tiny_components(seed: int = 0, *, v_prediction: bool = False, cross_attention_dim: int = 32) -> dict:
     """The modules of a tiny SD-1.x-shaped pipeline, deterministically initialised from ``seed``."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -51,18 +57,7 @@ def tiny_components(seed: int = 0, *, v_prediction: bool = False, cross_attentio
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
+        unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=cross_attention_dim, attention_head_dim=8)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(
             block_out_channels=[32, 64],
@@ -118,6 +113,38 @@ def tiny_pipeline(seed: int = 0, *, v_prediction: bool = False, dtype: torch.dty
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A tiny ``StableDiffusionXLPipeline`` built offline: two text encoders (the second with a projection, as
+    SDXL's OpenCLIP-G), a UNet with SDXL's ``text_time`` conditioning and 1 / 2 transformer layers per block;
+    the same ``seed`` always gives the same weights."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    parts = tiny_components(seed)
+    tokenizer = parts["tokenizer"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        unet = UNet2DConditionModel(
+            **_TINY_UNET,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,  # 6 size/crop numbers x 8 + the pooled text (32)
+            cross_attention_dim=64,  # both encoders' hidden states side by side
+        )
+        torch.manual_seed(seed + 4)
+        config = parts["text_encoder"].config.to_dict()
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "projection_dim": 32}))
+    for model in (unet, text_encoder_2):
+        model.eval()
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=parts["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def random_lora(
     pipe,
     *,
@@ -129,7 +156,8 @@ def random_lora(
     std: float = 0.1,
 ) -> dict:
     """A canonical LoRA (``{"<component>.<path>": LoraWeights}``) with random non-zero factors for ``pipe``'s
-    layers, without touching ``pipe``; ``text_encoder_targets=None`` leaves the text encoder out.
+    layers (SDXL's second text encoder too), without touching ``pipe``; ``text_encoder_targets=None`` leaves the
+    text encoders out.
 
     Example:
         >>> write_lora_file("style.safetensors", random_lora(pipe, seed=1, rank=4, alpha=8), dtype=torch.float32)
@@ -140,7 +168,7 @@ def random_lora(
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for component, targets in (("unet", unet_targets), ("text_encoder", text_encoder_targets)):
+    for component, targets in (("unet", unet_targets), ("text_encoder", text_encoder_targets), ("text_encoder_2", text_encoder_targets)):
         model = getattr(pipe, component, None)
         if model is None or targets is None:
             continue
@@ -152,7 +180,7 @@ def random_lora(
             b_shape = (w.shape[0], rank) + ((1, 1) if w.dim() == 4 else ())
             a = torch.randn(a_shape, generator=gen) * std
             b = torch.randn(b_shape, generator=gen) * std
-            key_path = with_text_model(path) if component == "text_encoder" else path
+            key_path = with_text_model(path) if component.startswith("text_encoder") else path
             out[f"{component}.{key_path}"] = LoraWeights(a, b, float(rank if alpha is None else alpha))
     return out
 

@@ -27,6 +27,7 @@ import torch
 
 from .blend import merge_loras
 from .formats import (
+    COMPONENTS,
     WRITERS,
     LoraFormatError,
     atomic_folder,
@@ -99,6 +100,8 @@ def bake(
             raise FileNotFoundError(f"{base}: no such model folder, nor a hub model that could be loaded (--debug shows why)") from e
     else:
         pipe = base
+    if single_file is not None:
+        _check_sd1_layout(pipe)
     saved = snapshot(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
     tokenizer = getattr(pipe, "tokenizer", None)
     vocab = set(tokenizer.get_vocab()) if tokenizer is not None else set()  # (a LoRA's learned token is baked in)
@@ -211,12 +214,19 @@ def _rename(key: str, prefixes: dict[str, str]) -> str:
     return key
 
 
+def _check_sd1_layout(pipe) -> None:
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError("a single-file checkpoint is written in the SD 1.x layout; this is an SDXL pipeline "
+                         "(two text encoders): use the diffusers folder")
+
+
 def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and CLIP text encoder as one original-layout (LDM / A1111) SD 1.x state dict.
 
     Example:
         >>> safetensors.torch.save_file(to_ldm_checkpoint(pipe), "model.safetensors")
     """
+    _check_sd1_layout(pipe)
     out: dict[str, torch.Tensor] = {}
     unet, text_encoder = unwrap(pipe.unet), unwrap(pipe.text_encoder)
     unet_names = _ldm_unet_names(unet)
@@ -258,7 +268,7 @@ def _drop_empty_wrappers(pipe) -> None:
     """Put base layers back where a LoRA wrapper holds no adapter any more."""
     from .inject import lora_layers, unwrap_layer
 
-    for component in ("unet", "text_encoder"):
+    for component in COMPONENTS:
         model = getattr(pipe, component, None)
         model = None if model is None else unwrap(model)
         for path, layer in list(lora_layers(model) if model is not None else []):

@@ -1,0 +1,146 @@
+"""SDXL pipelines (two text encoders, ``text_encoder_2``): LoRA files load as stock diffusers loads them, in the
+diffusers, kohya and kohya-with-SGM-names forms, and the pipeline invariants hold for the second encoder too."""
+
+import re
+
+import pytest
+import torch
+
+from lora_diffusion import delete_adapter, disable_lora, enable_lora, fuse, list_adapters, load_lora, save_lora, set_adapters, unfuse
+from lora_diffusion.blend import LBW_SDXL, block_factor
+from lora_diffusion.formats import read_lora_file, read_safetensors, write_lora_file
+from lora_diffusion.inject import lora_layers
+from lora_diffusion.testing import random_lora, tiny_sdxl_pipeline
+
+from conftest import generate
+
+
+def _sgm_names(state: dict) -> dict:
+    """kohya UNet keys with the SGM block names that kohya's SDXL trainer writes (``input_blocks_4_1_``...), for
+    the tiny SDXL UNet (attention in down block 1, up block 0 and the middle)."""
+    rules = ((r"lora_unet_down_blocks_1_attentions_(\d)_", lambda m: f"lora_unet_input_blocks_{4 + int(m[1])}_1_"),
+             (r"lora_unet_up_blocks_0_attentions_(\d)_", lambda m: f"lora_unet_output_blocks_{m[1]}_1_"),
+             (r"lora_unet_mid_block_attentions_0_", lambda m: "lora_unet_middle_block_1_"))
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("form", ["diffusers", "kohya", "kohya-sgm"])
+def test_sdxl_files_load_as_stock_diffusers_loads_them(tmp_path, form):
+    pytest.importorskip("peft")  # (diffusers' loader needs it)
+    from safetensors.torch import save_file
+
+    lora = random_lora(tiny_sdxl_pipeline(0), seed=1, rank=4, alpha=8)
+    assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder", "text_encoder_2"}
+    path = tmp_path / "xl.safetensors"
+    write_lora_file(path, lora, format="diffusers" if form == "diffusers" else "kohya", dtype=torch.float32)
+    if form == "kohya-sgm":
+        state, header = read_safetensors(path)
+        renamed = _sgm_names(state)
+        assert any("input_blocks_4_1_" in k for k in renamed) and any("middle_block_1_" in k for k in renamed)
+        save_file(renamed, str(path), metadata=header)
+    ours, ref, base = tiny_sdxl_pipeline(0), tiny_sdxl_pipeline(0), tiny_sdxl_pipeline(0)
+    load_lora(ours, path)
+    ref.load_lora_weights(str(path))
+    assert len(list(lora_layers(ours.text_encoder_2))) == sum(k.startswith("text_encoder_2.") for k in lora)
+    for pipe in (ours, ref, base):
+        pipe.to(torch.float64)  # the same maths gives the same numbers in fp64
+    ids = ours.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        mine, theirs = ours.text_encoder_2(ids), ref.text_encoder_2(ids)
+        torch.testing.assert_close(mine.text_embeds, theirs.text_embeds, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(mine.text_embeds, base.text_encoder_2(ids).text_embeds)
+    image = generate(ours)
+    assert abs(image - generate(base)).max() > 0.05
+    assert abs(image - generate(ref)).max() < 1e-6
+
+
+def test_sdxl_pipeline_invariants(tmp_path):
+    pipe = tiny_sdxl_pipeline(0)
+    te2 = pipe.text_encoder_2
+    before = {k: v.clone() for k, v in te2.state_dict().items()}
+    path = tmp_path / "xl.safetensors"
+    write_lora_file(path, random_lora(pipe, seed=2, rank=4, alpha=4), dtype=torch.float32)
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def te2_out() -> torch.Tensor:
+        with torch.no_grad():
+            return te2(ids).text_embeds
+
+    plain = te2_out()
+    assert load_lora(pipe, path) == "xl"
+    assert list_adapters(pipe) == {"unet": ["xl"], "text_encoder": ["xl"], "text_encoder_2": ["xl"]}
+    unfused = te2_out()
+    assert not torch.allclose(unfused, plain)
+    set_adapters(pipe, {"xl": 1.0}, text_encoder=0.0)  # the text-encoder weight holds for both encoders
+    torch.testing.assert_close(te2_out(), plain, rtol=0, atol=0)
+    set_adapters(pipe, {"xl": 1.0})
+    disable_lora(pipe)
+    torch.testing.assert_close(te2_out(), plain, rtol=0, atol=0)
+    enable_lora(pipe)
+    fuse(pipe)
+    torch.testing.assert_close(te2_out(), unfused, rtol=1e-5, atol=1e-6)
+    unfuse(pipe)
+    for module_path, layer in lora_layers(te2):  # the base weights back bit for bit
+        assert torch.equal(layer.base_layer.weight, before[f"{module_path}.weight"]), module_path
+    saved = tmp_path / "again.safetensors"
+    save_lora(saved, unet=pipe.unet, text_encoder=pipe.text_encoder, text_encoder_2=te2, adapter="xl", dtype=torch.float32)
+    first, again = read_lora_file(path)[0], read_lora_file(saved)[0]
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k].A, again[k].A) and torch.equal(first[k].B, again[k].B) for k in first)
+    delete_adapter(pipe, "xl")
+    assert list_adapters(pipe) == {}
+    torch.testing.assert_close(te2_out(), plain, rtol=0, atol=0)
+
+
+def test_sdxl_lora_into_an_sd1_pipeline_names_the_missing_encoder(tmp_path):
+    from lora_diffusion.formats import LoraFormatError
+    from lora_diffusion.testing import tiny_pipeline
+
+    path = tmp_path / "xl.safetensors"
+    write_lora_file(path, random_lora(tiny_sdxl_pipeline(0), seed=1, unet_targets=None), dtype=torch.float32)
+    with pytest.raises(LoraFormatError, match="no text_encoder_2"):
+        load_lora(tiny_pipeline(0), path)
+
+
+def test_lbw_sdxl_vector_weights_the_sdxl_blocks():
+    """LoRA Block Weight's 12-value SDXL vector (BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05)."""
+    values = [0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2, 1.3]
+    assert len(LBW_SDXL) == len(values) == 12
+    cases = {("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj"): 0.5,
+             ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"): 0.1,
+             ("unet", "down_blocks.2.attentions.1.proj_in"): 0.4,
+             ("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"): 0.6,
+             ("unet", "up_blocks.0.attentions.2.proj_out"): 0.9,
+             ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"): 1.1,
+             ("unet", "down_blocks.0.resnets.0.conv1"): 1.0}  # IN01: not in the SDXL vector
+    for (component, path), factor in cases.items():
+        assert block_factor(values, component, path) == factor, (component, path)
+    with pytest.raises(ValueError, match="17 values.*or 12"):
+        block_factor([1.0] * 13, "unet", "mid_block.attentions.0.proj_in")
+
+
+def test_bake_an_sdxl_pipeline(tmp_path):
+    """``bake`` fuses into both text encoders and saves a folder that stock diffusers loads with the LoRA in it;
+    the pipeline comes back as it was; a single-file (SD 1.x layout) checkpoint of SDXL is refused up front."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lora_diffusion.tools import bake
+
+    pipe = tiny_sdxl_pipeline(0)
+    path = tmp_path / "xl.safetensors"
+    write_lora_file(path, random_lora(pipe, seed=3, rank=4, alpha=4), dtype=torch.float32)
+    with pytest.raises(ValueError, match="SDXL"):
+        bake(pipe, {path: 0.7}, tmp_path / "refused", single_file=tmp_path / "xl.ckpt.safetensors")
+    assert not (tmp_path / "refused").exists()
+    bake(pipe, {path: 0.7}, tmp_path / "baked")
+    assert list_adapters(pipe) == {} and not list(lora_layers(pipe.text_encoder_2))
+    baked = StableDiffusionXLPipeline.from_pretrained(tmp_path / "baked")
+    baked.set_progress_bar_config(disable=True)
+    load_lora(pipe, path, weight=0.7)
+    fuse(pipe)
+    assert abs(generate(baked) - generate(pipe)).max() < 1e-5
