@@ -144,3 +144,15 @@ def test_bake_an_sdxl_pipeline(tmp_path):
     load_lora(pipe, path, weight=0.7)
     fuse(pipe)
     assert abs(generate(baked) - generate(pipe)).max() < 1e-5
+
+
+def test_prompt_tags_weight_both_text_encoders(tmp_path):
+    """A1111's ``<lora:name:te:unet>`` on an SDXL pipeline: the te weight holds for both text encoders."""
+    from lora_diffusion.blend import apply_prompt_loras
+
+    pipe = tiny_sdxl_pipeline(0)
+    write_lora_file(tmp_path / "xl.safetensors", random_lora(pipe, seed=4), dtype=torch.float32)
+    assert apply_prompt_loras(pipe, "a cat <lora:xl:0.3:0.8>", tmp_path) == "a cat"
+    for component, weight in (("unet", 0.8), ("text_encoder", 0.3), ("text_encoder_2", 0.3)):
+        layers = [layer for _, layer in lora_layers(getattr(pipe, component))]
+        assert layers and all(layer.weights == {"xl": weight} for layer in layers), component
