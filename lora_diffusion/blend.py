@@ -108,10 +108,10 @@ def block_factor(spec: BlockSpec, component: str, path: str, layers_per_block: i
 
     ``spec`` is ``None`` (1.0), a 17-value LBW vector (``LBW_SD1`` order, or SDXL's 12 in ``LBW_SDXL`` order;
     BASE scales the text encoders; blocks outside the vector, such as SD1's IN00/IN03 or OUT00-OUT02, keep
-    1.0), or a diffusers-style dict ``{"down": 0.3,
-    "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` (a number for a whole side or block; a list per layer index,
-    shared by ``attentions.j`` and ``resnets.j``; samplers take the block's last value; text encoder and layers
-    outside the blocks 1.0). ``path`` is the module path inside ``component``.
+    1.0), or a diffusers-style dict ``{"down": 0.3, "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` (a number
+    for a whole side or block; a list per layer index, shared by ``attentions.j`` and ``resnets.j``; samplers
+    take the block's last value; text encoders and layers outside the blocks 1.0). ``path`` is the module path
+    inside ``component``.
 
     Example:
         >>> block_factor([1, 0, 0, 0, 0, 0, 0, 0.5] + [1] * 9, "unet", "mid_block.attentions.0.proj_in")

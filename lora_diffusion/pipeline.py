@@ -374,7 +374,7 @@ def set_adapters(
     here is active in the text encoder only), or one number for every adapter. Default: ``weights`` apply to both.
     ``blocks``: per-block UNet multipliers, either global or ``{adapter: spec}``; a spec is a diffusers-style
     dict ``{"down": 0.3, "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` or a LoRA Block Weight vector
-    (17 values for SD1, 12 for SDXL; its BASE value scales the text encoders). See ``blend.block_factor`` for the exact rules.
+    (17 values for SD1, 12 for SDXL; its BASE value scales the text encoders). See ``blend.block_factor``.
     A layer's effective weight is ``weight * block factor``; the forward stays one concatenated matmul pair.
 
     Works fused or not: while fused, each layer's weight is recomputed as its saved base plus the new delta
