@@ -341,6 +341,16 @@ def test_settings_that_cannot_work_fail_before_any_model_is_loaded(base, tmp_pat
         train(config(base, tmp_path))
 
 
+def test_an_sdxl_model_is_refused_before_training(tmp_path):
+    """diffusers loads an SDXL folder as a StableDiffusionPipeline without a word (the second text encoder left
+    out); training would fail at the first step's shapes."""
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline(0).save_pretrained(tmp_path / "xl")
+    with pytest.raises(ConfigError, match=r"xl: an SDXL model; training takes SD 1.x/2.x models"):
+        train(config(str(tmp_path / "xl"), tmp_path))
+
+
 def test_a_model_that_does_not_load_is_one_line_and_exit_2(base, tmp_path, monkeypatch, capsys):
     from lora_diffusion.training.cli import main
 

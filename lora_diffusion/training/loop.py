@@ -90,7 +90,7 @@ def _load_model(name_or_path: str):
     """``load_pipeline``, with a failure turned into a one-line ``ConfigError`` naming the model and, in a diffusers
     folder, the component that did not load (the original exception stays chained)."""
     try:
-        return load_pipeline(name_or_path)
+        pipe = load_pipeline(name_or_path)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError, pickle.UnpicklingError) as e:
         flag = f"--pretrained_model_name_or_path {name_or_path}"
         cause = _first_line(e)
@@ -107,6 +107,20 @@ def _load_model(name_or_path: str):
             raise ConfigError(f"{path}: cannot load the {failed or 'model'} ({cause})") from e
         raise ConfigError(f"{flag}: no such model folder, and it did not load from the Hugging Face Hub "
                           f"(offline, a typo, or a private model?)") from e
+    _check_sd_model(pipe, name_or_path)
+    return pipe
+
+
+def _check_sd_model(pipe, name_or_path: str) -> None:
+    """An SDXL model loads as a StableDiffusionPipeline without a word (its second text encoder left out, its UNet
+    expecting wider text features); training would fail on the first step's shapes. Refuse it up front."""
+    unet, width = pipe.unet.config, pipe.text_encoder.config.hidden_size
+    if getattr(unet, "addition_embed_type", None) == "text_time":
+        raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: an SDXL model; training takes SD 1.x/2.x "
+                          f"models (SDXL LoRAs made elsewhere load with load_lora)")
+    if isinstance(unet.cross_attention_dim, int) and unet.cross_attention_dim != width:
+        raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: the UNet expects {unet.cross_attention_dim}-wide "
+                          f"text features but the text encoder gives {width}: not a Stable Diffusion 1.x/2.x model")
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
