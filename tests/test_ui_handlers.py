@@ -340,6 +340,27 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
 
 
+def test_an_sdxl_model_generates_and_its_snippet_weights_both_text_encoders(tmp_path):
+    pytest.importorskip("peft", reason="stock diffusers needs peft for load_lora_weights/set_adapters")
+    from lora_diffusion.formats import write_lora_file
+    from lora_diffusion.testing import random_lora, tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline(0).save_pretrained(tmp_path / "xl")
+    (tmp_path / "loras").mkdir()
+    write_lora_file(tmp_path / "loras" / "xlstyle.safetensors", random_lora(tiny_sdxl_pipeline(0), seed=5, std=0.3),
+                    dtype=torch.float32)
+    backend = Backend(str(tmp_path / "xl"), tmp_path / "loras")
+    plain = pixels(gen(backend).image)
+    result = gen(backend, loras={"xlstyle": (1.0, 0.3)})
+    assert type(backend.pipe).__name__ == "StableDiffusionXLPipeline"
+    assert "'text_encoder_2': 0.3" in result.snippet, result.snippet
+    scope: dict = {}
+    exec(result.snippet, scope)  # noqa: S102 - our own generated code
+    ours = pixels(result.image)
+    assert np.abs(pixels(scope["image"]) - ours).max() <= 2, result.snippet
+    assert np.abs(plain - ours).mean() > 1.0  # the LoRA mattered
+
+
 def test_a_backend_keeps_the_newest_images_on_disk(backend, monkeypatch):
     import ui.handlers
 

@@ -204,14 +204,16 @@ def diffusers_snippet(
     guidance: float,
     width: int,
     height: int,
+    sdxl: bool = False,
 ) -> str:
-    """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation."""
-    lines = ["import torch", "from diffusers import StableDiffusionPipeline", ""]
+    """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
+    the model has a second text encoder, which takes the text-encoder weights too)."""
+    lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
         lines.append("pipe = tiny_pipeline(0)  # the UI's built-in tiny model")
     else:
-        lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({_py(model)})")
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({_py(model)})")
     active = {n: wt for n, wt in loras.items()}
     adapter_names: dict[str, str] = {}
     for name in active:  # PEFT's adapter names can't hold '.': detail_v1.5 -> detail_v1_5 (kept distinct)
@@ -227,7 +229,7 @@ def diffusers_snippet(
                 weights.append(w)
             else:
                 unet = w if blocks is None else {k: w * v for k, v in blocks.items()}
-                weights.append({"unet": unet, "text_encoder": t})
+                weights.append({"unet": unet, "text_encoder": t, **({"text_encoder_2": t} if sdxl else {})})
         lines.append(f"pipe.set_adapters({list(adapter_names.values())!r}, adapter_weights={weights!r})")
         if fused:
             lines.append("pipe.fuse_lora()")
@@ -246,22 +248,26 @@ def diffusers_snippet(
 
 
 def load_pipeline(model: str | None, device: str | None = None):
-    """A ``StableDiffusionPipeline`` from a diffusers folder or hub id; ``None``: ``tiny_pipeline(0)``."""
+    """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` from a diffusers folder or hub id;
+    ``None``: ``tiny_pipeline(0)``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         from lora_diffusion.testing import tiny_pipeline
 
         pipe = tiny_pipeline(0)
     else:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         from lora_diffusion.tools import dtype_kwargs
 
         kwargs = dtype_kwargs(torch.float16 if device.startswith("cuda") else None)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as e:
             raise UIError(f"cannot load model {model!r}: {e}") from None
+        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise UIError(f"model {model!r} is a {type(pipe).__name__}; the UI generates with Stable Diffusion "
+                          f"1.x/2.x and SDXL text-to-image models")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -643,7 +649,7 @@ class Backend:
         snippet = diffusers_snippet(
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
-            guidance=float(req.guidance), width=width, height=height,
+            guidance=float(req.guidance), width=width, height=height, sdxl=getattr(pipe, "text_encoder_2", None) is not None,
         )
         return GenerateResult(image, prompt, loras, caption, snippet, settings)
 
