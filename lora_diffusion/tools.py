@@ -27,7 +27,6 @@ import torch
 
 from .blend import merge_loras
 from .formats import (
-    COMPONENTS,
     WRITERS,
     LoraFormatError,
     atomic_folder,
@@ -267,11 +266,10 @@ def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
 def _drop_empty_wrappers(pipe) -> None:
     """Put base layers back where a LoRA wrapper holds no adapter any more."""
     from .inject import lora_layers, unwrap_layer
+    from .pipeline import _components
 
-    for component in COMPONENTS:
-        model = getattr(pipe, component, None)
-        model = None if model is None else unwrap(model)
-        for path, layer in list(lora_layers(model) if model is not None else []):
+    for _, model in _components(pipe):
+        for path, layer in list(lora_layers(model)):
             if not layer.specs:
                 unwrap_layer(model, path)
 
