@@ -33,8 +33,8 @@
 # Part 10 (~4-5 min): the batch-8 step under CUDA graphs (inductor reduce-overhead) with the merged forward, checked
 #         against eager, beside the eager floor, our eager steps and PEFT's: the compiled default-mode step was
 #         launch-bound (part 9: 108.7 ms wall for 56.8 ms of kernels). First (~30 s) the host profile of the eager
-#         CFG call, base and ours with one adapter (part 9: ~55 us of wall per LoRA layer, where the CPU bench
-#         measures ~6). Then part 4 with PART4_COUNTS="4 1 8".
+#         CFG call, base and ours with one adapter (part 9: ~55 us of wall per LoRA layer, two launches at the
+#         base call's ~26 us each; the CPU box: +6.6 us). Then part 4 with PART4_COUNTS="4 1 8".
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
