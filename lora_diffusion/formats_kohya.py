@@ -7,7 +7,9 @@ A kohya key is a prefix plus the module path with every ``.`` replaced by ``_``,
 ``lora_te1_`` / ``lora_te2_`` (SDXL: a file with a second text encoder names the first ``lora_te1_``). Files made
 from the original LDM checkpoints name UNet modules the LDM way
 (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``middle_block``, ``output_blocks``,
-``in_layers_2``...); they are mapped to diffusers module paths for the SD1/SD2 layout (two layers per block).
+``in_layers_2``...); they are mapped to diffusers module paths (two layers per block: SD1, SD2 and SDXL). SDXL
+files are written that way too, as kohya's SDXL trainer writes them (SGM block names); SD1/SD2 ones with the
+diffusers names kohya's SD1 trainer uses.
 
 Turning ``_`` back into ``.`` uses a rule set: the path is split at every ``_`` and the pieces that form one
 module name (``down_blocks``, ``to_q``, ``time_emb_proj``, ...) are joined again.
@@ -51,10 +53,12 @@ _COMPOUNDS = sorted(
 )
 _COMPOUND_PARTS = [tuple(c.split("_")) for c in _COMPOUNDS]
 
-# LDM ResBlock sub-layers -> diffusers ResnetBlock2D
-_LDM_RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
+# diffusers ResnetBlock2D sub-layers <-> LDM ResBlock
+DIFFUSERS_TO_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
+_LDM_RESNET = {ldm: diffusers for diffusers, ldm in DIFFUSERS_TO_LDM_RESNET.items()}
 _LDM_RESNET_HEADS = ("in_layers", "out_layers", "emb_layers", "skip_connection")
-_LAYERS_PER_BLOCK = 2  # SD1 / SD2
+_LAYERS_PER_BLOCK = 2  # SD1 / SD2 / SDXL
 
 
 def _dots(name: str) -> str:
@@ -76,7 +80,8 @@ def _dots(name: str) -> str:
 
 def _ldm_to_diffusers(path: str) -> str:
     """Map an LDM UNet module path (SD1/SD2 layout) to the diffusers one; other paths are returned unchanged."""
-    fixed = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
+    fixed = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # fmt: skip
     if path in fixed:
         return fixed[path]
     m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(?:(\d+)\.)?(.+)", path)
@@ -106,6 +111,50 @@ def _ldm_to_diffusers(path: str) -> str:
     return f"{prefix}.attentions.{layer}.{rest}"
 
 
+def ldm_unet_prefixes(layers_per_block: int, down_blocks: int, up_attention: list[bool]) -> dict[str, str]:
+    """diffusers UNet module prefix -> LDM (SD1/SD2) or SGM (SDXL) prefix, e.g. ``down_blocks.1.attentions.0.`` ->
+    ``input_blocks.4.1.``; ``up_attention``: whether each up block has attention (its upsampler is then the
+    third module of the LDM block, else the second)."""
+    n = layers_per_block + 1
+    names = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.", "conv_in.": "input_blocks.0.0.",
+             "conv_norm_out.": "out.0.", "conv_out.": "out.2.", "mid_block.resnets.0.": "middle_block.0.",
+             "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2.",
+             "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}  # fmt: skip
+    for i in range(down_blocks):
+        for j in range(layers_per_block):
+            names[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{n * i + j + 1}.0."
+            names[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{n * i + j + 1}.1."
+        names[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{n * (i + 1)}.0.op."
+    for i, attention in enumerate(up_attention):
+        for j in range(n):
+            names[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{n * i + j}.0."
+            names[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{n * i + j}.1."
+        names[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{n * i + layers_per_block}.{2 if attention else 1}."
+    return names
+
+
+def rename_prefix(key: str, prefixes: dict[str, str]) -> str:
+    """``key`` with its longest matching prefix in ``prefixes`` replaced (unchanged if none matches)."""
+    for src in sorted(prefixes, key=len, reverse=True):
+        if key.startswith(src):
+            return prefixes[src] + key[len(src) :]
+    return key
+
+
+def ldm_module_path(path: str, prefixes: dict[str, str]) -> str:
+    """A diffusers UNet module path in LDM naming under ``ldm_unet_prefixes``: the block renamed, a ResNet's
+    sub-layer too (``down_blocks.0.resnets.1.conv1`` -> ``input_blocks.2.0.in_layers.2``)."""
+    new = rename_prefix(path + ".", prefixes)[:-1]
+    if ".resnets." in path or path.startswith("mid_block.resnets."):
+        block, _, layer = new.rpartition(".")
+        new = f"{block}.{DIFFUSERS_TO_LDM_RESNET.get(layer, layer)}"
+    return new
+
+
+# SDXL's UNet: three levels, two layers per block, attention in the lower two up blocks (those with upsamplers)
+_SDXL_PREFIXES = ldm_unet_prefixes(_LAYERS_PER_BLOCK, 3, [True, True, False])
+
+
 def module_path_from_kohya(name: str) -> tuple[str, str]:
     """``lora_unet_down_blocks_0_..._to_q`` -> ``("unet", "down_blocks.0....to_q")`` (LDM names mapped)."""
     for prefix, component in KOHYA_PREFIXES.items():
@@ -119,11 +168,15 @@ def module_path_from_kohya(name: str) -> tuple[str, str]:
 
 def kohya_name(key: str, sdxl: bool = False) -> str:
     """Canonical ``"unet.down_blocks.0....to_q"`` -> kohya module name ``lora_unet_down_blocks_0_..._to_q``.
-    ``sdxl``: the file also has ``text_encoder_2``, so the first text encoder is ``lora_te1_``, as kohya writes."""
+    ``sdxl``: an SDXL LoRA, named as kohya's SDXL trainer names it: the UNet's modules by their SGM blocks
+    (``lora_unet_input_blocks_4_1_...``, as A1111 and ComfyUI also read them) and the first text encoder
+    ``lora_te1_``."""
     component, _, path = key.partition(".")
     if component not in _WRITE_PREFIX:
         raise ValueError(f"{key!r}: component {component!r} has no kohya prefix")
     prefix = "lora_te1_" if sdxl and component == "text_encoder" else _WRITE_PREFIX[component]
+    if sdxl and component == "unet":
+        path = ldm_module_path(path, _SDXL_PREFIXES)
     return prefix + path.replace(".", "_")
 
 
@@ -185,7 +238,8 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
 
     check_components(lora, "kohya")
     metadata = metadata or {}
-    sdxl = any(k.startswith("text_encoder_2.") for k in lora)
+    version, arch = _architecture_spec(lora)
+    sdxl = version == "sdxl_base_v1-0" or any(k.startswith("text_encoder_2.") for k in lora)
     state: dict[str, torch.Tensor] = {}
     for key, w in lora.items():
         name = kohya_name(key if not key.startswith("text_encoder") else _text_key(key), sdxl)
@@ -195,7 +249,6 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     linear = [w for w in lora.values() if w.A.dim() == 2 or w.A.shape[2:] == (1, 1)]
     conv = [w for w in lora.values() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)]
     ref = linear or conv
-    version, arch = _architecture_spec(lora)
     title = str(metadata.get("name") or metadata.get("adapter") or "lora")
     header = {
         "format": "pt",

@@ -39,6 +39,7 @@ from .formats import (
     write_lora_file,
 )
 from .formats_cloneofsimo import learned_tokens
+from .formats_kohya import ldm_module_path, ldm_unet_prefixes, rename_prefix
 from .inject import unwrap
 
 logger = logging.getLogger(__name__)
@@ -180,37 +181,7 @@ def check_output(
         raise FileExistsError(f"{out} exists and is not a diffusers model folder; refusing to replace it")
 
 
-def _ldm_unet_names(unet) -> dict[str, str]:
-    """diffusers UNet module prefix -> LDM prefix (``down_blocks.1.attentions.0.`` -> ``input_blocks.4.1.``)."""
-    lpb = unet.config.layers_per_block
-    lpb = lpb if isinstance(lpb, int) else lpb[0]
-    n = lpb + 1
-    names = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.", "conv_in.": "input_blocks.0.0.",
-             "conv_norm_out.": "out.0.", "conv_out.": "out.2.", "mid_block.resnets.0.": "middle_block.0.",
-             "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2."}  # fmt: skip
-    for i, block in enumerate(unet.down_blocks):
-        for j in range(lpb):
-            names[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{n * i + j + 1}.0."
-            names[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{n * i + j + 1}.1."
-        names[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{n * (i + 1)}.0.op."
-    for i, block in enumerate(unet.up_blocks):
-        for j in range(n):
-            names[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{n * i + j}.0."
-            names[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{n * i + j}.1."
-        names[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{n * i + lpb}.{2 if hasattr(block, 'attentions') else 1}."
-    return names
-
-
-_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
 _LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _rename(key: str, prefixes: dict[str, str]) -> str:
-    for src in sorted(prefixes, key=len, reverse=True):
-        if key.startswith(src):
-            return prefixes[src] + key[len(src) :]
-    return key
 
 
 def _check_sd1_layout(pipe) -> None:
@@ -228,14 +199,12 @@ def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
     _check_sd1_layout(pipe)
     out: dict[str, torch.Tensor] = {}
     unet, text_encoder = unwrap(pipe.unet), unwrap(pipe.text_encoder)
-    unet_names = _ldm_unet_names(unet)
+    lpb = unet.config.layers_per_block
+    lpb = lpb if isinstance(lpb, int) else lpb[0]
+    prefixes = ldm_unet_prefixes(lpb, len(unet.down_blocks), [hasattr(block, "attentions") for block in unet.up_blocks])
     for key, t in unet.state_dict().items():
-        new = _rename(key, unet_names)
-        if ".resnets." in key or key.startswith("mid_block.resnets"):
-            head, _, leaf = new.rpartition(".")  # weight / bias
-            block, _, layer = head.rpartition(".")
-            new = f"{block}.{_LDM_RESNET.get(layer, layer)}.{leaf}"
-        out["model.diffusion_model." + new] = t
+        module, _, leaf = key.rpartition(".")  # weight / bias
+        out[f"model.diffusion_model.{ldm_module_path(module, prefixes)}.{leaf}"] = t
     vae_names = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out.",
                  "encoder.mid_block.resnets.0.": "encoder.mid.block_1.", "encoder.mid_block.resnets.1.": "encoder.mid.block_2.",
                  "encoder.mid_block.attentions.0.": "encoder.mid.attn_1.", "decoder.mid_block.resnets.0.": "decoder.mid.block_1.",
@@ -250,7 +219,7 @@ def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
             vae_names[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n_up - 1 - i}.block.{j}."
         vae_names[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n_up - 1 - i}.upsample."
     for key, t in pipe.vae.state_dict().items():
-        new = _rename(key, vae_names).replace(".conv_shortcut.", ".nin_shortcut.")
+        new = rename_prefix(key, vae_names).replace(".conv_shortcut.", ".nin_shortcut.")
         if ".attn_1." in new:
             head, _, leaf = new.rpartition(".")
             block, _, layer = head.partition(".attn_1.")

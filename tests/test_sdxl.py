@@ -1,7 +1,6 @@
 """SDXL pipelines (two text encoders, ``text_encoder_2``): LoRA files load as stock diffusers loads them, in the
-diffusers, kohya and kohya-with-SGM-names forms, and the pipeline invariants hold for the second encoder too."""
-
-import re
+diffusers form and the kohya form (SGM block names, as kohya writes, or diffusers names), and the pipeline
+invariants hold for the second encoder too."""
 
 import pytest
 import torch
@@ -9,40 +8,42 @@ import torch
 from lora_diffusion import delete_adapter, disable_lora, enable_lora, fuse, list_adapters, load_lora, save_lora, set_adapters, unfuse
 from lora_diffusion.blend import LBW_SDXL, block_factor
 from lora_diffusion.formats import read_lora_file, read_safetensors, write_lora_file
+from lora_diffusion.formats_kohya import module_path_from_kohya
 from lora_diffusion.inject import lora_layers
 from lora_diffusion.testing import random_lora, tiny_sdxl_pipeline
 
 from conftest import generate
 
 
-def _sgm_names(state: dict) -> dict:
-    """kohya UNet keys with the SGM block names that kohya's SDXL trainer writes (``input_blocks_4_1_``...), for
-    the tiny SDXL UNet (attention in down block 1, up block 0 and the middle)."""
-    rules = ((r"lora_unet_down_blocks_1_attentions_(\d)_", lambda m: f"lora_unet_input_blocks_{4 + int(m[1])}_1_"),
-             (r"lora_unet_up_blocks_0_attentions_(\d)_", lambda m: f"lora_unet_output_blocks_{m[1]}_1_"),
-             (r"lora_unet_mid_block_attentions_0_", lambda m: "lora_unet_middle_block_1_"))
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in rules:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+def _diffusers_named(key: str) -> str:
+    """A kohya UNet key with the module named the diffusers way (``lora_unet_down_blocks_1_attentions_0_...``), as
+    some converters write SDXL files, instead of kohya's SGM blocks (``lora_unet_input_blocks_4_1_...``)."""
+    name, _, suffix = key.partition(".")
+    component, path = module_path_from_kohya(name)
+    return f"lora_unet_{path.replace('.', '_')}.{suffix}" if component == "unet" else key
 
 
-@pytest.mark.parametrize("form", ["diffusers", "kohya", "kohya-sgm"])
+@pytest.mark.parametrize("form", ["diffusers", "kohya", "kohya-diffusers-names"])
 def test_sdxl_files_load_as_stock_diffusers_loads_them(tmp_path, form):
+    """Attention, feed-forward and ResNet (LoCon) layers, samplers included, in both text encoders and the UNet."""
     pytest.importorskip("peft")  # (diffusers' loader needs it)
     from safetensors.torch import save_file
 
-    lora = random_lora(tiny_sdxl_pipeline(0), seed=1, rank=4, alpha=8)
+    lora = random_lora(tiny_sdxl_pipeline(0), seed=1, rank=4, alpha=8, unet_targets="full")
     assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder", "text_encoder_2"}
     path = tmp_path / "xl.safetensors"
     write_lora_file(path, lora, format="diffusers" if form == "diffusers" else "kohya", dtype=torch.float32)
-    if form == "kohya-sgm":
-        state, header = read_safetensors(path)
-        renamed = _sgm_names(state)
-        assert any("input_blocks_4_1_" in k for k in renamed) and any("middle_block_1_" in k for k in renamed)
-        save_file(renamed, str(path), metadata=header)
+    state, header = read_safetensors(path)
+    if form == "kohya":  # as kohya's SDXL trainer writes (A1111 and ComfyUI read it): the UNet by its SGM blocks
+        assert {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                "lora_unet_input_blocks_3_0_op.alpha", "lora_unet_middle_block_0_in_layers_2.lora_up.weight",
+                "lora_unet_output_blocks_2_2_conv.alpha", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+                "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.alpha"} <= set(state)
+        assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in state)
+    if form == "kohya-diffusers-names":
+        save_file({_diffusers_named(k): v for k, v in state.items()}, str(path), metadata=header)
+        assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in read_safetensors(path)[0])
+    assert read_lora_file(path)[0].keys() == lora.keys()
     ours, ref, base = tiny_sdxl_pipeline(0), tiny_sdxl_pipeline(0), tiny_sdxl_pipeline(0)
     load_lora(ours, path)
     ref.load_lora_weights(str(path))
