@@ -79,7 +79,7 @@ def _dots(name: str) -> str:
 
 
 def _ldm_to_diffusers(path: str) -> str:
-    """Map an LDM UNet module path (SD1/SD2 layout) to the diffusers one; other paths are returned unchanged."""
+    """Map an LDM (SD1/SD2) or SGM (SDXL) UNet module path to the diffusers one; other paths are returned unchanged."""
     fixed = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
              "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # fmt: skip
     if path in fixed:
