@@ -9,6 +9,9 @@ reference in the same run, timed alternately, median of ``--iters`` after ``--wa
 * ``infer_unfused``: one CFG UNet call (batch 2) with 1, 4 and 8 adapters loaded from files and active, ours
   (``load_lora`` + ``set_adapters``) vs PEFT (``pipe.load_lora_weights`` + ``pipe.set_adapters``) and vs the
   base UNet without LoRA.
+* ``infer_unfused_cached``: the same call through kept merged weights (``cache_merged_weights``) vs the base
+  (``max_abs_diff``: against PEFT's output);
+  ``reweight_call_cached``: with 4 adapters, a re-weight and one call (the merged weights made afresh) vs PEFT's.
 * ``infer_fused``: the same call with 4 adapters fused (ours ``fuse``, PEFT ``pipe.fuse_lora``), vs both.
 * ``fuse`` / ``unfuse`` / ``reweight_fused``: fusing 4 adapters, unfusing, and changing the weights of 4 fused
   adapters (ours: ``set_adapters`` while fused; diffusers: ``unfuse_lora``, ``set_adapters``, ``fuse_lora``).
@@ -274,8 +277,11 @@ def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> N
         ld.set_adapters(pipe_o, weights)
         pipe_p.set_adapters(list(weights), list(weights.values()))
         ours, ref = count(lambda: unet_call(pipe_o.unet, *cfg)), count(lambda: unet_call(pipe_p.unet, *cfg))
+        ld.cache_merged_weights(pipe_o)
+        cached = count(lambda: unet_call(pipe_o.unet, *cfg))
+        ld.cache_merged_weights(pipe_o, enabled=False)
         emit(ctx, "infer_unfused_ops", f"{k} adapters, bf16", ours, ref, "peft", unit="ops", base_ops=base_ops,
-             ours_vs_base=round(ours / base_ops, 4), peft_vs_base=round(ref / base_ops, 4))
+             ours_vs_base=round(ours / base_ops, 4), peft_vs_base=round(ref / base_ops, 4), cached_ops=cached)
 
 
 def bench_layer(ctx: Context, iters: int) -> None:
@@ -320,7 +326,10 @@ def bench_layer(ctx: Context, iters: int) -> None:
         holder.proj.set_adapter([f"a{i}" for i in range(k)])
         ours.eval(), holder.eval()
         o, p = per_call_us(ours) - bare, per_call_us(holder.proj) - bare
-        emit(ctx, "layer_overhead", f"{k} adapters, 64-wide Linear, 16 tokens", o, p, "peft", unit="us", bare_us=round(bare, 2))
+        ours.merge_cache = True
+        cached = per_call_us(ours) - bare
+        emit(ctx, "layer_overhead", f"{k} adapters, 64-wide Linear, 16 tokens", o, p, "peft", unit="us", bare_us=round(bare, 2),
+             cached_us=round(cached, 2))
 
 
 def unet_call(unet, x, t, ehs):
@@ -357,6 +366,8 @@ def bench_inference_and_fuse(ctx: Context, comps: dict, files: list[Path], iters
         ours, base_ms = compare(call_o, call_b, iters, warmup)
         emit(ctx, "infer_unfused", f"{k} adapters", ours, base_ms, "base")
 
+    bench_cached(ctx, pipe_o, pipe_p, names, (call_o, call_p, call_b), iters, warmup)
+
     log("fuse / unfuse / re-weight, 4 adapters")
     four = names[:4]
     ld.set_adapters(pipe_o, {n: 0.8 for n in four})
@@ -390,6 +401,41 @@ def bench_inference_and_fuse(ctx: Context, comps: dict, files: list[Path], iters
     ours, ref = compare(reweight_o, reweight_p, iters, warmup)
     diff = (call_o() - call_p()).abs().max().item() if state["o"] == state["p"] else None
     emit(ctx, "reweight_fused", "4 adapters", ours, ref, "peft", max_abs_diff=diff)
+
+
+def kept_mb(model) -> float:
+    """MB of merged weights that ``model``'s LoRA layers keep (``cache_merged_weights``)."""
+    return sum(layer._merged.numel() * layer._merged.element_size()
+               for _, layer in lora_layers(model) if layer._merged is not None) / 2**20
+
+
+def bench_cached(ctx: Context, pipe_o, pipe_p, names: list[str], calls: tuple, iters: int, warmup: int,
+                 sync=None, kernels=None) -> None:
+    """``cache_merged_weights``: the unfused CFG call through kept merged weights against the base call, with 1,
+    4 and 8 adapters (``kernels``: a function giving a call's GPU time and kernel count, on a GPU), and with 4
+    adapters a re-weight followed by one call (which makes the merged weights afresh) against PEFT's."""
+    call_o, call_p, call_b = calls
+    ld.cache_merged_weights(pipe_o)
+    try:
+        for k in (1, 4, 8):
+            log(f"unfused inference through kept merged weights, {k} adapters")
+            weights = {n: 0.8 for n in names[:k]}
+            ld.set_adapters(pipe_o, weights)
+            pipe_p.set_adapters(list(weights), list(weights.values()))
+            diff = (call_o() - call_p()).abs().max().item()
+            ours, base_ms = compare(call_o, call_b, iters, warmup, sync)
+            extra = {}
+            if kernels is not None:
+                (o_gpu, o_kernels), (b_gpu, b_kernels) = kernels(call_o), kernels(call_b)
+                extra = dict(gpu_ms=o_gpu, base_gpu_ms=b_gpu, kernels_per_call=o_kernels, base_kernels_per_call=b_kernels)
+            emit(ctx, "infer_unfused_cached", f"{k} adapters", ours, base_ms, "base", max_abs_diff=diff,
+                 kept_mb=round(kept_mb(pipe_o.unet), 2), **extra)
+        four = names[:4]
+        reweight_o, reweight_p, _ = reweighters(pipe_o, pipe_p, four, fused=False)
+        ours, ref = compare(lambda: (reweight_o(), call_o()), lambda: (reweight_p(), call_p()), iters, warmup, sync)
+        emit(ctx, "reweight_call_cached", "4 adapters: set_adapters, then one call", ours, ref, "peft")
+    finally:
+        ld.cache_merged_weights(pipe_o, enabled=False)
 
 
 def bench_host(ctx: Context, folder: Path, iters: int, warmup: int) -> None:

@@ -24,7 +24,9 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
   GPU time summed over their kernels (torch.profiler) with kernel counts, ours vs base (PEFT's beside): the eager
   call is launch-bound, so this is what the LoRA kernels cost where the host does not hide them (CUDA graphs);
   ``infer_unfused_pair``: 4 adapters with the merged weight off (every layer through the low-rank pair) against
-  the default (merged weight where ``layers.merged_forward_pays``), wall clock and GPU time.
+  the default (merged weight where ``layers.merged_forward_pays``), wall clock and GPU time;
+  ``infer_unfused_cached``: through kept merged weights (``cache_merged_weights``) vs the base, wall clock, GPU
+  time and kernels, with the MB kept; ``reweight_call_cached``: 4 adapters re-weighted, then one call, vs PEFT's.
 * ``fuse`` / ``reweight_fused``: fusing 4 adapters into UNet + text encoder, and changing their weights
   while fused (diffusers: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``).
 * ``infer_unfused_compiled`` / ``infer_fused_compiled`` (``--compile-infer``, opt-in): the same CFG call with
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Context, compare, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
-from cpu import load_both, make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
+from cpu import bench_cached, load_both, make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion import layers  # noqa: E402
@@ -520,6 +522,9 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
              kernels_per_call=f_kernels, base_kernels_per_call=b_kernels)
         ld.unfuse(pipe_o)
         pipe_p.unfuse_lora()
+
+    bench_cached(s.ctx, pipe_o, pipe_p, names, (call_o, call_p, call_b), iters, warmup, s.sync,
+                 kernels=lambda fn: kernel_time(s, fn))
 
     log("fuse / re-weight, 4 adapters")
     four = names[:4]

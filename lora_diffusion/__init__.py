@@ -14,6 +14,7 @@ from .formats import LoraFormatError, read_lora_file, write_lora_file
 from .inject import TARGET_PRESETS, inject_lora, remove_lora
 from .layers import LoraConv2d, LoraLayer, LoraLinear
 from .pipeline import (
+    cache_merged_weights,
     delete_adapter,
     disable_lora,
     enable_lora,
@@ -38,6 +39,7 @@ __all__ = [
     "delete_adapter",
     "fuse",
     "unfuse",
+    "cache_merged_weights",
     "TARGET_PRESETS",
     "LoraLayer",
     "LoraLinear",

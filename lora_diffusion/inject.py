@@ -137,6 +137,7 @@ def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
     if isinstance(module, LoraLayer):
         return module
     wrapper = LoraLinear(module) if isinstance(module, nn.Linear) else LoraConv2d(module)
+    wrapper.merge_cache = model.__dict__.get(MERGE_CACHE_ATTR, False)
     parent, child = _get_parent(model, name)
     setattr(parent, child, wrapper)
     return wrapper
@@ -177,6 +178,7 @@ def _wrappers_in_tree(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 # While fused, wrappers are swapped out for their base layers so that generation runs the base modules
 # themselves (zero added latency); the wrappers wait in this attribute of the model until `attach`.
 DETACHED_ATTR = "_lora_detached"
+MERGE_CACHE_ATTR = "_lora_merge_cache"  # model attribute: its LoRA layers keep merged weights (new ones too)
 _REQUIRES_GRAD_ATTR = "_lora_requires_grad"  # parameter name -> requires_grad before the first inject_lora
 
 

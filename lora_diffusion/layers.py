@@ -313,10 +313,15 @@ class LoraLayer(nn.Module):
     # rounding, not bit for bit). Set with ``set_backward``.
     backward_mode = "auto"
 
+    # Inference outside autograd: keep the merged weight ``W + sum w s B A`` between calls (one extra copy of the
+    # wrapped weight per layer, what ``fuse`` keeps too) so that an unfused call runs the base model's kernels alone;
+    # rebuilt by the first call after anything it depends on changes. Set with ``pipeline.cache_merged_weights``.
+    merge_cache = False
+
     # Plain Python state, never a parameter, buffer or module: set without nn.Module.__setattr__'s bookkeeping
     # (~1.5 us a call; a re-weight sets several per layer, 176 layers in SD1.5 with its text encoder).
     _PLAIN = frozenset({"specs", "weights", "active", "disabled", "fused", "backward_mode", "_base_backup",
-                        "_cache_key", "_cache", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min", "_escaped"})
+                        "_cache_key", "_cache", "merge_cache", "_merged_key", "_merged", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min", "_escaped"})
 
     def __setattr__(self, name: str, value) -> None:
         if name in LoraLayer._PLAIN:
@@ -339,6 +344,8 @@ class LoraLayer(nn.Module):
         self._base_backup: torch.Tensor | None = None
         self._cache_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._merged_key: tuple | None = None  # the kept merged weight (``merge_cache``) and what it was made from
+        self._merged: torch.Tensor | None = None
         self._fuse_key: tuple | None = None  # widened factors kept while fused (re-weighting reuses them)
         self._fuse_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         # What a compiled forward reads: the active unfused adapters and their ``w * alpha / r`` per rank row as a
@@ -469,8 +476,9 @@ class LoraLayer(nn.Module):
         self._changed()
 
     def _changed(self, sync: bool = True) -> None:
-        """Adapters, weights or the fused set changed: drop the eager cache and refresh the compiled forward's."""
+        """Adapters, weights or the fused set changed: drop the eager caches and refresh the compiled forward's."""
         self._cache_key = None
+        self._merged_key = self._merged = None  # (freed now, not when the next call replaces it)
         if sync:
             self.sync_scales()
 
@@ -524,6 +532,7 @@ class LoraLayer(nn.Module):
             self._base_backup = fn(self._base_backup)
         self._fuse_key = self._fuse_cache = None
         self._cache_key = self._cache = None
+        self._merged_key = self._merged = None
         if self.lora_scales.dtype != torch.float32:
             self.sync_scales()
         return self
@@ -611,7 +620,9 @@ class LoraLayer(nn.Module):
             return result
         # Several adapters, or any number outside autograd: one cached pair of stacked factors with the scales
         # folded into B. Outside autograd, through the merged weight where that moves fewer bytes, else the second
-        # matmul adds into the base output (LoraLinear: one kernel).
+        # matmul adds into the base output (LoraLinear: one kernel). With ``merge_cache``, through the kept merged weight.
+        if not tracked and not (args or kwargs) and self.merge_cache and self._merge_min is not None:
+            return self._base_op(x, self._kept_merged(names, params))
         if not tracked and not (args or kwargs) and self._merge_pays(x):
             a_cat, b_cat = self._stacked(names, params, tracked, base._parameters["weight"].dtype)
             return self._merged_forward(x, a_cat, b_cat)
@@ -681,7 +692,36 @@ class LoraLayer(nn.Module):
 
     def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The base op on ``W + B A`` (``B`` with the scales folded in, both in the weight's dtype)."""
+        return self._base_op(x, self._merged_weight(a, b))
+
+    def _merged_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``W + B A`` in the base weight's shape and dtype (one GEMM, rounded once)."""
         raise NotImplementedError
+
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's op on ``x`` with ``weight`` in place of its own (its bias and settings)."""
+        raise NotImplementedError
+
+    def _kept_merged(self, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]]) -> torch.Tensor:
+        """The merged weight of ``names`` at their weights (``merge_cache``): the kept one while the factors, the
+        weights and the base weight are as they were when it was made (version counters and storage), else made
+        afresh (``_merged_weight``, the bits of the uncached merged forward) and kept. Eager calls only; never
+        kept for tensors made under ``torch.inference_mode()``, which count no versions."""
+        weight = self._modules["base_layer"]._parameters["weight"]
+        factors = _factor_key(names, params)
+        try:
+            key = factors and (factors, tuple((self.weights[n], self.specs[n].scale) for n in names),
+                               weight._version, weight.data_ptr(), weight.dtype)
+        except RuntimeError:  # an inference-mode base weight
+            key = None
+        if key and key == self._merged_key:
+            return self._merged
+        self._merged_key = self._merged = None  # (the old one freed before the new one is made)
+        a, b = self._stacked(names, params, False, weight.dtype)
+        merged = self._merged_weight(a, b).detach()
+        if key:
+            self._merged_key, self._merged = key, merged
+        return merged
 
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``result + B(A(x))`` outside autograd; a subclass may add into ``result`` in place."""
@@ -878,9 +918,11 @@ class LoraLinear(LoraLayer):
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
         return frozen and not (self.training and type(self._dropout(names[0])) is not nn.Identity)
 
-    def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        base = self._modules["base_layer"]
-        return F.linear(x, torch.addmm(base._parameters["weight"], b, a), base._parameters["bias"])
+    def _merged_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self._modules["base_layer"]._parameters["weight"], b, a)
+
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self._modules["base_layer"]._parameters["bias"])
 
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # the second matmul adds into the base output (one kernel for matmul + add, one rounding)
@@ -929,8 +971,11 @@ class LoraConv2d(LoraLayer):
         h = F.conv2d(x, a, None, base.stride, base.padding, base.dilation)
         return F.conv2d(h, b)
 
-    def _merged_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        base = self._modules["base_layer"]
-        weight = base._parameters["weight"]
+    def _merged_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        weight = self._modules["base_layer"]._parameters["weight"]
         merged = torch.addmm(weight.reshape(weight.shape[0], -1), b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1))
-        return base._conv_forward(x, merged.view(weight.shape), base._parameters["bias"])
+        return merged.view(weight.shape)
+
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self._modules["base_layer"]
+        return base._conv_forward(x, weight, base._parameters["bias"])

@@ -46,7 +46,13 @@ def test_cpu_bench_quick():
         assert ("infer_unfused", f"{k} adapters", "base") in figures
     benches = {line["bench"] for line in lines}
     assert {"train_step", "fuse", "unfuse", "reweight_fused", "infer_fused", "load", "file_size", "train_step_ops",
-            "infer_unfused_ops", "layer_overhead", "host_reweight_unfused", "host_fuse", "host_reweight_fused"} <= benches
+            "infer_unfused_ops", "layer_overhead", "host_reweight_unfused", "host_fuse", "host_reweight_fused",
+            "infer_unfused_cached", "reweight_call_cached"} <= benches
+    for line in lines:
+        if line["bench"] == "infer_unfused_ops":  # kept merged weights: the base call's ops, nothing more
+            assert line["cached_ops"] == line["base_ops"] < line["ours_ops"], line
+        if line["bench"] == "infer_unfused_cached":
+            assert line["kept_mb"] > 0, line
     ops = next(line for line in lines if line["bench"] == "train_step_ops")
     assert ops["floor_ops"] < ops["ours_ops"] <= ops["ref_ops"], ops  # a LoRA step costs more ops than the floor
     # the same weights give the same outputs in both libraries (fp32 on CPU)
@@ -64,7 +70,7 @@ def test_gpu_bench_tiny_on_cpu():
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
             "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
-            "infer_fused_gpu_time"} <= benches
+            "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached"} <= benches
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
             "rank 4 attn, batch 1, compile, dense backward"} <= cases

@@ -1,0 +1,227 @@
+"""``cache_merged_weights``: unfused inference through a kept merged weight ``W + sum w s B A``.
+
+* a call served from the kept weight is the uncached merged call bit for bit, and runs the base layer's ops alone;
+* the kept weight follows every change (an optimizer step, a replaced parameter, a re-weight, an alpha edit, the
+  base weight edited, a dtype cast, a deleted adapter), and is never used where autograd records;
+* on a pipeline: the UNet's output equals the uncached merged call's, layers loaded later keep weights too, fusing
+  and turning the cache off free them, ``torch.compile`` never reads or writes them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_diffusion import cache_merged_weights, delete_adapter, fuse, load_lora, set_adapters, unfuse
+from lora_diffusion.formats import write_lora_file
+from lora_diffusion.inject import lora_layers
+from lora_diffusion.layers import LoraConv2d, LoraLinear
+from lora_diffusion.testing import OpCounter, random_lora, tiny_pipeline
+
+
+def _layer(kind: str, n: int, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer, x = LoraLinear(nn.Linear(16, 12)), torch.randn(3, 5, 16)
+    else:
+        layer, x = LoraConv2d(nn.Conv2d(6, 8, 3, padding=1)), torch.randn(2, 6, 7, 7)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        layer.add_adapter(f"a{i}", rank=i + 1, alpha=2.0 * i + 1.5)
+        with torch.no_grad():
+            for p in (layer.lora_A[f"a{i}"], layer.lora_B[f"a{i}"]):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    layer.set_weights({f"a{i}": (0.7, -1.2, 0.4)[i] for i in range(n)})
+    return layer, x
+
+
+def _uncached_merged(layer, x) -> torch.Tensor:
+    """The uncached merged call on a copy of ``layer`` (merged whatever the input's size)."""
+    twin = copy.deepcopy(layer)
+    twin.merge_cache, twin._merged_key, twin._merged = False, None, None
+    twin._merge_min = (0, 0)
+    with torch.no_grad():
+        return twin(x)
+
+
+def _definition(layer, x) -> torch.Tensor:
+    out = layer.base_layer(x)
+    for n in layer._live():
+        out = out + layer._low_rank(x, layer.lora_A[n], layer.lora_B[n]) * (layer.weights[n] * layer.specs[n].scale)
+    return out.detach()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_kept_weight_is_the_uncached_merged_call_and_the_base_layers_ops(kind, n):
+    layer, x = _layer(kind, n)
+    expect = _uncached_merged(layer, x)
+    assert not torch.equal(expect, layer.base_layer(x).detach())
+    layer.merge_cache = True
+    with torch.no_grad():
+        first = layer(x)  # makes the merged weight
+        kept = layer._merged
+        with OpCounter() as ops:
+            again = layer(x)
+        with OpCounter() as base_ops:
+            layer.base_layer(x)
+    assert kept is not None and layer._merged is kept and kept.shape == layer.base_layer.weight.shape
+    assert torch.equal(first, expect) and torch.equal(again, expect)
+    assert ops.total == base_ops.total, (dict(ops.counts), dict(base_ops.counts))
+    torch.testing.assert_close(again, _definition(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def _optimizer_step(layer):
+    with torch.no_grad():
+        layer.lora_B["a1"].mul_(3.0)
+
+
+def _replace_parameter(layer):
+    layer.lora_A["a0"] = nn.Parameter(torch.randn_like(layer.lora_A["a0"]))
+
+
+def _reweight(layer):
+    layer.set_weights({"a0": 0.7, "a1": 2.0})
+
+
+def _alpha_edit(layer):
+    layer.specs["a0"].alpha = 7.0  # (no _changed: the key holds the scale itself)
+
+
+def _base_edit(layer):
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(0.5)
+
+
+def _to_double(layer):
+    layer.double()
+
+
+def _delete(layer):
+    layer.delete_adapter("a1")
+
+
+@pytest.mark.parametrize("change", [_optimizer_step, _replace_parameter, _reweight, _alpha_edit, _base_edit,
+                                    _to_double, _delete], ids=lambda f: f.__name__.strip("_"))
+def test_kept_weight_follows_every_change(change):
+    layer, x = _layer("linear", 2)
+    layer.merge_cache = True
+    with torch.no_grad():
+        before = layer(x)
+    assert layer._merged is not None
+    change(layer)
+    x = x.to(layer.base_layer.weight.dtype)
+    with torch.no_grad():
+        after = layer(x)
+    assert after.dtype != before.dtype or not torch.allclose(after, before)  # (a cast changes only the dtype)
+    assert torch.equal(after, _uncached_merged(layer, x))
+    torch.testing.assert_close(after, _definition(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_never_reads_the_kept_weight():
+    """Training through a layer that keeps a merged weight: PEFT's ops and gradients, bit for bit as without it;
+    a frozen call without ``no_grad`` (nothing requires grad) may use it."""
+    layer, x = _layer("linear", 1)
+    twin = copy.deepcopy(layer)
+    layer.merge_cache = True
+    with torch.no_grad():
+        layer(x)
+    kept = layer._merged
+    for model in (layer, twin):
+        model(x).square().sum().backward()
+    assert layer._merged is kept
+    for name in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(layer, name)["a0"].grad, getattr(twin, name)["a0"].grad)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    out = layer(x)
+    assert out.grad_fn is None and torch.equal(out, _uncached_merged(layer, x))
+
+
+def test_factors_made_under_inference_mode_are_merged_each_call():
+    with torch.inference_mode():
+        layer, x = _layer("linear", 2)
+        layer.merge_cache = True
+        out = layer(x)
+    assert layer._merged is None  # no version counters to tell a change by: never kept
+    torch.testing.assert_close(out, _definition(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 16, 16, generator=gen), torch.tensor(10), torch.randn(2, 77, 32, generator=gen)
+
+
+def _unet_out(pipe, uncached: bool = False):
+    if uncached:
+        for _, layer in lora_layers(pipe.unet):
+            layer._merge_min, saved = (0, 0), layer.merge_cache
+            layer.merge_cache = False
+    with torch.no_grad():
+        out = pipe.unet(*_inputs()).sample
+    if uncached:
+        for _, layer in lora_layers(pipe.unet):
+            layer.merge_cache = saved
+    return out
+
+
+def _kept(pipe) -> int:
+    return sum(layer._merged is not None for component in (pipe.unet, pipe.text_encoder)
+               for _, layer in lora_layers(component))
+
+
+def test_pipeline_keeps_merged_weights_until_fused_or_turned_off(tmp_path):
+    pipe = tiny_pipeline()
+    for i, targets in enumerate(("cross", "attn-mlp")):
+        lora = random_lora(pipe, seed=i, alpha=4 + i, unet_targets=targets)
+        write_lora_file(tmp_path / f"a{i}.safetensors", lora, dtype=torch.float32)
+    load_lora(pipe, tmp_path / "a0.safetensors")
+    before = len(list(lora_layers(pipe.unet)))
+    cache_merged_weights(pipe)
+    load_lora(pipe, tmp_path / "a1.safetensors")  # layers made after the call keep weights too
+    assert len(list(lora_layers(pipe.unet))) > before
+    set_adapters(pipe, {"a0": 0.6, "a1": -0.8})
+    layers = [layer for component in (pipe.unet, pipe.text_encoder) for _, layer in lora_layers(component)]
+    assert layers and all(layer.merge_cache for layer in layers)
+    with torch.no_grad():
+        pipe.text_encoder(torch.arange(8)[None])
+    cached = _unet_out(pipe)
+    assert _kept(pipe) == len(layers)
+    assert torch.equal(cached, _unet_out(pipe, uncached=True))
+    fuse(pipe)
+    assert _kept(pipe) == 0  # fusing frees them (the fused weights serve instead)
+    torch.testing.assert_close(_unet_out(pipe), cached, rtol=1e-5, atol=1e-5)
+    unfuse(pipe)
+    set_adapters(pipe, {"a0": 0.6, "a1": 0.5})
+    reweighted = _unet_out(pipe)
+    assert not torch.allclose(reweighted, cached)
+    assert torch.equal(reweighted, _unet_out(pipe, uncached=True))
+    delete_adapter(pipe, "a1")
+    assert torch.equal(_unet_out(pipe), _unet_out(pipe, uncached=True))
+    cache_merged_weights(pipe, enabled=False)
+    assert _kept(pipe) == 0 and not any(layer.merge_cache for layer in layers)
+
+
+def test_compiled_model_neither_reads_nor_writes_kept_weights(tmp_path):
+    dynamo = pytest.importorskip("torch._dynamo")
+    pipe = tiny_pipeline()
+    write_lora_file(tmp_path / "a.safetensors", random_lora(pipe, seed=0), dtype=torch.float32)
+    load_lora(pipe, tmp_path / "a.safetensors")
+    cache_merged_weights(pipe.unet)
+    assert all(layer.merge_cache for _, layer in lora_layers(pipe.unet))
+    assert not any(layer.merge_cache for _, layer in lora_layers(pipe.text_encoder))
+    eager = _unet_out(pipe)
+    cache_merged_weights(pipe.unet, enabled=False)
+    cache_merged_weights(pipe.unet)
+    dynamo.reset()
+    try:
+        compiled = torch.compile(pipe.unet, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            out = compiled(*_inputs()).sample
+    finally:
+        dynamo.reset()
+    assert _kept(pipe) == 0
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
