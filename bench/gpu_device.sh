@@ -35,6 +35,8 @@
 #         launch-bound (part 9: 108.7 ms wall for 56.8 ms of kernels). First (~30 s) the host profile of the eager
 #         CFG call, base and ours with one adapter (part 9: ~55 us of wall per LoRA layer, two launches at the
 #         base call's ~26 us each; the CPU box: +6.6 us). Then part 4 with PART4_COUNTS="4 1 8".
+# Part 11 (~8 min): eager inference as in part 9 with the kept merged weights (cache_merged_weights: the unfused
+#         call on the base call's kernels alone, infer_unfused_cached, new in the seventh session), then part 10.
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -83,13 +85,17 @@ elif [ "$part" = 8 ]; then
     run gpu_merged_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default --compiled-steps ours-merged
 elif [ "$part" = 9 ]; then
     run gpu_train 110 --skip infer
-    run gpu_infer 80 --skip train
+    run gpu_infer 100 --skip train
     run gpu_merged_compiled_b8 "${PART_SECONDS:-380}" --skip infer --batches 8 --floor-variants compile --compiled-steps ours-merged
 elif [ "$part" = 10 ]; then
     run gpu_infer_host 60 --skip train infer --profile-infer
     run gpu_compiled_b8_ro "${PART_SECONDS:-330}" --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --compile-step ours-merged
+elif [ "$part" = 11 ]; then
+    run gpu_infer 100 --skip train
+    run gpu_infer_host 60 --skip train infer --profile-infer
+    run gpu_compiled_b8_ro "${PART_SECONDS:-330}" --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --compile-step ours-merged
 else
-    echo "no part $part: 1-10" >&2
+    echo "no part $part: 1-11" >&2
     exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true
