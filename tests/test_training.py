@@ -25,8 +25,7 @@ from lora_diffusion.training import loop as loop_module
 from lora_diffusion.training import outputs
 from lora_diffusion.training.loop import diffusion_target, load_pipeline
 
-RED = (220, 30, 30)
-PROMPT = "an image in the style of <s>"
+from training_support import PROMPT, RED, base_state, denoising_loss, flat_images
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,6 @@ def base_v(tmp_path_factory) -> str:
     return str(path)
 
 
-def flat_images(folder: Path, n: int = 4, colour=RED, size=(32, 32)) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.new("RGB", size, colour).save(folder / f"{i}.png")
-    return folder
-
-
 def config(base: str, tmp_path: Path, **overrides) -> TrainConfig:
     data = tmp_path / "data"
     if not data.exists() and "train_data_dir" not in overrides:
@@ -57,22 +49,6 @@ def config(base: str, tmp_path: Path, **overrides) -> TrainConfig:
     values = dict(pretrained_model_name_or_path=base, train_data_dir=str(data), output_dir=str(tmp_path / "out"),
                   resolution=32, max_train_steps=4, seed=0, token="<s>", num_validation_images=0, checkpointing_steps=0)
     return TrainConfig(**{**values, **overrides})
-
-
-def denoising_loss(pipe, n: int = 8) -> float:
-    """Loss of the pipeline's UNet on red images at fixed noise and timesteps (the training objective, measured)."""
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    g = torch.Generator().manual_seed(123)
-    pixels = (torch.tensor(RED, dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1).expand(n, 3, 32, 32)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
-        ids = pipe.tokenizer([PROMPT] * n, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, pipe.text_encoder(ids)[0]).sample
-    return torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, latents, noise, t)).item()
 
 
 def generated_distance(pipe) -> float:
@@ -116,16 +92,12 @@ def test_target_follows_the_scheduler_prediction_type():
 
 
 # ---------------------------------------------------------------------------------------------- only LoRA changes
-def _base_state(model) -> dict[str, torch.Tensor]:
-    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
-
-
 def test_only_lora_parameters_change_and_the_file_loads_in_diffusers(base, tmp_path):
     result = train(config(base, tmp_path, train_text_encoder=True, learning_rate=1e-2, max_train_steps=3,
                           save_precision="fp32"))
     fresh = load_pipeline(base)
     for name in ("unet", "vae", "text_encoder"):
-        trained, original = _base_state(getattr(result.pipeline, name)), getattr(fresh, name).state_dict()
+        trained, original = base_state(getattr(result.pipeline, name)), getattr(fresh, name).state_dict()
         assert trained.keys() == original.keys(), name
         for key, value in original.items():
             assert torch.equal(trained[key], value), f"{name}.{key} changed"
@@ -341,13 +313,15 @@ def test_settings_that_cannot_work_fail_before_any_model_is_loaded(base, tmp_pat
         train(config(base, tmp_path))
 
 
-def test_an_sdxl_model_is_refused_before_training(tmp_path):
-    """diffusers loads an SDXL folder as a StableDiffusionPipeline without a word (the second text encoder left
-    out); training would fail at the first step's shapes."""
+def test_an_sdxl_model_that_loads_as_sd_is_refused_before_training(tmp_path):
+    """An SDXL folder whose model_index.json names StableDiffusionPipeline loads as one without a word (the second
+    text encoder left out); training would fail at the first step's shapes. (SDXL folders train: test_training_sdxl.)"""
     from lora_diffusion.testing import tiny_sdxl_pipeline
 
     tiny_sdxl_pipeline(0).save_pretrained(tmp_path / "xl")
-    with pytest.raises(ConfigError, match=r"xl: an SDXL model; training takes SD 1.x/2.x models"):
+    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    (tmp_path / "xl" / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ConfigError, match=r"xl: an SDXL UNet without SDXL's second text encoder"):
         train(config(str(tmp_path / "xl"), tmp_path))
 
 

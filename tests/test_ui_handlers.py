@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lora_diffusion import list_adapters, load_lora
+from lora_diffusion.formats import read_lora_file
 from lora_diffusion.inject import lora_layers
 from lora_diffusion.testing import tiny_pipeline
 
@@ -519,6 +520,24 @@ def test_training_with_the_real_trainer(tmp_path, model_dir):
     assert job.skipped_images and job.skipped_images[0].startswith("broken0.png")
     assert "tiny_style" in backend.library.names() and len(job.losses) >= 1
     gen(backend, loras={"tiny_style": (1.0, None)})
+
+
+def test_an_sdxl_model_trains_and_generates_with_its_lora(tmp_path):
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+    from ui.handlers import TrainRequest
+
+    tiny_sdxl_pipeline(0).save_pretrained(tmp_path / "xl")
+    backend = Backend(str(tmp_path / "xl"), tmp_path / "loras")
+    images = make_images(tmp_path / "imgs", 2)
+    job = backend.start_training(TrainRequest(
+        name="xl_style", images=[(str(p), "a square") for p in images], max_train_steps=2, rank=2, resolution=SIZE,
+        train_text_encoder=True, extra={"num_validation_images": 1, "validation_inference_steps": 2}))
+    assert job.done_event.wait(120), job.status
+    assert job.status == "done", job.message
+    components = {k.split(".")[0] for k in read_lora_file(backend.library.path_for("xl_style"))[0]}
+    assert components == {"unet", "text_encoder", "text_encoder_2"}
+    result = gen(backend, loras={"xl_style": (1.0, 0.5)})
+    assert type(backend.pipe).__name__ == "StableDiffusionXLPipeline" and "'text_encoder_2': 0.5" in result.snippet
 
 
 def test_cancelling_real_training_keeps_a_usable_checkpoint(tmp_path, model_dir):

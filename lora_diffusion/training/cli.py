@@ -18,7 +18,7 @@ from .data import DataError
 __all__ = ["register", "build_parser", "main", "run"]
 
 DESCRIPTION = (
-    "Train a style or subject (DreamBooth) LoRA for a Stable Diffusion 1.x/2.x model. Writes "
+    "Train a style or subject (DreamBooth) LoRA for a Stable Diffusion 1.x/2.x or SDXL model. Writes "
     "pytorch_lora_weights.safetensors (loads with pipe.load_lora_weights(output_dir)), checkpoints/, samples/, "
     "log.csv and loss.png into --output_dir. Flags may also come from --config FILE (TOML/YAML, same names)."
 )

@@ -272,6 +272,18 @@ class ImageDataset(torch.utils.data.Dataset):
         x, y = (0.5, 0.5) if self.center_crop else (rng.random(), rng.random())
         return flip, x, y
 
+    def size_conditioning(self, index: int, flip: bool, x: float, y: float) -> list[int]:
+        """SDXL's size and crop conditioning of one sample, as its trainers (diffusers', kohya's) give it:
+        ``[original height, width, crop top, crop left, target height, width]``: the image's size before resizing,
+        the crop's top-left corner in the resized image (mirrored when flipped: the corner the flipped crop has),
+        and the bucket's size. Computed from the example's size, so the latent cache needs no pixels."""
+        width, height = self.bucket_of[index]
+        orig_w, orig_h = self.examples[index].size
+        scale = max(width / orig_w, height / orig_h)
+        new_w, new_h = max(width, round(orig_w * scale)), max(height, round(orig_h * scale))
+        left, top = round((new_w - width) * x), round((new_h - height) * y)
+        return [orig_h, orig_w, top, new_w - width - left if flip else left, height, width]
+
     def load(self, index: int, flip: bool, x: float, y: float) -> torch.Tensor:
         """``[3, H, W]`` float tensor in ``[-1, 1]`` of example ``index`` at its bucket size."""
         width, height = self.bucket_of[index]
@@ -299,16 +311,19 @@ class ImageDataset(torch.utils.data.Dataset):
             "caption": self.examples[index].caption,
             "index": index,
             "flip": flip,
+            "size_conditioning": self.size_conditioning(index, flip, x, y),
         }
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack one bucket's items: ``pixel_values [B, 3, H, W]``, ``captions``, ``indices``, ``flips``."""
+    """Stack one bucket's items: ``pixel_values [B, 3, H, W]``, ``captions``, ``indices``, ``flips``,
+    ``size_conditioning`` (SDXL's, ``[B, 6]``)."""
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "captions": [it["caption"] for it in items],
         "indices": [it["index"] for it in items],
         "flips": [it["flip"] for it in items],
+        "size_conditioning": torch.tensor([it["size_conditioning"] for it in items]),
     }
 
 

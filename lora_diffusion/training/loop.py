@@ -72,14 +72,25 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
+def _pipeline_class_name(path: Path) -> str:
+    """The pipeline class a diffusers folder names in its ``model_index.json`` ("" where it names none)."""
+    try:
+        return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def load_pipeline(name_or_path: str):
-    """``StableDiffusionPipeline`` from a diffusers folder, a hub id or a single checkpoint file (no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    """``StableDiffusionPipeline`` (or, for a folder whose ``model_index.json`` says so, ``StableDiffusionXLPipeline``)
+    from a diffusers folder, a hub id or a single SD 1.x/2.x checkpoint file (no safety checker)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(name_or_path).expanduser()
     kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_file():
         pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    elif path.is_dir() and _pipeline_class_name(path) == StableDiffusionXLPipeline.__name__:
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
     else:
         pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -111,16 +122,27 @@ def _load_model(name_or_path: str):
     return pipe
 
 
+def is_sdxl(pipe) -> bool:
+    """Whether ``pipe`` is an SDXL pipeline (two text encoders, size and crop conditioning)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 def _check_sd_model(pipe, name_or_path: str) -> None:
-    """An SDXL model loads as a StableDiffusionPipeline without a word (its second text encoder left out, its UNet
-    expecting wider text features); training would fail on the first step's shapes. Refuse it up front."""
-    unet, width = pipe.unet.config, pipe.text_encoder.config.hidden_size
-    if getattr(unet, "addition_embed_type", None) == "text_time":
-        raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: an SDXL model; training takes SD 1.x/2.x "
-                          f"models (SDXL LoRAs made elsewhere load with load_lora)")
+    """A model whose parts do not fit together as SD 1.x/2.x or SDXL fails here in one line, not on the first
+    step's shapes: e.g. an SDXL folder without ``_class_name`` loads as a StableDiffusionPipeline without a word (its
+    second text encoder left out, its UNet expecting wider text features)."""
+    unet = pipe.unet.config
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl(pipe) else [])
+    width = sum(e.config.hidden_size for e in encoders)
+    kind = "SDXL" if is_sdxl(pipe) else "Stable Diffusion 1.x/2.x"
+    if (getattr(unet, "addition_embed_type", None) == "text_time") != is_sdxl(pipe):
+        what = "an SDXL UNet without SDXL's second text encoder" if not is_sdxl(pipe) else "an SDXL pipeline whose UNet lacks SDXL's size conditioning"
+        raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: {what} (model_index.json's _class_name "
+                          f"should be StableDiffusionXLPipeline for SDXL)")
     if isinstance(unet.cross_attention_dim, int) and unet.cross_attention_dim != width:
         raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: the UNet expects {unet.cross_attention_dim}-wide "
-                          f"text features but the text encoder gives {width}: not a Stable Diffusion 1.x/2.x model")
+                          f"text features but the text encoder{'s give' if len(encoders) > 1 else ' gives'} {width}: "
+                          f"not a {kind} model")
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -151,8 +173,10 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config")
 
 
-def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
-    """Mean denoising loss of one batch: noise the latents at random timesteps and compare the UNet's prediction."""
+def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: torch.Generator, config: TrainConfig,
+                   added_cond_kwargs: dict | None = None) -> torch.Tensor:
+    """Mean denoising loss of one batch: noise the latents at random timesteps and compare the UNet's prediction
+    (``added_cond_kwargs``: SDXL's pooled text and size conditioning, ``sdxl_conditioning``)."""
     batch, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if config.noise_offset:
@@ -160,7 +184,8 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(scheduler, latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
+    prediction = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.dim())))
     if config.snr_gamma:
         from diffusers.training_utils import compute_snr
@@ -197,9 +222,33 @@ def compile_unet(unet: nn.Module, mode: str = "default", backend: str = "inducto
     return torch.compile(unet, mode=None if mode == "default" else mode)
 
 
+def _token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
 def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
+    return text_encoder(_token_ids(tokenizer, captions, device))[0]
+
+
+def encode_text_sdxl(pipe, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning, as its pipeline's ``encode_prompt`` computes it: each encoder's penultimate hidden
+    states side by side, and the second encoder's pooled (projected) output."""
+    states, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        out = encoder(_token_ids(tokenizer, captions, device), output_hidden_states=True)
+        pooled = out[0]
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
+
+
+def condition(pipe, captions: list[str], size_conditioning: torch.Tensor | None, device, dtype) -> tuple[torch.Tensor, dict | None]:
+    """The UNet's text conditioning of a batch, and (SDXL) its ``added_cond_kwargs``: the pooled text and the
+    size and crop conditioning (``ImageDataset.size_conditioning``, ``[B, 6]``) in ``dtype``."""
+    if not is_sdxl(pipe):
+        return encode_text(pipe.tokenizer, pipe.text_encoder, captions, device), None
+    states, pooled = encode_text_sdxl(pipe, captions, device)
+    return states, {"text_embeds": pooled, "time_ids": size_conditioning.to(device, dtype)}
 
 
 class Latents:
@@ -457,16 +506,26 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     pipe = _load_model(config.pretrained_model_name_or_path)
     class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else None
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    sdxl = is_sdxl(pipe)
+    text_encoder_2 = pipe.text_encoder_2 if sdxl else None
+    encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+    if sdxl and config.pivotal_tuning:
+        raise ConfigError("--pivotal_tuning: not for SDXL models yet (a token per text encoder); train the LoRA "
+                          "with --token as a trigger word instead")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for model in (unet, vae, text_encoder):
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, as diffusers' SDXL trainer does
+    vae_dtype = torch.float32 if sdxl and weight_dtype == torch.float16 and vae.config.force_upcast else weight_dtype
+    for model in (unet, vae, *encoders):
         model.requires_grad_(False)
         model.to(device)
-        if weight_dtype != torch.float32:
-            model.to(dtype=weight_dtype)
+        dtype = vae_dtype if model is vae else weight_dtype
+        if dtype != torch.float32:
+            model.to(dtype=dtype)
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
     vae.eval()
-    text_encoder.eval()
+    for encoder in encoders:
+        encoder.eval()
     torch.manual_seed(seed)  # the random LoRA A factors (and nothing else) come from here
     pivot = PivotalToken(tokenizer, text_encoder, config.token, config.initializer_token) if config.pivotal_tuning else None
     targets = _targets(config.target_modules)
@@ -474,35 +533,36 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     groups = [{"params": unet_params, "lr": config.learning_rate}]
     te_params: list[nn.Parameter] = []
     if config.train_text_encoder:
-        te_params = inject_lora(text_encoder, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
-                                targets=_targets(config.text_encoder_target_modules))
+        for encoder in encoders:
+            te_params += inject_lora(encoder, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
+                                     targets=_targets(config.text_encoder_target_modules))
         groups.append({"params": te_params, "lr": config.te_lr})
     if pivot is not None:
         pivot.vector.data = pivot.vector.data.to(device)
         groups.append({"params": [pivot.vector], "lr": config.te_lr, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]
-    for model in (unet, text_encoder):
+    for model in (unet, *encoders):
         set_backward(model, config.lora_backward)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if config.train_text_encoder or pivot is not None:
-            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.23
-                text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+        for encoder in encoders if config.train_text_encoder or pivot is not None else ():
+            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.23
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
             else:
-                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_text = config.train_text_encoder or pivot is not None
     # the step's UNet: compiled (opt-in) or the module itself; sampling and saving always use the eager module
     step_unet = compile_unet(unet, config.compile, config.compile_backend) if config.compile != "none" else unet
     cudagraphs = config.compile == "reduce-overhead" and device.type == "cuda"
 
     # 3. data: the batch order of process `rank` from the step we start at
-    latents = Latents(vae, dataset, device, weight_dtype, cache=config.cache_latents)
+    latents = Latents(vae, dataset, device, vae_dtype, cache=config.cache_latents)
     class_latents = class_plan = None
     if class_examples is not None:
         class_dataset = ImageDataset(class_examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
                                      random_flip=config.random_flip, enable_bucket=config.enable_bucket)
         class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1)
-        class_latents = Latents(vae, class_dataset, device, weight_dtype, cache=config.cache_latents)
+        class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
     # 4. optimizer, schedule, and where we start
     # on CUDA, torch's fused AdamW: one kernel for every LoRA tensor instead of a dozen multi-tensor launches
@@ -519,6 +579,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         _restore_lora(unet, "unet", resume / outputs.LORA_NAME)
         if config.train_text_encoder:
             _restore_lora(text_encoder, "text_encoder", resume / outputs.LORA_NAME)
+            if text_encoder_2 is not None:
+                _restore_lora(text_encoder_2, "text_encoder_2", resume / outputs.LORA_NAME)
         if pivot is not None:
             pivot.vector.data.copy_(read_safetensors(resume / "embeddings.safetensors")[0][pivot.token])
         optimizer.load_state_dict(state["optimizer"])
@@ -534,9 +596,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     def loader(plan_: BatchPlan, dataset_: ImageDataset, cached: bool) -> Iterator[dict]:
         sampler = StepBatchSampler(plan_, start=step, stop=max_steps, accumulation=config.gradient_accumulation_steps,
                                    num_processes=accelerator.num_processes, rank=accelerator.process_index)
-        if cached:  # no pixels needed: only which image and whether flipped
+        if cached:  # no pixels needed: only which image, whether flipped (and SDXL's size conditioning)
             return ({"indices": [i for i, _ in keys], "flips": [dataset_.augmentation(s)[0] for _, s in keys],
-                     "captions": [dataset_.examples[i].caption for i, _ in keys]} for keys in sampler)
+                     "captions": [dataset_.examples[i].caption for i, _ in keys],
+                     "size_conditioning": torch.tensor([dataset_.size_conditioning(i, *dataset_.augmentation(s)) for i, s in keys])}
+                    for keys in sampler)
         return iter(torch.utils.data.DataLoader(dataset_, batch_sampler=sampler, collate_fn=collate,
                                                 num_workers=config.dataloader_num_workers))
 
@@ -544,10 +608,14 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     class_batches = loader(class_plan, class_latents.dataset, config.cache_latents) if class_plan else None
     validation_prompt = config.validation_prompt or examples[0].caption
 
+    def trained_encoders() -> dict:
+        if not config.train_text_encoder:
+            return {}
+        return {"text_encoder": text_encoder, **({"text_encoder_2": text_encoder_2} if text_encoder_2 is not None else {})}
+
     def save_checkpoint(at_step: int) -> Path:
         def fill(folder: Path) -> None:
-            save_lora(folder / outputs.LORA_NAME, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
-                      dtype=torch.float32, metadata={"step": at_step, "base_model": config.pretrained_model_name_or_path})
+            save_lora(folder / outputs.LORA_NAME, unet=unet, **trained_encoders(), dtype=torch.float32, metadata={"step": at_step, "base_model": config.pretrained_model_name_or_path})
             if pivot is not None:
                 atomic_save(pivot.state(), folder / "embeddings.safetensors", {"format": "pt"})
             outputs.save_state(folder, {"step": at_step, "seed": seed, "settings": _settings(config, seed),
@@ -603,13 +671,15 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     torch.compiler.cudagraph_mark_step_begin()
                 with accelerator.autocast():
                     with torch.set_grad_enabled(train_text):
-                        states = encode_text(tokenizer, text_encoder, batch["captions"], device)
-                    loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config)
+                        states, added = condition(pipe, batch["captions"], batch["size_conditioning"], device, weight_dtype)
+                    loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config, added)
                     if class_batches is not None:
                         class_batch = next(class_batches)
                         with torch.set_grad_enabled(train_text):
-                            class_states = encode_text(tokenizer, text_encoder, class_batch["captions"], device)
-                        prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator), class_states, generator, config)
+                            class_states, class_added = condition(pipe, class_batch["captions"], class_batch["size_conditioning"],
+                                                                  device, weight_dtype)
+                        prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator),
+                                               class_states, generator, config, class_added)
                         loss = loss + config.prior_loss_weight * prior
                 accelerator.backward(loss / config.gradient_accumulation_steps)
                 loss_sum += loss.detach().float()
@@ -679,8 +749,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 if pivot is not None:
                     atomic_save(pivot.state(), output_dir / "embeddings.safetensors", {"format": "pt"})
                     metadata["embedding_file"] = "embeddings.safetensors"
-                save_lora(lora_path, unet=unet, text_encoder=text_encoder if config.train_text_encoder else None,
-                          dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
+                save_lora(lora_path, unet=unet, **trained_encoders(), dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
                           metadata=metadata)
                 if config.num_validation_images:
                     sample_paths.append(write_samples(step))
