@@ -314,7 +314,7 @@ def load_lora(
     # check every component (and a learned token's file) before changing any: a bad file leaves the pipeline as it was
     plans = {c: _plan(models[c], c, lora, adapter, strict, str(path)) for c in components}
     meta = our_metadata(header)
-    tokens = _learned_tokens(pipe, path, meta.get("embedding_file"))
+    tokens = _learned_tokens(pipe, path, meta.get("embedding_file"), meta.get("trigger_words"))
     patched, done = 0, []
     try:
         for component, plan in plans.items():
@@ -322,8 +322,9 @@ def load_lora(
             patched += _apply_plan(model, plan, adapter, weight)
             done.append(model)
             model.__dict__.setdefault(_META_ATTR, {})[adapter] = meta
-        if tokens:
-            pipe.load_textual_inversion([{token: vector} for token, vector in tokens.items()], token=list(tokens))
+        for tok, enc, vectors in tokens:
+            pipe.load_textual_inversion([{token: vector} for token, vector in vectors.items()], token=list(vectors),
+                                        tokenizer=getattr(pipe, tok), text_encoder=getattr(pipe, enc))
     except BaseException:  # e.g. the UNet's fuse refused it after the text encoder took it: take it out there too
         for model in done:
             _delete_from_model(model, adapter)
@@ -332,27 +333,49 @@ def load_lora(
     return adapter
 
 
-def _learned_tokens(pipe, source: Path, name: object) -> dict[str, torch.Tensor]:
-    """The learned tokens that a LoRA's metadata names (``embedding_file``: ``{token: vector}`` in diffusers'
-    textual-inversion form, a file beside the LoRA) and the tokenizer lacks, checked against the text encoder; a
-    token it knows already is left as it is (loading a LoRA twice adds it once)."""
+_SDXL_EMBEDDING_KEYS = (("clip_l", "tokenizer", "text_encoder"), ("clip_g", "tokenizer_2", "text_encoder_2"))
+
+
+def _learned_tokens(pipe, source: Path, name: object, trigger_words: object) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+    """The learned tokens that a LoRA's metadata names (``embedding_file``, a file beside the LoRA, in diffusers'
+    textual-inversion form: ``{token: vector}``, or for SDXL ``{"clip_l": [1, w1], "clip_g": [1, w2]}`` with the
+    token in its metadata or else the LoRA's first trigger word), as ``(tokenizer, text encoder, {token: vector})``
+    attribute names of the pipeline, checked against each text encoder; a token its tokenizer knows already is left
+    as it is (loading a LoRA twice adds it once)."""
     if not name:
-        return {}
+        return []
     if Path(str(name)).name != str(name) or str(name) in (".", ".."):
         raise LoraFormatError(f"{source}: embedding_file {name!r} must be a file name beside the LoRA, not a path")
     file = source.parent / str(name)
     if not file.is_file():
         logger.warning("%s was trained with a learned token, but %s is not beside it: the token stays unknown to the "
                        "tokenizer (copy the file next to the LoRA, or pipe.load_textual_inversion it)", source, file.name)
-        return {}
-    vocab = pipe.tokenizer.get_vocab()
-    tokens = {token: vector for token, vector in read_safetensors(file)[0].items() if token not in vocab}
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    for token, vector in tokens.items():
-        if vector.shape[-1] != width or not bool(torch.isfinite(vector).all()):
-            raise LoraFormatError(f"{file}: the vector of {token!r} has shape {tuple(vector.shape)}; this text "
-                                  f"encoder needs finite vectors {width} wide")
-    return tokens
+        return []
+    tensors, header = read_safetensors(file)
+    if set(tensors) == {key for key, _, _ in _SDXL_EMBEDDING_KEYS}:
+        if getattr(pipe, "text_encoder_2", None) is None:
+            raise LoraFormatError(f"{file}: an SDXL embedding (clip_l, clip_g); this pipeline has one text encoder")
+        words = trigger_words if isinstance(trigger_words, list) else []
+        token = header.get("token") or (str(words[0]) if words else "")
+        if not token:
+            raise LoraFormatError(f"{file}: an SDXL embedding without its token (no 'token' in its metadata, no "
+                                  f"trigger word in the LoRA's)")
+        loads = [(tok, enc, {token: tensors[key].reshape(-1)}) for key, tok, enc in _SDXL_EMBEDDING_KEYS]
+    else:
+        loads = [("tokenizer", "text_encoder", tensors)]
+    out = []
+    for tok, enc, vectors in loads:
+        vocab = getattr(pipe, tok).get_vocab()
+        vectors = {token: vector for token, vector in vectors.items() if token not in vocab}
+        width = getattr(pipe, enc).get_input_embeddings().weight.shape[1]
+        for token, vector in vectors.items():
+            if vector.shape[-1] != width or not bool(torch.isfinite(vector).all()):
+                what = "this text encoder" if enc == "text_encoder" else enc
+                raise LoraFormatError(f"{file}: the vector of {token!r} has shape {tuple(vector.shape)}; {what} needs "
+                                      f"finite vectors {width} wide")
+        if vectors:
+            out.append((tok, enc, vectors))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- weights, on/off

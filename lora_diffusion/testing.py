@@ -7,6 +7,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import json
 import tempfile
 from functools import lru_cache
@@ -140,7 +142,8 @@ def tiny_sdxl_pipeline(seed: int = 0):
     for model in (unet, text_encoder_2):
         model.eval()
     pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=parts["scheduler"])
+                                     tokenizer=tokenizer, tokenizer_2=copy.deepcopy(tokenizer),  # (two objects, as loaded)
+                                     unet=unet, scheduler=parts["scheduler"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

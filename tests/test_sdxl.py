@@ -157,3 +157,37 @@ def test_prompt_tags_weight_both_text_encoders(tmp_path):
     for component, weight in (("unet", 0.8), ("text_encoder", 0.3), ("text_encoder_2", 0.3)):
         layers = [layer for _, layer in lora_layers(getattr(pipe, component))]
         assert layers and all(layer.weights == {"xl": weight} for layer in layers), component
+
+
+def test_an_sdxl_learned_token_loads_into_both_encoders_or_refuses_the_whole_load(tmp_path):
+    """An SDXL embedding (``clip_l`` / ``clip_g``) named by a LoRA goes into both tokenizers and encoders under
+    the token in its metadata (else the LoRA's trigger word); a wrong width or a missing token refuses the load
+    before anything changes."""
+    from safetensors.torch import save_file
+
+    from lora_diffusion.formats import LoraFormatError
+
+    pipe = tiny_sdxl_pipeline(0)
+    lora = {k: v for k, v in random_lora(pipe, seed=1).items() if k.startswith("unet.")}
+    gen = torch.Generator().manual_seed(0)
+    good = {"clip_l": torch.randn(1, 32, generator=gen), "clip_g": torch.randn(1, 32, generator=gen)}
+    cases = {"token": (good, {"token": "<a>"}, None), "trigger": (good, {}, ["<b>"]),
+             "wide": ({**good, "clip_g": torch.randn(1, 40)}, {"token": "<c>"}, None), "nameless": (good, {}, None)}
+    for name, (tensors, header, words) in cases.items():
+        folder = tmp_path / name
+        write_lora_file(folder / "pytorch_lora_weights.safetensors", lora, dtype=torch.float32,
+                        metadata={"embedding_file": "embeddings.safetensors", **({"trigger_words": words} if words else {})})
+        save_file(tensors, folder / "embeddings.safetensors", metadata=header)
+        fresh = tiny_sdxl_pipeline(0)
+        sizes = len(fresh.tokenizer), len(fresh.tokenizer_2)
+        if name in ("wide", "nameless"):
+            with pytest.raises(LoraFormatError, match="text_encoder_2 needs finite vectors 32 wide|without its token"):
+                load_lora(fresh, folder)
+            assert list_adapters(fresh) == {} and (len(fresh.tokenizer), len(fresh.tokenizer_2)) == sizes
+            continue
+        load_lora(fresh, folder)
+        token = header.get("token") or words[0]
+        for key, tokenizer, encoder in (("clip_l", fresh.tokenizer, fresh.text_encoder),
+                                        ("clip_g", fresh.tokenizer_2, fresh.text_encoder_2)):
+            row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
+            assert torch.equal(row, good[key][0]), (name, key)

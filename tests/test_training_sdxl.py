@@ -12,7 +12,7 @@ from PIL import Image
 
 from lora_diffusion.formats import read_lora_file, read_safetensors
 from lora_diffusion.testing import tiny_sdxl_pipeline
-from lora_diffusion.training import ConfigError, TrainConfig, train
+from lora_diffusion.training import TrainConfig, train
 from lora_diffusion.training.data import Example, ImageDataset
 from lora_diffusion.training import outputs
 from lora_diffusion.training.loop import condition, encode_text_sdxl, load_pipeline
@@ -108,11 +108,11 @@ def test_only_lora_changes_and_the_file_loads_in_stock_diffusers(base, tmp_path)
 
 
 def test_resume_is_exact_and_cached_latents_condition_alike(base, tmp_path):
-    """Resume restores both text encoders' adapters (bit-identical weights); with centre crops, cached latents give
+    """Resume restores both text encoders' adapters and learned vectors (bit-identical weights); with centre crops, cached latents give
     the weights that encoding every step gives, so the cached batches carry the same size conditioning (the images
     are 48x32: a crop at left 8)."""
     hard = dict(max_train_steps=4, learning_rate=5e-3, train_text_encoder=True, save_precision="fp32",
-                checkpointing_steps=2, center_crop=True, random_flip=True)
+                checkpointing_steps=2, center_crop=True, random_flip=True, pivotal_tuning=True, token="<new-word>")
     for run in ("a", "b", "c"):
         flat_images(tmp_path / run / "data", size=(48, 32))
     straight = train(config(base, tmp_path / "a", **hard))
@@ -120,7 +120,9 @@ def test_resume_is_exact_and_cached_latents_condition_alike(base, tmp_path):
     assert stopped.status == "cancelled" and stopped.global_step == 2
     resumed = train(config(base, tmp_path / "b", resume_from_checkpoint="latest", **hard))
     cached = train(config(base, tmp_path / "c", cache_latents=True, **hard))
-    a, b, c = (read_safetensors(r.lora_path)[0] for r in (straight, resumed, cached))
+    a, b, c = ({**read_safetensors(r.lora_path)[0], **read_safetensors(r.output_dir / "embeddings.safetensors")[0]}
+               for r in (straight, resumed, cached))
+    assert {"clip_l", "clip_g"} <= a.keys()
     assert any(k.startswith("text_encoder_2.") for k in a)
     assert a.keys() == b.keys() == c.keys()
     for key in a:
@@ -128,6 +130,38 @@ def test_resume_is_exact_and_cached_latents_condition_alike(base, tmp_path):
         torch.testing.assert_close(a[key], c[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_pivotal_tuning_is_refused_for_sdxl_in_one_line(base, tmp_path):
-    with pytest.raises(ConfigError, match="--pivotal_tuning: not for SDXL models yet"):
-        train(config(base, tmp_path, pivotal_tuning=True))
+def test_pivotal_tuning_learns_one_vector_per_text_encoder_and_loads_alike(base, tmp_path):
+    """SDXL pivotal tuning writes ``{"clip_l": [1, w1], "clip_g": [1, w2]}`` (the token in the file's metadata), which
+    stock diffusers loads with one ``load_textual_inversion`` per encoder and ``load_lora`` loads from beside the
+    LoRA: the three give the same images."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lora_diffusion import load_lora
+
+    result = train(config(base, tmp_path, pivotal_tuning=True, token="<new-word>", learning_rate=5e-2,
+                          save_precision="fp32"))
+    out = tmp_path / "out"
+    embedding, header = read_safetensors(out / "embeddings.safetensors")
+    fresh = load_pipeline(base)
+    assert header["token"] == "<new-word>" and sorted(embedding) == ["clip_g", "clip_l"]
+    for key, encoder in (("clip_l", fresh.text_encoder), ("clip_g", fresh.text_encoder_2)):
+        start = encoder.get_input_embeddings().weight.mean(0)  # where the vector started (no initializer word)
+        assert embedding[key].shape == (1, start.shape[0])
+        assert not torch.allclose(embedding[key][0], start), key  # it learned
+
+    stock = StableDiffusionXLPipeline.from_pretrained(base)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(out), weight_name=outputs.LORA_NAME)
+    stock.load_textual_inversion(embedding["clip_l"], token="<new-word>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(embedding["clip_g"], token="<new-word>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    load_lora(fresh, out)
+    assert "<new-word>" in fresh.tokenizer.get_vocab() and "<new-word>" in fresh.tokenizer_2.get_vocab()
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="latent")
+    prompt = "a photo of <new-word>"
+    ours = result.pipeline
+    ours.unet.eval()
+    images = [p(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images for p in (ours, stock, fresh)]
+    torch.testing.assert_close(images[1], images[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(images[2], images[0], rtol=1e-4, atol=1e-4)

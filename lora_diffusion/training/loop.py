@@ -283,33 +283,65 @@ class Latents:
 
 
 class PivotalToken:
-    """A new word whose embedding is learned (pivotal tuning): one fp32 vector swapped in by a forward hook.
+    """A new word whose embedding is learned (pivotal tuning): one fp32 vector per text encoder (SDXL: two),
+    swapped in by forward hooks.
 
-    The tokenizer gains the token and the embedding matrix one row; the existing rows are never touched.
+    Each tokenizer gains the token and each embedding matrix one row; the existing rows are never touched. Saved
+    in diffusers' textual-inversion form: ``{token: vector}`` for one encoder; for SDXL ``{"clip_l": [1, w1],
+    "clip_g": [1, w2]}`` (what A1111 and diffusers' SDXL trainers write), the token in the file's metadata.
     """
 
-    def __init__(self, tokenizer, text_encoder, token: str, initializer: str = "") -> None:
-        if tokenizer.add_tokens([token]) == 0:
-            raise ConfigError(f"--token {token!r} is already a word of the tokenizer; pivotal tuning needs a new one, e.g. '<my-style>'")
-        text_encoder.resize_token_embeddings(len(tokenizer))
-        self.token = token
-        self.token_id = tokenizer.convert_tokens_to_ids(token)
-        table = text_encoder.get_input_embeddings().weight.detach()
-        if initializer:
-            ids = tokenizer(initializer, add_special_tokens=False).input_ids
-            start = table[ids].float().mean(0)
-        else:
-            start = table[: self.token_id].float().mean(0)
-        self.vector = nn.Parameter(start.clone())
-        text_encoder.get_input_embeddings().register_forward_hook(self._hook)
+    SDXL_KEYS = ("clip_l", "clip_g")
 
-    def _hook(self, module, args, output):
-        mask = (args[0] == self.token_id).unsqueeze(-1)
-        return torch.where(mask, self.vector.to(output.dtype), output)
+    def __init__(self, pairs: list, token: str, initializer: str = "") -> None:
+        """``pairs``: ``[(tokenizer, text_encoder)]``, one per text encoder, in the pipeline's order."""
+        self.token = token
+        self.vectors: list[nn.Parameter] = []
+        self.token_ids: list[int] = []
+        extended: list = []  # tokenizers that gained the token here (two encoders may share one)
+        for tokenizer, encoder in pairs:
+            if not any(tokenizer is t for t in extended):
+                if tokenizer.add_tokens([token]) == 0:
+                    raise ConfigError(f"--token {token!r} is already a word of the tokenizer; pivotal tuning needs a "
+                                      f"new one, e.g. '<my-style>'")
+                extended.append(tokenizer)
+            encoder.resize_token_embeddings(len(tokenizer))
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            table = encoder.get_input_embeddings().weight.detach()
+            if initializer:
+                start = table[tokenizer(initializer, add_special_tokens=False).input_ids].float().mean(0)
+            else:
+                start = table[:token_id].float().mean(0)
+            self.vectors.append(nn.Parameter(start.clone()))
+            self.token_ids.append(token_id)
+            encoder.get_input_embeddings().register_forward_hook(self._hook(len(self.vectors) - 1))
+
+    def _hook(self, i: int):
+        def swap(module, args, output):
+            mask = (args[0] == self.token_ids[i]).unsqueeze(-1)
+            return torch.where(mask, self.vectors[i].to(output.dtype), output)
+
+        return swap
+
+    def to(self, device) -> None:
+        for vector in self.vectors:
+            vector.data = vector.data.to(device)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The learned embedding in diffusers' textual-inversion form: ``{token: vector}``."""
-        return {self.token: self.vector.detach().float().cpu()}
+        """The learned embedding(s), as saved (see the class)."""
+        vectors = [v.detach().float().cpu() for v in self.vectors]
+        if len(vectors) == 1:
+            return {self.token: vectors[0]}
+        return {key: v[None] for key, v in zip(self.SDXL_KEYS, vectors)}
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": "pt", **({"token": self.token} if len(self.vectors) > 1 else {})}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back a ``state()`` (resuming)."""
+        saved = [tensors[self.token]] if len(self.vectors) == 1 else [tensors[k][0] for k in self.SDXL_KEYS]
+        for vector, value in zip(self.vectors, saved):
+            vector.data.copy_(value)
 
 
 def _optimizer_class(config: TrainConfig):
@@ -509,9 +541,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     sdxl = is_sdxl(pipe)
     text_encoder_2 = pipe.text_encoder_2 if sdxl else None
     encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
-    if sdxl and config.pivotal_tuning:
-        raise ConfigError("--pivotal_tuning: not for SDXL models yet (a token per text encoder); train the LoRA "
-                          "with --token as a trigger word instead")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, as diffusers' SDXL trainer does
     vae_dtype = torch.float32 if sdxl and weight_dtype == torch.float16 and vae.config.force_upcast else weight_dtype
@@ -527,7 +556,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     for encoder in encoders:
         encoder.eval()
     torch.manual_seed(seed)  # the random LoRA A factors (and nothing else) come from here
-    pivot = PivotalToken(tokenizer, text_encoder, config.token, config.initializer_token) if config.pivotal_tuning else None
+    pairs = [(tokenizer, text_encoder)] + ([(pipe.tokenizer_2, text_encoder_2)] if sdxl else [])
+    pivot = PivotalToken(pairs, config.token, config.initializer_token) if config.pivotal_tuning else None
     targets = _targets(config.target_modules)
     unet_params = inject_lora(unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets)
     groups = [{"params": unet_params, "lr": config.learning_rate}]
@@ -538,8 +568,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                                      targets=_targets(config.text_encoder_target_modules))
         groups.append({"params": te_params, "lr": config.te_lr})
     if pivot is not None:
-        pivot.vector.data = pivot.vector.data.to(device)
-        groups.append({"params": [pivot.vector], "lr": config.te_lr, "weight_decay": 0.0})
+        pivot.to(device)
+        groups.append({"params": pivot.vectors, "lr": config.te_lr, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]
     for model in (unet, *encoders):
         set_backward(model, config.lora_backward)
@@ -582,7 +612,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             if text_encoder_2 is not None:
                 _restore_lora(text_encoder_2, "text_encoder_2", resume / outputs.LORA_NAME)
         if pivot is not None:
-            pivot.vector.data.copy_(read_safetensors(resume / "embeddings.safetensors")[0][pivot.token])
+            pivot.load_state(read_safetensors(resume / "embeddings.safetensors")[0])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         _apply_settings(optimizer, lr_scheduler, configured, config)  # the optimizer state holds the old ones
@@ -617,7 +647,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         def fill(folder: Path) -> None:
             save_lora(folder / outputs.LORA_NAME, unet=unet, **trained_encoders(), dtype=torch.float32, metadata={"step": at_step, "base_model": config.pretrained_model_name_or_path})
             if pivot is not None:
-                atomic_save(pivot.state(), folder / "embeddings.safetensors", {"format": "pt"})
+                atomic_save(pivot.state(), folder / "embeddings.safetensors", pivot.metadata())
             outputs.save_state(folder, {"step": at_step, "seed": seed, "settings": _settings(config, seed),
                                         "resumed": resumed, "elapsed_s": elapsed_before + time.monotonic() - started,
                                         "optimizer": optimizer.state_dict(),
@@ -747,7 +777,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 if resumed:
                     metadata["training"]["resumed"] = resumed
                 if pivot is not None:
-                    atomic_save(pivot.state(), output_dir / "embeddings.safetensors", {"format": "pt"})
+                    atomic_save(pivot.state(), output_dir / "embeddings.safetensors", pivot.metadata())
                     metadata["embedding_file"] = "embeddings.safetensors"
                 save_lora(lora_path, unet=unet, **trained_encoders(), dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
                           metadata=metadata)
