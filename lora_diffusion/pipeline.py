@@ -518,10 +518,11 @@ def delete_adapter(pipe, adapter: str) -> None:
 def cache_merged_weights(pipe, enabled: bool = True) -> None:
     """Keep each LoRA layer's merged weight ``W + sum w (alpha/r) B A`` between unfused inference calls (also
     for layers loaded later), so that they run the base model's kernels alone: the speed of ``fuse`` without its
-    step, at the same memory (one extra copy of each wrapped weight, ~190 MB for SD1.5's UNet attention in
-    fp16). A layer makes its merged weight again in the first call after a ``set_adapters``, a load, an
-    optimizer step or a ``.to()``; training (autograd) and ``torch.compile`` never use it, and the images are
-    those of the uncached unfused call, bit for bit. ``pipe``: a pipeline, or one model (UNet, text encoder).
+    step, at the same memory (one extra copy of each wrapped weight: ~190 MB for SD1.5's UNet attention in
+    fp16, ~1.9 GB for SDXL's). A layer makes its merged weight again in the first call after a ``set_adapters``,
+    a load, an optimizer step or a ``.to()``; training (autograd) and ``torch.compile`` never use it. Outputs
+    equal the unfused call's to rounding: bit for bit in the layers where that call takes the merged weight too
+    (``layers.merged_forward_pays``), the low-rank pair's rounding elsewhere. ``pipe``: a pipeline, or one model (UNet, text encoder).
     ``enabled=False`` frees the kept weights.
 
     Example:
