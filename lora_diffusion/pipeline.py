@@ -522,8 +522,8 @@ def cache_merged_weights(pipe, enabled: bool = True) -> None:
     fp16, ~1.9 GB for SDXL's). A layer makes its merged weight again in the first call after a ``set_adapters``,
     a load, an optimizer step or a ``.to()``; training (autograd) and ``torch.compile`` never use it. Outputs
     equal the unfused call's to rounding: bit for bit in the layers where that call takes the merged weight too
-    (``layers.merged_forward_pays``), the low-rank pair's rounding elsewhere. ``pipe``: a pipeline, or one model (UNet, text encoder).
-    ``enabled=False`` frees the kept weights.
+    (``layers.merged_forward_pays``), the low-rank pair's rounding elsewhere. ``pipe``: a pipeline, or one model
+    (UNet, text encoder). ``enabled=False`` frees the kept weights.
 
     Example:
         >>> cache_merged_weights(pipe)                  # e.g. A1111-style generation with changing blends

@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import copy
-
 import json
 import tempfile
 from functools import lru_cache

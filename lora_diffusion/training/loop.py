@@ -72,12 +72,13 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
-def _pipeline_class_name(path: Path) -> str:
-    """The pipeline class a diffusers folder names in its ``model_index.json`` ("" where it names none)."""
+def _model_index(path: Path) -> dict:
+    """A diffusers folder's ``model_index.json`` (``{}`` where it is missing or unreadable)."""
     try:
-        return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def load_pipeline(name_or_path: str):
@@ -89,7 +90,7 @@ def load_pipeline(name_or_path: str):
     kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_file():
         pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-    elif path.is_dir() and _pipeline_class_name(path) == StableDiffusionXLPipeline.__name__:
+    elif path.is_dir() and _model_index(path).get("_class_name") == StableDiffusionXLPipeline.__name__:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
     else:
         pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
@@ -109,11 +110,7 @@ def _load_model(name_or_path: str):
         if path.is_file():
             raise ConfigError(f"{flag}: cannot load it as a single-file Stable Diffusion checkpoint ({cause})") from e
         if path.is_dir():
-            try:
-                components = [k for k, v in json.loads((path / "model_index.json").read_text()).items()
-                              if isinstance(v, list) and v[0]]
-            except (OSError, ValueError, AttributeError):
-                components = []
+            components = [k for k, v in _model_index(path).items() if isinstance(v, list) and v and v[0]]
             failed = next((c for c in components if str(path / c) in str(e)), None)
             raise ConfigError(f"{path}: cannot load the {failed or 'model'} ({cause})") from e
         raise ConfigError(f"{flag}: no such model folder, and it did not load from the Hugging Face Hub "
@@ -136,7 +133,8 @@ def _check_sd_model(pipe, name_or_path: str) -> None:
     width = sum(e.config.hidden_size for e in encoders)
     kind = "SDXL" if is_sdxl(pipe) else "Stable Diffusion 1.x/2.x"
     if (getattr(unet, "addition_embed_type", None) == "text_time") != is_sdxl(pipe):
-        what = "an SDXL UNet without SDXL's second text encoder" if not is_sdxl(pipe) else "an SDXL pipeline whose UNet lacks SDXL's size conditioning"
+        what = ("an SDXL pipeline whose UNet lacks SDXL's size conditioning" if is_sdxl(pipe)
+                else "an SDXL UNet without SDXL's second text encoder")
         raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: {what} (model_index.json's _class_name "
                           f"should be StableDiffusionXLPipeline for SDXL)")
     if isinstance(unet.cross_attention_dim, int) and unet.cross_attention_dim != width:
