@@ -36,6 +36,7 @@ from .formats import (
     our_metadata,
     read_lora_file,
     user_metadata,
+    with_text_model,
     write_lora_file,
 )
 from .formats_cloneofsimo import learned_tokens
@@ -74,7 +75,8 @@ def bake(
 
     ``base`` is a diffusers model folder or a loaded pipeline (left as it was). ``text_encoder`` optionally gives
     other weights for the text encoder, per file. The result loads with ``from_pretrained`` and no LoRA code.
-    ``single_file`` also writes an original-layout (LDM) ``.safetensors`` checkpoint for A1111 / ComfyUI.
+    ``single_file`` also writes an original-layout (LDM; SGM for SDXL) ``.safetensors`` checkpoint for A1111 / ComfyUI
+    (``to_ldm_checkpoint``).
     Outputs are refused if they are (or, for the folder, hold or lie inside) an input or the base folder, and if
     they exist unless ``overwrite``; the folder is written beside ``out_dir`` and renamed into place.
 
@@ -100,8 +102,6 @@ def bake(
             raise FileNotFoundError(f"{base}: no such model folder, nor a hub model that could be loaded (--debug shows why)") from e
     else:
         pipe = base
-    if single_file is not None:
-        _check_sd1_layout(pipe)
     saved = snapshot(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
     tokenizer = getattr(pipe, "tokenizer", None)
     vocab = set(tokenizer.get_vocab()) if tokenizer is not None else set()  # (a LoRA's learned token is baked in)
@@ -184,19 +184,53 @@ def check_output(
 _LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _check_sd1_layout(pipe) -> None:
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError("a single-file checkpoint is written in the SD 1.x layout; this is an SDXL pipeline "
-                         "(two text encoders): use the diffusers folder")
+# An HF CLIP text encoder layer's modules in open_clip's names (SDXL's second text encoder in SGM checkpoints;
+# q/k/v are packed into ``attn.in_proj_*``)
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                    "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+def _open_clip_state(encoder, component: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's weights in open_clip's layout, as original checkpoints hold OpenCLIP (SDXL's second
+    encoder, SD 2.x's): q/k/v packed into ``in_proj``, ``text_projection`` (where there is one) transposed. Any
+    weight it has no name for is refused."""
+    state = {k if k == "text_projection.weight" else with_text_model(k): t for k, t in encoder.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[key]] = t
+        elif key == "text_projection.weight":
+            out["text_projection"] = t.T.contiguous()
+        elif key.startswith("text_model.encoder.layers."):
+            i, _, rest = key.removeprefix("text_model.encoder.layers.").partition(".")
+            module, _, leaf = rest.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module == "self_attn.q_proj":
+                    packed = [state[f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{leaf}"] for p in "qkv"]
+                    out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = torch.cat(packed)
+            elif module in _OPEN_CLIP_LAYER:
+                out[f"transformer.resblocks.{i}.{_OPEN_CLIP_LAYER[module]}.{leaf}"] = t
+            else:
+                raise ValueError(f"{component}: no open_clip name for {key}")
+        else:
+            raise ValueError(f"text_encoder_2: no open_clip name for {key}")
+    return out
 
 
 def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and CLIP text encoder as one original-layout (LDM / A1111) SD 1.x state dict.
+    """The pipeline's UNet, VAE and text encoder(s) as one original-layout state dict, as A1111 and ComfyUI load
+    it: LDM for SD 1.x (CLIP-L under ``cond_stage_model.transformer.``) and SD 2.x (OpenCLIP, told by its ``gelu``,
+    in open_clip's layout under ``cond_stage_model.model.``), SGM for SDXL (the UNet's blocks by SGM names, CLIP-L
+    under ``conditioner.embedders.0.transformer.``, OpenCLIP-G in open_clip's layout under
+    ``conditioner.embedders.1.model.``).
 
     Example:
         >>> safetensors.torch.save_file(to_ldm_checkpoint(pipe), "model.safetensors")
     """
-    _check_sd1_layout(pipe)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     out: dict[str, torch.Tensor] = {}
     unet, text_encoder = unwrap(pipe.unet), unwrap(pipe.text_encoder)
     lpb = unet.config.layers_per_block
@@ -227,8 +261,16 @@ def to_ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
             if leaf == "weight" and t.dim() == 2:
                 t = t[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
         out["first_stage_model." + new] = t
+    if not sdxl and text_encoder.config.hidden_act == "gelu":  # SD 2.x: OpenCLIP-H (CLIP-L runs quick_gelu)
+        for key, t in _open_clip_state(text_encoder, "text_encoder").items():
+            out["cond_stage_model.model." + key] = t
+        return out
+    clip_prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
     for key, t in text_encoder.state_dict().items():
-        out["cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)] = t
+        out[clip_prefix + with_text_model(key)] = t
+    if sdxl:
+        for key, t in _open_clip_state(unwrap(pipe.text_encoder_2), "text_encoder_2").items():
+            out["conditioner.embedders.1.model." + key] = t
     return out
 
 

@@ -309,6 +309,25 @@ def test_bake_writes_a_model_with_the_blend_fused_in(files, tmp_path):
     assert not list(lora_layers(base.unet)) and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_single_file_sd2_checkpoint_holds_openclip_in_open_clip_layout():
+    """SD 2.x's text encoder (OpenCLIP, ``gelu``) goes under ``cond_stage_model.model.`` in open_clip's layout (q/k/v
+    packed), as SD 2.x checkpoints hold it: diffusers' own converter reads every weight back exactly."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_diffusion.formats import with_text_model
+    from lora_diffusion.tools import to_ldm_checkpoint
+
+    pipe = tiny_pipeline(0)
+    torch.manual_seed(0)
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**{**pipe.text_encoder.config.to_dict(), "hidden_act": "gelu"}))
+    ckpt = to_ldm_checkpoint(pipe)
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in ckpt)
+    back = convert_open_clip_checkpoint(pipe.text_encoder, ckpt, prefix="cond_stage_model.model.")
+    ref = {with_text_model(k): v for k, v in pipe.text_encoder.state_dict().items()}
+    assert back.keys() == ref.keys() and all(torch.equal(back[k], ref[k]) for k in ref)
+
+
 def test_adapters_loaded_under_inference_mode_blend(files):
     """Factors created inside torch.inference_mode() have no version counter; the concatenated path still runs."""
     with torch.inference_mode():

@@ -126,22 +126,45 @@ def test_lbw_sdxl_vector_weights_the_sdxl_blocks():
 
 
 def test_bake_an_sdxl_pipeline(tmp_path):
-    """``bake`` fuses into both text encoders and saves a folder that stock diffusers loads with the LoRA in it;
-    the pipeline comes back as it was; a single-file (SD 1.x layout) checkpoint of SDXL is refused up front."""
+    """``bake`` fuses into both text encoders and saves a folder that stock diffusers loads with the LoRA in it,
+    and a single-file checkpoint in SGM layout whose every weight diffusers' own converters read back exactly (UNet
+    with SGM block names, VAE, CLIP-L, OpenCLIP-G in open_clip's layout); the pipeline comes back as it was."""
     from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from safetensors.torch import load_file
 
+    from lora_diffusion.formats import strip_text_model
     from lora_diffusion.tools import bake
 
     pipe = tiny_sdxl_pipeline(0)
     path = tmp_path / "xl.safetensors"
     write_lora_file(path, random_lora(pipe, seed=3, rank=4, alpha=4), dtype=torch.float32)
-    with pytest.raises(ValueError, match="SDXL"):
-        bake(pipe, {path: 0.7}, tmp_path / "refused", single_file=tmp_path / "xl.ckpt.safetensors")
-    assert not (tmp_path / "refused").exists()
-    bake(pipe, {path: 0.7}, tmp_path / "baked")
+    bake(pipe, {path: 0.7}, tmp_path / "baked", single_file=tmp_path / "xl.ckpt.safetensors")
     assert list_adapters(pipe) == {} and not list(lora_layers(pipe.text_encoder_2))
     baked = StableDiffusionXLPipeline.from_pretrained(tmp_path / "baked")
     baked.set_progress_bar_config(disable=True)
+    ckpt = load_file(str(tmp_path / "xl.ckpt.safetensors"))
+    assert any(k.startswith("model.diffusion_model.label_emb.0.0.") for k in ckpt)
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in ckpt
+    te1 = convert_ldm_clip_checkpoint(ckpt)
+    te2 = convert_open_clip_checkpoint(baked.text_encoder_2, ckpt, prefix="conditioner.embedders.1.model.")
+    flat = not any(k.startswith("text_model.") for k in baked.text_encoder.state_dict())  # (transformers >= 5.6)
+    converted = ((convert_ldm_unet_checkpoint(ckpt, dict(baked.unet.config)), baked.unet),
+                 (convert_ldm_vae_checkpoint(ckpt, dict(baked.vae.config)), baked.vae),
+                 ({strip_text_model(k) if flat else k: v for k, v in te1.items()}, baked.text_encoder),
+                 (te2, baked.text_encoder_2))
+    for back, model in converted:
+        ref = model.state_dict()
+        assert back.keys() == ref.keys(), sorted(set(back) ^ set(ref))[:5]
+        assert all(torch.equal(back[k], ref[k]) for k in ref)
+    # nothing else in the file (open_clip packs each layer's six q/k/v tensors into two)
+    packed = 4 * baked.text_encoder_2.config.num_hidden_layers
+    assert len(ckpt) == sum(len(model.state_dict()) for _, model in converted) - packed
     load_lora(pipe, path, weight=0.7)
     fuse(pipe)
     assert abs(generate(baked) - generate(pipe)).max() < 1e-5
