@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,76 @@ def test_accelerate_launch_two_processes(base, tmp_path):
     meta = our_metadata(read_lora_file(out / outputs.LORA_NAME)[1])
     assert meta["num_processes"] == 2
     assert (out / "samples" / "step-000002.png").is_file() and (out / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_a_second_sigint_aborts_only_when_it_is_a_second_press(monkeypatch):
+    """The launcher's forwarded copy of a Ctrl-C (within ``SAME_PRESS_S``) is the same press; a later one aborts."""
+    clock = {"now": 100.0}
+    monkeypatch.setattr(loop_module.time, "monotonic", lambda: clock["now"])
+    ctrl_c = loop_module._CtrlC()
+    try:
+        ctrl_c._handle(2, None)
+        clock["now"] += 0.05
+        ctrl_c._handle(2, None)  # torchrun forwarding the terminal's SIGINT: no abort
+        assert ctrl_c.pressed
+        clock["now"] += loop_module._CtrlC.SAME_PRESS_S
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c._handle(2, None)
+    finally:
+        ctrl_c.restore()
+
+
+CTRL_C_WORKER = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+    from accelerate import PartialState
+    from lora_diffusion.training import TrainConfig, train
+
+    base, data, out, report = sys.argv[1:5]
+
+    def progress(p):  # (main process only) tell the test that steps are running
+        if p["step"] == 3:
+            pathlib.Path(report, "running").touch()
+
+    config = TrainConfig(pretrained_model_name_or_path=base, train_data_dir=data, output_dir=out, resolution=32,
+                         max_train_steps=100_000, seed=0, num_validation_images=0, checkpointing_steps=0,
+                         dataloader_num_workers=2)
+    result = train(config, progress=progress)
+    with open(os.path.join(report, f"result{PartialState().process_index}.json"), "w") as f:
+        json.dump({"status": result.status, "step": result.global_step}, f)
+    """
+)
+
+
+def test_ctrl_c_under_accelerate_launch_with_loader_workers_saves_a_checkpoint(base, tmp_path):
+    """A terminal's Ctrl-C reaches the launcher, both ranks and their data-loader workers, and torchrun forwards it
+    to the ranks once more: the workers stay up (they leave SIGINT to the rank), the forwarded copy counts as the same
+    press, and both ranks stop after the same step with a checkpoint of it."""
+    import signal
+
+    data = flat_images(tmp_path / "data", n=4)
+    worker = tmp_path / "worker.py"
+    worker.write_text(CTRL_C_WORKER)
+    report, out = tmp_path / "report", tmp_path / "out"
+    report.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(worker), base, str(data), str(out), str(report)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (report / "running").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "exited unexpectedly" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    r0, r1 = (json.loads((report / f"result{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and r0["status"] == "cancelled" and r0["step"] >= 3, (r0, r1)
+    assert [p.name for p in outputs.list_checkpoints(out)] == [f"checkpoint-{r0['step']}"]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

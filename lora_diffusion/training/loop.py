@@ -405,24 +405,38 @@ def _left_to_do(step: int, max_steps: int, output_dir: Path) -> bool:
 
 class _CtrlC:
     """Ctrl-C (SIGINT) during the loop, in the main thread: the first one stops the run after the current step,
-    like ``cancel`` (a checkpoint is saved); a second one raises ``KeyboardInterrupt`` at once. The handler is
+    like ``cancel`` (a checkpoint is saved); a second one raises ``KeyboardInterrupt`` at once. A SIGINT within
+    ``SAME_PRESS_S`` of the first is the same press: under ``accelerate launch`` (torchrun) a terminal's Ctrl-C
+    reaches every process of the group, and the launcher forwards it to its workers once more. The handler is
     installed on creation (only over Python's default one) and ``restore`` puts the previous one back."""
+
+    SAME_PRESS_S = 2.0
 
     def __init__(self) -> None:
         self.pressed = False
+        self.pressed_at = 0.0
         self.previous = None
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
+            if time.monotonic() - self.pressed_at > self.SAME_PRESS_S:
+                raise KeyboardInterrupt
+            return
+        self.pressed, self.pressed_at = True, time.monotonic()
         logger.warning("Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
 
     def restore(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the training process (``_CtrlC``): a terminal's SIGINT reaches the whole
+    process group, and a worker it ended would fail the step that the loop still runs before it stops (with
+    several processes the ranks agree on stopping only after that step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _restore_lora(model: nn.Module, component: str, path: Path) -> None:
@@ -630,7 +644,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                      "size_conditioning": torch.tensor([dataset_.size_conditioning(i, *dataset_.augmentation(s)) for i, s in keys])}
                     for keys in sampler)
         return iter(torch.utils.data.DataLoader(dataset_, batch_sampler=sampler, collate_fn=collate,
-                                                num_workers=config.dataloader_num_workers))
+                                                num_workers=config.dataloader_num_workers, worker_init_fn=_ignore_ctrl_c))
 
     batches = loader(plan, dataset, config.cache_latents)
     class_batches = loader(class_plan, class_latents.dataset, config.cache_latents) if class_plan else None
