@@ -184,8 +184,8 @@ def check_output(
 _LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-# An HF CLIP text encoder layer's modules in open_clip's names (SDXL's second text encoder in SGM checkpoints;
-# q/k/v are packed into ``attn.in_proj_*``)
+# An HF CLIP text encoder's modules in open_clip's names (OpenCLIP in original checkpoints: SD 2.x's text encoder,
+# SDXL's second; q/k/v are packed into ``attn.in_proj_*``)
 _OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 _OPEN_CLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
@@ -216,7 +216,7 @@ def _open_clip_state(encoder, component: str) -> dict[str, torch.Tensor]:
             else:
                 raise ValueError(f"{component}: no open_clip name for {key}")
         else:
-            raise ValueError(f"text_encoder_2: no open_clip name for {key}")
+            raise ValueError(f"{component}: no open_clip name for {key}")
     return out
 
 
