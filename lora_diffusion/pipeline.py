@@ -333,7 +333,9 @@ def load_lora(
     return adapter
 
 
-_SDXL_EMBEDDING_KEYS = (("clip_l", "tokenizer", "text_encoder"), ("clip_g", "tokenizer_2", "text_encoder_2"))
+# An SDXL learned-token file: its key per text encoder (and the pipeline's tokenizer / encoder attributes), in the
+# pipeline's order; training writes it (``training.loop.PivotalToken``), ``load_lora`` reads it
+SDXL_EMBEDDING_KEYS = (("clip_l", "tokenizer", "text_encoder"), ("clip_g", "tokenizer_2", "text_encoder_2"))
 
 
 def _learned_tokens(pipe, source: Path, name: object, trigger_words: object) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
@@ -352,7 +354,7 @@ def _learned_tokens(pipe, source: Path, name: object, trigger_words: object) -> 
                        "tokenizer (copy the file next to the LoRA, or pipe.load_textual_inversion it)", source, file.name)
         return []
     tensors, header = read_safetensors(file)
-    if set(tensors) == {key for key, _, _ in _SDXL_EMBEDDING_KEYS}:
+    if set(tensors) == {key for key, _, _ in SDXL_EMBEDDING_KEYS}:
         if getattr(pipe, "text_encoder_2", None) is None:
             raise LoraFormatError(f"{file}: an SDXL embedding (clip_l, clip_g); this pipeline has one text encoder")
         words = trigger_words if isinstance(trigger_words, list) else []
@@ -360,7 +362,7 @@ def _learned_tokens(pipe, source: Path, name: object, trigger_words: object) -> 
         if not token:
             raise LoraFormatError(f"{file}: an SDXL embedding without its token (no 'token' in its metadata, no "
                                   f"trigger word in the LoRA's)")
-        loads = [(tok, enc, {token: tensors[key].reshape(-1)}) for key, tok, enc in _SDXL_EMBEDDING_KEYS]
+        loads = [(tok, enc, {token: tensors[key].reshape(-1)}) for key, tok, enc in SDXL_EMBEDDING_KEYS]
     else:
         loads = [("tokenizer", "text_encoder", tensors)]
     out = []

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora, set_backward
-from ..pipeline import lora_from_model, save_lora
+from ..pipeline import SDXL_EMBEDDING_KEYS, lora_from_model, save_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
 from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, mix_seed, scan_images
@@ -174,7 +174,7 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: torch.Generator, config: TrainConfig,
                    added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """Mean denoising loss of one batch: noise the latents at random timesteps and compare the UNet's prediction
-    (``added_cond_kwargs``: SDXL's pooled text and size conditioning, ``sdxl_conditioning``)."""
+    (``added_cond_kwargs``: SDXL's pooled text and size conditioning, from ``condition``)."""
     batch, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if config.noise_offset:
@@ -289,7 +289,7 @@ class PivotalToken:
     "clip_g": [1, w2]}`` (what A1111 and diffusers' SDXL trainers write), the token in the file's metadata.
     """
 
-    SDXL_KEYS = ("clip_l", "clip_g")
+    SDXL_KEYS = tuple(key for key, _, _ in SDXL_EMBEDDING_KEYS)
 
     def __init__(self, pairs: list, token: str, initializer: str = "") -> None:
         """``pairs``: ``[(tokenizer, text_encoder)]``, one per text encoder, in the pipeline's order."""
