@@ -55,6 +55,7 @@ __all__ = [
     "to_kohya",
     "from_kohya",
     "from_cloneofsimo",
+    "from_lycoris",
 ]
 
 FORMAT_VERSION = 1
@@ -305,7 +306,8 @@ WRITERS: dict[str, Writer] = {"diffusers": to_diffusers}
 # readers that map positions to module paths and accept the model's module listing as `modules=`
 NEEDS_MODULES = {"cloneofsimo"}
 
-# LyCORIS adapter types, recognised by their key fragments, so that a file is refused by name
+# LyCORIS adapter types, recognised by their key fragments, so that a file no reader takes is refused by name
+# (LoHa and LoKr files load, formats_lycoris; one that mixes in DoRA or has keys missing is refused)
 _LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT", ".on_input": "(IA)^3"}
 
 
@@ -330,7 +332,7 @@ def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None 
     if lycoris:
         kinds = ", ".join(f"{name} ({n} keys)" for name, n in sorted(lycoris.items()))
         example = next(k for k in state if any(f in k for f in _LYCORIS))
-        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon; e.g. key {example!r}")
+        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon/LoHa/LoKr; e.g. key {example!r}")
     if not state:
         raise LoraFormatError("no tensors: not a LoRA")
     # name the keys that spoil the closest format (the one most keys fit), not keys that are fine
@@ -554,7 +556,9 @@ def our_metadata(header: dict[str, str]) -> dict:
 # ---------------------------------------------------------------------------------------------- other formats
 from .formats_cloneofsimo import from_cloneofsimo, is_cloneofsimo  # noqa: E402  (they use the names above)
 from .formats_kohya import from_kohya, is_kohya, to_kohya  # noqa: E402
+from .formats_lycoris import from_lycoris, is_lycoris  # noqa: E402
 
 READERS["kohya"] = (is_kohya, from_kohya)
 READERS["cloneofsimo"] = (is_cloneofsimo, from_cloneofsimo)
+READERS["lycoris"] = (is_lycoris, from_lycoris)
 WRITERS["kohya"] = to_kohya

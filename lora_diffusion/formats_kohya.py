@@ -28,7 +28,7 @@ from collections import Counter
 
 import torch
 
-__all__ = ["to_kohya", "from_kohya", "is_kohya", "kohya_name", "module_path_from_kohya", "KOHYA_PREFIXES"]
+__all__ = ["to_kohya", "from_kohya", "is_kohya", "kohya_name", "canonical_key", "module_path_from_kohya", "KOHYA_PREFIXES"]
 
 # kohya prefix <-> canonical component
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
@@ -166,6 +166,15 @@ def module_path_from_kohya(name: str) -> tuple[str, str]:
     raise ValueError(f"{name!r} has no kohya prefix ({', '.join(KOHYA_PREFIXES)})")
 
 
+def canonical_key(name: str) -> str:
+    """kohya module name -> canonical key: ``lora_te_text_model_..._q_proj`` -> ``text_encoder.text_model....q_proj``
+    (text-encoder paths always with ``text_model.``)."""
+    from .formats import with_text_model
+
+    component, path = module_path_from_kohya(name)
+    return f"{component}.{with_text_model(path) if component.startswith('text_encoder') else path}"
+
+
 def kohya_name(key: str, sdxl: bool = False) -> str:
     """Canonical ``"unet.down_blocks.0....to_q"`` -> kohya module name ``lora_unet_down_blocks_0_..._to_q``.
     ``sdxl``: an SDXL LoRA, named as kohya's SDXL trainer names it: the UNet's modules by their SGM blocks
@@ -187,7 +196,7 @@ def is_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = Non
 
 def from_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):
     """kohya/A1111/ComfyUI state dict -> canonical ``{"<component>.<path>": LoraWeights}``; missing alpha = rank."""
-    from .formats import LoraFormatError, LoraWeights, _check_pair, with_text_model
+    from .formats import LoraFormatError, LoraWeights, _check_pair
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -201,10 +210,7 @@ def from_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     for name, p in parts.items():
         if "A" not in p or "B" not in p:
             raise LoraFormatError(f"{source}: {name} has only {sorted(p)}; both lora_down and lora_up are needed")
-        component, path = module_path_from_kohya(name)
-        if component.startswith("text_encoder"):
-            path = with_text_model(path)
-        key = f"{component}.{path}"
+        key = canonical_key(name)
         _check_pair(key, p["A"], p["B"], source)
         if key in lora:
             raise LoraFormatError(f"{source}: two kohya keys map to the same module {key} (one is {name})")

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,6 +191,7 @@ def _plan(
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise LoraFormatError(f"{source}: {component}.{path} targets a {type(base).__name__}, not a Linear or Conv2d")
         expect = _expected_shapes(base, w.rank)
+        w = _conv_shaped(w, expect)
         if (tuple(w.A.shape), tuple(w.B.shape)) != expect:
             raise LoraFormatError(
                 f"{source}: {component}.{path}: file has down {tuple(w.A.shape)} / up {tuple(w.B.shape)}, "
@@ -266,6 +268,20 @@ def _take_out(model: nn.Module, adapter: str, touched: list[tuple[str, LoraLayer
             layer.delete_adapter(adapter)
         if fresh and not layer.specs:
             unwrap_layer(model, target)
+
+
+def _conv_shaped(w: LoraWeights, expect: tuple[tuple[int, ...], tuple[int, ...]]) -> LoraWeights:
+    """Factors in the shapes of the layer they target where they differ only by a flattening, as A1111 reshapes
+    them: a conv's flattened down ``[r, in*k*k]`` and up ``[out, r]`` (LyCORIS' LoHa / LoKr without Tucker factors,
+    a 1x1 conv stored as a Linear), or a Linear's stored as a 1x1 conv. Others as they are (the caller refuses them)."""
+    a_shape, b_shape = expect
+    if w.A.numel() != math.prod(a_shape) or w.B.numel() != math.prod(b_shape) or w.A.dim() == len(a_shape):
+        return w
+    flat = w.A.dim() == 2 and w.B.dim() == 2
+    one_by_one = w.A.dim() == 4 and w.A.shape[2:] == (1, 1) and w.B.shape[2:] == (1, 1)
+    if (len(a_shape) == 4 and flat) or (len(a_shape) == 2 and one_by_one):
+        return LoraWeights(w.A.reshape(a_shape), w.B.reshape(b_shape), w.alpha)
+    return w
 
 
 def _expected_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

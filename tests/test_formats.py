@@ -291,8 +291,9 @@ def test_other_architectures_are_named(tmp_path):
     assert inspect_lora(tmp_path / "sdxl.safetensors")["architecture"].startswith("SDXL")
 
 
-@pytest.mark.parametrize("keys, kind", [(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa"), (("lokr_w1", "lokr_w2"), "LoKr")])
+@pytest.mark.parametrize("keys, kind", [(("lora_down.weight", "lora_up.weight", "dora_scale"), "DoRA"), (("oft_blocks",), "OFT")])
 def test_lycoris_types_are_refused_by_name(tmp_path, keys, kind):
+    """(LoHa and LoKr load: tests/test_lycoris.py.)"""
     state = {f"lora_unet_down_blocks_1_attentions_0_proj_in.{k}": torch.zeros(4, 4) for k in keys}
     state["lora_unet_down_blocks_1_attentions_0_proj_in.alpha"] = torch.tensor(4.0)
     save_file(state, str(tmp_path / "lyco.safetensors"))

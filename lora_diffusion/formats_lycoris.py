@@ -1,0 +1,225 @@
+"""LyCORIS LoHa, LoKr and Tucker-LoCon files, read as exact LoRA factors.
+
+These files name modules as kohya does (``lora_unet_..._to_q``, ``lora_te_...``) and hold, per module, one of:
+
+- LoRA / LoCon: ``lora_down.weight``, ``lora_up.weight`` and, for a Tucker (CP) conv, ``lora_mid.weight``;
+- LoHa: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b`` (+ ``hada_t1``, ``hada_t2`` for a Tucker conv):
+  ``dW = s * (W1a W1b) * (W2a W2b)``, a Hadamard (elementwise) product;
+- LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b`` (+ ``lokr_t2``): ``dW = s * kron(W1, W2)``;
+
+each with an optional ``alpha``. ``s = alpha / dim``, ``dim`` being the inner width of the factors (LoHa: ``hada_w1_b``'s
+rows; LoKr: ``lokr_w2_b``'s, else ``lokr_w1_b``'s), and 1 where there is no alpha or no decomposed factor: what
+A1111 and ComfyUI compute.
+
+Each is a product of low-rank matrices, so each is a LoRA of a known rank, exactly (no SVD):
+``(U1 V1) * (U2 V2) = (U1 . U2)(V1 : V2)`` (the face-splitting identity: row-wise Kronecker products of the up
+factors, column-wise of the down factors; rank ``r1 * r2``), and ``kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2)``
+(a full ``W`` is ``W I`` or ``I W``, whichever is thinner). The scale goes into the up factor (``alpha`` = rank).
+Where that rank would exceed the layer's full rank, the delta is formed once and stored as ``I @ dW`` (or ``dW @ I``):
+exact, at the cost of the layer's weight in memory. From then on such a file is a LoRA like any other: it loads
+unfused, fuses, blends, merges and converts (``convert --to kohya`` writes the plain LoRA it equals).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["is_lycoris", "from_lycoris", "LYCORIS_SUFFIXES"]
+
+# suffix -> role, for the per-module keys this reader understands
+LYCORIS_SUFFIXES = {
+    ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
+    ".hada_w1_a": "hada_w1_a", ".hada_w1_b": "hada_w1_b", ".hada_w2_a": "hada_w2_a", ".hada_w2_b": "hada_w2_b",
+    ".hada_t1": "hada_t1", ".hada_t2": "hada_t2",
+    ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
+    ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
+}  # fmt: skip
+_SUFFIX_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(LYCORIS_SUFFIXES, key=len, reverse=True)) + ")$")
+_LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+
+# The SD UNets' 3x3 and 1x1 convolutions (diffusers paths). A LoHa / LoKr conv without Tucker factors stores its
+# down factor flattened, [r, in*k*k]; these names give it its kernel back, so that a file written from it (convert,
+# merge) carries conv-shaped factors, as diffusers and kohya expect. (The loader, which sees the layers, also
+# reshapes flattened and 1x1 factors to fit them, as A1111 does.)
+_CONV3 = re.compile(r"(^|\.)(conv1|conv2|conv_in|conv_out|(down|up)samplers\.\d+\.conv)$")
+_CONV1 = re.compile(r"\.(conv_shortcut|proj_in|proj_out)$")
+
+
+class _Error(ValueError):
+    pass
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    match = _SUFFIX_RE.search(key)
+    return (key[: match.start()], LYCORIS_SUFFIXES[match.group(1)]) if match else None
+
+
+def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> bool:
+    """Every key is a kohya-named module key this reader understands, and some module is LoHa, LoKr or Tucker LoCon."""
+    from .formats_kohya import KOHYA_PREFIXES
+
+    roles = [_split(k) for k in state]
+    if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
+        return False
+    return any(role.startswith(("hada_", "lokr_")) or role == "mid" for _, role in roles)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    return _wide(t).reshape(t.shape[0], -1)
+
+
+def _tucker(t: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``einsum("ijkl,ip,jc->pckl", t, up, down)`` as ``U [out, r] @ V [r, in*k*k]``: ``U = up^T``,
+    ``V[i] = sum_j t[i, j] down[j]``."""
+    return _wide(up).T.contiguous(), torch.einsum("ijkl,jc->ickl", _wide(t), _wide(down)).reshape(t.shape[0], -1)
+
+
+def _full(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full matrix as the thinner of ``w @ I`` and ``I @ w``."""
+    w = _matrix(w)
+    rows, cols = w.shape
+    return (w, torch.eye(cols, dtype=w.dtype)) if cols <= rows else (torch.eye(rows, dtype=w.dtype), w)
+
+
+def _face_split(u1, v1, u2, v2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u1 v1) * (u2 v2)`` (elementwise) as one product: rows of ``u`` and columns of ``v`` Kronecker-multiplied."""
+    u = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
+    v = (v1[:, None, :] * v2[None, :, :]).reshape(-1, v1.shape[1])
+    return u, v
+
+
+def _loha(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None, int]:
+    missing = sorted(_LOHA - set(p))
+    if missing:
+        raise _Error(f"is LoHa but has no {', '.join(missing)}")
+    halves, kernel = [], None
+    for i in (1, 2):
+        a, b, t = p[f"hada_w{i}_a"], p[f"hada_w{i}_b"], p.get(f"hada_t{i}")
+        if t is not None:
+            halves.append(_tucker(t, a, b))
+            kernel = tuple(t.shape[2:])
+        else:
+            halves.append((_matrix(a), _matrix(b)))
+            kernel = tuple(b.shape[2:]) if b.dim() == 4 else kernel
+    (u1, v1), (u2, v2) = halves
+    if u1.shape[0] != u2.shape[0] or v1.shape[1] != v2.shape[1]:
+        raise _Error(f"has LoHa halves of different shapes: {u1.shape[0]}x{v1.shape[1]} and {u2.shape[0]}x{v2.shape[1]}")
+    return *_face_split(u1, v1, u2, v2), kernel, int(p["hada_w1_b"].shape[0])
+
+
+def _lokr_factor(p: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    full, a, b, t = p.get(f"lokr_w{i}"), p.get(f"lokr_w{i}_a"), p.get(f"lokr_w{i}_b"), p.get(f"lokr_t{i}")
+    if full is not None:
+        return _full(full)
+    if a is None or b is None:
+        raise _Error(f"is LoKr but has neither lokr_w{i} nor both lokr_w{i}_a and lokr_w{i}_b")
+    return _tucker(t, a, b) if t is not None else (_matrix(a), _matrix(b))
+
+
+def _lokr(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None, int | None]:
+    (u1, v1), (u2, v2) = _lokr_factor(p, 1), _lokr_factor(p, 2)
+    w2 = p.get("lokr_w2", p.get("lokr_t2", p.get("lokr_w2_b")))
+    kernel = tuple(w2.shape[2:]) if w2 is not None and w2.dim() == 4 else None
+    dim = next((int(p[k].shape[0]) for k in ("lokr_w2_b", "lokr_w1_b") if k in p), None)
+    return torch.kron(u1, u2), torch.kron(v1, v2), kernel, dim
+
+
+def _tucker_locon(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None, int]:
+    if "down" not in p or "up" not in p:
+        raise _Error("has lora_mid but not both lora_down and lora_up")
+    mid, down, up = p["mid"], _matrix(p["down"]), _matrix(p["up"])
+    if mid.dim() != 4 or mid.shape[:2] != (up.shape[1], down.shape[0]):
+        raise _Error(f"has lora_mid {list(mid.shape)} that does not fit lora_up {list(p['up'].shape)} and lora_down {list(p['down'].shape)}")
+    # dW[o, c, k, l] = sum_{n, m} up[o, n] mid[n, m, k, l] down[m, c]: U = up, V[n] = sum_m mid[n, m] down[m]
+    v = torch.einsum("nmkl,mc->nckl", _wide(mid), down).reshape(mid.shape[0], -1)
+    return up, v, tuple(mid.shape[2:]), int(mid.shape[0])
+
+
+def _kernel(key: str, kernel: tuple[int, ...] | None, cols: int, linear_projections: bool) -> tuple[int, ...] | None:
+    """The conv kernel of a module whose factors do not show it: the SD UNets' 3x3 convs by name; ``conv_shortcut``,
+    and ``proj_in`` / ``proj_out`` unless the file is for SD 2.x / SDXL (whose are Linear), 1x1."""
+    if kernel or not key.startswith("unet."):
+        return kernel
+    if _CONV3.search(key) and cols % 9 == 0:
+        return (3, 3)
+    if _CONV1.search(key) and (not linear_projections or key.endswith("conv_shortcut")):
+        return (1, 1)
+    return None
+
+
+def _as_lora(u: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...] | None, scale: float):
+    """``scale * u @ v`` as ``LoraWeights`` (``alpha`` = rank), conv-shaped for a ``kernel``; the delta formed once
+    where the rank would exceed the layer's full rank."""
+    from .formats import LoraWeights
+
+    out, cols = u.shape[0], v.shape[1]
+    u = u * scale
+    if u.shape[1] > min(out, cols):
+        delta = u @ v
+        u, v = (torch.eye(out, dtype=delta.dtype), delta) if out <= cols else (delta, torch.eye(cols, dtype=delta.dtype))
+    rank = u.shape[1]
+    if kernel:
+        size = kernel[0] * kernel[1]
+        if cols % size:
+            raise _Error(f"has a down factor {cols} wide, not a multiple of its {kernel[0]}x{kernel[1]} kernel")
+        return LoraWeights(v.reshape(rank, cols // size, *kernel).contiguous(), u.reshape(out, rank, 1, 1).contiguous(), float(rank))
+    return LoraWeights(v.contiguous(), u.contiguous(), float(rank))
+
+
+def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):
+    """LyCORIS / kohya state dict (LoHa, LoKr, LoRA, LoCon, Tucker LoCon modules, mixed as they come) ->
+    canonical ``{"<component>.<path>": LoraWeights}``, each module exactly as the LoRA it equals."""
+    from .formats import LoraFormatError, LoraWeights, guess_architecture
+    from .formats_kohya import canonical_key, from_kohya
+
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, list[str]] = {}
+    for key, tensor in state.items():
+        split = _split(key)
+        if split is None:
+            raise LoraFormatError(f"{source}: key {key!r} is not a LyCORIS LoRA / LoHa / LoKr key")
+        modules.setdefault(split[0], {})[split[1]] = tensor
+        keys.setdefault(split[0], []).append(key)
+    plain: dict[str, torch.Tensor] = {}  # LoRA / LoCon modules, read by the kohya reader as they are
+    products = {}  # canonical key -> (kohya name, up, down, kernel, scale)
+    for name, p in modules.items():
+        kinds = {"LoHa" for r in p if r.startswith("hada_")} | {"LoKr" for r in p if r.startswith("lokr_")}
+        kinds |= {"LoRA" for r in p if r in ("down", "up", "mid")}
+        if len(kinds) > 1:
+            raise LoraFormatError(f"{source}: {name} mixes {' and '.join(sorted(kinds))} keys; one module has one kind")
+        if "alpha" in p and p["alpha"].numel() != 1:
+            raise LoraFormatError(f"{source}: {name}.alpha has shape {list(p['alpha'].shape)}; an alpha is one number")
+        if kinds <= {"LoRA"} and "mid" not in p:
+            plain.update({k: state[k] for k in keys[name]})
+            continue
+        try:
+            u, v, kernel, dim = _loha(p) if kinds == {"LoHa"} else _lokr(p) if kinds == {"LoKr"} else _tucker_locon(p)
+        except _Error as e:
+            raise LoraFormatError(f"{source}: {name} {e}") from None
+        except RuntimeError as e:  # shapes that do not multiply
+            shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in sorted(p.items()) if role != "alpha")
+            raise LoraFormatError(f"{source}: {name} has factors that do not fit together: {shapes}") from e
+        alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+        key = canonical_key(name)
+        if key in products:
+            raise LoraFormatError(f"{source}: two kohya names map to the same module {key} (one is {name})")
+        products[key] = (name, u, v, kernel, alpha / dim if alpha is not None and dim else 1.0)
+    lora = from_kohya(plain, header, source) if plain else {}
+    clash = next((key for key in products if key in lora), None)
+    if clash is not None:
+        raise LoraFormatError(f"{source}: two kohya names map to the same module {clash}")
+    # SD 2.x and SDXL have Linear proj_in / proj_out, SD 1.x 1x1 convs: told by the text width, as for any LoRA
+    linear_projections = guess_architecture({**lora, **{k: LoraWeights(v, u, 1.0) for k, (_, u, v, _, _) in products.items()}})
+    linear_projections = linear_projections.startswith(("SDXL", "SD 2"))
+    for key, (name, u, v, kernel, scale) in products.items():
+        try:
+            lora[key] = _as_lora(u, v, _kernel(key, kernel, v.shape[1], linear_projections), scale)
+        except _Error as e:
+            raise LoraFormatError(f"{source}: {name} {e}") from None
+    return lora

@@ -1,0 +1,229 @@
+"""LyCORIS LoHa / LoKr / Tucker-LoCon files load as the exact LoRA they equal: PEFT's deltas and outputs on the
+same weights, A1111's scale rules, the full-rank fallback, and errors that name the module."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+peft = pytest.importorskip("peft")
+from peft import LoHaConfig, LoKrConfig, get_peft_model, inject_adapter_in_model  # noqa: E402
+
+from lora_diffusion import fuse, load_lora  # noqa: E402
+from lora_diffusion.formats import LoraFormatError, from_lycoris, read_lora_file  # noqa: E402
+from lora_diffusion.formats_kohya import kohya_name  # noqa: E402
+from lora_diffusion.inject import lora_layers  # noqa: E402
+from lora_diffusion.testing import tiny_pipeline  # noqa: E402
+from lora_diffusion.tools import convert_lora, inspect_lora  # noqa: E402
+
+LIN = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+CONV = "unet.down_blocks.0.resnets.0.conv1"
+NAMES = {"lin": kohya_name(LIN), "conv": kohya_name(CONV)}
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 192)
+        self.conv = torch.nn.Conv2d(64, 96, 3, padding=1)
+
+
+def _randomize_peft(model, seed: int) -> dict[str, torch.Tensor]:
+    """Random LyCORIS factors in ``model``'s PEFT layers; returns them under LyCORIS' per-module names
+    (``<module>.hada_w1_a``...), the module part still PEFT's path."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in model.named_parameters():
+        if ".hada_" in name or ".lokr_" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            module, role = name.rsplit(".", 2)[:2]
+            out[f"{module}.{role}"] = p.detach().clone()
+    return out
+
+
+def _delta(w) -> torch.Tensor:
+    return (w.B.flatten(1) @ w.A.flatten(1)) * (w.alpha / w.rank)
+
+
+CONFIGS = {
+    "loha": (LoHaConfig(r=4, alpha=6, target_modules=["lin", "conv"]), 16),
+    "loha_tucker": (LoHaConfig(r=4, alpha=6, target_modules=["lin", "conv"], use_effective_conv2d=True), 16),
+    "lokr_both_decomposed": (LoKrConfig(r=4, alpha=6, target_modules=["lin", "conv"], decompose_both=True), 16),
+    "lokr_tucker": (LoKrConfig(r=4, alpha=6, target_modules=["lin", "conv"], decompose_both=True, use_effective_conv2d=True), None),
+    "lokr_w1_full": (LoKrConfig(r=4, alpha=6, target_modules=["lin", "conv"]), None),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_delta_equals_peft(config):
+    """Each module's LoRA form, B @ A * alpha / r, is PEFT's delta for the same factors (fp32 rounding), with the
+    rank the identities give (the Linear: r * r), not a dense fallback."""
+    cfg, rank = CONFIGS[config]
+    model = get_peft_model(TwoLayers(), cfg)
+    factors = _randomize_peft(model, seed=1)
+    state = {f"{NAMES[k.split('.')[-2]]}.{k.rsplit('.', 1)[1]}": t for k, t in factors.items()}
+    state.update({f"{name}.alpha": torch.tensor(6.0) for name in NAMES.values()})
+    lora = from_lycoris(state)
+    for module, key in (("lin", LIN), ("conv", CONV)):
+        ref = getattr(model.base_model.model, module).get_delta_weight("default")
+        w = lora[key]
+        assert w.A.dim() == ref.dim() and w.B.shape[0] == ref.shape[0]
+        ours = _delta(w).reshape(ref.shape)
+        assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (config, module)
+    if rank is not None:
+        assert lora[LIN].rank == rank
+
+
+def test_a1111_scales():
+    """alpha / dim where a factor is decomposed (LoKr: lokr_w2_b's rows), 1 where none is or there is no alpha."""
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(4, 4, generator=g), torch.randn(8, 16, generator=g)
+    w2a, w2b = torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g)
+    cases = {
+        "full_alpha": ({"lokr_w1": w1, "lokr_w2": w2, "alpha": torch.tensor(6.0)}, torch.kron(w1, w2)),
+        "decomposed_alpha": ({"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b, "alpha": torch.tensor(6.0)}, 3.0 * torch.kron(w1, w2a @ w2b)),
+        "decomposed_no_alpha": ({"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b}, torch.kron(w1, w2a @ w2b)),
+        "loha_no_alpha": ({"hada_w1_a": w2a, "hada_w1_b": w2b, "hada_w2_a": w2a.flip(0), "hada_w2_b": w2b}, (w2a @ w2b) * (w2a.flip(0) @ w2b)),
+    }
+    for case, (parts, expected) in cases.items():
+        (w,) = from_lycoris({f"{NAMES['lin']}.{role}": t for role, t in parts.items()}).values()
+        torch.testing.assert_close(_delta(w), expected, rtol=1e-5, atol=1e-6, msg=case)
+
+
+def test_full_rank_fallback_is_exact():
+    """A LoHa whose r1 * r2 exceeds the layer's full rank is stored as I @ dW: rank = min(out, in), exact."""
+    g = torch.Generator().manual_seed(0)
+    parts = {"hada_w1_a": torch.randn(24, 8, generator=g), "hada_w1_b": torch.randn(8, 40, generator=g),
+             "hada_w2_a": torch.randn(24, 8, generator=g), "hada_w2_b": torch.randn(8, 40, generator=g), "alpha": torch.tensor(4.0)}  # fmt: skip
+    (w,) = from_lycoris({f"{NAMES['lin']}.{role}": t for role, t in parts.items()}).values()
+    expected = 0.5 * (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+    assert w.rank == 24 and torch.equal(w.B, torch.eye(24))
+    torch.testing.assert_close(_delta(w), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_tucker_locon_equals_a1111_formula():
+    """LyCORIS LoCon with a Tucker core (``lora_mid``): dW[o, c] = sum up[o, n] mid[n, m] down[m, c] (per tap)."""
+    g = torch.Generator().manual_seed(0)
+    down, mid, up = torch.randn(4, 64, 1, 1, generator=g), torch.randn(4, 4, 3, 3, generator=g), torch.randn(96, 4, 1, 1, generator=g)
+    state = {f"{NAMES['conv']}.lora_down.weight": down, f"{NAMES['conv']}.lora_mid.weight": mid,
+             f"{NAMES['conv']}.lora_up.weight": up, f"{NAMES['conv']}.alpha": torch.tensor(2.0)}  # fmt: skip
+    (w,) = from_lycoris(state).values()
+    expected = 0.5 * torch.einsum("nmkl,on,mc->ockl", mid, up.flatten(1), down.flatten(1))
+    assert w.A.shape == (4, 64, 3, 3) and w.B.shape == (96, 4, 1, 1)
+    torch.testing.assert_close(_delta(w).reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+
+
+def _peft_loha_pipeline(seed: int, tucker: bool):
+    """The tiny pipeline with a PEFT LoHa on the UNet's attention projections and resnet convs (1x1 proj_in too,
+    flattened as LyCORIS stores it) and on the text encoder's q/v; and a LyCORIS file of the same factors."""
+    pipe = tiny_pipeline(0)
+    unet_cfg = LoHaConfig(r=2, alpha=3, target_modules=["to_q", "to_v", "conv1", "proj_in"], use_effective_conv2d=tucker)
+    pipe.unet = get_peft_model(pipe.unet, unet_cfg).base_model.model
+    inject_adapter_in_model(LoHaConfig(r=2, alpha=1, target_modules=["q_proj", "v_proj"]), pipe.text_encoder)
+    state = {}
+    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for key, t in _randomize_peft(model, seed).items():
+            module, role = key.rsplit(".", 1)
+            state[f"{kohya_name(f'{component}.{module}')}.{role}"] = t
+        alpha = 3.0 if component == "unet" else 1.0
+        for name in {k.rsplit(".", 1)[0] for k in state if k.startswith(kohya_name(component + ".x")[:-1])}:
+            state[f"{name}.alpha"] = torch.tensor(alpha)
+    return pipe, state
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_pipeline_equals_peft(tmp_path, tucker):
+    """Loaded into the tiny pipeline, a LoHa file gives PEFT's LoHa outputs on the same factors (UNet and text
+    encoder), unfused and fused; converted to a kohya LoRA, it is a plain LoRA file with the same outputs."""
+    ref, state = _peft_loha_pipeline(seed=3, tucker=tucker)
+    path = tmp_path / "loha.safetensors"
+    save_file(state, str(path))
+    g = torch.Generator().manual_seed(0)
+    ids = ref.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500])
+
+    def outputs(pipe):
+        with torch.no_grad():
+            text = pipe.text_encoder(ids)[0]
+            return text, pipe.unet(latents, t, encoder_hidden_states=text).sample
+
+    text_ref, unet_ref = outputs(ref)
+    pipe = tiny_pipeline(0)
+    base_text, base_unet = outputs(pipe)
+    assert load_lora(pipe, path) == "loha"
+    assert len(dict(lora_layers(pipe.unet))) == len([m for m in ref.unet.modules() if hasattr(m, "hada_w1_a")])
+    for fused in (False, True):
+        if fused:
+            fuse(pipe)
+        text, unet = outputs(pipe)
+        torch.testing.assert_close(text, text_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(unet, unet_ref, rtol=1e-4, atol=1e-4)
+    assert (text_ref - base_text).abs().max() > 1e-2 and (unet_ref - base_unet).abs().max() > 1e-2  # it did something
+
+    # converted, a plain LoRA file: kohya's loads in ours, diffusers' in stock diffusers (whose kohya reader wants
+    # out_proj among the text encoder's targets to tell the key style), with PEFT's LoHa outputs
+    for fmt in ("kohya", "diffusers"):
+        out = convert_lora(path, tmp_path / f"as_{fmt}.safetensors", to=fmt)
+        assert read_lora_file(out)[1]["_format"] == fmt
+        pipe = tiny_pipeline(0)
+        if fmt == "kohya":
+            load_lora(pipe, out)
+        else:
+            pipe.load_lora_weights(str(out))
+        text, unet = outputs(pipe)
+        torch.testing.assert_close(text, text_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(unet, unet_ref, rtol=1e-4, atol=1e-4)
+    info = inspect_lora(path)
+    assert info["format"] == "lycoris" and info["conv_layers"] > 0
+
+
+def test_mixed_file_and_errors(tmp_path):
+    """A file that mixes LoRA and LoHa modules loads both; a LoHa module without its second half, one module
+    with LoHa and LoRA keys, and a DoRA file are refused, each naming the module or key."""
+    g = torch.Generator().manual_seed(0)
+    loha = {"hada_w1_a": torch.randn(64, 2, generator=g), "hada_w1_b": torch.randn(2, 64, generator=g),
+            "hada_w2_a": torch.randn(64, 2, generator=g), "hada_w2_b": torch.randn(2, 64, generator=g)}  # fmt: skip
+    q = kohya_name("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    k = kohya_name("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k")
+    state = {**{f"{q}.{r}": t for r, t in loha.items()}, f"{k}.lora_down.weight": torch.randn(2, 64, generator=g),
+             f"{k}.lora_up.weight": torch.randn(64, 2, generator=g), f"{k}.alpha": torch.tensor(1.0)}  # fmt: skip
+    lora = from_lycoris(state)
+    assert len(lora) == 2 and lora["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"].alpha == 1.0
+    save_file(state, str(tmp_path / "mixed.safetensors"))
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, tmp_path / "mixed.safetensors")
+    assert len(dict(lora_layers(pipe.unet))) == 2
+
+    def refused(bad: dict, match: str):
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(LoraFormatError, match=match):
+            read_lora_file(tmp_path / "bad.safetensors")
+
+    refused({f"{q}.hada_w1_a": loha["hada_w1_a"], f"{q}.hada_w1_b": loha["hada_w1_b"]}, f"{q} is LoHa but has no hada_w2_a, hada_w2_b")
+    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.lora_down.weight": torch.zeros(2, 64)}, f"{q} mixes LoHa and LoRA keys")
+    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.dora_scale": torch.ones(64, 1)}, "DoRA .*not supported yet")
+    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.hada_w2_b": torch.zeros(2, 63)}, f"{q} has LoHa halves of different shapes")
+    refused({f"{q}.lokr_w1": torch.zeros(2, 2), f"{q}.lokr_w2_a": torch.zeros(16, 2)}, f"{q} is LoKr but has neither lokr_w2 nor both")
+
+
+def test_flattened_factors_fit_the_layer(tmp_path):
+    """As A1111 reads them: a conv's factors stored flattened (a 1x1 proj_in's as a Linear's) and a Linear's stored
+    as a 1x1 conv's load, with the delta of the factors reshaped; a flattened factor of the wrong width is refused."""
+    g = torch.Generator().manual_seed(0)
+    proj_in, to_q = "unet.down_blocks.1.attentions.0.proj_in", "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    down, up = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    state = {f"{kohya_name(proj_in)}.lora_down.weight": down, f"{kohya_name(proj_in)}.lora_up.weight": up,
+             f"{kohya_name(to_q)}.lora_down.weight": down[:, :, None, None].clone(), f"{kohya_name(to_q)}.lora_up.weight": up[:, :, None, None].clone()}  # fmt: skip
+    save_file(state, str(tmp_path / "flat.safetensors"))
+    pipe = tiny_pipeline(0)
+    module = {p: p.split(".", 1)[1] for p in (proj_in, to_q)}
+    before = {p: pipe.unet.get_submodule(module[p]).weight.detach().clone() for p in (proj_in, to_q)}
+    load_lora(pipe, tmp_path / "flat.safetensors")
+    fuse(pipe)
+    for p in (proj_in, to_q):
+        delta = pipe.unet.get_submodule(module[p]).weight.detach() - before[p]
+        torch.testing.assert_close(delta.reshape(64, 64), up @ down, rtol=1e-5, atol=1e-5)
+    state[f"{kohya_name(proj_in)}.lora_down.weight"] = torch.randn(2, 63, generator=g)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(LoraFormatError, match=r"proj_in: file has down \(2, 63\)"):
+        load_lora(tiny_pipeline(0), tmp_path / "bad.safetensors")
