@@ -133,11 +133,12 @@ def tiny_sdxl_pipeline(seed: int = 0):
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=80,  # 6 size/crop numbers x 8 + the pooled text (32)
-            cross_attention_dim=64,  # both encoders' hidden states side by side
+            cross_attention_dim=80,  # both encoders' hidden states side by side (32 + 48)
         )
         torch.manual_seed(seed + 4)
         config = parts["text_encoder"].config.to_dict()
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "projection_dim": 32}))
+        # wider than the first, as OpenCLIP-G (1280) is than CLIP-L (768): diffusers' single-file loader tells them apart so
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "hidden_size": 48, "projection_dim": 32}))
     for model in (unet, text_encoder_2):
         model.eval()
     pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=text_encoder_2,

@@ -193,7 +193,7 @@ def test_an_sdxl_learned_token_loads_into_both_encoders_or_refuses_the_whole_loa
     pipe = tiny_sdxl_pipeline(0)
     lora = {k: v for k, v in random_lora(pipe, seed=1).items() if k.startswith("unet.")}
     gen = torch.Generator().manual_seed(0)
-    good = {"clip_l": torch.randn(1, 32, generator=gen), "clip_g": torch.randn(1, 32, generator=gen)}
+    good = {"clip_l": torch.randn(1, 32, generator=gen), "clip_g": torch.randn(1, 48, generator=gen)}
     cases = {"token": (good, {"token": "<a>"}, None), "trigger": (good, {}, ["<b>"]),
              "wide": ({**good, "clip_g": torch.randn(1, 40)}, {"token": "<c>"}, None), "nameless": (good, {}, None)}
     for name, (tensors, header, words) in cases.items():
@@ -204,7 +204,7 @@ def test_an_sdxl_learned_token_loads_into_both_encoders_or_refuses_the_whole_loa
         fresh = tiny_sdxl_pipeline(0)
         sizes = len(fresh.tokenizer), len(fresh.tokenizer_2)
         if name in ("wide", "nameless"):
-            with pytest.raises(LoraFormatError, match="text_encoder_2 needs finite vectors 32 wide|without its token"):
+            with pytest.raises(LoraFormatError, match="text_encoder_2 needs finite vectors 48 wide|without its token"):
                 load_lora(fresh, folder)
             assert list_adapters(fresh) == {} and (len(fresh.tokenizer), len(fresh.tokenizer_2)) == sizes
             continue
