@@ -26,7 +26,7 @@ from lora_diffusion.training import loop as loop_module
 from lora_diffusion.training import outputs
 from lora_diffusion.training.loop import diffusion_target, load_pipeline
 
-from training_support import PROMPT, RED, base_state, denoising_loss, flat_images
+from training_support import PROMPT, RED, base_state, denoising_loss, flat_images, same_lora_from_a_single_file
 
 
 @pytest.fixture(scope="module")
@@ -738,3 +738,13 @@ def test_cli_with_config_file_bf16_and_flags(base, tmp_path, capsys):
     assert (out / "log.csv").is_file() and (out / "loss.png").is_file()
     assert main(["--config", str(toml), "--output_dir", str(out)]) == 2  # a previous run is there
     assert "previous run" in capsys.readouterr().err
+
+
+def test_a_single_file_checkpoint_trains_the_lora_its_folder_trains(base, tmp_path, monkeypatch):
+    same_lora_from_a_single_file(base, tmp_path, config, monkeypatch)
+    monkeypatch.undo()
+    single = str(tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError, match="--single_file_config .*: only for a single-file"):
+        train(config(base, tmp_path / "a", single_file_config=base))
+    with pytest.raises(ConfigError, match="--single_file_config ./nowhere: no such file or folder"):
+        train(config(single, tmp_path / "b", single_file_config="./nowhere"))

@@ -17,7 +17,7 @@ from lora_diffusion.training.data import Example, ImageDataset
 from lora_diffusion.training import outputs
 from lora_diffusion.training.loop import condition, encode_text_sdxl, load_pipeline
 
-from training_support import PROMPT, base_state, denoising_loss, flat_images
+from training_support import PROMPT, base_state, denoising_loss, flat_images, same_lora_from_a_single_file
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
@@ -165,3 +165,8 @@ def test_pivotal_tuning_learns_one_vector_per_text_encoder_and_loads_alike(base,
     images = [p(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images for p in (ours, stock, fresh)]
     torch.testing.assert_close(images[1], images[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(images[2], images[0], rtol=1e-4, atol=1e-4)
+
+
+def test_an_sdxl_single_file_checkpoint_loads_as_sdxl_and_trains_the_lora_its_folder_trains(base, tmp_path, monkeypatch):
+    """(Its class told from its keys: an SDXL file loaded as StableDiffusionPipeline drops the second text encoder.)"""
+    same_lora_from_a_single_file(base, tmp_path, config, monkeypatch)

@@ -42,3 +42,39 @@ def denoising_loss(pipe, n: int = 8) -> float:
 def base_state(model) -> dict[str, torch.Tensor]:
     """``model``'s state without its LoRA factors, under the base model's keys."""
     return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+def same_lora_from_a_single_file(base: str, tmp_path: Path, config, monkeypatch) -> None:
+    """``base`` written as one original-layout checkpoint (as A1111 and Civitai share models) loads as the same
+    model class with the same weights, its configs and tokenizer(s) from ``--single_file_config`` (offline; by
+    default diffusers fetches those from the Hub), and trains into the LoRA the folder trains, bit for bit. (With
+    every weight copied afresh after loading, in both runs: a checkpoint's tensors sit at other memory alignments
+    than a folder's, which steers some CPU backward kernels' rounding, and Adam turns that into lr-sized steps
+    where a gradient is near zero.)"""
+    from lora_diffusion.formats import atomic_save, read_safetensors
+    from lora_diffusion.tools import to_ldm_checkpoint
+    from lora_diffusion.training import loop, train
+
+    load = loop.load_pipeline
+    single = tmp_path / "model.safetensors"
+    folder = load(base)
+    atomic_save(to_ldm_checkpoint(folder), single, {"format": "pt"})
+    loaded = load(str(single), base)
+    assert type(loaded) is type(folder)
+    parts = [name for name in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(folder, name, None) is not None]
+    for name in parts:
+        theirs = getattr(loaded, name).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(folder, name).state_dict().items()), name
+
+    def realigned(*args):
+        pipe = load(*args)
+        for name in parts:
+            for p in getattr(pipe, name).parameters():
+                p.data = p.data.clone()
+        return pipe
+
+    monkeypatch.setattr(loop, "load_pipeline", realigned)
+    runs = [config(str(single), tmp_path / "single", single_file_config=base, max_train_steps=2),
+            config(base, tmp_path / "folder", max_train_steps=2)]
+    files = [read_safetensors(train(c).lora_path)[0] for c in runs]
+    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])

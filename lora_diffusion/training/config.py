@@ -44,6 +44,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ model, data, output
     pretrained_model_name_or_path: str = _f("", "base model: a local diffusers folder, a hub id, or a single .safetensors/.ckpt file")
+    single_file_config: str = _f("", "for a single-file base model: a diffusers folder or hub id of the same architecture "
+                                 "whose configs and tokenizer(s) to use (default: diffusers fetches those of the matching base model)")
     train_data_dir: str = _f("", "folder of training images (captions beside them or in metadata.jsonl); "
                              "--instance_data_dir (DreamBooth's name) is the same setting")
     output_dir: str = _f("lora-output", "where the LoRA, checkpoints/, samples/, log.csv and loss.png go")

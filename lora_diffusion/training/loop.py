@@ -81,15 +81,35 @@ def _model_index(path: Path) -> dict:
     return index if isinstance(index, dict) else {}
 
 
-def load_pipeline(name_or_path: str):
-    """``StableDiffusionPipeline`` (or, for a folder whose ``model_index.json`` says so, ``StableDiffusionXLPipeline``)
-    from a diffusers folder, a hub id or a single SD 1.x/2.x checkpoint file (no safety checker)."""
+def _is_sdxl_file(path: Path) -> bool:
+    """Whether a single-file ``.safetensors`` checkpoint is SDXL's (SGM layout: a second text encoder under
+    ``conditioner.embedders.1``); read from the header, no tensor loaded. (Other files: not known, taken for SD.)"""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix.lower() != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False  # diffusers says what is wrong with it
+
+
+def load_pipeline(name_or_path: str, single_file_config: str | None = None):
+    """``StableDiffusionPipeline`` (or, for a folder whose ``model_index.json`` says so or an SDXL single file,
+    ``StableDiffusionXLPipeline``) from a diffusers folder, a hub id or a single checkpoint file (no safety checker).
+    ``single_file_config``: for a single file, a diffusers folder or hub id of the same architecture whose configs
+    and tokenizers to use (default: diffusers fetches those of the base model it infers from the weights)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(name_or_path).expanduser()
     kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_file():
-        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        config = {"config": single_file_config} if single_file_config else {}
+        if _is_sdxl_file(path):
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), **config)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **config, **kwargs)
     elif path.is_dir() and _model_index(path).get("_class_name") == StableDiffusionXLPipeline.__name__:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
     else:
@@ -98,11 +118,11 @@ def load_pipeline(name_or_path: str):
     return pipe
 
 
-def _load_model(name_or_path: str):
+def _load_model(name_or_path: str, single_file_config: str = ""):
     """``load_pipeline``, with a failure turned into a one-line ``ConfigError`` naming the model and, in a diffusers
     folder, the component that did not load (the original exception stays chained)."""
     try:
-        pipe = load_pipeline(name_or_path)
+        pipe = load_pipeline(name_or_path, single_file_config or None)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError, pickle.UnpicklingError) as e:
         flag = f"--pretrained_model_name_or_path {name_or_path}"
         cause = _first_line(e)
@@ -148,15 +168,26 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_model_path(name_or_path: str) -> None:
+def _check_model_path(name_or_path: str, flag: str = "--pretrained_model_name_or_path") -> None:
     """A local-looking path that does not exist fails here, before anything is loaded."""
     path = Path(name_or_path).expanduser()
     looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
                    or len(path.parts) > 1 and Path(path.parts[0]).is_dir())  # models/sd15 where ./models exists
     if looks_local and not path.exists():
-        raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: no such file or folder")
+        raise ConfigError(f"{flag} {name_or_path}: no such file or folder")
     if path.is_dir() and not (path / "model_index.json").is_file():
-        raise ConfigError(f"--pretrained_model_name_or_path {path}: not a diffusers pipeline folder (no model_index.json)")
+        raise ConfigError(f"{flag} {path}: not a diffusers pipeline folder (no model_index.json)")
+
+
+def _check_model_paths(config: TrainConfig) -> None:
+    _check_model_path(config.pretrained_model_name_or_path)
+    if config.single_file_config:
+        if not Path(config.pretrained_model_name_or_path).expanduser().is_file():
+            raise ConfigError(f"--single_file_config {config.single_file_config}: only for a single-file "
+                              f"--pretrained_model_name_or_path (a folder or hub id brings its own configs)")
+        _check_model_path(config.single_file_config, "--single_file_config")
+        if Path(config.single_file_config).expanduser().is_file():
+            raise ConfigError(f"--single_file_config {config.single_file_config}: a file; give a diffusers folder or hub id")
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -517,7 +548,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         else:
             resume = outputs.find_checkpoint(output_dir, config.resume_from_checkpoint)
     _prepare_output_dir(output_dir, resuming=resume is not None or replace_stopped, overwrite=config.overwrite)
-    _check_model_path(config.pretrained_model_name_or_path)
+    _check_model_paths(config)
     optimizer_class = _optimizer_class(config)
     if config.compile != "none":
         _check_compile(config.compile, config.compile_backend)
@@ -547,7 +578,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = _load_model(config.pretrained_model_name_or_path)
+    pipe = _load_model(config.pretrained_model_name_or_path, config.single_file_config)
     class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else None
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sdxl = is_sdxl(pipe)
