@@ -23,6 +23,8 @@ unfused, fuses, blends, merges and converts (``convert --to kohya`` writes the p
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -87,6 +89,19 @@ def _full(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w, torch.eye(cols, dtype=w.dtype)) if cols <= rows else (torch.eye(rows, dtype=w.dtype), w)
 
 
+class _Product(NamedTuple):
+    """A module's delta before its scale: ``up @ down`` of rank ``rank`` (the exact factorisation), or ``delta()``
+    formed directly (cheaper than the product where that rank exceeds the layer's)."""
+
+    out: int
+    cols: int
+    rank: int
+    factors: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    delta: Callable[[], torch.Tensor]
+    kernel: tuple[int, ...] | None
+    dim: int | None  # the inner width that alpha is divided by (None: scale 1)
+
+
 def _face_split(u1, v1, u2, v2) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u1 v1) * (u2 v2)`` (elementwise) as one product: rows of ``u`` and columns of ``v`` Kronecker-multiplied."""
     u = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
@@ -94,7 +109,7 @@ def _face_split(u1, v1, u2, v2) -> tuple[torch.Tensor, torch.Tensor]:
     return u, v
 
 
-def _loha(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None, int]:
+def _loha(p: dict[str, torch.Tensor]) -> _Product:
     missing = sorted(_LOHA - set(p))
     if missing:
         raise _Error(f"is LoHa but has no {', '.join(missing)}")
@@ -108,9 +123,11 @@ def _loha(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple
             halves.append((_matrix(a), _matrix(b)))
             kernel = tuple(b.shape[2:]) if b.dim() == 4 else kernel
     (u1, v1), (u2, v2) = halves
-    if u1.shape[0] != u2.shape[0] or v1.shape[1] != v2.shape[1]:
-        raise _Error(f"has LoHa halves of different shapes: {u1.shape[0]}x{v1.shape[1]} and {u2.shape[0]}x{v2.shape[1]}")
-    return *_face_split(u1, v1, u2, v2), kernel, int(p["hada_w1_b"].shape[0])
+    if u1.shape[0] != u2.shape[0] or v1.shape[1] != v2.shape[1] or u1.shape[1] != v1.shape[0] or u2.shape[1] != v2.shape[0]:
+        shapes = f"{list(u1.shape)} x {list(v1.shape)} and {list(u2.shape)} x {list(v2.shape)}"
+        raise _Error(f"has LoHa halves that do not fit together: {shapes}")
+    return _Product(u1.shape[0], v1.shape[1], u1.shape[1] * u2.shape[1], lambda: _face_split(u1, v1, u2, v2),
+                    lambda: (u1 @ v1) * (u2 @ v2), kernel, int(p["hada_w1_b"].shape[0]))
 
 
 def _lokr_factor(p: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,15 +139,18 @@ def _lokr_factor(p: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torc
     return _tucker(t, a, b) if t is not None else (_matrix(a), _matrix(b))
 
 
-def _lokr(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None, int | None]:
+def _lokr(p: dict[str, torch.Tensor]) -> _Product:
     (u1, v1), (u2, v2) = _lokr_factor(p, 1), _lokr_factor(p, 2)
+    if u1.shape[1] != v1.shape[0] or u2.shape[1] != v2.shape[0]:
+        raise _Error(f"has LoKr factors that do not fit together: {list(u1.shape)} x {list(v1.shape)}, {list(u2.shape)} x {list(v2.shape)}")
     w2 = p.get("lokr_w2", p.get("lokr_t2", p.get("lokr_w2_b")))
     kernel = tuple(w2.shape[2:]) if w2 is not None and w2.dim() == 4 else None
     dim = next((int(p[k].shape[0]) for k in ("lokr_w2_b", "lokr_w1_b") if k in p), None)
-    return torch.kron(u1, u2), torch.kron(v1, v2), kernel, dim
+    return _Product(u1.shape[0] * u2.shape[0], v1.shape[1] * v2.shape[1], u1.shape[1] * u2.shape[1],
+                    lambda: (torch.kron(u1, u2), torch.kron(v1, v2)), lambda: torch.kron(u1 @ v1, u2 @ v2), kernel, dim)
 
 
-def _tucker_locon(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None, int]:
+def _tucker_locon(p: dict[str, torch.Tensor]) -> _Product:
     if "down" not in p or "up" not in p:
         raise _Error("has lora_mid but not both lora_down and lora_up")
     mid, down, up = p["mid"], _matrix(p["down"]), _matrix(p["up"])
@@ -138,7 +158,7 @@ def _tucker_locon(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
         raise _Error(f"has lora_mid {list(mid.shape)} that does not fit lora_up {list(p['up'].shape)} and lora_down {list(p['down'].shape)}")
     # dW[o, c, k, l] = sum_{n, m} up[o, n] mid[n, m, k, l] down[m, c]: U = up, V[n] = sum_m mid[n, m] down[m]
     v = torch.einsum("nmkl,mc->nckl", _wide(mid), down).reshape(mid.shape[0], -1)
-    return up, v, tuple(mid.shape[2:]), int(mid.shape[0])
+    return _Product(up.shape[0], v.shape[1], up.shape[1], lambda: (up, v), lambda: up @ v, tuple(mid.shape[2:]), int(mid.shape[0]))
 
 
 def _kernel(key: str, kernel: tuple[int, ...] | None, cols: int, linear_projections: bool) -> tuple[int, ...] | None:
@@ -153,15 +173,17 @@ def _kernel(key: str, kernel: tuple[int, ...] | None, cols: int, linear_projecti
     return None
 
 
-def _as_lora(u: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...] | None, scale: float):
-    """``scale * u @ v`` as ``LoraWeights`` (``alpha`` = rank), conv-shaped for a ``kernel``; the delta formed once
-    where the rank would exceed the layer's full rank."""
+def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float):
+    """``scale * delta`` as ``LoraWeights`` (``alpha`` = rank), conv-shaped for a ``kernel``: the exact low-rank
+    factors, or, where their rank would exceed the layer's full rank, the delta itself beside an identity."""
     from .formats import LoraWeights
 
-    out, cols = u.shape[0], v.shape[1]
-    u = u * scale
-    if u.shape[1] > min(out, cols):
-        delta = u @ v
+    out, cols = product.out, product.cols
+    if product.rank <= min(out, cols):
+        u, v = product.factors()
+        u = u * scale
+    else:
+        delta = product.delta() * scale
         u, v = (torch.eye(out, dtype=delta.dtype), delta) if out <= cols else (delta, torch.eye(cols, dtype=delta.dtype))
     rank = u.shape[1]
     if kernel:
@@ -199,27 +221,27 @@ def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None =
             plain.update({k: state[k] for k in keys[name]})
             continue
         try:
-            u, v, kernel, dim = _loha(p) if kinds == {"LoHa"} else _lokr(p) if kinds == {"LoKr"} else _tucker_locon(p)
+            product = _loha(p) if kinds == {"LoHa"} else _lokr(p) if kinds == {"LoKr"} else _tucker_locon(p)
         except _Error as e:
             raise LoraFormatError(f"{source}: {name} {e}") from None
-        except RuntimeError as e:  # shapes that do not multiply
+        except RuntimeError as e:  # shapes that do not multiply (e.g. a Tucker core against its factors)
             shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in sorted(p.items()) if role != "alpha")
             raise LoraFormatError(f"{source}: {name} has factors that do not fit together: {shapes}") from e
         alpha = float(p["alpha"].float().item()) if "alpha" in p else None
         key = canonical_key(name)
         if key in products:
             raise LoraFormatError(f"{source}: two kohya names map to the same module {key} (one is {name})")
-        products[key] = (name, u, v, kernel, alpha / dim if alpha is not None and dim else 1.0)
+        products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0)
     lora = from_kohya(plain, header, source) if plain else {}
     clash = next((key for key in products if key in lora), None)
     if clash is not None:
         raise LoraFormatError(f"{source}: two kohya names map to the same module {clash}")
     # SD 2.x and SDXL have Linear proj_in / proj_out, SD 1.x 1x1 convs: told by the text width, as for any LoRA
-    linear_projections = guess_architecture({**lora, **{k: LoraWeights(v, u, 1.0) for k, (_, u, v, _, _) in products.items()}})
-    linear_projections = linear_projections.startswith(("SDXL", "SD 2"))
-    for key, (name, u, v, kernel, scale) in products.items():
+    widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, _) in products.items()}
+    linear_projections = guess_architecture({**lora, **widths}).startswith(("SDXL", "SD 2"))
+    for key, (name, product, scale) in products.items():
         try:
-            lora[key] = _as_lora(u, v, _kernel(key, kernel, v.shape[1], linear_projections), scale)
+            lora[key] = _as_lora(product, _kernel(key, product.kernel, product.cols, linear_projections), scale)
         except _Error as e:
             raise LoraFormatError(f"{source}: {name} {e}") from None
     return lora

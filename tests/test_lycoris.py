@@ -202,7 +202,7 @@ def test_mixed_file_and_errors(tmp_path):
     refused({f"{q}.hada_w1_a": loha["hada_w1_a"], f"{q}.hada_w1_b": loha["hada_w1_b"]}, f"{q} is LoHa but has no hada_w2_a, hada_w2_b")
     refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.lora_down.weight": torch.zeros(2, 64)}, f"{q} mixes LoHa and LoRA keys")
     refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.dora_scale": torch.ones(64, 1)}, "DoRA .*not supported yet")
-    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.hada_w2_b": torch.zeros(2, 63)}, f"{q} has LoHa halves of different shapes")
+    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.hada_w2_b": torch.zeros(2, 63)}, f"{q} has LoHa halves that do not fit together")
     refused({f"{q}.lokr_w1": torch.zeros(2, 2), f"{q}.lokr_w2_a": torch.zeros(16, 2)}, f"{q} is LoKr but has neither lokr_w2 nor both")
 
 
