@@ -55,6 +55,7 @@ __all__ = [
     "fuse",
     "unfuse",
     "cache_merged_weights",
+    "load_single_file",
     "delete_adapter",
     "guess_architecture",
 ]
@@ -62,6 +63,42 @@ __all__ = [
 _META_ATTR = "_lora_metadata"  # model attribute: adapter name -> our metadata from the file it came from
 _DISABLED_ATTR = "_lora_disabled"  # model attribute: disable_lora is in force (new layers start disabled too)
 _REFUSE_ATTR = "_lora_refuse"  # model attribute: fuse when enable_lora comes (fused, or fuse asked, while disabled)
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    """Whether a single-file ``.safetensors`` checkpoint is SDXL's (SGM layout: a second text encoder under
+    ``conditioner.embedders.1``), read from its header without loading a tensor. (Other files: not known, so SD.)"""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix.lower() != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False  # diffusers says what is wrong with it
+
+
+def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | None = None, **kwargs):
+    """A ``StableDiffusionPipeline``, or for an SDXL checkpoint (told by its second text encoder's keys) a
+    ``StableDiffusionXLPipeline``, from one original-layout checkpoint as A1111, ComfyUI and Civitai share them (no
+    safety checker). The file holds weights only: ``config``, a diffusers folder or hub id of the same architecture,
+    gives the configs and tokenizers (default: diffusers fetches those of the base model it recognises, from the
+    Hub). ``kwargs`` go to diffusers' ``from_single_file`` (e.g. the dtype).
+
+    Example:
+        >>> pipe = load_single_file("models/dreamshaper_8.safetensors", config="models/sd15")
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(path).expanduser()
+    extra = {"config": str(config)} if config else {}
+    if _is_sdxl_checkpoint(path):
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), **extra, **kwargs)
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, requires_safety_checker=False, **extra, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _components(pipe) -> Iterator[tuple[str, nn.Module]]:

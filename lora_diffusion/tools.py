@@ -69,11 +69,15 @@ def bake(
     text_encoder: dict[str | os.PathLike, float] | None = None,
     dtype: torch.dtype | None = None,
     single_file: str | os.PathLike | None = None,
+    base_config: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a full diffusers model folder with the given LoRA files fused in at these weights.
 
-    ``base`` is a diffusers model folder or a loaded pipeline (left as it was). ``text_encoder`` optionally gives
+    ``base`` is a diffusers model folder, a hub id, a single-file checkpoint (``.safetensors`` in the original layout,
+    as A1111 / Civitai share them: SD 1.x/2.x or SDXL; ``base_config``, a diffusers folder or hub id of the same
+    architecture, gives its configs and tokenizers, else diffusers fetches them from the Hub) or a loaded pipeline
+    (left as it was). ``text_encoder`` optionally gives
     other weights for the text encoder, per file. The result loads with ``from_pretrained`` and no LoRA code.
     ``single_file`` also writes an original-layout (LDM; SGM for SDXL) ``.safetensors`` checkpoint for A1111 / ComfyUI
     (``to_ldm_checkpoint``).
@@ -87,11 +91,20 @@ def bake(
 
     if isinstance(base, (str, os.PathLike)):
         _check_base(base)
-    inputs = [("the input", p) for p in loras] + ([("the base model folder", base)] if isinstance(base, (str, os.PathLike)) else [])
+    if base_config is not None and not (isinstance(base, (str, os.PathLike)) and Path(base).is_file()):
+        raise ValueError(f"--base-config {base_config}: only for a single-file base checkpoint (a folder or hub id brings its own configs)")
+    inputs = [("the input", p) for p in loras] + ([("the base model", base)] if isinstance(base, (str, os.PathLike)) else [])
     check_output(out_dir, inputs, overwrite=overwrite, folder=True)
     if single_file is not None:
         check_output(single_file, [*inputs, ("the output folder", out_dir)], overwrite=overwrite)
-    if isinstance(base, (str, os.PathLike)):
+    if isinstance(base, (str, os.PathLike)) and Path(base).is_file():
+        from .pipeline import load_single_file
+
+        try:
+            pipe = load_single_file(base, config=base_config, **dtype_kwargs(dtype))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{base}: cannot load it as a single-file Stable Diffusion checkpoint ({e})") from e
+    elif isinstance(base, (str, os.PathLike)):
         from diffusers import DiffusionPipeline
 
         try:
@@ -143,13 +156,15 @@ def _free_name(name: str, taken: set[str]) -> str:
 
 
 def _check_base(base: str | os.PathLike) -> None:
-    """A base model must be a diffusers folder (with ``model_index.json``) or look like a hub id (``org/name``)."""
+    """A base model must be a diffusers folder (with ``model_index.json``), a ``.safetensors`` checkpoint or look
+    like a hub id (``org/name``)."""
     path = Path(base)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{base}: not a diffusers model folder (it has no model_index.json)")
     elif path.exists():
-        raise ValueError(f"{base}: a file, not a diffusers model folder")
+        if path.suffix.lower() != ".safetensors":
+            raise ValueError(f"{base}: a file, but not a .safetensors checkpoint nor a diffusers model folder")
     elif not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(base)):
         raise FileNotFoundError(f"{base}: no such model folder")
 
@@ -417,7 +432,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_bake(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
     loras = dict(_weighted(s) for s in args.loras)
-    out = bake(args.base, loras, args.output, dtype=dtype, single_file=args.single_file, overwrite=args.overwrite)
+    out = bake(args.base, loras, args.output, dtype=dtype, single_file=args.single_file, base_config=args.base_config,
+               overwrite=args.overwrite)
     print(f"wrote {out}" + (f" and {args.single_file}" if args.single_file else ""))
     return 0
 
@@ -461,11 +477,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_convert)
 
     p = subparsers.add_parser("bake", help="write a diffusers model folder with LoRA files fused in")
-    p.add_argument("base", help="a diffusers model folder")
+    p.add_argument("base", help="a diffusers model folder, a hub id or a single-file .safetensors checkpoint")
     p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     p.add_argument("--single-file", default=None, metavar="CKPT.safetensors", help="also write an original-layout checkpoint (A1111/ComfyUI)")
+    p.add_argument("--base-config", default=None, metavar="DIR", help="for a single-file BASE: a diffusers folder or hub id of the "
+                   "same architecture to take its configs and tokenizers from (default: fetched from the Hub)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder / file")
     p.set_defaults(func=_cmd_bake)
 

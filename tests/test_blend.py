@@ -309,6 +309,28 @@ def test_bake_writes_a_model_with_the_blend_fused_in(files, tmp_path):
     assert not list(lora_layers(base.unet)) and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_bake_merges_a_lora_into_a_single_file_checkpoint(files, tmp_path, capsys):
+    """kohya's merge_lora / A1111's workflow: a single-file checkpoint in, the LoRA fused in, a single file out (its
+    configs from --base-config, offline): the same weights as baking the folder it was written from."""
+    from safetensors.torch import load_file
+
+    from lora_diffusion.formats import atomic_save
+    from lora_diffusion.tools import to_ldm_checkpoint
+
+    tiny_pipeline(0).save_pretrained(tmp_path / "base")
+    atomic_save(to_ldm_checkpoint(tiny_pipeline(0)), tmp_path / "model.safetensors", {"format": "pt"})
+    lora = f"{files / 'a.safetensors'}:0.7"
+    for base, name, extra in ((tmp_path / "model.safetensors", "file", ["--base-config", str(tmp_path / "base")]), (tmp_path / "base", "folder", [])):
+        args = ["bake", str(base), lora, "-o", str(tmp_path / f"from_{name}"), "--single-file", str(tmp_path / f"{name}.safetensors")]
+        assert cli_main([*args, *extra]) == 0
+    merged, ref = load_file(str(tmp_path / "file.safetensors")), load_file(str(tmp_path / "folder.safetensors"))
+    assert merged.keys() == ref.keys() and all(torch.equal(merged[k], ref[k]) for k in ref)
+    before = load_file(str(tmp_path / "model.safetensors"))
+    assert any(not torch.equal(before[k], merged[k]) for k in before)  # the LoRA is in
+    assert cli_main(["bake", str(tmp_path / "base"), lora, "-o", str(tmp_path / "x"), "--base-config", str(tmp_path / "base")]) == 2
+    assert "--base-config" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_a_single_file_sd2_checkpoint_holds_openclip_in_open_clip_layout():
     """SD 2.x's text encoder (OpenCLIP, ``gelu``) goes under ``cond_stage_model.model.`` in open_clip's layout (q/k/v
     packed), as SD 2.x checkpoints hold it: diffusers' own converter reads every weight back exactly."""

@@ -84,8 +84,8 @@ def test_existing_outputs_need_overwrite(files, tmp_path, capsys):
 def test_bake_never_writes_over_the_base_or_a_lora(files, tmp_path, capsys):
     base, a = files / "base", files / "a.safetensors"
     before = digest(base), digest(a)
-    refused(capsys, ["bake", base, a, "-o", base, "--overwrite"], "over the base model folder")
-    refused(capsys, ["bake", base, a, "-o", base / "unet", "--overwrite"], "inside the base model folder")
+    refused(capsys, ["bake", base, a, "-o", base, "--overwrite"], "over the base model")
+    refused(capsys, ["bake", base, a, "-o", base / "unet", "--overwrite"], "inside the base model")
     refused(capsys, ["bake", base, a, "-o", files, "--overwrite"], "holds the input")
     refused(capsys, ["bake", base, a, "-o", tmp_path / "baked", "--single-file", a, "--overwrite"], "over the input")
     assert (digest(base), digest(a)) == before
@@ -137,7 +137,7 @@ def test_user_errors_are_one_line_and_exit_2(files, tmp_path, capsys):
     refused(capsys, ["merge", a, tmp_path / "odd.safetensors", "-o", out], re.escape(key) + ".*shape")
     refused(capsys, ["merge", a, a, "-o", out, "--mode", "svd", "--rank", "0"], r"rank")
     refused(capsys, ["bake", tmp_path / "nonexistent", a, "-o", tmp_path / "zz"], r"nonexistent: no such model folder")
-    refused(capsys, ["bake", tmp_path / "file", a, "-o", tmp_path / "zz"], r"file: a file, not a diffusers model folder")
+    refused(capsys, ["bake", tmp_path / "file", a, "-o", tmp_path / "zz"], r"file: a file, but not a \.safetensors checkpoint nor a diffusers model folder")
     refused(capsys, ["bake", tmp_path, a, "-o", tmp_path / "zz"], r"not a diffusers model folder")
     assert not out.exists() and not (tmp_path / "zz").exists()
 

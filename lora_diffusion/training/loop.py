@@ -40,7 +40,7 @@ from torch import nn
 
 from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora, set_backward
-from ..pipeline import SDXL_EMBEDDING_KEYS, lora_from_model, save_lora
+from ..pipeline import SDXL_EMBEDDING_KEYS, load_single_file, lora_from_model, save_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
 from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, mix_seed, scan_images
@@ -81,20 +81,6 @@ def _model_index(path: Path) -> dict:
     return index if isinstance(index, dict) else {}
 
 
-def _is_sdxl_file(path: Path) -> bool:
-    """Whether a single-file ``.safetensors`` checkpoint is SDXL's (SGM layout: a second text encoder under
-    ``conditioner.embedders.1``); read from the header, no tensor loaded. (Other files: not known, taken for SD.)"""
-    from safetensors import SafetensorError, safe_open
-
-    if path.suffix.lower() != ".safetensors":
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-    except (SafetensorError, OSError, ValueError):
-        return False  # diffusers says what is wrong with it
-
-
 def load_pipeline(name_or_path: str, single_file_config: str | None = None):
     """``StableDiffusionPipeline`` (or, for a folder whose ``model_index.json`` says so or an SDXL single file,
     ``StableDiffusionXLPipeline``) from a diffusers folder, a hub id or a single checkpoint file (no safety checker).
@@ -105,11 +91,7 @@ def load_pipeline(name_or_path: str, single_file_config: str | None = None):
     path = Path(name_or_path).expanduser()
     kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_file():
-        config = {"config": single_file_config} if single_file_config else {}
-        if _is_sdxl_file(path):
-            pipe = StableDiffusionXLPipeline.from_single_file(str(path), **config)
-        else:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **config, **kwargs)
+        pipe = load_single_file(path, config=single_file_config)
     elif path.is_dir() and _model_index(path).get("_class_name") == StableDiffusionXLPipeline.__name__:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
     else:
