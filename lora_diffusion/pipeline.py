@@ -65,7 +65,7 @@ _DISABLED_ATTR = "_lora_disabled"  # model attribute: disable_lora is in force (
 _REFUSE_ATTR = "_lora_refuse"  # model attribute: fuse when enable_lora comes (fused, or fuse asked, while disabled)
 
 
-def _is_sdxl_checkpoint(path: Path) -> bool:
+def is_sdxl_checkpoint(path: Path) -> bool:
     """Whether a single-file ``.safetensors`` checkpoint is SDXL's (SGM layout: a second text encoder under
     ``conditioner.embedders.1``), read from its header without loading a tensor. (Other files: not known, so SD.)"""
     from safetensors import SafetensorError, safe_open
@@ -93,7 +93,7 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
 
     path = Path(path).expanduser()
     extra = {"config": str(config)} if config else {}
-    if _is_sdxl_checkpoint(path):
+    if is_sdxl_checkpoint(path):
         pipe = StableDiffusionXLPipeline.from_single_file(str(path), **extra, **kwargs)
     else:
         pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, requires_safety_checker=False, **extra, **kwargs)

@@ -540,6 +540,32 @@ def test_an_sdxl_model_trains_and_generates_with_its_lora(tmp_path):
     assert type(backend.pipe).__name__ == "StableDiffusionXLPipeline" and "'text_encoder_2': 0.5" in result.snippet
 
 
+def test_a_single_file_sdxl_model_generates_and_trains_like_its_folder(tmp_path):
+    """--model model.safetensors --model-config DIR: an SDXL checkpoint loads as SDXL (default resolution 1024,
+    read from its keys before loading), generates the folder's image, and trains with the same configs."""
+    from lora_diffusion.formats import atomic_save
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+    from lora_diffusion.tools import to_ldm_checkpoint
+    from ui.handlers import TrainRequest
+
+    tiny_sdxl_pipeline(0).save_pretrained(tmp_path / "xl")
+    atomic_save(to_ldm_checkpoint(tiny_sdxl_pipeline(0)), tmp_path / "xl.safetensors", {"format": "pt"})
+    single = Backend(str(tmp_path / "xl.safetensors"), tmp_path / "loras", model_config=str(tmp_path / "xl"))
+    assert single._default_resolution() == 1024  # (not loaded yet)
+    folder = Backend(str(tmp_path / "xl"), tmp_path / "loras2")
+    result = gen(single)
+    np.testing.assert_array_equal(pixels(result.image), pixels(gen(folder).image))
+    assert type(single.pipe).__name__ == "StableDiffusionXLPipeline"
+    scope: dict = {}
+    exec(result.snippet, scope)  # noqa: S102 - our own generated code: StableDiffusionXLPipeline.from_single_file
+    assert np.abs(pixels(scope["image"]) - pixels(result.image)).max() <= 2, result.snippet
+    images = make_images(tmp_path / "imgs", 2)
+    job = single.start_training(TrainRequest(name="xl_style", images=[(str(p), "a square") for p in images],
+                                             max_train_steps=1, rank=2, resolution=SIZE))
+    assert job.done_event.wait(120), job.status
+    assert job.status == "done", job.message
+
+
 def test_cancelling_real_training_keeps_a_usable_checkpoint(tmp_path, model_dir):
     from ui.handlers import TrainRequest
 

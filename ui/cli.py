@@ -25,8 +25,11 @@ DEFAULT_PORT = 7860
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a local diffusers folder or hub id (default: the bundled tiny model; where that is "
-                             "not installed, lora_diffusion.testing.tiny_pipeline(0) built in code)")
+                        help="a local diffusers folder, hub id or single-file .safetensors checkpoint (default: the "
+                             "bundled tiny model; where that is not installed, lora_diffusion.testing.tiny_pipeline(0) built in code)")
+    parser.add_argument("--model-config", default=None, metavar="DIR",
+                        help="for a single-file --model: a diffusers folder or hub id of the same architecture to take its "
+                             "configs and tokenizers from (default: fetched from the Hub)")
     parser.add_argument("--lora-dir", default="./loras", help="the LoRA library folder (default ./loras)")
     parser.add_argument("--data-root", default=None, help="folder whose sub-folders may be picked as training images")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1: this machine only)")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from ui.handlers import Backend
 
     kwargs = launch_kwargs(args)  # (a bad --auth is refused before anything loads)
-    backend = Backend(args.model, args.lora_dir, args.data_root, max_upload_mb=args.max_upload_mb)
+    backend = Backend(args.model, args.lora_dir, args.data_root, max_upload_mb=args.max_upload_mb, model_config=args.model_config)
     try:
         from ui.app import build_demo, launch
     except ModuleNotFoundError as e:  # the `ui` extra is not installed: one line, not a traceback

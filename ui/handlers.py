@@ -205,13 +205,21 @@ def diffusers_snippet(
     width: int,
     height: int,
     sdxl: bool = False,
+    model_config: str | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
-    the model has a second text encoder, which takes the text-encoder weights too)."""
+    the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
+    with ``from_single_file``, its configs from ``model_config`` where given)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
         lines.append("pipe = tiny_pipeline(0)  # the UI's built-in tiny model")
+    elif Path(model).is_file():
+        cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+        lines[1] = f"from diffusers import {cls}"
+        config = f", config={_py(model_config)}" if model_config else ""
+        extra = "" if sdxl else ", safety_checker=None, requires_safety_checker=False"
+        lines.append(f"pipe = {cls}.from_single_file({_py(model)}{config}{extra})")
     else:
         lines.append(f"pipe = DiffusionPipeline.from_pretrained({_py(model)})")
     active = {n: wt for n, wt in loras.items()}
@@ -247,14 +255,23 @@ def diffusers_snippet(
     return "\n".join(lines) + "\n"
 
 
-def load_pipeline(model: str | None, device: str | None = None):
-    """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` from a diffusers folder or hub id;
-    ``None``: ``tiny_pipeline(0)``."""
+def load_pipeline(model: str | None, device: str | None = None, model_config: str | None = None):
+    """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` from a diffusers folder, a hub id or a
+    single-file checkpoint (``model_config``: a diffusers folder or hub id for its configs); ``None``:
+    ``tiny_pipeline(0)``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         from lora_diffusion.testing import tiny_pipeline
 
         pipe = tiny_pipeline(0)
+    elif Path(model).expanduser().is_file():
+        from lora_diffusion.pipeline import load_single_file
+        from lora_diffusion.tools import dtype_kwargs
+
+        try:
+            pipe = load_single_file(model, config=model_config, **dtype_kwargs(torch.float16 if device.startswith("cuda") else None))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UIError(f"cannot load model {model!r} as a single-file checkpoint: {e}") from None
     else:
         from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -473,9 +490,11 @@ class Backend:
         max_upload_mb: float = 512,
         device: str | None = None,
         train_fn: Callable | None = None,
+        model_config: str | os.PathLike | None = None,
     ) -> None:
         if model is None:
             model = default_model()
+        self.model_config = str(model_config) if model_config else None  # a single-file model's configs
         self._pipe = None if model is None or isinstance(model, (str, os.PathLike)) else model
         self.model = str(model) if isinstance(model, (str, os.PathLike)) else None
         self.library = LoraLibrary(lora_dir, max_upload_mb=max_upload_mb)
@@ -503,7 +522,7 @@ class Backend:
         with self._load_lock:
             if self._pipe is None:
                 logger.info("loading model %s", self.model_label)
-                self._pipe = load_pipeline(self.model, self.device)
+                self._pipe = load_pipeline(self.model, self.device, self.model_config)
             return self._pipe
 
     # ------------------------------------------------------------------ library
@@ -650,6 +669,7 @@ class Backend:
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
             guidance=float(req.guidance), width=width, height=height, sdxl=getattr(pipe, "text_encoder_2", None) is not None,
+            model_config=self.model_config,
         )
         return GenerateResult(image, prompt, loras, caption, snippet, settings)
 
@@ -770,6 +790,7 @@ class Backend:
         try:  # every setting is checked before the images are copied: a refused request writes nothing
             values = {
                 "pretrained_model_name_or_path": self.model_path(),
+                **({"single_file_config": self.model_config} if self.model_config and Path(self.model_path()).is_file() else {}),
                 "train_data_dir": str(job_dir / "data"),
                 "output_dir": str(job_dir / "out"),
                 "mode": req.mode,
@@ -812,6 +833,10 @@ class Backend:
             return int(self._pipe.unet.config.sample_size * getattr(self._pipe, "vae_scale_factor", 8))
         if self.model is None:
             return 64
+        if Path(self.model).is_file():  # a single-file checkpoint: SDXL's 1024, else SD 1.x's 512
+            from lora_diffusion.pipeline import is_sdxl_checkpoint
+
+            return 1024 if is_sdxl_checkpoint(Path(self.model)) else 512
         try:
             unet = json.loads((Path(self.model) / "unet" / "config.json").read_text())
             vae = json.loads((Path(self.model) / "vae" / "config.json").read_text())
