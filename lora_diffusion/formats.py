@@ -56,6 +56,7 @@ __all__ = [
     "from_kohya",
     "from_cloneofsimo",
     "from_lycoris",
+    "from_comfyui",
 ]
 
 FORMAT_VERSION = 1
@@ -308,7 +309,8 @@ NEEDS_MODULES = {"cloneofsimo"}
 
 # LyCORIS adapter types, recognised by their key fragments, so that a file no reader takes is refused by name
 # (LoHa and LoKr files load, formats_lycoris; one that mixes in DoRA or has keys missing is refused)
-_LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT", ".on_input": "(IA)^3"}
+_LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT",
+            ".on_input": "(IA)^3", ".diff_b": "bias deltas (diff_b)", ".diff": "full weight deltas (diff)", ".w_norm": "norm deltas", ".b_norm": "norm deltas"}
 
 
 def lycoris_types(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -556,9 +558,10 @@ def our_metadata(header: dict[str, str]) -> dict:
 # ---------------------------------------------------------------------------------------------- other formats
 from .formats_cloneofsimo import from_cloneofsimo, is_cloneofsimo  # noqa: E402  (they use the names above)
 from .formats_kohya import from_kohya, is_kohya, to_kohya  # noqa: E402
-from .formats_lycoris import from_lycoris, is_lycoris  # noqa: E402
+from .formats_lycoris import from_comfyui, from_lycoris, is_comfyui, is_lycoris  # noqa: E402
 
 READERS["kohya"] = (is_kohya, from_kohya)
 READERS["cloneofsimo"] = (is_cloneofsimo, from_cloneofsimo)
 READERS["lycoris"] = (is_lycoris, from_lycoris)
+READERS["comfyui"] = (is_comfyui, from_comfyui)
 WRITERS["kohya"] = to_kohya

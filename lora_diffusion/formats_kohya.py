@@ -78,7 +78,7 @@ def _dots(name: str) -> str:
     return ".".join(out)
 
 
-def _ldm_to_diffusers(path: str) -> str:
+def ldm_to_diffusers(path: str) -> str:
     """Map an LDM (SD1/SD2) or SGM (SDXL) UNet module path to the diffusers one; other paths are returned unchanged."""
     fixed = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
              "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # fmt: skip
@@ -161,7 +161,7 @@ def module_path_from_kohya(name: str) -> tuple[str, str]:
         if name.startswith(prefix):
             path = _dots(name[len(prefix) :])
             if component == "unet":
-                path = _ldm_to_diffusers(path)
+                path = ldm_to_diffusers(path)
             return component, path
     raise ValueError(f"{name!r} has no kohya prefix ({', '.join(KOHYA_PREFIXES)})")
 

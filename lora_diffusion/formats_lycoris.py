@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["is_lycoris", "from_lycoris", "LYCORIS_SUFFIXES"]
+__all__ = ["is_lycoris", "from_lycoris", "is_comfyui", "from_comfyui", "comfyui_key", "read_modules", "LYCORIS_SUFFIXES"]
 
 # suffix -> role, for the per-module keys this reader understands
 LYCORIS_SUFFIXES = {
@@ -194,22 +194,20 @@ def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float):
     return LoraWeights(v.contiguous(), u.contiguous(), float(rank))
 
 
-def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):
-    """LyCORIS / kohya state dict (LoHa, LoKr, LoRA, LoCon, Tucker LoCon modules, mixed as they come) ->
-    canonical ``{"<component>.<path>": LoraWeights}``, each module exactly as the LoRA it equals."""
-    from .formats import LoraFormatError, LoraWeights, guess_architecture
-    from .formats_kohya import canonical_key, from_kohya
+def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callable[[str], str], naming: str):
+    """Per-module LoRA / LoCon / Tucker LoCon / LoHa / LoKr keys (``<module name><suffix>``, mixed as they come) ->
+    canonical ``{"<component>.<path>": LoraWeights}``, each module exactly as the LoRA it equals. ``canonical`` maps a
+    module name to its canonical key; ``naming`` names the scheme in errors (``kohya``, ``ComfyUI``)."""
+    from .formats import LoraFormatError, LoraWeights, _check_pair, guess_architecture
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    keys: dict[str, list[str]] = {}
     for key, tensor in state.items():
         split = _split(key)
         if split is None:
-            raise LoraFormatError(f"{source}: key {key!r} is not a LyCORIS LoRA / LoHa / LoKr key")
+            raise LoraFormatError(f"{source}: key {key!r} is not a LoRA / LoHa / LoKr key")
         modules.setdefault(split[0], {})[split[1]] = tensor
-        keys.setdefault(split[0], []).append(key)
-    plain: dict[str, torch.Tensor] = {}  # LoRA / LoCon modules, read by the kohya reader as they are
-    products = {}  # canonical key -> (kohya name, up, down, kernel, scale)
+    lora: dict = {}
+    products = {}  # canonical key -> (module name, product, scale)
     for name, p in modules.items():
         kinds = {"LoHa" for r in p if r.startswith("hada_")} | {"LoKr" for r in p if r.startswith("lokr_")}
         kinds |= {"LoRA" for r in p if r in ("down", "up", "mid")}
@@ -217,8 +215,18 @@ def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None =
             raise LoraFormatError(f"{source}: {name} mixes {' and '.join(sorted(kinds))} keys; one module has one kind")
         if "alpha" in p and p["alpha"].numel() != 1:
             raise LoraFormatError(f"{source}: {name}.alpha has shape {list(p['alpha'].shape)}; an alpha is one number")
-        if kinds <= {"LoRA"} and "mid" not in p:
-            plain.update({k: state[k] for k in keys[name]})
+        try:
+            key = canonical(name)
+        except ValueError as e:
+            raise LoraFormatError(f"{source}: {e}") from None
+        if key in lora or key in products:
+            raise LoraFormatError(f"{source}: two {naming} names map to the same module {key} (one is {name})")
+        alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+        if kinds <= {"LoRA"} and "mid" not in p:  # a plain LoRA / LoCon module, as it is
+            if "down" not in p or "up" not in p:
+                raise LoraFormatError(f"{source}: {name} has only {sorted(p)}; both lora_down and lora_up are needed")
+            _check_pair(key, p["down"], p["up"], source)
+            lora[key] = LoraWeights(p["down"], p["up"], float(p["down"].shape[0]) if alpha is None else alpha)
             continue
         try:
             product = _loha(p) if kinds == {"LoHa"} else _lokr(p) if kinds == {"LoKr"} else _tucker_locon(p)
@@ -227,15 +235,7 @@ def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None =
         except RuntimeError as e:  # shapes that do not multiply (e.g. a Tucker core against its factors)
             shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in sorted(p.items()) if role != "alpha")
             raise LoraFormatError(f"{source}: {name} has factors that do not fit together: {shapes}") from e
-        alpha = float(p["alpha"].float().item()) if "alpha" in p else None
-        key = canonical_key(name)
-        if key in products:
-            raise LoraFormatError(f"{source}: two kohya names map to the same module {key} (one is {name})")
         products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0)
-    lora = from_kohya(plain, header, source) if plain else {}
-    clash = next((key for key in products if key in lora), None)
-    if clash is not None:
-        raise LoraFormatError(f"{source}: two kohya names map to the same module {clash}")
     # SD 2.x and SDXL have Linear proj_in / proj_out, SD 1.x 1x1 convs: told by the text width, as for any LoRA
     widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, _) in products.items()}
     linear_projections = guess_architecture({**lora, **widths}).startswith(("SDXL", "SD 2"))
@@ -245,3 +245,44 @@ def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None =
         except _Error as e:
             raise LoraFormatError(f"{source}: {name} {e}") from None
     return lora
+
+
+def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):
+    """LyCORIS / kohya state dict (LoHa, LoKr, LoRA, LoCon, Tucker LoCon modules, mixed as they come) ->
+    canonical ``{"<component>.<path>": LoraWeights}``, each module exactly as the LoRA it equals."""
+    from .formats_kohya import canonical_key
+
+    return read_modules(state, source, canonical_key, "kohya")
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI's own names
+# ComfyUI writes LoRAs (its LoraSave / extraction and training nodes) under its state-dict names:
+# ``diffusion_model.<LDM / SGM path>`` and ``text_encoders.<clip_l | clip_g | clip_h>.transformer.<CLIP path>``
+COMFYUI_ENCODERS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
+_COMFYUI_TEXT = re.compile(r"text_encoders\.(clip_[lgh])\.transformer\.(.+)")
+
+
+def comfyui_key(name: str) -> str:
+    """ComfyUI module name -> canonical key: ``diffusion_model.input_blocks.1.1.proj_in`` ->
+    ``unet.down_blocks.0.attentions.0.proj_in``; ``text_encoders.clip_g.transformer.text_model....q_proj`` ->
+    ``text_encoder_2.text_model....q_proj``."""
+    from .formats import with_text_model
+    from .formats_kohya import ldm_to_diffusers
+
+    if name.startswith("diffusion_model."):
+        return "unet." + ldm_to_diffusers(name.removeprefix("diffusion_model."))
+    match = _COMFYUI_TEXT.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a ComfyUI module name (diffusion_model.* or text_encoders.clip_[lgh].transformer.*)")
+    return f"{COMFYUI_ENCODERS[match.group(1)]}.{with_text_model(match.group(2))}"
+
+
+def is_comfyui(state: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> bool:
+    """Every key is a ComfyUI-named module key (``diffusion_model.*`` / ``text_encoders.*`` + a known suffix)."""
+    return bool(state) and all(k.startswith(("diffusion_model.", "text_encoders.")) and _split(k) is not None for k in state)
+
+
+def from_comfyui(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):
+    """A LoRA (or LoCon / LoHa / LoKr) that ComfyUI wrote under its own module names -> canonical form. SD 1.x's
+    ``clip_l`` and SD 2.x's ``clip_h`` are the text encoder, SDXL's ``clip_l`` / ``clip_g`` its two."""
+    return read_modules(state, source, comfyui_key, "ComfyUI")

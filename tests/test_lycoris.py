@@ -227,3 +227,54 @@ def test_flattened_factors_fit_the_layer(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(LoraFormatError, match=r"proj_in: file has down \(2, 63\)"):
         load_lora(tiny_pipeline(0), tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_comfyui_named_files_load_as_their_kohya_twins(tmp_path, sdxl):
+    """A LoRA under ComfyUI's own names (``diffusion_model.<LDM path>``, ``text_encoders.clip_l/clip_g.transformer.``,
+    as its LoraSave and training nodes write) reads as the same canonical LoRA as the kohya file, LoHa modules too,
+    and loads with the same outputs; its bias deltas (``.diff_b``, which LoRA layers cannot hold) are refused by name."""
+    from lora_diffusion.formats import write_lora_file
+    from lora_diffusion.formats_kohya import ldm_module_path, ldm_unet_prefixes
+    from lora_diffusion.testing import random_lora, tiny_sdxl_pipeline
+
+    make = tiny_sdxl_pipeline if sdxl else tiny_pipeline
+    pipe = make(0)
+    lora = random_lora(pipe, seed=4, rank=2, alpha=3, unet_targets="full")
+    unet = pipe.unet
+    prefixes = ldm_unet_prefixes(2, len(unet.down_blocks), [hasattr(b, "attentions") for b in unet.up_blocks])
+    encoders = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    state = {}
+    for key, w in lora.items():
+        component, _, path = key.partition(".")
+        name = (f"diffusion_model.{ldm_module_path(path, prefixes)}" if component == "unet"
+                else f"text_encoders.{encoders[component]}.transformer.{path}")
+        state.update({f"{name}.lora_down.weight": w.A.float(), f"{name}.lora_up.weight": w.B.float(), f"{name}.alpha": torch.tensor(w.alpha)})
+    g = torch.Generator().manual_seed(0)  # and one LoHa module, a resnet conv
+    conv = unet.down_blocks[0].resnets[0].conv1
+    loha_name = f"diffusion_model.{ldm_module_path('down_blocks.0.resnets.0.conv1', prefixes)}"
+    loha = {"hada_w1_a": torch.randn(conv.out_channels, 2, generator=g), "hada_w1_b": torch.randn(2, conv.weight[0].numel(), generator=g),
+            "hada_w2_a": torch.randn(conv.out_channels, 2, generator=g), "hada_w2_b": torch.randn(2, conv.weight[0].numel(), generator=g)}  # fmt: skip
+    state = {k: v for k, v in state.items() if not k.startswith(loha_name + ".")}
+    state.update({f"{loha_name}.{role}": t for role, t in loha.items()})
+    save_file(state, str(tmp_path / "comfy.safetensors"))
+    ours, header = read_lora_file(tmp_path / "comfy.safetensors")
+    assert header["_format"] == "comfyui" and ours.keys() == lora.keys()
+    for key, w in lora.items():
+        if key == "unet.down_blocks.0.resnets.0.conv1":
+            expected = (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"])
+            torch.testing.assert_close(_delta(ours[key]), expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(ours[key].A, w.A.float()) and torch.equal(ours[key].B, w.B.float()) and ours[key].alpha == w.alpha
+    write_lora_file(tmp_path / "kohya.safetensors", ours, format="kohya", dtype=torch.float32)
+    outputs = []
+    for file in ("comfy", "kohya"):
+        p = make(0)
+        load_lora(p, tmp_path / f"{file}.safetensors", adapter="x")
+        fuse(p)
+        outputs.append(torch.cat([t.flatten() for t in p.unet.state_dict().values()]))
+    assert torch.equal(outputs[0], outputs[1])
+    bias = f"{loha_name.replace('in_layers.2', 'emb_layers.1')}.diff_b"
+    save_file({**state, bias: torch.zeros(conv.out_channels)}, str(tmp_path / "bias.safetensors"))
+    with pytest.raises(LoraFormatError, match=r"bias deltas \(diff_b\) \(1 keys\): this adapter type is not supported yet"):
+        read_lora_file(tmp_path / "bias.safetensors")
