@@ -173,15 +173,20 @@ def _kernel(key: str, kernel: tuple[int, ...] | None, cols: int, linear_projecti
     return None
 
 
-def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float):
-    """``scale * delta`` as ``LoraWeights`` (``alpha`` = rank), conv-shaped for a ``kernel``: the exact low-rank
-    factors, or, where their rank would exceed the layer's full rank, the delta itself beside an identity."""
+def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float, dtype: torch.dtype):
+    """``scale * delta`` as ``LoraWeights`` (``alpha`` = rank) in ``dtype`` (the file's), conv-shaped for a
+    ``kernel``: the exact low-rank factors, each rank-one pair balanced to equal norms (a LoHa's up factor is a product
+    of two up factors and the scale, which can fall below float16's normal range while the down factor does not), or,
+    where their rank would exceed the layer's full rank, the delta itself beside an identity."""
     from .formats import LoraWeights
 
     out, cols = product.out, product.cols
     if product.rank <= min(out, cols):
         u, v = product.factors()
         u = u * scale
+        norm_u, norm_v = u.norm(dim=0), v.norm(dim=1)
+        balance = torch.where((norm_u > 0) & (norm_v > 0), (norm_v / norm_u.clamp_min(1e-30)).sqrt(), torch.ones_like(norm_u))
+        u, v = u * balance, v / balance[:, None]
     else:
         delta = product.delta() * scale
         u, v = (torch.eye(out, dtype=delta.dtype), delta) if out <= cols else (delta, torch.eye(cols, dtype=delta.dtype))
@@ -190,8 +195,8 @@ def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float):
         size = kernel[0] * kernel[1]
         if cols % size:
             raise _Error(f"has a down factor {cols} wide, not a multiple of its {kernel[0]}x{kernel[1]} kernel")
-        return LoraWeights(v.reshape(rank, cols // size, *kernel).contiguous(), u.reshape(out, rank, 1, 1).contiguous(), float(rank))
-    return LoraWeights(v.contiguous(), u.contiguous(), float(rank))
+        v, u = v.reshape(rank, cols // size, *kernel), u.reshape(out, rank, 1, 1)
+    return LoraWeights(v.to(dtype).contiguous(), u.to(dtype).contiguous(), float(rank))
 
 
 def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callable[[str], str], naming: str):
@@ -235,13 +240,14 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
         except RuntimeError as e:  # shapes that do not multiply (e.g. a Tucker core against its factors)
             shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in sorted(p.items()) if role != "alpha")
             raise LoraFormatError(f"{source}: {name} has factors that do not fit together: {shapes}") from e
-        products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0)
+        dtype = next(t.dtype for role, t in p.items() if role != "alpha")  # the file's
+        products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0, dtype)
     # SD 2.x and SDXL have Linear proj_in / proj_out, SD 1.x 1x1 convs: told by the text width, as for any LoRA
-    widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, _) in products.items()}
+    widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, _, _) in products.items()}
     linear_projections = guess_architecture({**lora, **widths}).startswith(("SDXL", "SD 2"))
-    for key, (name, product, scale) in products.items():
+    for key, (name, product, scale, dtype) in products.items():
         try:
-            lora[key] = _as_lora(product, _kernel(key, product.kernel, product.cols, linear_projections), scale)
+            lora[key] = _as_lora(product, _kernel(key, product.kernel, product.cols, linear_projections), scale, dtype)
         except _Error as e:
             raise LoraFormatError(f"{source}: {name} {e}") from None
     return lora

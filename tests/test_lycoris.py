@@ -278,3 +278,18 @@ def test_comfyui_named_files_load_as_their_kohya_twins(tmp_path, sdxl):
     save_file({**state, bias: torch.zeros(conv.out_channels)}, str(tmp_path / "bias.safetensors"))
     with pytest.raises(LoraFormatError, match=r"bias deltas \(diff_b\) \(1 keys\): this adapter type is not supported yet"):
         read_lora_file(tmp_path / "bias.safetensors")
+
+
+def test_a_float16_loha_keeps_float16_precision():
+    """Read from float16, the LoRA form is float16 too (as the file), each rank-one pair balanced to equal norms: the
+    up factor of a LoHa is a product of two up factors and the scale, which unbalanced falls into float16's
+    subnormal range (here ~2e-6) while the down factor sits at ~4e-5."""
+    g = torch.Generator().manual_seed(0)
+    parts = {f"hada_w{i}_{s}": (torch.randn(*shape, generator=g) * 0.01).half()
+             for i in (1, 2) for s, shape in (("a", (320, 16)), ("b", (16, 320)))}  # fmt: skip
+    (w,) = from_lycoris({**{f"{NAMES['lin']}.{r}": t for r, t in parts.items()}, f"{NAMES['lin']}.alpha": torch.tensor(1.0)}).values()
+    f = {k: v.float() for k, v in parts.items()}
+    expected = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) / 16
+    assert w.A.dtype == w.B.dtype == torch.float16 and w.rank == 256
+    error = (_delta(w.__class__(w.A.float(), w.B.float(), w.alpha)) - expected).norm() / expected.norm()
+    assert error < 1.5e-3, error  # measured: 9.6e-4 (unbalanced: 2.7e-3)
