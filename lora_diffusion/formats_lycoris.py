@@ -23,12 +23,13 @@ unfused, fuses, blends, merges and converts (``convert --to kohya`` writes the p
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["is_lycoris", "from_lycoris", "is_comfyui", "from_comfyui", "comfyui_key", "read_modules", "LYCORIS_SUFFIXES"]
+__all__ = ["is_lycoris", "from_lycoris", "is_comfyui", "from_comfyui", "comfyui_key", "read_modules", "module_kinds", "LYCORIS_SUFFIXES"]
 
 # suffix -> role, for the per-module keys this reader understands
 LYCORIS_SUFFIXES = {
@@ -66,6 +67,18 @@ def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
         return False
     return any(role.startswith(("hada_", "lokr_")) or role == "mid" for _, role in roles)
+
+
+def module_kinds(keys: list[str]) -> dict[str, int]:
+    """How many modules of each kind (``LoRA``, ``LoHa``, ``LoKr``) per-module keys hold, e.g. ``{"LoHa": 182}``."""
+    roles: dict[str, set[str]] = {}
+    for key in keys:
+        split = _split(key)
+        if split is not None:
+            roles.setdefault(split[0], set()).add(split[1])
+    kinds = Counter("LoHa" if any(r.startswith("hada_") for r in rs) else "LoKr" if any(r.startswith("lokr_") for r in rs)
+                    else "LoRA" for rs in roles.values())
+    return dict(sorted(kinds.items()))
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

@@ -349,8 +349,19 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         "dtype": dtypes.most_common(1)[0][0],
         "size_bytes": Path(path).stat().st_size,
         "trigger_words": list(dict.fromkeys(words)),
+        "module_kinds": _module_kinds(path) if fmt in ("lycoris", "comfyui") else {"LoRA": len(lora)},
         "metadata": {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(header.items())},
     }
+
+
+def _module_kinds(path: Path) -> dict[str, int]:
+    """A LyCORIS / ComfyUI file's modules by kind (``{"LoHa": 182, "LoRA": 64}``), from its key names alone."""
+    from safetensors import safe_open
+
+    from .formats_lycoris import module_kinds
+
+    with safe_open(str(path), framework="pt") as f:
+        return module_kinds(list(f.keys()))
 
 
 def convert_lora(
@@ -443,7 +454,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("file", "format", "architecture", "layers", "ranks", "alphas", "conv_layers", "params", "dtype", "size_bytes", "trigger_words"):
+    for key in ("file", "format", "module_kinds", "architecture", "layers", "ranks", "alphas", "conv_layers", "params", "dtype", "size_bytes", "trigger_words"):
         print(f"{key:14} {info[key]}")
     print("targets")
     for pattern, n in info["targets"].items():

@@ -174,7 +174,8 @@ def test_pipeline_equals_peft(tmp_path, tucker):
         torch.testing.assert_close(text, text_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(unet, unet_ref, rtol=1e-4, atol=1e-4)
     info = inspect_lora(path)
-    assert info["format"] == "lycoris" and info["conv_layers"] > 0
+    n = len([m for m in ref.unet.modules() if hasattr(m, "hada_w1_a")]) + len([m for m in ref.text_encoder.modules() if hasattr(m, "hada_w1_a")])
+    assert info["format"] == "lycoris" and info["conv_layers"] > 0 and info["module_kinds"] == {"LoHa": n}
 
 
 def test_mixed_file_and_errors(tmp_path):
