@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -205,13 +204,10 @@ def test_ctrl_c_saves_a_checkpoint_at_the_current_step_and_exits_130(base, tmp_p
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop_module, "diffusion_loss", ctrl_c_in_step_3)
-    # Python's own handler, as a fresh `lora-diffusion train` process has it (the trainer takes over only that one);
-    # once in a full CI run this test found another (SIG_IGN or a library's) and the press went unnoticed: say which
-    found, blocked = signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    if found is not signal.default_int_handler or blocked:
-        warnings.warn(f"an earlier test left SIGINT's handler at {found!r} (blocked: {blocked}); reset for this test")
+    # Python's own handler, as a `lora-diffusion train` started in a terminal has it (the trainer takes over only
+    # that one). A suite started in the background by a shell without job control (`.ci/run &`) inherits SIGINT
+    # ignored, which Python keeps and the trainer respects: the press would go unnoticed (measured: exit 0).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     data = flat_images(tmp_path / "data")
     out = tmp_path / "out"
     code = main(["--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--output_dir", str(out),
