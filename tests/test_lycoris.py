@@ -121,13 +121,11 @@ def _peft_loha_pipeline(seed: int, tucker: bool):
     pipe.unet = get_peft_model(pipe.unet, unet_cfg).base_model.model
     inject_adapter_in_model(LoHaConfig(r=2, alpha=1, target_modules=["q_proj", "v_proj"]), pipe.text_encoder)
     state = {}
-    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+    for component, model, alpha in (("unet", pipe.unet, 3.0), ("text_encoder", pipe.text_encoder, 1.0)):
         for key, t in _randomize_peft(model, seed).items():
             module, role = key.rsplit(".", 1)
-            state[f"{kohya_name(f'{component}.{module}')}.{role}"] = t
-        alpha = 3.0 if component == "unet" else 1.0
-        for name in {k.rsplit(".", 1)[0] for k in state if k.startswith(kohya_name(component + ".x")[:-1])}:
-            state[f"{name}.alpha"] = torch.tensor(alpha)
+            name = kohya_name(f"{component}.{module}")
+            state[f"{name}.{role}"], state[f"{name}.alpha"] = t, torch.tensor(alpha)
     return pipe, state
 
 
