@@ -195,30 +195,11 @@ def is_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = Non
 
 
 def from_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):
-    """kohya/A1111/ComfyUI state dict -> canonical ``{"<component>.<path>": LoraWeights}``; missing alpha = rank."""
-    from .formats import LoraFormatError, LoraWeights, _check_pair
+    """kohya/A1111/ComfyUI state dict -> canonical ``{"<component>.<path>": LoraWeights}``; missing alpha = rank.
+    (The per-module reader that LyCORIS files share: ``formats_lycoris.read_modules``.)"""
+    from .formats_lycoris import read_modules
 
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        for suffix, role in _SUFFIXES.items():
-            if key.endswith(suffix):
-                parts.setdefault(key[: -len(suffix)], {})[role] = tensor
-                break
-        else:
-            raise LoraFormatError(f"{source}: key {key!r} is not a kohya LoRA key (.lora_down.weight/.lora_up.weight/.alpha)")
-    lora = {}
-    for name, p in parts.items():
-        if "A" not in p or "B" not in p:
-            raise LoraFormatError(f"{source}: {name} has only {sorted(p)}; both lora_down and lora_up are needed")
-        key = canonical_key(name)
-        _check_pair(key, p["A"], p["B"], source)
-        if key in lora:
-            raise LoraFormatError(f"{source}: two kohya keys map to the same module {key} (one is {name})")
-        if "alpha" in p and p["alpha"].numel() != 1:
-            raise LoraFormatError(f"{source}: {name}.alpha has shape {list(p['alpha'].shape)}; an alpha is one number")
-        alpha = float(p["alpha"].float().item()) if "alpha" in p else float(p["A"].shape[0])
-        lora[key] = LoraWeights(p["A"], p["B"], alpha)
-    return lora
+    return read_modules(state, source, canonical_key, "kohya")
 
 
 def _architecture_spec(lora) -> tuple[str, str]:

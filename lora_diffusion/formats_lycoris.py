@@ -255,6 +255,8 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             raise LoraFormatError(f"{source}: {name} has factors that do not fit together: {shapes}") from e
         dtype = next(t.dtype for role, t in p.items() if role != "alpha")  # the file's
         products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0, dtype)
+    if not products:
+        return lora
     # SD 2.x and SDXL have Linear proj_in / proj_out, SD 1.x 1x1 convs: told by the text width, as for any LoRA
     widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, _, _) in products.items()}
     linear_projections = guess_architecture({**lora, **widths}).startswith(("SDXL", "SD 2"))
