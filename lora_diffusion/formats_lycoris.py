@@ -76,9 +76,12 @@ def module_kinds(keys: list[str]) -> dict[str, int]:
         split = _split(key)
         if split is not None:
             roles.setdefault(split[0], set()).add(split[1])
-    kinds = Counter("LoHa" if any(r.startswith("hada_") for r in rs) else "LoKr" if any(r.startswith("lokr_") for r in rs)
-                    else "LoRA" for rs in roles.values())
-    return dict(sorted(kinds.items()))
+    return dict(sorted(Counter("/".join(sorted(_kinds(rs))) for rs in roles.values()).items()))
+
+
+def _kinds(roles) -> set[str]:
+    """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, LoRA."""
+    return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "LoRA" for r in roles if r != "alpha"}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -227,8 +230,7 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
     lora: dict = {}
     products = {}  # canonical key -> (module name, product, scale)
     for name, p in modules.items():
-        kinds = {"LoHa" for r in p if r.startswith("hada_")} | {"LoKr" for r in p if r.startswith("lokr_")}
-        kinds |= {"LoRA" for r in p if r in ("down", "up", "mid")}
+        kinds = _kinds(p)
         if len(kinds) > 1:
             raise LoraFormatError(f"{source}: {name} mixes {' and '.join(sorted(kinds))} keys; one module has one kind")
         if "alpha" in p and p["alpha"].numel() != 1:
