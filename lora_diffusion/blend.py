@@ -203,6 +203,13 @@ def _as_layer(a: torch.Tensor, b: torch.Tensor, like: LoraWeights) -> LoraWeight
     return LoraWeights(a, b, float(r))
 
 
+def _refuse_dora(lora: Lora, source: str) -> None:
+    key = next((k for k, w in lora.items() if w.magnitude is not None), None)
+    if key is not None:
+        raise ValueError(f"{source}: {key} is a DoRA module, whose delta depends on the base model's weights: it cannot be "
+                         "merged without them. Load the files into a pipeline (load_lora, set_adapters, fuse) or bake them")
+
+
 def merge_lora_dicts(
     loras: Sequence[tuple[Lora, float]],
     *,
@@ -229,6 +236,8 @@ def merge_lora_dicts(
         raise ValueError(f"rank={rank} needs mode='svd' (a concat merge is exact: its ranks add up)")
     if not loras:
         raise ValueError("nothing to merge")
+    for lora, _ in loras:
+        _refuse_dora(lora, "a LoRA to merge")
     keys = list(dict.fromkeys(k for lora, _ in loras for k in lora))
     merged: Lora = {}
     errors: dict[str, float] = {}
@@ -283,6 +292,8 @@ def merge_loras(
     """
     pairs = list(inputs.items()) if isinstance(inputs, Mapping) else list(inputs)
     loras = [(read_lora_file(path)[0], float(w)) for path, w in pairs]
+    for (path, _), (lora, _) in zip(pairs, loras):
+        _refuse_dora(lora, str(path))
     report = merge_lora_dicts(loras, mode=mode, rank=rank, dtype=dtype)
     if out is not None:
         meta = {

@@ -69,11 +69,16 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 
 class LoraWeights(NamedTuple):
-    """One layer's adapter: ``A`` (down), ``B`` (up), ``alpha``. Rank is ``A.shape[0]``."""
+    """One layer's adapter: ``A`` (down), ``B`` (up), ``alpha``. Rank is ``A.shape[0]``.
+
+    ``magnitude``: a DoRA module's magnitude ``m`` (``W' = m * V / ||V||``, ``V = W + alpha/r * B A``), shaped to
+    broadcast against the layer's weight: ``[out, 1, ...]`` normalises each output row (PEFT, LyCORIS'
+    ``wd_on_output``), ``[1, in, ...]`` each input column (LyCORIS' first DoRA, A1111). See ``lora_diffusion.dora``."""
 
     A: torch.Tensor
     B: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -166,9 +171,12 @@ def to_diffusers(lora: Lora, metadata: dict | None = None) -> tuple[dict[str, to
         items = {k.split(".", 1)[1]: v for k, v in lora.items() if k.split(".", 1)[0] == component}
         if not items:
             continue
+        dora = _peft_magnitudes(component, items)
         for path, w in items.items():
             state[f"{component}.{path}.lora_A.weight"] = w.A
             state[f"{component}.{path}.lora_B.weight"] = w.B
+            if dora:
+                state[f"{component}.{path}.lora_magnitude_vector"] = dora[path]
         # PEFT matches target_modules and patterns as module-path suffixes: the text-encoder paths without
         # `text_model.` match both the flattened (transformers >= 5.6) and the older CLIPTextModel.
         short = {strip_text_model(p): w for p, w in items.items()}
@@ -182,7 +190,7 @@ def to_diffusers(lora: Lora, metadata: dict | None = None) -> tuple[dict[str, to
                 f"{component}.target_modules": suffix_regex(short),
                 f"{component}.rank_pattern": {p: v for p, v in ranks.items() if v != r},
                 f"{component}.alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
-                f"{component}.use_dora": False,
+                f"{component}.use_dora": bool(dora),
                 f"{component}.lora_dropout": 0.0,
                 f"{component}.init_lora_weights": True,
                 f"{component}.bias": "none",
@@ -190,6 +198,28 @@ def to_diffusers(lora: Lora, metadata: dict | None = None) -> tuple[dict[str, to
         )
     header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(adapter_meta, sort_keys=True)}
     return state, header
+
+
+def _peft_magnitudes(component: str, items: dict[str, LoraWeights]) -> dict[str, torch.Tensor]:
+    """The ``lora_magnitude_vector`` of each module of a component whose modules are all DoRA (``{}`` where none is),
+    in PEFT's shapes: ``[out]`` (Linear), ``[1, out, 1, 1]`` (conv). PEFT makes every module of a ``use_dora`` component
+    DoRA and normalises output rows, so a component that mixes plain and DoRA modules, or a magnitude per input
+    column (LyCORIS' first DoRA), has no PEFT form: refused, naming the module."""
+    dora = {p: w for p, w in items.items() if w.magnitude is not None}
+    if not dora:
+        return {}
+    plain = next((p for p in items if p not in dora), None)
+    if plain is not None:
+        raise LoraFormatError(f"{component}: DoRA and plain LoRA modules mixed ({plain} has no magnitude); PEFT makes "
+                              "every module of a component DoRA, so a diffusers file cannot hold this: convert --to kohya")
+    out = {}
+    for path, w in dora.items():
+        rows = w.B.shape[0]
+        if w.magnitude.shape[0] != rows or w.magnitude.numel() != rows:
+            raise LoraFormatError(f"{component}.{path}: a DoRA magnitude per input column ({list(w.magnitude.shape)}) has no "
+                                  "diffusers / PEFT form (PEFT normalises output rows): convert --to kohya")
+        out[path] = w.magnitude.reshape(rows) if w.A.dim() == 2 else w.magnitude.reshape(1, rows, 1, 1)
+    return out
 
 
 def _pattern_value(patterns: dict, path: str, default: float) -> float:
@@ -214,6 +244,9 @@ _DIFFUSERS_SUFFIXES = {
     ".lora.up.weight": "B",
     ".lora_linear_layer.down.weight": "A",
     ".lora_linear_layer.up.weight": "B",
+    # PEFT's DoRA magnitude (per output row; [out] for a Linear, [1, out, 1, 1] for a conv)
+    ".lora_magnitude_vector": "m",
+    ".lora_magnitude_vector.weight": "m",
 }
 _OLD_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 
@@ -252,10 +285,16 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
         parts.setdefault(f"{component}.{module}", {})[role] = tensor
     lora: Lora = {}
     for name, ab in parts.items():
-        if set(ab) != {"A", "B"}:
+        if set(ab) - {"m"} != {"A", "B"}:
             raise LoraFormatError(f"{source}: {name} has only {sorted(ab)}; both lora_A and lora_B are needed")
         a, b = ab["A"], ab["B"]
         _check_pair(name, a, b, source)
+        magnitude = ab.get("m")
+        if magnitude is not None:  # PEFT normalises output rows: [out, 1(, 1, 1)]
+            if magnitude.numel() != b.shape[0]:
+                raise LoraFormatError(f"{source}: {name}.lora_magnitude_vector has shape {list(magnitude.shape)}; "
+                                      f"the layer has {b.shape[0]} outputs (lora_B {list(b.shape)})")
+            magnitude = magnitude.reshape(b.shape[0], *[1] * (a.dim() - 1))
         component = name.split(".", 1)[0]
         rank = a.shape[0]
         if f"{component}.lora_alpha" in adapter_meta:
@@ -266,7 +305,7 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
                 raise LoraFormatError(f"{source}: {name} has rank {rank} in its tensors but {int(r_meta)} in the metadata")
         else:
             alpha = float(rank)
-        lora[name] = LoraWeights(a, b, float(alpha))
+        lora[name] = LoraWeights(a, b, float(alpha), magnitude)
     return lora
 
 
@@ -308,9 +347,9 @@ WRITERS: dict[str, Writer] = {"diffusers": to_diffusers}
 NEEDS_MODULES = {"cloneofsimo"}
 
 # LyCORIS adapter types, recognised by their key fragments, so that a file no reader takes is refused by name
-# (LoHa and LoKr files load, formats_lycoris; one that mixes in DoRA or has keys missing is refused)
+# (LoHa, LoKr, DoRA and full-delta files load, formats_lycoris; one that mixes in another type is refused)
 _LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT",
-            ".on_input": "(IA)^3", ".diff_b": "bias deltas (diff_b)", ".diff": "full weight deltas (diff)", ".w_norm": "norm deltas", ".b_norm": "norm deltas"}
+            ".on_input": "(IA)^3", ".diff_b": "bias deltas (diff_b)", ".w_norm": "norm deltas", ".b_norm": "norm deltas"}
 
 
 def lycoris_types(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -334,7 +373,7 @@ def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None 
     if lycoris:
         kinds = ", ".join(f"{name} ({n} keys)" for name, n in sorted(lycoris.items()))
         example = next(k for k in state if any(f in k for f in _LYCORIS))
-        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon/LoHa/LoKr; e.g. key {example!r}")
+        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon/LoHa/LoKr/DoRA/full deltas; e.g. key {example!r}")
     if not state:
         raise LoraFormatError("no tensors: not a LoRA")
     # name the keys that spoil the closest format (the one most keys fit), not keys that are fine
@@ -522,7 +561,8 @@ def write_lora_file(
         raise ValueError(f"unknown format {format!r}; choose from {sorted(WRITERS)}")
     if not lora:
         raise ValueError("nothing to save: the LoRA is empty")
-    cast = {k: LoraWeights(w.A.detach().to(dtype), w.B.detach().to(dtype), w.alpha) for k, w in lora.items()}
+    cast = {k: w._replace(A=w.A.detach().to(dtype), B=w.B.detach().to(dtype),
+                          magnitude=None if w.magnitude is None else w.magnitude.detach().to(dtype)) for k, w in lora.items()}
     ours = {"format_version": FORMAT_VERSION, **(metadata or {})}
     state, written = WRITERS[format](cast, ours)
     bad = first_non_finite(state)  # (a merge at a large weight can overflow float16: a file read would refuse)

@@ -217,7 +217,7 @@ def _architecture_spec(lora) -> tuple[str, str]:
 def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical -> (kohya state dict, header with ``ss_*`` and ``modelspec.*`` keys) that A1111 and ComfyUI load.
 
-    ``.alpha`` is a 0-dim fp32 tensor (exact for any alpha). ``metadata`` (our own: ``name``/``adapter``,
+    ``.alpha`` is a 0-dim fp32 tensor (exact for any alpha); a DoRA module's magnitude is its ``.dora_scale``. ``metadata`` (our own: ``name``/``adapter``,
     ``trigger_words``, ``base_model``) fills ``ss_output_name``, ``modelspec.title`` and
     ``modelspec.trigger_phrase``.
     """
@@ -233,6 +233,8 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
         state[f"{name}.lora_down.weight"] = w.A
         state[f"{name}.lora_up.weight"] = w.B
         state[f"{name}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+        if w.magnitude is not None:  # DoRA, as LyCORIS writes it: [out, 1, ...] or [1, in, ...]
+            state[f"{name}.dora_scale"] = w.magnitude
     linear = [w for w in lora.values() if w.A.dim() == 2 or w.A.shape[2:] == (1, 1)]
     conv = [w for w in lora.values() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)]
     ref = linear or conv
@@ -251,10 +253,14 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
         "modelspec.title": title,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    args = {}
     if conv:
-        header["ss_network_args"] = json.dumps(
-            {"conv_dim": str(_most_common([w.rank for w in conv])), "conv_alpha": str(_most_common([float(w.alpha) for w in conv]))}
-        )
+        args.update(conv_dim=str(_most_common([w.rank for w in conv])), conv_alpha=str(_most_common([float(w.alpha) for w in conv])))
+    if any(w.magnitude is not None for w in lora.values()):
+        header["ss_network_module"] = "lycoris.kohya"
+        args.update(algo="lora", dora_wd="True")
+    if args:
+        header["ss_network_args"] = json.dumps(args)
     if metadata.get("trigger_words"):
         words = metadata["trigger_words"]
         header["modelspec.trigger_phrase"] = ", ".join(words) if isinstance(words, (list, tuple)) else str(words)

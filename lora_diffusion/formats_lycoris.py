@@ -1,4 +1,4 @@
-"""LyCORIS LoHa, LoKr and Tucker-LoCon files, read as exact LoRA factors.
+"""LyCORIS LoHa, LoKr, Tucker-LoCon, DoRA and full-delta files, read as exact LoRA factors.
 
 These files name modules as kohya does (``lora_unet_..._to_q``, ``lora_te_...``) and hold, per module, one of:
 
@@ -6,10 +6,13 @@ These files name modules as kohya does (``lora_unet_..._to_q``, ``lora_te_...``)
 - LoHa: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b`` (+ ``hada_t1``, ``hada_t2`` for a Tucker conv):
   ``dW = s * (W1a W1b) * (W2a W2b)``, a Hadamard (elementwise) product;
 - LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b`` (+ ``lokr_t2``): ``dW = s * kron(W1, W2)``;
+- a full delta (A1111's ``network_full``): ``diff``, in the weight's own shape, ``dW = diff``;
 
 each with an optional ``alpha``. ``s = alpha / dim``, ``dim`` being the inner width of the factors (LoHa: ``hada_w1_b``'s
 rows; LoKr: ``lokr_w2_b``'s, else ``lokr_w1_b``'s), and 1 where there is no alpha or no decomposed factor: what
-A1111 and ComfyUI compute.
+A1111 and ComfyUI compute. A DoRA module (LyCORIS' ``dora_wd``) has a ``dora_scale`` beside its factors: the
+magnitude, ``[out, 1, ...]`` (``wd_on_output``) or ``[1, in, ...]``, kept as ``LoraWeights.magnitude`` and resolved
+against the layer it is loaded into (``lora_diffusion.dora``).
 
 Each is a product of low-rank matrices, so each is a LoRA of a known rank, exactly (no SVD):
 ``(U1 V1) * (U2 V2) = (U1 . U2)(V1 : V2)`` (the face-splitting identity: row-wise Kronecker products of the up
@@ -29,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["is_lycoris", "from_lycoris", "is_comfyui", "from_comfyui", "comfyui_key", "read_modules", "module_kinds", "LYCORIS_SUFFIXES"]
+__all__ = ["is_lycoris", "from_lycoris", "is_comfyui", "from_comfyui", "comfyui_key", "read_modules", "module_kinds", "dense_lora", "LYCORIS_SUFFIXES"]
 
 # suffix -> role, for the per-module keys this reader understands
 LYCORIS_SUFFIXES = {
@@ -38,6 +41,7 @@ LYCORIS_SUFFIXES = {
     ".hada_t1": "hada_t1", ".hada_t2": "hada_t2",
     ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
     ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
+    ".diff": "diff", ".dora_scale": "dora_scale",
 }  # fmt: skip
 _SUFFIX_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(LYCORIS_SUFFIXES, key=len, reverse=True)) + ")$")
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
@@ -60,28 +64,31 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> bool:
-    """Every key is a kohya-named module key this reader understands, and some module is LoHa, LoKr or Tucker LoCon."""
+    """Every key is a kohya-named module key this reader understands, and some module is LoHa, LoKr, Tucker LoCon,
+    DoRA or a full delta."""
     from .formats_kohya import KOHYA_PREFIXES
 
     roles = [_split(k) for k in state]
     if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
         return False
-    return any(role.startswith(("hada_", "lokr_")) or role == "mid" for _, role in roles)
+    return any(role.startswith(("hada_", "lokr_")) or role in ("mid", "diff", "dora_scale") for _, role in roles)
 
 
 def module_kinds(keys: list[str]) -> dict[str, int]:
-    """How many modules of each kind (``LoRA``, ``LoHa``, ``LoKr``) per-module keys hold, e.g. ``{"LoHa": 182}``."""
+    """How many modules of each kind (``LoRA``, ``LoHa``, ``LoKr``, ``full``; ``+DoRA`` with a magnitude) per-module keys
+    hold, e.g. ``{"LoHa": 182, "LoRA+DoRA": 64}``."""
     roles: dict[str, set[str]] = {}
     for key in keys:
         split = _split(key)
         if split is not None:
             roles.setdefault(split[0], set()).add(split[1])
-    return dict(sorted(Counter("/".join(sorted(_kinds(rs))) for rs in roles.values()).items()))
+    return dict(sorted(Counter("/".join(sorted(_kinds(rs))) + ("+DoRA" if "dora_scale" in rs else "") for rs in roles.values()).items()))
 
 
 def _kinds(roles) -> set[str]:
-    """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, LoRA."""
-    return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "LoRA" for r in roles if r != "alpha"}
+    """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, full, LoRA."""
+    return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "full" if r == "diff" else "LoRA"
+            for r in roles if r not in ("alpha", "dora_scale")}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -194,8 +201,6 @@ def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float, dt
     ``kernel``: the exact low-rank factors, each rank-one pair balanced to equal norms (a LoHa's up factor is a product
     of two up factors and the scale, which can fall below float16's normal range while the down factor does not), or,
     where their rank would exceed the layer's full rank, the delta itself beside an identity."""
-    from .formats import LoraWeights
-
     out, cols = product.out, product.cols
     if product.rank <= min(out, cols):
         u, v = product.factors()
@@ -204,9 +209,15 @@ def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float, dt
         balance = torch.where((norm_u > 0) & (norm_v > 0), (norm_v / norm_u.clamp_min(1e-30)).sqrt(), torch.ones_like(norm_u))
         u, v = u * balance, v / balance[:, None]
     else:
-        delta = product.delta() * scale
-        u, v = (torch.eye(out, dtype=delta.dtype), delta) if out <= cols else (delta, torch.eye(cols, dtype=delta.dtype))
-    rank = u.shape[1]
+        u, v = _full(product.delta() * scale)
+    return _lora_weights(u, v, kernel, dtype)
+
+
+def _lora_weights(u: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...] | None, dtype: torch.dtype):
+    """``u [out, r] @ v [r, in*k*k]`` as ``LoraWeights`` (alpha = rank) in ``dtype``, conv-shaped for a ``kernel``."""
+    from .formats import LoraWeights
+
+    (out, rank), cols = u.shape, v.shape[1]
     if kernel:
         size = kernel[0] * kernel[1]
         if cols % size:
@@ -215,9 +226,18 @@ def _as_lora(product: _Product, kernel: tuple[int, ...] | None, scale: float, dt
     return LoraWeights(v.to(dtype).contiguous(), u.to(dtype).contiguous(), float(rank))
 
 
+def dense_lora(delta: torch.Tensor, dtype: torch.dtype | None = None):
+    """A dense delta ``[out, in(, k, k)]`` as exact LoRA factors, ``delta`` beside an identity (the thinner of
+    ``delta @ I`` and ``I @ delta``; alpha = rank), conv-shaped for a conv's; in ``dtype`` (default: the delta's,
+    widened to fp32)."""
+    u, v = _full(delta)
+    return _lora_weights(u, v, tuple(delta.shape[2:]) or None, dtype or u.dtype)
+
+
 def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callable[[str], str], naming: str):
-    """Per-module LoRA / LoCon / Tucker LoCon / LoHa / LoKr keys (``<module name><suffix>``, mixed as they come) ->
-    canonical ``{"<component>.<path>": LoraWeights}``, each module exactly as the LoRA it equals. ``canonical`` maps a
+    """Per-module LoRA / LoCon / Tucker LoCon / LoHa / LoKr / full-delta keys (``<module name><suffix>``, mixed as they
+    come; a DoRA module's ``dora_scale`` beside its factors) -> canonical ``{"<component>.<path>": LoraWeights}``, each
+    module exactly as the LoRA it equals (a DoRA module with its ``magnitude``, resolved against the layer it loads into). ``canonical`` maps a
     module name to its canonical key; ``naming`` names the scheme in errors (``kohya``, ``ComfyUI``)."""
     from .formats import LoraFormatError, LoraWeights, _check_pair, guess_architecture
 
@@ -242,11 +262,19 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
         if key in lora or key in products:
             raise LoraFormatError(f"{source}: two {naming} names map to the same module {key} (one is {name})")
         alpha = float(p["alpha"].float().item()) if "alpha" in p else None
-        if kinds <= {"LoRA"} and "mid" not in p:  # a plain LoRA / LoCon module, as it is
+        magnitude = p.get("dora_scale")
+        if kinds <= {"full"}:  # a full delta (A1111's network_full): the weight's own shape, scale 1
+            if "diff" not in p:
+                raise LoraFormatError(f"{source}: {name} has only {sorted(p)}: no factors (lora_down / lora_up, hada_*, lokr_* or diff)")
+            if magnitude is not None:
+                raise LoraFormatError(f"{source}: {name} has a full delta (diff) and a DoRA magnitude (dora_scale); DoRA needs LoRA factors")
+            lora[key] = dense_lora(p["diff"], p["diff"].dtype)
+            continue
+        if kinds == {"LoRA"} and "mid" not in p:  # a plain LoRA / LoCon module, as it is
             if "down" not in p or "up" not in p:
                 raise LoraFormatError(f"{source}: {name} has only {sorted(p)}; both lora_down and lora_up are needed")
             _check_pair(key, p["down"], p["up"], source)
-            lora[key] = LoraWeights(p["down"], p["up"], float(p["down"].shape[0]) if alpha is None else alpha)
+            lora[key] = LoraWeights(p["down"], p["up"], float(p["down"].shape[0]) if alpha is None else alpha, magnitude)
             continue
         try:
             product = _loha(p) if kinds == {"LoHa"} else _lokr(p) if kinds == {"LoKr"} else _tucker_locon(p)
@@ -256,15 +284,16 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in sorted(p.items()) if role != "alpha")
             raise LoraFormatError(f"{source}: {name} has factors that do not fit together: {shapes}") from e
         dtype = next(t.dtype for role, t in p.items() if role != "alpha")  # the file's
-        products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0, dtype)
+        products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0, dtype, magnitude)
     if not products:
         return lora
     # SD 2.x and SDXL have Linear proj_in / proj_out, SD 1.x 1x1 convs: told by the text width, as for any LoRA
-    widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, _, _) in products.items()}
+    widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, *_) in products.items()}
     linear_projections = guess_architecture({**lora, **widths}).startswith(("SDXL", "SD 2"))
-    for key, (name, product, scale, dtype) in products.items():
+    for key, (name, product, scale, dtype, magnitude) in products.items():
         try:
-            lora[key] = _as_lora(product, _kernel(key, product.kernel, product.cols, linear_projections), scale, dtype)
+            w = _as_lora(product, _kernel(key, product.kernel, product.cols, linear_projections), scale, dtype)
+            lora[key] = w._replace(magnitude=magnitude)
         except _Error as e:
             raise LoraFormatError(f"{source}: {name} {e}") from None
     return lora

@@ -360,6 +360,11 @@ class LoraLayer(nn.Module):
             for cuda in (False, True))
         self.register_buffer("lora_scales", torch.zeros(0, device=base_layer.weight.device), persistent=False)
 
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The base weight without any adapter: the base layer's, or, while fused, the copy the first fuse took."""
+        return self.base_layer.weight if self._base_backup is None else self._base_backup
+
     # ------------------------------------------------------------------ shapes (subclasses)
     @property
     def in_features(self) -> int:

@@ -38,6 +38,7 @@ from .formats import (
     with_text_model,
     write_lora_file,
 )
+from .dora import as_dense
 from .inject import DETACHED_ATTR, MERGE_CACHE_ATTR, attach, detach, lora_layers, unwrap, unwrap_layer, wrap_layer
 from .layers import LoraLayer, all_finite, floats_on_devices, fuse_many
 
@@ -237,6 +238,11 @@ def _plan(
             )
         if isinstance(layer, LoraLayer) and adapter in layer.specs:
             raise ValueError(f"adapter {adapter!r} is already loaded in {component}; pass another adapter= name")
+        if w.magnitude is not None:  # DoRA: the exact delta on this layer's own (unfused) weight
+            try:
+                w = as_dense(w, layer.original_weight if isinstance(layer, LoraLayer) else base.weight)
+            except ValueError as e:
+                raise LoraFormatError(f"{source}: {component}.{path} {e}") from None
         plan.append((target, w))
     if missing:
         msg = (
@@ -317,7 +323,7 @@ def _conv_shaped(w: LoraWeights, expect: tuple[tuple[int, ...], tuple[int, ...]]
     flat = w.A.dim() == 2 and w.B.dim() == 2
     one_by_one = w.A.dim() == 4 and w.A.shape[2:] == (1, 1) and w.B.shape[2:] == (1, 1)
     if (len(a_shape) == 4 and flat) or (len(a_shape) == 2 and one_by_one):
-        return LoraWeights(w.A.reshape(a_shape), w.B.reshape(b_shape), w.alpha)
+        return w._replace(A=w.A.reshape(a_shape), B=w.B.reshape(b_shape))
     return w
 
 

@@ -349,7 +349,8 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         "dtype": dtypes.most_common(1)[0][0],
         "size_bytes": Path(path).stat().st_size,
         "trigger_words": list(dict.fromkeys(words)),
-        "module_kinds": _module_kinds(path) if fmt in ("lycoris", "comfyui") else {"LoRA": len(lora)},
+        "module_kinds": _module_kinds(path) if fmt in ("lycoris", "comfyui") else
+                        dict(sorted(Counter("LoRA" if w.magnitude is None else "LoRA+DoRA" for w in lora.values()).items())),
         "metadata": {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(header.items())},
     }
 

@@ -291,9 +291,9 @@ def test_other_architectures_are_named(tmp_path):
     assert inspect_lora(tmp_path / "sdxl.safetensors")["architecture"].startswith("SDXL")
 
 
-@pytest.mark.parametrize("keys, kind", [(("lora_down.weight", "lora_up.weight", "dora_scale"), "DoRA"), (("oft_blocks",), "OFT")])
+@pytest.mark.parametrize("keys, kind", [(("a1.weight", "a2.weight", "b1.weight", "b2.weight"), "GLoRA"), (("oft_blocks",), "OFT")])
 def test_lycoris_types_are_refused_by_name(tmp_path, keys, kind):
-    """(LoHa and LoKr load: tests/test_lycoris.py.)"""
+    """(LoHa, LoKr and DoRA load: tests/test_lycoris.py, tests/test_dora.py.)"""
     state = {f"lora_unet_down_blocks_1_attentions_0_proj_in.{k}": torch.zeros(4, 4) for k in keys}
     state["lora_unet_down_blocks_1_attentions_0_proj_in.alpha"] = torch.tensor(4.0)
     save_file(state, str(tmp_path / "lyco.safetensors"))
@@ -504,12 +504,20 @@ def test_errors_name_the_bad_key(tmp_path, lora):
         read_lora_file(tmp_path / "stray.safetensors")
 
 
-def test_peft_dora_is_named(tmp_path, lora):
+def test_peft_dora_magnitude_is_read_and_checked(tmp_path, lora):
+    """A PEFT DoRA magnitude is read per output row, [out, 1(, 1, 1)]; one of another length is refused, naming the module.
+    (DoRA's outputs: tests/test_dora.py.)"""
     state, header = to_diffusers(lora)
-    key = next(k for k in state if k.endswith(".lora_A.weight"))
-    state[key.replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(32)
+    key = next(k for k in state if k.endswith(".lora_B.weight"))
+    rows = state[key].shape[0]
+    module = key.removesuffix(".lora_B.weight")
+    state[f"{module}.lora_magnitude_vector"] = torch.ones(rows)
     save_file(state, str(tmp_path / "dora.safetensors"), metadata=header)
-    with pytest.raises(LoraFormatError, match="DoRA.*not supported yet"):
+    read = read_lora_file(tmp_path / "dora.safetensors")[0]
+    assert read[module].magnitude.shape[:2] == (rows, 1) and read[module].magnitude.numel() == rows and sum(w.magnitude is not None for w in read.values()) == 1
+    state[f"{module}.lora_magnitude_vector"] = torch.ones(rows + 1)
+    save_file(state, str(tmp_path / "dora.safetensors"), metadata=header)
+    with pytest.raises(LoraFormatError, match=rf"{module}.lora_magnitude_vector has shape \[{rows + 1}\]; the layer has {rows} outputs"):
         read_lora_file(tmp_path / "dora.safetensors")
 
 
