@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .formats import FORMAT_VERSION, Lora, LoraWeights, read_lora_file, write_lora_file
+from .formats import FORMAT_VERSION, Lora, LoraWeights, read_bundled_embeddings, read_lora_file, write_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +203,21 @@ def _as_layer(a: torch.Tensor, b: torch.Tensor, like: LoraWeights) -> LoraWeight
     return LoraWeights(a, b, float(r))
 
 
+def _bundled(pairs, headers) -> dict[str, dict[str, torch.Tensor]]:
+    """The embeddings bundled in the inputs (``bundle_emb.*``), all of them; one name with other vectors in two inputs
+    is refused, naming it."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for (path, _), header in zip(pairs, headers):
+        if "_bundled_embeddings" not in header:
+            continue
+        for name, parts in read_bundled_embeddings(path).items():
+            same = name in out and out[name].keys() == parts.keys() and all(torch.equal(out[name][k], parts[k]) for k in parts)
+            if name in out and not same:
+                raise ValueError(f"{path}: bundles an embedding {name!r} that another input bundles with other vectors")
+            out[name] = parts
+    return out
+
+
 def _refuse_dora(lora: Lora, source: str) -> None:
     key = next((k for k, w in lora.items() if w.magnitude is not None), None)
     if key is not None:
@@ -291,9 +306,14 @@ def merge_loras(
         0.0123
     """
     pairs = list(inputs.items()) if isinstance(inputs, Mapping) else list(inputs)
-    loras = [(read_lora_file(path)[0], float(w)) for path, w in pairs]
+    read = [read_lora_file(path) for path, _ in pairs]
+    loras = [(lora, float(w)) for (lora, _), (_, w) in zip(read, pairs)]
     for (path, _), (lora, _) in zip(pairs, loras):
         _refuse_dora(lora, str(path))
+    embeddings = _bundled(pairs, [header for _, header in read])
+    if embeddings and format != "kohya":
+        raise ValueError(f"the inputs bundle the embeddings {', '.join(embeddings)}, which a {format} file cannot hold: "
+                         "merge with format='kohya' (--format kohya) to keep them")
     report = merge_lora_dicts(loras, mode=mode, rank=rank, dtype=dtype)
     if out is not None:
         meta = {
@@ -304,7 +324,7 @@ def merge_loras(
             **({"merge_rank": rank, "merge_rel_error": report.error} if mode == "svd" else {}),
             **(metadata or {}),
         }
-        write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype)
+        write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype, embeddings=embeddings or None)
         report.path = Path(out)
     return report
 

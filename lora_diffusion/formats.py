@@ -47,6 +47,9 @@ __all__ = [
     "from_diffusers",
     "detect_format",
     "read_lora_file",
+    "bundled_embeddings",
+    "read_bundled_embeddings",
+    "read_embedding_file",
     "write_lora_file",
     "READERS",
     "WRITERS",
@@ -432,7 +435,9 @@ def lora_file(path: str | os.PathLike) -> Path:
 def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> tuple[Lora, dict[str, str]]:
     """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``.
 
-    A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. ``modules``: component ->
+    A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. Textual-inversion embeddings bundled in the
+    file (``bundle_emb.*``, A1111 / OneTrainer) are not part of the LoRA: the header's ``_bundled_embeddings`` lists
+    their names (JSON) and ``bundled_embeddings`` reads them. ``modules``: component ->
     ``[(module path, class name), ...]`` of the target model, for positional formats (cloneofsimo); without it
     they assume the SD 1.x layout.
     """
@@ -442,6 +447,13 @@ def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> t
     state, header = read_safetensors(path)
     if not state:
         raise LoraFormatError(f"{path}: the file holds no tensors")
+    bundled = bundled_embeddings(state, str(path))
+    if bundled:
+        state = {k: v for k, v in state.items() if not k.startswith(BUNDLE_PREFIX)}
+        if not state:
+            raise LoraFormatError(f"{path}: the file holds only embeddings ({', '.join(bundled)}), no LoRA layers: "
+                                  "load it as a textual inversion (pipe.load_textual_inversion)")
+        header = {**header, "_bundled_embeddings": json.dumps(sorted(bundled))}
     try:
         fmt = detect_format(state, header)
         context = {"modules": modules} if modules is not None and fmt in NEEDS_MODULES else {}
@@ -454,6 +466,68 @@ def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> t
     if bad_alpha is not None:
         raise LoraFormatError(f"{path}: {bad_alpha} has alpha {lora[bad_alpha].alpha}; factors and alphas must be finite")
     return lora, {**header, "_format": fmt}
+
+
+# Textual-inversion embeddings bundled in a LoRA file, as A1111 reads them and OneTrainer writes them:
+# ``bundle_emb.<name>.string_to_param.*`` / ``.emb_params`` ([n, width], SD 1.x / 2.x) or ``.clip_l`` and ``.clip_g``
+# (SDXL); ``<name>`` is the token a prompt uses
+BUNDLE_PREFIX = "bundle_emb."
+_BUNDLE_PARTS = {"string_to_param.*": "*", "emb_params": "*", "clip_l": "clip_l", "clip_g": "clip_g"}
+
+
+def bundled_embeddings(state: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: {"*" | "clip_l" | "clip_g": vectors [n, width]}}`` of the ``bundle_emb.*`` keys of a LoRA state dict
+    (``{}`` without any); a key of another shape is refused, naming it."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            continue
+        name, _, part = key.removeprefix(BUNDLE_PREFIX).partition(".")
+        if not name or part not in _BUNDLE_PARTS or tensor.dim() not in (1, 2):
+            raise LoraFormatError(f"{source}: {key!r} {list(tensor.shape)} is not a bundled embedding (bundle_emb.<name>."
+                                  f"{{{', '.join(_BUNDLE_PARTS)}}}, vectors [n, width])")
+        vectors = out.setdefault(name, {})
+        if _BUNDLE_PARTS[part] in vectors:
+            raise LoraFormatError(f"{source}: the bundled embedding {name!r} has both string_to_param.* and emb_params")
+        vectors[_BUNDLE_PARTS[part]] = tensor.reshape(-1, tensor.shape[-1])
+    for name, vectors in out.items():
+        if set(vectors) not in ({"*"}, {"clip_l", "clip_g"}):
+            raise LoraFormatError(f"{source}: the bundled embedding {name!r} has {sorted(vectors)}; an SD 1.x / 2.x one has "
+                                  "string_to_param.* or emb_params, an SDXL one clip_l and clip_g")
+    return out
+
+
+def _bundle_keys(embeddings: dict[str, dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, parts in embeddings.items():
+        if not name or "." in name:
+            raise LoraFormatError(f"{source}: an embedding to bundle needs a name without dots, not {name!r}")
+        for part, vectors in parts.items():
+            suffix = "string_to_param.*" if part == "*" else part
+            out[f"{BUNDLE_PREFIX}{name}.{suffix}"] = vectors.detach().reshape(-1, vectors.shape[-1]).contiguous()
+    return out
+
+
+def read_embedding_file(path: str | os.PathLike, trigger_words: object = None) -> dict[str, dict[str, torch.Tensor]]:
+    """A learned-token file that our pivotal tuning writes beside a LoRA (its ``embedding_file``), in the form of
+    ``bundled_embeddings``: diffusers' textual-inversion form ``{token: vector}`` (SD 1.x / 2.x), or SDXL's
+    ``{"clip_l": [1, w1], "clip_g": [1, w2]}`` with the token in its metadata, else the LoRA's first trigger word."""
+    tensors, header = read_safetensors(path)
+    if set(tensors) != {"clip_l", "clip_g"}:
+        return {token: {"*": vector.reshape(-1, vector.shape[-1])} for token, vector in tensors.items()}
+    words = trigger_words if isinstance(trigger_words, list) else []
+    token = header.get("token") or (str(words[0]) if words else "")
+    if not token:
+        raise LoraFormatError(f"{path}: an SDXL embedding without its token (no 'token' in its metadata, no trigger word in the LoRA's)")
+    return {token: {key: tensors[key].reshape(-1, tensors[key].shape[-1]) for key in ("clip_l", "clip_g")}}
+
+
+def read_bundled_embeddings(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """The embeddings bundled in a LoRA file (``bundled_embeddings``), reading only their tensors."""
+    path = lora_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE_PREFIX)}
+    return bundled_embeddings(state, str(path))
 
 
 _NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -548,8 +622,13 @@ def write_lora_file(
     format: str = "diffusers",
     dtype: torch.dtype = torch.float16,
     header: dict[str, str] | None = None,
+    embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write ``lora`` as ``format`` (``diffusers`` or ``kohya``) with tensors in ``dtype``.
+
+    ``embeddings`` (kohya only): textual-inversion embeddings to bundle, ``{name: {"*" | "clip_l" | "clip_g":
+    vectors}}`` as ``bundled_embeddings`` reads them, written as ``bundle_emb.<name>.string_to_param.*`` (SD 1.x / 2.x)
+    or ``.clip_l`` / ``.clip_g`` (SDXL), which A1111 loads with the LoRA, the name being the prompt's token.
 
     ``metadata`` goes to our own header entry (and, for kohya, to ``ss_*``/``modelspec.*`` keys). ``header``:
     other header entries written as they are (a source file's ``user_metadata``: kohya's ``ss_tag_frequency``,
@@ -565,6 +644,11 @@ def write_lora_file(
                           magnitude=None if w.magnitude is None else w.magnitude.detach().to(dtype)) for k, w in lora.items()}
     ours = {"format_version": FORMAT_VERSION, **(metadata or {})}
     state, written = WRITERS[format](cast, ours)
+    if embeddings:
+        if format != "kohya":
+            raise LoraFormatError(f"{path}: a {format} LoRA file has no place for embeddings ({', '.join(embeddings)}); "
+                                  "kohya files bundle them")
+        state.update(_bundle_keys(embeddings, str(path)))
     bad = first_non_finite(state)  # (a merge at a large weight can overflow float16: a file read would refuse)
     if bad is not None:
         raise ValueError(f"{path}: {bad} is not finite in {dtype} (NaN, Inf or too large): nothing was written; save "
@@ -576,7 +660,7 @@ def write_lora_file(
 
 # header keys a writer computes from the tensors: never copied from another file's header
 DERIVED_HEADER_KEYS = frozenset(
-    {"format", "_format", DIFFUSERS_METADATA_KEY, METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args"}
+    {"format", "_format", "_bundled_embeddings", DIFFUSERS_METADATA_KEY, METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args"}
 )
 
 

@@ -32,8 +32,9 @@ from .formats import (
     LoraWeights,
     guess_architecture,
     our_metadata,
+    read_bundled_embeddings,
+    read_embedding_file,
     read_lora_file,
-    read_safetensors,
     strip_text_model,
     with_text_model,
     write_lora_file,
@@ -373,7 +374,7 @@ def load_lora(
     # check every component (and a learned token's file) before changing any: a bad file leaves the pipeline as it was
     plans = {c: _plan(models[c], c, lora, adapter, strict, str(path)) for c in components}
     meta = our_metadata(header)
-    tokens = _learned_tokens(pipe, path, meta.get("embedding_file"), meta.get("trigger_words"))
+    tokens = _learned_tokens(pipe, path, meta.get("embedding_file"), meta.get("trigger_words")) + _bundled_tokens(pipe, path, header)
     patched, done = 0, []
     try:
         for component, plan in plans.items():
@@ -398,11 +399,10 @@ SDXL_EMBEDDING_KEYS = (("clip_l", "tokenizer", "text_encoder"), ("clip_g", "toke
 
 
 def _learned_tokens(pipe, source: Path, name: object, trigger_words: object) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
-    """The learned tokens that a LoRA's metadata names (``embedding_file``, a file beside the LoRA, in diffusers'
-    textual-inversion form: ``{token: vector}``, or for SDXL ``{"clip_l": [1, w1], "clip_g": [1, w2]}`` with the
-    token in its metadata or else the LoRA's first trigger word), as ``(tokenizer, text encoder, {token: vector})``
-    attribute names of the pipeline, checked against each text encoder; a token its tokenizer knows already is left
-    as it is (loading a LoRA twice adds it once)."""
+    """The learned tokens that a LoRA's metadata names (``embedding_file``, a file beside the LoRA: see
+    ``formats.read_embedding_file``), as ``(tokenizer, text encoder, {token: vectors})`` attribute names of the
+    pipeline, checked against each text encoder; a token its tokenizer knows already is left as it is (loading a LoRA
+    twice adds it once)."""
     if not name:
         return []
     if Path(str(name)).name != str(name) or str(name) in (".", ".."):
@@ -412,18 +412,32 @@ def _learned_tokens(pipe, source: Path, name: object, trigger_words: object) -> 
         logger.warning("%s was trained with a learned token, but %s is not beside it: the token stays unknown to the "
                        "tokenizer (copy the file next to the LoRA, or pipe.load_textual_inversion it)", source, file.name)
         return []
-    tensors, header = read_safetensors(file)
-    if set(tensors) == {key for key, _, _ in SDXL_EMBEDDING_KEYS}:
+    return _token_loads(pipe, file, read_embedding_file(file, trigger_words))
+
+
+def _bundled_tokens(pipe, source: Path, header: dict[str, str]) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+    """The textual-inversion embeddings bundled in a LoRA file (``bundle_emb.<name>.*``, A1111 / OneTrainer), each
+    under its name as the token."""
+    return _token_loads(pipe, source, read_bundled_embeddings(source)) if "_bundled_embeddings" in header else []
+
+
+def _token_loads(pipe, source: Path, embeddings: dict[str, dict[str, torch.Tensor]]) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+    """``{token: {"*": vectors}}`` into the (first) text encoder, ``{token: {"clip_l": .., "clip_g": ..}}`` (SDXL) into
+    both, as ``_new_tokens`` loads."""
+    loads = []
+    for token, parts in embeddings.items():
+        if "*" in parts:
+            loads.append(("tokenizer", "text_encoder", {token: parts["*"]}))
+            continue
         if getattr(pipe, "text_encoder_2", None) is None:
-            raise LoraFormatError(f"{file}: an SDXL embedding (clip_l, clip_g); this pipeline has one text encoder")
-        words = trigger_words if isinstance(trigger_words, list) else []
-        token = header.get("token") or (str(words[0]) if words else "")
-        if not token:
-            raise LoraFormatError(f"{file}: an SDXL embedding without its token (no 'token' in its metadata, no "
-                                  f"trigger word in the LoRA's)")
-        loads = [(tok, enc, {token: tensors[key].reshape(-1)}) for key, tok, enc in SDXL_EMBEDDING_KEYS]
-    else:
-        loads = [("tokenizer", "text_encoder", tensors)]
+            raise LoraFormatError(f"{source}: the embedding of {token!r} is SDXL's (clip_l, clip_g); this pipeline has one text encoder")
+        loads += [(tok, enc, {token: parts[key]}) for key, tok, enc in SDXL_EMBEDDING_KEYS]
+    return _new_tokens(pipe, source, loads)
+
+
+def _new_tokens(pipe, source: Path, loads: list[tuple[str, str, dict[str, torch.Tensor]]]) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+    """``loads`` (tokenizer, text encoder, ``{token: vectors}``) without the tokens a tokenizer knows already (loading
+    a LoRA twice adds them once), each vector checked against its text encoder's width; empty loads dropped."""
     out = []
     for tok, enc, vectors in loads:
         vocab = getattr(pipe, tok).get_vocab()
@@ -432,7 +446,7 @@ def _learned_tokens(pipe, source: Path, name: object, trigger_words: object) -> 
         for token, vector in vectors.items():
             if vector.shape[-1] != width or not bool(torch.isfinite(vector).all()):
                 what = "this text encoder" if enc == "text_encoder" else enc
-                raise LoraFormatError(f"{file}: the vector of {token!r} has shape {tuple(vector.shape)}; {what} needs "
+                raise LoraFormatError(f"{source}: the vector of {token!r} has shape {tuple(vector.shape)}; {what} needs "
                                       f"finite vectors {width} wide")
         if vectors:
             out.append((tok, enc, vectors))

@@ -34,6 +34,8 @@ from .formats import (
     guess_architecture,
     lora_file,
     our_metadata,
+    read_bundled_embeddings,
+    read_embedding_file,
     read_lora_file,
     user_metadata,
     with_text_model,
@@ -322,6 +324,7 @@ def inspect_lora(path: str | os.PathLike) -> dict:
     lora, header = read_lora_file(path)
     path = lora_file(path)  # a folder's pytorch_lora_weights.safetensors
     fmt = header.pop("_format")
+    bundled = json.loads(header.pop("_bundled_embeddings", "[]"))
     ours = our_metadata(header)
     words: list[str] = list(ours.get("trigger_words") or [])
     if header.get("modelspec.trigger_phrase"):
@@ -349,6 +352,7 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         "dtype": dtypes.most_common(1)[0][0],
         "size_bytes": Path(path).stat().st_size,
         "trigger_words": list(dict.fromkeys(words)),
+        "embeddings": bundled + learned_tokens(header),  # bundled (A1111 / OneTrainer) or cloneofsimo's
         "module_kinds": _module_kinds(path) if fmt in ("lycoris", "comfyui") else
                         dict(sorted(Counter("LoRA" if w.magnitude is None else "LoRA+DoRA" for w in lora.values()).items())),
         "metadata": {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(header.items())},
@@ -376,9 +380,12 @@ def convert_lora(
 ) -> Path:
     """Rewrite a LoRA file in another format (``kohya`` or ``diffusers``), keeping tensors (and their dtype
     unless ``dtype`` is given), alphas, our metadata and the source header's user metadata (kohya's ``ss_*``,
-    ``modelspec.*``...). ``dst`` may not be ``src``, nor exist unless ``overwrite``. A file with learned token
-    embeddings (cloneofsimo's ``<s1>``) is refused, since neither format has a place for them, unless
-    ``drop_embeddings``.
+    ``modelspec.*``...). ``dst`` may not be ``src``, nor exist unless ``overwrite``.
+
+    Learned token embeddings travel with a kohya file, bundled as A1111 loads them (``bundle_emb.<token>.*``): those
+    bundled in the source, cloneofsimo's ``<s1>``, and the ``embedding_file`` of our pivotal tuning beside it. A
+    diffusers file has no place for bundled or cloneofsimo ones: refused unless ``drop_embeddings`` (our pivotal
+    tuning's file stays named in the metadata, as it was).
 
     Example:
         >>> convert_lora("pytorch_lora_weights.safetensors", "style_kohya.safetensors", to="kohya")
@@ -387,20 +394,43 @@ def convert_lora(
         raise ValueError(f"unknown format {to!r}; choose from {sorted(WRITERS)}")
     check_output(dst, [("the input", src)], overwrite=overwrite)
     lora, header = read_lora_file(src)
-    tokens = learned_tokens(header)
-    if tokens and not drop_embeddings:
-        raise LoraFormatError(
-            f"{src}: the learned token embedding(s) {', '.join(tokens)} have no place in a {to} LoRA file; "
-            "pass --drop-embeddings (drop_embeddings=True) to convert the LoRA layers without them"
-        )
     meta = {"name": Path(dst).stem, **our_metadata(header), "converted_from": header["_format"]}
+    embeddings = _embeddings(lora_file(src), header, meta, pivotal=to == "kohya")
+    if to != "kohya" and embeddings and not drop_embeddings:
+        raise LoraFormatError(
+            f"{src}: the learned token embedding(s) {', '.join(embeddings)} have no place in a {to} LoRA file; "
+            "convert --to kohya bundles them (A1111 loads them with the LoRA), or pass --drop-embeddings "
+            "(drop_embeddings=True) to convert the LoRA layers without them"
+        )
+    tokens = list(embeddings) if drop_embeddings else []  # dropped
+    bundle = embeddings if embeddings and not tokens else None
+    if bundle:
+        meta.pop("embedding_file", None)  # bundled now
     if header.get("modelspec.trigger_phrase") and not meta.get("trigger_words"):
         meta["trigger_words"] = [w.strip() for w in header["modelspec.trigger_phrase"].split(",")]
     dtype = dtype or next(iter(lora.values())).A.dtype
-    write_lora_file(dst, lora, metadata=meta, format=to, dtype=dtype, header=user_metadata(header))
+    write_lora_file(dst, lora, metadata=meta, format=to, dtype=dtype, header=user_metadata(header),
+                    embeddings=bundle)
     if tokens:
         logger.warning("%s: dropped the learned token embedding(s) %s", src, ", ".join(tokens))
     return Path(dst)
+
+
+def _embeddings(src: Path, header: dict[str, str], meta: dict, pivotal: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """The learned token embeddings of a LoRA file (``{token: {"*" | "clip_l" | "clip_g": vectors}}``): bundled
+    (``bundle_emb.*``), cloneofsimo's, and, with ``pivotal``, our pivotal tuning's ``embedding_file`` beside it."""
+    from safetensors import safe_open
+
+    out = read_bundled_embeddings(src) if "_bundled_embeddings" in header else {}
+    tokens = learned_tokens(header)
+    if tokens:
+        with safe_open(str(src), framework="pt") as f:
+            vectors = {token: f.get_tensor(token) for token in tokens}
+        out.update({token: {"*": v.reshape(-1, v.shape[-1])} for token, v in vectors.items()})
+    name = meta.get("embedding_file")
+    if pivotal and name and Path(str(name)).name == str(name) and (src.parent / str(name)).is_file():
+        out.update(read_embedding_file(src.parent / str(name), meta.get("trigger_words")))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -455,7 +485,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("file", "format", "module_kinds", "architecture", "layers", "ranks", "alphas", "conv_layers", "params", "dtype", "size_bytes", "trigger_words"):
+    for key in ("file", "format", "module_kinds", "architecture", "layers", "ranks", "alphas", "conv_layers", "params", "dtype", "size_bytes", "trigger_words", "embeddings"):
         print(f"{key:14} {info[key]}")
     print("targets")
     for pattern, n in info["targets"].items():

@@ -20,6 +20,7 @@ from lora_diffusion.formats import (
     from_diffusers,
     from_kohya,
     read_lora_file,
+    read_safetensors,
     to_diffusers,
     to_kohya,
     write_lora_file,
@@ -473,16 +474,21 @@ def test_convert_keeps_the_source_header_and_trigger_words(tmp_path, lora):
 
 
 def test_convert_refuses_to_drop_learned_tokens_unless_told(tmp_path, caplog):
+    """cloneofsimo's learned token travels bundled in a kohya file (as A1111 loads it); a diffusers file has no place
+    for it: refused unless --drop-embeddings, which drops it with a warning."""
     state, meta = {"<s1>": torch.randn(768)}, {"<s1>": "<embed>", "text_encoder": json.dumps(["CLIPAttention"])}
     for i, path in enumerate(cloneofsimo_paths(sd1_module_listing("text_encoder"), ["CLIPAttention"])):
         state[f"text_encoder:{i}:down"], state[f"text_encoder:{i}:up"] = torch.randn(1, 768), torch.randn(768, 1)
         meta[f"text_encoder:{i}:rank"] = "1"
     save_file(state, str(tmp_path / "simo.safetensors"), metadata=meta)
     out = tmp_path / "out.safetensors"
-    for to in ("diffusers", "kohya"):
-        with pytest.raises(LoraFormatError, match="<s1>.*--drop-embeddings"):
-            cli_main(["convert", str(tmp_path / "simo.safetensors"), str(out), "--to", to, "--debug"])
-        assert not out.exists()
+    with pytest.raises(LoraFormatError, match="<s1>.*convert --to kohya bundles them.*--drop-embeddings"):
+        cli_main(["convert", str(tmp_path / "simo.safetensors"), str(out), "--to", "diffusers", "--debug"])
+    assert not out.exists()
+    assert cli_main(["convert", str(tmp_path / "simo.safetensors"), str(tmp_path / "bundled.safetensors"), "--to", "kohya"]) == 0
+    bundled = read_safetensors(tmp_path / "bundled.safetensors")[0]
+    assert torch.equal(bundled["bundle_emb.<s1>.string_to_param.*"], state["<s1>"][None])
+    assert inspect_lora(tmp_path / "bundled.safetensors")["embeddings"] == ["<s1>"]
     with caplog.at_level(logging.WARNING):
         assert cli_main(["convert", str(tmp_path / "simo.safetensors"), str(out), "--to", "kohya", "--drop-embeddings"]) == 0
     assert "dropped the learned token embedding(s) <s1>" in caplog.text
