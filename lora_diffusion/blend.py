@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .formats import FORMAT_VERSION, Lora, LoraWeights, read_bundled_embeddings, read_lora_file, write_lora_file
+from .formats import FORMAT_VERSION, Lora, LoraWeights, read_bundled_embeddings, read_lora_file_with_params, write_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +203,24 @@ def _as_layer(a: torch.Tensor, b: torch.Tensor, like: LoraWeights) -> LoraWeight
     return LoraWeights(a, b, float(r))
 
 
+def merge_params(inputs: Sequence[tuple[dict, float]]) -> dict:
+    """Weighted sum of parameter deltas (``params.ParamDelta``): full deltas added, an embedding table's factors
+    concatenated (``w * alpha / r`` folded into B, alpha = rank), as ``merge_lora_dicts`` merges LoRA layers; a
+    table with both kinds is summed densely."""
+    from .params import ParamDelta
+
+    out = {}
+    for key in dict.fromkeys(k for params, _ in inputs for k in params):
+        parts = [(params[key], w) for params, w in inputs if key in params]
+        if all(d.delta is None for d, _ in parts):
+            a = torch.cat([d.A.float() for d, _ in parts])
+            b = torch.cat([d.B.float() * (w * d.alpha / d.A.shape[0]) for d, w in parts], dim=1)
+            out[key] = ParamDelta(None, a, b, float(a.shape[0]))
+        else:
+            out[key] = ParamDelta(sum(d.value(torch.float32, torch.device("cpu")) * w for d, w in parts))
+    return out
+
+
 def _bundled(pairs, headers) -> dict[str, dict[str, torch.Tensor]]:
     """The embeddings bundled in the inputs (``bundle_emb.*``), all of them; one name with other vectors in two inputs
     is refused, naming it."""
@@ -306,11 +324,12 @@ def merge_loras(
         0.0123
     """
     pairs = list(inputs.items()) if isinstance(inputs, Mapping) else list(inputs)
-    read = [read_lora_file(path) for path, _ in pairs]
-    loras = [(lora, float(w)) for (lora, _), (_, w) in zip(read, pairs)]
+    read = [read_lora_file_with_params(path) for path, _ in pairs]
+    loras = [(lora, float(w)) for (lora, _, _), (_, w) in zip(read, pairs)]
+    params = merge_params([(p, float(w)) for (_, p, _), (_, w) in zip(read, pairs)])
     for (path, _), (lora, _) in zip(pairs, loras):
         _refuse_dora(lora, str(path))
-    embeddings = _bundled(pairs, [header for _, header in read])
+    embeddings = _bundled(pairs, [header for _, _, header in read])
     if embeddings and format != "kohya":
         raise ValueError(f"the inputs bundle the embeddings {', '.join(embeddings)}, which a {format} file cannot hold: "
                          "merge with format='kohya' (--format kohya) to keep them")
@@ -324,7 +343,7 @@ def merge_loras(
             **({"merge_rank": rank, "merge_rel_error": report.error} if mode == "svd" else {}),
             **(metadata or {}),
         }
-        write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype, embeddings=embeddings or None)
+        write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype, embeddings=embeddings or None, params=params or None)
         report.path = Path(out)
     return report
 

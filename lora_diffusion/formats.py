@@ -47,6 +47,7 @@ __all__ = [
     "from_diffusers",
     "detect_format",
     "read_lora_file",
+    "read_lora_file_with_params",
     "bundled_embeddings",
     "read_bundled_embeddings",
     "read_embedding_file",
@@ -433,7 +434,18 @@ def lora_file(path: str | os.PathLike) -> Path:
 
 
 def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> tuple[Lora, dict[str, str]]:
-    """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``.
+    """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``. Deltas to
+    parameters outside the LoRA layers (biases, norms, embedding tables) are left out; the header's ``_param_deltas``
+    counts them, and ``read_lora_file_with_params`` reads them too. See ``read_lora_file_with_params``."""
+    lora, params, header = read_lora_file_with_params(path, modules=modules)
+    return lora, ({**header, "_param_deltas": str(len(params))} if params else header)
+
+
+def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None = None) -> tuple[Lora, dict, dict[str, str]]:
+    """Read any supported LoRA file: ``(canonical lora, parameter deltas, header metadata)``; the header gains
+    ``_format``. Parameter deltas (``params.ParamDelta``, ``{"<component>.<module path>.<bias | weight>": delta}``)
+    are what a file changes outside the LoRA layers: ``.diff_b`` biases, 1-D ``.diff`` norm scales, an embedding
+    table's LoRA factors (ComfyUI's extracted LoRAs, A1111's full networks).
 
     A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. Textual-inversion embeddings bundled in the
     file (``bundle_emb.*``, A1111 / OneTrainer) are not part of the LoRA: the header's ``_bundled_embeddings`` lists
@@ -457,15 +469,19 @@ def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> t
     try:
         fmt = detect_format(state, header)
         context = {"modules": modules} if modules is not None and fmt in NEEDS_MODULES else {}
-        lora = READERS[fmt][1](state, header, str(path), **context)
+        read = READERS[fmt][1](state, header, str(path), **context)
     except LoraFormatError as e:
         msg = str(e)
         raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    from .params import ParamDelta
+
+    lora = {k: w for k, w in read.items() if not isinstance(w, ParamDelta)}
+    params = {k: w for k, w in read.items() if isinstance(w, ParamDelta)}
     check_finite(state, str(path))
-    bad_alpha = next((k for k, w in lora.items() if not math.isfinite(w.alpha)), None)
+    bad_alpha = next((k for k, w in read.items() if not math.isfinite(w.alpha)), None)
     if bad_alpha is not None:
-        raise LoraFormatError(f"{path}: {bad_alpha} has alpha {lora[bad_alpha].alpha}; factors and alphas must be finite")
-    return lora, {**header, "_format": fmt}
+        raise LoraFormatError(f"{path}: {bad_alpha} has alpha {read[bad_alpha].alpha}; factors and alphas must be finite")
+    return lora, params, {**header, "_format": fmt}
 
 
 # Textual-inversion embeddings bundled in a LoRA file, as A1111 reads them and OneTrainer writes them:
@@ -514,7 +530,7 @@ def read_embedding_file(path: str | os.PathLike, trigger_words: object = None) -
     ``{"clip_l": [1, w1], "clip_g": [1, w2]}`` with the token in its metadata, else the LoRA's first trigger word."""
     tensors, header = read_safetensors(path)
     if set(tensors) != {"clip_l", "clip_g"}:
-        return {token: {"*": vector.reshape(-1, vector.shape[-1])} for token, vector in tensors.items()}
+        return {token: {"*": vector} for token, vector in tensors.items()}
     words = trigger_words if isinstance(trigger_words, list) else []
     token = header.get("token") or (str(words[0]) if words else "")
     if not token:
@@ -623,12 +639,15 @@ def write_lora_file(
     dtype: torch.dtype = torch.float16,
     header: dict[str, str] | None = None,
     embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
+    params: dict | None = None,
 ) -> None:
     """Write ``lora`` as ``format`` (``diffusers`` or ``kohya``) with tensors in ``dtype``.
 
     ``embeddings`` (kohya only): textual-inversion embeddings to bundle, ``{name: {"*" | "clip_l" | "clip_g":
     vectors}}`` as ``bundled_embeddings`` reads them, written as ``bundle_emb.<name>.string_to_param.*`` (SD 1.x / 2.x)
     or ``.clip_l`` / ``.clip_g`` (SDXL), which A1111 loads with the LoRA, the name being the prompt's token.
+    ``params`` (kohya only): parameter deltas (``read_lora_file_with_params``), as ComfyUI writes them (``.diff_b``,
+    ``.diff``, an embedding table's factors).
 
     ``metadata`` goes to our own header entry (and, for kohya, to ``ss_*``/``modelspec.*`` keys). ``header``:
     other header entries written as they are (a source file's ``user_metadata``: kohya's ``ss_tag_frequency``,
@@ -638,12 +657,20 @@ def write_lora_file(
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
     if format not in WRITERS:
         raise ValueError(f"unknown format {format!r}; choose from {sorted(WRITERS)}")
-    if not lora:
+    if not lora and not params:
         raise ValueError("nothing to save: the LoRA is empty")
     cast = {k: w._replace(A=w.A.detach().to(dtype), B=w.B.detach().to(dtype),
                           magnitude=None if w.magnitude is None else w.magnitude.detach().to(dtype)) for k, w in lora.items()}
     ours = {"format_version": FORMAT_VERSION, **(metadata or {})}
-    state, written = WRITERS[format](cast, ours)
+    state, written = WRITERS[format](cast, ours) if cast else ({}, {"format": "pt"})
+    if params:
+        if format != "kohya":
+            raise LoraFormatError(f"{path}: a {format} LoRA file has no place for deltas to biases, norms or embedding "
+                                  f"tables ({len(params)}, e.g. {next(iter(params))}); kohya files hold them")
+        from .formats_kohya import kohya_param_keys
+
+        state.update(kohya_param_keys({k: d._replace(**{f: getattr(d, f).detach().to(dtype) for f in ("delta", "A", "B")
+                                                          if getattr(d, f) is not None}) for k, d in params.items()}, cast))
     if embeddings:
         if format != "kohya":
             raise LoraFormatError(f"{path}: a {format} LoRA file has no place for embeddings ({', '.join(embeddings)}); "
@@ -660,7 +687,7 @@ def write_lora_file(
 
 # header keys a writer computes from the tensors: never copied from another file's header
 DERIVED_HEADER_KEYS = frozenset(
-    {"format", "_format", "_bundled_embeddings", DIFFUSERS_METADATA_KEY, METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args"}
+    {"format", "_format", "_bundled_embeddings", "_param_deltas", DIFFUSERS_METADATA_KEY, METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args"}
 )
 
 

@@ -44,7 +44,7 @@ _COMPOUNDS = sorted(
         "time_embedding", "linear_1", "linear_2", "add_embedding", "norm_out",
         # CLIP text encoder
         "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
-        "text_projection",
+        "text_projection", "layer_norm1", "layer_norm2", "token_embedding", "position_embedding",
         # LDM / original SD UNet
         "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
         "skip_connection", "time_embed", "label_emb",
@@ -80,7 +80,7 @@ def _dots(name: str) -> str:
 
 def ldm_to_diffusers(path: str) -> str:
     """Map an LDM (SD1/SD2) or SGM (SDXL) UNet module path to the diffusers one; other paths are returned unchanged."""
-    fixed = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+    fixed = {"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
              "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # fmt: skip
     if path in fixed:
         return fixed[path]
@@ -267,6 +267,24 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     if metadata.get("base_model"):
         header["ss_sd_model_name"] = str(metadata["base_model"])
     return state, header
+
+
+def kohya_param_keys(params: dict, lora) -> dict[str, torch.Tensor]:
+    """Parameter deltas (``params.ParamDelta``) under kohya names, as ComfyUI writes and reads them: a bias's
+    ``.diff_b``, a norm scale's (or a table's) ``.diff``, an embedding table's ``.lora_down`` / ``.lora_up`` /
+    ``.alpha``; SDXL named as ``to_kohya`` names ``lora``."""
+    sdxl = _architecture_spec(lora)[0] == "sdxl_base_v1-0" if lora else False
+    sdxl = sdxl or any(k.startswith("text_encoder_2.") for k in [*lora, *params])
+    out: dict[str, torch.Tensor] = {}
+    for key, d in params.items():
+        module, _, which = key.rpartition(".")
+        name = kohya_name(module if not module.startswith("text_encoder") else _text_key(module), sdxl)
+        if d.delta is not None:
+            out[f"{name}.{'diff_b' if which == 'bias' else 'diff'}"] = d.delta
+        else:
+            out.update({f"{name}.lora_down.weight": d.A, f"{name}.lora_up.weight": d.B,
+                        f"{name}.alpha": torch.tensor(float(d.alpha), dtype=torch.float32)})
+    return out
 
 
 def _most_common(values: list):

@@ -41,7 +41,7 @@ LYCORIS_SUFFIXES = {
     ".hada_t1": "hada_t1", ".hada_t2": "hada_t2",
     ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
     ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
-    ".diff": "diff", ".dora_scale": "dora_scale",
+    ".diff": "diff", ".diff_b": "diff_b", ".dora_scale": "dora_scale",
 }  # fmt: skip
 _SUFFIX_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(LYCORIS_SUFFIXES, key=len, reverse=True)) + ")$")
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
@@ -71,24 +71,28 @@ def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     roles = [_split(k) for k in state]
     if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
         return False
-    return any(role.startswith(("hada_", "lokr_")) or role in ("mid", "diff", "dora_scale") for _, role in roles)
+    return any(role.startswith(("hada_", "lokr_")) or role in ("mid", "diff", "diff_b", "dora_scale") for _, role in roles)
 
 
 def module_kinds(keys: list[str]) -> dict[str, int]:
-    """How many modules of each kind (``LoRA``, ``LoHa``, ``LoKr``, ``full``; ``+DoRA`` with a magnitude) per-module keys
-    hold, e.g. ``{"LoHa": 182, "LoRA+DoRA": 64}``."""
+    """How many modules of each kind (``LoRA``, ``LoHa``, ``LoKr``, ``full``, ``bias``; ``+bias`` with a bias delta,
+    ``+DoRA`` with a magnitude) per-module keys hold, e.g. ``{"LoHa": 182, "LoRA+DoRA": 64}``."""
     roles: dict[str, set[str]] = {}
     for key in keys:
         split = _split(key)
         if split is not None:
             roles.setdefault(split[0], set()).add(split[1])
-    return dict(sorted(Counter("/".join(sorted(_kinds(rs))) + ("+DoRA" if "dora_scale" in rs else "") for rs in roles.values()).items()))
+    def kind(rs: set[str]) -> str:
+        kinds = "/".join(sorted(_kinds(rs)))
+        return (kinds or "bias") + ("+bias" if kinds and "diff_b" in rs else "") + ("+DoRA" if "dora_scale" in rs else "")
+
+    return dict(sorted(Counter(kind(rs) for rs in roles.values()).items()))
 
 
 def _kinds(roles) -> set[str]:
     """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, full, LoRA."""
     return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "full" if r == "diff" else "LoRA"
-            for r in roles if r not in ("alpha", "dora_scale")}
+            for r in roles if r not in ("alpha", "dora_scale", "diff_b")}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -237,7 +241,9 @@ def dense_lora(delta: torch.Tensor, dtype: torch.dtype | None = None):
 def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callable[[str], str], naming: str):
     """Per-module LoRA / LoCon / Tucker LoCon / LoHa / LoKr / full-delta keys (``<module name><suffix>``, mixed as they
     come; a DoRA module's ``dora_scale`` beside its factors) -> canonical ``{"<component>.<path>": LoraWeights}``, each
-    module exactly as the LoRA it equals (a DoRA module with its ``magnitude``, resolved against the layer it loads into). ``canonical`` maps a
+    module exactly as the LoRA it equals (a DoRA module with its ``magnitude``, resolved against the layer it loads into);
+    deltas to parameters outside the LoRA layers (``diff_b``, a norm's 1-D ``diff``, an embedding table's factors) as
+    ``params.ParamDelta`` under ``"<component>.<module path>.<bias | weight>"``. ``canonical`` maps a
     module name to its canonical key; ``naming`` names the scheme in errors (``kohya``, ``ComfyUI``)."""
     from .formats import LoraFormatError, LoraWeights, _check_pair, guess_architecture
 
@@ -248,6 +254,7 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             raise LoraFormatError(f"{source}: key {key!r} is not a LoRA / LoHa / LoKr key")
         modules.setdefault(split[0], {})[split[1]] = tensor
     lora: dict = {}
+    params: dict = {}  # "<component>.<module path>.<bias | weight>" -> ParamDelta
     products = {}  # canonical key -> (module name, product, scale)
     for name, p in modules.items():
         kinds = _kinds(p)
@@ -262,6 +269,15 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
         if key in lora or key in products:
             raise LoraFormatError(f"{source}: two {naming} names map to the same module {key} (one is {name})")
         alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+        embedding = _EMBEDDING.search(key) is not None
+        if "diff_b" in p or ("diff" in p and p["diff"].dim() < 2) or embedding:  # parameter deltas
+            try:
+                params.update(_param_deltas(key, p, alpha, embedding))
+            except _Error as e:
+                raise LoraFormatError(f"{source}: {name} {e}") from None
+            p = {role: t for role, t in p.items() if role != "diff_b" and not (role == "diff" and t.dim() < 2)}
+            if not set(p) - {"alpha"} or embedding:
+                continue
         magnitude = p.get("dora_scale")
         if kinds <= {"full"}:  # a full delta (A1111's network_full): the weight's own shape, scale 1
             if "diff" not in p:
@@ -286,7 +302,7 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
         dtype = next(t.dtype for role, t in p.items() if role != "alpha")  # the file's
         products[key] = (name, product, alpha / product.dim if alpha is not None and product.dim else 1.0, dtype, magnitude)
     if not products:
-        return lora
+        return {**lora, **params}
     # SD 2.x and SDXL have Linear proj_in / proj_out, SD 1.x 1x1 convs: told by the text width, as for any LoRA
     widths = {k: LoraWeights(torch.empty(0, product.cols), torch.empty(product.out, 0), 1.0) for k, (_, product, *_) in products.items()}
     linear_projections = guess_architecture({**lora, **widths}).startswith(("SDXL", "SD 2"))
@@ -296,7 +312,34 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             lora[key] = w._replace(magnitude=magnitude)
         except _Error as e:
             raise LoraFormatError(f"{source}: {name} {e}") from None
-    return lora
+    return {**lora, **params}
+
+
+# the text encoders' embedding tables (nn.Embedding: not a LoRA layer; ComfyUI's extraction gives them LoRA factors)
+_EMBEDDING = re.compile(r"\.embeddings\.(token_embedding|position_embedding)$")
+
+
+def _param_deltas(key: str, p: dict[str, torch.Tensor], alpha: float | None, embedding: bool) -> dict:
+    """A module's deltas to parameters outside the LoRA layers (``lora_diffusion.params``): ``diff_b`` to its bias,
+    a 1-D ``diff`` to its weight (a norm's scale), a ``diff`` or LoRA factors to an embedding table."""
+    from .params import ParamDelta
+
+    other = sorted(set(p) - {"down", "up", "alpha", "diff", "diff_b"}) if embedding else []
+    if other:
+        raise _Error(f"is an embedding table, which takes a plain LoRA or a full delta, not {', '.join(other)}")
+    out = {}
+    if "diff_b" in p:
+        out[f"{key}.bias"] = ParamDelta(p["diff_b"])
+    if "diff" in p and (p["diff"].dim() < 2 or embedding):
+        out[f"{key}.weight"] = ParamDelta(p["diff"])
+    if embedding and ("down" in p or "up" in p):
+        down, up = p.get("down"), p.get("up")
+        if down is None or up is None or down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in sorted(p.items()) if role in ("down", "up"))
+            raise _Error(f"is an embedding table with factors that do not fit together ({shapes}); it needs lora_down "
+                         "[r, width] and lora_up [rows, r]")
+        out[f"{key}.weight"] = ParamDelta(None, down, up, float(down.shape[0]) if alpha is None else alpha)
+    return out
 
 
 def from_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"):

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from .layers import BACKWARD_MODES, LoraConv2d, LoraLayer, LoraLinear
+from .params import PARAMS_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +249,14 @@ def inject_lora(
 
 def remove_lora(model: nn.Module) -> None:
     """Put the original modules back (the same weight tensors, unfused first if fused), with the
-    ``requires_grad`` they had before ``inject_lora`` froze them."""
+    ``requires_grad`` they had before ``inject_lora`` froze them, and the parameters a loaded file changed outside
+    the LoRA layers (``params``) as they were."""
     model = unwrap(model)
+    store = model.__dict__.pop(PARAMS_ATTR, None)
+    if store is not None:
+        for adapter in store.adapters():
+            store.delete(adapter)
+        store.apply()
     attach(model)
     for name, layer in list(lora_layers(model)):
         layer.unfuse()

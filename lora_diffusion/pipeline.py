@@ -34,12 +34,14 @@ from .formats import (
     our_metadata,
     read_bundled_embeddings,
     read_embedding_file,
-    read_lora_file,
+    read_lora_file_with_params,
     strip_text_model,
     with_text_model,
     write_lora_file,
 )
 from .dora import as_dense
+from .formats_lycoris import dense_lora
+from .params import ParamDelta, param_deltas
 from .inject import DETACHED_ATTR, MERGE_CACHE_ATTR, attach, detach, lora_layers, unwrap, unwrap_layer, wrap_layer
 from .layers import LoraLayer, all_finite, floats_on_devices, fuse_many
 
@@ -178,6 +180,9 @@ def _adapter_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for _, layer in lora_layers(model):
         names.update(dict.fromkeys(layer.specs))
+    store = param_deltas(model)
+    if store is not None:
+        names.update(dict.fromkeys(sorted(store.adapters())))
     return list(names)
 
 
@@ -239,6 +244,9 @@ def _plan(
             )
         if isinstance(layer, LoraLayer) and adapter in layer.specs:
             raise ValueError(f"adapter {adapter!r} is already loaded in {component}; pass another adapter= name")
+        if w.magnitude is None and w.rank > min(base.weight.shape[0], base.weight[0].numel()):
+            # more rank than the layer has (a concat merge of full-rank LoRAs): its exact delta, densely
+            w = dense_lora(((w.B.flatten(1).double() @ w.A.flatten(1).double()) * (w.alpha / w.rank)).reshape(base.weight.shape))
         if w.magnitude is not None:  # DoRA: the exact delta on this layer's own (unfused) weight
             try:
                 w = as_dense(w, layer.original_weight if isinstance(layer, LoraLayer) else base.weight)
@@ -274,6 +282,34 @@ def apply_lora(
     """
     model = unwrap(model)
     return _apply_plan(model, _plan(model, component, lora, adapter, strict, source), adapter, weight)
+
+
+def _param_plan(model: nn.Module, component: str, params: dict[str, ParamDelta], strict: bool, source: str) -> dict:
+    """``{path: (parameter, delta)}`` of ``component``'s parameter deltas (biases, norm scales, embedding tables),
+    each checked against the model's parameter (a LoRA wrapper's base layer's too); unmatched keys as in ``_plan``."""
+    items = {k.split(".", 1)[1]: d for k, d in params.items() if k.split(".", 1)[0] == component}
+    if not items:
+        return {}
+    named = dict(model.named_parameters())
+    plan, missing = {}, []
+    for path, delta in items.items():
+        candidates = [path, strip_text_model(path)] if component.startswith("text_encoder") else [path]
+        found = next((name for cand in candidates for name in (cand, ".base_layer.".join(cand.rsplit(".", 1))) if name in named), None)
+        if found is None:
+            missing.append(f"{component}.{path}")
+            continue
+        param = named[found]
+        if tuple(param.shape) != delta.shape:
+            raise LoraFormatError(f"{source}: {component}.{path}: the file's delta has shape {list(delta.shape)}, the model's "
+                                  f"parameter {list(param.shape)}")
+        plan[path] = (param, delta)
+    if missing:
+        msg = (f"{source}: {len(missing)} of {len(items)} {component} parameter deltas match no parameter of this model: "
+               f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}")
+        if strict:
+            raise LoraFormatError(msg)
+        logger.warning("%s Loaded the others (strict=False).", msg)
+    return plan
 
 
 def _apply_plan(model: nn.Module, plan: list[tuple[str, LoraWeights]], adapter: str, weight: float) -> int:
@@ -359,10 +395,10 @@ def load_lora(
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
     models = dict(_components(pipe))
-    lora, header = read_lora_file(path, modules={c: module_listing(m) for c, m in models.items()})
+    lora, params, header = read_lora_file_with_params(path, modules={c: module_listing(m) for c, m in models.items()})
     if adapter is None:
         adapter = path.parent.name if path.stem == "pytorch_lora_weights" else path.stem
-    components = sorted({k.split(".", 1)[0] for k in lora})
+    components = sorted({k.split(".", 1)[0] for k in [*lora, *params]})
     for component in components:
         if component not in models:
             raise LoraFormatError(
@@ -373,6 +409,7 @@ def load_lora(
             raise ValueError(f"adapter {adapter!r} is already loaded; pass adapter= to load {path} under another name")
     # check every component (and a learned token's file) before changing any: a bad file leaves the pipeline as it was
     plans = {c: _plan(models[c], c, lora, adapter, strict, str(path)) for c in components}
+    param_plans = {c: _param_plan(models[c], c, params, strict, str(path)) for c in components}
     meta = our_metadata(header)
     tokens = _learned_tokens(pipe, path, meta.get("embedding_file"), meta.get("trigger_words")) + _bundled_tokens(pipe, path, header)
     patched, done = 0, []
@@ -381,6 +418,11 @@ def load_lora(
             model = models[component]
             patched += _apply_plan(model, plan, adapter, weight)
             done.append(model)
+            if param_plans[component]:
+                store = param_deltas(model, create=True)
+                store.add(adapter, param_plans[component], weight)
+                store.apply(disabled=model.__dict__.get(_DISABLED_ATTR, False))
+                patched += len(param_plans[component])
             model.__dict__.setdefault(_META_ATTR, {})[adapter] = meta
         for tok, enc, vectors in tokens:
             pipe.load_textual_inversion([{token: vector} for token, vector in vectors.items()], token=list(vectors),
@@ -486,7 +528,8 @@ def set_adapters(
     from .blend import block_factor, check_blocks
 
     layers = {component: list(lora_layers(model)) for component, model in _components(pipe)}  # one walk each
-    known = {n for found in layers.values() for _, layer in found for n in layer.specs}
+    stores = {component: store for component, model in _components(pipe) if (store := param_deltas(model)) is not None}
+    known = {n for found in layers.values() for _, layer in found for n in layer.specs} | {n for st in stores.values() for n in st.adapters()}
     te_weights = dict(weights)
     if isinstance(text_encoder, (int, float)):
         te_weights = {n: float(text_encoder) for n in weights}
@@ -502,6 +545,7 @@ def set_adapters(
     for spec in specs.values():
         check_blocks(spec, lpb)
     changed: list[tuple[str, LoraLayer, tuple]] = []
+    stored = {component: store.state() for component, store in stores.items()}
     try:
         for component, found in layers.items():
             base = te_weights if component.startswith("text_encoder") else weights
@@ -510,9 +554,16 @@ def set_adapters(
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
         sync_scales([layer for _, layer, _ in changed if not layer.fused])  # a fuse refreshed its own
+        for component, store in stores.items():  # parameter deltas: a module's weight, as its layer's
+            base = te_weights if component.startswith("text_encoder") else weights
+            store.set_weights(lambda path, n: base[n] * block_factor(specs.get(n), component, path.rsplit(".", 1)[0], lpb) if n in base else None)
+            store.apply(disabled=dict(_components(pipe))[component].__dict__.get(_DISABLED_ATTR, False))
     except BaseException:  # (fuse_layers put the fused weights back)
         for _, layer, state in changed:
             layer.restore_weights(state)
+        for component, store in stores.items():
+            store.set_state(stored[component])
+            store.apply(disabled=dict(_components(pipe))[component].__dict__.get(_DISABLED_ATTR, False))
         raise
 
 
@@ -528,6 +579,7 @@ def _set_disabled(pipe, disabled: bool) -> None:
             model.__dict__[_DISABLED_ATTR] = disabled
             for _, layer in lora_layers(model):
                 layer.disabled = disabled
+            _apply_params(model)
             if not disabled and model.__dict__.pop(_REFUSE_ATTR, False):
                 fuse_model(model)
     except BaseException:  # a refused fuse on enable: every component stays as it was (disabled, fuse waiting)
@@ -540,18 +592,22 @@ def snapshot(pipe) -> list:
     ``restore``: each layer's active adapters, weights and on/off, the model's on/off, a fuse waiting for
     ``enable_lora``, and whether it is fused. (Adapters themselves are not copied: delete the ones added since.)"""
     return [(model, model.__dict__.get(_DISABLED_ATTR, False), model.__dict__.get(_REFUSE_ATTR, False),
-             bool(getattr(model, DETACHED_ATTR, {})), [(layer, layer.weight_state(), layer.disabled) for _, layer in lora_layers(model)])
+             bool(getattr(model, DETACHED_ATTR, {})), [(layer, layer.weight_state(), layer.disabled) for _, layer in lora_layers(model)],
+             store.state() if (store := param_deltas(model)) is not None else {})
             for _, model in _components(pipe)]
 
 
 def restore(state: list) -> None:
     """Put back a ``snapshot`` (the layers it lists that still hold their adapters)."""
-    for model, disabled, refuse, fused, layers in state:
+    for model, disabled, refuse, fused, layers, params in state:
         unfuse_model(model)
         for layer, weights, layer_disabled in layers:
             layer.restore_weights((weights[0], {n: w for n, w in weights[1].items() if n in layer.specs}))
             layer.disabled = layer_disabled
         model.__dict__[_DISABLED_ATTR] = disabled
+        if (store := param_deltas(model)) is not None:
+            store.set_state(params)
+            _apply_params(model)
         if fused:
             fuse_model(model)
         if refuse:
@@ -564,6 +620,7 @@ def enable_all(pipe) -> None:
         model.__dict__[_DISABLED_ATTR] = False
         for _, layer in lora_layers(model):
             layer.disabled = False
+        _apply_params(model)
 
 
 def disable_lora(pipe) -> None:
@@ -621,7 +678,17 @@ def _delete_from_model(model: nn.Module, adapter: str) -> None:
             layer.delete_adapter(adapter)  # a fused layer is re-fused without it
     if was_fused:
         detach(model)
+    if (store := param_deltas(model)) is not None:
+        store.delete(adapter)
+        _apply_params(model)
     getattr(model, _META_ATTR, {}).pop(adapter, None)
+
+
+def _apply_params(model: nn.Module) -> None:
+    """Write a model's parameter deltas at their weights (the base values while the model is disabled)."""
+    store = param_deltas(model)
+    if store is not None:
+        store.apply(disabled=model.__dict__.get(_DISABLED_ATTR, False))
 
 
 # ---------------------------------------------------------------------------------------------- fuse

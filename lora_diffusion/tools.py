@@ -37,6 +37,7 @@ from .formats import (
     read_bundled_embeddings,
     read_embedding_file,
     read_lora_file,
+    read_lora_file_with_params,
     user_metadata,
     with_text_model,
     write_lora_file,
@@ -353,7 +354,8 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         "size_bytes": Path(path).stat().st_size,
         "trigger_words": list(dict.fromkeys(words)),
         "embeddings": bundled + learned_tokens(header),  # bundled (A1111 / OneTrainer) or cloneofsimo's
-        "module_kinds": _module_kinds(path) if fmt in ("lycoris", "comfyui") else
+        "param_deltas": int(header.pop("_param_deltas", "0")),  # biases, norms, embedding tables (params.py)
+        "module_kinds": _module_kinds(path) if fmt in ("lycoris", "comfyui", "kohya") else
                         dict(sorted(Counter("LoRA" if w.magnitude is None else "LoRA+DoRA" for w in lora.values()).items())),
         "metadata": {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(header.items())},
     }
@@ -393,7 +395,7 @@ def convert_lora(
     if to not in WRITERS:
         raise ValueError(f"unknown format {to!r}; choose from {sorted(WRITERS)}")
     check_output(dst, [("the input", src)], overwrite=overwrite)
-    lora, header = read_lora_file(src)
+    lora, params, header = read_lora_file_with_params(src)
     meta = {"name": Path(dst).stem, **our_metadata(header), "converted_from": header["_format"]}
     embeddings = _embeddings(lora_file(src), header, meta, pivotal=to == "kohya")
     if to != "kohya" and embeddings and not drop_embeddings:
@@ -408,9 +410,9 @@ def convert_lora(
         meta.pop("embedding_file", None)  # bundled now
     if header.get("modelspec.trigger_phrase") and not meta.get("trigger_words"):
         meta["trigger_words"] = [w.strip() for w in header["modelspec.trigger_phrase"].split(",")]
-    dtype = dtype or next(iter(lora.values())).A.dtype
+    dtype = dtype or (next(iter(lora.values())).A.dtype if lora else next(t.dtype for d in params.values() for t in d[:3] if t is not None))
     write_lora_file(dst, lora, metadata=meta, format=to, dtype=dtype, header=user_metadata(header),
-                    embeddings=bundle)
+                    embeddings=bundle, params=params)
     if tokens:
         logger.warning("%s: dropped the learned token embedding(s) %s", src, ", ".join(tokens))
     return Path(dst)
@@ -485,7 +487,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("file", "format", "module_kinds", "architecture", "layers", "ranks", "alphas", "conv_layers", "params", "dtype", "size_bytes", "trigger_words", "embeddings"):
+    for key in ("file", "format", "module_kinds", "architecture", "layers", "ranks", "alphas", "conv_layers", "params", "dtype", "size_bytes", "trigger_words", "embeddings", "param_deltas"):
         print(f"{key:14} {info[key]}")
     print("targets")
     for pattern, n in info["targets"].items():

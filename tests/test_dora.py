@@ -211,7 +211,7 @@ def test_dora_loaded_into_a_fused_pipeline_uses_the_unfused_weights(tmp_path):
 
 def test_full_deltas_and_errors(tmp_path):
     """A1111's full deltas (``diff``) add themselves exactly (a Linear and a 3x3 conv); a DoRA magnitude that fits
-    neither axis, a merge of a DoRA file and a bias delta are refused, naming the file and module."""
+    neither axis, a merge of a DoRA file and a LyCORIS norm delta are refused, naming the file and module."""
     pipe = tiny_pipeline(0)
     g = torch.Generator().manual_seed(0)
     diffs = {key: torch.randn(_module(pipe, key).weight.shape, generator=g) * 0.05 for key in (TO_K, CONV)}
@@ -234,9 +234,9 @@ def test_full_deltas_and_errors(tmp_path):
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(LoraFormatError, match=rf"bad.safetensors: {TO_Q} has a DoRA magnitude of shape \[65, 1\]; .*\[64, 64\]"):
         load_lora(tiny_pipeline(0), tmp_path / "bad.safetensors")
-    save_file({**dora, f"{kohya_name(TO_Q)}.diff_b": torch.zeros(64)}, str(tmp_path / "bias.safetensors"))
-    with pytest.raises(LoraFormatError, match="bias deltas"):
-        read_lora_file(tmp_path / "bias.safetensors")
+    save_file({**dora, f"{kohya_name(TO_Q)}.w_norm": torch.zeros(64)}, str(tmp_path / "norm.safetensors"))
+    with pytest.raises(LoraFormatError, match="norm deltas"):
+        read_lora_file(tmp_path / "norm.safetensors")
 
 
 def test_loha_with_dora():

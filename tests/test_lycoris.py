@@ -232,7 +232,7 @@ def test_flattened_factors_fit_the_layer(tmp_path):
 def test_comfyui_named_files_load_as_their_kohya_twins(tmp_path, sdxl):
     """A LoRA under ComfyUI's own names (``diffusion_model.<LDM path>``, ``text_encoders.clip_l/clip_g.transformer.``,
     as its LoraSave and training nodes write) reads as the same canonical LoRA as the kohya file, LoHa modules too,
-    and loads with the same outputs; its bias deltas (``.diff_b``, which LoRA layers cannot hold) are refused by name."""
+    and loads with the same outputs; a bias delta (``.diff_b``) goes into the bias."""
     from lora_diffusion.formats import write_lora_file
     from lora_diffusion.formats_kohya import ldm_module_path, ldm_unet_prefixes
     from lora_diffusion.testing import random_lora, tiny_sdxl_pipeline
@@ -274,9 +274,12 @@ def test_comfyui_named_files_load_as_their_kohya_twins(tmp_path, sdxl):
         outputs.append(torch.cat([t.flatten() for t in p.unet.state_dict().values()]))
     assert torch.equal(outputs[0], outputs[1])
     bias = f"{loha_name.replace('in_layers.2', 'emb_layers.1')}.diff_b"
-    save_file({**state, bias: torch.zeros(conv.out_channels)}, str(tmp_path / "bias.safetensors"))
-    with pytest.raises(LoraFormatError, match=r"bias deltas \(diff_b\) \(1 keys\): this adapter type is not supported yet"):
-        read_lora_file(tmp_path / "bias.safetensors")
+    save_file({**state, bias: torch.full((conv.out_channels,), 0.25)}, str(tmp_path / "bias.safetensors"))
+    assert read_lora_file(tmp_path / "bias.safetensors")[1]["_param_deltas"] == "1"
+    p = make(0)
+    b0 = p.unet.down_blocks[0].resnets[0].time_emb_proj.bias.detach().clone()
+    load_lora(p, tmp_path / "bias.safetensors")  # the bias delta goes into the bias (tests/test_param_deltas.py)
+    assert torch.equal(p.unet.down_blocks[0].resnets[0].time_emb_proj.base_layer.bias, b0 + 0.25)
 
 
 def test_a_float16_loha_keeps_float16_precision():

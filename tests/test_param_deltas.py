@@ -1,0 +1,200 @@
+"""Deltas to parameters outside the LoRA layers (ComfyUI's "Extract and Save Lora" with its default bias_diff, A1111's
+full networks): ``.diff_b`` biases, 1-D ``.diff`` norm scales and the text encoder's embedding tables load into the
+parameters themselves. A ComfyUI-style extraction of model B minus model A, every weight a full-rank LoRA, loaded
+into A gives B; weight 0, disable, delete and remove_lora give A back bit for bit; convert and merge keep them."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_diffusion import delete_adapter, disable_lora, enable_lora, fuse, load_lora, remove_lora, set_adapters, unfuse
+from lora_diffusion.blend import merge_loras
+from lora_diffusion.formats import LoraFormatError, read_lora_file, read_lora_file_with_params, read_safetensors
+from lora_diffusion.formats_kohya import ldm_module_path, ldm_unet_prefixes
+from lora_diffusion.testing import tiny_pipeline
+from lora_diffusion.tools import convert_lora, inspect_lora
+
+
+def _params(pipe) -> dict[str, torch.Tensor]:
+    """Every UNet and text-encoder parameter by its plain path (a LoRA wrapper's base layer as the layer)."""
+    out = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, component, None) is None:
+            continue
+        for name, p in getattr(pipe, component).named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                continue
+            out[f"{component}.{name.replace('.base_layer.', '.')}"] = p.detach().clone()
+    return out
+
+
+def _extraction(a, b) -> dict[str, torch.Tensor]:
+    """What ComfyUI's LoraSave writes for model ``b`` minus model ``a`` (its names; full-rank SVD factors, no clamp):
+    a >= 2-D weight as lora_up / lora_down (a 1x1 conv's squeezed to 2-D, a 3x3 conv's down factor conv-shaped), a
+    1-D weight as ``.diff``, a bias as ``.diff_b``."""
+    unet = a.unet
+    prefixes = ldm_unet_prefixes(2, len(unet.down_blocks), [hasattr(blk, "attentions") for blk in unet.up_blocks])
+    pa, pb = _params(a), _params(b)
+    state = {}
+    for key, p0 in pa.items():
+        component, _, path = key.partition(".")
+        module, _, which = path.rpartition(".")
+        encoder = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}.get(component)
+        text = module if module.startswith("text_projection") else f"text_model.{module}"
+        name = (f"diffusion_model.{ldm_module_path(module, prefixes)}" if component == "unet"
+                else f"text_encoders.{encoder}.transformer.{text}")
+        diff = (pb[key] - p0).double()
+        if which == "bias":
+            state[f"{name}.diff_b"] = diff.float()
+        elif diff.dim() < 2:
+            state[f"{name}.diff"] = diff.float()
+        else:
+            u, s, vh = torch.linalg.svd(diff.flatten(1), full_matrices=False)
+            up, down = (u * s).float(), vh.float()
+            if diff.dim() == 4 and diff.shape[2:] != (1, 1):
+                up, down = up[:, :, None, None], down.reshape(-1, *diff.shape[1:])
+            state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"] = up.contiguous(), down.contiguous()
+    return state
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(A, B, the extraction file of B - A): B is A with every parameter moved by about 10 %."""
+    a, b = tiny_pipeline(0), tiny_pipeline(0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for component in (b.unet, b.text_encoder):
+            for p in component.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * (0.1 * p.abs().mean() + 1e-3))
+    path = tmp_path_factory.mktemp("extract") / "ComfyUI_extracted_lora_00001_.safetensors"
+    save_file(_extraction(a, b), str(path))
+    return a, b, path
+
+
+def _outputs(pipe):
+    g = torch.Generator().manual_seed(0)
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500])
+    with torch.no_grad():
+        text = pipe.text_encoder(ids)[0]
+        return text, pipe.unet(latents, t, encoder_hidden_states=text).sample
+
+
+def test_sdxl_extraction_loaded_into_a_gives_b(tmp_path):
+    """The same for SDXL: SGM names (label_emb, the out norm), both text encoders (clip_g with text_projection)."""
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+
+    a, b = tiny_sdxl_pipeline(0), tiny_sdxl_pipeline(0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in [*b.unet.parameters(), *b.text_encoder.parameters(), *b.text_encoder_2.parameters()]:
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 * p.abs().mean() + 1e-3))
+    state = _extraction(a, b)
+    assert any(k.startswith("diffusion_model.label_emb.") for k in state) and any(k.startswith("text_encoders.clip_g.") for k in state)
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    pipe = tiny_sdxl_pipeline(0)
+    load_lora(pipe, tmp_path / "xl.safetensors")
+    fuse(pipe)
+    got, target = _params(pipe), _params(b)
+    for key, p in target.items():
+        torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_extraction_loaded_into_a_gives_b(models):
+    """Every parameter of B (to the factors' rounding), B's outputs unfused and fused; the file's counts in inspect."""
+    a, b, path = models
+    lora, params, header = read_lora_file_with_params(path)
+    assert header["_format"] == "comfyui" and params and any(k.endswith(".bias") for k in params)
+    assert any("norm" in k and k.endswith(".weight") for k in params) and "text_encoder.text_model.embeddings.token_embedding.weight" in params
+    info = inspect_lora(path)
+    assert info["param_deltas"] == len(params) and info["layers"] == {"text_encoder": 30, "unet": len([k for k in lora if k.startswith("unet.")])}
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, path, adapter="b")
+    target = _params(b)
+    layers = {k.replace("text_encoder.text_model.", "text_encoder.") for k in lora}  # (transformers >= 5.6 paths)
+    for fused in (False, True):
+        if fused:
+            fuse(pipe)
+        got = _params(pipe)
+        for key, p in target.items():
+            if key.rsplit(".", 1)[0] in layers and key.endswith(".weight") and not fused:
+                continue  # an unfused LoRA layer's weight is A's: its delta is the adapter's
+            torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=key)
+        for ours, ref in zip(_outputs(pipe), _outputs(b)):
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    unfuse(pipe)
+
+
+def test_weight_zero_disable_delete_and_remove_give_a_back(models):
+    """The parameters are A's bit for bit at weight 0, while disabled, after delete_adapter and after remove_lora; a
+    block weight of 0 on the down blocks leaves their norms and biases at A's and moves the others."""
+    a, b, path = models
+    base = _params(a)
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, path, adapter="b")
+
+    def same_as_a(what):
+        got = _params(pipe)
+        for key in base:
+            assert torch.equal(got[key], base[key]), (what, key)
+
+    set_adapters(pipe, {"b": 0.0})
+    same_as_a("weight 0")
+    set_adapters(pipe, {"b": 0.5})
+    bias = "unet.down_blocks.0.resnets.0.norm1.bias"
+    torch.testing.assert_close(_params(pipe)[bias], (base[bias] + _params(b)[bias]) / 2, rtol=1e-5, atol=1e-6)
+    set_adapters(pipe, {"b": 1.0}, blocks={"down": 0, "mid": 1, "up": 1})
+    got = _params(pipe)
+    assert torch.equal(got[bias], base[bias]) and not torch.equal(got["unet.up_blocks.0.resnets.0.norm1.bias"], base["unet.up_blocks.0.resnets.0.norm1.bias"])
+    set_adapters(pipe, {"b": 1.0})
+    disable_lora(pipe)
+    same_as_a("disabled")
+    assert torch.equal(_outputs(pipe)[1], _outputs(a)[1])
+    enable_lora(pipe)
+    assert not torch.equal(_params(pipe)[bias], base[bias])
+    delete_adapter(pipe, "b")
+    same_as_a("deleted")
+    load_lora(pipe, path, adapter="b")
+    remove_lora(pipe.unet)
+    remove_lora(pipe.text_encoder)
+    same_as_a("removed")
+
+
+def test_convert_and_merge_keep_them(models, tmp_path):
+    """To kohya the deltas are written as kohya names (.diff_b, .diff, the table's factors) and load to the same
+    parameters; a diffusers file cannot hold them (refused, nothing written); a merge at 0.5 + 0.5 is the file."""
+    a, b, path = models
+    out = convert_lora(path, tmp_path / "kohya.safetensors", to="kohya", dtype=torch.float32)
+    keys = read_safetensors(out)[0]
+    assert any(k.endswith(".diff_b") for k in keys) and "lora_te_text_model_embeddings_token_embedding.lora_up.weight" in keys
+    loaded = []
+    for file in (path, out):
+        pipe = tiny_pipeline(0)
+        load_lora(pipe, file)
+        loaded.append(_params(pipe))
+    for key in loaded[0]:
+        assert torch.equal(loaded[0][key], loaded[1][key]), key
+    with pytest.raises(LoraFormatError, match="no place for deltas to biases, norms or embedding tables"):
+        convert_lora(path, tmp_path / "d.safetensors", to="diffusers")
+    assert not (tmp_path / "d.safetensors").exists()
+    merged = merge_loras({path: 0.5, out: 0.5}, tmp_path / "merged.safetensors", format="kohya", dtype=torch.float32)
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, merged.path)
+    got = _params(pipe)
+    for key in loaded[0]:
+        torch.testing.assert_close(got[key], loaded[0][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_bad_deltas_are_refused(models, tmp_path):
+    """A delta of the wrong shape names the parameter and both shapes, and leaves the pipeline as it was."""
+    a, b, path = models
+    state = read_safetensors(path)[0]
+    key = next(k for k in state if k.endswith("in_layers.0.diff_b"))
+    state[key] = torch.zeros(state[key].numel() + 1)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    pipe = tiny_pipeline(0)
+    with pytest.raises(LoraFormatError, match=r"bad.safetensors: unet\.\S+norm1\.bias: the file's delta has shape \[\d+\], the model's parameter \[\d+\]"):
+        load_lora(pipe, tmp_path / "bad.safetensors")
+    base = _params(a)
+    assert all(torch.equal(v, base[k]) for k, v in _params(pipe).items())
+    assert read_lora_file(path)[1]["_param_deltas"] == str(len(read_lora_file_with_params(path)[1]))
