@@ -144,6 +144,8 @@ def save_lora(
     alphas and targets, whatever metadata the adapter was loaded with, and ``metadata`` (base model, trigger
     words...), which wins. Tensors are fp16 unless ``dtype`` says otherwise. Written atomically. A model given
     without the adapter is left out (a UNet-only LoRA saved with ``text_encoder=`` too); none holding it raises.
+    Deltas a loaded file made to biases, norms or embedding tables (``params``) are saved in the kohya format only
+    (a warning says so otherwise).
 
     Example:
         >>> save_lora("out/pytorch_lora_weights.safetensors", unet=pipe.unet, metadata={"trigger_words": ["<s>"]})
@@ -155,10 +157,16 @@ def save_lora(
     given = {c: unwrap(m) for c, m in models if m is not None}
     if not given:
         raise ValueError("save_lora needs unet=, text_encoder= or text_encoder_2= (SDXL's second encoder)")
+    params: dict[str, ParamDelta] = {}  # what the adapter changes outside its LoRA layers (a ComfyUI extraction's)
     for component, model in given.items():
         lora.update(lora_from_model(model, component, adapter))
         meta.update(getattr(model, _META_ATTR, {}).get(adapter, {}))
-    if not lora:
+        store = param_deltas(model)
+        params.update({f"{component}.{p}": e.deltas[adapter] for p, e in (store.entries.items() if store else []) if adapter in e.deltas})
+    if params and format != "kohya":
+        logger.warning("%s: adapter %r also changes %d biases / norms / embedding tables, which a %s file cannot hold: "
+                       "not saved (format='kohya' keeps them)", path, adapter, len(params), format)
+    if not lora and not (params and format == "kohya"):
         have = "; ".join(f"{c} has {_adapter_names(m)}" for c, m in given.items())
         raise ValueError(f"no adapter {adapter!r} to save: {have}")
     meta.update(
@@ -172,7 +180,7 @@ def save_lora(
     if format == "kohya":
         meta.setdefault("name", adapter)  # kohya's ss_output_name / modelspec.title
     meta.update(metadata or {})
-    write_lora_file(path, lora, metadata=meta, format=format, dtype=dtype)
+    write_lora_file(path, lora, metadata=meta, format=format, dtype=dtype, params=params if format == "kohya" else None)
     return path
 
 

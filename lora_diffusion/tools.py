@@ -119,8 +119,10 @@ def bake(
     else:
         pipe = base
     saved = snapshot(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
-    tokenizer = getattr(pipe, "tokenizer", None)
-    vocab = set(tokenizer.get_vocab()) if tokenizer is not None else set()  # (a LoRA's learned token is baked in)
+    from .pipeline import SDXL_EMBEDDING_KEYS
+
+    encoders = [(tok, enc) for _, tok, enc in SDXL_EMBEDDING_KEYS if getattr(pipe, tok, None) is not None]
+    vocabs = {tok: set(getattr(pipe, tok).get_vocab()) for tok, _ in encoders}  # (a LoRA's learned token is baked in)
     taken = {n for found in list_adapters(pipe).values() for n in found}
     names: dict = {}
     try:
@@ -141,9 +143,10 @@ def bake(
             delete_adapter(pipe, name)
         _drop_empty_wrappers(pipe)
         restore(saved)
-        added = [t for t in tokenizer.get_vocab() if t not in vocab] if tokenizer is not None else []
-        if added:
-            pipe.unload_textual_inversion(added)
+        for tok, enc in encoders:  # the caller's tokenizers as they were (SDXL: both)
+            added = [t for t in getattr(pipe, tok).get_vocab() if t not in vocabs[tok]]
+            if added:
+                pipe.unload_textual_inversion(added, tokenizer=getattr(pipe, tok), text_encoder=getattr(pipe, enc))
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
 

@@ -123,3 +123,22 @@ def test_pivotal_tuning_file_is_bundled_for_kohya(tmp_path, sdxl):
     for a, b in zip(*texts):
         assert torch.equal(a, b)  # the same fp16 factors, the same vectors
     assert "<zq>" in fresh.tokenizer.get_vocab()
+
+
+def test_bake_keeps_the_token_and_leaves_the_pipeline_as_it_was(tmp_path):
+    """Baked into an SDXL model, a bundled token is in both saved tokenizers; the pipeline passed as the base gets
+    both tokenizers back without it."""
+    from lora_diffusion.tools import bake
+
+    sdxl = tiny_sdxl_pipeline(0)
+    state, header = to_kohya(random_lora(sdxl, seed=2))
+    g = torch.Generator().manual_seed(0)
+    save_file({**state, "bundle_emb.glint.clip_l": torch.randn(1, 32, generator=g), "bundle_emb.glint.clip_g": torch.randn(1, 48, generator=g)},
+              str(tmp_path / "xl.safetensors"), metadata=header)
+    sizes = (len(sdxl.tokenizer), len(sdxl.tokenizer_2), sdxl.text_encoder_2.get_input_embeddings().weight.shape[0])
+    out = bake(sdxl, {tmp_path / "xl.safetensors": 1.0}, tmp_path / "baked")
+    assert (len(sdxl.tokenizer), len(sdxl.tokenizer_2), sdxl.text_encoder_2.get_input_embeddings().weight.shape[0]) == sizes
+    assert "glint" not in sdxl.tokenizer.get_vocab() and "glint" not in sdxl.tokenizer_2.get_vocab()
+    from transformers import AutoTokenizer
+
+    assert "glint" in AutoTokenizer.from_pretrained(out / "tokenizer_2").get_vocab()

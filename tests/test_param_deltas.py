@@ -198,3 +198,35 @@ def test_bad_deltas_are_refused(models, tmp_path):
     base = _params(a)
     assert all(torch.equal(v, base[k]) for k, v in _params(pipe).items())
     assert read_lora_file(path)[1]["_param_deltas"] == str(len(read_lora_file_with_params(path)[1]))
+
+
+def test_save_and_bake_keep_them(models, tmp_path, caplog):
+    """save_lora of the loaded adapter keeps the deltas in a kohya file (loading it gives the same parameters) and warns
+    that a diffusers file drops them; bake of the extraction into A writes B's parameters and leaves A as it was."""
+    import logging
+
+    from lora_diffusion import save_lora
+    from lora_diffusion.tools import bake
+
+    a, b, path = models
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, path, adapter="b")
+    loaded = _params(pipe)
+    out = save_lora(tmp_path / "again.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, adapter="b",
+                    format="kohya", dtype=torch.float32)
+    again = tiny_pipeline(0)
+    load_lora(again, out)
+    assert all(torch.equal(v, loaded[k]) for k, v in _params(again).items())
+    with caplog.at_level(logging.WARNING):
+        save_lora(tmp_path / "d.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, adapter="b")
+    assert "biases / norms / embedding tables, which a diffusers file cannot hold: not saved" in caplog.text
+
+    base = tiny_pipeline(0)
+    before = _params(base)
+    baked = bake(base, {path: 1.0}, tmp_path / "baked")
+    assert all(torch.equal(v, before[k]) for k, v in _params(base).items())
+    from diffusers import StableDiffusionPipeline
+
+    got, target = _params(StableDiffusionPipeline.from_pretrained(baked)), _params(b)
+    for key, p in target.items():
+        torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=key)
