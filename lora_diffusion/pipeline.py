@@ -427,9 +427,8 @@ def load_lora(
             patched += _apply_plan(model, plan, adapter, weight)
             done.append(model)
             if param_plans[component]:
-                store = param_deltas(model, create=True)
-                store.add(adapter, param_plans[component], weight)
-                store.apply(disabled=model.__dict__.get(_DISABLED_ATTR, False))
+                param_deltas(model, create=True).add(adapter, param_plans[component], weight)
+                _apply_params(model)
                 patched += len(param_plans[component])
             model.__dict__.setdefault(_META_ATTR, {})[adapter] = meta
         for tok, enc, vectors in tokens:
@@ -536,7 +535,8 @@ def set_adapters(
     from .blend import block_factor, check_blocks
 
     layers = {component: list(lora_layers(model)) for component, model in _components(pipe)}  # one walk each
-    stores = {component: store for component, model in _components(pipe) if (store := param_deltas(model)) is not None}
+    models = dict(_components(pipe))
+    stores = {component: store for component, model in models.items() if (store := param_deltas(model)) is not None}
     known = {n for found in layers.values() for _, layer in found for n in layer.specs} | {n for st in stores.values() for n in st.adapters()}
     te_weights = dict(weights)
     if isinstance(text_encoder, (int, float)):
@@ -548,7 +548,7 @@ def set_adapters(
     unknown = sorted((set(weights) | set(te_weights) | (set(blocks) if per_adapter else set())) - known)
     if unknown:
         raise KeyError(f"no adapter named {unknown}; loaded adapters: {sorted(known)}")
-    lpb = getattr(getattr(dict(_components(pipe)).get("unet"), "config", None), "layers_per_block", 2)  # (blocks: UNet)
+    lpb = getattr(getattr(models.get("unet"), "config", None), "layers_per_block", 2)  # (blocks: UNet)
     lpb = lpb if isinstance(lpb, int) else 2
     for spec in specs.values():
         check_blocks(spec, lpb)
@@ -565,13 +565,13 @@ def set_adapters(
         for component, store in stores.items():  # parameter deltas: a module's weight, as its layer's
             base = te_weights if component.startswith("text_encoder") else weights
             store.set_weights(lambda path, n: base[n] * block_factor(specs.get(n), component, path.rsplit(".", 1)[0], lpb) if n in base else None)
-            store.apply(disabled=dict(_components(pipe))[component].__dict__.get(_DISABLED_ATTR, False))
+            _apply_params(models[component])
     except BaseException:  # (fuse_layers put the fused weights back)
         for _, layer, state in changed:
             layer.restore_weights(state)
         for component, store in stores.items():
             store.set_state(stored[component])
-            store.apply(disabled=dict(_components(pipe))[component].__dict__.get(_DISABLED_ATTR, False))
+            _apply_params(models[component])
         raise
 
 
