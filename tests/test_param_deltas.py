@@ -81,7 +81,8 @@ def _outputs(pipe):
 
 
 def test_sdxl_extraction_loaded_into_a_gives_b(tmp_path):
-    """The same for SDXL: SGM names (label_emb, the out norm), both text encoders (clip_g with text_projection)."""
+    """The same for SDXL: SGM names (label_emb, the out norm), both text encoders (clip_g with text_projection); and
+    converted to a kohya file (kohya's SDXL names), the same parameters."""
     from lora_diffusion.testing import tiny_sdxl_pipeline
 
     a, b = tiny_sdxl_pipeline(0), tiny_sdxl_pipeline(0)
@@ -92,12 +93,16 @@ def test_sdxl_extraction_loaded_into_a_gives_b(tmp_path):
     state = _extraction(a, b)
     assert any(k.startswith("diffusion_model.label_emb.") for k in state) and any(k.startswith("text_encoders.clip_g.") for k in state)
     save_file(state, str(tmp_path / "xl.safetensors"))
-    pipe = tiny_sdxl_pipeline(0)
-    load_lora(pipe, tmp_path / "xl.safetensors")
-    fuse(pipe)
-    got, target = _params(pipe), _params(b)
-    for key, p in target.items():
-        torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=key)
+    kohya = convert_lora(tmp_path / "xl.safetensors", tmp_path / "xl_kohya.safetensors", to="kohya", dtype=torch.float32)
+    assert any(k.startswith("lora_unet_label_emb_0_0.") for k in read_safetensors(kohya)[0])  # SGM names, as kohya's SDXL
+    target = _params(b)
+    for file in (tmp_path / "xl.safetensors", kohya):
+        pipe = tiny_sdxl_pipeline(0)
+        load_lora(pipe, file)
+        fuse(pipe)
+        got = _params(pipe)
+        for key, p in target.items():
+            torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=f"{file.name} {key}")
 
 
 def test_extraction_loaded_into_a_gives_b(models):
