@@ -784,3 +784,17 @@ def test_cancelled_and_failed_jobs_leave_no_copies_of_the_images(tmp_path, lora_
     assert not (jobs["first"] / "data").exists() and (jobs["first"] / "out").is_dir()  # its output stays
     assert not jobs["boom"].exists()
     assert backend.library.names() == ["first"]
+
+
+def test_a_bundled_embedding_shows_as_a_trigger_word(tmp_path):
+    """The library lists an embedding bundled in a LoRA file (A1111 / OneTrainer) among its trigger words: its name
+    is the token a prompt uses."""
+    from safetensors.torch import save_file
+
+    from lora_diffusion.formats import to_kohya
+    from lora_diffusion.testing import random_lora, tiny_pipeline
+
+    state, header = to_kohya(random_lora(tiny_pipeline(0), seed=1))
+    save_file({**state, "bundle_emb.shiny.emb_params": torch.zeros(1, 32)}, str(tmp_path / "bundled.safetensors"), metadata=header)
+    info = LoraLibrary(tmp_path / "loras").add_file(tmp_path / "bundled.safetensors")
+    assert info.trigger_words == ["shiny"] and info.format == "kohya"

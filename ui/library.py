@@ -110,7 +110,8 @@ def _trigger_words(meta: dict, header: dict) -> list[str]:
             words = sorted(counts, key=counts.get, reverse=True)[:5]
         except (ValueError, AttributeError):
             words = []
-    return [str(w) for w in words]
+    bundled = json.loads(header.get("_bundled_embeddings", "[]"))  # an embedding bundled in the file: its token
+    return list(dict.fromkeys([*bundled, *(str(w) for w in words)]))
 
 
 class LoraLibrary:
