@@ -99,6 +99,12 @@ def load_both(pipe_o, pipe_p, files: list[Path]) -> list[str]:
     return names
 
 
+def set_both(pipe_o, pipe_p, names: list[str], weight: float = 0.8) -> None:
+    """The same adapters at the same weight in our pipeline (``set_adapters``) and diffusers+PEFT's."""
+    ld.set_adapters(pipe_o, {n: weight for n in names})
+    pipe_p.set_adapters(list(names), [weight] * len(names))
+
+
 def peft_add(unet, text_encoder=None, rank: int = 4, alpha: float | None = None) -> None:
     """diffusers' training recipe: ``LoraConfig`` + ``add_adapter`` (kaiming A, zero B)."""
     from peft import LoraConfig
@@ -273,9 +279,7 @@ def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> N
     cfg = recipe.noisy[:2], recipe.t[:2], recipe.ehs[:2]
     base_ops = count(lambda: unet_call(base, *cfg))
     for k in (1, 4, 8):
-        weights = {n: 0.8 for n in names[:k]}
-        ld.set_adapters(pipe_o, weights)
-        pipe_p.set_adapters(list(weights), list(weights.values()))
+        set_both(pipe_o, pipe_p, names[:k])
         ours, ref = count(lambda: unet_call(pipe_o.unet, *cfg)), count(lambda: unet_call(pipe_p.unet, *cfg))
         ld.cache_merged_weights(pipe_o)
         cached = count(lambda: unet_call(pipe_o.unet, *cfg))
@@ -357,9 +361,7 @@ def bench_inference_and_fuse(ctx: Context, comps: dict, files: list[Path], iters
 
     for k in (1, 4, 8):
         log(f"unfused inference, {k} adapters")
-        weights = {n: 0.8 for n in names[:k]}
-        ld.set_adapters(pipe_o, weights)
-        pipe_p.set_adapters(list(weights), list(weights.values()))
+        set_both(pipe_o, pipe_p, names[:k])
         diff = (call_o() - call_p()).abs().max().item()
         ours, ref = compare(call_o, call_p, iters, warmup)
         emit(ctx, "infer_unfused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
@@ -370,8 +372,7 @@ def bench_inference_and_fuse(ctx: Context, comps: dict, files: list[Path], iters
 
     log("fuse / unfuse / re-weight, 4 adapters")
     four = names[:4]
-    ld.set_adapters(pipe_o, {n: 0.8 for n in four})
-    pipe_p.set_adapters(four, [0.8] * 4)
+    set_both(pipe_o, pipe_p, four)
 
     def fuse_o():
         ld.fuse(pipe_o)
@@ -419,9 +420,7 @@ def bench_cached(ctx: Context, pipe_o, pipe_p, names: list[str], calls: tuple, i
     try:
         for k in (1, 4, 8):
             log(f"unfused inference through kept merged weights, {k} adapters")
-            weights = {n: 0.8 for n in names[:k]}
-            ld.set_adapters(pipe_o, weights)
-            pipe_p.set_adapters(list(weights), list(weights.values()))
+            set_both(pipe_o, pipe_p, names[:k])
             diff = (call_o() - call_p()).abs().max().item()
             ours, base_ms = compare(call_o, call_b, iters, warmup, sync)
             extra = {}

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Context, compare, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
-from cpu import bench_cached, load_both, make_adapter_files, make_pipe, peft_add, reweighters  # noqa: E402
+from cpu import bench_cached, load_both, make_adapter_files, make_pipe, peft_add, reweighters, set_both  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion import layers  # noqa: E402
@@ -528,8 +528,7 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
 
     log("fuse / re-weight, 4 adapters")
     four = names[:4]
-    ld.set_adapters(pipe_o, {n: 0.8 for n in four})
-    pipe_p.set_adapters(four, [0.8] * 4)
+    set_both(pipe_o, pipe_p, four)
     ours, ref = compare(lambda: ld.fuse(pipe_o), lambda: pipe_p.fuse_lora(adapter_names=four), iters, warmup, s.sync,
                         between=(lambda: ld.unfuse(pipe_o), pipe_p.unfuse_lora))
     emit(s.ctx, "fuse", "4 adapters, UNet + text encoder", ours, ref, "peft")
