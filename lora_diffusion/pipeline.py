@@ -393,7 +393,10 @@ def load_lora(
     A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. The new adapter is active at
     ``weight`` beside those already loaded; a fused pipeline stays fused with it included. A LoRA trained with
     a learned token (``--pivotal_tuning``) brings it along: the ``embeddings.safetensors`` its metadata names,
-    beside it, is added to the tokenizer and text encoder (``pipe.load_textual_inversion``), once.
+    beside it, is added to the tokenizer and text encoder (``pipe.load_textual_inversion``), once; so are embeddings
+    bundled in the file (``bundle_emb.*``). A DoRA module becomes the exact delta it makes on this pipeline's own
+    weights (``lora_diffusion.dora``); deltas to biases, norms and embedding tables go into those parameters
+    (``lora_diffusion.params``).
 
     Example:
         >>> load_lora(pipe, "loras/style.safetensors", weight=0.7)
