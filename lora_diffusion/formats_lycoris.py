@@ -82,6 +82,7 @@ def module_kinds(keys: list[str]) -> dict[str, int]:
         split = _split(key)
         if split is not None:
             roles.setdefault(split[0], set()).add(split[1])
+
     def kind(rs: set[str]) -> str:
         kinds = "/".join(sorted(_kinds(rs)))
         return (kinds or "bias") + ("+bias" if kinds and "diff_b" in rs else "") + ("+DoRA" if "dora_scale" in rs else "")
