@@ -459,12 +459,13 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
     state, header = read_safetensors(path)
     if not state:
         raise LoraFormatError(f"{path}: the file holds no tensors")
-    bundled = bundled_embeddings(state, str(path))
-    if bundled:
+    bundled = bundled_embeddings(state, str(path), warn=False)
+    if any(k.startswith(BUNDLE_PREFIX) for k in state):
         state = {k: v for k, v in state.items() if not k.startswith(BUNDLE_PREFIX)}
         if not state:
             raise LoraFormatError(f"{path}: the file holds only embeddings ({', '.join(bundled)}), no LoRA layers: "
                                   "load it as a textual inversion (pipe.load_textual_inversion)")
+    if bundled:
         header = {**header, "_bundled_embeddings": json.dumps(sorted(bundled))}
     try:
         fmt = detect_format(state, header)
@@ -484,16 +485,18 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
     return lora, params, {**header, "_format": fmt}
 
 
-# Textual-inversion embeddings bundled in a LoRA file, as A1111 reads them and OneTrainer writes them:
-# ``bundle_emb.<name>.string_to_param.*`` / ``.emb_params`` ([n, width], SD 1.x / 2.x) or ``.clip_l`` and ``.clip_g``
-# (SDXL); ``<name>`` is the token a prompt uses
+# Textual-inversion embeddings bundled in a LoRA file, as A1111 / ComfyUI read them and OneTrainer writes them:
+# ``bundle_emb.<name>.string_to_param.*`` / ``.emb_params`` / ``.clip_l`` alone ([n, width], SD 1.x / 2.x) or
+# ``.clip_l`` and ``.clip_g`` (SDXL); ``<name>`` is the token a prompt uses. OneTrainer's output vectors
+# (``.clip_l_out``, ``.clip_g_out``: added to the text encoder's output, which no diffusers pipeline does) are left
+# out with a warning, as ComfyUI leaves them out.
 BUNDLE_PREFIX = "bundle_emb."
-_BUNDLE_PARTS = {"string_to_param.*": "*", "emb_params": "*", "clip_l": "clip_l", "clip_g": "clip_g"}
+_BUNDLE_PARTS = {"string_to_param.*": "*", "emb_params": "*", "clip_l": "clip_l", "clip_g": "clip_g", "clip_l_out": None, "clip_g_out": None}
 
 
-def bundled_embeddings(state: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, dict[str, torch.Tensor]]:
+def bundled_embeddings(state: dict[str, torch.Tensor], source: str = "state dict", warn: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """``{name: {"*" | "clip_l" | "clip_g": vectors [n, width]}}`` of the ``bundle_emb.*`` keys of a LoRA state dict
-    (``{}`` without any); a key of another shape is refused, naming it."""
+    (``{}`` without any); a key of another shape is refused, naming it; output vectors are left out (``warn``: saying so)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if not key.startswith(BUNDLE_PREFIX):
@@ -502,14 +505,20 @@ def bundled_embeddings(state: dict[str, torch.Tensor], source: str = "state dict
         if not name or part not in _BUNDLE_PARTS or tensor.dim() not in (1, 2):
             raise LoraFormatError(f"{source}: {key!r} {list(tensor.shape)} is not a bundled embedding (bundle_emb.<name>."
                                   f"{{{', '.join(_BUNDLE_PARTS)}}}, vectors [n, width])")
+        if _BUNDLE_PARTS[part] is None:
+            if warn:
+                logger.warning("%s: %s (an output vector, OneTrainer's) is left out: diffusers pipelines have no place for it", source, key)
+            continue
         vectors = out.setdefault(name, {})
         if _BUNDLE_PARTS[part] in vectors:
             raise LoraFormatError(f"{source}: the bundled embedding {name!r} has both string_to_param.* and emb_params")
         vectors[_BUNDLE_PARTS[part]] = tensor.reshape(-1, tensor.shape[-1])
     for name, vectors in out.items():
+        if set(vectors) == {"clip_l"}:  # OneTrainer's SD 1.x / 2.x bundle: the (one) text encoder's
+            vectors["*"] = vectors.pop("clip_l")
         if set(vectors) not in ({"*"}, {"clip_l", "clip_g"}):
             raise LoraFormatError(f"{source}: the bundled embedding {name!r} has {sorted(vectors)}; an SD 1.x / 2.x one has "
-                                  "string_to_param.* or emb_params, an SDXL one clip_l and clip_g")
+                                  "string_to_param.*, emb_params or clip_l, an SDXL one clip_l and clip_g")
     return out
 
 

@@ -142,3 +142,25 @@ def test_bake_keeps_the_token_and_leaves_the_pipeline_as_it_was(tmp_path):
     from transformers import AutoTokenizer
 
     assert "glint" in AutoTokenizer.from_pretrained(out / "tokenizer_2").get_vocab()
+
+
+def test_onetrainer_sd_bundle(tmp_path, caplog):
+    """OneTrainer bundles an SD 1.x token as ``.clip_l`` alone, beside an output vector (``.clip_l_out``) that no
+    diffusers pipeline applies: the token loads as ``load_textual_inversion`` of the vectors, and a warning names the
+    output vector left out (as ComfyUI leaves it out)."""
+    import logging
+
+    pipe = tiny_pipeline(0)
+    state, header = to_kohya(random_lora(pipe, seed=1))
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(2, 32, generator=g)
+    save_file({**state, "bundle_emb.shiny.clip_l": vectors, "bundle_emb.shiny.clip_l_out": torch.randn(2, 32, generator=g)},
+              str(tmp_path / "ot.safetensors"), metadata=header)
+    save_file(state, str(tmp_path / "plain.safetensors"), metadata=header)
+    with caplog.at_level(logging.WARNING):
+        load_lora(pipe, tmp_path / "ot.safetensors")
+    assert "bundle_emb.shiny.clip_l_out (an output vector, OneTrainer's) is left out" in caplog.text
+    ref = tiny_pipeline(0)
+    load_lora(ref, tmp_path / "plain.safetensors")
+    ref.load_textual_inversion({"shiny": vectors}, token="shiny")
+    assert torch.equal(_text(pipe, "a shiny circle"), _text(ref, "a shiny circle"))
