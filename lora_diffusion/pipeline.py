@@ -232,11 +232,11 @@ def _plan(
     """
     items = {k.split(".", 1)[1]: w for k, w in lora.items() if k.split(".", 1)[0] == component}
     plan: list[tuple[str, LoraWeights]] = []
-    missing: list[str] = []
+    missing: list[tuple[str, LoraWeights]] = []
     for path, w in items.items():
         target = _resolve_module(model, component, path)
         if target is None:
-            missing.append(f"{component}.{path}")
+            missing.append((f"{component}.{path}", w))
             continue
         layer = getattr(model, DETACHED_ATTR, {}).get(target) or model.get_submodule(target)
         base = layer.base_layer if isinstance(layer, LoraLayer) else layer
@@ -261,6 +261,7 @@ def _plan(
             except ValueError as e:
                 raise LoraFormatError(f"{source}: {component}.{path} {e}") from None
         plan.append((target, w))
+    missing = _unmatched(missing, bool(plan), source)
     if missing:
         msg = (
             f"{source}: {len(missing)} of {len(items)} {component} keys match no layer of this model: "
@@ -292,6 +293,22 @@ def apply_lora(
     return _apply_plan(model, _plan(model, component, lora, adapter, strict, source), adapter, weight)
 
 
+def _unmatched(missing: list[tuple[str, LoraWeights | ParamDelta]], matched: bool, source: str) -> list[str]:
+    """The keys that match nothing and count: all of them where nothing of the component matched (a file for another
+    model, even an untrained one), else those whose delta is not zero. A zero delta changes nothing: ComfyUI's
+    extractions write zero factors for every unchanged module, e.g. a ``text_projection`` SD 1.x's encoder lacks."""
+
+    def zero(w) -> bool:
+        if isinstance(w, ParamDelta) and w.delta is not None:
+            return not bool(w.delta.any())
+        return getattr(w, "magnitude", None) is None and not (bool(w.A.any()) and bool(w.B.any()))  # (DoRA rescales W)
+
+    counted = [key for key, w in missing if not (matched and zero(w))]
+    if len(counted) < len(missing):
+        logger.info("%s: %d zero deltas for modules this model lacks were skipped", source, len(missing) - len(counted))
+    return counted
+
+
 def _param_plan(model: nn.Module, component: str, params: dict[str, ParamDelta], strict: bool, source: str) -> dict:
     """``{path: (parameter, delta)}`` of ``component``'s parameter deltas (biases, norm scales, embedding tables),
     each checked against the model's parameter (a LoRA wrapper's base layer's too); unmatched keys as in ``_plan``."""
@@ -304,13 +321,14 @@ def _param_plan(model: nn.Module, component: str, params: dict[str, ParamDelta],
         candidates = [path, strip_text_model(path)] if component.startswith("text_encoder") else [path]
         found = next((name for cand in candidates for name in (cand, ".base_layer.".join(cand.rsplit(".", 1))) if name in named), None)
         if found is None:
-            missing.append(f"{component}.{path}")
+            missing.append((f"{component}.{path}", delta))
             continue
         param = named[found]
         if tuple(param.shape) != delta.shape:
             raise LoraFormatError(f"{source}: {component}.{path}: the file's delta has shape {list(delta.shape)}, the model's "
                                   f"parameter {list(param.shape)}")
         plan[path] = (param, delta)
+    missing = _unmatched(missing, bool(plan), source)
     if missing:
         msg = (f"{source}: {len(missing)} of {len(items)} {component} parameter deltas match no parameter of this model: "
                f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}")

@@ -235,3 +235,24 @@ def test_save_and_bake_keep_them(models, tmp_path, caplog):
     got, target = _params(StableDiffusionPipeline.from_pretrained(baked)), _params(b)
     for key, p in target.items():
         torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_zero_deltas_for_modules_the_model_lacks_are_skipped(models, tmp_path):
+    """ComfyUI extracts every weight, unchanged ones as zero factors, e.g. a text encoder's ``text_projection`` that
+    SD 1.x's CLIPTextModel lacks: such zero deltas load (strict) as the nothing they are; a non-zero one for a module
+    the model lacks is still refused, naming it."""
+    a, b, path = models
+    state = read_safetensors(path)[0]
+    extra = "text_encoders.clip_l.transformer.text_projection"
+    zero = {f"{extra}.lora_up.weight": torch.zeros(32, 4), f"{extra}.lora_down.weight": torch.randn(4, 32),
+            "diffusion_model.extra_norm.diff_b": torch.zeros(8)}  # fmt: skip
+    save_file({**state, **zero}, str(tmp_path / "zeros.safetensors"))
+    pipe = tiny_pipeline(0)
+    load_lora(pipe, tmp_path / "zeros.safetensors")
+    reference = tiny_pipeline(0)
+    load_lora(reference, path)
+    assert all(torch.equal(v, _params(reference)[k]) for k, v in _params(pipe).items())
+    for key, value in ((f"{extra}.lora_up.weight", torch.ones(32, 4)), ("diffusion_model.extra_norm.diff_b", torch.ones(8))):
+        save_file({**state, **zero, key: value}, str(tmp_path / "nonzero.safetensors"))
+        with pytest.raises(LoraFormatError, match=r"match no (layer|parameter) of this model: (text_encoder\.text_model\.text_projection|unet\.extra_norm\.bias)"):
+            load_lora(tiny_pipeline(0), tmp_path / "nonzero.safetensors")
