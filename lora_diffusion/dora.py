@@ -44,8 +44,7 @@ def dora_delta(w: LoraWeights, weight: torch.Tensor) -> torch.Tensor:
     wide = torch.promote_types(weight.dtype, torch.float32)
     base = weight.detach().to(wide)
     m = magnitude_for(w.magnitude, base.shape).to(base.device, wide)
-    a, b = w.A.to(base.device, wide), w.B.to(base.device, wide)
-    direction = base + (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(base.shape) * (w.alpha / w.rank)
+    direction = base + w.delta(wide, base.device).reshape(base.shape)
     axes = [d for d in range(base.dim()) if m.shape[d] == 1]
     norm = torch.linalg.vector_norm(direction, dim=axes, keepdim=True).clamp_min(torch.finfo(wide).tiny)
     return direction * (m / norm) - base

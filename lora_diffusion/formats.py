@@ -88,6 +88,11 @@ class LoraWeights(NamedTuple):
     def rank(self) -> int:
         return int(self.A.shape[0])
 
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+        """``alpha / r * B @ A`` as ``[out, in * k * k]``, in ``dtype``."""
+        a, b = self.A.to(device, dtype), self.B.to(device, dtype)
+        return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * (self.alpha / self.rank)
+
 
 class LoraFormatError(ValueError):
     """A LoRA file or state dict that cannot be read: the message names the file, key and shapes."""

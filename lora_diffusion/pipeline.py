@@ -254,7 +254,7 @@ def _plan(
             raise ValueError(f"adapter {adapter!r} is already loaded in {component}; pass another adapter= name")
         if w.magnitude is None and w.rank > min(base.weight.shape[0], base.weight[0].numel()):
             # more rank than the layer has (a concat merge of full-rank LoRAs): its exact delta, densely
-            w = dense_lora(((w.B.flatten(1).double() @ w.A.flatten(1).double()) * (w.alpha / w.rank)).reshape(base.weight.shape))
+            w = dense_lora(w.delta(torch.float64).reshape(base.weight.shape))
         if w.magnitude is not None:  # DoRA: the exact delta on this layer's own (unfused) weight
             try:
                 w = as_dense(w, layer.original_weight if isinstance(layer, LoraLayer) else base.weight)

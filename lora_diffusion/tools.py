@@ -365,7 +365,7 @@ def inspect_lora(path: str | os.PathLike) -> dict:
 
 
 def _module_kinds(path: Path) -> dict[str, int]:
-    """A LyCORIS / ComfyUI file's modules by kind (``{"LoHa": 182, "LoRA": 64}``), from its key names alone."""
+    """A kohya / LyCORIS / ComfyUI file's modules by kind (``{"LoHa": 182, "LoRA": 64}``), from its key names alone."""
     from safetensors import safe_open
 
     from .formats_lycoris import module_kinds
