@@ -87,17 +87,8 @@ def median_ms(fn: Callable[[], object], iters: int, warmup: int, sync: Callable[
     return statistics.median(times)
 
 
-def compare(
-    ours: Callable[[], object],
-    ref: Callable[[], object],
-    iters: int,
-    warmup: int,
-    sync: Callable[[], None] | None = None,
-    between: tuple[Callable[[], object], Callable[[], object]] | None = None,
-) -> tuple[float, float]:
-    """Median ms of ``ours`` and ``ref``, timed alternately (one of each per round) so that drift from a
-    shared machine hits both alike. ``between = (after_ours, after_ref)`` run untimed after each timed call
-    (e.g. to undo a fuse)."""
+def _rounds(ours, ref, iters, warmup, sync=None, between=None) -> tuple[list[float], list[float]]:
+    """ms of ``ours`` and ``ref`` per round, timed alternately (one of each per round), after ``warmup`` rounds."""
     times: dict[int, list[float]] = {0: [], 1: []}
     for i in range(warmup + max(1, iters)):
         for k, fn in enumerate((ours, ref)):
@@ -112,7 +103,38 @@ def compare(
                 between[k]()
             if i >= warmup:
                 times[k].append(dt)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return times[0], times[1]
+
+
+def compare(
+    ours: Callable[[], object],
+    ref: Callable[[], object],
+    iters: int,
+    warmup: int,
+    sync: Callable[[], None] | None = None,
+    between: tuple[Callable[[], object], Callable[[], object]] | None = None,
+) -> tuple[float, float]:
+    """Median ms of ``ours`` and ``ref``, timed alternately (one of each per round) so that drift from a
+    shared machine hits both alike. ``between = (after_ours, after_ref)`` run untimed after each timed call
+    (e.g. to undo a fuse)."""
+    t_ours, t_ref = _rounds(ours, ref, iters, warmup, sync, between)
+    return statistics.median(t_ours), statistics.median(t_ref)
+
+
+def compare_paired(
+    ours: Callable[[], object],
+    ref: Callable[[], object],
+    iters: int,
+    warmup: int,
+    sync: Callable[[], None] | None = None,
+) -> tuple[float, float, dict]:
+    """``compare`` for two calls whose ratio is within the spread of a shared host's wall clock (a launch-bound
+    GPU call against its base): the medians, and ``ratio_paired`` (the median of each round's ours / ref: a slow
+    stretch of the host hits one round's two calls alike) and ``ratio_min`` (fastest against fastest)."""
+    t_ours, t_ref = _rounds(ours, ref, iters, warmup, sync)
+    paired = statistics.median(o / r for o, r in zip(t_ours, t_ref))
+    extra = {"ratio_paired": round(paired, 4), "ratio_min": round(min(t_ours) / min(t_ref), 4), "rounds": len(t_ours)}
+    return statistics.median(t_ours), statistics.median(t_ref), extra
 
 
 def emit(ctx: Context, bench: str, case: str, ours: float, ref: float, ref_kind: str, unit: str = "ms", **extra) -> dict:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Context, compare, cpu_name, emit, log, median_ms, quiet  # noqa: E402
+from _common import Context, compare, compare_paired, cpu_name, emit, log, median_ms, quiet  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.inject import lora_layers  # noqa: E402
@@ -411,10 +411,11 @@ def kept_mb(model) -> float:
 
 
 def bench_cached(ctx: Context, pipe_o, pipe_p, names: list[str], calls: tuple, iters: int, warmup: int,
-                 sync=None, kernels=None) -> None:
+                 sync=None, kernels=None, rounds: int | None = None) -> None:
     """``cache_merged_weights``: the unfused CFG call through kept merged weights against the base call, with 1,
-    4 and 8 adapters (``kernels``: a function giving a call's GPU time and kernel count, on a GPU), and with 4
-    adapters a re-weight followed by one call (which makes the merged weights afresh) against PEFT's."""
+    4 and 8 adapters (``kernels``: a function giving a call's GPU time and kernel count, on a GPU; ``rounds``:
+    timed rounds of that comparison, ``iters`` if not given), and with 4 adapters a re-weight followed by one
+    call (which makes the merged weights afresh) against PEFT's."""
     call_o, call_p, call_b = calls
     ld.cache_merged_weights(pipe_o)
     try:
@@ -422,11 +423,10 @@ def bench_cached(ctx: Context, pipe_o, pipe_p, names: list[str], calls: tuple, i
             log(f"unfused inference through kept merged weights, {k} adapters")
             set_both(pipe_o, pipe_p, names[:k])
             diff = (call_o() - call_p()).abs().max().item()
-            ours, base_ms = compare(call_o, call_b, iters, warmup, sync)
-            extra = {}
+            ours, base_ms, extra = compare_paired(call_o, call_b, rounds or iters, warmup, sync)
             if kernels is not None:
                 (o_gpu, o_kernels), (b_gpu, b_kernels) = kernels(call_o), kernels(call_b)
-                extra = dict(gpu_ms=o_gpu, base_gpu_ms=b_gpu, kernels_per_call=o_kernels, base_kernels_per_call=b_kernels)
+                extra.update(gpu_ms=o_gpu, base_gpu_ms=b_gpu, kernels_per_call=o_kernels, base_kernels_per_call=b_kernels)
             emit(ctx, "infer_unfused_cached", f"{k} adapters", ours, base_ms, "base", max_abs_diff=diff,
                  kept_mb=round(kept_mb(pipe_o.unet), 2), **extra)
         four = names[:4]

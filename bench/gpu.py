@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Context, compare, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
+from _common import Context, compare, compare_paired, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
 from cpu import bench_cached, load_both, make_adapter_files, make_pipe, peft_add, reweighters, set_both  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
@@ -99,6 +99,7 @@ class Setup:
         self.compile_backend = args.compile_backend
         self.compiled_who = args.compiled_steps  # our compiled steps beside the compiled floor (variant, profile)
         self.compile_step = args.compile_step  # our step for --compile (timed, checked against eager)
+        self.compile_floor = args.compile_floor  # --compile: the floor compiled alike first
         self._resident = 0
         self.latent = 8 if args.tiny else 64
         unet_cfg, clip_cfg = (TINY_UNET, TINY_CLIP) if args.tiny else (SD15_UNET, CLIP_L)
@@ -168,10 +169,12 @@ class Setup:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def floor_step(s: Setup, unet, inp: dict):
+def floor_step(s: Setup, unet, inp: dict, cudagraphs: bool = False):
     """Frozen UNet forward + backward to the input only: what every LoRA step has to pay at least."""
 
     def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x = inp["noisy"].detach().requires_grad_(True)
         with s.autocast():
             pred = unet(x, inp["t"], inp["ehs"]).sample
@@ -356,15 +359,32 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         emit(s.ctx, "train_peak_mem", f"batch {batch}", ours_mem, peft_mem, "peft", unit="mb", floor_mb=floor_mem)
 
         if compile_mode and batch in compile_batches:
-            guarded(f"train_step_compiled batch {batch}", bench_compiled, s, inp, batch, compile_mode, ours_ms, peft_ms, a_init)
+            guarded(f"train_step_compiled batch {batch}", bench_compiled, s, inp, batch, compile_mode, ours_ms, peft_ms, a_init,
+                    floor_ms, flops)
 
 
-def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, peft_ms: float, a_init: dict) -> None:
+def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, peft_ms: float, a_init: dict,
+                   floor_ms: float, flops: float | None) -> None:
     """Our step (``--compile-step``: the default backward, or that mode) under torch.compile, timed, then checked
-    against eager (the same backward mode) from the same start."""
+    against eager (the same backward mode) from the same start. With ``--compile-floor``, first the floor compiled
+    the same way, in the same process: what the batch-8 target compares a compiled step with."""
     who = s.compile_step
-    log(f"train, batch {batch}: {who} compiled (mode={mode}); the first call compiles")
     cudagraphs = mode == "reduce-overhead" and s.cuda
+    floor_c = None
+    if s.compile_floor:
+        log(f"train, batch {batch}: floor compiled (mode={mode}); the first call compiles")
+        s.resident()
+        unet = s.unet_copy()
+        step = floor_step(s, compile_unet(unet, mode, s.compile_backend), inp, cudagraphs=cudagraphs)
+        first_s = once_s(step, s.sync)
+        s.reset_peak()
+        floor_c, floor_mem = median_ms(step, s.iters, s.warmup, s.sync), s.peak_mb()
+        gpu_ms, kernels = kernel_time(s, step, 3)
+        del unet, step
+        emit(s.ctx, "train_floor", f"batch {batch}, compiled ({mode})", floor_c, floor_ms, "floor",
+             tflops_per_s=flops / (floor_c / 1e3) / 1e12 if flops else None, peak_mb=floor_mem,
+             first_call_s=round(first_s, 1), gpu_ms_per_step=gpu_ms, kernels_per_step=kernels)
+    log(f"train, batch {batch}: {who} compiled (mode={mode}); the first call compiles")
     s.resident()
     unet, params = floor_or_ours(s, who)
     start = [p.detach().clone() for p in params]
@@ -376,6 +396,7 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
     comp_mem = s.peak_mb()
     n_steps = len(losses_c)
     final_c = [p.detach().float().clone() for p in params]
+    comp_gpu_ms, comp_kernels = kernel_time(s, step, 3) if floor_c else (None, None)  # (steps after final_c)
     del compiled, unet, params, step
 
     log(f"train, batch {batch}: eager check, {n_steps} steps from the same start")
@@ -396,6 +417,10 @@ def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, 
              "param_max_rel_diff_vs_eager": num / den, "steps_checked": n_steps, "matches_eager": ok, "peak_mb": comp_mem}
     emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch}", comp_ms, peft_ms, "peft", **extra)
     emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch} vs our eager", comp_ms, eager_ms, "ours_eager")
+    if floor_c:
+        emit(s.ctx, "train_step_compiled", f"rank 4 attn, batch {batch} vs the floor compiled alike", comp_ms, floor_c,
+             "floor_compiled", compile_mode=mode, step=who, gpu_ms_per_step=comp_gpu_ms, kernels_per_step=comp_kernels,
+             tflops_per_s=flops / (comp_ms / 1e3) / 1e12 if flops else None)
 
 
 def bench_profile(s: Setup, batch: int, compile_mode: str | None = None, steps: int = 3) -> None:
@@ -494,9 +519,9 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
             pipe_p.disable_lora()
         diff = (call_o() - call_p()).abs().max().item()
         ours, ref = compare(call_o, call_p, iters, warmup, s.sync)
-        ours_b, base_ms = compare(call_o, call_b, iters, warmup, s.sync)
+        ours_b, base_ms, spread = compare_paired(call_o, call_b, iters, warmup, s.sync)
         emit(s.ctx, "infer_unfused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
-        emit(s.ctx, "infer_unfused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4))
+        emit(s.ctx, "infer_unfused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4), **spread)
         (o_gpu, o_kernels), (p_gpu, p_kernels), (b_gpu, b_kernels) = (kernel_time(s, f) for f in (call_o, call_p, call_b))
         emit(s.ctx, "infer_unfused_gpu_time", f"{k} adapters, GPU time summed over kernels", o_gpu, b_gpu, "base",
              kernels_per_call=o_kernels, base_kernels_per_call=b_kernels, peft_ms=p_gpu, peft_kernels_per_call=p_kernels)
@@ -513,9 +538,9 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
         pipe_p.fuse_lora(adapter_names=list(weights))
         diff = (call_o() - call_p()).abs().max().item()
         ours, ref = compare(call_o, call_p, iters, warmup, s.sync)
-        ours_b, base_ms = compare(call_o, call_b, iters, warmup, s.sync)
+        ours_b, base_ms, spread = compare_paired(call_o, call_b, iters, warmup, s.sync)
         emit(s.ctx, "infer_fused", f"{k} adapters", ours, ref, "peft", max_abs_diff=diff)
-        emit(s.ctx, "infer_fused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4))
+        emit(s.ctx, "infer_fused", f"{k} adapters", ours_b, base_ms, "base", peft_vs_base=round(ref / base_ms, 4), **spread)
         # the wall clock of a launch-bound call moves by a few % between timings; the kernels show what differs
         (f_gpu, f_kernels), (b_gpu, b_kernels) = kernel_time(s, call_o), kernel_time(s, call_b)
         emit(s.ctx, "infer_fused_gpu_time", f"{k} adapters, GPU time summed over kernels", f_gpu, b_gpu, "base",
@@ -523,8 +548,9 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
         ld.unfuse(pipe_o)
         pipe_p.unfuse_lora()
 
+    # the kept merged weights run the base call's kernels: 3x the rounds, to read a few % through the host's spread
     bench_cached(s.ctx, pipe_o, pipe_p, names, (call_o, call_p, call_b), iters, warmup, s.sync,
-                 kernels=lambda fn: kernel_time(s, fn))
+                 kernels=lambda fn: kernel_time(s, fn), rounds=3 * iters)
 
     log("fuse / re-weight, 4 adapters")
     four = names[:4]
@@ -686,6 +712,8 @@ def main(argv: list[str] | None = None) -> None:
                              "ours = the default backward (low-rank when compiled), or that backward mode")
     parser.add_argument("--compile-step", default="ours", choices=["ours", "ours-dense", "ours-lowrank", "ours-merged"],
                         help="our step for --compile: the default backward (low-rank when compiled), or that backward mode")
+    parser.add_argument("--compile-floor", action="store_true",
+                        help="with --compile: the floor compiled the same way first, in the same process (compiles once more)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")

@@ -37,6 +37,13 @@
 #         base call's ~26 us each; the CPU box: +6.6 us). Then part 4 with PART4_COUNTS="4 1 8".
 # Part 11 (~8 min): eager inference as in part 9 with the kept merged weights (cache_merged_weights: the unfused
 #         call on the base call's kernels alone, infer_unfused_cached, new in the seventh session), then part 10.
+#         (measured 2026-11-28, tenth session: docs/results/gpu-h100-2026-11-28; the first gpu_infer run, on a cold
+#         machine, ran past its 100 s: now 150.)
+# Part 12 (~7 min): the batch-8 step under CUDA graphs (reduce-overhead, merged forward) beside the floor compiled
+#         the same way in the same process (--compile-floor: the figure the <= 1.15x-the-floor target reads for a
+#         compiled step), the eager floor, our eager steps and PEFT's.
+# Part 13 (~2.5 min): eager inference alone (part 9's), the kept merged weights' wall clock over 3x the rounds,
+#         with each line's ratio_paired (median of the rounds' ratios) and ratio_min beside the ratio of medians.
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -91,11 +98,15 @@ elif [ "$part" = 10 ]; then
     run gpu_infer_host 60 --skip train infer --profile-infer
     run gpu_compiled_b8_ro "${PART_SECONDS:-330}" --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --compile-step ours-merged
 elif [ "$part" = 11 ]; then
-    run gpu_infer 100 --skip train
+    run gpu_infer 150 --skip train
     run gpu_infer_host 60 --skip train infer --profile-infer
     run gpu_compiled_b8_ro "${PART_SECONDS:-330}" --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --compile-step ours-merged
+elif [ "$part" = 12 ]; then
+    run gpu_compiled_b8_floor "${PART_SECONDS:-480}" --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --compile-step ours-merged --compile-floor
+elif [ "$part" = 13 ]; then
+    run gpu_infer "${PART_SECONDS:-170}" --skip train
 else
-    echo "no part $part: 1-11" >&2
+    echo "no part $part: 1-13" >&2
     exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true

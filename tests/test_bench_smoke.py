@@ -29,7 +29,7 @@ def _run(*args: str) -> list[dict]:
     assert not errors, errors
     for line in lines:
         assert LABELS <= set(line), line
-        assert line["ref"] in {"peft", "base", "floor", "ours_eager", "base_compiled", "merged"}, line
+        assert line["ref"] in {"peft", "base", "floor", "floor_compiled", "ours_eager", "base_compiled", "merged"}, line
         unit = next((u for u in ("ms", "us", "bytes", "mb", "ops") if f"ours_{u}" in line), None)
         assert unit, line
         ours, ref = line[f"ours_{unit}"], line[f"ref_{unit}"]
@@ -65,7 +65,7 @@ def test_cpu_bench_quick():
 
 def test_gpu_bench_tiny_on_cpu():
     lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
-                 "--compile", "default", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
+                 "--compile", "default", "--compile-floor", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
                  "--compile-infer", "--compile-infer-counts", "4", "--profile", "1", "--profile-infer")  # each count is a compile: ~10 s here
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
@@ -73,7 +73,11 @@ def test_gpu_bench_tiny_on_cpu():
             "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached"} <= benches
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
-            "rank 4 attn, batch 1, compile, dense backward"} <= cases
+            "rank 4 attn, batch 1, compile, dense backward", "batch 1, compiled (default)",
+            "rank 4 attn, batch 1 vs the floor compiled alike"} <= cases
+    for line in lines:  # a wall-clock ratio against the base comes with the paired and the fastest rounds' ratios
+        if line["bench"] in ("infer_unfused", "infer_fused", "infer_unfused_cached") and line["ref"] == "base":
+            assert line["ratio_paired"] > 0 and line["ratio_min"] > 0 and line["rounds"] >= 1, line
     compiled = next(line for line in lines if line["bench"] == "train_step_compiled")
     assert compiled["matches_eager"] and compiled["graph_breaks"] == 0, compiled
     for line in lines:
