@@ -357,10 +357,29 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
              loss_abs_diff_last_step_vs_peft=(losses_m[-1] - losses_p[-1]).abs().item())
         emit(s.ctx, "train_step", f"rank 4 attn, batch {batch}", ours_ms, peft_ms, "peft", loss_abs_diff_last_step=loss_diff)
         emit(s.ctx, "train_peak_mem", f"batch {batch}", ours_mem, peft_mem, "peft", unit="mb", floor_mb=floor_mem)
+        guarded(f"train_step_paired batch {batch}", bench_paired, s, inp, batch, a_init)
 
         if compile_mode and batch in compile_batches:
             guarded(f"train_step_compiled batch {batch}", bench_compiled, s, inp, batch, compile_mode, ours_ms, peft_ms, a_init,
                     floor_ms, flops)
+
+
+def bench_paired(s: Setup, inp: dict, batch: int, a_init: dict) -> None:
+    """Our eager step (the default backward) against the floor and against PEFT's, timed in alternating rounds with
+    all three models resident: the ratios above come from runs seconds apart, which a shared host's drift moves by
+    10-40 % (the tenth session); here each round's two steps see the same host."""
+    log(f"train, batch {batch}: ours against the floor and PEFT, alternating rounds")
+    s.resident()
+    floor = floor_step(s, s.unet_copy(), inp)
+    unet, params = ours_model(s)
+    ours, _ = lora_step(s, unet, params, inp, fused_adam=True)
+    mode = next(layer for _, layer in lora_layers(unet)).backward_mode
+    unet_p, params_p = peft_model(s, a_init)
+    peft, _ = lora_step(s, unet_p, params_p, inp)
+    ours_ms, floor_ms, spread = compare_paired(ours, floor, s.iters, s.warmup, s.sync)
+    emit(s.ctx, "train_step_paired", f"rank 4 attn, batch {batch}", ours_ms, floor_ms, "floor", backward=mode, **spread)
+    ours_ms, peft_ms, spread = compare_paired(ours, peft, s.iters, s.warmup, s.sync)
+    emit(s.ctx, "train_step_paired", f"rank 4 attn, batch {batch}", ours_ms, peft_ms, "peft", backward=mode, **spread)
 
 
 def bench_compiled(s: Setup, inp: dict, batch: int, mode: str, eager_ms: float, peft_ms: float, a_init: dict,

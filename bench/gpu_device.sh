@@ -91,7 +91,7 @@ elif [ "$part" = 7 ]; then
 elif [ "$part" = 8 ]; then
     run gpu_merged_compiled_b8 "${PART_SECONDS:-420}" --skip train infer --profile 8 --profile-compile default --compiled-steps ours-merged
 elif [ "$part" = 9 ]; then
-    run gpu_train 110 --skip infer
+    run gpu_train 150 --skip infer
     run gpu_infer 100 --skip train
     run gpu_merged_compiled_b8 "${PART_SECONDS:-380}" --skip infer --batches 8 --floor-variants compile --compiled-steps ours-merged
 elif [ "$part" = 10 ]; then

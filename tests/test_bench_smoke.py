@@ -70,13 +70,14 @@ def test_gpu_bench_tiny_on_cpu():
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
             "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
-            "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached"} <= benches
+            "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached", "train_step_paired"} <= benches
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
             "rank 4 attn, batch 1, compile, dense backward", "batch 1, compiled (default)",
             "rank 4 attn, batch 1 vs the floor compiled alike"} <= cases
     for line in lines:  # a wall-clock ratio against the base comes with the paired and the fastest rounds' ratios
-        if line["bench"] in ("infer_unfused", "infer_fused", "infer_unfused_cached") and line["ref"] == "base":
+        if line["bench"] == "train_step_paired" or (line["bench"] in ("infer_unfused", "infer_fused", "infer_unfused_cached")
+                                                    and line["ref"] == "base"):
             assert line["ratio_paired"] > 0 and line["ratio_min"] > 0 and line["rounds"] >= 1, line
     compiled = next(line for line in lines if line["bench"] == "train_step_compiled")
     assert compiled["matches_eager"] and compiled["graph_breaks"] == 0, compiled
