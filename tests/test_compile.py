@@ -93,6 +93,9 @@ def test_compiled_unet_follows_every_change(tmp_path):
         agrees()
     load_lora(pipe, tmp_path / "a1.safetensors", adapter="again", weight=-0.5)
     agrees()
+    fuse(pipe)  # compiled inference at the base's speed: fused, the graph is the base tree's, and re-fusing keeps it
+    agrees()
+    reweighting_does_not_recompile({"a0": 0.3, "again": 0.9}, {"a0": -1.0, "again": 0.0})
 
 
 def test_pipeline_holding_the_compiled_unet(tmp_path):
