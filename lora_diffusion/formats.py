@@ -35,6 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .params import ParamDelta
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -256,6 +258,8 @@ _DIFFUSERS_SUFFIXES = {
     # PEFT's DoRA magnitude (per output row; [out] for a Linear, [1, out, 1, 1] for a conv)
     ".lora_magnitude_vector": "m",
     ".lora_magnitude_vector.weight": "m",
+    # PEFT's lora_bias (LoRAs extracted from full fine-tunes): lora_B's own bias, [out]
+    ".lora_B.bias": "bias",
 }
 _OLD_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 
@@ -294,7 +298,7 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
         parts.setdefault(f"{component}.{module}", {})[role] = tensor
     lora: Lora = {}
     for name, ab in parts.items():
-        if set(ab) - {"m"} != {"A", "B"}:
+        if set(ab) - {"m", "bias"} != {"A", "B"}:
             raise LoraFormatError(f"{source}: {name} has only {sorted(ab)}; both lora_A and lora_B are needed")
         a, b = ab["A"], ab["B"]
         _check_pair(name, a, b, source)
@@ -315,6 +319,16 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
         else:
             alpha = float(rank)
         lora[name] = LoraWeights(a, b, float(alpha), magnitude)
+        bias = ab.get("bias")
+        if bias is not None and bias.any():  # (a zero one, on a layer without a bias, changes nothing)
+            # scaled as lora_B's output is: PEFT adds w * alpha / r * bias, merged into the layer's bias
+            if bias.dim() != 1 or bias.numel() != b.shape[0]:
+                raise LoraFormatError(f"{source}: {name}.lora_B.bias has shape {list(bias.shape)}; the layer has "
+                                      f"{b.shape[0]} outputs (lora_B {list(b.shape)})")
+            if magnitude is not None:
+                raise LoraFormatError(f"{source}: {name} has both a DoRA magnitude and lora_B.bias; DoRA with "
+                                      "lora_bias is not supported")
+            lora[f"{name}.bias"] = ParamDelta(bias.float() * (float(alpha) / rank))
     return lora
 
 
@@ -479,8 +493,6 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
     except LoraFormatError as e:
         msg = str(e)
         raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-    from .params import ParamDelta
-
     lora = {k: w for k, w in read.items() if not isinstance(w, ParamDelta)}
     params = {k: w for k, w in read.items() if isinstance(w, ParamDelta)}
     check_finite(state, str(path))
@@ -680,7 +692,8 @@ def write_lora_file(
     if params:
         if format != "kohya":
             raise LoraFormatError(f"{path}: a {format} LoRA file has no place for deltas to biases, norms or embedding "
-                                  f"tables ({len(params)}, e.g. {next(iter(params))}); kohya files hold them")
+                                  f"tables ({len(params)}, e.g. {next(iter(params))}; PEFT's lora_B.bias is read, not "
+                                  "written); kohya files hold them")
         from .formats_kohya import kohya_param_keys
 
         state.update(kohya_param_keys({k: d._replace(**{f: getattr(d, f).detach().to(dtype) for f in ("delta", "A", "B")

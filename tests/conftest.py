@@ -19,6 +19,20 @@ def generate(pipe, prompt="a red circle", seed=0, steps=2):
     return out.images
 
 
+def save_peft_lora(ref, folder, unet_cfg, te_cfg):
+    """``ref``'s PEFT adapters (UNet, text encoder; made with ``unet_cfg`` / ``te_cfg``) as diffusers writes them
+    (``save_lora_weights``, with the configs as adapter metadata): the file's path."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=get_peft_model_state_dict(ref.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(ref.text_encoder),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+    )  # fmt: skip
+    return folder / "pytorch_lora_weights.safetensors"
+
+
 @pytest.fixture
 def pipe():
     return tiny_pipeline(0)

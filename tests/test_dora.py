@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 peft = pytest.importorskip("peft")
-from diffusers import StableDiffusionPipeline  # noqa: E402
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 
 from lora_diffusion import cache_merged_weights, fuse, load_lora, set_adapters, unfuse  # noqa: E402
 from lora_diffusion.blend import merge_loras  # noqa: E402
@@ -16,6 +15,8 @@ from lora_diffusion.formats import LoraFormatError, read_lora_file, read_safeten
 from lora_diffusion.formats_kohya import kohya_name  # noqa: E402
 from lora_diffusion.testing import random_lora, tiny_pipeline  # noqa: E402
 from lora_diffusion.tools import convert_lora, inspect_lora  # noqa: E402
+
+from conftest import save_peft_lora  # noqa: E402
 
 TO_Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 64 -> 64
 TO_K = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # Linear 32 -> 64 (cross-attention)
@@ -59,12 +60,7 @@ def _peft_dora_file(tmp_path, seed: int = 3):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
-    StableDiffusionPipeline.save_lora_weights(
-        str(tmp_path), unet_lora_layers=get_peft_model_state_dict(ref.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(ref.text_encoder),
-        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
-    )  # fmt: skip
-    return ref, tmp_path / "pytorch_lora_weights.safetensors"
+    return ref, save_peft_lora(ref, tmp_path, unet_cfg, te_cfg)
 
 
 def test_peft_dora_file_gives_peft_outputs(tmp_path):

@@ -14,6 +14,8 @@ from lora_diffusion.formats_kohya import ldm_module_path, ldm_unet_prefixes
 from lora_diffusion.testing import tiny_pipeline
 from lora_diffusion.tools import convert_lora, inspect_lora
 
+from conftest import save_peft_lora
+
 
 def _params(pipe) -> dict[str, torch.Tensor]:
     """Every UNet and text-encoder parameter by its plain path (a LoRA wrapper's base layer as the layer)."""
@@ -256,3 +258,74 @@ def test_zero_deltas_for_modules_the_model_lacks_are_skipped(models, tmp_path):
         save_file({**state, **zero, key: value}, str(tmp_path / "nonzero.safetensors"))
         with pytest.raises(LoraFormatError, match=r"match no (layer|parameter) of this model: (text_encoder\.text_model\.text_projection|unet\.extra_norm\.bias)"):
             load_lora(tiny_pipeline(0), tmp_path / "nonzero.safetensors")
+
+
+def _peft_lora_bias_file(tmp_path, bias_on_to_q: float = 0.0):
+    """The tiny pipeline with PEFT adapters made with ``lora_bias=True`` (a LoRA extracted from a fine-tune: lora_B has
+    its own bias) on the UNet's to_q (no bias of its own: its lora_B bias is ``bias_on_to_q``) and to_out.0 and the
+    text encoder's q_proj and out_proj, random factors and biases, and the diffusers file of them."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    ref = tiny_pipeline(0)
+    unet_cfg = LoraConfig(r=2, lora_alpha=3, target_modules=["to_q", "to_out.0"], lora_bias=True)
+    te_cfg = LoraConfig(r=2, lora_alpha=1, target_modules=["q_proj", "out_proj"], lora_bias=True)
+    with pytest.warns(UserWarning, match="has no bias"):  # PEFT's own warning about to_q
+        ref.unet.add_adapter(unet_cfg)
+    inject_adapter_in_model(te_cfg, ref.text_encoder)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in list(ref.unet.named_parameters()) + list(ref.text_encoder.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if "to_q.lora_B" in name and name.endswith(".bias"):
+                p.fill_(bias_on_to_q)
+    return ref, save_peft_lora(ref, tmp_path, unet_cfg, te_cfg)
+
+
+def test_peft_lora_bias_file_gives_peft_outputs(tmp_path):
+    """A diffusers / PEFT file with lora_B biases (``lora_bias=True``) gives PEFT's outputs: each bias, times
+    w * alpha / r, goes into the layer's bias; half the weight gives stock diffusers' half; weight 0 the base bit for
+    bit. A zero lora_B bias on a layer without a bias (to_q: PEFT makes one for every layer) changes nothing."""
+    pytest.importorskip("peft")
+    ref, path = _peft_lora_bias_file(tmp_path / "peft")
+    assert any(k.endswith("to_out.0.lora_B.bias") for k in read_safetensors(path)[0])
+    pipe = tiny_pipeline(0)
+    base = _outputs(pipe)
+    name = load_lora(pipe, path)
+    for got, want, plain in zip(_outputs(pipe), _outputs(ref), base):
+        assert (want - plain).abs().max() > 1e-2  # the adapter does something
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    state, header = read_safetensors(path)  # the biases matter: without them, another output
+    save_file({k: v for k, v in state.items() if not k.endswith(".bias")}, tmp_path / "no_bias.safetensors", header)
+    without_bias = tiny_pipeline(0)
+    load_lora(without_bias, tmp_path / "no_bias.safetensors")
+    assert (_outputs(without_bias)[1] - _outputs(ref)[1]).abs().max() > 1e-3
+
+    stock = tiny_pipeline(0)
+    stock.load_lora_weights(str(path), adapter_name="x")
+    stock.set_adapters(["x"], [0.5])
+    set_adapters(pipe, {name: 0.5})
+    for got, want in zip(_outputs(pipe), _outputs(stock)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    set_adapters(pipe, {name: 0.0})
+    for got, plain in zip(_outputs(pipe), base):
+        assert torch.equal(got, plain)
+
+    kohya = convert_lora(path, tmp_path / "kohya.safetensors", to="kohya")  # the biases as ComfyUI's .diff_b
+    assert any(k.endswith(".diff_b") for k in read_safetensors(kohya)[0])
+    converted = tiny_pipeline(0)
+    load_lora(converted, kohya)
+    for got, want in zip(_outputs(converted), _outputs(ref)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LoraFormatError, match="diffusers"):  # (no lossless diffusers form for the scaled biases)
+        convert_lora(path, tmp_path / "back.safetensors", to="diffusers")
+
+
+def test_peft_lora_bias_on_a_layer_without_a_bias_is_refused(tmp_path):
+    _, path = _peft_lora_bias_file(tmp_path / "peft", bias_on_to_q=0.1)
+    pipe, before = tiny_pipeline(0), None
+    before = _params(pipe)
+    with pytest.raises(LoraFormatError, match=r"to_q\.bias"):
+        load_lora(pipe, path)
+    after = _params(pipe)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -4,15 +4,14 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-from diffusers import StableDiffusionPipeline  # noqa: E402
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 
 from lora_diffusion import inject_lora, load_lora, save_lora  # noqa: E402
 from lora_diffusion.formats import read_safetensors  # noqa: E402
 from lora_diffusion.inject import lora_layers  # noqa: E402
 from lora_diffusion.testing import tiny_pipeline  # noqa: E402
 
-from conftest import generate, randomize_lora  # noqa: E402
+from conftest import generate, randomize_lora, save_peft_lora  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -125,13 +124,7 @@ def test_diffusers_file_from_peft_loads_with_ours(tmp_path):
         for name, p in list(ref.unet.named_parameters()) + list(ref.text_encoder.named_parameters()):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    StableDiffusionPipeline.save_lora_weights(
-        str(tmp_path),
-        unet_lora_layers=get_peft_model_state_dict(ref.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(ref.text_encoder),
-        unet_lora_adapter_metadata=unet_cfg.to_dict(),
-        text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
-    )
+    save_peft_lora(ref, tmp_path, unet_cfg, te_cfg)
     diffusers_pipe = tiny_pipeline(0)
     diffusers_pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
     ours = tiny_pipeline(0)
