@@ -320,11 +320,11 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
             alpha = float(rank)
         lora[name] = LoraWeights(a, b, float(alpha), magnitude)
         bias = ab.get("bias")
-        if bias is not None and bias.any():  # (a zero one, on a layer without a bias, changes nothing)
+        if bias is not None and (bias.dim() != 1 or bias.numel() != b.shape[0]):
+            raise LoraFormatError(f"{source}: {name}.lora_B.bias has shape {list(bias.shape)}; the layer has "
+                                  f"{b.shape[0]} outputs (lora_B {list(b.shape)})")
+        if bias is not None and bias.any():  # (a zero one, PEFT's on a layer without a bias, changes nothing)
             # scaled as lora_B's output is: PEFT adds w * alpha / r * bias, merged into the layer's bias
-            if bias.dim() != 1 or bias.numel() != b.shape[0]:
-                raise LoraFormatError(f"{source}: {name}.lora_B.bias has shape {list(bias.shape)}; the layer has "
-                                      f"{b.shape[0]} outputs (lora_B {list(b.shape)})")
             if magnitude is not None:
                 raise LoraFormatError(f"{source}: {name} has both a DoRA magnitude and lora_B.bias; DoRA with "
                                       "lora_bias is not supported")

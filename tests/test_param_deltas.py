@@ -329,3 +329,9 @@ def test_peft_lora_bias_on_a_layer_without_a_bias_is_refused(tmp_path):
         load_lora(pipe, path)
     after = _params(pipe)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    state, header = read_safetensors(path)  # a bias of another length, even a zero one, is named
+    key = next(k for k in state if k.endswith("to_q.lora_B.bias"))
+    state[key] = torch.zeros(3)
+    save_file(state, tmp_path / "bad.safetensors", header)
+    with pytest.raises(LoraFormatError, match=r"to_q\.lora_B\.bias has shape \[3\]"):
+        read_lora_file(tmp_path / "bad.safetensors")
