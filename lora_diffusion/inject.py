@@ -212,6 +212,7 @@ def inject_lora(
     dropout: float = 0.0,
     targets: Targets = None,
     adapter: str = "default",
+    use_dora: bool = False,
 ) -> list[nn.Parameter]:
     """Wrap each target layer of ``model`` in a LoRA layer holding a fresh adapter and return its parameters.
 
@@ -219,7 +220,8 @@ def inject_lora(
     the text encoder; ``"cross"``: UNet attn2 only; ``"attn-mlp"``: adds feed-forward and proj_in/out, kohya's
     default; ``"full"``: adds ResNet convs, LoCon), a regex fully matching module paths, or a list of module
     path suffixes. ``alpha=None`` means alpha = rank. A layer already wrapped gets the adapter beside the others.
-    All other parameters of ``model`` are frozen; the returned LoRA parameters require grad.
+    ``use_dora``: DoRA (PEFT's ``use_dora``): each layer also learns a magnitude per output row, returned after
+    its factors. All other parameters of ``model`` are frozen; the returned LoRA parameters require grad.
 
     Example:
         >>> params = inject_lora(unet, rank=4, alpha=8)
@@ -237,10 +239,10 @@ def inject_lora(
     for name in names:
         module = wrap_layer(model, name)
         try:
-            module.add_adapter(adapter, rank=rank, alpha=alpha, dropout=dropout)
+            module.add_adapter(adapter, rank=rank, alpha=alpha, dropout=dropout, dora=use_dora)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
-        for p in (module.lora_A[adapter], module.lora_B[adapter]):
+        for p in _adapter_parameters(module, adapter):
             p.requires_grad_(True)
             params.append(p)
     logger.info("injected adapter %r (rank %d) into %d layers of %s", adapter, rank, len(names), type(model).__name__)
@@ -272,8 +274,13 @@ def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Par
     for _, layer in lora_layers(model):
         for name in layer.specs:
             if adapter is None or name == adapter:
-                out += [layer.lora_A[name], layer.lora_B[name]]
+                out += _adapter_parameters(layer, name)
     return out
+
+
+def _adapter_parameters(layer: LoraLayer, name: str) -> list[nn.Parameter]:
+    """Adapter ``name``'s parameters in ``layer``: ``A``, ``B`` and, for DoRA, the magnitude."""
+    return [layer.lora_A[name], layer.lora_B[name]] + ([layer.lora_magnitude[name]] if name in layer._dora else [])
 
 
 def set_backward(model: nn.Module, mode: str) -> None:

@@ -318,10 +318,15 @@ class LoraLayer(nn.Module):
     # rebuilt by the first call after anything it depends on changes. Set with ``pipeline.cache_merged_weights``.
     merge_cache = False
 
+    # Adapters trained as DoRA here (``add_adapter(dora=True)``): their forward is PEFT's DoRA, outside every fast
+    # path; empty (and no ``lora_magnitude`` store) for all other layers. (DoRA *files* load as dense deltas.)
+    _dora: frozenset[str] = frozenset()
+
     # Plain Python state, never a parameter, buffer or module: set without nn.Module.__setattr__'s bookkeeping
     # (~1.5 us a call; a re-weight sets several per layer, 176 layers in SD1.5 with its text encoder).
     _PLAIN = frozenset({"specs", "weights", "active", "disabled", "fused", "backward_mode", "_base_backup",
-                        "_cache_key", "_cache", "merge_cache", "_merged_key", "_merged", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min", "_escaped"})
+                        "_cache_key", "_cache", "merge_cache", "_merged_key", "_merged", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min", "_escaped",
+                        "_dora"})
 
     def __setattr__(self, name: str, value) -> None:
         if name in LoraLayer._PLAIN:
@@ -396,8 +401,10 @@ class LoraLayer(nn.Module):
         init: str = "kaiming",
         dtype: torch.dtype | None = None,
         weight: float = 1.0,
+        dora: bool = False,
     ) -> None:
         """Add a fresh adapter ``name``, active at ``weight``: ``A`` random (kaiming-uniform, as PEFT), ``B`` zero.
+        ``dora``: also a magnitude per output row (DoRA, PEFT's ``use_dora``), ``||W||`` of each row at the start.
 
         Raises ``ValueError`` if the name exists or the rank exceeds what the layer allows.
         """
@@ -424,6 +431,11 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if dora:
+            if "lora_magnitude" not in self._modules:
+                self.lora_magnitude = _AdapterParameters()
+            self.lora_magnitude[name] = nn.Parameter(self._row_norm(self.base_layer.weight.detach().to(dtype)))
+            self._dora = self._dora | {name}
         self.specs[name] = AdapterSpec(rank=rank, alpha=float(rank if alpha is None else alpha))
         self.weights[name] = float(weight)
         self.active.append(name)
@@ -436,6 +448,9 @@ class LoraLayer(nn.Module):
             self.restore_fused({n: w for n, w in self.fused.items() if n != name})
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
+        if name in self._dora:
+            del self.lora_magnitude[name]
+            self._dora = self._dora - {name}
         del self.specs[name]
         del self.weights[name]
         if name in self.active:
@@ -607,6 +622,8 @@ class LoraLayer(nn.Module):
             return base(x, *args, **kwargs)
         compiling = _is_compiling()
         names = self._compiled_names if compiling else self._live()
+        if self._dora and not self._dora.isdisjoint(names):
+            return self._dora_forward(x, names, args, kwargs)
         if torch.is_grad_enabled() and not (args or kwargs) and self._dense_backward(x, names, compiling):
             a, b = self._factors(names)[0]
             scale = self.lora_scales[0] if compiling else None
@@ -637,6 +654,51 @@ class LoraLayer(nn.Module):
             return self._add_low_rank_(result, x, a_cat, b_cat)
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
         return result + self._low_rank(h, a_cat, b_cat).to(result.dtype)
+
+    def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        """The forward of a layer holding DoRA adapters trained here: adapter by adapter, PEFT's DoRA for those
+        (``W' = m * V / ||V||`` per output row, ``V = W + s B A``, the norm a constant to autograd, as the paper
+        and PEFT), PEFT's LoRA for the others. A weight ``w`` scales the whole change, ``W + w (W' - W)``, as
+        A1111 applies DoRA files and as ours load (PEFT moves ``w`` into ``s``; the same at ``w = 1``)."""
+        base = self._modules["base_layer"]
+        result = base_out = base(x, *args, **kwargs)
+        for name, (a, b) in zip(names, self._factors(names)):
+            if name not in self._dora:
+                result = self._add_adapter(result, x, name, a, b)
+                continue
+            drop = self._dropout(name)
+            weight = base.weight.to(x.dtype)
+            # the base output less its bias, as PEFT (which, after another adapter, takes the sum so far: each
+            # adapter's change is its own here, as a DoRA file's is when loaded)
+            if isinstance(drop, nn.Identity) or not self.training:
+                h, plain = x, base_out if base.bias is None else base_out - self._out_view(base.bias)
+            else:
+                h = drop(x)
+                plain = self._no_bias_op(h, weight)
+            scale = self.specs[name].scale
+            lora_weight = self._dense_factor(a, b).to(x.dtype)
+            norm = self._row_norm(weight + scale * lora_weight.detach()).detach()
+            mag = self._out_view(self.lora_magnitude[name] / norm)
+            delta = (mag - 1) * plain + mag * self._low_rank(h.to(a.dtype), a, b) * scale
+            w = self.weights[name]
+            result = result + (delta if w == 1.0 else delta * w)
+        return result
+
+    def _row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """The 2-norm of each output row of a weight (``[out]``, in its dtype), as PEFT's DoRA takes it."""
+        return torch.linalg.norm(weight.reshape(weight.shape[0], -1), dim=1).to(weight.dtype)
+
+    def _dense_factor(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``B @ A`` in the base weight's shape."""
+        return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(self.base_layer.weight.shape)
+
+    def _out_view(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel ``[out]`` tensor shaped to broadcast over the layer's output."""
+        raise NotImplementedError
+
+    def _no_bias_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base op on ``x`` with ``weight`` and no bias."""
+        raise NotImplementedError
 
     def _add_adapter(self, result: torch.Tensor, x: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor,
                      scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -734,8 +796,15 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ fuse
     def fuse_weights(self) -> dict[str, float]:
-        """``{adapter: weight}`` that ``fuse`` bakes in: the active adapters with a non-zero weight."""
-        return {n: self.weights[n] for n in self.active if self.weights.get(n, 0.0) != 0.0}
+        """``{adapter: weight}`` that ``fuse`` bakes in: the active adapters with a non-zero weight. Raises
+        ``ValueError`` for a DoRA adapter trained here (its change depends on its norm: save it and load the file,
+        which loads as the exact dense delta and fuses)."""
+        weights = {n: self.weights[n] for n in self.active if self.weights.get(n, 0.0) != 0.0}
+        dora = sorted(self._dora.intersection(weights))
+        if dora:
+            raise ValueError(f"cannot fuse the DoRA adapter(s) {dora} trained in this process: save_lora them and "
+                             "load_lora the file (a loaded DoRA file fuses), or generate unfused")
+        return weights
 
     def scale_row(self, weights: dict[str, float]) -> list[float]:
         """``w * alpha / r`` of each adapter in ``weights``, repeated over its rank rows (the stacked-B scales)."""
@@ -929,6 +998,12 @@ class LoraLinear(LoraLayer):
     def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self._modules["base_layer"]._parameters["bias"])
 
+    def _out_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(1, -1)
+
+    def _no_bias_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # the second matmul adds into the base output (one kernel for matmul + add, one rounding)
         if a.dtype != result.dtype or not result.is_contiguous() or x.dtype != a.dtype:
@@ -984,3 +1059,9 @@ class LoraConv2d(LoraLayer):
     def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self._modules["base_layer"]
         return base._conv_forward(x, weight, base._parameters["bias"])
+
+    def _out_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(1, -1, 1, 1)
+
+    def _no_bias_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._modules["base_layer"]._conv_forward(x, weight, None)

@@ -120,9 +120,11 @@ def lora_from_model(model: nn.Module, component: str, adapter: str = "default") 
         if adapter in layer.specs:
             if component.startswith("text_encoder"):
                 path = with_text_model(path)
-            out[f"{component}.{path}"] = LoraWeights(
-                layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach(), layer.specs[adapter].alpha
-            )
+            a, b = layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach()
+            magnitude = None  # DoRA: per output row, [out, 1, ...] as the readers give it
+            if adapter in layer._dora:
+                magnitude = layer.lora_magnitude[adapter].detach().reshape(b.shape[0], *[1] * (a.dim() - 1))
+            out[f"{component}.{path}"] = LoraWeights(a, b, layer.specs[adapter].alpha, magnitude)
     return out
 
 

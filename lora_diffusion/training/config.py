@@ -67,6 +67,7 @@ class TrainConfig:
     rank: int = _f(4, "LoRA rank")
     lora_alpha: float = _f(0.0, "LoRA alpha (0 means alpha = rank)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    use_dora: bool = _f(False, "DoRA (PEFT's use_dora): also learn a magnitude per output row of each layer")
     target_modules: str = _f("attn", "UNet layers: a preset (attn, cross, attn-mlp, full), a regex, or comma-separated module suffixes")
     train_text_encoder: bool = _f(False, "also train a LoRA in the text encoder")
     text_encoder_target_modules: str = _f("attn", "text encoder layers, as --target_modules")

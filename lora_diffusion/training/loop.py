@@ -456,11 +456,15 @@ def _restore_lora(model: nn.Module, component: str, path: Path) -> None:
     """Copy a checkpoint's factors into ``model``'s trainable adapter (same keys and shapes, or an error)."""
     saved, _ = read_lora_file(path)
     for key, live in lora_from_model(model, component).items():
-        if key not in saved or saved[key].A.shape != live.A.shape or saved[key].B.shape != live.B.shape:
-            raise ConfigError(f"{path}: the checkpoint does not match these settings at {key} (changed --rank or --target_modules?)")
+        if key not in saved or saved[key].A.shape != live.A.shape or saved[key].B.shape != live.B.shape or (
+                (saved[key].magnitude is None) != (live.magnitude is None)):
+            raise ConfigError(f"{path}: the checkpoint does not match these settings at {key} (changed --rank, "
+                              "--target_modules or --use_dora?)")
         with torch.no_grad():
             live.A.copy_(saved[key].A)
             live.B.copy_(saved[key].B)
+            if live.magnitude is not None:  # (views of the parameters: the copies land in them)
+                live.magnitude.copy_(saved[key].magnitude.reshape(live.magnitude.shape))
 
 
 def _average_gradients(params: list[nn.Parameter], accelerator) -> None:
@@ -584,13 +588,14 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     pairs = [(tokenizer, text_encoder)] + ([(pipe.tokenizer_2, text_encoder_2)] if sdxl else [])
     pivot = PivotalToken(pairs, config.token, config.initializer_token) if config.pivotal_tuning else None
     targets = _targets(config.target_modules)
-    unet_params = inject_lora(unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets)
+    unet_params = inject_lora(unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets,
+                              use_dora=config.use_dora)
     groups = [{"params": unet_params, "lr": config.learning_rate}]
     te_params: list[nn.Parameter] = []
     if config.train_text_encoder:
         for encoder in encoders:
             te_params += inject_lora(encoder, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
-                                     targets=_targets(config.text_encoder_target_modules))
+                                     targets=_targets(config.text_encoder_target_modules), use_dora=config.use_dora)
         groups.append({"params": te_params, "lr": config.te_lr})
     if pivot is not None:
         pivot.to(device)
@@ -849,7 +854,8 @@ def _fixed_on_resume(settings: dict) -> dict:
     te, pivot = settings["train_text_encoder"], settings["pivotal_tuning"]
     return {"rank": settings["rank"], "lora_alpha": settings["lora_alpha"], "target_modules": settings["target_modules"],
             "train_text_encoder": te, "text_encoder_target_modules": settings["text_encoder_target_modules"] if te else None,
-            "pivotal_tuning": pivot, "token": settings["token"] if pivot else None}
+            "pivotal_tuning": pivot, "token": settings["token"] if pivot else None,
+            "use_dora": settings.get("use_dora", False)}
 
 
 NOT_SETTINGS = ("resume_from_checkpoint", "overwrite")
