@@ -64,13 +64,16 @@ def test_a_fresh_dora_adapter_changes_nothing_and_weight_zero_is_the_base():
         assert torch.equal(pipe.unet(x, t, ehs).sample, plain)
 
 
-def test_forward_and_gradients_are_peft_use_dora_bit_for_bit():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_forward_and_gradients_are_peft_use_dora_bit_for_bit(dropout):
+    """(With dropout, PEFT's DoRA runs the bias-free base op on the dropped input: so does ours, drawing the same
+    masks in the same order.)"""
     pipe = tiny_pipeline(0)
     ref = copy.deepcopy(pipe.unet)
     torch.manual_seed(1)
-    inject_lora(pipe.unet, rank=2, alpha=3, targets=TARGETS, use_dora=True)
+    inject_lora(pipe.unet, rank=2, alpha=3, targets=TARGETS, use_dora=True, dropout=dropout)
     _randomize(pipe.unet)
-    ref.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, use_dora=True))
+    ref.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, use_dora=True, lora_dropout=dropout))
     theirs = dict(ref.named_parameters())
     pairs = []
     with torch.no_grad():
@@ -82,7 +85,10 @@ def test_forward_and_gradients_are_peft_use_dora_bit_for_bit():
                 pairs.append((mine, other))
     pipe.unet.train(), ref.train()
     x, t, ehs = _inputs()
-    ours, peft_out = pipe.unet(x, t, ehs).sample, ref(x, t, ehs).sample
+    torch.manual_seed(5)
+    ours = pipe.unet(x, t, ehs).sample
+    torch.manual_seed(5)
+    peft_out = ref(x, t, ehs).sample
     assert torch.equal(ours, peft_out)
     ours.square().mean().backward()
     peft_out.square().mean().backward()
@@ -165,18 +171,29 @@ def test_use_dora_trains_only_the_adapters_and_resumes_exactly(tmp_path):
 
 
 def test_a_compiled_dora_step_traces_whole_and_equals_eager():
-    """``--compile``: the DoRA forward traces into one graph (``fullgraph``) and gives eager's loss and gradients."""
+    """``--compile``: the DoRA forward (Linear and Conv2d) traces into one graph (``fullgraph``) and gives eager's
+    output and gradients."""
+    from torch import nn
+
     dynamo = pytest.importorskip("torch._dynamo")
     dynamo.reset()
     try:
-        pipe = _dora_pipe()
-        twin = copy.deepcopy(pipe.unet)
-        pipe.unet.train(), twin.train()
-        compiled = torch.compile(pipe.unet, backend="aot_eager", fullgraph=True)  # a graph break anywhere fails
-        x, t, ehs = _inputs()
-        compiled(x, t, ehs).sample.square().mean().backward()
-        twin(x, t, ehs).sample.square().mean().backward()
-        for mine, theirs in zip(lora_parameters(pipe.unet), lora_parameters(twin)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Flatten(2), nn.Linear(25, 7)).train()
+        inject_lora(model, rank=2, alpha=3, targets=["0", "2"], use_dora=True, dropout=0.1)
+        assert sorted(type(layer).__name__ for _, layer in lora_layers(model)) == ["LoraConv2d", "LoraLinear"]
+        _randomize(model)
+        twin = copy.deepcopy(model)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break anywhere fails
+        x = torch.randn(2, 4, 5, 5)
+        torch.manual_seed(3)
+        out = compiled(x)
+        torch.manual_seed(3)
+        want = twin(x)
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        out.square().mean().backward()
+        want.square().mean().backward()
+        for mine, theirs in zip(lora_parameters(model), lora_parameters(twin)):
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
     finally:
         dynamo.reset()

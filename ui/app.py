@@ -123,6 +123,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         te_lr = gr.Number(5e-5, label="Text-encoder learning rate")
                     with gr.Row():
                         train_te = gr.Checkbox(False, label="Train the text encoder")
+                        use_dora = gr.Checkbox(False, label="DoRA (also a magnitude per output row)")
                         resolution = gr.Number(0, label="Resolution (0: the model's own)", precision=0)
                         train_seed = gr.Number(0, label="Seed", precision=0)
                     val_prompt = gr.Textbox(label="Validation prompt (samples while training)")
@@ -226,7 +227,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
             return caption_rows(paths)
 
-        def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, res, val_prompt, seed):
+        def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -235,7 +236,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 req = TrainRequest(
                     name=name or "", images=[(p, by_name.get(Path(p).name, "")) for p in paths], mode=mode,
                     token=token or "", rank=_whole(rank, "the rank"), max_train_steps=_whole(steps, "steps"),
-                    learning_rate=_number(lr, "the learning rate"), text_encoder_lr=_number(te_lr, "the text-encoder learning rate"), train_text_encoder=bool(train_te), resolution=_whole(res, "the resolution", 0) or None,
+                    learning_rate=_number(lr, "the learning rate"), text_encoder_lr=_number(te_lr, "the text-encoder learning rate"), train_text_encoder=bool(train_te), use_dora=bool(dora), resolution=_whole(res, "the resolution", 0) or None,
                     validation_prompt=val_prompt or "", seed=_whole(seed, "the seed", 0),
                 )
                 job = backend.start_training(req)
@@ -303,8 +304,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         folder.change(on_images, [train_files, folder], [captions], api_visibility="private")
         start_btn.click(
             on_train,
-            [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, resolution, val_prompt,
-             train_seed],
+            [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
+             val_prompt, train_seed],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time

@@ -351,6 +351,7 @@ class TrainRequest:
     learning_rate: float = 1e-4
     text_encoder_lr: float = 5e-5
     train_text_encoder: bool = False
+    use_dora: bool = False
     resolution: int | None = None
     validation_prompt: str = ""
     seed: int = 0
@@ -800,6 +801,7 @@ class Backend:
                 "learning_rate": float(req.learning_rate),
                 "text_encoder_lr": float(req.text_encoder_lr),
                 "train_text_encoder": bool(req.train_text_encoder),
+                "use_dora": bool(req.use_dora),
                 "resolution": int(req.resolution or self._default_resolution()),
                 "validation_prompt": req.validation_prompt.strip(),
                 "validation_steps": max(1, int(req.max_train_steps) // 4),  # a few samples while it runs
