@@ -105,12 +105,12 @@ def set_both(pipe_o, pipe_p, names: list[str], weight: float = 0.8) -> None:
     pipe_p.set_adapters(list(names), [weight] * len(names))
 
 
-def peft_add(unet, text_encoder=None, rank: int = 4, alpha: float | None = None) -> None:
-    """diffusers' training recipe: ``LoraConfig`` + ``add_adapter`` (kaiming A, zero B)."""
+def peft_add(unet, text_encoder=None, rank: int = 4, alpha: float | None = None, use_dora: bool = False) -> None:
+    """diffusers' training recipe: ``LoraConfig`` + ``add_adapter`` (kaiming A, zero B; ``use_dora``: DoRA)."""
     from peft import LoraConfig
 
     alpha = rank if alpha is None else alpha
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TARGETS, use_dora=use_dora))
     if text_encoder is not None:
         text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TE_TARGETS))
 
@@ -135,15 +135,19 @@ def make_adapter_files(comps: dict, folder: Path, n: int, rank: int = 4, alpha: 
     return files
 
 
-def bench_train(ctx: Context, comps: dict, iters: int, warmup: int, batch: int = 2) -> None:
-    log("train step")
+def bench_train(ctx: Context, comps: dict, iters: int, warmup: int, batch: int = 2, dora: bool = False) -> None:
+    """A LoRA training step (``dora``: DoRA's, PEFT's ``use_dora``), ours against diffusers+PEFT's."""
+    log("train step" + (", DoRA" if dora else ""))
     unet_o, unet_p = copy.deepcopy(comps["unet"]), copy.deepcopy(comps["unet"])
-    params_o = ld.inject_lora(unet_o, rank=4, targets="attn")
-    peft_add(unet_p, rank=4)
+    params_o = ld.inject_lora(unet_o, rank=4, targets="attn", use_dora=dora)
+    peft_add(unet_p, rank=4, use_dora=dora)
     modules_p = dict(unet_p.named_modules())
     for path, layer in lora_layers(unet_o):  # identical start: PEFT's A := ours (B is zero in both)
         with torch.no_grad():
             modules_p[path].lora_A["default"].weight.copy_(layer.lora_A["default"])
+            if dora:  # (both ||W|| per row at the start)
+                magnitude = modules_p[path].lora_magnitude_vector["default"].weight
+                magnitude.copy_(layer.lora_magnitude["default"].reshape(magnitude.shape))
     params_p = [p for p in unet_p.parameters() if p.requires_grad]
     assert len(params_o) == len(params_p), (len(params_o), len(params_p))
     gen = torch.Generator().manual_seed(0)
@@ -170,7 +174,7 @@ def bench_train(ctx: Context, comps: dict, iters: int, warmup: int, batch: int =
     step_o, losses_o = stepper(unet_o, params_o)
     step_p, losses_p = stepper(unet_p, params_p)
     ours, ref = compare(step_o, step_p, iters, warmup)
-    emit(ctx, "train_step", f"rank 4 attn, batch {batch}", ours, ref, "peft",
+    emit(ctx, "train_step", f"rank 4 attn, batch {batch}" + (", DoRA" if dora else ""), ours, ref, "peft",
          loss_abs_diff_last_step=abs(losses_o[-1] - losses_p[-1]), steps=len(losses_o))
 
 
@@ -578,6 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         files = make_adapter_files(comps, folder, 8)
         if "train" in args.only:
             bench_train(ctx, comps, args.iters, args.warmup)
+            bench_train(ctx, comps, args.iters, args.warmup, dora=True)
         if "inference" in args.only:
             bench_inference_and_fuse(ctx, comps, files, args.iters, args.warmup)
         if "load" in args.only:
