@@ -434,7 +434,7 @@ class LoraLayer(nn.Module):
         if dora:
             if "lora_magnitude" not in self._modules:
                 self.lora_magnitude = _AdapterParameters()
-            self.lora_magnitude[name] = nn.Parameter(self._row_norm(self.base_layer.weight.detach().to(dtype)))
+            self.lora_magnitude[name] = nn.Parameter(self._weight_norm(self.base_layer.weight.detach().to(dtype)))
             self._dora = self._dora | {name}
         self.specs[name] = AdapterSpec(rank=rank, alpha=float(rank if alpha is None else alpha))
         self.weights[name] = float(weight)
@@ -666,31 +666,32 @@ class LoraLayer(nn.Module):
             if name not in self._dora:
                 result = self._add_adapter(result, x, name, a, b)
                 continue
-            drop = self._dropout(name)
-            weight = base.weight.to(x.dtype)
+            h = x if x.dtype == a.dtype else x.to(a.dtype)  # as PEFT: in the factors' dtype (fp32 under autocast)
+            scale = self.specs[name].scale
+            weight, norm = self._dora_norm(h, a, b, scale)
             # the base output less its bias, as PEFT (which, after another adapter, takes the sum so far: each
             # adapter's change is its own here, as a DoRA file's is when loaded)
+            drop = self._dropout(name)
             if isinstance(drop, nn.Identity) or not self.training:
-                h, plain = x, base_out if base.bias is None else base_out - self._out_view(base.bias)
+                plain = base_out if base.bias is None else base_out - self._out_view(base.bias)
             else:
-                h = drop(x)
+                h = drop(h)
                 plain = self._no_bias_op(h, weight)
-            scale = self.specs[name].scale
-            lora_weight = self._dense_factor(a, b).to(x.dtype)
-            norm = self._row_norm(weight + scale * lora_weight.detach()).detach()
-            mag = self._out_view(self.lora_magnitude[name] / norm)
-            delta = (mag - 1) * plain + mag * self._low_rank(h.to(a.dtype), a, b) * scale
+            mag = self._out_view(self.lora_magnitude[name]) / norm
+            delta = (mag - 1) * plain + mag * self._low_rank(h, a, b) * scale
             w = self.weights[name]
             result = result + (delta if w == 1.0 else delta * w)
-        return result
+        # (an fp32 magnitude lifts a bf16 output to fp32 under autocast: back to the base output's dtype, as PEFT)
+        return result if result.dtype == base_out.dtype else result.to(base_out.dtype)
 
-    def _row_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """The 2-norm of each output row of a weight (``[out]``, in its dtype), as PEFT's DoRA takes it."""
-        return torch.linalg.norm(weight.reshape(weight.shape[0], -1), dim=1).to(weight.dtype)
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """The 2-norm of each output row of a weight, ``[out]``, as PEFT's DoRA takes it (a magnitude's start)."""
+        raise NotImplementedError
 
-    def _dense_factor(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``B @ A`` in the base weight's shape."""
-        return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(self.base_layer.weight.shape)
+    def _dora_norm(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, ||W + s B A||)`` for DoRA's forward with input ``h``, in PEFT's ops and dtypes (they differ between
+        its Linear and Conv layers), the norm detached and shaped to broadcast over the output."""
+        raise NotImplementedError
 
     def _out_view(self, t: torch.Tensor) -> torch.Tensor:
         """A per-output-channel ``[out]`` tensor shaped to broadcast over the layer's output."""
@@ -1001,6 +1002,14 @@ class LoraLinear(LoraLayer):
     def _out_view(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(1, -1)
 
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(weight, dim=1).to(weight.dtype)
+
+    def _dora_norm(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self._modules["base_layer"].weight.to(h.dtype)  # (PEFT: W and B A in the input's dtype)
+        lora_weight = (b @ a).to(h.dtype)
+        return weight, self._weight_norm(weight + scale * lora_weight.detach()).detach().view(1, -1)
+
     def _no_bias_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
 
@@ -1062,6 +1071,15 @@ class LoraConv2d(LoraLayer):
 
     def _out_view(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(1, -1, 1, 1)
+
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.norm(p=2, dim=(1, 2, 3), keepdim=True).reshape(-1)
+
+    def _dora_norm(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self._modules["base_layer"].weight  # (PEFT's conv DoRA keeps W and B A in their own dtypes)
+        lora_weight = torch.mm(b.view(b.shape[0], -1), a.view(a.shape[0], -1)).reshape(weight.shape)
+        norm = (weight + scale * lora_weight.detach()).norm(p=2, dim=(1, 2, 3), keepdim=True).transpose(1, 0)
+        return weight, norm.detach()
 
     def _no_bias_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._modules["base_layer"]._conv_forward(x, weight, None)

@@ -64,16 +64,22 @@ def test_a_fresh_dora_adapter_changes_nothing_and_weight_zero_is_the_base():
         assert torch.equal(pipe.unet(x, t, ehs).sample, plain)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_forward_and_gradients_are_peft_use_dora_bit_for_bit(dropout):
-    """(With dropout, PEFT's DoRA runs the bias-free base op on the dropped input: so does ours, drawing the same
-    masks in the same order.)"""
+@pytest.mark.parametrize("dropout, bf16", [(0.0, False), (0.1, False), (0.1, True)], ids=["fp32", "dropout", "bf16-autocast"])
+def test_forward_and_gradients_are_peft_use_dora_bit_for_bit(dropout, bf16):
+    """With dropout, PEFT's DoRA runs the bias-free base op on the dropped input: so does ours, drawing the same
+    masks in the same order. Under bf16 autocast (a bf16 UNet, fp32 adapters: diffusers' recipe) PEFT takes the
+    Linear norm in the input's fp32 and the conv norm in bf16: so does ours."""
+    from diffusers.training_utils import cast_training_params
+
     pipe = tiny_pipeline(0)
+    if bf16:
+        pipe.unet.to(torch.bfloat16)
     ref = copy.deepcopy(pipe.unet)
     torch.manual_seed(1)
     inject_lora(pipe.unet, rank=2, alpha=3, targets=TARGETS, use_dora=True, dropout=dropout)
     _randomize(pipe.unet)
     ref.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, use_dora=True, lora_dropout=dropout))
+    cast_training_params(ref, dtype=torch.float32)
     theirs = dict(ref.named_parameters())
     pairs = []
     with torch.no_grad():
@@ -84,14 +90,16 @@ def test_forward_and_gradients_are_peft_use_dora_bit_for_bit(dropout):
                 other.copy_(mine.reshape(other.shape))
                 pairs.append((mine, other))
     pipe.unet.train(), ref.train()
-    x, t, ehs = _inputs()
-    torch.manual_seed(5)
-    ours = pipe.unet(x, t, ehs).sample
-    torch.manual_seed(5)
-    peft_out = ref(x, t, ehs).sample
+    x, t, ehs = (v.to(torch.bfloat16) if bf16 and v.is_floating_point() else v for v in _inputs())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        torch.manual_seed(5)
+        ours = pipe.unet(x, t, ehs).sample
+        torch.manual_seed(5)
+        peft_out = ref(x, t, ehs).sample
+    assert ours.dtype == peft_out.dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert torch.equal(ours, peft_out)
-    ours.square().mean().backward()
-    peft_out.square().mean().backward()
+    ours.float().square().mean().backward()
+    peft_out.float().square().mean().backward()
     for mine, other in pairs:
         assert torch.equal(mine.grad.reshape(other.grad.shape), other.grad)
     trained = {id(p) for p in lora_parameters(pipe.unet)}
