@@ -668,7 +668,8 @@ class LoraLayer(nn.Module):
                 continue
             h = x if x.dtype == a.dtype else x.to(a.dtype)  # as PEFT: in the factors' dtype (fp32 under autocast)
             scale = self.specs[name].scale
-            weight, norm = self._dora_norm(h, a, b, scale)
+            weight, lora_weight = self._dora_weights(h, a, b)
+            norm = self._out_view(self._weight_norm(weight + scale * lora_weight.detach())).detach()
             # the base output less its bias, as PEFT (which, after another adapter, takes the sum so far: each
             # adapter's change is its own here, as a DoRA file's is when loaded)
             drop = self._dropout(name)
@@ -688,9 +689,9 @@ class LoraLayer(nn.Module):
         """The 2-norm of each output row of a weight, ``[out]``, as PEFT's DoRA takes it (a magnitude's start)."""
         raise NotImplementedError
 
-    def _dora_norm(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W, ||W + s B A||)`` for DoRA's forward with input ``h``, in PEFT's ops and dtypes (they differ between
-        its Linear and Conv layers), the norm detached and shaped to broadcast over the output."""
+    def _dora_weights(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, B A)`` in the weight's shape, in the dtypes PEFT's DoRA takes them for input ``h`` (its Linear and
+        Conv layers differ), for the norm of ``W + s B A``."""
         raise NotImplementedError
 
     def _out_view(self, t: torch.Tensor) -> torch.Tensor:
@@ -1005,10 +1006,9 @@ class LoraLinear(LoraLayer):
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(weight, dim=1).to(weight.dtype)
 
-    def _dora_norm(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self._modules["base_layer"].weight.to(h.dtype)  # (PEFT: W and B A in the input's dtype)
-        lora_weight = (b @ a).to(h.dtype)
-        return weight, self._weight_norm(weight + scale * lora_weight.detach()).detach().view(1, -1)
+    def _dora_weights(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (PEFT: W and B A in the input's dtype)
+        return self._modules["base_layer"].weight.to(h.dtype), (b @ a).to(h.dtype)
 
     def _no_bias_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
@@ -1075,11 +1075,9 @@ class LoraConv2d(LoraLayer):
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.norm(p=2, dim=(1, 2, 3), keepdim=True).reshape(-1)
 
-    def _dora_norm(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dora_weights(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self._modules["base_layer"].weight  # (PEFT's conv DoRA keeps W and B A in their own dtypes)
-        lora_weight = torch.mm(b.view(b.shape[0], -1), a.view(a.shape[0], -1)).reshape(weight.shape)
-        norm = (weight + scale * lora_weight.detach()).norm(p=2, dim=(1, 2, 3), keepdim=True).transpose(1, 0)
-        return weight, norm.detach()
+        return weight, torch.mm(b.view(b.shape[0], -1), a.view(a.shape[0], -1)).reshape(weight.shape)
 
     def _no_bias_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._modules["base_layer"]._conv_forward(x, weight, None)
