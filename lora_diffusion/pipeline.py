@@ -698,7 +698,7 @@ def cache_merged_weights(pipe, enabled: bool = True) -> None:
         for _, layer in lora_layers(model):
             layer.merge_cache = bool(enabled)
             if not enabled:
-                layer._merged_key = layer._merged = None
+                layer._merged_key = layer._merged = layer._kept_check = None
 
 
 def _delete_from_model(model: nn.Module, adapter: str) -> None:

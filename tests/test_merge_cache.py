@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from lora_diffusion import cache_merged_weights, delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.formats import write_lora_file
 from lora_diffusion.inject import lora_layers
-from lora_diffusion.layers import LoraConv2d, LoraLinear
+from lora_diffusion.layers import AdapterSpec, LoraConv2d, LoraLinear
 from lora_diffusion.testing import OpCounter, random_lora, tiny_pipeline
 
 
@@ -88,7 +89,24 @@ def _reweight(layer):
 
 
 def _alpha_edit(layer):
-    layer.specs["a0"].alpha = 7.0  # (no _changed: the key holds the scale itself)
+    layer.specs["a0"] = AdapterSpec(rank=layer.specs["a0"].rank, alpha=7.0)  # (no _changed: the key holds the scale)
+
+
+def _replace_data(layer):
+    b = layer.lora_B["a1"]
+    b.data = b.data * 3.0  # new storage, the same parameter object and version counter
+
+
+def _replace_base_weight(layer):
+    layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach() * 0.5, requires_grad=False)
+
+
+def _deactivate_in_place(layer):
+    layer.active.remove("a1")  # Python state edited without _changed
+
+
+def _weight_edit_in_place(layer):
+    layer.weights["a0"] = 0.1
 
 
 def _base_edit(layer):
@@ -104,14 +122,15 @@ def _delete(layer):
     layer.delete_adapter("a1")
 
 
-@pytest.mark.parametrize("change", [_optimizer_step, _replace_parameter, _reweight, _alpha_edit, _base_edit,
+@pytest.mark.parametrize("change", [_optimizer_step, _replace_parameter, _replace_data, _reweight, _alpha_edit,
+                                    _weight_edit_in_place, _deactivate_in_place, _base_edit, _replace_base_weight,
                                     _to_double, _delete], ids=lambda f: f.__name__.strip("_"))
 def test_kept_weight_follows_every_change(change):
     layer, x = _layer("linear", 2)
     layer.merge_cache = True
     with torch.no_grad():
         before = layer(x)
-    assert layer._merged is not None
+        assert layer._merged is not None and torch.equal(layer(x), before)  # (the second call: the fast check)
     change(layer)
     x = x.to(layer.base_layer.weight.dtype)
     with torch.no_grad():
@@ -119,6 +138,50 @@ def test_kept_weight_follows_every_change(change):
     assert after.dtype != before.dtype or not torch.allclose(after, before)  # (a cast changes only the dtype)
     assert torch.equal(after, _uncached_merged(layer, x))
     torch.testing.assert_close(after, _definition(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_repeated_call_checks_the_kept_weight_without_rebuilding_its_key(monkeypatch):
+    """The call after the first is served by ``_kept_valid`` (identity, versions and storage of what the weight was
+    made from): ``_kept_merged`` and its key are not reached, and each adapter count returns the same bits."""
+    for n in (1, 3):
+        layer, x = _layer("linear", n)
+        layer.merge_cache = True
+        with torch.no_grad():
+            first = layer(x)
+            monkeypatch.setattr(LoraLinear, "_kept_merged", lambda *a: pytest.fail("the fast check was not used"))
+            assert torch.equal(layer(x), first)
+            monkeypatch.undo()
+
+
+def test_spec_is_frozen():
+    """Hyper-parameters change by replacing the spec (``set_lora_weights(alpha=...)``): the kept weight's check
+    compares specs by identity."""
+    layer, _ = _layer("linear", 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.specs["a0"].alpha = 2.0
+    a, b = layer.lora_A["a0"].detach().clone(), layer.lora_B["a0"].detach().clone()
+    layer.set_lora_weights("a0", a, b, alpha=3.0)
+    assert layer.specs["a0"] == AdapterSpec(rank=1, alpha=3.0)
+
+
+def test_training_dropout_is_not_served_from_the_kept_weight():
+    """Kept in eval; back in training mode an adapter with dropout runs adapter by adapter, with its dropout."""
+    layer, x = _layer("linear", 1)
+    layer.lora_dropout["a0"] = nn.Dropout(0.5)
+    layer.merge_cache = True
+    layer.eval()
+    with torch.no_grad():
+        kept = layer(x)
+        assert layer._merged is not None
+        layer.train()
+        torch.manual_seed(0)
+        dropped = layer(x)
+    assert not torch.allclose(dropped, kept)
+    twin = copy.deepcopy(layer)
+    twin.merge_cache, twin._merged_key, twin._merged = False, None, None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(dropped, twin(x))
 
 
 def test_autograd_never_reads_the_kept_weight():
@@ -205,8 +268,19 @@ def test_pipeline_keeps_merged_weights_until_fused_or_turned_off(tmp_path):
     assert _kept(pipe) == 0 and not any(layer.merge_cache for layer in layers)
 
 
-def test_compiled_model_neither_reads_nor_writes_kept_weights(tmp_path):
+def _compiled_out(pipe) -> torch.Tensor:
+    """The UNet's output compiled whole (aot_eager, fullgraph: a graph break fails)."""
     dynamo = pytest.importorskip("torch._dynamo")
+    dynamo.reset()
+    try:
+        compiled = torch.compile(pipe.unet, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            return compiled(*_inputs()).sample
+    finally:
+        dynamo.reset()
+
+
+def test_compiled_model_neither_reads_nor_writes_kept_weights(tmp_path):
     pipe = tiny_pipeline()
     write_lora_file(tmp_path / "a.safetensors", random_lora(pipe, seed=0), dtype=torch.float32)
     load_lora(pipe, tmp_path / "a.safetensors")
@@ -216,12 +290,34 @@ def test_compiled_model_neither_reads_nor_writes_kept_weights(tmp_path):
     eager = _unet_out(pipe)
     cache_merged_weights(pipe.unet, enabled=False)
     cache_merged_weights(pipe.unet)
-    dynamo.reset()
-    try:
-        compiled = torch.compile(pipe.unet, backend="aot_eager", fullgraph=True)
-        with torch.no_grad():
-            out = compiled(*_inputs()).sample
-    finally:
-        dynamo.reset()
+    out = _compiled_out(pipe)
     assert _kept(pipe) == 0
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_set_after_the_kept_weight_is_followed():
+    layer, x = _layer("linear", 1)
+    layer.merge_cache = True
+    with torch.no_grad():
+        kept = layer(x)  # training mode, no dropout: kept
+        assert layer._merged is not None
+        layer.lora_dropout["a0"] = nn.Dropout(0.5)
+        torch.manual_seed(0)
+        dropped = layer(x)
+    assert not torch.allclose(dropped, kept)
+
+
+def test_compiling_beside_kept_weights_traces_the_compiled_forward(tmp_path):
+    """Kept weights from eager calls do not enter a graph: it traces whole (fullgraph), computes the same, and
+    leaves the kept weights as they were for the next eager call."""
+    pipe = tiny_pipeline()
+    write_lora_file(tmp_path / "a.safetensors", random_lora(pipe, seed=0), dtype=torch.float32)
+    load_lora(pipe, tmp_path / "a.safetensors")
+    cache_merged_weights(pipe.unet)
+    eager = _unet_out(pipe)
+    kept = {path: layer._merged for path, layer in lora_layers(pipe.unet)}
+    assert all(w is not None for w in kept.values())
+    out = _compiled_out(pipe)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert all(layer._merged is kept[path] for path, layer in lora_layers(pipe.unet))
+    assert torch.equal(_unet_out(pipe), eager)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_diffusion.layers import LoraConv2d, LoraLinear
+from lora_diffusion.layers import AdapterSpec, LoraConv2d, LoraLinear
 
 
 def _randomise(layer, seed: int = 0) -> None:
@@ -74,8 +74,8 @@ def test_cache_sees_every_change(change):
     elif change == "weight_edit":
         layer.weights["a2"] = -2.0
         weights = {"a0": 1.0, "a2": -2.0}
-    else:
-        layer.specs["a0"].alpha = 7.0
+    else:  # (specs are frozen: an alpha changes by replacing the spec, without telling the layer)
+        layer.specs["a0"] = AdapterSpec(rank=layer.specs["a0"].rank, alpha=7.0)
     with torch.no_grad():
         after = layer(x)
     assert not torch.allclose(after, before)
