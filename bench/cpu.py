@@ -292,9 +292,12 @@ def bench_ops(ctx: Context, comps: dict, files: list[Path], batch: int = 2) -> N
              ours_vs_base=round(ours / base_ops, 4), peft_vs_base=round(ref / base_ops, 4), cached_ops=cached)
 
 
-def bench_layer(ctx: Context, iters: int) -> None:
+def bench_layer(ctx: Context, iters: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                sync=lambda: None) -> None:
     """Per-layer CPU cost of a LoRA call over the bare layer (a 64-wide ``nn.Linear`` on 16 tokens, eval, no_grad:
-    compute is negligible, so this is the Python and dispatch work that a GPU's launch-bound call pays per layer)."""
+    compute is negligible, so this is the Python and dispatch work that a GPU's launch-bound call pays per layer).
+    On a GPU (``device``, ``dtype``, ``sync``: ``bench/gpu.py --profile-infer``) the kernels are a few microseconds
+    each and queue behind the host, so the same figure is that host's cost per layer."""
     from peft import LoraConfig, inject_adapter_in_model
     from torch import nn
 
@@ -307,32 +310,35 @@ def bench_layer(ctx: Context, iters: int) -> None:
             super().__init__()
             self.proj = proj
 
-    base = nn.Linear(64, 64).eval()
-    x = torch.randn(2, 16, 64)
+    base = nn.Linear(64, 64).to(device, dtype).eval()
+    x = torch.randn(2, 16, 64).to(device, dtype)
     calls = max(200, iters * 200)
 
     def per_call_us(layer) -> float:
         with torch.no_grad():
             for _ in range(calls // 10):
                 layer(x)
+            sync()
             best = float("inf")
             for _ in range(5):
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     layer(x)
+                sync()
                 best = min(best, (time.perf_counter() - t0) / calls * 1e6)
         return best
 
-    bare = per_call_us(base)
     for k in (1, 2, 4, 8):
         ours = LoraLinear(copy.deepcopy(base))
         holder = Holder(copy.deepcopy(base))
         for i in range(k):
             ours.add_adapter(f"a{i}", rank=4, alpha=8)
             holder = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]), holder, adapter_name=f"a{i}")
+        ours.to(device, dtype), holder.to(device, dtype)
         ours.requires_grad_(False).set_weights({f"a{i}": 0.8 for i in range(k)})
         holder.proj.set_adapter([f"a{i}" for i in range(k)])
         ours.eval(), holder.eval()
+        bare = per_call_us(base)  # (per count: the host drifts over seconds)
         o, p = per_call_us(ours) - bare, per_call_us(holder.proj) - bare
         ours.merge_cache = True
         cached = per_call_us(ours) - bare

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Context, compare, compare_paired, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
-from cpu import bench_cached, load_both, make_adapter_files, make_pipe, peft_add, reweighters, set_both  # noqa: E402
+from cpu import bench_cached, bench_layer, load_both, make_adapter_files, make_pipe, peft_add, reweighters, set_both  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion import layers  # noqa: E402
@@ -616,6 +616,64 @@ def bench_inference_host(s: Setup, files: list[Path], calls: int = 5) -> None:
     emit(s.ctx, "infer_host", "1 adapter, CPU time summed over aten ops", o_ms, b_ms, "base", ops_per_call=o_ops,
          base_ops_per_call=b_ops, wall_ms_per_call=round(o_wall, 3), base_wall_ms_per_call=round(b_wall, 3))
 
+    # the kept merged weights run the base's kernels, yet the call took 1.06-1.11x the base's wall clock on the
+    # H100's host (eleventh session): where the Python goes, per function, in the kept call and in the base call
+    ld.cache_merged_weights(pipe)
+    for who, unet in (("base", s.comps["unet"]), ("ours, 1 adapter, kept merged weights", pipe.unet)):
+        with torch.no_grad():
+            for _ in range(3):
+                unet(x, t, ehs)
+            s.sync()
+            python_profile(f"inference, {who}", lambda: unet(x, t, ehs), calls, s.sync)
+    ld.cache_merged_weights(pipe, enabled=False)
+    bench_layer(s.ctx, 5, s.device, s.dtype, s.sync)  # the per-layer cost on this host, bare / ours / kept / PEFT
+
+    # re-weighting 4 fused adapters (the <= 15 ms target): its host side, per function and per aten op
+    for f in files[1:4]:
+        ld.load_lora(pipe, f, adapter=f.stem)
+    names = [f.stem for f in files[:4]]
+    ld.set_adapters(pipe, dict.fromkeys(names, 1.0))
+    ld.fuse(pipe)
+    weights = ([0.5, 1.0, -0.3, 0.8], [0.8] * 4)
+    state = [0]
+
+    def reweight():
+        state[0] ^= 1
+        ld.set_adapters(pipe, dict(zip(names, weights[state[0]])))
+        s.sync()
+
+    for _ in range(3):
+        reweight()
+    ms = median_ms(reweight, s.iters, 0, s.sync)
+    python_profile("re-weight of 4 fused adapters", reweight, calls, s.sync)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            reweight()
+    print(f"=== re-weight of 4 fused adapters, aten ops ({calls} calls) ===\n"
+          f"{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=20)}", file=sys.stderr, flush=True)
+    aten = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    # (a diagnosis beside the profiles, not a figure: reweight_fused times it against PEFT's)
+    log(f"re-weight of 4 fused adapters: {ms:.2f} ms (median of {s.iters}); aten ops per call "
+        f"{sum(e.count for e in aten) / calls:.0f}, their CPU time {sum(e.self_cpu_time_total for e in aten) / 1e3 / calls:.2f} ms")
+
+
+def python_profile(title: str, fn, calls: int, sync) -> None:
+    """cProfile's table of ``fn`` over ``calls`` calls (top 25 by own time) on stderr: the Python functions' own
+    time, which torch.profiler's aten-op table leaves out."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    print(f"=== {title}: Python functions ({calls} calls) ===\n{out.getvalue()}", file=sys.stderr, flush=True)
+
 
 def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: list[int]) -> None:
     """One CFG UNet call under torch.compile: ours with 1 / 4 / 8 adapters unfused and 4 fused, each against the
@@ -737,7 +795,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")
     parser.add_argument("--profile-infer", action="store_true",
-                        help="also print torch.profiler's host (CPU) table of the eager CFG call, base and ours with 1 adapter")
+                        help="also print the eager CFG call's host profile (aten ops: base and ours with 1 adapter; Python "
+                             "functions: base and ours with kept merged weights), the per-layer host cost on this device, and "
+                             "the host profile of a fused re-weight")
     parser.add_argument("--profile-compile", default=None, metavar="MODE", choices=["default", "max-autotune"],
                         help="--profile the floor and our step under torch.compile in this mode instead of eagerly")
     args = parser.parse_args(argv)

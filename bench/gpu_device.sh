@@ -44,6 +44,11 @@
 #         compiled step), the eager floor, our eager steps and PEFT's.
 # Part 13 (~2.5 min): eager inference alone (part 9's), the kept merged weights' wall clock over 3x the rounds,
 #         with each line's ratio_paired (median of the rounds' ratios) and ratio_min beside the ratio of medians.
+#         (12 and 13 measured 2026-11-28, eleventh session: docs/results/gpu-h100-2026-11-28-b.)
+# Part 14 (~1.5 min, then part 13's ~2.5): the host side: the eager call's aten ops (base, 1 adapter), its Python
+#         functions (base, kept merged weights: the 1.06x that remains with the base's kernels), the per-layer host
+#         cost on this machine (layer_overhead: bare / ours / kept / PEFT), and a fused re-weight's Python functions
+#         and aten ops (reweight_fused_host: the <= 15 ms target); then part 13.
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -105,8 +110,11 @@ elif [ "$part" = 12 ]; then
     run gpu_compiled_b8_floor "${PART_SECONDS:-480}" --skip infer --batches 8 --compile reduce-overhead --compile-batches 8 --compile-step ours-merged --compile-floor
 elif [ "$part" = 13 ]; then
     run gpu_infer "${PART_SECONDS:-170}" --skip train
+elif [ "$part" = 14 ]; then
+    run gpu_infer_host 120 --skip train infer --profile-infer
+    run gpu_infer "${PART_SECONDS:-170}" --skip train
 else
-    echo "no part $part: 1-13" >&2
+    echo "no part $part: 1-14" >&2
     exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true

@@ -72,7 +72,8 @@ def test_gpu_bench_tiny_on_cpu():
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
             "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
-            "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached", "train_step_paired"} <= benches
+            "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached", "train_step_paired",
+            "layer_overhead"} <= benches  # (layer_overhead: --profile-infer measures the per-layer host cost too)
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
             "rank 4 attn, batch 1, compile, dense backward", "batch 1, compiled (default)",
