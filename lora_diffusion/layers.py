@@ -528,7 +528,7 @@ class LoraLayer(nn.Module):
         if values is None:
             if not names and buffer.numel() == 0 and buffer.device == device and buffer.dtype == torch.float32:
                 # e.g. every adapter fused (a re-weight of a fused model: each layer): nothing to do, no ops
-                self.__dict__["_compiled_names"] = names
+                self._compiled_names = names
                 return
             values = torch.tensor(self.scale_row({n: self.weights[n] for n in names}), dtype=torch.float32)
         with torch.no_grad():
@@ -813,7 +813,8 @@ class LoraLayer(nn.Module):
 
     def _kept_valid(self, fast: tuple) -> bool:
         """Whether the kept merged weight still holds, checked in a few C-level passes rather than by rebuilding
-        ``_kept_merged``'s key (~40 % of an unfused call's host time with 8 adapters): the Python state as it was
+        ``_kept_merged``'s key (with 8 adapters that took the call's cost over the bare layer from ~8 to ~4.6 us
+        on the CPU): the Python state as it was
         (``_kept_state``), and the same parameter objects, base weight included, with the same version counters
         and storage."""
         _, state, names, tensors, versions, ptrs, dropout = fast
