@@ -626,7 +626,7 @@ def bench_inference_host(s: Setup, files: list[Path], calls: int = 5) -> None:
             s.sync()
             python_profile(f"inference, {who}", lambda: unet(x, t, ehs), calls, s.sync)
     ld.cache_merged_weights(pipe, enabled=False)
-    bench_layer(s.ctx, 5, s.device, s.dtype, s.sync)  # the per-layer cost on this host, bare / ours / kept / PEFT
+    bench_layer(s.ctx, s.iters, s.device, s.dtype, s.sync)  # the per-layer cost on this host, bare / ours / kept / PEFT
 
     # re-weighting 4 fused adapters (the <= 15 ms target): its host side, per function and per aten op
     for f in files[1:4]:
