@@ -580,9 +580,11 @@ def set_adapters(
     try:
         for component, found in layers.items():
             base = te_weights if component.startswith("text_encoder") else weights
+            blocked = any(specs.get(n) is not None for n in base)  # (else every factor is 1: no call per layer)
             for path, layer in found:
                 changed.append((path, layer, layer.weight_state()))
-                layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}, fuse_now=False)
+                layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}
+                                  if blocked else base, fuse_now=False)
         fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
         sync_scales([layer for _, layer, _ in changed if not layer.fused])  # a fuse refreshed its own
         for component, store in stores.items():  # parameter deltas: a module's weight, as its layer's

@@ -272,3 +272,32 @@ def test_fusing_in_smaller_batches_gives_the_same_weights(tmp_path, monkeypatch)
     for _, layer in lora_layers(pipe.unet):
         layer.fuse()
     _assert_same(fused_weights(), batched)
+
+
+def test_linear_and_conv_layers_sharing_a_batch_fuse_as_each_alone():
+    """A Linear and a 1x1 conv of the same sizes share one batched matmul in ``fuse_many`` (their stacked factors
+    have the same shapes) though only the conv's delta needs a view to its weight's shape; a 3x3 conv batches
+    apart. Each comes out as its own ``fuse`` makes it, and ``delta_weight`` is what was added."""
+    from torch import nn
+
+    from lora_diffusion.layers import LoraConv2d, LoraLinear, fuse_many
+
+    def layers():
+        torch.manual_seed(0)
+        made = [LoraLinear(nn.Linear(8, 6)), LoraConv2d(nn.Conv2d(8, 6, 1)), LoraConv2d(nn.Conv2d(8, 6, 3, padding=1))]
+        for layer in made:
+            layer.add_adapter("a", rank=3, alpha=5.0)
+            with torch.no_grad():
+                layer.lora_B["a"].normal_()
+        return made
+
+    together, alone = layers(), layers()
+    assert together[0]._fuse_factors(["a"], cache=False)[0].shape == together[1]._fuse_factors(["a"], cache=False)[0].shape
+    originals = [layer.base_layer.weight.detach().clone() for layer in together]
+    fuse_many([(layer, {"a": 0.7}) for layer in together])
+    for layer, each, original in zip(together, alone, originals):
+        fuse_many([(each, {"a": 0.7})])
+        assert layer.base_layer.weight.shape == original.shape
+        assert torch.equal(layer.base_layer.weight, each.base_layer.weight)
+        torch.testing.assert_close(layer.base_layer.weight, original + 0.7 * layer.delta_weight(["a"], {"a": 1.0}))
+        assert not torch.equal(layer.base_layer.weight, original)
