@@ -843,9 +843,10 @@ class LoraLayer(nn.Module):
                              "load_lora the file (a loaded DoRA file fuses), or generate unfused")
         return weights
 
-    def scale_row(self, weights: dict[str, float]) -> list[float]:
-        """``w * alpha / r`` of each adapter in ``weights``, repeated over its rank rows (the stacked-B scales)."""
-        row: list[float] = []
+    def scale_row(self, weights: dict[str, float], into: list[float] | None = None) -> list[float]:
+        """``w * alpha / r`` of each adapter in ``weights``, repeated over its rank rows (the stacked-B scales);
+        appended to ``into`` if given (and that is returned)."""
+        row: list[float] = [] if into is None else into
         specs = self.specs
         for n, w in weights.items():
             spec = specs[n]
@@ -892,6 +893,13 @@ class LoraLayer(nn.Module):
         No host-device sync here: the caller checks the weights of many layers at once (``all_finite``), so a
         model fuses with one sync in all (``pipeline.fuse_layers``, which fuses many layers with ``fuse_many``)."""
         return fuse_many([(self, weights)])[0]
+
+    def _set_fused(self, weights: dict[str, float]) -> None:
+        """Record that ``weights`` (some of the active adapters) are fused in now and drop the caches. The scales a
+        compiled forward reads are refreshed unless it computes no adapter, before or now: then they are empty
+        already (a re-weight of a fused model, every layer: ~1.5 us each)."""
+        self.fused = dict(weights)
+        self._changed(sync=bool(self._compiled_names) or len(self.fused) != len(self.active))
 
     def restore_fused(self, previous: dict[str, float]) -> None:
         """Back to the fused state ``previous`` (``{}``: unfused), after a refused fuse."""
@@ -941,7 +949,7 @@ def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Ten
     SD1.5 UNet (128 layers, ~10 shapes) fuses or re-weights in a few dozen kernels where a scale, a matmul and an
     add per layer took ~400. A batch writes at most ``_FUSE_CHUNK`` elements of deltas at a time.
     """
-    groups: dict[tuple, list[tuple]] = {}
+    groups: dict[tuple, tuple[list[tuple], list[float]]] = {}  # shapes -> (members, their scale rows end to end)
     out = []
     with torch.no_grad():
         for layer, weights in items:
@@ -954,11 +962,13 @@ def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Ten
                 weight.copy_(layer._base_backup)
                 continue
             a, b = layer._fuse_factors(list(weights), cache=True)
-            groups.setdefault((weight.device, a.dtype, a.shape, b.shape), []).append(
-                (a, b, layer.scale_row(weights), layer._base_backup, weight))
-        scales = floats_on_devices([(device, dtype, [v for member in members for v in member[2]])
-                                    for (device, dtype, _, _), members in groups.items()])
-        for ((_, _, a_shape, b_shape), members), rows in zip(groups.items(), scales):
+            group = groups.get(key := (weight.device, a.dtype, a.shape, b.shape))
+            if group is None:
+                group = groups[key] = ([], [])
+            group[0].append((a, b, layer._base_backup, weight))
+            layer.scale_row(weights, into=group[1])
+        scales = floats_on_devices([(device, dtype, rows) for (device, dtype, _, _), (_, rows) in groups.items()])
+        for ((_, _, a_shape, b_shape), (members, _)), rows in zip(groups.items(), scales):
             rows = rows.view(len(members), 1, b_shape[1])
             step = max(1, _FUSE_CHUNK // (b_shape[0] * a_shape[1]))
             for start in range(0, len(members), step):
@@ -966,12 +976,11 @@ def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Ten
                 b = torch.stack([m[1] for m in chunk]) * rows[start : start + step]
                 delta = torch.bmm(b, torch.stack([m[0] for m in chunk]))
                 # (a Linear's delta has its weight's shape already; a view each costs ~1 us of host time)
-                deltas = [d if m[4].dim() == 2 else d.view(m[4].shape) for d, m in zip(delta.unbind(0), chunk)]
-                torch._foreach_add_(deltas, [m[3] for m in chunk])  # W0 + delta, in fp32 (fp64)
-                torch._foreach_copy_([m[4] for m in chunk], deltas)  # rounded once to the weight's dtype
+                deltas = [d if m[3].dim() == 2 else d.view(m[3].shape) for d, m in zip(delta.unbind(0), chunk)]
+                torch._foreach_add_(deltas, [m[2] for m in chunk])  # W0 + delta, in fp32 (fp64)
+                torch._foreach_copy_([m[3] for m in chunk], deltas)  # rounded once to the weight's dtype
         for layer, weights in items:
-            layer.fused = dict(weights)
-            layer._changed()
+            layer._set_fused(weights)
     return out
 
 

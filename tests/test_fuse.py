@@ -301,3 +301,20 @@ def test_linear_and_conv_layers_sharing_a_batch_fuse_as_each_alone():
         assert torch.equal(layer.base_layer.weight, each.base_layer.weight)
         torch.testing.assert_close(layer.base_layer.weight, original + 0.7 * layer.delta_weight(["a"], {"a": 1.0}))
         assert not torch.equal(layer.base_layer.weight, original)
+
+
+def test_what_a_compiled_forward_reads_follows_fusing_and_reweighting(tmp_path):
+    """After every fuse, re-weight and unfuse each layer's ``lora_scales`` hold exactly the scale row of its
+    active unfused adapters (a zero weight is not fused but stays active for a compiled forward), which a fused
+    re-weight keeps without refreshing them where there is nothing unfused, before or after."""
+    pipe = _pipe_with(tmp_path, 3)
+    steps = [("fuse", None), ("set", {"a0": 0.5, "a1": 0.0, "a2": 1.0}), ("set", {"a0": 0.7, "a1": 0.2, "a2": 1.0}),
+             ("set", {"a0": 0.7, "a2": -1.0}), ("set", {"a1": 0.0}), ("set", {"a0": 0.3, "a1": 0.4}), ("unfuse", None)]
+    for what, weights in steps:
+        fuse(pipe) if what == "fuse" else unfuse(pipe) if what == "unfuse" else set_adapters(pipe, weights)
+        for c in ("unet", "text_encoder"):
+            for path, layer in lora_layers(getattr(pipe, c)):
+                assert layer._compiled_names == layer._unfused_active(), (what, weights, path)
+                assert torch.equal(layer.lora_scales, torch.tensor(layer.compiled_scale_row(), dtype=torch.float32)), (what, weights, path)
+        fused = what != "unfuse" and (weights is None or any(weights.values()))  # (all zero: nothing to fuse)
+        assert any(layer.fused for _, layer in lora_layers(pipe.unet)) == fused, (what, weights)
