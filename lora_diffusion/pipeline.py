@@ -576,17 +576,24 @@ def set_adapters(
     for spec in specs.values():
         check_blocks(spec, lpb)
     changed: list[tuple[str, LoraLayer, tuple]] = []
+    refuse: list[tuple[str, LoraLayer]] = []  # fused models' layers: each re-fused, even one with nothing fused yet
+    resync: list[LoraLayer] = []  # the others: the scales a compiled forward reads are refreshed
     stored = {component: store.state() for component, store in stores.items()}
     try:
         for component, found in layers.items():
             base = te_weights if component.startswith("text_encoder") else weights
             blocked = any(specs.get(n) is not None for n in base)  # (else every factor is 1: no call per layer)
+            fused = bool(getattr(models[component], DETACHED_ATTR, {}))
             for path, layer in found:
                 changed.append((path, layer, layer.weight_state()))
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}
                                   if blocked else base, fuse_now=False)
-        fuse_layers([(path, layer) for path, layer, _ in changed if layer.fused])  # one sync for the pipeline
-        sync_scales([layer for _, layer, _ in changed if not layer.fused])  # a fuse refreshed its own
+                if fused:
+                    refuse.append((path, layer))
+                else:
+                    resync.append(layer)
+        fuse_layers(refuse)  # one sync for the pipeline
+        sync_scales(resync)
         for component, store in stores.items():  # parameter deltas: a module's weight, as its layer's
             base = te_weights if component.startswith("text_encoder") else weights
             store.set_weights(lambda path, n: base[n] * block_factor(specs.get(n), component, path.rsplit(".", 1)[0], lpb) if n in base else None)

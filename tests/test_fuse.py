@@ -318,3 +318,21 @@ def test_what_a_compiled_forward_reads_follows_fusing_and_reweighting(tmp_path):
                 assert torch.equal(layer.lora_scales, torch.tensor(layer.compiled_scale_row(), dtype=torch.float32)), (what, weights, path)
         fused = what != "unfuse" and (weights is None or any(weights.values()))  # (all zero: nothing to fuse)
         assert any(layer.fused for _, layer in lora_layers(pipe.unet)) == fused, (what, weights)
+
+
+@pytest.mark.parametrize("first", [{"a0": 0.0, "a1": 0.0}, {"a0": 0.0, "a1": 0.6}, {"a1": 0.6}])
+def test_a_fused_pipeline_fuses_weights_raised_from_zero(tmp_path, first):
+    """A fused pipeline stays fused through any re-weight: layers whose weights were all 0 (or whose adapters were
+    inactive) have nothing fused in, and raising a weight again fuses it there too, to the bits of fusing afresh
+    (a slider taken to 0 and back used to leave such layers at the base weights, the adapter silently gone)."""
+    pipe, fresh = _pipe_with(tmp_path, 2), _pipe_with(tmp_path, 2)
+    set_adapters(pipe, first)
+    fuse(pipe)
+    set_adapters(pipe, {"a0": 0.0, "a1": 0.0})
+    set_adapters(pipe, {"a0": 0.8, "a1": -0.5})
+    set_adapters(fresh, {"a0": 0.8, "a1": -0.5})
+    fuse(fresh)
+    _assert_same(_weights(pipe), _weights(fresh))
+    unfuse(pipe)
+    unfuse(fresh)
+    _assert_same(_weights(pipe), _weights(fresh))
