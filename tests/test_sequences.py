@@ -1,0 +1,111 @@
+"""Random sequences of the public operations (load, delete, set_adapters, fuse, unfuse, disable, enable, kept
+merged weights on and off) leave the pipeline computing exactly what a pipeline built afresh with the same
+adapters and weights computes: the invariant behind every single-operation test, checked after each step."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from lora_diffusion import (cache_merged_weights, delete_adapter, disable_lora, enable_lora, fuse, load_lora,
+                            set_adapters, unfuse)
+from lora_diffusion.formats import write_lora_file
+from lora_diffusion.testing import random_lora, tiny_pipeline
+
+SEQUENCES = int(os.environ.get("LORA_TEST_SEQUENCES", 3))  # 24 steps each, ~4 s; hunt with more (60 passed)
+
+# adapters that reach different layers: attention of both models, UNet cross-attention only, and everything
+# (the UNet's convolutions and the text encoder's MLP too)
+ADAPTERS = {"a0": {"rank": 2}, "a1": {"rank": 3, "alpha": 1.5, "unet_targets": "cross", "text_encoder_targets": None},
+            "a2": {"rank": 2, "alpha": 6.0, "unet_targets": "full", "text_encoder_targets": "attn-mlp"}}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    for i, (name, kwargs) in enumerate(ADAPTERS.items()):
+        write_lora_file(folder / f"{name}.safetensors", random_lora(tiny_pipeline(0), seed=i, std=0.2, **kwargs),
+                        dtype=torch.float32)
+    return folder
+
+
+def _outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x, ehs, ids = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.arange(2, 14)[None]
+    with torch.no_grad():
+        return pipe.unet(x, 10, ehs).sample, pipe.text_encoder(ids)[0]
+
+
+class Expected:
+    """What the pipeline should hold: the adapters in load order, each model's weights, on/off."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        self.unet: dict[str, float] = {}
+        self.te: dict[str, float] = {}
+        self.disabled = False
+
+    def outputs(self, files, base) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.disabled or not self.loaded:
+            return base
+        pipe = tiny_pipeline(0)
+        for name in self.loaded:
+            load_lora(pipe, files / f"{name}.safetensors")
+        set_adapters(pipe, {n: self.unet.get(n, 0.0) for n in self.loaded},
+                     text_encoder={n: self.te.get(n, 0.0) for n in self.loaded})
+        return _outputs(pipe)
+
+
+def _step(rng: random.Random, pipe, files, want: Expected) -> str:
+    """One random operation on ``pipe`` and ``want``; returns what it did."""
+    ops = ["set", "set", "fuse", "unfuse", "disable", "enable", "cache"]
+    ops += ["load"] * (len(want.loaded) < len(ADAPTERS)) * 2 + ["delete"] * bool(want.loaded)
+    op = rng.choice(ops)
+    if op == "load":
+        name = rng.choice([n for n in ADAPTERS if n not in want.loaded])
+        weight = rng.choice([1.0, 0.0, 0.6])
+        load_lora(pipe, files / f"{name}.safetensors", weight=weight)
+        want.loaded.append(name)
+        want.unet[name] = want.te[name] = weight
+        return f"load {name} at {weight}"
+    if op == "delete":
+        name = rng.choice(want.loaded)
+        delete_adapter(pipe, name)
+        want.loaded.remove(name)
+        want.unet.pop(name, None), want.te.pop(name, None)
+        return f"delete {name}"
+    if op == "set":
+        if not want.loaded:
+            return "set (nothing loaded)"
+        chosen = rng.sample(want.loaded, rng.randint(0, len(want.loaded)))
+        weights = {n: rng.choice([0.0, 0.5, 1.0, -0.7]) for n in chosen}
+        te = rng.choice([None, 0.3, {n: rng.choice([0.0, 0.8]) for n in rng.sample(want.loaded, 1)}])
+        set_adapters(pipe, weights, text_encoder=te)
+        want.unet = dict(weights)
+        want.te = {n: float(te) for n in weights} if isinstance(te, float) else {**weights, **(te or {})}
+        return f"set {weights} te={te}"
+    if op == "cache":
+        enabled = rng.random() < 0.5
+        cache_merged_weights(pipe, enabled)
+        return f"cache {enabled}"
+    {"fuse": fuse, "unfuse": unfuse, "disable": disable_lora, "enable": enable_lora}[op](pipe)
+    want.disabled = {"disable": True, "enable": False}.get(op, want.disabled)
+    return op
+
+
+@pytest.mark.parametrize("seed", range(SEQUENCES))
+def test_random_sequences_compute_what_a_fresh_pipeline_does(files, seed):
+    rng, pipe, want = random.Random(seed), tiny_pipeline(0), Expected()
+    base = _outputs(tiny_pipeline(0))
+    done = []
+    for _ in range(24):
+        done.append(_step(rng, pipe, files, want))
+        got, expected = _outputs(pipe), want.outputs(files, base)
+        for label, g, e in zip(("unet", "text encoder"), got, expected):
+            if want.disabled or not want.loaded:
+                assert torch.equal(g, e), (label, done)  # the base model exactly
+            else:
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} after {done}: {m}")
