@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lora_diffusion.formats_kohya import ldm_module_path, ldm_unet_prefixes
 from lora_diffusion.inject import lora_parameters
 from lora_diffusion.testing import tiny_pipeline
 
@@ -31,6 +32,48 @@ def save_peft_lora(ref, folder, unet_cfg, te_cfg):
         unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
     )  # fmt: skip
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def base_params(pipe) -> dict[str, torch.Tensor]:
+    """Every UNet and text-encoder parameter by its plain path (a LoRA wrapper's base layer as the layer)."""
+    out = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, component, None) is None:
+            continue
+        for name, p in getattr(pipe, component).named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                continue
+            out[f"{component}.{name.replace('.base_layer.', '.')}"] = p.detach().clone()
+    return out
+
+
+def comfyui_extraction(a, b) -> dict[str, torch.Tensor]:
+    """What ComfyUI's LoraSave writes for model ``b`` minus model ``a`` (its names; full-rank SVD factors, no clamp):
+    a >= 2-D weight as lora_up / lora_down (a 1x1 conv's squeezed to 2-D, a 3x3 conv's down factor conv-shaped), a
+    1-D weight as ``.diff``, a bias as ``.diff_b``."""
+    unet = a.unet
+    prefixes = ldm_unet_prefixes(2, len(unet.down_blocks), [hasattr(blk, "attentions") for blk in unet.up_blocks])
+    pa, pb = base_params(a), base_params(b)
+    state = {}
+    for key, p0 in pa.items():
+        component, _, path = key.partition(".")
+        module, _, which = path.rpartition(".")
+        encoder = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}.get(component)
+        text = module if module.startswith("text_projection") else f"text_model.{module}"
+        name = (f"diffusion_model.{ldm_module_path(module, prefixes)}" if component == "unet"
+                else f"text_encoders.{encoder}.transformer.{text}")
+        diff = (pb[key] - p0).double()
+        if which == "bias":
+            state[f"{name}.diff_b"] = diff.float()
+        elif diff.dim() < 2:
+            state[f"{name}.diff"] = diff.float()
+        else:
+            u, s, vh = torch.linalg.svd(diff.flatten(1), full_matrices=False)
+            up, down = (u * s).float(), vh.float()
+            if diff.dim() == 4 and diff.shape[2:] != (1, 1):
+                up, down = up[:, :, None, None], down.reshape(-1, *diff.shape[1:])
+            state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"] = up.contiguous(), down.contiguous()
+    return state
 
 
 @pytest.fixture

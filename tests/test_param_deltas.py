@@ -10,53 +10,10 @@ from safetensors.torch import save_file
 from lora_diffusion import delete_adapter, disable_lora, enable_lora, fuse, load_lora, remove_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras
 from lora_diffusion.formats import LoraFormatError, read_lora_file, read_lora_file_with_params, read_safetensors
-from lora_diffusion.formats_kohya import ldm_module_path, ldm_unet_prefixes
 from lora_diffusion.testing import tiny_pipeline
 from lora_diffusion.tools import convert_lora, inspect_lora
 
-from conftest import save_peft_lora
-
-
-def _params(pipe) -> dict[str, torch.Tensor]:
-    """Every UNet and text-encoder parameter by its plain path (a LoRA wrapper's base layer as the layer)."""
-    out = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        if getattr(pipe, component, None) is None:
-            continue
-        for name, p in getattr(pipe, component).named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                continue
-            out[f"{component}.{name.replace('.base_layer.', '.')}"] = p.detach().clone()
-    return out
-
-
-def _extraction(a, b) -> dict[str, torch.Tensor]:
-    """What ComfyUI's LoraSave writes for model ``b`` minus model ``a`` (its names; full-rank SVD factors, no clamp):
-    a >= 2-D weight as lora_up / lora_down (a 1x1 conv's squeezed to 2-D, a 3x3 conv's down factor conv-shaped), a
-    1-D weight as ``.diff``, a bias as ``.diff_b``."""
-    unet = a.unet
-    prefixes = ldm_unet_prefixes(2, len(unet.down_blocks), [hasattr(blk, "attentions") for blk in unet.up_blocks])
-    pa, pb = _params(a), _params(b)
-    state = {}
-    for key, p0 in pa.items():
-        component, _, path = key.partition(".")
-        module, _, which = path.rpartition(".")
-        encoder = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}.get(component)
-        text = module if module.startswith("text_projection") else f"text_model.{module}"
-        name = (f"diffusion_model.{ldm_module_path(module, prefixes)}" if component == "unet"
-                else f"text_encoders.{encoder}.transformer.{text}")
-        diff = (pb[key] - p0).double()
-        if which == "bias":
-            state[f"{name}.diff_b"] = diff.float()
-        elif diff.dim() < 2:
-            state[f"{name}.diff"] = diff.float()
-        else:
-            u, s, vh = torch.linalg.svd(diff.flatten(1), full_matrices=False)
-            up, down = (u * s).float(), vh.float()
-            if diff.dim() == 4 and diff.shape[2:] != (1, 1):
-                up, down = up[:, :, None, None], down.reshape(-1, *diff.shape[1:])
-            state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"] = up.contiguous(), down.contiguous()
-    return state
+from conftest import base_params, comfyui_extraction, save_peft_lora
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +26,7 @@ def models(tmp_path_factory):
             for p in component.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * (0.1 * p.abs().mean() + 1e-3))
     path = tmp_path_factory.mktemp("extract") / "ComfyUI_extracted_lora_00001_.safetensors"
-    save_file(_extraction(a, b), str(path))
+    save_file(comfyui_extraction(a, b), str(path))
     return a, b, path
 
 
@@ -92,17 +49,17 @@ def test_sdxl_extraction_loaded_into_a_gives_b(tmp_path):
     with torch.no_grad():
         for p in [*b.unet.parameters(), *b.text_encoder.parameters(), *b.text_encoder_2.parameters()]:
             p.add_(torch.randn(p.shape, generator=g) * (0.1 * p.abs().mean() + 1e-3))
-    state = _extraction(a, b)
+    state = comfyui_extraction(a, b)
     assert any(k.startswith("diffusion_model.label_emb.") for k in state) and any(k.startswith("text_encoders.clip_g.") for k in state)
     save_file(state, str(tmp_path / "xl.safetensors"))
     kohya = convert_lora(tmp_path / "xl.safetensors", tmp_path / "xl_kohya.safetensors", to="kohya", dtype=torch.float32)
     assert any(k.startswith("lora_unet_label_emb_0_0.") for k in read_safetensors(kohya)[0])  # SGM names, as kohya's SDXL
-    target = _params(b)
+    target = base_params(b)
     for file in (tmp_path / "xl.safetensors", kohya):
         pipe = tiny_sdxl_pipeline(0)
         load_lora(pipe, file)
         fuse(pipe)
-        got = _params(pipe)
+        got = base_params(pipe)
         for key, p in target.items():
             torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=f"{file.name} {key}")
 
@@ -117,12 +74,12 @@ def test_extraction_loaded_into_a_gives_b(models):
     assert info["param_deltas"] == len(params) and info["layers"] == {"text_encoder": 30, "unet": len([k for k in lora if k.startswith("unet.")])}
     pipe = tiny_pipeline(0)
     load_lora(pipe, path, adapter="b")
-    target = _params(b)
+    target = base_params(b)
     layers = {k.replace("text_encoder.text_model.", "text_encoder.") for k in lora}  # (transformers >= 5.6 paths)
     for fused in (False, True):
         if fused:
             fuse(pipe)
-        got = _params(pipe)
+        got = base_params(pipe)
         for key, p in target.items():
             if key.rsplit(".", 1)[0] in layers and key.endswith(".weight") and not fused:
                 continue  # an unfused LoRA layer's weight is A's: its delta is the adapter's
@@ -136,12 +93,12 @@ def test_weight_zero_disable_delete_and_remove_give_a_back(models):
     """The parameters are A's bit for bit at weight 0, while disabled, after delete_adapter and after remove_lora; a
     block weight of 0 on the down blocks leaves their norms and biases at A's and moves the others."""
     a, b, path = models
-    base = _params(a)
+    base = base_params(a)
     pipe = tiny_pipeline(0)
     load_lora(pipe, path, adapter="b")
 
     def same_as_a(what):
-        got = _params(pipe)
+        got = base_params(pipe)
         for key in base:
             assert torch.equal(got[key], base[key]), (what, key)
 
@@ -149,16 +106,16 @@ def test_weight_zero_disable_delete_and_remove_give_a_back(models):
     same_as_a("weight 0")
     set_adapters(pipe, {"b": 0.5})
     bias = "unet.down_blocks.0.resnets.0.norm1.bias"
-    torch.testing.assert_close(_params(pipe)[bias], (base[bias] + _params(b)[bias]) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base_params(pipe)[bias], (base[bias] + base_params(b)[bias]) / 2, rtol=1e-5, atol=1e-6)
     set_adapters(pipe, {"b": 1.0}, blocks={"down": 0, "mid": 1, "up": 1})
-    got = _params(pipe)
+    got = base_params(pipe)
     assert torch.equal(got[bias], base[bias]) and not torch.equal(got["unet.up_blocks.0.resnets.0.norm1.bias"], base["unet.up_blocks.0.resnets.0.norm1.bias"])
     set_adapters(pipe, {"b": 1.0})
     disable_lora(pipe)
     same_as_a("disabled")
     assert torch.equal(_outputs(pipe)[1], _outputs(a)[1])
     enable_lora(pipe)
-    assert not torch.equal(_params(pipe)[bias], base[bias])
+    assert not torch.equal(base_params(pipe)[bias], base[bias])
     delete_adapter(pipe, "b")
     same_as_a("deleted")
     load_lora(pipe, path, adapter="b")
@@ -178,7 +135,7 @@ def test_convert_and_merge_keep_them(models, tmp_path):
     for file in (path, out):
         pipe = tiny_pipeline(0)
         load_lora(pipe, file)
-        loaded.append(_params(pipe))
+        loaded.append(base_params(pipe))
     for key in loaded[0]:
         assert torch.equal(loaded[0][key], loaded[1][key]), key
     with pytest.raises(LoraFormatError, match="no place for deltas to biases, norms or embedding tables"):
@@ -187,7 +144,7 @@ def test_convert_and_merge_keep_them(models, tmp_path):
     merged = merge_loras({path: 0.5, out: 0.5}, tmp_path / "merged.safetensors", format="kohya", dtype=torch.float32)
     pipe = tiny_pipeline(0)
     load_lora(pipe, merged.path)
-    got = _params(pipe)
+    got = base_params(pipe)
     for key in loaded[0]:
         torch.testing.assert_close(got[key], loaded[0][key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -202,8 +159,8 @@ def test_bad_deltas_are_refused(models, tmp_path):
     pipe = tiny_pipeline(0)
     with pytest.raises(LoraFormatError, match=r"bad.safetensors: unet\.\S+norm1\.bias: the file's delta has shape \[\d+\], the model's parameter \[\d+\]"):
         load_lora(pipe, tmp_path / "bad.safetensors")
-    base = _params(a)
-    assert all(torch.equal(v, base[k]) for k, v in _params(pipe).items())
+    base = base_params(a)
+    assert all(torch.equal(v, base[k]) for k, v in base_params(pipe).items())
     assert read_lora_file(path)[1]["_param_deltas"] == str(len(read_lora_file_with_params(path)[1]))
 
 
@@ -218,23 +175,23 @@ def test_save_and_bake_keep_them(models, tmp_path, caplog):
     a, b, path = models
     pipe = tiny_pipeline(0)
     load_lora(pipe, path, adapter="b")
-    loaded = _params(pipe)
+    loaded = base_params(pipe)
     out = save_lora(tmp_path / "again.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, adapter="b",
                     format="kohya", dtype=torch.float32)
     again = tiny_pipeline(0)
     load_lora(again, out)
-    assert all(torch.equal(v, loaded[k]) for k, v in _params(again).items())
+    assert all(torch.equal(v, loaded[k]) for k, v in base_params(again).items())
     with caplog.at_level(logging.WARNING):
         save_lora(tmp_path / "d.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, adapter="b")
     assert "biases / norms / embedding tables, which a diffusers file cannot hold: not saved" in caplog.text
 
     base = tiny_pipeline(0)
-    before = _params(base)
+    before = base_params(base)
     baked = bake(base, {path: 1.0}, tmp_path / "baked")
-    assert all(torch.equal(v, before[k]) for k, v in _params(base).items())
+    assert all(torch.equal(v, before[k]) for k, v in base_params(base).items())
     from diffusers import StableDiffusionPipeline
 
-    got, target = _params(StableDiffusionPipeline.from_pretrained(baked)), _params(b)
+    got, target = base_params(StableDiffusionPipeline.from_pretrained(baked)), base_params(b)
     for key, p in target.items():
         torch.testing.assert_close(got[key], p, rtol=1e-5, atol=1e-5, msg=key)
 
@@ -253,7 +210,7 @@ def test_zero_deltas_for_modules_the_model_lacks_are_skipped(models, tmp_path):
     load_lora(pipe, tmp_path / "zeros.safetensors")
     reference = tiny_pipeline(0)
     load_lora(reference, path)
-    assert all(torch.equal(v, _params(reference)[k]) for k, v in _params(pipe).items())
+    assert all(torch.equal(v, base_params(reference)[k]) for k, v in base_params(pipe).items())
     for key, value in ((f"{extra}.lora_up.weight", torch.ones(32, 4)), ("diffusion_model.extra_norm.diff_b", torch.ones(8))):
         save_file({**state, **zero, key: value}, str(tmp_path / "nonzero.safetensors"))
         with pytest.raises(LoraFormatError, match=r"match no (layer|parameter) of this model: (text_encoder\.text_model\.text_projection|unet\.extra_norm\.bias)"):
@@ -324,10 +281,10 @@ def test_peft_lora_bias_file_gives_peft_outputs(tmp_path):
 def test_peft_lora_bias_on_a_layer_without_a_bias_is_refused(tmp_path):
     _, path = _peft_lora_bias_file(tmp_path / "peft", bias_on_to_q=0.1)
     pipe, before = tiny_pipeline(0), None
-    before = _params(pipe)
+    before = base_params(pipe)
     with pytest.raises(LoraFormatError, match=r"to_q\.bias"):
         load_lora(pipe, path)
-    after = _params(pipe)
+    after = base_params(pipe)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     state, header = read_safetensors(path)  # a bias of another length, even a zero one, is named
     key = next(k for k in state if k.endswith("to_q.lora_B.bias"))

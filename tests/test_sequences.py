@@ -9,26 +9,37 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lora_diffusion import (cache_merged_weights, delete_adapter, disable_lora, enable_lora, fuse, load_lora,
                             set_adapters, unfuse)
 from lora_diffusion.formats import write_lora_file
 from lora_diffusion.testing import random_lora, tiny_pipeline
 
+from conftest import comfyui_extraction
+
 SEQUENCES = int(os.environ.get("LORA_TEST_SEQUENCES", 3))  # 24 steps each, ~4 s; hunt with more (60 passed)
 
-# adapters that reach different layers: attention of both models, UNet cross-attention only, and everything
-# (the UNet's convolutions and the text encoder's MLP too)
+# adapters that reach different layers: attention of both models, UNet cross-attention only, everything (the
+# UNet's convolutions and the text encoder's MLP too); and a ComfyUI extraction (every weight a full-rank LoRA, and
+# deltas to biases, norms and the embedding table, which go into those parameters)
 ADAPTERS = {"a0": {"rank": 2}, "a1": {"rank": 3, "alpha": 1.5, "unet_targets": "cross", "text_encoder_targets": None},
-            "a2": {"rank": 2, "alpha": 6.0, "unet_targets": "full", "text_encoder_targets": "attn-mlp"}}
+            "a2": {"rank": 2, "alpha": 6.0, "unet_targets": "full", "text_encoder_targets": "attn-mlp"}, "x3": None}
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     for i, (name, kwargs) in enumerate(ADAPTERS.items()):
-        write_lora_file(folder / f"{name}.safetensors", random_lora(tiny_pipeline(0), seed=i, std=0.2, **kwargs),
-                        dtype=torch.float32)
+        if kwargs is not None:
+            write_lora_file(folder / f"{name}.safetensors", random_lora(tiny_pipeline(0), seed=i, std=0.2, **kwargs),
+                            dtype=torch.float32)
+    moved = tiny_pipeline(0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in [*moved.unet.parameters(), *moved.text_encoder.parameters()]:
+            p.add_(torch.randn(p.shape, generator=g) * (0.05 * p.abs().mean() + 1e-3))
+    save_file(comfyui_extraction(tiny_pipeline(0), moved), str(folder / "x3.safetensors"))
     return folder
 
 
