@@ -18,6 +18,10 @@ from lora_diffusion.testing import random_lora, tiny_pipeline
 
 from conftest import comfyui_extraction
 
+# set_adapters' blocks: none, a number for the UNet, diffusers' dict, an SD1 LBW vector (its BASE scales the text
+# encoder), a per-layer list
+BLOCK_SPECS = [None, None, 0.5, {"down": 0.5, "mid": 0.0, "up": 1.0}, [0.6, 1, 0, 1, 1, 0.5, 1, 1, 0.2, 1, 1, 1, 1, 0.3, 1, 1, 1],
+               {"up": {"block_0": [1.0, 0.25, 0.0]}}]
 SEQUENCES = int(os.environ.get("LORA_TEST_SEQUENCES", 3))  # 24 steps each, ~4 s; hunt with more (60 passed)
 
 # adapters that reach different layers: attention of both models, UNet cross-attention only, everything (the
@@ -57,6 +61,7 @@ class Expected:
         self.loaded: list[str] = []
         self.unet: dict[str, float] = {}
         self.te: dict[str, float] = {}
+        self.blocks: dict[str, object] = {}  # per adapter, the block spec of the last set_adapters (a load: none)
         self.disabled = False
 
     def outputs(self, files, base) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +71,8 @@ class Expected:
         for name in self.loaded:
             load_lora(pipe, files / f"{name}.safetensors")
         set_adapters(pipe, {n: self.unet.get(n, 0.0) for n in self.loaded},
-                     text_encoder={n: self.te.get(n, 0.0) for n in self.loaded})
+                     text_encoder={n: self.te.get(n, 0.0) for n in self.loaded},
+                     blocks={n: self.blocks.get(n) for n in self.loaded})
         return _outputs(pipe)
 
 
@@ -81,12 +87,13 @@ def _step(rng: random.Random, pipe, files, want: Expected) -> str:
         load_lora(pipe, files / f"{name}.safetensors", weight=weight)
         want.loaded.append(name)
         want.unet[name] = want.te[name] = weight
+        want.blocks[name] = None
         return f"load {name} at {weight}"
     if op == "delete":
         name = rng.choice(want.loaded)
         delete_adapter(pipe, name)
         want.loaded.remove(name)
-        want.unet.pop(name, None), want.te.pop(name, None)
+        want.unet.pop(name, None), want.te.pop(name, None), want.blocks.pop(name, None)
         return f"delete {name}"
     if op == "set":
         if not want.loaded:
@@ -94,10 +101,14 @@ def _step(rng: random.Random, pipe, files, want: Expected) -> str:
         chosen = rng.sample(want.loaded, rng.randint(0, len(want.loaded)))
         weights = {n: rng.choice([0.0, 0.5, 1.0, -0.7]) for n in chosen}
         te = rng.choice([None, 0.3, {n: rng.choice([0.0, 0.8]) for n in rng.sample(want.loaded, 1)}])
-        set_adapters(pipe, weights, text_encoder=te)
+        spec = rng.choice(BLOCK_SPECS)
+        blocks = {n: rng.choice(BLOCK_SPECS) for n in chosen[:1]} if chosen and rng.random() < 0.3 else spec
+        set_adapters(pipe, weights, text_encoder=te, blocks=blocks)
         want.unet = dict(weights)
         want.te = {n: float(te) for n in weights} if isinstance(te, float) else {**weights, **(te or {})}
-        return f"set {weights} te={te}"
+        per_adapter = isinstance(blocks, dict) and not {"down", "mid", "up"} & set(blocks)
+        want.blocks = {n: blocks.get(n) if per_adapter else blocks for n in want.loaded}
+        return f"set {weights} te={te} blocks={blocks}"
     if op == "cache":
         enabled = rng.random() < 0.5
         cache_merged_weights(pipe, enabled)
