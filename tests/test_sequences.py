@@ -1,6 +1,7 @@
-"""Random sequences of the public operations (load, delete, set_adapters, fuse, unfuse, disable, enable, kept
-merged weights on and off) leave the pipeline computing exactly what a pipeline built afresh with the same
-adapters and weights computes: the invariant behind every single-operation test, checked after each step."""
+"""Random sequences of the public operations (load, delete, set_adapters, A1111 prompt tags, fuse, unfuse, disable,
+enable, kept merged weights on and off, and calls refused for a bad name or file) leave the pipeline computing
+exactly what a pipeline built afresh with the same adapters and weights computes: the invariant behind every
+single-operation test, checked after each step."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_diffusion import (cache_merged_weights, delete_adapter, disable_lora, enable_lora, fuse, load_lora,
-                            set_adapters, unfuse)
+from lora_diffusion import (LoraFormatError, apply_prompt_loras, cache_merged_weights, delete_adapter, disable_lora,
+                            enable_lora, fuse, load_lora, set_adapters, unfuse)
 from lora_diffusion.formats import write_lora_file
 from lora_diffusion.testing import random_lora, tiny_pipeline
 
@@ -44,6 +45,7 @@ def files(tmp_path_factory):
         for p in [*moved.unet.parameters(), *moved.text_encoder.parameters()]:
             p.add_(torch.randn(p.shape, generator=g) * (0.05 * p.abs().mean() + 1e-3))
     save_file(comfyui_extraction(tiny_pipeline(0), moved), str(folder / "x3.safetensors"))
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     return folder
 
 
@@ -78,7 +80,7 @@ class Expected:
 
 def _step(rng: random.Random, pipe, files, want: Expected) -> str:
     """One random operation on ``pipe`` and ``want``; returns what it did."""
-    ops = ["set", "set", "fuse", "unfuse", "disable", "enable", "cache"]
+    ops = ["set", "set", "prompt", "refused", "fuse", "unfuse", "disable", "enable", "cache"]
     ops += ["load"] * (len(want.loaded) < len(ADAPTERS)) * 2 + ["delete"] * bool(want.loaded)
     op = rng.choice(ops)
     if op == "load":
@@ -109,6 +111,26 @@ def _step(rng: random.Random, pipe, files, want: Expected) -> str:
         per_adapter = isinstance(blocks, dict) and not {"down", "mid", "up"} & set(blocks)
         want.blocks = {n: blocks.get(n) if per_adapter else blocks for n in want.loaded}
         return f"set {weights} te={te} blocks={blocks}"
+    if op == "prompt":  # A1111 tags: load what is missing, weight exactly the tagged ones
+        tags = {n: rng.choice([(1.0, 1.0), (0.4, 0.4), (0.0, 0.9), (1.0, -0.5)]) for n in rng.sample(list(ADAPTERS), rng.randint(0, 2))}
+        prompt = "a red circle " + " ".join(f"<lora:{n}:{te}:{unet}>" for n, (te, unet) in tags.items())
+        assert apply_prompt_loras(pipe, prompt, files) == "a red circle"
+        want.loaded += [n for n in tags if n not in want.loaded]
+        want.unet, want.te = {n: unet for n, (_, unet) in tags.items()}, {n: te for n, (te, _) in tags.items()}
+        want.blocks = {n: None for n in want.loaded}
+        return f"prompt {prompt!r}"
+    if op == "refused":  # each refused whole, the pipeline as it was (a file loaded on the way is taken out again)
+        unloaded = [n for n in ADAPTERS if n not in want.loaded]
+        first = f"<lora:{unloaded[0]}:0.5> " if unloaded else ""
+        calls = [(KeyError, lambda: set_adapters(pipe, {"nope": 1.0})),
+                 (FileNotFoundError, lambda: apply_prompt_loras(pipe, f"a {first}<lora:missing:1>", files)),
+                 (LoraFormatError, lambda: apply_prompt_loras(pipe, f"a {first}<lora:broken:1>", files)),
+                 (ValueError, lambda: apply_prompt_loras(pipe, "a <lora:../a0:1>", files)),
+                 (FileNotFoundError, lambda: load_lora(pipe, files / "missing.safetensors"))]
+        error, call = rng.choice(calls)
+        with pytest.raises(error):
+            call()
+        return f"refused {error.__name__}"
     if op == "cache":
         enabled = rng.random() < 0.5
         cache_merged_weights(pipe, enabled)
