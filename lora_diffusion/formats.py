@@ -283,7 +283,7 @@ def _split_diffusers_key(key: str) -> tuple[str, str] | None:
 def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict") -> Lora:
     """diffusers/PEFT state dict (+ header) -> canonical. Reads alpha from ``lora_adapter_metadata``."""
     header = header or {}
-    adapter_meta = json.loads(header[DIFFUSERS_METADATA_KEY]) if header.get(DIFFUSERS_METADATA_KEY) else {}
+    adapter_meta = header_json(header, DIFFUSERS_METADATA_KEY, source)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         split = _split_diffusers_key(key)
@@ -311,11 +311,15 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
         component = name.split(".", 1)[0]
         rank = a.shape[0]
         if f"{component}.lora_alpha" in adapter_meta:
-            default_r = adapter_meta.get(f"{component}.r", rank)
-            alpha = _pattern_value(adapter_meta.get(f"{component}.alpha_pattern") or {}, name.split(".", 1)[1], adapter_meta[f"{component}.lora_alpha"])
-            r_meta = _pattern_value(adapter_meta.get(f"{component}.rank_pattern") or {}, name.split(".", 1)[1], default_r)
-            if int(r_meta) != rank:
-                raise LoraFormatError(f"{source}: {name} has rank {rank} in its tensors but {int(r_meta)} in the metadata")
+            try:
+                default_r = adapter_meta.get(f"{component}.r", rank)
+                alpha = _pattern_value(adapter_meta.get(f"{component}.alpha_pattern") or {}, name.split(".", 1)[1], adapter_meta[f"{component}.lora_alpha"])
+                r_meta = int(_pattern_value(adapter_meta.get(f"{component}.rank_pattern") or {}, name.split(".", 1)[1], default_r))
+            except (AttributeError, TypeError, ValueError, OverflowError):  # no number, a pattern table that is no dict
+                raise LoraFormatError(f"{source}: the {DIFFUSERS_METADATA_KEY} header's {component} r / lora_alpha / "
+                                      "rank_pattern / alpha_pattern are not numbers and tables of numbers") from None
+            if r_meta != rank:
+                raise LoraFormatError(f"{source}: {name} has rank {rank} in its tensors but {r_meta} in the metadata")
         else:
             alpha = float(rank)
         lora[name] = LoraWeights(a, b, float(alpha), magnitude)
@@ -487,6 +491,7 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
     if bundled:
         header = {**header, "_bundled_embeddings": json.dumps(sorted(bundled))}
     try:
+        our_metadata(header, str(path))  # (checked here, so that callers may read it without a file name at hand)
         fmt = detect_format(state, header)
         context = {"modules": modules} if modules is not None and fmt in NEEDS_MODULES else {}
         read = READERS[fmt][1](state, header, str(path), **context)
@@ -727,10 +732,24 @@ def user_metadata(header: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in header.items() if k not in DERIVED_HEADER_KEYS and not (cloneofsimo and is_format_key(k, v))}
 
 
-def our_metadata(header: dict[str, str]) -> dict:
+def our_metadata(header: dict[str, str], source: str = "the file") -> dict:
     """Our own metadata (format version, base model, trigger words, ...) from a file header."""
-    raw = header.get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    return header_json(header, METADATA_KEY, source)
+
+
+def header_json(header: dict[str, str], key: str, source: str) -> dict:
+    """The JSON object a header holds under ``key`` (``{}`` if none); ``LoraFormatError`` naming the file and the
+    key if it is not valid JSON or not an object."""
+    raw = header.get(key)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise LoraFormatError(f"{source}: the header's {key!r} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise LoraFormatError(f"{source}: the header's {key!r} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- other formats

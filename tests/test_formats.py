@@ -565,6 +565,33 @@ def test_a_non_finite_alpha_in_the_diffusers_header_is_refused(tmp_path, lora):
         read_lora_file(tmp_path / "a.safetensors")
 
 
+_BAD_HEADERS = [
+    ("lora_diffusion", "{bad json", "'lora_diffusion' is not valid JSON"),
+    ("lora_diffusion", "null", "'lora_diffusion' holds a JSON NoneType, not an object"),
+    ("lora_diffusion", "[1, 2]", "'lora_diffusion' holds a JSON list"),
+    ("lora_adapter_metadata", "{bad json", "'lora_adapter_metadata' is not valid JSON"),
+    ("lora_adapter_metadata", "3", "'lora_adapter_metadata' holds a JSON int"),
+    ("lora_adapter_metadata", '{"unet.lora_alpha": "y"}', "unet r / lora_alpha / rank_pattern / alpha_pattern are not numbers"),
+    ("lora_adapter_metadata", '{"unet.lora_alpha": 8, "unet.r": 1e400}', "unet r / lora_alpha"),
+    ("lora_adapter_metadata", '{"unet.lora_alpha": 8, "unet.alpha_pattern": [1]}', "unet r / lora_alpha"),
+]
+
+
+@pytest.mark.parametrize("fmt, key, value, message", [("diffusers", *case) for case in _BAD_HEADERS]
+                         + [("kohya", *case) for case in _BAD_HEADERS if case[0] == "lora_diffusion"])  # (no adapter metadata)
+def test_a_malformed_json_header_is_refused_naming_the_file_and_key(tmp_path, lora, fmt, key, value, message):
+    """Our metadata and diffusers' adapter metadata are JSON objects; anything else in them is a short error that names
+    the file and the header key, from loading and from inspect alike (was a bare JSONDecodeError, TypeError or
+    AttributeError from deep inside)."""
+    state, header = (to_diffusers if fmt == "diffusers" else to_kohya)(lora)
+    header = {**header, "lora_diffusion": json.dumps({"format_version": 1}), key: value}
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=header)
+    for call in (lambda: read_lora_file(tmp_path / "bad.safetensors"), lambda: inspect_lora(tmp_path / "bad.safetensors"),
+                 lambda: load_lora(tiny_pipeline(0), tmp_path / "bad.safetensors")):
+        with pytest.raises(LoraFormatError, match=re.escape(f"{tmp_path / 'bad.safetensors'}: ") + ".*" + re.escape(message)):
+            call()
+
+
 # ---------------------------------------------------------------------------------------------- PEFT patterns
 def test_regex_alpha_patterns_match_like_peft_in_stock_diffusers(tmp_path, lora):
     """PEFT reads ``alpha_pattern`` keys as regexes (first match, in order, on a ``.``-tail of the module path)."""
