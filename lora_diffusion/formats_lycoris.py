@@ -279,6 +279,10 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             p = {role: t for role, t in p.items() if role != "diff_b" and not (role == "diff" and t.dim() < 2)}
             if not set(p) - {"alpha"} or embedding:
                 continue
+        scalars = sorted(role for role, t in p.items() if role != "alpha" and t.dim() == 0)
+        if scalars:
+            raise LoraFormatError(f"{source}: {name} has {', '.join(scalars)} as a single number, not a tensor shaped "
+                                  "for the layer")
         magnitude = p.get("dora_scale")
         if kinds <= {"full"}:  # a full delta (A1111's network_full): the weight's own shape, scale 1
             if "diff" not in p:

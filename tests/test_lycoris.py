@@ -178,7 +178,8 @@ def test_pipeline_equals_peft(tmp_path, tucker):
 
 def test_mixed_file_and_errors(tmp_path):
     """A file that mixes LoRA and LoHa modules loads both; a LoHa module without its second half, one module
-    with LoHa and LoRA keys, and an OFT module are refused, each naming the module or key."""
+    with LoHa and LoRA keys, an OFT module and a factor given as one number are refused, each naming the module or
+    key."""
     g = torch.Generator().manual_seed(0)
     loha = {"hada_w1_a": torch.randn(64, 2, generator=g), "hada_w1_b": torch.randn(2, 64, generator=g),
             "hada_w2_a": torch.randn(64, 2, generator=g), "hada_w2_b": torch.randn(2, 64, generator=g)}  # fmt: skip
@@ -203,6 +204,9 @@ def test_mixed_file_and_errors(tmp_path):
     refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.oft_blocks": torch.ones(4, 16, 16)}, "OFT .*not supported yet")
     refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.hada_w2_b": torch.zeros(2, 63)}, f"{q} has LoHa halves that do not fit together")
     refused({f"{q}.lokr_w1": torch.zeros(2, 2), f"{q}.lokr_w2_a": torch.zeros(16, 2)}, f"{q} is LoKr but has neither lokr_w2 nor both")
+    # a factor given as one number (an IndexError from deep inside before)
+    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.hada_w1_b": torch.tensor(1.5)}, f"{q} has hada_w1_b as a single number")
+    refused({f"{q}.lokr_w1": torch.tensor(2.0), f"{q}.lokr_w2": torch.zeros(32, 64)}, f"{q} has lokr_w1 as a single number")
 
 
 def test_flattened_factors_fit_the_layer(tmp_path):
