@@ -1,0 +1,102 @@
+"""Damaged files, systematically: every tensor mutation a truncated download, a wrong export or a hand edit makes
+(a key dropped or renamed, a tensor transposed, cut, reshaped, emptied, made a number or an integer, NaN or Inf),
+applied to a diffusers, a kohya, a LyCORIS LoHa and a ComfyUI-extraction file, either loads or is refused with a
+LoraFormatError naming the file, from inspect and from load_lora alike; a refused load leaves the pipeline
+computing exactly what it did, and a load that is accepted is taken out again by delete_adapter, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora_diffusion import LoraFormatError, delete_adapter, load_lora
+from lora_diffusion.formats import write_lora_file
+from lora_diffusion.testing import random_lora, tiny_pipeline
+from lora_diffusion.tools import convert_lora, inspect_lora
+
+from conftest import comfyui_extraction
+
+MUTATIONS = {
+    "drop": lambda t: None,
+    "transpose": lambda t: t.transpose(0, 1).contiguous() if t.dim() >= 2 else t.reshape(-1, 1),
+    "cut": lambda t: t[:-1].contiguous() if t.dim() and t.shape[0] > 1 else t.reshape(1, -1),
+    "unsqueeze": lambda t: t.unsqueeze(0).contiguous(),
+    "empty": lambda t: torch.zeros(0),
+    "number": lambda t: torch.tensor(1.5),
+    "int": lambda t: torch.ones(t.shape, dtype=torch.int32),
+    "nan": lambda t: torch.full_like(t, float("nan")),
+    "inf": lambda t: torch.full_like(t, float("inf")),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("sources")
+    diffusers = folder / "diffusers.safetensors"
+    write_lora_file(diffusers, random_lora(tiny_pipeline(0), seed=1, rank=2, unet_targets="full"), dtype=torch.float32)
+    kohya = convert_lora(diffusers, folder / "kohya.safetensors", to="kohya")
+    loha = {}  # LyCORIS LoHa on the kohya file's Linear modules (its convs stay plain LoCon)
+    with safe_open(str(kohya), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for key, down in state.items():
+        if key.endswith(".lora_down.weight"):
+            module, up = key.removesuffix(".lora_down.weight"), state[key.replace("lora_down", "lora_up")]
+            if down.dim() == 2:
+                loha.update({f"{module}.hada_w1_a": up, f"{module}.hada_w1_b": down, f"{module}.hada_w2_a": up.flip(0),
+                             f"{module}.hada_w2_b": down.clone(), f"{module}.alpha": torch.tensor(2.0)})
+            else:
+                loha.update({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up})
+    save_file(loha, str(folder / "loha.safetensors"))
+    moved = tiny_pipeline(0)
+    with torch.no_grad():
+        for p in [*moved.unet.parameters(), *moved.text_encoder.parameters()]:
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_file(comfyui_extraction(tiny_pipeline(0), moved), str(folder / "comfyui.safetensors"))
+    return {"diffusers": diffusers, "kohya": kohya, "loha": folder / "loha.safetensors",
+            "comfyui": folder / "comfyui.safetensors"}
+
+
+def _outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return (pipe.unet(torch.randn(1, 4, 8, 8, generator=g), 10, torch.randn(1, 77, 32, generator=g)).sample,
+                pipe.text_encoder(torch.arange(2, 14)[None])[0])
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "loha", "comfyui"])
+def test_every_damaged_file_loads_or_is_refused_naming_it(tmp_path, sources, fmt):
+    with safe_open(str(sources[fmt]), "pt") as f:
+        state, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    keys = sorted(state)
+    targets = [keys[len(keys) // 2], next((k for k in keys if k.endswith(".alpha")), keys[0])]  # a factor, an alpha
+    pipe = tiny_pipeline(0)
+    base = _outputs(pipe)
+    outcomes = set()
+    for i, (what, mutate) in enumerate(MUTATIONS.items()):
+        for key in targets:
+            bad = dict(state)
+            changed = mutate(state[key])
+            if changed is None:
+                del bad[key]
+            else:
+                bad[key] = changed
+            path = tmp_path / f"{what}_{i}.safetensors"
+            save_file(bad, str(path), metadata=header)
+            case = f"{fmt}: {what} {key}"
+            try:
+                inspect_lora(path)
+            except LoraFormatError as e:
+                assert str(path) in str(e), (case, str(e))
+            try:
+                name = load_lora(pipe, path)
+            except LoraFormatError as e:
+                assert str(path) in str(e), (case, str(e))
+                outcomes.add("refused")
+            else:
+                delete_adapter(pipe, name)
+                outcomes.add("loaded")
+            for got, want in zip(_outputs(pipe), base):
+                assert torch.equal(got, want), case
+    assert outcomes == {"refused", "loaded"}  # (a dropped alpha, say, loads: the rank stands in)
