@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -386,6 +387,18 @@ def test_settings_that_cannot_work_fail_before_any_model_is_loaded(base, tmp_pat
     (tmp_path / "out" / "log.csv").write_text("step\n")
     with pytest.raises(ConfigError, match="previous run"):
         train(config(base, tmp_path))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"target_modules": "to_qq"}, "--target_modules 'to_qq' matches no Linear or Conv2d layer of the UNet2DConditionModel"),
+    ({"train_text_encoder": True, "text_encoder_target_modules": "nothing.*here"},
+     "--text_encoder_target_modules 'nothing.*here' matches no Linear or Conv2d layer of the CLIPTextModel"),
+])
+def test_targets_that_match_no_layer_are_a_settings_error_naming_the_flag(base, tmp_path, flags, message):
+    """(was a bare ValueError from inject_lora: a traceback from the command line instead of its one-line error)"""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(config(base, tmp_path, **flags))
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_an_sdxl_model_that_loads_as_sd_is_refused_before_training(tmp_path):

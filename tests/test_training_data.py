@@ -260,7 +260,8 @@ def test_invalid_settings_are_named():
     for bad, pattern in [({"rank": 0}, "--rank"), ({"mode": "both"}, "--mode"), ({"lora_dropout": 1.0}, "--lora_dropout"),
                          ({"pivotal_tuning": True}, "--pivotal_tuning needs --token"), ({"caption_extension": "txt"}, "dot"),
                          ({"mode": "subject"}, "--token or --instance_prompt"), ({"mixed_precision": "fp8"}, "--mixed_precision"),
-                         ({"resolution": 60}, "--resolution must be a multiple of 8"),
+                         ({"resolution": 60}, "--resolution must be a multiple of 8 (the VAE's downscaling factor), got 60; try 56 or 64"),
+                         ({"resolution": 7}, "got 7; try 8"),
                          ({"adam_weight_decay": -1.0}, "--adam_weight_decay must not be negative"),
                          ({"learning_rate": float("nan")}, "--learning_rate must be a finite number, got nan"),
                          ({"max_grad_norm": float("inf")}, "--max_grad_norm must be a finite number")]:

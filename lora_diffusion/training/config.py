@@ -156,8 +156,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.resolution % 8:
+            near = sorted({max(8, self.resolution // 8 * 8), self.resolution // 8 * 8 + 8})
             raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's downscaling factor), got {self.resolution}; "
-                              f"try {max(8, self.resolution // 8 * 8)} or {self.resolution // 8 * 8 + 8}")
+                              f"try {' or '.join(map(str, near))}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")

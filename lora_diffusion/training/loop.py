@@ -587,7 +587,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     torch.manual_seed(seed)  # the random LoRA A factors (and nothing else) come from here
     pairs = [(tokenizer, text_encoder)] + ([(pipe.tokenizer_2, text_encoder_2)] if sdxl else [])
     pivot = PivotalToken(pairs, config.token, config.initializer_token) if config.pivotal_tuning else None
-    targets = _targets(config.target_modules)
+    targets = _targets(config.target_modules, unet, "--target_modules")
     unet_params = inject_lora(unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets,
                               use_dora=config.use_dora)
     groups = [{"params": unet_params, "lr": config.learning_rate}]
@@ -595,7 +595,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if config.train_text_encoder:
         for encoder in encoders:
             te_params += inject_lora(encoder, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
-                                     targets=_targets(config.text_encoder_target_modules), use_dora=config.use_dora)
+                                     targets=_targets(config.text_encoder_target_modules, encoder, "--text_encoder_target_modules"),
+                                     use_dora=config.use_dora)
         groups.append({"params": te_params, "lr": config.te_lr})
     if pivot is not None:
         pivot.to(device)
@@ -828,15 +829,19 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                        log_path=output_dir / "log.csv", pipeline=pipe)
 
 
-def _targets(spec: str):
-    """``--target_modules`` -> ``inject_lora`` targets: a preset name, a regex, or comma-separated suffixes."""
-    from ..inject import TARGET_PRESETS
+def _targets(spec: str, model: nn.Module, flag: str):
+    """``--target_modules`` -> ``inject_lora`` targets: a preset name, a regex, or comma-separated suffixes; a
+    ``ConfigError`` naming ``flag`` if they match no layer of ``model``."""
+    from ..inject import TARGET_PRESETS, resolve_targets
 
-    if spec in TARGET_PRESETS["unet"]:
-        return spec
-    if any(c in spec for c in "*()|\\[]+?^$"):
-        return spec
-    return [s.strip() for s in spec.split(",") if s.strip()]
+    if spec in TARGET_PRESETS["unet"] or any(c in spec for c in "*()|\\[]+?^$"):
+        targets = spec
+    else:
+        targets = [s.strip() for s in spec.split(",") if s.strip()]
+    if not resolve_targets(model, targets):
+        raise ConfigError(f"{flag} {spec!r} matches no Linear or Conv2d layer of the {type(model).__name__}; give a "
+                          f"preset ({', '.join(TARGET_PRESETS['unet'])}), a regex or comma-separated module-name suffixes")
+    return targets
 
 
 def _check_in_sync(params: list[nn.Parameter], accelerator) -> None:
