@@ -469,13 +469,13 @@ class LoraLayer(nn.Module):
 
         A fused layer is re-fused at once unless ``fuse_now=False`` (the caller re-fuses many layers together and
         calls ``sync_scales`` for them all); if that fuse is refused, the old weights stay."""
-        refuse = bool(self.fused) and fuse_now
-        previous = self.weight_state() if refuse else None
+        fuse_here = bool(self.fused) and fuse_now
+        previous = self.weight_state() if fuse_here else None
         self.active = [n for n in self.specs if n in weights]
         for name in self.active:
             self.weights[name] = float(weights[name])
         self._changed(sync=fuse_now)
-        if refuse:
+        if fuse_here:
             try:
                 self.fuse()
             except ValueError:

@@ -576,7 +576,7 @@ def set_adapters(
     for spec in specs.values():
         check_blocks(spec, lpb)
     changed: list[tuple[str, LoraLayer, tuple]] = []
-    refuse: list[tuple[str, LoraLayer]] = []  # fused models' layers: each re-fused, even one with nothing fused yet
+    to_fuse: list[tuple[str, LoraLayer]] = []  # fused models' layers: each fused again, even one with nothing fused yet
     resync: list[LoraLayer] = []  # the others: the scales a compiled forward reads are refreshed
     stored = {component: store.state() for component, store in stores.items()}
     try:
@@ -589,10 +589,10 @@ def set_adapters(
                 layer.set_weights({n: w * block_factor(specs.get(n), component, path, lpb) for n, w in base.items()}
                                   if blocked else base, fuse_now=False)
                 if fused:
-                    refuse.append((path, layer))
+                    to_fuse.append((path, layer))
                 else:
                     resync.append(layer)
-        fuse_layers(refuse)  # one sync for the pipeline
+        fuse_layers(to_fuse)  # one sync for the pipeline
         sync_scales(resync)
         for component, store in stores.items():  # parameter deltas: a module's weight, as its layer's
             base = te_weights if component.startswith("text_encoder") else weights
