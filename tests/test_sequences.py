@@ -30,7 +30,9 @@ def _make(kind: str, seed: int = 0):
     """The pipeline in float64: fused, kept merged and low-rank calls then agree to ~1e-13, so a tight tolerance
     tells a wrong weight from rounding (in float32, large deltas round differently by up to ~1e-4)."""
     return KINDS[kind][0](seed).to(dtype=torch.float64)
-SEQUENCES = int(os.environ.get("LORA_TEST_SEQUENCES", 2))  # per kind; 24 steps each, ~5 s; hunt with more (30 passed)
+# per kind, 24 steps each (~5 s), seeds from 1: seed 1 reaches a fused layer whose weights went to 0 and back (the
+# bug fixed in e14e0cd) on both kinds; hunt with more (25 per kind passed)
+SEQUENCES = int(os.environ.get("LORA_TEST_SEQUENCES", 1))
 
 # adapters that reach different layers: attention of both models, UNet cross-attention only, everything (the
 # UNet's convolutions and the text encoder's MLP too); and a ComfyUI extraction (every weight a full-rank LoRA, and
@@ -176,7 +178,7 @@ def _step(rng: random.Random, pipe, files, want: Expected, block_specs: list) ->
     return op
 
 
-@pytest.mark.parametrize("kind, seed", [(kind, seed) for kind in KINDS for seed in range(SEQUENCES)])
+@pytest.mark.parametrize("kind, seed", [(kind, seed) for kind in KINDS for seed in range(1, 1 + SEQUENCES)])
 def test_random_sequences_compute_what_a_fresh_pipeline_does(folders, kind, seed):
     files, rng, pipe, want = folders(kind), random.Random(seed), _make(kind), Expected(kind)
     base, memo = _outputs(_make(kind)), {}
