@@ -13,18 +13,35 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"device", "dtype", "torch", "diffusers", "peft", "threads"}
 
 
-def _run(*args: str) -> list[dict]:
+CPU_ARGS = ("bench/cpu.py", "--quick", "--threads", "1")
+GPU_ARGS = ("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
+            "--compile", "default", "--compile-floor", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
+            "--compile-infer", "--compile-infer-counts", "4", "--profile", "1", "--profile-infer")  # each count is a compile: ~10 s here
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, subprocess.Popen]:
+    """Both smoke runs, started together: each takes one thread, so on a 2-core machine the pair costs the longer
+    one's time (~65 s) rather than the sum (~95 s). Timings are not checked, so sharing the cores changes nothing."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # every line is JSON
-    assert lines, proc.stderr[-3000:]
+    procs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, args in (("cpu", CPU_ARGS), ("gpu", GPU_ARGS))}
+    yield procs
+    for proc in procs.values():
+        proc.kill()
+
+
+def _run(proc: subprocess.Popen) -> list[dict]:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]  # every line is JSON
+    assert lines, stderr[-3000:]
     errors = [line for line in lines if "error" in line]
     assert not errors, errors
     for line in lines:
@@ -38,8 +55,8 @@ def _run(*args: str) -> list[dict]:
     return lines
 
 
-def test_cpu_bench_quick():
-    lines = _run("bench/cpu.py", "--quick", "--threads", "1")
+def test_cpu_bench_quick(runs):
+    lines = _run(runs["cpu"])
     figures = {(line["bench"], line["case"], line["ref"]) for line in lines}
     for k in (1, 4, 8):
         assert ("infer_unfused", f"{k} adapters", "peft") in figures
@@ -65,10 +82,8 @@ def test_cpu_bench_quick():
         assert line["loss_abs_diff_last_step"] < 1e-5, line
 
 
-def test_gpu_bench_tiny_on_cpu():
-    lines = _run("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
-                 "--compile", "default", "--compile-floor", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
-                 "--compile-infer", "--compile-infer-counts", "4", "--profile", "1", "--profile-infer")  # each count is a compile: ~10 s here
+def test_gpu_bench_tiny_on_cpu(runs):
+    lines = _run(runs["gpu"])
     benches = {line["bench"] for line in lines}
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
             "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
