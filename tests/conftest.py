@@ -47,6 +47,17 @@ def base_params(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
+def move_weights(pipe, scale: float = 0.1, seed: int = 1):
+    """``pipe`` with every UNet and text-encoder parameter moved in place by ``scale`` of its mean magnitude (random
+    directions from ``seed``): model B for ``comfyui_extraction``. Returns ``pipe``."""
+    g = torch.Generator().manual_seed(seed)
+    models = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    with torch.no_grad():
+        for p in (p for model in models for p in model.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * (scale * p.abs().mean() + 1e-3))
+    return pipe
+
+
 def comfyui_extraction(a, b) -> dict[str, torch.Tensor]:
     """What ComfyUI's LoraSave writes for model ``b`` minus model ``a`` (its names; full-rank SVD factors, no clamp):
     a >= 2-D weight as lora_up / lora_down (a 1x1 conv's squeezed to 2-D, a 3x3 conv's down factor conv-shaped), a

@@ -16,7 +16,7 @@ from lora_diffusion.formats import write_lora_file
 from lora_diffusion.testing import random_lora, tiny_pipeline
 from lora_diffusion.tools import convert_lora, inspect_lora
 
-from conftest import comfyui_extraction
+from conftest import comfyui_extraction, move_weights
 
 MUTATIONS = {
     "drop": lambda t: None,
@@ -49,11 +49,7 @@ def sources(tmp_path_factory) -> dict:
             else:
                 loha.update({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up})
     save_file(loha, str(folder / "loha.safetensors"))
-    moved = tiny_pipeline(0)
-    with torch.no_grad():
-        for p in [*moved.unet.parameters(), *moved.text_encoder.parameters()]:
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    save_file(comfyui_extraction(tiny_pipeline(0), moved), str(folder / "comfyui.safetensors"))
+    save_file(comfyui_extraction(tiny_pipeline(0), move_weights(tiny_pipeline(0), 0.05)), str(folder / "comfyui.safetensors"))
     return {"diffusers": diffusers, "kohya": kohya, "loha": folder / "loha.safetensors",
             "comfyui": folder / "comfyui.safetensors"}
 

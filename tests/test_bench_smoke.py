@@ -27,8 +27,8 @@ GPU_ARGS = ("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batche
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, subprocess.Popen]:
-    """Both smoke runs, started together: each takes one thread, so on a 2-core machine the pair costs the longer
-    one's time (~65 s) rather than the sum (~95 s). Timings are not checked, so sharing the cores changes nothing."""
+    """Both smoke runs, started together: each takes one thread, so on a 2-core machine the pair took ~79 s rather
+    than the ~96 s of one after the other. Timings are not checked, so sharing the cores changes nothing."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, args in (("cpu", CPU_ARGS), ("gpu", GPU_ARGS))}

@@ -13,18 +13,13 @@ from lora_diffusion.formats import LoraFormatError, read_lora_file, read_lora_fi
 from lora_diffusion.testing import tiny_pipeline
 from lora_diffusion.tools import convert_lora, inspect_lora
 
-from conftest import base_params, comfyui_extraction, save_peft_lora
+from conftest import base_params, comfyui_extraction, move_weights, save_peft_lora
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(A, B, the extraction file of B - A): B is A with every parameter moved by about 10 %."""
-    a, b = tiny_pipeline(0), tiny_pipeline(0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for component in (b.unet, b.text_encoder):
-            for p in component.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (0.1 * p.abs().mean() + 1e-3))
+    a, b = tiny_pipeline(0), move_weights(tiny_pipeline(0), 0.1, seed=1)
     path = tmp_path_factory.mktemp("extract") / "ComfyUI_extracted_lora_00001_.safetensors"
     save_file(comfyui_extraction(a, b), str(path))
     return a, b, path
@@ -44,11 +39,7 @@ def test_sdxl_extraction_loaded_into_a_gives_b(tmp_path):
     converted to a kohya file (kohya's SDXL names), the same parameters."""
     from lora_diffusion.testing import tiny_sdxl_pipeline
 
-    a, b = tiny_sdxl_pipeline(0), tiny_sdxl_pipeline(0)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in [*b.unet.parameters(), *b.text_encoder.parameters(), *b.text_encoder_2.parameters()]:
-            p.add_(torch.randn(p.shape, generator=g) * (0.1 * p.abs().mean() + 1e-3))
+    a, b = tiny_sdxl_pipeline(0), move_weights(tiny_sdxl_pipeline(0), 0.1, seed=2)
     state = comfyui_extraction(a, b)
     assert any(k.startswith("diffusion_model.label_emb.") for k in state) and any(k.startswith("text_encoders.clip_g.") for k in state)
     save_file(state, str(tmp_path / "xl.safetensors"))

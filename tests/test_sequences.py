@@ -17,7 +17,7 @@ from lora_diffusion import (LoraFormatError, apply_prompt_loras, cache_merged_we
 from lora_diffusion.formats import write_lora_file
 from lora_diffusion.testing import random_lora, tiny_pipeline, tiny_sdxl_pipeline
 
-from conftest import comfyui_extraction
+from conftest import comfyui_extraction, move_weights
 
 # set_adapters' blocks: none, a number for the UNet, diffusers' dict, an LBW vector (its BASE scales the text
 # encoders; SD1's 17 values, SDXL's 12), a per-layer list
@@ -59,13 +59,7 @@ def _write_files(folder, make):
         if kwargs is not None:
             write_lora_file(folder / f"{name}.safetensors", random_lora(make(0), seed=i, std=0.2, **kwargs),
                             dtype=torch.float32)
-    moved = make(0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for model in _models(moved):
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (0.05 * p.abs().mean() + 1e-3))
-    save_file(comfyui_extraction(make(0), moved), str(folder / "x3.safetensors"))
+    save_file(comfyui_extraction(make(0), move_weights(make(0), 0.05)), str(folder / "x3.safetensors"))
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     return folder
 
