@@ -634,12 +634,10 @@ def bench_inference_host(s: Setup, files: list[Path], calls: int = 5) -> None:
     names = [f.stem for f in files[:4]]
     ld.set_adapters(pipe, dict.fromkeys(names, 1.0))
     ld.fuse(pipe)
-    weights = ([0.5, 1.0, -0.3, 0.8], [0.8] * 4)
-    state = [0]
+    reweight_ours = reweighters(pipe, None, names)[0]  # (ours only: the weight sets reweight_fused alternates)
 
     def reweight():
-        state[0] ^= 1
-        ld.set_adapters(pipe, dict(zip(names, weights[state[0]])))
+        reweight_ours()
         s.sync()
 
     for _ in range(3):

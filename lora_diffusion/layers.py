@@ -817,9 +817,8 @@ class LoraLayer(nn.Module):
     def _kept_valid(self, fast: tuple) -> bool:
         """Whether the kept merged weight still holds, checked in a few C-level passes rather than by rebuilding
         ``_kept_merged``'s key (with 8 adapters that took the call's cost over the bare layer from ~8 to ~4.6 us
-        on the CPU): the Python state as it was
-        (``_kept_state``), and the same parameter objects, base weight included, with the same version counters
-        and storage."""
+        on the CPU): the Python state as it was (``_kept_state``), and the same parameter objects, base weight
+        included, with the same version counters and storage."""
         _, state, names, tensors, versions, ptrs, dropout = fast
         if (dropout and self.training) or state != self._kept_state():
             return False
