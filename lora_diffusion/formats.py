@@ -500,7 +500,9 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
         raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     lora = {k: w for k, w in read.items() if not isinstance(w, ParamDelta)}
     params = {k: w for k, w in read.items() if isinstance(w, ParamDelta)}
-    check_finite(state, str(path))
+    # (a text encoder's text_projection is checked where it is applied: ComfyUI extracts its CLIP-L's, which SD's
+    # pipelines lack and ComfyUI leaves uninitialised, so those factors may hold NaN; see pipeline._skipped_projection)
+    check_finite({k: t for k, t in state.items() if PROJECTION not in k}, str(path))
     bad_alpha = next((k for k, w in read.items() if not math.isfinite(w.alpha)), None)
     if bad_alpha is not None:
         raise LoraFormatError(f"{path}: {bad_alpha} has alpha {read[bad_alpha].alpha}; factors and alphas must be finite")
@@ -588,6 +590,9 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
     if len(fast) == len(floats) and (not fast or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(fast)])).all())):
         return None
     return next((key for key, t in floats if not bool(torch.isfinite(t if t.dtype in _NORM_DTYPES else t.float()).all())), None)
+
+
+PROJECTION = "text_projection"  # a CLIP text encoder's output projection (CLIPTextModelWithProjection's Linear)
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:

@@ -29,7 +29,9 @@ from .formats import (
     COMPONENTS,
     Lora,
     LoraFormatError,
+    PROJECTION,
     LoraWeights,
+    first_non_finite,
     guess_architecture,
     our_metadata,
     read_bundled_embeddings,
@@ -252,6 +254,7 @@ def _plan(
                 f"the model's {type(base).__name__} {tuple(base.weight.shape)} needs {expect[0]} / {expect[1]}. "
                 f"The file looks made for {guess_architecture(lora)}."
             )
+        _check_projection(source, f"{component}.{path}", w)
         if isinstance(layer, LoraLayer) and adapter in layer.specs:
             raise ValueError(f"adapter {adapter!r} is already loaded in {component}; pass another adapter= name")
         if w.magnitude is None and w.rank > min(base.weight.shape[0], base.weight[0].numel()):
@@ -297,18 +300,43 @@ def apply_lora(
 
 def _unmatched(missing: list[tuple[str, LoraWeights | ParamDelta]], matched: bool, source: str) -> list[str]:
     """The keys that match nothing and count: all of them where nothing of the component matched (a file for another
-    model, even an untrained one), else those whose delta is not zero. A zero delta changes nothing: ComfyUI's
-    extractions write zero factors for every unchanged module, e.g. a ``text_projection`` SD 1.x's encoder lacks."""
+    model, even an untrained one), else those whose delta is not zero, less a ``text_projection`` for a text encoder
+    without one (``_skipped_projection``). A zero delta changes nothing: ComfyUI's extractions write zero factors for
+    every unchanged module."""
 
     def zero(w) -> bool:
         if isinstance(w, ParamDelta) and w.delta is not None:
             return not bool(w.delta.any())
         return getattr(w, "magnitude", None) is None and not (bool(w.A.any()) and bool(w.B.any()))  # (DoRA rescales W)
 
+    if matched:
+        projections = [key for key, w in missing if _skipped_projection(key) and not zero(w)]
+        if projections:
+            logger.warning("%s: %s skipped: this text encoder has no output projection (diffusers' CLIPTextModel; "
+                           "ComfyUI's CLIP-L carries one that SD never uses, and extracts it)", source, ", ".join(projections))
+        missing = [(key, w) for key, w in missing if key not in projections]
     counted = [key for key, w in missing if not (matched and zero(w))]
     if len(counted) < len(missing):
         logger.info("%s: %d zero deltas for modules this model lacks were skipped", source, len(missing) - len(counted))
     return counted
+
+
+def _skipped_projection(key: str) -> bool:
+    """Whether ``key`` (``component.path``, matching nothing) is a text encoder's ``text_projection``. SD pipelines'
+    CLIP-L (and SD 2's encoder) has none; ComfyUI's CLIP-L has an unused one, left uninitialised, which its "Extract
+    and Save Lora" extracts anyway (garbage, even NaN; ComfyUI applies it to a weight nothing reads): skipped."""
+    component, _, path = key.partition(".")
+    return component.startswith("text_encoder") and PROJECTION in path.split(".")
+
+
+def _check_projection(source: str, key: str, w: LoraWeights | ParamDelta) -> None:
+    """Refuse NaN / Inf in an applied ``text_projection`` (checked here, not when the file is read: see
+    ``_skipped_projection``)."""
+    if PROJECTION in key.split("."):
+        tensors = {name: t for name, t in w._asdict().items() if isinstance(t, torch.Tensor)}
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise LoraFormatError(f"{source}: {key} ({bad}) holds NaN or Inf values; factors and alphas must be finite")
 
 
 def _param_plan(model: nn.Module, component: str, params: dict[str, ParamDelta], strict: bool, source: str) -> dict:
@@ -329,6 +357,7 @@ def _param_plan(model: nn.Module, component: str, params: dict[str, ParamDelta],
         if tuple(param.shape) != delta.shape:
             raise LoraFormatError(f"{source}: {component}.{path}: the file's delta has shape {list(delta.shape)}, the model's "
                                   f"parameter {list(param.shape)}")
+        _check_projection(source, f"{component}.{path}", delta)
         plan[path] = (param, delta)
     missing = _unmatched(missing, bool(plan), source)
     if missing:

@@ -188,24 +188,56 @@ def test_save_and_bake_keep_them(models, tmp_path, caplog):
 
 
 def test_zero_deltas_for_modules_the_model_lacks_are_skipped(models, tmp_path):
-    """ComfyUI extracts every weight, unchanged ones as zero factors, e.g. a text encoder's ``text_projection`` that
-    SD 1.x's CLIPTextModel lacks: such zero deltas load (strict) as the nothing they are; a non-zero one for a module
-    the model lacks is still refused, naming it."""
+    """ComfyUI extracts every weight, unchanged ones as zero factors: such zero deltas for modules the model lacks load
+    (strict) as the nothing they are; a non-zero one is still refused, naming it."""
     a, b, path = models
     state = read_safetensors(path)[0]
-    extra = "text_encoders.clip_l.transformer.text_projection"
-    zero = {f"{extra}.lora_up.weight": torch.zeros(32, 4), f"{extra}.lora_down.weight": torch.randn(4, 32),
-            "diffusion_model.extra_norm.diff_b": torch.zeros(8)}  # fmt: skip
+    zero = {"diffusion_model.extra_norm.diff_b": torch.zeros(8)}
     save_file({**state, **zero}, str(tmp_path / "zeros.safetensors"))
     pipe = tiny_pipeline(0)
     load_lora(pipe, tmp_path / "zeros.safetensors")
     reference = tiny_pipeline(0)
     load_lora(reference, path)
     assert all(torch.equal(v, base_params(reference)[k]) for k, v in base_params(pipe).items())
-    for key, value in ((f"{extra}.lora_up.weight", torch.ones(32, 4)), ("diffusion_model.extra_norm.diff_b", torch.ones(8))):
-        save_file({**state, **zero, key: value}, str(tmp_path / "nonzero.safetensors"))
-        with pytest.raises(LoraFormatError, match=r"match no (layer|parameter) of this model: (text_encoder\.text_model\.text_projection|unet\.extra_norm\.bias)"):
-            load_lora(tiny_pipeline(0), tmp_path / "nonzero.safetensors")
+    save_file({**state, "diffusion_model.extra_norm.diff_b": torch.ones(8)}, str(tmp_path / "nonzero.safetensors"))
+    with pytest.raises(LoraFormatError, match=r"match no parameter of this model: unet\.extra_norm\.bias"):
+        load_lora(tiny_pipeline(0), tmp_path / "nonzero.safetensors")
+
+
+@pytest.mark.parametrize("fill", [0.0, 3.0, float("nan")])
+def test_comfyui_clip_l_projection_is_skipped_on_an_encoder_without_one(models, tmp_path, fill, caplog):
+    """ComfyUI's CLIP-L has a ``text_projection`` that SD never uses and ComfyUI leaves uninitialised, and its "Extract
+    and Save Lora" extracts it: zero, garbage or NaN factors (seen with ComfyUI 0.3.64). ComfyUI applies them to a
+    weight nothing reads; SD's CLIPTextModel has no projection, so the file loads as without them, with a warning
+    naming them when they are not zero. (Before: refused, strict or not, for NaN; refused when strict otherwise.)"""
+    a, b, path = models
+    extra = "text_encoders.clip_l.transformer.text_projection"
+    garbage = {f"{extra}.lora_up.weight": torch.full((32, 4), fill), f"{extra}.lora_down.weight": torch.full((4, 32), fill)}
+    save_file({**read_safetensors(path)[0], **garbage}, str(tmp_path / "projection.safetensors"))
+    pipe, reference = tiny_pipeline(0), tiny_pipeline(0)
+    with caplog.at_level("WARNING", logger="lora_diffusion"):
+        load_lora(pipe, tmp_path / "projection.safetensors")
+    assert ("text_projection skipped: this text encoder has no output projection" in caplog.text) == (fill != 0)
+    load_lora(reference, path)
+    fuse(pipe), fuse(reference)
+    assert all(torch.equal(v, base_params(reference)[k]) for k, v in base_params(pipe).items())
+
+
+def test_a_non_finite_projection_an_encoder_has_is_refused(tmp_path):
+    """SDXL's second encoder has a real ``text_projection`` (clip_g's): NaN there is refused, naming it, and the
+    pipeline is left as it was."""
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(0)
+    out, width = pipe.text_encoder_2.text_projection.weight.shape
+    extra, q = "text_encoders.clip_g.transformer.text_projection", "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    state = {f"{extra}.lora_up.weight": torch.full((out, 2), float("nan")), f"{extra}.lora_down.weight": torch.ones(2, width),
+             f"{q}.lora_up.weight": torch.ones(width, 2), f"{q}.lora_down.weight": torch.ones(2, width)}
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    before = base_params(pipe)
+    with pytest.raises(LoraFormatError, match=r"nan\.safetensors: text_encoder_2\.\S*text_projection \(B\) holds NaN or Inf"):
+        load_lora(pipe, tmp_path / "nan.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in base_params(pipe).items()) and not any("lora" in k for k in pipe.text_encoder_2.state_dict())
 
 
 def _peft_lora_bias_file(tmp_path, bias_on_to_q: float = 0.0):
