@@ -95,8 +95,15 @@ def test_target_follows_the_scheduler_prediction_type():
 
 # ---------------------------------------------------------------------------------------------- only LoRA changes
 def test_only_lora_parameters_change_and_the_file_loads_in_diffusers(base, tmp_path):
+    """... and ``save_kohya``'s copy, named after the output folder, holds the same factors and alphas in kohya's
+    format (what A1111 and ComfyUI read in full)."""
     result = train(config(base, tmp_path, train_text_encoder=True, learning_rate=1e-2, max_train_steps=3,
-                          save_precision="fp32"))
+                          save_precision="fp32", save_kohya=True))
+    assert result.kohya_path == result.output_dir / "out.safetensors" and str(result.kohya_path) in result.message
+    kohya, kohya_header = read_lora_file(result.kohya_path)
+    diffusers = read_lora_file(result.lora_path)[0]
+    assert kohya_header["_format"] == "kohya" and kohya.keys() == diffusers.keys()
+    assert all(torch.equal(kohya[k].A, w.A) and torch.equal(kohya[k].B, w.B) and kohya[k].alpha == w.alpha for k, w in diffusers.items())
     fresh = load_pipeline(base)
     for name in ("unet", "vae", "text_encoder"):
         trained, original = base_state(getattr(result.pipeline, name)), getattr(fresh, name).state_dict()
@@ -470,13 +477,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monke
 
 
 def test_output_folder_is_not_overwritten_unless_asked(base, tmp_path):
-    first = train(config(base, tmp_path, max_train_steps=1))
+    first = train(config(base, tmp_path, max_train_steps=1, save_kohya=True))
     before = (first.lora_path).read_bytes()
-    with pytest.raises(ConfigError, match="previous run"):
+    first.lora_path.rename(tmp_path / "moved.safetensors")  # (the kohya copy alone marks the folder as a run's)
+    with pytest.raises(ConfigError, match=r"previous run \(checkpoints, log.csv, loss.png, out.safetensors\)"):
         train(config(base, tmp_path, max_train_steps=1, learning_rate=1e-2))
+    (tmp_path / "moved.safetensors").rename(first.lora_path)
     assert first.lora_path.read_bytes() == before
     again = train(config(base, tmp_path, max_train_steps=2, overwrite=True))
     assert again.global_step == 2 and [p.name for p in outputs.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+    assert not first.kohya_path.exists(), "the previous run's kohya copy outlived it"
 
 
 def fake_previous_run(out: Path) -> dict[str, bytes]:

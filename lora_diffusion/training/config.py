@@ -119,6 +119,9 @@ class TrainConfig:
     num_validation_images: int = _f(4, "images per sample grid (0 disables samples)")
     validation_inference_steps: int = _f(25, "denoising steps of the sample images")
     save_precision: str = _f("fp16", "dtype of the final LoRA file", choices=("fp16", "bf16", "fp32"))
+    save_kohya: bool = _f(False, "also write the LoRA as a kohya file for A1111 and ComfyUI, named after the output folder "
+                          "(<output_dir>/<its name>.safetensors); ComfyUI reads a diffusers file's UNet attention only partly, "
+                          "and not its alpha")
     seed: int = _f(-1, "seed of everything random (-1: pick one and record it)")
 
     # ------------------------------------------------------------------ derived values and checks

@@ -41,6 +41,7 @@ from torch import nn
 from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora, set_backward
 from ..pipeline import SDXL_EMBEDDING_KEYS, load_single_file, lora_from_model, save_lora
+from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
 from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, mix_seed, scan_images
@@ -64,6 +65,7 @@ class TrainResult:
     global_step: int
     max_steps: int
     lora_path: Path | None = None  # the final LoRA (completed runs only)
+    kohya_path: Path | None = None  # its kohya copy (``save_kohya``)
     checkpoint: Path | None = None  # the newest checkpoint on disk
     final_loss: float | None = None
     sample_paths: list[Path] = field(default_factory=list)
@@ -366,7 +368,7 @@ def _optimizer_class(config: TrainConfig):
 
 
 def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
-    previous = [name for name in outputs.OUTPUT_NAMES if (output_dir / name).exists()]
+    previous = [name for name in outputs.output_names(output_dir) if (output_dir / name).exists()]
     for aside in output_dir.glob(f"{PREVIOUS_RUN}*"):
         logger.warning("%s holds the outputs of a run that an interrupted --overwrite run set aside; move them back "
                        "or delete the folder", aside)
@@ -385,7 +387,7 @@ class _PreviousRun:
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
         self.aside: Path | None = None
-        names = [name for name in outputs.OUTPUT_NAMES if (output_dir / name).exists()]
+        names = [name for name in outputs.output_names(output_dir) if (output_dir / name).exists()]
         if names:
             self.aside = Path(tempfile.mkdtemp(prefix=PREVIOUS_RUN, dir=output_dir))
             for name in names:
@@ -400,7 +402,7 @@ class _PreviousRun:
         if (self.output_dir / outputs.LORA_NAME).exists() or outputs.list_checkpoints(self.output_dir):
             shutil.rmtree(self.aside)
         else:
-            for name in outputs.OUTPUT_NAMES:
+            for name in outputs.output_names(self.output_dir):
                 path = self.output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             for item in self.aside.iterdir():
@@ -524,7 +526,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if config.resume_from_checkpoint:
         if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
             # a run stopped before its first checkpoint: start afresh, replacing what it wrote (log, plot, samples)
-            stopped = [name for name in outputs.OUTPUT_NAMES if (output_dir / name).exists()]
+            stopped = [name for name in outputs.output_names(output_dir) if (output_dir / name).exists()]
             if outputs.LORA_NAME in stopped and not config.overwrite:
                 raise ConfigError(f"--resume_from_checkpoint latest: {output_dir} holds a finished LoRA but no checkpoint to "
                                   "continue from; pass --overwrite to replace it, or another --output_dir")
@@ -794,7 +796,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
         # 6. the end: weights identical on every process, then the files (main process only)
         _check_in_sync(params, accelerator)
-        lora_path = None
+        lora_path = kohya_path = None
         if is_main and status != "diverged":
             if status == "cancelled" and (checkpoint is None or checkpoint.name != f"checkpoint-{step}") and step > 0:
                 checkpoint = save_checkpoint(step)
@@ -812,9 +814,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     metadata["embedding_file"] = "embeddings.safetensors"
                 save_lora(lora_path, unet=unet, **trained_encoders(), dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
                           metadata=metadata)
+                if config.save_kohya:  # (the pivotal-tuning token bundled, as A1111 loads it)
+                    kohya_path = convert_lora(lora_path, output_dir / outputs.kohya_name(output_dir), to="kohya", overwrite=True)
                 if config.num_validation_images:
                     sample_paths.append(write_samples(step))
-                message = f"trained {step} steps; LoRA written to {lora_path}"
+                message = f"trained {step} steps; LoRA written to {lora_path}" + (f" and, for A1111 / ComfyUI, {kohya_path}" if kohya_path else "")
         if is_main:
             write_log()
             logger.info("%s", message)
@@ -825,7 +829,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         if previous is not None:
             previous.close()
     return TrainResult(status=status, message=message, output_dir=output_dir, global_step=step, max_steps=max_steps,
-                       lora_path=lora_path, checkpoint=checkpoint, final_loss=loss_value, sample_paths=sample_paths,
+                       lora_path=lora_path, kohya_path=kohya_path, checkpoint=checkpoint, final_loss=loss_value, sample_paths=sample_paths,
                        log_path=output_dir / "log.csv", pipeline=pipe)
 
 

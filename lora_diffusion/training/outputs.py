@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "atomic_path",
     "OUTPUT_NAMES",
+    "output_names",
+    "kohya_name",
     "LORA_NAME",
     "list_checkpoints",
     "find_checkpoint",
@@ -47,6 +49,19 @@ STATE_NAME = "training_state.pt"
 CHECKPOINTS = "checkpoints"
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s")
 OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "log.csv", "loss.png")  # what marks a folder as a previous run
+
+
+def kohya_name(output_dir: str | os.PathLike) -> str:
+    """The file name of a run's kohya copy (``--save_kohya``): the output folder's name, as A1111 and ComfyUI list a
+    LoRA by its file name (``out/my-style`` -> ``my-style.safetensors``; ``lora_kohya.safetensors`` where that name
+    would be ``LORA_NAME``)."""
+    name = f"{Path(output_dir).resolve().name or 'lora'}.safetensors"
+    return "lora_kohya.safetensors" if name == LORA_NAME else name
+
+
+def output_names(output_dir: str | os.PathLike) -> tuple[str, ...]:
+    """``OUTPUT_NAMES`` with the kohya copy's name for ``output_dir``: what a run there writes."""
+    return (*OUTPUT_NAMES, kohya_name(output_dir))
 
 
 @contextlib.contextmanager
