@@ -707,7 +707,7 @@ def write_lora_file(
         from .formats_kohya import kohya_param_keys
 
         state.update(kohya_param_keys({k: d._replace(**{f: getattr(d, f).detach().to(dtype) for f in ("delta", "A", "B")
-                                                          if getattr(d, f) is not None}) for k, d in params.items()}, cast))
+                                                          if getattr(d, f) is not None}) for k, d in params.items()}, cast, ours))
     if embeddings:
         if format != "kohya":
             raise LoraFormatError(f"{path}: a {format} LoRA file has no place for embeddings ({', '.join(embeddings)}); "

@@ -202,11 +202,17 @@ def from_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     return read_modules(state, source, canonical_key, "kohya")
 
 
-def _architecture_spec(lora) -> tuple[str, str]:
-    """(``ss_base_model_version``, ``modelspec.architecture`` prefix) from the text-feature width."""
+ARCHITECTURES = ("sd1", "sd2", "sdxl")  # our metadata's ``architecture`` (``save_lora`` sets it from the UNet)
+
+
+def _architecture_spec(lora, metadata: dict | None = None) -> tuple[str, str]:
+    """(``ss_base_model_version``, ``modelspec.architecture`` prefix): from our metadata's ``architecture`` where
+    it is given (``save_lora`` knows the UNet: an SDXL LoRA without a text encoder or a cross-attention key would
+    look like SD 1.x), else from the text-feature width."""
     from .formats import guess_architecture
 
-    guess = guess_architecture(lora)
+    known = (metadata or {}).get("architecture")
+    guess = {"sdxl": "SDXL", "sd2": "SD 2", "sd1": "SD 1"}.get(known) if known in ARCHITECTURES else guess_architecture(lora)
     if guess.startswith("SDXL"):
         return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
     if guess.startswith("SD 2"):
@@ -225,7 +231,7 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
 
     check_components(lora, "kohya")
     metadata = metadata or {}
-    version, arch = _architecture_spec(lora)
+    version, arch = _architecture_spec(lora, metadata)
     sdxl = version == "sdxl_base_v1-0" or any(k.startswith("text_encoder_2.") for k in lora)
     state: dict[str, torch.Tensor] = {}
     for key, w in lora.items():
@@ -269,11 +275,11 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     return state, header
 
 
-def kohya_param_keys(params: dict, lora) -> dict[str, torch.Tensor]:
+def kohya_param_keys(params: dict, lora, metadata: dict | None = None) -> dict[str, torch.Tensor]:
     """Parameter deltas (``params.ParamDelta``) under kohya names, as ComfyUI writes and reads them: a bias's
     ``.diff_b``, a norm scale's (or a table's) ``.diff``, an embedding table's ``.lora_down`` / ``.lora_up`` /
-    ``.alpha``; SDXL named as ``to_kohya`` names ``lora``."""
-    sdxl = _architecture_spec(lora)[0] == "sdxl_base_v1-0" if lora else False
+    ``.alpha``; SDXL named as ``to_kohya`` names ``lora`` (with our ``metadata``)."""
+    sdxl = _architecture_spec(lora, metadata)[0] == "sdxl_base_v1-0" if lora or metadata else False
     sdxl = sdxl or any(k.startswith("text_encoder_2.") for k in [*lora, *params])
     out: dict[str, torch.Tensor] = {}
     for key, d in params.items():

@@ -181,6 +181,8 @@ def save_lora(
             "saved_by": f"lora_diffusion {__version__}",
         }
     )
+    if unet is not None and (architecture := _unet_architecture(given["unet"])):
+        meta["architecture"] = architecture
     if format == "kohya":
         meta.setdefault("name", adapter)  # kohya's ss_output_name / modelspec.title
     meta.update(metadata or {})
@@ -296,6 +298,17 @@ def apply_lora(
     """
     model = unwrap(model)
     return _apply_plan(model, _plan(model, component, lora, adapter, strict, source), adapter, weight)
+
+
+def _unet_architecture(unet: nn.Module) -> str | None:
+    """``"sdxl"`` / ``"sd2"`` / ``"sd1"`` from a diffusers UNet's config (SDXL's added time embedding, the
+    cross-attention width), ``None`` for other widths (the tiny test models: SD-like, not SD)."""
+    config = getattr(unet, "config", None)
+    if config is None:
+        return None
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    return {768: "sd1", 1024: "sd2"}.get(getattr(config, "cross_attention_dim", None))
 
 
 def _unmatched(missing: list[tuple[str, LoraWeights | ParamDelta]], matched: bool, source: str) -> list[str]:

@@ -214,3 +214,24 @@ def test_an_sdxl_learned_token_loads_into_both_encoders_or_refuses_the_whole_loa
                                         ("clip_g", fresh.tokenizer_2, fresh.text_encoder_2)):
             row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
             assert torch.equal(row, good[key][0]), (name, key)
+
+
+@pytest.mark.parametrize("targets", [r".*attn1\.to_q", "full"])
+def test_a_unet_only_sdxl_lora_is_written_as_kohya_writes_sdxl(tmp_path, targets):
+    """``save_lora`` knows the UNet: an SDXL LoRA without text encoders, and without the 2048-d ``attn2.to_k`` that
+    tells SDXL from its tensors (attn1 only), is still written with kohya's SGM names and SDXL header (it was named
+    as SD 1.x, and read back only thanks to the reader's either-names mapping); a convert keeps it SDXL."""
+    from lora_diffusion import inject_lora
+    from lora_diffusion.tools import convert_lora
+
+    pipe = tiny_sdxl_pipeline(0)
+    inject_lora(pipe.unet, rank=2, targets=targets)
+    path = save_lora(tmp_path / "xl.safetensors", unet=pipe.unet, format="kohya", dtype=torch.float32)
+    diffusers = save_lora(tmp_path / "xl_diffusers.safetensors", unet=pipe.unet, dtype=torch.float32)
+    converted = convert_lora(diffusers, tmp_path / "xl_converted.safetensors", to="kohya")
+    for file in (path, converted):
+        state, header = read_safetensors(file)
+        assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["modelspec.architecture"].startswith("stable-diffusion-xl")
+        assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for k in state)
+        assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in state)
+        assert read_lora_file(file)[0].keys() == read_lora_file(diffusers)[0].keys()
