@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LBW_SD1",
     "LBW_SDXL",
+    "LBW_SD1_ALL",
+    "LBW_SDXL_ALL",
     "lbw_block",
     "block_factor",
     "check_blocks",
@@ -50,6 +52,9 @@ LBW_SD1 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
            "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")  # fmt: skip
 # and its 12-value SDXL vector (SDXL's UNet has three levels, attention in the lower two and the middle)
 LBW_SDXL = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
+# every block, as the LBW extension takes them for LyCORIS / LoCon files: SD1's 26 and SDXL's 20
+LBW_SD1_ALL = ("BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12)))
+LBW_SDXL_ALL = ("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))
 
 _BLOCK_PATH = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)(\.|$)")
 
@@ -67,9 +72,11 @@ def lbw_block(component: str, path: str, layers_per_block: int = 2) -> str | Non
         return "BASE"
     if path.startswith("mid_block."):
         return "MID"
+    if path == "conv_in" or path.startswith("conv_in."):
+        return "IN00"  # (the LDM input_blocks.0)
     m = _BLOCK_PATH.match(path)
     if not m:
-        return None  # conv_in, time_embedding, conv_out
+        return None  # time_embedding, conv_out
     kind, b, sub, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
     n = layers_per_block + 1
     if kind == "down_blocks":
@@ -106,9 +113,11 @@ def _diffusers_block_factor(spec: Mapping[str, object], path: str) -> float:
 def block_factor(spec: BlockSpec, component: str, path: str, layers_per_block: int = 2) -> float:
     """Multiplier of one layer's weight under a block spec.
 
-    ``spec`` is ``None`` (1.0), a 17-value LBW vector (``LBW_SD1`` order, or SDXL's 12 in ``LBW_SDXL`` order;
-    BASE scales the text encoders; blocks outside the vector, such as SD1's IN00/IN03 or OUT00-OUT02, keep
-    1.0), or a diffusers-style dict ``{"down": 0.3, "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` (a number
+    ``spec`` is ``None`` (1.0), a LoRA Block Weight vector as the LBW extension for A1111 takes it (17 values in
+    ``LBW_SD1`` order, SDXL's 12 in ``LBW_SDXL`` order, or every block: SD1's 26, ``LBW_SD1_ALL``, SDXL's 20,
+    ``LBW_SDXL_ALL``; BASE scales the text encoders; a block the vector leaves out, such as SD1's IN00 (conv_in),
+    IN03 or OUT00-OUT02, which only LoCon layers reach, gets 0, as there; the time embedding and conv_out keep 1.0),
+    or a diffusers-style dict ``{"down": 0.3, "mid": 0, "up": {"block_0": [1.0, 0.5, 0.2]}}`` (a number
     for a whole side or block; a list per layer index, shared by ``attentions.j`` and ``resnets.j``; samplers
     take the block's last value; text encoders and layers outside the blocks 1.0). ``path`` is the module path
     inside ``component``.
@@ -126,16 +135,18 @@ def block_factor(spec: BlockSpec, component: str, path: str, layers_per_block: i
     values = list(spec)
     names = _lbw_names(len(values))
     name = lbw_block(component, path, layers_per_block)
-    return float(values[names.index(name)]) if name in names else 1.0
+    if name is None:
+        return 1.0
+    return float(values[names.index(name)]) if name in names else 0.0
 
 
 def _lbw_names(count: int) -> tuple[str, ...]:
-    """The block names of an LBW vector of ``count`` values: SD1's 17 or SDXL's 12."""
-    for names in (LBW_SD1, LBW_SDXL):
+    """The block names of an LBW vector of ``count`` values: SD1's 17 or 26, SDXL's 12 or 20."""
+    for names in (LBW_SD1, LBW_SDXL, LBW_SD1_ALL, LBW_SDXL_ALL):
         if count == len(names):
             return names
-    raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}) or 12 for SDXL "
-                     f"({', '.join(LBW_SDXL)}), got {count}")
+    raise ValueError(f"a LoRA Block Weight vector has {len(LBW_SD1)} values ({', '.join(LBW_SD1)}), 12 for SDXL "
+                     f"({', '.join(LBW_SDXL)}), or one per block: 26 (SD1) or 20 (SDXL); got {count}")
 
 
 def check_blocks(spec: BlockSpec, layers_per_block: int = 2) -> None:

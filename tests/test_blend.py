@@ -85,25 +85,36 @@ def test_lbw_block_names():
     assert lbw_block("unet", "up_blocks.3.attentions.2.proj_out") == "OUT11"
     assert lbw_block("unet", "up_blocks.0.upsamplers.0.conv") == "OUT02"
     assert lbw_block("text_encoder", "encoder.layers.0.self_attn.q_proj") == "BASE"
-    assert lbw_block("unet", "conv_in") is None
+    assert lbw_block("unet", "conv_in") == "IN00" and lbw_block("unet", "conv_out") is None
     # every SD1 attention block of the vector is reached by some layer
     attention_blocks = {lbw_block("unet", f"{s}_blocks.{b}.attentions.{j}.proj_in") for s, bs, js in (("down", range(3), range(2)), ("up", range(1, 4), range(3))) for b in bs for j in js}
     assert attention_blocks | {"BASE", "MID"} == set(LBW_SD1)
 
 
-def test_lbw_vector_zero_equals_leaving_those_layers_out(files):
-    # tiny UNet: down_blocks.1 = IN04/IN05, mid = MID, up_blocks.0 = OUT00-OUT02 (outside the 17: weight 1)
-    vector = [0.0] + [1, 1, 0, 0, 1, 1] + [0.0] + [1] * 9  # BASE (text encoder), IN04, IN05 and MID off
+@pytest.mark.parametrize("vector", [
+    [0.0] + [1] * 12 + [0.0] + [1] * 12,  # the 26 blocks: BASE (text encoder) and MID off, IN04 / IN05 too below
+    [0.0] + [1, 1, 0, 0, 1, 1] + [0.0] + [1] * 9,  # the 17: OUT00-OUT02 are not among them, so they are off too
+])
+def test_lbw_vector_zero_equals_leaving_those_layers_out(files, vector):
+    """tiny UNet: down_blocks.1 = IN04 / IN05, mid = MID, up_blocks.0 = OUT00-OUT02, up_blocks.1 = OUT03-OUT05 (no
+    LoRA layers there). A block the vector leaves out gets 0, as in the LBW extension (a 17-value vector on a LoCon
+    drops IN03, IN06, IN09-IN11 and OUT00-OUT02)."""
+    if len(vector) == 26:
+        vector = [*vector[:5], 0, 0, *vector[7:]]  # IN04, IN05 off: the up_blocks.0 layers alone stay on
+    else:
+        vector = [*vector[:8], 1, 1, 1, *vector[11:]]  # OUT03-OUT05 on: nothing there, so every layer is off
     ours = loaded(files, "a")
     set_adapters(ours, {"a": 0.7}, blocks=vector)
     lora, _ = read_lora_file(files / "a.safetensors")
-    kept = {k: w for k, w in lora.items() if k.startswith("unet.up_blocks.")}
-    assert 0 < len(kept) < len(lora)
-    write_lora_file(files / "a_up.safetensors", kept, dtype=torch.float32)
+    kept = {k: w for k, w in lora.items() if k.startswith("unet.up_blocks.")} if len(vector) == 26 else {}
+    assert len(kept) < len(lora) and (kept or len(vector) == 17)
     ref = tiny_pipeline(0)
-    load_lora(ref, files / "a_up.safetensors", weight=0.7)
+    if kept:
+        write_lora_file(files / "a_up.safetensors", kept, dtype=torch.float32)
+        load_lora(ref, files / "a_up.safetensors", weight=0.7)
     np.testing.assert_array_equal(generate(ours), generate(ref))
-    assert block_factor(vector, "unet", "up_blocks.0.attentions.1.proj_in") == 1.0
+    assert block_factor(vector, "unet", "up_blocks.0.attentions.1.proj_in") == (1.0 if kept else 0.0)
+    assert block_factor(vector, "unet", "time_embedding.linear_1") == 1.0  # outside every block
 
 
 def test_text_encoder_weight_zero_equals_unet_only(files):
