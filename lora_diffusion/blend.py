@@ -367,23 +367,33 @@ class PromptWeight(NamedTuple):
     unet: float
 
 
-_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # an A1111 extra-network tag: <kind:args>
+_LORA_KINDS = ("lora", "lyco")
 
 
 def parse_prompt(prompt: str) -> tuple[str, dict[str, PromptWeight]]:
     """Split A1111-style LoRA tags out of a prompt: ``(clean prompt, {name: PromptWeight(te, unet)})``.
 
     ``<lora:name>`` is weight 1, ``<lora:name:w>`` sets both, ``<lora:name:te:unet>`` each (A1111 order), and
-    the named forms ``te=`` / ``unet=`` work too. A name given twice keeps the last tag (with a warning).
+    the named forms ``te=`` / ``unet=`` work too. A name given twice keeps the last tag (with a warning; A1111
+    applies such a LoRA twice, at the last tag's weights). Every ``<kind:...>`` tag is taken out as A1111 takes it
+    out, by nothing, others (``<hypernet:...>``) with a warning; runs of whitespace become one space, as CLIP's
+    tokenizer makes them: the clean prompt gives A1111's tokens.
 
     Example:
         >>> parse_prompt("a cat <lora:style:0.7> <lora:subject:1:0.8>")
         ('a cat', {'style': PromptWeight(te=0.7, unet=0.7), 'subject': PromptWeight(te=1.0, unet=0.8)})
     """
     found: dict[str, PromptWeight] = {}
-    for m in _TAG.finditer(prompt):
-        name = m.group(1).strip()
-        args = [a.strip() for a in m.group(2).split(":")[1:]]
+
+    def take(m: re.Match) -> str:
+        if m.group(1) not in _LORA_KINDS:
+            logger.warning("prompt tag %s: <%s:...> tags are not supported here; taken out of the prompt, as A1111 "
+                           "takes them out", m.group(0), m.group(1))
+            return ""
+        name, *args = (a.strip() for a in m.group(2).split(":"))
+        if not name:
+            raise ValueError(f"bad LoRA tag {m.group(0)!r}: no name")
         positional = [a for a in args if "=" not in a]
         named = dict(a.split("=", 1) for a in args if "=" in a)
         ignored = [f"{k}=" for k in named if k not in ("te", "unet")] + (["dyn"] if len(positional) > 2 else [])
@@ -397,9 +407,9 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, PromptWeight]]:
         if name in found:
             logger.warning("LoRA %r is tagged twice in the prompt; the last tag wins", name)
         found[name] = PromptWeight(te, unet)
-    clean = _TAG.sub(" ", prompt)
-    clean = re.sub(r"\s+([,.;])", r"\1", re.sub(r"\s+", " ", clean)).strip()
-    clean = re.sub(r"(,\s*)+$", "", re.sub(r"^(,\s*)+", "", clean))
+        return ""
+
+    clean = " ".join(_EXTRA_NETWORK.sub(take, prompt).split())
     return clean, found
 
 

@@ -239,9 +239,16 @@ def test_merge_cli(files, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- prompt syntax
-def test_parse_prompt():
+def test_parse_prompt(caplog):
+    """Tags come out as A1111 takes them out (modules/extra_networks.py: each ``<kind:...>`` by nothing), whitespace
+    runs as CLIP's tokenizer folds them: the text gives A1111's tokens (``a cat , on`` is not ``a cat, on`` to CLIP)."""
     clean, w = parse_prompt("a cat <lora:style:0.7>, <lora:subject:1:0.8> on a mat <lora:neg:-0.5> <lora:plain>")
-    assert clean == "a cat, on a mat"
+    assert clean == "a cat , on a mat"
+    with caplog.at_level("WARNING", logger="lora_diffusion.blend"):
+        assert parse_prompt("<lora:n:0.5>, a cat<lora:n>on a mat <hypernet:h:1>\n") == (", a caton a mat", {"n": PromptWeight(1.0, 1.0)})
+    assert "<hypernet:h:1>: <hypernet:...> tags are not supported here" in caplog.text and "tagged twice" in caplog.text
+    with pytest.raises(ValueError, match="no name"):
+        parse_prompt("<lora: :1>")
     assert w == {"style": PromptWeight(0.7, 0.7), "subject": PromptWeight(1.0, 0.8), "neg": PromptWeight(-0.5, -0.5), "plain": PromptWeight(1.0, 1.0)}
     assert parse_prompt("<lora:x:te=0.2:unet=0.9> dog")[1] == {"x": PromptWeight(0.2, 0.9)}
     with pytest.raises(ValueError, match="bad LoRA tag"):

@@ -233,7 +233,7 @@ def test_pickles_are_never_loaded(tmp_path, backend):
 # ---------------------------------------------------------------------------------------------- prompts and blends
 def test_parse_lora_tags():
     assert parse_lora_tags("a cat <lora:style:0.5>, <lora:ink:0.2:1> <lora:x>") == (
-        "a cat", {"style": (0.5, 0.5), "ink": (1.0, 0.2), "x": (1.0, 1.0)})
+        "a cat ,", {"style": (0.5, 0.5), "ink": (1.0, 0.2), "x": (1.0, 1.0)})  # (A1111's text: the tags out, no more)
     with pytest.raises(UIError):
         parse_lora_tags("<lora:../x:1>")
     with pytest.raises(UIError, match="number"):
