@@ -24,6 +24,7 @@ from pathlib import Path, PurePath, PureWindowsPath
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .formats import FORMAT_VERSION, Lora, LoraWeights, read_bundled_embeddings, read_lora_file_with_params, write_lora_file
 
@@ -442,12 +443,31 @@ def apply_prompt_loras(pipe, prompt: str, lora_dir: str | os.PathLike | None = N
 
 
 def _tag_path(name: str, lora_dir: str | os.PathLike | None, loaded: set[str]) -> Path:
-    """The file of the tag ``<lora:name:...>``: ``lora_dir/<name>.safetensors``, which must exist inside it."""
+    """The file of the tag ``<lora:name:...>``, found as A1111 finds it: ``lora_dir/<name>.safetensors``, else a
+    ``<name>.safetensors`` in a subfolder, else the file whose alias (kohya's ``ss_output_name``, which A1111's
+    cards insert) is ``name``; it must lie inside ``lora_dir``."""
     if lora_dir is None:
         raise KeyError(f"LoRA {name!r} is not loaded and no lora_dir was given; loaded: {sorted(loaded)}")
     if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in PurePath(name.replace("\\", "/")).parts:
         raise ValueError(f"<lora:{name}:...>: a LoRA name is a file name inside {lora_dir}, not a path out of it")
     path = Path(lora_dir) / f"{name}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no LoRA file for the tag <lora:{name}:...>")
-    return path
+    if path.is_file():
+        return path
+    if "/" not in name and "\\" not in name:
+        files = sorted(p for p in Path(lora_dir).rglob("*.safetensors") if p.is_file())
+        for found in ([p for p in files if p.stem == name], [p for p in files if _alias(p) == name]):
+            if found:
+                if len(found) > 1:
+                    logger.warning("<lora:%s:...> names %d files in %s; taking %s", name, len(found), lora_dir, found[0])
+                return found[0]
+    raise FileNotFoundError(f"{path}: no LoRA file for the tag <lora:{name}:...> (nor one of that name or alias "
+                            "in its subfolders)")
+
+
+def _alias(path: Path) -> str | None:
+    """A LoRA file's alias in A1111: its ``ss_output_name`` (read from the header alone), if any."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("ss_output_name")
+    except (OSError, SafetensorError):
+        return None

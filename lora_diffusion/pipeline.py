@@ -183,8 +183,8 @@ def save_lora(
     )
     if unet is not None and (architecture := _unet_architecture(given["unet"])):
         meta["architecture"] = architecture
-    if format == "kohya":
-        meta.setdefault("name", adapter)  # kohya's ss_output_name / modelspec.title
+    if format == "kohya":  # kohya's ss_output_name / modelspec.title: A1111's alias, which its cards insert in prompts
+        meta["name"] = Path(path).stem
     meta.update(metadata or {})
     write_lora_file(path, lora, metadata=meta, format=format, dtype=dtype, params=params if format == "kohya" else None)
     return path

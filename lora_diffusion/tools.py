@@ -399,7 +399,7 @@ def convert_lora(
         raise ValueError(f"unknown format {to!r}; choose from {sorted(WRITERS)}")
     check_output(dst, [("the input", src)], overwrite=overwrite)
     lora, params, header = read_lora_file_with_params(src)
-    meta = {"name": Path(dst).stem, **our_metadata(header), "converted_from": header["_format"]}
+    meta = {**our_metadata(header), "name": Path(dst).stem, "converted_from": header["_format"]}  # (name: the alias)
     embeddings = _embeddings(lora_file(src), header, meta, pivotal=to == "kohya")
     if to != "kohya" and embeddings and not drop_embeddings:
         raise LoraFormatError(

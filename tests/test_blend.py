@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lora_diffusion import fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import LBW_SD1, PromptWeight, apply_prompt_loras, block_factor, lbw_block, merge_loras, parse_prompt
 from lora_diffusion.cli import main as cli_main
-from lora_diffusion.formats import read_lora_file, write_lora_file
+from lora_diffusion.formats import read_lora_file, read_safetensors, write_lora_file
 from lora_diffusion.inject import lora_layers
 from lora_diffusion.layers import LoraLinear
 from lora_diffusion.testing import random_lora, tiny_pipeline
@@ -271,6 +272,29 @@ def test_apply_prompt_loras(files):
     apply_prompt_loras(pipe, "a red circle <lora:b:0.5>", files)  # a is untagged now: off
     layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
     assert layer.active == ["b"] and layer.weights["b"] == 0.5
+
+
+def test_tags_find_files_as_a1111_does(files, tmp_path):
+    """``<lora:name>``: ``name.safetensors`` in the folder, else in a subfolder, else the file whose alias
+    (``ss_output_name``, which A1111's cards insert, and which ``save_lora`` / ``convert`` write as the file's
+    name) is ``name``; an unknown name is refused naming the folder."""
+    from lora_diffusion.tools import convert_lora
+
+    root = tmp_path / "loras"
+    (root / "styles" / "v2").mkdir(parents=True)
+    (root / "styles" / "v2" / "deep.safetensors").write_bytes((files / "a.safetensors").read_bytes())
+    convert_lora(files / "b.safetensors", root / "styles" / "b_kohya.safetensors", to="kohya")
+    header = read_safetensors(root / "styles" / "b_kohya.safetensors")[1]
+    assert header["ss_output_name"] == "b_kohya"
+    header["ss_output_name"] = "my b"
+    save_file(read_safetensors(root / "styles" / "b_kohya.safetensors")[0], str(root / "styles" / "b_kohya.safetensors"), metadata=header)
+    pipe = tiny_pipeline(0)
+    assert apply_prompt_loras(pipe, "a red circle <lora:deep:0.3> <lora:my b:1:0.9>", root) == "a red circle"
+    ref = loaded(files, "a", "b")
+    set_adapters(ref, {"a": 0.3, "b": 0.9}, text_encoder={"a": 0.3, "b": 1.0})
+    np.testing.assert_array_equal(generate(pipe), generate(ref))
+    with pytest.raises(FileNotFoundError, match="nor one of that name or alias in its subfolders"):
+        apply_prompt_loras(pipe, "a <lora:b:1>", root)
 
 
 def test_a_refused_prompt_changes_nothing(files, tmp_path):

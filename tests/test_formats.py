@@ -85,7 +85,7 @@ def test_kohya_keys_alpha_and_metadata(tmp_path, pipe0, lora):
     assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8.0"
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert header["modelspec.trigger_phrase"] == "sks"
-    assert header["ss_output_name"] == "style"
+    assert header["ss_output_name"] == "k"  # A1111's alias, as kohya writes it: the file's name, not the adapter's
 
 
 def test_kohya_roundtrip_tensors_and_alpha(lora):
