@@ -118,11 +118,15 @@ def test_lbw_sdxl_vector_weights_the_sdxl_blocks():
              ("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"): 0.6,
              ("unet", "up_blocks.0.attentions.2.proj_out"): 0.9,
              ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"): 1.1,
-             ("unet", "down_blocks.0.resnets.0.conv1"): 1.0}  # IN01: not in the SDXL vector
+             ("unet", "down_blocks.0.resnets.0.conv1"): 0.0,  # IN01: not in the 12, so 0, as in the LBW extension
+             ("unet", "time_embedding.linear_1"): 1.0}  # in no block
     for (component, path), factor in cases.items():
         assert block_factor(values, component, path) == factor, (component, path)
-    with pytest.raises(ValueError, match="17 values.*or 12"):
+    with pytest.raises(ValueError, match="17 values.*12 for SDXL.*26 .SD1. or 20 .SDXL.; got 13"):
         block_factor([1.0] * 13, "unet", "mid_block.attentions.0.proj_in")
+    every = [0.5] + [0.25 * i for i in range(1, 19)] + [2.0]  # the 20 of every block: BASE, IN00-IN08, MID, OUT00-OUT08
+    assert block_factor(every, "unet", "down_blocks.0.resnets.0.conv1") == 0.5 and block_factor(every, "unet", "conv_in") == 0.25
+    assert block_factor(every, "unet", "up_blocks.2.resnets.2.conv1") == 2.0 and block_factor(every, "unet", "mid_block.resnets.0.conv1") == 2.5
 
 
 def test_bake_an_sdxl_pipeline(tmp_path):
