@@ -202,7 +202,10 @@ def from_kohya(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     return read_modules(state, source, canonical_key, "kohya")
 
 
-ARCHITECTURES = ("sd1", "sd2", "sdxl")  # our metadata's ``architecture`` (``save_lora`` sets it from the UNet)
+# our metadata's ``architecture`` (``save_lora`` sets it from the UNet) -> (``ss_base_model_version``,
+# ``modelspec.architecture`` prefix)
+ARCHITECTURE_SPECS = {"sd1": ("sd_v1", "stable-diffusion-v1"), "sd2": ("sd_v2", "stable-diffusion-v2-512"),
+                      "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base")}
 
 
 def _architecture_spec(lora, metadata: dict | None = None) -> tuple[str, str]:
@@ -212,12 +215,10 @@ def _architecture_spec(lora, metadata: dict | None = None) -> tuple[str, str]:
     from .formats import guess_architecture
 
     known = (metadata or {}).get("architecture")
-    guess = {"sdxl": "SDXL", "sd2": "SD 2", "sd1": "SD 1"}.get(known) if known in ARCHITECTURES else guess_architecture(lora)
-    if guess.startswith("SDXL"):
-        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
-    if guess.startswith("SD 2"):
-        return "sd_v2", "stable-diffusion-v2-512"
-    return "sd_v1", "stable-diffusion-v1"
+    if isinstance(known, str) and known in ARCHITECTURE_SPECS:  # (a file's metadata may hold anything)
+        return ARCHITECTURE_SPECS[known]
+    guess = guess_architecture(lora)
+    return ARCHITECTURE_SPECS["sdxl" if guess.startswith("SDXL") else "sd2" if guess.startswith("SD 2") else "sd1"]
 
 
 def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
