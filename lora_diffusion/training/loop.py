@@ -368,7 +368,7 @@ def _optimizer_class(config: TrainConfig):
 
 
 def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
-    previous = [name for name in outputs.output_names(output_dir) if (output_dir / name).exists()]
+    previous = outputs.run_outputs(output_dir)
     for aside in output_dir.glob(f"{PREVIOUS_RUN}*"):
         logger.warning("%s holds the outputs of a run that an interrupted --overwrite run set aside; move them back "
                        "or delete the folder", aside)
@@ -387,7 +387,7 @@ class _PreviousRun:
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
         self.aside: Path | None = None
-        names = [name for name in outputs.output_names(output_dir) if (output_dir / name).exists()]
+        names = outputs.run_outputs(output_dir)
         if names:
             self.aside = Path(tempfile.mkdtemp(prefix=PREVIOUS_RUN, dir=output_dir))
             for name in names:
@@ -402,7 +402,7 @@ class _PreviousRun:
         if (self.output_dir / outputs.LORA_NAME).exists() or outputs.list_checkpoints(self.output_dir):
             shutil.rmtree(self.aside)
         else:
-            for name in outputs.output_names(self.output_dir):
+            for name in outputs.run_outputs(self.output_dir):
                 path = self.output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             for item in self.aside.iterdir():
@@ -526,7 +526,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if config.resume_from_checkpoint:
         if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
             # a run stopped before its first checkpoint: start afresh, replacing what it wrote (log, plot, samples)
-            stopped = [name for name in outputs.output_names(output_dir) if (output_dir / name).exists()]
+            stopped = outputs.run_outputs(output_dir)
             if outputs.LORA_NAME in stopped and not config.overwrite:
                 raise ConfigError(f"--resume_from_checkpoint latest: {output_dir} holds a finished LoRA but no checkpoint to "
                                   "continue from; pass --overwrite to replace it, or another --output_dir")

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "atomic_path",
     "OUTPUT_NAMES",
-    "output_names",
+    "run_outputs",
     "kohya_name",
     "LORA_NAME",
     "list_checkpoints",
@@ -59,9 +59,9 @@ def kohya_name(output_dir: str | os.PathLike) -> str:
     return "lora_kohya.safetensors" if name == LORA_NAME else name
 
 
-def output_names(output_dir: str | os.PathLike) -> tuple[str, ...]:
-    """``OUTPUT_NAMES`` with the kohya copy's name for ``output_dir``: what a run there writes."""
-    return (*OUTPUT_NAMES, kohya_name(output_dir))
+def run_outputs(output_dir: str | os.PathLike) -> list[str]:
+    """The names in ``output_dir`` of what a run there writes (``OUTPUT_NAMES`` and its kohya copy) that exist."""
+    return [name for name in (*OUTPUT_NAMES, kohya_name(output_dir)) if (Path(output_dir) / name).exists()]
 
 
 @contextlib.contextmanager
