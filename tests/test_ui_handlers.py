@@ -653,6 +653,34 @@ def test_a_trained_lora_whose_name_was_taken_anyway_goes_in_under_a_free_name(tm
         assert j.result.path.read_bytes() == lora_files["ink"].read_bytes()
 
 
+def test_a_kohya_training_job_puts_a_kohya_file_in_the_library(tmp_path, lora_files, model_dir):
+    """Train tab's "Save as kohya": the library file is the trained LoRA in kohya's format, named (and aliased, A1111's
+    ``ss_output_name``) as the library names it, for a completed run and for a cancelled one's checkpoint alike."""
+    from ui.handlers import TrainRequest
+
+    gate = threading.Semaphore(0)
+    backend = Backend(model_dir, tmp_path / "loras", train_fn=_fake_train(lora_files["ink"], gate))
+    images = [(str(p), "a square") for p in make_images(tmp_path / "imgs", 2)]
+    with pytest.raises(UIError, match="format must be one of diffusers, kohya, got 'a1111'"):
+        backend.start_training(TrainRequest("jk", images, max_train_steps=1, format="a1111"))
+    done = backend.start_training(TrainRequest("jk", images, max_train_steps=1, format="kohya"))
+    stopped = backend.start_training(TrainRequest("jk_stop", images, max_train_steps=50, format="kohya"))
+    gate.release(3)
+    assert done.done_event.wait(10) and _wait(lambda: stopped.step >= 2)
+    backend.cancel_training(stopped)
+    gate.release(100)
+    assert stopped.done_event.wait(10)
+    assert (done.status, stopped.status) == ("done", "cancelled"), (done.message, stopped.message)
+    trained, _ = read_lora_file(lora_files["ink"])
+    for name in ("jk", "jk_stop"):
+        lora, header = read_lora_file(backend.library.path_for(name))
+        assert header["_format"] == "kohya" and header["ss_output_name"] == name
+        assert backend.library.info(name).format == "kohya"
+        assert lora.keys() == trained.keys()
+        for key, w in trained.items():
+            assert torch.equal(lora[key].A, w.A) and torch.equal(lora[key].B, w.B) and lora[key].alpha == w.alpha
+
+
 def _overflowing_lora(src, dest, component):
     """``src`` with one layer of ``component`` (``unet`` or ``text_encoder``) whose factors are finite (a file with
     NaN is refused when read) but whose fused weight overflows fp32."""

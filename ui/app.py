@@ -126,7 +126,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         use_dora = gr.Checkbox(False, label="DoRA (also a magnitude per output row)")
                         resolution = gr.Number(0, label="Resolution (0: the model's own)", precision=0)
                         train_seed = gr.Number(0, label="Seed", precision=0)
-                    val_prompt = gr.Textbox(label="Validation prompt (samples while training)")
+                    with gr.Row():
+                        val_prompt = gr.Textbox(label="Validation prompt (samples while training)", scale=3)
+                        train_format = gr.Radio(["diffusers", "kohya"], value="diffusers", scale=2,
+                                                label="Save as (kohya: also loads in A1111 and ComfyUI)")
                     with gr.Row():
                         start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
                         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -227,7 +230,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
             return caption_rows(paths)
 
-        def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed):
+        def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
+                     fmt):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -237,7 +241,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     name=name or "", images=[(p, by_name.get(Path(p).name, "")) for p in paths], mode=mode,
                     token=token or "", rank=_whole(rank, "the rank"), max_train_steps=_whole(steps, "steps"),
                     learning_rate=_number(lr, "the learning rate"), text_encoder_lr=_number(te_lr, "the text-encoder learning rate"), train_text_encoder=bool(train_te), use_dora=bool(dora), resolution=_whole(res, "the resolution", 0) or None,
-                    validation_prompt=val_prompt or "", seed=_whole(seed, "the seed", 0),
+                    validation_prompt=val_prompt or "", seed=_whole(seed, "the seed", 0), format=fmt or "diffusers",
                 )
                 job = backend.start_training(req)
             except (UIError, LoraFormatError) as e:
@@ -305,7 +309,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         start_btn.click(
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
-             val_prompt, train_seed],
+             val_prompt, train_seed, train_format],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time

@@ -35,7 +35,8 @@ import torch
 
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
-from lora_diffusion.formats import LoraFormatError
+from lora_diffusion.formats import WRITERS, LoraFormatError
+from lora_diffusion.tools import convert_lora
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
 
@@ -355,6 +356,7 @@ class TrainRequest:
     resolution: int | None = None
     validation_prompt: str = ""
     seed: int = 0
+    format: str = "diffusers"  # the library file's: "kohya" loads in A1111 and ComfyUI too
     extra: dict = field(default_factory=dict)  # any other TrainConfig fields, e.g. {"num_validation_images": 2}
 
 
@@ -366,6 +368,7 @@ class TrainJob:
     name: str
     config: Any
     output_dir: Path
+    format: str = "diffusers"  # the library file's (TrainRequest.format)
     status: str = "queued"  # queued | running | done | cancelled | failed
     step: int = 0
     max_steps: int = 0
@@ -779,6 +782,8 @@ class Backend:
             raise UIError("add some training images first")
         if not 1 <= int(req.max_train_steps) <= 100_000 or not 1 <= int(req.rank) <= 1024:
             raise UIError("steps must be 1-100000 and rank 1-1024")
+        if req.format not in WRITERS:
+            raise UIError(f"the LoRA format must be one of {', '.join(sorted(WRITERS))}, got {req.format!r}")
         if req.resolution is not None and not 8 <= int(req.resolution) <= MAX_TRAIN_RESOLUTION:
             raise UIError(f"the training resolution must be 8-{MAX_TRAIN_RESOLUTION}, got {req.resolution}")
         _seed(req.seed)
@@ -824,7 +829,8 @@ class Backend:
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)  # no copies of the user's images are left behind
             raise
-        job = TrainJob(id=job_id, name=name, config=config, output_dir=job_dir / "out", skipped_images=skipped)
+        job = TrainJob(id=job_id, name=name, config=config, output_dir=job_dir / "out", format=req.format,
+                       skipped_images=skipped)
         job.max_steps = int(req.max_train_steps)
         logger.info("queued training job %d (%s) on %d images", job_id, name, count)
         return self.queue.submit(job)
@@ -889,8 +895,10 @@ class Backend:
         job.step = int(getattr(result, "global_step", job.step) or job.step)
         name = self._claim_free_name(job)  # the job's name, unless a LoRA got it meanwhile (never lose the result)
         try:
+            if job.format != "diffusers":  # named as the library names it: A1111's alias (ss_output_name) is the name
+                weights = convert_lora(weights, job.output_dir / f"{name}.safetensors", to=job.format, overwrite=True)
             job.result = self.library.add_file(weights, name, sample=sample, check_size=False)
-        except (UIError, OSError) as e:
+        except (UIError, OSError, ValueError) as e:
             job.status, job.message = "failed", f"could not add the LoRA to the library ({e}); it is in {weights}"
             return
         finally:
