@@ -248,10 +248,11 @@ def _bundled(pairs, headers) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _refuse_dora(lora: Lora, source: str) -> None:
-    key = next((k for k, w in lora.items() if w.magnitude is not None), None)
+def _refuse_base_dependent(lora: Lora, source: str) -> None:
+    key = next((k for k, w in lora.items() if w.magnitude is not None or w.oft is not None), None)
     if key is not None:
-        raise ValueError(f"{source}: {key} is a DoRA module, whose delta depends on the base model's weights: it cannot be "
+        kind = "a DoRA module" if lora[key].magnitude is not None else lora[key].oft.described
+        raise ValueError(f"{source}: {key} is {kind}, whose delta depends on the base model's weights: it cannot be "
                          "merged without them. Load the files into a pipeline (load_lora, set_adapters, fuse) or bake them")
 
 
@@ -282,7 +283,7 @@ def merge_lora_dicts(
     if not loras:
         raise ValueError("nothing to merge")
     for lora, _ in loras:
-        _refuse_dora(lora, "a LoRA to merge")
+        _refuse_base_dependent(lora, "a LoRA to merge")
     keys = list(dict.fromkeys(k for lora, _ in loras for k in lora))
     merged: Lora = {}
     errors: dict[str, float] = {}
@@ -340,7 +341,7 @@ def merge_loras(
     loras = [(lora, float(w)) for (lora, _, _), (_, w) in zip(read, pairs)]
     params = merge_params([(p, float(w)) for (_, p, _), (_, w) in zip(read, pairs)])
     for (path, _), (lora, _) in zip(pairs, loras):
-        _refuse_dora(lora, str(path))
+        _refuse_base_dependent(lora, str(path))
     embeddings = _bundled(pairs, [header for _, _, header in read])
     if embeddings and format != "kohya":
         raise ValueError(f"the inputs bundle the embeddings {', '.join(embeddings)}, which a {format} file cannot hold: "

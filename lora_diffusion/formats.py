@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .oft import Oft
 from .params import ParamDelta
 
 logger = logging.getLogger(__name__)
@@ -79,12 +80,16 @@ class LoraWeights(NamedTuple):
 
     ``magnitude``: a DoRA module's magnitude ``m`` (``W' = m * V / ||V||``, ``V = W + alpha/r * B A``), shaped to
     broadcast against the layer's weight: ``[out, 1, ...]`` normalises each output row (PEFT, LyCORIS'
-    ``wd_on_output``), ``[1, in, ...]`` each input column (LyCORIS' first DoRA, A1111). See ``lora_diffusion.dora``."""
+    ``wd_on_output``), ``[1, in, ...]`` each input column (LyCORIS' first DoRA, A1111). See ``lora_diffusion.dora``.
+
+    ``oft``: an OFT / BOFT module (``lora_diffusion.oft.Oft``), which rotates the weight it is loaded onto; its
+    ``A`` and ``B`` are then empty (rank 0, ``B`` ``[out, 0]``) and it becomes that layer's exact delta when loaded."""
 
     A: torch.Tensor
     B: torch.Tensor
     alpha: float
     magnitude: torch.Tensor | None = None
+    oft: Oft | None = None
 
     @property
     def rank(self) -> int:
@@ -165,6 +170,10 @@ def check_components(lora: Lora, format: str) -> None:
     if unknown:
         example = next(k for k in lora if k.split(".", 1)[0] == unknown[0])
         raise LoraFormatError(f"the {format} format has no place for component {unknown[0]!r} (e.g. {example}); it holds {FILE_COMPONENTS}")
+    oft = next((k for k, w in lora.items() if w.oft is not None), None)
+    if oft is not None:
+        raise LoraFormatError(f"{oft} is {lora[oft].oft.described}, which rotates the base model's weights: it is "
+                              f"loaded (load_lora) or baked into a checkpoint (lora-diffusion bake), not written as {format}")
 
 
 def to_diffusers(lora: Lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -338,8 +347,8 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
 
 def guess_architecture(lora: Lora) -> str:
     """A short description of the model a LoRA was made for, from its key names and shapes."""
-    te_dims = {w.A.shape[1] for k, w in lora.items() if k.startswith("text_encoder.") and "self_attn" in k}
-    cross = {w.A.shape[1] for k, w in lora.items() if k.startswith("unet.") and "attn2.to_k" in k}
+    te_dims = {w.A.shape[1] for k, w in lora.items() if k.startswith("text_encoder.") and "self_attn" in k and w.oft is None}
+    cross = {w.A.shape[1] for k, w in lora.items() if k.startswith("unet.") and "attn2.to_k" in k and w.oft is None}
     if any(k.startswith("text_encoder_2.") for k in lora) or 2048 in cross:
         return "SDXL (two text encoders, 2048-d cross-attention)"
     hints = []
@@ -400,7 +409,8 @@ def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None 
     if lycoris:
         kinds = ", ".join(f"{name} ({n} keys)" for name, n in sorted(lycoris.items()))
         example = next(k for k in state if any(f in k for f in _LYCORIS))
-        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon/LoHa/LoKr/DoRA/full deltas; e.g. key {example!r}")
+        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon/LoHa/LoKr/DoRA/OFT/BOFT/full "
+                              f"deltas; e.g. key {example!r}")
     if not state:
         raise LoraFormatError("no tensors: not a LoRA")
     # name the keys that spoil the closest format (the one most keys fit), not keys that are fine

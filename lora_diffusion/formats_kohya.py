@@ -31,7 +31,9 @@ import torch
 __all__ = ["to_kohya", "from_kohya", "is_kohya", "kohya_name", "canonical_key", "module_path_from_kohya", "KOHYA_PREFIXES"]
 
 # kohya prefix <-> canonical component
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+# (``oft_unet_``: kohya's networks.oft names its UNet modules so)
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                  "oft_unet_": "unet"}
 _WRITE_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 _SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
 

@@ -1,4 +1,5 @@
-"""LyCORIS LoHa, LoKr, Tucker-LoCon, DoRA and full-delta files, read as exact LoRA factors.
+"""LyCORIS LoHa, LoKr, Tucker-LoCon, DoRA, OFT / BOFT and full-delta files, read as exact LoRA factors (DoRA and
+OFT: as what they make of the weight they are loaded onto, ``lora_diffusion.dora``, ``lora_diffusion.oft``).
 
 These files name modules as kohya does (``lora_unet_..._to_q``, ``lora_te_...``) and hold, per module, one of:
 
@@ -7,6 +8,8 @@ These files name modules as kohya does (``lora_unet_..._to_q``, ``lora_te_...``)
   ``dW = s * (W1a W1b) * (W2a W2b)``, a Hadamard (elementwise) product;
 - LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b`` (+ ``lokr_t2``): ``dW = s * kron(W1, W2)``;
 - a full delta (A1111's ``network_full``): ``diff``, in the weight's own shape, ``dW = diff``;
+- OFT / BOFT: ``oft_blocks`` (+ ``rescale``; ``alpha`` is its constraint) or ``oft_diag``, kept as
+  ``LoraWeights.oft`` (empty factors) and resolved against the layer it is loaded into (``lora_diffusion.oft``);
 
 each with an optional ``alpha``. ``s = alpha / dim``, ``dim`` being the inner width of the factors (LoHa: ``hada_w1_b``'s
 rows; LoKr: ``lokr_w2_b``'s, else ``lokr_w1_b``'s), and 1 where there is no alpha or no decomposed factor: what
@@ -42,6 +45,7 @@ LYCORIS_SUFFIXES = {
     ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
     ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
     ".diff": "diff", ".diff_b": "diff_b", ".dora_scale": "dora_scale",
+    ".oft_blocks": "oft_blocks", ".oft_diag": "oft_diag", ".rescale": "rescale",
 }  # fmt: skip
 _SUFFIX_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(LYCORIS_SUFFIXES, key=len, reverse=True)) + ")$")
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
@@ -71,7 +75,7 @@ def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     roles = [_split(k) for k in state]
     if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
         return False
-    return any(role.startswith(("hada_", "lokr_")) or role in ("mid", "diff", "diff_b", "dora_scale") for _, role in roles)
+    return any(role.startswith(("hada_", "lokr_", "oft_")) or role in ("mid", "diff", "diff_b", "dora_scale") for _, role in roles)
 
 
 def module_kinds(keys: list[str]) -> dict[str, int]:
@@ -91,9 +95,10 @@ def module_kinds(keys: list[str]) -> dict[str, int]:
 
 
 def _kinds(roles) -> set[str]:
-    """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, full, LoRA."""
-    return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "full" if r == "diff" else "LoRA"
-            for r in roles if r not in ("alpha", "dora_scale", "diff_b")}
+    """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, OFT (BOFT too), full,
+    LoRA."""
+    return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "full" if r == "diff" else
+            "OFT" if r.startswith("oft_") or r == "rescale" else "LoRA" for r in roles if r not in ("alpha", "dora_scale", "diff_b")}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -231,6 +236,26 @@ def _lora_weights(u: torch.Tensor, v: torch.Tensor, kernel: tuple[int, ...] | No
     return LoraWeights(v.to(dtype).contiguous(), u.to(dtype).contiguous(), float(rank))
 
 
+def _oft(p: dict[str, torch.Tensor], alpha: float | None, magnitude: torch.Tensor | None, kohya: bool):
+    """An OFT / BOFT module's keys as ``LoraWeights`` holding ``oft`` (empty factors, rank 0)."""
+    from .formats import LoraWeights
+    from .oft import Oft, check_blocks
+
+    if "oft_blocks" in p and "oft_diag" in p:
+        raise _Error("has both oft_blocks and oft_diag; an OFT module has one")
+    blocks = p.get("oft_blocks", p.get("oft_diag"))
+    if blocks is None:
+        raise _Error(f"has only {sorted(p)}: no oft_blocks")
+    if magnitude is not None:
+        raise _Error("has OFT blocks and a DoRA magnitude (dora_scale): not supported")
+    oft = Oft(blocks, "oft_diag" in p, alpha or 0.0, p.get("rescale"), kohya)
+    try:
+        check_blocks(oft)
+    except ValueError as e:
+        raise _Error(str(e)) from None
+    return LoraWeights(blocks.new_zeros(0, 0), blocks.new_zeros(oft.out, 0), 0.0, oft=oft)
+
+
 def dense_lora(delta: torch.Tensor, dtype: torch.dtype | None = None):
     """A dense delta ``[out, in(, k, k)]`` as exact LoRA factors, ``delta`` beside an identity (the thinner of
     ``delta @ I`` and ``I @ delta``; alpha = rank), conv-shaped for a conv's; in ``dtype`` (default: the delta's,
@@ -284,6 +309,12 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             raise LoraFormatError(f"{source}: {name} has {', '.join(scalars)} as a single number, not a tensor shaped "
                                   "for the layer")
         magnitude = p.get("dora_scale")
+        if kinds == {"OFT"}:  # rotates the weight it is loaded onto (lora_diffusion.oft)
+            try:
+                lora[key] = _oft(p, alpha, magnitude, name.startswith("oft_unet_"))
+            except _Error as e:
+                raise LoraFormatError(f"{source}: {name} {e}") from None
+            continue
         if kinds <= {"full"}:  # a full delta (A1111's network_full): the weight's own shape, scale 1
             if "diff" not in p:
                 raise LoraFormatError(f"{source}: {name} has only {sorted(p)}: no factors (lora_down / lora_up, hada_*, lokr_* or diff)")

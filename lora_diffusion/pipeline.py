@@ -42,6 +42,7 @@ from .formats import (
     write_lora_file,
 )
 from .dora import as_dense
+from .oft import oft_delta
 from .formats_lycoris import dense_lora
 from .params import ParamDelta, param_deltas
 from .inject import DETACHED_ATTR, MERGE_CACHE_ATTR, attach, detach, lora_layers, unwrap, unwrap_layer, wrap_layer
@@ -248,6 +249,12 @@ def _plan(
         base = layer.base_layer if isinstance(layer, LoraLayer) else layer
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise LoraFormatError(f"{source}: {component}.{path} targets a {type(base).__name__}, not a Linear or Conv2d")
+        _check_projection(source, f"{component}.{path}", w)
+        if w.oft is not None:  # OFT / BOFT: the exact delta on this layer's own (unfused) weight
+            try:
+                w = dense_lora(oft_delta(w.oft, layer.original_weight if isinstance(layer, LoraLayer) else base.weight))
+            except ValueError as e:
+                raise LoraFormatError(f"{source}: {component}.{path} {e}") from None
         expect = _expected_shapes(base, w.rank)
         w = _conv_shaped(w, expect)
         if (tuple(w.A.shape), tuple(w.B.shape)) != expect:
@@ -256,7 +263,6 @@ def _plan(
                 f"the model's {type(base).__name__} {tuple(base.weight.shape)} needs {expect[0]} / {expect[1]}. "
                 f"The file looks made for {guess_architecture(lora)}."
             )
-        _check_projection(source, f"{component}.{path}", w)
         if isinstance(layer, LoraLayer) and adapter in layer.specs:
             raise ValueError(f"adapter {adapter!r} is already loaded in {component}; pass another adapter= name")
         if w.magnitude is None and w.rank > min(base.weight.shape[0], base.weight[0].numel()):
@@ -320,6 +326,8 @@ def _unmatched(missing: list[tuple[str, LoraWeights | ParamDelta]], matched: boo
     def zero(w) -> bool:
         if isinstance(w, ParamDelta) and w.delta is not None:
             return not bool(w.delta.any())
+        if getattr(w, "oft", None) is not None:  # (zero oft_blocks rotate nothing; zero oft_diag rotations do)
+            return not w.oft.rotations and not bool(w.oft.blocks.any()) and w.oft.rescale is None
         return getattr(w, "magnitude", None) is None and not (bool(w.A.any()) and bool(w.B.any()))  # (DoRA rescales W)
 
     if matched:
@@ -347,6 +355,8 @@ def _check_projection(source: str, key: str, w: LoraWeights | ParamDelta) -> Non
     ``_skipped_projection``)."""
     if PROJECTION in key.split("."):
         tensors = {name: t for name, t in w._asdict().items() if isinstance(t, torch.Tensor)}
+        if getattr(w, "oft", None) is not None:
+            tensors.update({f"oft {name}": t for name, t in w.oft._asdict().items() if isinstance(t, torch.Tensor)})
         bad = first_non_finite(tensors)
         if bad is not None:
             raise LoraFormatError(f"{source}: {key} ({bad}) holds NaN or Inf values; factors and alphas must be finite")
@@ -456,8 +466,8 @@ def load_lora(
     ``weight`` beside those already loaded; a fused pipeline stays fused with it included. A LoRA trained with
     a learned token (``--pivotal_tuning``) brings it along: the ``embeddings.safetensors`` its metadata names,
     beside it, is added to the tokenizer and text encoder (``pipe.load_textual_inversion``), once; so are embeddings
-    bundled in the file (``bundle_emb.*``). A DoRA module becomes the exact delta it makes on this pipeline's own
-    weights (``lora_diffusion.dora``); deltas to biases, norms and embedding tables go into those parameters
+    bundled in the file (``bundle_emb.*``). A DoRA or OFT / BOFT module becomes the exact delta it makes on this
+    pipeline's own weights (``lora_diffusion.dora``, ``lora_diffusion.oft``); deltas to biases, norms and embedding tables go into those parameters
     (``lora_diffusion.params``).
 
     Example:

@@ -341,15 +341,16 @@ def inspect_lora(path: str | os.PathLike) -> dict:
             words += [t for t, _ in freq.most_common(5)]
         except (ValueError, AttributeError):
             pass
-    params = sum(w.A.numel() + w.B.numel() for w in lora.values())
+    params = sum(w.A.numel() + w.B.numel() + (w.oft.blocks.numel() if w.oft is not None else 0) for w in lora.values())
     dtypes = Counter(str(w.A.dtype).removeprefix("torch.") for w in lora.values())
+    factored = [w for w in lora.values() if w.oft is None]  # (an OFT module has blocks, no rank or alpha)
     return {
         "file": str(path),
         "format": fmt,
         "architecture": guess_architecture(lora),
         "layers": dict(Counter(k.split(".", 1)[0] for k in lora)),
-        "ranks": dict(sorted(Counter(w.rank for w in lora.values()).items())),
-        "alphas": dict(sorted(Counter(float(w.alpha) for w in lora.values()).items())),
+        "ranks": dict(sorted(Counter(w.rank for w in factored).items())),
+        "alphas": dict(sorted(Counter(float(w.alpha) for w in factored).items())),
         "targets": dict(sorted(Counter(_target_pattern(k) for k in lora).items())),
         "conv_layers": sum(1 for w in lora.values() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)),
         "params": params,

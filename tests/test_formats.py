@@ -292,9 +292,9 @@ def test_other_architectures_are_named(tmp_path):
     assert inspect_lora(tmp_path / "sdxl.safetensors")["architecture"].startswith("SDXL")
 
 
-@pytest.mark.parametrize("keys, kind", [(("a1.weight", "a2.weight", "b1.weight", "b2.weight"), "GLoRA"), (("oft_blocks",), "OFT")])
+@pytest.mark.parametrize("keys, kind", [(("a1.weight", "a2.weight", "b1.weight", "b2.weight"), "GLoRA"), (("weight", "on_input"), r"\(IA\)\^3")])
 def test_lycoris_types_are_refused_by_name(tmp_path, keys, kind):
-    """(LoHa, LoKr and DoRA load: tests/test_lycoris.py, tests/test_dora.py.)"""
+    """(LoHa, LoKr, DoRA and OFT load: tests/test_lycoris.py, tests/test_dora.py, tests/test_oft.py.)"""
     state = {f"lora_unet_down_blocks_1_attentions_0_proj_in.{k}": torch.zeros(4, 4) for k in keys}
     state["lora_unet_down_blocks_1_attentions_0_proj_in.alpha"] = torch.tensor(4.0)
     save_file(state, str(tmp_path / "lyco.safetensors"))

@@ -178,8 +178,8 @@ def test_pipeline_equals_peft(tmp_path, tucker):
 
 def test_mixed_file_and_errors(tmp_path):
     """A file that mixes LoRA and LoHa modules loads both; a LoHa module without its second half, one module
-    with LoHa and LoRA keys, an OFT module and a factor given as one number are refused, each naming the module or
-    key."""
+    with LoHa and LoRA keys, one with LoHa and OFT keys and a factor given as one number are refused, each naming the
+    module or key."""
     g = torch.Generator().manual_seed(0)
     loha = {"hada_w1_a": torch.randn(64, 2, generator=g), "hada_w1_b": torch.randn(2, 64, generator=g),
             "hada_w2_a": torch.randn(64, 2, generator=g), "hada_w2_b": torch.randn(2, 64, generator=g)}  # fmt: skip
@@ -201,7 +201,7 @@ def test_mixed_file_and_errors(tmp_path):
 
     refused({f"{q}.hada_w1_a": loha["hada_w1_a"], f"{q}.hada_w1_b": loha["hada_w1_b"]}, f"{q} is LoHa but has no hada_w2_a, hada_w2_b")
     refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.lora_down.weight": torch.zeros(2, 64)}, f"{q} mixes LoHa and LoRA keys")
-    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.oft_blocks": torch.ones(4, 16, 16)}, "OFT .*not supported yet")
+    refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.oft_blocks": torch.ones(4, 16, 16)}, f"{q} mixes LoHa and OFT keys")
     refused({**{f"{q}.{r}": t for r, t in loha.items()}, f"{q}.hada_w2_b": torch.zeros(2, 63)}, f"{q} has LoHa halves that do not fit together")
     refused({f"{q}.lokr_w1": torch.zeros(2, 2), f"{q}.lokr_w2_a": torch.zeros(16, 2)}, f"{q} is LoKr but has neither lokr_w2 nor both")
     # a factor given as one number (an IndexError from deep inside before)

@@ -179,8 +179,9 @@ class LoraLibrary:
                     meta.get("base_model") or meta.get("pretrained_model_name_or_path") or header.get("ss_sd_model_name")
                     or header.get("modelspec.architecture") or ""
                 )
-                ranks = sorted({w.rank for w in lora.values()})
-                info.rank = ", ".join(map(str, ranks))
+                ranks = sorted({w.rank for w in lora.values() if w.oft is None})
+                kinds = sorted({w.oft.kind for w in lora.values() if w.oft is not None})  # (no rank: blocks)
+                info.rank = ", ".join([*map(str, ranks), *kinds])
                 info.components = sorted({k.split(".", 1)[0] for k in lora})
                 info.trigger_words = _trigger_words(meta, header)
             self._cache[name] = (key, info)
