@@ -45,7 +45,7 @@ LYCORIS_SUFFIXES = {
     ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
     ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
     ".diff": "diff", ".diff_b": "diff_b", ".dora_scale": "dora_scale",
-    ".oft_blocks": "oft_blocks", ".oft_diag": "oft_diag", ".rescale": "rescale",
+    ".oft_blocks": "oft_blocks", ".oft_diag": "oft_diag", ".rescale": "rescale", ".w_norm": "w_norm", ".b_norm": "b_norm",
 }  # fmt: skip
 _SUFFIX_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(LYCORIS_SUFFIXES, key=len, reverse=True)) + ")$")
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
@@ -56,6 +56,9 @@ _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
 # reshapes flattened and 1x1 factors to fit them, as A1111 does.)
 _CONV3 = re.compile(r"(^|\.)(conv1|conv2|conv_in|conv_out|(down|up)samplers\.\d+\.conv)$")
 _CONV1 = re.compile(r"\.(conv_shortcut|proj_in|proj_out)$")
+
+
+_PARAM_ROLES = ("alpha", "dora_scale", "diff_b", "w_norm", "b_norm")  # roles that are no adapter kind of their own
 
 
 class _Error(ValueError):
@@ -75,7 +78,8 @@ def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     roles = [_split(k) for k in state]
     if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
         return False
-    return any(role.startswith(("hada_", "lokr_", "oft_")) or role in ("mid", "diff", "diff_b", "dora_scale") for _, role in roles)
+    return any(role.startswith(("hada_", "lokr_", "oft_")) or role in ("mid", "diff", "diff_b", "dora_scale", "w_norm", "b_norm")
+               for _, role in roles)
 
 
 def module_kinds(keys: list[str]) -> dict[str, int]:
@@ -89,7 +93,8 @@ def module_kinds(keys: list[str]) -> dict[str, int]:
 
     def kind(rs: set[str]) -> str:
         kinds = "/".join(sorted(_kinds(rs)))
-        return (kinds or "bias") + ("+bias" if kinds and "diff_b" in rs else "") + ("+DoRA" if "dora_scale" in rs else "")
+        alone = "norm" if rs & {"w_norm", "b_norm"} else "bias"  # (a module with parameter deltas only)
+        return (kinds or alone) + ("+bias" if kinds and "diff_b" in rs else "") + ("+DoRA" if "dora_scale" in rs else "")
 
     return dict(sorted(Counter(kind(rs) for rs in roles.values()).items()))
 
@@ -98,7 +103,7 @@ def _kinds(roles) -> set[str]:
     """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, OFT (BOFT too), full,
     LoRA."""
     return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "full" if r == "diff" else
-            "OFT" if r.startswith("oft_") or r == "rescale" else "LoRA" for r in roles if r not in ("alpha", "dora_scale", "diff_b")}
+            "OFT" if r.startswith("oft_") or r == "rescale" else "LoRA" for r in roles if r not in _PARAM_ROLES}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -296,12 +301,12 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             raise LoraFormatError(f"{source}: two {naming} names map to the same module {key} (one is {name})")
         alpha = float(p["alpha"].float().item()) if "alpha" in p else None
         embedding = _EMBEDDING.search(key) is not None
-        if "diff_b" in p or ("diff" in p and p["diff"].dim() < 2) or embedding:  # parameter deltas
+        if "diff_b" in p or "w_norm" in p or "b_norm" in p or ("diff" in p and p["diff"].dim() < 2) or embedding:  # parameter deltas
             try:
                 params.update(_param_deltas(key, p, alpha, embedding))
             except _Error as e:
                 raise LoraFormatError(f"{source}: {name} {e}") from None
-            p = {role: t for role, t in p.items() if role != "diff_b" and not (role == "diff" and t.dim() < 2)}
+            p = {role: t for role, t in p.items() if role not in ("diff_b", "w_norm", "b_norm") and not (role == "diff" and t.dim() < 2)}
             if not set(p) - {"alpha"} or embedding:
                 continue
         scalars = sorted(role for role, t in p.items() if role != "alpha" and t.dim() == 0)
@@ -357,17 +362,24 @@ _EMBEDDING = re.compile(r"\.embeddings\.(token_embedding|position_embedding)$")
 
 def _param_deltas(key: str, p: dict[str, torch.Tensor], alpha: float | None, embedding: bool) -> dict:
     """A module's deltas to parameters outside the LoRA layers (``lora_diffusion.params``): ``diff_b`` to its bias,
-    a 1-D ``diff`` to its weight (a norm's scale), a ``diff`` or LoRA factors to an embedding table."""
+    a 1-D ``diff`` to its weight (a norm's scale), a ``diff`` or LoRA factors to an embedding table; LyCORIS' norm
+    deltas, ``w_norm`` to a norm's weight and ``b_norm`` to its bias (added, times the weight, as LyCORIS, A1111 and
+    ComfyUI add them)."""
     from .params import ParamDelta
 
     other = sorted(set(p) - {"down", "up", "alpha", "diff", "diff_b"}) if embedding else []
     if other:
         raise _Error(f"is an embedding table, which takes a plain LoRA or a full delta, not {', '.join(other)}")
+    for a, b in (("diff_b", "b_norm"), ("diff", "w_norm")):
+        if a in p and b in p:
+            raise _Error(f"has both {a} and {b}, two deltas to one parameter")
     out = {}
-    if "diff_b" in p:
-        out[f"{key}.bias"] = ParamDelta(p["diff_b"])
+    if "diff_b" in p or "b_norm" in p:
+        out[f"{key}.bias"] = ParamDelta(p["diff_b"] if "diff_b" in p else p["b_norm"])
     if "diff" in p and (p["diff"].dim() < 2 or embedding):
         out[f"{key}.weight"] = ParamDelta(p["diff"])
+    if "w_norm" in p:
+        out[f"{key}.weight"] = ParamDelta(p["w_norm"])
     if embedding and ("down" in p or "up" in p):
         down, up = p.get("down"), p.get("up")
         if down is None or up is None or down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:

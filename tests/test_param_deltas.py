@@ -140,6 +140,48 @@ def test_convert_and_merge_keep_them(models, tmp_path):
         torch.testing.assert_close(got[key], loaded[0][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_lycoris_norm_deltas_go_into_the_norms(tmp_path):
+    """LyCORIS' ``w_norm`` / ``b_norm`` (its ``train_norm``), beside a LoRA module: added to the norm's weight and bias
+    times the adapter's weight, as LyCORIS, A1111 and ComfyUI add them; deleting the adapter gives them back bit for
+    bit; converted to kohya they are ComfyUI's ``.diff`` / ``.diff_b`` and load to the same parameters."""
+    from lora_diffusion.formats_kohya import kohya_name
+
+    pipe = tiny_pipeline(0)
+    base = base_params(pipe)
+    norms = ["unet.down_blocks.0.resnets.0.norm1", "unet.mid_block.attentions.0.norm", "text_encoder.text_model.final_layer_norm"]
+    g = torch.Generator().manual_seed(0)
+    state, expect = {}, {}
+    for i, key in enumerate(norms):
+        param = key if f"{key}.weight" in base else key.replace("text_model.", "", 1)  # (transformers 5's CLIP)
+        width = base[f"{param}.weight"].numel()
+        state[f"{kohya_name(key)}.w_norm"] = w = torch.randn(width, generator=g) * 0.1
+        expect[f"{param}.weight"] = w
+        if i != 1:  # (b_norm is optional)
+            state[f"{kohya_name(key)}.b_norm"] = b = torch.randn(width, generator=g) * 0.1
+            expect[f"{param}.bias"] = b
+    to_q = kohya_name("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    state.update({f"{to_q}.lora_down.weight": torch.randn(2, 64, generator=g), f"{to_q}.lora_up.weight": torch.randn(64, 2, generator=g)})
+    path = tmp_path / "lyco_norms.safetensors"
+    save_file(state, str(path))
+    assert inspect_lora(path)["module_kinds"] == {"LoRA": 1, "norm": 3} and inspect_lora(path)["format"] == "lycoris"
+    load_lora(pipe, path, weight=0.7)
+    got = base_params(pipe)
+    for key, delta in expect.items():
+        assert torch.equal(got[key], base[key] + 0.7 * delta), key  # (the tiny model's norms are fp32, as the deltas)
+    assert torch.equal(got["unet.mid_block.attentions.0.norm.bias"], base["unet.mid_block.attentions.0.norm.bias"])
+    out = convert_lora(path, tmp_path / "kohya.safetensors", to="kohya", dtype=torch.float32)
+    assert f"{kohya_name(norms[0])}.diff" in read_safetensors(out)[0]
+    again = tiny_pipeline(0)
+    load_lora(again, out, weight=0.7)
+    assert all(torch.equal(v, got[k]) for k, v in base_params(again).items())
+    delete_adapter(pipe, "lyco_norms")
+    assert all(torch.equal(v, base[k]) for k, v in base_params(pipe).items())
+    state[f"{kohya_name(norms[0])}.diff_b"] = torch.zeros(base[f"{norms[0]}.bias"].numel())
+    save_file(state, str(tmp_path / "both.safetensors"))
+    with pytest.raises(LoraFormatError, match="norm1 has both diff_b and b_norm, two deltas to one parameter"):
+        read_lora_file(tmp_path / "both.safetensors")
+
+
 def test_bad_deltas_are_refused(models, tmp_path):
     """A delta of the wrong shape names the parameter and both shapes, and leaves the pipeline as it was."""
     a, b, path = models
