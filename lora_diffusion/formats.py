@@ -345,8 +345,33 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
     return lora
 
 
+# Key fragments of LoRAs for other model families (what users most often try on an SD pipeline), matched on key names
+# with ``_`` and ``.`` alike; SD 1.x / 2.x / SDXL keys hold none of them.
+FOREIGN_MODELS = (
+    (re.compile(r"(^|\.)(double\.blocks|single\.blocks|single\.transformer\.blocks)\.\d"), "FLUX.1"),
+    (re.compile(r"(^|\.)joint\.blocks\.\d"), "SD3 / SD3.5"),
+    (re.compile(r"(^|\.)transformer\.transformer\.blocks\.\d"), "diffusion-transformer (SD3, FLUX, PixArt...)"),
+    (re.compile(r"(^|\.)blocks\.\d+\.(self|cross)\.attn\."), "video diffusion-transformer (Wan...)"),
+)
+SUPPORTED_MODELS = "lora_diffusion loads LoRAs for Stable Diffusion 1.x / 2.x and SDXL"
+
+
+def foreign_model(keys) -> tuple[str, str] | None:
+    """``(model family, an example key)`` where LoRA ``keys`` (a file's or canonical ones) name another model family's
+    layers (FLUX, SD3, other diffusion transformers), else ``None``."""
+    for key in keys:
+        flat = key.replace("_", ".")
+        for pattern, family in FOREIGN_MODELS:
+            if pattern.search(flat):
+                return family, key
+    return None
+
+
 def guess_architecture(lora: Lora) -> str:
     """A short description of the model a LoRA was made for, from its key names and shapes."""
+    foreign = foreign_model(lora)
+    if foreign is not None:
+        return f"{foreign[0]}; {SUPPORTED_MODELS}"
     te_dims = {w.A.shape[1] for k, w in lora.items() if k.startswith("text_encoder.") and "self_attn" in k and w.oft is None}
     cross = {w.A.shape[1] for k, w in lora.items() if k.startswith("unet.") and "attn2.to_k" in k and w.oft is None}
     if any(k.startswith("text_encoder_2.") for k in lora) or 2048 in cross:
@@ -506,6 +531,9 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
         context = {"modules": modules} if modules is not None and fmt in NEEDS_MODULES else {}
         read = READERS[fmt][1](state, header, str(path), **context)
     except LoraFormatError as e:
+        foreign = foreign_model(state)
+        if foreign is not None:  # (the readers' own messages would be about key names)
+            raise LoraFormatError(f"{path}: a {foreign[0]} LoRA (e.g. key {foreign[1]!r}); {SUPPORTED_MODELS}") from None
         msg = str(e)
         raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     lora = {k: w for k, w in read.items() if not isinstance(w, ParamDelta)}

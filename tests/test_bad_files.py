@@ -6,12 +6,14 @@ computing exactly what it did, and a load that is accepted is taken out again by
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_diffusion import LoraFormatError, delete_adapter, load_lora
+from lora_diffusion import LoraFormatError, delete_adapter, list_adapters, load_lora
 from lora_diffusion.formats import write_lora_file
 from lora_diffusion.testing import random_lora, tiny_pipeline
 from lora_diffusion.tools import convert_lora, inspect_lora
@@ -96,3 +98,22 @@ def test_every_damaged_file_loads_or_is_refused_naming_it(tmp_path, sources, fmt
             for got, want in zip(_outputs(pipe), base):
                 assert torch.equal(got, want), case
     assert outcomes == {"refused", "loaded"}  # (a dropped alpha, say, loads: the rank stands in)
+
+
+@pytest.mark.parametrize("keys, family", [
+    (["transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight", "transformer.single_transformer_blocks.0.attn.to_k.lora_B.weight"], "FLUX.1"),
+    (["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight", "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"], "FLUX.1"),
+    (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], "FLUX.1"),
+    (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight", "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"], "SD3 / SD3.5"),
+    (["transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight", "transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight"], "diffusion-transformer"),
+    (["diffusion_model.blocks.0.self_attn.q.lora_A.weight", "diffusion_model.blocks.0.self_attn.q.lora_B.weight"], "video diffusion-transformer"),
+])
+def test_a_lora_for_another_model_family_says_which(tmp_path, keys, family):
+    """FLUX / SD3 / other DiT LoRAs (the commonest wrong file) are named as such, whichever naming they use; the
+    pipeline is left as it was."""
+    down, up = keys
+    save_file({down: torch.zeros(4, 64), up: torch.zeros(64, 4)}, str(tmp_path / "other.safetensors"))
+    pipe = tiny_pipeline(0)
+    with pytest.raises(LoraFormatError, match=rf"other.safetensors: .*{re.escape(family)}.*loads LoRAs for Stable Diffusion 1.x / 2.x and SDXL"):
+        load_lora(pipe, tmp_path / "other.safetensors")
+    assert not list_adapters(pipe)
