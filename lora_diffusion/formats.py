@@ -491,6 +491,21 @@ def lora_file(path: str | os.PathLike) -> Path:
     return path / DEFAULT_FILE_NAME if path.is_dir() else path
 
 
+def lora_files(path: str | os.PathLike) -> list[Path]:
+    """The weights file(s) ``read_lora_file(path)`` reads: ``lora_file(path)``, or a PEFT adapter's (its folder's, or
+    those of its ``unet`` / ``text_encoder`` sub-folders)."""
+    peft = _peft_at(path)
+    return list(peft) if peft else [lora_file(path)]
+
+
+def _peft_at(path: str | os.PathLike) -> dict | None:
+    """``formats_peft.peft_adapters(path)``, unless ``path`` is a folder holding a diffusers LoRA."""
+    from .formats_peft import peft_adapters
+
+    single = lora_file(path)
+    return None if single != Path(path) and single.is_file() else peft_adapters(path)
+
+
 def read_lora_file(path: str | os.PathLike, *, modules: dict | None = None) -> tuple[Lora, dict[str, str]]:
     """Read any supported LoRA file: ``(canonical lora, header metadata)``; the header gains ``_format``. Deltas to
     parameters outside the LoRA layers (biases, norms, embedding tables) are left out; the header's ``_param_deltas``
@@ -511,8 +526,15 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
     ``[(module path, class name), ...]`` of the target model, for positional formats (cloneofsimo); without it
     they assume the SD 1.x layout.
     """
+    from .formats_peft import read_peft_adapters
+
+    peft = _peft_at(path)
+    if peft is not None:  # PEFT's save_pretrained output (a folder, its sub-folders or its weights file)
+        read, header = read_peft_adapters(peft)
+        return _split_read(read, header, path)
     if Path(path).is_dir() and not lora_file(path).is_file():
-        raise FileNotFoundError(f"{path}: a folder without {DEFAULT_FILE_NAME}")
+        raise FileNotFoundError(f"{path}: a folder without {DEFAULT_FILE_NAME} (a diffusers LoRA) or "
+                                "adapter_config.json (a PEFT adapter)")
     path = lora_file(path)
     state, header = read_safetensors(path)
     if not state:
@@ -536,15 +558,19 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
             raise LoraFormatError(f"{path}: a {foreign[0]} LoRA (e.g. key {foreign[1]!r}); {SUPPORTED_MODELS}") from None
         msg = str(e)
         raise LoraFormatError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-    lora = {k: w for k, w in read.items() if not isinstance(w, ParamDelta)}
-    params = {k: w for k, w in read.items() if isinstance(w, ParamDelta)}
     # (a text encoder's text_projection is checked where it is applied: ComfyUI extracts its CLIP-L's, which SD's
     # pipelines lack and ComfyUI leaves uninitialised, so those factors may hold NaN; see pipeline._skipped_projection)
     check_finite({k: t for k, t in state.items() if PROJECTION not in k}, str(path))
+    return _split_read(read, {**header, "_format": fmt}, path)
+
+
+def _split_read(read: dict, header: dict[str, str], path) -> tuple[Lora, dict, dict[str, str]]:
+    """A reader's output as ``(lora, parameter deltas, header)``, its alphas checked."""
     bad_alpha = next((k for k, w in read.items() if not math.isfinite(w.alpha)), None)
     if bad_alpha is not None:
         raise LoraFormatError(f"{path}: {bad_alpha} has alpha {read[bad_alpha].alpha}; factors and alphas must be finite")
-    return lora, params, {**header, "_format": fmt}
+    return ({k: w for k, w in read.items() if not isinstance(w, ParamDelta)},
+            {k: w for k, w in read.items() if isinstance(w, ParamDelta)}, header)
 
 
 # Textual-inversion embeddings bundled in a LoRA file, as A1111 / ComfyUI read them and OneTrainer writes them:

@@ -33,6 +33,7 @@ from .formats import (
     LoraWeights,
     first_non_finite,
     guess_architecture,
+    lora_file,
     our_metadata,
     read_bundled_embeddings,
     read_embedding_file,
@@ -461,8 +462,10 @@ def load_lora(
     """Load a LoRA file into ``pipe``'s UNet and text encoder(s) (SDXL: both; no peft needed); returns the
     adapter name.
 
-    The name defaults to the file name without extension (the folder name for ``pytorch_lora_weights``).
-    A folder is read as ``<folder>/pytorch_lora_weights.safetensors``. The new adapter is active at
+    The name defaults to the file name without extension (the folder name for ``pytorch_lora_weights`` and a PEFT
+    adapter). A folder is read as ``<folder>/pytorch_lora_weights.safetensors``, or as a PEFT adapter
+    (``save_pretrained``'s folder, or PEFT's DreamBooth output with ``unet/`` and ``text_encoder/``:
+    ``lora_diffusion.formats_peft``). The new adapter is active at
     ``weight`` beside those already loaded; a fused pipeline stays fused with it included. A LoRA trained with
     a learned token (``--pivotal_tuning``) brings it along: the ``embeddings.safetensors`` its metadata names,
     beside it, is added to the tokenizer and text encoder (``pipe.load_textual_inversion``), once; so are embeddings
@@ -475,12 +478,12 @@ def load_lora(
         'style'
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
+    if path.is_dir() and lora_file(path).is_file():
+        path = lora_file(path)
     models = dict(_components(pipe))
     lora, params, header = read_lora_file_with_params(path, modules={c: module_listing(m) for c, m in models.items()})
     if adapter is None:
-        adapter = path.parent.name if path.stem == "pytorch_lora_weights" else path.stem
+        adapter = _adapter_name(path)
     components = sorted({k.split(".", 1)[0] for k in [*lora, *params]})
     for component in components:
         if component not in models:
@@ -515,6 +518,15 @@ def load_lora(
         raise
     logger.info("loaded %s as adapter %r into %d layers", path, adapter, patched)
     return adapter
+
+
+def _adapter_name(path: Path) -> str:
+    """A file's name without extension; for a folder or a file of a fixed name (diffusers' ``pytorch_lora_weights``,
+    PEFT's ``adapter_model``), the folder's name, above a ``unet`` / ``text_encoder`` sub-folder (PEFT's)."""
+    if path.is_file() and path.stem not in ("pytorch_lora_weights", "adapter_model"):
+        return path.stem
+    folder = path if path.is_dir() else path.parent
+    return folder.parent.name if folder.name in COMPONENTS and folder.parent.name else folder.name
 
 
 # An SDXL learned-token file: its key per text encoder (and the pipeline's tokenizer / encoder attributes), in the

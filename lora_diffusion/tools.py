@@ -33,6 +33,7 @@ from .formats import (
     atomic_save,
     guess_architecture,
     lora_file,
+    lora_files,
     our_metadata,
     read_bundled_embeddings,
     read_embedding_file,
@@ -326,7 +327,8 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         ('kohya', {4: 192})
     """
     lora, header = read_lora_file(path)
-    path = lora_file(path)  # a folder's pytorch_lora_weights.safetensors
+    files = lora_files(path)  # a folder's pytorch_lora_weights.safetensors, a PEFT adapter's file(s)
+    path = files[0]
     fmt = header.pop("_format")
     bundled = json.loads(header.pop("_bundled_embeddings", "[]"))
     ours = our_metadata(header)
@@ -355,7 +357,7 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         "conv_layers": sum(1 for w in lora.values() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)),
         "params": params,
         "dtype": dtypes.most_common(1)[0][0],
-        "size_bytes": Path(path).stat().st_size,
+        "size_bytes": sum(f.stat().st_size for f in files),
         "trigger_words": list(dict.fromkeys(words)),
         "embeddings": bundled + learned_tokens(header),  # bundled (A1111 / OneTrainer) or cloneofsimo's
         "param_deltas": int(header.pop("_param_deltas", "0")),  # biases, norms, embedding tables (params.py)
