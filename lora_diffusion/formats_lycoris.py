@@ -56,9 +56,8 @@ _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
 # reshapes flattened and 1x1 factors to fit them, as A1111 does.)
 _CONV3 = re.compile(r"(^|\.)(conv1|conv2|conv_in|conv_out|(down|up)samplers\.\d+\.conv)$")
 _CONV1 = re.compile(r"\.(conv_shortcut|proj_in|proj_out)$")
-
-
-_PARAM_ROLES = ("alpha", "dora_scale", "diff_b", "w_norm", "b_norm")  # roles that are no adapter kind of their own
+_PARAM_DELTA_ROLES = ("diff_b", "w_norm", "b_norm")  # deltas to a bias or a norm, whatever else the module holds
+_NO_KIND_ROLES = ("alpha", "dora_scale", *_PARAM_DELTA_ROLES)  # roles that are no adapter kind of their own
 
 
 class _Error(ValueError):
@@ -78,7 +77,7 @@ def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     roles = [_split(k) for k in state]
     if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
         return False
-    return any(role.startswith(("hada_", "lokr_", "oft_")) or role in ("mid", "diff", "diff_b", "dora_scale", "w_norm", "b_norm")
+    return any(role.startswith(("hada_", "lokr_", "oft_")) or role in ("mid", "diff", "dora_scale", *_PARAM_DELTA_ROLES)
                for _, role in roles)
 
 
@@ -103,7 +102,7 @@ def _kinds(roles) -> set[str]:
     """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, OFT (BOFT too), full,
     LoRA."""
     return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "full" if r == "diff" else
-            "OFT" if r.startswith("oft_") or r == "rescale" else "LoRA" for r in roles if r not in _PARAM_ROLES}
+            "OFT" if r.startswith("oft_") or r == "rescale" else "LoRA" for r in roles if r not in _NO_KIND_ROLES}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -301,12 +300,12 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             raise LoraFormatError(f"{source}: two {naming} names map to the same module {key} (one is {name})")
         alpha = float(p["alpha"].float().item()) if "alpha" in p else None
         embedding = _EMBEDDING.search(key) is not None
-        if "diff_b" in p or "w_norm" in p or "b_norm" in p or ("diff" in p and p["diff"].dim() < 2) or embedding:  # parameter deltas
+        if not p.keys().isdisjoint(_PARAM_DELTA_ROLES) or ("diff" in p and p["diff"].dim() < 2) or embedding:  # parameter deltas
             try:
                 params.update(_param_deltas(key, p, alpha, embedding))
             except _Error as e:
                 raise LoraFormatError(f"{source}: {name} {e}") from None
-            p = {role: t for role, t in p.items() if role not in ("diff_b", "w_norm", "b_norm") and not (role == "diff" and t.dim() < 2)}
+            p = {role: t for role, t in p.items() if role not in _PARAM_DELTA_ROLES and not (role == "diff" and t.dim() < 2)}
             if not set(p) - {"alpha"} or embedding:
                 continue
         scalars = sorted(role for role, t in p.items() if role != "alpha" and t.dim() == 0)
