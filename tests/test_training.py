@@ -3,6 +3,7 @@ runs stay in sync, v-prediction targets, bad input fails early and clearly, file
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -126,6 +127,44 @@ def test_only_lora_parameters_change_and_the_file_loads_in_diffusers(base, tmp_p
     a = ours(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
     b = stock(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_clip_skip_conditions_on_an_earlier_layer(base, tmp_path):
+    """``--clip_skip N`` (kohya's / A1111's count) conditions as the text encoder with its last N-1 layers removed
+    does (and so as diffusers' ``encode_prompt(clip_skip=N-1)``, which transformers >= 5.6 breaks); trained
+    with it, the text encoder's layers after the one used get no gradient (their LoRA B stays zero) and the others
+    learn; the setting is recorded; SDXL and more layers than the encoder has are refused before training."""
+    from lora_diffusion.training.loop import encode_text
+
+    pipe = load_pipeline(base)
+    captions = [PROMPT, "a blue square"]
+    layers = pipe.text_encoder.config.num_hidden_layers
+    with torch.no_grad():
+        for n in (2, 3):
+            got = encode_text(pipe.tokenizer, pipe.text_encoder, captions, "cpu", clip_skip=n)
+            short = copy.deepcopy(pipe.text_encoder)
+            stack = dict(short.named_modules())["encoder" if "encoder" in dict(short.named_children()) else "text_model.encoder"]
+            stack.layers = stack.layers[: layers - n + 1]
+            expect = encode_text(pipe.tokenizer, short, captions, "cpu")
+            assert torch.equal(got, expect), n
+        assert not torch.equal(encode_text(pipe.tokenizer, pipe.text_encoder, captions, "cpu", clip_skip=2),
+                                encode_text(pipe.tokenizer, pipe.text_encoder, captions, "cpu"))
+    result = train(config(base, tmp_path, clip_skip=2, train_text_encoder=True, learning_rate=1e-2, max_train_steps=2,
+                          save_precision="fp32", num_validation_images=1, validation_inference_steps=1))
+    lora, header = read_lora_file(result.lora_path)
+    last = [w for k, w in lora.items() if f"encoder.layers.{layers - 1}." in k]
+    earlier = [w for k, w in lora.items() if k.startswith("text_encoder.") and f"encoder.layers.{layers - 1}." not in k]
+    assert last and all(not w.B.any() for w in last) and any(w.B.any() for w in earlier)
+    assert our_metadata(header)["training"]["clip_skip"] == 2
+    with pytest.raises(ConfigError, match=rf"--clip_skip {layers + 1}: the text encoder has {layers} layers"):
+        train(config(base, tmp_path / "deep", clip_skip=layers + 1))
+    with pytest.raises(ConfigError, match="--clip_skip must be at least 1"):
+        config(base, tmp_path / "zero", clip_skip=0).validate()
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline(0).save_pretrained(tmp_path / "xl")
+    with pytest.raises(ConfigError, match="--clip_skip 2: SDXL always conditions on both text encoders' penultimate"):
+        train(config(str(tmp_path / "xl"), tmp_path / "xl_run", clip_skip=2))
 
 
 # ---------------------------------------------------------------------------------------------- resume

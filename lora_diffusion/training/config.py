@@ -90,6 +90,9 @@ class TrainConfig:
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install bitsandbytes; CUDA only)")
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
     noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
+    clip_skip: int = _f(1, "condition on the text encoder's Nth layer from the end, as kohya's and A1111's CLIP skip "
+                        "(2 for SD 1.x models trained so, e.g. NovelAI-derived anime models; generate with diffusers' "
+                        "pipe(..., clip_skip=N-1)); SD 1.x / 2.x only")
     # ------------------------------------------------------------------ images
     resolution: int = _f(512, "training resolution, a multiple of 8 (side of the square, or the area of buckets)")
     center_crop: bool = _f(False, "crop the centre instead of a random crop")
@@ -147,7 +150,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             if types[f.name] is float and not math.isfinite(getattr(self, f.name)):
                 raise ConfigError(f"--{f.name} must be a finite number, got {getattr(self, f.name)}")
-        positive = ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs")
+        positive = ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs", "clip_skip")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")

@@ -147,6 +147,32 @@ def _check_sd_model(pipe, name_or_path: str) -> None:
                           f"not a {kind} model")
 
 
+def _check_clip_skip(pipe, clip_skip: int) -> None:
+    """``--clip_skip`` fits the model: SD 1.x / 2.x (SDXL conditions on both encoders' penultimate layers, as kohya's
+    SDXL trainer does whatever its clip_skip), and no more layers than the text encoder has."""
+    if clip_skip == 1:
+        return
+    if is_sdxl(pipe):
+        raise ConfigError(f"--clip_skip {clip_skip}: SDXL always conditions on both text encoders' penultimate layers "
+                          "(as its pipeline and kohya's SDXL trainer do); leave it at 1")
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if clip_skip > layers:
+        raise ConfigError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers")
+
+
+def _prompts(pipe, prompts: list[str], clip_skip: int) -> dict:
+    """The pipeline call's prompt arguments for sample images conditioned as training conditions: the prompts, or
+    with ``--clip_skip`` their embeddings and the empty negative prompt's, both from that layer, as A1111 and kohya's
+    samples take them. (diffusers' own ``clip_skip`` leaves the negative prompt's at the last layer, and with
+    transformers >= 5.6 fails on the flattened CLIPTextModel.)"""
+    if clip_skip == 1:
+        return {"prompt": prompts}
+    device = pipe.text_encoder.device
+    with torch.no_grad():
+        return {"prompt_embeds": encode_text(pipe.tokenizer, pipe.text_encoder, prompts, device, clip_skip),
+                "negative_prompt_embeds": encode_text(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), device, clip_skip)}
+
+
 def _first_line(error: BaseException, limit: int = 200) -> str:
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -240,8 +266,15 @@ def _token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
-def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
-    return text_encoder(_token_ids(tokenizer, captions, device))[0]
+def encode_text(tokenizer, text_encoder, captions: list[str], device, clip_skip: int = 1) -> torch.Tensor:
+    """A CLIP text encoder's conditioning: its last hidden states, or (``clip_skip`` N > 1, kohya's and A1111's count)
+    the Nth from the end through the final layer norm, as kohya trains and diffusers' ``clip_skip=N-1`` generates."""
+    ids = _token_ids(tokenizer, captions, device)
+    if clip_skip == 1:
+        return text_encoder(ids)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    model = getattr(text_encoder, "text_model", text_encoder)  # (transformers >= 5.6 has no text_model level)
+    return model.final_layer_norm(hidden)
 
 
 def encode_text_sdxl(pipe, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,11 +288,12 @@ def encode_text_sdxl(pipe, captions: list[str], device) -> tuple[torch.Tensor, t
     return torch.cat(states, dim=-1), pooled
 
 
-def condition(pipe, captions: list[str], size_conditioning: torch.Tensor | None, device, dtype) -> tuple[torch.Tensor, dict | None]:
+def condition(pipe, captions: list[str], size_conditioning: torch.Tensor | None, device, dtype,
+              clip_skip: int = 1) -> tuple[torch.Tensor, dict | None]:
     """The UNet's text conditioning of a batch, and (SDXL) its ``added_cond_kwargs``: the pooled text and the
     size and crop conditioning (``ImageDataset.size_conditioning``, ``[B, 6]``) in ``dtype``."""
     if not is_sdxl(pipe):
-        return encode_text(pipe.tokenizer, pipe.text_encoder, captions, device), None
+        return encode_text(pipe.tokenizer, pipe.text_encoder, captions, device, clip_skip), None
     states, pooled = encode_text_sdxl(pipe, captions, device)
     return states, {"text_embeds": pooled, "time_ids": size_conditioning.to(device, dtype)}
 
@@ -567,6 +601,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = _load_model(config.pretrained_model_name_or_path, config.single_file_config)
+    _check_clip_skip(pipe, config.clip_skip)
     class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else None
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sdxl = is_sdxl(pipe)
@@ -694,8 +729,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         unet.eval()
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad(), accelerator.autocast():
-            images = pipe([validation_prompt] * config.num_validation_images, num_inference_steps=config.validation_inference_steps,
-                          height=config.resolution, width=config.resolution, generator=generator).images
+            images = pipe(**_prompts(pipe, [validation_prompt] * config.num_validation_images, config.clip_skip),
+                          num_inference_steps=config.validation_inference_steps, height=config.resolution,
+                          width=config.resolution, generator=generator).images
         unet.train()
         path = output_dir / "samples" / f"step-{at_step:06d}.png"
         with outputs.atomic_path(path) as tmp:
@@ -734,13 +770,14 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     torch.compiler.cudagraph_mark_step_begin()
                 with accelerator.autocast():
                     with torch.set_grad_enabled(train_text):
-                        states, added = condition(pipe, batch["captions"], batch["size_conditioning"], device, weight_dtype)
+                        states, added = condition(pipe, batch["captions"], batch["size_conditioning"], device, weight_dtype,
+                                                  config.clip_skip)
                     loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config, added)
                     if class_batches is not None:
                         class_batch = next(class_batches)
                         with torch.set_grad_enabled(train_text):
                             class_states, class_added = condition(pipe, class_batch["captions"], class_batch["size_conditioning"],
-                                                                  device, weight_dtype)
+                                                                  device, weight_dtype, config.clip_skip)
                         prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator),
                                                class_states, generator, config, class_added)
                         loss = loss + config.prior_loss_weight * prior
@@ -950,7 +987,7 @@ def _class_examples(pipe, config: TrainConfig, accelerator, seed: int) -> list[E
                 i += 1
             generator = torch.Generator().manual_seed(mix_seed(seed, 7, i))
             with torch.no_grad():
-                image = pipe(config.class_prompt, num_inference_steps=config.validation_inference_steps,
+                image = pipe(**_prompts(pipe, [config.class_prompt], config.clip_skip), num_inference_steps=config.validation_inference_steps,
                              height=config.resolution, width=config.resolution, generator=generator).images[0]
             with outputs.atomic_path(folder / f"class-{i:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
