@@ -179,7 +179,8 @@ def check_blocks(spec: BlockSpec, layers_per_block: int = 2) -> None:
 # ---------------------------------------------------------------------------------------------- merging
 @dataclass
 class MergeReport:
-    """Result of a merge: the merged LoRA, its mode, and (svd) the relative Frobenius error per layer and overall.
+    """Result of a merge (or of an extraction, ``lora_diffusion.extract``: mode ``extract``): the merged LoRA, its
+    mode, and (svd, extract) the relative Frobenius error per layer and overall.
 
     ``errors[key] = ||dW - dW_merged||_F / ||dW||_F`` measured on the factors as written; ``error`` is the same
     over all layers together, ``sqrt(sum ||dW - dW_merged||^2 / sum ||dW||^2)``. A concat merge reports zeros.

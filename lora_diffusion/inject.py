@@ -84,6 +84,14 @@ def model_kind(model: nn.Module) -> str:
     )
 
 
+def parse_targets(spec: str) -> Targets:
+    """A command line's targets: a preset name, a regex (where it holds regex characters), or comma-separated
+    module-name suffixes."""
+    if spec in TARGET_PRESETS["unet"] or any(c in spec for c in "*()|\\[]+?^$"):
+        return spec
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
 def resolve_targets(model: nn.Module, targets: Targets) -> list[str]:
     """Module paths of ``model`` selected by ``targets`` (a preset name, a regex, or a list of suffixes)."""
     model = unwrap(model)

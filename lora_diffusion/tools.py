@@ -4,6 +4,7 @@
 ``lora-diffusion convert IN OUT --to kohya|diffusers``
 ``lora-diffusion bake BASE a.safetensors:0.7 -o DIR [--single-file model.safetensors]``
 ``lora-diffusion inspect FILE [--json]``
+``lora-diffusion extract BASE TUNED -o out.safetensors [--rank 32] [--targets full]``
 
 Example:
     >>> bake("models/sd15", {"style.safetensors": 0.8}, "models/sd15-style")
@@ -45,7 +46,7 @@ from .formats import (
 )
 from .formats_cloneofsimo import learned_tokens
 from .formats_kohya import ldm_module_path, ldm_unet_prefixes, rename_prefix
-from .inject import unwrap
+from .inject import parse_targets, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -101,24 +102,7 @@ def bake(
     check_output(out_dir, inputs, overwrite=overwrite, folder=True)
     if single_file is not None:
         check_output(single_file, [*inputs, ("the output folder", out_dir)], overwrite=overwrite)
-    if isinstance(base, (str, os.PathLike)) and Path(base).is_file():
-        from .pipeline import load_single_file
-
-        try:
-            pipe = load_single_file(base, config=base_config, **dtype_kwargs(dtype))
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"{base}: cannot load it as a single-file Stable Diffusion checkpoint ({e})") from e
-    elif isinstance(base, (str, os.PathLike)):
-        from diffusers import DiffusionPipeline
-
-        try:
-            pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwargs(dtype))
-        except OSError as e:
-            if Path(base).exists():
-                raise
-            raise FileNotFoundError(f"{base}: no such model folder, nor a hub model that could be loaded (--debug shows why)") from e
-    else:
-        pipe = base
+    pipe = load_model(base, base_config, dtype) if isinstance(base, (str, os.PathLike)) else base
     saved = snapshot(pipe)  # the caller's pipeline comes back as it was: adapters, weights, on/off, fused
     from .pipeline import SDXL_EMBEDDING_KEYS
 
@@ -150,6 +134,27 @@ def bake(
                 pipe.unload_textual_inversion(added, tokenizer=getattr(pipe, tok), text_encoder=getattr(pipe, enc))
     logger.info("baked %d LoRA file(s) into %s", len(loras), out_dir)
     return Path(out_dir)
+
+
+def load_model(base: str | os.PathLike, base_config: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
+    """The pipeline of a diffusers model folder, a hub id or a single-file checkpoint (``base_config``: its configs
+    and tokenizers, see ``bake``), checked by ``_check_base`` first."""
+    from .pipeline import load_single_file
+
+    _check_base(base)
+    if Path(base).is_file():
+        try:
+            return load_single_file(base, config=base_config, **dtype_kwargs(dtype))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{base}: cannot load it as a single-file Stable Diffusion checkpoint ({e})") from e
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(base, **dtype_kwargs(dtype))
+    except OSError as e:
+        if Path(base).exists():
+            raise
+        raise FileNotFoundError(f"{base}: no such model folder, nor a hub model that could be loaded (--debug shows why)") from e
 
 
 def _free_name(name: str, taken: set[str]) -> str:
@@ -465,11 +470,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype])
     print(f"wrote {args.output}: {len(report.lora)} layers, ranks {report.ranks}, mode {report.mode}")
     if report.mode == "svd":
-        worst = sorted(report.errors.items(), key=lambda kv: -kv[1])[:5]
-        for key, err in worst:
-            print(f"  {err:.4%}  {key}")
-        print(f"relative Frobenius error: {report.error:.4%} overall, {max(report.errors.values()):.4%} worst layer")
+        _print_errors(report)
     return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract_lora
+
+    report = extract_lora(args.base, args.tuned, args.output, rank=args.rank, targets=parse_targets(args.targets),
+                          text_encoder=not args.no_text_encoder, base_config=args.base_config, format=args.format,
+                          dtype=_DTYPES[args.dtype], overwrite=args.overwrite)
+    components = sorted({k.split(".", 1)[0] for k in report.lora})
+    print(f"wrote {args.output}: {len(report.lora)} layers ({', '.join(components)}), rank {args.rank}")
+    _print_errors(report)
+    return 0
+
+
+def _print_errors(report) -> None:
+    """An SVD merge's or an extraction's relative errors: the five worst layers and overall."""
+    for key, err in sorted(report.errors.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"  {err:.4%}  {key}")
+    print(f"relative Frobenius error: {report.error:.4%} overall, {max(report.errors.values()):.4%} worst layer")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -536,6 +557,20 @@ def register(subparsers) -> None:
                    "same architecture to take its configs and tokenizers from (default: fetched from the Hub)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder / file")
     p.set_defaults(func=_cmd_bake)
+
+    p = subparsers.add_parser("extract", help="extract a LoRA from a fine-tuned model: its change from the base, cut to a rank by SVD")
+    p.add_argument("base", help="the original model: a diffusers folder, a hub id or a single-file .safetensors checkpoint")
+    p.add_argument("tuned", help="the fine-tuned model, of the same architecture")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--targets", default="attn", help="layers: a preset (attn, cross, attn-mlp, full), a regex, or comma-separated suffixes")
+    p.add_argument("--no-text-encoder", action="store_true", help="the UNet only")
+    p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
+    p.add_argument("--base-config", default=None, metavar="DIR", help="for single-file checkpoints: a diffusers folder or hub "
+                   "id of the same architecture to take their configs and tokenizers from")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_extract)
 
     p = subparsers.add_parser("inspect", help="show a LoRA file's format, architecture, ranks, targets, metadata")
     p.add_argument("file")

@@ -873,12 +873,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 def _targets(spec: str, model: nn.Module, flag: str):
     """``--target_modules`` -> ``inject_lora`` targets: a preset name, a regex, or comma-separated suffixes; a
     ``ConfigError`` naming ``flag`` if they match no layer of ``model``."""
-    from ..inject import TARGET_PRESETS, resolve_targets
+    from ..inject import TARGET_PRESETS, parse_targets, resolve_targets
 
-    if spec in TARGET_PRESETS["unet"] or any(c in spec for c in "*()|\\[]+?^$"):
-        targets = spec
-    else:
-        targets = [s.strip() for s in spec.split(",") if s.strip()]
+    targets = parse_targets(spec)
     if not resolve_targets(model, targets):
         raise ConfigError(f"{flag} {spec!r} matches no Linear or Conv2d layer of the {type(model).__name__}; give a "
                           f"preset ({', '.join(TARGET_PRESETS['unet'])}), a regex or comma-separated module-name suffixes")
