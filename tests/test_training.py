@@ -167,6 +167,15 @@ def test_clip_skip_conditions_on_an_earlier_layer(base, tmp_path):
         train(config(str(tmp_path / "xl"), tmp_path / "xl_run", clip_skip=2))
 
 
+def test_a_kohya_style_data_folder_trains_its_repeats_per_epoch(base, tmp_path):
+    """``2_<text>/`` folders (kohya's repeats): one epoch of 2 images repeated twice and 1 image once is 5 steps at
+    batch 1; the folder's text captions the images without one."""
+    flat_images(tmp_path / "data" / "2_red square", n=2)
+    flat_images(tmp_path / "data" / "other", n=1)
+    result = train(config(base, tmp_path, max_train_steps=0, num_train_epochs=1, train_batch_size=1, token=""))
+    assert result.status == "completed" and result.global_step == 5
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, tmp_path):
     hard = dict(max_train_steps=6, learning_rate=5e-3, lr_scheduler="cosine", lr_warmup_steps=2, random_flip=True,

@@ -142,6 +142,31 @@ def test_buckets_keep_the_area_and_fit_the_aspect_ratio(tmp_path):
         assert 0.75 * 512 * 512 <= w * h <= 512 * 512, (name, w, h)  # about the training area
 
 
+def test_kohya_folders_repeat_their_images_and_caption_those_without_a_caption(tmp_path, caplog):
+    """``10_sks dog/``: kohya's DreamBooth-style folder names give repeats per epoch and the caption of images that
+    have none (a sidecar or metadata.jsonl caption wins); other folders and the root count once."""
+    for rel in ("3_sks dog/a.png", "3_sks dog/b.png", "1_red things/c.png", "plain/d.png", "e.png", "0_off/f.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (200, 20, 20)).save(tmp_path / rel)
+    (tmp_path / "3_sks dog" / "b.txt").write_text("a dog on grass")
+    with caplog.at_level(logging.INFO):
+        examples = scan_images(tmp_path, token="sks", mode="subject", resolution=32)
+    got = {e.path.name: (e.caption, e.repeats) for e in examples}
+    assert got == {"a.png": ("sks dog", 3), "b.png": ("sks, a dog on grass", 3), "c.png": ("sks, red things", 1),
+                   "d.png": ("a photo of sks", 1), "e.png": ("a photo of sks", 1), "f.png": ("sks, off", 0)}
+    assert "kohya-style folder '3_sks dog': its images come 3 times per epoch" in caplog.text
+    dataset = ImageDataset(examples, resolution=32)
+    names = [e.path.name for e in examples]
+    plan = BatchPlan(dataset.buckets(), 1, seed=5, repeats=dataset.repeats())
+    assert plan.batches_per_epoch == 3 + 3 + 1 + 1 + 1
+    epoch = [plan.batch(g)[0] for g in range(plan.batches_per_epoch)]
+    assert sorted(names[i] for i, _ in epoch) == ["a.png"] * 3 + ["b.png"] * 3 + ["c.png", "d.png", "e.png"]
+    assert len({s for i, s in epoch if names[i] == "a.png"}) == 3  # each repeat its own crop and flip
+    # an epoch of single repeats is the plan without repeats, batch for batch and seed for seed
+    once = [1] * len(names)
+    assert [BatchPlan(dataset.buckets(), 2, 5, once).batch(g) for g in range(9)] == [BatchPlan(dataset.buckets(), 2, 5).batch(g) for g in range(9)]
+
+
 def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
     buckets = [(32, 32)] * 5 + [(48, 16)] * 3
     plan = BatchPlan(buckets, batch_size=2, seed=7)

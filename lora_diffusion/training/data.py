@@ -5,8 +5,11 @@
   CMYK, grayscale, palette and alpha images become RGB (transparency on white); EXIF rotation is applied; tiny
   images are upscaled and huge ones downscaled to the training size.
 * Captions: a sidecar file (``cat.png`` -> ``cat.txt``), else ``metadata.jsonl`` lines
-  ``{"file_name": "cat.png", "text": "..."}`` (the ImageFolder convention), else the instance prompt or a
-  template. The trigger token is added to every caption (``compose_caption``).
+  ``{"file_name": "cat.png", "text": "..."}`` (the ImageFolder convention), else the text of a kohya-style folder
+  (below), else the instance prompt or a template. The trigger token is added to every caption (``compose_caption``).
+* kohya's folder names: images in a top-level sub-folder named ``<repeats>_<text>`` (``10_sks dog``) come
+  ``repeats`` times per epoch (each time with its own crop and flip) and, where they have no caption of their own,
+  take ``<text>`` as their caption, as kohya's DreamBooth-style data sets work.
 * Batch order is a pure function of (seed, epoch), and each sample's crop and flip of (seed, epoch, index), so
   a resumed run sees exactly the batches an uninterrupted run would.
 
@@ -67,6 +70,7 @@ class Example:
     path: Path
     caption: str
     size: tuple[int, int]
+    repeats: int = 1  # times per epoch (kohya's ``<repeats>_<text>`` folders)
 
 
 def list_images(folder: str | Path, what: str = "--train_data_dir") -> list[Path]:
@@ -101,6 +105,17 @@ def read_metadata(folder: Path) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}:{n}: expected a JSON object with 'file_name' and 'text' ({e})") from None
     return out
+
+
+# kohya's DreamBooth-style folder: ``<repeats>_<text>`` (``10_sks dog``)
+_KOHYA_FOLDER = re.compile(r"(\d+)_(.*)")
+
+
+def kohya_folder(relative: Path) -> tuple[int, str] | None:
+    """``(repeats, text)`` of an image's top-level sub-folder where it is named kohya's way (``10_sks dog``), else
+    ``None`` (an image in the folder itself, or a sub-folder named otherwise)."""
+    match = _KOHYA_FOLDER.fullmatch(relative.parts[0]) if len(relative.parts) > 1 else None
+    return (int(match.group(1)), match.group(2).strip()) if match else None
 
 
 def compose_caption(raw: str | None, *, mode: str = "style", token: str = "", instance_prompt: str = "") -> str:
@@ -191,13 +206,17 @@ def scan_images(
             logger.info("%s is %dx%d, smaller than half of --resolution %d: it will be upscaled", path, *size, resolution)
         raw = None
         sidecar = path.with_suffix(caption_extension) if caption_extension else None
-        unused.discard(path.relative_to(folder).as_posix())
+        relative = path.relative_to(folder)
+        unused.discard(relative.as_posix())
+        kohya = kohya_folder(relative)
         if sidecar is not None and sidecar.is_file():
             raw = read_text(sidecar, DataError).strip()
-        elif path.relative_to(folder).as_posix() in metadata:
-            raw = metadata[path.relative_to(folder).as_posix()]
+        elif relative.as_posix() in metadata:
+            raw = metadata[relative.as_posix()]
+        elif kohya is not None:
+            raw = kohya[1]
         caption = compose_caption(raw, mode=mode, token=token, instance_prompt=instance_prompt)
-        examples.append(Example(path=path, caption=caption, size=size))
+        examples.append(Example(path=path, caption=caption, size=size, repeats=kohya[0] if kohya else 1))
     if unused:
         logger.warning("%s: %d of its %d entries name no image of %s (file_name is relative to that folder), e.g. %r",
                        folder / METADATA_FILE, len(unused), len(metadata), folder, sorted(unused)[0])
@@ -205,6 +224,11 @@ def scan_images(
         raise DataError(f"{what} {folder}: none of the {len(files)} images could be read")
     if bad:
         logger.warning("%d of %d images in %s were skipped as unreadable", len(bad), len(files), folder)
+    folders = sorted({(e.path.relative_to(folder).parts[0], e.repeats) for e in examples if kohya_folder(e.path.relative_to(folder))})
+    for name, repeats in folders:
+        logger.info("%s: kohya-style folder %r: its images come %d times per epoch", what, name, repeats)
+    if folders and not any(e.repeats for e in examples):
+        raise DataError(f"{what} {folder}: every image is in a kohya-style folder of 0 repeats ({folders[0][0]!r}...)")
     return examples
 
 
@@ -260,6 +284,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def repeats(self) -> list[int]:
+        """How many times per epoch each example comes (``Example.repeats``)."""
+        return [e.repeats for e in self.examples]
 
     def buckets(self) -> list[tuple[int, int]]:
         """The bucket (width, height) of every example, in order."""
@@ -330,26 +358,30 @@ def collate(items: list[dict]) -> dict:
 class BatchPlan:
     """The batch order of a run, as a pure function of the seed: batch ``g`` of the endless stream of epochs.
 
-    Each epoch groups examples by bucket, shuffles within buckets, cuts batches of ``batch_size`` (a bucket's last
-    batch may be smaller) and shuffles the batches. Optimizer step ``s``, micro-batch ``k`` of process ``r`` (of
-    ``P``, with ``G`` micro-batches per step) takes global batch ``(s * G + k) * P + r``.
+    Each epoch groups examples by bucket (an example ``repeats[i]`` times, default once), shuffles within buckets,
+    cuts batches of ``batch_size`` (a bucket's last batch may be smaller) and shuffles the batches. Optimizer step
+    ``s``, micro-batch ``k`` of process ``r`` (of ``P``, with ``G`` micro-batches per step) takes global batch
+    ``(s * G + k) * P + r``.
     """
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int) -> None:
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, repeats: list[int] | None = None) -> None:
         self.buckets = buckets
         self.batch_size = batch_size
         self.seed = seed
-        self._epoch: tuple[int, list[list[int]]] | None = None
-        self.batches_per_epoch = sum(
-            math.ceil(buckets.count(b) / batch_size) for b in set(buckets)
-        )
+        self.repeats = repeats or [1] * len(buckets)
+        self._epoch: tuple[int, list[list[tuple[int, int]]]] | None = None
+        counts: dict[tuple[int, int], int] = {}
+        for bucket, n in zip(buckets, self.repeats):
+            counts[bucket] = counts.get(bucket, 0) + n
+        self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in counts.values())
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """The epoch's batches of ``(index, repeat)``: each example once per repeat."""
         if self._epoch is None or self._epoch[0] != epoch:
             rng = random.Random(f"{self.seed}/{epoch}")
-            groups: dict[tuple[int, int], list[int]] = {}
-            for index, bucket in enumerate(self.buckets):
-                groups.setdefault(bucket, []).append(index)
+            groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            for index, (bucket, n) in enumerate(zip(self.buckets, self.repeats)):
+                groups.setdefault(bucket, []).extend((index, k) for k in range(n))
             batches = []
             for bucket in sorted(groups):
                 members = groups[bucket]
@@ -360,9 +392,10 @@ class BatchPlan:
         return self._epoch[1]
 
     def batch(self, g: int) -> list[tuple[int, int]]:
-        """Global batch ``g`` as ``(index, sample_seed)`` keys for ``ImageDataset``."""
+        """Global batch ``g`` as ``(index, sample_seed)`` keys for ``ImageDataset`` (each repeat its own crop and
+        flip; the first one's seed is an unrepeated example's)."""
         epoch, j = divmod(g, self.batches_per_epoch)
-        return [(i, mix_seed(self.seed, epoch, i)) for i in self.epoch_batches(epoch)[j]]
+        return [(i, mix_seed(self.seed, epoch, i, *([k] if k else []))) for i, k in self.epoch_batches(epoch)[j]]
 
     def epoch_of(self, g: int) -> int:
         return g // self.batches_per_epoch

@@ -591,7 +591,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                            random_flip=config.random_flip, enable_bucket=config.enable_bucket)
     if config.cache_latents and not config.center_crop:
         logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
-    plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed)
+    plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed, dataset.repeats())
     per_step = accelerator.num_processes * config.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / per_step))
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -659,7 +659,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if class_examples is not None:
         class_dataset = ImageDataset(class_examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
                                      random_flip=config.random_flip, enable_bucket=config.enable_bucket)
-        class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1)
+        class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
     # 4. optimizer, schedule, and where we start
