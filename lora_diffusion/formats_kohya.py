@@ -270,12 +270,44 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
         args.update(algo="lora", dora_wd="True")
     if args:
         header["ss_network_args"] = json.dumps(args)
+    header.update(_training_keys(metadata))
     if metadata.get("trigger_words"):
         words = metadata["trigger_words"]
         header["modelspec.trigger_phrase"] = ", ".join(words) if isinstance(words, (list, tuple)) else str(words)
     if metadata.get("base_model"):
         header["ss_sd_model_name"] = str(metadata["base_model"])
     return state, header
+
+
+# kohya's ``ss_*`` training keys (what A1111's card and Civitai show of a LoRA's training) <- our training settings
+_SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rate", "ss_text_encoder_lr": "text_encoder_lr",
+                "ss_lr_scheduler": "lr_scheduler", "ss_lr_warmup_steps": "lr_warmup_steps", "ss_max_train_steps": "max_train_steps",
+                "ss_gradient_checkpointing": "gradient_checkpointing", "ss_gradient_accumulation_steps": "gradient_accumulation_steps",
+                "ss_mixed_precision": "mixed_precision", "ss_seed": "seed", "ss_clip_skip": "clip_skip", "ss_noise_offset": "noise_offset",
+                "ss_min_snr_gamma": "snr_gamma", "ss_max_grad_norm": "max_grad_norm", "ss_prior_loss_weight": "prior_loss_weight",
+                "ss_cache_latents": "cache_latents", "ss_batch_size_per_device": "train_batch_size", "ss_network_dropout": "lora_dropout",
+                "ss_enable_bucket": "enable_bucket", "ss_flip_aug": "random_flip", "ss_caption_extension": "caption_extension"}  # fmt: skip
+
+
+def _training_keys(metadata: dict) -> dict[str, str]:
+    """kohya's ``ss_*`` keys of a LoRA our training wrote (its ``training`` settings and ``dataset`` summary in our
+    metadata), as strings the way kohya writes them (``ss_resolution`` ``"(512, 512)"``, JSON tables)."""
+    settings, dataset = metadata.get("training"), metadata.get("dataset")
+    out: dict[str, str] = {}
+    if isinstance(settings, dict):
+        out.update({key: str(settings[name]) for key, name in _SS_SETTINGS.items() if name in settings})
+        if "resolution" in settings:
+            out["ss_resolution"] = str((settings["resolution"], settings["resolution"]))
+        out["ss_optimizer"] = "bitsandbytes.optim.AdamW8bit" if settings.get("use_8bit_adam") else "torch.optim.adamw.AdamW"
+    if "steps" in metadata:
+        out["ss_steps"] = str(metadata["steps"])
+    if isinstance(dataset, dict):
+        if "num_train_images" in dataset:
+            out["ss_num_train_images"] = str(dataset["num_train_images"])
+        for key, name in (("ss_dataset_dirs", "dirs"), ("ss_tag_frequency", "tag_frequency")):
+            if isinstance(dataset.get(name), dict):
+                out[key] = json.dumps(dataset[name])
+    return out
 
 
 def kohya_param_keys(params: dict, lora, metadata: dict | None = None) -> dict[str, torch.Tensor]:

@@ -97,13 +97,19 @@ def test_target_follows_the_scheduler_prediction_type():
 # ---------------------------------------------------------------------------------------------- only LoRA changes
 def test_only_lora_parameters_change_and_the_file_loads_in_diffusers(base, tmp_path):
     """... and ``save_kohya``'s copy, named after the output folder, holds the same factors and alphas in kohya's
-    format (what A1111 and ComfyUI read in full)."""
+    format (what A1111 and ComfyUI read in full), with kohya's ``ss_*`` training keys (A1111's card, Civitai)."""
     result = train(config(base, tmp_path, train_text_encoder=True, learning_rate=1e-2, max_train_steps=3,
                           save_precision="fp32", save_kohya=True))
     assert result.kohya_path == result.output_dir / "out.safetensors" and str(result.kohya_path) in result.message
     kohya, kohya_header = read_lora_file(result.kohya_path)
     diffusers = read_lora_file(result.lora_path)[0]
     assert kohya_header["_format"] == "kohya" and kohya.keys() == diffusers.keys()
+    assert json.loads(kohya_header["ss_tag_frequency"]) == {"data": {"an image in the style of <s>": 4}}
+    assert json.loads(kohya_header["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 4}}
+    assert {k: kohya_header[k] for k in ("ss_num_train_images", "ss_learning_rate", "ss_resolution", "ss_seed", "ss_steps",
+                                         "ss_clip_skip", "ss_batch_size_per_device")} == {
+        "ss_num_train_images": "4", "ss_learning_rate": "0.01", "ss_resolution": "(32, 32)", "ss_seed": "0", "ss_steps": "3",
+        "ss_clip_skip": "1", "ss_batch_size_per_device": "1"}
     assert all(torch.equal(kohya[k].A, w.A) and torch.equal(kohya[k].B, w.B) and kohya[k].alpha == w.alpha for k, w in diffusers.items())
     fresh = load_pipeline(base)
     for name in ("unet", "vae", "text_encoder"):

@@ -46,6 +46,7 @@ __all__ = [
     "list_images",
     "scan_images",
     "compose_caption",
+    "dataset_summary",
     "load_rgb",
     "make_buckets",
     "ImageDataset",
@@ -116,6 +117,25 @@ def kohya_folder(relative: Path) -> tuple[int, str] | None:
     ``None`` (an image in the folder itself, or a sub-folder named otherwise)."""
     match = _KOHYA_FOLDER.fullmatch(relative.parts[0]) if len(relative.parts) > 1 else None
     return (int(match.group(1)), match.group(2).strip()) if match else None
+
+
+def dataset_summary(examples: list[Example], folder: str | Path) -> dict:
+    """What kohya records of a data set, per top-level folder (its name; the data folder's own for images in it):
+    ``dirs`` ``{name: {"n_repeats", "img_count"}}``, ``tag_frequency`` ``{name: {tag: images}}`` (a caption's
+    comma-separated parts, lower-cased) and ``num_train_images`` (images times their repeats)."""
+    folder = Path(folder)
+    dirs: dict[str, dict[str, int]] = {}
+    tags: dict[str, dict[str, int]] = {}
+    for e in examples:
+        relative = e.path.relative_to(folder)
+        name = relative.parts[0] if len(relative.parts) > 1 else folder.name
+        entry = dirs.setdefault(name, {"n_repeats": e.repeats, "img_count": 0})
+        entry["img_count"] += 1
+        counts = tags.setdefault(name, {})
+        for tag in (t.strip().lower() for t in e.caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return {"dirs": dirs, "tag_frequency": tags, "num_train_images": sum(e.repeats for e in examples)}
 
 
 def compose_caption(raw: str | None, *, mode: str = "style", token: str = "", instance_prompt: str = "") -> str:

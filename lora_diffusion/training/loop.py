@@ -44,7 +44,7 @@ from ..pipeline import SDXL_EMBEDDING_KEYS, load_single_file, lora_from_model, s
 from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
-from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, mix_seed, scan_images
+from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -843,7 +843,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             if status == "completed":
                 checkpoint = save_checkpoint(step)
                 lora_path = output_dir / outputs.LORA_NAME
-                metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes)
+                metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes, examples)
                 if resumed:
                     metadata["training"]["resumed"] = resumed
                 if pivot is not None:
@@ -946,10 +946,11 @@ def _apply_settings(optimizer, lr_scheduler, configured: list[dict], config: Tra
         lr_scheduler._last_lr = lrs
 
 
-def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_processes: int) -> dict:
+def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_processes: int, examples: list[Example]) -> dict:
     settings = dataclasses.asdict(config)
     settings["seed"] = seed
     return {
+        "dataset": dataset_summary(examples, config.train_data_dir),
         "base_model": config.pretrained_model_name_or_path,
         "trigger_words": [config.token] if config.token else [],
         "mode": config.mode,
