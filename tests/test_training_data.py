@@ -167,6 +167,30 @@ def test_kohya_folders_repeat_their_images_and_caption_those_without_a_caption(t
     assert [BatchPlan(dataset.buckets(), 2, 5, once).batch(g) for g in range(9)] == [BatchPlan(dataset.buckets(), 2, 5).batch(g) for g in range(9)]
 
 
+def test_caption_shuffle_and_dropout_vary_by_sample_and_stay_reproducible(tmp_path):
+    """kohya's --shuffle_caption / --keep_tokens / --caption_dropout_rate / --caption_tag_dropout_rate: a function of
+    the sample's seed (resumable), the kept tags first, the same tags shuffled; all off, the caption as it is."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("sks, red, square, flat, plain, simple")
+    examples = scan_images(tmp_path, resolution=32)
+    plain = ImageDataset(examples, resolution=32)
+    assert {plain.caption(0, s) for s in range(20)} == {"sks, red, square, flat, plain, simple"}
+    shuffled = ImageDataset(examples, resolution=32, shuffle_caption=True, keep_tokens=1)
+    captions = [shuffled.caption(0, s) for s in range(40)]
+    assert captions == [shuffled.caption(0, s) for s in range(40)]  # the same seeds, the same captions
+    assert len(set(captions)) > 20 and all(c.startswith("sks, ") for c in captions)
+    assert all(sorted(c.split(", ")) == sorted(examples[0].caption.split(", ")) for c in captions)
+    assert [shuffled.augmentation(s) for s in range(5)] == [plain.augmentation(s) for s in range(5)]  # crops unchanged
+    dropped = ImageDataset(examples, resolution=32, caption_dropout_rate=0.5, caption_tag_dropout_rate=0.5, keep_tokens=1)
+    captions = [dropped.caption(0, s) for s in range(200)]
+    assert 60 < captions.count("") < 140
+    kept = [c for c in captions if c]
+    assert all(c.startswith("sks") and set(c.split(", ")) <= set(examples[0].caption.split(", ")) for c in kept)
+    assert 1.5 < sum(len(c.split(", ")) - 1 for c in kept) / len(kept) < 3.5  # about half of the 5 droppable tags
+    with pytest.raises(ConfigError, match=r"--caption_dropout_rate must be in \[0, 1\], got 1.5"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir=str(tmp_path), caption_dropout_rate=1.5).validate()
+
+
 def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
     buckets = [(32, 32)] * 5 + [(48, 16)] * 3
     plan = BatchPlan(buckets, batch_size=2, seed=7)

@@ -90,6 +90,10 @@ class TrainConfig:
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install bitsandbytes; CUDA only)")
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
     noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
+    shuffle_caption: bool = _f(False, "shuffle each caption's comma-separated tags every time it is used (kohya's; for tag captions)")
+    keep_tokens: int = _f(0, "with --shuffle_caption / --caption_tag_dropout_rate: leave the first N tags in place (e.g. 1 for a trigger word put first)")
+    caption_dropout_rate: float = _f(0.0, "the share of samples trained with an empty caption (kohya's; helps classifier-free guidance)")
+    caption_tag_dropout_rate: float = _f(0.0, "the chance that each tag after --keep_tokens is left out of a sample's caption")
     clip_skip: int = _f(1, "condition on the text encoder's Nth layer from the end, as kohya's and A1111's CLIP skip "
                         "(2 for SD 1.x models trained so, e.g. NovelAI-derived anime models; generate with diffusers' "
                         "pipe(..., clip_skip=N-1)); SD 1.x / 2.x only")
@@ -157,7 +161,7 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power")
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
@@ -172,6 +176,9 @@ class TrainConfig:
             raise ConfigError(f"--lr_num_cycles must be at least 1, got {self.lr_num_cycles}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         if self.with_prior_preservation:
             if not self.class_data_dir:
                 raise ConfigError("--with_prior_preservation needs --class_data_dir")

@@ -293,8 +293,14 @@ class ImageDataset(torch.utils.data.Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         enable_bucket: bool = False,
+        shuffle_caption: bool = False,
+        keep_tokens: int = 0,
+        caption_dropout_rate: float = 0.0,
+        caption_tag_dropout_rate: float = 0.0,
     ) -> None:
         self.examples = examples
+        self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
+        self.caption_dropout_rate, self.caption_tag_dropout_rate = caption_dropout_rate, caption_tag_dropout_rate
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -319,6 +325,25 @@ class ImageDataset(torch.utils.data.Dataset):
         flip = self.random_flip and rng.random() < 0.5
         x, y = (0.5, 0.5) if self.center_crop else (rng.random(), rng.random())
         return flip, x, y
+
+    def caption(self, index: int, sample_seed: int) -> str:
+        """Example ``index``'s caption for one sample, as kohya varies it: dropped whole (``caption_dropout_rate``),
+        else its comma-separated tags after the first ``keep_tokens`` shuffled (``shuffle_caption``) and each dropped
+        (``caption_tag_dropout_rate``), joined by ", ". Decided by the sample's seed (a stream of its own: the crop
+        and flip are those of a run without these), so a resumed run sees the same captions."""
+        caption = self.examples[index].caption
+        if not (self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate):
+            return caption
+        rng = random.Random(mix_seed(sample_seed, 1))
+        if self.caption_dropout_rate and rng.random() < self.caption_dropout_rate:
+            return ""
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+        if self.shuffle_caption:
+            rng.shuffle(rest)
+        if self.caption_tag_dropout_rate:
+            rest = [t for t in rest if rng.random() >= self.caption_tag_dropout_rate]
+        return ", ".join(kept + rest)
 
     def size_conditioning(self, index: int, flip: bool, x: float, y: float) -> list[int]:
         """SDXL's size and crop conditioning of one sample, as its trainers (diffusers', kohya's) give it:
@@ -356,7 +381,7 @@ class ImageDataset(torch.utils.data.Dataset):
         flip, x, y = self.augmentation(sample_seed)
         return {
             "pixel_values": self.load(index, flip, x, y),
-            "caption": self.examples[index].caption,
+            "caption": self.caption(index, sample_seed),
             "index": index,
             "flip": flip,
             "size_conditioning": self.size_conditioning(index, flip, x, y),

@@ -588,7 +588,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     # the batch order and the length of the run (no model needed): a finished checkpoint stops here
     dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
-                           random_flip=config.random_flip, enable_bucket=config.enable_bucket)
+                           random_flip=config.random_flip, enable_bucket=config.enable_bucket,
+                           shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
+                           caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate)
     if config.cache_latents and not config.center_crop:
         logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
     plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed, dataset.repeats())
@@ -696,7 +698,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                                    num_processes=accelerator.num_processes, rank=accelerator.process_index)
         if cached:  # no pixels needed: only which image, whether flipped (and SDXL's size conditioning)
             return ({"indices": [i for i, _ in keys], "flips": [dataset_.augmentation(s)[0] for _, s in keys],
-                     "captions": [dataset_.examples[i].caption for i, _ in keys],
+                     "captions": [dataset_.caption(i, s) for i, s in keys],
                      "size_conditioning": torch.tensor([dataset_.size_conditioning(i, *dataset_.augmentation(s)) for i, s in keys])}
                     for keys in sampler)
         return iter(torch.utils.data.DataLoader(dataset_, batch_sampler=sampler, collate_fn=collate,
