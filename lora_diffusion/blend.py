@@ -263,6 +263,7 @@ def merge_lora_dicts(
     mode: str = "concat",
     rank: int | None = None,
     dtype: torch.dtype | None = None,
+    fro: float | None = None,
 ) -> MergeReport:
     """Merge canonical LoRAs with weights into one: ``dW = sum_i w_i (alpha_i/r_i) B_i A_i`` per layer.
 
@@ -271,6 +272,8 @@ def merge_lora_dicts(
     concatenated rank, exact), computed from QR factors of ``B`` and ``A`` so it never forms an SVD of the full
     matrix; the singular values are split evenly between the factors. Errors are measured after casting the
     factors to ``dtype`` (what the file will hold). Layers present in only some inputs are merged from those.
+    ``fro`` (svd): a rank per layer, the fewest singular values that keep this share of ``dW``'s Frobenius norm
+    (kohya's ``resize_lora.py --dynamic_method sv_fro``), at most ``rank``.
 
     Example:
         >>> report = merge_lora_dicts([(style, 0.7), (subject, 0.3)], mode="svd", rank=8)
@@ -281,6 +284,8 @@ def merge_lora_dicts(
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if rank is not None and mode != "svd":
         raise ValueError(f"rank={rank} needs mode='svd' (a concat merge is exact: its ranks add up)")
+    if fro is not None and (mode != "svd" or not 0 < fro <= 1):
+        raise ValueError(f"fro={fro} needs mode='svd' and a share in (0, 1]")
     if not loras:
         raise ValueError("nothing to merge")
     for lora, _ in loras:
@@ -300,6 +305,9 @@ def merge_lora_dicts(
             qa, ra = torch.linalg.qr(a.T)  # a = ra^T qa^T
             u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
             k = min(rank or a.shape[0], s.numel())
+            if fro is not None:  # the fewest values whose norm reaches the share fro of the whole (at least one)
+                energy = s.double().pow(2).cumsum(0)
+                k = min(k, max(1, int(torch.searchsorted(energy, fro**2 * energy[-1] * (1 - 1e-12)).item()) + 1))
             root = s[:k].sqrt()
             b, a = (qb @ u[:, :k]) * root, root[:, None] * (vh[:k] @ qa.T)
         out = _as_layer(a, b, parts[0][0])
@@ -327,10 +335,11 @@ def merge_loras(
     format: str = "diffusers",
     dtype: torch.dtype = torch.float16,
     metadata: dict | None = None,
+    fro: float | None = None,
 ) -> MergeReport:
     """Merge LoRA files with weights (any readable format, mixed ranks and alphas) and write ``out``.
 
-    See ``merge_lora_dicts`` for the modes. ``format``: ``"diffusers"`` or ``"kohya"``. The merge's inputs,
+    See ``merge_lora_dicts`` for the modes (and ``fro``; one input with ``mode="svd"`` resizes a LoRA). ``format``: ``"diffusers"`` or ``"kohya"``. The merge's inputs,
     weights, mode, rank and (svd) overall error go into the file's metadata. Returns the ``MergeReport``.
 
     Example:
@@ -347,7 +356,7 @@ def merge_loras(
     if embeddings and format != "kohya":
         raise ValueError(f"the inputs bundle the embeddings {', '.join(embeddings)}, which a {format} file cannot hold: "
                          "merge with format='kohya' (--format kohya) to keep them")
-    report = merge_lora_dicts(loras, mode=mode, rank=rank, dtype=dtype)
+    report = merge_lora_dicts(loras, mode=mode, rank=rank, dtype=dtype, fro=fro)
     if out is not None:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -355,6 +364,7 @@ def merge_loras(
             "merged_from": [{"file": Path(p).name, "weight": float(w)} for p, w in pairs],
             "merge_mode": mode,
             **({"merge_rank": rank, "merge_rel_error": report.error} if mode == "svd" else {}),
+            **({"merge_fro": fro} if fro is not None else {}),
             **(metadata or {}),
         }
         write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype, embeddings=embeddings or None, params=params or None)

@@ -1,6 +1,7 @@
 """File tools: bake adapters into a model folder, inspect and convert LoRA files, and their CLI commands.
 
 ``lora-diffusion merge a.safetensors:0.7 b.safetensors:0.3 -o out.safetensors [--mode svd --rank 16] [--format kohya]``
+``lora-diffusion resize in.safetensors -o out.safetensors --rank 16 [--fro 0.95]``
 ``lora-diffusion convert IN OUT --to kohya|diffusers``
 ``lora-diffusion bake BASE a.safetensors:0.7 -o DIR [--single-file model.safetensors]``
 ``lora-diffusion inspect FILE [--json]``
@@ -465,9 +466,12 @@ def _weighted(spec: str) -> tuple[str, float]:
 def _cmd_merge(args: argparse.Namespace) -> int:
     if args.rank is not None and args.mode != "svd":
         raise ValueError(f"--rank {args.rank} needs --mode svd (a concat merge is exact: its ranks add up)")
+    if args.fro is not None and args.mode != "svd":
+        raise ValueError(f"--fro {args.fro} needs --mode svd")
     inputs = [_weighted(s) for s in args.inputs]
     check_output(args.output, [("the input", p) for p, _ in inputs], overwrite=args.overwrite)
-    report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype])
+    report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype],
+                         fro=args.fro)
     print(f"wrote {args.output}: {len(report.lora)} layers, ranks {report.ranks}, mode {report.mode}")
     if report.mode == "svd":
         _print_errors(report)
@@ -533,10 +537,23 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--mode", choices=["concat", "svd"], default="concat", help="concat: exact, ranks add up; svd: compress to --rank")
     p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--fro", type=float, default=None, metavar="SHARE", help="svd: a rank per layer, the fewest singular "
+                   "values keeping this share of its change's Frobenius norm (e.g. 0.95), at most --rank")
     p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_merge)
+
+    p = subparsers.add_parser("resize", help="cut a LoRA file to a lower rank by SVD (merge --mode svd of one file)")
+    p.add_argument("inputs", nargs=1, metavar="FILE")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--fro", type=float, default=None, metavar="SHARE", help="a rank per layer, the fewest singular values "
+                   "keeping this share of its change's Frobenius norm (e.g. 0.95), at most --rank")
+    p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_merge, mode="svd")
 
     p = subparsers.add_parser("convert", help="convert a LoRA file between kohya/A1111 and diffusers formats")
     p.add_argument("input")

@@ -230,6 +230,28 @@ def test_svd_merge_full_rank_exact_and_low_rank_error_as_reported(files, tmp_pat
     assert read_lora_file(tmp_path / "r1.safetensors")[1]["_format"] == "kohya"
 
 
+def test_resize_keeps_per_layer_the_fewest_singular_values_for_a_share_of_the_norm(files, tmp_path, capsys):
+    """``resize --rank R --fro P`` (kohya's ``resize_lora.py --dynamic_method sv_fro``): each layer keeps the fewest
+    singular values whose norm reaches the share P of its change's (at least one, at most R); P = 1 keeps them all."""
+    src = files / "a.safetensors"
+    exact = _file_deltas(src)
+    out = tmp_path / "dyn.safetensors"
+    assert cli_main(["resize", str(src), "-o", str(out), "--rank", "3", "--fro", "0.8", "--dtype", "fp32"]) == 0
+    assert "relative Frobenius error" in capsys.readouterr().out
+    lora, header = read_lora_file(out)
+    for key, delta in exact.items():
+        s = torch.linalg.svdvals(delta.double())
+        share = (s.pow(2).cumsum(0) / s.pow(2).sum()).sqrt()
+        expect = min(3, int((share < 0.8).sum()) + 1)
+        assert lora[key].rank == expect, key
+    assert len({w.rank for w in lora.values()}) > 1  # the ranks do differ per layer
+    assert '"merge_fro": 0.8' in header["lora_diffusion"]
+    full = merge_loras({src: 1.0}, tmp_path / "all.safetensors", mode="svd", fro=1.0, dtype=torch.float32)
+    assert full.error < 1e-5 and full.ranks == [4]
+    with pytest.raises(ValueError, match=r"fro=1.5 needs mode='svd' and a share in \(0, 1\]"):
+        merge_loras({src: 1.0}, tmp_path / "bad.safetensors", mode="svd", fro=1.5)
+
+
 def test_merge_cli(files, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     assert cli_main(["merge", f"{files / 'a.safetensors'}:0.7", f"{files / 'b.safetensors'}:0.3", "-o", str(out), "--mode", "svd", "--rank", "2"]) == 0
