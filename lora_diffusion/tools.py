@@ -530,29 +530,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add ``merge``, ``convert``, ``bake`` and ``inspect`` to the ``lora-diffusion`` command line."""
-    p = subparsers.add_parser("merge", help="merge LoRA files with weights into one (exact concat or SVD)")
-    p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--mode", choices=["concat", "svd"], default="concat", help="concat: exact, ranks add up; svd: compress to --rank")
-    p.add_argument("--rank", type=int, default=None)
+def _svd_outputs(p: argparse.ArgumentParser) -> None:
+    """``--fro``, ``--format``, ``--dtype`` and ``--overwrite``: what ``merge`` and ``resize`` share."""
     p.add_argument("--fro", type=float, default=None, metavar="SHARE", help="svd: a rank per layer, the fewest singular "
                    "values keeping this share of its change's Frobenius norm (e.g. 0.95), at most --rank")
     p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def register(subparsers) -> None:
+    """Add ``merge``, ``resize``, ``convert``, ``bake``, ``extract`` and ``inspect`` to the ``lora-diffusion`` command
+    line."""
+    p = subparsers.add_parser("merge", help="merge LoRA files with weights into one (exact concat or SVD)")
+    p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--mode", choices=["concat", "svd"], default="concat", help="concat: exact, ranks add up; svd: compress to --rank")
+    p.add_argument("--rank", type=int, default=None)
+    _svd_outputs(p)
     p.set_defaults(func=_cmd_merge)
 
     p = subparsers.add_parser("resize", help="cut a LoRA file to a lower rank by SVD (merge --mode svd of one file)")
     p.add_argument("inputs", nargs=1, metavar="FILE")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--fro", type=float, default=None, metavar="SHARE", help="a rank per layer, the fewest singular values "
-                   "keeping this share of its change's Frobenius norm (e.g. 0.95), at most --rank")
-    p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _svd_outputs(p)
     p.set_defaults(func=_cmd_merge, mode="svd")
 
     p = subparsers.add_parser("convert", help="convert a LoRA file between kohya/A1111 and diffusers formats")
