@@ -242,7 +242,7 @@ def _peft_magnitudes(component: str, items: dict[str, LoraWeights]) -> dict[str,
     return out
 
 
-def _pattern_value(patterns: dict, path: str, default: float) -> float:
+def _pattern_value(patterns: dict, path: str, default: float, where: str = f"the {DIFFUSERS_METADATA_KEY} header") -> float:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``): the first key,
     in order, that is a regex matching the module path or a ``.``-separated tail of it wins. A text-encoder path
     is tried with and without ``text_model.`` (transformers >= 5.6 has no such level)."""
@@ -252,7 +252,7 @@ def _pattern_value(patterns: dict, path: str, default: float) -> float:
             if any(re.match(rf"(.*\.)?({key})$", cand) for cand in candidates):
                 return float(value)
         except re.error as e:
-            raise LoraFormatError(f"pattern {key!r} in the lora_adapter_metadata header is not a valid regex ({e})") from None
+            raise LoraFormatError(f"pattern {key!r} in {where} is not a valid regex ({e})") from None
     return float(default)
 
 
@@ -289,8 +289,10 @@ def _split_diffusers_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict") -> Lora:
-    """diffusers/PEFT state dict (+ header) -> canonical. Reads alpha from ``lora_adapter_metadata``."""
+def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict", *,
+                   where: str = f"the {DIFFUSERS_METADATA_KEY} header") -> Lora:
+    """diffusers/PEFT state dict (+ header) -> canonical. Reads alpha from ``lora_adapter_metadata`` (``where``: what
+    errors call it; a PEFT adapter's comes from its ``adapter_config.json``)."""
     header = header or {}
     adapter_meta = header_json(header, DIFFUSERS_METADATA_KEY, source)
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -322,13 +324,13 @@ def from_diffusers(state: dict[str, torch.Tensor], header: dict[str, str] | None
         if f"{component}.lora_alpha" in adapter_meta:
             try:
                 default_r = adapter_meta.get(f"{component}.r", rank)
-                alpha = _pattern_value(adapter_meta.get(f"{component}.alpha_pattern") or {}, name.split(".", 1)[1], adapter_meta[f"{component}.lora_alpha"])
-                r_meta = int(_pattern_value(adapter_meta.get(f"{component}.rank_pattern") or {}, name.split(".", 1)[1], default_r))
+                alpha = _pattern_value(adapter_meta.get(f"{component}.alpha_pattern") or {}, name.split(".", 1)[1], adapter_meta[f"{component}.lora_alpha"], where)
+                r_meta = int(_pattern_value(adapter_meta.get(f"{component}.rank_pattern") or {}, name.split(".", 1)[1], default_r, where))
             except (AttributeError, TypeError, ValueError, OverflowError):  # no number, a pattern table that is no dict
-                raise LoraFormatError(f"{source}: the {DIFFUSERS_METADATA_KEY} header's {component} r / lora_alpha / "
-                                      "rank_pattern / alpha_pattern are not numbers and tables of numbers") from None
+                raise LoraFormatError(f"{source}: {where}'s {component} r / lora_alpha / rank_pattern / alpha_pattern "
+                                      "are not numbers and tables of numbers") from None
             if r_meta != rank:
-                raise LoraFormatError(f"{source}: {name} has rank {rank} in its tensors but {r_meta} in the metadata")
+                raise LoraFormatError(f"{source}: {name} has rank {rank} in its tensors but {r_meta} in {where}")
         else:
             alpha = float(rank)
         lora[name] = LoraWeights(a, b, float(alpha), magnitude)

@@ -96,7 +96,7 @@ def read_peft_adapters(adapters: dict[Path, str | None]):
                 f"{component}.rank_pattern": config.get("rank_pattern") or {},
                 f"{component}.alpha_pattern": config.get("alpha_pattern") or {}}
         read = from_diffusers({f"{component}.{k}": t for k, t in stripped.items()},
-                              {DIFFUSERS_METADATA_KEY: json.dumps(meta)}, source)
+                              {DIFFUSERS_METADATA_KEY: json.dumps(meta)}, source, where=str(config_path))
         if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r): alpha * sqrt(r) / r
             bias = next((k for k, w in read.items() if not isinstance(w, LoraWeights)), None)
             if bias is not None:

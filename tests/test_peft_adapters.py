@@ -105,6 +105,8 @@ def test_what_is_not_a_peft_lora_is_refused_by_name(tmp_path):
 
     config_path.write_text(json.dumps({**config, "peft_type": "LOHA"}))
     refused(r"a PEFT LOHA adapter; only PEFT LoRA adapters \(peft_type LORA\) are read")
+    config_path.write_text(json.dumps({**config, "r": 8}))
+    refused(r"to_q has rank 2 in its tensors but 8 in .*a/adapter_config.json")
     config_path.write_text("not json")
     refused(r"adapter_config.json: not a PEFT adapter config")
     config_path.write_text(json.dumps(config))
