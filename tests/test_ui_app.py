@@ -178,7 +178,8 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     images = make_images(tmp_path / "up", 3, corrupt=1)
     table = {"headers": ["file", "caption"], "data": [[p.name, "a square"] for p in images]}
     out = client.predict([handle_file(str(p)) for p in images], None, table, "trained", "style", "", 2, 3, 1e-3, 5e-5,
-                         False, True, SIZE, "", 0, "kohya", api_name="/train")  # (DoRA: its file loads as the exact dense change)
+                         False, True, SIZE, "", 0, "kohya", 2, True, 1, 0.0,  # (DoRA: its file loads as the exact dense change)
+                         api_name="/train")
     progress, status = out[0], out[1]
     assert '<progress value="3" max="3"' in progress
     assert "done" in status and "broken0.png" in status, status
@@ -190,6 +191,7 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     # so did the format: kohya names, DoRA as LyCORIS writes it (dora_scale), A1111's alias
     assert header["_format"] == "lycoris" and header["ss_network_module"] == "lycoris.kohya"
     assert header["ss_output_name"] == "trained"
+    assert (header["ss_clip_skip"], header["ss_shuffle_caption"], header["ss_keep_tokens"]) == ("2", "True", "1")  # kohya options
     img, caption, _, _ = generate(client, backend, {"trained": (1.0, None)})
     assert caption.startswith("trained 1")
 
@@ -201,10 +203,10 @@ def test_empty_or_non_number_boxes_show_a_message(served, tmp_path):
     for lr, te_lr, message in ((None, 5e-5, "the learning rate is empty"), (1e-4, None, "text-encoder learning rate is empty")):
         with pytest.raises(Exception, match=message):
             client.predict([handle_file(str(images[0]))], None, table, "never", "style", "", 2, 3, lr, te_lr,
-                           False, False, SIZE, "", 0, "diffusers", api_name="/train")
+                           False, False, SIZE, "", 0, "diffusers", 1, False, 0, 0.0, api_name="/train")
     with pytest.raises(Exception, match="the rank is empty"):  # (it silently became 4)
         client.predict([handle_file(str(images[0]))], None, table, "never", "style", "", None, 3, 1e-4, 5e-5,
-                       False, False, SIZE, "", 0, "diffusers", api_name="/train")
+                       False, False, SIZE, "", 0, "diffusers", 1, False, 0, 0.0, api_name="/train")
     assert "never" not in backend.library.names() and not backend.queue.active_names()
     merge_table = {"headers": ["use", "LoRA", "weight"], "data": [[True, "style", "abc"], [True, "ink", 0.5]]}
     with pytest.raises(Exception, match="the weight of style must be a number, got 'abc'"):

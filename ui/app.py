@@ -130,6 +130,12 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         val_prompt = gr.Textbox(label="Validation prompt (samples while training)", scale=3)
                         train_format = gr.Radio(["diffusers", "kohya"], value="diffusers", scale=2,
                                                 label="Save as (kohya: also loads in A1111 and ComfyUI)")
+                    with gr.Accordion("kohya options", open=False):
+                        with gr.Row():
+                            clip_skip = gr.Number(1, label="CLIP skip (2: models trained so, e.g. anime SD 1.x)", precision=0)
+                            shuffle_caption = gr.Checkbox(False, label="Shuffle caption tags")
+                            keep_tokens = gr.Number(0, label="Keep first N tags in place", precision=0)
+                            caption_dropout = gr.Number(0.0, label="Caption dropout rate")
                     with gr.Row():
                         start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
                         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -231,7 +237,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             return caption_rows(paths)
 
         def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
-                     fmt):
+                     fmt, skip, shuffle, keep, dropout):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -242,6 +248,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     token=token or "", rank=_whole(rank, "the rank"), max_train_steps=_whole(steps, "steps"),
                     learning_rate=_number(lr, "the learning rate"), text_encoder_lr=_number(te_lr, "the text-encoder learning rate"), train_text_encoder=bool(train_te), use_dora=bool(dora), resolution=_whole(res, "the resolution", 0) or None,
                     validation_prompt=val_prompt or "", seed=_whole(seed, "the seed", 0), format=fmt or "diffusers",
+                    extra={"clip_skip": _whole(skip, "CLIP skip", 1), "shuffle_caption": bool(shuffle),
+                           "keep_tokens": _whole(keep, "the tags kept in place", 0),
+                           "caption_dropout_rate": _number(dropout, "the caption dropout rate")},
                 )
                 job = backend.start_training(req)
             except (UIError, LoraFormatError) as e:
@@ -309,7 +318,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         start_btn.click(
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
-             val_prompt, train_seed, train_format],
+             val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time
