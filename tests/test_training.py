@@ -104,6 +104,8 @@ def test_only_lora_parameters_change_and_the_file_loads_in_diffusers(base, tmp_p
     kohya, kohya_header = read_lora_file(result.kohya_path)
     diffusers = read_lora_file(result.lora_path)[0]
     assert kohya_header["_format"] == "kohya" and kohya.keys() == diffusers.keys()
+    card = json.loads((result.output_dir / "out.json").read_text())  # A1111's card: the trigger goes in with the tag
+    assert card["activation text"] == "<s>" and card["sd version"] == "Unknown" and "3 steps on 4 images" in card["description"]
     assert json.loads(kohya_header["ss_tag_frequency"]) == {"data": {"an image in the style of <s>": 4}}
     assert json.loads(kohya_header["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 4}}
     assert {k: kohya_header[k] for k in ("ss_num_train_images", "ss_learning_rate", "ss_resolution", "ss_seed", "ss_steps",
@@ -156,7 +158,9 @@ def test_clip_skip_conditions_on_an_earlier_layer(base, tmp_path):
         assert not torch.equal(encode_text(pipe.tokenizer, pipe.text_encoder, captions, "cpu", clip_skip=2),
                                 encode_text(pipe.tokenizer, pipe.text_encoder, captions, "cpu"))
     result = train(config(base, tmp_path, clip_skip=2, train_text_encoder=True, learning_rate=1e-2, max_train_steps=2,
-                          save_precision="fp32", num_validation_images=1, validation_inference_steps=1))
+                          save_precision="fp32", num_validation_images=1, validation_inference_steps=1, save_kohya=True))
+    preview = result.output_dir / "out.preview.png"  # A1111's card preview: the last sample grid
+    assert preview.read_bytes() == Path(result.sample_paths[-1]).read_bytes()
     lora, header = read_lora_file(result.lora_path)
     last = [w for k, w in lora.items() if f"encoder.layers.{layers - 1}." in k]
     earlier = [w for k, w in lora.items() if k.startswith("text_encoder.") and f"encoder.layers.{layers - 1}." not in k]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -679,6 +680,10 @@ def test_a_kohya_training_job_puts_a_kohya_file_in_the_library(tmp_path, lora_fi
         assert lora.keys() == trained.keys()
         for key, w in trained.items():
             assert torch.equal(lora[key].A, w.A) and torch.equal(lora[key].B, w.B) and lora[key].alpha == w.alpha
+    card = backend.library.path_for("jk").with_suffix(".json")
+    assert json.loads(card.read_text())["activation text"] == ""  # A1111's card beside it (no trigger word here)
+    backend.library.delete("jk_stop")
+    assert not backend.library.path_for("jk_stop").with_suffix(".json").exists()
 
 
 def _overflowing_lora(src, dest, component):

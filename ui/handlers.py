@@ -898,6 +898,12 @@ class Backend:
             if job.format != "diffusers":  # named as the library names it: A1111's alias (ss_output_name) is the name
                 weights = convert_lora(weights, job.output_dir / f"{name}.safetensors", to=job.format, overwrite=True)
             job.result = self.library.add_file(weights, name, sample=sample, check_size=False)
+            if job.format == "kohya":  # A1111's card of it (a library folder may be A1111's LoRA folder)
+                from lora_diffusion.training.outputs import write_a1111_card
+
+                write_a1111_card(self.library.path_for(name).with_suffix(".json"), trigger=getattr(job.config, "token", ""),
+                                 architecture=job.result.metadata.get("architecture"),
+                                 description=f"trained in the lora_diffusion UI, {job.step} steps")
         except (UIError, OSError, ValueError) as e:
             job.status, job.message = "failed", f"could not add the LoRA to the library ({e}); it is in {weights}"
             return

@@ -260,4 +260,5 @@ class LoraLibrary:
             raise UIError(f"no LoRA named {name!r}")
         path.unlink()
         path.with_suffix(".png").unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)  # (A1111's card, written beside a kohya file)
         self._cache.pop(name, None)

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora, set_backward
-from ..pipeline import SDXL_EMBEDDING_KEYS, load_single_file, lora_from_model, save_lora
+from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file, lora_from_model, save_lora
 from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
@@ -853,10 +853,17 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     metadata["embedding_file"] = "embeddings.safetensors"
                 save_lora(lora_path, unet=unet, **trained_encoders(), dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
                           metadata=metadata)
+                kohya_name, card_name, preview_name = outputs.kohya_companions(output_dir)
                 if config.save_kohya:  # (the pivotal-tuning token bundled, as A1111 loads it)
-                    kohya_path = convert_lora(lora_path, output_dir / outputs.kohya_name(output_dir), to="kohya", overwrite=True)
+                    kohya_path = convert_lora(lora_path, output_dir / kohya_name, to="kohya", overwrite=True)
+                    outputs.write_a1111_card(output_dir / card_name, trigger=config.token, architecture=_unet_architecture(unet),
+                                             description=f"{config.mode} LoRA, rank {config.rank}, {step} steps on "
+                                                         f"{len(examples)} images (lora_diffusion)")
                 if config.num_validation_images:
                     sample_paths.append(write_samples(step))
+                    if config.save_kohya:  # A1111's card preview: the last sample grid
+                        with outputs.atomic_path(output_dir / preview_name) as tmp:
+                            shutil.copyfile(sample_paths[-1], tmp)
                 message = f"trained {step} steps; LoRA written to {lora_path}" + (f" and, for A1111 / ComfyUI, {kohya_path}" if kohya_path else "")
         if is_main:
             write_log()

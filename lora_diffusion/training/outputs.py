@@ -33,6 +33,8 @@ __all__ = [
     "OUTPUT_NAMES",
     "run_outputs",
     "kohya_name",
+    "kohya_companions",
+    "write_a1111_card",
     "LORA_NAME",
     "list_checkpoints",
     "find_checkpoint",
@@ -59,9 +61,34 @@ def kohya_name(output_dir: str | os.PathLike) -> str:
     return "lora_kohya.safetensors" if name == LORA_NAME else name
 
 
+def kohya_companions(output_dir: str | os.PathLike) -> tuple[str, str, str]:
+    """The kohya copy's name and those of the files A1111 shows beside it: its card's user metadata (``.json``) and
+    preview (``.preview.png``)."""
+    stem = kohya_name(output_dir).removesuffix(".safetensors")
+    return f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png"
+
+
 def run_outputs(output_dir: str | os.PathLike) -> list[str]:
-    """The names in ``output_dir`` of what a run there writes (``OUTPUT_NAMES`` and its kohya copy) that exist."""
-    return [name for name in (*OUTPUT_NAMES, kohya_name(output_dir)) if (Path(output_dir) / name).exists()]
+    """The names in ``output_dir`` of what a run there writes (``OUTPUT_NAMES``, its kohya copy and the files beside
+    it) that exist."""
+    return [name for name in (*OUTPUT_NAMES, *kohya_companions(output_dir)) if (Path(output_dir) / name).exists()]
+
+
+# A1111's "sd version" of a LoRA card, from our metadata's ``architecture``
+_SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def write_a1111_card(path: str | os.PathLike, *, trigger: str = "", architecture: str | None = None,
+                     description: str = "") -> None:
+    """A1111's user metadata of a LoRA's card (``<lora>.json`` beside it, what its "edit metadata" dialog writes):
+    the activation text (the trigger word, added to the prompt with the tag), the SD version (which filters the cards
+    by the loaded model) and a description."""
+    import json
+
+    card = {"description": description, "sd version": _SD_VERSIONS.get(architecture or "", "Unknown"),
+            "activation text": trigger, "preferred weight": 0, "negative text": "", "notes": ""}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(card, indent=4), encoding="utf-8")
 
 
 @contextlib.contextmanager
