@@ -36,6 +36,7 @@ __all__ = [
     "LBW_SD1_ALL",
     "LBW_SDXL_ALL",
     "lbw_block",
+    "LBW_PRESETS",
     "block_factor",
     "check_blocks",
     "merge_lora_dicts",
@@ -374,10 +375,40 @@ def merge_loras(
 
 # ---------------------------------------------------------------------------------------------- prompt syntax
 class PromptWeight(NamedTuple):
-    """Weights of one ``<lora:...>`` tag: text encoder (``te``) and UNet (``unet``)."""
+    """Weights of one ``<lora:...>`` tag: text encoder (``te``), UNet (``unet``) and, where the tag gives one, a LoRA
+    Block Weight vector (``blocks``, as ``set_adapters(blocks=...)`` takes it)."""
 
     te: float
     unet: float
+    blocks: tuple[float, ...] | None = None
+
+
+# The LBW extension's default presets (its DEF_WEIGHT_PRESET), 17 values in LBW_SD1 order, for ``<lora:name:w:IND>``
+# and ``lbw=IND``; a vector of 12, 17, 20 or 26 values is taken as it is
+LBW_PRESETS = {
+    "NONE": (0,) * 17, "ALL": (1,) * 17, "ALL0.5": (0.5,) * 17,
+    "INS": (1, 1, 1, 1) + (0,) * 13, "IND": (1, 0, 0, 0, 1, 1, 1) + (0,) * 10, "INALL": (1,) * 7 + (0,) * 10,
+    "MIDD": (1, 0, 0, 0) + (1,) * 8 + (0,) * 5, "OUTD": (1,) + (0,) * 7 + (1,) * 4 + (0,) * 5,
+    "OUTS": (1,) + (0,) * 11 + (1,) * 5, "OUTALL": (1,) + (0,) * 7 + (1,) * 9,
+}  # fmt: skip
+
+
+def _lbw_vector(value: str, tag: str) -> tuple[float, ...] | None:
+    """An LBW tag argument as a vector: a preset name or comma-separated values (``None`` for anything else)."""
+    if value in LBW_PRESETS:
+        return tuple(float(v) for v in LBW_PRESETS[value])
+    if "," not in value:
+        return None
+    try:
+        vector = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"bad LoRA tag {tag!r}: a block weight vector holds numbers (the LBW extension's random R / U "
+                         "and inherited X values are not supported)") from None
+    try:
+        _lbw_names(len(vector))
+    except ValueError as e:
+        raise ValueError(f"bad LoRA tag {tag!r}: {e}") from None
+    return vector
 
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # an A1111 extra-network tag: <kind:args>
@@ -388,7 +419,9 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, PromptWeight]]:
     """Split A1111-style LoRA tags out of a prompt: ``(clean prompt, {name: PromptWeight(te, unet)})``.
 
     ``<lora:name>`` is weight 1, ``<lora:name:w>`` sets both, ``<lora:name:te:unet>`` each (A1111 order), and
-    the named forms ``te=`` / ``unet=`` work too. A name given twice keeps the last tag (with a warning; A1111
+    the named forms ``te=`` / ``unet=`` work too. A LoRA Block Weight (the LBW extension's syntax) comes as ``lbw=``
+    (or ``w=``) or in the third place: a preset (``LBW_PRESETS``: ``<lora:name:0.8:IND>``) or a vector
+    (``<lora:name:1:lbw=1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0>``); the UNet weight is then the text encoder's. A name given twice keeps the last tag (with a warning; A1111
     applies such a LoRA twice, at the last tag's weights). Every ``<kind:...>`` tag is taken out as A1111 takes it
     out, by nothing, others (``<hypernet:...>``) with a warning; runs of whitespace become one space, as CLIP's
     tokenizer makes them: the clean prompt gives A1111's tokens.
@@ -409,7 +442,16 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, PromptWeight]]:
             raise ValueError(f"bad LoRA tag {m.group(0)!r}: no name")
         positional = [a for a in args if "=" not in a]
         named = dict(a.split("=", 1) for a in args if "=" in a)
-        ignored = [f"{k}=" for k in named if k not in ("te", "unet")] + (["dyn"] if len(positional) > 2 else [])
+        spec = named.get("lbw", named.get("w"))
+        blocks = _lbw_vector(spec, m.group(0)) if spec is not None else None
+        if spec is not None and blocks is None:
+            raise ValueError(f"bad LoRA tag {m.group(0)!r}: lbw={spec} is neither a block weight preset "
+                             f"({', '.join(LBW_PRESETS)}) nor a vector")
+        if blocks is None and len(positional) > 1:
+            blocks = _lbw_vector(positional[1], m.group(0))
+            if blocks is not None:  # (the LBW extension's place for it: the UNet weight follows the text encoder's)
+                positional = positional[:1]
+        ignored = [f"{k}=" for k in named if k not in ("te", "unet", "lbw", "w")] + (["dyn"] if len(positional) > 2 else [])
         if ignored:
             logger.warning("LoRA tag %s: %s not supported, ignored", m.group(0), ", ".join(ignored))
         try:
@@ -419,7 +461,7 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, PromptWeight]]:
             raise ValueError(f"bad LoRA tag {m.group(0)!r}: weights must be numbers") from None
         if name in found:
             logger.warning("LoRA %r is tagged twice in the prompt; the last tag wins", name)
-        found[name] = PromptWeight(te, unet)
+        found[name] = PromptWeight(te, unet, blocks)
         return ""
 
     clean = " ".join(_EXTRA_NETWORK.sub(take, prompt).split())
@@ -446,7 +488,9 @@ def apply_prompt_loras(pipe, prompt: str, lora_dir: str | os.PathLike | None = N
     try:
         for name, path in paths.items():
             added.append(load_lora(pipe, path, adapter=name, weight=0.0))
-        set_adapters(pipe, {n: w.unet for n, w in tags.items()}, text_encoder={n: w.te for n, w in tags.items()})
+        blocks = {n: list(w.blocks) for n, w in tags.items() if w.blocks is not None}
+        set_adapters(pipe, {n: w.unet for n, w in tags.items()}, text_encoder={n: w.te for n, w in tags.items()},
+                     blocks=blocks or None)
     except BaseException:
         for name in added:
             delete_adapter(pipe, name)

@@ -280,8 +280,9 @@ def test_parse_prompt(caplog):
 
 def test_parse_prompt_names_what_it_ignores(caplog):
     with caplog.at_level("WARNING", logger="lora_diffusion.blend"):
-        assert parse_prompt("<lora:a:1:lbw=OUTD> <lora:b:1:1:16>")[1] == {"a": PromptWeight(1.0, 1.0), "b": PromptWeight(1.0, 1.0)}
-    assert "<lora:a:1:lbw=OUTD>: lbw= not supported" in caplog.text and "<lora:b:1:1:16>: dyn not supported" in caplog.text
+        # (lbw= is read since the LBW syntax came in: test_block_weights_in_tags_as_the_lbw_extension_writes_them)
+        assert parse_prompt("<lora:a:1:start=10> <lora:b:1:1:16>")[1] == {"a": PromptWeight(1.0, 1.0), "b": PromptWeight(1.0, 1.0)}
+    assert "<lora:a:1:start=10>: start= not supported" in caplog.text and "<lora:b:1:1:16>: dyn not supported" in caplog.text
 
 
 def test_apply_prompt_loras(files):
@@ -294,6 +295,29 @@ def test_apply_prompt_loras(files):
     apply_prompt_loras(pipe, "a red circle <lora:b:0.5>", files)  # a is untagged now: off
     layer = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
     assert layer.active == ["b"] and layer.weights["b"] == 0.5
+
+
+def test_block_weights_in_tags_as_the_lbw_extension_writes_them(files):
+    """``<lora:a:0.8:IND>`` / ``lbw=`` (the LBW extension's syntax): a preset or a vector, the UNet weight the text
+    encoder's; the same image as ``set_adapters(blocks=...)``; bad vectors are named."""
+    from lora_diffusion.blend import LBW_PRESETS
+
+    clean, tags = parse_prompt("x <lora:a:0.8:IND> <lora:b:1:lbw=1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1> <lora:c:0.5:0.7>")
+    assert clean == "x" and tags["a"] == PromptWeight(0.8, 0.8, tuple(map(float, LBW_PRESETS["IND"])))
+    assert tags["b"].blocks == (1.0,) + (0.0,) * 7 + (1.0,) * 9 and tags["c"] == PromptWeight(0.5, 0.7)
+    assert parse_prompt("<lora:a:1:w=OUTS>")[1]["a"].blocks == tuple(map(float, LBW_PRESETS["OUTS"]))
+    for bad, match in (("<lora:a:1:lbw=1,0,0>", "a LoRA Block Weight vector has 17 values"),
+                       ("<lora:a:1:lbw=MYPRESET>", "lbw=MYPRESET is neither a block weight preset"),
+                       ("<lora:a:1:lbw=R,R,R,R,R,R,R,R,R,R,R,R,R,R,R,R,R>", "random R / U and inherited X values are not supported")):
+        with pytest.raises(ValueError, match=match):
+            parse_prompt(bad)
+    pipe = tiny_pipeline(0)
+    apply_prompt_loras(pipe, "a red circle <lora:a:0.8:IND> <lora:b:0.6>", files)
+    ref = loaded(files, "a", "b")
+    set_adapters(ref, {"a": 0.8, "b": 0.6}, blocks={"a": list(LBW_PRESETS["IND"])})
+    np.testing.assert_array_equal(generate(pipe), generate(ref))
+    plain = loaded(files, "a", "b", a=0.8, b=0.6)
+    assert not np.array_equal(generate(pipe), generate(plain))  # the blocks did something
 
 
 def test_tags_find_files_as_a1111_does(files, tmp_path):

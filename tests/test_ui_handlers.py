@@ -239,6 +239,8 @@ def test_parse_lora_tags():
         parse_lora_tags("<lora:../x:1>")
     with pytest.raises(UIError, match="number"):
         parse_lora_tags("<lora:x:heavy>")
+    with pytest.raises(UIError, match=r"<lora:x:...>: block weights in a tag \(lbw=\) are not taken here"):
+        parse_lora_tags("<lora:x:1:IND>")  # (not dropped without a word)
 
 
 def test_apply_blend_sets_per_component_and_per_block_weights(lora_files):

@@ -97,6 +97,10 @@ def parse_lora_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
         clean, tags = parse_prompt(prompt)
     except ValueError as e:
         raise UIError(str(e)) from None
+    with_blocks = [n for n, w in tags.items() if w.blocks is not None]
+    if with_blocks:  # (the UI's blocks are its per-block preset, which its diffusers snippet can repeat)
+        raise UIError(f"<lora:{with_blocks[0]}:...>: block weights in a tag (lbw=) are not taken here; use the per-block "
+                      "preset (lora_diffusion.blend.apply_prompt_loras applies them in Python)")
     return clean, {check_name(n): (float(w.unet), float(w.te)) for n, w in tags.items()}
 
 
