@@ -42,6 +42,13 @@ def test_blend_example_writes_unfused_and_fused_images_and_a_merged_file(tmp_pat
     assert (tmp_path / "out" / "merged.safetensors").stat().st_size > 0
 
 
+def test_extract_example_recovers_the_fine_tune(tmp_path):
+    _run([ROOT / "examples" / "extract.py", "--out", tmp_path / "out", "--steps", 2], tmp_path)
+    tuned, extracted = (np.asarray(Image.open(tmp_path / "out" / f"{k}.png")).astype(int) for k in ("tuned", "extracted"))
+    assert np.abs(tuned - extracted).max() <= 2  # a rank-8 change extracted at rank 8: the same image to rounding
+    assert (tmp_path / "out" / "resized.safetensors").stat().st_size < (tmp_path / "out" / "extracted.safetensors").stat().st_size
+
+
 def test_train_style_example_trains_on_the_bundled_model(tmp_path):
     from lora_diffusion.data import TINY_MODEL
 
