@@ -555,6 +555,11 @@ def read_lora_file_with_params(path: str | os.PathLike, *, modules: dict | None 
         context = {"modules": modules} if modules is not None and fmt in NEEDS_MODULES else {}
         read = READERS[fmt][1](state, header, str(path), **context)
     except LoraFormatError as e:
+        from .formats_peft import PEFT_CONFIG, PREFIX
+
+        if all(k.startswith(PREFIX) for k in state):
+            raise LoraFormatError(f"{path}: a PEFT adapter's weights (keys under {PREFIX}): read it with its "
+                                  f"{PEFT_CONFIG} beside it, as save_pretrained leaves them (it holds alpha)") from None
         foreign = foreign_model(state)
         if foreign is not None:  # (the readers' own messages would be about key names)
             raise LoraFormatError(f"{path}: a {foreign[0]} LoRA (e.g. key {foreign[1]!r}); {SUPPORTED_MODELS}") from None

@@ -112,5 +112,7 @@ def test_what_is_not_a_peft_lora_is_refused_by_name(tmp_path):
     config_path.write_text(json.dumps(config))
     (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "moved.safetensors")
     refused(r"adapter_model.safetensors: no such file beside .*adapter_config.json", FileNotFoundError)
+    with pytest.raises(LoraFormatError, match=r"moved.safetensors: a PEFT adapter's weights .* read it with its adapter_config.json beside it"):
+        load_lora(pipe, tmp_path / "a" / "moved.safetensors")  # (another name: not read as the folder's weights file)
     (tmp_path / "a" / "moved.safetensors").rename(tmp_path / "a" / "adapter_model.safetensors")
     assert load_lora(pipe, tmp_path / "a") == "a"
