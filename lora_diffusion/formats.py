@@ -410,7 +410,8 @@ WRITERS: dict[str, Writer] = {"diffusers": to_diffusers}
 NEEDS_MODULES = {"cloneofsimo"}
 
 # LyCORIS adapter types, recognised by their key fragments, so that a file no reader takes is refused by name
-# (LoHa, LoKr, DoRA and full-delta files load, formats_lycoris; one that mixes in another type is refused)
+# (LoHa, LoKr, DoRA, OFT / BOFT, norm- and full-delta files load, formats_lycoris; one that mixes in another type is
+# refused)
 _LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT",
             ".on_input": "(IA)^3", ".diff_b": "bias deltas (diff_b)"}
 
