@@ -538,13 +538,14 @@ def test_output_folder_is_not_overwritten_unless_asked(base, tmp_path):
     first = train(config(base, tmp_path, max_train_steps=1, save_kohya=True))
     before = (first.lora_path).read_bytes()
     first.lora_path.rename(tmp_path / "moved.safetensors")  # (the kohya copy alone marks the folder as a run's)
-    with pytest.raises(ConfigError, match=r"previous run \(checkpoints, log.csv, loss.png, out.safetensors\)"):
+    with pytest.raises(ConfigError, match=r"previous run \(checkpoints, log.csv, loss.png, out.safetensors, out.json\)"):
         train(config(base, tmp_path, max_train_steps=1, learning_rate=1e-2))
     (tmp_path / "moved.safetensors").rename(first.lora_path)
     assert first.lora_path.read_bytes() == before
     again = train(config(base, tmp_path, max_train_steps=2, overwrite=True))
     assert again.global_step == 2 and [p.name for p in outputs.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
     assert not first.kohya_path.exists(), "the previous run's kohya copy outlived it"
+    assert not (tmp_path / "out" / "out.json").exists(), "the previous run's A1111 card outlived it"
 
 
 def fake_previous_run(out: Path) -> dict[str, bytes]:
