@@ -300,7 +300,9 @@ def _training_keys(metadata: dict) -> dict[str, str]:
         out.update({key: str(settings[name]) for key, name in _SS_SETTINGS.items() if name in settings})
         if "resolution" in settings:
             out["ss_resolution"] = str((settings["resolution"], settings["resolution"]))
-        out["ss_optimizer"] = "bitsandbytes.optim.AdamW8bit" if settings.get("use_8bit_adam") else "torch.optim.adamw.AdamW"
+        kind = "adamw8bit" if settings.get("use_8bit_adam") else settings.get("optimizer", "adamw")
+        out["ss_optimizer"] = {"adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.prodigy.Prodigy"}.get(
+            kind, "torch.optim.adamw.AdamW")
     if "steps" in metadata:
         out["ss_steps"] = str(metadata["steps"])
     if isinstance(dataset, dict):

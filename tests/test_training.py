@@ -207,6 +207,24 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, tmp_path):
     assert log[3]["elapsed_s"] >= log[2]["elapsed_s"]  # the run's time goes on across the resume
 
 
+def test_prodigy_trains_and_resumes_exactly(base, tmp_path):
+    """``--optimizer prodigy`` (prodigyopt, kohya's users' favourite): it learns, a resumed run is bit for bit the
+    uninterrupted one (its d and moments are in the checkpoint), and kohya's ss_optimizer names it."""
+    pytest.importorskip("prodigyopt")
+    hard = dict(max_train_steps=4, learning_rate=1.0, optimizer="prodigy", checkpointing_steps=2, save_precision="fp32",
+                save_kohya=True)
+    straight = train(config(base, tmp_path / "a", **hard))
+    flat_images(tmp_path / "b" / "data")
+    assert train(config(base, tmp_path / "b", **hard), progress=lambda p: p["step"] < 2).status == "cancelled"
+    resumed = train(config(base, tmp_path / "b", resume_from_checkpoint="latest", **hard))
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k) and all(torch.isfinite(t).all() for t in a.values())
+    assert read_lora_file(straight.kohya_path)[1]["ss_optimizer"] == "prodigyopt.prodigy.Prodigy"
+    with pytest.raises(ConfigError, match="--use_8bit_adam is --optimizer adamw8bit; it does not go with --optimizer prodigy"):
+        config(base, tmp_path / "c", use_8bit_adam=True, optimizer="prodigy").validate()
+
+
 def test_resume_refuses_a_changed_lora_shape_and_applies_a_changed_learning_rate(base, tmp_path, monkeypatch):
     first = train(config(base, tmp_path, max_train_steps=2, learning_rate=1e-4, lr_scheduler="cosine"))
     assert first.checkpoint.name == "checkpoint-2"

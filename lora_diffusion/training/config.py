@@ -87,7 +87,10 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-08, "AdamW epsilon")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay (LoRA parameters only)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install bitsandbytes; CUDA only)")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install bitsandbytes; CUDA only); = --optimizer adamw8bit")
+    optimizer: str = _f("adamw", "adamw (torch's), adamw8bit (bitsandbytes, CUDA only) or prodigy (pip install prodigyopt: "
+                        "it finds its own step size; use --learning_rate 1, as kohya's users do); the betas, epsilon and "
+                        "weight decay are the --adam_* settings", choices=("adamw", "adamw8bit", "prodigy"))
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
     noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
     shuffle_caption: bool = _f(False, "shuffle each caption's comma-separated tags every time it is used (kohya's; for tag captions)")
@@ -176,6 +179,8 @@ class TrainConfig:
             raise ConfigError(f"--lr_num_cycles must be at least 1, got {self.lr_num_cycles}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"--use_8bit_adam is --optimizer adamw8bit; it does not go with --optimizer {self.optimizer}")
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")

@@ -392,12 +392,23 @@ class PivotalToken:
 
 
 def _optimizer_class(config: TrainConfig):
-    if not config.use_8bit_adam:
+    """The optimizer ``--optimizer`` (or ``--use_8bit_adam``) names; a ``ConfigError`` saying what to install where its
+    package is missing."""
+    if config.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("--optimizer prodigy needs prodigyopt: pip install 'lora-diffusion[prodigy]'") from None
+        if config.learning_rate < 0.1:
+            logger.warning("--optimizer prodigy with --learning_rate %g: Prodigy finds its own step size and scales it by "
+                           "the learning rate; kohya's users give it 1.0", config.learning_rate)
+        return Prodigy
+    if not (config.use_8bit_adam or config.optimizer == "adamw8bit"):
         return torch.optim.AdamW
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install 'lora-diffusion[train8bit]' (CUDA only)") from None
+        raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install 'lora-diffusion[train8bit]' (CUDA only)") from None
     return bnb.optim.AdamW8bit
 
 
