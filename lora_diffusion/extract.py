@@ -23,10 +23,25 @@ import torch
 from .blend import MergeReport
 from .formats import FILE_COMPONENTS, WRITERS, LoraWeights, with_text_model, write_lora_file
 from .inject import resolve_targets, unwrap
+from .layers import LoraLayer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["extract_lora"]
+
+
+def _computed_weight(module: torch.nn.Module, key: str) -> torch.Tensor:
+    """The weight a layer computes with: its own, or, for a LoRA layer with unfused adapters, ``W + sum w s B A`` of
+    those active (the base weight while disabled); a pipeline given as ``base`` or ``tuned`` may hold adapters."""
+    if not isinstance(module, LoraLayer):
+        return module.weight.detach()
+    weight = module.base_layer.weight.detach()
+    if module.disabled or not module.active:
+        return weight
+    if module._dora.intersection(module.active):
+        raise ValueError(f"{key}: a DoRA adapter trained in this process is active; save_lora and load the file (it loads "
+                         "as its exact delta), or fuse, then extract")
+    return weight.to(torch.promote_types(weight.dtype, torch.float32)) + module.delta_weight()
 
 
 def extract_lora(
@@ -71,14 +86,15 @@ def extract_lora(
         base_model, tuned_model = (unwrap(m) for m in models)
         tuned_modules = dict(tuned_model.named_modules())
         for name in resolve_targets(base_model, targets):
-            w0 = base_model.get_submodule(name).weight
+            w0 = _computed_weight(base_model.get_submodule(name), f"{component}.{name}")
             other = tuned_modules.get(name)
-            if other is None or other.weight.shape != w0.shape:
-                found = "no such layer" if other is None else f"{list(other.weight.shape)}"
+            w1 = None if other is None else _computed_weight(other, f"{component}.{name}")
+            if w1 is None or w1.shape != w0.shape:
+                found = "no such layer" if w1 is None else f"{list(w1.shape)}"
                 raise ValueError(f"{component}.{name}: the base model's weight is {list(w0.shape)}, the tuned model's "
                                  f"{found}: not the same architecture")
             wide = torch.promote_types(w0.dtype, torch.float32)  # (fp32; fp64 for fp64 models)
-            delta = (other.weight.detach().to(wide) - w0.detach().to(other.weight.device, wide)).cpu()
+            delta = (w1.to(wide) - w0.to(w1.device, wide)).cpu()
             if not delta.any():
                 continue
             flat = delta.reshape(delta.shape[0], -1)

@@ -90,6 +90,29 @@ def test_full_targets_extract_conv_layers_as_locon(tmp_path):
         torch.testing.assert_close(_weight(pipe, key), _weight(tuned, key), rtol=0, atol=1e-12)
 
 
+def test_a_pipeline_with_unfused_adapters_counts_as_what_it_computes(tmp_path):
+    """A pipeline holding an active, unfused adapter is the model it computes (``W + w s B A``): extracting it against
+    its base gives that adapter's change back (at its weight); disabled, it is the base: nothing to extract."""
+    from lora_diffusion import disable_lora, set_adapters
+    from lora_diffusion.formats import write_lora_file
+    from lora_diffusion.testing import random_lora
+
+    tuned = _base()
+    write_lora_file(tmp_path / "x.safetensors", random_lora(tuned, seed=5, rank=2), dtype=torch.float64)
+    load_lora(tuned, tmp_path / "x.safetensors")
+    set_adapters(tuned, {"x": 0.5})
+    report = extract_lora(_base(), tuned, rank=2)
+    assert report.error < 1e-10
+    lora, _ = read_lora_file(tmp_path / "x.safetensors")
+    for key, w in lora.items():
+        got = report.lora[key]
+        expect = 0.5 * (w.alpha / w.rank) * (w.B.flatten(1) @ w.A.flatten(1))
+        torch.testing.assert_close((got.B.flatten(1) @ got.A.flatten(1)) * (got.alpha / got.rank), expect, rtol=0, atol=1e-12)
+    disable_lora(tuned)
+    with pytest.raises(ValueError, match="nothing to extract"):
+        extract_lora(_base(), tuned, rank=2)
+
+
 def test_same_models_and_other_architectures_are_refused(tmp_path):
     with pytest.raises(ValueError, match="the two models have the same weights in every layer the targets 'attn' select"):
         extract_lora(tiny_pipeline(0), tiny_pipeline(0), tmp_path / "none.safetensors")
