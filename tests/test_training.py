@@ -142,7 +142,7 @@ def test_clip_skip_conditions_on_an_earlier_layer(base, tmp_path):
     does (and so as diffusers' ``encode_prompt(clip_skip=N-1)``, which transformers >= 5.6 breaks); trained
     with it, the text encoder's layers after the one used get no gradient (their LoRA B stays zero) and the others
     learn; the setting is recorded; SDXL and more layers than the encoder has are refused before training."""
-    from lora_diffusion.training.loop import encode_text
+    from lora_diffusion.prompts import encode_text
 
     pipe = load_pipeline(base)
     captions = [PROMPT, "a blue square"]

@@ -44,6 +44,7 @@ from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file
 from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
+from ..prompts import token_ids, encode_text, prompt_kwargs
 from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
 
 logger = logging.getLogger(__name__)
@@ -160,19 +161,6 @@ def _check_clip_skip(pipe, clip_skip: int) -> None:
         raise ConfigError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers")
 
 
-def _prompts(pipe, prompts: list[str], clip_skip: int) -> dict:
-    """The pipeline call's prompt arguments for sample images conditioned as training conditions: the prompts, or
-    with ``--clip_skip`` their embeddings and the empty negative prompt's, both from that layer, as A1111 and kohya's
-    samples take them. (diffusers' own ``clip_skip`` leaves the negative prompt's at the last layer, and with
-    transformers >= 5.6 fails on the flattened CLIPTextModel.)"""
-    if clip_skip == 1:
-        return {"prompt": prompts}
-    device = pipe.text_encoder.device
-    with torch.no_grad():
-        return {"prompt_embeds": encode_text(pipe.tokenizer, pipe.text_encoder, prompts, device, clip_skip),
-                "negative_prompt_embeds": encode_text(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), device, clip_skip)}
-
-
 def _first_line(error: BaseException, limit: int = 200) -> str:
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -261,28 +249,12 @@ def compile_unet(unet: nn.Module, mode: str = "default", backend: str = "inducto
     return torch.compile(unet, mode=None if mode == "default" else mode)
 
 
-def _token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
-
-
-def encode_text(tokenizer, text_encoder, captions: list[str], device, clip_skip: int = 1) -> torch.Tensor:
-    """A CLIP text encoder's conditioning: its last hidden states, or (``clip_skip`` N > 1, kohya's and A1111's count)
-    the Nth from the end through the final layer norm, as kohya trains and diffusers' ``clip_skip=N-1`` generates."""
-    ids = _token_ids(tokenizer, captions, device)
-    if clip_skip == 1:
-        return text_encoder(ids)[0]
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    model = getattr(text_encoder, "text_model", text_encoder)  # (transformers >= 5.6 has no text_model level)
-    return model.final_layer_norm(hidden)
-
-
 def encode_text_sdxl(pipe, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's text conditioning, as its pipeline's ``encode_prompt`` computes it: each encoder's penultimate hidden
     states side by side, and the second encoder's pooled (projected) output."""
     states, pooled = [], None
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        out = encoder(_token_ids(tokenizer, captions, device), output_hidden_states=True)
+        out = encoder(token_ids(tokenizer, captions, device), output_hidden_states=True)
         pooled = out[0]
         states.append(out.hidden_states[-2])
     return torch.cat(states, dim=-1), pooled
@@ -742,7 +714,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         unet.eval()
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad(), accelerator.autocast():
-            images = pipe(**_prompts(pipe, [validation_prompt] * config.num_validation_images, config.clip_skip),
+            images = pipe(**prompt_kwargs(pipe, [validation_prompt] * config.num_validation_images, config.clip_skip),
                           num_inference_steps=config.validation_inference_steps, height=config.resolution,
                           width=config.resolution, generator=generator).images
         unet.train()
@@ -1005,7 +977,7 @@ def _class_examples(pipe, config: TrainConfig, accelerator, seed: int) -> list[E
                 i += 1
             generator = torch.Generator().manual_seed(mix_seed(seed, 7, i))
             with torch.no_grad():
-                image = pipe(**_prompts(pipe, [config.class_prompt], config.clip_skip), num_inference_steps=config.validation_inference_steps,
+                image = pipe(**prompt_kwargs(pipe, [config.class_prompt], config.clip_skip), num_inference_steps=config.validation_inference_steps,
                              height=config.resolution, width=config.resolution, generator=generator).images[0]
             with outputs.atomic_path(folder / f"class-{i:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
