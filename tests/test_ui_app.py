@@ -54,7 +54,7 @@ def generate(client, backend, blend: dict, prompt="a red circle", seed=0):
     use = [n in blend for n in names] + [False] * (MAX_SLOTS - len(names))
     weights = [blend[n][0] if n in blend else 1.0 for n in names] + [1.0] * (MAX_SLOTS - len(names))
     te = [str(blend[n][1]) if n in blend and blend[n][1] is not None else "" for n in names] + [""] * (MAX_SLOTS - len(names))
-    out = client.predict(prompt, "", "all blocks", False, seed, STEPS, 5.0, SIZE, SIZE, *use, *weights, *te, api_name="/generate")
+    out = client.predict(prompt, "", "all blocks", False, seed, STEPS, 5.0, SIZE, SIZE, 1, *use, *weights, *te, api_name="/generate")
     gallery, info, snippet = out[0], out[-2], out[-1]
     return pixels(gallery[0]["image"]), gallery[0]["caption"], info, snippet
 
@@ -246,7 +246,7 @@ def test_auth_protects_every_route(tmp_path):
         with pytest.raises(Exception):
             Client(url, auth=("alice", "wrong"), verbose=False)
         client = Client(url, auth=("alice", "s3cret:x"), verbose=False)
-        out = client.predict("ok", "", "all blocks", False, 0, 1, 1.0, SIZE, SIZE, True, *[False] * (MAX_SLOTS - 1),
+        out = client.predict("ok", "", "all blocks", False, 0, 1, 1.0, SIZE, SIZE, 1, True, *[False] * (MAX_SLOTS - 1),
                              *[1.0] * MAX_SLOTS, *[""] * MAX_SLOTS, api_name="/generate")
         assert out[0][0]["caption"].startswith("style 1")
     finally:

@@ -333,7 +333,8 @@ def test_missing_and_invalid_loras_are_refused(backend):
 def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
     pytest.importorskip("peft", reason="stock diffusers needs peft for load_lora_weights/set_adapters")
     for kw in ({"loras": {"style": (0.8, None), "ink": (0.5, None)}},
-               {"loras": {"style": (1.0, 0.3)}, "block_preset": "OUT half", "negative_prompt": "blurry"}):
+               {"loras": {"style": (1.0, 0.3)}, "block_preset": "OUT half", "negative_prompt": "blurry"},
+               {"loras": {"style": (1.0, 0.6)}, "negative_prompt": "blurry", "clip_skip": 2}):  # (embeddings from that layer)
         result = gen(backend, **kw)
         assert "load_lora_weights" in result.snippet and "set_adapters" in result.snippet
         scope: dict = {}
@@ -342,6 +343,11 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         ours = pixels(result.image)
         assert np.abs(theirs - ours).max() <= 2, result.snippet
         assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
+    skipped = gen(backend, loras={"style": (1.0, 0.6)}, clip_skip=2)
+    assert np.abs(pixels(skipped.image) - pixels(gen(backend, loras={"style": (1.0, 0.6)}).image)).mean() > 1.0
+    assert skipped.settings["clip_skip"] == 2 and "clip skip 2" in skipped.caption
+    with pytest.raises(UIError, match="CLIP skip must be 1-"):
+        gen(backend, clip_skip=40)
 
 
 def test_an_sdxl_model_generates_and_its_snippet_weights_both_text_encoders(tmp_path):

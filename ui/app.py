@@ -93,6 +93,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     with gr.Row():
                         width = gr.Number(0, label="Width (0: model default)", precision=0)
                         height = gr.Number(0, label="Height (0: model default)", precision=0)
+                        gen_clip_skip = gr.Number(1, label="CLIP skip (A1111's; 2 for anime SD 1.x models)", precision=0)
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
@@ -205,7 +206,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             ]
 
         @_user_errors
-        def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, names, past, *slots):
+        def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *slots):
             names = names or backend.library.names()[:max_slots]
             use, w, te = slots[:max_slots], slots[max_slots : 2 * max_slots], slots[2 * max_slots :]
             loras = {}
@@ -216,7 +217,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 GenerateRequest(prompt=prompt or "", negative_prompt=negative or "", loras=loras, block_preset=preset,
                                 fuse=bool(fuse), seed=_whole(seed, "the seed", 0), steps=_whole(steps, "steps"),
                                 guidance=_number(guidance, "guidance"), width=_whole(width, "the width", 0) or None,
-                                height=_whole(height, "the height", 0) or None)
+                                height=_whole(height, "the height", 0) or None, clip_skip=_whole(clip_skip, "CLIP skip", 1))
             )
             info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
             # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
@@ -307,7 +308,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         slot_inputs = [*checks, *weights, *te_weights]
         generate_btn.click(
             on_generate,
-            [prompt, negative, preset, fuse, seed, steps, guidance, width, height, slot_names, history, *slot_inputs],
+            [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history, *slot_inputs],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart

@@ -36,6 +36,7 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
+from lora_diffusion.prompts import prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
@@ -177,6 +178,7 @@ class GenerateRequest:
     guidance: float = 7.5
     width: int | None = None
     height: int | None = None
+    clip_skip: int = 1  # A1111's count: 2 conditions on the text encoder's penultimate layer (SD 1.x / 2.x)
 
 
 @dataclass
@@ -211,6 +213,7 @@ def diffusers_snippet(
     height: int,
     sdxl: bool = False,
     model_config: str | None = None,
+    clip_skip: int = 1,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -249,6 +252,18 @@ def diffusers_snippet(
     args = [_py(prompt)]
     if negative_prompt:
         args.append(f"negative_prompt={_py(negative_prompt)}")
+    if clip_skip > 1:  # the embeddings from that layer, the negative prompt's too, as A1111 takes them
+        lines += [
+            "",
+            "def embed(text):  # CLIP skip " + str(clip_skip) + " (A1111's count): that layer from the end, through the final norm",
+            "    ids = pipe.tokenizer([text], padding=\"max_length\", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors=\"pt\").input_ids",
+            f"    hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-{clip_skip}]",
+            "    return getattr(pipe.text_encoder, \"text_model\", pipe.text_encoder).final_layer_norm(hidden)",
+            "",
+            "with torch.no_grad():",
+            f"    prompt_embeds, negative_embeds = embed({_py(prompt)}), embed({_py(negative_prompt)})",
+        ]
+        args = ["prompt_embeds=prompt_embeds", "negative_prompt_embeds=negative_embeds"]
     args += [
         f"num_inference_steps={steps}",
         f"guidance_scale={guidance!r}",
@@ -634,6 +649,7 @@ class Backend:
             raise UIError(f"steps must be between 1 and 200, got {steps}")
         finite_number(req.guidance, "guidance")
         _seed(req.seed)
+        clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
         with self.generate_lock:
             pipe = self.pipe
             scale = getattr(pipe, "vae_scale_factor", 8)
@@ -641,6 +657,11 @@ class Backend:
             height = int(req.height or pipe.unet.config.sample_size * scale)
             if width % 8 or height % 8 or not (8 <= width <= 2048 and 8 <= height <= 2048):
                 raise UIError(f"width and height must be multiples of 8 between 8 and 2048, got {width}x{height}")
+            sdxl = getattr(pipe, "text_encoder_2", None) is not None
+            layers = pipe.text_encoder.config.num_hidden_layers
+            if clip_skip != 1 and (sdxl or not 1 <= clip_skip <= layers):
+                raise UIError("CLIP skip is for SD 1.x / 2.x (SDXL conditions on both encoders' penultimate layers)" if sdxl
+                              else f"CLIP skip must be 1-{layers} (the text encoder's layers), got {clip_skip}")
             self._sync(list(loras))
             fused = bool(req.fuse and loras)
             fusing = False
@@ -654,9 +675,9 @@ class Backend:
                 raise UIError(_blend_error(e, fusing)) from None
             try:
                 generator = torch.Generator("cpu").manual_seed(int(req.seed))
+                texts = prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
                 image = pipe(
-                    prompt,
-                    negative_prompt=negative or None,
+                    **texts,
                     num_inference_steps=steps,
                     guidance_scale=float(req.guidance),
                     height=height,
@@ -667,17 +688,19 @@ class Backend:
                 if fused:
                     unfuse(pipe)
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
-                    "height": height, "block_preset": req.block_preset, "fused": fused}
+                    "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip}
         caption = f"{blend_label(loras)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
         if fused:
             caption += ", fused"
+        if clip_skip > 1:
+            caption += f", clip skip {clip_skip}"
         snippet = diffusers_snippet(
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
-            guidance=float(req.guidance), width=width, height=height, sdxl=getattr(pipe, "text_encoder_2", None) is not None,
-            model_config=self.model_config,
+            guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
+            clip_skip=clip_skip,
         )
         return GenerateResult(image, prompt, loras, caption, snippet, settings)
 
