@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["encode_text", "prompt_kwargs", "token_ids"]
+__all__ = ["encode_text", "prompt_kwargs", "token_ids", "check_clip_skip"]
 
 
 def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
@@ -33,6 +33,20 @@ def encode_text(tokenizer, text_encoder, captions: list[str], device, clip_skip:
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
     model = getattr(text_encoder, "text_model", text_encoder)  # (transformers >= 5.6 has no text_model level)
     return model.final_layer_norm(hidden)
+
+
+def check_clip_skip(pipe, clip_skip: int, name: str = "clip_skip") -> None:
+    """Raises ``ValueError`` (naming it ``name``) where ``clip_skip`` does not fit ``pipe``: SDXL conditions on both
+    encoders' penultimate layers whatever it is (its pipeline, kohya's SDXL trainer), and no encoder has more layers
+    than its own."""
+    if clip_skip == 1:
+        return
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError(f"{name} {clip_skip}: SDXL always conditions on both text encoders' penultimate layers (as its "
+                         "pipeline and kohya's SDXL trainer do); leave it at 1")
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"{name} {clip_skip}: the text encoder has {layers} layers (1-{layers})")
 
 
 def prompt_kwargs(pipe, prompts: list[str], clip_skip: int = 1, negative: list[str] | None = None) -> dict:

@@ -36,7 +36,7 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.prompts import prompt_kwargs
+from lora_diffusion.prompts import check_clip_skip, prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
@@ -658,10 +658,10 @@ class Backend:
             if width % 8 or height % 8 or not (8 <= width <= 2048 and 8 <= height <= 2048):
                 raise UIError(f"width and height must be multiples of 8 between 8 and 2048, got {width}x{height}")
             sdxl = getattr(pipe, "text_encoder_2", None) is not None
-            layers = pipe.text_encoder.config.num_hidden_layers
-            if clip_skip != 1 and (sdxl or not 1 <= clip_skip <= layers):
-                raise UIError("CLIP skip is for SD 1.x / 2.x (SDXL conditions on both encoders' penultimate layers)" if sdxl
-                              else f"CLIP skip must be 1-{layers} (the text encoder's layers), got {clip_skip}")
+            try:
+                check_clip_skip(pipe, clip_skip, "CLIP skip")
+            except ValueError as e:
+                raise UIError(str(e)) from None
             self._sync(list(loras))
             fused = bool(req.fuse and loras)
             fusing = False

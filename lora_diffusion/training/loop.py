@@ -44,7 +44,7 @@ from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file
 from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
-from ..prompts import token_ids, encode_text, prompt_kwargs
+from ..prompts import check_clip_skip, encode_text, prompt_kwargs, token_ids
 from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
 
 logger = logging.getLogger(__name__)
@@ -146,19 +146,6 @@ def _check_sd_model(pipe, name_or_path: str) -> None:
         raise ConfigError(f"--pretrained_model_name_or_path {name_or_path}: the UNet expects {unet.cross_attention_dim}-wide "
                           f"text features but the text encoder{'s give' if len(encoders) > 1 else ' gives'} {width}: "
                           f"not a {kind} model")
-
-
-def _check_clip_skip(pipe, clip_skip: int) -> None:
-    """``--clip_skip`` fits the model: SD 1.x / 2.x (SDXL conditions on both encoders' penultimate layers, as kohya's
-    SDXL trainer does whatever its clip_skip), and no more layers than the text encoder has."""
-    if clip_skip == 1:
-        return
-    if is_sdxl(pipe):
-        raise ConfigError(f"--clip_skip {clip_skip}: SDXL always conditions on both text encoders' penultimate layers "
-                          "(as its pipeline and kohya's SDXL trainer do); leave it at 1")
-    layers = pipe.text_encoder.config.num_hidden_layers
-    if clip_skip > layers:
-        raise ConfigError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers")
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -586,7 +573,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = _load_model(config.pretrained_model_name_or_path, config.single_file_config)
-    _check_clip_skip(pipe, config.clip_skip)
+    try:
+        check_clip_skip(pipe, config.clip_skip, "--clip_skip")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else None
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sdxl = is_sdxl(pipe)
