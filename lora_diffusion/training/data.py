@@ -119,6 +119,11 @@ def kohya_folder(relative: Path) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2).strip()) if match else None
 
 
+def caption_tags(caption: str) -> list[str]:
+    """A caption's comma-separated tags, stripped, empty ones left out (kohya's unit of shuffling and counting)."""
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
 def dataset_summary(examples: list[Example], folder: str | Path) -> dict:
     """What kohya records of a data set, per top-level folder (its name; the data folder's own for images in it):
     ``dirs`` ``{name: {"n_repeats", "img_count"}}``, ``tag_frequency`` ``{name: {tag: images}}`` (a caption's
@@ -132,9 +137,8 @@ def dataset_summary(examples: list[Example], folder: str | Path) -> dict:
         entry = dirs.setdefault(name, {"n_repeats": e.repeats, "img_count": 0})
         entry["img_count"] += 1
         counts = tags.setdefault(name, {})
-        for tag in (t.strip().lower() for t in e.caption.split(",")):
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
+        for tag in caption_tags(e.caption.lower()):
+            counts[tag] = counts.get(tag, 0) + 1
     return {"dirs": dirs, "tag_frequency": tags, "num_train_images": sum(e.repeats for e in examples)}
 
 
@@ -337,7 +341,7 @@ class ImageDataset(torch.utils.data.Dataset):
         rng = random.Random(mix_seed(sample_seed, 1))
         if self.caption_dropout_rate and rng.random() < self.caption_dropout_rate:
             return ""
-        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        tags = caption_tags(caption)
         kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
         if self.shuffle_caption:
             rng.shuffle(rest)
