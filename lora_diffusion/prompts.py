@@ -1,5 +1,6 @@
-"""Text conditioning with CLIP skip, as kohya trains and A1111 generates: a CLIP text encoder's Nth hidden state from
-the end through its final layer norm.
+"""Text conditioning as kohya trains and A1111 generates: CLIP skip, and A1111's prompt emphasis and long prompts.
+
+CLIP skip: a CLIP text encoder's Nth hidden state from the end through its final layer norm.
 
 kohya's ``--clip_skip`` and A1111's "CLIP skip" count N from the end (1: the last layer, the default; 2: the
 penultimate, for models trained so, such as NovelAI-derived SD 1.x anime models). diffusers counts the layers skipped
@@ -7,15 +8,30 @@ penultimate, for models trained so, such as NovelAI-derived SD 1.x anime models)
 >= 5.6 (whose CLIPTextModel has no ``text_model`` level), fails: ``prompt_kwargs`` gives a pipeline call the
 embeddings instead.
 
+A1111's prompts (``prompt_embeds``): ``(word)`` weighs a word 1.1x, ``((word))`` 1.21x, ``[word]`` 1/1.1x,
+``(word:1.4)`` 1.4x (``\\(`` is a literal bracket); a prompt longer than 75 tokens is encoded in 75-token chunks
+side by side (a chunk breaks at the last comma within 20 tokens of its end, and at ``BREAK``); each chunk's
+states are multiplied by the weights and rescaled to their former mean (A1111's "Original" emphasis). A plain
+prompt of up to 75 tokens gives the pipeline's own embeddings, bit for bit.
+
 Example:
     >>> image = pipe(**prompt_kwargs(pipe, ["a cat"], clip_skip=2), num_inference_steps=20).images[0]
+    >>> image = pipe(**prompt_embeds(pipe, ["a (red:1.3) cat, [blurry]"], ["lowres"]), num_inference_steps=20).images[0]
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-__all__ = ["encode_text", "prompt_kwargs", "token_ids", "check_clip_skip"]
+__all__ = ["encode_text", "prompt_kwargs", "token_ids", "check_clip_skip", "parse_emphasis", "prompt_chunks",
+           "prompt_embeds"]
+
+CHUNK_TOKENS = 75  # a chunk's prompt tokens; with its start and end tokens, the text encoder's 77
+COMMA_BACKTRACK = 20  # A1111's "prompt word wrap length limit"
+ROUND, SQUARE = 1.1, 1 / 1.1  # (word), [word]
+BREAK = None  # the weight of a BREAK marker in parse_emphasis' output
 
 
 def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
@@ -59,3 +75,168 @@ def prompt_kwargs(pipe, prompts: list[str], clip_skip: int = 1, negative: list[s
     with torch.no_grad():
         return {"prompt_embeds": encode_text(pipe.tokenizer, pipe.text_encoder, prompts, device, clip_skip),
                 "negative_prompt_embeds": encode_text(pipe.tokenizer, pipe.text_encoder, negative, device, clip_skip)}
+
+
+# ---------------------------------------------------------------------------------------------- A1111 prompts
+_EMPHASIS = re.compile(r"""\\.|\\$|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:""", re.S)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float | None]]:
+    """A1111's prompt emphasis: ``text`` as ``(fragment, weight)`` pairs, runs of one weight joined, and
+    ``("BREAK", None)`` where the prompt says ``BREAK``. Unclosed brackets weigh what follows them to the end.
+
+    Example:
+        >>> parse_emphasis("a (red:1.3) cat, [blurry] BREAK (sky)")
+        [('a ', 1.0), ('red', 1.3), (' cat, ', 1.0), ('blurry', 0.9090909090909091), ('', 1.0), ('BREAK', None),
+         ('', 1.0), ('sky', 1.1)]
+    """
+    out: list[list] = []  # [fragment, weight]; weight None marks a BREAK
+    opened: dict[str, list[int]] = {"(": [], "[": []}
+
+    def scale(start: int, factor: float) -> None:
+        for item in out[start:]:
+            if item[1] is not BREAK:
+                item[1] *= factor
+
+    for m in _EMPHASIS.finditer(text):
+        piece, number = m.group(0), m.group(1)
+        if piece.startswith("\\"):
+            out.append([piece[1:], 1.0])
+        elif piece in opened:
+            opened[piece].append(len(out))
+        elif number is not None and opened["("]:
+            try:
+                factor = float(number)
+            except ValueError:
+                raise ValueError(f"prompt emphasis {piece.strip()!r}: {number!r} is not a number") from None
+            scale(opened["("].pop(), factor)
+        elif piece == ")" and opened["("]:
+            scale(opened["("].pop(), ROUND)
+        elif piece == "]" and opened["["]:
+            scale(opened["["].pop(), SQUARE)
+        else:
+            for i, part in enumerate(_BREAK.split(piece)):
+                if i:
+                    out.append(["BREAK", BREAK])
+                out.append([part, 1.0])
+    for bracket, factor in (("(", ROUND), ("[", SQUARE)):
+        for start in opened[bracket]:
+            scale(start, factor)
+    joined: list[list] = []
+    for fragment, weight in out or [["", 1.0]]:
+        if joined and weight is not BREAK and joined[-1][1] == weight:
+            joined[-1][0] += fragment
+        else:
+            joined.append([fragment, weight])
+    return [(fragment, weight) for fragment, weight in joined]
+
+
+def prompt_chunks(tokenizer, text: str, *, emphasis: bool = True) -> list[tuple[list[int], list[float]]]:
+    """``text`` as A1111 tokenizes it: chunks of 77 token ids (start, 75 prompt tokens or end-of-text padding, end)
+    with a weight per token; a chunk that fills up moves the words after its last comma (within 20 tokens) on to the
+    next, and ``BREAK`` starts a new one. ``emphasis=False`` takes brackets literally."""
+    parsed = parse_emphasis(text) if emphasis else [(text, 1.0)]
+    pieces = [fragment for fragment, weight in parsed if weight is not BREAK]
+    ids = iter(tokenizer(pieces, add_special_tokens=False, truncation=False, verbose=False).input_ids if pieces else [])
+    comma = tokenizer.get_vocab().get(",</w>")
+    start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    chunks: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal tokens, weights, last_comma
+        pad = CHUNK_TOKENS - len(tokens)
+        chunks.append(([start, *tokens, *[end] * pad, end], [1.0, *weights, *[1.0] * pad, 1.0]))
+        tokens, weights, last_comma = [], [], -1
+
+    for fragment, weight in parsed:
+        if weight is BREAK:
+            close()
+            continue
+        for token in next(ids):
+            if token == comma:
+                last_comma = len(tokens)
+            elif len(tokens) == CHUNK_TOKENS and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+                moved = tokens[last_comma + 1:], weights[last_comma + 1:]
+                del tokens[last_comma + 1:], weights[last_comma + 1:]
+                close()
+                tokens, weights = list(moved[0]), list(moved[1])
+            if len(tokens) == CHUNK_TOKENS:
+                close()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        close()
+    return chunks
+
+
+def _encode_chunks(tokenizer, text_encoder, chunks, layer: int, final_norm: bool):
+    """One prompt's chunks through ``text_encoder``, one by one as A1111 encodes them: the states of hidden layer
+    ``layer`` (-1: the last, through the final norm; -N with ``final_norm``: CLIP skip), weighted, side by side; and
+    the encoder's first output for the first chunk (the pooled text of SDXL's second encoder)."""
+    device = text_encoder.device
+    pad, end = tokenizer.pad_token_id, tokenizer.eos_token_id
+    states, first = [], None
+    for ids, weights in chunks:
+        ids = torch.tensor([ids], device=device)
+        if pad is not None and pad != end:  # (SD 2.x, SDXL's second tokenizer: padding after the end-of-text token)
+            ids = ids.masked_fill((ids == end).int().cumsum(-1) - (ids == end).int() > 0, pad)
+        out = text_encoder(ids, output_hidden_states=layer != -1)
+        z = out[0] if layer == -1 else out.hidden_states[layer]
+        if final_norm:
+            z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(z)
+        if any(w != 1 for w in weights):  # A1111's "Original" emphasis: weigh the tokens, keep the chunk's mean
+            w = torch.tensor(weights, device=device)[None, :, None]
+            weighted = z.float() * w
+            z = (weighted * (z.float().mean() / weighted.mean())).to(z.dtype)
+        states.append(z)
+        first = out[0] if first is None else first
+    return torch.cat(states, dim=1), first
+
+
+def prompt_embeds(pipe, prompts: list[str], negative: list[str] | None = None, *, clip_skip: int = 1,
+                  emphasis: bool = True) -> dict:
+    """A pipeline call's prompt arguments for A1111-style prompts (SD 1.x / 2.x and SDXL): emphasis, prompts of any
+    length, ``BREAK``, CLIP skip (A1111's count, SD 1.x / 2.x), the negative prompts (default: empty) alike.
+
+    Where a prompt and its negative differ in chunks, the shorter is padded with the empty prompt's chunks, as
+    A1111's "Pad prompt/negative prompt" does (diffusers takes one length for both). SDXL without ``negative``: zeros,
+    as diffusers' pipeline without a negative prompt and A1111 with an empty one.
+
+    Example:
+        >>> image = pipe(**prompt_embeds(pipe, ["masterpiece, (red:1.2) fox BREAK snow"], ["lowres"])).images[0]
+    """
+    check_clip_skip(pipe, clip_skip)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    zeros = negative is None and sdxl and getattr(pipe.config, "force_zeros_for_empty_prompt", True)
+    negative = negative if negative is not None else [""] * len(prompts)
+    if len(negative) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negative)} negative prompts")
+    encoders = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else [])
+
+    def encode(text: str):
+        states, pooled = [], None
+        for tokenizer, encoder in encoders:
+            chunks = prompt_chunks(tokenizer, text, emphasis=emphasis)
+            layer, norm = (-2, False) if sdxl else (-clip_skip, clip_skip > 1)
+            s, pooled = _encode_chunks(tokenizer, encoder, chunks, layer, norm)
+            states.append(s)
+        return torch.cat(states, dim=-1), pooled
+
+    with torch.no_grad():
+        conds = [encode(t) for t in prompts]
+        unconds = [tuple(map(torch.zeros_like, encode(t))) if zeros else encode(t) for t in negative]
+        length = max(s.shape[1] for s, _ in conds + unconds)
+        blank = encode("")[0] if any(s.shape[1] < length for s, _ in conds + unconds) else None
+        padded = [(torch.cat([s] + [blank] * ((length - s.shape[1]) // blank.shape[1]), dim=1), p)
+                  if s.shape[1] < length else (s, p) for s, p in conds + unconds]
+    n = len(prompts)
+    out = {"prompt_embeds": torch.cat([s for s, _ in padded[:n]]),
+           "negative_prompt_embeds": torch.cat([s for s, _ in padded[n:]])}
+    if sdxl:
+        out["pooled_prompt_embeds"] = torch.cat([p for _, p in padded[:n]])
+        out["negative_pooled_prompt_embeds"] = torch.cat([p for _, p in padded[n:]])
+    return out

@@ -1,0 +1,143 @@
+"""A1111 prompts (emphasis, long prompts, BREAK) as embeddings: A1111's parser and chunking rules, its "Original"
+emphasis, and the pipelines' own embeddings for plain prompts, bit for bit."""
+
+import pytest
+import torch
+
+from lora_diffusion.prompts import encode_text, parse_emphasis, prompt_chunks, prompt_embeds
+from lora_diffusion.testing import tiny_pipeline, tiny_sdxl_pipeline
+
+SDXL_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+@pytest.fixture(scope="module")
+def sd():
+    pipe = tiny_pipeline(0)
+    with torch.no_grad():  # a final norm with a bias, as CLIP's: the states' mean, which emphasis keeps, is not ~0
+        getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm.bias.normal_(0.3, 0.1)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl_pipeline(0)
+
+
+@pytest.mark.parametrize("text, expect", [  # A1111's own examples (modules/prompt_parser.py), and edge cases
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("[[faint]] x", [("faint", 1 / 1.1 / 1.1), (" x", 1.0)]),
+    ("stray) and :2) and \\\\ slash", [("stray) and :2) and \\ slash", 1.0)]),
+    ("a BREAK b", [("a", 1.0), ("BREAK", None), ("b", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_parse_emphasis_as_a1111(text, expect):
+    assert parse_emphasis(text) == expect
+
+
+def test_parse_emphasis_refuses_a_bad_number():
+    with pytest.raises(ValueError, match=r"'1\.2\.3' is not a number"):
+        parse_emphasis("(red:1.2.3)")
+
+
+def test_chunks_hold_the_whole_prompt_in_75_token_pieces(sd):
+    tok = sd.tokenizer
+    text = " ".join(f"word{i}" for i in range(60))  # no commas: no backtracking
+    plain = tok(text, add_special_tokens=False).input_ids
+    chunks = prompt_chunks(tok, text)
+    assert len(chunks) == -(-len(plain) // 75) > 1
+    for ids, weights in chunks:
+        assert len(ids) == len(weights) == 77 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert weights == [1.0] * 77
+    body = [t for ids, _ in chunks for t in ids[1:-1]]
+    assert body[: len(plain)] == plain and set(body[len(plain):]) == {tok.eos_token_id}
+
+
+def test_a_full_chunk_moves_the_words_after_its_last_comma(sd):
+    tok = sd.tokenizer
+    comma = tok.get_vocab()[",</w>"]
+    head = "a " * 70 + ", "  # 70 tokens then a comma (token 71)
+    tail = "b " * 10  # would fill the chunk past 75
+    first, second = prompt_chunks(tok, head + tail)
+    assert first[0][1:72] == [tok("a", add_special_tokens=False).input_ids[0]] * 70 + [comma]
+    assert set(first[0][72:]) == {tok.eos_token_id}  # the b's moved on whole
+    assert second[0][1:11] == tok(tail, add_special_tokens=False).input_ids
+    far = prompt_chunks(tok, "a , " + "c " * 80)  # the comma is over 20 tokens back: a plain cut
+    assert far[0][0][1:76] == tok("a , " + "c " * 73, add_special_tokens=False).input_ids
+
+
+def test_break_starts_a_chunk_and_weights_follow_the_tokens(sd):
+    tok = sd.tokenizer
+    chunks = prompt_chunks(tok, "red BREAK (blue:1.5) x")
+    assert len(chunks) == 2
+    red = tok("red", add_special_tokens=False).input_ids
+    assert chunks[0][0][1:1 + len(red)] == red and chunks[0][0][1 + len(red)] == tok.eos_token_id
+    blue = tok("blue", add_special_tokens=False).input_ids
+    assert chunks[1][1][1:1 + len(blue)] == [1.5] * len(blue) and chunks[1][1][1 + len(blue)] == 1.0
+    assert prompt_chunks(tok, "(blue:1.5)", emphasis=False)[0][1] == [1.0] * 77  # taken literally
+
+
+@pytest.mark.parametrize("negative", [None, [""], ["lowres, blurry"]])
+def test_plain_prompts_give_the_pipelines_own_embeddings(sd, sdxl, negative):
+    neg = None if negative is None else negative[0]
+    ours = prompt_embeds(sd, ["a red cat, sitting"], negative)
+    expect = sd.encode_prompt("a red cat, sitting", torch.device("cpu"), 1, True, neg)
+    assert torch.equal(ours["prompt_embeds"], expect[0]) and torch.equal(ours["negative_prompt_embeds"], expect[1])
+    ours = prompt_embeds(sdxl, ["a red cat, sitting"], negative)
+    expect = sdxl.encode_prompt(prompt="a red cat, sitting", device=torch.device("cpu"), num_images_per_prompt=1,
+                                do_classifier_free_guidance=True, negative_prompt=neg)
+    for key, tensor in zip(SDXL_KEYS, expect):
+        assert torch.equal(ours[key], tensor), key
+    if negative is None:  # SDXL's zeros for no negative prompt
+        assert not ours["negative_prompt_embeds"].any() and not ours["negative_pooled_prompt_embeds"].any()
+
+
+def test_clip_skip_gives_that_layer(sd):
+    ours = prompt_embeds(sd, ["a red cat"], ["blurry"], clip_skip=2)
+    expect = encode_text(sd.tokenizer, sd.text_encoder, ["a red cat", "blurry"], "cpu", clip_skip=2)
+    assert torch.equal(ours["prompt_embeds"], expect[:1]) and torch.equal(ours["negative_prompt_embeds"], expect[1:])
+    assert not torch.equal(ours["prompt_embeds"], prompt_embeds(sd, ["a red cat"])["prompt_embeds"])
+
+
+def test_emphasis_weighs_tokens_and_keeps_the_chunks_mean(sd):
+    ids, weights = prompt_chunks(sd.tokenizer, "a (red:1.4) cat [sitting]")[0]
+    assert 1.4 in weights and min(weights) == pytest.approx(1 / 1.1)
+    with torch.no_grad():
+        z = sd.text_encoder(torch.tensor([ids]))[0].double()
+    w = torch.tensor(weights, dtype=torch.float64)[None, :, None]
+    expect = z * w * (z.mean() / (z * w).mean())  # A1111's "Original" emphasis
+    got = prompt_embeds(sd, ["a (red:1.4) cat [sitting]"])["prompt_embeds"]
+    torch.testing.assert_close(got.double(), expect, rtol=0, atol=1e-5)
+    assert (got - z).abs().max() > 1e-2  # it did weigh
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_long_prompts_encode_chunk_by_chunk_and_pad_the_negative(which, sd, sdxl):
+    pipe = sd if which == "sd" else sdxl
+    first = " ".join(["a"] * 75)  # one token each
+    prompt = first + " " + "blue cat"
+    tokens = pipe.tokenizer(first, add_special_tokens=False).input_ids
+    assert len(tokens) == 75  # the first chunk is exactly `first`
+    ours = prompt_embeds(pipe, [prompt], ["blurry"])
+    alone, blank = prompt_embeds(pipe, [first], ["blurry"]), prompt_embeds(pipe, [""], [""])
+    assert ours["prompt_embeds"].shape[1] == 154
+    assert torch.equal(ours["prompt_embeds"][:, :77], alone["prompt_embeds"])
+    assert torch.equal(ours["negative_prompt_embeds"][:, :77], alone["negative_prompt_embeds"])
+    assert torch.equal(ours["negative_prompt_embeds"][:, 77:], blank["prompt_embeds"])  # padded with ""
+    assert not torch.equal(ours["prompt_embeds"][:, 77:], blank["prompt_embeds"])
+    if which == "sdxl":  # the pooled text is the first chunk's
+        assert torch.equal(ours["pooled_prompt_embeds"], alone["pooled_prompt_embeds"])
+    image = pipe(**ours, num_inference_steps=1, output_type="np", height=32, width=32,
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape[1:3] == (32, 32) and torch.isfinite(torch.from_numpy(image)).all()
+
+
+def test_prompt_and_negative_lists_must_pair(sd):
+    with pytest.raises(ValueError, match="2 prompts but 1 negative"):
+        prompt_embeds(sd, ["a", "b"], ["c"])
