@@ -20,6 +20,7 @@ import sys
 COMMAND_MODULES = {
     "lora_diffusion.training.cli": "train",
     "lora_diffusion.tools": "merge, convert, bake, inspect",
+    "lora_diffusion.generate": "generate",
     "ui.cli": "ui",
 }
 

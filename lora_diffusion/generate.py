@@ -1,0 +1,396 @@
+"""Text to image as A1111 makes it: ``<lora:name:w>`` tags, prompt emphasis and long prompts, samplers by A1111's names,
+and A1111's ``parameters`` text in each PNG (the infotext that A1111's "PNG Info", Civitai and ComfyUI read, with the
+model's and the LoRAs' hashes), which ``lora-diffusion generate --from-png`` reads back to make the image again.
+
+The samplers are diffusers' schedulers under the names A1111 gives the same methods (diffusers' own table); the
+images are diffusers' (its noise and step code), not A1111's pixel for pixel.
+
+Example:
+    >>> images = txt2img(pipe, "a (red:1.2) fox <lora:style:0.8>", lora_dir="loras", sampler="DPM++ 2M", seed=7)
+    >>> images[0].image.save("fox.png", pnginfo=images[0].pnginfo())
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .blend import _tag_path, apply_prompt_loras, parse_prompt
+from .pipeline import fuse, unfuse
+from .prompts import prompt_chunks, prompt_embeds
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
+           "lora_hash", "model_hash"]
+
+# A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
+SAMPLERS: dict[str, tuple[str, dict, str]] = {
+    "Euler": ("EulerDiscreteScheduler", {}, "Automatic"),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}, "Automatic"),
+    "Heun": ("HeunDiscreteScheduler", {}, "Automatic"),
+    "DPM2": ("KDPM2DiscreteScheduler", {}, "Karras"),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}, "Karras"),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "Karras"),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+                     "Exponential"),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}, "Karras"),  # (needs torchsde)
+    "LMS": ("LMSDiscreteScheduler", {}, "Automatic"),  # (needs scipy)
+    "DDIM": ("DDIMScheduler", {}, "Automatic"),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}, "Automatic"),
+    "UniPC": ("UniPCMultistepScheduler", {}, "Automatic"),
+    "LCM": ("LCMScheduler", {}, "Automatic"),
+}
+# A1111 schedule type -> the scheduler setting that makes it ("Automatic": the sampler's own)
+SCHEDULE_TYPES: dict[str, dict] = {
+    "Automatic": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+_DEFAULT_SETTINGS = {"use_karras_sigmas": False, "use_exponential_sigmas": False}
+
+
+def set_sampler(pipe, sampler: str, schedule_type: str = "Automatic") -> tuple[str, str]:
+    """Give ``pipe`` the scheduler of an A1111 sampler (``"DPM++ 2M"``, ``"Euler a"``; the old names with the
+    schedule, ``"DPM++ 2M Karras"``, too) or of a diffusers scheduler class name, on the pipeline's own scheduler
+    config; returns the ``(sampler, schedule type)`` the infotext names."""
+    for schedule in SCHEDULE_TYPES:  # A1111's legacy names: "DPM++ 2M Karras" = "DPM++ 2M" + Karras
+        if sampler.endswith(" " + schedule) and sampler[: -len(schedule) - 1] in SAMPLERS:
+            sampler, schedule_type = sampler[: -len(schedule) - 1], schedule
+    if schedule_type not in SCHEDULE_TYPES:
+        raise ValueError(f"unknown schedule type {schedule_type!r}; choose from {', '.join(SCHEDULE_TYPES)}")
+    import diffusers
+
+    if sampler in SAMPLERS:
+        class_name, settings, automatic = SAMPLERS[sampler]
+    elif sampler.endswith("Scheduler") and hasattr(diffusers, sampler):
+        class_name, settings, automatic = sampler, {}, "Automatic"
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)} (or a diffusers scheduler "
+                         "class name, e.g. EulerDiscreteScheduler)")
+    schedule = automatic if schedule_type == "Automatic" else schedule_type
+    cls = getattr(diffusers, class_name)
+    if getattr(cls, "_backends", None):  # diffusers' stand-in for a class whose library is missing
+        missing = [b for b in cls._backends if importlib.util.find_spec(b) is None] or list(cls._backends)
+        raise ValueError(f"sampler {sampler!r} ({class_name}) needs {' and '.join(missing)}: pip install "
+                         f"{' '.join(missing)}")
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    wanted = {**settings, **SCHEDULE_TYPES[schedule]}
+    missing = [k for k in SCHEDULE_TYPES[schedule] if k not in accepted]
+    if missing:
+        raise ValueError(f"sampler {sampler!r} ({class_name}) has no {schedule} schedule in diffusers; use schedule "
+                         "type Automatic or another sampler")
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    config.update({k: v for k, v in _DEFAULT_SETTINGS.items() if k in accepted})
+    config.update({k: v for k, v in wanted.items() if k in accepted})
+    pipe.scheduler = cls.from_config(config)
+    return sampler, schedule
+
+
+def sampler_name(scheduler) -> str:
+    """The A1111 name of a diffusers scheduler as it is set, else its class name."""
+    config = scheduler.config
+    for name, (class_name, settings, _) in SAMPLERS.items():
+        if type(scheduler).__name__ == class_name and all(config.get(k) == v for k, v in settings.items()):
+            return name
+    return type(scheduler).__name__
+
+
+def schedule_name(scheduler) -> str:
+    config = scheduler.config
+    for name, settings in SCHEDULE_TYPES.items():
+        if settings and all(config.get(k) == v for k, v in settings.items()):
+            return name
+    return "Automatic"
+
+
+# ---------------------------------------------------------------------------------------------- hashes
+def lora_hash(path: str | os.PathLike) -> str:
+    """A LoRA file's hash as A1111 and kohya name it (``sshs_model_hash``, "Lora hashes"): the SHA-256 of the
+    safetensors data after the header, so that editing the metadata keeps it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """A checkpoint file's SHA-256, as A1111's "Model hash" gives its first 10 digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- infotext
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",\n:") else text
+
+
+def infotext(prompt: str, negative_prompt: str, params: dict) -> str:
+    """A1111's ``parameters`` text: the prompt, ``Negative prompt: ...``, and ``Key: value, ...`` (values with a
+    comma, colon or newline JSON-quoted); ``None`` values are left out."""
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """``(prompt, negative prompt, {key: value})`` of an A1111 ``parameters`` text, read as A1111 reads it (the
+    last line holds the settings when it has at least 3)."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    params = {}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        params[key] = value
+    return "\n".join(prompt), "\n".join(negative), params
+
+
+# ---------------------------------------------------------------------------------------------- generation
+@dataclass
+class Generated:
+    """One image and its A1111 infotext."""
+
+    image: object  # PIL.Image.Image
+    seed: int
+    infotext: str
+
+    def pnginfo(self):
+        """The PNG text chunk A1111 writes (``parameters``): ``image.save(path, pnginfo=g.pnginfo())``."""
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("parameters", self.infotext)
+        return info
+
+
+def txt2img(
+    pipe,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    lora_dir: str | os.PathLike | None = None,
+    steps: int = 20,
+    cfg_scale: float = 7.0,
+    seed: int = -1,
+    width: int | None = None,
+    height: int | None = None,
+    sampler: str | None = None,
+    schedule_type: str = "Automatic",
+    clip_skip: int = 1,
+    emphasis: bool = True,
+    batch_count: int = 1,
+    fused: bool = False,
+    model_name: str | None = None,
+    model_sha256: str | None = None,
+) -> list[Generated]:
+    """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
+    switched off), its emphasis and length are kept (``lora_diffusion.prompts.prompt_embeds``), ``sampler`` (an
+    A1111 name; ``None``: the pipeline's own scheduler) and the seeds ``seed``, ``seed + 1``, ... (``-1``: a random
+    one) as A1111 counts them. Each image comes with its infotext (``model_name`` and ``model_sha256`` go into it).
+    ``fused``: the LoRAs are fused for the denoising, and unfused after."""
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be between 1 and 1000, got {steps}")
+    if batch_count < 1:
+        raise ValueError(f"batch count must be at least 1, got {batch_count}")
+    _, negative_tags = parse_prompt(negative_prompt)
+    if negative_tags:
+        raise ValueError("put <lora:...> tags in the prompt, not in the negative prompt")
+    if sampler is not None:
+        sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    width = int(width or pipe.unet.config.sample_size * scale)
+    height = int(height or pipe.unet.config.sample_size * scale)
+    if width % 8 or height % 8 or width < 8 or height < 8:
+        raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
+    seed = random.randrange(2**32) if seed == -1 else int(seed)
+    _, tags = parse_prompt(prompt)
+    hashes = {name.translate(str.maketrans("", "", ":,")): lora_hash(_tag_path(name, lora_dir, set()))[:12]
+              for name in tags} if lora_dir is not None else {}
+    clean = apply_prompt_loras(pipe, prompt, lora_dir)
+    negative = negative_prompt or None  # (SDXL: an empty negative prompt is zeros, as in A1111)
+    texts = prompt_embeds(pipe, [clean], None if negative is None else [negative], clip_skip=clip_skip,
+                          emphasis=emphasis)
+    padded = len(prompt_chunks(pipe.tokenizer, clean, emphasis=emphasis)) != len(
+        prompt_chunks(pipe.tokenizer, negative or "", emphasis=emphasis))
+    params = {
+        "Steps": steps,
+        "Sampler": sampler or sampler_name(pipe.scheduler),
+        "Schedule type": schedule_type if sampler else schedule_name(pipe.scheduler),
+        "CFG scale": cfg_scale,
+        "Seed": None,  # per image
+        "Size": f"{width}x{height}",
+        "Model hash": model_sha256[:10] if model_sha256 else None,
+        "Model": model_name,
+        "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Emphasis": None if emphasis or not any(c in prompt + negative_prompt for c in "([") else "None",
+        "Pad conds": True if padded else None,
+        "Lora hashes": ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None,
+        "Version": f"lora_diffusion {__version__}",
+    }
+    if fused and tags:
+        fuse(pipe)
+    out = []
+    try:
+        for i in range(batch_count):
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            image = pipe(**texts, num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
+                         generator=generator).images[0]
+            out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, "Seed": seed + i})))
+    finally:
+        if fused and tags:
+            unfuse(pipe)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _from_png(path: str) -> dict:
+    """The settings an image's A1111 infotext holds, as ``txt2img`` keywords."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = im.info.get("parameters")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it as an image ({e})") from None
+    if not text:
+        raise ValueError(f"{path}: the image holds no A1111 'parameters' text")
+    prompt, negative, params = parse_infotext(text)
+    out: dict = {"prompt": prompt, "negative_prompt": negative}
+    convert = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+               "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str), "Clip skip": ("clip_skip", int)}
+    for key, (name, kind) in convert.items():
+        if key in params:
+            try:
+                out[name] = kind(params[key])
+            except ValueError:
+                raise ValueError(f"{path}: {key} {params[key]!r} is not a {kind.__name__}") from None
+    if "Size" in params:
+        size = re.fullmatch(r"(\d+)x(\d+)", params["Size"])
+        if not size:
+            raise ValueError(f"{path}: Size {params['Size']!r} is not WIDTHxHEIGHT")
+        out["width"], out["height"] = int(size.group(1)), int(size.group(2))
+    if params.get("Emphasis") == "None":
+        out["emphasis"] = False
+    return out
+
+
+def _output_paths(output: str, count: int, seeds: list[int], overwrite: bool) -> list[Path]:
+    """``output`` itself (one image, a ``.png`` path), else A1111's ``<index>-<seed>.png`` names in the folder
+    ``output``, numbered on from the images already there."""
+    target = Path(output)
+    if target.suffix.lower() == ".png" and count == 1:
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return [target]
+    if target.suffix.lower() == ".png":
+        raise ValueError(f"{target}: {count} images need a folder, not a .png file")
+    target.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in target.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    start = max(taken, default=-1) + 1
+    return [target / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .tools import _DTYPES, load_model
+
+    settings: dict = {}
+    if args.from_png:
+        settings = _from_png(args.from_png)
+    for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
+                 "width", "height"):
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    if args.no_emphasis:
+        settings["emphasis"] = False
+    if not settings.get("prompt"):
+        raise ValueError("give a prompt (or --from-png IMAGE)")
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else None)
+    pipe = load_model(args.model, args.model_config, dtype)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ValueError(f"{args.model}: a {type(pipe).__name__}; generate takes Stable Diffusion 1.x/2.x and SDXL "
+                         "text-to-image models")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=not args.progress)
+    model = Path(args.model)
+    sha = model_hash(model) if model.is_file() else None
+    settings.setdefault("sampler", "DPM++ 2M")
+    images = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), lora_dir=args.lora_dir,
+                     batch_count=args.batch_count, fused=args.fuse, model_name=model.stem if model.is_file() else
+                     model.name, model_sha256=sha, **settings)
+    for generated, path in zip(images, _output_paths(args.output, len(images), [g.seed for g in images],
+                                                     args.overwrite)):
+        generated.image.save(path, pnginfo=generated.pnginfo())
+        print(path)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``generate`` to the ``lora-diffusion`` command line."""
+    p = subparsers.add_parser("generate", help="text to image with <lora:name:w> tags, A1111's prompts and samplers; "
+                              "each PNG carries A1111's infotext")
+    p.add_argument("model", help="a diffusers folder, a hub id or a single-file .safetensors checkpoint (SD 1.x/2.x, SDXL)")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt, with <lora:name:weight> tags and (emphasis:1.2)")
+    p.add_argument("-n", "--negative-prompt", dest="negative_prompt", default=None)
+    p.add_argument("--lora-dir", default="loras", help="where <lora:name> finds name.safetensors (default: loras)")
+    p.add_argument("-o", "--output", default="outputs", help="a .png file, or a folder for A1111-named images (default: outputs)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=None, help="classifier-free guidance (default 7)")
+    p.add_argument("--seed", type=int, default=None, help="-1 (default): a random one")
+    p.add_argument("--sampler", default=None, help=f"an A1111 sampler ({', '.join(SAMPLERS)}; default DPM++ 2M) or a "
+                   "diffusers scheduler class name")
+    p.add_argument("--schedule-type", dest="schedule_type", default=None, choices=list(SCHEDULE_TYPES))
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--clip-skip", dest="clip_skip", type=int, default=None, help="A1111's CLIP skip (SD 1.x/2.x)")
+    p.add_argument("--no-emphasis", action="store_true", help="take ( ) [ ] in the prompt literally")
+    p.add_argument("--batch-count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
+    p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights while generating")
+    p.add_argument("--from-png", default=None, metavar="IMAGE", help="take prompt and settings from an image's A1111 "
+                   "infotext (flags given override them)")
+    p.add_argument("--model-config", default=None, metavar="DIR", help="for a single-file model: a diffusers folder or "
+                   "hub id of the same architecture for its configs and tokenizers")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: fp16 on CUDA, else fp32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output .png")
+    p.add_argument("--progress", action="store_true", help="show the denoising progress bar")
+    p.set_defaults(func=_cmd_generate)

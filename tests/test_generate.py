@@ -1,0 +1,177 @@
+"""`lora-diffusion generate` and `txt2img`: A1111 prompts with LoRA tags, its samplers by name, its infotext in the
+PNG, and the image made again from that infotext."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from lora_diffusion import inject_lora, load_lora, save_lora, set_adapters
+from lora_diffusion.cli import main
+from lora_diffusion.data import TINY_MODEL
+from lora_diffusion.generate import (SAMPLERS, infotext, lora_hash, model_hash, parse_infotext, set_sampler,
+                                     txt2img)
+from lora_diffusion.prompts import prompt_embeds
+from lora_diffusion.testing import tiny_pipeline
+
+from conftest import randomize_lora
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A LoRA for the bundled model, strong enough to change its images."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("loras")
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_MODEL)
+    inject_lora(pipe.unet, rank=4)
+    randomize_lora(pipe.unet, std=0.5)
+    save_lora(folder / "style.safetensors", unet=pipe.unet)
+    return folder
+
+
+@pytest.fixture
+def pipe():
+    p = tiny_pipeline(0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_cli_writes_a1111_infotext_and_makes_the_image_again_from_it(tmp_path, lora_dir):
+    prompt = "a (red:1.3) circle, [blue] square <lora:style:0.7>"
+    out = tmp_path / "out"
+    assert main(["generate", str(TINY_MODEL), prompt, "-n", "blurry, dark", "--lora-dir", str(lora_dir), "--seed", "5",
+                 "--steps", "3", "--sampler", "Euler a", "-o", str(out)]) == 0
+    first = out / "00000-5.png"
+    with Image.open(first) as im:
+        text = im.info["parameters"]
+    got_prompt, negative, params = parse_infotext(text)
+    assert (got_prompt, negative) == (prompt, "blurry, dark")  # the tags stay in the prompt, as A1111 writes it
+    assert params["Steps"] == "3" and params["Sampler"] == "Euler a" and params["Seed"] == "5"
+    assert params["Size"] == "64x64" and params["Model"] == Path(TINY_MODEL).name
+    assert params["Lora hashes"] == f"style: {lora_hash(lora_dir / 'style.safetensors')[:12]}"
+    # the same settings from the PNG alone give the same pixels
+    again = tmp_path / "again.png"
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(first), "--lora-dir", str(lora_dir),
+                 "-o", str(again)]) == 0
+    assert np.array_equal(_pixels(first), _pixels(again))
+    # a flag overrides the PNG's setting, and a folder numbers on
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(first), "--lora-dir", str(lora_dir), "--seed", "6",
+                 "-o", str(out)]) == 0
+    assert not np.array_equal(_pixels(first), _pixels(out / "00001-6.png"))
+    # without the LoRA the image differs: the tag did apply
+    bare = tmp_path / "bare.png"
+    assert main(["generate", str(TINY_MODEL), prompt.replace(" <lora:style:0.7>", ""), "-n", "blurry, dark",
+                 "--seed", "5", "--steps", "3", "--sampler", "Euler a", "-o", str(bare)]) == 0
+    assert not np.array_equal(_pixels(first), _pixels(bare))
+    assert main(["generate", str(TINY_MODEL), "x", "--steps", "1", "-o", str(bare)]) == 2  # no silent overwrite
+
+
+def test_cli_errors_are_one_line(tmp_path, lora_dir, capsys):
+    assert main(["generate", str(TINY_MODEL), "a <lora:nope:1>", "--lora-dir", str(lora_dir), "-o", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["generate", str(TINY_MODEL), "a", "--sampler", "Euler z", "-o", str(tmp_path)]) == 2
+    assert "unknown sampler 'Euler z'" in capsys.readouterr().err
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(plain), "-o", str(tmp_path)]) == 2
+    assert "no A1111 'parameters' text" in capsys.readouterr().err
+
+
+def test_tags_weigh_the_loras_as_load_lora_and_set_adapters_do(pipe, tmp_path):
+    inject_lora(pipe.unet, rank=4)
+    randomize_lora(pipe.unet, std=0.5)
+    save_lora(tmp_path / "ink.safetensors", unet=pipe.unet)
+    fresh = tiny_pipeline(0)
+    fresh.set_progress_bar_config(disable=True)
+    load_lora(fresh, tmp_path / "ink.safetensors")
+    set_adapters(fresh, {"ink": 0.6})
+    texts = prompt_embeds(fresh, ["a (red:1.2) cat"], ["dark"])
+    expect = fresh(**texts, num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    other = tiny_pipeline(0)
+    other.set_progress_bar_config(disable=True)
+    for fused in (False, True):
+        (got,) = txt2img(other, "a (red:1.2) cat <lora:ink:0.6>", "dark", lora_dir=tmp_path, steps=2, cfg_scale=5.0,
+                         seed=3, width=32, height=32, fused=fused)
+        diff = np.abs(np.asarray(got.image, dtype=np.float64) - np.round(expect * 255)).max()
+        assert diff <= (0 if not fused else 1), (fused, diff)  # fused: the same up to one level of rounding
+    assert "Lora hashes: \"ink: " in got.infotext
+
+
+def test_batch_count_counts_seeds_as_a1111(pipe):
+    images = txt2img(pipe, "a cat", steps=2, seed=10, batch_count=2, width=32, height=32)
+    assert [g.seed for g in images] == [10, 11]
+    (second,) = txt2img(pipe, "a cat", steps=2, seed=11, width=32, height=32)
+    assert np.array_equal(np.asarray(images[1].image), np.asarray(second.image))
+    assert "Seed: 11" in images[1].infotext and "Seed: 10" in images[0].infotext
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n not in ("DPM++ SDE", "LMS")])
+def test_samplers_by_a1111_name(pipe, name):
+    sampler, schedule = set_sampler(pipe, name)
+    class_name, settings, automatic = SAMPLERS[name]
+    assert type(pipe.scheduler).__name__ == class_name and (sampler, schedule) == (name, automatic)
+    for key, value in settings.items():
+        assert pipe.scheduler.config[key] == value
+    assert pipe.scheduler.config.get("use_karras_sigmas", False) == (automatic == "Karras")
+    assert pipe.scheduler.config.num_train_timesteps == 1000 and pipe.scheduler.config.beta_end == \
+        tiny_pipeline(0).scheduler.config.beta_end  # the model's own noise schedule
+
+
+def test_sampler_names_with_a_schedule_and_refusals(pipe):
+    assert set_sampler(pipe, "DPM++ 2M Karras") == ("DPM++ 2M", "Karras")  # A1111's old names
+    assert set_sampler(pipe, "Euler", "Karras") == ("Euler", "Karras") and pipe.scheduler.config.use_karras_sigmas
+    assert set_sampler(pipe, "Euler") == ("Euler", "Automatic") and not pipe.scheduler.config.use_karras_sigmas
+    assert set_sampler(pipe, "UniPC", "SGM Uniform")[1] == "SGM Uniform"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert set_sampler(pipe, "HeunDiscreteScheduler") == ("HeunDiscreteScheduler", "Automatic")
+    with pytest.raises(ValueError, match="'Euler a' .* has no Karras schedule"):
+        set_sampler(pipe, "Euler a", "Karras")
+    with pytest.raises(ValueError, match="unknown schedule type 'Polyexponential'"):
+        set_sampler(pipe, "Euler", "Polyexponential")
+    import diffusers
+
+    if getattr(diffusers.LMSDiscreteScheduler, "_backends", None):
+        with pytest.raises(ValueError, match="'LMS' .* needs scipy"):
+            set_sampler(pipe, "LMS")
+
+
+def test_infotext_quotes_and_reads_back_as_a1111_does():
+    params = {"Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 7.0, "Seed": 1,
+              "Size": "512x768", "Model": "a, b: c", "Clip skip": None, "Lora hashes": "x: 0123456789ab, y: ba9876543210"}
+    text = infotext("line one\n(line two:1.2)", "ugly\nbad hands", params)
+    assert 'Model: "a, b: c"' in text and "Clip skip" not in text
+    prompt, negative, got = parse_infotext(text)
+    assert (prompt, negative) == ("line one\n(line two:1.2)", "ugly\nbad hands")
+    assert got == {k: str(v) for k, v in params.items() if v is not None}
+    # A1111's own example (modules/infotext_utils.py)
+    prompt, negative, got = parse_infotext("girl, ((eyeshadow))\nNegative prompt: ugly, (deformed)\nSteps: 20, "
+                                           "Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, "
+                                           "Model hash: 45dee52b")
+    assert (prompt, negative) == ("girl, ((eyeshadow))", "ugly, (deformed)")
+    assert got["Seed"] == "965400086" and got["Model hash"] == "45dee52b" and got["Sampler"] == "Euler a"
+    assert parse_infotext("just a prompt, no settings") == ("just a prompt, no settings", "", {})
+
+
+def test_lora_hash_is_a1111s_and_ignores_the_metadata(tmp_path):
+    tensors = {"a.lora_down.weight": torch.randn(4, 8), "a.lora_up.weight": torch.randn(8, 4)}
+    save_file(tensors, tmp_path / "one.safetensors", metadata={"ss_output_name": "one"})
+    save_file(load_file(tmp_path / "one.safetensors"), tmp_path / "two.safetensors", metadata={"x": "a longer header"})
+    raw = (tmp_path / "one.safetensors").read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert lora_hash(tmp_path / "one.safetensors") == hashlib.sha256(raw[8 + header:]).hexdigest()  # kohya/A1111's
+    assert lora_hash(tmp_path / "one.safetensors") == lora_hash(tmp_path / "two.safetensors")
+    assert model_hash(tmp_path / "one.safetensors") == hashlib.sha256(raw).hexdigest()
+    assert model_hash(tmp_path / "one.safetensors") != model_hash(tmp_path / "two.safetensors")
+    assert json.loads(raw[8:8 + header])["__metadata__"]["ss_output_name"] == "one"
