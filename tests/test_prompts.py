@@ -141,3 +141,17 @@ def test_long_prompts_encode_chunk_by_chunk_and_pad_the_negative(which, sd, sdxl
 def test_prompt_and_negative_lists_must_pair(sd):
     with pytest.raises(ValueError, match="2 prompts but 1 negative"):
         prompt_embeds(sd, ["a", "b"], ["c"])
+
+
+def test_sd2_padding_after_the_end_token_as_its_pipeline(sd):
+    """SD 2.x's tokenizer pads with "!" (id 0) after the end-of-text token, not with end-of-text tokens."""
+    import copy
+
+    pipe = copy.copy(sd)
+    pipe.tokenizer = copy.deepcopy(sd.tokenizer)
+    pipe.tokenizer.pad_token = "!"
+    assert pipe.tokenizer.pad_token_id == 0 != pipe.tokenizer.eos_token_id
+    ours = prompt_embeds(pipe, ["a red cat"], ["dark"])
+    expect = pipe.encode_prompt("a red cat", torch.device("cpu"), 1, True, "dark")
+    assert torch.equal(ours["prompt_embeds"], expect[0]) and torch.equal(ours["negative_prompt_embeds"], expect[1])
+    assert not torch.equal(ours["prompt_embeds"], prompt_embeds(sd, ["a red cat"])["prompt_embeds"])
