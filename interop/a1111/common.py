@@ -4,6 +4,7 @@ layout, the tensor-by-tensor comparison, and the PASS / KNOWN / FAIL bookkeeping
 Verdicts: PASS = agrees with A1111 within REL_TOL; KNOWN = one of the documented differences (README.md), and it
 still looks exactly as documented (a KNOWN case that starts to agree prints PASS; one that differs otherwise, FAIL);
 FAIL = anything else. Each script exits 1 if it printed a FAIL."""
+import gzip
 import json
 import os
 import sys
@@ -138,3 +139,24 @@ class Verdicts:
 def dump(name, obj):
     with open(os.path.join(OUT, name), "w") as f:
         json.dump(obj, f, indent=1, default=str)
+
+
+def clip_tokenizer():
+    """CLIP-L's real BPE tokenizer, offline: vocab and merges rebuilt (in $OUT/clip_tok) from open_clip's
+    bpe_simple_vocab_16e6.txt.gz, given as $CLIP_BPE."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    bpe = os.environ.get("CLIP_BPE")
+    if not bpe or not os.path.isfile(bpe):
+        raise SystemExit("set CLIP_BPE to open_clip's bpe_simple_vocab_16e6.txt.gz (see README.md)")
+    d = os.path.join(OUT, "clip_tok")
+    os.makedirs(d, exist_ok=True)
+    merges = gzip.open(bpe).read().decode().split("\n")
+    merges = merges[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(f"{d}/vocab.json", "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(f"{d}/merges.txt", "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt")

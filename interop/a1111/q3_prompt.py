@@ -10,7 +10,6 @@ tensors, max ||A1111 - ours|| / ||ours - base|| <= REL_TOL (1e-5).
 KNOWN (README.md): dyn (`<lora:n:1:1:2>`, `dyn=`) ignored by us with a warning (all else agrees); a LoRA tagged
 twice: A1111 applies it twice at the last tag's weights, we once (its delta is twice ours: max_rel 1 +- 1e-3).
 Writes $OUT/q3_results.json."""
-import gzip
 import json
 import os
 import shutil
@@ -18,32 +17,11 @@ import warnings
 
 import a1111_harness as H
 import models
-from common import OUT, REL_TOL, Verdicts, base_weights, compare, dump, make_file
+from common import REL_TOL, Verdicts, base_weights, clip_tokenizer, compare, dump, make_file
 from lora_diffusion import fuse, unfuse
 from lora_diffusion.blend import apply_prompt_loras, parse_prompt
 
 V = Verdicts("q3_prompt")
-
-
-def clip_tokenizer():
-    """CLIP-L's real BPE tokenizer, offline: vocab and merges rebuilt (in $OUT/clip_tok) from open_clip's
-    bpe_simple_vocab_16e6.txt.gz, given as $CLIP_BPE."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    bpe = os.environ.get("CLIP_BPE")
-    if not bpe or not os.path.isfile(bpe):
-        raise SystemExit("set CLIP_BPE to open_clip's bpe_simple_vocab_16e6.txt.gz (see README.md)")
-    d = os.path.join(OUT, "clip_tok")
-    os.makedirs(d, exist_ok=True)
-    merges = gzip.open(bpe).read().decode().split("\n")
-    merges = merges[1:49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(f"{d}/vocab.json", "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(f"{d}/merges.txt", "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt")
 
 
 TOK = clip_tokenizer()
@@ -139,7 +117,7 @@ def main():
                 o_text, o_tags = parse_prompt(prompt)
             clean = apply_prompt_loras(pipe, prompt, H.LORA_DIR)
             assert clean == o_text
-            row["ours_text"], row["ours_tags"] = o_text, {k: tuple(v) for k, v in o_tags.items()}
+            row["ours_text"], row["ours_tags"] = o_text, {k: (v.te, v.unet) for k, v in o_tags.items()}  # (no LBW here)
             fuse(pipe)
             o_w = base_weights(pipe)
             unfuse(pipe)

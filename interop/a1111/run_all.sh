@@ -38,5 +38,6 @@ run check_ldm_names.py
 run q12_keys_weights.py
 run q3_prompt.py
 run q3_lbw.py
+run q4_emphasis.py
 run q3_alias.py
 exit $status
