@@ -34,7 +34,7 @@ from .prompts import prompt_chunks, prompt_embeds
 logger = logging.getLogger(__name__)
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
-           "lora_hash", "model_hash"]
+           "a1111_params", "lora_tag", "lora_hash", "model_hash"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -53,9 +53,11 @@ SAMPLERS: dict[str, tuple[str, dict, str]] = {
     "UniPC": ("UniPCMultistepScheduler", {}, "Automatic"),
     "LCM": ("LCMScheduler", {}, "Automatic"),
 }
-# A1111 schedule type -> the scheduler setting that makes it ("Automatic": the sampler's own)
+# A1111 schedule type -> the scheduler setting that makes it ("Automatic": the sampler's own; "Normal": the model's
+# own timesteps, no Karras or exponential sigmas)
 SCHEDULE_TYPES: dict[str, dict] = {
     "Automatic": {},
+    "Normal": {},
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
@@ -110,11 +112,14 @@ def sampler_name(scheduler) -> str:
 
 
 def schedule_name(scheduler) -> str:
+    """The A1111 schedule type of a diffusers scheduler as it is set: ``Normal`` where A1111's ``Automatic`` would
+    take another for its sampler (``DPM++ 2M`` without Karras sigmas)."""
     config = scheduler.config
     for name, settings in SCHEDULE_TYPES.items():
         if settings and all(config.get(k) == v for k, v in settings.items()):
             return name
-    return "Automatic"
+    sampler = SAMPLERS.get(sampler_name(scheduler))
+    return "Normal" if sampler and sampler[2] != "Automatic" else "Automatic"
 
 
 # ---------------------------------------------------------------------------------------------- hashes
@@ -180,6 +185,37 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt), "\n".join(negative), params
 
 
+def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width: int, height: int,
+                 model_name: str | None = None, model_sha256: str | None = None, clip_skip: int = 1,
+                 emphasis: bool = True, padded: bool = False, lora_hashes: dict[str, str] | None = None) -> dict:
+    """The settings line of A1111's infotext for one image of ``pipe`` (its scheduler's A1111 name), in A1111's order;
+    ``lora_hashes``: ``{tag name: full SHA-256}`` (``lora_hash``), written as A1111 writes them (12 digits)."""
+    hashes = {name.translate(str.maketrans("", "", ":,")): h[:12] for name, h in (lora_hashes or {}).items()}
+    return {
+        "Steps": steps,
+        "Sampler": sampler_name(pipe.scheduler),
+        "Schedule type": schedule_name(pipe.scheduler),
+        "CFG scale": cfg_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_sha256[:10] if model_sha256 else None,
+        "Model": model_name,
+        "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Emphasis": None if emphasis else "None",
+        "Pad conds": True if padded else None,
+        "Lora hashes": ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None,
+        "Version": f"lora_diffusion {__version__}",
+    }
+
+
+def lora_tag(name: str, unet: float, te: float) -> str:
+    """A1111's tag for a LoRA at these weights: ``<lora:name:w>``, or ``<lora:name:te:unet>``."""
+    def text(x: float) -> str:  # short where that is exact
+        return f"{x:g}" if float(f"{x:g}") == x else repr(float(x))
+
+    return f"<lora:{name}:{text(unet)}>" if te == unet else f"<lora:{name}:{text(te)}:{text(unet)}>"
+
+
 # ---------------------------------------------------------------------------------------------- generation
 @dataclass
 class Generated:
@@ -239,29 +275,19 @@ def txt2img(
         raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     _, tags = parse_prompt(prompt)
-    hashes = {name.translate(str.maketrans("", "", ":,")): lora_hash(_tag_path(name, lora_dir, set()))[:12]
-              for name in tags} if lora_dir is not None else {}
+    paths = {name: _tag_path(name, lora_dir, set()) for name in tags} if lora_dir is not None else {}
     clean = apply_prompt_loras(pipe, prompt, lora_dir)
     negative = negative_prompt or None  # (SDXL: an empty negative prompt is zeros, as in A1111)
     texts = prompt_embeds(pipe, [clean], None if negative is None else [negative], clip_skip=clip_skip,
                           emphasis=emphasis)
     padded = len(prompt_chunks(pipe.tokenizer, clean, emphasis=emphasis)) != len(
         prompt_chunks(pipe.tokenizer, negative or "", emphasis=emphasis))
-    params = {
-        "Steps": steps,
-        "Sampler": sampler or sampler_name(pipe.scheduler),
-        "Schedule type": schedule_type if sampler else schedule_name(pipe.scheduler),
-        "CFG scale": cfg_scale,
-        "Seed": None,  # per image
-        "Size": f"{width}x{height}",
-        "Model hash": model_sha256[:10] if model_sha256 else None,
-        "Model": model_name,
-        "Clip skip": clip_skip if clip_skip > 1 else None,
-        "Emphasis": None if emphasis or not any(c in prompt + negative_prompt for c in "([") else "None",
-        "Pad conds": True if padded else None,
-        "Lora hashes": ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None,
-        "Version": f"lora_diffusion {__version__}",
-    }
+    params = a1111_params(pipe, steps=steps, cfg_scale=cfg_scale, seed=None, width=width, height=height,
+                          model_name=model_name, model_sha256=model_sha256, clip_skip=clip_skip,
+                          emphasis=emphasis or not any(c in prompt + negative_prompt for c in "(["),
+                          padded=padded, lora_hashes={name: lora_hash(path) for name, path in paths.items()})
+    if sampler:
+        params.update({"Sampler": sampler, "Schedule type": schedule_type})
     if fused and tags:
         fuse(pipe)
     out = []

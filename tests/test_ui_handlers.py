@@ -285,8 +285,27 @@ def test_saved_images_are_new_files_carrying_their_blend(backend):
     first, second = backend.save_image(result), backend.save_image(result)
     assert first != second  # never rewritten in place (a download of the first may be under way)
     with Image.open(first) as im:
-        assert im.text["lora_diffusion_snippet"] == result.snippet and "style 0.5" in im.text["parameters"]
+        assert im.text["lora_diffusion_snippet"] == result.snippet and im.text["parameters"] == result.infotext
         assert np.array_equal(pixels(im), pixels(result.image))
+
+
+def test_saved_images_carry_a1111_infotext_that_makes_them_again(backend, model_dir, tmp_path):
+    from PIL import Image
+
+    from lora_diffusion.cli import main
+    from lora_diffusion.generate import lora_hash, parse_infotext
+
+    result = gen(backend, "a red circle", loras={"style": (0.5, None), "ink": (1.0, 0.25)}, seed=3, clip_skip=2)
+    saved = backend.save_image(result)
+    prompt, negative, params = parse_infotext(Image.open(saved).text["parameters"])
+    assert prompt == "a red circle <lora:style:0.5> <lora:ink:0.25:1>"  # A1111's tags: <lora:name:te:unet>
+    assert params["Seed"] == "3" and params["Clip skip"] == "2" and params["Size"] == f"{SIZE}x{SIZE}"
+    assert params["Lora hashes"] == ", ".join(f"{n}: {lora_hash(backend.library.path_for(n))[:12]}"
+                                              for n in ("style", "ink"))
+    again = tmp_path / "again.png"
+    assert main(["generate", str(model_dir), "--from-png", saved, "--lora-dir", str(backend.library.root),
+                 "-o", str(again)]) == 0
+    assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
 
 
 def test_text_encoder_weight_and_block_presets_change_the_image(backend):

@@ -36,6 +36,7 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
+from lora_diffusion.generate import a1111_params, infotext, lora_hash, lora_tag, model_hash
 from lora_diffusion.prompts import check_clip_skip, prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
@@ -191,6 +192,7 @@ class GenerateResult:
     caption: str
     snippet: str
     settings: dict
+    infotext: str = ""  # A1111's "parameters" text (the blend as <lora:...> tags; block presets are not in it)
 
 
 def _py(value: Any) -> str:
@@ -528,6 +530,7 @@ class Backend:
         self._load_lock = threading.Lock()
         self.generate_lock = threading.Lock()  # held across set-blend + denoise: no cross-talk between users
         self._loaded: dict[str, tuple[int, int]] = {}  # adapter name -> (mtime_ns, size) of the file it came from
+        self._hashes: dict = {}  # (name, mtime_ns, size) -> a LoRA file's A1111 hash; "model" -> the model file's
         self._ids = itertools.count(1)
         self._model_dir: str | None = None
         self._out_dir: Path | None = None
@@ -702,7 +705,28 @@ class Backend:
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
             clip_skip=clip_skip,
         )
-        return GenerateResult(image, prompt, loras, caption, snippet, settings)
+        tagged = " ".join([prompt] + [lora_tag(n, w, te) for n, (w, te) in loras.items()]).strip()
+        params = a1111_params(
+            self.pipe, steps=steps, cfg_scale=float(req.guidance), seed=int(req.seed), width=width, height=height,
+            model_name=Path(self.model).stem if self.model else None, model_sha256=self._model_sha256(),
+            clip_skip=clip_skip, emphasis=not any(c in prompt + negative for c in "(["),  # (taken literally here)
+            lora_hashes={n: self._lora_hash(n) for n in loras})
+        return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
+
+    def _lora_hash(self, name: str) -> str:
+        """A library LoRA's A1111 hash, kept while its file is unchanged."""
+        path = self.library.path_for(name)
+        st = path.stat()
+        key = (name, st.st_mtime_ns, st.st_size)
+        if key not in self._hashes:
+            self._hashes[key] = lora_hash(path)
+        return self._hashes[key]
+
+    def _model_sha256(self) -> str | None:
+        """A single-file model's SHA-256 (A1111's "Model hash"), computed once."""
+        if self.model and Path(self.model).is_file() and "model" not in self._hashes:
+            self._hashes["model"] = model_hash(self.model)
+        return self._hashes.get("model")
 
     def save_image(self, result: GenerateResult) -> str:
         """Write the image to this backend's output folder as a new PNG carrying its caption and snippet."""
@@ -716,7 +740,7 @@ class Backend:
             for old in sorted(self._out_dir.glob("*.png"), key=lambda p: int(p.name.split("-")[0]))[: 1 - KEEP_IMAGES]:
                 old.unlink(missing_ok=True)
         info = PngInfo()
-        info.add_text("parameters", f"{result.prompt}\n{result.caption}")
+        info.add_text("parameters", result.infotext)
         info.add_text("lora_diffusion_snippet", result.snippet)
         result.image.save(path, pnginfo=info)
         return str(path)
