@@ -152,6 +152,7 @@ def prompt_chunks(tokenizer, text: str, *, emphasis: bool = True) -> list[tuple[
         chunks.append(([start, *tokens, *[end] * pad, end], [1.0, *weights, *[1.0] * pad, 1.0]))
         tokens, weights, last_comma = [], [], -1
 
+    groups = _vector_groups(tokenizer)
     for fragment, weight in parsed:
         if weight is BREAK:
             close()
@@ -166,11 +167,30 @@ def prompt_chunks(tokenizer, text: str, *, emphasis: bool = True) -> list[tuple[
                 tokens, weights = list(moved[0]), list(moved[1])
             if len(tokens) == CHUNK_TOKENS:
                 close()
-            tokens.append(token)
-            weights.append(weight)
+            unit = groups.get(token, (token,))  # a textual inversion's vectors stay in one chunk, as in A1111
+            if len(tokens) + len(unit) > CHUNK_TOKENS:
+                close()
+            tokens += unit
+            weights += [weight] * len(unit)
     if tokens or not chunks:
         close()
     return chunks
+
+
+def _vector_groups(tokenizer) -> dict[int, tuple[int, ...]]:
+    """The multi-vector textual inversions of ``tokenizer`` (diffusers' ``load_textual_inversion`` adds ``<t>``,
+    ``<t>_1``, ...): ``{id of <t>: ids of all its vectors}``, which stand for ``<t>`` wherever a prompt names it (as
+    diffusers' ``maybe_convert_prompt`` spells them out)."""
+    added = getattr(tokenizer, "added_tokens_encoder", {})
+    groups = {}
+    for token, first in added.items():
+        ids, i = [first], 1
+        while f"{token}_{i}" in added:
+            ids.append(added[f"{token}_{i}"])
+            i += 1
+        if len(ids) > 1:
+            groups[first] = tuple(ids)
+    return groups
 
 
 def _encode_chunks(tokenizer, text_encoder, chunks, layer: int, final_norm: bool):

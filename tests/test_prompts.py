@@ -155,3 +155,16 @@ def test_sd2_padding_after_the_end_token_as_its_pipeline(sd):
     expect = pipe.encode_prompt("a red cat", torch.device("cpu"), 1, True, "dark")
     assert torch.equal(ours["prompt_embeds"], expect[0]) and torch.equal(ours["negative_prompt_embeds"], expect[1])
     assert not torch.equal(ours["prompt_embeds"], prompt_embeds(sd, ["a red cat"])["prompt_embeds"])
+
+
+def test_multi_vector_textual_inversions_spell_out_and_stay_in_one_chunk():
+    pipe = tiny_pipeline(0)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    pipe.load_textual_inversion([{"<tri>": torch.randn(3, width, generator=torch.Generator().manual_seed(1))}],
+                                token=["<tri>"], tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    ours = prompt_embeds(pipe, ["a <tri> cat"], ["<tri>, dark"])
+    expect = pipe.encode_prompt("a <tri> cat", torch.device("cpu"), 1, True, "<tri>, dark")  # diffusers spells it out
+    assert torch.equal(ours["prompt_embeds"], expect[0]) and torch.equal(ours["negative_prompt_embeds"], expect[1])
+    ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in ("<tri>", "<tri>_1", "<tri>_2")]
+    (first, _), (second, _) = prompt_chunks(pipe.tokenizer, " ".join(["a"] * 73) + " <tri>")
+    assert first[74:] == [pipe.tokenizer.eos_token_id] * 3 and second[1:4] == ids  # 73 + 3 > 75: moved on whole
