@@ -643,6 +643,25 @@ def read_embedding_file(path: str | os.PathLike, trigger_words: object = None) -
     return {token: {key: tensors[key].reshape(-1, tensors[key].shape[-1]) for key in ("clip_l", "clip_g")}}
 
 
+def read_textual_inversion(path: str | os.PathLike, token: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """A textual-inversion file as A1111 reads one, in the form of ``bundled_embeddings``, under ``token`` (default:
+    the file's name, as A1111 names it): SDXL's ``clip_l`` + ``clip_g``, or one tensor of any name (A1111's
+    ``emb_params``, diffusers' ``{token: vectors}``), ``[n, width]`` or ``[width]``."""
+    path = Path(path)
+    tensors, _ = read_safetensors(path)
+    token = token or path.stem
+    if {"clip_l", "clip_g"} <= set(tensors):
+        return {token: {key: tensors[key].reshape(-1, tensors[key].shape[-1]) for key in ("clip_l", "clip_g")}}
+    if len(tensors) != 1:
+        raise LoraFormatError(f"{path}: {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}...); a textual-inversion "
+                              "file holds one (or SDXL's clip_l and clip_g)")
+    (vectors,) = tensors.values()
+    if vectors.dim() not in (1, 2) or not vectors.is_floating_point():
+        raise LoraFormatError(f"{path}: a {vectors.dtype} tensor of shape {list(vectors.shape)}; an embedding is "
+                              "[vectors, width] floats")
+    return {token: {"*": vectors.reshape(-1, vectors.shape[-1])}}
+
+
 def read_bundled_embeddings(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """The embeddings bundled in a LoRA file (``bundled_embeddings``), reading only their tensors."""
     path = lora_file(path)

@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .blend import _tag_path, apply_prompt_loras, parse_prompt
-from .pipeline import fuse, unfuse
+from .pipeline import fuse, load_embedding, unfuse
 from .prompts import prompt_chunks, prompt_embeds
 
 logger = logging.getLogger(__name__)
@@ -240,6 +240,7 @@ def txt2img(
     negative_prompt: str = "",
     *,
     lora_dir: str | os.PathLike | None = None,
+    embeddings_dir: str | os.PathLike | None = None,
     steps: int = 20,
     cfg_scale: float = 7.0,
     seed: int = -1,
@@ -255,7 +256,7 @@ def txt2img(
     model_sha256: str | None = None,
 ) -> list[Generated]:
     """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
-    switched off), its emphasis and length are kept (``lora_diffusion.prompts.prompt_embeds``), ``sampler`` (an
+    switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its emphasis and length are kept (``lora_diffusion.prompts.prompt_embeds``), ``sampler`` (an
     A1111 name; ``None``: the pipeline's own scheduler) and the seeds ``seed``, ``seed + 1``, ... (``-1``: a random
     one) as A1111 counts them. Each image comes with its infotext (``model_name`` and ``model_sha256`` go into it).
     ``fused``: the LoRAs are fused for the denoising, and unfused after."""
@@ -276,6 +277,7 @@ def txt2img(
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     _, tags = parse_prompt(prompt)
     paths = {name: _tag_path(name, lora_dir, set()) for name in tags} if lora_dir is not None else {}
+    embeddings = _load_named_embeddings(pipe, embeddings_dir, prompt + "\n" + negative_prompt)
     clean = apply_prompt_loras(pipe, prompt, lora_dir)
     negative = negative_prompt or None  # (SDXL: an empty negative prompt is zeros, as in A1111)
     texts = prompt_embeds(pipe, [clean], None if negative is None else [negative], clip_skip=clip_skip,
@@ -288,6 +290,10 @@ def txt2img(
                           padded=padded, lora_hashes={name: lora_hash(path) for name, path in paths.items()})
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
+    if embeddings:  # A1111's "TI hashes", before "Version"
+        params = {**{k: v for k, v in params.items() if k != "Version"},
+                  "TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}" for name, path in embeddings.items()),
+                  "Version": params["Version"]}
     if fused and tags:
         fuse(pipe)
     out = []
@@ -301,6 +307,20 @@ def txt2img(
         if fused and tags:
             unfuse(pipe)
     return out
+
+
+def _load_named_embeddings(pipe, folder, text: str) -> dict[str, Path]:
+    """Load the textual inversions in ``folder`` (and its subfolders) whose names ``text`` holds as words (any case,
+    as A1111 finds them); ``{name: file}``."""
+    if folder is None:
+        return {}
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such embeddings folder")
+    found = {}
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        if re.search(rf"(?<![\w]){re.escape(path.stem)}(?![\w])", text, re.IGNORECASE) and path.stem not in found:
+            found[load_embedding(pipe, path)] = path
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -381,6 +401,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sha = model_hash(model) if model.is_file() else None
     settings.setdefault("sampler", "DPM++ 2M")
     images = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), lora_dir=args.lora_dir,
+                     embeddings_dir=args.embeddings_dir,
                      batch_count=args.batch_count, fused=args.fuse, model_name=model.stem if model.is_file() else
                      model.name, model_sha256=sha, **settings)
     for generated, path in zip(images, _output_paths(args.output, len(images), [g.seed for g in images],
@@ -398,6 +419,8 @@ def register(subparsers) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt, with <lora:name:weight> tags and (emphasis:1.2)")
     p.add_argument("-n", "--negative-prompt", dest="negative_prompt", default=None)
     p.add_argument("--lora-dir", default="loras", help="where <lora:name> finds name.safetensors (default: loras)")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR", help="textual inversions (A1111's embeddings/): "
+                   "those the prompts name load, by file name")
     p.add_argument("-o", "--output", default="outputs", help="a .png file, or a folder for A1111-named images (default: outputs)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
     p.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=None, help="classifier-free guidance (default 7)")

@@ -64,6 +64,7 @@ __all__ = [
     "unfuse",
     "cache_merged_weights",
     "load_single_file",
+    "load_embedding",
     "delete_adapter",
     "guess_architecture",
 ]
@@ -518,6 +519,26 @@ def load_lora(
         raise
     logger.info("loaded %s as adapter %r into %d layers", path, adapter, patched)
     return adapter
+
+
+def load_embedding(pipe, path: str | os.PathLike, *, token: str | None = None) -> str:
+    """Load a textual-inversion file (A1111's ``embeddings/``: ``emb_params``, diffusers' ``{token: vectors}``, SDXL's
+    ``clip_l`` + ``clip_g`` into both text encoders) as a new token, by default the file's name as A1111 names it;
+    the token then stands for all its vectors in a prompt. Returns the token; a token the tokenizer knows already is
+    left as it is.
+
+    Example:
+        >>> load_embedding(pipe, "embeddings/EasyNegative.safetensors")
+        >>> image = pipe("a cat", negative_prompt="EasyNegative").images[0]
+    """
+    from .formats import read_textual_inversion
+
+    embeddings = read_textual_inversion(path, token)
+    (name,) = embeddings
+    for tok, enc, vectors in _token_loads(pipe, Path(path), embeddings):
+        pipe.load_textual_inversion([{t: v} for t, v in vectors.items()], token=list(vectors),
+                                    tokenizer=getattr(pipe, tok), text_encoder=getattr(pipe, enc))
+    return name
 
 
 def _adapter_name(path: Path) -> str:

@@ -175,3 +175,26 @@ def test_lora_hash_is_a1111s_and_ignores_the_metadata(tmp_path):
     assert model_hash(tmp_path / "one.safetensors") == hashlib.sha256(raw).hexdigest()
     assert model_hash(tmp_path / "one.safetensors") != model_hash(tmp_path / "two.safetensors")
     assert json.loads(raw[8:8 + header])["__metadata__"]["ss_output_name"] == "one"
+
+
+def test_embeddings_the_prompts_name_load_and_go_into_the_infotext(pipe, tmp_path):
+    from lora_diffusion import load_embedding
+
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    folder = tmp_path / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(4)) * 3},
+              folder / "sub" / "BadThing.safetensors")
+    save_file({"emb_params": torch.randn(1, width)}, folder / "unused.safetensors")
+    settings = dict(steps=2, seed=1, width=32, height=32)
+    (got,) = txt2img(pipe, "a cat", "badthing, dark", embeddings_dir=folder, **settings)
+    assert "unused" not in pipe.tokenizer.get_vocab()  # only what the prompts name
+    sha = hashlib.sha256((folder / "sub" / "BadThing.safetensors").read_bytes()).hexdigest()[:12]
+    assert f'TI hashes: "BadThing: {sha}", Version' in got.infotext
+    fresh = tiny_pipeline(0)
+    fresh.set_progress_bar_config(disable=True)
+    (bare,) = txt2img(fresh, "a cat", "badthing, dark", **settings)
+    assert not np.array_equal(np.asarray(got.image), np.asarray(bare.image))
+    load_embedding(fresh, folder / "sub" / "BadThing.safetensors")
+    (manual,) = txt2img(fresh, "a cat", "badthing, dark", **settings)
+    assert np.array_equal(np.asarray(got.image), np.asarray(manual.image))

@@ -168,3 +168,48 @@ def test_multi_vector_textual_inversions_spell_out_and_stay_in_one_chunk():
     ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in ("<tri>", "<tri>_1", "<tri>_2")]
     (first, _), (second, _) = prompt_chunks(pipe.tokenizer, " ".join(["a"] * 73) + " <tri>")
     assert first[74:] == [pipe.tokenizer.eos_token_id] * 3 and second[1:4] == ids  # 73 + 3 > 75: moved on whole
+
+
+@pytest.mark.parametrize("layout", ["emb_params", "diffusers", "one vector"])
+def test_load_embedding_takes_a1111_and_diffusers_files_under_their_file_name(tmp_path, layout):
+    from safetensors.torch import save_file
+
+    from lora_diffusion import load_embedding
+
+    pipe = tiny_pipeline(0)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    vectors = torch.randn(1 if layout == "one vector" else 2, width, generator=torch.Generator().manual_seed(2))
+    key = {"emb_params": "emb_params", "diffusers": "<concept>", "one vector": "x"}[layout]
+    save_file({key: vectors[0] if layout == "one vector" else vectors}, tmp_path / "BadThing.safetensors")
+    assert load_embedding(pipe, tmp_path / "BadThing.safetensors") == "BadThing"
+    table = pipe.text_encoder.get_input_embeddings().weight
+    ids = pipe.tokenizer("a badthing cat", add_special_tokens=False).input_ids  # any case, as A1111 finds it
+    (chunk, _), = prompt_chunks(pipe.tokenizer, "a badthing cat")
+    assert len(chunk[1:-1]) - chunk[1:-1].count(pipe.tokenizer.eos_token_id) == len(ids) + len(vectors) - 1
+    spelled = [t for t in chunk[1:-1] if t >= len(pipe.tokenizer) - len(vectors)]
+    assert torch.equal(table[spelled], vectors)
+    assert load_embedding(pipe, tmp_path / "BadThing.safetensors") == "BadThing"  # again: left as it is
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == table.shape[0]
+
+
+def test_load_embedding_refuses_what_is_not_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_diffusion import LoraFormatError, load_embedding
+
+    pipe, sdxl = tiny_pipeline(0), tiny_sdxl_pipeline(0)
+    save_file({"a": torch.zeros(2, 8), "b": torch.zeros(2, 8)}, tmp_path / "two.safetensors")
+    with pytest.raises(LoraFormatError, match=r"two.safetensors: 2 tensors .* holds one"):
+        load_embedding(pipe, tmp_path / "two.safetensors")
+    save_file({"emb_params": torch.zeros(2, 7)}, tmp_path / "narrow.safetensors")
+    with pytest.raises(LoraFormatError, match=r"narrow.safetensors: the vector of 'narrow' has shape \(2, 7\)"):
+        load_embedding(pipe, tmp_path / "narrow.safetensors")
+    (tmp_path / "pickled.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(Exception, match="pickle"):
+        load_embedding(pipe, tmp_path / "pickled.pt")
+    save_file({"clip_l": torch.randn(2, sdxl.text_encoder.config.hidden_size),
+               "clip_g": torch.randn(2, sdxl.text_encoder_2.config.hidden_size)}, tmp_path / "xl.safetensors")
+    with pytest.raises(LoraFormatError, match="SDXL's"):
+        load_embedding(pipe, tmp_path / "xl.safetensors")
+    assert load_embedding(sdxl, tmp_path / "xl.safetensors") == "xl"
+    assert "xl_1" in sdxl.tokenizer.get_vocab() and "xl_1" in sdxl.tokenizer_2.get_vocab()
