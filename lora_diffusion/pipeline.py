@@ -524,20 +524,31 @@ def load_lora(
 def load_embedding(pipe, path: str | os.PathLike, *, token: str | None = None) -> str:
     """Load a textual-inversion file (A1111's ``embeddings/``: ``emb_params``, diffusers' ``{token: vectors}``, SDXL's
     ``clip_l`` + ``clip_g`` into both text encoders) as a new token, by default the file's name as A1111 names it;
-    the token then stands for all its vectors in a prompt. Returns the token; a token the tokenizer knows already is
-    left as it is.
+    the token then stands for all its vectors in a prompt. A name that is already a word piece of the tokenizer
+    (``tiny``) goes in as ``<name>``; ``lora_diffusion.prompts`` reads the plain name as A1111 does. Returns the name;
+    a token the tokenizer knows already is left as it is.
 
     Example:
         >>> load_embedding(pipe, "embeddings/EasyNegative.safetensors")
         >>> image = pipe("a cat", negative_prompt="EasyNegative").images[0]
     """
     from .formats import read_textual_inversion
+    from .prompts import ALIASES_ATTR
 
     embeddings = read_textual_inversion(path, token)
     (name,) = embeddings
-    for tok, enc, vectors in _token_loads(pipe, Path(path), embeddings):
+    tokenizer = pipe.tokenizer
+    piece = name in tokenizer.get_vocab() and name not in tokenizer.added_tokens_encoder
+    internal = f"<{name}>" if piece else name
+    loads = _token_loads(pipe, Path(path), {internal: embeddings[name]})
+    for tok, enc, vectors in loads:
         pipe.load_textual_inversion([{t: v} for t, v in vectors.items()], token=list(vectors),
                                     tokenizer=getattr(pipe, tok), text_encoder=getattr(pipe, enc))
+    if piece:  # prompts name it by its word pieces: A1111's match of the name's tokens
+        for tok in ("tokenizer",) if "*" in embeddings[name] else ("tokenizer", "tokenizer_2"):
+            tokenizer = getattr(pipe, tok)
+            ids = tuple(tokenizer(name, add_special_tokens=False).input_ids)
+            tokenizer.__dict__.setdefault(ALIASES_ATTR, {})[ids] = tokenizer.convert_tokens_to_ids(internal)
     return name
 
 

@@ -32,6 +32,7 @@ CHUNK_TOKENS = 75  # a chunk's prompt tokens; with its start and end tokens, the
 COMMA_BACKTRACK = 20  # A1111's "prompt word wrap length limit"
 ROUND, SQUARE = 1.1, 1 / 1.1  # (word), [word]
 BREAK = None  # the weight of a BREAK marker in parse_emphasis' output
+ALIASES_ATTR = "_lora_embedding_aliases"  # tokenizer attribute: {ids of a name: id of the token its vectors hold}
 
 
 def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
@@ -153,11 +154,17 @@ def prompt_chunks(tokenizer, text: str, *, emphasis: bool = True) -> list[tuple[
         tokens, weights, last_comma = [], [], -1
 
     groups = _vector_groups(tokenizer)
+    aliases: dict[int, list[tuple[int, ...]]] = {}  # first id of a name -> the names' ids, longest first
+    for name_ids in sorted(getattr(tokenizer, ALIASES_ATTR, {}), key=len, reverse=True):
+        aliases.setdefault(name_ids[0], []).append(name_ids)
     for fragment, weight in parsed:
         if weight is BREAK:
             close()
             continue
-        for token in next(ids):
+        found = next(ids)
+        position = 0
+        while position < len(found):
+            token = found[position]
             if token == comma:
                 last_comma = len(tokens)
             elif len(tokens) == CHUNK_TOKENS and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
@@ -167,11 +174,15 @@ def prompt_chunks(tokenizer, text: str, *, emphasis: bool = True) -> list[tuple[
                 tokens, weights = list(moved[0]), list(moved[1])
             if len(tokens) == CHUNK_TOKENS:
                 close()
+            name = next((n for n in aliases.get(token, ()) if tuple(found[position:position + len(n)]) == n), None)
+            if name:  # a textual inversion named by word pieces (load_embedding's "<name>")
+                token = getattr(tokenizer, ALIASES_ATTR)[name]
             unit = groups.get(token, (token,))  # a textual inversion's vectors stay in one chunk, as in A1111
             if len(tokens) + len(unit) > CHUNK_TOKENS:
                 close()
             tokens += unit
             weights += [weight] * len(unit)
+            position += len(name) if name else 1
     if tokens or not chunks:
         close()
     return chunks

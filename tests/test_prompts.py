@@ -213,3 +213,21 @@ def test_load_embedding_refuses_what_is_not_one(tmp_path):
         load_embedding(pipe, tmp_path / "xl.safetensors")
     assert load_embedding(sdxl, tmp_path / "xl.safetensors") == "xl"
     assert "xl_1" in sdxl.tokenizer.get_vocab() and "xl_1" in sdxl.tokenizer_2.get_vocab()
+
+
+def test_an_embedding_named_like_a_word_piece_is_found_by_its_pieces(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_diffusion import load_embedding
+
+    pipe = tiny_pipeline(0)
+    assert "x" in pipe.tokenizer.get_vocab()  # a word piece: it cannot be a new token of its own
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"emb_params": torch.randn(2, width)}, tmp_path / "x.safetensors")
+    assert load_embedding(pipe, tmp_path / "x.safetensors") == "x"
+    unit = [pipe.tokenizer.convert_tokens_to_ids(t) for t in ("<x>", "<x>_1")]
+    (ids, weights), = prompt_chunks(pipe.tokenizer, "a (x:1.2) cat")
+    start = ids.index(unit[0])
+    assert ids[start:start + 2] == unit and weights[start:start + 2] == [1.2, 1.2]
+    assert torch.equal(prompt_embeds(pipe, ["a x cat"])["prompt_embeds"],
+                       prompt_embeds(pipe, ["a <x> cat"])["prompt_embeds"])

@@ -11,8 +11,13 @@
 
 Pass: the same fragments and weights, the same ids and multipliers, conditioning within 1e-6 (max abs; same
 float32 ops), the same parsed settings.
+- textual inversions: a 3-vector and a 1-vector A1111 embedding file read by A1111's own create_embedding_from_data,
+  registered in its EmbeddingDatabase, matched by find_embedding_at_position and put in by sd_hijack's
+  EmbeddingsWithFixes (all four taken from their files with ``ast``) vs our load_embedding + prompt_embeds, on
+  prompts naming them in any case, in brackets and at a chunk's end.
 KNOWN: "BREAK" inside brackets: A1111 multiplies its marker's weight (-1) by the brackets', so the word is then
-encoded as text with a negative weight; we break the chunk there as everywhere.
+encoded as text with a negative weight; we break the chunk there as everywhere. An embedding's name inside a longer
+word ("xbadthingx"): A1111 matches CLIP tokens, so not there; the tokenizer's added token, ours, matches it.
 Writes $OUT/q4_verdicts.json."""
 import ast
 import json
@@ -118,7 +123,77 @@ def a1111_infotext_parser():
     return ns
 
 
+def from_file(relative, names, ns):
+    """Top-level classes / functions ``names`` of an A1111 file, run in namespace ``ns`` (the file's imports pull in
+    the webui's UI)."""
+    tree = ast.parse(open(os.path.join(H.WEBUI, relative)).read())
+    nodes = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in names]
+    assert {n.name for n in nodes} == set(names), names
+    exec(compile(ast.Module(nodes, []), relative, "exec"), ns)
+    return ns
+
+
+EMB_PROMPTS = [
+    ("a badthing cat", "badthing"),
+    ("a BadThing cat, (BADTHING:1.3), [tiny]", "tiny"),
+    ("a " * 73 + "badthing cat", "x"),  # 73 + 3 vectors > 75: moved on whole
+    ("a " * 74 + "tiny badthing", ""),
+    ("a xbadthingx cat", ""),  # KNOWN
+]
+
+
+def embeddings_check(tmp):
+    """A1111's textual inversion path against ours, on the same CLIP text model and files."""
+    import copy
+
+    import safetensors.torch
+    from diffusers import StableDiffusionPipeline
+    from lora_diffusion import load_embedding
+    from lora_diffusion.testing import tiny_components
+
+    te = encoder()
+    width = te.config.hidden_size
+    g = torch.Generator().manual_seed(5)
+    files = {"BadThing": torch.randn(3, width, generator=g), "tiny": torch.randn(1, width, generator=g)}
+    for name, vec in files.items():
+        safetensors.torch.save_file({"emb_params": vec}, os.path.join(tmp, f"{name}.safetensors"))
+    # A1111: its loader, database and embedding layer
+    ns = {"torch": torch, "devices": SimpleNamespace(device=torch.device("cpu"), cond_cast_unet=lambda x: x),
+          "hashes": SimpleNamespace(sha256=lambda *a, **k: None)}
+    from_file("modules/textual_inversion/textual_inversion.py",
+              ["Embedding", "EmbeddingDatabase", "create_embedding_from_data"], ns)
+    from_file("modules/sd_hijack.py", ["EmbeddingsWithFixes"], ns)
+    db = ns["EmbeddingDatabase"]()
+    hijack = SimpleNamespace(embedding_db=db, fixes=None, extra_generation_params={})
+    a_te = copy.deepcopy(te)
+    emb = getattr(a_te, "text_model", a_te).embeddings
+    emb.token_embedding = ns["EmbeddingsWithFixes"](emb.token_embedding, hijack)
+    clip = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(SimpleNamespace(tokenizer=TOK, transformer=_Transformer(a_te)),
+                                                            hijack)
+    model = SimpleNamespace(cond_stage_model=SimpleNamespace(tokenize=clip.tokenize))
+    for name in files:
+        data = safetensors.torch.load_file(os.path.join(tmp, f"{name}.safetensors"))
+        db.register_embedding(ns["create_embedding_from_data"](data, name, filename=name), model)
+    # ours: a pipeline around a copy of the same encoder and tokenizer
+    parts = tiny_components(0, cross_attention_dim=width)
+    parts.update(tokenizer=copy.deepcopy(TOK), text_encoder=copy.deepcopy(te))
+    pipe = StableDiffusionPipeline(**parts)
+    for name in files:
+        assert load_embedding(pipe, os.path.join(tmp, f"{name}.safetensors")) == name
+    with torch.no_grad():
+        for prompt, negative in EMB_PROMPTS:
+            z = clip([prompt])
+            mine = prompt_embeds(pipe, [prompt], [negative])["prompt_embeds"]
+            diff = (z - mine).abs().max().item() if z.shape == mine.shape else float("inf")
+            inside = "xbadthingx" in prompt
+            V.judge(f"embedding {prompt[-30:]!r}", diff <= 1e-6, f"shape {tuple(z.shape)} / {tuple(mine.shape)}, "
+                    f"max abs {diff:.2e}", known=inside and diff > 1e-3,
+                    known_why="a name inside a longer word: A1111 does not match it, the tokenizer's added token does")
+
+
 def main():
+    import tempfile
+
     clip, ours = a1111_parts()
     with torch.no_grad():
         for i, text in enumerate(PROMPTS):
@@ -153,6 +228,8 @@ def main():
     quoted = all(ns["quote"](v) == (json.dumps(str(v)) if any(c in str(v) for c in ",\n:") else v)
                  for v in params.values())
     V.judge("infotext quoting", quoted, "A1111's quote() and ours quote the same values")
+    with tempfile.TemporaryDirectory() as tmp:
+        embeddings_check(tmp)
     V.finish()
 
 
