@@ -254,12 +254,22 @@ def txt2img(
     fused: bool = False,
     model_name: str | None = None,
     model_sha256: str | None = None,
+    init_image=None,
+    denoising_strength: float = 0.75,
+    hires_scale: float = 1.0,
+    hires_steps: int = 0,
+    hires_upscaler: str = "Latent",
 ) -> list[Generated]:
     """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
     switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its emphasis and length are kept (``lora_diffusion.prompts.prompt_embeds``), ``sampler`` (an
     A1111 name; ``None``: the pipeline's own scheduler) and the seeds ``seed``, ``seed + 1``, ... (``-1``: a random
     one) as A1111 counts them. Each image comes with its infotext (``model_name`` and ``model_sha256`` go into it).
-    ``fused``: the LoRAs are fused for the denoising, and unfused after."""
+    ``fused``: the LoRAs are fused for the denoising, and unfused after.
+
+    ``init_image`` (a PIL image, resized to ``width`` x ``height``, by default its own size to a multiple of 8): img2img,
+    ``denoising_strength`` of the way back (A1111 runs ``steps * strength`` steps, as diffusers does). ``hires_scale``
+    > 1: A1111's "Hires. fix": the image, upscaled by ``hires_upscaler`` (``HIRES_UPSCALERS``), denoised again for
+    ``hires_steps`` (0: ``steps``) at ``denoising_strength``."""
     if not 1 <= steps <= 1000:
         raise ValueError(f"steps must be between 1 and 1000, got {steps}")
     if batch_count < 1:
@@ -270,10 +280,19 @@ def txt2img(
     if sampler is not None:
         sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
     scale = getattr(pipe, "vae_scale_factor", 8)
+    if init_image is not None:
+        width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
     width = int(width or pipe.unet.config.sample_size * scale)
     height = int(height or pipe.unet.config.sample_size * scale)
     if width % 8 or height % 8 or width < 8 or height < 8:
         raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
+    if not 0 < denoising_strength <= 1:
+        raise ValueError(f"denoising strength must be in (0, 1], got {denoising_strength}")
+    hires = hires_scale > 1 and init_image is None
+    if hires and hires_upscaler not in HIRES_UPSCALERS:
+        raise ValueError(f"unknown hires upscaler {hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
+    if hires_steps < 0:
+        raise ValueError(f"hires steps must be 0 (as many as steps) or more, got {hires_steps}")
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     _, tags = parse_prompt(prompt)
     paths = {name: _tag_path(name, lora_dir, set()) for name in tags} if lora_dir is not None else {}
@@ -290,23 +309,94 @@ def txt2img(
                           padded=padded, lora_hashes={name: lora_hash(path) for name, path in paths.items()})
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
-    if embeddings:  # A1111's "TI hashes", before "Version"
-        params = {**{k: v for k, v in params.items() if k != "Version"},
-                  "TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}" for name, path in embeddings.items()),
-                  "Version": params["Version"]}
+    if init_image is not None or hires:
+        params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength})
+    if hires:
+        params = _insert_before(params, "Lora hashes", {"Hires upscale": hires_scale, "Hires steps": hires_steps or None,
+                                                         "Hires upscaler": hires_upscaler})
+    if embeddings:  # A1111's "TI hashes"
+        params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
+                                                                          for name, path in embeddings.items())})
     if fused and tags:
         fuse(pipe)
     out = []
     try:
         for i in range(batch_count):
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            image = pipe(**texts, num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
-                         generator=generator).images[0]
+            run = dict(texts, guidance_scale=cfg_scale, generator=generator)
+            if init_image is not None:
+                start = init_image.convert("RGB").resize((width, height), _lanczos())
+                image = _img2img(pipe)(**run, image=start, strength=denoising_strength, num_inference_steps=steps).images[0]
+            elif hires:
+                image = _hires(pipe, run, steps, width, height, hires_scale, hires_steps or steps, hires_upscaler,
+                               denoising_strength)
+            else:
+                image = pipe(**run, num_inference_steps=steps, width=width, height=height).images[0]
             out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, "Seed": seed + i})))
     finally:
         if fused and tags:
             unfuse(pipe)
     return out
+
+
+# A1111's hires upscalers we have: latent ones (torch's interpolate of the latents; "Latent" is bilinear) and PIL's
+HIRES_UPSCALERS = {"Latent": "bilinear", "Latent (antialiased)": "bilinear-antialias", "Latent (bicubic)": "bicubic",
+                   "Latent (bicubic antialiased)": "bicubic-antialias", "Latent (nearest)": "nearest",
+                   "Latent (nearest-exact)": "nearest-exact", "Lanczos": "lanczos", "Nearest": "pil-nearest"}
+
+
+def _insert_before(params: dict, key: str, new: dict) -> dict:
+    """``params`` with ``new`` put before ``key`` (A1111's order of infotext settings)."""
+    out = {}
+    for k, v in params.items():
+        if k == key:
+            out.update(new)
+        out[k] = v
+    return out if key in params else {**params, **new}
+
+
+def _lanczos():
+    from PIL import Image
+
+    return Image.Resampling.LANCZOS
+
+
+def _img2img(pipe):
+    """The img2img pipeline on ``pipe``'s own modules (LoRAs, fused weights and scheduler included)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    cls = StableDiffusionXLImg2ImgPipeline if getattr(pipe, "text_encoder_2", None) is not None else \
+        StableDiffusionImg2ImgPipeline
+    params = inspect.signature(cls.__init__).parameters  # (not from_pipe: it casts the shared modules to float32)
+    kwargs = {k: v for k, v in pipe.components.items() if k in params}
+    kwargs.update({k: pipe.config[k] for k in params if k not in kwargs and k in pipe.config})
+    if "requires_safety_checker" in params and kwargs.get("safety_checker") is None:
+        kwargs["requires_safety_checker"] = False
+    second = cls(**kwargs)
+    second.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return second
+
+
+def _hires(pipe, run: dict, steps: int, width: int, height: int, scale: float, hires_steps: int, upscaler: str,
+           strength: float):
+    """A1111's "Hires. fix": the first pass, upscaled to ``int(size * scale)`` (a multiple of 8), denoised again."""
+    import torch.nn.functional as F
+
+    mode = HIRES_UPSCALERS[upscaler]
+    big = (int(width * scale) // 8 * 8, int(height * scale) // 8 * 8)
+    latent = not mode.startswith(("lanczos", "pil-"))
+    first = pipe(**run, num_inference_steps=steps, width=width, height=height,
+                 output_type="latent" if latent else "pil").images
+    if latent:
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        name, _, antialias = mode.partition("-")
+        start = F.interpolate(first, size=(big[1] // factor, big[0] // factor), mode=name,
+                              **({"antialias": bool(antialias)} if name in ("bilinear", "bicubic") else {}))
+    else:
+        from PIL import Image
+
+        start = first[0].resize(big, _lanczos() if mode == "lanczos" else Image.Resampling.NEAREST)
+    return _img2img(pipe)(**run, image=start, strength=strength, num_inference_steps=hires_steps).images[0]
 
 
 def _load_named_embeddings(pipe, folder, text: str) -> dict[str, Path]:
@@ -338,7 +428,9 @@ def _from_png(path: str) -> dict:
     prompt, negative, params = parse_infotext(text)
     out: dict = {"prompt": prompt, "negative_prompt": negative}
     convert = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
-               "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str), "Clip skip": ("clip_skip", int)}
+               "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str), "Clip skip": ("clip_skip", int),
+               "Denoising strength": ("denoising_strength", float), "Hires upscale": ("hires_scale", float),
+               "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str)}
     for key, (name, kind) in convert.items():
         if key in params:
             try:
@@ -379,7 +471,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.from_png:
         settings = _from_png(args.from_png)
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
-                 "width", "height"):
+                 "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -387,6 +479,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         settings["emphasis"] = False
     if not settings.get("prompt"):
         raise ValueError("give a prompt (or --from-png IMAGE)")
+    if args.init_image:
+        from PIL import Image
+
+        try:
+            with Image.open(args.init_image) as im:
+                settings["init_image"] = im.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"{args.init_image}: cannot read it as an image ({e})") from None
+    elif args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
+        raise ValueError(f"{args.from_png} was made by img2img; pass its starting image as --init-image")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else None)
     pipe = load_model(args.model, args.model_config, dtype)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -432,6 +534,14 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=None, help="A1111's CLIP skip (SD 1.x/2.x)")
     p.add_argument("--no-emphasis", action="store_true", help="take ( ) [ ] in the prompt literally")
+    p.add_argument("--init-image", default=None, metavar="IMAGE", help="img2img: start from this image")
+    p.add_argument("--denoising-strength", dest="denoising_strength", type=float, default=None,
+                   help="img2img and hires: how far back to noise (default 0.75)")
+    p.add_argument("--hr-scale", dest="hires_scale", type=float, default=None, help="A1111's Hires. fix: upscale by this "
+                   "and denoise again (e.g. 2)")
+    p.add_argument("--hr-steps", dest="hires_steps", type=int, default=None, help="steps of the hires pass (0: --steps)")
+    p.add_argument("--hr-upscaler", dest="hires_upscaler", default=None, choices=list(HIRES_UPSCALERS),
+                   help="default Latent")
     p.add_argument("--batch-count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
     p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights while generating")
     p.add_argument("--from-png", default=None, metavar="IMAGE", help="take prompt and settings from an image's A1111 "

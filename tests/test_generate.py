@@ -198,3 +198,50 @@ def test_embeddings_the_prompts_name_load_and_go_into_the_infotext(pipe, tmp_pat
     load_embedding(fresh, folder / "sub" / "BadThing.safetensors")
     (manual,) = txt2img(fresh, "a cat", "badthing, dark", **settings)
     assert np.array_equal(np.asarray(got.image), np.asarray(manual.image))
+
+
+def test_img2img_is_diffusers_img2img_and_keeps_the_pipelines_dtype(pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    start = Image.fromarray((np.random.default_rng(0).random((40, 36, 3)) * 255).astype(np.uint8))
+    (got,) = txt2img(pipe, "a cat", init_image=start, denoising_strength=0.5, steps=4, seed=2, cfg_scale=6.0)
+    assert got.image.size == (32, 40) and "Denoising strength: 0.5" in got.infotext  # its size, to a multiple of 8
+    reference = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    expect = reference("a cat", image=start.resize((32, 40), Image.Resampling.LANCZOS), strength=0.5,
+                       num_inference_steps=4, guidance_scale=6.0, generator=torch.Generator().manual_seed(2)).images[0]
+    assert np.array_equal(np.asarray(got.image), np.asarray(expect))
+    pipe.to(torch.bfloat16)  # (diffusers' from_pipe would cast the shared modules to float32)
+    txt2img(pipe, "a cat", init_image=start, denoising_strength=0.5, steps=2, seed=2)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_upscales_the_first_pass_and_denoises_it_again(pipe, upscaler, tmp_path):
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from lora_diffusion.generate import _from_png
+
+    settings = dict(steps=4, seed=5, width=32, height=32, cfg_scale=6.0)
+    (got,) = txt2img(pipe, "a red cat", hires_scale=1.5, hires_steps=3, hires_upscaler=upscaler,
+                     denoising_strength=0.6, **settings)
+    assert got.image.size == (48, 48)
+    assert f"Hires upscale: 1.5, Hires steps: 3, Hires upscaler: {upscaler}" in got.infotext
+    g = torch.Generator().manual_seed(5)
+    kind = "latent" if upscaler == "Latent" else "pil"
+    first = pipe("a red cat", num_inference_steps=4, width=32, height=32, guidance_scale=6.0, generator=g,
+                 output_type=kind).images
+    side = 48 // pipe.vae_scale_factor
+    start = F.interpolate(first, size=(side, side), mode="bilinear", antialias=False) if kind == "latent" else \
+        first[0].resize((48, 48), Image.Resampling.LANCZOS)
+    second = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    second.set_progress_bar_config(disable=True)
+    expect = second("a red cat", image=start, strength=0.6, num_inference_steps=3, guidance_scale=6.0,
+                    generator=g).images[0]
+    assert np.array_equal(np.asarray(got.image), np.asarray(expect))
+    path = tmp_path / "hires.png"
+    got.image.save(path, pnginfo=got.pnginfo())
+    settings = _from_png(str(path))
+    (again,) = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt"), **settings)
+    assert np.array_equal(np.asarray(got.image), np.asarray(again.image))
