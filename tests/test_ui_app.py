@@ -48,15 +48,26 @@ def served(tmp_path_factory):
     demo.close()
 
 
-def generate(client, backend, blend: dict, prompt="a red circle", seed=0):
-    """Call /generate with the Generate tab's slots: ``blend`` = {name: (weight, te weight or None)}."""
+def generate(client, backend, blend: dict, prompt="a red circle", seed=0, extra=()):
+    """Call /generate with the Generate tab's slots: ``blend`` = {name: (weight, te weight or None)}; ``extra``: the
+    sampler, schedule type and A1111-syntax inputs after the slots."""
     names = backend.library.names()[:MAX_SLOTS]
     use = [n in blend for n in names] + [False] * (MAX_SLOTS - len(names))
     weights = [blend[n][0] if n in blend else 1.0 for n in names] + [1.0] * (MAX_SLOTS - len(names))
     te = [str(blend[n][1]) if n in blend and blend[n][1] is not None else "" for n in names] + [""] * (MAX_SLOTS - len(names))
-    out = client.predict(prompt, "", "all blocks", False, seed, STEPS, 5.0, SIZE, SIZE, 1, *use, *weights, *te, api_name="/generate")
+    out = client.predict(prompt, "", "all blocks", False, seed, STEPS, 5.0, SIZE, SIZE, 1, *use, *weights, *te, *extra,
+                         api_name="/generate")
     gallery, info, snippet = out[0], out[-2], out[-1]
     return pixels(gallery[0]["image"]), gallery[0]["caption"], info, snippet
+
+
+def test_sampler_and_prompt_syntax_come_after_the_slots(served):
+    backend, _, client = served
+    own, caption, _, _ = generate(client, backend, {}, prompt="a (red:1.5) circle")
+    euler, caption, _, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle", extra=("Euler a", "Automatic", True))
+    assert "Euler a" in caption and "EulerAncestralDiscreteScheduler" in snippet and np.abs(own - euler).mean() > 1.0
+    literal, _, _, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle", extra=("the model's own", "Automatic", False))
+    assert np.abs(own - literal).mean() > 1.0 and "prompt_embeds" not in snippet
 
 
 def test_binds_to_loopback_only(served):

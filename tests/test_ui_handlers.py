@@ -353,7 +353,10 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
     pytest.importorskip("peft", reason="stock diffusers needs peft for load_lora_weights/set_adapters")
     for kw in ({"loras": {"style": (0.8, None), "ink": (0.5, None)}},
                {"loras": {"style": (1.0, 0.3)}, "block_preset": "OUT half", "negative_prompt": "blurry"},
-               {"loras": {"style": (1.0, 0.6)}, "negative_prompt": "blurry", "clip_skip": 2}):  # (embeddings from that layer)
+               {"loras": {"style": (1.0, 0.6)}, "negative_prompt": "blurry", "clip_skip": 2},  # (embeddings from that layer)
+               {"loras": {"style": (0.7, None)}, "sampler": "Euler a"},
+               {"loras": {"ink": (0.9, None)}, "sampler": "DPM++ 2M", "schedule_type": "Karras",
+                "prompt": "a (red:1.4) circle, [blue] BREAK square", "negative_prompt": "(blurry:1.2)", "clip_skip": 2}):
         result = gen(backend, **kw)
         assert "load_lora_weights" in result.snippet and "set_adapters" in result.snippet
         scope: dict = {}
@@ -362,11 +365,25 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         ours = pixels(result.image)
         assert np.abs(theirs - ours).max() <= 2, result.snippet
         assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
+        assert ("prompt_embeds(pipe" in result.snippet) == ("(" in kw.get("prompt", ""))  # plain prompts: plain code
     skipped = gen(backend, loras={"style": (1.0, 0.6)}, clip_skip=2)
     assert np.abs(pixels(skipped.image) - pixels(gen(backend, loras={"style": (1.0, 0.6)}).image)).mean() > 1.0
     assert skipped.settings["clip_skip"] == 2 and "clip skip 2" in skipped.caption
     with pytest.raises(UIError, match=r"CLIP skip 40: the text encoder has \d+ layers"):
         gen(backend, clip_skip=40)
+
+
+def test_samplers_and_a1111_prompt_syntax_per_request(backend):
+    own = pixels(gen(backend).image)
+    euler = gen(backend, sampler="Euler a")
+    assert np.abs(pixels(euler.image) - own).mean() > 1.0 and "Sampler: Euler a" in euler.infotext
+    assert np.array_equal(pixels(gen(backend).image), own)  # the next request without one: the model's own again
+    weighted = pixels(gen(backend, "a (red:1.5) circle").image)
+    literal = gen(backend, "a (red:1.5) circle", emphasis=False)
+    assert np.abs(weighted - pixels(literal.image)).mean() > 1.0 and "Emphasis: None" in literal.infotext
+    assert np.array_equal(pixels(gen(backend, "a red circle", emphasis=False).image), own)  # plain: the same
+    with pytest.raises(UIError, match="unknown sampler 'Euler z'"):
+        gen(backend, sampler="Euler z")
 
 
 def test_an_sdxl_model_generates_and_its_snippet_weights_both_text_encoders(tmp_path):

@@ -69,8 +69,13 @@ def bundled_pipeline():
 
 
 def tiny_model_dir(folder) -> str:
-    """``tiny_pipeline(0)`` saved as a diffusers folder (what ``--model`` points at)."""
-    tiny_pipeline(0).save_pretrained(folder)
+    """``tiny_pipeline(0)`` saved as a diffusers folder (what ``--model`` points at), its text encoder's final norm
+    given a bias as CLIP's has (A1111's emphasis keeps the states' mean, which is ~0 without one)."""
+    pipe = tiny_pipeline(0)
+    with torch.no_grad():
+        getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm.bias.normal_(
+            0.3, 0.1, generator=torch.Generator().manual_seed(0))
+    pipe.save_pretrained(folder)
     return str(folder)
 
 

@@ -19,6 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from lora_diffusion.formats import LoraFormatError
+from lora_diffusion.generate import SAMPLERS, SCHEDULE_TYPES
 
 from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status
 from .library import TABLE_HEADERS, UIError
@@ -59,6 +60,9 @@ def _rows(table) -> list[list]:
     return list(table)
 
 
+MODEL_SAMPLER = "the model's own"  # the sampler choice that keeps the model's scheduler
+
+
 def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
     """The four-tab app (Generate, Train, Merge, Library) over ``backend``."""
     with gr.Blocks(title="lora-diffusion") as demo:
@@ -94,6 +98,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         width = gr.Number(0, label="Width (0: model default)", precision=0)
                         height = gr.Number(0, label="Height (0: model default)", precision=0)
                         gen_clip_skip = gr.Number(1, label="CLIP skip (A1111's; 2 for anime SD 1.x models)", precision=0)
+                    with gr.Row():
+                        sampler = gr.Dropdown([MODEL_SAMPLER, *SAMPLERS], value=MODEL_SAMPLER, label="Sampler (A1111's names)",
+                                              elem_id="sampler")
+                        schedule = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type")
+                        emphasis = gr.Checkbox(True, label="A1111 prompt syntax: (word:1.2), [word], long prompts, BREAK")
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
@@ -206,7 +215,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             ]
 
         @_user_errors
-        def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *slots):
+        def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
+            # (sampler, schedule type and A1111 syntax come after the slots: API callers' positions stay as they were)
+            slots = rest[: 3 * max_slots]
+            sampler, schedule, emphasis = (*rest[3 * max_slots :], MODEL_SAMPLER, "Automatic", True)[:3]
             names = names or backend.library.names()[:max_slots]
             use, w, te = slots[:max_slots], slots[max_slots : 2 * max_slots], slots[2 * max_slots :]
             loras = {}
@@ -217,7 +229,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 GenerateRequest(prompt=prompt or "", negative_prompt=negative or "", loras=loras, block_preset=preset,
                                 fuse=bool(fuse), seed=_whole(seed, "the seed", 0), steps=_whole(steps, "steps"),
                                 guidance=_number(guidance, "guidance"), width=_whole(width, "the width", 0) or None,
-                                height=_whole(height, "the height", 0) or None, clip_skip=_whole(clip_skip, "CLIP skip", 1))
+                                height=_whole(height, "the height", 0) or None, clip_skip=_whole(clip_skip, "CLIP skip", 1),
+                                sampler=None if sampler in (None, MODEL_SAMPLER) else sampler,
+                                schedule_type=schedule or "Automatic", emphasis=bool(emphasis))
             )
             info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
             # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
@@ -308,7 +322,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         slot_inputs = [*checks, *weights, *te_weights]
         generate_btn.click(
             on_generate,
-            [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history, *slot_inputs],
+            [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
+             *slot_inputs, sampler, schedule, emphasis],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart

@@ -36,8 +36,8 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import a1111_params, infotext, lora_hash, lora_tag, model_hash
-from lora_diffusion.prompts import check_clip_skip, prompt_kwargs
+from lora_diffusion.generate import a1111_params, infotext, lora_hash, lora_tag, model_hash, set_sampler
+from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_embeds, prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
@@ -119,6 +119,13 @@ def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, f
                  blocks=blocks)
 
 
+def _plain(pipe, text: str) -> bool:
+    """``text`` encodes the same with and without A1111's emphasis: one chunk, every weight 1, no ``BREAK``."""
+    chunks = prompt_chunks(pipe.tokenizer, text)
+    return len(chunks) == 1 and all(w == 1 for w in chunks[0][1]) and chunks[0][0] == prompt_chunks(
+        pipe.tokenizer, text, emphasis=False)[0][0]
+
+
 def finite_number(value: Any, what: str) -> float:
     """``value`` as a finite float, else ``UIError`` naming ``what`` (a NaN or Inf weight gives a black image)."""
     try:
@@ -180,6 +187,9 @@ class GenerateRequest:
     width: int | None = None
     height: int | None = None
     clip_skip: int = 1  # A1111's count: 2 conditions on the text encoder's penultimate layer (SD 1.x / 2.x)
+    sampler: str | None = None  # an A1111 sampler name (lora_diffusion.generate.SAMPLERS); None: the model's own
+    schedule_type: str = "Automatic"
+    emphasis: bool = True  # A1111's prompt syntax: (word:1.2), [word], prompts past 75 tokens, BREAK
 
 
 @dataclass
@@ -216,10 +226,14 @@ def diffusers_snippet(
     sdxl: bool = False,
     model_config: str | None = None,
     clip_skip: int = 1,
+    scheduler: tuple[str, dict] | None = None,
+    a1111_prompt: bool = False,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
-    with ``from_single_file``, its configs from ``model_config`` where given)."""
+    with ``from_single_file``, its configs from ``model_config`` where given; ``scheduler``: a scheduler class and the
+    settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis or length, whose
+    embeddings ``lora_diffusion.prompts.prompt_embeds`` makes)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
@@ -251,10 +265,20 @@ def diffusers_snippet(
         lines.append(f"pipe.set_adapters({list(adapter_names.values())!r}, adapter_weights={weights!r})")
         if fused:
             lines.append("pipe.fuse_lora()")
+    if scheduler is not None:
+        name, changes = scheduler
+        lines += [f"from diffusers import {name}",
+                  f"pipe.scheduler = {name}.from_config(pipe.scheduler.config" +
+                  "".join(f", {k}={v!r}" for k, v in changes.items()) + ")"]
     args = [_py(prompt)]
     if negative_prompt:
         args.append(f"negative_prompt={_py(negative_prompt)}")
-    if clip_skip > 1:  # the embeddings from that layer, the negative prompt's too, as A1111 takes them
+    if a1111_prompt:  # (emphasis, long prompts: our prompt_embeds; the pipeline's own for plain prompts)
+        negative = f"[{_py(negative_prompt)}]" if negative_prompt else "None"
+        lines += ["from lora_diffusion.prompts import prompt_embeds",
+                  f"texts = prompt_embeds(pipe, [{_py(prompt)}], {negative}, clip_skip={clip_skip})"]
+        args = ["**texts"]
+    elif clip_skip > 1:  # the embeddings from that layer, the negative prompt's too, as A1111 takes them
         lines += [
             "",
             "def embed(text):  # CLIP skip " + str(clip_skip) + " (A1111's count): that layer from the end, through the final norm",
@@ -530,6 +554,7 @@ class Backend:
         self._load_lock = threading.Lock()
         self.generate_lock = threading.Lock()  # held across set-blend + denoise: no cross-talk between users
         self._loaded: dict[str, tuple[int, int]] = {}  # adapter name -> (mtime_ns, size) of the file it came from
+        self._own_scheduler = None  # the model's scheduler, which a request without a sampler gets back
         self._hashes: dict = {}  # (name, mtime_ns, size) -> a LoRA file's A1111 hash; "model" -> the model file's
         self._ids = itertools.count(1)
         self._model_dir: str | None = None
@@ -666,6 +691,7 @@ class Backend:
             except ValueError as e:
                 raise UIError(str(e)) from None
             self._sync(list(loras))
+            scheduler = self._set_scheduler(pipe, req.sampler, req.schedule_type)
             fused = bool(req.fuse and loras)
             fusing = False
             try:
@@ -678,7 +704,9 @@ class Backend:
                 raise UIError(_blend_error(e, fusing)) from None
             try:
                 generator = torch.Generator("cpu").manual_seed(int(req.seed))
-                texts = prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
+                a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t) for t in (prompt, negative))
+                texts = prompt_embeds(pipe, [prompt], [negative] if negative else None, clip_skip=clip_skip) \
+                    if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
                 image = pipe(
                     **texts,
                     num_inference_steps=steps,
@@ -691,7 +719,8 @@ class Backend:
                 if fused:
                     unfuse(pipe)
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
-                    "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip}
+                    "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
+                    "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis)}
         caption = f"{blend_label(loras)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
@@ -699,19 +728,37 @@ class Backend:
             caption += ", fused"
         if clip_skip > 1:
             caption += f", clip skip {clip_skip}"
+        if req.sampler:
+            caption += f", {req.sampler}" + ("" if (req.schedule_type or "Automatic") == "Automatic" else f" {req.schedule_type}")
         snippet = diffusers_snippet(
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
-            clip_skip=clip_skip,
+            clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te) for n, (w, te) in loras.items()]).strip()
         params = a1111_params(
             self.pipe, steps=steps, cfg_scale=float(req.guidance), seed=int(req.seed), width=width, height=height,
             model_name=Path(self.model).stem if self.model else None, model_sha256=self._model_sha256(),
-            clip_skip=clip_skip, emphasis=not any(c in prompt + negative for c in "(["),  # (taken literally here)
+            clip_skip=clip_skip, emphasis=bool(req.emphasis) or not any(c in prompt + negative for c in "(["),
             lora_hashes={n: self._lora_hash(n) for n in loras})
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
+
+    def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str) -> tuple[str, dict] | None:
+        """The model's own scheduler, or (``sampler``) an A1111 sampler on its config; returns the scheduler class and
+        the settings that differ from the model's own, for the snippet (``None``: the model's own)."""
+        if self._own_scheduler is None:
+            self._own_scheduler = pipe.scheduler
+        pipe.scheduler = self._own_scheduler
+        if not sampler:
+            return None
+        try:
+            set_sampler(pipe, sampler, schedule_type or "Automatic")
+        except ValueError as e:
+            raise UIError(str(e)) from None
+        baseline = type(pipe.scheduler).from_config(self._own_scheduler.config).config  # the snippet's from_config
+        changes = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_") and baseline.get(k) != v}
+        return type(pipe.scheduler).__name__, changes
 
     def _lora_hash(self, name: str) -> str:
         """A library LoRA's A1111 hash, kept while its file is unchanged."""
