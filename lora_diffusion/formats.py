@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -810,12 +811,24 @@ def write_lora_file(
                          "as float32 or bfloat16, or lower the weights")
     written.update({k: str(v) for k, v in (header or {}).items() if k not in DERIVED_HEADER_KEYS})
     written[METADATA_KEY] = json.dumps(ours, sort_keys=True, default=str)
+    if format == "kohya":  # kohya's hash of the tensors, which A1111 takes as the LoRA's ("Lora hashes")
+        written["sshs_model_hash"] = tensors_hash(state)
     atomic_save(state, path, written)
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 of the data a safetensors file of ``tensors`` holds after its header: kohya's ``sshs_model_hash``,
+    A1111's LoRA hash (``lora_diffusion.generate.lora_hash`` of the file), whatever the header says."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    return hashlib.sha256(memoryview(blob)[8 + int.from_bytes(blob[:8], "little"):]).hexdigest()
 
 
 # header keys a writer computes from the tensors: never copied from another file's header
 DERIVED_HEADER_KEYS = frozenset(
-    {"format", "_format", "_bundled_embeddings", "_param_deltas", DIFFUSERS_METADATA_KEY, METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args"}
+    {"format", "_format", "_bundled_embeddings", "_param_deltas", DIFFUSERS_METADATA_KEY, METADATA_KEY, "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+     "sshs_model_hash", "sshs_legacy_hash"}
 )
 
 

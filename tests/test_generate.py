@@ -245,3 +245,27 @@ def test_hires_fix_upscales_the_first_pass_and_denoises_it_again(pipe, upscaler,
     settings = _from_png(str(path))
     (again,) = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt"), **settings)
     assert np.array_equal(np.asarray(got.image), np.asarray(again.image))
+
+
+def test_kohya_files_carry_kohyas_hash_of_their_tensors_and_never_a_stale_one(pipe, tmp_path):
+    from safetensors import safe_open
+
+    from lora_diffusion.tools import convert_lora
+
+    inject_lora(pipe.unet, rank=4)
+    randomize_lora(pipe.unet, std=0.5)
+    save_lora(tmp_path / "a.safetensors", unet=pipe.unet, format="kohya", metadata={"trigger_words": ["x"]})
+
+    def header(path):
+        with safe_open(str(path), "pt") as f:
+            return f.metadata()
+
+    assert header(tmp_path / "a.safetensors")["sshs_model_hash"] == lora_hash(tmp_path / "a.safetensors")  # A1111 takes it
+    stale = load_file(tmp_path / "a.safetensors")
+    save_file(stale, tmp_path / "stale.safetensors", metadata={**header(tmp_path / "a.safetensors"),
+                                                                "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8})
+    convert_lora(tmp_path / "stale.safetensors", tmp_path / "b.safetensors", to="kohya", dtype=torch.float32)
+    convert_lora(tmp_path / "stale.safetensors", tmp_path / "c.safetensors", to="diffusers")
+    assert header(tmp_path / "b.safetensors")["sshs_model_hash"] == lora_hash(tmp_path / "b.safetensors") != "0" * 64
+    assert "sshs_legacy_hash" not in header(tmp_path / "b.safetensors")
+    assert not {"sshs_model_hash", "sshs_legacy_hash"} & set(header(tmp_path / "c.safetensors"))
