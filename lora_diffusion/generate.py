@@ -34,7 +34,7 @@ from .prompts import prompt_chunks, prompt_embeds
 logger = logging.getLogger(__name__)
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
-           "a1111_params", "lora_tag", "lora_hash", "model_hash"]
+           "png_infotext", "infotext_settings", "a1111_params", "lora_tag", "lora_hash", "model_hash"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -69,9 +69,7 @@ def set_sampler(pipe, sampler: str, schedule_type: str = "Automatic") -> tuple[s
     """Give ``pipe`` the scheduler of an A1111 sampler (``"DPM++ 2M"``, ``"Euler a"``; the old names with the
     schedule, ``"DPM++ 2M Karras"``, too) or of a diffusers scheduler class name, on the pipeline's own scheduler
     config; returns the ``(sampler, schedule type)`` the infotext names."""
-    for schedule in SCHEDULE_TYPES:  # A1111's legacy names: "DPM++ 2M Karras" = "DPM++ 2M" + Karras
-        if sampler.endswith(" " + schedule) and sampler[: -len(schedule) - 1] in SAMPLERS:
-            sampler, schedule_type = sampler[: -len(schedule) - 1], schedule
+    sampler, schedule_type = split_sampler(sampler, schedule_type)
     if schedule_type not in SCHEDULE_TYPES:
         raise ValueError(f"unknown schedule type {schedule_type!r}; choose from {', '.join(SCHEDULE_TYPES)}")
     import diffusers
@@ -100,6 +98,14 @@ def set_sampler(pipe, sampler: str, schedule_type: str = "Automatic") -> tuple[s
     config.update({k: v for k, v in wanted.items() if k in accepted})
     pipe.scheduler = cls.from_config(config)
     return sampler, schedule
+
+
+def split_sampler(sampler: str, schedule_type: str = "Automatic") -> tuple[str, str]:
+    """A1111's legacy sampler names with their schedule: ``"DPM++ 2M Karras"`` is ``("DPM++ 2M", "Karras")``."""
+    for schedule in SCHEDULE_TYPES:
+        if sampler.endswith(" " + schedule) and sampler[: -len(schedule) - 1] in SAMPLERS:
+            return sampler[: -len(schedule) - 1], schedule
+    return sampler, schedule_type
 
 
 def sampler_name(scheduler) -> str:
@@ -414,8 +420,8 @@ def _load_named_embeddings(pipe, folder, text: str) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _from_png(path: str) -> dict:
-    """The settings an image's A1111 infotext holds, as ``txt2img`` keywords."""
+def png_infotext(path: str | os.PathLike) -> str:
+    """The A1111 ``parameters`` text of a PNG (or another image format holding it); ``ValueError`` naming the file."""
     from PIL import Image
 
     try:
@@ -425,6 +431,11 @@ def _from_png(path: str) -> dict:
         raise ValueError(f"{path}: cannot read it as an image ({e})") from None
     if not text:
         raise ValueError(f"{path}: the image holds no A1111 'parameters' text")
+    return text
+
+
+def infotext_settings(text: str, source: str = "the infotext") -> dict:
+    """The settings an A1111 infotext holds, as ``txt2img`` keywords (``prompt`` and ``negative_prompt`` too)."""
     prompt, negative, params = parse_infotext(text)
     out: dict = {"prompt": prompt, "negative_prompt": negative}
     convert = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
@@ -436,15 +447,20 @@ def _from_png(path: str) -> dict:
             try:
                 out[name] = kind(params[key])
             except ValueError:
-                raise ValueError(f"{path}: {key} {params[key]!r} is not a {kind.__name__}") from None
+                raise ValueError(f"{source}: {key} {params[key]!r} is not a {kind.__name__}") from None
     if "Size" in params:
         size = re.fullmatch(r"(\d+)x(\d+)", params["Size"])
         if not size:
-            raise ValueError(f"{path}: Size {params['Size']!r} is not WIDTHxHEIGHT")
+            raise ValueError(f"{source}: Size {params['Size']!r} is not WIDTHxHEIGHT")
         out["width"], out["height"] = int(size.group(1)), int(size.group(2))
     if params.get("Emphasis") == "None":
         out["emphasis"] = False
     return out
+
+
+def _from_png(path: str) -> dict:
+    """The settings an image's A1111 infotext holds, as ``txt2img`` keywords."""
+    return infotext_settings(png_infotext(path), str(path))
 
 
 def _output_paths(output: str, count: int, seeds: list[int], overwrite: bool) -> list[Path]:

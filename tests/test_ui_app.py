@@ -70,6 +70,20 @@ def test_sampler_and_prompt_syntax_come_after_the_slots(served):
     assert np.abs(own - literal).mean() > 1.0 and "prompt_embeds" not in snippet
 
 
+def test_png_info_fills_the_generate_inputs(served, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    _, _, client = served
+    info = PngInfo()
+    info.add_text("parameters", "a (red:1.2) fox <lora:style:0.5>\nNegative prompt: ugly\nSteps: 12, Sampler: DPM++ 2M Karras, "
+                                "CFG scale: 6.5, Seed: 42, Size: 40x48, Clip skip: 2")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
+    out = client.predict(handle_file(str(tmp_path / "a.png")), api_name="/png_info")
+    assert list(out) == ["a (red:1.2) fox <lora:style:0.5>", "ugly", 42, 12, 6.5, 40, 48, 2, "DPM++ 2M", "Karras", True,
+                         "settings taken"]
+
+
 def test_binds_to_loopback_only(served):
     _, url, _ = served
     host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()

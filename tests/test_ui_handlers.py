@@ -875,3 +875,28 @@ def test_a_bundled_embedding_shows_as_a_trigger_word(tmp_path):
     save_file({**state, "bundle_emb.shiny.emb_params": torch.zeros(1, 32)}, str(tmp_path / "bundled.safetensors"), metadata=header)
     info = LoraLibrary(tmp_path / "loras").add_file(tmp_path / "bundled.safetensors")
     assert info.trigger_words == ["shiny"] and info.format == "kohya"
+
+
+def test_png_info_fills_the_generate_tab_from_a1111_infotext(backend, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from ui.handlers import png_info
+
+    result = gen(backend, "a (red:1.3) circle", loras={"style": (0.5, None)}, seed=9, clip_skip=2, sampler="Euler a")
+    fields, note = png_info(backend.save_image(result))
+    assert note == "" and fields["prompt"] == "a (red:1.3) circle <lora:style:0.5>"
+    assert (fields["seed"], fields["steps"], fields["guidance"], fields["clip_skip"], fields["sampler"]) == (9, STEPS, 5.0, 2, "Euler a")
+    again = gen(backend, fields["prompt"], seed=fields["seed"], guidance=fields["guidance"], clip_skip=fields["clip_skip"],
+                sampler=fields["sampler"], schedule_type=fields["schedule_type"])
+    assert np.array_equal(pixels(again.image), pixels(result.image))  # the tags pick the same blend
+    info = PngInfo()
+    info.add_text("parameters", "a fox\nNegative prompt: ugly\nSteps: 150, Sampler: DPM++ 2S a Karras, CFG scale: 7, "
+                                "Seed: 1, Size: 512x768, Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Latent")
+    Image.new("RGB", (8, 8)).save(tmp_path / "civitai.png", pnginfo=info)
+    fields, note = png_info(tmp_path / "civitai.png")
+    assert (fields["width"], fields["height"], fields["steps"], fields["sampler"]) == (512, 768, 100, None)
+    assert "'DPM++ 2S a Karras' is not one of the UI's" in note and "Hires. fix" in note and "150 steps" in note
+    Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
+    with pytest.raises(UIError, match="bare.png: the image holds no A1111 'parameters' text"):
+        png_info(tmp_path / "bare.png")

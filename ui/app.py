@@ -21,7 +21,7 @@ import pandas as pd
 from lora_diffusion.formats import LoraFormatError
 from lora_diffusion.generate import SAMPLERS, SCHEDULE_TYPES
 
-from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status
+from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status, png_info
 from .library import TABLE_HEADERS, UIError
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     image_info = gr.Markdown(elem_id="image-info")
                     snippet = gr.Code(language="python", label="diffusers code that reproduces the selected image",
                                       elem_id="snippet", buttons=["copy"], wrap_lines=True)
+                    with gr.Accordion("PNG Info: settings from an A1111 / Civitai image", open=False):
+                        png_file = gr.File(file_types=["image"], label="An image with A1111's infotext", elem_id="png-info")
+                        png_note = gr.Markdown()
 
         # ------------------------------------------------------------------ Train
         with gr.Tab("Train", id="train"):
@@ -306,6 +309,15 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             return text, str(info.path)
 
         @_user_errors
+        def on_png(file):
+            if not file:
+                return [gr.update()] * 11 + [""]
+            fields, note = png_info(_file_path(file))
+            return [fields["prompt"], fields["negative_prompt"], fields["seed"], fields["steps"], fields["guidance"],
+                    fields["width"], fields["height"], fields["clip_skip"], fields["sampler"] or MODEL_SAMPLER,
+                    fields["schedule_type"], fields["emphasis"], f"*{note}*" if note else "settings taken"]
+
+        @_user_errors
         def on_upload(file, name):
             if not file:
                 raise UIError("choose a .safetensors file first")
@@ -342,6 +354,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         cancel_btn.click(on_cancel, [job_id], [train_status], api_name="cancel_training")
         merge_btn.click(on_merge, [merge_table, merge_mode, merge_rank, merge_format, merge_name], [merge_report, merge_file],
                         api_name="merge").then(refresh, [slot_names], refresh_outputs, api_visibility="private")
+        png_file.change(on_png, [png_file], [prompt, negative, seed, steps, guidance, width, height, gen_clip_skip, sampler,
+                                             schedule, emphasis, png_note], api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")
         delete_btn.click(on_delete, [delete_name], [lib_message], api_name="delete_lora").then(

@@ -36,7 +36,8 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import a1111_params, infotext, lora_hash, lora_tag, model_hash, set_sampler
+from lora_diffusion.generate import (SAMPLERS, a1111_params, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
+                                     png_infotext, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_embeds, prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
@@ -59,6 +60,7 @@ __all__ = [
     "caption_rows",
     "diffusers_snippet",
     "default_model",
+    "png_info",
 ]
 
 TINY_FALLBACK = "lora_diffusion.testing.tiny_pipeline(0)"
@@ -333,6 +335,35 @@ def load_pipeline(model: str | None, device: str | None = None, model_config: st
                           f"1.x/2.x and SDXL text-to-image models")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def png_info(path: str | os.PathLike) -> tuple[dict, str]:
+    """The Generate tab's settings from an image's A1111 infotext (A1111's "PNG Info", a Civitai image), and a note of
+    what the tab cannot take: ``({prompt, negative_prompt, seed, steps, guidance, width, height, clip_skip, sampler,
+    schedule_type, emphasis}, note)``; the prompt keeps its ``<lora:...>`` tags, which pick the library's LoRAs."""
+    try:
+        got = infotext_settings(png_infotext(path), Path(path).name)
+    except ValueError as e:
+        raise UIError(str(e)) from None
+    notes = []
+    sampler, schedule = split_sampler(got.get("sampler", ""), got.get("schedule_type", "Automatic"))
+    if sampler and sampler not in SAMPLERS:
+        notes.append(f"its sampler {sampler!r} is not one of the UI's: the model's own is set")
+        sampler = None
+    if got.get("hires_scale", 1) > 1:
+        notes.append("it was made with Hires. fix, which this tab does not do: `lora-diffusion generate MODEL --from-png "
+                     "IMAGE` does")
+    elif "denoising_strength" in got:
+        notes.append("it was made by img2img; this tab makes text-to-image")
+    steps = got.get("steps", 20)
+    if not 1 <= steps <= 100:
+        notes.append(f"its {steps} steps are outside the slider's 1-100")
+        steps = min(max(steps, 1), 100)
+    fields = {"prompt": got["prompt"], "negative_prompt": got["negative_prompt"], "seed": got.get("seed", 0),
+              "steps": steps, "guidance": got.get("cfg_scale", 7.0), "width": got.get("width", 0),
+              "height": got.get("height", 0), "clip_skip": got.get("clip_skip", 1), "sampler": sampler or None,
+              "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis", True)}
+    return fields, "; ".join(notes)
 
 
 # ---------------------------------------------------------------------------------------------- training data
