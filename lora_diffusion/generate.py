@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .blend import _tag_path, apply_prompt_loras, parse_prompt
 from .pipeline import fuse, load_embedding, unfuse
-from .prompts import prompt_chunks, prompt_embeds
+from .prompts import prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -305,10 +305,10 @@ def txt2img(
     embeddings = _load_named_embeddings(pipe, embeddings_dir, prompt + "\n" + negative_prompt)
     clean = apply_prompt_loras(pipe, prompt, lora_dir)
     negative = negative_prompt or None  # (SDXL: an empty negative prompt is zeros, as in A1111)
-    texts = prompt_embeds(pipe, [clean], None if negative is None else [negative], clip_skip=clip_skip,
-                          emphasis=emphasis)
-    padded = len(prompt_chunks(pipe.tokenizer, clean, emphasis=emphasis)) != len(
-        prompt_chunks(pipe.tokenizer, negative or "", emphasis=emphasis))
+    texts = scheduled_prompt_kwargs(pipe, clean, negative, steps, clip_skip=clip_skip, emphasis=emphasis)
+    lengths = {len(prompt_chunks(pipe.tokenizer, t, emphasis=emphasis))
+               for text in (clean, negative or "") for _, t in prompt_schedule(text, steps)}
+    padded = len(lengths) > 1
     params = a1111_params(pipe, steps=steps, cfg_scale=cfg_scale, seed=None, width=width, height=height,
                           model_name=model_name, model_sha256=model_sha256, clip_skip=clip_skip,
                           emphasis=emphasis or not any(c in prompt + negative_prompt for c in "(["),
@@ -333,9 +333,11 @@ def txt2img(
             if init_image is not None:
                 start = init_image.convert("RGB").resize((width, height), _lanczos())
                 image = _img2img(pipe)(**run, image=start, strength=denoising_strength, num_inference_steps=steps).images[0]
-            elif hires:
-                image = _hires(pipe, run, steps, width, height, hires_scale, hires_steps or steps, hires_upscaler,
-                               denoising_strength)
+            elif hires:  # (the second pass schedules prompt editing on from the first, as A1111)
+                second = scheduled_prompt_kwargs(pipe, clean, negative, hires_steps or steps, clip_skip=clip_skip,
+                                                 emphasis=emphasis, base_steps=steps)
+                image = _hires(pipe, run, dict(second, guidance_scale=cfg_scale, generator=generator), steps, width,
+                               height, hires_scale, hires_steps or steps, hires_upscaler, denoising_strength)
             else:
                 image = pipe(**run, num_inference_steps=steps, width=width, height=height).images[0]
             out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, "Seed": seed + i})))
@@ -383,8 +385,8 @@ def _img2img(pipe):
     return second
 
 
-def _hires(pipe, run: dict, steps: int, width: int, height: int, scale: float, hires_steps: int, upscaler: str,
-           strength: float):
+def _hires(pipe, run: dict, run_second: dict, steps: int, width: int, height: int, scale: float, hires_steps: int,
+           upscaler: str, strength: float):
     """A1111's "Hires. fix": the first pass, upscaled to ``int(size * scale)`` (a multiple of 8), denoised again."""
     import torch.nn.functional as F
 
@@ -402,7 +404,7 @@ def _hires(pipe, run: dict, steps: int, width: int, height: int, scale: float, h
         from PIL import Image
 
         start = first[0].resize(big, _lanczos() if mode == "lanczos" else Image.Resampling.NEAREST)
-    return _img2img(pipe)(**run, image=start, strength=strength, num_inference_steps=hires_steps).images[0]
+    return _img2img(pipe)(**run_second, image=start, strength=strength, num_inference_steps=hires_steps).images[0]
 
 
 def _load_named_embeddings(pipe, folder, text: str) -> dict[str, Path]:

@@ -8,7 +8,8 @@ penultimate, for models trained so, such as NovelAI-derived SD 1.x anime models)
 >= 5.6 (whose CLIPTextModel has no ``text_model`` level), fails: ``prompt_kwargs`` gives a pipeline call the
 embeddings instead.
 
-A1111's prompts (``prompt_embeds``): ``(word)`` weighs a word 1.1x, ``((word))`` 1.21x, ``[word]`` 1/1.1x,
+A1111's prompts (``prompt_embeds``; with prompt editing, ``[from:to:when]``, ``[a|b]``:
+``scheduled_prompt_kwargs``): ``(word)`` weighs a word 1.1x, ``((word))`` 1.21x, ``[word]`` 1/1.1x,
 ``(word:1.4)`` 1.4x (``\\(`` is a literal bracket); a prompt longer than 75 tokens is encoded in 75-token chunks
 side by side (a chunk breaks at the last comma within 20 tokens of its end, and at ``BREAK``); each chunk's
 states are multiplied by the weights and rescaled to their former mean (A1111's "Original" emphasis). A plain
@@ -26,7 +27,7 @@ import re
 import torch
 
 __all__ = ["encode_text", "prompt_kwargs", "token_ids", "check_clip_skip", "parse_emphasis", "prompt_chunks",
-           "prompt_embeds"]
+           "prompt_embeds", "prompt_schedule", "scheduled_prompt_kwargs"]
 
 CHUNK_TOKENS = 75  # a chunk's prompt tokens; with its start and end tokens, the text encoder's 77
 COMMA_BACKTRACK = 20  # A1111's "prompt word wrap length limit"
@@ -271,3 +272,186 @@ def prompt_embeds(pipe, prompts: list[str], negative: list[str] | None = None, *
         out["pooled_prompt_embeds"] = torch.cat([p for _, p in padded[:n]])
         out["negative_pooled_prompt_embeds"] = torch.cat([p for _, p in padded[n:]])
     return out
+
+
+# ---------------------------------------------------------------------------------------------- prompt editing
+_WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
+_NOT_IN_PROMPT = set(")]:|")
+
+
+class _NoParse(Exception):
+    """The text is not A1111's prompt-editing syntax there."""
+
+
+def _parse_seq(text: str, i: int, stops: str, closed: bool = True) -> tuple[list, int]:
+    """Nodes from ``i`` up to a character of ``stops`` (the caller checks which; the end of ``text`` fails a
+    ``closed`` one); a stray ``) ] : |`` or a lone backslash fails the parse. Nodes: text, ``("emph", open, inner, weight | None, close)``, ``("sched", before |
+    None, after, when)``, ``("alt", options)``."""
+    nodes: list = []
+    while i < len(text):
+        c = text[i]
+        if c in stops:
+            return nodes, i
+        if c in "([":
+            node, i = _parse_bracket(text, i)
+            nodes.append(node)
+        elif c in _NOT_IN_PROMPT:
+            raise _NoParse
+        else:
+            j = i
+            while j < len(text) and text[j] not in "([" and text[j] not in _NOT_IN_PROMPT:
+                if text[j] == "\\":
+                    if j + 1 == len(text):
+                        raise _NoParse
+                    j += 1
+                j += 1
+            nodes.append(text[i:j])
+            i = j
+    if closed:
+        raise _NoParse  # unclosed
+    return nodes, i
+
+
+def _parse_bracket(text: str, i: int) -> tuple[tuple, int]:
+    if text[i] == "(":
+        inner, j = _parse_seq(text, i + 1, ":)")
+        if text[j] == ")":
+            return ("emph", "(", inner, None, ")"), j + 1
+        weight, k = _parse_seq(text, j + 1, ")")
+        return ("emph", "(", inner, weight, ")"), k + 1
+    first, j = _parse_seq(text, i + 1, ":|]")
+    if text[j] == "]":
+        return ("emph", "[", first, None, "]"), j + 1
+    if text[j] == "|":
+        options = [first]
+        while text[j] == "|":
+            option, j = _parse_seq(text, j + 1, "|]")
+            options.append(option)
+        return ("alt", options), j + 1
+    when = _WHEN.match(text, j + 1)
+    if when:  # [to:when]: added at that step
+        return ("sched", None, first, when.group(1)), when.end()
+    second, k = _parse_seq(text, j + 1, ":]")
+    when = _WHEN.match(text, k + 1) if text[k] == ":" else None
+    if not when:
+        raise _NoParse
+    return ("sched", first, second, when.group(1)), when.end()
+
+
+def _parse_schedule(text: str) -> list:
+    """The whole prompt's nodes: at its top level a bracket that does not parse, and a stray ``) ] :``, are text."""
+    nodes: list = []
+    i = 0
+    while i < len(text):
+        if text[i] in "([":
+            try:
+                node, i = _parse_bracket(text, i)
+                nodes.append(node)
+                continue
+            except _NoParse:
+                pass
+        if text[i] in "([)]:":
+            nodes.append(text[i])
+            i += 1
+            continue
+        found, i = _parse_seq(text, i, "([)]:", closed=False)
+        nodes += found
+    return nodes
+
+
+def prompt_schedule(prompt: str, steps: int, *, base_steps: int | None = None) -> list[tuple[int, str]]:
+    """A1111's prompt editing: ``[from:to:when]`` (``to`` after ``when``), ``[to:when]`` (added), ``[from::when]``
+    (removed), ``[a|b]`` (alternating each step), nested; ``when`` with a decimal point is a fraction of ``steps``,
+    else a step. Returns ``[(last step, prompt), ...]``: step s (from 0) takes the first with ``last step >= s``, as
+    A1111 counts. A prompt that does not parse is taken whole. ``base_steps``: the first pass's steps, for a Hires.
+    fix pass of ``steps`` (A1111's offsets: a step counts on from the first pass, a fraction from 1).
+
+    Example:
+        >>> prompt_schedule("a [red:blue:0.5] cat", 10)
+        [(5, 'a red cat'), (10, 'a blue cat')]
+    """
+    try:
+        nodes = _parse_schedule(prompt)
+    except _NoParse:
+        return [(steps, prompt)]
+    int_offset, flt_offset = (0, 0.0) if base_steps is None else (base_steps, 1.0)
+    ends = {steps}
+
+    def when(text: str) -> int:
+        v = float(text)
+        v = (v - flt_offset) * steps if "." in text else v - int_offset
+        return min(steps, int(v))
+
+    def collect(items) -> None:
+        for node in items:
+            if isinstance(node, str):
+                continue
+            if node[0] == "emph":
+                collect(node[2])
+                collect(node[3] or [])
+            elif node[0] == "sched":
+                collect(node[1] or [])
+                collect(node[2])
+                if when(node[3]) >= 1:
+                    ends.add(when(node[3]))
+            else:
+                ends.update(range(1, steps + 1))
+                for option in node[1]:
+                    collect(option)
+
+    def render(items, step: int) -> str:
+        out = []
+        for node in items:
+            if isinstance(node, str):
+                out.append(node)
+            elif node[0] == "emph":
+                weight = "" if node[3] is None else ":" + render(node[3], step)
+                out.append(node[1] + render(node[2], step) + weight + node[4])
+            elif node[0] == "sched":
+                out.append(render(node[1] or [], step) if step <= when(node[3]) else render(node[2], step))
+            else:
+                out.append(render(node[1][(step - 1) % len(node[1])], step))
+        return "".join(out)
+
+    collect(nodes)
+    return [(end, render(nodes, end)) for end in sorted(ends)]
+
+
+def scheduled_prompt_kwargs(pipe, prompt: str, negative: str | None, steps: int, *, clip_skip: int = 1,
+                            emphasis: bool = True, base_steps: int | None = None) -> dict:
+    """A pipeline call's prompt arguments for one A1111 prompt with prompt editing (``prompt_schedule``), its negative
+    prompt alike: the first step's embeddings, and, where they change, a ``callback_on_step_end`` that gives each
+    step its own (every prompt of the schedule padded to one length). ``negative=None``: as in ``prompt_embeds``.
+
+    Example:
+        >>> image = pipe(**scheduled_prompt_kwargs(pipe, "a [red:blue:0.5] cat", "lowres", 20),
+        ...              num_inference_steps=20).images[0]
+    """
+    plan = prompt_schedule(prompt, steps, base_steps=base_steps)
+    plan_neg = prompt_schedule(negative, steps, base_steps=base_steps) if negative is not None else [(steps, None)]
+    n = max(len(plan), len(plan_neg))
+    prompts = [t for _, t in plan] + [plan[-1][1]] * (n - len(plan))
+    negatives = None if negative is None else [t for _, t in plan_neg] + [plan_neg[-1][1]] * (n - len(plan_neg))
+    out = prompt_embeds(pipe, prompts, negatives, clip_skip=clip_skip, emphasis=emphasis)
+    if len(plan) == len(plan_neg) == 1:
+        return out
+
+    def pick(schedule, step: int) -> int:  # A1111: the first whose last step is at or after it
+        return next((i for i, (end, _) in enumerate(schedule) if end >= step), len(schedule) - 1)
+
+    sdxl = "pooled_prompt_embeds" in out
+    first = {k: v[pick(plan if k in ("prompt_embeds", "pooled_prompt_embeds") else plan_neg, 0)][None]
+             for k, v in out.items()}
+
+    def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
+        p, q = pick(plan, i + 1), pick(plan_neg, i + 1)  # (for the next step)
+        cfg = tensors["prompt_embeds"].shape[0] == 2
+        pair = (out["negative_prompt_embeds"][q:q + 1], out["prompt_embeds"][p:p + 1])
+        new = {"prompt_embeds": torch.cat(pair if cfg else pair[1:]).to(tensors["prompt_embeds"])}
+        if sdxl:
+            pooled = (out["negative_pooled_prompt_embeds"][q:q + 1], out["pooled_prompt_embeds"][p:p + 1])
+            new["add_text_embeds"] = torch.cat(pooled if cfg else pooled[1:]).to(tensors["add_text_embeds"])
+        return new
+
+    inputs = ["prompt_embeds"] + (["add_text_embeds"] if sdxl else [])
+    return {**first, "callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": inputs}

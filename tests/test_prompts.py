@@ -1,6 +1,7 @@
 """A1111 prompts (emphasis, long prompts, BREAK) as embeddings: A1111's parser and chunking rules, its "Original"
 emphasis, and the pipelines' own embeddings for plain prompts, bit for bit."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +232,65 @@ def test_an_embedding_named_like_a_word_piece_is_found_by_its_pieces(tmp_path):
     assert ids[start:start + 2] == unit and weights[start:start + 2] == [1.2, 1.2]
     assert torch.equal(prompt_embeds(pipe, ["a x cat"])["prompt_embeds"],
                        prompt_embeds(pipe, ["a <x> cat"])["prompt_embeds"])
+
+
+@pytest.mark.parametrize("prompt, steps, hires, expect", [  # A1111's own examples (prompt_parser.py) and the comment's
+    ("test", 10, None, [(10, "test")]),
+    ("a [b:3]", 10, None, [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", 10, None, [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", 10, None, [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", 10, None, [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", 10, None, [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", 10, None, [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", 10, None, [(10, "a [unbalanced")]),
+    ("a [b:.5] c", 10, None, [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", 10, None, [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[fe|||]male", 4, None, [(1, "female"), (2, "male"), (3, "male"), (4, "male")]),
+    ("a [b:.5] c", 10, 10, [(10, "a b c")]),
+    ("a [b:1.5] c", 10, 10, [(5, "a  c"), (10, "a b c")]),
+    ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6][: in "
+     "background:0.25] [shoddy:masterful:0.5]", 100, None,
+     [(25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+      (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+      (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+      (75, "fantasy landscape with a lake and an oak in background masterful"),
+      (100, "fantasy landscape with a lake and a christmas tree in background masterful")]),
+])
+def test_prompt_schedule_as_a1111(prompt, steps, hires, expect):
+    from lora_diffusion.prompts import prompt_schedule
+
+    got = prompt_schedule(prompt, hires or steps, base_steps=steps if hires else None)
+    assert got == expect
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_prompt_editing_switches_the_conditioning_at_its_step(which, sd, sdxl):
+    from lora_diffusion.prompts import scheduled_prompt_kwargs
+
+    pipe = sd if which == "sd" else sdxl
+    seen = []  # what the UNet is given at each step: (text states, pooled text or None)
+
+    def hook(_module, args, kwargs):
+        added = kwargs.get("added_cond_kwargs") or {}
+        seen.append((kwargs["encoder_hidden_states"].clone(), added.get("text_embeds")))
+
+    def run(prompt):
+        seen.clear()
+        kwargs = scheduled_prompt_kwargs(pipe, prompt, "dark", 4)
+        image = pipe(**kwargs, num_inference_steps=4, height=32, width=32, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+        return image, list(seen)
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        (red, red_seen), (blue, blue_seen) = run("a red cat"), run("a blue cat")
+        assert np.array_equal(run("a [red:blue:4] cat")[0], red)  # no switch within 4 steps
+        assert np.array_equal(run("a [red:blue:0] cat")[0], blue)
+        for prompt, colours in (("a [red:blue:2] cat", "rrrb"), ("a [red:blue:1] cat", "rrbb"), ("a [red|blue] cat", "rrbr")):
+            _, got = run(prompt)  # A1111's steps: step s takes the first schedule entry ending at or after s
+            for step, colour in enumerate(colours):
+                expect = (red_seen if colour == "r" else blue_seen)[step]
+                assert torch.equal(got[step][0], expect[0]), (prompt, step)
+                assert expect[1] is None or torch.equal(got[step][1], expect[1]), (prompt, step)
+    finally:
+        handle.remove()

@@ -67,7 +67,7 @@ def test_sampler_and_prompt_syntax_come_after_the_slots(served):
     euler, caption, _, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle", extra=("Euler a", "Automatic", True))
     assert "Euler a" in caption and "EulerAncestralDiscreteScheduler" in snippet and np.abs(own - euler).mean() > 1.0
     literal, _, _, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle", extra=("the model's own", "Automatic", False))
-    assert np.abs(own - literal).mean() > 1.0 and "prompt_embeds" not in snippet
+    assert np.abs(own - literal).mean() > 1.0 and "scheduled_prompt_kwargs" not in snippet
 
 
 def test_png_info_fills_the_generate_inputs(served, tmp_path):

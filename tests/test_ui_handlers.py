@@ -356,7 +356,8 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
                {"loras": {"style": (1.0, 0.6)}, "negative_prompt": "blurry", "clip_skip": 2},  # (embeddings from that layer)
                {"loras": {"style": (0.7, None)}, "sampler": "Euler a"},
                {"loras": {"ink": (0.9, None)}, "sampler": "DPM++ 2M", "schedule_type": "Karras",
-                "prompt": "a (red:1.4) circle, [blue] BREAK square", "negative_prompt": "(blurry:1.2)", "clip_skip": 2}):
+                "prompt": "a (red:1.4) circle, [blue] BREAK square", "negative_prompt": "(blurry:1.2)", "clip_skip": 2},
+               {"prompt": "a [red:blue:1] [circle|square]", "negative_prompt": "[dark::2]", "loras": {"ink": (0.5, None)}}):
         result = gen(backend, **kw)
         assert "load_lora_weights" in result.snippet and "set_adapters" in result.snippet
         scope: dict = {}
@@ -365,7 +366,7 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         ours = pixels(result.image)
         assert np.abs(theirs - ours).max() <= 2, result.snippet
         assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
-        assert ("prompt_embeds(pipe" in result.snippet) == ("(" in kw.get("prompt", ""))  # plain prompts: plain code
+        assert ("scheduled_prompt_kwargs(pipe" in result.snippet) == ("[" in kw.get("prompt", ""))  # plain: plain code
     skipped = gen(backend, loras={"style": (1.0, 0.6)}, clip_skip=2)
     assert np.abs(pixels(skipped.image) - pixels(gen(backend, loras={"style": (1.0, 0.6)}).image)).mean() > 1.0
     assert skipped.settings["clip_skip"] == 2 and "clip skip 2" in skipped.caption

@@ -38,7 +38,7 @@ from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
 from lora_diffusion.generate import (SAMPLERS, a1111_params, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
                                      png_infotext, set_sampler, split_sampler)
-from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_embeds, prompt_kwargs
+from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
@@ -121,8 +121,11 @@ def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, f
                  blocks=blocks)
 
 
-def _plain(pipe, text: str) -> bool:
-    """``text`` encodes the same with and without A1111's emphasis: one chunk, every weight 1, no ``BREAK``."""
+def _plain(pipe, text: str, steps: int) -> bool:
+    """``text`` encodes the same with and without A1111's syntax: no prompt editing, one chunk, every weight 1, no
+    ``BREAK``."""
+    if prompt_schedule(text, steps) != [(steps, text)]:
+        return False
     chunks = prompt_chunks(pipe.tokenizer, text)
     return len(chunks) == 1 and all(w == 1 for w in chunks[0][1]) and chunks[0][0] == prompt_chunks(
         pipe.tokenizer, text, emphasis=False)[0][0]
@@ -234,8 +237,8 @@ def diffusers_snippet(
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
     with ``from_single_file``, its configs from ``model_config`` where given; ``scheduler``: a scheduler class and the
-    settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis or length, whose
-    embeddings ``lora_diffusion.prompts.prompt_embeds`` makes)."""
+    settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
+    editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
@@ -275,10 +278,10 @@ def diffusers_snippet(
     args = [_py(prompt)]
     if negative_prompt:
         args.append(f"negative_prompt={_py(negative_prompt)}")
-    if a1111_prompt:  # (emphasis, long prompts: our prompt_embeds; the pipeline's own for plain prompts)
-        negative = f"[{_py(negative_prompt)}]" if negative_prompt else "None"
-        lines += ["from lora_diffusion.prompts import prompt_embeds",
-                  f"texts = prompt_embeds(pipe, [{_py(prompt)}], {negative}, clip_skip={clip_skip})"]
+    if a1111_prompt:  # (emphasis, long prompts, prompt editing: ours; the pipeline's own for plain prompts)
+        negative = _py(negative_prompt) if negative_prompt else "None"
+        lines += ["from lora_diffusion.prompts import scheduled_prompt_kwargs",
+                  f"texts = scheduled_prompt_kwargs(pipe, {_py(prompt)}, {negative}, {steps}, clip_skip={clip_skip})"]
         args = ["**texts"]
     elif clip_skip > 1:  # the embeddings from that layer, the negative prompt's too, as A1111 takes them
         lines += [
@@ -735,8 +738,8 @@ class Backend:
                 raise UIError(_blend_error(e, fusing)) from None
             try:
                 generator = torch.Generator("cpu").manual_seed(int(req.seed))
-                a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t) for t in (prompt, negative))
-                texts = prompt_embeds(pipe, [prompt], [negative] if negative else None, clip_skip=clip_skip) \
+                a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t, steps) for t in (prompt, negative))
+                texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
                     if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
                 image = pipe(
                     **texts,

@@ -6,6 +6,8 @@
   length limit" 20) vs our prompt_chunks: every chunk's token ids and multipliers;
 - its forward (emphasis "Original", CLIP skip 1 and 2) on a small random CLIPTextModel with CLIP-L's vocabulary vs
   our prompt_embeds on the same encoder;
+- modules/prompt_parser.get_learned_conditioning_prompt_schedules (prompt editing: [from:to:when], [a|b], nested,
+  unparsable text; 10 and 20 steps, and a Hires. fix pass of 10 after 10 and 14 after 7) vs our prompt_schedule;
 - A1111's infotext parsing (modules/infotext_utils: its param regex and unquote, taken from the file with ``ast``)
   on the infotext our generate writes vs our parse_infotext.
 
@@ -25,12 +27,17 @@ import os
 import re
 from types import SimpleNamespace
 
-import torch
-from lora_diffusion.generate import infotext, parse_infotext
-from lora_diffusion.prompts import parse_emphasis, prompt_chunks, prompt_embeds
-
 import a1111_harness as H
+import torch
 from common import Verdicts, clip_tokenizer
+
+from lora_diffusion.generate import infotext, parse_infotext
+from lora_diffusion.prompts import (
+    parse_emphasis,
+    prompt_chunks,
+    prompt_embeds,
+    prompt_schedule,
+)
 
 V = Verdicts("q4")
 TOK = clip_tokenizer()
@@ -133,6 +140,19 @@ def from_file(relative, names, ns):
     return ns
 
 
+SCHEDULES = [
+    "test", "a [b:3]", "a [b: 3]", "a [[[b]]:2]", "[(a:2):3]", "a [b : c : 1] d", "a[b:[c:d:2]:1]e", "a [unbalanced",
+    "a [b:.5] c", "a [{b|d{:.5] c", "((a][:b:c [d:3]", "[a|(b:1.1)]", "[fe|]male", "[fe|||]male", "[a:b:0.5] [c|d]",
+    "x [a:b:c:2]", "(a [b:2]:1.2)", "[a:(b:1.3):4]", "a | b", "[a|b|c] [x:y:7]", "a ]", "[ :3]", "[a:b: 2 ]",
+    "[a:b:2.0]", "[a:b:-1]", "[a:b:0]", "[:x:0.5]", "a \\[b:3\\]", "a \\", "(red:1.2), [blue], BREAK x", "[a:b:1e1]",
+    "a (b [c|d]) e", "[[a:b:2]|c]", "(a:[b:c:2])", ")(", "a:b", "[a]", "[a:]", "[:]", "[|]", "(a:b:c)", "((a)",
+    "[a:b:c]", "\\(x\\) [y:2]", "a\nb [c:2]", "[a:b:+3]", "[a:b:3.]",
+    "a [b:c:.5] [d|e|f] (g:1.2) [h::3]",
+    "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6][: in "
+    "background:0.25] [shoddy:masterful:0.5]",
+]
+
+
 EMB_PROMPTS = [
     ("a badthing cat", "badthing"),
     ("a BadThing cat, (BADTHING:1.3), [tiny]", "tiny"),
@@ -148,6 +168,7 @@ def embeddings_check(tmp):
 
     import safetensors.torch
     from diffusers import StableDiffusionPipeline
+
     from lora_diffusion import load_embedding
     from lora_diffusion.testing import tiny_components
 
@@ -216,6 +237,12 @@ def main():
                 V.judge(f"embeds clip skip {skip} {label}", diff <= 1e-6, f"shape {tuple(z.shape)}, max abs {diff:.2e}",
                         known=breaks_in_brackets, known_why="BREAK inside brackets")
             opts.CLIP_stop_at_last_layers = 1
+
+    for steps, hires in ((10, None), (20, None), (10, 10), (7, 14)):
+        for text in SCHEDULES:
+            theirs = [tuple(x) for x in prompt_parser.get_learned_conditioning_prompt_schedules([text], steps, hires)[0]]
+            mine = prompt_schedule(text, hires or steps, base_steps=steps if hires else None)
+            V.judge(f"schedule {text[:40]!r} steps {steps} hires {hires}", theirs == mine, f"{len(mine)} prompts")
 
     ns = a1111_infotext_parser()
     params = {"Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 7.0, "Seed": 42,
