@@ -267,7 +267,8 @@ def txt2img(
     hires_upscaler: str = "Latent",
 ) -> list[Generated]:
     """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
-    switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its emphasis and length are kept (``lora_diffusion.prompts.prompt_embeds``), ``sampler`` (an
+    switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its
+    emphasis, length and prompt editing are kept (``lora_diffusion.prompts.scheduled_prompt_kwargs``), ``sampler`` (an
     A1111 name; ``None``: the pipeline's own scheduler) and the seeds ``seed``, ``seed + 1``, ... (``-1``: a random
     one) as A1111 counts them. Each image comes with its infotext (``model_name`` and ``model_sha256`` go into it).
     ``fused``: the LoRAs are fused for the denoising, and unfused after.
@@ -323,6 +324,9 @@ def txt2img(
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
+    if hires:  # (the second pass schedules prompt editing on from the first, as A1111)
+        second = dict(scheduled_prompt_kwargs(pipe, clean, negative, hires_steps or steps, clip_skip=clip_skip,
+                                              emphasis=emphasis, base_steps=steps), guidance_scale=cfg_scale)
     if fused and tags:
         fuse(pipe)
     out = []
@@ -333,11 +337,9 @@ def txt2img(
             if init_image is not None:
                 start = init_image.convert("RGB").resize((width, height), _lanczos())
                 image = _img2img(pipe)(**run, image=start, strength=denoising_strength, num_inference_steps=steps).images[0]
-            elif hires:  # (the second pass schedules prompt editing on from the first, as A1111)
-                second = scheduled_prompt_kwargs(pipe, clean, negative, hires_steps or steps, clip_skip=clip_skip,
-                                                 emphasis=emphasis, base_steps=steps)
-                image = _hires(pipe, run, dict(second, guidance_scale=cfg_scale, generator=generator), steps, width,
-                               height, hires_scale, hires_steps or steps, hires_upscaler, denoising_strength)
+            elif hires:
+                image = _hires(pipe, run, dict(second, generator=generator), steps, width, height, hires_scale,
+                               hires_steps or steps, hires_upscaler, denoising_strength)
             else:
                 image = pipe(**run, num_inference_steps=steps, width=width, height=height).images[0]
             out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, "Seed": seed + i})))
