@@ -34,7 +34,7 @@ from .prompts import prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
 logger = logging.getLogger(__name__)
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
-           "png_infotext", "infotext_settings", "a1111_params", "lora_tag", "lora_hash", "model_hash"]
+           "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -214,6 +214,13 @@ def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width:
     }
 
 
+def conds_padded(pipe, prompt: str, negative: str, steps: int, emphasis: bool = True) -> bool:
+    """Whether a prompt's (prompt-edited) conditionings and its negative's differ in length, so that the shorter
+    are padded with empty-prompt chunks (A1111's "Pad conds")."""
+    return len({len(prompt_chunks(pipe.tokenizer, t, emphasis=emphasis))
+                for text in (prompt, negative) for _, t in prompt_schedule(text, steps)}) > 1
+
+
 def lora_tag(name: str, unet: float, te: float) -> str:
     """A1111's tag for a LoRA at these weights: ``<lora:name:w>``, or ``<lora:name:te:unet>``."""
     def text(x: float) -> str:  # short where that is exact
@@ -307,13 +314,11 @@ def txt2img(
     clean = apply_prompt_loras(pipe, prompt, lora_dir)
     negative = negative_prompt or None  # (SDXL: an empty negative prompt is zeros, as in A1111)
     texts = scheduled_prompt_kwargs(pipe, clean, negative, steps, clip_skip=clip_skip, emphasis=emphasis)
-    lengths = {len(prompt_chunks(pipe.tokenizer, t, emphasis=emphasis))
-               for text in (clean, negative or "") for _, t in prompt_schedule(text, steps)}
-    padded = len(lengths) > 1
     params = a1111_params(pipe, steps=steps, cfg_scale=cfg_scale, seed=None, width=width, height=height,
                           model_name=model_name, model_sha256=model_sha256, clip_skip=clip_skip,
                           emphasis=emphasis or not any(c in prompt + negative_prompt for c in "(["),
-                          padded=padded, lora_hashes={name: lora_hash(path) for name, path in paths.items()})
+                          padded=conds_padded(pipe, clean, negative_prompt, steps, emphasis),
+                          lora_hashes={name: lora_hash(path) for name, path in paths.items()})
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     if init_image is not None or hires:

@@ -36,8 +36,8 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (SAMPLERS, a1111_params, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
-                                     png_infotext, set_sampler, split_sampler)
+from lora_diffusion.generate import (SAMPLERS, a1111_params, conds_padded, infotext, infotext_settings, lora_hash, lora_tag,
+                                     model_hash, png_infotext, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
@@ -752,6 +752,12 @@ class Backend:
             finally:
                 if fused:
                     unfuse(pipe)
+            params = a1111_params(  # (under the lock: the scheduler it names is this request's)
+                pipe, steps=steps, cfg_scale=float(req.guidance), seed=int(req.seed), width=width, height=height,
+                model_name=Path(self.model).stem if self.model else None, model_sha256=self._model_sha256(),
+                clip_skip=clip_skip, emphasis=bool(req.emphasis) or not any(c in prompt + negative for c in "(["),
+                padded=a1111_prompt and conds_padded(pipe, prompt, negative, steps),
+                lora_hashes={n: self._lora_hash(n) for n in loras})
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
                     "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis)}
@@ -771,11 +777,6 @@ class Backend:
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te) for n, (w, te) in loras.items()]).strip()
-        params = a1111_params(
-            self.pipe, steps=steps, cfg_scale=float(req.guidance), seed=int(req.seed), width=width, height=height,
-            model_name=Path(self.model).stem if self.model else None, model_sha256=self._model_sha256(),
-            clip_skip=clip_skip, emphasis=bool(req.emphasis) or not any(c in prompt + negative for c in "(["),
-            lora_hashes={n: self._lora_hash(n) for n in loras})
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
 
     def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str) -> tuple[str, dict] | None:
