@@ -472,17 +472,25 @@ def _from_png(path: str) -> dict:
     return infotext_settings(png_infotext(path), str(path))
 
 
-def _output_paths(output: str, count: int, seeds: list[int], overwrite: bool) -> list[Path]:
+def _check_output(output: str, count: int, overwrite: bool) -> None:
+    """Refuse, before anything is generated, an output that cannot take ``count`` images."""
+    target = Path(output)
+    if target.suffix.lower() == ".png":
+        if count > 1:
+            raise ValueError(f"{target}: {count} images need a folder, not a .png file")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    elif target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; images go into a folder, or a .png path for one image")
+
+
+def _output_paths(output: str, seeds: list[int]) -> list[Path]:
     """``output`` itself (one image, a ``.png`` path), else A1111's ``<index>-<seed>.png`` names in the folder
     ``output``, numbered on from the images already there."""
     target = Path(output)
-    if target.suffix.lower() == ".png" and count == 1:
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    if target.suffix.lower() == ".png":
         target.parent.mkdir(parents=True, exist_ok=True)
         return [target]
-    if target.suffix.lower() == ".png":
-        raise ValueError(f"{target}: {count} images need a folder, not a .png file")
     target.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in target.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
     start = max(taken, default=-1) + 1
@@ -514,6 +522,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.init_image}: cannot read it as an image ({e})") from None
     elif args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
         raise ValueError(f"{args.from_png} was made by img2img; pass its starting image as --init-image")
+    _check_output(args.output, args.batch_count, args.overwrite)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else None)
     pipe = load_model(args.model, args.model_config, dtype)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -531,8 +540,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                      embeddings_dir=args.embeddings_dir,
                      batch_count=args.batch_count, fused=args.fuse, model_name=model.stem if model.is_file() else
                      model.name, model_sha256=sha, **settings)
-    for generated, path in zip(images, _output_paths(args.output, len(images), [g.seed for g in images],
-                                                     args.overwrite)):
+    for generated, path in zip(images, _output_paths(args.output, [g.seed for g in images])):
         generated.image.save(path, pnginfo=generated.pnginfo())
         print(path)
     return 0

@@ -86,6 +86,8 @@ def test_cli_errors_are_one_line(tmp_path, lora_dir, capsys):
     Image.new("RGB", (8, 8)).save(plain)
     assert main(["generate", str(TINY_MODEL), "--from-png", str(plain), "-o", str(tmp_path)]) == 2
     assert "no A1111 'parameters' text" in capsys.readouterr().err
+    assert main(["generate", "/no/such/model", "a", "--batch-count", "2", "-o", str(tmp_path / "one.png")]) == 2
+    assert "2 images need a folder" in capsys.readouterr().err  # (checked before the model loads)
 
 
 def test_tags_weigh_the_loras_as_load_lora_and_set_adapters_do(pipe, tmp_path):
