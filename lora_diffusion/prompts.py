@@ -141,7 +141,8 @@ def prompt_chunks(tokenizer, text: str, *, emphasis: bool = True) -> list[tuple[
     parsed = parse_emphasis(text) if emphasis else [(text, 1.0)]
     pieces = [fragment for fragment, weight in parsed if weight is not BREAK]
     ids = iter(tokenizer(pieces, add_special_tokens=False, truncation=False, verbose=False).input_ids if pieces else [])
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = tokenizer.convert_tokens_to_ids(",</w>")  # (not get_vocab(): it builds a 49408-entry dict, ~20 ms)
+    comma = None if comma == tokenizer.unk_token_id else comma
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     chunks: list[tuple[list[int], list[float]]] = []
     tokens: list[int] = []
