@@ -271,3 +271,16 @@ def test_kohya_files_carry_kohyas_hash_of_their_tensors_and_never_a_stale_one(pi
     assert header(tmp_path / "b.safetensors")["sshs_model_hash"] == lora_hash(tmp_path / "b.safetensors") != "0" * 64
     assert "sshs_legacy_hash" not in header(tmp_path / "b.safetensors")
     assert not {"sshs_model_hash", "sshs_legacy_hash"} & set(header(tmp_path / "c.safetensors"))
+
+
+def test_sdxl_hires_and_img2img_run_at_their_sizes():
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(steps=3, seed=1, width=32, height=32, denoising_strength=0.5)
+    (plain,) = txt2img(pipe, "a [red:blue:0.5] (cat:1.2)", "dark", **settings)
+    (hires,) = txt2img(pipe, "a [red:blue:0.5] (cat:1.2)", "dark", hires_scale=1.5, **settings)
+    (again,) = txt2img(pipe, "a cat", init_image=plain.image, **settings)
+    assert (plain.image.size, hires.image.size, again.image.size) == ((32, 32), (48, 48), (32, 32))
+    assert not np.array_equal(np.asarray(hires.image.resize((32, 32))), np.asarray(plain.image))
