@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .blend import _tag_path, apply_prompt_loras, parse_prompt
 from .pipeline import fuse, load_embedding, unfuse
-from .prompts import prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
+from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 
 def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width: int, height: int,
                  model_name: str | None = None, model_sha256: str | None = None, clip_skip: int = 1,
-                 emphasis: bool = True, padded: bool = False, lora_hashes: dict[str, str] | None = None) -> dict:
+                 emphasis: bool | str = True, padded: bool = False, lora_hashes: dict[str, str] | None = None) -> dict:
     """The settings line of A1111's infotext for one image of ``pipe`` (its scheduler's A1111 name), in A1111's order;
     ``lora_hashes``: ``{tag name: full SHA-256}`` (``lora_hash``), written as A1111 writes them (12 digits)."""
     hashes = {name.translate(str.maketrans("", "", ":,")): h[:12] for name, h in (lora_hashes or {}).items()}
@@ -207,14 +207,14 @@ def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width:
         "Model hash": model_sha256[:10] if model_sha256 else None,
         "Model": model_name,
         "Clip skip": clip_skip if clip_skip > 1 else None,
-        "Emphasis": None if emphasis else "None",
+        "Emphasis": None if emphasis_mode(emphasis) == "Original" else emphasis_mode(emphasis),
         "Pad conds": True if padded else None,
         "Lora hashes": ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None,
         "Version": f"lora_diffusion {__version__}",
     }
 
 
-def conds_padded(pipe, prompt: str, negative: str, steps: int, emphasis: bool = True) -> bool:
+def conds_padded(pipe, prompt: str, negative: str, steps: int, emphasis: bool | str = True) -> bool:
     """Whether a prompt's (prompt-edited) conditionings and its negative's differ in length, so that the shorter
     are padded with empty-prompt chunks (A1111's "Pad conds")."""
     return len({len(prompt_chunks(pipe.tokenizer, t, emphasis=emphasis))
@@ -262,7 +262,7 @@ def txt2img(
     sampler: str | None = None,
     schedule_type: str = "Automatic",
     clip_skip: int = 1,
-    emphasis: bool = True,
+    emphasis: bool | str = True,
     batch_count: int = 1,
     fused: bool = False,
     model_name: str | None = None,
@@ -316,7 +316,7 @@ def txt2img(
     texts = scheduled_prompt_kwargs(pipe, clean, negative, steps, clip_skip=clip_skip, emphasis=emphasis)
     params = a1111_params(pipe, steps=steps, cfg_scale=cfg_scale, seed=None, width=width, height=height,
                           model_name=model_name, model_sha256=model_sha256, clip_skip=clip_skip,
-                          emphasis=emphasis or not any(c in prompt + negative_prompt for c in "(["),
+                          emphasis=emphasis if any(c in prompt + negative_prompt for c in "([") else True,
                           padded=conds_padded(pipe, clean, negative_prompt, steps, emphasis),
                           lora_hashes={name: lora_hash(path) for name, path in paths.items()})
     if sampler:
@@ -462,8 +462,8 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
         if not size:
             raise ValueError(f"{source}: Size {params['Size']!r} is not WIDTHxHEIGHT")
         out["width"], out["height"] = int(size.group(1)), int(size.group(2))
-    if params.get("Emphasis") == "None":
-        out["emphasis"] = False
+    if "Emphasis" in params:
+        out["emphasis"] = emphasis_mode(params["Emphasis"])
     return out
 
 
@@ -508,8 +508,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
+    if args.emphasis:
+        settings["emphasis"] = args.emphasis
     if args.no_emphasis:
-        settings["emphasis"] = False
+        settings["emphasis"] = "None"
     if not settings.get("prompt"):
         raise ValueError("give a prompt (or --from-png IMAGE)")
     if args.init_image:
@@ -566,7 +568,9 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=None, help="A1111's CLIP skip (SD 1.x/2.x)")
-    p.add_argument("--no-emphasis", action="store_true", help="take ( ) [ ] in the prompt literally")
+    p.add_argument("--emphasis", default=None, choices=list(EMPHASIS_MODES), help="A1111's emphasis mode (default "
+                   "Original; No norm: weights without the mean restored, which some prefer for SDXL)")
+    p.add_argument("--no-emphasis", action="store_true", help="take ( ) [ ] in the prompt literally (--emphasis None)")
     p.add_argument("--init-image", default=None, metavar="IMAGE", help="img2img: start from this image")
     p.add_argument("--denoising-strength", dest="denoising_strength", type=float, default=None,
                    help="img2img and hires: how far back to noise (default 0.75)")

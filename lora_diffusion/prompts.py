@@ -27,12 +27,13 @@ import re
 import torch
 
 __all__ = ["encode_text", "prompt_kwargs", "token_ids", "check_clip_skip", "parse_emphasis", "prompt_chunks",
-           "prompt_embeds", "prompt_schedule", "scheduled_prompt_kwargs"]
+           "prompt_embeds", "prompt_schedule", "scheduled_prompt_kwargs", "EMPHASIS_MODES", "emphasis_mode"]
 
 CHUNK_TOKENS = 75  # a chunk's prompt tokens; with its start and end tokens, the text encoder's 77
 COMMA_BACKTRACK = 20  # A1111's "prompt word wrap length limit"
 ROUND, SQUARE = 1.1, 1 / 1.1  # (word), [word]
 BREAK = None  # the weight of a BREAK marker in parse_emphasis' output
+EMPHASIS_MODES = ("Original", "No norm", "None")  # A1111's: weights then the mean restored; weights alone; literal text
 ALIASES_ATTR = "_lora_embedding_aliases"  # tokenizer attribute: {ids of a name: id of the token its vectors hold}
 
 
@@ -134,11 +135,22 @@ def parse_emphasis(text: str) -> list[tuple[str, float | None]]:
     return [(fragment, weight) for fragment, weight in joined]
 
 
-def prompt_chunks(tokenizer, text: str, *, emphasis: bool = True) -> list[tuple[list[int], list[float]]]:
+def emphasis_mode(emphasis: bool | str) -> str:
+    """One of A1111's emphasis modes (``EMPHASIS_MODES``, any case) from a mode or a flag (``True``: ``"Original"``,
+    ``False``: ``"None"``)."""
+    if isinstance(emphasis, bool):
+        return "Original" if emphasis else "None"
+    mode = next((m for m in EMPHASIS_MODES if m.lower() == str(emphasis).strip().lower()), None)
+    if mode is None:
+        raise ValueError(f"unknown emphasis mode {emphasis!r}; choose from {', '.join(EMPHASIS_MODES)}")
+    return mode
+
+
+def prompt_chunks(tokenizer, text: str, *, emphasis: bool | str = True) -> list[tuple[list[int], list[float]]]:
     """``text`` as A1111 tokenizes it: chunks of 77 token ids (start, 75 prompt tokens or end-of-text padding, end)
     with a weight per token; a chunk that fills up moves the words after its last comma (within 20 tokens) on to the
-    next, and ``BREAK`` starts a new one. ``emphasis=False`` takes brackets literally."""
-    parsed = parse_emphasis(text) if emphasis else [(text, 1.0)]
+    next, and ``BREAK`` starts a new one. Emphasis ``False`` / ``"None"`` takes brackets literally."""
+    parsed = parse_emphasis(text) if emphasis_mode(emphasis) != "None" else [(text, 1.0)]
     pieces = [fragment for fragment, weight in parsed if weight is not BREAK]
     ids = iter(tokenizer(pieces, add_special_tokens=False, truncation=False, verbose=False).input_ids if pieces else [])
     comma = tokenizer.convert_tokens_to_ids(",</w>")  # (not get_vocab(): it builds a 49408-entry dict, ~20 ms)
@@ -206,10 +218,11 @@ def _vector_groups(tokenizer) -> dict[int, tuple[int, ...]]:
     return groups
 
 
-def _encode_chunks(tokenizer, text_encoder, chunks, layer: int, final_norm: bool):
+def _encode_chunks(tokenizer, text_encoder, chunks, layer: int, final_norm: bool, keep_mean: bool = True):
     """One prompt's chunks through ``text_encoder``, one by one as A1111 encodes them: the states of hidden layer
     ``layer`` (-1: the last, through the final norm; -N with ``final_norm``: CLIP skip), weighted, side by side; and
-    the encoder's first output for the first chunk (the pooled text of SDXL's second encoder)."""
+    the encoder's first output for the first chunk (the pooled text of SDXL's second encoder). ``keep_mean``: each
+    weighted chunk gets its former mean back (A1111's "Original"; else "No norm")."""
     device = text_encoder.device
     pad, end = tokenizer.pad_token_id, tokenizer.eos_token_id
     states, first = [], None
@@ -221,19 +234,20 @@ def _encode_chunks(tokenizer, text_encoder, chunks, layer: int, final_norm: bool
         z = out[0] if layer == -1 else out.hidden_states[layer]
         if final_norm:
             z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(z)
-        if any(w != 1 for w in weights):  # A1111's "Original" emphasis: weigh the tokens, keep the chunk's mean
+        if any(w != 1 for w in weights):  # A1111's emphasis: weigh the tokens ("Original": keep the chunk's mean)
             w = torch.tensor(weights, device=device)[None, :, None]
             weighted = z.float() * w
-            z = (weighted * (z.float().mean() / weighted.mean())).to(z.dtype)
+            z = (weighted * (z.float().mean() / weighted.mean()) if keep_mean else weighted).to(z.dtype)
         states.append(z)
         first = out[0] if first is None else first
     return torch.cat(states, dim=1), first
 
 
 def prompt_embeds(pipe, prompts: list[str], negative: list[str] | None = None, *, clip_skip: int = 1,
-                  emphasis: bool = True) -> dict:
+                  emphasis: bool | str = True) -> dict:
     """A pipeline call's prompt arguments for A1111-style prompts (SD 1.x / 2.x and SDXL): emphasis, prompts of any
     length, ``BREAK``, CLIP skip (A1111's count, SD 1.x / 2.x), the negative prompts (default: empty) alike.
+    ``emphasis``: A1111's mode, ``"Original"`` (``True``), ``"No norm"`` or ``"None"`` (``False``).
 
     Where a prompt and its negative differ in chunks, the shorter is padded with the empty prompt's chunks, as
     A1111's "Pad prompt/negative prompt" does (diffusers takes one length for both). SDXL without ``negative``: zeros,
@@ -243,6 +257,7 @@ def prompt_embeds(pipe, prompts: list[str], negative: list[str] | None = None, *
         >>> image = pipe(**prompt_embeds(pipe, ["masterpiece, (red:1.2) fox BREAK snow"], ["lowres"])).images[0]
     """
     check_clip_skip(pipe, clip_skip)
+    emphasis = emphasis_mode(emphasis)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     zeros = negative is None and sdxl and getattr(pipe.config, "force_zeros_for_empty_prompt", True)
     negative = negative if negative is not None else [""] * len(prompts)
@@ -255,7 +270,7 @@ def prompt_embeds(pipe, prompts: list[str], negative: list[str] | None = None, *
         for tokenizer, encoder in encoders:
             chunks = prompt_chunks(tokenizer, text, emphasis=emphasis)
             layer, norm = (-2, False) if sdxl else (-clip_skip, clip_skip > 1)
-            s, pooled = _encode_chunks(tokenizer, encoder, chunks, layer, norm)
+            s, pooled = _encode_chunks(tokenizer, encoder, chunks, layer, norm, keep_mean=emphasis == "Original")
             states.append(s)
         return torch.cat(states, dim=-1), pooled
 
@@ -419,7 +434,7 @@ def prompt_schedule(prompt: str, steps: int, *, base_steps: int | None = None) -
 
 
 def scheduled_prompt_kwargs(pipe, prompt: str, negative: str | None, steps: int, *, clip_skip: int = 1,
-                            emphasis: bool = True, base_steps: int | None = None) -> dict:
+                            emphasis: bool | str = True, base_steps: int | None = None) -> dict:
     """A pipeline call's prompt arguments for one A1111 prompt with prompt editing (``prompt_schedule``), its negative
     prompt alike: the first step's embeddings, and, where they change, a ``callback_on_step_end`` that gives each
     step its own (every prompt of the schedule padded to one length). ``negative=None``: as in ``prompt_embeds``.

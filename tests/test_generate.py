@@ -284,3 +284,21 @@ def test_sdxl_hires_and_img2img_run_at_their_sizes():
     (again,) = txt2img(pipe, "a cat", init_image=plain.image, **settings)
     assert (plain.image.size, hires.image.size, again.image.size) == ((32, 32), (48, 48), (32, 32))
     assert not np.array_equal(np.asarray(hires.image.resize((32, 32))), np.asarray(plain.image))
+
+
+def test_emphasis_modes_go_into_the_infotext_and_come_back(pipe, tmp_path):
+    from lora_diffusion.generate import _from_png
+
+    settings = dict(steps=2, seed=4, width=32, height=32)
+    images = {mode: txt2img(pipe, "a (red:1.5) cat", emphasis=mode, **settings)[0] for mode in ("Original", "No norm", "None")}
+    assert "Emphasis" not in images["Original"].infotext
+    for mode in ("No norm", "None"):
+        assert f"Emphasis: {mode}," in images[mode].infotext
+        assert not np.array_equal(np.asarray(images[mode].image), np.asarray(images["Original"].image))
+        path = tmp_path / f"{mode}.png"
+        images[mode].image.save(path, pnginfo=images[mode].pnginfo())
+        again = _from_png(str(path))
+        assert again["emphasis"] == mode
+        (remade,) = txt2img(pipe, again.pop("prompt"), again.pop("negative_prompt"), **again)
+        assert np.array_equal(np.asarray(remade.image), np.asarray(images[mode].image))
+    assert "Emphasis" not in txt2img(pipe, "a red cat", emphasis="None", **settings)[0].infotext  # no brackets: moot

@@ -294,3 +294,17 @@ def test_prompt_editing_switches_the_conditioning_at_its_step(which, sd, sdxl):
                 assert expect[1] is None or torch.equal(got[step][1], expect[1]), (prompt, step)
     finally:
         handle.remove()
+
+
+def test_no_norm_emphasis_weighs_without_restoring_the_mean(sd):
+    from lora_diffusion.prompts import emphasis_mode
+
+    ids, weights = prompt_chunks(sd.tokenizer, "a (red:1.4) cat [sitting]")[0]
+    with torch.no_grad():
+        z = sd.text_encoder(torch.tensor([ids]))[0]
+    got = prompt_embeds(sd, ["a (red:1.4) cat [sitting]"], emphasis="no norm")["prompt_embeds"]
+    torch.testing.assert_close(got, z * torch.tensor(weights)[None, :, None], rtol=0, atol=1e-6)  # A1111's "No norm"
+    assert not torch.equal(got, prompt_embeds(sd, ["a (red:1.4) cat [sitting]"])["prompt_embeds"])
+    assert (emphasis_mode(True), emphasis_mode(False), emphasis_mode("NONE")) == ("Original", "None", "None")
+    with pytest.raises(ValueError, match="unknown emphasis mode 'strong'"):
+        prompt_embeds(sd, ["a"], emphasis="strong")

@@ -365,7 +365,10 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     fields = {"prompt": got["prompt"], "negative_prompt": got["negative_prompt"], "seed": got.get("seed", 0),
               "steps": steps, "guidance": got.get("cfg_scale", 7.0), "width": got.get("width", 0),
               "height": got.get("height", 0), "clip_skip": got.get("clip_skip", 1), "sampler": sampler or None,
-              "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis", True)}
+              "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None"}
+    if got.get("emphasis") == "No norm":
+        notes.append("its emphasis mode is No norm; this tab weighs as A1111's Original (`lora-diffusion generate "
+                     "--emphasis 'No norm'` does the other)")
     return fields, "; ".join(notes)
 
 

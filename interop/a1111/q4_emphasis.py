@@ -4,7 +4,7 @@
 - modules/prompt_parser.parse_prompt_attention vs our parse_emphasis (fragments and weights);
 - sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords.tokenize_line (real CLIP-L tokens, $CLIP_BPE; "Prompt word wrap
   length limit" 20) vs our prompt_chunks: every chunk's token ids and multipliers;
-- its forward (emphasis "Original", CLIP skip 1 and 2) on a small random CLIPTextModel with CLIP-L's vocabulary vs
+- its forward (emphasis "Original" at CLIP skip 1 and 2, and "No norm") on a small random CLIPTextModel with CLIP-L's vocabulary vs
   our prompt_embeds on the same encoder;
 - modules/prompt_parser.get_learned_conditioning_prompt_schedules (prompt editing: [from:to:when], [a|b], nested,
   unparsable text; 10 and 20 steps, and a Hires. fix pass of 10 after 10 and 14 after 7) vs our prompt_schedule;
@@ -229,14 +229,14 @@ def main():
             same = [(c.tokens, c.multipliers) for c in a_chunks] == [(ids, w) for ids, w in o_chunks]
             V.judge(f"chunks {label}", same, f"{len(a_chunks)} / {len(o_chunks)} chunks",
                     known=breaks_in_brackets, known_why="BREAK inside brackets")
-            for skip in (1, 2):
-                opts.CLIP_stop_at_last_layers = skip
+            for skip, mode in ((1, "Original"), (2, "Original"), (1, "No norm")):
+                opts.CLIP_stop_at_last_layers, opts.emphasis = skip, mode
                 z = clip([text])
-                mine = prompt_embeds(ours, [text], clip_skip=skip)["prompt_embeds"]
+                mine = prompt_embeds(ours, [text], clip_skip=skip, emphasis=mode)["prompt_embeds"]
                 diff = (z - mine).abs().max().item() if z.shape == mine.shape else float("inf")
-                V.judge(f"embeds clip skip {skip} {label}", diff <= 1e-6, f"shape {tuple(z.shape)}, max abs {diff:.2e}",
+                V.judge(f"embeds clip skip {skip} {mode} {label}", diff <= 1e-6, f"shape {tuple(z.shape)}, max abs {diff:.2e}",
                         known=breaks_in_brackets, known_why="BREAK inside brackets")
-            opts.CLIP_stop_at_last_layers = 1
+            opts.CLIP_stop_at_last_layers, opts.emphasis = 1, "Original"
 
     for steps, hires in ((10, None), (20, None), (10, 10), (7, 14)):
         for text in SCHEDULES:
