@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import logging
 import os
 import random
 import re
@@ -30,8 +29,6 @@ from . import __version__
 from .blend import _tag_path, apply_prompt_loras, parse_prompt
 from .pipeline import fuse, load_embedding, unfuse
 from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash"]
