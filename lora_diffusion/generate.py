@@ -129,19 +129,20 @@ def schedule_name(scheduler) -> str:
 def lora_hash(path: str | os.PathLike) -> str:
     """A LoRA file's hash as A1111 and kohya name it (``sshs_model_hash``, "Lora hashes"): the SHA-256 of the
     safetensors data after the header, so that editing the metadata keeps it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        f.seek(8 + n)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _file_sha256(path, after_header=True)
 
 
 def model_hash(path: str | os.PathLike) -> str:
     """A checkpoint file's SHA-256, as A1111's "Model hash" gives its first 10 digits."""
+    return _file_sha256(path)
+
+
+def _file_sha256(path: str | os.PathLike, after_header: bool = False) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks; ``after_header``: of a safetensors file's data alone."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if after_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
