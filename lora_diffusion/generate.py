@@ -31,7 +31,8 @@ from .pipeline import fuse, load_embedding, unfuse
 from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
-           "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash"]
+           "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
+           "HIRES_UPSCALERS", "hires_fix", "hires_size", "second_pass_params"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -320,10 +321,7 @@ def txt2img(
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     if init_image is not None or hires:
-        params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength})
-    if hires:
-        params = _insert_before(params, "Lora hashes", {"Hires upscale": hires_scale, "Hires steps": hires_steps or None,
-                                                         "Hires upscaler": hires_upscaler})
+        params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()))
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -341,8 +339,9 @@ def txt2img(
                 start = init_image.convert("RGB").resize((width, height), _lanczos())
                 image = _img2img(pipe)(**run, image=start, strength=denoising_strength, num_inference_steps=steps).images[0]
             elif hires:
-                image = _hires(pipe, run, dict(second, generator=generator), steps, width, height, hires_scale,
-                               hires_steps or steps, hires_upscaler, denoising_strength)
+                image = hires_fix(pipe, run, dict(second, generator=generator), steps=steps, width=width, height=height,
+                                  scale=hires_scale, hires_steps=hires_steps or steps, upscaler=hires_upscaler,
+                                  strength=denoising_strength)
             else:
                 image = pipe(**run, num_inference_steps=steps, width=width, height=height).images[0]
             out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, "Seed": seed + i})))
@@ -390,13 +389,34 @@ def _img2img(pipe):
     return second
 
 
-def _hires(pipe, run: dict, run_second: dict, steps: int, width: int, height: int, scale: float, hires_steps: int,
-           upscaler: str, strength: float):
-    """A1111's "Hires. fix": the first pass, upscaled to ``int(size * scale)`` (a multiple of 8), denoised again."""
+def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,
+                       hires_steps: int = 0, hires_upscaler: str = "Latent") -> dict:
+    """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` and, given ``hires_scale``, a Hires.
+    fix's settings, where A1111 puts them (``Hires steps`` only when not the first pass's)."""
+    params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength})
+    if hires_scale is None:
+        return params
+    return _insert_before(params, "Lora hashes", {"Hires upscale": hires_scale, "Hires steps": hires_steps or None,
+                                                  "Hires upscaler": hires_upscaler})
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The size a Hires. fix upscales ``width`` x ``height`` to: ``int(side * scale)``, down to a multiple of 8."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
+def hires_fix(pipe, run: dict, run_second: dict, *, steps: int, width: int, height: int, scale: float,
+              hires_steps: int, upscaler: str, strength: float):
+    """A1111's "Hires. fix": ``pipe(**run)`` at ``width`` x ``height`` for ``steps``, upscaled to ``hires_size`` by
+    ``upscaler`` (``HIRES_UPSCALERS``: the latents by torch's ``interpolate``, or the decoded image by PIL), then
+    denoised again by the img2img pipeline on ``pipe``'s modules with ``run_second`` for ``hires_steps`` at ``strength``
+    (both kwargs dicts hold the prompts or embeddings, the guidance and the generator). Returns the PIL image."""
     import torch.nn.functional as F
 
+    if upscaler not in HIRES_UPSCALERS:
+        raise ValueError(f"unknown hires upscaler {upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
     mode = HIRES_UPSCALERS[upscaler]
-    big = (int(width * scale) // 8 * 8, int(height * scale) // 8 * 8)
+    big = hires_size(width, height, scale)
     latent = not mode.startswith(("lanczos", "pil-"))
     first = pipe(**run, num_inference_steps=steps, width=width, height=height,
                  output_type="latent" if latent else "pil").images

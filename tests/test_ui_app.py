@@ -68,6 +68,10 @@ def test_sampler_and_prompt_syntax_come_after_the_slots(served):
     assert "Euler a" in caption and "EulerAncestralDiscreteScheduler" in snippet and np.abs(own - euler).mean() > 1.0
     literal, _, _, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle", extra=("the model's own", "Automatic", False))
     assert np.abs(own - literal).mean() > 1.0 and "scheduled_prompt_kwargs" not in snippet
+    hires, caption, _, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle",
+                                          extra=("the model's own", "Automatic", True, 1.5, "Lanczos", 2, 0.6))
+    assert hires.shape[:2] == (48, 48) and "hires 48x48 (Lanczos 1.5x, 2 steps, denoise 0.6)" in caption
+    assert "StableDiffusionImg2ImgPipeline" in snippet
 
 
 def test_png_info_fills_the_generate_inputs(served, tmp_path):
@@ -81,7 +85,7 @@ def test_png_info_fills_the_generate_inputs(served, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
     out = client.predict(handle_file(str(tmp_path / "a.png")), api_name="/png_info")
     assert list(out) == ["a (red:1.2) fox <lora:style:0.5>", "ugly", 42, 12, 6.5, 40, 48, 2, "DPM++ 2M", "Karras", True,
-                         "settings taken"]
+                         1.0, "Latent", 0, 0.7, "settings taken"]
 
 
 def test_binds_to_loopback_only(served):

@@ -308,6 +308,37 @@ def test_saved_images_carry_a1111_infotext_that_makes_them_again(backend, model_
     assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
 
 
+def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(backend, model_dir, tmp_path):
+    """The Generate tab's Hires. fix is ``txt2img``'s: the saved PNG's infotext, run by ``lora-diffusion generate
+    --from-png``, makes the same image; the tab's own PNG Info takes every setting back."""
+    from PIL import Image
+
+    from lora_diffusion.cli import main
+    from ui.handlers import png_info
+
+    kw = dict(loras={"style": (0.6, None)}, seed=4, hires_scale=1.5, hires_steps=2, hires_upscaler="Latent (bicubic)",
+              denoising_strength=0.55)
+    result = gen(backend, "a (red:1.2) circle", **kw)
+    assert result.image.size == (48, 48) and "hires 48x48 (Latent (bicubic) 1.5x, 2 steps, denoise 0.55)" in result.caption
+    assert f"Size: {SIZE}x{SIZE}" in result.infotext and "Denoising strength: 0.55" in result.infotext
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in result.infotext
+    plain = gen(backend, "a (red:1.2) circle", **dict(kw, hires_scale=1))
+    assert plain.image.size == (SIZE, SIZE) and "Hires" not in plain.infotext and "Denoising" not in plain.infotext
+    saved = backend.save_image(result)
+    again = tmp_path / "again.png"
+    assert main(["generate", str(model_dir), "--from-png", saved, "--lora-dir", str(backend.library.root),
+                 "-o", str(again)]) == 0
+    assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
+    fields, note = png_info(saved)
+    assert note == "" and (fields["hires_scale"], fields["hires_steps"], fields["hires_upscaler"],
+                           fields["denoising_strength"]) == (1.5, 2, "Latent (bicubic)", 0.55)
+    for bad, match in (({"hires_scale": 5}, "between 1 \\(off\\) and 4"), ({"hires_upscaler": "ESRGAN"}, "unknown hires upscaler"),
+                       ({"denoising_strength": 0}, "denoising strength must be in"), ({"hires_steps": -1}, "hires steps"),
+                       ({"width": 2048, "height": 2048}, "upscaled 1.5x is 3072x3072, past 2048")):
+        with pytest.raises(UIError, match=match):
+            gen(backend, **{**kw, **bad})
+
+
 def test_text_encoder_weight_and_block_presets_change_the_image(backend):
     same = pixels(gen(backend, loras={"style": (1.0, None)}).image)
     no_te = gen(backend, loras={"style": (1.0, 0.0)})
@@ -357,7 +388,11 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
                {"loras": {"style": (0.7, None)}, "sampler": "Euler a"},
                {"loras": {"ink": (0.9, None)}, "sampler": "DPM++ 2M", "schedule_type": "Karras",
                 "prompt": "a (red:1.4) circle, [blue] BREAK square", "negative_prompt": "(blurry:1.2)", "clip_skip": 2},
-               {"prompt": "a [red:blue:1] [circle|square]", "negative_prompt": "[dark::2]", "loras": {"ink": (0.5, None)}}):
+               {"prompt": "a [red:blue:1] [circle|square]", "negative_prompt": "[dark::2]", "loras": {"ink": (0.5, None)}},
+               # Hires. fix: latents upscaled, then the pixels (Lanczos) with prompt editing and CLIP skip in both passes
+               {"loras": {"style": (0.8, None)}, "hires_scale": 1.5, "hires_steps": 2, "denoising_strength": 0.6},
+               {"prompt": "a [red:blue:2] (circle:1.2)", "loras": {"ink": (0.7, 0.4)}, "clip_skip": 2, "sampler": "Euler a",
+                "hires_scale": 2, "hires_upscaler": "Lanczos", "denoising_strength": 0.5}):
         result = gen(backend, **kw)
         assert "load_lora_weights" in result.snippet and "set_adapters" in result.snippet
         scope: dict = {}
@@ -365,8 +400,10 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         theirs = pixels(scope["image"])
         ours = pixels(result.image)
         assert np.abs(theirs - ours).max() <= 2, result.snippet
-        assert np.abs(pixels(gen(backend).image) - ours).mean() > 1.0  # the LoRAs mattered
+        base = gen(backend, **{k: v for k, v in kw.items() if k != "loras"})
+        assert np.abs(pixels(base.image) - ours).mean() > 1.0  # the LoRAs mattered
         assert ("scheduled_prompt_kwargs(pipe" in result.snippet) == ("[" in kw.get("prompt", ""))  # plain: plain code
+        assert scope["image"].size == (int(SIZE * kw.get("hires_scale", 1)),) * 2
     skipped = gen(backend, loras={"style": (1.0, 0.6)}, clip_skip=2)
     assert np.abs(pixels(skipped.image) - pixels(gen(backend, loras={"style": (1.0, 0.6)}).image)).mean() > 1.0
     assert skipped.settings["clip_skip"] == 2 and "clip skip 2" in skipped.caption
@@ -893,11 +930,15 @@ def test_png_info_fills_the_generate_tab_from_a1111_infotext(backend, tmp_path):
     assert np.array_equal(pixels(again.image), pixels(result.image))  # the tags pick the same blend
     info = PngInfo()
     info.add_text("parameters", "a fox\nNegative prompt: ugly\nSteps: 150, Sampler: DPM++ 2S a Karras, CFG scale: 7, "
-                                "Seed: 1, Size: 512x768, Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Latent")
+                                "Seed: 1, Size: 512x768, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 10, "
+                                "Hires upscaler: R-ESRGAN 4x+")
     Image.new("RGB", (8, 8)).save(tmp_path / "civitai.png", pnginfo=info)
     fields, note = png_info(tmp_path / "civitai.png")
     assert (fields["width"], fields["height"], fields["steps"], fields["sampler"]) == (512, 768, 100, None)
-    assert "'DPM++ 2S a Karras' is not one of the UI's" in note and "Hires. fix" in note and "150 steps" in note
+    assert (fields["hires_scale"], fields["hires_steps"], fields["hires_upscaler"], fields["denoising_strength"]) == \
+        (2.0, 10, "Latent", 0.5)
+    assert "'DPM++ 2S a Karras' is not one of the UI's" in note and "150 steps" in note
+    assert "hires upscaler 'R-ESRGAN 4x+' is not one of the UI's: Latent is set" in note and "img2img" not in note
     Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
     with pytest.raises(UIError, match="bare.png: the image holds no A1111 'parameters' text"):
         png_info(tmp_path / "bare.png")

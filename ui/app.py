@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from lora_diffusion.formats import LoraFormatError
-from lora_diffusion.generate import SAMPLERS, SCHEDULE_TYPES
+from lora_diffusion.generate import HIRES_UPSCALERS, SAMPLERS, SCHEDULE_TYPES
 
 from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status, png_info
 from .library import TABLE_HEADERS, UIError
@@ -103,6 +103,13 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                               elem_id="sampler")
                         schedule = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type")
                         emphasis = gr.Checkbox(True, label="A1111 prompt syntax: (word:1.2), [word], long prompts, BREAK")
+                    with gr.Accordion("Hires. fix (A1111's): upscale, then denoise again", open=False):
+                        with gr.Row():
+                            hr_scale = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1: off)", elem_id="hr-scale")
+                            hr_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
+                        with gr.Row():
+                            hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
+                            denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength")
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
@@ -219,9 +226,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
-            # (sampler, schedule type and A1111 syntax come after the slots: API callers' positions stay as they were)
-            slots = rest[: 3 * max_slots]
-            sampler, schedule, emphasis = (*rest[3 * max_slots :], MODEL_SAMPLER, "Automatic", True)[:3]
+            # (sampler, schedule type, A1111 syntax and hires fix come after the slots, in the order they were added:
+            # API callers' positions stay as they were, and a call without the newer ones takes their defaults)
+            slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
+            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7)
+            sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise = (*extra, *defaults[len(extra):])[:7]
             names = names or backend.library.names()[:max_slots]
             use, w, te = slots[:max_slots], slots[max_slots : 2 * max_slots], slots[2 * max_slots :]
             loras = {}
@@ -234,7 +243,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 guidance=_number(guidance, "guidance"), width=_whole(width, "the width", 0) or None,
                                 height=_whole(height, "the height", 0) or None, clip_skip=_whole(clip_skip, "CLIP skip", 1),
                                 sampler=None if sampler in (None, MODEL_SAMPLER) else sampler,
-                                schedule_type=schedule or "Automatic", emphasis=bool(emphasis))
+                                schedule_type=schedule or "Automatic", emphasis=bool(emphasis),
+                                hires_scale=_number(hr_scale, "the hires upscale"), hires_upscaler=hr_upscaler or "Latent",
+                                hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"))
             )
             info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
             # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
@@ -311,11 +322,12 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 11 + [""]
+                return [gr.update()] * 15 + [""]
             fields, note = png_info(_file_path(file))
             return [fields["prompt"], fields["negative_prompt"], fields["seed"], fields["steps"], fields["guidance"],
                     fields["width"], fields["height"], fields["clip_skip"], fields["sampler"] or MODEL_SAMPLER,
-                    fields["schedule_type"], fields["emphasis"], f"*{note}*" if note else "settings taken"]
+                    fields["schedule_type"], fields["emphasis"], fields["hires_scale"], fields["hires_upscaler"],
+                    fields["hires_steps"], fields["denoising_strength"], f"*{note}*" if note else "settings taken"]
 
         @_user_errors
         def on_upload(file, name):
@@ -335,7 +347,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         generate_btn.click(
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
-             *slot_inputs, sampler, schedule, emphasis],
+             *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
@@ -355,7 +367,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         merge_btn.click(on_merge, [merge_table, merge_mode, merge_rank, merge_format, merge_name], [merge_report, merge_file],
                         api_name="merge").then(refresh, [slot_names], refresh_outputs, api_visibility="private")
         png_file.change(on_png, [png_file], [prompt, negative, seed, steps, guidance, width, height, gen_clip_skip, sampler,
-                                             schedule, emphasis, png_note], api_name="png_info")
+                                             schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note],
+                        api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")
         delete_btn.click(on_delete, [delete_name], [lib_message], api_name="delete_lora").then(

@@ -36,8 +36,9 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (SAMPLERS, a1111_params, conds_padded, infotext, infotext_settings, lora_hash, lora_tag,
-                                     model_hash, png_infotext, set_sampler, split_sampler)
+from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size, infotext,
+                                     infotext_settings, lora_hash, lora_tag, model_hash, png_infotext, second_pass_params,
+                                     set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
@@ -195,6 +196,12 @@ class GenerateRequest:
     sampler: str | None = None  # an A1111 sampler name (lora_diffusion.generate.SAMPLERS); None: the model's own
     schedule_type: str = "Automatic"
     emphasis: bool = True  # A1111's prompt syntax: (word:1.2), [word], prompts past 75 tokens, BREAK
+    # A1111's "Hires. fix" (``lora_diffusion.generate.hires_fix``), on when ``hires_scale`` > 1: the image made at
+    # width x height, upscaled by ``hires_upscaler`` and denoised again for ``hires_steps`` (0: ``steps``)
+    hires_scale: float = 1.0
+    hires_steps: int = 0
+    hires_upscaler: str = "Latent"
+    denoising_strength: float = 0.7
 
 
 @dataclass
@@ -233,12 +240,14 @@ def diffusers_snippet(
     clip_skip: int = 1,
     scheduler: tuple[str, dict] | None = None,
     a1111_prompt: bool = False,
+    hires: tuple[float, int, str, float] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
     with ``from_single_file``, its configs from ``model_config`` where given; ``scheduler``: a scheduler class and the
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
-    editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes)."""
+    editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
+    ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
@@ -278,11 +287,16 @@ def diffusers_snippet(
     args = [_py(prompt)]
     if negative_prompt:
         args.append(f"negative_prompt={_py(negative_prompt)}")
+    second = list(args)
     if a1111_prompt:  # (emphasis, long prompts, prompt editing: ours; the pipeline's own for plain prompts)
         negative = _py(negative_prompt) if negative_prompt else "None"
         lines += ["from lora_diffusion.prompts import scheduled_prompt_kwargs",
                   f"texts = scheduled_prompt_kwargs(pipe, {_py(prompt)}, {negative}, {steps}, clip_skip={clip_skip})"]
-        args = ["**texts"]
+        args, second = ["**texts"], ["**texts"]
+        if hires:  # (the second pass schedules prompt editing on from the first, as A1111)
+            lines.append(f"texts_hires = scheduled_prompt_kwargs(pipe, {_py(prompt)}, {negative}, {hires[1]}, "
+                         f"clip_skip={clip_skip}, base_steps={steps})")
+            second = ["**texts_hires"]
     elif clip_skip > 1:  # the embeddings from that layer, the negative prompt's too, as A1111 takes them
         lines += [
             "",
@@ -295,15 +309,43 @@ def diffusers_snippet(
             f"    prompt_embeds, negative_embeds = embed({_py(prompt)}), embed({_py(negative_prompt)})",
         ]
         args = ["prompt_embeds=prompt_embeds", "negative_prompt_embeds=negative_embeds"]
-    args += [
-        f"num_inference_steps={steps}",
-        f"guidance_scale={guidance!r}",
-        f"height={height}",
-        f"width={width}",
-        f'generator=torch.Generator("cpu").manual_seed({seed})',
-    ]
-    lines.append("image = pipe(" + ", ".join(args) + ").images[0]")
-    return "\n".join(lines) + "\n"
+        second = list(args)
+    args = args + [f"num_inference_steps={steps}", f"guidance_scale={guidance!r}", f"height={height}", f"width={width}"]
+    if not hires:
+        lines.append("image = pipe(" + ", ".join([*args, f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]")
+        return "\n".join(lines) + "\n"
+    return "\n".join(lines + _hires_lines(args, second, seed, guidance, width, height, hires, sdxl)) + "\n"
+
+
+def _hires_lines(args: list[str], second: list[str], seed: int, guidance: float, width: int, height: int,
+                 hires: tuple[float, int, str, float], sdxl: bool) -> list[str]:
+    """The snippet's Hires. fix: the first pass, upscaled as ``lora_diffusion.generate.hires_fix`` upscales it, then
+    diffusers' img2img pipeline on the same modules, one generator through both passes."""
+    scale, hires_steps, upscaler, strength = hires
+    big = hires_size(width, height, scale)
+    mode = HIRES_UPSCALERS[upscaler]
+    latent = not mode.startswith(("lanczos", "pil-"))
+    lines = [f'generator = torch.Generator("cpu").manual_seed({seed})',
+             "first = pipe(" + ", ".join([*args, "generator=generator", f"output_type={_py('latent' if latent else 'pil')}"])
+             + ").images",
+             f"# Hires. fix ({upscaler}, {_fmt(scale)}x): upscaled to {big[0]}x{big[1]}, then denoised again"]
+    if latent:
+        name, _, antialias = mode.partition("-")
+        extra = f", antialias={bool(antialias)}" if name in ("bilinear", "bicubic") else ""
+        lines += ["import torch.nn.functional as F",
+                  f"start = F.interpolate(first, size=({big[1]} // pipe.vae_scale_factor, {big[0]} // pipe.vae_scale_factor), "
+                  f"mode={_py(name)}{extra})"]
+    else:
+        resample = "LANCZOS" if mode == "lanczos" else "NEAREST"
+        lines += ["from PIL import Image", f"start = first[0].resize(({big[0]}, {big[1]}), Image.Resampling.{resample})"]
+    cls = "StableDiffusionXLImg2ImgPipeline" if sdxl else "StableDiffusionImg2ImgPipeline"
+    extra = ", force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt" if sdxl else ", requires_safety_checker=False"
+    lines += [f"from diffusers import {cls}",
+              f"img2img = {cls}(**pipe.components{extra})  # (not from_pipe: it casts the modules to float32)",
+              "image = img2img(" + ", ".join([*second, "image=start", f"strength={strength!r}",
+                                             f"num_inference_steps={hires_steps}", f"guidance_scale={guidance!r}",
+                                             "generator=generator"]) + ").images[0]"]
+    return lines
 
 
 def load_pipeline(model: str | None, device: str | None = None, model_config: str | None = None):
@@ -343,7 +385,8 @@ def load_pipeline(model: str | None, device: str | None = None, model_config: st
 def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     """The Generate tab's settings from an image's A1111 infotext (A1111's "PNG Info", a Civitai image), and a note of
     what the tab cannot take: ``({prompt, negative_prompt, seed, steps, guidance, width, height, clip_skip, sampler,
-    schedule_type, emphasis}, note)``; the prompt keeps its ``<lora:...>`` tags, which pick the library's LoRAs."""
+    schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength}, note)``; the prompt keeps
+    its ``<lora:...>`` tags, which pick the library's LoRAs."""
     try:
         got = infotext_settings(png_infotext(path), Path(path).name)
     except ValueError as e:
@@ -353,19 +396,28 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     if sampler and sampler not in SAMPLERS:
         notes.append(f"its sampler {sampler!r} is not one of the UI's: the model's own is set")
         sampler = None
-    if got.get("hires_scale", 1) > 1:
-        notes.append("it was made with Hires. fix, which this tab does not do: `lora-diffusion generate MODEL --from-png "
-                     "IMAGE` does")
-    elif "denoising_strength" in got:
+    hires_scale, upscaler = got.get("hires_scale", 1.0), got.get("hires_upscaler", "Latent")
+    if hires_scale <= 1 and "denoising_strength" in got:
         notes.append("it was made by img2img; this tab makes text-to-image")
-    steps = got.get("steps", 20)
+    if hires_scale > 1 and upscaler not in HIRES_UPSCALERS:
+        notes.append(f"its hires upscaler {upscaler!r} is not one of the UI's: Latent is set")
+        upscaler = "Latent"
+    if hires_scale > 4:
+        notes.append(f"its hires upscale {_fmt(hires_scale)} is past the slider's 4")
+        hires_scale = 4.0
+    steps, hires_steps = got.get("steps", 20), got.get("hires_steps", 0)
     if not 1 <= steps <= 100:
         notes.append(f"its {steps} steps are outside the slider's 1-100")
         steps = min(max(steps, 1), 100)
+    if not 0 <= hires_steps <= 100:
+        notes.append(f"its {hires_steps} hires steps are outside the slider's 0-100")
+        hires_steps = min(max(hires_steps, 0), 100)
     fields = {"prompt": got["prompt"], "negative_prompt": got["negative_prompt"], "seed": got.get("seed", 0),
               "steps": steps, "guidance": got.get("cfg_scale", 7.0), "width": got.get("width", 0),
               "height": got.get("height", 0), "clip_skip": got.get("clip_skip", 1), "sampler": sampler or None,
-              "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None"}
+              "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None",
+              "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
+              "denoising_strength": got.get("denoising_strength", 0.7)}
     if got.get("emphasis") == "No norm":
         notes.append("its emphasis mode is No norm; this tab weighs as A1111's Original (`lora-diffusion generate "
                      "--emphasis 'No norm'` does the other)")
@@ -715,6 +767,7 @@ class Backend:
         finite_number(req.guidance, "guidance")
         _seed(req.seed)
         clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
+        hires = self._check_hires(req)
         with self.generate_lock:
             pipe = self.pipe
             scale = getattr(pipe, "vae_scale_factor", 8)
@@ -722,6 +775,9 @@ class Backend:
             height = int(req.height or pipe.unet.config.sample_size * scale)
             if width % 8 or height % 8 or not (8 <= width <= 2048 and 8 <= height <= 2048):
                 raise UIError(f"width and height must be multiples of 8 between 8 and 2048, got {width}x{height}")
+            if hires and max(hires_size(width, height, hires[0])) > 2048:
+                raise UIError(f"Hires. fix: {width}x{height} upscaled {_fmt(hires[0])}x is "
+                              "{}x{}, past 2048".format(*hires_size(width, height, hires[0])))
             sdxl = getattr(pipe, "text_encoder_2", None) is not None
             try:
                 check_clip_skip(pipe, clip_skip, "CLIP skip")
@@ -744,14 +800,17 @@ class Backend:
                 a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t, steps) for t in (prompt, negative))
                 texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
                     if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
-                image = pipe(
-                    **texts,
-                    num_inference_steps=steps,
-                    guidance_scale=float(req.guidance),
-                    height=height,
-                    width=width,
-                    generator=generator,
-                ).images[0]
+                run = dict(texts, guidance_scale=float(req.guidance), generator=generator)
+                if hires:
+                    scale, hires_steps, upscaler, strength = hires
+                    # (the second pass schedules prompt editing on from the first, as A1111)
+                    second = scheduled_prompt_kwargs(pipe, prompt, negative or None, hires_steps, clip_skip=clip_skip,
+                                                     base_steps=steps) if a1111_prompt else texts
+                    image = hires_fix(pipe, run, dict(second, guidance_scale=float(req.guidance), generator=generator),
+                                      steps=steps, width=width, height=height, scale=scale, hires_steps=hires_steps,
+                                      upscaler=upscaler, strength=strength)
+                else:
+                    image = pipe(**run, num_inference_steps=steps, height=height, width=width).images[0]
             finally:
                 if fused:
                     unfuse(pipe)
@@ -761,9 +820,12 @@ class Backend:
                 clip_skip=clip_skip, emphasis=bool(req.emphasis) or not any(c in prompt + negative for c in "(["),
                 padded=a1111_prompt and conds_padded(pipe, prompt, negative, steps),
                 lora_hashes={n: self._lora_hash(n) for n in loras})
+        if hires:
+            params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2])
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
                     "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
-                    "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis)}
+                    "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
+                    "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None}
         caption = f"{blend_label(loras)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
@@ -773,14 +835,35 @@ class Backend:
             caption += f", clip skip {clip_skip}"
         if req.sampler:
             caption += f", {req.sampler}" + ("" if (req.schedule_type or "Automatic") == "Automatic" else f" {req.schedule_type}")
+        if hires:
+            caption += ", hires {}x{} ({} {}x, {} steps, denoise {})".format(*hires_size(width, height, hires[0]), hires[2],
+                                                                           _fmt(hires[0]), hires[1], _fmt(hires[3]))
         snippet = diffusers_snippet(
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
-            clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt,
+            clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
+
+    @staticmethod
+    def _check_hires(req: GenerateRequest) -> tuple[float, int, str, float] | None:
+        """``(scale, second-pass steps, upscaler, denoising strength)`` of a request's Hires. fix; ``None``: off."""
+        scale = finite_number(req.hires_scale, "the hires upscale")
+        if scale <= 1:
+            return None
+        if scale > 4:
+            raise UIError(f"hires upscale must be between 1 (off) and 4, got {_fmt(scale)}")
+        if req.hires_upscaler not in HIRES_UPSCALERS:
+            raise UIError(f"unknown hires upscaler {req.hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
+        hires_steps = int(finite_number(req.hires_steps, "hires steps"))
+        if not 0 <= hires_steps <= 200:
+            raise UIError(f"hires steps must be between 0 (as many as steps) and 200, got {hires_steps}")
+        strength = finite_number(req.denoising_strength, "the denoising strength")
+        if not 0 < strength <= 1:
+            raise UIError(f"the denoising strength must be in (0, 1], got {_fmt(strength)}")
+        return scale, hires_steps or int(req.steps), req.hires_upscaler, strength
 
     def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str) -> tuple[str, dict] | None:
         """The model's own scheduler, or (``sampler``) an A1111 sampler on its config; returns the scheduler class and
