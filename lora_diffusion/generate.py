@@ -32,7 +32,7 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
-           "HIRES_UPSCALERS", "hires_fix", "hires_size", "second_pass_params"]
+           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "second_pass_params"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -336,8 +336,8 @@ def txt2img(
             generator = torch.Generator("cpu").manual_seed(seed + i)
             run = dict(texts, guidance_scale=cfg_scale, generator=generator)
             if init_image is not None:
-                start = init_image.convert("RGB").resize((width, height), _lanczos())
-                image = _img2img(pipe)(**run, image=start, strength=denoising_strength, num_inference_steps=steps).images[0]
+                image = image_to_image(pipe, run, init_image, steps=steps, width=width, height=height,
+                                       strength=denoising_strength)
             elif hires:
                 image = hires_fix(pipe, run, dict(second, generator=generator), steps=steps, width=width, height=height,
                                   scale=hires_scale, hires_steps=hires_steps or steps, upscaler=hires_upscaler,
@@ -398,6 +398,15 @@ def second_pass_params(params: dict, denoising_strength: float, hires_scale: flo
         return params
     return _insert_before(params, "Lora hashes", {"Hires upscale": hires_scale, "Hires steps": hires_steps or None,
                                                   "Hires upscaler": hires_upscaler})
+
+
+def image_to_image(pipe, run: dict, init_image, *, steps: int, width: int, height: int, strength: float):
+    """img2img as A1111's tab makes it: ``init_image`` (PIL) in RGB, resized to ``width`` x ``height`` (Lanczos), noised
+    ``strength`` of the way back and denoised by the img2img pipeline on ``pipe``'s modules with ``run`` (the prompts
+    or embeddings, the guidance and the generator) for ``steps`` (of which it runs ``steps * strength``). Returns the
+    PIL image."""
+    start = init_image.convert("RGB").resize((width, height), _lanczos())
+    return _img2img(pipe)(**run, image=start, strength=strength, num_inference_steps=steps).images[0]
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:

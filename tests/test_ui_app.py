@@ -61,7 +61,9 @@ def generate(client, backend, blend: dict, prompt="a red circle", seed=0, extra=
     return pixels(gallery[0]["image"]), gallery[0]["caption"], info, snippet
 
 
-def test_sampler_and_prompt_syntax_come_after_the_slots(served):
+def test_sampler_prompt_syntax_hires_and_img2img_come_after_the_slots(served, tmp_path):
+    from PIL import Image
+
     backend, _, client = served
     own, caption, _, _ = generate(client, backend, {}, prompt="a (red:1.5) circle")
     euler, caption, _, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle", extra=("Euler a", "Automatic", True))
@@ -72,6 +74,11 @@ def test_sampler_and_prompt_syntax_come_after_the_slots(served):
                                           extra=("the model's own", "Automatic", True, 1.5, "Lanczos", 2, 0.6))
     assert hires.shape[:2] == (48, 48) and "hires 48x48 (Lanczos 1.5x, 2 steps, denoise 0.6)" in caption
     assert "StableDiffusionImg2ImgPipeline" in snippet
+    start = tmp_path / "start.png"
+    Image.fromarray(own.astype(np.uint8)).save(start)
+    moved, caption, _, snippet = generate(client, backend, {}, prompt="a blue square", extra=(
+        "the model's own", "Automatic", True, 1, "Latent", 0, 0.5, handle_file(str(start))))
+    assert moved.shape[:2] == (SIZE, SIZE) and "img2img, denoise 0.5" in caption and "init = Image.open(" in snippet
 
 
 def test_png_info_fills_the_generate_inputs(served, tmp_path):

@@ -339,6 +339,40 @@ def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(ba
             gen(backend, **{**kw, **bad})
 
 
+def test_img2img_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_stock_diffusers(backend, model_dir, tmp_path):
+    pytest.importorskip("peft", reason="stock diffusers needs peft for load_lora_weights/set_adapters")
+    from PIL import Image
+
+    from lora_diffusion.cli import main
+    from ui.handlers import png_info
+
+    start = tmp_path / "start.png"
+    gen(backend, "a blue square", seed=1).image.resize((44, 37)).save(start)
+    kw = dict(loras={"ink": (0.8, 0.5)}, seed=6, init_image=str(start), denoising_strength=0.6, width=None, height=None)
+    result = gen(backend, "a (red:1.3) circle", **kw)
+    assert result.image.size == (40, 32)  # its own size, down to multiples of 8
+    assert "img2img, denoise 0.6" in result.caption and "Size: 40x32" in result.infotext
+    assert "Denoising strength: 0.6" in result.infotext and "Hires" not in result.infotext
+    assert not np.array_equal(pixels(gen(backend, "a (red:1.3) circle", **{**kw, "init_image": None}).image.resize((40, 32))),
+                              pixels(result.image))
+    scope: dict = {}
+    exec(result.snippet, scope)  # noqa: S102 - our own generated code
+    assert np.abs(pixels(scope["image"]) - pixels(result.image)).max() <= 2, result.snippet
+    assert str(start) not in result.snippet  # (a copy the backend keeps: gradio's upload may be cleaned away)
+    saved, again = backend.save_image(result), tmp_path / "again.png"
+    assert main(["generate", str(model_dir), "--from-png", saved, "--init-image", str(start), "--lora-dir",
+                 str(backend.library.root), "-o", str(again)]) == 0
+    assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
+    assert "img2img: put the image it started from under img2img" in png_info(saved)[1]
+    with pytest.raises(UIError, match="Hires. fix is for text-to-image"):
+        gen(backend, **kw, hires_scale=2)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(UIError, match="init image bad.png: cannot read it as an image"):
+        gen(backend, **{**kw, "init_image": str(tmp_path / "bad.png")})
+    with pytest.raises(UIError, match="denoising strength must be in"):
+        gen(backend, **{**kw, "denoising_strength": 1.5})
+
+
 def test_text_encoder_weight_and_block_presets_change_the_image(backend):
     same = pixels(gen(backend, loras={"style": (1.0, None)}).image)
     no_te = gen(backend, loras={"style": (1.0, 0.0)})

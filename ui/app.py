@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -44,6 +45,14 @@ def _user_errors(fn):
             raise gr.Error(str(e), print_exception=False) from None
 
     return wrapper
+
+
+def _positional_signature(names: list[str], defaults: dict) -> inspect.Signature:
+    """A signature of positional parameters ``names`` then ``defaults``' (with their defaults), for gradio to read
+    from a function that takes ``*args``."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature([inspect.Parameter(n, kind) for n in names] +
+                             [inspect.Parameter(n, kind, default=d) for n, d in defaults.items()])
 
 
 def _file_path(f) -> str:
@@ -107,9 +116,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         with gr.Row():
                             hr_scale = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1: off)", elem_id="hr-scale")
                             hr_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
-                        with gr.Row():
-                            hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
-                            denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength")
+                        hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
+                    with gr.Accordion("img2img: start from an image", open=False):
+                        init_image = gr.Image(type="filepath", label="Init image (resized to Width x Height; 0: its own size)",
+                                              elem_id="init-image", sources=["upload", "clipboard"], height=200)
+                    denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength (Hires. fix and img2img)")
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
@@ -229,8 +240,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             # (sampler, schedule type, A1111 syntax and hires fix come after the slots, in the order they were added:
             # API callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
-            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7)
-            sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise = (*extra, *defaults[len(extra):])[:7]
+            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None)
+            sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init = (*extra, *defaults[len(extra):])[:8]
             names = names or backend.library.names()[:max_slots]
             use, w, te = slots[:max_slots], slots[max_slots : 2 * max_slots], slots[2 * max_slots :]
             loras = {}
@@ -245,13 +256,23 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 sampler=None if sampler in (None, MODEL_SAMPLER) else sampler,
                                 schedule_type=schedule or "Automatic", emphasis=bool(emphasis),
                                 hires_scale=_number(hr_scale, "the hires upscale"), hires_upscaler=hr_upscaler or "Latent",
-                                hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"))
+                                hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"),
+                                init_image=_file_path(init) if init else None)
             )
             info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
             # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
             path = backend.save_image(result)
             past = [{"image": path, "caption": result.caption, "info": info, "snippet": result.snippet}, *(past or [])][:HISTORY]
             return [(h["image"], h["caption"]) for h in past], past, info, result.snippet
+
+        # the API's parameter names, and a default for the init image (an input without a value is otherwise
+        # required, which would break callers written before it)
+        on_generate.__signature__ = _positional_signature(
+            ["prompt", "negative_prompt", "block_preset", "fuse", "seed", "steps", "guidance", "width", "height",
+             "clip_skip", "slot_names", "history", *(f"{kind}_{i}" for kind in ("use", "weight", "te_weight")
+                                                      for i in range(max_slots)),
+             "sampler", "schedule_type", "a1111_syntax", "hires_scale", "hires_upscaler", "hires_steps",
+             "denoising_strength"], {"init_image": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -347,7 +368,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         generate_btn.click(
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
-             *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise],
+             *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -36,9 +37,9 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size, infotext,
-                                     infotext_settings, lora_hash, lora_tag, model_hash, png_infotext, second_pass_params,
-                                     set_sampler, split_sampler)
+from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size,
+                                     image_to_image, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
+                                     png_infotext, second_pass_params, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 
@@ -159,6 +160,14 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def _strength(req: GenerateRequest) -> float:
+    """The request's denoising strength, in (0, 1], else ``UIError``."""
+    strength = finite_number(req.denoising_strength, "the denoising strength")
+    if not 0 < strength <= 1:
+        raise UIError(f"the denoising strength must be in (0, 1], got {_fmt(strength)}")
+    return strength
+
+
 def _blend_error(error: Exception, fused: bool) -> str:
     """The message for a blend the library refused to set (``set_adapters``) or to fuse (``fuse``)."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
@@ -201,7 +210,10 @@ class GenerateRequest:
     hires_scale: float = 1.0
     hires_steps: int = 0
     hires_upscaler: str = "Latent"
-    denoising_strength: float = 0.7
+    denoising_strength: float = 0.7  # of a Hires. fix's second pass, or of img2img
+    # img2img (``lora_diffusion.generate.image_to_image``): the image file to start from, resized to width x height
+    # (by default its own size, down to a multiple of 8)
+    init_image: str | None = None
 
 
 @dataclass
@@ -241,13 +253,15 @@ def diffusers_snippet(
     scheduler: tuple[str, dict] | None = None,
     a1111_prompt: bool = False,
     hires: tuple[float, int, str, float] | None = None,
+    init_image: tuple[str, float] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
     with ``from_single_file``, its configs from ``model_config`` where given; ``scheduler``: a scheduler class and the
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
-    ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules)."""
+    ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules;
+    ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
@@ -310,6 +324,15 @@ def diffusers_snippet(
         ]
         args = ["prompt_embeds=prompt_embeds", "negative_prompt_embeds=negative_embeds"]
         second = list(args)
+    if init_image:
+        path, strength = init_image
+        return "\n".join(lines + [
+            "from PIL import Image",
+            f"init = Image.open({_py(path)}).convert(\"RGB\").resize(({width}, {height}), Image.Resampling.LANCZOS)",
+            *_img2img_lines(sdxl),
+            "image = img2img(" + ", ".join([*args, "image=init", f"strength={strength!r}", f"num_inference_steps={steps}",
+                                           f"guidance_scale={guidance!r}",
+                                           f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]"]) + "\n"
     args = args + [f"num_inference_steps={steps}", f"guidance_scale={guidance!r}", f"height={height}", f"width={width}"]
     if not hires:
         lines.append("image = pipe(" + ", ".join([*args, f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]")
@@ -338,14 +361,17 @@ def _hires_lines(args: list[str], second: list[str], seed: int, guidance: float,
     else:
         resample = "LANCZOS" if mode == "lanczos" else "NEAREST"
         lines += ["from PIL import Image", f"start = first[0].resize(({big[0]}, {big[1]}), Image.Resampling.{resample})"]
+    return lines + _img2img_lines(sdxl) + [
+        "image = img2img(" + ", ".join([*second, "image=start", f"strength={strength!r}", f"num_inference_steps={hires_steps}",
+                                       f"guidance_scale={guidance!r}", "generator=generator"]) + ").images[0]"]
+
+
+def _img2img_lines(sdxl: bool) -> list[str]:
+    """The snippet's img2img pipeline on ``pipe``'s modules (LoRAs and scheduler included)."""
     cls = "StableDiffusionXLImg2ImgPipeline" if sdxl else "StableDiffusionImg2ImgPipeline"
     extra = ", force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt" if sdxl else ", requires_safety_checker=False"
-    lines += [f"from diffusers import {cls}",
-              f"img2img = {cls}(**pipe.components{extra})  # (not from_pipe: it casts the modules to float32)",
-              "image = img2img(" + ", ".join([*second, "image=start", f"strength={strength!r}",
-                                             f"num_inference_steps={hires_steps}", f"guidance_scale={guidance!r}",
-                                             "generator=generator"]) + ").images[0]"]
-    return lines
+    return [f"from diffusers import {cls}",
+            f"img2img = {cls}(**pipe.components{extra})  # (not from_pipe: it casts the modules to float32)"]
 
 
 def load_pipeline(model: str | None, device: str | None = None, model_config: str | None = None):
@@ -398,7 +424,7 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
         sampler = None
     hires_scale, upscaler = got.get("hires_scale", 1.0), got.get("hires_upscaler", "Latent")
     if hires_scale <= 1 and "denoising_strength" in got:
-        notes.append("it was made by img2img; this tab makes text-to-image")
+        notes.append("it was made by img2img: put the image it started from under img2img to make it again")
     if hires_scale > 1 and upscaler not in HIRES_UPSCALERS:
         notes.append(f"its hires upscaler {upscaler!r} is not one of the UI's: Latent is set")
         upscaler = "Latent"
@@ -768,11 +794,15 @@ class Backend:
         _seed(req.seed)
         clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
         hires = self._check_hires(req)
+        init = self._init_image(req)
+        if init is not None and hires:
+            raise UIError("Hires. fix is for text-to-image: set Upscale by to 1, or clear the init image")
         with self.generate_lock:
             pipe = self.pipe
             scale = getattr(pipe, "vae_scale_factor", 8)
-            width = int(req.width or pipe.unet.config.sample_size * scale)
-            height = int(req.height or pipe.unet.config.sample_size * scale)
+            own = (init.width // 8 * 8, init.height // 8 * 8) if init is not None else \
+                (pipe.unet.config.sample_size * scale,) * 2
+            width, height = int(req.width or own[0]), int(req.height or own[1])
             if width % 8 or height % 8 or not (8 <= width <= 2048 and 8 <= height <= 2048):
                 raise UIError(f"width and height must be multiples of 8 between 8 and 2048, got {width}x{height}")
             if hires and max(hires_size(width, height, hires[0])) > 2048:
@@ -801,7 +831,10 @@ class Backend:
                 texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
                     if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
                 run = dict(texts, guidance_scale=float(req.guidance), generator=generator)
-                if hires:
+                if init is not None:
+                    image = image_to_image(pipe, run, init, steps=steps, width=width, height=height,
+                                           strength=_strength(req))
+                elif hires:
                     scale, hires_steps, upscaler, strength = hires
                     # (the second pass schedules prompt editing on from the first, as A1111)
                     second = scheduled_prompt_kwargs(pipe, prompt, negative or None, hires_steps, clip_skip=clip_skip,
@@ -822,10 +855,14 @@ class Backend:
                 lora_hashes={n: self._lora_hash(n) for n in loras})
         if hires:
             params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2])
+        elif init is not None:
+            params = second_pass_params(params, _strength(req))
+        init_copy = self._keep_input(req.init_image) if init is not None else None
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
                     "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
-                    "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None}
+                    "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None,
+                    "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None}
         caption = f"{blend_label(loras)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
@@ -835,6 +872,8 @@ class Backend:
             caption += f", clip skip {clip_skip}"
         if req.sampler:
             caption += f", {req.sampler}" + ("" if (req.schedule_type or "Automatic") == "Automatic" else f" {req.schedule_type}")
+        if init is not None:
+            caption += f", img2img, denoise {_fmt(_strength(req))}"
         if hires:
             caption += ", hires {}x{} ({} {}x, {} steps, denoise {})".format(*hires_size(width, height, hires[0]), hires[2],
                                                                            _fmt(hires[0]), hires[1], _fmt(hires[3]))
@@ -843,6 +882,7 @@ class Backend:
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
+            init_image=(init_copy, _strength(req)) if init_copy else None,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -860,10 +900,41 @@ class Backend:
         hires_steps = int(finite_number(req.hires_steps, "hires steps"))
         if not 0 <= hires_steps <= 200:
             raise UIError(f"hires steps must be between 0 (as many as steps) and 200, got {hires_steps}")
-        strength = finite_number(req.denoising_strength, "the denoising strength")
-        if not 0 < strength <= 1:
-            raise UIError(f"the denoising strength must be in (0, 1], got {_fmt(strength)}")
-        return scale, hires_steps or int(req.steps), req.hires_upscaler, strength
+        return scale, hires_steps or int(req.steps), req.hires_upscaler, _strength(req)
+
+    @staticmethod
+    def _init_image(req: GenerateRequest):
+        """The request's img2img start as a PIL image (``None``: text-to-image); ``UIError`` naming an unreadable
+        file. A denoising strength outside (0, 1] is refused here too."""
+        if not req.init_image:
+            return None
+        _strength(req)
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(req.init_image) as im:
+                im.load()
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UIError(f"init image {Path(req.init_image).name}: cannot read it as an image ({e})") from None
+
+    def _keep_input(self, path: str) -> str:
+        """A copy of an img2img start in this backend's folder (named by its content: one copy per image), which the
+        snippet opens: gradio's upload may be cleaned away."""
+        data = Path(path).read_bytes()
+        with self._load_lock:
+            folder = self._images_dir() / "inputs"
+            folder.mkdir(exist_ok=True)
+            copy = folder / f"{hashlib.sha256(data).hexdigest()[:16]}{Path(path).suffix.lower() or '.png'}"
+            if not copy.is_file():
+                copy.write_bytes(data)
+        return str(copy)
+
+    def _images_dir(self) -> Path:
+        """This backend's output folder, made on first use (call under ``_load_lock``)."""
+        if self._out_dir is None:
+            self._out_dir = Path(tempfile.mkdtemp(prefix="lora_ui_images_"))
+        return self._out_dir
 
     def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str) -> tuple[str, dict] | None:
         """The model's own scheduler, or (``sampler``) an A1111 sampler on its config; returns the scheduler class and
@@ -901,9 +972,7 @@ class Backend:
         from PIL.PngImagePlugin import PngInfo
 
         with self._load_lock:
-            if self._out_dir is None:
-                self._out_dir = Path(tempfile.mkdtemp(prefix="lora_ui_images_"))
-            path = self._out_dir / f"{next(self._ids):05d}-seed{result.settings['seed']}.png"
+            path = self._images_dir() / f"{next(self._ids):05d}-seed{result.settings['seed']}.png"
             # a long-running server keeps the newest KEEP_IMAGES, not every image (this one included)
             for old in sorted(self._out_dir.glob("*.png"), key=lambda p: int(p.name.split("-")[0]))[: 1 - KEEP_IMAGES]:
                 old.unlink(missing_ok=True)
