@@ -83,8 +83,9 @@ class LoraWeights(NamedTuple):
     broadcast against the layer's weight: ``[out, 1, ...]`` normalises each output row (PEFT, LyCORIS'
     ``wd_on_output``), ``[1, in, ...]`` each input column (LyCORIS' first DoRA, A1111). See ``lora_diffusion.dora``.
 
-    ``oft``: an OFT / BOFT module (``lora_diffusion.oft.Oft``), which rotates the weight it is loaded onto; its
-    ``A`` and ``B`` are then empty (rank 0, ``B`` ``[out, 0]``) and it becomes that layer's exact delta when loaded."""
+    ``oft``: a module whose delta is made from the weight it is loaded onto: OFT / BOFT (``lora_diffusion.oft.Oft``),
+    which rotates it, GLoRA or (IA)^3 (``lora_diffusion.glora``); its ``A`` and ``B`` are then empty (rank 0, ``B``
+    ``[out, 0]``) and it becomes that layer's exact delta when loaded (its ``delta(weight)``)."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -173,7 +174,7 @@ def check_components(lora: Lora, format: str) -> None:
         raise LoraFormatError(f"the {format} format has no place for component {unknown[0]!r} (e.g. {example}); it holds {FILE_COMPONENTS}")
     oft = next((k for k, w in lora.items() if w.oft is not None), None)
     if oft is not None:
-        raise LoraFormatError(f"{oft} is {lora[oft].oft.described}, which rotates the base model's weights: it is "
+        raise LoraFormatError(f"{oft} is {lora[oft].oft.described}, which acts on the base model's weights: it is "
                               f"loaded (load_lora) or baked into a checkpoint (lora-diffusion bake), not written as {format}")
 
 
@@ -410,9 +411,9 @@ WRITERS: dict[str, Writer] = {"diffusers": to_diffusers}
 # readers that map positions to module paths and accept the model's module listing as `modules=`
 NEEDS_MODULES = {"cloneofsimo"}
 
-# LyCORIS adapter types, recognised by their key fragments, so that a file no reader takes is refused by name
-# (LoHa, LoKr, DoRA, OFT / BOFT, norm- and full-delta files load, formats_lycoris; one that mixes in another type is
-# refused)
+# LyCORIS adapter types, recognised by their key fragments, so that a file no reader takes is named by what it holds
+# (LoHa, LoKr, DoRA, OFT / BOFT, GLoRA, (IA)^3, norm- and full-delta files load, formats_lycoris, where every key is
+# named as the readers know them)
 _LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".a1.weight": "GLoRA", "oft_": "OFT",
             ".on_input": "(IA)^3", ".diff_b": "bias deltas (diff_b)"}
 
@@ -434,12 +435,6 @@ def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None 
     for name, (detect, _) in READERS.items():
         if state and detect(state, header):
             return name
-    lycoris = lycoris_types(state)
-    if lycoris:
-        kinds = ", ".join(f"{name} ({n} keys)" for name, n in sorted(lycoris.items()))
-        example = next(k for k in state if any(f in k for f in _LYCORIS))
-        raise LoraFormatError(f"{kinds}: this adapter type is not supported yet, only LoRA/LoCon/LoHa/LoKr/DoRA/OFT/BOFT/full "
-                              f"deltas; e.g. key {example!r}")
     if not state:
         raise LoraFormatError("no tensors: not a LoRA")
     # name the keys that spoil the closest format (the one most keys fit), not keys that are fine
@@ -450,10 +445,14 @@ def detect_format(state: dict[str, torch.Tensor], header: dict[str, str] | None 
     }
     closest = min(misfits, key=lambda name: len(misfits[name]))
     bad = misfits[closest]
+    # (every LyCORIS type loads where its keys are named as the readers know them: say which the file holds)
+    lycoris = ", ".join(f"{name} ({n} keys)" for name, n in sorted(lycoris_types(state).items()))
+    lycoris = f"LyCORIS {lycoris} found, but " if lycoris else ""
     if len(bad) == len(state):
-        raise LoraFormatError(f"unrecognised LoRA format: no key fits a known format; first keys: {', '.join(list(state)[:3])}")
+        raise LoraFormatError(f"{lycoris}unrecognised LoRA format: no key fits a known format; first keys: "
+                              f"{', '.join(list(state)[:3])}")
     raise LoraFormatError(
-        f"{len(bad)} of {len(state)} keys fit no LoRA format (the others are {closest}): "
+        f"{lycoris}{len(bad)} of {len(state)} keys fit no LoRA format (the others are {closest}): "
         f"{', '.join(repr(k) for k in bad[:5])}{', ...' if len(bad) > 5 else ''}"
     )
 

@@ -46,6 +46,8 @@ LYCORIS_SUFFIXES = {
     ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
     ".diff": "diff", ".diff_b": "diff_b", ".dora_scale": "dora_scale",
     ".oft_blocks": "oft_blocks", ".oft_diag": "oft_diag", ".rescale": "rescale", ".w_norm": "w_norm", ".b_norm": "b_norm",
+    ".a1.weight": "glora_a1", ".a2.weight": "glora_a2", ".b1.weight": "glora_b1", ".b2.weight": "glora_b2",
+    ".bm.weight": "glora_bm", ".weight": "ia3_weight", ".on_input": "ia3_on_input",
 }  # fmt: skip
 _SUFFIX_RE = re.compile("(" + "|".join(re.escape(s) for s in sorted(LYCORIS_SUFFIXES, key=len, reverse=True)) + ")$")
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
@@ -77,7 +79,7 @@ def is_lycoris(state: dict[str, torch.Tensor], header: dict[str, str] | None = N
     roles = [_split(k) for k in state]
     if not state or any(r is None for r in roles) or not all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state):
         return False
-    return any(role.startswith(("hada_", "lokr_", "oft_")) or role in ("mid", "diff", "dora_scale", *_PARAM_DELTA_ROLES)
+    return any(role.startswith(("hada_", "lokr_", "oft_", "glora_", "ia3_")) or role in ("mid", "diff", "dora_scale", *_PARAM_DELTA_ROLES)
                for _, role in roles)
 
 
@@ -99,10 +101,11 @@ def module_kinds(keys: list[str]) -> dict[str, int]:
 
 
 def _kinds(roles) -> set[str]:
-    """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, OFT (BOFT too), full,
-    LoRA."""
+    """The adapter kinds a module's key roles belong to (one, in a well-formed file): LoHa, LoKr, OFT (BOFT too), GLoRA,
+    (IA)^3, full, LoRA."""
     return {"LoHa" if r.startswith("hada_") else "LoKr" if r.startswith("lokr_") else "full" if r == "diff" else
-            "OFT" if r.startswith("oft_") or r == "rescale" else "LoRA" for r in roles if r not in _NO_KIND_ROLES}
+            "OFT" if r.startswith("oft_") or r == "rescale" else "GLoRA" if r.startswith("glora_") else
+            "(IA)^3" if r.startswith("ia3_") else "LoRA" for r in roles if r not in _NO_KIND_ROLES}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -260,6 +263,49 @@ def _oft(p: dict[str, torch.Tensor], alpha: float | None, magnitude: torch.Tenso
     return LoraWeights(blocks.new_zeros(0, 0), blocks.new_zeros(oft.out, 0), 0.0, oft=oft)
 
 
+def _glora(p: dict[str, torch.Tensor], alpha: float | None, magnitude: torch.Tensor | None, kohya: bool):
+    """A GLoRA module's keys as ``LoraWeights`` holding it in ``oft`` (empty factors, rank 0)."""
+    from .formats import LoraWeights
+    from .glora import Glora
+
+    missing = [f"{n}.weight" for n in ("a1", "a2", "b1", "b2") if f"glora_{n}" not in p]
+    if missing:
+        raise _Error(f"has GLoRA keys without {', '.join(missing)}")
+    if magnitude is not None:
+        raise _Error("has GLoRA factors and a DoRA magnitude (dora_scale): not supported")
+    if "glora_bm" in p:
+        raise _Error("has a GLoRA Tucker core (bm.weight), which no LyCORIS version applies or loads: not supported")
+    module = Glora(p["glora_a1"], p["glora_a2"], p["glora_b1"], p["glora_b2"], alpha)
+    try:
+        module.check()
+    except ValueError as e:
+        raise _Error(str(e)) from None
+    cols = module.a2.shape[0] if module.old_layout else module.a1.shape[0]
+    return LoraWeights(module.a1.new_zeros(0, cols), module.a1.new_zeros(module.out, 0), 0.0, oft=module)
+
+
+def _ia3(p: dict[str, torch.Tensor], alpha: float | None, magnitude: torch.Tensor | None, kohya: bool):
+    """An (IA)^3 module's keys as ``LoraWeights`` holding it in ``oft`` (empty factors, rank 0)."""
+    from .formats import LoraWeights
+    from .glora import Ia3
+
+    if "ia3_weight" not in p or "ia3_on_input" not in p:
+        raise _Error(f"has only {sorted(p)}: an (IA)^3 module has weight and on_input")
+    if magnitude is not None:  # (an alpha, which LyCORIS does not write, scales nothing: A1111 ignores it too)
+        raise _Error("has an (IA)^3 weight and a DoRA magnitude (dora_scale): not supported")
+    flag = p["ia3_on_input"]
+    if flag.numel() != 1 or float(flag.reshape(-1)[0]) not in (0.0, 1.0):
+        raise _Error(f"has on_input {', '.join(f'{v:g}' for v in flag.reshape(-1).tolist())}; it is 0 or 1")
+    module = Ia3(p["ia3_weight"], bool(flag.reshape(-1)[0]))
+    try:
+        module.check()
+    except ValueError as e:
+        raise _Error(str(e)) from None
+    n, weight = module.weight.numel(), module.weight
+    return LoraWeights(weight.new_zeros(0, n if module.on_input else 0), weight.new_zeros(0 if module.on_input else n, 0),
+                       0.0, oft=module)
+
+
 def dense_lora(delta: torch.Tensor, dtype: torch.dtype | None = None):
     """A dense delta ``[out, in(, k, k)]`` as exact LoRA factors, ``delta`` beside an identity (the thinner of
     ``delta @ I`` and ``I @ delta``; alpha = rank), conv-shaped for a conv's; in ``dtype`` (default: the delta's,
@@ -308,14 +354,15 @@ def read_modules(state: dict[str, torch.Tensor], source: str, canonical: Callabl
             p = {role: t for role, t in p.items() if role not in _PARAM_DELTA_ROLES and not (role == "diff" and t.dim() < 2)}
             if not set(p) - {"alpha"} or embedding:
                 continue
-        scalars = sorted(role for role, t in p.items() if role != "alpha" and t.dim() == 0)
+        scalars = sorted(role for role, t in p.items() if role not in ("alpha", "ia3_on_input") and t.dim() == 0)
         if scalars:
             raise LoraFormatError(f"{source}: {name} has {', '.join(scalars)} as a single number, not a tensor shaped "
                                   "for the layer")
         magnitude = p.get("dora_scale")
-        if kinds == {"OFT"}:  # rotates the weight it is loaded onto (lora_diffusion.oft)
+        if kinds & {"OFT", "GLoRA", "(IA)^3"}:  # made from the weight it is loaded onto (lora_diffusion.oft, .glora)
+            read = _oft if kinds == {"OFT"} else _glora if kinds == {"GLoRA"} else _ia3
             try:
-                lora[key] = _oft(p, alpha, magnitude, name.startswith("oft_unet_"))
+                lora[key] = read(p, alpha, magnitude, name.startswith("oft_unet_"))
             except _Error as e:
                 raise LoraFormatError(f"{source}: {name} {e}") from None
             continue

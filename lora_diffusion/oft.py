@@ -55,6 +55,24 @@ class Oft(NamedTuple):
         """The output rows of the layer it fits."""
         return int(self.blocks.shape[-3] * self.blocks.shape[-1])
 
+    # What every module that acts on the weight it is loaded onto has (``LoraWeights.oft``: this, or
+    # ``lora_diffusion.glora``'s GLoRA and (IA)^3)
+    def check(self) -> None:
+        check_blocks(self)
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        return oft_delta(self, weight)
+
+    def is_zero(self) -> bool:
+        """Whether it changes no weight (zero ``oft_blocks`` rotate nothing; zero ``oft_diag`` rotations do)."""
+        return not self.rotations and not bool(self.blocks.any()) and self.rescale is None
+
+    def numel(self) -> int:
+        return int(self.blocks.numel())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self._asdict().items() if isinstance(t, torch.Tensor)}
+
 
 def check_blocks(oft: Oft) -> None:
     """Raises ``ValueError`` naming the shape where ``oft``'s blocks are not OFT's or BOFT's."""

@@ -43,7 +43,6 @@ from .formats import (
     write_lora_file,
 )
 from .dora import as_dense
-from .oft import oft_delta
 from .formats_lycoris import dense_lora
 from .params import ParamDelta, param_deltas
 from .inject import DETACHED_ATTR, MERGE_CACHE_ATTR, attach, detach, lora_layers, unwrap, unwrap_layer, wrap_layer
@@ -252,9 +251,9 @@ def _plan(
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise LoraFormatError(f"{source}: {component}.{path} targets a {type(base).__name__}, not a Linear or Conv2d")
         _check_projection(source, f"{component}.{path}", w)
-        if w.oft is not None:  # OFT / BOFT: the exact delta on this layer's own (unfused) weight
+        if w.oft is not None:  # OFT / BOFT, GLoRA, (IA)^3: the exact delta on this layer's own (unfused) weight
             try:
-                w = dense_lora(oft_delta(w.oft, layer.original_weight if isinstance(layer, LoraLayer) else base.weight))
+                w = dense_lora(w.oft.delta(layer.original_weight if isinstance(layer, LoraLayer) else base.weight))
             except ValueError as e:
                 raise LoraFormatError(f"{source}: {component}.{path} {e}") from None
         expect = _expected_shapes(base, w.rank)
@@ -328,8 +327,8 @@ def _unmatched(missing: list[tuple[str, LoraWeights | ParamDelta]], matched: boo
     def zero(w) -> bool:
         if isinstance(w, ParamDelta) and w.delta is not None:
             return not bool(w.delta.any())
-        if getattr(w, "oft", None) is not None:  # (zero oft_blocks rotate nothing; zero oft_diag rotations do)
-            return not w.oft.rotations and not bool(w.oft.blocks.any()) and w.oft.rescale is None
+        if getattr(w, "oft", None) is not None:
+            return w.oft.is_zero()
         return getattr(w, "magnitude", None) is None and not (bool(w.A.any()) and bool(w.B.any()))  # (DoRA rescales W)
 
     if matched:
@@ -358,7 +357,7 @@ def _check_projection(source: str, key: str, w: LoraWeights | ParamDelta) -> Non
     if PROJECTION in key.split("."):
         tensors = {name: t for name, t in w._asdict().items() if isinstance(t, torch.Tensor)}
         if getattr(w, "oft", None) is not None:
-            tensors.update({f"oft {name}": t for name, t in w.oft._asdict().items() if isinstance(t, torch.Tensor)})
+            tensors.update({f"{w.oft.kind} {name}": t for name, t in w.oft.tensors().items()})
         bad = first_non_finite(tensors)
         if bad is not None:
             raise LoraFormatError(f"{source}: {key} ({bad}) holds NaN or Inf values; factors and alphas must be finite")

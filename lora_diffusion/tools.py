@@ -349,9 +349,9 @@ def inspect_lora(path: str | os.PathLike) -> dict:
             words += [t for t, _ in freq.most_common(5)]
         except (ValueError, AttributeError):
             pass
-    params = sum(w.A.numel() + w.B.numel() + (w.oft.blocks.numel() if w.oft is not None else 0) for w in lora.values())
+    params = sum(w.A.numel() + w.B.numel() + (w.oft.numel() if w.oft is not None else 0) for w in lora.values())
     dtypes = Counter(str(w.A.dtype).removeprefix("torch.") for w in lora.values())
-    factored = [w for w in lora.values() if w.oft is None]  # (an OFT module has blocks, no rank or alpha)
+    factored = [w for w in lora.values() if w.oft is None]  # (an OFT / GLoRA / (IA)^3 module: no LoRA rank or alpha)
     return {
         "file": str(path),
         "format": fmt,

@@ -132,13 +132,12 @@ def _oft_of(roles, kohya=False) -> Oft:
     return Oft(roles["oft_blocks"].float(), False, float(roles["alpha"]), roles.get("rescale"), kohya)
 
 
-def test_a_lycoris_oft_file_loads_as_the_rotated_weights(tmp_path):
-    """Every module's layer computes with ``W'`` of the file's rotation (fused, unfused: the same outputs); a weight
-    interpolates ``W + w (W' - W)``; disabled is the base model; unfused restores the base weights bit for bit."""
-    modules = _modules()
-    path = _write(tmp_path / "oft.safetensors", modules)
+def check_file_loads_as(path, keys: list[str], weight_of) -> None:
+    """A file whose modules make their layers' weights ``weight_of(key, W)`` (fp64) loads so: every such layer
+    computes with ``W'`` (fused, unfused: the same outputs); a weight interpolates ``W + w (W' - W)``; disabled is the
+    base model; unfuse restores the base weights bit for bit. (Also used by tests/test_glora.py.)"""
     pipe = tiny_pipeline(0)
-    base = {key: _layer_weight(pipe, key).weight.detach().clone() for key in modules}
+    base = {key: _layer_weight(pipe, key).weight.detach().clone() for key in keys}
     g = torch.Generator().manual_seed(0)
     latents, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500])
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -149,29 +148,35 @@ def test_a_lycoris_oft_file_loads_as_the_rotated_weights(tmp_path):
             return text, pipe.unet(latents, t, encoder_hidden_states=text).sample
 
     before = outputs()
-    assert load_lora(pipe, path) == "oft"
+    adapter = load_lora(pipe, path)
+    assert adapter == path.stem
     unfused = outputs()
     assert (unfused[1] - before[1]).abs().max() > 1e-3 and (unfused[0] - before[0]).abs().max() > 1e-3
     fuse(pipe)
-    for key, roles in modules.items():
-        expect = _reference(_oft_of(roles), base[key])
-        torch.testing.assert_close(_layer_weight(pipe, key).weight.double(), expect, rtol=0, atol=2e-6)
+    for key in keys:
+        torch.testing.assert_close(_layer_weight(pipe, key).weight.double(), weight_of(key, base[key]), rtol=0, atol=2e-6)
     for got, want in zip(outputs(), unfused):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    set_adapters(pipe, {"oft": 0.5})
-    for key, roles in modules.items():
-        expect = base[key].double() + 0.5 * (_reference(_oft_of(roles), base[key]) - base[key].double())
+    set_adapters(pipe, {adapter: 0.5})
+    for key in keys:
+        expect = base[key].double() + 0.5 * (weight_of(key, base[key]) - base[key].double())
         torch.testing.assert_close(_layer_weight(pipe, key).weight.double(), expect, rtol=0, atol=2e-6)
     unfuse(pipe)
-    for key in modules:
+    for key in keys:
         assert torch.equal(_layer_weight(pipe, key).base_layer.weight, base[key])
     disable_lora(pipe)
     for got, want in zip(outputs(), before):
         assert torch.equal(got, want)
     enable_lora(pipe)
-    set_adapters(pipe, {"oft": 1.0})
+    set_adapters(pipe, {adapter: 1.0})
     for got, want in zip(outputs(), unfused):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_lycoris_oft_file_loads_as_the_rotated_weights(tmp_path):
+    modules = _modules()
+    path = _write(tmp_path / "oft.safetensors", modules)
+    check_file_loads_as(path, list(modules), lambda key, weight: _reference(_oft_of(modules[key]), weight))
 
 
 def test_kohya_oft_names_and_constraint(tmp_path):
@@ -210,7 +215,7 @@ def test_oft_files_inspect_and_refuse_what_needs_the_base_weights(tmp_path):
     with pytest.raises(ValueError, match=r"q_proj is an OFT module, whose delta depends on the base model's weights"):
         merge_loras({str(path): 1.0}, str(tmp_path / "merged.safetensors"))
     for to in ("kohya", "diffusers"):
-        with pytest.raises(LoraFormatError, match=rf"is (an OFT|a BOFT) module, which rotates the base model's weights: .* not written as {to}"):
+        with pytest.raises(LoraFormatError, match=rf"is (an OFT|a BOFT) module, which acts on the base model's weights: .* not written as {to}"):
             convert_lora(path, tmp_path / f"as_{to}.safetensors", to=to)
         assert not (tmp_path / f"as_{to}.safetensors").exists()
 
@@ -225,12 +230,17 @@ def test_oft_files_inspect_and_refuse_what_needs_the_base_weights(tmp_path):
     ({"oft_blocks": torch.zeros(8, 8, 8), "dora_scale": torch.ones(64, 1)}, "OFT blocks and a DoRA magnitude"),
 ])
 def test_oft_modules_that_do_not_fit_name_the_module_and_shapes(tmp_path, roles, match):
-    path = _write(tmp_path / "bad.safetensors", {CONV: {"oft_blocks": _blocks((4, 8, 8), 40)}, TO_Q: roles})  # (one fits)
+    check_refused(_write(tmp_path / "bad.safetensors", {CONV: {"oft_blocks": _blocks((4, 8, 8), 40)}, TO_Q: roles}), match)  # (one fits)
+
+
+def check_refused(path, match: str) -> None:
+    """Loading ``path`` raises a ``LoraFormatError`` matching ``match`` and naming the file, and changes no weight.
+    (Also used by tests/test_glora.py.)"""
     pipe = tiny_pipeline(0)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     with pytest.raises(LoraFormatError, match=match) as err:
         load_lora(pipe, path)
-    assert "bad.safetensors" in str(err.value)
+    assert path.name in str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
 
 

@@ -14,46 +14,18 @@ FAIL line per comparison: PASS where the largest difference is under 1e-4 of the
 Cayley transforms and inverses on both sides), KNOWN where a tool is known to differ (the line says how).
 """
 import importlib.util
-import os
 import sys
-import types
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("ours_oft", REPO / "lora_diffusion" / "oft.py")
-ours = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ours)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from weight_modules import Report, a1111_lora, a1111_weight, comfy_weight_adapters, env_dir, stub  # noqa: E402
+from weight_modules import ours as ours_module  # noqa: E402
 
-TOL = 1e-4
-failed = False
-
-
-def report(name: str, got: torch.Tensor, want: torch.Tensor, base: torch.Tensor, known: str | None = None):
-    """PASS / KNOWN / FAIL on ``max |got - want|`` relative to the delta's largest value."""
-    global failed
-    scale = float((want - base).abs().max())
-    err = float((got.double() - want.double()).abs().max()) / scale
-    verdict = "PASS" if err < TOL else "KNOWN" if known else "FAIL"
-    failed |= verdict == "FAIL"
-    print(f"{verdict} {name}: max diff {err:.2e} of the delta ({scale:.3g}){'; ' + known if known and verdict == 'KNOWN' else ''}")
-
-
-def env_dir(name: str, inside: str) -> Path:
-    path = Path(os.environ.get(name, ""))
-    if not (path / inside).is_file():
-        sys.exit(f"set {name} to a checkout holding {inside}")
-    return path.resolve()
-
-
-def stub(name: str, **attrs):
-    m = types.ModuleType(name)
-    m.__dict__.update(attrs)
-    sys.modules[name] = m
-    return m
-
+ours = ours_module("oft")
+report = Report(1e-4)
 
 # ------------------------------------------------------------------ the tools' code
 LYCORIS = env_dir("LYCORIS_DIR", "lycoris/modules/diag_oft.py")
@@ -80,33 +52,12 @@ spec = importlib.util.spec_from_file_location("kohya_oft", SD_SCRIPTS / "network
 kohya_oft = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(kohya_oft)
 
-# A1111's network.py imports the webui's runtime; the OFT module uses none of it
-stub("modules"), stub("modules.sd_models"), stub("modules.cache"), stub("modules.errors"), stub("modules.hashes")
-stub("modules.shared"), stub("modules.models"), stub("modules.models.sd3")
-stub("modules.models.sd3.mmdit", QkvLinear=type("QkvLinear", (nn.Linear,), {}))
-sys.modules["modules"].models = sys.modules["modules.models"]
-sys.modules["modules.models"].sd3 = sys.modules["modules.models.sd3"]
-sys.modules["modules.models.sd3"].mmdit = sys.modules["modules.models.sd3.mmdit"]
-sys.path.insert(0, str(A1111 / "extensions-builtin" / "Lora"))
-import network  # noqa: E402
+network = a1111_lora(A1111)
 import network_oft  # noqa: E402
 
-sys.path.insert(0, str(COMFY))
-stub("comfy.model_management", cast_to_device=lambda t, device, dtype, copy=False: t.to(device, dtype))
-spec = importlib.util.spec_from_file_location("comfy_base", COMFY / "comfy" / "weight_adapter" / "base.py")
-# the adapters import ``.base`` relatively: load the package's modules under a package of our own
-pkg = stub("comfy_wa")
-pkg.__path__ = [str(COMFY / "comfy" / "weight_adapter")]
-sys.modules["comfy"] = stub("comfy", model_management=sys.modules["comfy.model_management"])
+comfy_weight_adapters(COMFY)
 from comfy_wa.boft import BOFTAdapter  # noqa: E402
 from comfy_wa.oft import OFTAdapter  # noqa: E402
-
-
-def a1111_weight(w: dict, module: nn.Module, multiplier: float) -> torch.Tensor:
-    net = types.SimpleNamespace(te_multiplier=multiplier, unet_multiplier=multiplier)
-    m = network_oft.NetworkModuleOFT(net, network.NetworkWeights("oft", "diffusion_model.x", w, module))
-    updown, _ = m.calc_updown(module.weight.detach())
-    return module.weight.detach() + updown
 
 
 def comfy_weight(adapter, key: str, w: dict, weight: torch.Tensor, strength: float) -> torch.Tensor:
@@ -152,8 +103,8 @@ for name, module, dim, constraint, rescaled, kind in cases:
     report(f"{name}: LyCORIS x0.7", mine07, lyco07, base,
            "LyCORIS folds the multiplier into every butterfly stage" if kind == "boft" else
            "LyCORIS scales the rotation by the multiplier, not rescale" if rescaled else None)
-    report(f"{name}: A1111 x1", mine, a1111_weight(w, module, 1.0), base)
-    report(f"{name}: A1111 x0.7", mine07, a1111_weight(w, module, 0.7), base)
+    report(f"{name}: A1111 x1", mine, a1111_weight(network, network_oft.NetworkModuleOFT, w, module, 1.0), base)
+    report(f"{name}: A1111 x0.7", mine07, a1111_weight(network, network_oft.NetworkModuleOFT, w, module, 0.7), base)
     adapter = OFTAdapter if kind == "oft" else BOFTAdapter
     known = None
     if rescale is not None and kind == "oft":
@@ -184,4 +135,4 @@ for name, module, blocks_n, alpha in [("kohya OFT Linear 768->320", nn.Linear(76
                  else nn.functional.conv2d(x, base, module.bias, padding=1))
     report(f"{name}: kohya's forward", want, got, plain)
 
-sys.exit(1 if failed else 0)
+sys.exit(1 if report.failed else 0)
