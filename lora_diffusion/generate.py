@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,12 +221,15 @@ def conds_padded(pipe, prompt: str, negative: str, steps: int, emphasis: bool | 
                 for text in (prompt, negative) for _, t in prompt_schedule(text, steps)}) > 1
 
 
-def lora_tag(name: str, unet: float, te: float) -> str:
-    """A1111's tag for a LoRA at these weights: ``<lora:name:w>``, or ``<lora:name:te:unet>``."""
+def lora_tag(name: str, unet: float, te: float, blocks: Sequence[float] | None = None) -> str:
+    """A1111's tag for a LoRA at these weights: ``<lora:name:w>``, or ``<lora:name:te:unet>``; with a LoRA Block Weight
+    vector, the LBW extension's ``lbw=`` after them."""
     def text(x: float) -> str:  # short where that is exact
         return f"{x:g}" if float(f"{x:g}") == x else repr(float(x))
 
-    return f"<lora:{name}:{text(unet)}>" if te == unet else f"<lora:{name}:{text(te)}:{text(unet)}>"
+    weights = text(unet) if te == unet else f"{text(te)}:{text(unet)}"
+    lbw = "" if blocks is None else ":lbw=" + ",".join(map(text, blocks))
+    return f"<lora:{name}:{weights}{lbw}>"
 
 
 # ---------------------------------------------------------------------------------------------- generation

@@ -234,13 +234,15 @@ def test_pickles_are_never_loaded(tmp_path, backend):
 # ---------------------------------------------------------------------------------------------- prompts and blends
 def test_parse_lora_tags():
     assert parse_lora_tags("a cat <lora:style:0.5>, <lora:ink:0.2:1> <lora:x>") == (
-        "a cat ,", {"style": (0.5, 0.5), "ink": (1.0, 0.2), "x": (1.0, 1.0)})  # (A1111's text: the tags out, no more)
+        "a cat ,", {"style": (0.5, 0.5), "ink": (1.0, 0.2), "x": (1.0, 1.0)}, {})  # (A1111's text: the tags out, no more)
     with pytest.raises(UIError):
         parse_lora_tags("<lora:../x:1>")
     with pytest.raises(UIError, match="number"):
         parse_lora_tags("<lora:x:heavy>")
-    with pytest.raises(UIError, match=r"<lora:x:...>: block weights in a tag \(lbw=\) are not taken here"):
-        parse_lora_tags("<lora:x:1:IND>")  # (not dropped without a word)
+    assert parse_lora_tags("<lora:x:0.8:IND> <lora:y:0.5:1:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0>") == (
+        "", {"x": (0.8, 0.8), "y": (1.0, 0.5)}, {"x": (1, 0, 0, 0, 1, 1, 1) + (0,) * 10, "y": (1,) + (0,) * 7 + (1,) * 4 + (0,) * 5})
+    with pytest.raises(UIError, match="a LoRA Block Weight vector has 17 values"):
+        parse_lora_tags("<lora:x:1:lbw=1,0,1>")
 
 
 def test_apply_blend_sets_per_component_and_per_block_weights(lora_files):
@@ -371,6 +373,34 @@ def test_img2img_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_sto
         gen(backend, **{**kw, "init_image": str(tmp_path / "bad.png")})
     with pytest.raises(UIError, match="denoising strength must be in"):
         gen(backend, **{**kw, "denoising_strength": 1.5})
+
+
+def test_lbw_tags_weigh_blocks_and_their_png_and_snippet_make_the_image_again(backend, model_dir, tmp_path):
+    """The LBW extension's tags in the prompt (a preset name, a vector): the image differs from the plain tag's; the
+    saved PNG's infotext carries them, and ``lora-diffusion generate --from-png`` (``apply_prompt_loras``) makes the
+    same image; the snippet, which blends with ``lora_diffusion`` for them, too."""
+    from PIL import Image
+
+    from lora_diffusion.cli import main
+
+    plain = gen(backend, "a red circle <lora:style:1> <lora:ink:0.7:0.4>", seed=2)
+    tagged = gen(backend, "a red circle <lora:style:1:OUTD> <lora:ink:0.7:0.4:lbw=1,1,1,1,1,1,1,0,0,0,0,0,1,1,1,1,1>", seed=2)
+    assert np.abs(pixels(tagged.image) - pixels(plain.image)).mean() > 0.5
+    assert "style 1 (lbw) + ink 0.4 (te 0.7) (lbw)" in tagged.caption
+    assert "<lora:style:1:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0>" in tagged.infotext
+    saved, again = backend.save_image(tagged), tmp_path / "again.png"
+    assert main(["generate", str(model_dir), "--from-png", saved, "--lora-dir", str(backend.library.root),
+                 "-o", str(again)]) == 0
+    assert np.array_equal(pixels(Image.open(again)), pixels(tagged.image))
+    preset = gen(backend, "a red circle <lora:style:1:OUTD> <lora:ink:0.7:0.4>", seed=2, block_preset="OUT half")
+    for result in (tagged, preset):
+        assert "load_lora(pipe" in result.snippet and "load_lora_weights" not in result.snippet
+        scope: dict = {}
+        exec(result.snippet, scope)  # noqa: S102 - our own generated code
+        assert np.abs(pixels(scope["image"]) - pixels(result.image)).max() <= 2, result.snippet
+    # the vector replaces the preset for its LoRA; the other keeps the preset
+    assert "blocks={'style': [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], " \
+           "'ink': {'down': 1.0, 'mid': 1.0, 'up': 0.5}}" in preset.snippet
 
 
 def test_text_encoder_weight_and_block_presets_change_the_image(backend):

@@ -89,36 +89,39 @@ def default_model() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- prompts, blends
-def parse_lora_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
-    """A1111 tags out of a prompt: ``(prompt without tags, {name: (unet weight, text-encoder weight)})``.
+def parse_lora_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]], dict[str, tuple[float, ...]]]:
+    """A1111 tags out of a prompt: ``(prompt without tags, {name: (unet weight, text-encoder weight)}, {name: LoRA
+    Block Weight vector})``.
 
-    ``<lora:name>`` is weight 1, ``<lora:name:w>`` weight w for both, ``<lora:name:te:unet>`` separate weights
-    (``lora_diffusion.blend.parse_prompt``); names must be plain library names.
+    ``<lora:name>`` is weight 1, ``<lora:name:w>`` weight w for both, ``<lora:name:te:unet>`` separate weights, and the
+    LBW extension's ``<lora:name:w:IND>`` / ``lbw=1,0,...`` a block weight vector (``lora_diffusion.blend.parse_prompt``);
+    names must be plain library names.
 
     Example:
         >>> parse_lora_tags("a cat <lora:style:0.5> <lora:ink:0.2:1>")
-        ('a cat', {'style': (0.5, 0.5), 'ink': (1.0, 0.2)})
+        ('a cat', {'style': (0.5, 0.5), 'ink': (1.0, 0.2)}, {})
     """
     try:
         clean, tags = parse_prompt(prompt)
     except ValueError as e:
         raise UIError(str(e)) from None
-    with_blocks = [n for n, w in tags.items() if w.blocks is not None]
-    if with_blocks:  # (the UI's blocks are its per-block preset, which its diffusers snippet can repeat)
-        raise UIError(f"<lora:{with_blocks[0]}:...>: block weights in a tag (lbw=) are not taken here; use the per-block "
-                      "preset (lora_diffusion.blend.apply_prompt_loras applies them in Python)")
-    return clean, {check_name(n): (float(w.unet), float(w.te)) for n, w in tags.items()}
+    weights = {check_name(n): (float(w.unet), float(w.te)) for n, w in tags.items()}
+    return clean, weights, {n: tuple(w.blocks) for n, w in tags.items() if w.blocks is not None}
 
 
-def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, float] | None = None) -> None:
+def apply_blend(pipe, loras: dict[str, tuple[float, float]], blocks: dict[str, float] | None = None,
+                tag_blocks: dict[str, tuple[float, ...]] | None = None) -> None:
     """Make exactly ``loras`` active: ``{name: (unet weight, text-encoder weight)}``, UNet weights times ``blocks``.
 
     ``blocks`` scales the UNet's ``down``/``mid``/``up`` blocks (diffusers' per-block dict; see
-    ``lora_diffusion.blend.block_factor``).
+    ``lora_diffusion.blend.block_factor``); ``tag_blocks``: LoRA Block Weight vectors of some LoRAs (their tags'),
+    in place of ``blocks`` for those.
 
     Example:
         >>> apply_blend(pipe, {"style": (0.8, 0.0), "subject": (1.0, 1.0)}, {"down": 0, "mid": 1, "up": 1})
     """
+    if tag_blocks:
+        blocks = {n: list(tag_blocks[n]) if n in tag_blocks else blocks for n in loras}
     set_adapters(pipe, {n: w for n, (w, _) in loras.items()}, text_encoder={n: t for n, (_, t) in loras.items()},
                  blocks=blocks)
 
@@ -176,9 +179,10 @@ def _blend_error(error: Exception, fused: bool) -> str:
     return f"{what}: {text}{hint}"
 
 
-def blend_label(loras: dict[str, tuple[float, float]]) -> str:
-    """``"style 0.8 (te 0.5) + ink 1"``, or ``"no LoRA"``."""
-    parts = [f"{n} {_fmt(w)}" + ("" if t == w else f" (te {_fmt(t)})") for n, (w, t) in loras.items()]
+def blend_label(loras: dict[str, tuple[float, float]], tag_blocks: dict | None = None) -> str:
+    """``"style 0.8 (te 0.5) + ink 1 (lbw)"``, or ``"no LoRA"`` (``tag_blocks``: the LoRAs with block weight vectors)."""
+    parts = [f"{n} {_fmt(w)}" + ("" if t == w else f" (te {_fmt(t)})") + (" (lbw)" if n in (tag_blocks or {}) else "")
+             for n, (w, t) in loras.items()]
     return " + ".join(parts) or "no LoRA"
 
 
@@ -254,6 +258,7 @@ def diffusers_snippet(
     a1111_prompt: bool = False,
     hires: tuple[float, int, str, float] | None = None,
     init_image: tuple[str, float] | None = None,
+    tag_blocks: dict[str, tuple[float, ...]] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -261,7 +266,9 @@ def diffusers_snippet(
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
     ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules;
-    ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too)."""
+    ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too; ``tag_blocks``: LoRA Block
+    Weight vectors from the prompt's tags, which diffusers' ``set_adapters`` cannot express: the LoRAs then load and
+    blend with ``lora_diffusion``'s ``load_lora`` / ``set_adapters`` in the same pipeline)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
@@ -274,25 +281,10 @@ def diffusers_snippet(
         lines.append(f"pipe = {cls}.from_single_file({_py(model)}{config}{extra})")
     else:
         lines.append(f"pipe = DiffusionPipeline.from_pretrained({_py(model)})")
-    active = {n: wt for n, wt in loras.items()}
-    adapter_names: dict[str, str] = {}
-    for name in active:  # PEFT's adapter names can't hold '.': detail_v1.5 -> detail_v1_5 (kept distinct)
-        adapter = name.replace(".", "_")
-        while adapter in adapter_names.values():
-            adapter += "_"
-        adapter_names[name] = adapter
-        lines.append(f"pipe.load_lora_weights({_py(lora_paths[name])}, adapter_name={_py(adapter)})")
-    if active:
-        weights = []
-        for w, t in active.values():
-            if blocks is None and t == w:
-                weights.append(w)
-            else:
-                unet = w if blocks is None else {k: w * v for k, v in blocks.items()}
-                weights.append({"unet": unet, "text_encoder": t, **({"text_encoder_2": t} if sdxl else {})})
-        lines.append(f"pipe.set_adapters({list(adapter_names.values())!r}, adapter_weights={weights!r})")
-        if fused:
-            lines.append("pipe.fuse_lora()")
+    if tag_blocks:
+        lines += _lora_diffusion_blend(lora_paths, loras, blocks, tag_blocks, fused)
+    else:
+        lines += _diffusers_blend(lora_paths, loras, blocks, fused, sdxl)
     if scheduler is not None:
         name, changes = scheduler
         lines += [f"from diffusers import {name}",
@@ -338,6 +330,45 @@ def diffusers_snippet(
         lines.append("image = pipe(" + ", ".join([*args, f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]")
         return "\n".join(lines) + "\n"
     return "\n".join(lines + _hires_lines(args, second, seed, guidance, width, height, hires, sdxl)) + "\n"
+
+
+def _diffusers_blend(lora_paths: dict[str, str], loras: dict[str, tuple[float, float]], blocks: dict | None,
+                     fused: bool, sdxl: bool) -> list[str]:
+    """The snippet's blend in stock diffusers (``load_lora_weights``, ``set_adapters``, ``fuse_lora``)."""
+    lines: list[str] = []
+    active = {n: wt for n, wt in loras.items()}
+    adapter_names: dict[str, str] = {}
+    for name in active:  # PEFT's adapter names can't hold '.': detail_v1.5 -> detail_v1_5 (kept distinct)
+        adapter = name.replace(".", "_")
+        while adapter in adapter_names.values():
+            adapter += "_"
+        adapter_names[name] = adapter
+        lines.append(f"pipe.load_lora_weights({_py(lora_paths[name])}, adapter_name={_py(adapter)})")
+    if active:
+        weights = []
+        for w, t in active.values():
+            if blocks is None and t == w:
+                weights.append(w)
+            else:
+                unet = w if blocks is None else {k: w * v for k, v in blocks.items()}
+                weights.append({"unet": unet, "text_encoder": t, **({"text_encoder_2": t} if sdxl else {})})
+        lines.append(f"pipe.set_adapters({list(adapter_names.values())!r}, adapter_weights={weights!r})")
+        if fused:
+            lines.append("pipe.fuse_lora()")
+    return lines
+
+
+def _lora_diffusion_blend(lora_paths: dict[str, str], loras: dict[str, tuple[float, float]], blocks: dict | None,
+                          tag_blocks: dict[str, tuple[float, ...]], fused: bool) -> list[str]:
+    """The snippet's blend with ``lora_diffusion`` (block weight vectors, which diffusers' ``set_adapters`` lacks)."""
+    lines = ["from lora_diffusion import fuse, load_lora, set_adapters", ""]
+    lines += [f"load_lora(pipe, {_py(lora_paths[name])}, adapter={_py(name)})" for name in loras]
+    specs = {n: list(tag_blocks[n]) if n in tag_blocks else blocks for n in loras}
+    lines.append(f"set_adapters(pipe, {({n: w for n, (w, _) in loras.items()})!r}, "
+                 f"text_encoder={({n: t for n, (_, t) in loras.items()})!r}, blocks={specs!r})")
+    if fused:
+        lines.append("fuse(pipe)")
+    return lines
 
 
 def _hires_lines(args: list[str], second: list[str], seed: int, guidance: float, width: int, height: int,
@@ -770,21 +801,22 @@ class Backend:
             self._loaded[name] = key
 
     # ------------------------------------------------------------------ generate
-    def resolve_blend(self, req: GenerateRequest) -> tuple[str, dict[str, tuple[float, float]]]:
-        """The prompt without tags and the effective ``{name: (unet, te)}`` blend (tags override the sliders)."""
-        clean, tags = parse_lora_tags(req.prompt)
+    def resolve_blend(self, req: GenerateRequest) -> tuple[str, dict[str, tuple[float, float]], dict[str, tuple[float, ...]]]:
+        """The prompt without tags, the effective ``{name: (unet, te)}`` blend (tags override the sliders) and the
+        tags' block weight vectors."""
+        clean, tags, tag_blocks = parse_lora_tags(req.prompt)
         loras = {check_name(n): (w, w if t is None else t) for n, (w, t) in req.loras.items()}
         loras.update(tags)
         return clean, {n: (finite_number(w, f"the weight of {n}"), finite_number(t, f"the text-encoder weight of {n}"))
-                       for n, (w, t) in loras.items()}
+                       for n, (w, t) in loras.items()}, tag_blocks
 
     def generate(self, req: GenerateRequest) -> GenerateResult:
         """Generate one image with the requested blend; the blend is set and used under one lock."""
         if req.block_preset not in BLOCK_PRESETS:
             raise UIError(f"unknown block preset {req.block_preset!r}; choose from {list(BLOCK_PRESETS)}")
         blocks = BLOCK_PRESETS[req.block_preset]
-        prompt, loras = self.resolve_blend(req)
-        negative, neg_tags = parse_lora_tags(req.negative_prompt or "")
+        prompt, loras, tag_blocks = self.resolve_blend(req)
+        negative, neg_tags, _ = parse_lora_tags(req.negative_prompt or "")
         if neg_tags:
             raise UIError("put <lora:...> tags in the prompt, not the negative prompt")
         steps = int(req.steps)
@@ -818,7 +850,7 @@ class Backend:
             fused = bool(req.fuse and loras)
             fusing = False
             try:
-                apply_blend(pipe, loras, blocks)
+                apply_blend(pipe, loras, blocks, tag_blocks)
                 if fused:
                     fusing = True
                     fuse(pipe)
@@ -863,7 +895,7 @@ class Backend:
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
                     "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None,
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None}
-        caption = f"{blend_label(loras)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
+        caption = f"{blend_label(loras, tag_blocks)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
         if fused:
@@ -882,9 +914,9 @@ class Backend:
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
-            init_image=(init_copy, _strength(req)) if init_copy else None,
+            init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
         )
-        tagged = " ".join([prompt] + [lora_tag(n, w, te) for n, (w, te) in loras.items()]).strip()
+        tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
 
     @staticmethod
