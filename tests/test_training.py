@@ -852,3 +852,36 @@ def test_a_single_file_checkpoint_trains_the_lora_its_folder_trains(base, tmp_pa
         train(config(base, tmp_path / "a", single_file_config=base))
     with pytest.raises(ConfigError, match="--single_file_config ./nowhere: no such file or folder"):
         train(config(single, tmp_path / "b", single_file_config="./nowhere"))
+
+
+def test_init_lora_starts_the_run_from_a_files_factors(base, tmp_path):
+    """``--init_lora`` (kohya's ``--network_weights``): at learning rate 0 the run saves the very factors it started
+    from (here from a kohya copy of an earlier run); modules the file lacks start afresh; a file that does not fit
+    the run is refused, naming the module and what to pass."""
+    from lora_diffusion.formats import write_lora_file
+    from lora_diffusion.tools import convert_lora
+
+    settings = dict(train_text_encoder=True, max_train_steps=2, save_precision="fp32", rank=4, lora_alpha=2)
+    first = train(config(base, tmp_path / "a", learning_rate=1e-2, **settings))
+    start = tmp_path / "start_kohya.safetensors"
+    convert_lora(first.lora_path, start, to="kohya", dtype=torch.float32)
+    again = train(config(base, tmp_path / "b", learning_rate=0.0, init_lora=str(start), **settings))
+    started, saved = read_lora_file(first.lora_path)[0], read_lora_file(again.lora_path)[0]
+    assert saved.keys() == started.keys() and any(w.B.abs().max() > 0 for w in started.values())
+    for key, w in started.items():
+        assert torch.equal(saved[key].A, w.A) and torch.equal(saved[key].B, w.B) and saved[key].alpha == w.alpha, key
+    unet_only = tmp_path / "unet_only.safetensors"  # (the text encoder's modules, missing from it, start afresh: B = 0)
+    write_lora_file(unet_only, {k: w for k, w in started.items() if k.startswith("unet.")}, dtype=torch.float32)
+    partial = read_lora_file(train(config(base, tmp_path / "c", learning_rate=0.0, init_lora=str(unet_only), **settings)).lora_path)[0]
+    assert partial.keys() == started.keys() and all(not w.B.any() for k, w in partial.items() if k.startswith("text_encoder."))
+    assert all(torch.equal(partial[k].B, w.B) for k, w in started.items() if k.startswith("unet."))
+    for overrides, match in (({"rank": 8}, r"has rank 4, alpha 2 .*; this run trains rank 8, alpha 2 .*: pass --rank 4 --lora_alpha 2"),
+                             ({"train_text_encoder": False}, r"\d+ of its \d+ modules are not trained by this run .* or pass --train_text_encoder"),
+                             ({"use_dora": True}, "is not DoRA; --use_dora must match it")):
+        with pytest.raises(ConfigError, match=match):
+            train(config(base, tmp_path / "d", learning_rate=0.0, init_lora=str(start), overwrite=True, **{**settings, **overrides}))
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="--init_lora: .*junk.safetensors"):
+        train(config(base, tmp_path / "e", init_lora=str(tmp_path / "junk.safetensors"), **settings))
+    with pytest.raises(ConfigError, match="--init_lora .*nothing.safetensors: no such file"):
+        train(config(base, tmp_path / "e", init_lora=str(tmp_path / "nothing.safetensors"), **settings))

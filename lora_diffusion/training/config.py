@@ -68,6 +68,8 @@ class TrainConfig:
     lora_alpha: float = _f(0.0, "LoRA alpha (0 means alpha = rank)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     use_dora: bool = _f(False, "DoRA (PEFT's use_dora): also learn a magnitude per output row of each layer")
+    init_lora: str = _f("", "a LoRA file (any format load_lora reads) whose factors the run starts from, as kohya's "
+                            "--network_weights: its modules at this run's --rank and --lora_alpha, inside --target_modules")
     target_modules: str = _f("attn", "UNet layers: a preset (attn, cross, attn-mlp, full), a regex, or comma-separated module suffixes")
     train_text_encoder: bool = _f(False, "also train a LoRA in the text encoder")
     text_encoder_target_modules: str = _f("attn", "text encoder layers, as --target_modules")
@@ -195,6 +197,8 @@ class TrainConfig:
             raise ConfigError("--pivotal_tuning needs --token (the new word to learn, e.g. '<my-style>')")
         if self.mode == "subject" and not (self.token or self.instance_prompt):
             raise ConfigError("--mode subject needs --token or --instance_prompt naming the subject (e.g. 'a photo of sks dog')")
+        if self.init_lora and not Path(self.init_lora).expanduser().is_file():
+            raise ConfigError(f"--init_lora {self.init_lora}: no such file")
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"--caption_extension should start with a dot, e.g. '.txt', got {self.caption_extension!r}")
 

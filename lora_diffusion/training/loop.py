@@ -473,6 +473,53 @@ def _restore_lora(model: nn.Module, component: str, path: Path) -> None:
                 live.magnitude.copy_(saved[key].magnitude.reshape(live.magnitude.shape))
 
 
+def _read_init_lora(path: str) -> dict:
+    """``--init_lora``'s canonical modules; ``ConfigError`` for a file that cannot start a run (unreadable, or holding
+    modules that are no LoRA factors: OFT, GLoRA, (IA)^3, bias or norm deltas)."""
+    from ..formats import LoraFormatError, LoraWeights
+
+    try:
+        lora, _ = read_lora_file(Path(path).expanduser())
+    except (LoraFormatError, OSError) as e:
+        raise ConfigError(f"--init_lora: {e}") from None
+    other = next((k for k, w in lora.items() if not isinstance(w, LoraWeights) or w.oft is not None), None)
+    if other is not None:
+        what = lora[other].oft.described if isinstance(lora[other], LoraWeights) else "a parameter delta"
+        raise ConfigError(f"--init_lora {path}: {other} is {what}; a run starts from LoRA factors only (LoRA, LoCon, "
+                          "LoHa, LoKr, DoRA)")
+    return lora
+
+
+def _init_lora(trained: list[tuple[str, nn.Module]], lora: dict, config: TrainConfig) -> None:
+    """Copy ``--init_lora``'s factors (and DoRA magnitudes) into the trained adapters (kohya's --network_weights):
+    each of its modules must be trained here, at this run's rank and alpha; trained modules it lacks keep their
+    fresh start. Every module is checked before any is copied."""
+    live = {key: w for component, model in trained for key, w in lora_from_model(model, component).items()}
+    outside = sorted(set(lora) - set(live))
+    if outside:
+        hint = " or pass --train_text_encoder" if any(k.startswith("text_encoder") for k in outside) and not config.train_text_encoder else ""
+        raise ConfigError(f"--init_lora {config.init_lora}: {len(outside)} of its {len(lora)} modules are not trained by "
+                          f"this run (e.g. {outside[0]}); widen --target_modules{hint}")
+    for key, w in lora.items():
+        target = live[key]
+        if w.rank != target.rank or w.alpha != target.alpha or w.A.numel() != target.A.numel() or w.B.numel() != target.B.numel():
+            raise ConfigError(f"--init_lora {config.init_lora}: {key} has rank {w.rank}, alpha {w.alpha:g} (down "
+                              f"{list(w.A.shape)}, up {list(w.B.shape)}); this run trains rank {target.rank}, alpha "
+                              f"{target.alpha:g} (down {list(target.A.shape)}) there: pass --rank {w.rank} --lora_alpha {w.alpha:g}")
+        if (w.magnitude is None) != (target.magnitude is None):
+            raise ConfigError(f"--init_lora {config.init_lora}: {key} is {'' if w.magnitude is not None else 'not '}DoRA; "
+                              f"--use_dora must match it")
+    with torch.no_grad():
+        for key, w in lora.items():
+            target = live[key]  # (views of the trained parameters: the copies land in them)
+            target.A.copy_(w.A.reshape(target.A.shape))
+            target.B.copy_(w.B.reshape(target.B.shape))
+            if target.magnitude is not None:
+                target.magnitude.copy_(w.magnitude.reshape(target.magnitude.shape))
+    logger.info("--init_lora: %d modules start from %s%s", len(lora), config.init_lora,
+                f"; {len(live) - len(lora)} trained modules it lacks start afresh" if len(live) > len(lora) else "")
+
+
 def _average_gradients(params: list[nn.Parameter], accelerator) -> None:
     """All-reduce (mean) the LoRA gradients across processes, as one flat buffer."""
     if accelerator.num_processes == 1:
@@ -539,6 +586,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                            f" (replacing the stopped run's {', '.join(stopped)})" if stopped else "")
         else:
             resume = outputs.find_checkpoint(output_dir, config.resume_from_checkpoint)
+    init_lora = _read_init_lora(config.init_lora) if config.init_lora else None  # (a bad file: before any model loads)
     _prepare_output_dir(output_dir, resuming=resume is not None or replace_stopped, overwrite=config.overwrite)
     _check_model_paths(config)
     optimizer_class = _optimizer_class(config)
@@ -614,6 +662,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         pivot.to(device)
         groups.append({"params": pivot.vectors, "lr": config.te_lr, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]
+    if init_lora is not None:
+        trained = [("unet", unet)] + ([("text_encoder", text_encoder)] if config.train_text_encoder else []) + (
+            [("text_encoder_2", text_encoder_2)] if config.train_text_encoder and text_encoder_2 is not None else [])
+        _init_lora(trained, init_lora, config)
     for model in (unet, *encoders):
         set_backward(model, config.lora_backward)
     if config.gradient_checkpointing:
