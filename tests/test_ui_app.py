@@ -81,6 +81,21 @@ def test_sampler_prompt_syntax_hires_and_img2img_come_after_the_slots(served, tm
     assert moved.shape[:2] == (SIZE, SIZE) and "img2img, denoise 0.5" in caption and "init = Image.open(" in snippet
 
 
+def test_batch_count_makes_one_image_per_seed_in_order(served):
+    backend, _, client = served
+    slots = [False] * MAX_SLOTS + [1.0] * MAX_SLOTS + [""] * MAX_SLOTS
+    out = client.predict("a red circle", "", "all blocks", False, 5, STEPS, 5.0, SIZE, SIZE, 1, *slots,
+                         "the model's own", "Automatic", True, 1, "Latent", 0, 0.7, None, 3, api_name="/generate")
+    gallery = out[0]
+    assert [g["caption"].split("| seed ")[1].split(",")[0] for g in gallery[:3]] == ["5", "6", "7"]
+    assert len({pixels(g["image"]).tobytes() for g in gallery[:3]}) == 3
+    for i, seed in enumerate((5, 6, 7)):  # each the image one click with that seed makes
+        assert np.array_equal(pixels(gallery[i]["image"]), generate(client, backend, {}, seed=seed)[0])
+    with pytest.raises(Exception, match="17 is greater than maximum value 16"):  # (the slider's own check)
+        client.predict("a red circle", "", "all blocks", False, 5, STEPS, 5.0, SIZE, SIZE, 1, *slots,
+                       "the model's own", "Automatic", True, 1, "Latent", 0, 0.7, None, 17, api_name="/generate")
+
+
 def test_png_info_fills_the_generate_inputs(served, tmp_path):
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo

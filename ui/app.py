@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -31,6 +32,7 @@ __all__ = ["build_demo", "launch", "LoginRequired", "MAX_SLOTS"]
 
 MAX_SLOTS = 8  # LoRA rows on the Generate tab; more can be used through <lora:name:w> tags
 HISTORY = 24  # images kept in a session's gallery
+MAX_BATCH = 16  # images one Generate click makes (A1111's batch count)
 POLL_S = 0.5
 
 
@@ -101,6 +103,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         fuse = gr.Checkbox(False, label="Fuse (bake the blend into the weights while generating)")
                     with gr.Row():
                         seed = gr.Number(0, label="Seed", precision=0)
+                        batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count (seed, seed + 1, ...)")
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
                     with gr.Row():
@@ -240,16 +243,18 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             # (sampler, schedule type, A1111 syntax and hires fix come after the slots, in the order they were added:
             # API callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
-            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None)
-            sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init = (*extra, *defaults[len(extra):])[:8]
+            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1)
+            sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count = (*extra, *defaults[len(extra):])[:9]
+            count = _whole(count, "the batch count", 1)
+            if not 1 <= count <= MAX_BATCH:
+                raise UIError(f"the batch count must be between 1 and {MAX_BATCH}, got {count}")
             names = names or backend.library.names()[:max_slots]
             use, w, te = slots[:max_slots], slots[max_slots : 2 * max_slots], slots[2 * max_slots :]
             loras = {}
             for i, name in enumerate(names[:max_slots]):
                 if use[i]:
                     loras[name] = (float(w[i]), _optional_weight(te[i], name))
-            result = backend.generate(
-                GenerateRequest(prompt=prompt or "", negative_prompt=negative or "", loras=loras, block_preset=preset,
+            request = GenerateRequest(prompt=prompt or "", negative_prompt=negative or "", loras=loras, block_preset=preset,
                                 fuse=bool(fuse), seed=_whole(seed, "the seed", 0), steps=_whole(steps, "steps"),
                                 guidance=_number(guidance, "guidance"), width=_whole(width, "the width", 0) or None,
                                 height=_whole(height, "the height", 0) or None, clip_skip=_whole(clip_skip, "CLIP skip", 1),
@@ -258,21 +263,24 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 hires_scale=_number(hr_scale, "the hires upscale"), hires_upscaler=hr_upscaler or "Latent",
                                 hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"),
                                 init_image=_file_path(init) if init else None)
-            )
-            info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
-            # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
-            path = backend.save_image(result)
-            past = [{"image": path, "caption": result.caption, "info": info, "snippet": result.snippet}, *(past or [])][:HISTORY]
-            return [(h["image"], h["caption"]) for h in past], past, info, result.snippet
+            made = []
+            for i in range(count):  # (A1111's batch count: seed, seed + 1, ...; each image its own request and PNG)
+                result = backend.generate(dataclasses.replace(request, seed=request.seed + i))
+                info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
+                # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
+                path = backend.save_image(result)
+                made.append({"image": path, "caption": result.caption, "info": info, "snippet": result.snippet})
+            past = [*made, *(past or [])][:HISTORY]
+            return [(h["image"], h["caption"]) for h in past], past, made[0]["info"], made[0]["snippet"]
 
-        # the API's parameter names, and a default for the init image (an input without a value is otherwise
-        # required, which would break callers written before it)
+        # the API's parameter names, and defaults for the init image and batch count (an input without a value is
+        # otherwise required, which would break callers written before it)
         on_generate.__signature__ = _positional_signature(
             ["prompt", "negative_prompt", "block_preset", "fuse", "seed", "steps", "guidance", "width", "height",
              "clip_skip", "slot_names", "history", *(f"{kind}_{i}" for kind in ("use", "weight", "te_weight")
                                                       for i in range(max_slots)),
              "sampler", "schedule_type", "a1111_syntax", "hires_scale", "hires_upscaler", "hires_steps",
-             "denoising_strength"], {"init_image": None})
+             "denoising_strength"], {"init_image": None, "batch_count": 1})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -368,7 +376,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         generate_btn.click(
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
-             *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image],
+             *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
