@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 gr = pytest.importorskip("gradio", reason="the UI needs gradio: pip install -e '.[ui]'")
 gradio_client = pytest.importorskip("gradio_client")
@@ -245,6 +246,14 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     assert (header["ss_clip_skip"], header["ss_shuffle_caption"], header["ss_keep_tokens"]) == ("2", "True", "1")  # kohya options
     img, caption, _, _ = generate(client, backend, {"trained": (1.0, None)})
     assert caption.startswith("trained 1")
+    # continue training it (at learning rate 0: the same factors and DoRA magnitudes come out)
+    out = client.predict([handle_file(str(p)) for p in images[:1]], None, table, "trained_more", "style", "", 8, 1, 0.0, 0.0,
+                         False, False, SIZE, "", 0, "kohya", 1, False, 0, 0.0, "trained", api_name="/train")
+    assert "done" in out[1], out[1]
+    more, _ = read_lora_file(backend.library.path_for("trained_more"))
+    assert more.keys() == lora.keys() and all(
+        torch.equal(more[k].A, w.A) and torch.equal(more[k].B, w.B) and torch.equal(more[k].magnitude, w.magnitude)
+        for k, w in lora.items())
 
 
 def test_empty_or_non_number_boxes_show_a_message(served, tmp_path):

@@ -669,6 +669,35 @@ def test_training_with_the_real_trainer(tmp_path, model_dir):
     gen(backend, loras={"tiny_style": (1.0, None)})
 
 
+def test_continuing_a_library_lora_trains_its_modules_from_its_factors(tmp_path, model_dir, lora_files):
+    """The Train tab's "continue training" (``--init_lora``): the run takes the LoRA's modules, rank and alpha (the
+    request's rank is not used), and at learning rate 0 saves the factors it started from."""
+    from lora_diffusion.formats import read_lora_file
+    from ui.handlers import TrainRequest
+
+    lib = tmp_path / "loras"
+    lib.mkdir()
+    for name in ("ink", "style"):
+        shutil.copy(lora_files[name], lib / f"{name}.safetensors")
+    backend = Backend(model_dir, lib)
+    images = [(str(p), "a square") for p in make_images(tmp_path / "imgs", 2)]
+    job = backend.start_training(TrainRequest(
+        name="ink_more", images=images, max_train_steps=1, rank=8, learning_rate=0.0, text_encoder_lr=0.0, resolution=SIZE,
+        continue_from="ink", extra={"save_precision": "fp32", "num_validation_images": 0}))
+    assert job.done_event.wait(120), job.status
+    assert job.status == "done", job.message
+    assert (job.config.rank, job.config.lora_alpha, job.config.train_text_encoder) == (2, 2.0, True)
+    started, saved = read_lora_file(lib / "ink.safetensors")[0], read_lora_file(lib / "ink_more.safetensors")[0]
+    assert saved.keys() == started.keys() and any(k.startswith("text_encoder.") for k in saved)
+    for key, w in started.items():
+        assert torch.equal(saved[key].A, w.A.float()) and torch.equal(saved[key].B, w.B.float()), key
+    for name, match in (("style", r"cannot continue 'style': its modules differ in rank, alpha or DoRA \(rank 2 alpha 2, "
+                                  r"rank 4 alpha 4\)"), ("ghost", "no LoRA named 'ghost' in the library to continue")):
+        with pytest.raises(UIError, match=match):
+            backend.start_training(TrainRequest(name=f"{name}_more", images=images, continue_from=name, resolution=SIZE))
+        assert f"{name}_more" not in backend.library.names()
+
+
 def test_an_sdxl_model_trains_and_generates_with_its_lora(tmp_path):
     from lora_diffusion.testing import tiny_sdxl_pipeline
     from ui.handlers import TrainRequest

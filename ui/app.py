@@ -170,6 +170,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             shuffle_caption = gr.Checkbox(False, label="Shuffle caption tags")
                             keep_tokens = gr.Number(0, label="Keep first N tags in place", precision=0)
                             caption_dropout = gr.Number(0.0, label="Caption dropout rate")
+                        continue_from = gr.Dropdown(choices=[], value=None, allow_custom_value=True, elem_id="continue-from",
+                                                    label="Continue training a library LoRA (kohya's --network_weights: "
+                                                          "its modules, rank, alpha and DoRA; blank: a new LoRA)")
                     with gr.Row():
                         start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
                         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -208,7 +211,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         # ------------------------------------------------------------------ handlers
         refresh_outputs = [slot_names, no_loras, *slot_rows, *checks, *weights, *te_weights, merge_table, lib_table,
-                           lib_samples, delete_name, folder]
+                           lib_samples, delete_name, folder, continue_from]
 
         def refresh(previous=None):
             names = backend.library.names()
@@ -236,6 +239,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 samples,
                 gr.Dropdown(choices=names, value=None),
                 gr.Dropdown(choices=backend.data_folders(), value=None),
+                gr.Dropdown(choices=names, value=None),
             ]
 
         @_user_errors
@@ -295,7 +299,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             return caption_rows(paths)
 
         def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
-                     fmt, skip, shuffle, keep, dropout):
+                     fmt, skip, shuffle, keep, dropout, continue_from=None):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -309,6 +313,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     extra={"clip_skip": _whole(skip, "CLIP skip", 1), "shuffle_caption": bool(shuffle),
                            "keep_tokens": _whole(keep, "the tags kept in place", 0),
                            "caption_dropout_rate": _number(dropout, "the caption dropout rate")},
+                    continue_from=continue_from or None,
                 )
                 job = backend.start_training(req)
             except (UIError, LoraFormatError) as e:
@@ -387,7 +392,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         start_btn.click(
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
-             val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout],
+             val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout, continue_from],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time

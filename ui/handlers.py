@@ -36,7 +36,7 @@ import torch
 
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import merge_loras, parse_prompt
-from lora_diffusion.formats import WRITERS, LoraFormatError
+from lora_diffusion.formats import WRITERS, LoraFormatError, read_lora_file
 from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size,
                                      image_to_image, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
                                      png_infotext, second_pass_params, set_sampler, split_sampler)
@@ -549,6 +549,9 @@ class TrainRequest:
     seed: int = 0
     format: str = "diffusers"  # the library file's: "kohya" loads in A1111 and ComfyUI too
     extra: dict = field(default_factory=dict)  # any other TrainConfig fields, e.g. {"num_validation_images": 2}
+    # a library LoRA to continue training (``--init_lora``): the run trains its modules at its rank, alpha and DoRA,
+    # starting from its factors (``rank``, ``train_text_encoder`` and ``use_dora`` are then the LoRA's)
+    continue_from: str | None = None
 
 
 @dataclass
@@ -1132,6 +1135,7 @@ class Backend:
                 "validation_steps": max(1, int(req.max_train_steps) // 4),  # a few samples while it runs
                 "seed": int(req.seed),
                 **req.extra,
+                **(self._continue_settings(req.continue_from) if req.continue_from else {}),
             }
             if dataclasses.is_dataclass(TrainConfig):
                 known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -1154,6 +1158,44 @@ class Backend:
         job.max_steps = int(req.max_train_steps)
         logger.info("queued training job %d (%s) on %d images", job_id, name, count)
         return self.queue.submit(job)
+
+    def _continue_settings(self, name: str) -> dict:
+        """The training settings that continue library LoRA ``name``: its file as ``init_lora``, its modules as the
+        targets (regexes of their paths), its rank, alpha and DoRA. ``UIError`` for a LoRA a run cannot continue."""
+        from lora_diffusion.formats import LoraWeights
+
+        path = self.library.path_for(name)
+        if not path.is_file():
+            raise UIError(f"no LoRA named {name!r} in the library to continue")
+        try:
+            lora, _ = read_lora_file(path)
+        except LoraFormatError as e:
+            raise UIError(f"cannot continue {name!r}: {e}") from None
+        other = next((k for k, w in lora.items() if not isinstance(w, LoraWeights) or w.oft is not None), None)
+        if other is not None:
+            raise UIError(f"cannot continue {name!r}: {other} is no LoRA factors (an OFT / GLoRA / (IA)^3 module or a "
+                          "parameter delta)")
+        shapes = {(w.rank, w.alpha, w.magnitude is not None) for w in lora.values()}
+        if len(shapes) != 1:
+            raise UIError(f"cannot continue {name!r}: its modules differ in rank, alpha or DoRA ("
+                          + ", ".join(f"rank {r} alpha {a:g}{' DoRA' if d else ''}" for r, a, d in sorted(shapes))
+                          + "); a run trains one of each")
+        (rank, alpha, dora), = shapes
+        paths = {"unet": [], "text": []}
+        for key in lora:
+            component, _, module = key.partition(".")
+            paths["unet" if component == "unet" else "text"].append(module.removeprefix("text_model."))
+        if not paths["unet"]:
+            raise UIError(f"cannot continue {name!r}: it has no UNet modules")
+
+        def pattern(modules: list[str]) -> str:
+            return "|".join(re.escape(m) for m in sorted(set(modules)))
+
+        settings = {"init_lora": str(path), "rank": rank, "lora_alpha": float(alpha), "use_dora": dora,
+                    "target_modules": pattern(paths["unet"]), "train_text_encoder": bool(paths["text"])}
+        if paths["text"]:  # (transformers' flattened CLIPTextModel names its modules without text_model.)
+            settings["text_encoder_target_modules"] = f"(?:text_model\\.)?(?:{pattern(paths['text'])})"
+        return settings
 
     def _default_resolution(self) -> int:
         """The base model's native image size (sample size x VAE scale), read without loading the model."""
