@@ -507,6 +507,15 @@ def test_an_sdxl_model_generates_and_its_snippet_weights_both_text_encoders(tmp_
     ours = pixels(result.image)
     assert np.abs(pixels(scope["image"]) - ours).max() <= 2, result.snippet
     assert np.abs(plain - ours).mean() > 1.0  # the LoRA mattered
+    start = tmp_path / "start.png"
+    result.image.save(start)
+    for kw in ({"hires_scale": 1.5, "hires_steps": 2, "denoising_strength": 0.6},  # SDXL's img2img pipeline in both
+               {"init_image": str(start), "denoising_strength": 0.5, "negative_prompt": "dark"}):
+        second = gen(backend, loras={"xlstyle": (0.8, 0.5)}, **kw)
+        assert "StableDiffusionXLImg2ImgPipeline" in second.snippet
+        scope = {}
+        exec(second.snippet, scope)  # noqa: S102 - our own generated code
+        assert np.abs(pixels(scope["image"]) - pixels(second.image)).max() <= 2, second.snippet
 
 
 def test_a_backend_keeps_the_newest_images_on_disk(backend, monkeypatch):
