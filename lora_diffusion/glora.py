@@ -90,6 +90,10 @@ class Glora(NamedTuple):
         if self.old_layout and any(k != 1 for k in weight_shape[2:]):
             raise ValueError(f"has GLoRA factors in LyCORIS' first layout, which is for Linear and 1x1 conv layers; the "
                              f"layer's weight is {list(weight_shape)}")
+        b_in = (self.b1 if self.old_layout else self.b2)  # (B's input side: a conv's kernel too)
+        if b_in[0].numel() != weight_shape[1:].numel():
+            raise ValueError(f"has a GLoRA {'b1' if self.old_layout else 'b2'} of shape {list(b_in.shape)}; the layer's "
+                             f"weight {list(weight_shape)} needs {weight_shape[1:].numel()} values per row")
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """``W' - W`` on ``weight``, in fp32 (fp64 for an fp64 weight), in ``weight``'s shape. Raises ``ValueError``

@@ -143,6 +143,8 @@ def test_glora_and_ia3_files_inspect_and_refuse_what_needs_the_base_weights(tmp_
     ({k: v for k, v in _glora_roles("new", 64, 64, 4, 1).items() if k != "b1.weight"}, "to_q has GLoRA keys without b1.weight"),
     ({**_glora_roles("new", 64, 64, 4, 1), "dora_scale": torch.ones(64, 1)}, "GLoRA factors and a DoRA magnitude"),
     ({**_glora_roles("new", 64, 64, 4, 1), "bm.weight": torch.ones(4, 4, 1, 1)}, r"GLoRA Tucker core \(bm.weight\)"),
+    ({**_glora_roles("new", 64, 64, 4, 1), "b2.weight": torch.ones(4, 64, 3, 3)},
+     r"to_q has a GLoRA b2 of shape \[4, 64, 3, 3\]; the layer's weight \[64, 64\] needs 64 values per row"),
     ({"weight": torch.zeros(32), "on_input": torch.tensor(0)}, r"to_q has an \(IA\)\^3 weight of 32 values for the layer's output rows \(64"),
     ({"weight": torch.zeros(4, 4), "on_input": torch.tensor(0)}, r"has an \(IA\)\^3 weight of shape \[4, 4\]; it needs \[n\]"),
     ({"weight": torch.zeros(64), "on_input": torch.tensor(2)}, r"has on_input \[?2\]?; it is 0 or 1"),
