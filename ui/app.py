@@ -244,8 +244,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
-            # (sampler, schedule type, A1111 syntax and hires fix come after the slots, in the order they were added:
-            # API callers' positions stay as they were, and a call without the newer ones takes their defaults)
+            # (sampler, schedule type, A1111 syntax, hires fix, init image and batch count come after the slots, in the
+            # order they were added: API callers' positions stay as they were, and a call without the newer ones takes
+            # their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1)
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count = (*extra, *defaults[len(extra):])[:9]
