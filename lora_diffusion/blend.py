@@ -217,15 +217,43 @@ def _as_layer(a: torch.Tensor, b: torch.Tensor, like: LoraWeights) -> LoraWeight
     return LoraWeights(a, b, float(r))
 
 
-def merge_params(inputs: Sequence[tuple[dict, float]]) -> dict:
+def _weighted_inputs(inputs: Sequence[tuple]) -> list[tuple[dict, float, BlockSpec]]:
+    """``(dict, weight)`` or ``(dict, weight, block spec)`` entries as ``(dict, weight, spec or None)``, each spec
+    checked (``check_blocks``)."""
+    out = []
+    for entry in inputs:
+        lora, w, spec = (*entry, None)[:3]
+        check_blocks(spec)
+        out.append((lora, float(w), spec))
+    return out
+
+
+def _parts(inputs: list[tuple[dict, float, BlockSpec]], key: str, module: str) -> list[tuple[object, float]]:
+    """The inputs' entries for ``key`` with their weights on the layer ``module`` names (``"<component>.<path>"``):
+    the weight times the block spec's factor there, as ``set_adapters(blocks=...)`` weighs it. An entry that its
+    block spec weighs at 0 is left out (a zero weight given as such stays, as before block specs)."""
+    component, _, path = module.partition(".")
+    parts = []
+    for entries, w, spec in inputs:
+        if key in entries:
+            weight = w if spec is None else w * block_factor(spec, component, path)
+            if spec is None or weight != 0.0:
+                parts.append((entries[key], weight))
+    return parts
+
+
+def merge_params(inputs: Sequence[tuple]) -> dict:
     """Weighted sum of parameter deltas (``params.ParamDelta``): full deltas added, an embedding table's factors
     concatenated (``w * alpha / r`` folded into B, alpha = rank), as ``merge_lora_dicts`` merges LoRA layers; a
-    table with both kinds is summed densely."""
+    table with both kinds is summed densely. Entries ``(deltas, weight)`` or ``(deltas, weight, block spec)``."""
     from .params import ParamDelta
 
     out = {}
-    for key in dict.fromkeys(k for params, _ in inputs for k in params):
-        parts = [(params[key], w) for params, w in inputs if key in params]
+    inputs = _weighted_inputs(inputs)
+    for key in dict.fromkeys(k for params, _, _ in inputs for k in params):
+        parts = _parts(inputs, key, key.rsplit(".", 1)[0])  # (a parameter's module: its block)
+        if not parts:
+            continue
         if all(d.delta is None for d, _ in parts):
             a = torch.cat([d.A.float() for d, _ in parts])
             b = torch.cat([d.B.float() * (w * d.alpha / d.A.shape[0]) for d, w in parts], dim=1)
@@ -259,7 +287,7 @@ def _refuse_base_dependent(lora: Lora, source: str) -> None:
 
 
 def merge_lora_dicts(
-    loras: Sequence[tuple[Lora, float]],
+    loras: Sequence[tuple[Lora, float] | tuple[Lora, float, BlockSpec]],
     *,
     mode: str = "concat",
     rank: int | None = None,
@@ -274,10 +302,14 @@ def merge_lora_dicts(
     matrix; the singular values are split evenly between the factors. Errors are measured after casting the
     factors to ``dtype`` (what the file will hold). Layers present in only some inputs are merged from those.
     ``fro`` (svd): a rank per layer, the fewest singular values that keep this share of ``dW``'s Frobenius norm
-    (kohya's ``resize_lora.py --dynamic_method sv_fro``), at most ``rank``.
+    (kohya's ``resize_lora.py --dynamic_method sv_fro``), at most ``rank``. An entry ``(lora, w, blocks)`` weighs its
+    layers by a block spec too (``block_factor``: an LBW vector or preset's values, a diffusers block dict), as
+    ``set_adapters(blocks=...)`` does at run time; an input its blocks weigh at 0 on a layer is left out there (a layer
+    that all inputs' blocks zero, altogether).
 
     Example:
         >>> report = merge_lora_dicts([(style, 0.7), (subject, 0.3)], mode="svd", rank=8)
+        >>> report = merge_lora_dicts([(style, 1.0, LBW_PRESETS["OUTD"]), (subject, 0.5)])
     """
     if mode not in ("concat", "svd"):
         raise ValueError(f"mode must be 'concat' or 'svd', got {mode!r}")
@@ -289,14 +321,17 @@ def merge_lora_dicts(
         raise ValueError(f"fro={fro} needs mode='svd' and a share in (0, 1]")
     if not loras:
         raise ValueError("nothing to merge")
-    for lora, _ in loras:
+    loras = _weighted_inputs(loras)
+    for lora, _, _ in loras:
         _refuse_base_dependent(lora, "a LoRA to merge")
-    keys = list(dict.fromkeys(k for lora, _ in loras for k in lora))
+    keys = list(dict.fromkeys(k for lora, _, _ in loras for k in lora))
     merged: Lora = {}
     errors: dict[str, float] = {}
     err_sq = norm_sq = 0.0
     for key in keys:
-        parts = [(lora[key], float(w)) for lora, w in loras if key in lora]
+        parts = _parts(loras, key, key)
+        if not parts:
+            continue  # (every input's blocks weigh this layer at 0)
         shapes = {(tuple(p.A.shape[1:]), tuple(p.B.shape[:1])) for p, _ in parts}
         if len(shapes) > 1:
             raise ValueError(f"{key}: the inputs disagree on the layer's shape ({sorted(shapes)}); they target different models")
@@ -321,6 +356,8 @@ def merge_lora_dicts(
             total = float(exact.pow(2).sum())
             errors[key] = (diff / total) ** 0.5 if total > 0 else 0.0
             err_sq, norm_sq = err_sq + diff, norm_sq + total
+    if keys and not merged:
+        raise ValueError("the inputs' block weights weigh every layer at 0: nothing to merge")
     report = MergeReport(merged, mode, errors, (err_sq / norm_sq) ** 0.5 if norm_sq > 0 else 0.0)
     if mode == "svd":
         logger.info("svd merge to rank %s: overall relative Frobenius error %.3g", rank, report.error)
@@ -328,7 +365,7 @@ def merge_lora_dicts(
 
 
 def merge_loras(
-    inputs: Mapping[str | os.PathLike, float] | Sequence[tuple[str | os.PathLike, float]],
+    inputs: Mapping[str | os.PathLike, float | tuple[float, BlockSpec]] | Sequence[tuple],
     out: str | os.PathLike | None = None,
     *,
     mode: str = "concat",
@@ -341,17 +378,21 @@ def merge_loras(
     """Merge LoRA files with weights (any readable format, mixed ranks and alphas) and write ``out``.
 
     See ``merge_lora_dicts`` for the modes (and ``fro``; one input with ``mode="svd"`` resizes a LoRA). ``format``: ``"diffusers"`` or ``"kohya"``. The merge's inputs,
-    weights, mode, rank and (svd) overall error go into the file's metadata. Returns the ``MergeReport``.
+    weights, mode, rank and (svd) overall error go into the file's metadata. Returns the ``MergeReport``. An input
+    may come with a block spec, ``{path: (weight, blocks)}`` or ``(path, weight, blocks)``: an LBW vector (or a preset's
+    values, ``LBW_PRESETS``) or a diffusers block dict, weighing its layers as ``set_adapters(blocks=...)`` does.
 
     Example:
         >>> merge_loras({"a.safetensors": 0.7, "b.safetensors": 0.3}, "out.safetensors", mode="svd", rank=16).error
         0.0123
+        >>> merge_loras([("a.safetensors", 1.0, LBW_PRESETS["OUTD"]), ("b.safetensors", 0.5)], "out.safetensors")
     """
-    pairs = list(inputs.items()) if isinstance(inputs, Mapping) else list(inputs)
+    triples = [_input_triple(entry) for entry in (inputs.items() if isinstance(inputs, Mapping) else inputs)]
+    pairs = [(path, w) for path, w, _ in triples]
     read = [read_lora_file_with_params(path) for path, _ in pairs]
-    loras = [(lora, float(w)) for (lora, _, _), (_, w) in zip(read, pairs)]
-    params = merge_params([(p, float(w)) for (_, p, _), (_, w) in zip(read, pairs)])
-    for (path, _), (lora, _) in zip(pairs, loras):
+    loras = [(lora, float(w), blocks) for (lora, _, _), (_, w, blocks) in zip(read, triples)]
+    params = merge_params([(p, float(w), blocks) for (_, p, _), (_, w, blocks) in zip(read, triples)])
+    for (path, _), (lora, _, _) in zip(pairs, loras):
         _refuse_base_dependent(lora, str(path))
     embeddings = _bundled(pairs, [header for _, _, header in read])
     if embeddings and format != "kohya":
@@ -362,7 +403,8 @@ def merge_loras(
         meta = {
             "format_version": FORMAT_VERSION,
             "name": Path(out).stem,
-            "merged_from": [{"file": Path(p).name, "weight": float(w)} for p, w in pairs],
+            "merged_from": [{"file": Path(p).name, "weight": float(w), **({"blocks": _jsonable(b)} if b is not None else {})}
+                            for p, w, b in triples],
             "merge_mode": mode,
             **({"merge_rank": rank, "merge_rel_error": report.error} if mode == "svd" else {}),
             **({"merge_fro": fro} if fro is not None else {}),
@@ -371,6 +413,22 @@ def merge_loras(
         write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype, embeddings=embeddings or None, params=params or None)
         report.path = Path(out)
     return report
+
+
+def _input_triple(entry: tuple) -> tuple[str | os.PathLike, float, BlockSpec]:
+    """A merge input, ``(path, weight)``, ``(path, weight, blocks)`` or ``(path, (weight, blocks))``, as
+    ``(path, weight, blocks or None)``."""
+    path, *rest = entry
+    if len(rest) == 1 and isinstance(rest[0], tuple):
+        rest = list(rest[0])
+    if len(rest) not in (1, 2):
+        raise ValueError(f"a merge input is (file, weight) or (file, weight, blocks), got {entry!r}")
+    return path, float(rest[0]), rest[1] if len(rest) == 2 else None
+
+
+def _jsonable(spec: BlockSpec):
+    """A block spec as the metadata holds it (a vector as a list)."""
+    return dict(spec) if isinstance(spec, Mapping) else spec if isinstance(spec, (int, float)) else [float(v) for v in spec]
 
 
 # ---------------------------------------------------------------------------------------------- prompt syntax

@@ -73,6 +73,7 @@ def bake(
     out_dir: str | os.PathLike,
     *,
     text_encoder: dict[str | os.PathLike, float] | None = None,
+    blocks: dict[str | os.PathLike, object] | None = None,
     dtype: torch.dtype | None = None,
     single_file: str | os.PathLike | None = None,
     base_config: str | os.PathLike | None = None,
@@ -84,7 +85,8 @@ def bake(
     as A1111 / Civitai share them: SD 1.x/2.x or SDXL; ``base_config``, a diffusers folder or hub id of the same
     architecture, gives its configs and tokenizers, else diffusers fetches them from the Hub) or a loaded pipeline
     (left as it was). ``text_encoder`` optionally gives
-    other weights for the text encoder, per file. The result loads with ``from_pretrained`` and no LoRA code.
+    other weights for the text encoder, per file; ``blocks`` per-block weights, per file (as ``set_adapters(blocks=...)``
+    takes them: an LBW vector or a diffusers block dict). The result loads with ``from_pretrained`` and no LoRA code.
     ``single_file`` also writes an original-layout (LDM; SGM for SDXL) ``.safetensors`` checkpoint for A1111 / ComfyUI
     (``to_ldm_checkpoint``).
     Outputs are refused if they are (or, for the folder, hold or lie inside) an input or the base folder, and if
@@ -117,7 +119,8 @@ def bake(
         for i, path in enumerate(loras):
             names[path] = load_lora(pipe, path, adapter=_free_name(f"_bake{i}", taken))
         te = {names[p]: float(w) for p, w in (text_encoder or {}).items()}
-        set_adapters(pipe, {names[p]: float(w) for p, w in loras.items()}, text_encoder=te or None)
+        set_adapters(pipe, {names[p]: float(w) for p, w in loras.items()}, text_encoder=te or None,
+                     blocks={names[p]: spec for p, spec in blocks.items()} if blocks else None)
         fuse(pipe)  # wrappers are swapped out while fused: the modules saved are the plain ones, fused weights
         with atomic_folder(out_dir) as tmp:
             pipe.save_pretrained(tmp)
@@ -448,9 +451,22 @@ def _embeddings(src: Path, header: dict[str, str], meta: dict, pivotal: bool) ->
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _weighted(spec: str) -> tuple[str, float]:
+def _weighted(spec: str) -> tuple[str, float] | tuple[str, float, tuple[float, ...]]:
     """``path.safetensors:0.7`` -> ``("path.safetensors", 0.7)``; no ``:weight`` means 1.0 (and so does an
-    existing file whose name has a colon)."""
+    existing file whose name has a colon). ``path:0.7:OUTD`` or ``path:0.7:1,0,...`` adds a LoRA Block Weight preset
+    or vector (``blend.LBW_PRESETS``; 17 values for SD1, 12 for SDXL): ``(path, 0.7, vector)``."""
+    from .blend import LBW_PRESETS, check_blocks
+
+    head, colon, last = spec.rpartition(":")
+    if colon and head and not os.path.exists(spec) and (last in LBW_PRESETS or "," in last):
+        try:
+            blocks = tuple(float(v) for v in LBW_PRESETS.get(last, last.split(",")))
+            check_blocks(blocks)
+        except ValueError as e:
+            reason = str(e) if "LoRA Block Weight" in str(e) else "a block weight vector holds numbers"
+            raise ValueError(f"{spec}: {last!r} is no block weights ({reason}; FILE[:WEIGHT[:BLOCKS]], e.g. "
+                             "style.safetensors:0.7:OUTD)") from None
+        return (*_weighted(head), blocks)
     path, colon, weight = spec.rpartition(":")
     if not colon or os.path.exists(spec) or not path:
         return spec, 1.0
@@ -469,7 +485,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.fro is not None and args.mode != "svd":
         raise ValueError(f"--fro {args.fro} needs --mode svd")
     inputs = [_weighted(s) for s in args.inputs]
-    check_output(args.output, [("the input", p) for p, _ in inputs], overwrite=args.overwrite)
+    check_output(args.output, [("the input", p) for p, *_ in inputs], overwrite=args.overwrite)
     report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype],
                          fro=args.fro)
     print(f"wrote {args.output}: {len(report.lora)} layers, ranks {report.ranks}, mode {report.mode}")
@@ -506,9 +522,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_bake(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
-    loras = dict(_weighted(s) for s in args.loras)
-    out = bake(args.base, loras, args.output, dtype=dtype, single_file=args.single_file, base_config=args.base_config,
-               overwrite=args.overwrite)
+    inputs = [_weighted(s) for s in args.loras]
+    blocks = {path: list(rest[0]) for path, _, *rest in inputs if rest}
+    out = bake(args.base, {path: w for path, w, *_ in inputs}, args.output, blocks=blocks or None, dtype=dtype,
+               single_file=args.single_file, base_config=args.base_config, overwrite=args.overwrite)
     print(f"wrote {out}" + (f" and {args.single_file}" if args.single_file else ""))
     return 0
 
@@ -543,7 +560,8 @@ def register(subparsers) -> None:
     """Add ``merge``, ``resize``, ``convert``, ``bake``, ``extract`` and ``inspect`` to the ``lora-diffusion`` command
     line."""
     p = subparsers.add_parser("merge", help="merge LoRA files with weights into one (exact concat or SVD)")
-    p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT[:BLOCKS]]",
+                   help="BLOCKS: a LoRA Block Weight preset (OUTD, IND, ...) or vector (1,0,0,...: 17 values for SD1, 12 for SDXL)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--mode", choices=["concat", "svd"], default="concat", help="concat: exact, ranks add up; svd: compress to --rank")
     p.add_argument("--rank", type=int, default=None)
@@ -568,7 +586,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("bake", help="write a diffusers model folder with LoRA files fused in")
     p.add_argument("base", help="a diffusers model folder, a hub id or a single-file .safetensors checkpoint")
-    p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT[:BLOCKS]]", help="BLOCKS: a LoRA Block Weight preset (OUTD, ...) or vector, as for merge")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     p.add_argument("--single-file", default=None, metavar="CKPT.safetensors", help="also write an original-layout checkpoint (A1111/ComfyUI)")

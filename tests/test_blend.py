@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from lora_diffusion import fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import LBW_SD1, PromptWeight, apply_prompt_loras, block_factor, lbw_block, merge_loras, parse_prompt
 from lora_diffusion.cli import main as cli_main
-from lora_diffusion.formats import read_lora_file, read_safetensors, write_lora_file
+from lora_diffusion.formats import our_metadata, read_lora_file, read_safetensors, write_lora_file
 from lora_diffusion.inject import lora_layers
 from lora_diffusion.layers import LoraLinear
 from lora_diffusion.testing import random_lora, tiny_pipeline
@@ -202,6 +202,45 @@ def test_concat_merge_equals_runtime_blend(files, tmp_path):
     assert merged.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q").specs["ab"].rank == 6
     blended = loaded(files, "a", "b", a=0.3, b=-0.9)
     np.testing.assert_allclose(generate(merged), generate(blended), atol=1e-5)
+
+
+def test_merges_and_bakes_with_block_weights_equal_the_runtime_blend(files, tmp_path):
+    """Per-block weights in a merge (an LBW vector, a diffusers block dict; the API and ``merge a:1:OUTD``) and in a
+    bake give what ``set_adapters(blocks=...)`` gives at run time; layers every block weight zeroes are left out."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_diffusion.blend import LBW_PRESETS
+
+    a, b = files / "a.safetensors", files / "b.safetensors"
+    outd, dicts = list(LBW_PRESETS["OUTD"]), {"down": 0.2, "mid": 1.0, "up": {"block_1": [0.5, 0.0, 1.5]}}
+    blended = loaded(files, "a", "b")
+    set_adapters(blended, {"a": 0.8, "b": -0.6}, blocks={"a": outd, "b": dicts})
+    merge_loras([(a, 0.8, outd), (b, -0.6, dicts)], tmp_path / "api.safetensors", dtype=torch.float32)
+    assert cli_main(["merge", f"{a}:0.8:OUTD", f"{b}:-0.6", "-o", str(tmp_path / "cli.safetensors"), "--dtype", "fp32"]) == 0
+    merged = tiny_pipeline(0)
+    load_lora(merged, tmp_path / "api.safetensors")
+    np.testing.assert_allclose(generate(merged), generate(blended), atol=1e-5)
+    cli = read_lora_file(tmp_path / "cli.safetensors")[0]
+    same = merge_loras([(a, 0.8, outd), (b, -0.6)], dtype=torch.float32).lora
+    assert cli.keys() == same.keys()
+    for key, w in same.items():  # (the command line's preset name is the API's vector)
+        assert torch.equal(cli[key].A, w.A) and torch.equal(cli[key].B, w.B), key
+    meta = our_metadata(read_lora_file(tmp_path / "api.safetensors")[1])
+    assert meta["merged_from"][0]["blocks"] == outd and meta["merged_from"][1]["blocks"] == dicts
+    # OUTD keeps BASE (the text encoder) and OUT03-OUT06, none of which the tiny UNet has: only a's text encoder is left
+    alone = merge_loras([(a, 1.0, outd)]).lora
+    assert set(alone) == {k for k in read_lora_file(a)[0] if k.startswith("text_encoder.")}
+    for bad in (f"{a}:1:1,0,1", f"{a}:1:NONE"):  # (a vector of 3 values; every block at 0)
+        assert cli_main(["merge", bad, "-o", str(tmp_path / "bad.safetensors")]) == 2
+        assert not (tmp_path / "bad.safetensors").exists()
+    base = tiny_pipeline(0)
+    base.save_pretrained(tmp_path / "base")
+    assert cli_main(["bake", str(tmp_path / "base"), f"{a}:0.8:OUTD", "-o", str(tmp_path / "baked")]) == 0
+    baked = StableDiffusionPipeline.from_pretrained(tmp_path / "baked", safety_checker=None, requires_safety_checker=False)
+    baked.set_progress_bar_config(disable=True)
+    one = loaded(files, "a")
+    set_adapters(one, {"a": 0.8}, blocks={"a": outd})
+    np.testing.assert_allclose(generate(baked), generate(one), atol=1e-5)
 
 
 def _file_deltas(path, weights=None) -> dict[str, torch.Tensor]:
