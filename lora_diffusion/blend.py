@@ -36,6 +36,7 @@ __all__ = [
     "LBW_SD1_ALL",
     "LBW_SDXL_ALL",
     "lbw_block",
+    "lbw_blocks",
     "LBW_PRESETS",
     "block_factor",
     "check_blocks",
@@ -449,6 +450,26 @@ LBW_PRESETS = {
     "MIDD": (1, 0, 0, 0) + (1,) * 8 + (0,) * 5, "OUTD": (1,) + (0,) * 7 + (1,) * 4 + (0,) * 5,
     "OUTS": (1,) + (0,) * 11 + (1,) * 5, "OUTALL": (1,) + (0,) * 7 + (1,) * 9,
 }  # fmt: skip
+
+
+def lbw_blocks(text: str) -> tuple[float, ...]:
+    """A LoRA Block Weight preset name (``LBW_PRESETS``: ``OUTD``...) or comma-separated vector (17 values for SD1,
+    12 for SDXL, or one per block) as the vector; ``ValueError`` saying what is wrong.
+
+    Example:
+        >>> lbw_blocks("OUTD")[:9]
+        (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    """
+    text = text.strip()
+    if text in LBW_PRESETS:
+        return tuple(float(v) for v in LBW_PRESETS[text])
+    try:
+        vector = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a block weight preset ({', '.join(LBW_PRESETS)}) nor a vector of "
+                         "numbers") from None
+    _lbw_names(len(vector))
+    return vector
 
 
 def _lbw_vector(value: str, tag: str) -> tuple[float, ...] | None:

@@ -455,17 +455,14 @@ def _weighted(spec: str) -> tuple[str, float] | tuple[str, float, tuple[float, .
     """``path.safetensors:0.7`` -> ``("path.safetensors", 0.7)``; no ``:weight`` means 1.0 (and so does an
     existing file whose name has a colon). ``path:0.7:OUTD`` or ``path:0.7:1,0,...`` adds a LoRA Block Weight preset
     or vector (``blend.LBW_PRESETS``; 17 values for SD1, 12 for SDXL): ``(path, 0.7, vector)``."""
-    from .blend import LBW_PRESETS, check_blocks
+    from .blend import LBW_PRESETS, lbw_blocks
 
     head, colon, last = spec.rpartition(":")
     if colon and head and not os.path.exists(spec) and (last in LBW_PRESETS or "," in last):
         try:
-            blocks = tuple(float(v) for v in LBW_PRESETS.get(last, last.split(",")))
-            check_blocks(blocks)
+            blocks = lbw_blocks(last)
         except ValueError as e:
-            reason = str(e) if "LoRA Block Weight" in str(e) else "a block weight vector holds numbers"
-            raise ValueError(f"{spec}: {last!r} is no block weights ({reason}; FILE[:WEIGHT[:BLOCKS]], e.g. "
-                             "style.safetensors:0.7:OUTD)") from None
+            raise ValueError(f"{spec}: {e} (FILE[:WEIGHT[:BLOCKS]], e.g. style.safetensors:0.7:OUTD)") from None
         return (*_weighted(head), blocks)
     path, colon, weight = spec.rpartition(":")
     if not colon or os.path.exists(spec) or not path:

@@ -552,8 +552,15 @@ def test_concat_merge_generates_the_blend_it_was_made_from(backend):
             backend.merge({"style": 1.0}, "x", mode="svd")
         with pytest.raises(UIError, match="invalid LoRA name"):
             backend.merge({"style": 1.0}, "../x")
+        # per-block weights (the LBW tag's text): the merged LoRA generates what the tags' blend generates
+        backend.merge({"style": 0.7, "ink": -0.5}, "merged_blocks", blocks={"style": "OUTD", "ink": "1,1,1,1,1,1,1,0.5,0,0,0,0,1,1,1,1,1"})
+        tagged = gen(backend, "a red circle <lora:style:0.7:OUTD> <lora:ink:-0.5:lbw=1,1,1,1,1,1,1,0.5,0,0,0,0,1,1,1,1,1>")
+        assert np.abs(pixels(gen(backend, loras={"merged_blocks": (1.0, None)}).image) - pixels(tagged.image)).max() <= 2
+        assert np.abs(pixels(tagged.image) - merged).mean() > 0.5
+        with pytest.raises(UIError, match="the blocks of style: 'OUTX' is neither a block weight preset"):
+            backend.merge({"style": 1.0}, "x", blocks={"style": "OUTX"})
     finally:
-        for name in ("merged_concat", "merged_svd"):
+        for name in ("merged_concat", "merged_svd", "merged_blocks"):
             if backend.library.exists(name):
                 backend.delete(name)
 

@@ -183,9 +183,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         # ------------------------------------------------------------------ Merge
         with gr.Tab("Merge", id="merge"):
-            merge_table = gr.Dataframe(headers=["use", "LoRA", "weight"], datatype=["bool", "str", "number"],
-                                       column_count=3, interactive=True, type="array", static_columns=[1],
-                                       label="LoRAs to merge (tick and weight them)")
+            merge_table = gr.Dataframe(headers=["use", "LoRA", "weight", "blocks (LBW preset or vector; blank: all)"],
+                                       datatype=["bool", "str", "number", "str"], column_count=4, interactive=True,
+                                       type="array", static_columns=[1], label="LoRAs to merge (tick and weight them)")
             with gr.Row():
                 merge_mode = gr.Radio(["concat", "svd"], value="concat", label="Method (concat is exact; SVD approximates)")
                 merge_rank = gr.Number(8, label="SVD rank", precision=0)
@@ -234,7 +234,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                 *boxes,
                 *sliders,
                 *te_boxes,
-                [[False, n, 1.0] for n in names],
+                [[False, n, 1.0, ""] for n in names],
                 [i.row() for i in infos],
                 samples,
                 gr.Dropdown(choices=names, value=None),
@@ -346,9 +346,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         @_user_errors
         def on_merge(table, mode, rank, fmt, name):
-            chosen = {str(r[1]): 0.0 if r[2] is None or str(r[2]).strip() == "" else r[2]  # the backend checks numbers
-                      for r in _rows(table) if len(r) >= 3 and _truthy(r[0])}
-            info, report = backend.merge(chosen, name or "", mode=mode, rank=_whole(rank, "the rank", 0) or None, format=fmt)
+            rows = [r for r in _rows(table) if len(r) >= 3 and _truthy(r[0])]
+            chosen = {str(r[1]): 0.0 if r[2] is None or str(r[2]).strip() == "" else r[2] for r in rows}  # (the backend checks numbers)
+            blocks = {str(r[1]): str(r[3] or "") for r in rows if len(r) >= 4}
+            info, report = backend.merge(chosen, name or "", mode=mode, rank=_whole(rank, "the rank", 0) or None, format=fmt,
+                                         blocks=blocks)
             text = f"Merged **{len(chosen)}** LoRAs into **{info.name}** ({info.format}, rank {info.rank}, {info.size_mb:.2f} MB)."
             if report:
                 text += "\n\n```\n" + report + "\n```"

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
-from lora_diffusion.blend import merge_loras, parse_prompt
+from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError, read_lora_file
 from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size,
                                      image_to_image, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
@@ -1026,17 +1026,19 @@ class Backend:
         mode: str = "concat",
         rank: int | None = None,
         format: str = "diffusers",
+        blocks: dict[str, str] | None = None,
     ) -> tuple[LoraInfo, str]:
-        """Merge library LoRAs into a new library file; returns its info and a report (SVD error included)."""
+        """Merge library LoRAs into a new library file; returns its info and a report (SVD error included).
+        ``blocks``: per LoRA, a LoRA Block Weight preset or vector (text, as in a tag; blank: every block at 1)."""
         out_name = check_name(out_name)
         out = self.library.path_for(out_name)
         if out.exists():
             raise UIError(f"a LoRA named {out_name!r} already exists; choose another output name")
         with self._claim(out_name):
-            return self._merge(weights, out_name, out, mode=mode, rank=rank, format=format)
+            return self._merge(weights, out_name, out, mode=mode, rank=rank, format=format, blocks=blocks or {})
 
     def _merge(self, weights: dict[str, float], out_name: str, out: Path, *, mode: str, rank: int | None,
-               format: str) -> tuple[LoraInfo, str]:
+               format: str, blocks: dict[str, str]) -> tuple[LoraInfo, str]:
         parsed = {check_name(n): finite_number(w, f"the weight of {n}") for n, w in weights.items()}  # NaN made a NaN file
         chosen = {n: w for n, w in parsed.items() if w != 0.0}
         if not chosen:
@@ -1045,13 +1047,17 @@ class Backend:
             raise UIError(f"mode must be 'concat' or 'svd', got {mode!r}")
         if mode == "svd" and not rank:
             raise UIError("SVD merging needs a rank")
-        paths = {}
+        inputs = []
         for n, w in chosen.items():
             if not self.library.exists(n):
                 raise UIError(f"no LoRA named {n!r} in the library")
-            paths[str(self.library.path_for(n))] = w
+            try:
+                spec = lbw_blocks(blocks[n]) if (blocks.get(n) or "").strip() else None
+            except ValueError as e:
+                raise UIError(f"the blocks of {n}: {e}") from None
+            inputs.append((str(self.library.path_for(n)), w, spec))
         try:
-            report = merge_loras(paths, str(out), mode=mode, rank=int(rank) if mode == "svd" else None, format=format)
+            report = merge_loras(inputs, str(out), mode=mode, rank=int(rank) if mode == "svd" else None, format=format)
         except (LoraFormatError, ValueError) as e:
             raise UIError(f"merge failed: {e}") from None
         return self.library.info(out_name), format_report(report)
