@@ -467,27 +467,19 @@ def lbw_blocks(text: str) -> tuple[float, ...]:
         vector = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"{text!r} is neither a block weight preset ({', '.join(LBW_PRESETS)}) nor a vector of "
-                         "numbers") from None
+                         "numbers (the LBW extension's random R / U and inherited X values are not supported)") from None
     _lbw_names(len(vector))
     return vector
 
 
 def _lbw_vector(value: str, tag: str) -> tuple[float, ...] | None:
     """An LBW tag argument as a vector: a preset name or comma-separated values (``None`` for anything else)."""
-    if value in LBW_PRESETS:
-        return tuple(float(v) for v in LBW_PRESETS[value])
-    if "," not in value:
+    if value not in LBW_PRESETS and "," not in value:
         return None
     try:
-        vector = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError(f"bad LoRA tag {tag!r}: a block weight vector holds numbers (the LBW extension's random R / U "
-                         "and inherited X values are not supported)") from None
-    try:
-        _lbw_names(len(vector))
+        return lbw_blocks(value)
     except ValueError as e:
         raise ValueError(f"bad LoRA tag {tag!r}: {e}") from None
-    return vector
 
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # an A1111 extra-network tag: <kind:args>
