@@ -880,6 +880,12 @@ def test_init_lora_starts_the_run_from_a_files_factors(base, tmp_path):
                              ({"use_dora": True}, "is not DoRA; --use_dora must match it")):
         with pytest.raises(ConfigError, match=match):
             train(config(base, tmp_path / "d", learning_rate=0.0, init_lora=str(start), overwrite=True, **{**settings, **overrides}))
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # an (IA)^3 module: no factors
+    save_file({f"{name}.weight": torch.ones(64), f"{name}.on_input": torch.tensor(0)}, str(tmp_path / "ia3.safetensors"))
+    with pytest.raises(ConfigError, match=r"to_q is an \(IA\)\^3 module; a run starts from LoRA factors only"):
+        train(config(base, tmp_path / "e", init_lora=str(tmp_path / "ia3.safetensors"), **settings))
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="--init_lora: .*junk.safetensors"):
         train(config(base, tmp_path / "e", init_lora=str(tmp_path / "junk.safetensors"), **settings))

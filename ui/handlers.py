@@ -36,7 +36,7 @@ import torch
 
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
-from lora_diffusion.formats import WRITERS, LoraFormatError, read_lora_file
+from lora_diffusion.formats import WRITERS, LoraFormatError
 from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size,
                                      image_to_image, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
                                      png_infotext, second_pass_params, set_sampler, split_sampler)
@@ -1168,19 +1168,15 @@ class Backend:
     def _continue_settings(self, name: str) -> dict:
         """The training settings that continue library LoRA ``name``: its file as ``init_lora``, its modules as the
         targets (regexes of their paths), its rank, alpha and DoRA. ``UIError`` for a LoRA a run cannot continue."""
-        from lora_diffusion.formats import LoraWeights
+        from lora_diffusion.training import ConfigError, read_init_lora
 
         path = self.library.path_for(name)
         if not path.is_file():
             raise UIError(f"no LoRA named {name!r} in the library to continue")
         try:
-            lora, _ = read_lora_file(path)
-        except LoraFormatError as e:
+            lora = read_init_lora(str(path))  # (what the run itself checks: readable, LoRA factors only)
+        except ConfigError as e:
             raise UIError(f"cannot continue {name!r}: {e}") from None
-        other = next((k for k, w in lora.items() if not isinstance(w, LoraWeights) or w.oft is not None), None)
-        if other is not None:
-            raise UIError(f"cannot continue {name!r}: {other} is no LoRA factors (an OFT / GLoRA / (IA)^3 module or a "
-                          "parameter delta)")
         shapes = {(w.rank, w.alpha, w.magnitude is not None) for w in lora.values()}
         if len(shapes) != 1:
             raise UIError(f"cannot continue {name!r}: its modules differ in rank, alpha or DoRA ("

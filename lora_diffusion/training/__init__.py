@@ -10,6 +10,6 @@ Example:
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import DataError
-from .loop import TrainResult, compile_unet, train
+from .loop import TrainResult, compile_unet, read_init_lora, train
 
-__all__ = ["TrainConfig", "load_config", "train", "TrainResult", "ConfigError", "DataError", "compile_unet"]
+__all__ = ["TrainConfig", "load_config", "train", "TrainResult", "ConfigError", "DataError", "compile_unet", "read_init_lora"]

@@ -473,7 +473,7 @@ def _restore_lora(model: nn.Module, component: str, path: Path) -> None:
                 live.magnitude.copy_(saved[key].magnitude.reshape(live.magnitude.shape))
 
 
-def _read_init_lora(path: str) -> dict:
+def read_init_lora(path: str) -> dict:
     """``--init_lora``'s canonical modules; ``ConfigError`` for a file that cannot start a run (unreadable, or holding
     modules that are no LoRA factors: OFT, GLoRA, (IA)^3, bias or norm deltas)."""
     from ..formats import LoraFormatError, LoraWeights
@@ -586,7 +586,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                            f" (replacing the stopped run's {', '.join(stopped)})" if stopped else "")
         else:
             resume = outputs.find_checkpoint(output_dir, config.resume_from_checkpoint)
-    init_lora = _read_init_lora(config.init_lora) if config.init_lora else None  # (a bad file: before any model loads)
+    init_lora = read_init_lora(config.init_lora) if config.init_lora else None  # (a bad file: before any model loads)
     _prepare_output_dir(output_dir, resuming=resume is not None or replace_stopped, overwrite=config.overwrite)
     _check_model_paths(config)
     optimizer_class = _optimizer_class(config)
