@@ -59,10 +59,16 @@ class Glora(NamedTuple):
         """Whether the factors are in the first LyCORIS layout (``a1`` ``[r, in]``, ``a2`` ``[in, r]``). Shapes fit
         both layouts only for a square weight; then ``a2`` ``[in, r]`` (the taller) is the old one, as ComfyUI
         decides with the weight at hand."""
-        a1, a2, b1, b2 = self._matrices()
-        old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
-        new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
+        old, new = self._fits()
+        a2 = self._matrices()[1]
         return old and (not new or a2.shape[0] >= a2.shape[1])
+
+    def _fits(self) -> tuple[bool, bool]:
+        """Whether the factors' shapes fit the first layout, and the second."""
+        a1, a2, b1, b2 = self._matrices()
+        old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1] and a1.shape[1] == a2.shape[0] == b1.shape[1]
+        new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0] and a1.shape[0] == a2.shape[1]
+        return old, new
 
     @property
     def rank(self) -> int:
@@ -75,10 +81,7 @@ class Glora(NamedTuple):
 
     def check(self) -> None:
         """Raises ``ValueError`` naming the shapes where the four factors do not fit together."""
-        a1, a2, b1, b2 = self._matrices()
-        old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1] and a1.shape[1] == a2.shape[0] == b1.shape[1]
-        new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0] and a1.shape[0] == a2.shape[1]
-        if not (old or new):
+        if not any(self._fits()):
             shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(("a1", "a2", "b1", "b2"), self))
             raise ValueError(f"has GLoRA factors that do not fit together: {shapes}")
 
