@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .inject import pattern_value, strip_text_model, with_text_model  # noqa: F401  (re-exported)
 from .oft import Oft
 from .params import ParamDelta
 
@@ -108,16 +109,6 @@ class LoraFormatError(ValueError):
 
 
 Lora = dict[str, LoraWeights]
-
-
-def strip_text_model(path: str) -> str:
-    """``text_model.encoder.x`` -> ``encoder.x`` (the module path without the pre-5.6 ``text_model.`` level)."""
-    return path.removeprefix("text_model.")
-
-
-def with_text_model(path: str) -> str:
-    """The canonical text-encoder module path, with ``text_model.``."""
-    return path if path.startswith("text_model.") else "text_model." + path
 
 
 # ---------------------------------------------------------------------------------------------- diffusers/PEFT
@@ -245,17 +236,11 @@ def _peft_magnitudes(component: str, items: dict[str, LoraWeights]) -> dict[str,
 
 
 def _pattern_value(patterns: dict, path: str, default: float, where: str = f"the {DIFFUSERS_METADATA_KEY} header") -> float:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``): the first key,
-    in order, that is a regex matching the module path or a ``.``-separated tail of it wins. A text-encoder path
-    is tried with and without ``text_model.`` (transformers >= 5.6 has no such level)."""
-    candidates = (path, strip_text_model(path))
-    for key, value in patterns.items():
-        try:
-            if any(re.match(rf"(.*\.)?({key})$", cand) for cand in candidates):
-                return float(value)
-        except re.error as e:
-            raise LoraFormatError(f"pattern {key!r} in {where} is not a valid regex ({e})") from None
-    return float(default)
+    """A file's ``rank_pattern`` / ``alpha_pattern`` value for a canonical module path (``inject.pattern_value``)."""
+    try:
+        return float(pattern_value(patterns, path, default, text_encoder=path.startswith("text_model.")))
+    except ValueError as e:
+        raise LoraFormatError(f"{e} in {where}") from None
 
 
 _DIFFUSERS_SUFFIXES = {

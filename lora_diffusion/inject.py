@@ -13,9 +13,10 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
@@ -60,6 +61,31 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
 }
 
 Targets = str | Iterable[str] | None
+
+
+def strip_text_model(path: str) -> str:
+    """``text_model.encoder.x`` -> ``encoder.x`` (the module path without the pre-5.6 ``text_model.`` level)."""
+    return path.removeprefix("text_model.")
+
+
+def with_text_model(path: str) -> str:
+    """The canonical text-encoder module path, with ``text_model.``."""
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
+def pattern_value(patterns: Mapping[str, float] | None, path: str, default, *, text_encoder: bool = False):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``): the value of the
+    first key, in order, that is a regex matching the module path or a ``.``-separated tail of it; ``default``
+    where none does. A text-encoder path is tried with and without ``text_model.`` (transformers >= 5.6 has no
+    such level). ``ValueError`` names a key that is no regex."""
+    candidates = (with_text_model(path), strip_text_model(path)) if text_encoder else (path,)
+    for key, value in (patterns or {}).items():
+        try:
+            if any(re.match(rf"(.*\.)?({key})$", cand) for cand in candidates):
+                return value
+        except re.error as e:
+            raise ValueError(f"pattern {key!r} is not a valid regex ({e})") from None
+    return default
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -221,6 +247,8 @@ def inject_lora(
     targets: Targets = None,
     adapter: str = "default",
     use_dora: bool = False,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> list[nn.Parameter]:
     """Wrap each target layer of ``model`` in a LoRA layer holding a fresh adapter and return its parameters.
 
@@ -230,6 +258,9 @@ def inject_lora(
     path suffixes. ``alpha=None`` means alpha = rank. A layer already wrapped gets the adapter beside the others.
     ``use_dora``: DoRA (PEFT's ``use_dora``): each layer also learns a magnitude per output row, returned after
     its factors. All other parameters of ``model`` are frozen; the returned LoRA parameters require grad.
+    ``rank_pattern`` / ``alpha_pattern``: PEFT's per-layer ranks and alphas, ``{regex: value}`` matched against
+    the module path or a tail of it, the first match winning (``pattern_value``); a layer matching no
+    ``alpha_pattern`` key takes ``alpha``, or its own rank where ``alpha`` is None.
 
     Example:
         >>> params = inject_lora(unet, rank=4, alpha=8)
@@ -240,6 +271,17 @@ def inject_lora(
     names = resolve_targets(model, targets)
     if not names:
         raise ValueError(f"targets {targets!r} matched no Linear/Conv2d layer in {type(model).__name__}")
+    try:
+        text_encoder = model_kind(model) == "text_encoder"
+    except TypeError:  # a model of other layers (targets given as regexes or suffixes): its paths as they are
+        text_encoder = False
+    shapes = {name: (pattern_value(rank_pattern, name, rank, text_encoder=text_encoder),
+                     pattern_value(alpha_pattern, name, alpha, text_encoder=text_encoder)) for name in names}
+    for name, (r, a) in shapes.items():  # checked before any layer is wrapped
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{name}: rank must be a positive integer, got {r!r}")
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)):
+            raise ValueError(f"{name}: alpha must be a finite number, got {a!r}")
     # which parameters trained before the first injection: remove_lora gives them back
     model.__dict__.setdefault(_REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
@@ -247,13 +289,14 @@ def inject_lora(
     for name in names:
         module = wrap_layer(model, name)
         try:
-            module.add_adapter(adapter, rank=rank, alpha=alpha, dropout=dropout, dora=use_dora)
+            module.add_adapter(adapter, rank=shapes[name][0], alpha=shapes[name][1], dropout=dropout, dora=use_dora)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
         for p in _adapter_parameters(module, adapter):
             p.requires_grad_(True)
             params.append(p)
-    logger.info("injected adapter %r (rank %d) into %d layers of %s", adapter, rank, len(names), type(model).__name__)
+    ranks = sorted({r for r, _ in shapes.values()})
+    logger.info("injected adapter %r (rank %s) into %d layers of %s", adapter, "/".join(map(str, ranks)), len(names), type(model).__name__)
     return params
 
 

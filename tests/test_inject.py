@@ -100,3 +100,40 @@ def test_wrapping_a_layer_of_a_fused_model_puts_the_detached_wrappers_back(pipe)
     layers = list(lora_layers(pipe.unet))
     assert len(layers) == 25 and len({p for p, _ in layers}) == 25
     assert dict(layers)[path] is new and all(dict(layers)[p] is layer for p, layer in fused.items())
+
+
+def test_rank_and_alpha_patterns_give_each_layer_what_peft_gives_it():
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: the first regex matching a module path or a tail of it sets
+    that layer's rank and alpha (text-encoder patterns with or without ``text_model.``); every layer's rank and
+    scale equal PEFT's on the same config."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lora_diffusion.testing import tiny_pipeline
+
+    ours, ref = tiny_pipeline(), tiny_pipeline()
+    cases = [("unet", "full", {"attn2.to_k": 3, r"up_blocks\.1\..*": 2, "conv1": 5}, {"attn2.to_k": 6.0, "conv2": 0.5}),
+             ("text_encoder", "attn-mlp", {r"text_model\.encoder\.layers\.0\.self_attn\.q_proj": 2, "fc1": 6}, {"fc.": 1.0})]
+    for component, targets, ranks, alphas in cases:
+        names = resolve_targets(getattr(ours, component), targets)
+        inject_lora(getattr(ours, component), rank=4, alpha=8, targets=targets, rank_pattern=ranks, alpha_pattern=alphas)
+        # PEFT matches our module paths (transformers' flattened CLIPTextModel has no text_model. level: PEFT's own
+        # lookup then needs a pattern without it, which ours accepts as well)
+        peft_ranks = {k.replace(r"text_model\.", ""): v for k, v in ranks.items()}
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=names, rank_pattern=peft_ranks, alpha_pattern=alphas),
+                                getattr(ref, component))
+        theirs = {n: m for n, m in getattr(ref, component).named_modules() if hasattr(m, "scaling") and "default" in m.scaling}
+        mine = dict(lora_layers(getattr(ours, component)))
+        assert mine.keys() == theirs.keys() == set(names)
+        for name, layer in mine.items():
+            spec = layer.specs["default"]
+            assert (spec.rank, spec.alpha / spec.rank) == (theirs[name].r["default"], theirs[name].scaling["default"]), name
+        assert len({layer.specs["default"].rank for layer in mine.values()}) >= 3, component  # the patterns did apply
+
+
+def test_a_bad_rank_pattern_is_refused_before_any_layer_is_wrapped(pipe):
+    for kwargs, match in (({"rank_pattern": {"attn2.to_k": 0}}, r"attn2\.to_k: rank must be a positive integer, got 0"),
+                          ({"rank_pattern": {"(": 2}}, r"pattern '\(' is not a valid regex"),
+                          ({"alpha_pattern": {"to_q": float("nan")}}, r"to_q: alpha must be a finite number, got nan")):
+        with pytest.raises(ValueError, match=match):
+            inject_lora(pipe.unet, rank=4, **kwargs)
+        assert not list(lora_layers(pipe.unet))
