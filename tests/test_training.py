@@ -233,6 +233,9 @@ def test_resume_refuses_a_changed_lora_shape_and_applies_a_changed_learning_rate
         train(config(base, tmp_path, max_train_steps=4, lora_alpha=64, resume_from_checkpoint="latest"))
     with pytest.raises(ConfigError, match=r"--train_text_encoder True differs from False"):
         train(config(base, tmp_path, max_train_steps=4, train_text_encoder=True, resume_from_checkpoint="latest"))
+    for flag, value in (("conv_rank", 2), ("rank_pattern", "attn2.to_k=2"), ("alpha_pattern", "to_q=1")):  # per-layer shapes
+        with pytest.raises(ConfigError, match=rf"--{flag} {value!r} differs from"):
+            train(config(base, tmp_path, max_train_steps=4, resume_from_checkpoint="latest", **{flag: value}))
     with pytest.raises(ConfigError, match="checkpoint-2 is at step 2, not before --max_train_steps 2: nothing to train"):
         train(config(base, tmp_path, max_train_steps=2, lr_scheduler="cosine", resume_from_checkpoint="latest"))
     monkeypatch.undo()
@@ -852,6 +855,83 @@ def test_a_single_file_checkpoint_trains_the_lora_its_folder_trains(base, tmp_pa
         train(config(base, tmp_path / "a", single_file_config=base))
     with pytest.raises(ConfigError, match="--single_file_config ./nowhere: no such file or folder"):
         train(config(single, tmp_path / "b", single_file_config="./nowhere"))
+
+
+def _expected_shape(key: str, w, rank: int, alpha: float, conv: tuple[int, float], pattern: dict[str, tuple[int, float]]):
+    """The (rank, alpha) a module of a run with --conv_rank / --rank_pattern should have: a pattern's, a 3x3 conv's,
+    else the run's."""
+    tail = next((v for k, v in pattern.items() if key.endswith(k)), None)
+    if tail is not None:
+        return tail
+    return conv if w.A.dim() == 4 and w.A.shape[-1] == 3 else (rank, alpha)
+
+
+def test_conv_rank_and_patterns_shape_each_layer_and_the_file_loads_in_stock_diffusers(base, tmp_path):
+    """kohya's ``conv_dim`` / ``conv_alpha`` (``--conv_rank`` / ``--conv_alpha``) and PEFT's ``rank_pattern`` /
+    ``alpha_pattern``: each layer trains at its own rank and alpha; stock diffusers gives our output from the file;
+    the kohya copy records conv_dim and holds the same factors. ``--dim_from_weights`` continues such a file."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_diffusion import load_lora
+
+    shapes = dict(target_modules="full", rank=4, lora_alpha=2, conv_rank=2, conv_alpha=1, rank_pattern="attn2.to_k=3,q_proj=5",
+                  alpha_pattern="attn2.to_k=6", train_text_encoder=True)
+    run = train(config(base, tmp_path / "a", learning_rate=1e-2, max_train_steps=2, save_precision="fp32", save_kohya=True, **shapes))
+    lora, _ = read_lora_file(run.lora_path)
+    pattern = {"attn2.to_k": (3, 6.0), "q_proj": (5, 2.0)}
+    got = {key: (w.rank, w.alpha) for key, w in lora.items()}
+    assert got == {key: _expected_shape(key, w, 4, 2.0, (2, 1.0), pattern) for key, w in lora.items()}
+    assert {(2, 1.0), (3, 6.0), (5, 2.0), (4, 2.0)} == set(got.values())  # (each kind is there)
+    kohya, meta = read_lora_file(run.kohya_path)
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "2" and json.loads(meta["ss_network_args"])["conv_alpha"] == "1.0"
+    for key, w in lora.items():
+        assert (kohya[key].rank, kohya[key].alpha) == (w.rank, w.alpha) and torch.equal(kohya[key].B, w.B), key
+
+    ours = StableDiffusionPipeline.from_pretrained(base)
+    stock = StableDiffusionPipeline.from_pretrained(base)
+    load_lora(ours, run.lora_path)
+    stock.load_lora_weights(str(run.lora_path))
+    ids = ours.tokenizer(PROMPT, padding="max_length", max_length=ours.tokenizer.model_max_length, return_tensors="pt").input_ids
+    x, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        for pipe in (ours, stock):
+            pipe.out = pipe.unet(x, t, pipe.text_encoder(ids)[0]).sample
+    torch.testing.assert_close(ours.out, stock.out, rtol=1e-5, atol=1e-6)
+
+    # continuing it: its own ranks and alphas (whatever --rank says); at learning rate 0 the same factors come out
+    again = train(config(base, tmp_path / "b", learning_rate=0.0, max_train_steps=1, save_precision="fp32", init_lora=str(run.kohya_path),
+                         dim_from_weights=True, target_modules="full", train_text_encoder=True, rank=8))
+    continued, _ = read_lora_file(again.lora_path)
+    assert continued.keys() == lora.keys()
+    for key, w in lora.items():
+        assert (continued[key].rank, continued[key].alpha) == (w.rank, w.alpha) and torch.equal(continued[key].B, w.B), key
+    with pytest.raises(ConfigError, match=r"\.conv\S* has rank 2, alpha 1 .* --rank 2 --lora_alpha 1, or --dim_from_weights"):
+        train(config(base, tmp_path / "c", init_lora=str(run.lora_path), target_modules="full", train_text_encoder=True,
+                     rank=4, lora_alpha=2, rank_pattern="attn2.to_k=3,q_proj=5", alpha_pattern="attn2.to_k=6"))
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("rank_pattern", "attn2.to_k", "'attn2.to_k' is not REGEX=VALUE"),
+    ("rank_pattern", "to_k=0", "to_k='0': the value must be a positive integer"),
+    ("rank_pattern", "to_k=2.5", "the value must be a positive integer"),
+    ("rank_pattern", "(to_k=2", "'\\(to_k' is not a valid regex"),
+    ("alpha_pattern", "to_k=inf", "the value must be a positive number"),
+    ("rank_pattern", "{\"to_k\": true}", "the value must be a positive integer"),
+    ("rank_pattern", "{[", "not a JSON object"),
+    ("conv_rank", -1, "must not be negative"),
+    ("dim_from_weights", True, "takes the ranks of --init_lora's file"),
+])
+def test_bad_layer_shapes_are_refused_naming_the_flag(base, tmp_path, flag, value, match):
+    with pytest.raises(ConfigError, match=re.escape(f"--{flag}") + ".*" + match):
+        config(base, tmp_path, **{flag: value}).validate()
+
+
+def test_a_config_file_gives_patterns_as_tables(tmp_path):
+    from lora_diffusion.training import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("rank_pattern:\n  attn2.to_k: 8\n  up_blocks.*: 2\nalpha_pattern: {to_v: 0.5}\n")
+    assert load_config(path).patterns() == ({"attn2.to_k": 8, "up_blocks.*": 2}, {"to_v": 0.5})
 
 
 def test_init_lora_starts_the_run_from_a_files_factors(base, tmp_path):

@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +67,19 @@ class TrainConfig:
     # ------------------------------------------------------------------ LoRA
     rank: int = _f(4, "LoRA rank")
     lora_alpha: float = _f(0.0, "LoRA alpha (0 means alpha = rank)")
+    conv_rank: int = _f(0, "rank of the LoRA on 3x3 convolutions (kohya's conv_dim; --target_modules full reaches them; 0: --rank)")
+    conv_alpha: float = _f(0.0, "alpha there (kohya's conv_alpha; 0: --conv_rank where it is given, else --lora_alpha)")
+    rank_pattern: str = _f("", "per-layer ranks (PEFT's rank_pattern): comma-separated REGEX=RANK, each regex matched "
+                               "against a module path or a tail of it, the first match winning (e.g. "
+                               "'attn2.to_k=8,up_blocks.3.*=16'); or a JSON object. Before --conv_rank")
+    alpha_pattern: str = _f("", "per-layer alphas (PEFT's alpha_pattern), as --rank_pattern; a layer it misses takes "
+                                "--lora_alpha, or its own rank where that is 0")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     use_dora: bool = _f(False, "DoRA (PEFT's use_dora): also learn a magnitude per output row of each layer")
     init_lora: str = _f("", "a LoRA file (any format load_lora reads) whose factors the run starts from, as kohya's "
                             "--network_weights: its modules at this run's --rank and --lora_alpha, inside --target_modules")
+    dim_from_weights: bool = _f(False, "with --init_lora: each of its modules keeps the rank and alpha it has there, before "
+                                       "--rank_pattern and --conv_rank (kohya's --dim_from_weights)")
     target_modules: str = _f("attn", "UNet layers: a preset (attn, cross, attn-mlp, full), a regex, or comma-separated module suffixes")
     train_text_encoder: bool = _f(False, "also train a LoRA in the text encoder")
     text_encoder_target_modules: str = _f("attn", "text encoder layers, as --target_modules")
@@ -141,6 +151,10 @@ class TrainConfig:
     def alpha(self) -> float:
         return float(self.lora_alpha or self.rank)
 
+    def patterns(self) -> tuple[dict[str, int], dict[str, float]]:
+        """``--rank_pattern`` and ``--alpha_pattern`` as ``inject_lora``'s dicts."""
+        return parse_pattern(self.rank_pattern, "--rank_pattern", int), parse_pattern(self.alpha_pattern, "--alpha_pattern", float)
+
     @property
     def te_lr(self) -> float:
         return float(self.text_encoder_lr or self.learning_rate)
@@ -166,7 +180,7 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens")
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "conv_rank", "conv_alpha")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
@@ -199,6 +213,9 @@ class TrainConfig:
             raise ConfigError("--mode subject needs --token or --instance_prompt naming the subject (e.g. 'a photo of sks dog')")
         if self.init_lora and not Path(self.init_lora).expanduser().is_file():
             raise ConfigError(f"--init_lora {self.init_lora}: no such file")
+        if self.dim_from_weights and not self.init_lora:
+            raise ConfigError("--dim_from_weights takes the ranks of --init_lora's file; give --init_lora")
+        self.patterns()
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"--caption_extension should start with a dot, e.g. '.txt', got {self.caption_extension!r}")
 
@@ -209,6 +226,40 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping; keys may use dashes; unknown keys raise naming the closest known one."""
         return cls(**_coerce(values, source))
+
+
+def parse_pattern(text: str, flag: str, kind: type) -> dict:
+    """``"REGEX=VALUE,REGEX=VALUE"`` (or a JSON object) -> ``{regex: value}`` in order; ``ConfigError`` naming
+    ``flag`` and the entry that is no regex, or whose value is no positive ``kind``."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            items = list(json.loads(text).items())
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ConfigError(f"{flag}: not a JSON object of regex: value ({e})") from None
+    else:
+        items = []
+        for entry in filter(None, (e.strip() for e in text.split(","))):
+            key, eq, value = entry.rpartition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"{flag}: {entry!r} is not REGEX=VALUE (e.g. 'attn2.to_k=8')")
+            items.append((key.strip(), value.strip()))
+    out = {}
+    for key, value in items:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ConfigError(f"{flag}: {key!r} is not a valid regex ({e})") from None
+        try:
+            number = kind(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (kind is int and isinstance(value, float) and value != number) or not math.isfinite(number) or number <= 0:
+            raise ConfigError(f"{flag}: {key}={value!r}: the value must be a positive {'integer' if kind is int else 'number'}")
+        out[key] = number
+    return out
 
 
 def _field_types() -> dict[str, type]:
@@ -235,6 +286,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
         kind = types[key]
         if value is None:
             continue
+        if key in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):  # a table in a config file
+            value = json.dumps(value)
         if kind is bool and not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -505,7 +506,8 @@ def _init_lora(trained: list[tuple[str, nn.Module]], lora: dict, config: TrainCo
         if w.rank != target.rank or w.alpha != target.alpha or w.A.numel() != target.A.numel() or w.B.numel() != target.B.numel():
             raise ConfigError(f"--init_lora {config.init_lora}: {key} has rank {w.rank}, alpha {w.alpha:g} (down "
                               f"{list(w.A.shape)}, up {list(w.B.shape)}); this run trains rank {target.rank}, alpha "
-                              f"{target.alpha:g} (down {list(target.A.shape)}) there: pass --rank {w.rank} --lora_alpha {w.alpha:g}")
+                              f"{target.alpha:g} (down {list(target.A.shape)}) there: pass --rank {w.rank} --lora_alpha {w.alpha:g}, "
+                              "or --dim_from_weights to keep every module's own rank and alpha")
         if (w.magnitude is None) != (target.magnitude is None):
             raise ConfigError(f"--init_lora {config.init_lora}: {key} is {'' if w.magnitude is not None else 'not '}DoRA; "
                               f"--use_dora must match it")
@@ -518,6 +520,33 @@ def _init_lora(trained: list[tuple[str, nn.Module]], lora: dict, config: TrainCo
                 target.magnitude.copy_(w.magnitude.reshape(target.magnitude.shape))
     logger.info("--init_lora: %d modules start from %s%s", len(lora), config.init_lora,
                 f"; {len(live) - len(lora)} trained modules it lacks start afresh" if len(live) > len(lora) else "")
+
+
+def _layer_shapes(config: TrainConfig, model: nn.Module, targets, component: str, init_lora: dict | None) -> dict:
+    """``inject_lora``'s ``rank_pattern`` / ``alpha_pattern`` for one model, first match winning: ``--init_lora``'s
+    own ranks and alphas where ``--dim_from_weights``, then ``--rank_pattern`` / ``--alpha_pattern``, then
+    ``--conv_rank`` / ``--conv_alpha`` on the targeted 3x3 convolutions (kohya's conv_dim / conv_alpha)."""
+    from ..inject import resolve_targets, strip_text_model
+
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float | None] = {}
+    if config.dim_from_weights and init_lora:
+        for key, w in init_lora.items():
+            owner, _, path = key.partition(".")
+            if owner == component:
+                exact = re.escape(strip_text_model(path))
+                ranks[exact], alphas[exact] = w.rank, float(w.alpha)
+    user_ranks, user_alphas = config.patterns()
+    ranks.update((k, v) for k, v in user_ranks.items() if k not in ranks)
+    alphas.update((k, v) for k, v in user_alphas.items() if k not in alphas)
+    if component == "unet" and (config.conv_rank or config.conv_alpha):
+        for name in resolve_targets(model, targets):
+            layer = model.get_submodule(name)
+            layer = getattr(layer, "base_layer", layer)
+            if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
+                ranks.setdefault(re.escape(name), config.conv_rank or config.rank)
+                alphas.setdefault(re.escape(name), config.conv_alpha or (None if config.conv_rank else config.lora_alpha or None))
+    return {"rank_pattern": ranks, "alpha_pattern": alphas}
 
 
 def _average_gradients(params: list[nn.Parameter], accelerator) -> None:
@@ -648,15 +677,16 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     pairs = [(tokenizer, text_encoder)] + ([(pipe.tokenizer_2, text_encoder_2)] if sdxl else [])
     pivot = PivotalToken(pairs, config.token, config.initializer_token) if config.pivotal_tuning else None
     targets = _targets(config.target_modules, unet, "--target_modules")
-    unet_params = inject_lora(unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, targets=targets,
-                              use_dora=config.use_dora)
+    alpha = config.lora_alpha or None  # (None: each layer's alpha is its rank, per-layer ranks included)
+    unet_params = inject_lora(unet, rank=config.rank, alpha=alpha, dropout=config.lora_dropout, targets=targets,
+                              use_dora=config.use_dora, **_layer_shapes(config, unet, targets, "unet", init_lora))
     groups = [{"params": unet_params, "lr": config.learning_rate}]
     te_params: list[nn.Parameter] = []
     if config.train_text_encoder:
-        for encoder in encoders:
-            te_params += inject_lora(encoder, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
-                                     targets=_targets(config.text_encoder_target_modules, encoder, "--text_encoder_target_modules"),
-                                     use_dora=config.use_dora)
+        for component, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+            te_targets = _targets(config.text_encoder_target_modules, encoder, "--text_encoder_target_modules")
+            te_params += inject_lora(encoder, rank=config.rank, alpha=alpha, dropout=config.lora_dropout, targets=te_targets,
+                                     use_dora=config.use_dora, **_layer_shapes(config, encoder, te_targets, component, init_lora))
         groups.append({"params": te_params, "lr": config.te_lr})
     if pivot is not None:
         pivot.to(device)
@@ -932,7 +962,9 @@ def _fixed_on_resume(settings: dict) -> dict:
     return {"rank": settings["rank"], "lora_alpha": settings["lora_alpha"], "target_modules": settings["target_modules"],
             "train_text_encoder": te, "text_encoder_target_modules": settings["text_encoder_target_modules"] if te else None,
             "pivotal_tuning": pivot, "token": settings["token"] if pivot else None,
-            "use_dora": settings.get("use_dora", False)}
+            "use_dora": settings.get("use_dora", False), "conv_rank": settings.get("conv_rank", 0),
+            "conv_alpha": settings.get("conv_alpha", 0.0), "rank_pattern": settings.get("rank_pattern", ""),
+            "alpha_pattern": settings.get("alpha_pattern", ""), "dim_from_weights": settings.get("dim_from_weights", False)}
 
 
 NOT_SETTINGS = ("resume_from_checkpoint", "overwrite")
