@@ -231,7 +231,7 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     table = {"headers": ["file", "caption"], "data": [[p.name, "a square"] for p in images]}
     out = client.predict([handle_file(str(p)) for p in images], None, table, "trained", "style", "", 2, 3, 1e-3, 5e-5,
                          False, True, SIZE, "", 0, "kohya", 2, True, 1, 0.0,  # (DoRA: its file loads as the exact dense change)
-                         api_name="/train")
+                         None, "full", 1, 0.5, api_name="/train")  # LoCon, its 3x3 convolutions at their own rank and alpha
     progress, status = out[0], out[1]
     assert '<progress value="3" max="3"' in progress
     assert "done" in status and "broken0.png" in status, status
@@ -240,13 +240,16 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
 
     lora, header = read_lora_file(backend.library.path_for("trained"))
     assert lora and all(w.magnitude is not None for w in lora.values())  # the DoRA switch reached the training
+    conv = {k for k, w in lora.items() if w.A.dim() == 4 and w.A.shape[-1] == 3}
+    assert conv and {(w.rank, w.alpha) for k, w in lora.items() if k in conv} == {(1, 0.5)}
+    assert {(w.rank, w.alpha) for k, w in lora.items() if k not in conv} == {(2, 2.0)} and any("ff.net" in k for k in lora)
     # so did the format: kohya names, DoRA as LyCORIS writes it (dora_scale), A1111's alias
     assert header["_format"] == "lycoris" and header["ss_network_module"] == "lycoris.kohya"
     assert header["ss_output_name"] == "trained"
     assert (header["ss_clip_skip"], header["ss_shuffle_caption"], header["ss_keep_tokens"]) == ("2", "True", "1")  # kohya options
     img, caption, _, _ = generate(client, backend, {"trained": (1.0, None)})
     assert caption.startswith("trained 1")
-    # continue training it (at learning rate 0: the same factors and DoRA magnitudes come out)
+    # continue training it (at learning rate 0: the same factors, ranks and DoRA magnitudes come out)
     out = client.predict([handle_file(str(p)) for p in images[:1]], None, table, "trained_more", "style", "", 8, 1, 0.0, 0.0,
                          False, False, SIZE, "", 0, "kohya", 1, False, 0, 0.0, "trained", api_name="/train")
     assert "done" in out[1], out[1]

@@ -686,8 +686,8 @@ def test_training_with_the_real_trainer(tmp_path, model_dir):
 
 
 def test_continuing_a_library_lora_trains_its_modules_from_its_factors(tmp_path, model_dir, lora_files):
-    """The Train tab's "continue training" (``--init_lora``): the run takes the LoRA's modules, rank and alpha (the
-    request's rank is not used), and at learning rate 0 saves the factors it started from."""
+    """The Train tab's "continue training" (``--init_lora``): the run takes the LoRA's modules, each at its own rank
+    and alpha (the request's rank is not used), and at learning rate 0 saves the factors it started from."""
     from lora_diffusion.formats import read_lora_file
     from ui.handlers import TrainRequest
 
@@ -707,11 +707,26 @@ def test_continuing_a_library_lora_trains_its_modules_from_its_factors(tmp_path,
     assert saved.keys() == started.keys() and any(k.startswith("text_encoder.") for k in saved)
     for key, w in started.items():
         assert torch.equal(saved[key].A, w.A.float()) and torch.equal(saved[key].B, w.B.float()), key
-    for name, match in (("style", r"cannot continue 'style': its modules differ in rank, alpha or DoRA \(rank 2 alpha 2, "
-                                  r"rank 4 alpha 4\)"), ("ghost", "no LoRA named 'ghost' in the library to continue")):
-        with pytest.raises(UIError, match=match):
-            backend.start_training(TrainRequest(name=f"{name}_more", images=images, continue_from=name, resolution=SIZE))
-        assert f"{name}_more" not in backend.library.names()
+    # a LoRA of mixed ranks ("style": rank 2 and rank 4 modules) continues with each module at its own
+    job = backend.start_training(TrainRequest(
+        name="style_more", images=images, max_train_steps=1, rank=8, learning_rate=0.0, text_encoder_lr=0.0, resolution=SIZE,
+        continue_from="style", extra={"save_precision": "fp32", "num_validation_images": 0}))
+    assert job.done_event.wait(120) and job.status == "done", job.message
+    started, saved = read_lora_file(lib / "style.safetensors")[0], read_lora_file(lib / "style_more.safetensors")[0]
+    assert {w.rank for w in started.values()} == {2, 4} and saved.keys() == started.keys()
+    for key, w in started.items():
+        assert (saved[key].rank, saved[key].alpha) == (w.rank, w.alpha) and torch.equal(saved[key].B, w.B.float()), key
+    from lora_diffusion.formats import LoraWeights, write_lora_file
+
+    half = dict(list(started.items())[:2])  # one DoRA module beside a plain one: no one --use_dora trains both
+    (key, w), = list(half.items())[:1]
+    half[key] = LoraWeights(w.A, w.B, w.alpha, torch.ones(w.B.shape[0], *[1] * (w.A.dim() - 1)))
+    write_lora_file(lib / "half.safetensors", half, dtype=torch.float32, format="kohya")
+    with pytest.raises(UIError, match="cannot continue 'half': some of its modules are DoRA and some are not"):
+        backend.start_training(TrainRequest(name="half_more", images=images, continue_from="half", resolution=SIZE))
+    with pytest.raises(UIError, match="no LoRA named 'ghost' in the library to continue"):
+        backend.start_training(TrainRequest(name="ghost_more", images=images, continue_from="ghost", resolution=SIZE))
+    assert "ghost_more" not in backend.library.names()
 
 
 def test_an_sdxl_model_trains_and_generates_with_its_lora(tmp_path):

@@ -34,6 +34,8 @@ MAX_SLOTS = 8  # LoRA rows on the Generate tab; more can be used through <lora:n
 HISTORY = 24  # images kept in a session's gallery
 MAX_BATCH = 16  # images one Generate click makes (A1111's batch count)
 POLL_S = 0.5
+TRAIN_LAYERS = [("attention (q, k, v, out)", "attn"), ("attention + MLP (kohya's LoRA)", "attn-mlp"),
+                ("LoCon: + ResNet convolutions", "full")]  # the Train tab's choice of --target_modules presets
 
 
 def _user_errors(fn):
@@ -170,6 +172,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             shuffle_caption = gr.Checkbox(False, label="Shuffle caption tags")
                             keep_tokens = gr.Number(0, label="Keep first N tags in place", precision=0)
                             caption_dropout = gr.Number(0.0, label="Caption dropout rate")
+                        with gr.Row():
+                            layers = gr.Dropdown(TRAIN_LAYERS, value="attn", label="Layers", elem_id="train-layers")
+                            conv_rank = gr.Number(0, label="Conv rank (kohya's conv_dim; 0: the rank)", precision=0)
+                            conv_alpha = gr.Number(0.0, label="Conv alpha (0: the conv rank)")
                         continue_from = gr.Dropdown(choices=[], value=None, allow_custom_value=True, elem_id="continue-from",
                                                     label="Continue training a library LoRA (kohya's --network_weights: "
                                                           "its modules, rank, alpha and DoRA; blank: a new LoRA)")
@@ -300,7 +306,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             return caption_rows(paths)
 
         def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
-                     fmt, skip, shuffle, keep, dropout, continue_from=None):
+                     fmt, skip, shuffle, keep, dropout, continue_from=None, layers="attn", conv_rank=0, conv_alpha=0.0):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -313,7 +319,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     validation_prompt=val_prompt or "", seed=_whole(seed, "the seed", 0), format=fmt or "diffusers",
                     extra={"clip_skip": _whole(skip, "CLIP skip", 1), "shuffle_caption": bool(shuffle),
                            "keep_tokens": _whole(keep, "the tags kept in place", 0),
-                           "caption_dropout_rate": _number(dropout, "the caption dropout rate")},
+                           "caption_dropout_rate": _number(dropout, "the caption dropout rate"),
+                           "target_modules": layers or "attn", "conv_rank": _whole(conv_rank, "the conv rank", 0),
+                           "conv_alpha": _number(conv_alpha or 0.0, "the conv alpha")},
                     continue_from=continue_from or None,
                 )
                 job = backend.start_training(req)
@@ -395,7 +403,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         start_btn.click(
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
-             val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout, continue_from],
+             val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout, continue_from, layers,
+             conv_rank, conv_alpha],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time

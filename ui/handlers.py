@@ -1167,7 +1167,8 @@ class Backend:
 
     def _continue_settings(self, name: str) -> dict:
         """The training settings that continue library LoRA ``name``: its file as ``init_lora``, its modules as the
-        targets (regexes of their paths), its rank, alpha and DoRA. ``UIError`` for a LoRA a run cannot continue."""
+        targets (regexes of their paths), each at its own rank and alpha (``dim_from_weights``), its DoRA.
+        ``UIError`` for a LoRA a run cannot continue."""
         from lora_diffusion.training import ConfigError, read_init_lora
 
         path = self.library.path_for(name)
@@ -1177,12 +1178,11 @@ class Backend:
             lora = read_init_lora(str(path))  # (what the run itself checks: readable, LoRA factors only)
         except ConfigError as e:
             raise UIError(f"cannot continue {name!r}: {e}") from None
-        shapes = {(w.rank, w.alpha, w.magnitude is not None) for w in lora.values()}
-        if len(shapes) != 1:
-            raise UIError(f"cannot continue {name!r}: its modules differ in rank, alpha or DoRA ("
-                          + ", ".join(f"rank {r} alpha {a:g}{' DoRA' if d else ''}" for r, a, d in sorted(shapes))
-                          + "); a run trains one of each")
-        (rank, alpha, dora), = shapes
+        if len({w.magnitude is not None for w in lora.values()}) != 1:
+            raise UIError(f"cannot continue {name!r}: some of its modules are DoRA and some are not; a run trains one kind")
+        # each module at its own rank and alpha (--dim_from_weights); the form shows the most common ones
+        (rank, alpha), _ = collections.Counter((w.rank, float(w.alpha)) for w in lora.values()).most_common(1)[0]
+        dora = next(iter(lora.values())).magnitude is not None
         paths = {"unet": [], "text": []}
         for key in lora:
             component, _, module = key.partition(".")
@@ -1193,7 +1193,7 @@ class Backend:
         def pattern(modules: list[str]) -> str:
             return "|".join(re.escape(m) for m in sorted(set(modules)))
 
-        settings = {"init_lora": str(path), "rank": rank, "lora_alpha": float(alpha), "use_dora": dora,
+        settings = {"init_lora": str(path), "dim_from_weights": True, "rank": rank, "lora_alpha": alpha, "use_dora": dora,
                     "target_modules": pattern(paths["unet"]), "train_text_encoder": bool(paths["text"])}
         if paths["text"]:  # (transformers' flattened CLIPTextModel names its modules without text_model.)
             settings["text_encoder_target_modules"] = f"(?:text_model\\.)?(?:{pattern(paths['text'])})"
