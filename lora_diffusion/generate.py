@@ -555,7 +555,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.init_image}: cannot read it as an image ({e})") from None
     elif args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
         raise ValueError(f"{args.from_png} was made by img2img; pass its starting image as --init-image")
-    _check_output(args.output, args.batch_count, args.overwrite)
+    plot = args.x_axis or args.y_axis
+    if plot:
+        from .xyplot import parse_axis
+
+        for axis in filter(None, (args.x_axis, args.y_axis)):
+            parse_axis(axis)  # (a bad axis: before the model loads)
+        if args.batch_count != 1:
+            raise ValueError("an X/Y plot makes one image per cell: leave --batch-count at 1")
+    _check_output(args.output, 1 if plot else args.batch_count, args.overwrite)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else None)
     pipe = load_model(args.model, args.model_config, dtype)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -569,13 +577,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = Path(args.model)
     sha = model_hash(model) if model.is_file() else None
     settings.setdefault("sampler", "DPM++ 2M")
-    images = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), lora_dir=args.lora_dir,
-                     embeddings_dir=args.embeddings_dir,
-                     batch_count=args.batch_count, fused=args.fuse, model_name=model.stem if model.is_file() else
-                     model.name, model_sha256=sha, **settings)
+    common = dict(lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, fused=args.fuse,
+                  model_name=model.stem if model.is_file() else model.name, model_sha256=sha)
+    if plot:
+        from .xyplot import xy_plot
+
+        made = xy_plot(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), x=args.x_axis, y=args.y_axis,
+                       **common, **settings)
+        return _save_plot(made, args.output)
+    images = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), batch_count=args.batch_count,
+                     **common, **settings)
     for generated, path in zip(images, _output_paths(args.output, [g.seed for g in images])):
         generated.image.save(path, pnginfo=generated.pnginfo())
         print(path)
+    return 0
+
+
+def _save_plot(plot, output: str) -> int:
+    """An X/Y plot's grid at ``output`` (a ``.png``), or its cells (A1111's names) and ``xyz_grid-<n>.png`` in the
+    folder ``output``; the grid carries the first cell's infotext, as A1111's does."""
+    target = Path(output)
+    if target.suffix.lower() == ".png":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        grid = target
+    else:
+        for generated, path in zip(plot.cells, _output_paths(output, [g.seed for g in plot.cells])):
+            generated.image.save(path, pnginfo=generated.pnginfo())
+            print(path)
+        taken = [int(m.group(1)) for p in target.glob("xyz_grid-*.png") if (m := re.match(r"xyz_grid-(\d+)", p.name))]
+        grid = target / f"xyz_grid-{max(taken, default=-1) + 1:05d}.png"
+    plot.grid.save(grid, pnginfo=plot.cells[0].pnginfo())
+    print(grid)
     return 0
 
 
@@ -611,6 +643,11 @@ def register(subparsers) -> None:
     p.add_argument("--hr-upscaler", dest="hires_upscaler", default=None, choices=list(HIRES_UPSCALERS),
                    help="default Latent")
     p.add_argument("--batch-count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
+    p.add_argument("--x-axis", dest="x_axis", default=None, metavar="'TYPE: VALUES'", help="A1111's X/Y plot: one image "
+                   "per value and a labelled grid, e.g. 'Prompt S/R: <lora:style:1>, <lora:style:0.5>' or 'Seed: 1-4' "
+                   "(types: Prompt S/R, Seed, Steps, CFG Scale, Sampler, Schedule type, Denoising, Clip skip, Hires "
+                   "upscale, Hires steps)")
+    p.add_argument("--y-axis", dest="y_axis", default=None, metavar="'TYPE: VALUES'", help="the plot's rows, as --x-axis")
     p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights while generating")
     p.add_argument("--from-png", default=None, metavar="IMAGE", help="take prompt and settings from an image's A1111 "
                    "infotext (flags given override them)")

@@ -1,0 +1,112 @@
+"""A1111's X/Y plot: axes read as A1111 reads them, each cell the image txt2img makes with its values, the grid
+laid out row by row with labels, and bad axes refused before any image."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_diffusion import inject_lora, save_lora
+from lora_diffusion.cli import main
+from lora_diffusion.data import TINY_MODEL
+from lora_diffusion.generate import parse_infotext, txt2img
+from lora_diffusion.testing import tiny_pipeline
+from lora_diffusion.xyplot import draw_grid, parse_axis, xy_plot
+
+from conftest import randomize_lora
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Seed: 1-3", ("Seed", [1, 2, 3])),
+    ("seed: 1-9 (+4), -1", ("Seed", [1, 5, 9, -1])),
+    ("Steps: 10-20 [3]", ("Steps", [10, 15, 20])),
+    ("CFG Scale: 5-7 (+0.5)", ("CFG Scale", [5.0, 5.5, 6.0, 6.5, 7.0])),
+    ("CFG Scale: 0-1 [5], 9", ("CFG Scale", [0.0, 0.25, 0.5, 0.75, 1.0, 9.0])),
+    ('Prompt S/R: <lora:a:1>, "red, blue", <lora:a:0>', ("Prompt S/R", ["<lora:a:1>", "red, blue", "<lora:a:0>"])),
+    ("Sampler: Euler a, DPM++ 2M Karras", ("Sampler", ["Euler a", "DPM++ 2M Karras"])),
+])
+def test_axes_read_as_a1111_reads_them(text, expected):
+    assert parse_axis(text) == expected
+
+
+@pytest.mark.parametrize("text, match", [
+    ("Seeds: 1", "with a type of Prompt S/R, Seed"),
+    ("Seed 1", "write '<type>: <values>'"),
+    ("Steps: 10, x", "Steps: 'x' is not a number"),
+    ("Steps: 1.5", "Steps: '1.5' is not a whole number"),
+    ("Steps: 5-1", "'5-1' never reaches its end"),
+    ("Sampler: Euler b", "unknown sampler 'Euler b'"),
+    ("Schedule type: Fast", "unknown 'Fast'"),
+    ("CFG Scale:  ", "no values"),
+])
+def test_bad_axes_are_named(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_axis(text)
+
+
+def test_each_cell_is_the_image_txt2img_makes_with_its_values(tmp_path):
+    pipe = tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    inject_lora(pipe.unet, rank=4)
+    randomize_lora(pipe.unet, std=0.5)
+    save_lora(tmp_path / "style.safetensors", unet=pipe.unet)
+    pipe = tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler = pipe.scheduler
+    prompt = "a red circle <lora:style:1>"
+    plot = xy_plot(pipe, prompt, "", x="Prompt S/R: <lora:style:1>, <lora:style:0>", y="Steps: 2, 3", lora_dir=tmp_path,
+                   seed=4, sampler="Euler", width=32, height=32)
+    assert pipe.scheduler is scheduler  # (the cells set their sampler; the pipeline gets its own back)
+    assert (plot.x_labels, plot.y_labels) == (["<lora:style:1>", "<lora:style:0>"], ["Steps: 2", "Steps: 3"])
+    for i, (weight, steps) in enumerate([(1, 2), (0, 2), (1, 3), (0, 3)]):  # row by row
+        cell = plot.cells[i]
+        alone = txt2img(pipe, f"a red circle <lora:style:{weight}>", lora_dir=tmp_path, seed=4, steps=steps, sampler="Euler",
+                        width=32, height=32)[0]
+        assert np.array_equal(np.asarray(cell.image), np.asarray(alone.image)), (weight, steps)
+        assert cell.infotext == alone.infotext
+    assert not np.array_equal(np.asarray(plot.cells[0].image), np.asarray(plot.cells[1].image))  # the weight shows
+    grid = np.asarray(plot.grid)
+    top, left = grid.shape[0] - 2 * 32, grid.shape[1] - 2 * 32
+    assert top > 0 and left > 0  # room for the labels, which are drawn there
+    assert (grid[:top] < 128).any() and (grid[top:, :left] < 128).any()
+    for i, cell in enumerate(plot.cells):
+        r, c = divmod(i, 2)
+        assert np.array_equal(grid[top + 32 * r: top + 32 * (r + 1), left + 32 * c: left + 32 * (c + 1)], np.asarray(cell.image))
+
+    seeds = xy_plot(pipe, "a red circle", x="Seed: 7, -1, -1", steps=1, width=32, height=32)
+    drawn = [c.seed for c in seeds.cells]
+    assert drawn[0] == 7 and len(set(drawn)) == 3 and seeds.y_labels == [] and seeds.x_labels[0] == "Seed: 7"
+    one_seed = xy_plot(pipe, "a red circle", y="CFG Scale: 1, 9", steps=1, width=32, height=32)
+    assert one_seed.cells[0].seed == one_seed.cells[1].seed  # the plot's seed is drawn once for every cell
+    with pytest.raises(ValueError, match="Prompt S/R did not find '<lora:ink:1>' in the prompt"):
+        xy_plot(pipe, prompt, x="Prompt S/R: <lora:ink:1>, <lora:ink:0>", lora_dir=tmp_path)
+    with pytest.raises(ValueError, match="give an X or a Y axis"):
+        xy_plot(pipe, prompt)
+
+
+def test_the_grid_lays_images_out_row_by_row():
+    images = [Image.new("RGB", (16, 8), (10 * i, 0, 0)) for i in range(6)]
+    assert np.array_equal(np.asarray(draw_grid(images[1:2], [], [])), np.asarray(images[1]))  # no labels: no margins
+    grid = draw_grid(images, ["a", "b", "c"], ["one", "two"])
+    assert grid.size[0] > 48 and grid.size[1] > 16
+    with pytest.raises(ValueError, match="6 images for a 4 x 2 grid"):
+        draw_grid(images, ["a", "b", "c", "d"], ["one", "two"])
+
+
+def test_cli_writes_the_cells_and_the_grid(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", str(TINY_MODEL), "a red circle", "--x-axis", "Seed: 1, 2", "--y-axis", "CFG Scale: 3, 7",
+                 "--steps", "1", "--width", "32", "--height", "32", "-o", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000-1.png", "00001-2.png", "00002-1.png", "00003-2.png", "xyz_grid-00000.png"]
+    with Image.open(out / "00002-1.png") as cell:
+        assert parse_infotext(cell.info["parameters"])[2]["CFG scale"] == "7.0"
+    with Image.open(out / "xyz_grid-00000.png") as grid:
+        assert parse_infotext(grid.info["parameters"])[2]["Seed"] == "1" and grid.size[0] > 64
+    assert main(["generate", str(TINY_MODEL), "a red circle", "--x-axis", "Seed: 1", "--steps", "1", "--width", "32",
+                 "--height", "32", "-o", str(out)]) == 0
+    assert (out / "xyz_grid-00001.png").is_file() and (out / "00004-1.png").is_file()
+    for args, message in ((["--x-axis", "Steps: x"], "Steps: 'x' is not a number"),
+                          (["--y-axis", "Seed: 1", "--batch-count", "2"], "leave --batch-count at 1")):
+        assert main(["generate", "/no/such/model", "a red circle", *args, "-o", str(tmp_path / "no")]) == 2
+        assert message in capsys.readouterr().err  # (before the model loads)
+    assert not (tmp_path / "no").exists()
