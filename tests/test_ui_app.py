@@ -97,6 +97,30 @@ def test_batch_count_makes_one_image_per_seed_in_order(served):
                        "the model's own", "Automatic", True, 1, "Latent", 0, 0.7, None, 17, api_name="/generate")
 
 
+def test_an_xy_plot_shows_its_grid_then_each_cell_as_one_click_makes_it(served):
+    """A1111's X/Y plot on the Generate tab: Prompt S/R over a LoRA tag by seeds; each cell equals the image one
+    click with its prompt and seed makes; the grid holds them, row by row, under its labels."""
+    backend, _, client = served
+    slots = [False] * MAX_SLOTS + [1.0] * MAX_SLOTS + [""] * MAX_SLOTS
+    after = ("the model's own", "Automatic", True, 1, "Latent", 0, 0.7, None, 1)
+    out = client.predict("a red circle <lora:style:1>", "", "all blocks", False, 5, STEPS, 5.0, SIZE, SIZE, 1, *slots, *after,
+                         "Prompt S/R", "<lora:style:1>, <lora:style:0>", "Seed", "5, 6", api_name="/generate")
+    gallery = out[0]
+    assert gallery[0]["caption"] == "X/Y plot, 2 Prompt S/R by 2 Seed"
+    cells = [pixels(g["image"]) for g in gallery[1:5]]
+    for cell, (weight, seed) in zip(cells, [(1, 5), (0, 5), (1, 6), (0, 6)]):  # row by row
+        assert np.array_equal(cell, generate(client, backend, {}, prompt=f"a red circle <lora:style:{weight}>", seed=seed)[0])
+    assert not np.array_equal(cells[0], cells[1])  # the weight shows
+    grid = pixels(gallery[0]["image"])
+    top, left = grid.shape[0] - 2 * SIZE, grid.shape[1] - 2 * SIZE
+    assert top > 0 and left > 0 and np.array_equal(grid[top + SIZE:, left + SIZE:], cells[3])
+    for x, y, message in (("Prompt S/R", "<lora:ink:1>, <lora:ink:0>", "Prompt S/R did not find '<lora:ink:1>'"),
+                          ("Steps", "1-100", "X/Y plot: 100 images; at most 64")):
+        with pytest.raises(Exception, match=message):
+            client.predict("a red circle <lora:style:1>", "", "all blocks", False, 5, STEPS, 5.0, SIZE, SIZE, 1, *slots, *after,
+                           x, y, "Nothing", "", api_name="/generate")
+
+
 def test_png_info_fills_the_generate_inputs(served, tmp_path):
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo

@@ -22,6 +22,7 @@ import pandas as pd
 
 from lora_diffusion.formats import LoraFormatError
 from lora_diffusion.generate import HIRES_UPSCALERS, SAMPLERS, SCHEDULE_TYPES
+from lora_diffusion.xyplot import AXES
 
 from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status, png_info
 from .library import TABLE_HEADERS, UIError
@@ -74,6 +75,7 @@ def _rows(table) -> list[list]:
 
 
 MODEL_SAMPLER = "the model's own"  # the sampler choice that keeps the model's scheduler
+NO_AXIS = "Nothing"  # an X/Y plot axis left out (A1111's name)
 
 
 def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
@@ -126,6 +128,14 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         init_image = gr.Image(type="filepath", label="Init image (resized to Width x Height; 0: its own size)",
                                               elem_id="init-image", sources=["upload", "clipboard"], height=200)
                     denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength (Hires. fix and img2img)")
+                    with gr.Accordion("X/Y plot (A1111's): one image per pair of values, in a labelled grid", open=False):
+                        with gr.Row():
+                            x_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="X type", scale=1)
+                            x_values = gr.Textbox(label="X values", placeholder="<lora:style:1>, <lora:style:0.5>  or  1-4 (+1)",
+                                                  elem_id="x-values", scale=3)
+                        with gr.Row():
+                            y_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="Y type", scale=1)
+                            y_values = gr.Textbox(label="Y values", placeholder="1, 2, 3  or  5-9 [3]", elem_id="y-values", scale=3)
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
@@ -250,12 +260,13 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
-            # (sampler, schedule type, A1111 syntax, hires fix, init image and batch count come after the slots, in the
-            # order they were added: API callers' positions stay as they were, and a call without the newer ones takes
-            # their defaults)
+            # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count and the X/Y plot's axes come after
+            # the slots, in the order they were added: API callers' positions stay as they were, and a call without the
+            # newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
-            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1)
-            sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count = (*extra, *defaults[len(extra):])[:9]
+            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None)
+            sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
+                y_values = (*extra, *defaults[len(extra):])[:13]
             count = _whole(count, "the batch count", 1)
             if not 1 <= count <= MAX_BATCH:
                 raise UIError(f"the batch count must be between 1 and {MAX_BATCH}, got {count}")
@@ -274,9 +285,17 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 hires_scale=_number(hr_scale, "the hires upscale"), hires_upscaler=hr_upscaler or "Latent",
                                 hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"),
                                 init_image=_file_path(init) if init else None)
+            axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
+                    for kind, values in ((x_type, x_values), (y_type, y_values))]
+            if any(axes):  # A1111's X/Y plot: the grid first, then its cells
+                if count != 1:
+                    raise UIError("an X/Y plot makes one image per cell: set the batch count to 1")
+                grid, cells = backend.xy_plot(request, *axes)
+                results = [grid, *cells]
+            else:  # (A1111's batch count: seed, seed + 1, ...; each image its own request and PNG)
+                results = (backend.generate(dataclasses.replace(request, seed=request.seed + i)) for i in range(count))
             made = []
-            for i in range(count):  # (A1111's batch count: seed, seed + 1, ...; each image its own request and PNG)
-                result = backend.generate(dataclasses.replace(request, seed=request.seed + i))
+            for result in results:
                 info = f"**{result.caption}**  \nprompt: `{result.prompt}`"
                 # a file of our own per image: gradio rewrites a PIL image's cache file on every response that holds it
                 path = backend.save_image(result)
@@ -284,14 +303,15 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             past = [*made, *(past or [])][:HISTORY]
             return [(h["image"], h["caption"]) for h in past], past, made[0]["info"], made[0]["snippet"]
 
-        # the API's parameter names, and defaults for the init image and batch count (an input without a value is
-        # otherwise required, which would break callers written before it)
+        # the API's parameter names, and defaults for the init image, batch count and X/Y plot (an input without a
+        # value is otherwise required, which would break callers written before it)
         on_generate.__signature__ = _positional_signature(
             ["prompt", "negative_prompt", "block_preset", "fuse", "seed", "steps", "guidance", "width", "height",
              "clip_skip", "slot_names", "history", *(f"{kind}_{i}" for kind in ("use", "weight", "te_weight")
                                                       for i in range(max_slots)),
              "sampler", "schedule_type", "a1111_syntax", "hires_scale", "hires_upscaler", "hires_steps",
-             "denoising_strength"], {"init_image": None, "batch_count": 1})
+             "denoising_strength"], {"init_image": None, "batch_count": 1, "x_type": NO_AXIS, "x_values": None,
+                                     "y_type": NO_AXIS, "y_values": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -392,7 +412,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         generate_btn.click(
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
-             *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count],
+             *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
+             x_type, x_values, y_type, y_values],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart

@@ -42,6 +42,7 @@ from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, co
                                      png_infotext, second_pass_params, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
+from lora_diffusion.xyplot import draw_grid, plot_cells
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
 
@@ -156,6 +157,11 @@ def _seed(value: Any) -> int:
         raise UIError(f"the seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {value}")
     return int(value)
 KEEP_IMAGES = 200  # generated PNGs a backend keeps on disk (a gallery shows the newest 24)
+MAX_PLOT_CELLS = 64  # images one X/Y plot makes
+# txt2img's keywords that an X/Y plot's axes set -> the GenerateRequest fields they are
+_PLOT_FIELDS = {"seed": "seed", "steps": "steps", "cfg_scale": "guidance", "sampler": "sampler", "schedule_type": "schedule_type",
+                "denoising_strength": "denoising_strength", "clip_skip": "clip_skip", "hires_scale": "hires_scale",
+                "hires_steps": "hires_steps"}
 MAX_TRAIN_RESOLUTION = 2048  # as generation's largest side
 
 
@@ -921,6 +927,26 @@ class Backend:
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
+
+    def xy_plot(self, req: GenerateRequest, x: str | None, y: str | None) -> tuple[GenerateResult, list[GenerateResult]]:
+        """A1111's X/Y plot of a request (``lora_diffusion.xyplot``): one ``generate`` per cell, row by row, each
+        with its infotext and snippet, and the labelled grid as a result of its own (the first cell's infotext, as
+        A1111's grid carries). Every axis is checked before the first image."""
+        try:
+            cells, x_labels, y_labels = plot_cells(req.prompt, req.negative_prompt, x, y)
+        except ValueError as e:
+            raise UIError(f"X/Y plot: {e}") from None
+        if len(cells) > MAX_PLOT_CELLS:
+            raise UIError(f"X/Y plot: {len(cells)} images; at most {MAX_PLOT_CELLS} at a time")
+        results = [self.generate(dataclasses.replace(req, prompt=cell.prompt, negative_prompt=cell.negative_prompt,
+                                                     **{_PLOT_FIELDS[k]: v for k, v in cell.settings.items()}))
+                   for cell in cells]
+        first = results[0]
+        caption = "X/Y plot, " + " by ".join(f"{len(labels)} {axis.partition(':')[0].strip()}" for axis, labels
+                                             in ((x, x_labels), (y, y_labels)) if axis)
+        grid = GenerateResult(draw_grid([r.image for r in results], x_labels, y_labels), first.prompt, first.loras,
+                              caption, first.snippet, first.settings, first.infotext)
+        return grid, results
 
     @staticmethod
     def _check_hires(req: GenerateRequest) -> tuple[float, int, str, float] | None:
