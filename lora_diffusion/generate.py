@@ -33,7 +33,7 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
-           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "second_pass_params"]
+           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "second_pass_params"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -271,6 +271,8 @@ def txt2img(
     model_name: str | None = None,
     model_sha256: str | None = None,
     init_image=None,
+    mask_image=None,
+    mask_blur: int = 4,
     denoising_strength: float = 0.75,
     hires_scale: float = 1.0,
     hires_steps: int = 0,
@@ -284,7 +286,8 @@ def txt2img(
     ``fused``: the LoRAs are fused for the denoising, and unfused after.
 
     ``init_image`` (a PIL image, resized to ``width`` x ``height``, by default its own size to a multiple of 8): img2img,
-    ``denoising_strength`` of the way back (A1111 runs ``steps * strength`` steps, as diffusers does). ``hires_scale``
+    ``denoising_strength`` of the way back (A1111 runs ``steps * strength`` steps, as diffusers does); with
+    ``mask_image`` too, inpainting (``inpaint``: white is repainted, ``mask_blur`` px soften its edge). ``hires_scale``
     > 1: A1111's "Hires. fix": the image, upscaled by ``hires_upscaler`` (``HIRES_UPSCALERS``), denoised again for
     ``hires_steps`` (0: ``steps``) at ``denoising_strength``."""
     if not 1 <= steps <= 1000:
@@ -305,6 +308,10 @@ def txt2img(
         raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
     if not 0 < denoising_strength <= 1:
         raise ValueError(f"denoising strength must be in (0, 1], got {denoising_strength}")
+    if mask_image is not None and init_image is None:
+        raise ValueError("an inpainting mask needs the image it masks (init_image / --init-image)")
+    if not 0 <= mask_blur <= 64:
+        raise ValueError(f"mask blur must be between 0 and 64 px, got {mask_blur}")
     hires = hires_scale > 1 and init_image is None
     if hires and hires_upscaler not in HIRES_UPSCALERS:
         raise ValueError(f"unknown hires upscaler {hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
@@ -326,6 +333,8 @@ def txt2img(
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()))
+    if mask_image is not None:
+        params = _insert_before(params, "Clip skip", {"Mask blur": mask_blur})
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -339,7 +348,10 @@ def txt2img(
         for i in range(batch_count):
             generator = torch.Generator("cpu").manual_seed(seed + i)
             run = dict(texts, guidance_scale=cfg_scale, generator=generator)
-            if init_image is not None:
+            if mask_image is not None:
+                image = inpaint(pipe, run, init_image, mask_image, steps=steps, width=width, height=height,
+                                strength=denoising_strength, mask_blur=mask_blur)
+            elif init_image is not None:
                 image = image_to_image(pipe, run, init_image, steps=steps, width=width, height=height,
                                        strength=denoising_strength)
             elif hires:
@@ -377,12 +389,13 @@ def _lanczos():
     return Image.Resampling.LANCZOS
 
 
-def _img2img(pipe):
-    """The img2img pipeline on ``pipe``'s own modules (LoRAs, fused weights and scheduler included)."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+def _img2img(pipe, kind: str = "img2img"):
+    """The img2img (or ``"inpaint"``) pipeline on ``pipe``'s own modules (LoRAs, fused weights and scheduler
+    included)."""
+    import diffusers
 
-    cls = StableDiffusionXLImg2ImgPipeline if getattr(pipe, "text_encoder_2", None) is not None else \
-        StableDiffusionImg2ImgPipeline
+    xl = "XL" if getattr(pipe, "text_encoder_2", None) is not None else ""
+    cls = getattr(diffusers, f"StableDiffusion{xl}{'Img2Img' if kind == 'img2img' else 'Inpaint'}Pipeline")
     params = inspect.signature(cls.__init__).parameters  # (not from_pipe: it casts the shared modules to float32)
     kwargs = {k: v for k, v in pipe.components.items() if k in params}
     kwargs.update({k: pipe.config[k] for k in params if k not in kwargs and k in pipe.config})
@@ -411,6 +424,31 @@ def image_to_image(pipe, run: dict, init_image, *, steps: int, width: int, heigh
     PIL image."""
     start = init_image.convert("RGB").resize((width, height), _lanczos())
     return _img2img(pipe)(**run, image=start, strength=strength, num_inference_steps=steps).images[0]
+
+
+def inpaint_mask(mask_image, width: int, height: int, blur: int = 4):
+    """A1111's inpainting mask: ``mask_image`` in grey levels (white: repaint), resized to ``width`` x ``height``
+    (Lanczos) and blurred by ``blur`` px (a Gaussian; 0: none)."""
+    from PIL import ImageFilter
+
+    mask = mask_image.convert("L").resize((width, height), _lanczos())
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
+
+
+def inpaint(pipe, run: dict, init_image, mask_image, *, steps: int, width: int, height: int, strength: float,
+            mask_blur: int = 4):
+    """Inpainting as A1111's tab makes it on a text-to-image model ("original" masked content, the whole picture):
+    ``init_image`` resized as ``image_to_image`` does, repainted where ``inpaint_mask`` is white by diffusers' inpaint
+    pipeline on ``pipe``'s modules (on a 4-channel UNet it puts the noised original back outside the mask at every
+    step), then pasted over the original through the blurred mask, so that the pixels outside it are the original's.
+    ``run``: the prompts or embeddings, the guidance and the generator. Returns the PIL image."""
+    from PIL import Image
+
+    start = init_image.convert("RGB").resize((width, height), _lanczos())
+    mask = inpaint_mask(mask_image, width, height, mask_blur)
+    made = _img2img(pipe, "inpaint")(**run, image=start, mask_image=mask, strength=strength, num_inference_steps=steps,
+                                     width=width, height=height).images[0]
+    return Image.composite(made, start, mask)
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -481,7 +519,7 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
     convert = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str), "Clip skip": ("clip_skip", int),
                "Denoising strength": ("denoising_strength", float), "Hires upscale": ("hires_scale", float),
-               "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str)}
+               "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "Mask blur": ("mask_blur", int)}
     for key, (name, kind) in convert.items():
         if key in params:
             try:
@@ -535,7 +573,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.from_png:
         settings = _from_png(args.from_png)
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
-                 "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler"):
+                 "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -545,16 +583,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         settings["emphasis"] = "None"
     if not settings.get("prompt"):
         raise ValueError("give a prompt (or --from-png IMAGE)")
-    if args.init_image:
-        from PIL import Image
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs the image it masks: give --init-image")
+    for path, key in ((args.init_image, "init_image"), (args.mask, "mask_image")):
+        if path:
+            from PIL import Image
 
-        try:
-            with Image.open(args.init_image) as im:
-                settings["init_image"] = im.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{args.init_image}: cannot read it as an image ({e})") from None
-    elif args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
+            try:
+                with Image.open(path) as im:
+                    settings[key] = im.convert("RGB")
+            except OSError as e:
+                raise ValueError(f"{path}: cannot read it as an image ({e})") from None
+    if args.from_png and "mask_blur" in settings and not args.mask:
+        raise ValueError(f"{args.from_png} was inpainted; pass its starting image as --init-image and its --mask")
+    if not args.init_image and args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
         raise ValueError(f"{args.from_png} was made by img2img; pass its starting image as --init-image")
+    if not args.mask:
+        settings.pop("mask_blur", None)
     plot = args.x_axis or args.y_axis
     if plot:
         from .xyplot import parse_axis
@@ -635,6 +680,10 @@ def register(subparsers) -> None:
                    "Original; No norm: weights without the mean restored, which some prefer for SDXL)")
     p.add_argument("--no-emphasis", action="store_true", help="take ( ) [ ] in the prompt literally (--emphasis None)")
     p.add_argument("--init-image", default=None, metavar="IMAGE", help="img2img: start from this image")
+    p.add_argument("--mask", default=None, metavar="IMAGE", help="inpainting: repaint where this image is white "
+                   "(with --init-image)")
+    p.add_argument("--mask-blur", dest="mask_blur", type=int, default=None, help="px the mask's edge is blurred "
+                   "(A1111's Mask blur; default 4)")
     p.add_argument("--denoising-strength", dest="denoising_strength", type=float, default=None,
                    help="img2img and hires: how far back to noise (default 0.75)")
     p.add_argument("--hr-scale", dest="hires_scale", type=float, default=None, help="A1111's Hires. fix: upscale by this "

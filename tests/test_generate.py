@@ -218,6 +218,48 @@ def test_img2img_is_diffusers_img2img_and_keeps_the_pipelines_dtype(pipe):
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16
 
 
+def test_inpainting_repaints_the_mask_as_diffusers_inpaint_pipeline_and_keeps_the_rest(pipe, tmp_path, capsys):
+    """A1111's inpainting ("original" content, whole picture) on a text-to-image model: diffusers' inpaint pipeline
+    on the same modules, pasted over the start through the blurred mask, so the pixels outside it are the start's;
+    the infotext's Mask blur; the command line makes the image again from the PNG, its start and its mask."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import ImageFilter
+
+    start = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 12, 24, 28))
+    (got,) = txt2img(pipe, "a cat", init_image=start, mask_image=mask, denoising_strength=0.8, steps=4, seed=2, cfg_scale=6.0)
+    assert "Denoising strength: 0.8, Mask blur: 4," in got.infotext
+    soft = mask.filter(ImageFilter.GaussianBlur(4))
+    reference = StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    made = reference("a cat", image=start, mask_image=soft, strength=0.8, num_inference_steps=4, guidance_scale=6.0,
+                     width=32, height=32, generator=torch.Generator().manual_seed(2)).images[0]
+    assert np.array_equal(np.asarray(got.image), np.asarray(Image.composite(made, start, soft)))
+    outside = np.asarray(soft) == 0
+    assert outside.any() and np.array_equal(np.asarray(got.image)[outside], np.asarray(start)[outside])
+    inside = np.asarray(mask) == 255
+    assert np.abs(np.asarray(got.image, dtype=int)[inside] - np.asarray(start, dtype=int)[inside]).mean() > 10
+
+    start.save(tmp_path / "start.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", str(TINY_MODEL), "a cat", "--init-image", str(tmp_path / "start.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--mask-blur", "2", "--steps", "3", "--seed", "4", "-o", str(out)]) == 0
+    again = tmp_path / "again.png"
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(out), "--init-image", str(tmp_path / "start.png"), "--mask",
+                 str(tmp_path / "mask.png"), "-o", str(again)]) == 0
+    assert "Mask blur: 2" in Image.open(again).info["parameters"]
+    assert np.array_equal(_pixels(out), _pixels(again))
+    capsys.readouterr()
+    for args, message in ((["--from-png", str(out), "--init-image", str(tmp_path / "start.png")], "was inpainted; pass"),
+                          (["a cat", "--mask", str(tmp_path / "mask.png")], "--mask needs the image it masks")):
+        assert main(["generate", str(TINY_MODEL), *args, "-o", str(tmp_path / "no.png")]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mask blur must be between 0 and 64"):
+        txt2img(pipe, "a cat", init_image=start, mask_image=mask, mask_blur=-1)
+
+
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_hires_fix_upscales_the_first_pass_and_denoises_it_again(pipe, upscaler, tmp_path):
     import torch.nn.functional as F
@@ -282,7 +324,13 @@ def test_sdxl_hires_and_img2img_run_at_their_sizes():
     (plain,) = txt2img(pipe, "a [red:blue:0.5] (cat:1.2)", "dark", **settings)
     (hires,) = txt2img(pipe, "a [red:blue:0.5] (cat:1.2)", "dark", hires_scale=1.5, **settings)
     (again,) = txt2img(pipe, "a cat", init_image=plain.image, **settings)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    (patched,) = txt2img(pipe, "a cat", init_image=plain.image, mask_image=mask, mask_blur=0, **settings)
     assert (plain.image.size, hires.image.size, again.image.size) == ((32, 32), (48, 48), (32, 32))
+    outside = np.asarray(mask) == 0  # (SDXL's inpaint pipeline on the same modules; outside the mask: the original)
+    assert np.array_equal(np.asarray(patched.image)[outside], np.asarray(plain.image)[outside])
+    assert not np.array_equal(np.asarray(patched.image), np.asarray(plain.image))
     assert not np.array_equal(np.asarray(hires.image.resize((32, 32))), np.asarray(plain.image))
 
 
