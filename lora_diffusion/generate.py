@@ -332,9 +332,8 @@ def txt2img(
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     if init_image is not None or hires:
-        params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()))
-    if mask_image is not None:
-        params = _insert_before(params, "Clip skip", {"Mask blur": mask_blur})
+        params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
+                                    mask_blur=mask_blur if mask_image is not None else None)
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -407,10 +406,12 @@ def _img2img(pipe, kind: str = "img2img"):
 
 
 def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,
-                       hires_steps: int = 0, hires_upscaler: str = "Latent") -> dict:
-    """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` and, given ``hires_scale``, a Hires.
-    fix's settings, where A1111 puts them (``Hires steps`` only when not the first pass's)."""
-    params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength})
+                       hires_steps: int = 0, hires_upscaler: str = "Latent", *, mask_blur: int | None = None) -> dict:
+    """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` (and an inpainting's ``Mask blur``) and,
+    given ``hires_scale``, a Hires. fix's settings, where A1111 puts them (``Hires steps`` only when not the first
+    pass's)."""
+    params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength,
+                                                  **({"Mask blur": mask_blur} if mask_blur is not None else {})})
     if hires_scale is None:
         return params
     return _insert_before(params, "Lora hashes", {"Hires upscale": hires_scale, "Hires steps": hires_steps or None,

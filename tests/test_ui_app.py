@@ -80,6 +80,12 @@ def test_sampler_prompt_syntax_hires_and_img2img_come_after_the_slots(served, tm
     moved, caption, _, snippet = generate(client, backend, {}, prompt="a blue square", extra=(
         "the model's own", "Automatic", True, 1, "Latent", 0, 0.5, handle_file(str(start))))
     assert moved.shape[:2] == (SIZE, SIZE) and "img2img, denoise 0.5" in caption and "init = Image.open(" in snippet
+    mask = tmp_path / "mask.png"
+    Image.new("L", (SIZE, SIZE), 255).save(mask)  # (inpainting after the X/Y plot's inputs)
+    patched, caption, _, snippet = generate(client, backend, {}, prompt="a blue square", extra=(
+        "the model's own", "Automatic", True, 1, "Latent", 0, 0.5, handle_file(str(start)), 1, "Nothing", "", "Nothing", "",
+        handle_file(str(mask)), 3))
+    assert "inpaint, denoise 0.5, mask blur 3" in caption and "StableDiffusionInpaintPipeline" in snippet
 
 
 def test_batch_count_makes_one_image_per_seed_in_order(served):

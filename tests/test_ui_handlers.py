@@ -375,6 +375,46 @@ def test_img2img_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_sto
         gen(backend, **{**kw, "denoising_strength": 1.5})
 
 
+def test_inpainting_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_stock_diffusers(backend, model_dir, tmp_path):
+    """An init image and a mask: the pixels outside the blurred mask are the start's; the snippet (diffusers' inpaint
+    pipeline) and ``--from-png`` with the start and the mask make the same image; bad masks are refused."""
+    pytest.importorskip("peft", reason="stock diffusers needs peft for load_lora_weights/set_adapters")
+    from PIL import Image, ImageFilter
+
+    from lora_diffusion.cli import main
+    from ui.handlers import png_info
+
+    start, mask = tmp_path / "start.png", tmp_path / "mask.png"
+    gen(backend, "a blue square", seed=1).image.save(start)
+    with Image.open(start) as im:
+        size = im.size
+    shape = Image.new("L", size, 0)
+    shape.paste(255, (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
+    shape.save(mask)
+    kw = dict(loras={"ink": (0.8, 0.5)}, seed=6, init_image=str(start), mask_image=str(mask), mask_blur=2,
+              denoising_strength=0.9, width=None, height=None)
+    result = gen(backend, "a (red:1.3) circle", **kw)
+    assert "inpaint, denoise 0.9, mask blur 2" in result.caption and "Denoising strength: 0.9, Mask blur: 2," in result.infotext
+    outside = np.asarray(shape.filter(ImageFilter.GaussianBlur(2))) == 0
+    assert outside.any() and np.array_equal(pixels(result.image)[outside], pixels(Image.open(start))[outside])
+    assert np.abs(pixels(result.image) - pixels(Image.open(start))).mean() > 1.0
+    scope: dict = {}
+    exec(result.snippet, scope)  # noqa: S102 - our own generated code
+    assert np.abs(pixels(scope["image"]) - pixels(result.image)).max() <= 2, result.snippet
+    assert str(mask) not in result.snippet  # (copies the backend keeps)
+    saved, again = backend.save_image(result), tmp_path / "again.png"
+    assert main(["generate", str(model_dir), "--from-png", saved, "--init-image", str(start), "--mask", str(mask),
+                 "--lora-dir", str(backend.library.root), "-o", str(again)]) == 0
+    assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
+    assert "it was inpainted: put the image it started from and its mask" in png_info(saved)[1]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for bad, match in (({"init_image": None}, "an inpainting mask needs the image it masks"),
+                       ({"mask_image": str(tmp_path / "bad.png")}, "inpaint mask bad.png: cannot read it as an image"),
+                       ({"mask_blur": 65}, "mask blur must be a whole number of px between 0 and 64")):
+        with pytest.raises(UIError, match=match):
+            gen(backend, **{**kw, **bad})
+
+
 def test_lbw_tags_weigh_blocks_and_their_png_and_snippet_make_the_image_again(backend, model_dir, tmp_path):
     """The LBW extension's tags in the prompt (a preset name, a vector): the image differs from the plain tag's; the
     saved PNG's infotext carries them, and ``lora-diffusion generate --from-png`` (``apply_prompt_loras``) makes the

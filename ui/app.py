@@ -125,8 +125,12 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             hr_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
                         hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
                     with gr.Accordion("img2img: start from an image", open=False):
-                        init_image = gr.Image(type="filepath", label="Init image (resized to Width x Height; 0: its own size)",
-                                              elem_id="init-image", sources=["upload", "clipboard"], height=200)
+                        with gr.Row():
+                            init_image = gr.Image(type="filepath", label="Init image (resized to Width x Height; 0: its own size)",
+                                                  elem_id="init-image", sources=["upload", "clipboard"], height=200)
+                            mask_image = gr.Image(type="filepath", label="Inpaint mask (white: repaint; blank: img2img)",
+                                                  elem_id="mask-image", sources=["upload", "clipboard"], height=200)
+                        mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)")
                     denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength (Hires. fix and img2img)")
                     with gr.Accordion("X/Y plot (A1111's): one image per pair of values, in a labelled grid", open=False):
                         with gr.Row():
@@ -260,13 +264,13 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
-            # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count and the X/Y plot's axes come after
-            # the slots, in the order they were added: API callers' positions stay as they were, and a call without the
-            # newer ones takes their defaults)
+            # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes and the
+            # inpaint mask come after the slots, in the order they were added: API callers' positions stay as they were,
+            # and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
-            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None)
+            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4)
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
-                y_values = (*extra, *defaults[len(extra):])[:13]
+                y_values, mask, blur = (*extra, *defaults[len(extra):])[:15]
             count = _whole(count, "the batch count", 1)
             if not 1 <= count <= MAX_BATCH:
                 raise UIError(f"the batch count must be between 1 and {MAX_BATCH}, got {count}")
@@ -284,7 +288,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 schedule_type=schedule or "Automatic", emphasis=bool(emphasis),
                                 hires_scale=_number(hr_scale, "the hires upscale"), hires_upscaler=hr_upscaler or "Latent",
                                 hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"),
-                                init_image=_file_path(init) if init else None)
+                                init_image=_file_path(init) if init else None, mask_image=_file_path(mask) if mask else None,
+                                mask_blur=_whole(blur, "the mask blur", 4))
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values))]
             if any(axes):  # A1111's X/Y plot: the grid first, then its cells
@@ -303,7 +308,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             past = [*made, *(past or [])][:HISTORY]
             return [(h["image"], h["caption"]) for h in past], past, made[0]["info"], made[0]["snippet"]
 
-        # the API's parameter names, and defaults for the init image, batch count and X/Y plot (an input without a
+        # the API's parameter names, and defaults for the init image, batch count, X/Y plot and mask (an input without a
         # value is otherwise required, which would break callers written before it)
         on_generate.__signature__ = _positional_signature(
             ["prompt", "negative_prompt", "block_preset", "fuse", "seed", "steps", "guidance", "width", "height",
@@ -311,7 +316,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                                       for i in range(max_slots)),
              "sampler", "schedule_type", "a1111_syntax", "hires_scale", "hires_upscaler", "hires_steps",
              "denoising_strength"], {"init_image": None, "batch_count": 1, "x_type": NO_AXIS, "x_values": None,
-                                     "y_type": NO_AXIS, "y_values": None})
+                                     "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -413,7 +418,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
-             x_type, x_values, y_type, y_values],
+             x_type, x_values, y_type, y_values, mask_image, mask_blur],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart

@@ -38,7 +38,7 @@ from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
 from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size,
-                                     image_to_image, infotext, infotext_settings, lora_hash, lora_tag, model_hash,
+                                     image_to_image, infotext, inpaint, infotext_settings, lora_hash, lora_tag, model_hash,
                                      png_infotext, second_pass_params, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
@@ -224,6 +224,10 @@ class GenerateRequest:
     # img2img (``lora_diffusion.generate.image_to_image``): the image file to start from, resized to width x height
     # (by default its own size, down to a multiple of 8)
     init_image: str | None = None
+    # inpainting (``lora_diffusion.generate.inpaint``): with ``init_image``, repaint where this image is white, its
+    # edge blurred by ``mask_blur`` px (A1111's defaults: original content, the whole picture)
+    mask_image: str | None = None
+    mask_blur: int = 4
 
 
 @dataclass
@@ -265,6 +269,7 @@ def diffusers_snippet(
     hires: tuple[float, int, str, float] | None = None,
     init_image: tuple[str, float] | None = None,
     tag_blocks: dict[str, tuple[float, ...]] | None = None,
+    mask: tuple[str, int] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -272,7 +277,8 @@ def diffusers_snippet(
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
     ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules;
-    ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too; ``tag_blocks``: LoRA Block
+    ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too, or with ``mask`` ``(mask
+    file, blur)`` the inpaint pipeline, pasted back through the blurred mask; ``tag_blocks``: LoRA Block
     Weight vectors from the prompt's tags, which diffusers' ``set_adapters`` cannot express: the LoRAs then load and
     blend with ``lora_diffusion``'s ``load_lora`` / ``set_adapters`` in the same pipeline)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
@@ -322,6 +328,18 @@ def diffusers_snippet(
         ]
         args = ["prompt_embeds=prompt_embeds", "negative_prompt_embeds=negative_embeds"]
         second = list(args)
+    if init_image and mask:
+        path, strength = init_image
+        blur = f".filter(ImageFilter.GaussianBlur({mask[1]}))" if mask[1] > 0 else ""
+        return "\n".join(lines + [
+            "from PIL import Image, ImageFilter",
+            f"init = Image.open({_py(path)}).convert(\"RGB\").resize(({width}, {height}), Image.Resampling.LANCZOS)",
+            f"mask = Image.open({_py(mask[0])}).convert(\"L\").resize(({width}, {height}), Image.Resampling.LANCZOS){blur}",
+            *_img2img_lines(sdxl, "inpaint"),
+            "made = inpaint(" + ", ".join([*args, "image=init", "mask_image=mask", f"strength={strength!r}",
+                                          f"num_inference_steps={steps}", f"guidance_scale={guidance!r}", f"width={width}",
+                                          f"height={height}", f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]",
+            "image = Image.composite(made, init, mask)  # (A1111's overlay: outside the mask, the start's own pixels)"]) + "\n"
     if init_image:
         path, strength = init_image
         return "\n".join(lines + [
@@ -403,12 +421,12 @@ def _hires_lines(args: list[str], second: list[str], seed: int, guidance: float,
                                        f"guidance_scale={guidance!r}", "generator=generator"]) + ").images[0]"]
 
 
-def _img2img_lines(sdxl: bool) -> list[str]:
-    """The snippet's img2img pipeline on ``pipe``'s modules (LoRAs and scheduler included)."""
-    cls = "StableDiffusionXLImg2ImgPipeline" if sdxl else "StableDiffusionImg2ImgPipeline"
+def _img2img_lines(sdxl: bool, kind: str = "img2img") -> list[str]:
+    """The snippet's img2img (or ``"inpaint"``) pipeline on ``pipe``'s modules (LoRAs and scheduler included)."""
+    cls = f"StableDiffusion{'XL' if sdxl else ''}{'Img2Img' if kind == 'img2img' else 'Inpaint'}Pipeline"
     extra = ", force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt" if sdxl else ", requires_safety_checker=False"
     return [f"from diffusers import {cls}",
-            f"img2img = {cls}(**pipe.components{extra})  # (not from_pipe: it casts the modules to float32)"]
+            f"{kind} = {cls}(**pipe.components{extra})  # (not from_pipe: it casts the modules to float32)"]
 
 
 def load_pipeline(model: str | None, device: str | None = None, model_config: str | None = None):
@@ -461,7 +479,9 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
         sampler = None
     hires_scale, upscaler = got.get("hires_scale", 1.0), got.get("hires_upscaler", "Latent")
     if hires_scale <= 1 and "denoising_strength" in got:
-        notes.append("it was made by img2img: put the image it started from under img2img to make it again")
+        notes.append("it was inpainted: put the image it started from and its mask under img2img to make it again"
+                     if "mask_blur" in got else
+                     "it was made by img2img: put the image it started from under img2img to make it again")
     if hires_scale > 1 and upscaler not in HIRES_UPSCALERS:
         notes.append(f"its hires upscaler {upscaler!r} is not one of the UI's: Latent is set")
         upscaler = "Latent"
@@ -836,6 +856,7 @@ class Backend:
         clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
         hires = self._check_hires(req)
         init = self._init_image(req)
+        mask = self._mask_image(req, init)
         if init is not None and hires:
             raise UIError("Hires. fix is for text-to-image: set Upscale by to 1, or clear the init image")
         with self.generate_lock:
@@ -872,7 +893,10 @@ class Backend:
                 texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
                     if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
                 run = dict(texts, guidance_scale=float(req.guidance), generator=generator)
-                if init is not None:
+                if mask is not None:
+                    image = inpaint(pipe, run, init, mask, steps=steps, width=width, height=height, strength=_strength(req),
+                                    mask_blur=int(req.mask_blur))
+                elif init is not None:
                     image = image_to_image(pipe, run, init, steps=steps, width=width, height=height,
                                            strength=_strength(req))
                 elif hires:
@@ -897,13 +921,15 @@ class Backend:
         if hires:
             params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2])
         elif init is not None:
-            params = second_pass_params(params, _strength(req))
+            params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None)
         init_copy = self._keep_input(req.init_image) if init is not None else None
+        mask_copy = self._keep_input(req.mask_image) if mask is not None else None
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
                     "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
                     "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None,
-                    "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None}
+                    "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
+                    "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None}
         caption = f"{blend_label(loras, tag_blocks)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
@@ -914,7 +940,9 @@ class Backend:
         if req.sampler:
             caption += f", {req.sampler}" + ("" if (req.schedule_type or "Automatic") == "Automatic" else f" {req.schedule_type}")
         if init is not None:
-            caption += f", img2img, denoise {_fmt(_strength(req))}"
+            caption += f", {'inpaint' if mask is not None else 'img2img'}, denoise {_fmt(_strength(req))}"
+            if mask is not None:
+                caption += f", mask blur {int(req.mask_blur)}"
         if hires:
             caption += ", hires {}x{} ({} {}x, {} steps, denoise {})".format(*hires_size(width, height, hires[0]), hires[2],
                                                                            _fmt(hires[0]), hires[1], _fmt(hires[3]))
@@ -924,6 +952,7 @@ class Backend:
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
+            mask=(mask_copy, int(req.mask_blur)) if mask_copy else None,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -970,14 +999,32 @@ class Backend:
         if not req.init_image:
             return None
         _strength(req)
+        return Backend._open_image(req.init_image, "init image")
+
+    @staticmethod
+    def _open_image(path: str, what: str):
+        """An uploaded image in RGB; ``UIError`` naming ``what`` and the file where it cannot be read."""
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(req.init_image) as im:
+            with Image.open(path) as im:
                 im.load()
                 return im.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise UIError(f"init image {Path(req.init_image).name}: cannot read it as an image ({e})") from None
+            raise UIError(f"{what} {Path(path).name}: cannot read it as an image ({e})") from None
+
+    @staticmethod
+    def _mask_image(req: GenerateRequest, init):
+        """The request's inpainting mask as a PIL image (``None``: none); ``UIError`` for a mask without an init image,
+        an unreadable file, a blur outside 0-64 px."""
+        if not req.mask_image:
+            return None
+        if init is None:
+            raise UIError("an inpainting mask needs the image it masks: put one under init image")
+        blur = finite_number(req.mask_blur, "the mask blur")
+        if blur != int(blur) or not 0 <= blur <= 64:
+            raise UIError(f"the mask blur must be a whole number of px between 0 and 64, got {_fmt(blur)}")
+        return Backend._open_image(req.mask_image, "inpaint mask")
 
     def _keep_input(self, path: str) -> str:
         """A copy of an img2img start in this backend's folder (named by its content: one copy per image), which the
