@@ -288,7 +288,10 @@ _SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rat
                 "ss_cache_latents": "cache_latents", "ss_batch_size_per_device": "train_batch_size", "ss_network_dropout": "lora_dropout",
                 "ss_enable_bucket": "enable_bucket", "ss_flip_aug": "random_flip", "ss_caption_extension": "caption_extension",
                 "ss_shuffle_caption": "shuffle_caption", "ss_keep_tokens": "keep_tokens", "ss_caption_dropout_rate": "caption_dropout_rate",
-                "ss_caption_tag_dropout_rate": "caption_tag_dropout_rate"}  # fmt: skip
+                "ss_caption_tag_dropout_rate": "caption_tag_dropout_rate",
+                "ss_multires_noise_iterations": "multires_noise_iterations", "ss_multires_noise_discount": "multires_noise_discount",
+                "ss_ip_noise_gamma": "ip_noise_gamma", "ss_loss_type": "loss_type", "ss_huber_schedule": "huber_schedule",
+                "ss_huber_c": "huber_c", "ss_huber_scale": "huber_scale"}  # fmt: skip
 
 
 def _training_keys(metadata: dict) -> dict[str, str]:

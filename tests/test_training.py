@@ -971,3 +971,99 @@ def test_init_lora_starts_the_run_from_a_files_factors(base, tmp_path):
         train(config(base, tmp_path / "e", init_lora=str(tmp_path / "junk.safetensors"), **settings))
     with pytest.raises(ConfigError, match="--init_lora .*nothing.safetensors: no such file"):
         train(config(base, tmp_path / "e", init_lora=str(tmp_path / "nothing.safetensors"), **settings))
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in UNet that records what it is given and predicts zeros (the l2 loss is then the target's power)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, noisy, timesteps, encoder_hidden_states, **kwargs):
+        self.calls.append((noisy.clone(), timesteps.clone()))
+        return type("Out", (), {"sample": torch.zeros_like(noisy)})()
+
+
+def test_kohyas_noise_and_timestep_options(base, tmp_path):
+    """kohya's multires noise (unit variance, coarser: neighbours correlate), input perturbation (the input gets extra
+    noise, the target keeps the noise), and the timestep range; a run with them all records them as kohya does."""
+    from diffusers import DDPMScheduler
+
+    from lora_diffusion.training.loop import diffusion_loss, pyramid_noise
+
+    white = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    pyramid = pyramid_noise(white, torch.Generator().manual_seed(1), 6, 0.3)
+    again = pyramid_noise(white, torch.Generator().manual_seed(1), 6, 0.3)
+    assert torch.equal(pyramid, again) and abs(float(pyramid.std()) - 1) < 1e-5
+
+    def neighbours(x):
+        return float(torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1])
+
+    coarse = pyramid_noise(white, torch.Generator().manual_seed(1), 6, 0.8)  # (level 0 is white noise of weight 1)
+    assert neighbours(white) < 0.01 < neighbours(pyramid) < 0.1 < 0.2 < neighbours(coarse)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, cond = torch.randn(8, 4, 8, 8), torch.randn(8, 7, 32)
+    losses, inputs = {}, {}
+    for gamma in (0.0, 0.5):
+        unet = _Recorder()
+        settings = config(base, tmp_path, ip_noise_gamma=gamma, min_timestep=100, max_timestep=300)
+        losses[gamma] = diffusion_loss(unet, scheduler, latents, cond, torch.Generator().manual_seed(3), settings)
+        (inputs[gamma], timesteps), = unet.calls
+        assert 100 <= int(timesteps.min()) and int(timesteps.max()) < 300
+    assert torch.equal(losses[0.0], losses[0.5])  # the target is the same noise
+    assert not torch.allclose(inputs[0.0], inputs[0.5])  # the UNet's input is not
+    with pytest.raises(ConfigError, match="the scheduler has 1000 timesteps"):
+        diffusion_loss(_Recorder(), scheduler, latents, cond, torch.Generator(), config(base, tmp_path, max_timestep=2000))
+
+    run = train(config(base, tmp_path / "run", multires_noise_iterations=6, multires_noise_discount=0.4, ip_noise_gamma=0.1,
+                       min_timestep=100, max_timestep=900, loss_type="huber", huber_schedule="exponential", max_train_steps=2,
+                       save_kohya=True))
+    assert math.isfinite(run.final_loss)
+    meta = read_lora_file(run.kohya_path)[1]
+    assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
+            meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("6", "0.4", "0.1", "huber", "exponential", "0.1")
+
+
+def test_kohyas_loss_types():
+    """l2 is MSE and l1 the absolute error; huber is ~d^2 well inside its threshold c and ~2c|d| far outside it,
+    smooth_l1 ~d^2/c and ~2|d|; the thresholds follow kohya's schedules (snr: nearly 1 at t = 0, down toward huber_c;
+    exponential: huber_scale at t = 0, huber_c * huber_scale at t = T; constant: huber_c * huber_scale)."""
+    from diffusers import DDPMScheduler
+
+    from lora_diffusion.training.loop import elementwise_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    target = torch.zeros(3, 1, 1, 1)
+    t = torch.tensor([0, 500, 999])
+
+    def loss(kind, d, **kw):
+        return elementwise_loss(torch.full((3, 1, 1, 1), d), target, TrainConfig(loss_type=kind, **kw), scheduler, t).flatten()
+
+    assert torch.equal(loss("l2", 0.3), torch.full((3,), 0.3) ** 2) and torch.equal(loss("l1", -0.3), torch.full((3,), 0.3))
+    c = 0.2
+    assert torch.allclose(loss("huber", 1e-3, huber_schedule="constant", huber_c=c), torch.full((3,), 1e-6), rtol=1e-3)
+    assert torch.allclose(loss("huber", 100.0, huber_schedule="constant", huber_c=c), torch.full((3,), 2 * c * 100), rtol=1e-2)
+    assert torch.allclose(loss("smooth_l1", 1e-3, huber_schedule="constant", huber_c=c), torch.full((3,), 1e-6 / c), rtol=1e-3)
+    assert torch.allclose(loss("smooth_l1", 100.0, huber_schedule="constant", huber_c=c), torch.full((3,), 200.0), rtol=1e-2)
+
+    def threshold(schedule, **kw):  # huber at a large d is ~2c|d|: c, per timestep
+        return loss("huber", 1e4, huber_schedule=schedule, **kw) / 2e4
+
+    snr = threshold("snr", huber_c=0.1)
+    assert 0.95 < float(snr[0]) <= 1 and snr[0] > snr[1] > snr[2] and abs(float(snr[2]) - 0.1) < 0.01
+    exp = threshold("exponential", huber_c=0.1, huber_scale=2.0)
+    assert torch.allclose(exp[[0, 2]], torch.tensor([2.0, 0.2]), rtol=1e-2) and exp[0] > exp[1] > exp[2]
+    assert torch.allclose(threshold("constant", huber_c=0.1, huber_scale=3.0), torch.full((3,), 0.3), rtol=1e-3)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"multires_noise_discount": 1.5}, "--multires_noise_discount must be in"),
+    ({"min_timestep": 500, "max_timestep": 400}, "--min_timestep 500 must be below --max_timestep 400"),
+    ({"loss_type": "huber", "huber_c": 0.0}, "--huber_c must be in \\(0, 1\\]"),
+    ({"loss_type": "hinge"}, "--loss_type 'hinge': choose one of l2, l1, huber, smooth_l1"),
+    ({"ip_noise_gamma": -0.1}, "--ip_noise_gamma must not be negative"),
+])
+def test_bad_noise_and_loss_settings_are_refused(base, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config(base, tmp_path, **overrides).validate()

@@ -105,6 +105,19 @@ class TrainConfig:
                         "weight decay are the --adam_* settings", choices=("adamw", "adamw8bit", "prodigy"))
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
     noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
+    multires_noise_iterations: int = _f(0, "kohya's multires (pyramid) noise: this many coarser noises added to the noise, "
+                                           "e.g. 6 (0: off)")
+    multires_noise_discount: float = _f(0.3, "the weight of each coarser noise is this to its level's power (kohya's)")
+    ip_noise_gamma: float = _f(0.0, "input perturbation (kohya's --ip_noise_gamma): the latents are noised with the noise "
+                                    "plus this times fresh noise, the target keeping the noise, e.g. 0.1 (0: off)")
+    min_timestep: int = _f(0, "the smallest timestep trained (kohya's)")
+    max_timestep: int = _f(0, "train timesteps below this (kohya's; 0: the scheduler's num_train_timesteps)")
+    loss_type: str = _f("l2", "kohya's --loss_type: l2 (MSE), l1, huber or smooth_l1 (pseudo-Huber, its threshold set by "
+                              "--huber_schedule / --huber_c)", choices=("l2", "l1", "huber", "smooth_l1"))
+    huber_schedule: str = _f("snr", "the Huber threshold by timestep (kohya's): snr, exponential or constant",
+                             choices=("snr", "exponential", "constant"))
+    huber_c: float = _f(0.1, "the Huber threshold (kohya's --huber_c)")
+    huber_scale: float = _f(1.0, "scales the exponential and constant Huber thresholds (kohya's --huber_scale)")
     shuffle_caption: bool = _f(False, "shuffle each caption's comma-separated tags every time it is used (kohya's; for tag captions)")
     keep_tokens: int = _f(0, "with --shuffle_caption / --caption_tag_dropout_rate: leave the first N tags in place (e.g. 1 for a trigger word put first)")
     caption_dropout_rate: float = _f(0.0, "the share of samples trained with an empty caption (kohya's; helps classifier-free guidance)")
@@ -180,7 +193,8 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "conv_rank", "conv_alpha")
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
+                        "max_timestep")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
@@ -191,6 +205,12 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.multires_noise_discount <= 1:
+            raise ConfigError(f"--multires_noise_discount must be in [0, 1], got {self.multires_noise_discount}")
+        if self.max_timestep and self.min_timestep >= self.max_timestep:
+            raise ConfigError(f"--min_timestep {self.min_timestep} must be below --max_timestep {self.max_timestep}")
+        if self.loss_type in ("huber", "smooth_l1") and not (0 < self.huber_c <= 1 and self.huber_scale > 0):
+            raise ConfigError(f"--huber_c must be in (0, 1] and --huber_scale positive, got {self.huber_c} and {self.huber_scale}")
         if self.lr_num_cycles < 1:
             raise ConfigError(f"--lr_num_cycles must be at least 1, got {self.lr_num_cycles}")
         if not 0 <= self.lora_dropout < 1:

@@ -188,6 +188,45 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config")
 
 
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """kohya's multires noise (``pyramid_noise_like``): ``iterations`` noises at ever coarser sizes (each a random
+    2-4x smaller than the last), bilinearly upsampled and weighted by ``discount ** level``, added to ``noise``, which
+    is then scaled back to unit standard deviation. Its randomness comes from ``generator`` (a resumed run draws the
+    same)."""
+    batch, channels, height, width = noise.shape
+    noise = noise.clone()
+    for level in range(iterations):
+        r = float(torch.rand((), generator=generator)) * 2 + 2
+        h, w = max(1, int(height / r**level)), max(1, int(width / r**level))
+        coarse = torch.randn((batch, channels, h, w), generator=generator).to(noise)
+        noise += F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**level
+        if h == 1 or w == 1:
+            break  # (the coarsest: 1 x 1)
+    return noise / noise.std()
+
+
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, config: TrainConfig, scheduler, timesteps) -> torch.Tensor:
+    """kohya's ``conditional_loss`` without reduction: ``--loss_type`` l2 (MSE), l1, or huber / smooth_l1 (pseudo-Huber,
+    ``2c(sqrt(d^2 + c^2) - c)`` and ``2(sqrt(d^2 + c^2) - c)``) with the threshold ``c`` of each sample's timestep by
+    ``--huber_schedule``: ``snr`` ``(1 - huber_c) / (1 + sigma)^2 + huber_c``, ``exponential``
+    ``exp(ln(huber_c) * t / T) * huber_scale``, ``constant`` ``huber_c * huber_scale``."""
+    if config.loss_type == "l2":
+        return F.mse_loss(prediction, target, reduction="none")
+    if config.loss_type == "l1":
+        return F.l1_loss(prediction, target, reduction="none")
+    t = timesteps.cpu()
+    if config.huber_schedule == "snr":
+        alphas = scheduler.alphas_cumprod[t].float()
+        c = (1 - config.huber_c) / (1 + ((1 - alphas) / alphas) ** 0.5) ** 2 + config.huber_c
+    elif config.huber_schedule == "exponential":
+        c = torch.exp(math.log(config.huber_c) * t.float() / scheduler.config.num_train_timesteps) * config.huber_scale
+    else:
+        c = torch.full(t.shape, config.huber_c * config.huber_scale)
+    c = c.to(prediction).view(-1, *[1] * (prediction.dim() - 1))
+    pseudo = torch.sqrt((prediction - target) ** 2 + c**2) - c
+    return 2 * c * pseudo if config.loss_type == "huber" else 2 * pseudo
+
+
 def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: torch.Generator, config: TrainConfig,
                    added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """Mean denoising loss of one batch: noise the latents at random timesteps and compare the UNet's prediction
@@ -196,12 +235,22 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if config.noise_offset:
         noise = noise + config.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator).to(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if config.multires_noise_iterations:
+        noise = pyramid_noise(noise, generator, config.multires_noise_iterations, config.multires_noise_discount)
+    top = config.max_timestep or scheduler.config.num_train_timesteps
+    if not config.min_timestep < top <= scheduler.config.num_train_timesteps:
+        raise ConfigError(f"--min_timestep / --max_timestep {config.min_timestep} / {config.max_timestep}: the scheduler "
+                          f"has {scheduler.config.num_train_timesteps} timesteps")
+    timesteps = torch.randint(config.min_timestep, top, (batch,), generator=generator).to(latents.device)
+    start = noise
+    if config.ip_noise_gamma:  # (kohya's input perturbation: the target keeps the noise)
+        start = noise + config.ip_noise_gamma * torch.randn(latents.shape, generator=generator).to(latents)
+    noisy = scheduler.add_noise(latents, start, timesteps)
     target = diffusion_target(scheduler, latents, noise, timesteps)
     extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
     prediction = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.dim())))
+    loss = elementwise_loss(prediction.float(), target.float(), config, scheduler, timesteps)
+    loss = loss.mean(dim=list(range(1, prediction.dim())))
     if config.snr_gamma:
         from diffusers.training_utils import compute_snr
 
