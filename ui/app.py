@@ -190,6 +190,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             layers = gr.Dropdown(TRAIN_LAYERS, value="attn", label="Layers", elem_id="train-layers")
                             conv_rank = gr.Number(0, label="Conv rank (kohya's conv_dim; 0: the rank)", precision=0)
                             conv_alpha = gr.Number(0.0, label="Conv alpha (0: the conv rank)")
+                        with gr.Row():
+                            noise_offset = gr.Number(0.0, label="Noise offset (e.g. 0.05)")
+                            multires = gr.Number(0, label="Multires noise iterations (e.g. 6; 0: off)", precision=0)
+                            snr_gamma = gr.Number(0.0, label="Min-SNR gamma (e.g. 5; 0: off)")
+                            loss_type = gr.Dropdown(["l2", "l1", "huber", "smooth_l1"], value="l2", label="Loss")
                         continue_from = gr.Dropdown(choices=[], value=None, allow_custom_value=True, elem_id="continue-from",
                                                     label="Continue training a library LoRA (kohya's --network_weights: "
                                                           "its modules, rank, alpha and DoRA; blank: a new LoRA)")
@@ -331,7 +336,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             return caption_rows(paths)
 
         def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
-                     fmt, skip, shuffle, keep, dropout, continue_from=None, layers="attn", conv_rank=0, conv_alpha=0.0):
+                     fmt, skip, shuffle, keep, dropout, continue_from=None, layers="attn", conv_rank=0, conv_alpha=0.0,
+                     noise_offset=0.0, multires=0, snr_gamma=0.0, loss_type="l2"):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -346,7 +352,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                            "keep_tokens": _whole(keep, "the tags kept in place", 0),
                            "caption_dropout_rate": _number(dropout, "the caption dropout rate"),
                            "target_modules": layers or "attn", "conv_rank": _whole(conv_rank, "the conv rank", 0),
-                           "conv_alpha": _number(conv_alpha or 0.0, "the conv alpha")},
+                           "conv_alpha": _number(conv_alpha or 0.0, "the conv alpha"),
+                           "noise_offset": _number(noise_offset or 0.0, "the noise offset"),
+                           "multires_noise_iterations": _whole(multires, "the multires noise iterations", 0),
+                           "snr_gamma": _number(snr_gamma or 0.0, "the Min-SNR gamma"), "loss_type": loss_type or "l2"},
                     continue_from=continue_from or None,
                 )
                 job = backend.start_training(req)
@@ -430,7 +439,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
              val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout, continue_from, layers,
-             conv_rank, conv_alpha],
+             conv_rank, conv_alpha, noise_offset, multires, snr_gamma, loss_type],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time
