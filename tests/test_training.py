@@ -1067,3 +1067,31 @@ def test_kohyas_loss_types():
 def test_bad_noise_and_loss_settings_are_refused(base, tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         config(base, tmp_path, **overrides).validate()
+
+
+def test_a_validation_split_holds_images_out_and_measures_their_loss_without_touching_training(base, tmp_path):
+    """kohya's --validation_split: the held-out images are not trained on; their loss is logged at every
+    --validate_every_n_steps and at the end, from the same noise each time (at learning rate 0 it does not move);
+    validating more often changes no trained weight; the kohya copy records the split."""
+    data = tmp_path / "data"
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]):
+        flat_images(data / f"c{i}", n=1, colour=colour)
+    settings = dict(train_data_dir=str(data), validation_split=0.4, max_train_steps=4, save_precision="fp32")
+    every = train(config(base, tmp_path / "a", validate_every_n_steps=1, learning_rate=1e-2, save_kohya=True, **settings))
+    end = train(config(base, tmp_path / "b", validate_every_n_steps=0, validation_steps=0, learning_rate=1e-2, **settings))
+    rows = outputs.read_log(every.log_path)
+    assert [r["step"] for r in rows if "val_loss" in r] == [1, 2, 3, 4] and every.val_loss == rows[-1]["val_loss"]
+    assert [r["step"] for r in outputs.read_log(end.log_path) if "val_loss" in r] == [4]
+    assert end.val_loss == every.val_loss  # the same weights, the same held-out noise
+    a, b = read_lora_file(every.lora_path)[0], read_lora_file(end.lora_path)[0]
+    assert all(torch.equal(a[k].B, b[k].B) for k in a) and any(w.B.abs().max() > 0 for w in a.values())
+    meta = read_lora_file(every.kohya_path)[1]
+    assert meta["ss_validation_split"] == "0.4" and meta["ss_num_train_images"] == "3"  # (2 of the 5 held out)
+    still = train(config(base, tmp_path / "c", validate_every_n_steps=2, learning_rate=0.0, **settings))
+    vals = [r["val_loss"] for r in outputs.read_log(still.log_path) if "val_loss" in r]
+    assert len(vals) == 2 and vals[0] == vals[1] and math.isfinite(vals[0])
+    with pytest.raises(ConfigError, match="--validation_split must be in"):
+        config(base, tmp_path / "d", validation_split=1.0).validate()
+    flat_images(tmp_path / "one", n=1)
+    with pytest.raises(ConfigError, match="--validation_split 0.5: 1 image; holding one out needs at least 2"):
+        train(config(base, tmp_path / "d", train_data_dir=str(tmp_path / "one"), validation_split=0.5))

@@ -195,6 +195,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             multires = gr.Number(0, label="Multires noise iterations (e.g. 6; 0: off)", precision=0)
                             snr_gamma = gr.Number(0.0, label="Min-SNR gamma (e.g. 5; 0: off)")
                             loss_type = gr.Dropdown(["l2", "l1", "huber", "smooth_l1"], value="l2", label="Loss")
+                            val_split = gr.Number(0.0, label="Validation split (held-out share; 0: none)")
                         continue_from = gr.Dropdown(choices=[], value=None, allow_custom_value=True, elem_id="continue-from",
                                                     label="Continue training a library LoRA (kohya's --network_weights: "
                                                           "its modules, rank, alpha and DoRA; blank: a new LoRA)")
@@ -203,7 +204,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
                     train_progress = gr.HTML(elem_id="train-progress")
                     train_status = gr.Markdown(elem_id="train-status")
-                    loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=220)
+                    loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", label="Loss", height=220)
                     train_samples = gr.Gallery(label="Validation samples", columns=4, height="auto")
 
         # ------------------------------------------------------------------ Merge
@@ -337,7 +338,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
                      fmt, skip, shuffle, keep, dropout, continue_from=None, layers="attn", conv_rank=0, conv_alpha=0.0,
-                     noise_offset=0.0, multires=0, snr_gamma=0.0, loss_type="l2"):
+                     noise_offset=0.0, multires=0, snr_gamma=0.0, loss_type="l2", val_split=0.0):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -355,7 +356,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                            "conv_alpha": _number(conv_alpha or 0.0, "the conv alpha"),
                            "noise_offset": _number(noise_offset or 0.0, "the noise offset"),
                            "multires_noise_iterations": _whole(multires, "the multires noise iterations", 0),
-                           "snr_gamma": _number(snr_gamma or 0.0, "the Min-SNR gamma"), "loss_type": loss_type or "l2"},
+                           "snr_gamma": _number(snr_gamma or 0.0, "the Min-SNR gamma"), "loss_type": loss_type or "l2",
+                           "validation_split": _number(val_split or 0.0, "the validation split")},
                     continue_from=continue_from or None,
                 )
                 job = backend.start_training(req)
@@ -376,7 +378,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             status = job_status(job, position)
             if job.skipped_images:
                 status += "  \n**Skipped unreadable images:** " + "; ".join(job.skipped_images)
-            plot = pd.DataFrame(job.losses, columns=["step", "loss"])
+            plot = pd.DataFrame([(s, v, "training") for s, v in job.losses] + [(s, v, "validation") for s, v in job.val_losses],
+                                columns=["step", "loss", "series"])
             return job.id, bar, status, plot, [p for p in job.samples if Path(p).is_file()]
 
         def on_cancel(current):
@@ -439,7 +442,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
              val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout, continue_from, layers,
-             conv_rank, conv_alpha, noise_offset, multires, snr_gamma, loss_type],
+             conv_rank, conv_alpha, noise_offset, multires, snr_gamma, loss_type, val_split],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time

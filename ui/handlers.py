@@ -593,6 +593,7 @@ class TrainJob:
     step: int = 0
     max_steps: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (the validation loss: ``validation_split``)
     lr: float | None = None
     eta_s: float | None = None
     samples: list[str] = field(default_factory=list)
@@ -612,6 +613,8 @@ class TrainJob:
         self.max_steps = int(report.get("max_steps", self.max_steps))
         if report.get("loss") is not None:
             self.losses.append((self.step, float(report["loss"])))
+        if report.get("val_loss") is not None:
+            self.val_losses.append((self.step, float(report["val_loss"])))
         self.lr = report.get("lr", self.lr)
         self.eta_s = report.get("eta_s", self.eta_s)
         for p in report.get("sample_paths") or []:
@@ -687,6 +690,7 @@ def job_status(job: TrainJob, position: int) -> str:
         return f"queued: position {position} (one training job runs at a time)"
     if job.status == "running":
         loss = f", loss {job.losses[-1][1]:.4f}" if job.losses else ""
+        loss += f", validation loss {job.val_losses[-1][1]:.4f}" if job.val_losses else ""
         eta = f", ETA {job.eta_s:.0f} s" if job.eta_s is not None else ""
         return f"running: step {job.step}/{job.max_steps}{eta}{loss}"
     return f"{job.status}: {job.message}"

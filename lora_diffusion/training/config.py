@@ -151,6 +151,11 @@ class TrainConfig:
     resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to continue from")
     validation_prompt: str = _f("", "prompt of the sample grids written to samples/ (default: the first caption)")
     validation_steps: int = _f(100, "write a sample grid every N steps (0: only at the end)")
+    validation_split: float = _f(0.0, "the share of the training images held out to measure a validation loss (kohya's), "
+                                      "e.g. 0.1 (0: none)")
+    validate_every_n_steps: int = _f(0, "measure the validation loss every N steps, and at the end (kohya's; 0: every "
+                                        "--validation_steps)")
+    validation_seed: int = _f(-1, "seed of the held-out images and of the validation noise (kohya's; -1: --seed's)")
     num_validation_images: int = _f(4, "images per sample grid (0 disables samples)")
     validation_inference_steps: int = _f(25, "denoising steps of the sample images")
     save_precision: str = _f("fp16", "dtype of the final LoRA file", choices=("fp16", "bf16", "fp32"))
@@ -194,7 +199,7 @@ class TrainConfig:
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
                         "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
-                        "max_timestep")
+                        "max_timestep", "validate_every_n_steps")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
@@ -205,6 +210,8 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.validation_split < 1:
+            raise ConfigError(f"--validation_split must be in [0, 1), got {self.validation_split}")
         if not 0 <= self.multires_noise_discount <= 1:
             raise ConfigError(f"--multires_noise_discount must be in [0, 1], got {self.multires_noise_discount}")
         if self.max_timestep and self.min_timestep >= self.max_timestep:

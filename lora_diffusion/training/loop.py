@@ -70,6 +70,7 @@ class TrainResult:
     kohya_path: Path | None = None  # its kohya copy (``save_kohya``)
     checkpoint: Path | None = None  # the newest checkpoint on disk
     final_loss: float | None = None
+    val_loss: float | None = None  # the last validation loss (``validation_split``)
     sample_paths: list[Path] = field(default_factory=list)
     log_path: Path | None = None
     pipeline: Any = field(default=None, repr=False)  # the pipeline with the trained adapter "default" in it
@@ -336,6 +337,60 @@ class Latents:
             mean, std = self._moments(batch["pixel_values"])
         eps = torch.randn(mean.shape, generator=generator).to(mean)
         return ((mean + std * eps) - self.shift) * self.scale
+
+
+def split_validation(examples: list, share: float, seed: int) -> tuple[list, list]:
+    """``(training, held out)``: ``share`` of the images (at least one where ``share`` > 0, at most all but one),
+    drawn by ``seed``, held out for the validation loss (kohya's ``--validation_split``); the order of each part is
+    the scan's."""
+    if not share:
+        return examples, []
+    if len(examples) < 2:
+        raise ConfigError(f"--validation_split {share}: {len(examples)} image; holding one out needs at least 2")
+    count = min(len(examples) - 1, max(1, round(len(examples) * share)))
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+class Validation:
+    """kohya's validation loss: the held-out images (centre-cropped, unflipped, their VAE means), each denoised at 4
+    timesteps evenly inside ``[--min_timestep, --max_timestep]`` (kohya's 200, 400, 600, 800 by default) with noise
+    drawn from one seeded generator, so that every validation sees the same noise and the losses compare."""
+
+    TIMESTEPS = 4
+
+    def __init__(self, examples: list, config: TrainConfig, vae, device, vae_dtype, seed: int) -> None:
+        self.dataset = ImageDataset(examples, resolution=config.resolution, center_crop=True, random_flip=False,
+                                    enable_bucket=config.enable_bucket)
+        encoded = Latents(vae, self.dataset, device, vae_dtype, cache=True)
+        self.latents = [(encoded.cache[(i, False)][0] - encoded.shift) * encoded.scale for i in range(len(self.dataset))]
+        self.config, self.seed, self.device = config, seed, device
+
+    @torch.no_grad()
+    def loss(self, pipe, unet, scheduler, dtype) -> float:
+        """The mean loss over the held-out images and the timesteps (the UNet in eval mode: no LoRA dropout)."""
+        config = self.config
+        top = config.max_timestep or scheduler.config.num_train_timesteps
+        timesteps = torch.linspace(config.min_timestep, top, self.TIMESTEPS + 2)[1:-1].long()
+        generator = torch.Generator().manual_seed(self.seed)
+        was_training = unet.training
+        unet.eval()
+        losses = []
+        try:
+            for index, latent in enumerate(self.latents):
+                size = torch.tensor([self.dataset.size_conditioning(index, False, 0.5, 0.5)])
+                states, added = condition(pipe, [self.dataset.caption(index, 0)], size, self.device, dtype, config.clip_skip)
+                extra = {"added_cond_kwargs": added} if added is not None else {}
+                for t in timesteps.tolist():
+                    step = torch.tensor([t], device=self.device)
+                    noise = torch.randn(latent.shape, generator=generator).to(latent)
+                    noisy = scheduler.add_noise(latent, noise, step)
+                    prediction = unet(noisy, step, states, **extra).sample
+                    target = diffusion_target(scheduler, latent, noise, step)
+                    losses.append(float(elementwise_loss(prediction.float(), target.float(), config, scheduler, step).mean()))
+        finally:
+            unet.train(was_training)
+        return sum(losses) / len(losses)
 
 
 class PivotalToken:
@@ -681,6 +736,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     seed = [config.seed if config.seed >= 0 else (state["seed"] if state else random.randrange(2**31))]
     broadcast_object_list(seed)  # every process must draw the same batches
     seed = seed[0]
+    examples, held_out = split_validation(examples, config.validation_split,
+                                          config.validation_seed if config.validation_seed >= 0 else seed)
 
     # the batch order and the length of the run (no model needed): a finished checkpoint stops here
     dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
@@ -767,6 +824,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                                      random_flip=config.random_flip, enable_bucket=config.enable_bucket)
         class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
+
+    validation = Validation(held_out, config, vae, device, vae_dtype, config.validation_seed if config.validation_seed >= 0
+                            else seed) if held_out and is_main else None
+    validate_every = config.validate_every_n_steps or config.validation_steps
 
     # 4. optimizer, schedule, and where we start
     # on CUDA, torch's fused AdamW: one kernel for every LoRA tensor instead of a dozen multi-tensor launches
@@ -858,7 +919,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
         started, first_step = time.monotonic(), step
         elapsed_before = float(state.get("elapsed_s", log_rows[-1]["elapsed_s"] if log_rows else 0.0)) if state else 0.0
-        status, message, loss_value = "completed", "", None
+        status, message, loss_value, val_loss = "completed", "", None, None
         checkpoint = outputs.list_checkpoints(output_dir)[-1] if outputs.list_checkpoints(output_dir) else None
         sample_paths: list[Path] = []
         stop_requested = False
@@ -919,6 +980,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             bar.update(1)
             new_samples: list[Path] = []
             saved = None
+            if validation is not None and (step == max_steps or validate_every and step % validate_every == 0):
+                with accelerator.autocast():
+                    val_loss = log_rows[-1]["val_loss"] = validation.loss(pipe, unet, noise_scheduler, weight_dtype)
             if is_main:
                 if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps:
                     checkpoint = saved = save_checkpoint(step)
@@ -930,7 +994,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     eta = run_time / (step - first_step) * (max_steps - step)
                     report = {"step": step, "max_steps": max_steps, "epoch": log_rows[-1]["epoch"], "loss": loss_value, "lr": lr,
                               "eta_s": eta, "elapsed_s": elapsed, "sample_paths": [str(p) for p in new_samples],
-                              "checkpoint": str(saved) if saved else None}
+                              "checkpoint": str(saved) if saved else None, "val_loss": log_rows[-1].get("val_loss")}
                     stop_requested = progress(report) is False
                 stop_requested = stop_requested or bool(cancel is not None and cancel.is_set())
             stop_requested = stop_requested or ctrl_c.pressed
@@ -979,7 +1043,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         if previous is not None:
             previous.close()
     return TrainResult(status=status, message=message, output_dir=output_dir, global_step=step, max_steps=max_steps,
-                       lora_path=lora_path, kohya_path=kohya_path, checkpoint=checkpoint, final_loss=loss_value, sample_paths=sample_paths,
+                       lora_path=lora_path, kohya_path=kohya_path, checkpoint=checkpoint, final_loss=loss_value, val_loss=val_loss,
+                       sample_paths=sample_paths,
                        log_path=output_dir / "log.csv", pipeline=pipe)
 
 

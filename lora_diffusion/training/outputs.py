@@ -15,6 +15,7 @@ import contextlib
 import csv
 import io
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -49,7 +50,7 @@ __all__ = [
 LORA_NAME = "pytorch_lora_weights.safetensors"
 STATE_NAME = "training_state.pt"
 CHECKPOINTS = "checkpoints"
-LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s")
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "val_loss")  # (val_loss: at the steps a validation ran)
 OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "log.csv", "loss.png")  # what marks a folder as a previous run
 
 
@@ -195,20 +196,23 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return [{k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in row.items() if k in LOG_FIELDS} for row in rows]
+    return [{k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in row.items() if k in LOG_FIELDS and v not in ("", None)}
+            for row in rows]
 
 
 def plot_loss(path: str | os.PathLike, rows: list[dict], size: tuple[int, int] = (640, 360)) -> None:
-    """Draw loss per step (light) and its running mean (dark) into a PNG, atomically; no matplotlib needed."""
+    """Draw loss per step (light) and its running mean (dark), and the validation loss where rows hold one (orange
+    dots joined), into a PNG, atomically; no matplotlib needed."""
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     margin = 40
-    points = [(r["step"], r["loss"]) for r in rows if r["loss"] == r["loss"] and abs(r["loss"]) != float("inf")]
+    points = [(r["step"], r["loss"]) for r in rows if math.isfinite(r["loss"])]
+    validation = [(r["step"], r["val_loss"]) for r in rows if math.isfinite(r.get("val_loss", math.nan))]
     draw.rectangle([margin, 10, width - 10, height - margin], outline=(160, 160, 160))
     if points:
         steps, losses = zip(*points)
-        lo, hi = min(losses), max(losses)
+        lo, hi = min(losses + tuple(v for _, v in validation)), max(losses + tuple(v for _, v in validation))
         hi = hi if hi > lo else lo + 1e-8
         s0, s1 = min(steps), max(max(steps), min(steps) + 1)
 
@@ -220,11 +224,16 @@ def plot_loss(path: str | os.PathLike, rows: list[dict], size: tuple[int, int] =
         window = max(1, len(points) // 20)
         smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
         draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+        if validation:
+            draw.line([xy(s, v) for s, v in validation], fill=(230, 120, 20), width=2)
+            for s, v in validation:
+                x, y = xy(s, v)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(230, 120, 20))
         draw.text((margin, height - margin + 8), f"step {s0}", fill="black")
         draw.text((width - 90, height - margin + 8), f"step {s1}", fill="black")
         draw.text((2, 10), f"{hi:.3g}", fill="black")
         draw.text((2, height - margin - 12), f"{lo:.3g}", fill="black")
-    draw.text((width // 2 - 20, height - 18), "loss", fill="black")
+    draw.text((width // 2 - 20, height - 18), "loss" + (" (orange: validation)" if validation and points else ""), fill="black")
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
