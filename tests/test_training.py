@@ -1095,3 +1095,22 @@ def test_a_validation_split_holds_images_out_and_measures_their_loss_without_tou
     flat_images(tmp_path / "one", n=1)
     with pytest.raises(ConfigError, match="--validation_split 0.5: 1 image; holding one out needs at least 2"):
         train(config(base, tmp_path / "d", train_data_dir=str(tmp_path / "one"), validation_split=0.5))
+
+
+def test_save_every_n_steps_and_epochs_write_the_lora_as_it_was(base, tmp_path):
+    """kohya's --save_every_n_steps / --save_every_n_epochs: named files beside the final LoRA, each equal to the
+    checkpoint of its step; an --overwrite run sets the old ones aside with the rest of the previous run."""
+    settings = dict(max_train_steps=10, train_batch_size=1, save_precision="fp32", checkpointing_steps=1)
+    run = train(config(base, tmp_path, save_every_n_steps=3, save_every_n_epochs=1, **settings))  # 4 images: 4 steps an epoch
+    out = run.output_dir
+    names = sorted(p.name for p in out.glob("out-*.safetensors"))
+    assert names == ["out-000001.safetensors", "out-000002.safetensors", "out-step00000003.safetensors",
+                     "out-step00000006.safetensors", "out-step00000009.safetensors"]
+    for name, step in (("out-step00000006.safetensors", 6), ("out-000002.safetensors", 8)):
+        snapshot, meta = read_lora_file(out / name)
+        checkpoint, _ = read_lora_file(out / "checkpoints" / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors")
+        assert snapshot.keys() == checkpoint.keys() and our_metadata(meta)["steps"] == step
+        assert all(torch.equal(snapshot[k].A, w.A) and torch.equal(snapshot[k].B, w.B) for k, w in checkpoint.items())
+    again = train(config(base, tmp_path, save_every_n_steps=5, save_kohya=True, overwrite=True, **settings))
+    assert sorted(p.name for p in again.output_dir.glob("out-*.safetensors")) == ["out-step00000005.safetensors"]
+    assert read_lora_file(out / "out-step00000005.safetensors")[1]["ss_output_name"] == "out-step00000005"  # kohya's

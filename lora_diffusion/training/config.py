@@ -147,6 +147,9 @@ class TrainConfig:
                             choices=("auto", "dense", "lowrank", "merged"))  # = layers.BACKWARD_MODES (config stays torch-free)
     # ------------------------------------------------------------------ checkpoints, samples
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
+    save_every_n_steps: int = _f(0, "also write the LoRA as it is every N steps, as <output folder>-step00000200.safetensors "
+                                    "(kohya's; kohya format with --save_kohya), to compare them, e.g. in an X/Y plot (0: none)")
+    save_every_n_epochs: int = _f(0, "the same every N epochs, as <output folder>-000002.safetensors (kohya's; 0: none)")
     checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all)")
     resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to continue from")
     validation_prompt: str = _f("", "prompt of the sample grids written to samples/ (default: the first caption)")
@@ -199,7 +202,7 @@ class TrainConfig:
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
                         "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
-                        "max_timestep", "validate_every_n_steps")
+                        "max_timestep", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")

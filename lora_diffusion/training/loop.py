@@ -57,6 +57,9 @@ LOG_EVERY = 10  # steps between rewrites of log.csv / loss.png
 PREVIOUS_RUN = ".previous-run-"  # prefix of the hidden folder holding a run that --overwrite replaces
 
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --save_precision
+
+
 @dataclass
 class TrainResult:
     """What a run produced. ``status`` is ``"completed"``, ``"cancelled"`` or ``"diverged"`` (NaN/Inf loss)."""
@@ -892,6 +895,14 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         outputs.prune_checkpoints(output_dir, config.checkpoints_total_limit)
         return path
 
+    def write_snapshot(at_step: int, suffix: str) -> Path:
+        """The LoRA as it is, beside the final one (kohya's --save_every_n_steps / --save_every_n_epochs names)."""
+        path = output_dir / (outputs.kohya_name(output_dir).removesuffix(".safetensors") + f"-{suffix}.safetensors")
+        save_lora(path, unet=unet, **trained_encoders(), dtype=SAVE_DTYPES[config.save_precision],
+                  metadata=_final_metadata(config, seed, at_step, noise_scheduler, accelerator.num_processes, examples),
+                  format="kohya" if config.save_kohya else "diffusers")
+        return path
+
     def write_samples(at_step: int) -> Path:
         unet.eval()
         generator = torch.Generator().manual_seed(seed)
@@ -986,6 +997,12 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             if is_main:
                 if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps:
                     checkpoint = saved = save_checkpoint(step)
+                if config.save_every_n_steps and step % config.save_every_n_steps == 0 and step < max_steps:
+                    write_snapshot(step, f"step{step:08d}")
+                epochs_done = step * per_step // plan.batches_per_epoch
+                if (config.save_every_n_epochs and epochs_done > (step - 1) * per_step // plan.batches_per_epoch
+                        and epochs_done % config.save_every_n_epochs == 0 and step < max_steps):
+                    write_snapshot(step, f"{epochs_done:06d}")
                 if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
                     new_samples.append(write_samples(step))
                 if step % LOG_EVERY == 0 or saved:
@@ -1019,8 +1036,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 if pivot is not None:
                     atomic_save(pivot.state(), output_dir / "embeddings.safetensors", pivot.metadata())
                     metadata["embedding_file"] = "embeddings.safetensors"
-                save_lora(lora_path, unet=unet, **trained_encoders(), dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_precision],
-                          metadata=metadata)
+                save_lora(lora_path, unet=unet, **trained_encoders(), dtype=SAVE_DTYPES[config.save_precision], metadata=metadata)
                 kohya_name, card_name, preview_name = outputs.kohya_companions(output_dir)
                 if config.save_kohya:  # (the pivotal-tuning token bundled, as A1111 loads it)
                     kohya_path = convert_lora(lora_path, output_dir / kohya_name, to="kohya", overwrite=True)

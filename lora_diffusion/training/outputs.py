@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -71,8 +72,11 @@ def kohya_companions(output_dir: str | os.PathLike) -> tuple[str, str, str]:
 
 def run_outputs(output_dir: str | os.PathLike) -> list[str]:
     """The names in ``output_dir`` of what a run there writes (``OUTPUT_NAMES``, its kohya copy and the files beside
-    it) that exist."""
-    return [name for name in (*OUTPUT_NAMES, *kohya_companions(output_dir)) if (Path(output_dir) / name).exists()]
+    it, the LoRAs ``--save_every_n_steps`` / ``--save_every_n_epochs`` wrote) that exist."""
+    stem = re.escape(kohya_name(output_dir).removesuffix(".safetensors"))
+    snapshots = sorted(p.name for p in Path(output_dir).glob("*.safetensors")
+                       if re.fullmatch(rf"{stem}-(step\d{{8}}|\d{{6}})\.safetensors", p.name))
+    return [name for name in (*OUTPUT_NAMES, *kohya_companions(output_dir)) if (Path(output_dir) / name).exists()] + snapshots
 
 
 # A1111's "sd version" of a LoRA card, from our metadata's ``architecture``
