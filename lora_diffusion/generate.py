@@ -273,6 +273,8 @@ def txt2img(
     init_image=None,
     mask_image=None,
     mask_blur: int = 4,
+    inpaint_only_masked: bool = False,
+    masked_padding: int = 32,
     denoising_strength: float = 0.75,
     hires_scale: float = 1.0,
     hires_steps: int = 0,
@@ -312,6 +314,9 @@ def txt2img(
         raise ValueError("an inpainting mask needs the image it masks (init_image / --init-image)")
     if not 0 <= mask_blur <= 64:
         raise ValueError(f"mask blur must be between 0 and 64 px, got {mask_blur}")
+    if not 0 <= masked_padding <= 256:
+        raise ValueError(f"masked area padding must be between 0 and 256 px, got {masked_padding}")
+    padding = masked_padding if inpaint_only_masked and mask_image is not None else None
     hires = hires_scale > 1 and init_image is None
     if hires and hires_upscaler not in HIRES_UPSCALERS:
         raise ValueError(f"unknown hires upscaler {hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
@@ -333,7 +338,7 @@ def txt2img(
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
-                                    mask_blur=mask_blur if mask_image is not None else None)
+                                    mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding)
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -349,7 +354,7 @@ def txt2img(
             run = dict(texts, guidance_scale=cfg_scale, generator=generator)
             if mask_image is not None:
                 image = inpaint(pipe, run, init_image, mask_image, steps=steps, width=width, height=height,
-                                strength=denoising_strength, mask_blur=mask_blur)
+                                strength=denoising_strength, mask_blur=mask_blur, only_masked_padding=padding)
             elif init_image is not None:
                 image = image_to_image(pipe, run, init_image, steps=steps, width=width, height=height,
                                        strength=denoising_strength)
@@ -406,12 +411,15 @@ def _img2img(pipe, kind: str = "img2img"):
 
 
 def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,
-                       hires_steps: int = 0, hires_upscaler: str = "Latent", *, mask_blur: int | None = None) -> dict:
-    """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` (and an inpainting's ``Mask blur``) and,
-    given ``hires_scale``, a Hires. fix's settings, where A1111 puts them (``Hires steps`` only when not the first
-    pass's)."""
-    params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength,
-                                                  **({"Mask blur": mask_blur} if mask_blur is not None else {})})
+                       hires_steps: int = 0, hires_upscaler: str = "Latent", *, mask_blur: int | None = None,
+                       only_masked_padding: int | None = None) -> dict:
+    """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` (and an inpainting's ``Mask blur``, and
+    ``Inpaint area: Only masked`` with its ``Masked area padding``) and, given ``hires_scale``, a Hires. fix's
+    settings, where A1111 puts them (``Hires steps`` only when not the first pass's)."""
+    inpainting = {"Mask blur": mask_blur} if mask_blur is not None else {}
+    if mask_blur is not None and only_masked_padding is not None:
+        inpainting.update({"Inpaint area": "Only masked", "Masked area padding": only_masked_padding})
+    params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength, **inpainting})
     if hires_scale is None:
         return params
     return _insert_before(params, "Lora hashes", {"Hires upscale": hires_scale, "Hires steps": hires_steps or None,
@@ -437,19 +445,23 @@ def inpaint_mask(mask_image, width: int, height: int, blur: int = 4):
 
 
 def inpaint(pipe, run: dict, init_image, mask_image, *, steps: int, width: int, height: int, strength: float,
-            mask_blur: int = 4):
+            mask_blur: int = 4, only_masked_padding: int | None = None):
     """Inpainting as A1111's tab makes it on a text-to-image model ("original" masked content, the whole picture):
     ``init_image`` resized as ``image_to_image`` does, repainted where ``inpaint_mask`` is white by diffusers' inpaint
     pipeline on ``pipe``'s modules (on a 4-channel UNet it puts the noised original back outside the mask at every
     step), then pasted over the original through the blurred mask, so that the pixels outside it are the original's.
-    ``run``: the prompts or embeddings, the guidance and the generator. Returns the PIL image."""
+    ``only_masked_padding``: A1111's "Only masked" inpaint area: the mask's bounding box grown by that many px (and to
+    the image's aspect ratio) is cut out, inpainted at ``width`` x ``height`` and pasted back (diffusers'
+    ``padding_mask_crop``, which is A1111's code). ``run``: the prompts or embeddings, the guidance and the
+    generator. Returns the PIL image."""
     from PIL import Image
 
     start = init_image.convert("RGB").resize((width, height), _lanczos())
     mask = inpaint_mask(mask_image, width, height, mask_blur)
+    crop = {"padding_mask_crop": only_masked_padding} if only_masked_padding is not None else {}
     made = _img2img(pipe, "inpaint")(**run, image=start, mask_image=mask, strength=strength, num_inference_steps=steps,
-                                     width=width, height=height).images[0]
-    return Image.composite(made, start, mask)
+                                     width=width, height=height, **crop).images[0]
+    return made if crop else Image.composite(made, start, mask)  # (padding_mask_crop pastes it back itself)
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -520,7 +532,8 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
     convert = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str), "Clip skip": ("clip_skip", int),
                "Denoising strength": ("denoising_strength", float), "Hires upscale": ("hires_scale", float),
-               "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "Mask blur": ("mask_blur", int)}
+               "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "Mask blur": ("mask_blur", int),
+               "Masked area padding": ("masked_padding", int)}
     for key, (name, kind) in convert.items():
         if key in params:
             try:
@@ -534,6 +547,8 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
         out["width"], out["height"] = int(size.group(1)), int(size.group(2))
     if "Emphasis" in params:
         out["emphasis"] = emphasis_mode(params["Emphasis"])
+    if params.get("Inpaint area") == "Only masked":
+        out["inpaint_only_masked"] = True
     return out
 
 
@@ -574,7 +589,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.from_png:
         settings = _from_png(args.from_png)
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
-                 "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur"):
+                 "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -586,6 +601,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give a prompt (or --from-png IMAGE)")
     if args.mask and not args.init_image:
         raise ValueError("--mask needs the image it masks: give --init-image")
+    if (args.inpaint_only_masked or args.masked_padding is not None) and not args.mask:
+        raise ValueError("--only-masked and --mask-padding are for inpainting: give --mask (and --init-image)")
     for path, key in ((args.init_image, "init_image"), (args.mask, "mask_image")):
         if path:
             from PIL import Image
@@ -600,7 +617,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.init_image and args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
         raise ValueError(f"{args.from_png} was made by img2img; pass its starting image as --init-image")
     if not args.mask:
-        settings.pop("mask_blur", None)
+        for name in ("mask_blur", "inpaint_only_masked", "masked_padding"):
+            settings.pop(name, None)
     plot = args.x_axis or args.y_axis
     if plot:
         from .xyplot import parse_axis
@@ -685,6 +703,10 @@ def register(subparsers) -> None:
                    "(with --init-image)")
     p.add_argument("--mask-blur", dest="mask_blur", type=int, default=None, help="px the mask's edge is blurred "
                    "(A1111's Mask blur; default 4)")
+    p.add_argument("--only-masked", dest="inpaint_only_masked", action="store_true", default=None,
+                   help="A1111's 'Only masked' inpaint area: inpaint the mask's surroundings at full size, paste them back")
+    p.add_argument("--mask-padding", dest="masked_padding", type=int, default=None, help="px around the mask with "
+                   "--only-masked (A1111's Masked area padding; default 32)")
     p.add_argument("--denoising-strength", dest="denoising_strength", type=float, default=None,
                    help="img2img and hires: how far back to noise (default 0.75)")
     p.add_argument("--hr-scale", dest="hires_scale", type=float, default=None, help="A1111's Hires. fix: upscale by this "

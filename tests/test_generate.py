@@ -259,6 +259,31 @@ def test_inpainting_repaints_the_mask_as_diffusers_inpaint_pipeline_and_keeps_th
     with pytest.raises(ValueError, match="mask blur must be between 0 and 64"):
         txt2img(pipe, "a cat", init_image=start, mask_image=mask, mask_blur=-1)
 
+    # A1111's "Only masked" area: the mask's surroundings cut out, inpainted at the full size, pasted back (diffusers'
+    # padding_mask_crop); far from the mask every pixel is the start's, and the PNG makes it again
+    small = Image.new("L", (32, 32), 0)
+    small.paste(255, (4, 4, 10, 10))
+    (only,) = txt2img(pipe, "a cat", init_image=start, mask_image=small, mask_blur=1, inpaint_only_masked=True,
+                      masked_padding=2, denoising_strength=0.8, steps=4, seed=2)
+    assert "Mask blur: 1, Inpaint area: Only masked, Masked area padding: 2," in only.infotext
+    made = reference("a cat", image=start, mask_image=small.filter(ImageFilter.GaussianBlur(1)), strength=0.8,
+                     num_inference_steps=4, guidance_scale=7.0, width=32, height=32, padding_mask_crop=2,
+                     generator=torch.Generator().manual_seed(2)).images[0]
+    assert np.array_equal(np.asarray(only.image), np.asarray(made))
+    assert np.array_equal(np.asarray(only.image)[16:], np.asarray(start)[16:])  # (the crop is the top-left corner)
+    (whole,) = txt2img(pipe, "a cat", init_image=start, mask_image=small, mask_blur=1, denoising_strength=0.8, steps=4, seed=2)
+    assert not np.array_equal(np.asarray(whole.image), np.asarray(only.image))
+    small.save(tmp_path / "small.png")
+    assert main(["generate", str(TINY_MODEL), "a cat", "--init-image", str(tmp_path / "start.png"), "--mask",
+                 str(tmp_path / "small.png"), "--only-masked", "--mask-padding", "4", "--steps", "3", "--seed", "4",
+                 "-o", str(tmp_path / "only.png")]) == 0
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(tmp_path / "only.png"), "--init-image", str(tmp_path / "start.png"),
+                 "--mask", str(tmp_path / "small.png"), "-o", str(tmp_path / "only_again.png")]) == 0
+    assert "Inpaint area: Only masked, Masked area padding: 4" in Image.open(tmp_path / "only_again.png").info["parameters"]
+    assert np.array_equal(_pixels(tmp_path / "only.png"), _pixels(tmp_path / "only_again.png"))
+    assert main(["generate", str(TINY_MODEL), "a cat", "--only-masked", "-o", str(tmp_path / "no.png")]) == 2
+    assert "--only-masked and --mask-padding are for inpainting" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_hires_fix_upscales_the_first_pass_and_denoises_it_again(pipe, upscaler, tmp_path):

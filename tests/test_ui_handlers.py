@@ -407,10 +407,20 @@ def test_inpainting_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_
                  "--lora-dir", str(backend.library.root), "-o", str(again)]) == 0
     assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
     assert "it was inpainted: put the image it started from and its mask" in png_info(saved)[1]
+    only = gen(backend, "a (red:1.3) circle", **kw, inpaint_only_masked=True, masked_padding=4)  # A1111's "Only masked"
+    assert "only masked (padding 4)" in only.caption and "Inpaint area: Only masked, Masked area padding: 4" in only.infotext
+    assert not np.array_equal(pixels(only.image), pixels(result.image)) and "padding_mask_crop=4" in only.snippet
+    scope = {}
+    exec(only.snippet, scope)  # noqa: S102 - our own generated code
+    assert np.abs(pixels(scope["image"]) - pixels(only.image)).max() <= 2, only.snippet
+    assert main(["generate", str(model_dir), "--from-png", backend.save_image(only), "--init-image", str(start), "--mask",
+                 str(mask), "--lora-dir", str(backend.library.root), "-o", str(tmp_path / "only.png")]) == 0
+    assert np.array_equal(pixels(Image.open(tmp_path / "only.png")), pixels(only.image))
     (tmp_path / "bad.png").write_bytes(b"not an image")
     for bad, match in (({"init_image": None}, "an inpainting mask needs the image it masks"),
                        ({"mask_image": str(tmp_path / "bad.png")}, "inpaint mask bad.png: cannot read it as an image"),
-                       ({"mask_blur": 65}, "mask blur must be a whole number of px between 0 and 64")):
+                       ({"mask_blur": 65}, "mask blur must be a whole number of px between 0 and 64"),
+                       ({"masked_padding": -1}, "masked area padding must be a whole number of px between 0 and 256")):
         with pytest.raises(UIError, match=match):
             gen(backend, **{**kw, **bad})
 

@@ -130,7 +130,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                                   elem_id="init-image", sources=["upload", "clipboard"], height=200)
                             mask_image = gr.Image(type="filepath", label="Inpaint mask (white: repaint; blank: img2img)",
                                                   elem_id="mask-image", sources=["upload", "clipboard"], height=200)
-                        mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)")
+                        with gr.Row():
+                            mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)")
+                            only_masked = gr.Checkbox(False, label="Only masked (A1111's inpaint area: the mask's surroundings at full size)")
+                            masked_padding = gr.Slider(0, 256, value=32, step=4, label="Only masked padding (px)")
                     denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength (Hires. fix and img2img)")
                     with gr.Accordion("X/Y plot (A1111's): one image per pair of values, in a labelled grid", open=False):
                         with gr.Row():
@@ -274,9 +277,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             # inpaint mask come after the slots, in the order they were added: API callers' positions stay as they were,
             # and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
-            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4)
+            defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
+                        False, 32)
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
-                y_values, mask, blur = (*extra, *defaults[len(extra):])[:15]
+                y_values, mask, blur, only_masked, padding = (*extra, *defaults[len(extra):])[:17]
             count = _whole(count, "the batch count", 1)
             if not 1 <= count <= MAX_BATCH:
                 raise UIError(f"the batch count must be between 1 and {MAX_BATCH}, got {count}")
@@ -295,7 +299,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 hires_scale=_number(hr_scale, "the hires upscale"), hires_upscaler=hr_upscaler or "Latent",
                                 hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"),
                                 init_image=_file_path(init) if init else None, mask_image=_file_path(mask) if mask else None,
-                                mask_blur=_whole(blur, "the mask blur", 4))
+                                mask_blur=_whole(blur, "the mask blur", 4), inpaint_only_masked=bool(only_masked),
+                                masked_padding=_whole(padding, "the masked area padding", 32))
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values))]
             if any(axes):  # A1111's X/Y plot: the grid first, then its cells
@@ -322,7 +327,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                                       for i in range(max_slots)),
              "sampler", "schedule_type", "a1111_syntax", "hires_scale", "hires_upscaler", "hires_steps",
              "denoising_strength"], {"init_image": None, "batch_count": 1, "x_type": NO_AXIS, "x_values": None,
-                                     "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None})
+                                     "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None,
+                                     "inpaint_only_masked": None, "masked_padding": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -430,7 +436,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
-             x_type, x_values, y_type, y_values, mask_image, mask_blur],
+             x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart

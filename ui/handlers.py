@@ -228,6 +228,8 @@ class GenerateRequest:
     # edge blurred by ``mask_blur`` px (A1111's defaults: original content, the whole picture)
     mask_image: str | None = None
     mask_blur: int = 4
+    inpaint_only_masked: bool = False  # A1111's "Only masked" inpaint area, ``masked_padding`` px around the mask
+    masked_padding: int = 32
 
 
 @dataclass
@@ -269,7 +271,7 @@ def diffusers_snippet(
     hires: tuple[float, int, str, float] | None = None,
     init_image: tuple[str, float] | None = None,
     tag_blocks: dict[str, tuple[float, ...]] | None = None,
-    mask: tuple[str, int] | None = None,
+    mask: tuple[str, int, int | None] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -278,7 +280,8 @@ def diffusers_snippet(
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
     ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules;
     ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too, or with ``mask`` ``(mask
-    file, blur)`` the inpaint pipeline, pasted back through the blurred mask; ``tag_blocks``: LoRA Block
+    file, blur, only-masked padding or None)`` the inpaint pipeline, pasted back through the blurred mask (by its
+    ``padding_mask_crop`` for "Only masked"); ``tag_blocks``: LoRA Block
     Weight vectors from the prompt's tags, which diffusers' ``set_adapters`` cannot express: the LoRAs then load and
     blend with ``lora_diffusion``'s ``load_lora`` / ``set_adapters`` in the same pipeline)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
@@ -338,7 +341,9 @@ def diffusers_snippet(
             *_img2img_lines(sdxl, "inpaint"),
             "made = inpaint(" + ", ".join([*args, "image=init", "mask_image=mask", f"strength={strength!r}",
                                           f"num_inference_steps={steps}", f"guidance_scale={guidance!r}", f"width={width}",
-                                          f"height={height}", f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]",
+                                          f"height={height}", *([f"padding_mask_crop={mask[2]}"] if mask[2] is not None else []),
+                                          f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]",
+            "image = made  # (padding_mask_crop pastes it back itself: A1111's \"Only masked\")" if mask[2] is not None else
             "image = Image.composite(made, init, mask)  # (A1111's overlay: outside the mask, the start's own pixels)"]) + "\n"
     if init_image:
         path, strength = init_image
@@ -861,6 +866,7 @@ class Backend:
         hires = self._check_hires(req)
         init = self._init_image(req)
         mask = self._mask_image(req, init)
+        padding = int(req.masked_padding) if mask is not None and req.inpaint_only_masked else None
         if init is not None and hires:
             raise UIError("Hires. fix is for text-to-image: set Upscale by to 1, or clear the init image")
         with self.generate_lock:
@@ -899,7 +905,7 @@ class Backend:
                 run = dict(texts, guidance_scale=float(req.guidance), generator=generator)
                 if mask is not None:
                     image = inpaint(pipe, run, init, mask, steps=steps, width=width, height=height, strength=_strength(req),
-                                    mask_blur=int(req.mask_blur))
+                                    mask_blur=int(req.mask_blur), only_masked_padding=padding)
                 elif init is not None:
                     image = image_to_image(pipe, run, init, steps=steps, width=width, height=height,
                                            strength=_strength(req))
@@ -925,7 +931,8 @@ class Backend:
         if hires:
             params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2])
         elif init is not None:
-            params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None)
+            params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None,
+                                        only_masked_padding=padding)
         init_copy = self._keep_input(req.init_image) if init is not None else None
         mask_copy = self._keep_input(req.mask_image) if mask is not None else None
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
@@ -933,7 +940,8 @@ class Backend:
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
                     "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None,
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
-                    "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None}
+                    "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None,
+                    "masked_padding": padding}
         caption = f"{blend_label(loras, tag_blocks)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
@@ -946,7 +954,7 @@ class Backend:
         if init is not None:
             caption += f", {'inpaint' if mask is not None else 'img2img'}, denoise {_fmt(_strength(req))}"
             if mask is not None:
-                caption += f", mask blur {int(req.mask_blur)}"
+                caption += f", mask blur {int(req.mask_blur)}" + (f", only masked (padding {padding})" if padding is not None else "")
         if hires:
             caption += ", hires {}x{} ({} {}x, {} steps, denoise {})".format(*hires_size(width, height, hires[0]), hires[2],
                                                                            _fmt(hires[0]), hires[1], _fmt(hires[3]))
@@ -956,7 +964,7 @@ class Backend:
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
-            mask=(mask_copy, int(req.mask_blur)) if mask_copy else None,
+            mask=(mask_copy, int(req.mask_blur), padding) if mask_copy else None,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -1028,6 +1036,9 @@ class Backend:
         blur = finite_number(req.mask_blur, "the mask blur")
         if blur != int(blur) or not 0 <= blur <= 64:
             raise UIError(f"the mask blur must be a whole number of px between 0 and 64, got {_fmt(blur)}")
+        padding = finite_number(req.masked_padding, "the masked area padding")
+        if padding != int(padding) or not 0 <= padding <= 256:
+            raise UIError(f"the masked area padding must be a whole number of px between 0 and 256, got {_fmt(padding)}")
         return Backend._open_image(req.mask_image, "inpaint mask")
 
     def _keep_input(self, path: str) -> str:
