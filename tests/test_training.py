@@ -1015,6 +1015,9 @@ def test_kohyas_noise_and_timestep_options(base, tmp_path):
     assert not torch.allclose(inputs[0.0], inputs[0.5])  # the UNet's input is not
     with pytest.raises(ConfigError, match="the scheduler has 1000 timesteps"):
         diffusion_loss(_Recorder(), scheduler, latents, cond, torch.Generator(), config(base, tmp_path, max_timestep=2000))
+    with pytest.raises(ConfigError, match="the scheduler has 1000 timesteps"):  # (a run: before its first step)
+        train(config(base, tmp_path / "past", max_timestep=2000))
+    assert not (tmp_path / "past" / "out" / "log.csv").exists()
 
     run = train(config(base, tmp_path / "run", multires_noise_iterations=6, multires_noise_discount=0.4, ip_noise_gamma=0.1,
                        min_timestep=100, max_timestep=900, loss_type="huber", huber_schedule="exponential", max_train_steps=2,

@@ -828,6 +828,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
+    total = noise_scheduler.config.num_train_timesteps  # (--max_timestep past the model's timesteps: before any step)
+    if not config.min_timestep < (config.max_timestep or total) <= total:
+        raise ConfigError(f"--min_timestep / --max_timestep {config.min_timestep} / {config.max_timestep}: the scheduler "
+                          f"has {total} timesteps")
     validation = Validation(held_out, config, vae, device, vae_dtype, config.validation_seed if config.validation_seed >= 0
                             else seed) if held_out and is_main else None
     validate_every = config.validate_every_n_steps or config.validation_steps
