@@ -1117,3 +1117,25 @@ def test_save_every_n_steps_and_epochs_write_the_lora_as_it_was(base, tmp_path):
     again = train(config(base, tmp_path, save_every_n_steps=5, save_kohya=True, overwrite=True, **settings))
     assert sorted(p.name for p in again.output_dir.glob("out-*.safetensors")) == ["out-step00000005.safetensors"]
     assert read_lora_file(out / "out-step00000005.safetensors")[1]["ss_output_name"] == "out-step00000005"  # kohya's
+
+
+def test_scale_weight_norms_caps_every_layers_change(base, tmp_path):
+    """kohya's --scale_weight_norms: after each step no layer's alpha/r * B A has a Frobenius norm past the cap (both
+    factors scaled by the square root of cap / norm); the layers scaled and the largest norm are logged, and a
+    change within the cap is left alone."""
+    from lora_diffusion.training.loop import scale_weight_norms
+
+    cap = 0.02
+    run = train(config(base, tmp_path, learning_rate=5e-2, max_train_steps=3, scale_weight_norms=cap, save_precision="fp32",
+                       save_kohya=True))
+    lora, _ = read_lora_file(run.lora_path)
+    norms = [float((w.B.flatten(1) @ w.A.flatten(1)).norm()) * w.alpha / w.rank for w in lora.values()]
+    assert max(norms) <= cap * (1 + 1e-5) and max(norms) > cap * 0.99  # (the large steps reached the cap)
+    rows = outputs.read_log(run.log_path)
+    assert all(r["keys_scaled"] > 0 and r["max_key_norm"] <= cap * (1 + 1e-5) for r in rows)
+    assert read_lora_file(run.kohya_path)[1]["ss_scale_weight_norms"] == str(cap)
+    unet = run.pipeline.unet
+    before = {n: (layer.lora_A["default"].clone(), layer.lora_B["default"].clone()) for n, layer in lora_layers(unet)}
+    count, mean, largest = scale_weight_norms([unet], 1.0)  # (a cap none reaches)
+    assert count == 0 and largest <= cap * (1 + 1e-5) and 0 < mean <= largest
+    assert all(torch.equal(layer.lora_A["default"], before[n][0]) for n, layer in lora_layers(unet))

@@ -99,6 +99,9 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-08, "AdamW epsilon")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay (LoRA parameters only)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    scale_weight_norms: float = _f(0.0, "kohya's max-norm regularisation: after each step, a layer whose LoRA change "
+                                        "(alpha/r * B A) has a larger Frobenius norm has both factors scaled down to it, "
+                                        "e.g. 1.0 (0: off)")
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install bitsandbytes; CUDA only); = --optimizer adamw8bit")
     optimizer: str = _f("adamw", "adamw (torch's), adamw8bit (bitsandbytes, CUDA only) or prodigy (pip install prodigyopt: "
                         "it finds its own step size; use --learning_rate 1, as kohya's users do); the betas, epsilon and "
@@ -202,7 +205,7 @@ class TrainConfig:
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
                         "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
-                        "max_timestep", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs")
+                        "max_timestep", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "scale_weight_norms")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")

@@ -342,6 +342,30 @@ class Latents:
         return ((mean + std * eps) - self.shift) * self.scale
 
 
+@torch.no_grad()
+def scale_weight_norms(models: list[nn.Module], max_norm: float, adapter: str = "default") -> tuple[int, float, float]:
+    """kohya's ``--scale_weight_norms`` (``apply_max_norm_regularization``): each layer's LoRA change ``alpha/r * B A``
+    (a convolution's as the matrix of its flattened kernels) whose Frobenius norm exceeds ``max_norm`` has both
+    factors scaled by the square root of ``max_norm / norm``, in place. Returns kohya's log figures: the layers
+    scaled, and the mean and largest norm after it."""
+    from ..inject import lora_layers
+
+    scaled, norms = 0, []
+    for model in models:
+        for _, layer in lora_layers(model):
+            if adapter not in layer.specs:
+                continue
+            a, b, spec = layer.lora_A[adapter], layer.lora_B[adapter], layer.specs[adapter]
+            norm = float((b.flatten(1).float() @ a.flatten(1).float()).norm()) * spec.alpha / spec.rank
+            if norm > max_norm:
+                ratio = max_norm / norm
+                a.mul_(ratio**0.5)
+                b.mul_(ratio**0.5)
+                scaled, norm = scaled + 1, max_norm
+            norms.append(norm)
+    return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+
+
 def split_validation(examples: list, share: float, seed: int) -> tuple[list, list]:
     """``(training, held out)``: ``share`` of the images (at least one where ``share`` > 0, at most all but one),
     drawn by ``seed``, held out for the validation loss (kohya's ``--validation_split``); the order of each part is
@@ -986,11 +1010,13 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            norms = scale_weight_norms([unet, *encoders], config.scale_weight_norms) if config.scale_weight_norms else None
 
             lr = lr_scheduler.get_last_lr()[0]
             run_time = time.monotonic() - started
             elapsed = elapsed_before + run_time  # over the whole run, resumes included
-            log_rows.append({"step": step, "epoch": plan.epoch_of(step * per_step - 1), "loss": loss_value, "lr": lr, "elapsed_s": round(elapsed, 3)})
+            log_rows.append({"step": step, "epoch": plan.epoch_of(step * per_step - 1), "loss": loss_value, "lr": lr, "elapsed_s": round(elapsed, 3),
+                             **({"keys_scaled": norms[0], "max_key_norm": norms[2]} if norms else {})})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             new_samples: list[Path] = []

@@ -51,7 +51,8 @@ __all__ = [
 LORA_NAME = "pytorch_lora_weights.safetensors"
 STATE_NAME = "training_state.pt"
 CHECKPOINTS = "checkpoints"
-LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "val_loss")  # (val_loss: at the steps a validation ran)
+# (val_loss: at the steps a validation ran; keys_scaled, max_key_norm: with --scale_weight_norms, as kohya logs them)
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "val_loss", "keys_scaled", "max_key_norm")
 OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "log.csv", "loss.png")  # what marks a folder as a previous run
 
 
@@ -200,7 +201,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return [{k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in row.items() if k in LOG_FIELDS and v not in ("", None)}
+    return [{k: (int(v) if k in ("step", "epoch", "keys_scaled") else float(v)) for k, v in row.items() if k in LOG_FIELDS and v not in ("", None)}
             for row in rows]
 
 
