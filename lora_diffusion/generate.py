@@ -33,7 +33,7 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
-           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "second_pass_params"]
+           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -312,10 +312,10 @@ def txt2img(
         raise ValueError(f"denoising strength must be in (0, 1], got {denoising_strength}")
     if mask_image is not None and init_image is None:
         raise ValueError("an inpainting mask needs the image it masks (init_image / --init-image)")
-    if not 0 <= mask_blur <= 64:
-        raise ValueError(f"mask blur must be between 0 and 64 px, got {mask_blur}")
-    if not 0 <= masked_padding <= 256:
-        raise ValueError(f"masked area padding must be between 0 and 256 px, got {masked_padding}")
+    if not 0 <= mask_blur <= MAX_MASK_BLUR:
+        raise ValueError(f"mask blur must be between 0 and {MAX_MASK_BLUR} px, got {mask_blur}")
+    if not 0 <= masked_padding <= MAX_MASKED_PADDING:
+        raise ValueError(f"masked area padding must be between 0 and {MAX_MASKED_PADDING} px, got {masked_padding}")
     padding = masked_padding if inpaint_only_masked and mask_image is not None else None
     hires = hires_scale > 1 and init_image is None
     if hires and hires_upscaler not in HIRES_UPSCALERS:
@@ -433,6 +433,9 @@ def image_to_image(pipe, run: dict, init_image, *, steps: int, width: int, heigh
     PIL image."""
     start = init_image.convert("RGB").resize((width, height), _lanczos())
     return _img2img(pipe)(**run, image=start, strength=strength, num_inference_steps=steps).images[0]
+
+
+MAX_MASK_BLUR, MAX_MASKED_PADDING = 64, 256  # px: the bounds of an inpainting's mask blur and "Only masked" padding
 
 
 def inpaint_mask(mask_image, width: int, height: int, blur: int = 4):

@@ -21,7 +21,7 @@ import gradio as gr
 import pandas as pd
 
 from lora_diffusion.formats import LoraFormatError
-from lora_diffusion.generate import HIRES_UPSCALERS, SAMPLERS, SCHEDULE_TYPES
+from lora_diffusion.generate import HIRES_UPSCALERS, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, SCHEDULE_TYPES
 from lora_diffusion.xyplot import AXES
 
 from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status, png_info
@@ -131,9 +131,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             mask_image = gr.Image(type="filepath", label="Inpaint mask (white: repaint; blank: img2img)",
                                                   elem_id="mask-image", sources=["upload", "clipboard"], height=200)
                         with gr.Row():
-                            mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)")
+                            mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur (px)")
                             only_masked = gr.Checkbox(False, label="Only masked (A1111's inpaint area: the mask's surroundings at full size)")
-                            masked_padding = gr.Slider(0, 256, value=32, step=4, label="Only masked padding (px)")
+                            masked_padding = gr.Slider(0, MAX_MASKED_PADDING, value=32, step=4, label="Only masked padding (px)")
                     denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength (Hires. fix and img2img)")
                     with gr.Accordion("X/Y plot (A1111's): one image per pair of values, in a labelled grid", open=False):
                         with gr.Row():

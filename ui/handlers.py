@@ -37,9 +37,10 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, SAMPLERS, a1111_params, conds_padded, hires_fix, hires_size,
-                                     image_to_image, infotext, inpaint, infotext_settings, lora_hash, lora_tag, model_hash,
-                                     png_infotext, second_pass_params, set_sampler, split_sampler)
+from lora_diffusion.generate import (HIRES_UPSCALERS, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
+                                     conds_padded, hires_fix, hires_size, image_to_image, infotext, infotext_settings,
+                                     inpaint, lora_hash, lora_tag, model_hash, png_infotext, second_pass_params,
+                                     set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 from lora_diffusion.xyplot import draw_grid, plot_cells
@@ -1034,11 +1035,12 @@ class Backend:
         if init is None:
             raise UIError("an inpainting mask needs the image it masks: put one under init image")
         blur = finite_number(req.mask_blur, "the mask blur")
-        if blur != int(blur) or not 0 <= blur <= 64:
-            raise UIError(f"the mask blur must be a whole number of px between 0 and 64, got {_fmt(blur)}")
+        if blur != int(blur) or not 0 <= blur <= MAX_MASK_BLUR:
+            raise UIError(f"the mask blur must be a whole number of px between 0 and {MAX_MASK_BLUR}, got {_fmt(blur)}")
         padding = finite_number(req.masked_padding, "the masked area padding")
-        if padding != int(padding) or not 0 <= padding <= 256:
-            raise UIError(f"the masked area padding must be a whole number of px between 0 and 256, got {_fmt(padding)}")
+        if padding != int(padding) or not 0 <= padding <= MAX_MASKED_PADDING:
+            raise UIError(f"the masked area padding must be a whole number of px between 0 and {MAX_MASKED_PADDING}, "
+                          f"got {_fmt(padding)}")
         return Backend._open_image(req.mask_image, "inpaint mask")
 
     def _keep_input(self, path: str) -> str:
