@@ -231,6 +231,17 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, config: Tra
     return 2 * c * pseudo if config.loss_type == "huber" else 2 * pseudo
 
 
+def timestep_range(config: TrainConfig, scheduler) -> tuple[int, int]:
+    """The timesteps trained, ``[--min_timestep, --max_timestep)`` (0 for the latter: the scheduler's
+    ``num_train_timesteps``); ``ConfigError`` where they do not fit the scheduler."""
+    total = scheduler.config.num_train_timesteps
+    top = config.max_timestep or total
+    if not config.min_timestep < top <= total:
+        raise ConfigError(f"--min_timestep / --max_timestep {config.min_timestep} / {config.max_timestep}: the scheduler "
+                          f"has {total} timesteps")
+    return config.min_timestep, top
+
+
 def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: torch.Generator, config: TrainConfig,
                    added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """Mean denoising loss of one batch: noise the latents at random timesteps and compare the UNet's prediction
@@ -241,11 +252,7 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
         noise = noise + config.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator).to(latents)
     if config.multires_noise_iterations:
         noise = pyramid_noise(noise, generator, config.multires_noise_iterations, config.multires_noise_discount)
-    top = config.max_timestep or scheduler.config.num_train_timesteps
-    if not config.min_timestep < top <= scheduler.config.num_train_timesteps:
-        raise ConfigError(f"--min_timestep / --max_timestep {config.min_timestep} / {config.max_timestep}: the scheduler "
-                          f"has {scheduler.config.num_train_timesteps} timesteps")
-    timesteps = torch.randint(config.min_timestep, top, (batch,), generator=generator).to(latents.device)
+    timesteps = torch.randint(*timestep_range(config, scheduler), (batch,), generator=generator).to(latents.device)
     start = noise
     if config.ip_noise_gamma:  # (kohya's input perturbation: the target keeps the noise)
         start = noise + config.ip_noise_gamma * torch.randn(latents.shape, generator=generator).to(latents)
@@ -397,8 +404,7 @@ class Validation:
     def loss(self, pipe, unet, scheduler, dtype) -> float:
         """The mean loss over the held-out images and the timesteps (the UNet in eval mode: no LoRA dropout)."""
         config = self.config
-        top = config.max_timestep or scheduler.config.num_train_timesteps
-        timesteps = torch.linspace(config.min_timestep, top, self.TIMESTEPS + 2)[1:-1].long()
+        timesteps = torch.linspace(*timestep_range(config, scheduler), self.TIMESTEPS + 2)[1:-1].long()
         generator = torch.Generator().manual_seed(self.seed)
         was_training = unet.training
         unet.eval()
@@ -852,10 +858,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
-    total = noise_scheduler.config.num_train_timesteps  # (--max_timestep past the model's timesteps: before any step)
-    if not config.min_timestep < (config.max_timestep or total) <= total:
-        raise ConfigError(f"--min_timestep / --max_timestep {config.min_timestep} / {config.max_timestep}: the scheduler "
-                          f"has {total} timesteps")
+    timestep_range(config, noise_scheduler)  # (--max_timestep past the model's timesteps: refused before any step)
     validation = Validation(held_out, config, vae, device, vae_dtype, config.validation_seed if config.validation_seed >= 0
                             else seed) if held_out and is_main else None
     validate_every = config.validate_every_n_steps or config.validation_steps
