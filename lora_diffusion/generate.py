@@ -572,6 +572,12 @@ def _check_output(output: str, count: int, overwrite: bool) -> None:
         raise FileExistsError(f"{target} is a file; images go into a folder, or a .png path for one image")
 
 
+def _next_number(folder: Path, prefix: str = "", end: str = "-") -> int:
+    """The number after the highest of the ``<prefix><number><end>...png`` images in ``folder``."""
+    taken = [int(m.group(1)) for p in folder.glob(f"{prefix}*.png") if (m := re.match(rf"{re.escape(prefix)}(\d+){end}", p.name))]
+    return max(taken, default=-1) + 1
+
+
 def _output_paths(output: str, seeds: list[int]) -> list[Path]:
     """``output`` itself (one image, a ``.png`` path), else A1111's ``<index>-<seed>.png`` names in the folder
     ``output``, numbered on from the images already there."""
@@ -580,8 +586,7 @@ def _output_paths(output: str, seeds: list[int]) -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         return [target]
     target.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in target.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
-    start = max(taken, default=-1) + 1
+    start = _next_number(target)
     return [target / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
@@ -671,8 +676,7 @@ def _save_plot(plot, output: str) -> int:
         for generated, path in zip(plot.cells, _output_paths(output, [g.seed for g in plot.cells])):
             generated.image.save(path, pnginfo=generated.pnginfo())
             print(path)
-        taken = [int(m.group(1)) for p in target.glob("xyz_grid-*.png") if (m := re.match(r"xyz_grid-(\d+)", p.name))]
-        grid = target / f"xyz_grid-{max(taken, default=-1) + 1:05d}.png"
+        grid = target / f"xyz_grid-{_next_number(target, 'xyz_grid-', ''):05d}.png"
     plot.grid.save(grid, pnginfo=plot.cells[0].pnginfo())
     print(grid)
     return 0
