@@ -33,7 +33,8 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
-           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
+           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked",
+           "overlay_mask", "MASKED_CONTENT", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -275,6 +276,8 @@ def txt2img(
     mask_blur: int = 4,
     inpaint_only_masked: bool = False,
     masked_padding: int = 32,
+    masked_content: str = "original",
+    inpaint_not_masked: bool = False,
     denoising_strength: float = 0.75,
     hires_scale: float = 1.0,
     hires_steps: int = 0,
@@ -289,7 +292,9 @@ def txt2img(
 
     ``init_image`` (a PIL image, resized to ``width`` x ``height``, by default its own size to a multiple of 8): img2img,
     ``denoising_strength`` of the way back (A1111 runs ``steps * strength`` steps, as diffusers does); with
-    ``mask_image`` too, inpainting (``inpaint``: white is repainted, ``mask_blur`` px soften its edge). ``hires_scale``
+    ``mask_image`` too, inpainting (``inpaint``: white is repainted, ``mask_blur`` px soften its edge;
+    ``inpaint_only_masked`` with ``masked_padding``, ``masked_content`` and ``inpaint_not_masked``: A1111's Inpaint area,
+    Masked content and Mask mode). ``hires_scale``
     > 1: A1111's "Hires. fix": the image, upscaled by ``hires_upscaler`` (``HIRES_UPSCALERS``), denoised again for
     ``hires_steps`` (0: ``steps``) at ``denoising_strength``."""
     if not 1 <= steps <= 1000:
@@ -316,6 +321,8 @@ def txt2img(
         raise ValueError(f"mask blur must be between 0 and {MAX_MASK_BLUR} px, got {mask_blur}")
     if not 0 <= masked_padding <= MAX_MASKED_PADDING:
         raise ValueError(f"masked area padding must be between 0 and {MAX_MASKED_PADDING} px, got {masked_padding}")
+    if masked_content not in MASKED_CONTENT:
+        raise ValueError(f"unknown masked content {masked_content!r}; choose from {', '.join(MASKED_CONTENT)}")
     padding = masked_padding if inpaint_only_masked and mask_image is not None else None
     hires = hires_scale > 1 and init_image is None
     if hires and hires_upscaler not in HIRES_UPSCALERS:
@@ -338,7 +345,8 @@ def txt2img(
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
-                                    mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding)
+                                    mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding,
+                                    masked_content=masked_content, inpaint_not_masked=inpaint_not_masked)
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -354,7 +362,8 @@ def txt2img(
             run = dict(texts, guidance_scale=cfg_scale, generator=generator)
             if mask_image is not None:
                 image = inpaint(pipe, run, init_image, mask_image, steps=steps, width=width, height=height,
-                                strength=denoising_strength, mask_blur=mask_blur, only_masked_padding=padding)
+                                strength=denoising_strength, mask_blur=mask_blur, only_masked_padding=padding,
+                                masked_content=masked_content, inpaint_not_masked=inpaint_not_masked)
             elif init_image is not None:
                 image = image_to_image(pipe, run, init_image, steps=steps, width=width, height=height,
                                        strength=denoising_strength)
@@ -412,13 +421,20 @@ def _img2img(pipe, kind: str = "img2img"):
 
 def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,
                        hires_steps: int = 0, hires_upscaler: str = "Latent", *, mask_blur: int | None = None,
-                       only_masked_padding: int | None = None) -> dict:
-    """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` (and an inpainting's ``Mask blur``, and
-    ``Inpaint area: Only masked`` with its ``Masked area padding``) and, given ``hires_scale``, a Hires. fix's
-    settings, where A1111 puts them (``Hires steps`` only when not the first pass's)."""
-    inpainting = {"Mask blur": mask_blur} if mask_blur is not None else {}
-    if mask_blur is not None and only_masked_padding is not None:
-        inpainting.update({"Inpaint area": "Only masked", "Masked area padding": only_masked_padding})
+                       only_masked_padding: int | None = None, masked_content: str = "original",
+                       inpaint_not_masked: bool = False) -> dict:
+    """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` (and an inpainting's ``Mask mode: Inpaint
+    not masked``, ``Mask blur``, ``Inpaint area: Only masked`` with its ``Masked area padding`` and a ``Masked
+    content`` other than original) and, given ``hires_scale``, a Hires. fix's settings, where A1111 puts them
+    (``Hires steps`` only when not the first pass's)."""
+    inpainting = {}
+    if mask_blur is not None:  # (an inpainting)
+        inpainting = {"Mask mode": "Inpaint not masked"} if inpaint_not_masked else {}
+        inpainting["Mask blur"] = mask_blur
+        if only_masked_padding is not None:
+            inpainting.update({"Inpaint area": "Only masked", "Masked area padding": only_masked_padding})
+        if masked_content != "original":
+            inpainting["Masked content"] = masked_content
     params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength, **inpainting})
     if hires_scale is None:
         return params
@@ -436,35 +452,91 @@ def image_to_image(pipe, run: dict, init_image, *, steps: int, width: int, heigh
 
 
 MAX_MASK_BLUR, MAX_MASKED_PADDING = 64, 256  # px: the bounds of an inpainting's mask blur and "Only masked" padding
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's "Masked content", in its order
 
 
-def inpaint_mask(mask_image, width: int, height: int, blur: int = 4):
-    """A1111's inpainting mask: ``mask_image`` in grey levels (white: repaint), resized to ``width`` x ``height``
-    (Lanczos) and blurred by ``blur`` px (a Gaussian; 0: none)."""
-    from PIL import ImageFilter
+def inpaint_mask(mask_image, width: int, height: int, blur: int = 4, invert: bool = False):
+    """A1111's inpainting mask: ``mask_image`` in grey levels (white: repaint; ``invert``: A1111's "Inpaint not
+    masked", black is repainted), resized to ``width`` x ``height`` (Lanczos) and blurred by ``blur`` px (a Gaussian;
+    0: none)."""
+    from PIL import ImageFilter, ImageOps
 
-    mask = mask_image.convert("L").resize((width, height), _lanczos())
+    mask = mask_image.convert("L")
+    mask = (ImageOps.invert(mask) if invert else mask).resize((width, height), _lanczos())
     return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
 
 
+def fill_masked(image, mask):
+    """A1111's "fill" masked content: ``image`` (RGB) where ``mask`` (L; white: repaint, grey: in part) covers it
+    painted over with the colours around it, spread in by Gaussian blurs from far (256 px) to near, and the image's
+    own pixels on top where the mask leaves them (all of them where it is black)."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    kept = Image.new("RGBa", image.size)  # premultiplied: a blur averages the kept pixels' colours only
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = Image.new("RGBA", image.size)
+    for radius, layers in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(layers):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def _start_latents(inpainter, masked_content: str, mask, width: int, height: int, padding: int | None, seed: int) -> None:
+    """A1111's "latent noise" / "latent nothing": ``inpainter`` (diffusers' inpaint pipeline) encodes its start with
+    the latents under its own latent mask (``mask`` as it binarises, crops and shrinks it) replaced by the noise of
+    ``seed`` / by zeros, so the denoising starts from them there; outside, its blend puts the start back."""
+    import torch.nn.functional as F
+
+    coords = inpainter.mask_processor.get_crop_region(mask, width, height, pad=padding) if padding is not None else None
+    repaint = inpainter.mask_processor.preprocess(mask, height=height, width=width, crops_coords=coords,
+                                                  resize_mode="fill" if coords else "default")
+    encode = inpainter._encode_vae_image
+
+    def encode_masked(image, generator):
+        latents = encode(image=image, generator=generator)
+        where = F.interpolate(repaint, size=latents.shape[-2:]).to(latents.device) >= 0.5
+        new = torch.zeros_like(latents) if masked_content == "latent nothing" else \
+            torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
+        return torch.where(where, new, latents)
+
+    inpainter._encode_vae_image = encode_masked
+
+
 def inpaint(pipe, run: dict, init_image, mask_image, *, steps: int, width: int, height: int, strength: float,
-            mask_blur: int = 4, only_masked_padding: int | None = None):
-    """Inpainting as A1111's tab makes it on a text-to-image model ("original" masked content, the whole picture):
-    ``init_image`` resized as ``image_to_image`` does, repainted where ``inpaint_mask`` is white by diffusers' inpaint
-    pipeline on ``pipe``'s modules (on a 4-channel UNet it puts the noised original back outside the mask at every
-    step), then pasted over the original through the blurred mask, so that the pixels outside it are the original's.
+            mask_blur: int = 4, only_masked_padding: int | None = None, masked_content: str = "original",
+            inpaint_not_masked: bool = False):
+    """Inpainting as A1111's tab makes it on a text-to-image model: ``init_image`` resized as ``image_to_image`` does,
+    repainted where ``inpaint_mask`` is white by diffusers' inpaint pipeline on ``pipe``'s modules (on a 4-channel UNet
+    it puts the noised original back outside the mask at every step), then laid under the original through A1111's
+    overlay (the blurred mask doubled), so that the pixels outside the mask are the original's.
+    ``masked_content``: A1111's start under the mask (``MASKED_CONTENT``): "original"; "fill" (``fill_masked``);
+    "latent noise" / "latent nothing" (filled, then its latents there replaced by the seed's noise / zeros).
+    ``inpaint_not_masked``: A1111's "Inpaint not masked" mask mode (the mask inverted).
     ``only_masked_padding``: A1111's "Only masked" inpaint area: the mask's bounding box grown by that many px (and to
     the image's aspect ratio) is cut out, inpainted at ``width`` x ``height`` and pasted back (diffusers'
     ``padding_mask_crop``, which is A1111's code). ``run``: the prompts or embeddings, the guidance and the
     generator. Returns the PIL image."""
     from PIL import Image
 
+    if masked_content not in MASKED_CONTENT:
+        raise ValueError(f"unknown masked content {masked_content!r}; choose from {', '.join(MASKED_CONTENT)}")
     start = init_image.convert("RGB").resize((width, height), _lanczos())
-    mask = inpaint_mask(mask_image, width, height, mask_blur)
+    mask = inpaint_mask(mask_image, width, height, mask_blur, invert=inpaint_not_masked)
+    inpainter = _img2img(pipe, "inpaint")
+    if masked_content.startswith("latent"):
+        _start_latents(inpainter, masked_content, mask, width, height, only_masked_padding, run["generator"].initial_seed())
     crop = {"padding_mask_crop": only_masked_padding} if only_masked_padding is not None else {}
-    made = _img2img(pipe, "inpaint")(**run, image=start, mask_image=mask, strength=strength, num_inference_steps=steps,
-                                     width=width, height=height, **crop).images[0]
-    return made if crop else Image.composite(made, start, mask)  # (padding_mask_crop pastes it back itself)
+    made = inpainter(**run, image=start if masked_content == "original" else fill_masked(start, mask), mask_image=mask,
+                     strength=strength, num_inference_steps=steps, width=width, height=height, **crop).images[0]
+    # (padding_mask_crop pastes it back itself, over the start it was given: the same pixels outside the mask)
+    return made if crop else Image.composite(made, start, overlay_mask(mask))
+
+
+def overlay_mask(mask):
+    """A1111's overlay of a whole-picture inpainting: the blurred ``mask`` doubled (clipped), so that the repainted
+    image shows fully from the blur's midpoint in and the start only where the mask is black."""
+    return mask.point(lambda v: min(255, 2 * v))
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -552,6 +624,12 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
         out["emphasis"] = emphasis_mode(params["Emphasis"])
     if params.get("Inpaint area") == "Only masked":
         out["inpaint_only_masked"] = True
+    if params.get("Mask mode") == "Inpaint not masked":
+        out["inpaint_not_masked"] = True
+    if "Masked content" in params:
+        if params["Masked content"] not in MASKED_CONTENT:
+            raise ValueError(f"{source}: Masked content {params['Masked content']!r} is not one of {', '.join(MASKED_CONTENT)}")
+        out["masked_content"] = params["Masked content"]
     return out
 
 
@@ -597,7 +675,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.from_png:
         settings = _from_png(args.from_png)
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
-                 "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding"):
+                 "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding", "masked_content",
+                 "inpaint_not_masked"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -609,8 +688,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give a prompt (or --from-png IMAGE)")
     if args.mask and not args.init_image:
         raise ValueError("--mask needs the image it masks: give --init-image")
-    if (args.inpaint_only_masked or args.masked_padding is not None) and not args.mask:
-        raise ValueError("--only-masked and --mask-padding are for inpainting: give --mask (and --init-image)")
+    if (args.inpaint_only_masked or args.masked_padding is not None or args.masked_content or args.inpaint_not_masked) \
+            and not args.mask:
+        raise ValueError("--only-masked, --mask-padding, --masked-content and --invert-mask are for inpainting: give "
+                         "--mask (and --init-image)")
     for path, key in ((args.init_image, "init_image"), (args.mask, "mask_image")):
         if path:
             from PIL import Image
@@ -625,7 +706,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.init_image and args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
         raise ValueError(f"{args.from_png} was made by img2img; pass its starting image as --init-image")
     if not args.mask:
-        for name in ("mask_blur", "inpaint_only_masked", "masked_padding"):
+        for name in ("mask_blur", "inpaint_only_masked", "masked_padding", "masked_content", "inpaint_not_masked"):
             settings.pop(name, None)
     plot = args.x_axis or args.y_axis
     if plot:
@@ -714,6 +795,12 @@ def register(subparsers) -> None:
                    help="A1111's 'Only masked' inpaint area: inpaint the mask's surroundings at full size, paste them back")
     p.add_argument("--mask-padding", dest="masked_padding", type=int, default=None, help="px around the mask with "
                    "--only-masked (A1111's Masked area padding; default 32)")
+    p.add_argument("--masked-content", dest="masked_content", default=None, choices=list(MASKED_CONTENT),
+                   type=lambda s: s.replace("-", " ").replace("_", " "), help="A1111's start under the mask: the "
+                   "original (default), a fill of the colours around it, or latents of noise / of nothing there "
+                   "('latent-noise' spells 'latent noise')")
+    p.add_argument("--invert-mask", dest="inpaint_not_masked", action="store_true", default=None,
+                   help="A1111's 'Inpaint not masked' mask mode: repaint where the mask is black")
     p.add_argument("--denoising-strength", dest="denoising_strength", type=float, default=None,
                    help="img2img and hires: how far back to noise (default 0.75)")
     p.add_argument("--hr-scale", dest="hires_scale", type=float, default=None, help="A1111's Hires. fix: upscale by this "

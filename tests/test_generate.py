@@ -235,7 +235,9 @@ def test_inpainting_repaints_the_mask_as_diffusers_inpaint_pipeline_and_keeps_th
     reference.set_progress_bar_config(disable=True)
     made = reference("a cat", image=start, mask_image=soft, strength=0.8, num_inference_steps=4, guidance_scale=6.0,
                      width=32, height=32, generator=torch.Generator().manual_seed(2)).images[0]
-    assert np.array_equal(np.asarray(got.image), np.asarray(Image.composite(made, start, soft)))
+    overlay = soft.point(lambda v: min(255, 2 * v))  # A1111's overlay: the blurred mask doubled
+    assert np.array_equal(np.asarray(got.image), np.asarray(Image.composite(made, start, overlay)))
+    assert not np.array_equal(np.asarray(got.image), np.asarray(Image.composite(made, start, soft)))
     outside = np.asarray(soft) == 0
     assert outside.any() and np.array_equal(np.asarray(got.image)[outside], np.asarray(start)[outside])
     inside = np.asarray(mask) == 255
@@ -282,7 +284,107 @@ def test_inpainting_repaints_the_mask_as_diffusers_inpaint_pipeline_and_keeps_th
     assert "Inpaint area: Only masked, Masked area padding: 4" in Image.open(tmp_path / "only_again.png").info["parameters"]
     assert np.array_equal(_pixels(tmp_path / "only.png"), _pixels(tmp_path / "only_again.png"))
     assert main(["generate", str(TINY_MODEL), "a cat", "--only-masked", "-o", str(tmp_path / "no.png")]) == 2
-    assert "--only-masked and --mask-padding are for inpainting" in capsys.readouterr().err
+    assert "--only-masked, --mask-padding, --masked-content and --invert-mask are for inpainting" in capsys.readouterr().err
+
+
+def test_masked_content_and_mask_mode_are_a1111s(pipe, tmp_path, capsys):
+    """A1111's Masked content (fill / latent noise / latent nothing) and Mask mode (Inpaint not masked): each keeps the
+    pixels outside the mask, goes into the infotext and is made again from the PNG."""
+    from PIL import ImageOps
+
+    from lora_diffusion.generate import _img2img, _start_latents, fill_masked
+
+    start = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    outside = np.asarray(mask) == 0
+
+    # fill: the masked square takes the colours around it; the rest is the image's own
+    red = Image.new("RGB", (32, 32), (200, 10, 10))
+    red.paste((0, 255, 0), (8, 8, 24, 24))
+    filled = np.asarray(fill_masked(red, mask), dtype=int)
+    assert np.array_equal(filled[outside], np.asarray(red, dtype=int)[outside])
+    assert np.abs(filled[~outside] - [200, 10, 10]).max() <= 8  # (not the green, 255 away: the rounding of premultiplied layers)
+
+    def made(content, strength, **kw):
+        (got,) = txt2img(pipe, "a cat", init_image=start, mask_image=mask, mask_blur=0, masked_content=content,
+                         denoising_strength=strength, steps=4, seed=3, **kw)
+        return got
+
+    images = {(c, s): np.asarray(made(c, s).image) for c in ("fill", "original", "latent noise", "latent nothing")
+              for s in (0.6, 1.0)}
+    for image in images.values():
+        assert np.array_equal(image[outside], np.asarray(start)[outside])
+    half = [images[c, 0.6] for c in ("fill", "original", "latent noise", "latent nothing")]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(half) for b in half[i + 1 :])
+    # at denoising 1 the start under the mask is noise whatever it was: the latent ones are fill's, bit for bit (their
+    # latents changed only where the pipeline repaints)
+    assert np.array_equal(images["latent noise", 1.0], images["fill", 1.0])
+    assert np.array_equal(images["latent nothing", 1.0], images["fill", 1.0])
+
+    # the latents the pipeline starts from: zeros / the seed's noise under its latent mask, the encoding elsewhere
+    inpainter = _img2img(pipe, "inpaint")
+    pixels = inpainter.image_processor.preprocess(start)
+    with torch.no_grad():
+        plain = inpainter._encode_vae_image(pixels, torch.Generator().manual_seed(1))
+    under = torch.zeros_like(plain, dtype=torch.bool)
+    f = 32 // plain.shape[-1]
+    under[..., 8 // f : 24 // f, 8 // f : 24 // f] = True  # (the square, at the latents' size)
+    for content in ("latent nothing", "latent noise"):
+        inpainter = _img2img(pipe, "inpaint")
+        _start_latents(inpainter, content, mask, 32, 32, None, 9)
+        with torch.no_grad():
+            got = inpainter._encode_vae_image(pixels, torch.Generator().manual_seed(1))
+        assert torch.equal(got[~under], plain[~under])
+        expect = torch.zeros(plain.shape) if content == "latent nothing" else \
+            torch.randn(plain.shape, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(got[under], expect[under])
+
+    # Inpaint not masked: the mask inverted, bit for bit
+    (inverted,) = txt2img(pipe, "a cat", init_image=start, mask_image=mask, inpaint_not_masked=True,
+                          denoising_strength=0.7, steps=3, seed=4)
+    (by_hand,) = txt2img(pipe, "a cat", init_image=start, mask_image=ImageOps.invert(mask), denoising_strength=0.7,
+                         steps=3, seed=4)
+    assert np.array_equal(np.asarray(inverted.image), np.asarray(by_hand.image))
+    assert "Denoising strength: 0.7, Mask mode: Inpaint not masked, Mask blur: 4, Version" in inverted.infotext
+    assert "Mask mode" not in by_hand.infotext
+    assert "Mask blur: 0, Masked content: latent noise, Version" in made("latent noise", 0.6).infotext
+    with pytest.raises(ValueError, match="unknown masked content 'noise'; choose from fill, original, latent noise"):
+        txt2img(pipe, "a cat", init_image=start, mask_image=mask, masked_content="noise")
+
+    # the command line: --masked-content (its spaces may be dashes) and --invert-mask, made again from the PNG
+    start.save(tmp_path / "start.png")
+    mask.save(tmp_path / "mask.png")
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    inputs = ["--init-image", str(tmp_path / "start.png"), "--mask", str(tmp_path / "mask.png")]
+    assert main(["generate", str(TINY_MODEL), "a cat", *inputs, "--masked-content", "latent-nothing", "--invert-mask",
+                 "--steps", "3", "--seed", "4", "-o", str(first)]) == 0
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(first), *inputs, "-o", str(again)]) == 0
+    text = Image.open(again).info["parameters"]
+    assert "Mask mode: Inpaint not masked, Mask blur: 4, Masked content: latent nothing," in text
+    assert np.array_equal(_pixels(first), _pixels(again))
+    capsys.readouterr()
+    assert main(["generate", str(TINY_MODEL), "a cat", "--masked-content", "fill", "-o", str(tmp_path / "no.png")]) == 2
+    assert "--masked-content and --invert-mask are for inpainting: give --mask" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (argparse's own refusal)
+        main(["generate", str(TINY_MODEL), "a cat", *inputs, "--masked-content", "blank", "-o", str(tmp_path / "no.png")])
+
+    # SDXL's inpaint pipeline encodes its start alike: the latent ones with "Only masked" keep the rest too
+    from PIL import ImageFilter
+
+    from lora_diffusion.testing import tiny_sdxl_pipeline
+
+    xl = tiny_sdxl_pipeline(0)
+    xl.set_progress_bar_config(disable=True)
+    beyond = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))) == 0
+    for content in ("original", "latent noise"):
+        (got,) = txt2img(xl, "a cat", init_image=start, mask_image=mask, masked_content=content, inpaint_only_masked=True,
+                         masked_padding=4, denoising_strength=0.6, steps=2, seed=1)
+        assert np.array_equal(np.asarray(got.image)[beyond], np.asarray(start)[beyond])
+        if content == "original":
+            original = np.asarray(got.image)
+    assert not np.array_equal(np.asarray(got.image), original)
+    assert "invalid choice: 'blank'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])

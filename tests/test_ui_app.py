@@ -86,6 +86,11 @@ def test_sampler_prompt_syntax_hires_and_img2img_come_after_the_slots(served, tm
         "the model's own", "Automatic", True, 1, "Latent", 0, 0.5, handle_file(str(start)), 1, "Nothing", "", "Nothing", "",
         handle_file(str(mask)), 3))
     assert "inpaint, denoise 0.5, mask blur 3" in caption and "StableDiffusionInpaintPipeline" in snippet
+    filled, caption, _, snippet = generate(client, backend, {}, prompt="a blue square", extra=(  # (then its settings)
+        "the model's own", "Automatic", True, 1, "Latent", 0, 0.5, handle_file(str(start)), 1, "Nothing", "", "Nothing", "",
+        handle_file(str(mask)), 3, False, 32, "fill", "Inpaint not masked"))
+    assert "mask blur 3, inpaint not masked, masked content fill" in caption and "masked_content='fill'" in snippet
+    assert np.abs(filled - patched).mean() > 1.0
 
 
 def test_batch_count_makes_one_image_per_seed_in_order(served):
@@ -137,8 +142,16 @@ def test_png_info_fills_the_generate_inputs(served, tmp_path):
                                 "CFG scale: 6.5, Seed: 42, Size: 40x48, Clip skip: 2")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
     out = client.predict(handle_file(str(tmp_path / "a.png")), api_name="/png_info")
-    assert list(out) == ["a (red:1.2) fox <lora:style:0.5>", "ugly", 42, 12, 6.5, 40, 48, 2, "DPM++ 2M", "Karras", True,
-                         1.0, "Latent", 0, 0.7, "settings taken"]
+    assert list(out)[:16] == ["a (red:1.2) fox <lora:style:0.5>", "ugly", 42, 12, 6.5, 40, 48, 2, "DPM++ 2M", "Karras", True,
+                              1.0, "Latent", 0, 0.7, "settings taken"]
+    info = PngInfo()  # an inpainting's settings go to its inputs too
+    info.add_text("parameters", "a fox\nSteps: 12, Seed: 42, Size: 40x48, Denoising strength: 0.6, Mask mode: Inpaint not "
+                                "masked, Mask blur: 2, Inpaint area: Only masked, Masked area padding: 16, Masked content: "
+                                "latent noise")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png", pnginfo=info)
+    out = client.predict(handle_file(str(tmp_path / "b.png")), api_name="/png_info")
+    assert out[14] == 0.6 and "it was inpainted" in out[15]
+    assert list(out)[16:] == [2, True, 16, "latent noise", "Inpaint not masked"]
 
 
 def test_binds_to_loopback_only(served):

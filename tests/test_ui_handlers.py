@@ -416,11 +416,33 @@ def test_inpainting_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_
     assert main(["generate", str(model_dir), "--from-png", backend.save_image(only), "--init-image", str(start), "--mask",
                  str(mask), "--lora-dir", str(backend.library.root), "-o", str(tmp_path / "only.png")]) == 0
     assert np.array_equal(pixels(Image.open(tmp_path / "only.png")), pixels(only.image))
+    assert png_info(saved)[0]["inpaint"] == {"mask_blur": 2, "inpaint_only_masked": False, "masked_padding": 32,
+                                             "masked_content": "original", "inpaint_not_masked": False}
+    # A1111's Masked content and Mask mode: the snippet (the original content in stock diffusers, the others by
+    # lora_diffusion's inpaint) and --from-png make each image again; PNG Info gives the settings back
+    for content, invert, prompt in (("original", True, "a (red:1.3) circle"), ("latent noise", True, "a (red:1.3) circle"),
+                                    ("fill", False, "a red circle")):  # (a plain prompt: the pipeline's own embeddings)
+        made = gen(backend, prompt, **kw, masked_content=content, inpaint_not_masked=invert)
+        assert ("inpaint not masked" in made.caption) is invert and ("Mask mode: Inpaint not masked" in made.infotext) is invert
+        assert (f"masked content {content}" in made.caption) is (content != "original")
+        assert not np.array_equal(pixels(made.image), pixels(result.image))
+        scope = {}
+        exec(made.snippet, scope)  # noqa: S102 - our own generated code
+        assert np.abs(pixels(scope["image"]) - pixels(made.image)).max() <= 2, made.snippet
+        assert ("StableDiffusionInpaintPipeline" in made.snippet) is (content == "original")
+        saved = backend.save_image(made)
+        assert png_info(saved)[0]["inpaint"] == {"mask_blur": 2, "inpaint_only_masked": False, "masked_padding": 32,
+                                                 "masked_content": content, "inpaint_not_masked": invert}
+        assert main(["generate", str(model_dir), "--from-png", saved, "--init-image", str(start), "--mask", str(mask),
+                     "--lora-dir", str(backend.library.root), "-o", str(tmp_path / f"{content}.png")]) == 0
+        assert np.array_equal(pixels(Image.open(tmp_path / f"{content}.png")), pixels(made.image))
+    assert png_info(backend.save_image(gen(backend, "a circle", seed=1)))[0]["inpaint"] is None
     (tmp_path / "bad.png").write_bytes(b"not an image")
     for bad, match in (({"init_image": None}, "an inpainting mask needs the image it masks"),
                        ({"mask_image": str(tmp_path / "bad.png")}, "inpaint mask bad.png: cannot read it as an image"),
                        ({"mask_blur": 65}, "mask blur must be a whole number of px between 0 and 64"),
-                       ({"masked_padding": -1}, "masked area padding must be a whole number of px between 0 and 256")):
+                       ({"masked_padding": -1}, "masked area padding must be a whole number of px between 0 and 256"),
+                       ({"masked_content": "blank"}, "unknown masked content 'blank'; choose from fill, original")):
         with pytest.raises(UIError, match=match):
             gen(backend, **{**kw, **bad})
 

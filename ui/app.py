@@ -21,7 +21,8 @@ import gradio as gr
 import pandas as pd
 
 from lora_diffusion.formats import LoraFormatError
-from lora_diffusion.generate import HIRES_UPSCALERS, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, SCHEDULE_TYPES
+from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS,
+                                     SCHEDULE_TYPES)
 from lora_diffusion.xyplot import AXES
 
 from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status, png_info
@@ -76,6 +77,7 @@ def _rows(table) -> list[list]:
 
 MODEL_SAMPLER = "the model's own"  # the sampler choice that keeps the model's scheduler
 NO_AXIS = "Nothing"  # an X/Y plot axis left out (A1111's name)
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")  # A1111's Mask mode (the second: the mask inverted)
 
 
 def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
@@ -134,6 +136,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur (px)")
                             only_masked = gr.Checkbox(False, label="Only masked (A1111's inpaint area: the mask's surroundings at full size)")
                             masked_padding = gr.Slider(0, MAX_MASKED_PADDING, value=32, step=4, label="Only masked padding (px)")
+                        with gr.Row():
+                            masked_content = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content")
+                            mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode")
                     denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength (Hires. fix and img2img)")
                     with gr.Accordion("X/Y plot (A1111's): one image per pair of values, in a labelled grid", open=False):
                         with gr.Row():
@@ -274,13 +279,15 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
             # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes and the
-            # inpaint mask come after the slots, in the order they were added: API callers' positions stay as they were,
-            # and a call without the newer ones takes their defaults)
+            # inpaint mask and its settings come after the slots, in the order they were added: API callers' positions
+            # stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
-                        False, 32)
+                        False, 32, "original", MASK_MODES[0])
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
-                y_values, mask, blur, only_masked, padding = (*extra, *defaults[len(extra):])[:17]
+                y_values, mask, blur, only_masked, padding, content, mode = (*extra, *defaults[len(extra):])[:19]
+            if (mode or MASK_MODES[0]) not in MASK_MODES:
+                raise UIError(f"unknown mask mode {mode!r}; choose from {', '.join(MASK_MODES)}")
             count = _whole(count, "the batch count", 1)
             if not 1 <= count <= MAX_BATCH:
                 raise UIError(f"the batch count must be between 1 and {MAX_BATCH}, got {count}")
@@ -300,7 +307,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 hires_steps=_whole(hr_steps, "hires steps", 0), denoising_strength=_number(denoise, "the denoising strength"),
                                 init_image=_file_path(init) if init else None, mask_image=_file_path(mask) if mask else None,
                                 mask_blur=_whole(blur, "the mask blur", 4), inpaint_only_masked=bool(only_masked),
-                                masked_padding=_whole(padding, "the masked area padding", 32))
+                                masked_padding=_whole(padding, "the masked area padding", 32),
+                                masked_content=content or "original", inpaint_not_masked=mode == MASK_MODES[1])
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values))]
             if any(axes):  # A1111's X/Y plot: the grid first, then its cells
@@ -328,7 +336,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
              "sampler", "schedule_type", "a1111_syntax", "hires_scale", "hires_upscaler", "hires_steps",
              "denoising_strength"], {"init_image": None, "batch_count": 1, "x_type": NO_AXIS, "x_values": None,
                                      "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None,
-                                     "inpaint_only_masked": None, "masked_padding": None})
+                                     "inpaint_only_masked": None, "masked_padding": None, "masked_content": None,
+                                     "mask_mode": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -410,12 +419,16 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 15 + [""]
+                return [gr.update()] * 15 + [""] + [gr.update()] * 5
             fields, note = png_info(_file_path(file))
+            inpainting = fields["inpaint"]  # (an image that was not inpainted leaves those settings as they are)
             return [fields["prompt"], fields["negative_prompt"], fields["seed"], fields["steps"], fields["guidance"],
                     fields["width"], fields["height"], fields["clip_skip"], fields["sampler"] or MODEL_SAMPLER,
                     fields["schedule_type"], fields["emphasis"], fields["hires_scale"], fields["hires_upscaler"],
-                    fields["hires_steps"], fields["denoising_strength"], f"*{note}*" if note else "settings taken"]
+                    fields["hires_steps"], fields["denoising_strength"], f"*{note}*" if note else "settings taken",
+                    *([inpainting["mask_blur"], inpainting["inpaint_only_masked"], inpainting["masked_padding"],
+                       inpainting["masked_content"], MASK_MODES[inpainting["inpaint_not_masked"]]] if inpainting else
+                      [gr.update()] * 5)]
 
         @_user_errors
         def on_upload(file, name):
@@ -436,7 +449,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
-             x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding],
+             x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
@@ -457,7 +470,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         merge_btn.click(on_merge, [merge_table, merge_mode, merge_rank, merge_format, merge_name], [merge_report, merge_file],
                         api_name="merge").then(refresh, [slot_names], refresh_outputs, api_visibility="private")
         png_file.change(on_png, [png_file], [prompt, negative, seed, steps, guidance, width, height, gen_clip_skip, sampler,
-                                             schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note],
+                                             schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note,
+                                             mask_blur, only_masked, masked_padding, masked_content, mask_mode],
                         api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")

@@ -37,7 +37,7 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
+from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
                                      conds_padded, hires_fix, hires_size, image_to_image, infotext, infotext_settings,
                                      inpaint, lora_hash, lora_tag, model_hash, png_infotext, second_pass_params,
                                      set_sampler, split_sampler)
@@ -231,6 +231,8 @@ class GenerateRequest:
     mask_blur: int = 4
     inpaint_only_masked: bool = False  # A1111's "Only masked" inpaint area, ``masked_padding`` px around the mask
     masked_padding: int = 32
+    masked_content: str = "original"  # A1111's Masked content (``MASKED_CONTENT``): the start under the mask
+    inpaint_not_masked: bool = False  # A1111's "Inpaint not masked" mask mode: repaint where the mask is black
 
 
 @dataclass
@@ -272,7 +274,7 @@ def diffusers_snippet(
     hires: tuple[float, int, str, float] | None = None,
     init_image: tuple[str, float] | None = None,
     tag_blocks: dict[str, tuple[float, ...]] | None = None,
-    mask: tuple[str, int, int | None] | None = None,
+    mask: tuple[str, int, int | None, str, bool] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -281,8 +283,9 @@ def diffusers_snippet(
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
     ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules;
     ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too, or with ``mask`` ``(mask
-    file, blur, only-masked padding or None)`` the inpaint pipeline, pasted back through the blurred mask (by its
-    ``padding_mask_crop`` for "Only masked"); ``tag_blocks``: LoRA Block
+    file, blur, only-masked padding or None, masked content, inpaint not masked)`` the inpaint pipeline, pasted back
+    through A1111's overlay (by its ``padding_mask_crop`` for "Only masked"); a masked content other than original,
+    which diffusers' pipeline does not make, is ``lora_diffusion.generate.inpaint`` on the pipeline; ``tag_blocks``: LoRA Block
     Weight vectors from the prompt's tags, which diffusers' ``set_adapters`` cannot express: the LoRAs then load and
     blend with ``lora_diffusion``'s ``load_lora`` / ``set_adapters`` in the same pipeline)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
@@ -334,18 +337,34 @@ def diffusers_snippet(
         second = list(args)
     if init_image and mask:
         path, strength = init_image
-        blur = f".filter(ImageFilter.GaussianBlur({mask[1]}))" if mask[1] > 0 else ""
+        mask_file, mask_blur, padding, content, invert = mask
+        if content != "original":
+            keywords = [f"prompt={args[0]}", *args[1:]] if args[:1] == [_py(prompt)] else args  # (the prompt by name)
+            return "\n".join(lines + [
+                "from PIL import Image",
+                "from lora_diffusion.generate import inpaint  # A1111's masked content: " + content,
+                "",
+                "run = dict(" + ", ".join([*keywords, f"guidance_scale={guidance!r}",
+                                           f'generator=torch.Generator("cpu").manual_seed({seed})']) + ")",
+                f"image = inpaint(pipe, run, Image.open({_py(path)}), Image.open({_py(mask_file)}), steps={steps}, "
+                f"width={width}, height={height}, strength={strength!r}, mask_blur={mask_blur}, only_masked_padding={padding}, "
+                f"masked_content={content!r}, inpaint_not_masked={invert})"]) + "\n"
+        blur = f".filter(ImageFilter.GaussianBlur({mask_blur}))" if mask_blur > 0 else ""
+        opened = f"ImageOps.invert(Image.open({_py(mask_file)}).convert(\"L\"))" if invert else \
+            f"Image.open({_py(mask_file)}).convert(\"L\")"
         return "\n".join(lines + [
-            "from PIL import Image, ImageFilter",
+            "from PIL import Image, ImageFilter" + (", ImageOps" if invert else ""),
             f"init = Image.open({_py(path)}).convert(\"RGB\").resize(({width}, {height}), Image.Resampling.LANCZOS)",
-            f"mask = Image.open({_py(mask[0])}).convert(\"L\").resize(({width}, {height}), Image.Resampling.LANCZOS){blur}",
+            f"mask = {opened}.resize(({width}, {height}), Image.Resampling.LANCZOS){blur}"
+            + ("  # (Inpaint not masked)" if invert else ""),
             *_img2img_lines(sdxl, "inpaint"),
             "made = inpaint(" + ", ".join([*args, "image=init", "mask_image=mask", f"strength={strength!r}",
                                           f"num_inference_steps={steps}", f"guidance_scale={guidance!r}", f"width={width}",
-                                          f"height={height}", *([f"padding_mask_crop={mask[2]}"] if mask[2] is not None else []),
+                                          f"height={height}", *([f"padding_mask_crop={padding}"] if padding is not None else []),
                                           f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]",
-            "image = made  # (padding_mask_crop pastes it back itself: A1111's \"Only masked\")" if mask[2] is not None else
-            "image = Image.composite(made, init, mask)  # (A1111's overlay: outside the mask, the start's own pixels)"]) + "\n"
+            "image = made  # (padding_mask_crop pastes it back itself: A1111's \"Only masked\")" if padding is not None else
+            "# A1111's overlay: the blurred mask doubled; outside the mask, the start's own pixels\n"
+            "image = Image.composite(made, init, mask.point(lambda v: min(255, 2 * v)))"]) + "\n"
     if init_image:
         path, strength = init_image
         return "\n".join(lines + [
@@ -472,8 +491,10 @@ def load_pipeline(model: str | None, device: str | None = None, model_config: st
 def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     """The Generate tab's settings from an image's A1111 infotext (A1111's "PNG Info", a Civitai image), and a note of
     what the tab cannot take: ``({prompt, negative_prompt, seed, steps, guidance, width, height, clip_skip, sampler,
-    schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength}, note)``; the prompt keeps
-    its ``<lora:...>`` tags, which pick the library's LoRAs."""
+    schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength, inpaint}, note)``, where
+    ``inpaint`` is an inpainting's ``{mask_blur, inpaint_only_masked, masked_padding, masked_content,
+    inpaint_not_masked}`` (A1111's defaults where it names none) or ``None``; the prompt keeps its ``<lora:...>`` tags,
+    which pick the library's LoRAs."""
     try:
         got = infotext_settings(png_infotext(path), Path(path).name)
     except ValueError as e:
@@ -485,7 +506,8 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
         sampler = None
     hires_scale, upscaler = got.get("hires_scale", 1.0), got.get("hires_upscaler", "Latent")
     if hires_scale <= 1 and "denoising_strength" in got:
-        notes.append("it was inpainted: put the image it started from and its mask under img2img to make it again"
+        notes.append("it was inpainted: put the image it started from and its mask under img2img to make it again "
+                     "(its inpainting settings are set)"
                      if "mask_blur" in got else
                      "it was made by img2img: put the image it started from under img2img to make it again")
     if hires_scale > 1 and upscaler not in HIRES_UPSCALERS:
@@ -506,7 +528,13 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "height": got.get("height", 0), "clip_skip": got.get("clip_skip", 1), "sampler": sampler or None,
               "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None",
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
-              "denoising_strength": got.get("denoising_strength", 0.7)}
+              "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None}
+    if "mask_blur" in got:
+        fields["inpaint"] = {"mask_blur": min(max(got["mask_blur"], 0), MAX_MASK_BLUR),
+                             "inpaint_only_masked": got.get("inpaint_only_masked", False),
+                             "masked_padding": min(max(got.get("masked_padding", 32), 0), MAX_MASKED_PADDING),
+                             "masked_content": got.get("masked_content", "original"),
+                             "inpaint_not_masked": got.get("inpaint_not_masked", False)}
     if got.get("emphasis") == "No norm":
         notes.append("its emphasis mode is No norm; this tab weighs as A1111's Original (`lora-diffusion generate "
                      "--emphasis 'No norm'` does the other)")
@@ -906,7 +934,8 @@ class Backend:
                 run = dict(texts, guidance_scale=float(req.guidance), generator=generator)
                 if mask is not None:
                     image = inpaint(pipe, run, init, mask, steps=steps, width=width, height=height, strength=_strength(req),
-                                    mask_blur=int(req.mask_blur), only_masked_padding=padding)
+                                    mask_blur=int(req.mask_blur), only_masked_padding=padding,
+                                    masked_content=req.masked_content, inpaint_not_masked=bool(req.inpaint_not_masked))
                 elif init is not None:
                     image = image_to_image(pipe, run, init, steps=steps, width=width, height=height,
                                            strength=_strength(req))
@@ -933,7 +962,8 @@ class Backend:
             params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2])
         elif init is not None:
             params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None,
-                                        only_masked_padding=padding)
+                                        only_masked_padding=padding, masked_content=req.masked_content,
+                                        inpaint_not_masked=bool(req.inpaint_not_masked))
         init_copy = self._keep_input(req.init_image) if init is not None else None
         mask_copy = self._keep_input(req.mask_image) if mask is not None else None
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
@@ -942,7 +972,8 @@ class Backend:
                     "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None,
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
                     "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None,
-                    "masked_padding": padding}
+                    "masked_padding": padding, "masked_content": req.masked_content if mask is not None else None,
+                    "inpaint_not_masked": bool(req.inpaint_not_masked) if mask is not None else None}
         caption = f"{blend_label(loras, tag_blocks)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
@@ -956,6 +987,10 @@ class Backend:
             caption += f", {'inpaint' if mask is not None else 'img2img'}, denoise {_fmt(_strength(req))}"
             if mask is not None:
                 caption += f", mask blur {int(req.mask_blur)}" + (f", only masked (padding {padding})" if padding is not None else "")
+                if req.inpaint_not_masked:
+                    caption += ", inpaint not masked"
+                if req.masked_content != "original":
+                    caption += f", masked content {req.masked_content}"
         if hires:
             caption += ", hires {}x{} ({} {}x, {} steps, denoise {})".format(*hires_size(width, height, hires[0]), hires[2],
                                                                            _fmt(hires[0]), hires[1], _fmt(hires[3]))
@@ -965,7 +1000,7 @@ class Backend:
             guidance=float(req.guidance), width=width, height=height, sdxl=sdxl, model_config=self.model_config,
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
-            mask=(mask_copy, int(req.mask_blur), padding) if mask_copy else None,
+            mask=(mask_copy, int(req.mask_blur), padding, req.masked_content, bool(req.inpaint_not_masked)) if mask_copy else None,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -1041,6 +1076,8 @@ class Backend:
         if padding != int(padding) or not 0 <= padding <= MAX_MASKED_PADDING:
             raise UIError(f"the masked area padding must be a whole number of px between 0 and {MAX_MASKED_PADDING}, "
                           f"got {_fmt(padding)}")
+        if req.masked_content not in MASKED_CONTENT:
+            raise UIError(f"unknown masked content {req.masked_content!r}; choose from {', '.join(MASKED_CONTENT)}")
         return Backend._open_image(req.mask_image, "inpaint mask")
 
     def _keep_input(self, path: str) -> str:
