@@ -33,7 +33,7 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
-           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked",
+           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked", "flatten_start", "mask_levels",
            "overlay_mask", "MASKED_CONTENT", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
@@ -442,12 +442,39 @@ def second_pass_params(params: dict, denoising_strength: float, hires_scale: flo
                                                   "Hires upscaler": hires_upscaler})
 
 
+def _alpha(image):
+    """``image`` in RGBA where its mode can be transparent (grey or palette with alpha), else itself."""
+    transparent = image.mode in ("LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    return image.convert("RGBA") if transparent else image
+
+
+def flatten_start(image):
+    """An img2img start as A1111 reads it: in RGB, an image with alpha laid over white (its img2img background)."""
+    from PIL import Image
+
+    image = _alpha(image)
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    white.alpha_composite(image)
+    return white.convert("RGB")
+
+
+def mask_levels(mask_image):
+    """An inpainting mask as A1111 reads it (L): an image with transparency is its alpha, repainted where more than
+    half opaque (strokes drawn on a clear layer), any other its grey levels (white: repaint)."""
+    mask_image = _alpha(mask_image)
+    if mask_image.mode == "RGBA" and mask_image.getextrema()[-1] != (255, 255):
+        return mask_image.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+    return mask_image.convert("L")
+
+
 def image_to_image(pipe, run: dict, init_image, *, steps: int, width: int, height: int, strength: float):
-    """img2img as A1111's tab makes it: ``init_image`` (PIL) in RGB, resized to ``width`` x ``height`` (Lanczos), noised
+    """img2img as A1111's tab makes it: ``init_image`` (PIL) in RGB (``flatten_start``), resized to ``width`` x ``height`` (Lanczos), noised
     ``strength`` of the way back and denoised by the img2img pipeline on ``pipe``'s modules with ``run`` (the prompts
     or embeddings, the guidance and the generator) for ``steps`` (of which it runs ``steps * strength``). Returns the
     PIL image."""
-    start = init_image.convert("RGB").resize((width, height), _lanczos())
+    start = flatten_start(init_image).resize((width, height), _lanczos())
     return _img2img(pipe)(**run, image=start, strength=strength, num_inference_steps=steps).images[0]
 
 
@@ -456,12 +483,12 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111
 
 
 def inpaint_mask(mask_image, width: int, height: int, blur: int = 4, invert: bool = False):
-    """A1111's inpainting mask: ``mask_image`` in grey levels (white: repaint; ``invert``: A1111's "Inpaint not
+    """A1111's inpainting mask: ``mask_levels`` of ``mask_image`` (white: repaint; ``invert``: A1111's "Inpaint not
     masked", black is repainted), resized to ``width`` x ``height`` (Lanczos) and blurred by ``blur`` px (a Gaussian;
     0: none)."""
     from PIL import ImageFilter, ImageOps
 
-    mask = mask_image.convert("L")
+    mask = mask_levels(mask_image)
     mask = (ImageOps.invert(mask) if invert else mask).resize((width, height), _lanczos())
     return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
 
@@ -521,7 +548,7 @@ def inpaint(pipe, run: dict, init_image, mask_image, *, steps: int, width: int, 
 
     if masked_content not in MASKED_CONTENT:
         raise ValueError(f"unknown masked content {masked_content!r}; choose from {', '.join(MASKED_CONTENT)}")
-    start = init_image.convert("RGB").resize((width, height), _lanczos())
+    start = flatten_start(init_image).resize((width, height), _lanczos())
     mask = inpaint_mask(mask_image, width, height, mask_blur, invert=inpaint_not_masked)
     inpainter = _img2img(pipe, "inpaint")
     if masked_content.startswith("latent"):
@@ -698,7 +725,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
             try:
                 with Image.open(path) as im:
-                    settings[key] = im.convert("RGB")
+                    settings[key] = im.copy()  # (its mode kept: flatten_start / mask_levels read its alpha)
             except OSError as e:
                 raise ValueError(f"{path}: cannot read it as an image ({e})") from None
     if args.from_png and "mask_blur" in settings and not args.mask:

@@ -387,6 +387,39 @@ def test_masked_content_and_mask_mode_are_a1111s(pipe, tmp_path, capsys):
     assert "invalid choice: 'blank'" in capsys.readouterr().err
 
 
+def test_transparent_starts_and_masks_read_as_a1111_reads_them(pipe, tmp_path):
+    """A start with alpha is laid over white; a mask with transparency is its alpha (strokes on a clear layer
+    repaint), one without any its grey levels: each makes what its plain equivalent makes, bit for bit, from Python
+    and from files on the command line."""
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray((rng.random((32, 32, 4)) * 255).astype(np.uint8), "RGBA")
+    white = Image.new("RGBA", (32, 32), (255, 255, 255, 255))
+    white.alpha_composite(rgba)
+    flat = white.convert("RGB")
+    strokes = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # black, and opaque only in the square
+    strokes.paste((0, 0, 0, 255), (8, 12, 24, 28))
+    square = Image.new("L", (32, 32), 0)
+    square.paste(255, (8, 12, 24, 28))
+    opaque = Image.merge("RGBA", (*Image.new("RGB", (32, 32), (0, 0, 0)).split(), Image.new("L", (32, 32), 255)))
+    opaque.paste((255, 255, 255, 255), (8, 12, 24, 28))  # no transparency: its grey levels, white in the square
+
+    def image(start, mask=None):
+        (got,) = txt2img(pipe, "a cat", init_image=start, mask_image=mask, denoising_strength=0.7, steps=3, seed=2)
+        return np.asarray(got.image)
+
+    assert np.array_equal(image(rgba), image(flat)) and not np.array_equal(image(flat), image(rgba.convert("RGB")))
+    assert np.array_equal(image(rgba, strokes), image(flat, square))
+    assert np.array_equal(image(flat, opaque), image(flat, square))
+    assert np.array_equal(image(flat, strokes.convert("LA")), image(flat, square))
+
+    for name, im in (("rgba", rgba), ("flat", flat), ("strokes", strokes), ("square", square)):
+        im.save(tmp_path / f"{name}.png")
+    for start, mask in (("rgba", "strokes"), ("flat", "square")):
+        assert main(["generate", str(TINY_MODEL), "a cat", "--init-image", str(tmp_path / f"{start}.png"), "--mask",
+                     str(tmp_path / f"{mask}.png"), "--steps", "3", "--seed", "2", "-o", str(tmp_path / f"{start}-out.png")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "rgba-out.png"), _pixels(tmp_path / "flat-out.png"))
+
+
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_hires_fix_upscales_the_first_pass_and_denoises_it_again(pipe, upscaler, tmp_path):
     import torch.nn.functional as F

@@ -418,6 +418,14 @@ def test_inpainting_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_
     assert np.array_equal(pixels(Image.open(tmp_path / "only.png")), pixels(only.image))
     assert png_info(saved)[0]["inpaint"] == {"mask_blur": 2, "inpaint_only_masked": False, "masked_padding": 32,
                                              "masked_content": "original", "inpaint_not_masked": False}
+    strokes = Image.new("RGBA", size, (0, 0, 0, 0))  # a mask drawn on a clear layer: its alpha, as A1111 reads it
+    strokes.paste((0, 0, 0, 255), (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
+    strokes.save(tmp_path / "strokes.png")
+    drawn = gen(backend, "a (red:1.3) circle", **{**kw, "mask_image": str(tmp_path / "strokes.png")})
+    assert np.array_equal(pixels(drawn.image), pixels(result.image))
+    scope = {}
+    exec(drawn.snippet, scope)  # noqa: S102 - our own generated code (it opens the mask as it was read)
+    assert np.abs(pixels(scope["image"]) - pixels(drawn.image)).max() <= 2, drawn.snippet
     # A1111's Masked content and Mask mode: the snippet (the original content in stock diffusers, the others by
     # lora_diffusion's inpaint) and --from-png make each image again; PNG Info gives the settings back
     for content, invert, prompt in (("original", True, "a (red:1.3) circle"), ("latent noise", True, "a (red:1.3) circle"),

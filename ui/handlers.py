@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import io
 import json
 import logging
 import math
@@ -38,9 +39,9 @@ from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
 from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
-                                     conds_padded, hires_fix, hires_size, image_to_image, infotext, infotext_settings,
-                                     inpaint, lora_hash, lora_tag, model_hash, png_infotext, second_pass_params,
-                                     set_sampler, split_sampler)
+                                     conds_padded, flatten_start, hires_fix, hires_size, image_to_image, infotext,
+                                     infotext_settings, inpaint, lora_hash, lora_tag, mask_levels, model_hash, png_infotext,
+                                     second_pass_params, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 from lora_diffusion.xyplot import draw_grid, plot_cells
@@ -964,8 +965,8 @@ class Backend:
             params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None,
                                         only_masked_padding=padding, masked_content=req.masked_content,
                                         inpaint_not_masked=bool(req.inpaint_not_masked))
-        init_copy = self._keep_input(req.init_image) if init is not None else None
-        mask_copy = self._keep_input(req.mask_image) if mask is not None else None
+        init_copy = self._keep_input(init) if init is not None else None
+        mask_copy = self._keep_input(mask) if mask is not None else None
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
                     "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
@@ -1047,17 +1048,16 @@ class Backend:
         if not req.init_image:
             return None
         _strength(req)
-        return Backend._open_image(req.init_image, "init image")
+        return flatten_start(Backend._open_image(req.init_image, "init image"))
 
     @staticmethod
     def _open_image(path: str, what: str):
-        """An uploaded image in RGB; ``UIError`` naming ``what`` and the file where it cannot be read."""
+        """An uploaded image (its mode kept); ``UIError`` naming ``what`` and the file where it cannot be read."""
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB")
+                return im.copy()
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise UIError(f"{what} {Path(path).name}: cannot read it as an image ({e})") from None
 
@@ -1078,16 +1078,19 @@ class Backend:
                           f"got {_fmt(padding)}")
         if req.masked_content not in MASKED_CONTENT:
             raise UIError(f"unknown masked content {req.masked_content!r}; choose from {', '.join(MASKED_CONTENT)}")
-        return Backend._open_image(req.mask_image, "inpaint mask")
+        return mask_levels(Backend._open_image(req.mask_image, "inpaint mask"))
 
-    def _keep_input(self, path: str) -> str:
-        """A copy of an img2img start in this backend's folder (named by its content: one copy per image), which the
-        snippet opens: gradio's upload may be cleaned away."""
-        data = Path(path).read_bytes()
+    def _keep_input(self, image) -> str:
+        """A PNG of an img2img start or mask as it was read (``flatten_start``, ``mask_levels``) in this backend's
+        folder (named by its content: one copy per image), which the snippet opens: gradio's upload may be cleaned
+        away."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
         with self._load_lock:
             folder = self._images_dir() / "inputs"
             folder.mkdir(exist_ok=True)
-            copy = folder / f"{hashlib.sha256(data).hexdigest()[:16]}{Path(path).suffix.lower() or '.png'}"
+            copy = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.png"
             if not copy.is_file():
                 copy.write_bytes(data)
         return str(copy)
