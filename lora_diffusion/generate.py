@@ -735,11 +735,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.mask:
         for name in ("mask_blur", "inpaint_only_masked", "masked_padding", "masked_content", "inpaint_not_masked"):
             settings.pop(name, None)
-    plot = args.x_axis or args.y_axis
+    plot = args.x_axis or args.y_axis or args.z_axis
     if plot:
         from .xyplot import parse_axis
 
-        for axis in filter(None, (args.x_axis, args.y_axis)):
+        for axis in filter(None, (args.x_axis, args.y_axis, args.z_axis)):
             parse_axis(axis)  # (a bad axis: before the model loads)
         if args.batch_count != 1:
             raise ValueError("an X/Y plot makes one image per cell: leave --batch-count at 1")
@@ -763,7 +763,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from .xyplot import xy_plot
 
         made = xy_plot(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), x=args.x_axis, y=args.y_axis,
-                       **common, **settings)
+                       z=args.z_axis, **common, **settings)
         return _save_plot(made, args.output)
     images = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), batch_count=args.batch_count,
                      **common, **settings)
@@ -774,8 +774,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _save_plot(plot, output: str) -> int:
-    """An X/Y plot's grid at ``output`` (a ``.png``), or its cells (A1111's names) and ``xyz_grid-<n>.png`` in the
-    folder ``output``; the grid carries the first cell's infotext, as A1111's does."""
+    """An X/Y/Z plot's grid at ``output`` (a ``.png``), or its cells (A1111's names) and ``xyz_grid-<n>.png`` in the
+    folder ``output`` (with a Z axis, A1111's grid of the X/Y grids); the grid carries the first cell's infotext, as
+    A1111's does."""
     target = Path(output)
     if target.suffix.lower() == ".png":
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -841,6 +842,8 @@ def register(subparsers) -> None:
                    "(types: Prompt S/R, Seed, Steps, CFG Scale, Sampler, Schedule type, Denoising, Clip skip, Hires "
                    "upscale, Hires steps)")
     p.add_argument("--y-axis", dest="y_axis", default=None, metavar="'TYPE: VALUES'", help="the plot's rows, as --x-axis")
+    p.add_argument("--z-axis", dest="z_axis", default=None, metavar="'TYPE: VALUES'", help="one X/Y grid per value, side "
+                   "by side under these labels, as --x-axis")
     p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights while generating")
     p.add_argument("--from-png", default=None, metavar="IMAGE", help="take prompt and settings from an image's A1111 "
                    "infotext (flags given override them)")

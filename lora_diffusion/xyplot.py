@@ -1,5 +1,5 @@
-"""A1111's X/Y/Z plot (its X and Y): one image per pair of axis values, laid out in a labelled grid, the way LoRA
-makers compare weights, epochs, seeds and samplers.
+"""A1111's X/Y/Z plot: one image per combination of axis values, laid out in a labelled grid (one X/Y grid per Z
+value, side by side under the Z labels), the way LoRA makers compare weights, epochs, seeds and samplers.
 
 An axis is A1111's text, ``"<type>: <values>"``: comma-separated values (CSV: quote one holding a comma), numbers with
 A1111's ranges (``1-5`` is 1..5, ``1-9 (+2)`` steps by 2, ``0-1 [5]`` is 5 evenly spaced values). ``Prompt S/R``
@@ -18,11 +18,11 @@ import csv
 import io
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .generate import SAMPLERS, SCHEDULE_TYPES, Generated, split_sampler, txt2img
 
-__all__ = ["AXES", "parse_axis", "plot_cells", "Cell", "xy_plot", "XYPlot", "draw_grid"]
+__all__ = ["AXES", "parse_axis", "plot_cells", "Cell", "xy_plot", "XYPlot", "draw_grid", "z_grids", "draw_z_grid"]
 
 # A1111's axis name -> (value type, the txt2img keyword it sets; None: Prompt S/R, which edits the prompts)
 AXES: dict[str, tuple[type, str | None]] = {
@@ -45,12 +45,16 @@ _COUNT = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*\[(\d+)\s*\]\s*")  # a
 
 @dataclass
 class XYPlot:
-    """The grid image, its cells (row by row: ``cells[row * len(x_labels) + column]``) and the axes' labels."""
+    """The grid image, its cells (row by row, one X/Y grid after the other: ``cells[(z * len(y_labels) + row) *
+    len(x_labels) + column]``, a missing axis counting as one value) and the axes' labels; with a Z axis, ``grid`` is
+    A1111's: its X/Y ``grids`` side by side under the Z labels."""
 
     grid: object  # PIL.Image.Image
     cells: list[Generated]
     x_labels: list[str]
     y_labels: list[str]
+    z_labels: list[str] = field(default_factory=list)
+    grids: list = field(default_factory=list)  # one X/Y grid per Z value (``[grid]`` without a Z axis)
 
 
 def _number(kind: type, text: str, axis: str):
@@ -128,42 +132,46 @@ class Cell:
     settings: dict
 
 
-def plot_cells(prompt: str, negative_prompt: str, x: str | None, y: str | None) -> tuple[list[Cell], list[str], list[str]]:
-    """The cells of an X/Y plot, row by row, and the column and row labels: every axis checked first (a ``Prompt
-    S/R`` whose first value is in neither prompt included), a ``Seed`` axis' -1 values drawn."""
-    axes = [parse_axis(a) if a else None for a in (x, y)]
-    if axes == [None, None]:
-        raise ValueError("give an X or a Y axis")
+def plot_cells(prompt: str, negative_prompt: str, x: str | None, y: str | None,
+               z: str | None = None) -> tuple[list[Cell], list[str], list[str], list[str]]:
+    """The cells of an X/Y/Z plot, row by row and grid after grid (Z outermost, as A1111 orders them), and the column,
+    row and Z labels: every axis checked first (a ``Prompt S/R`` whose first value is in neither prompt included), a
+    ``Seed`` axis' -1 values drawn."""
+    axes = [parse_axis(a) if a else None for a in (x, y, z)]
+    if axes == [None, None, None]:
+        raise ValueError("give an X, a Y or a Z axis")
     for axis in axes:
         if axis and axis[0] == "Prompt S/R" and axis[1][0] not in prompt and axis[1][0] not in negative_prompt:
             raise ValueError(f"Prompt S/R did not find {axis[1][0]!r} in the prompt or the negative prompt")
         if axis and axis[0] == "Seed":
             axis[1][:] = [random.randrange(2**32) if s == -1 else s for s in axis[1]]
-    (x_kind, xs), (y_kind, ys) = (a or (None, [None]) for a in axes)
+    (x_kind, xs), (y_kind, ys), (z_kind, zs) = (a or (None, [None]) for a in axes)
     cells = []
-    for y_value in ys:
-        for x_value in xs:
-            texts, settings = [prompt, negative_prompt], {}
-            for kind, value, values in ((x_kind, x_value, xs), (y_kind, y_value, ys)):  # (A1111's order)
-                if kind == "Prompt S/R":
-                    texts = [t.replace(values[0], value) for t in texts]
-                elif kind is not None:
-                    settings[AXES[kind][1]] = value
-            cells.append(Cell(texts[0], texts[1], settings))
-    labels = [[_label(kind, v) for v in values] if kind else [] for kind, values in ((x_kind, xs), (y_kind, ys))]
-    return cells, labels[0], labels[1]
+    for z_value in zs:
+        for y_value in ys:
+            for x_value in xs:
+                texts, settings = [prompt, negative_prompt], {}
+                for kind, value, values in ((x_kind, x_value, xs), (y_kind, y_value, ys), (z_kind, z_value, zs)):  # (A1111's order)
+                    if kind == "Prompt S/R":
+                        texts = [t.replace(values[0], value) for t in texts]
+                    elif kind is not None:
+                        settings[AXES[kind][1]] = value
+                cells.append(Cell(texts[0], texts[1], settings))
+    labels = [[_label(kind, v) for v in values] if kind else [] for kind, values in ((x_kind, xs), (y_kind, ys), (z_kind, zs))]
+    return cells, labels[0], labels[1], labels[2]
 
 
 def xy_plot(pipe, prompt: str, negative_prompt: str = "", *, x: str | None = None, y: str | None = None,
-            seed: int = -1, **kwargs) -> XYPlot:
-    """A1111's X/Y plot: ``txt2img`` once per (y, x) value pair, row by row, each with its infotext, and the grid
-    (``draw_grid``) with the values as column and row labels. ``x`` / ``y``: axis texts (``parse_axis``); either may
-    be None. ``seed`` -1 is drawn once, for every cell (a ``Seed`` axis' -1 values each draw their own). Other
+            z: str | None = None, seed: int = -1, **kwargs) -> XYPlot:
+    """A1111's X/Y/Z plot: ``txt2img`` once per (z, y, x) combination of values, row by row and grid after grid, each
+    with its infotext, and the grid (``draw_grid``) with the values as column and row labels (with ``z``, one per Z
+    value, side by side under the Z labels: ``draw_z_grid``). ``x`` / ``y`` / ``z``: axis texts (``parse_axis``); any
+    may be None. ``seed`` -1 is drawn once, for every cell (a ``Seed`` axis' -1 values each draw their own). Other
     keywords go to ``txt2img`` (``lora_dir``, ``steps``, ``sampler``...). Every axis is checked before the first
     image (``plot_cells``). The pipeline's scheduler is restored after."""
     if kwargs.get("batch_count", 1) != 1:
         raise ValueError("an X/Y plot makes one image per cell: batch count must be 1")
-    cells, x_labels, y_labels = plot_cells(prompt, negative_prompt, x, y)
+    cells, x_labels, y_labels, z_labels = plot_cells(prompt, negative_prompt, x, y, z)
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     scheduler = pipe.scheduler
     made = []
@@ -172,7 +180,20 @@ def xy_plot(pipe, prompt: str, negative_prompt: str = "", *, x: str | None = Non
             made += txt2img(pipe, cell.prompt, cell.negative_prompt, **{**kwargs, "seed": seed, **cell.settings})
     finally:
         pipe.scheduler = scheduler
-    return XYPlot(draw_grid([c.image for c in made], x_labels, y_labels), made, x_labels, y_labels)
+    grids = z_grids([c.image for c in made], x_labels, y_labels, z_labels)
+    return XYPlot(draw_z_grid(grids, z_labels), made, x_labels, y_labels, z_labels, grids)
+
+
+def z_grids(images: list, x_labels: list[str], y_labels: list[str], z_labels: list[str]) -> list:
+    """The X/Y grid (``draw_grid``) of each Z value's share of ``images`` (all of them without a Z axis)."""
+    per = len(images) // max(len(z_labels), 1)
+    return [draw_grid(images[i : i + per], x_labels, y_labels) for i in range(0, len(images), per)]
+
+
+def draw_z_grid(grids: list, z_labels: list[str], background: str = "white"):
+    """A1111's X/Y/Z grid: the X/Y ``grids`` in one row, each under its Z label (the one grid itself without a Z
+    axis)."""
+    return draw_grid(grids, z_labels, [], background) if z_labels else grids[0]
 
 
 def _font(size: int):

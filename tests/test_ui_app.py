@@ -125,6 +125,15 @@ def test_an_xy_plot_shows_its_grid_then_each_cell_as_one_click_makes_it(served):
     grid = pixels(gallery[0]["image"])
     top, left = grid.shape[0] - 2 * SIZE, grid.shape[1] - 2 * SIZE
     assert top > 0 and left > 0 and np.array_equal(grid[top + SIZE:, left + SIZE:], cells[3])
+    # a Z axis (after the mask's inputs): one X/Y grid per value, side by side; its cells grid after grid
+    out = client.predict("a red circle <lora:style:1>", "", "all blocks", False, 5, STEPS, 5.0, SIZE, SIZE, 1, *slots, *after,
+                         "Seed", "5, 6", "Nothing", "", None, 4, False, 32, "original", "Inpaint masked",
+                         "Prompt S/R", "<lora:style:1>, <lora:style:0>", api_name="/generate")
+    gallery = out[0]
+    assert gallery[0]["caption"] == "X/Y/Z plot, 2 Seed by 2 Prompt S/R"
+    assert [pixels(g["image"]).tobytes() for g in gallery[1:5]] == [cells[i].tobytes() for i in (0, 2, 1, 3)]
+    grid = pixels(gallery[0]["image"])
+    assert grid.shape[1] == 2 * 2 * SIZE and np.array_equal(grid[-SIZE:, -SIZE:], cells[3])
     for x, y, message in (("Prompt S/R", "<lora:ink:1>, <lora:ink:0>", "Prompt S/R did not find '<lora:ink:1>'"),
                           ("Steps", "1-100", "X/Y plot: 100 images; at most 64")):
         with pytest.raises(Exception, match=message):

@@ -79,8 +79,33 @@ def test_each_cell_is_the_image_txt2img_makes_with_its_values(tmp_path):
     assert one_seed.cells[0].seed == one_seed.cells[1].seed  # the plot's seed is drawn once for every cell
     with pytest.raises(ValueError, match="Prompt S/R did not find '<lora:ink:1>' in the prompt"):
         xy_plot(pipe, prompt, x="Prompt S/R: <lora:ink:1>, <lora:ink:0>", lora_dir=tmp_path)
-    with pytest.raises(ValueError, match="give an X or a Y axis"):
+    with pytest.raises(ValueError, match="give an X, a Y or a Z axis"):
         xy_plot(pipe, prompt)
+
+
+def test_a_z_axis_makes_one_xy_grid_per_value_side_by_side():
+    """A1111's Z: the cells grid after grid (Z outermost), each the image txt2img makes with its values; each Z value's
+    X/Y grid, and the grids in one row under the Z labels."""
+    pipe = tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    plot = xy_plot(pipe, "a red circle", x="Seed: 1, 2", z="CFG Scale: 3, 7", steps=1, width=32, height=32)
+    assert (plot.x_labels, plot.y_labels, plot.z_labels) == (["Seed: 1", "Seed: 2"], [], ["CFG Scale: 3.0", "CFG Scale: 7.0"])
+    for cell, (cfg, seed) in zip(plot.cells, [(3, 1), (3, 2), (7, 1), (7, 2)], strict=True):
+        alone = txt2img(pipe, "a red circle", seed=seed, cfg_scale=float(cfg), steps=1, width=32, height=32)[0]
+        assert np.array_equal(np.asarray(cell.image), np.asarray(alone.image)) and cell.infotext == alone.infotext
+    assert len(plot.grids) == 2
+    for grid, cells in zip(plot.grids, (plot.cells[:2], plot.cells[2:])):
+        assert np.array_equal(np.asarray(grid), np.asarray(draw_grid([c.image for c in cells], plot.x_labels, [])))
+    whole = np.asarray(plot.grid)
+    w, h = plot.grids[0].size
+    top = whole.shape[0] - h
+    assert whole.shape[1] == 2 * w and top > 0 and (whole[:top] < 128).any()  # (the Z labels above)
+    for i, grid in enumerate(plot.grids):
+        assert np.array_equal(whole[top:, i * w : (i + 1) * w], np.asarray(grid))
+    no_z = xy_plot(pipe, "a red circle", x="Seed: 1, 2", steps=1, width=32, height=32)
+    assert no_z.z_labels == [] and no_z.grids == [no_z.grid]  # (without Z, the X/Y grid itself)
+    assert not np.array_equal(np.asarray(no_z.grid), np.asarray(plot.grids[0]))  # (CFG 3 is not the default 7)
+    assert np.array_equal(np.asarray(no_z.grid), np.asarray(plot.grids[1]))
 
 
 def test_the_grid_lays_images_out_row_by_row():
@@ -105,8 +130,16 @@ def test_cli_writes_the_cells_and_the_grid(tmp_path, capsys):
     assert main(["generate", str(TINY_MODEL), "a red circle", "--x-axis", "Seed: 1", "--steps", "1", "--width", "32",
                  "--height", "32", "-o", str(out)]) == 0
     assert (out / "xyz_grid-00001.png").is_file() and (out / "00004-1.png").is_file()
+    assert main(["generate", str(TINY_MODEL), "a red circle", "--x-axis", "Seed: 1", "--z-axis", "Steps: 1, 2",
+                 "--width", "32", "--height", "32", "-o", str(out)]) == 0
+    assert (out / "00005-1.png").is_file() and (out / "00006-1.png").is_file() and not (out / "00007-1.png").exists()
+    with Image.open(out / "00006-1.png") as cell:
+        assert parse_infotext(cell.info["parameters"])[2]["Steps"] == "2"
+    with Image.open(out / "xyz_grid-00002.png") as grid:
+        assert grid.size[0] >= 64  # (two grids side by side)
     for args, message in ((["--x-axis", "Steps: x"], "Steps: 'x' is not a number"),
-                          (["--y-axis", "Seed: 1", "--batch-count", "2"], "leave --batch-count at 1")):
+                          (["--y-axis", "Seed: 1", "--batch-count", "2"], "leave --batch-count at 1"),
+                          (["--z-axis", "Sampler: Euler b"], "unknown sampler 'Euler b'")):
         assert main(["generate", "/no/such/model", "a red circle", *args, "-o", str(tmp_path / "no")]) == 2
         assert message in capsys.readouterr().err  # (before the model loads)
     assert not (tmp_path / "no").exists()

@@ -140,7 +140,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             masked_content = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content")
                             mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode")
                     denoise = gr.Slider(0.01, 1, value=0.7, step=0.01, label="Denoising strength (Hires. fix and img2img)")
-                    with gr.Accordion("X/Y plot (A1111's): one image per pair of values, in a labelled grid", open=False):
+                    with gr.Accordion("X/Y/Z plot (A1111's): one image per combination of values, in a labelled grid",
+                                      open=False):
                         with gr.Row():
                             x_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="X type", scale=1)
                             x_values = gr.Textbox(label="X values", placeholder="<lora:style:1>, <lora:style:0.5>  or  1-4 (+1)",
@@ -148,6 +149,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         with gr.Row():
                             y_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="Y type", scale=1)
                             y_values = gr.Textbox(label="Y values", placeholder="1, 2, 3  or  5-9 [3]", elem_id="y-values", scale=3)
+                        with gr.Row():  # (one X/Y grid per Z value, side by side)
+                            z_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="Z type", scale=1)
+                            z_values = gr.Textbox(label="Z values", placeholder="Euler a, DPM++ 2M", elem_id="z-values", scale=3)
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="Images", elem_id="gallery", format="png", columns=3, height=420,
@@ -278,14 +282,14 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
-            # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes and the
-            # inpaint mask and its settings come after the slots, in the order they were added: API callers' positions
-            # stay as they were, and a call without the newer ones takes their defaults)
+            # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes, the
+            # inpaint mask and its settings and the Z axis come after the slots, in the order they were added: API
+            # callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
-                        False, 32, "original", MASK_MODES[0])
+                        False, 32, "original", MASK_MODES[0], NO_AXIS, None)
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
-                y_values, mask, blur, only_masked, padding, content, mode = (*extra, *defaults[len(extra):])[:19]
+                y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values = (*extra, *defaults[len(extra):])[:21]
             if (mode or MASK_MODES[0]) not in MASK_MODES:
                 raise UIError(f"unknown mask mode {mode!r}; choose from {', '.join(MASK_MODES)}")
             count = _whole(count, "the batch count", 1)
@@ -310,8 +314,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 masked_padding=_whole(padding, "the masked area padding", 32),
                                 masked_content=content or "original", inpaint_not_masked=mode == MASK_MODES[1])
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
-                    for kind, values in ((x_type, x_values), (y_type, y_values))]
-            if any(axes):  # A1111's X/Y plot: the grid first, then its cells
+                    for kind, values in ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
+            if any(axes):  # A1111's X/Y/Z plot: the grid first, then its cells
                 if count != 1:
                     raise UIError("an X/Y plot makes one image per cell: set the batch count to 1")
                 grid, cells = backend.xy_plot(request, *axes)
@@ -337,7 +341,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
              "denoising_strength"], {"init_image": None, "batch_count": 1, "x_type": NO_AXIS, "x_values": None,
                                      "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None,
                                      "inpaint_only_masked": None, "masked_padding": None, "masked_content": None,
-                                     "mask_mode": None})
+                                     "mask_mode": None, "z_type": NO_AXIS, "z_values": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -449,7 +453,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_generate,
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
-             x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode],
+             x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode,
+             z_type, z_values],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart

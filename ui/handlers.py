@@ -44,7 +44,7 @@ from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_B
                                      second_pass_params, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
-from lora_diffusion.xyplot import draw_grid, plot_cells
+from lora_diffusion.xyplot import draw_z_grid, plot_cells, z_grids
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
 
@@ -1006,12 +1006,14 @@ class Backend:
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
 
-    def xy_plot(self, req: GenerateRequest, x: str | None, y: str | None) -> tuple[GenerateResult, list[GenerateResult]]:
-        """A1111's X/Y plot of a request (``lora_diffusion.xyplot``): one ``generate`` per cell, row by row, each
-        with its infotext and snippet, and the labelled grid as a result of its own (the first cell's infotext, as
-        A1111's grid carries). Every axis is checked before the first image."""
+    def xy_plot(self, req: GenerateRequest, x: str | None, y: str | None,
+                z: str | None = None) -> tuple[GenerateResult, list[GenerateResult]]:
+        """A1111's X/Y/Z plot of a request (``lora_diffusion.xyplot``): one ``generate`` per cell, row by row and
+        grid after grid, each with its infotext and snippet, and the labelled grid (with ``z``, the X/Y grids side
+        by side under the Z labels) as a result of its own (the first cell's infotext, as A1111's grid carries).
+        Every axis is checked before the first image."""
         try:
-            cells, x_labels, y_labels = plot_cells(req.prompt, req.negative_prompt, x, y)
+            cells, x_labels, y_labels, z_labels = plot_cells(req.prompt, req.negative_prompt, x, y, z)
         except ValueError as e:
             raise UIError(f"X/Y plot: {e}") from None
         if len(cells) > MAX_PLOT_CELLS:
@@ -1020,10 +1022,10 @@ class Backend:
                                                      **{_PLOT_FIELDS[k]: v for k, v in cell.settings.items()}))
                    for cell in cells]
         first = results[0]
-        caption = "X/Y plot, " + " by ".join(f"{len(labels)} {axis.partition(':')[0].strip()}" for axis, labels
-                                             in ((x, x_labels), (y, y_labels)) if axis)
-        grid = GenerateResult(draw_grid([r.image for r in results], x_labels, y_labels), first.prompt, first.loras,
-                              caption, first.snippet, first.settings, first.infotext)
+        caption = ("X/Y/Z plot, " if z else "X/Y plot, ") + " by ".join(f"{len(labels)} {axis.partition(':')[0].strip()}" for axis, labels
+                                             in ((x, x_labels), (y, y_labels), (z, z_labels)) if axis)
+        image = draw_z_grid(z_grids([r.image for r in results], x_labels, y_labels, z_labels), z_labels)
+        grid = GenerateResult(image, first.prompt, first.loras, caption, first.snippet, first.settings, first.infotext)
         return grid, results
 
     @staticmethod
