@@ -628,7 +628,8 @@ def png_infotext(path: str | os.PathLike) -> str:
 
 
 def infotext_settings(text: str, source: str = "the infotext") -> dict:
-    """The settings an A1111 infotext holds, as ``txt2img`` keywords (``prompt`` and ``negative_prompt`` too)."""
+    """The settings an A1111 infotext holds, as ``txt2img`` keywords (``prompt`` and ``negative_prompt`` too; an X/Y/Z
+    grid's axes as ``xy_plot``'s ``x`` / ``y`` / ``z``, under the keys ``x_axis`` / ``y_axis`` / ``z_axis``)."""
     prompt, negative, params = parse_infotext(text)
     out: dict = {"prompt": prompt, "negative_prompt": negative}
     convert = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
@@ -657,6 +658,9 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
         if params["Masked content"] not in MASKED_CONTENT:
             raise ValueError(f"{source}: Masked content {params['Masked content']!r} is not one of {', '.join(MASKED_CONTENT)}")
         out["masked_content"] = params["Masked content"]
+    from .xyplot import plot_axes
+
+    out.update(plot_axes(params))  # (an X/Y/Z grid's: ``xy_plot`` takes them, not ``txt2img``)
     return out
 
 
@@ -735,6 +739,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.mask:
         for name in ("mask_blur", "inpaint_only_masked", "masked_padding", "masked_content", "inpaint_not_masked"):
             settings.pop(name, None)
+    for name in ("x_axis", "y_axis", "z_axis"):  # (a grid's own axes, where the command line gives none)
+        setattr(args, name, getattr(args, name) or settings.get(name))
+        settings.pop(name, None)
     plot = args.x_axis or args.y_axis or args.z_axis
     if plot:
         from .xyplot import parse_axis
@@ -775,8 +782,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _save_plot(plot, output: str) -> int:
     """An X/Y/Z plot's grid at ``output`` (a ``.png``), or its cells (A1111's names) and ``xyz_grid-<n>.png`` in the
-    folder ``output`` (with a Z axis, A1111's grid of the X/Y grids); the grid carries the first cell's infotext, as
-    A1111's does."""
+    folder ``output`` (with a Z axis, A1111's grid of the X/Y grids); the grid carries A1111's grid infotext (the
+    first cell's with the axes: ``--from-png`` makes the plot again)."""
     target = Path(output)
     if target.suffix.lower() == ".png":
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -786,7 +793,7 @@ def _save_plot(plot, output: str) -> int:
             generated.image.save(path, pnginfo=generated.pnginfo())
             print(path)
         grid = target / f"xyz_grid-{_next_number(target, 'xyz_grid-', ''):05d}.png"
-    plot.grid.save(grid, pnginfo=plot.cells[0].pnginfo())
+    plot.grid.save(grid, pnginfo=plot.pnginfo())
     print(grid)
     return 0
 

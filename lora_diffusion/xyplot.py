@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from .generate import SAMPLERS, SCHEDULE_TYPES, Generated, split_sampler, txt2img
 
-__all__ = ["AXES", "parse_axis", "plot_cells", "Cell", "xy_plot", "XYPlot", "draw_grid", "z_grids", "draw_z_grid"]
+__all__ = ["AXES", "parse_axis", "plot_cells", "Cell", "xy_plot", "XYPlot", "draw_grid", "z_grids", "draw_z_grid",
+           "grid_infotext", "plot_axes"]
 
 # A1111's axis name -> (value type, the txt2img keyword it sets; None: Prompt S/R, which edits the prompts)
 AXES: dict[str, tuple[type, str | None]] = {
@@ -55,6 +56,11 @@ class XYPlot:
     y_labels: list[str]
     z_labels: list[str] = field(default_factory=list)
     grids: list = field(default_factory=list)  # one X/Y grid per Z value (``[grid]`` without a Z axis)
+    infotext: str = ""  # the grid's: the first cell's with the plot's axes (``grid_infotext``)
+
+    def pnginfo(self):
+        """The grid's PNG text chunk (``parameters``): ``plot.grid.save(path, pnginfo=plot.pnginfo())``."""
+        return Generated(self.grid, self.cells[0].seed, self.infotext).pnginfo()
 
 
 def _number(kind: type, text: str, axis: str):
@@ -181,7 +187,42 @@ def xy_plot(pipe, prompt: str, negative_prompt: str = "", *, x: str | None = Non
     finally:
         pipe.scheduler = scheduler
     grids = z_grids([c.image for c in made], x_labels, y_labels, z_labels)
-    return XYPlot(draw_z_grid(grids, z_labels), made, x_labels, y_labels, z_labels, grids)
+    text = grid_infotext(made[0].infotext, (x, y, z), [c.seed for c in made], (len(x_labels), len(y_labels)))
+    return XYPlot(draw_z_grid(grids, z_labels), made, x_labels, y_labels, z_labels, grids, text)
+
+
+def grid_infotext(first: str, axes: tuple[str | None, str | None, str | None], seeds: list[int],
+                  counts: tuple[int, int]) -> str:
+    """A1111's infotext of an X/Y/Z grid: ``first`` (its first cell's) with ``Script: X/Y/Z plot`` and each axis'
+    ``X Type`` / ``X Values`` (as typed; a ``Seed`` axis' ``Fixed X Values`` too: the seeds its cells took, from
+    ``seeds``, the cells' in order) before ``Version``; ``counts``: the X and Y axes' value counts (0: no axis).
+    ``infotext_settings`` reads the axes back (``plot_axes``)."""
+    from .generate import _insert_before, infotext, parse_infotext
+
+    prompt, negative, params = parse_infotext(first)
+    step = [1, max(counts[0], 1), max(counts[0], 1) * max(counts[1], 1)]  # (cells between one value and the next)
+    plot = {"Script": "X/Y/Z plot"}
+    for letter, axis, every in zip("XYZ", axes, step):
+        if not axis:
+            continue
+        kind, _ = parse_axis(axis)
+        plot[f"{letter} Type"], plot[f"{letter} Values"] = kind, axis.partition(":")[2].strip()
+        if kind == "Seed":
+            values = seeds[::every][: len(parse_axis(axis)[1])]
+            plot[f"Fixed {letter} Values"] = ", ".join(map(str, values))
+    return infotext(prompt, negative, _insert_before(params, "Version", plot))
+
+
+def plot_axes(params: dict[str, str]) -> dict[str, str]:
+    """``{"x_axis": "Seed: 1, 2", ...}``: the axes of an A1111 grid's infotext ``params`` (``parse_infotext``), as
+    ``xy_plot`` takes them; a seed axis' fixed values, so that the grid is made again."""
+    out = {}
+    for letter in "XYZ":
+        kind = params.get(f"{letter} Type")
+        if kind and kind != "Nothing":
+            values = params.get(f"Fixed {letter} Values") or params.get(f"{letter} Values", "")
+            out[f"{letter.lower()}_axis"] = f"{kind}: {values}"
+    return out
 
 
 def z_grids(images: list, x_labels: list[str], y_labels: list[str], z_labels: list[str]) -> list:

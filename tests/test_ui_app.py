@@ -160,7 +160,15 @@ def test_png_info_fills_the_generate_inputs(served, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "b.png", pnginfo=info)
     out = client.predict(handle_file(str(tmp_path / "b.png")), api_name="/png_info")
     assert out[14] == 0.6 and "it was inpainted" in out[15]
-    assert list(out)[16:] == [2, True, 16, "latent noise", "Inpaint not masked"]
+    assert list(out)[16:21] == [2, True, 16, "latent noise", "Inpaint not masked"]
+    assert list(out)[21:] == ["Nothing", "", "Nothing", "", "Nothing", ""]  # (not a grid: Generate makes one image)
+    info = PngInfo()  # an X/Y/Z grid's axes go to the plot's inputs
+    info.add_text("parameters", 'a fox\nSteps: 12, Seed: 42, Size: 40x48, Script: X/Y/Z plot, X Type: Seed, X Values: '
+                                '"1, -1", Fixed X Values: "1, 77", Z Type: Checkpoint name, Z Values: "a, b"')
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.png", pnginfo=info)
+    out = client.predict(handle_file(str(tmp_path / "c.png")), api_name="/png_info")
+    assert list(out)[21:] == ["Seed", "1, 77", "Nothing", "", "Nothing", ""]
+    assert "Z type 'Checkpoint name' is not one of the UI's: that axis is left out" in out[15]
 
 
 def test_binds_to_loopback_only(served):

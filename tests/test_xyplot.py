@@ -10,7 +10,7 @@ from lora_diffusion.cli import main
 from lora_diffusion.data import TINY_MODEL
 from lora_diffusion.generate import parse_infotext, txt2img
 from lora_diffusion.testing import tiny_pipeline
-from lora_diffusion.xyplot import draw_grid, parse_axis, xy_plot
+from lora_diffusion.xyplot import draw_grid, parse_axis, plot_axes, xy_plot
 
 from conftest import randomize_lora
 
@@ -57,6 +57,8 @@ def test_each_cell_is_the_image_txt2img_makes_with_its_values(tmp_path):
                    seed=4, sampler="Euler", width=32, height=32)
     assert pipe.scheduler is scheduler  # (the cells set their sampler; the pipeline gets its own back)
     assert (plot.x_labels, plot.y_labels) == (["<lora:style:1>", "<lora:style:0>"], ["Steps: 2", "Steps: 3"])
+    assert plot_axes(parse_infotext(plot.infotext)[2]) == {"x_axis": "Prompt S/R: <lora:style:1>, <lora:style:0>",
+                                                           "y_axis": "Steps: 2, 3"}
     for i, (weight, steps) in enumerate([(1, 2), (0, 2), (1, 3), (0, 3)]):  # row by row
         cell = plot.cells[i]
         alone = txt2img(pipe, f"a red circle <lora:style:{weight}>", lora_dir=tmp_path, seed=4, steps=steps, sampler="Euler",
@@ -104,6 +106,9 @@ def test_a_z_axis_makes_one_xy_grid_per_value_side_by_side():
         assert np.array_equal(whole[top:, i * w : (i + 1) * w], np.asarray(grid))
     no_z = xy_plot(pipe, "a red circle", x="Seed: 1, 2", steps=1, width=32, height=32)
     assert no_z.z_labels == [] and no_z.grids == [no_z.grid]  # (without Z, the X/Y grid itself)
+    assert 'Script: X/Y/Z plot, X Type: Seed, X Values: "1, 2", Fixed X Values: "1, 2", Z Type: CFG Scale, Z Values: ' \
+        '"3, 7", Version' in plot.infotext
+    assert plot_axes(parse_infotext(plot.infotext)[2]) == {"x_axis": "Seed: 1, 2", "z_axis": "CFG Scale: 3, 7"}
     assert not np.array_equal(np.asarray(no_z.grid), np.asarray(plot.grids[0]))  # (CFG 3 is not the default 7)
     assert np.array_equal(np.asarray(no_z.grid), np.asarray(plot.grids[1]))
 
@@ -137,6 +142,25 @@ def test_cli_writes_the_cells_and_the_grid(tmp_path, capsys):
         assert parse_infotext(cell.info["parameters"])[2]["Steps"] == "2"
     with Image.open(out / "xyz_grid-00002.png") as grid:
         assert grid.size[0] >= 64  # (two grids side by side)
+    # the grid's infotext is A1111's (the axes as typed, a seed axis' seeds fixed): --from-png makes the plot again
+    assert main(["generate", str(TINY_MODEL), "a red circle", "--x-axis", "Seed: 3, -1", "--y-axis", "CFG Scale: 2-4 [2]",
+                 "--steps", "1", "--width", "32", "--height", "32", "-o", str(tmp_path / "first")]) == 0
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(tmp_path / "first" / "xyz_grid-00000.png"),
+                 "-o", str(tmp_path / "again")]) == 0
+    first, again = (sorted((tmp_path / name).iterdir()) for name in ("first", "again"))
+    assert [p.name for p in first] == [p.name for p in again] and len(first) == 5
+    for a, b in zip(first, again):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
+    for a, b in zip(first[:-1], again[:-1]):
+        assert Image.open(a).info["parameters"] == Image.open(b).info["parameters"]
+    _, _, params = parse_infotext(Image.open(first[-1]).info["parameters"])
+    drawn = parse_infotext(Image.open(first[1]).info["parameters"])[2]["Seed"]
+    remade = parse_infotext(Image.open(again[-1]).info["parameters"])[2]
+    assert remade == {**params, "X Values": f"3, {drawn}"}  # (the seeds it was given, fixed)
+    assert [params[k] for k in ("Script", "X Type", "X Values", "Fixed X Values", "Y Type", "Y Values")] == \
+        ["X/Y/Z plot", "Seed", "3, -1", f"3, {drawn}", "CFG Scale", "2-4 [2]"]
+    assert list(params)[-7:] == ["Script", "X Type", "X Values", "Fixed X Values", "Y Type", "Y Values", "Version"]
+    assert "Script" not in parse_infotext(Image.open(first[0]).info["parameters"])[2]  # (a cell's is its own)
     for args, message in ((["--x-axis", "Steps: x"], "Steps: 'x' is not a number"),
                           (["--y-axis", "Seed: 1", "--batch-count", "2"], "leave --batch-count at 1"),
                           (["--z-axis", "Sampler: Euler b"], "unknown sampler 'Euler b'")):

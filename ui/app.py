@@ -423,16 +423,19 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 15 + [""] + [gr.update()] * 5
+                return [gr.update()] * 15 + [""] + [gr.update()] * 11
             fields, note = png_info(_file_path(file))
             inpainting = fields["inpaint"]  # (an image that was not inpainted leaves those settings as they are)
+            plot, axes = fields["plot"] or {}, []  # an X/Y/Z grid's axes (any other image's: Nothing, one image)
+            for a in "xyz":
+                axes += [plot.get(f"{a}_type") or NO_AXIS, plot.get(f"{a}_values", "")]
             return [fields["prompt"], fields["negative_prompt"], fields["seed"], fields["steps"], fields["guidance"],
                     fields["width"], fields["height"], fields["clip_skip"], fields["sampler"] or MODEL_SAMPLER,
                     fields["schedule_type"], fields["emphasis"], fields["hires_scale"], fields["hires_upscaler"],
                     fields["hires_steps"], fields["denoising_strength"], f"*{note}*" if note else "settings taken",
                     *([inpainting["mask_blur"], inpainting["inpaint_only_masked"], inpainting["masked_padding"],
                        inpainting["masked_content"], MASK_MODES[inpainting["inpaint_not_masked"]]] if inpainting else
-                      [gr.update()] * 5)]
+                      [gr.update()] * 5), *axes]
 
         @_user_errors
         def on_upload(file, name):
@@ -476,7 +479,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         api_name="merge").then(refresh, [slot_names], refresh_outputs, api_visibility="private")
         png_file.change(on_png, [png_file], [prompt, negative, seed, steps, guidance, width, height, gen_clip_skip, sampler,
                                              schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note,
-                                             mask_blur, only_masked, masked_padding, masked_content, mask_mode],
+                                             mask_blur, only_masked, masked_padding, masked_content, mask_mode,
+                                             x_type, x_values, y_type, y_values, z_type, z_values],
                         api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")

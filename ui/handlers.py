@@ -44,7 +44,7 @@ from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_B
                                      second_pass_params, set_sampler, split_sampler)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
-from lora_diffusion.xyplot import draw_z_grid, plot_cells, z_grids
+from lora_diffusion.xyplot import AXES, draw_z_grid, grid_infotext, plot_cells, z_grids
 
 from .library import SUFFIX, LoraInfo, LoraLibrary, UIError, check_name, safe_child, sanitize_name
 
@@ -494,7 +494,8 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     what the tab cannot take: ``({prompt, negative_prompt, seed, steps, guidance, width, height, clip_skip, sampler,
     schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength, inpaint}, note)``, where
     ``inpaint`` is an inpainting's ``{mask_blur, inpaint_only_masked, masked_padding, masked_content,
-    inpaint_not_masked}`` (A1111's defaults where it names none) or ``None``; the prompt keeps its ``<lora:...>`` tags,
+    inpaint_not_masked}`` (A1111's defaults where it names none) or ``None`` and ``plot`` an X/Y/Z grid's ``{x_type,
+    x_values, y_type, y_values, z_type, z_values}`` (``None``: not a grid); the prompt keeps its ``<lora:...>`` tags,
     which pick the library's LoRAs."""
     try:
         got = infotext_settings(png_infotext(path), Path(path).name)
@@ -529,7 +530,15 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "height": got.get("height", 0), "clip_skip": got.get("clip_skip", 1), "sampler": sampler or None,
               "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None",
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
-              "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None}
+              "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None, "plot": None}
+    if any(f"{a}_axis" in got for a in "xyz"):
+        fields["plot"] = {}
+        for a in "xyz":
+            kind, _, values = (part.strip() for part in got.get(f"{a}_axis", "").partition(":"))
+            if kind and kind not in AXES:
+                notes.append(f"its X/Y/Z plot's {a.upper()} type {kind!r} is not one of the UI's: that axis is left out")
+                kind, values = "", ""
+            fields["plot"].update({f"{a}_type": kind or None, f"{a}_values": values})
     if "mask_blur" in got:
         fields["inpaint"] = {"mask_blur": min(max(got["mask_blur"], 0), MAX_MASK_BLUR),
                              "inpaint_only_masked": got.get("inpaint_only_masked", False),
@@ -1010,7 +1019,7 @@ class Backend:
                 z: str | None = None) -> tuple[GenerateResult, list[GenerateResult]]:
         """A1111's X/Y/Z plot of a request (``lora_diffusion.xyplot``): one ``generate`` per cell, row by row and
         grid after grid, each with its infotext and snippet, and the labelled grid (with ``z``, the X/Y grids side
-        by side under the Z labels) as a result of its own (the first cell's infotext, as A1111's grid carries).
+        by side under the Z labels) as a result of its own (A1111's grid infotext: the first cell's with the axes).
         Every axis is checked before the first image."""
         try:
             cells, x_labels, y_labels, z_labels = plot_cells(req.prompt, req.negative_prompt, x, y, z)
@@ -1025,7 +1034,8 @@ class Backend:
         caption = ("X/Y/Z plot, " if z else "X/Y plot, ") + " by ".join(f"{len(labels)} {axis.partition(':')[0].strip()}" for axis, labels
                                              in ((x, x_labels), (y, y_labels), (z, z_labels)) if axis)
         image = draw_z_grid(z_grids([r.image for r in results], x_labels, y_labels, z_labels), z_labels)
-        grid = GenerateResult(image, first.prompt, first.loras, caption, first.snippet, first.settings, first.infotext)
+        text = grid_infotext(first.infotext, (x, y, z), [r.settings["seed"] for r in results], (len(x_labels), len(y_labels)))
+        grid = GenerateResult(image, first.prompt, first.loras, caption, first.snippet, first.settings, text)
         return grid, results
 
     @staticmethod
