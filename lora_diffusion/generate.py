@@ -34,7 +34,7 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
            "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked", "flatten_start", "mask_levels",
-           "overlay_mask", "MASKED_CONTENT", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
+           "overlay_mask", "MASKED_CONTENT", "variation_noise", "variation_params", "slerp", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -282,6 +282,9 @@ def txt2img(
     hires_scale: float = 1.0,
     hires_steps: int = 0,
     hires_upscaler: str = "Latent",
+    subseed: int = -1,
+    subseed_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
 ) -> list[Generated]:
     """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
     switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its
@@ -296,7 +299,10 @@ def txt2img(
     ``inpaint_only_masked`` with ``masked_padding``, ``masked_content`` and ``inpaint_not_masked``: A1111's Inpaint area,
     Masked content and Mask mode). ``hires_scale``
     > 1: A1111's "Hires. fix": the image, upscaled by ``hires_upscaler`` (``HIRES_UPSCALERS``), denoised again for
-    ``hires_steps`` (0: ``steps``) at ``denoising_strength``."""
+    ``hires_steps`` (0: ``steps``) at ``denoising_strength``. ``subseed_strength`` > 0: A1111's variation seed, the
+    starting noise that far toward ``subseed``'s (``subseed + 1``, ... for the batch; -1: a random one);
+    ``seed_resize_from`` ``(width, height)``: A1111's "Resize seed from", the seed's noise at that size, centred
+    (``variation_noise``; text-to-image and a Hires. fix's first pass)."""
     if not 1 <= steps <= 1000:
         raise ValueError(f"steps must be between 1 and 1000, got {steps}")
     if batch_count < 1:
@@ -323,6 +329,15 @@ def txt2img(
         raise ValueError(f"masked area padding must be between 0 and {MAX_MASKED_PADDING} px, got {masked_padding}")
     if masked_content not in MASKED_CONTENT:
         raise ValueError(f"unknown masked content {masked_content!r}; choose from {', '.join(MASKED_CONTENT)}")
+    if not 0 <= subseed_strength <= 1:
+        raise ValueError(f"variation strength must be between 0 and 1, got {subseed_strength}")
+    if seed_resize_from is not None and (len(seed_resize_from) != 2 or min(seed_resize_from) < 8):
+        raise ValueError(f"resize seed from must be a width and a height of 8 px or more, got {seed_resize_from}")
+    varied = subseed_strength > 0 or seed_resize_from is not None
+    if varied and init_image is not None:
+        raise ValueError("variation seeds and resize seed from are for text-to-image (and a Hires. fix's first "
+                         "pass), not img2img or inpainting")
+    subseed = random.randrange(2**32) if subseed == -1 and subseed_strength > 0 else int(subseed)
     padding = masked_padding if inpaint_only_masked and mask_image is not None else None
     hires = hires_scale > 1 and init_image is None
     if hires and hires_upscaler not in HIRES_UPSCALERS:
@@ -343,6 +358,7 @@ def txt2img(
                           lora_hashes={name: lora_hash(path) for name, path in paths.items()})
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
+    params = variation_params(params, subseed, subseed_strength, seed_resize_from)
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
                                     mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding,
@@ -360,6 +376,9 @@ def txt2img(
         for i in range(batch_count):
             generator = torch.Generator("cpu").manual_seed(seed + i)
             run = dict(texts, guidance_scale=cfg_scale, generator=generator)
+            if varied:
+                noise = variation_noise(pipe, generator, width, height, subseed + i, subseed_strength, seed_resize_from)
+                run["latents"] = noise.to(pipe.unet.device, pipe.unet.dtype)
             if mask_image is not None:
                 image = inpaint(pipe, run, init_image, mask_image, steps=steps, width=width, height=height,
                                 strength=denoising_strength, mask_blur=mask_blur, only_masked_padding=padding,
@@ -373,11 +392,56 @@ def txt2img(
                                   strength=denoising_strength)
             else:
                 image = pipe(**run, num_inference_steps=steps, width=width, height=height).images[0]
-            out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, "Seed": seed + i})))
+            own = {"Seed": seed + i, **({"Variation seed": subseed + i} if subseed_strength > 0 else {})}
+            out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, **own})))
     finally:
         if fused and tags:
             unfuse(pipe)
     return out
+
+
+def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's spherical interpolation of two noises ``(C, H, W)``, ``t`` of the way from ``low`` to ``high``, taken
+    along dim 1 as A1111 takes it (a straight line where they are all but parallel)."""
+    low_unit, high_unit = low / low.norm(dim=1, keepdim=True), high / high.norm(dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(1)
+    if dot.mean() > 0.9995:
+        return torch.lerp(low, high, t)
+    omega = torch.acos(dot)
+    return (torch.sin((1 - t) * omega) / torch.sin(omega)).unsqueeze(1) * low + \
+        (torch.sin(t * omega) / torch.sin(omega)).unsqueeze(1) * high
+
+
+def variation_noise(pipe, generator: torch.Generator, width: int, height: int, subseed: int = 0,
+                    strength: float = 0.0, resize_from: tuple[int, int] | None = None) -> torch.Tensor:
+    """A1111's starting noise ``(1, C, H, W)`` (float32, CPU) of one image of ``pipe`` at ``width`` x ``height``:
+    ``generator``'s (seeded with the image's seed) drawn as the pipeline draws it, then ``strength`` of the way
+    (``slerp``) toward the noise of ``subseed`` (the variation seed); with ``resize_from`` ``(width, height)``, both
+    drawn at that size and laid centred over the seed's full-size noise ("Resize seed from"). ``generator`` is left
+    as the pipeline's own draw leaves it, so an ancestral sampler's later noise is the seed's."""
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    shape = (pipe.unet.config.in_channels, height // scale, width // scale)
+    small = shape if resize_from is None else (shape[0], resize_from[1] // scale, resize_from[0] // scale)
+
+    def randn(size, seed=None):
+        return torch.randn(size, generator=generator if seed is None else torch.Generator().manual_seed(seed))
+
+    noise = randn(shape) if small == shape else randn(small, generator.initial_seed())
+    if strength > 0:
+        noise = slerp(strength, noise, randn(small, subseed))
+    if small != shape:
+        full = randn(shape)
+        (top, rows, dy), (left, cols, dx) = (_centred(shape[i], small[i]) for i in (1, 2))
+        full[:, top : top + rows, left : left + cols] = noise[:, dy : dy + rows, dx : dx + cols]
+        noise = full
+    return noise[None]
+
+
+def _centred(size: int, small: int) -> tuple[int, int, int]:
+    """``(offset in the span of ``size``, length, offset in the span of ``small``)`` of the two spans centred on each
+    other, either the larger, as A1111 lays them (its margins rounded down)."""
+    margin = (size - small) // 2
+    return (margin, small, 0) if margin >= 0 else (0, small + 2 * margin, -margin)
 
 
 # A1111's hires upscalers we have: latent ones (torch's interpolate of the latents; "Latent" is bilinear) and PIL's
@@ -417,6 +481,14 @@ def _img2img(pipe, kind: str = "img2img"):
     second = cls(**kwargs)
     second.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return second
+
+
+def variation_params(params: dict, subseed: int, strength: float, resize_from: tuple[int, int] | None = None) -> dict:
+    """``params`` (``a1111_params``) with A1111's ``Variation seed`` and ``Variation seed strength`` (a strength
+    above 0) and ``Seed resize from``, where A1111 puts them (before a second pass's settings)."""
+    new = {"Variation seed": subseed if strength > 0 else None, "Variation seed strength": strength or None,
+           "Seed resize from": "{}x{}".format(*resize_from) if resize_from else None}
+    return _insert_before(params, "Clip skip", new) if any(v is not None for v in new.values()) else params
 
 
 def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,
@@ -636,7 +708,8 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
                "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str), "Clip skip": ("clip_skip", int),
                "Denoising strength": ("denoising_strength", float), "Hires upscale": ("hires_scale", float),
                "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "Mask blur": ("mask_blur", int),
-               "Masked area padding": ("masked_padding", int)}
+               "Masked area padding": ("masked_padding", int), "Variation seed": ("subseed", int),
+               "Variation seed strength": ("subseed_strength", float)}
     for key, (name, kind) in convert.items():
         if key in params:
             try:
@@ -648,6 +721,11 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
         if not size:
             raise ValueError(f"{source}: Size {params['Size']!r} is not WIDTHxHEIGHT")
         out["width"], out["height"] = int(size.group(1)), int(size.group(2))
+    if "Seed resize from" in params:
+        size = re.fullmatch(r"(\d+)x(\d+)", params["Seed resize from"])
+        if not size:
+            raise ValueError(f"{source}: Seed resize from {params['Seed resize from']!r} is not WIDTHxHEIGHT")
+        out["seed_resize_from"] = (int(size.group(1)), int(size.group(2)))
     if "Emphasis" in params:
         out["emphasis"] = emphasis_mode(params["Emphasis"])
     if params.get("Inpaint area") == "Only masked":
@@ -699,6 +777,14 @@ def _output_paths(output: str, seeds: list[int]) -> list[Path]:
     return [target / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``"512x768"`` -> ``(512, 768)`` (argparse's type for a WIDTHxHEIGHT)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 512x768")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .tools import _DTYPES, load_model
 
@@ -707,7 +793,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         settings = _from_png(args.from_png)
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
                  "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding", "masked_content",
-                 "inpaint_not_masked"):
+                 "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -815,6 +901,13 @@ def register(subparsers) -> None:
     p.add_argument("--sampler", default=None, help=f"an A1111 sampler ({', '.join(SAMPLERS)}; default DPM++ 2M) or a "
                    "diffusers scheduler class name")
     p.add_argument("--schedule-type", dest="schedule_type", default=None, choices=list(SCHEDULE_TYPES))
+    p.add_argument("--variation-seed", dest="subseed", type=int, default=None, help="A1111's variation seed: the "
+                   "starting noise --variation-strength of the way toward this seed's (-1: a random one)")
+    p.add_argument("--variation-strength", dest="subseed_strength", type=float, default=None,
+                   help="0 (the seed's own noise, default) to 1 (the variation seed's)")
+    p.add_argument("--seed-resize-from", dest="seed_resize_from", type=_size, default=None, metavar="WxH",
+                   help="A1111's Resize seed from: the seed's noise as it is at that size, centred (keeps a "
+                   "composition at a new size)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=None, help="A1111's CLIP skip (SD 1.x/2.x)")

@@ -37,8 +37,12 @@ AXES: dict[str, tuple[type, str | None]] = {
     "Clip skip": (int, "clip_skip"),
     "Hires upscale": (float, "hires_scale"),
     "Hires steps": (int, "hires_steps"),
+    "Var. seed": (int, "subseed"),
+    "Var. strength": (float, "subseed_strength"),
 }
-_LABELLED = ("Seed", "Steps", "CFG Scale", "Denoising", "Clip skip", "Hires upscale", "Hires steps")  # "Steps: 20"
+_SEEDS = ("Seed", "Var. seed")  # the axes whose -1 values are drawn (each its own), and written fixed
+_LABELLED = ("Seed", "Steps", "CFG Scale", "Denoising", "Clip skip", "Hires upscale", "Hires steps", "Var. seed",
+             "Var. strength")  # "Steps: 20"
 _NUMBER = r"[+-]?\s*\d+(?:\.\d*)?"
 _RANGE = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})(?:\s*\(([+-]\d+(?:\.\d*)?)\s*\))?\s*")  # a-b (+step)
 _COUNT = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*\[(\d+)\s*\]\s*")  # a-b [count]
@@ -149,7 +153,7 @@ def plot_cells(prompt: str, negative_prompt: str, x: str | None, y: str | None,
     for axis in axes:
         if axis and axis[0] == "Prompt S/R" and axis[1][0] not in prompt and axis[1][0] not in negative_prompt:
             raise ValueError(f"Prompt S/R did not find {axis[1][0]!r} in the prompt or the negative prompt")
-        if axis and axis[0] == "Seed":
+        if axis and axis[0] in _SEEDS:
             axis[1][:] = [random.randrange(2**32) if s == -1 else s for s in axis[1]]
     (x_kind, xs), (y_kind, ys), (z_kind, zs) = (a or (None, [None]) for a in axes)
     cells = []
@@ -187,16 +191,16 @@ def xy_plot(pipe, prompt: str, negative_prompt: str = "", *, x: str | None = Non
     finally:
         pipe.scheduler = scheduler
     grids = z_grids([c.image for c in made], x_labels, y_labels, z_labels)
-    text = grid_infotext(made[0].infotext, (x, y, z), [c.seed for c in made], (len(x_labels), len(y_labels)))
+    text = grid_infotext(made[0].infotext, (x, y, z), cells, (len(x_labels), len(y_labels)))
     return XYPlot(draw_z_grid(grids, z_labels), made, x_labels, y_labels, z_labels, grids, text)
 
 
-def grid_infotext(first: str, axes: tuple[str | None, str | None, str | None], seeds: list[int],
+def grid_infotext(first: str, axes: tuple[str | None, str | None, str | None], cells: list[Cell],
                   counts: tuple[int, int]) -> str:
     """A1111's infotext of an X/Y/Z grid: ``first`` (its first cell's) with ``Script: X/Y/Z plot`` and each axis'
-    ``X Type`` / ``X Values`` (as typed; a ``Seed`` axis' ``Fixed X Values`` too: the seeds its cells took, from
-    ``seeds``, the cells' in order) before ``Version``; ``counts``: the X and Y axes' value counts (0: no axis).
-    ``infotext_settings`` reads the axes back (``plot_axes``)."""
+    ``X Type`` / ``X Values`` (as typed; a seed axis' ``Fixed X Values`` too: the seeds its ``cells`` took, -1 drawn)
+    before ``Version``; ``counts``: the X and Y axes' value counts (0: no axis). ``infotext_settings`` reads the axes
+    back (``plot_axes``)."""
     from .generate import _insert_before, infotext, parse_infotext
 
     prompt, negative, params = parse_infotext(first)
@@ -207,8 +211,8 @@ def grid_infotext(first: str, axes: tuple[str | None, str | None, str | None], s
             continue
         kind, _ = parse_axis(axis)
         plot[f"{letter} Type"], plot[f"{letter} Values"] = kind, axis.partition(":")[2].strip()
-        if kind == "Seed":
-            values = seeds[::every][: len(parse_axis(axis)[1])]
+        if kind in _SEEDS:
+            values = [cell.settings[AXES[kind][1]] for cell in cells[::every][: len(parse_axis(axis)[1])]]
             plot[f"Fixed {letter} Values"] = ", ".join(map(str, values))
     return infotext(prompt, negative, _insert_before(params, "Version", plot))
 

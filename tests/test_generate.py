@@ -420,6 +420,61 @@ def test_transparent_starts_and_masks_read_as_a1111_reads_them(pipe, tmp_path):
     assert np.array_equal(_pixels(tmp_path / "rgba-out.png"), _pixels(tmp_path / "flat-out.png"))
 
 
+def test_variation_seeds_and_resize_seed_from_are_a1111s(pipe, tmp_path):
+    """A1111's variation seed: the starting noise slerped toward the variation seed's (all the way: that seed's
+    image, bit for bit, with a sampler that draws no more noise); Resize seed from: the seed's noise at that size,
+    centred over its full-size noise. Both in the infotext, read back by --from-png."""
+    from lora_diffusion.generate import slerp, variation_noise
+
+    kw = dict(steps=3, sampler="Euler", width=32, height=32)
+    (five,) = txt2img(pipe, "a cat", seed=5, **kw)
+    (toward,) = txt2img(pipe, "a cat", seed=1, subseed=5, subseed_strength=1.0, **kw)
+    assert np.array_equal(np.asarray(toward.image), np.asarray(five.image))
+    assert "Seed: 1, Size: 32x32, Variation seed: 5, Variation seed strength: 1.0, Version" in toward.infotext
+    (one,) = txt2img(pipe, "a cat", seed=1, **kw)
+    batch = txt2img(pipe, "a cat", seed=1, subseed=5, subseed_strength=0.3, batch_count=2, **kw)
+    assert [(parse_infotext(g.infotext)[2]["Seed"], parse_infotext(g.infotext)[2]["Variation seed"]) for g in batch] == \
+        [("1", "5"), ("2", "6")]  # (both count on through a batch)
+    between = np.asarray(batch[0].image, dtype=int)
+    assert 0 < np.abs(between - np.asarray(one.image, dtype=int)).mean() < np.abs(between - np.asarray(five.image, dtype=int)).mean()
+
+    # the noise itself: the seed's draw (the generator left where the pipeline's draw leaves it), slerped along dim 1
+    g = torch.Generator().manual_seed(1)
+    noise = variation_noise(pipe, g, 32, 32, subseed=5, strength=0.3)
+    own, sub = (torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (1, 5))
+    torch.testing.assert_close(noise[0], slerp(0.3, own, sub), rtol=0, atol=0)
+    cos = (own / own.norm(dim=1, keepdim=True) * sub / sub.norm(dim=1, keepdim=True)).sum(1, keepdim=True).acos()
+    torch.testing.assert_close(noise[0], (0.7 * cos).sin() / cos.sin() * own + (0.3 * cos).sin() / cos.sin() * sub)
+    after = torch.Generator().manual_seed(1)
+    torch.randn(4, 16, 16, generator=after)
+    assert torch.equal(torch.randn(8, generator=g), torch.randn(8, generator=after))
+
+    # Resize seed from 16x40 (latents 8 wide, 20 high) onto 32x32 (16 x 16): centred, cut where it is larger
+    g = torch.Generator().manual_seed(3)
+    resized = variation_noise(pipe, g, 32, 32, resize_from=(16, 40))[0]
+    small = torch.randn(4, 20, 8, generator=torch.Generator().manual_seed(3))
+    full = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(3))
+    full[:, 0:16, 4:12] = small[:, 2:18, 0:8]
+    assert torch.equal(resized, full)
+    (moved,) = txt2img(pipe, "a cat", seed=3, seed_resize_from=(16, 40), **kw)
+    assert "Size: 32x32, Seed resize from: 16x40, Version" in moved.infotext
+    with pytest.raises(ValueError, match="variation strength must be between 0 and 1, got 1.5"):
+        txt2img(pipe, "a cat", subseed_strength=1.5)
+    with pytest.raises(ValueError, match="are for text-to-image"):
+        txt2img(pipe, "a cat", init_image=five.image, subseed_strength=0.5)
+
+    # the command line, and --from-png with them
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert main(["generate", str(TINY_MODEL), "a cat", "--seed", "2", "--variation-seed", "-1", "--variation-strength",
+                 "0.4", "--seed-resize-from", "24x24", "--steps", "2", "-o", str(first)]) == 0
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(_pixels(first), _pixels(again))
+    text = Image.open(again).info["parameters"]
+    assert Image.open(first).info["parameters"] == text and "Variation seed strength: 0.4, Seed resize from: 24x24" in text
+    with pytest.raises(SystemExit):  # (argparse's own refusal)
+        main(["generate", str(TINY_MODEL), "a cat", "--seed-resize-from", "24", "-o", str(tmp_path / "no.png")])
+
+
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_hires_fix_upscales_the_first_pass_and_denoises_it_again(pipe, upscaler, tmp_path):
     import torch.nn.functional as F

@@ -161,13 +161,15 @@ def test_png_info_fills_the_generate_inputs(served, tmp_path):
     out = client.predict(handle_file(str(tmp_path / "b.png")), api_name="/png_info")
     assert out[14] == 0.6 and "it was inpainted" in out[15]
     assert list(out)[16:21] == [2, True, 16, "latent noise", "Inpaint not masked"]
-    assert list(out)[21:] == ["Nothing", "", "Nothing", "", "Nothing", ""]  # (not a grid: Generate makes one image)
+    assert list(out)[21:27] == ["Nothing", "", "Nothing", "", "Nothing", ""]  # (not a grid: Generate makes one image)
+    assert list(out)[27:] == [0, 0.0]  # (no variation seed)
     info = PngInfo()  # an X/Y/Z grid's axes go to the plot's inputs
     info.add_text("parameters", 'a fox\nSteps: 12, Seed: 42, Size: 40x48, Script: X/Y/Z plot, X Type: Seed, X Values: '
-                                '"1, -1", Fixed X Values: "1, 77", Z Type: Checkpoint name, Z Values: "a, b"')
+                                '"1, -1", Fixed X Values: "1, 77", Z Type: Checkpoint name, Z Values: "a, b", '
+                                'Variation seed: 9, Variation seed strength: 0.25')
     Image.new("RGB", (8, 8)).save(tmp_path / "c.png", pnginfo=info)
     out = client.predict(handle_file(str(tmp_path / "c.png")), api_name="/png_info")
-    assert list(out)[21:] == ["Seed", "1, 77", "Nothing", "", "Nothing", ""]
+    assert list(out)[21:] == ["Seed", "1, 77", "Nothing", "", "Nothing", "", 9, 0.25]
     assert "Z type 'Checkpoint name' is not one of the UI's: that axis is left out" in out[15]
 
 

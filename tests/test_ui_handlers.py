@@ -455,6 +455,42 @@ def test_inpainting_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_
             gen(backend, **{**kw, **bad})
 
 
+def test_a_variation_seed_moves_the_noise_and_its_snippet_and_png_make_it_again(backend, model_dir, tmp_path):
+    """A1111's variation seed on the tab: strength 1 is the variation seed's own image (a sampler that draws no more
+    noise); part of the way, the caption and infotext say so, and the snippet (with and without a Hires. fix) and
+    ``--from-png`` make the same image; PNG Info gives it back; img2img and bad strengths are refused."""
+    pytest.importorskip("peft", reason="stock diffusers needs peft for load_lora_weights/set_adapters")
+    from PIL import Image
+
+    from lora_diffusion.cli import main
+    from ui.handlers import png_info
+
+    other = gen(backend, seed=8, sampler="Euler")
+    full = gen(backend, seed=3, sampler="Euler", subseed=8, subseed_strength=1.0)
+    assert np.array_equal(pixels(full.image), pixels(other.image))
+    _, cells = backend.xy_plot(GenerateRequest("a red circle", seed=3, sampler="Euler", steps=STEPS, width=SIZE, height=SIZE,
+                                               guidance=5.0, subseed=8), "Var. strength: 0, 1", None)  # (the plot's axis)
+    assert np.array_equal(pixels(cells[1].image), pixels(other.image)) and not np.array_equal(pixels(cells[0].image),
+                                                                                              pixels(other.image))
+    plain = gen(backend, seed=3, loras={"ink": (0.8, 0.5)})
+    for hires in (1.0, 1.5):
+        made = gen(backend, seed=3, loras={"ink": (0.8, 0.5)}, subseed=8, subseed_strength=0.4, hires_scale=hires)
+        assert "variation seed 8 (0.4)" in made.caption and "Variation seed: 8, Variation seed strength: 0.4" in made.infotext
+        scope: dict = {}
+        exec(made.snippet, scope)  # noqa: S102 - our own generated code
+        assert np.abs(pixels(scope["image"]) - pixels(made.image)).max() <= 2, made.snippet
+    half = gen(backend, seed=3, loras={"ink": (0.8, 0.5)}, subseed=8, subseed_strength=0.4)
+    assert np.abs(pixels(half.image) - pixels(plain.image)).mean() > 1.0
+    saved, again = backend.save_image(half), tmp_path / "again.png"
+    assert main(["generate", str(model_dir), "--from-png", saved, "--lora-dir", str(backend.library.root), "-o", str(again)]) == 0
+    assert np.array_equal(pixels(Image.open(again)), pixels(half.image))
+    assert (png_info(saved)[0]["subseed"], png_info(saved)[0]["subseed_strength"]) == (8, 0.4)
+    for bad, match in (({"subseed_strength": 1.5}, "variation strength must be between 0 and 1, got 1.5"),
+                       ({"subseed_strength": 0.5, "init_image": saved}, "a variation seed is for text-to-image")):
+        with pytest.raises(UIError, match=match):
+            gen(backend, **bad)
+
+
 def test_lbw_tags_weigh_blocks_and_their_png_and_snippet_make_the_image_again(backend, model_dir, tmp_path):
     """The LBW extension's tags in the prompt (a preset name, a vector): the image differs from the plain tag's; the
     saved PNG's infotext carries them, and ``lora-diffusion generate --from-png`` (``apply_prompt_loras``) makes the

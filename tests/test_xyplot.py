@@ -113,6 +113,23 @@ def test_a_z_axis_makes_one_xy_grid_per_value_side_by_side():
     assert np.array_equal(np.asarray(no_z.grid), np.asarray(plot.grids[1]))
 
 
+def test_variation_axes_sweep_from_the_seed_to_the_variation_seed():
+    """A1111's Var. strength / Var. seed axes: strength 0 is the seed's image, 1 the variation seed's (a sampler that
+    draws no more noise); a -1 Var. seed is drawn and written fixed; a Hires. fix varies its first pass."""
+    pipe = tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(steps=2, sampler="Euler", width=32, height=32)
+    plot = xy_plot(pipe, "a red circle", x="Var. strength: 0, 1", y="Var. seed: 5, -1", seed=1, **kw)
+    assert plot.x_labels == ["Var. strength: 0.0", "Var. strength: 1.0"] and plot.y_labels[0] == "Var. seed: 5"
+    drawn = int(plot.y_labels[1].split(": ")[1])
+    for cell, seed in zip(plot.cells, [1, 5, 1, drawn]):
+        assert np.array_equal(np.asarray(cell.image), np.asarray(txt2img(pipe, "a red circle", seed=seed, **kw)[0].image))
+    assert f'Y Type: Var. seed, Y Values: "5, -1", Fixed Y Values: "5, {drawn}"' in plot.infotext
+    hires = xy_plot(pipe, "a red circle", x="Var. strength: 0, 0.5", seed=1, subseed=5, hires_scale=1.5, **kw)
+    assert hires.cells[0].image.size == (48, 48) and "Variation seed: 5" in hires.cells[1].infotext
+    assert not np.array_equal(np.asarray(hires.cells[0].image), np.asarray(hires.cells[1].image))
+
+
 def test_the_grid_lays_images_out_row_by_row():
     images = [Image.new("RGB", (16, 8), (10 * i, 0, 0)) for i in range(6)]
     assert np.array_equal(np.asarray(draw_grid(images[1:2], [], [])), np.asarray(images[1]))  # no labels: no margins

@@ -110,6 +110,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     with gr.Row():
                         seed = gr.Number(0, label="Seed", precision=0)
                         batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count (seed, seed + 1, ...)")
+                    with gr.Accordion("Variation seed (A1111's Extra): the starting noise part of the way to another seed's",
+                                      open=False):
+                        with gr.Row():
+                            subseed = gr.Number(0, label="Variation seed", precision=0)
+                            subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength (0: off)")
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
                     with gr.Row():
@@ -283,13 +288,14 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
             # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes, the
-            # inpaint mask and its settings and the Z axis come after the slots, in the order they were added: API
+            # inpaint mask and its settings, the Z axis and the variation seed come after the slots, in the order they were added: API
             # callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
-                        False, 32, "original", MASK_MODES[0], NO_AXIS, None)
+                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0)
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
-                y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values = (*extra, *defaults[len(extra):])[:21]
+                y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values, sub, sub_strength = \
+                (*extra, *defaults[len(extra):])[:23]
             if (mode or MASK_MODES[0]) not in MASK_MODES:
                 raise UIError(f"unknown mask mode {mode!r}; choose from {', '.join(MASK_MODES)}")
             count = _whole(count, "the batch count", 1)
@@ -312,7 +318,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 init_image=_file_path(init) if init else None, mask_image=_file_path(mask) if mask else None,
                                 mask_blur=_whole(blur, "the mask blur", 4), inpaint_only_masked=bool(only_masked),
                                 masked_padding=_whole(padding, "the masked area padding", 32),
-                                masked_content=content or "original", inpaint_not_masked=mode == MASK_MODES[1])
+                                masked_content=content or "original", inpaint_not_masked=mode == MASK_MODES[1],
+                                subseed=_whole(sub, "the variation seed", 0),
+                                subseed_strength=0.0 if sub_strength is None else _number(sub_strength, "the variation strength"))
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
             if any(axes):  # A1111's X/Y/Z plot: the grid first, then its cells
@@ -341,7 +349,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
              "denoising_strength"], {"init_image": None, "batch_count": 1, "x_type": NO_AXIS, "x_values": None,
                                      "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None,
                                      "inpaint_only_masked": None, "masked_padding": None, "masked_content": None,
-                                     "mask_mode": None, "z_type": NO_AXIS, "z_values": None})
+                                     "mask_mode": None, "z_type": NO_AXIS, "z_values": None, "subseed": None,
+                                     "subseed_strength": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -423,7 +432,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 15 + [""] + [gr.update()] * 11
+                return [gr.update()] * 15 + [""] + [gr.update()] * 13
             fields, note = png_info(_file_path(file))
             inpainting = fields["inpaint"]  # (an image that was not inpainted leaves those settings as they are)
             plot, axes = fields["plot"] or {}, []  # an X/Y/Z grid's axes (any other image's: Nothing, one image)
@@ -435,7 +444,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     fields["hires_steps"], fields["denoising_strength"], f"*{note}*" if note else "settings taken",
                     *([inpainting["mask_blur"], inpainting["inpaint_only_masked"], inpainting["masked_padding"],
                        inpainting["masked_content"], MASK_MODES[inpainting["inpaint_not_masked"]]] if inpainting else
-                      [gr.update()] * 5), *axes]
+                      [gr.update()] * 5), *axes, fields["subseed"], fields["subseed_strength"]]
 
         @_user_errors
         def on_upload(file, name):
@@ -457,7 +466,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
              x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-             z_type, z_values],
+             z_type, z_values, subseed, subseed_strength],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
@@ -480,7 +489,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         png_file.change(on_png, [png_file], [prompt, negative, seed, steps, guidance, width, height, gen_clip_skip, sampler,
                                              schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note,
                                              mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-                                             x_type, x_values, y_type, y_values, z_type, z_values],
+                                             x_type, x_values, y_type, y_values, z_type, z_values, subseed, subseed_strength],
                         api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")

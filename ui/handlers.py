@@ -41,7 +41,7 @@ from lora_diffusion.formats import WRITERS, LoraFormatError
 from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
                                      conds_padded, flatten_start, hires_fix, hires_size, image_to_image, infotext,
                                      infotext_settings, inpaint, lora_hash, lora_tag, mask_levels, model_hash, png_infotext,
-                                     second_pass_params, set_sampler, split_sampler)
+                                     second_pass_params, set_sampler, split_sampler, variation_noise, variation_params)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 from lora_diffusion.xyplot import AXES, draw_z_grid, grid_infotext, plot_cells, z_grids
@@ -163,7 +163,7 @@ MAX_PLOT_CELLS = 64  # images one X/Y plot makes
 # txt2img's keywords that an X/Y plot's axes set -> the GenerateRequest fields they are
 _PLOT_FIELDS = {"seed": "seed", "steps": "steps", "cfg_scale": "guidance", "sampler": "sampler", "schedule_type": "schedule_type",
                 "denoising_strength": "denoising_strength", "clip_skip": "clip_skip", "hires_scale": "hires_scale",
-                "hires_steps": "hires_steps"}
+                "hires_steps": "hires_steps", "subseed": "subseed", "subseed_strength": "subseed_strength"}
 MAX_TRAIN_RESOLUTION = 2048  # as generation's largest side
 
 
@@ -234,6 +234,9 @@ class GenerateRequest:
     masked_padding: int = 32
     masked_content: str = "original"  # A1111's Masked content (``MASKED_CONTENT``): the start under the mask
     inpaint_not_masked: bool = False  # A1111's "Inpaint not masked" mask mode: repaint where the mask is black
+    # A1111's variation seed (text-to-image): the starting noise ``subseed_strength`` of the way toward ``subseed``'s
+    subseed: int = 0
+    subseed_strength: float = 0.0
 
 
 @dataclass
@@ -276,6 +279,7 @@ def diffusers_snippet(
     init_image: tuple[str, float] | None = None,
     tag_blocks: dict[str, tuple[float, ...]] | None = None,
     mask: tuple[str, int, int | None, str, bool] | None = None,
+    variation: tuple[int, float] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -286,7 +290,9 @@ def diffusers_snippet(
     ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too, or with ``mask`` ``(mask
     file, blur, only-masked padding or None, masked content, inpaint not masked)`` the inpaint pipeline, pasted back
     through A1111's overlay (by its ``padding_mask_crop`` for "Only masked"); a masked content other than original,
-    which diffusers' pipeline does not make, is ``lora_diffusion.generate.inpaint`` on the pipeline; ``tag_blocks``: LoRA Block
+    which diffusers' pipeline does not make, is ``lora_diffusion.generate.inpaint`` on the pipeline; ``variation``:
+    A1111's ``(variation seed, strength)``, the pipeline's ``latents`` from ``lora_diffusion.generate.variation_noise``;
+    ``tag_blocks``: LoRA Block
     Weight vectors from the prompt's tags, which diffusers' ``set_adapters`` cannot express: the LoRAs then load and
     blend with ``lora_diffusion``'s ``load_lora`` / ``set_adapters`` in the same pipeline)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
@@ -376,10 +382,16 @@ def diffusers_snippet(
                                            f"guidance_scale={guidance!r}",
                                            f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]"]) + "\n"
     args = args + [f"num_inference_steps={steps}", f"guidance_scale={guidance!r}", f"height={height}", f"width={width}"]
+    noise = [f'generator = torch.Generator("cpu").manual_seed({seed})']
+    if variation:  # (A1111's variation seed: the starting noise, which the pipeline takes as its latents)
+        noise = ["from lora_diffusion.generate import variation_noise", *noise,
+                 f"latents = variation_noise(pipe, generator, {width}, {height}, subseed={variation[0]}, "
+                 f"strength={variation[1]!r}).to(pipe.device, pipe.unet.dtype)"]
+        args.append("latents=latents")
     if not hires:
-        lines.append("image = pipe(" + ", ".join([*args, f'generator=torch.Generator("cpu").manual_seed({seed})']) + ").images[0]")
+        lines += [*noise, "image = pipe(" + ", ".join([*args, "generator=generator"]) + ").images[0]"]
         return "\n".join(lines) + "\n"
-    return "\n".join(lines + _hires_lines(args, second, seed, guidance, width, height, hires, sdxl)) + "\n"
+    return "\n".join(lines + noise + _hires_lines(args, second, guidance, width, height, hires, sdxl)) + "\n"
 
 
 def _diffusers_blend(lora_paths: dict[str, str], loras: dict[str, tuple[float, float]], blocks: dict | None,
@@ -421,16 +433,15 @@ def _lora_diffusion_blend(lora_paths: dict[str, str], loras: dict[str, tuple[flo
     return lines
 
 
-def _hires_lines(args: list[str], second: list[str], seed: int, guidance: float, width: int, height: int,
+def _hires_lines(args: list[str], second: list[str], guidance: float, width: int, height: int,
                  hires: tuple[float, int, str, float], sdxl: bool) -> list[str]:
     """The snippet's Hires. fix: the first pass, upscaled as ``lora_diffusion.generate.hires_fix`` upscales it, then
-    diffusers' img2img pipeline on the same modules, one generator through both passes."""
+    diffusers' img2img pipeline on the same modules, one generator (made before) through both passes."""
     scale, hires_steps, upscaler, strength = hires
     big = hires_size(width, height, scale)
     mode = HIRES_UPSCALERS[upscaler]
     latent = not mode.startswith(("lanczos", "pil-"))
-    lines = [f'generator = torch.Generator("cpu").manual_seed({seed})',
-             "first = pipe(" + ", ".join([*args, "generator=generator", f"output_type={_py('latent' if latent else 'pil')}"])
+    lines = ["first = pipe(" + ", ".join([*args, "generator=generator", f"output_type={_py('latent' if latent else 'pil')}"])
              + ").images",
              f"# Hires. fix ({upscaler}, {_fmt(scale)}x): upscaled to {big[0]}x{big[1]}, then denoised again"]
     if latent:
@@ -494,7 +505,8 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     what the tab cannot take: ``({prompt, negative_prompt, seed, steps, guidance, width, height, clip_skip, sampler,
     schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength, inpaint}, note)``, where
     ``inpaint`` is an inpainting's ``{mask_blur, inpaint_only_masked, masked_padding, masked_content,
-    inpaint_not_masked}`` (A1111's defaults where it names none) or ``None`` and ``plot`` an X/Y/Z grid's ``{x_type,
+    inpaint_not_masked}`` (A1111's defaults where it names none) or ``None``, ``subseed`` and ``subseed_strength``
+    (A1111's variation seed; 0 where it has none) and ``plot`` an X/Y/Z grid's ``{x_type,
     x_values, y_type, y_values, z_type, z_values}`` (``None``: not a grid); the prompt keeps its ``<lora:...>`` tags,
     which pick the library's LoRAs."""
     try:
@@ -530,7 +542,10 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "height": got.get("height", 0), "clip_skip": got.get("clip_skip", 1), "sampler": sampler or None,
               "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None",
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
-              "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None, "plot": None}
+              "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None, "plot": None,
+              "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
+    if "seed_resize_from" in got:
+        notes.append("its Resize seed from is not in the tab: `lora-diffusion generate --from-png` makes it")
     if any(f"{a}_axis" in got for a in "xyz"):
         fields["plot"] = {}
         for a in "xyz":
@@ -901,6 +916,7 @@ class Backend:
             raise UIError(f"steps must be between 1 and 200, got {steps}")
         finite_number(req.guidance, "guidance")
         _seed(req.seed)
+        variation = self._variation(req)
         clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
         hires = self._check_hires(req)
         init = self._init_image(req)
@@ -908,6 +924,8 @@ class Backend:
         padding = int(req.masked_padding) if mask is not None and req.inpaint_only_masked else None
         if init is not None and hires:
             raise UIError("Hires. fix is for text-to-image: set Upscale by to 1, or clear the init image")
+        if init is not None and variation:
+            raise UIError("a variation seed is for text-to-image: set Variation strength to 0, or clear the init image")
         with self.generate_lock:
             pipe = self.pipe
             scale = getattr(pipe, "vae_scale_factor", 8)
@@ -942,6 +960,9 @@ class Backend:
                 texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
                     if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
                 run = dict(texts, guidance_scale=float(req.guidance), generator=generator)
+                if variation:
+                    run["latents"] = variation_noise(pipe, generator, width, height, *variation).to(pipe.unet.device,
+                                                                                                 pipe.unet.dtype)
                 if mask is not None:
                     image = inpaint(pipe, run, init, mask, steps=steps, width=width, height=height, strength=_strength(req),
                                     mask_blur=int(req.mask_blur), only_masked_padding=padding,
@@ -968,6 +989,8 @@ class Backend:
                 clip_skip=clip_skip, emphasis=bool(req.emphasis) or not any(c in prompt + negative for c in "(["),
                 padded=a1111_prompt and conds_padded(pipe, prompt, negative, steps),
                 lora_hashes={n: self._lora_hash(n) for n in loras})
+        if variation:
+            params = variation_params(params, *variation)
         if hires:
             params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2])
         elif init is not None:
@@ -983,12 +1006,15 @@ class Backend:
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
                     "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None,
                     "masked_padding": padding, "masked_content": req.masked_content if mask is not None else None,
-                    "inpaint_not_masked": bool(req.inpaint_not_masked) if mask is not None else None}
+                    "inpaint_not_masked": bool(req.inpaint_not_masked) if mask is not None else None,
+                    "subseed": variation[0] if variation else None, "subseed_strength": variation[1] if variation else None}
         caption = f"{blend_label(loras, tag_blocks)} | seed {req.seed}, {steps} steps, cfg {_fmt(float(req.guidance))}, {width}x{height}"
         if blocks is not None:
             caption += f", blocks: {req.block_preset}"
         if fused:
             caption += ", fused"
+        if variation:
+            caption += f", variation seed {variation[0]} ({_fmt(variation[1])})"
         if clip_skip > 1:
             caption += f", clip skip {clip_skip}"
         if req.sampler:
@@ -1011,6 +1037,7 @@ class Backend:
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
             mask=(mask_copy, int(req.mask_blur), padding, req.masked_content, bool(req.inpaint_not_masked)) if mask_copy else None,
+            variation=variation,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -1034,9 +1061,17 @@ class Backend:
         caption = ("X/Y/Z plot, " if z else "X/Y plot, ") + " by ".join(f"{len(labels)} {axis.partition(':')[0].strip()}" for axis, labels
                                              in ((x, x_labels), (y, y_labels), (z, z_labels)) if axis)
         image = draw_z_grid(z_grids([r.image for r in results], x_labels, y_labels, z_labels), z_labels)
-        text = grid_infotext(first.infotext, (x, y, z), [r.settings["seed"] for r in results], (len(x_labels), len(y_labels)))
+        text = grid_infotext(first.infotext, (x, y, z), cells, (len(x_labels), len(y_labels)))
         grid = GenerateResult(image, first.prompt, first.loras, caption, first.snippet, first.settings, text)
         return grid, results
+
+    @staticmethod
+    def _variation(req: GenerateRequest) -> tuple[int, float] | None:
+        """``(variation seed, strength)`` of a request; ``None``: a strength of 0 (off)."""
+        strength = finite_number(req.subseed_strength, "the variation strength")
+        if not 0 <= strength <= 1:
+            raise UIError(f"the variation strength must be between 0 and 1, got {_fmt(strength)}")
+        return (_seed(req.subseed), strength) if strength > 0 else None
 
     @staticmethod
     def _check_hires(req: GenerateRequest) -> tuple[float, int, str, float] | None:
