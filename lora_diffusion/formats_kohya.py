@@ -292,7 +292,9 @@ _SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rat
                 "ss_multires_noise_iterations": "multires_noise_iterations", "ss_multires_noise_discount": "multires_noise_discount",
                 "ss_ip_noise_gamma": "ip_noise_gamma", "ss_loss_type": "loss_type", "ss_huber_schedule": "huber_schedule",
                 "ss_huber_c": "huber_c", "ss_huber_scale": "huber_scale", "ss_validation_split": "validation_split",
-                "ss_validate_every_n_steps": "validate_every_n_steps", "ss_scale_weight_norms": "scale_weight_norms"}  # fmt: skip
+                "ss_validate_every_n_steps": "validate_every_n_steps", "ss_scale_weight_norms": "scale_weight_norms",
+                "ss_debiased_estimation": "debiased_estimation_loss", "ss_zero_terminal_snr": "zero_terminal_snr",
+                "ss_scale_v_pred_loss_like_noise_pred": "scale_v_pred_loss_like_noise_pred"}  # fmt: skip
 
 
 def _training_keys(metadata: dict) -> dict[str, str]:

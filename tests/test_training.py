@@ -1139,3 +1139,55 @@ def test_scale_weight_norms_caps_every_layers_change(base, tmp_path):
     count, mean, largest = scale_weight_norms([unet], 1.0)  # (a cap none reaches)
     assert count == 0 and largest <= cap * (1 + 1e-5) and 0 < mean <= largest
     assert all(torch.equal(layer.lora_A["default"], before[n][0]) for n, layer in lora_layers(unet))
+
+
+def test_kohyas_snr_weightings_and_zero_terminal_snr(base, base_v, tmp_path):
+    """kohya's --debiased_estimation_loss (1/sqrt(SNR); v-prediction 1/(SNR+1)) and --scale_v_pred_loss_like_noise_pred
+    (SNR/(SNR+1)), SNR capped at 1000, after Min-SNR; --zero_terminal_snr's schedule (sqrt(alpha_bar) shifted to 0 at
+    the end and scaled back to its start); the combinations a prediction type cannot take are refused before a step."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from lora_diffusion.training.loop import diffusion_loss, training_scheduler
+
+    latents, cond = torch.randn(6, 4, 8, 8), torch.randn(6, 7, 32)
+    for kind in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+
+        def per_sample(**kw):  # (each sample's loss: batches of one, same generator)
+            out, steps = [], []
+            for i in range(6):
+                unet = _Recorder()
+                out.append(diffusion_loss(unet, scheduler, latents[i:i + 1], cond[i:i + 1], torch.Generator().manual_seed(i),
+                                          config(base, tmp_path, **kw)))
+                steps.append(unet.calls[0][1])
+            return torch.stack(out), torch.cat(steps)
+
+        plain, t = per_sample()
+        snr = compute_snr(scheduler, t).clamp(max=1000)
+        debiased, _ = per_sample(debiased_estimation_loss=True)
+        expect = 1 / (snr + 1) if kind == "v_prediction" else 1 / snr.sqrt()
+        torch.testing.assert_close(debiased, plain * expect)
+        both, _ = per_sample(debiased_estimation_loss=True, snr_gamma=5.0)
+        min_snr = compute_snr(scheduler, t).clamp(max=5.0) / (compute_snr(scheduler, t) + (kind == "v_prediction"))
+        torch.testing.assert_close(both, plain * min_snr * expect)
+        if kind == "v_prediction":
+            scaled, _ = per_sample(scale_v_pred_loss_like_noise_pred=True)
+            torch.testing.assert_close(scaled, plain * snr / (snr + 1))
+
+    plain = training_scheduler(DDPMScheduler(prediction_type="v_prediction").config, config(base, tmp_path))
+    ztsnr = training_scheduler(DDPMScheduler(prediction_type="v_prediction").config, config(base, tmp_path, zero_terminal_snr=True))
+    before, after = plain.alphas_cumprod.sqrt(), ztsnr.alphas_cumprod.sqrt()
+    assert float(after[-1]) == 0 and float(before[-1]) > 0
+    torch.testing.assert_close(after, (before - before[-1]) * before[0] / (before[0] - before[-1]))
+
+    with pytest.raises(ConfigError, match="--zero_terminal_snr leaves an SNR of 0 at the last timestep"):
+        train(config(base, tmp_path / "eps", zero_terminal_snr=True, snr_gamma=5.0))
+    with pytest.raises(ConfigError, match="--scale_v_pred_loss_like_noise_pred is for v-prediction models; this one predicts epsilon"):
+        train(config(base, tmp_path / "eps2", scale_v_pred_loss_like_noise_pred=True))
+    run = train(config(base_v, tmp_path / "v", zero_terminal_snr=True, debiased_estimation_loss=True, snr_gamma=5.0,
+                       max_train_steps=2, save_kohya=True))
+    assert math.isfinite(run.final_loss)
+    meta = read_lora_file(run.kohya_path)[1]
+    assert (meta["ss_zero_terminal_snr"], meta["ss_debiased_estimation"], meta["ss_scale_v_pred_loss_like_noise_pred"]) == \
+        ("True", "True", "False")

@@ -107,6 +107,12 @@ class TrainConfig:
                         "it finds its own step size; use --learning_rate 1, as kohya's users do); the betas, epsilon and "
                         "weight decay are the --adam_* settings", choices=("adamw", "adamw8bit", "prodigy"))
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
+    debiased_estimation_loss: bool = _f(False, "kohya's: weigh each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), "
+                                               "its SNR capped at 1000; after --snr_gamma's weight where both are given")
+    scale_v_pred_loss_like_noise_pred: bool = _f(False, "kohya's, for v-prediction models: weigh each sample's loss by "
+                                                        "SNR/(SNR+1) (SNR capped at 1000), as an epsilon model's is weighted")
+    zero_terminal_snr: bool = _f(False, "kohya's: rescale the training noise schedule so that its last timestep is pure noise "
+                                        "(zero terminal SNR, Lin et al. 2023); for v-prediction models")
     noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
     multires_noise_iterations: int = _f(0, "kohya's multires (pyramid) noise: this many coarser noises added to the noise, "
                                            "e.g. 6 (0: off)")

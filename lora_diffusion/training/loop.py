@@ -269,7 +269,35 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
         weight = torch.clamp(snr, max=config.snr_gamma)
         weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
         loss = loss * weight
+    if config.scale_v_pred_loss_like_noise_pred or config.debiased_estimation_loss:  # (kohya's order, its cap)
+        from diffusers.training_utils import compute_snr
+
+        snr = torch.clamp(compute_snr(scheduler, timesteps).float(), max=1000)
+        if config.scale_v_pred_loss_like_noise_pred:
+            loss = loss * snr / (snr + 1)
+        if config.debiased_estimation_loss:
+            loss = loss / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr.sqrt())
     return loss.mean()
+
+
+def training_scheduler(scheduler_config, config: TrainConfig):
+    """The DDPM noise schedule a run trains on, from the model's scheduler config (``--zero_terminal_snr``: its betas
+    rescaled so that the last timestep is pure noise, diffusers' ``rescale_betas_zero_snr``, kohya's formula);
+    ``ConfigError`` for the weightings that the model's prediction type cannot take."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(scheduler_config, rescale_betas_zero_snr=bool(config.zero_terminal_snr))
+    kind = scheduler.config.prediction_type
+    if config.scale_v_pred_loss_like_noise_pred and kind != "v_prediction":
+        raise ConfigError(f"--scale_v_pred_loss_like_noise_pred is for v-prediction models; this one predicts {kind}")
+    if config.zero_terminal_snr and kind == "epsilon":
+        if config.snr_gamma or config.debiased_estimation_loss:
+            raise ConfigError("--zero_terminal_snr leaves an SNR of 0 at the last timestep, by which an epsilon model's "
+                              "--snr_gamma / --debiased_estimation_loss weights divide: train a v-prediction model or "
+                              "leave those off")
+        logger.warning("--zero_terminal_snr on an epsilon-prediction model: kohya warns that the result is unexpected; "
+                       "it is meant for v-prediction models")
+    return scheduler
 
 
 def _check_compile(mode: str, backend: str) -> None:
@@ -728,7 +756,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import broadcast_object_list
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -798,7 +825,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     sdxl = is_sdxl(pipe)
     text_encoder_2 = pipe.text_encoder_2 if sdxl else None
     encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = training_scheduler(pipe.scheduler.config, config)
     # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, as diffusers' SDXL trainer does
     vae_dtype = torch.float32 if sdxl and weight_dtype == torch.float16 and vae.config.force_upcast else weight_dtype
     for model in (unet, vae, *encoders):
