@@ -294,7 +294,8 @@ _SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rat
                 "ss_huber_c": "huber_c", "ss_huber_scale": "huber_scale", "ss_validation_split": "validation_split",
                 "ss_validate_every_n_steps": "validate_every_n_steps", "ss_scale_weight_norms": "scale_weight_norms",
                 "ss_debiased_estimation": "debiased_estimation_loss", "ss_zero_terminal_snr": "zero_terminal_snr",
-                "ss_scale_v_pred_loss_like_noise_pred": "scale_v_pred_loss_like_noise_pred"}  # fmt: skip
+                "ss_scale_v_pred_loss_like_noise_pred": "scale_v_pred_loss_like_noise_pred",
+                "ss_max_token_length": "max_token_length"}  # fmt: skip
 
 
 def _training_keys(metadata: dict) -> dict[str, str]:

@@ -37,21 +37,53 @@ EMPHASIS_MODES = ("Original", "No norm", "None")  # A1111's: weights then the me
 ALIASES_ATTR = "_lora_embedding_aliases"  # tokenizer attribute: {ids of a name: id of the token its vectors hold}
 
 
-def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
-    """Token ids of ``captions``, padded and cut to the tokenizer's length (77), as SD's pipelines make them."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def token_ids(tokenizer, captions: list[str], device, max_token_length: int | None = None) -> torch.Tensor:
+    """Token ids of ``captions``, padded and cut to the tokenizer's length (77), as SD's pipelines make them. With
+    ``max_token_length`` past 75 (kohya's ``--max_token_length`` 150 / 225): ``[B, n, 77]`` as kohya makes them, each
+    caption cut at that many tokens and split into n chunks of 75, each between the first and the last token (where
+    the tokenizer pads with another token than its end token, SD 2's and SDXL's, a chunk that stops mid-text ends with
+    the end token and an empty one starts with it)."""
+    length = tokenizer.model_max_length
+    if max_token_length is None or max_token_length <= length - 2:
+        return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(captions, padding="max_length", max_length=max_token_length + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    inner, pad, end = length - 2, tokenizer.pad_token_id, tokenizer.eos_token_id
+    chunks = []
+    for start in range(1, max_token_length + 1, inner):
+        chunk = torch.cat([ids[:, :1], ids[:, start : start + inner], ids[:, -1:]], dim=1)
+        if pad != end:
+            chunk[(chunk[:, -2] != end) & (chunk[:, -2] != pad), -1] = end
+            chunk[chunk[:, 1] == pad, 1] = end
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1).to(device)
 
 
-def encode_text(tokenizer, text_encoder, captions: list[str], device, clip_skip: int = 1) -> torch.Tensor:
+def join_chunks(states: torch.Tensor, batch: int) -> torch.Tensor:
+    """kohya's conditioning of chunked captions: the text encoder's states of ``[batch * n, 77]`` chunks as ``[batch,
+    1 + 75n + 1, d]``: the first chunk's first state, each chunk's 75 inner states, the last chunk's last state."""
+    size = states.shape[1]
+    states = states.reshape(batch, -1, states.shape[-1])
+    inner = [states[:, k * size + 1 : (k + 1) * size - 1] for k in range(states.shape[1] // size)]
+    return torch.cat([states[:, :1], *inner, states[:, -1:]], dim=1)
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], device, clip_skip: int = 1,
+                max_token_length: int | None = None) -> torch.Tensor:
     """A CLIP text encoder's conditioning: its last hidden states, or (``clip_skip`` N > 1, kohya's and A1111's count)
-    the Nth from the end through the final layer norm, as kohya trains and diffusers' ``clip_skip=N-1`` generates."""
-    ids = token_ids(tokenizer, captions, device)
+    the Nth from the end through the final layer norm, as kohya trains and diffusers' ``clip_skip=N-1`` generates;
+    ``max_token_length`` past 75: each chunk of ``token_ids`` encoded alone and joined (``join_chunks``), as kohya
+    trains long captions."""
+    ids = token_ids(tokenizer, captions, device, max_token_length)
+    flat = ids.flatten(0, 1) if ids.dim() == 3 else ids
     if clip_skip == 1:
-        return text_encoder(ids)[0]
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    model = getattr(text_encoder, "text_model", text_encoder)  # (transformers >= 5.6 has no text_model level)
-    return model.final_layer_norm(hidden)
+        states = text_encoder(flat)[0]
+    else:
+        hidden = text_encoder(flat, output_hidden_states=True).hidden_states[-clip_skip]
+        model = getattr(text_encoder, "text_model", text_encoder)  # (transformers >= 5.6 has no text_model level)
+        states = model.final_layer_norm(hidden)
+    return states if ids.dim() == 2 else join_chunks(states, ids.shape[0])
 
 
 def check_clip_skip(pipe, clip_skip: int, name: str = "clip_skip") -> None:

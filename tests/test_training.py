@@ -1191,3 +1191,50 @@ def test_kohyas_snr_weightings_and_zero_terminal_snr(base, base_v, tmp_path):
     meta = read_lora_file(run.kohya_path)[1]
     assert (meta["ss_zero_terminal_snr"], meta["ss_debiased_estimation"], meta["ss_scale_v_pred_loss_like_noise_pred"]) == \
         ("True", "True", "False")
+
+
+def test_max_token_length_reads_long_captions_in_kohyas_chunks(base, tmp_path):
+    """kohya's --max_token_length: ids in chunks of 75 between the first and last tokens (SD 2 / SDXL's padding rules
+    too), each chunk encoded alone and joined to 1 + 75n + 1 states; a short caption keeps its first 76 states, a
+    long one is read past token 75 (cut at 75 it is not); SD and SDXL runs train with it and record it."""
+    from lora_diffusion.prompts import encode_text, token_ids
+
+    pipe = tiny_pipeline(0)
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    words = [f"w{i}" for i in range(200)]
+    long, head = " ".join(words[:90]), " ".join(words[:30])  # (262 and 82 tokens)
+    tail_a, tail_b = " ".join(words[100:110]), " ".join(words[110:120])  # (40 tokens each: past 75, within 150)
+    full = tokenizer(long).input_ids  # (no cut)
+    ids = token_ids(tokenizer, [long], "cpu", 150)
+    assert ids.shape == (1, 2, 77) and len(full) > 150
+    assert ids[0, 0, 1:76].tolist() == full[1:76] and ids[0, 1, 1:76].tolist() == full[76:151]
+    assert ids[0, :, 0].tolist() == [full[0]] * 2 and ids[0, 0, -1] == ids[0, 1, -1]
+    with torch.no_grad():
+        short = [encode_text(tokenizer, encoder, ["a red circle"], "cpu", 1, n) for n in (None, 150, 225)]
+        assert [s.shape[1] for s in short] == [77, 152, 227]
+        assert torch.equal(short[1][:, :76], short[0][:, :76]) and torch.equal(short[2][:, :76], short[0][:, :76])
+        a, b = ([encode_text(tokenizer, encoder, [head + " " + tail], "cpu", 2, n) for n in (None, 150)] for tail in (tail_a, tail_b))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])  # (cut at 75 the tails are lost; read to 150 they count)
+
+    padded = copy.deepcopy(tokenizer)  # SD 2 / SDXL's second tokenizer: its padding is not its end token
+    padded.pad_token = "!"
+    ids = token_ids(padded, ["a red circle", long], "cpu", 150)
+    pad, end = padded.pad_token_id, padded.eos_token_id
+    assert pad != end and ids[0, 1, 1] == end and ids[0, 1, 2] == pad  # an empty chunk starts with the end token
+    assert ids[1, 0, -2] not in (pad, end) and ids[1, 0, -1] == end  # a chunk cut mid-text ends with it
+
+    for name, model in (("sd", base), ("sdxl", None)):
+        if model is None:
+            model = str(tmp_path / "xl")
+            from lora_diffusion.testing import tiny_sdxl_pipeline
+
+            tiny_sdxl_pipeline(0).save_pretrained(model)
+        data = tmp_path / f"{name}-data"
+        flat_images(data)
+        for image in data.glob("*.png"):
+            image.with_suffix(".txt").write_text(long)
+        run = train(config(model, tmp_path / name, train_data_dir=str(data), max_token_length=225, max_train_steps=1,
+                           save_kohya=True))
+        assert math.isfinite(run.final_loss) and read_lora_file(run.kohya_path)[1]["ss_max_token_length"] == "225"
+    with pytest.raises(ConfigError, match="--max_token_length 100: choose one of 75, 150, 225"):
+        config(base, tmp_path, max_token_length=100).validate()

@@ -131,6 +131,9 @@ class TrainConfig:
     keep_tokens: int = _f(0, "with --shuffle_caption / --caption_tag_dropout_rate: leave the first N tags in place (e.g. 1 for a trigger word put first)")
     caption_dropout_rate: float = _f(0.0, "the share of samples trained with an empty caption (kohya's; helps classifier-free guidance)")
     caption_tag_dropout_rate: float = _f(0.0, "the chance that each tag after --keep_tokens is left out of a sample's caption")
+    max_token_length: int = _f(75, "kohya's: captions are read up to this many tokens (75, 150 or 225; the rest is cut); past "
+                                    "75 each 75-token chunk is encoded alone and the states joined, as kohya trains",
+                               choices=(75, 150, 225))
     clip_skip: int = _f(1, "condition on the text encoder's Nth layer from the end, as kohya's and A1111's CLIP skip "
                         "(2 for SD 1.x models trained so, e.g. NovelAI-derived anime models; generate with diffusers' "
                         "pipe(..., clip_skip=N-1)); SD 1.x / 2.x only")
@@ -198,7 +201,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{f.name} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}")
+                raise ConfigError(f"--{f.name} {getattr(self, f.name)!r}: choose one of {', '.join(map(str, choices))}")
         types = _field_types()
         for f in dataclasses.fields(self):
             if types[f.name] is float and not math.isfinite(getattr(self, f.name)):
