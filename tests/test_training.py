@@ -1238,3 +1238,25 @@ def test_max_token_length_reads_long_captions_in_kohyas_chunks(base, tmp_path):
         assert math.isfinite(run.final_loss) and read_lora_file(run.kohya_path)[1]["ss_max_token_length"] == "225"
     with pytest.raises(ConfigError, match="--max_token_length 100: choose one of 75, 150, 225"):
         config(base, tmp_path, max_token_length=100).validate()
+
+
+def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
+    """A kohya command line (networks.lora, output_name, network_args conv_dim) trains the UNet's attention, MLP and
+    convolutions and the text encoder, and writes <output_name>.safetensors in kohya's format; --v_parameterization
+    trains an epsilon-configured model as a v-prediction one."""
+    from lora_diffusion.training.cli import main
+
+    data = tmp_path / "data"
+    flat_images(data)
+    out = tmp_path / "out"
+    assert main(["--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--output_dir", str(out),
+                 "--output_name", "my_style", "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2",
+                 "--network_args", "conv_dim=2", "conv_alpha=1", "--resolution", "32,32", "--max_train_steps", "1",
+                 "--optimizer_type", "AdamW", "--xformers", "--save_model_as", "safetensors", "--num_validation_images", "0",
+                 "--v_parameterization", "--seed", "0"]) == 0
+    state, meta = read_safetensors(out / "my_style.safetensors")
+    keys = set(state)
+    assert any(k.startswith("lora_te_") for k in keys) and any("_ff_net_" in k for k in keys)
+    assert any("resnets" in k and "conv1" in k for k in keys)  # (LoCon: the ResNet convolutions)
+    assert meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "my_style"
+    assert our_metadata(read_safetensors(out / "pytorch_lora_weights.safetensors")[1])["prediction_type"] == "v_prediction"

@@ -318,3 +318,51 @@ def test_invalid_settings_are_named():
                          ({"max_grad_norm": float("inf")}, "--max_grad_norm must be a finite number")]:
         with pytest.raises(ConfigError, match=re.escape(pattern)):
             TrainConfig(**base, **bad).validate()
+
+
+def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
+    """kohya's sd-scripts flags: aliases (network_dim, network_alpha, min_snr_gamma, max_train_epochs, optimizer_type
+    AdamW8bit, ...), unet_lr beside learning_rate, resolution 512,512, network_module (its layers and the text
+    encoder's LoRA, as kohya trains them), network_args conv_dim / conv_alpha (LoCon), output_name (the kohya copy),
+    the flags that change nothing; kohya's grouped TOML reads the same; what it cannot do is named."""
+    kohya = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--output_dir", "o", "--output_name", "my_style",
+             "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "8", "--resolution", "512,512",
+             "--learning_rate", "1e-4", "--unet_lr", "2e-4", "--optimizer_type", "AdamW8bit", "--max_train_epochs", "3",
+             "--min_snr_gamma", "5", "--network_args", "conv_dim=4", "conv_alpha=1", "--xformers", "--save_model_as",
+             "safetensors", "--lr_scheduler_num_cycles", "2", "--max_data_loader_n_workers", "2", "--sdpa",
+             "--logging_dir", "logs", "--network_dropout", "0.1"]
+    config = config_from_args(build_parser().parse_args(kohya))
+    config.validate()
+    got = {k: getattr(config, k) for k in ("rank", "lora_alpha", "resolution", "learning_rate", "text_encoder_lr", "optimizer",
+                                           "num_train_epochs", "snr_gamma", "conv_rank", "conv_alpha", "target_modules",
+                                           "text_encoder_target_modules", "train_text_encoder", "output_name", "save_kohya",
+                                           "lr_num_cycles", "dataloader_num_workers", "lora_dropout")}
+    assert got == {"rank": 16, "lora_alpha": 8.0, "resolution": 512, "learning_rate": 2e-4, "text_encoder_lr": 1e-4,
+                   "optimizer": "adamw8bit", "num_train_epochs": 3, "snr_gamma": 5.0, "conv_rank": 4, "conv_alpha": 1.0,
+                   "target_modules": "full", "text_encoder_target_modules": "attn-mlp", "train_text_encoder": True,
+                   "output_name": "my_style", "save_kohya": True, "lr_num_cycles": 2, "dataloader_num_workers": 2,
+                   "lora_dropout": 0.1}
+    unet_only = config_from_args(build_parser().parse_args(kohya[:10] + ["--network_train_unet_only"]))
+    assert (unet_only.train_text_encoder, unet_only.target_modules) == (False, "attn-mlp")
+    plain = config_from_args(build_parser().parse_args(kohya[:6]))  # (no kohya module: our defaults)
+    assert (plain.train_text_encoder, plain.target_modules, plain.save_kohya) == (False, "attn", False)
+
+    toml = tmp_path / "kohya.toml"  # kohya's own config file groups its settings in tables
+    toml.write_text('[model_arguments]\npretrained_model_name_or_path = "m"\nv2 = false\n[additional_network_arguments]\n'
+                    'network_module = "networks.lora"\nnetwork_dim = 8\nnetwork_train_unet_only = true\n'
+                    '[training_arguments]\nresolution = "768,768"\noutput_name = "x.safetensors"\n'
+                    '[optimizer_arguments]\noptimizer_type = "Prodigy"\n[rank_pattern_holder]\n')
+    loaded = load_config(toml)
+    assert (loaded.rank, loaded.resolution, loaded.optimizer, loaded.output_name, loaded.train_text_encoder) == \
+        (8, 768, "prodigy", "x", False)
+
+    for extra, match in ((["--resolution", "512,768"], "resolution '512,768': give one side"),
+                         (["--network_args", "rank_dropout=0.1"], "network_args 'rank_dropout=0.1': this trainer takes"),
+                         (["--network_module", "networks.oft"], "network_module 'networks.oft'"),
+                         (["--save_model_as", "ckpt"], "save_model_as 'ckpt': LoRAs are written as safetensors"),
+                         (["--network_train_text_encoder_only"], "always trains the UNet's LoRA"),
+                         (["--output_name", "a/b"], "--output_name 'a/b': a file name without folders")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_args(build_parser().parse_args(kohya[:6] + extra)).validate()
+    with pytest.raises(ConfigError, match="--output_name names the kohya copy: give --save_kohya too"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", output_name="x").validate()

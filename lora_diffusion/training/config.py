@@ -177,6 +177,10 @@ class TrainConfig:
     save_kohya: bool = _f(False, "also write the LoRA as a kohya file for A1111 and ComfyUI, named after the output folder "
                           "(<output_dir>/<its name>.safetensors); ComfyUI reads a diffusers file's UNet attention only partly, "
                           "and not its alpha")
+    output_name: str = _f("", "kohya's: the file name (without .safetensors) of the kohya copy, which it implies "
+                              "(default: the output folder's name)")
+    v_parameterization: bool = _f(False, "kohya's: train the model as a v-prediction model whatever its scheduler config "
+                                         "says (an SD 2.x 768 single-file checkpoint), its sample images too")
     seed: int = _f(-1, "seed of everything random (-1: pick one and record it)")
 
     # ------------------------------------------------------------------ derived values and checks
@@ -258,6 +262,11 @@ class TrainConfig:
         if self.dim_from_weights and not self.init_lora:
             raise ConfigError("--dim_from_weights takes the ranks of --init_lora's file; give --init_lora")
         self.patterns()
+        if self.output_name and (Path(self.output_name).name != self.output_name or self.output_name.startswith(".")):
+            raise ConfigError(f"--output_name {self.output_name!r}: a file name without folders (the kohya copy goes "
+                              "into --output_dir)")
+        if self.output_name and not self.save_kohya:
+            raise ConfigError("--output_name names the kohya copy: give --save_kohya too")
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"--caption_extension should start with a dot, e.g. '.txt', got {self.caption_extension!r}")
 
@@ -309,14 +318,81 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
-ALIASES = {"instance_data_dir": "train_data_dir"}  # diffusers' DreamBooth scripts' name -> ours
+ALIASES = {"instance_data_dir": "train_data_dir",  # diffusers' DreamBooth scripts' name -> ours
+           # kohya's sd-scripts names -> ours (the same setting, read the same way)
+           "network_dim": "rank", "network_alpha": "lora_alpha", "network_dropout": "lora_dropout",
+           "min_snr_gamma": "snr_gamma", "max_train_epochs": "num_train_epochs", "network_weights": "init_lora",
+           "max_data_loader_n_workers": "dataloader_num_workers", "lr_scheduler_num_cycles": "lr_num_cycles",
+           "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer"}
+# kohya's settings that change nothing here (SDPA attention is torch's own; the model's config says SD 2; logging is ours)
+KOHYA_IGNORED = ("xformers", "sdpa", "mem_eff_attn", "persistent_data_loader_workers", "v2", "no_half_vae", "lowram",
+                 "highvram", "logging_dir", "log_with", "log_prefix")
+# kohya's settings read into ours by ``_from_kohya`` (their values differ)
+KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_encoder_only", "network_module",
+                    "network_args", "save_model_as")
+
+
+def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` (keys as ``_coerce`` reads them) with kohya's settings that are not plain aliases read into ours:
+    ``unet_lr`` (the UNet's rate; ``learning_rate`` then the text encoder's where it has none), ``resolution`` as
+    ``"512,512"``, ``network_args`` (``conv_dim`` / ``conv_alpha``), ``network_train_unet_only``, the module and file
+    type (only LoRA and safetensors), ``output_name`` (the kohya copy: ``save_kohya``), and those that change nothing
+    (``KOHYA_IGNORED``) left out. ``ConfigError`` names what this trainer cannot do as kohya does."""
+    out = {k: v for k, v in values.items() if k not in KOHYA_IGNORED + KOHYA_TRANSLATED}
+    if values.get("unet_lr") is not None:
+        if out.get("learning_rate") is not None and out.get("text_encoder_lr") is None:
+            out["text_encoder_lr"] = out["learning_rate"]  # (kohya: the text encoder's rate where it has none)
+        out["learning_rate"] = values["unet_lr"]
+    if isinstance(out.get("resolution"), str):
+        sides = {side.strip() for side in out["resolution"].split(",")}
+        if len(sides) != 1 or not next(iter(sides)).isdigit():
+            raise ConfigError(f"{source}: resolution {out['resolution']!r}: give one side (512) or a square (512,512); "
+                              "buckets keep each image's aspect ratio at that area")
+        out["resolution"] = int(next(iter(sides)))
+    if values.get("network_train_text_encoder_only"):
+        raise ConfigError(f"{source}: network_train_text_encoder_only: this trainer always trains the UNet's LoRA")
+    if values.get("network_train_unet_only"):
+        if out.get("train_text_encoder"):
+            raise ConfigError(f"{source}: network_train_unet_only and train_text_encoder contradict each other")
+        out["train_text_encoder"] = False
+    module = values.get("network_module")
+    if module is not None and module not in ("networks.lora", "lycoris.kohya"):
+        raise ConfigError(f"{source}: network_module {module!r}: this trainer trains LoRA (networks.lora) and LoCon")
+    if module is not None:  # a kohya run: its layers (attention and MLP; with conv_dim the convolutions too), and
+        # the text encoder's LoRA unless network_train_unet_only
+        out.setdefault("target_modules", "attn-mlp")
+        out.setdefault("text_encoder_target_modules", "attn-mlp")
+        out.setdefault("train_text_encoder", True)
+    if values.get("save_model_as") not in (None, "safetensors"):
+        raise ConfigError(f"{source}: save_model_as {values['save_model_as']!r}: LoRAs are written as safetensors")
+    args = values.get("network_args") or []
+    for item in [args] if isinstance(args, str) else args:
+        key, eq, value = str(item).partition("=")
+        key, value = key.strip(), value.strip()
+        if key in ("conv_dim", "conv_alpha") and eq:
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"{source}: network_args {item!r}: {key} must be a number") from None
+            out["conv_rank" if key == "conv_dim" else "conv_alpha"] = int(number) if key == "conv_dim" else number
+            if key == "conv_dim" and out.get("target_modules", "attn-mlp") == "attn-mlp":
+                out["target_modules"] = "full"  # (kohya's LoCon: the ResNet convolutions too)
+        elif key == "algo" and value in ("lora", "locon"):
+            continue
+        else:
+            raise ConfigError(f"{source}: network_args {item!r}: this trainer takes conv_dim, conv_alpha and algo=locon")
+    if out.get("output_name"):
+        out["output_name"] = str(out["output_name"]).removesuffix(".safetensors")
+        out.setdefault("save_kohya", True)
+    return out
 
 
 def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     types = _field_types()
     out: dict[str, Any] = {}
+    values = _from_kohya({str(k).replace("-", "_").lstrip("_"): v for k, v in values.items()}, source)
     for raw_key, value in values.items():
-        key = str(raw_key).replace("-", "_").lstrip("_")
+        key = str(raw_key)
         if key in ALIASES:
             if ALIASES[key] in out or any(str(k).replace("-", "_").lstrip("_") == ALIASES[key] for k in values):
                 raise ConfigError(f"{source}: give {key} or {ALIASES[key]}, not both (they are the same setting)")
@@ -330,6 +406,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
             continue
         if key in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):  # a table in a config file
             value = json.dumps(value)
+        if key == "optimizer" and isinstance(value, str):  # (kohya writes AdamW8bit, Prodigy)
+            value = value.lower()
         if kind is bool and not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -364,7 +442,8 @@ def read_text(path: str | os.PathLike, error: type[Exception] = ConfigError, wha
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Settings from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file (a flat table of the flag names)."""
+    """Settings from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file (a table of the flag names; tables in it, as
+    kohya's config files group their settings, are read as one)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -395,7 +474,13 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"--config {path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a table of settings, got {type(data).__name__}")
-    return data
+    flat = {}  # (kohya's config files group their settings in tables: [model_arguments], [training_arguments], ...)
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("rank_pattern", "alpha_pattern"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
@@ -417,12 +502,31 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flags = [f"--{f.name}"] + [f"--{alias}" for alias, name in ALIASES.items() if name == f.name]
         if kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif f.name == "resolution":  # (kohya's "512,512" too: ``_from_kohya`` reads it)
+            parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, metavar="INT", help=help_text)
         else:
-            parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                                metavar=None if f.metadata.get("choices") else kind.__name__.upper(), help=help_text)
+            choices = f.metadata.get("choices")
+            parser.add_argument(*flags, type=str.lower if f.name == "optimizer" else kind, default=argparse.SUPPRESS,
+                                choices=choices, metavar=None if choices else kind.__name__.upper(), help=help_text)
+    kohya = parser.add_argument_group("kohya's sd-scripts flags", "read as kohya reads them (their aliases are above)")
+    kohya.add_argument("--unet_lr", type=float, default=argparse.SUPPRESS, help="the UNet's learning rate (--learning_rate "
+                       "is then the text encoder's, where --text_encoder_lr is not given)")
+    for name in ("network_train_unet_only", "network_train_text_encoder_only"):
+        kohya.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help="as kohya's")
+    kohya.add_argument("--network_module", default=argparse.SUPPRESS, help="networks.lora (or lycoris.kohya with "
+                       "algo=locon): a kohya run, its layers and the text encoder's LoRA as kohya trains them")
+    kohya.add_argument("--network_args", nargs="*", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                       help="conv_dim=N conv_alpha=A (LoCon), algo=locon")
+    kohya.add_argument("--save_model_as", default=argparse.SUPPRESS, help="safetensors")
+    for name in KOHYA_IGNORED:  # (accepted, so that a kohya command runs; they change nothing here)
+        if name in ("logging_dir", "log_with", "log_prefix"):
+            kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            kohya.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of a parsed command line: defaults < ``--config`` file < flags given."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(KOHYA_TRANSLATED + KOHYA_IGNORED)
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     return load_config(getattr(args, "config", None), **given)

@@ -282,11 +282,13 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
 
 def training_scheduler(scheduler_config, config: TrainConfig):
     """The DDPM noise schedule a run trains on, from the model's scheduler config (``--zero_terminal_snr``: its betas
-    rescaled so that the last timestep is pure noise, diffusers' ``rescale_betas_zero_snr``, kohya's formula);
+    rescaled so that the last timestep is pure noise, diffusers' ``rescale_betas_zero_snr``, kohya's formula;
+    ``--v_parameterization``: v-prediction whatever the config says);
     ``ConfigError`` for the weightings that the model's prediction type cannot take."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler.from_config(scheduler_config, rescale_betas_zero_snr=bool(config.zero_terminal_snr))
+    forced = {"prediction_type": "v_prediction"} if config.v_parameterization else {}  # (kohya's --v_parameterization)
+    scheduler = DDPMScheduler.from_config(scheduler_config, rescale_betas_zero_snr=bool(config.zero_terminal_snr), **forced)
     kind = scheduler.config.prediction_type
     if config.scale_v_pred_loss_like_noise_pred and kind != "v_prediction":
         raise ConfigError(f"--scale_v_pred_loss_like_noise_pred is for v-prediction models; this one predicts {kind}")
@@ -545,8 +547,8 @@ def _optimizer_class(config: TrainConfig):
     return bnb.optim.AdamW8bit
 
 
-def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
-    previous = outputs.run_outputs(output_dir)
+def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, output_name: str = "") -> None:
+    previous = outputs.run_outputs(output_dir, output_name)
     for aside in output_dir.glob(f"{PREVIOUS_RUN}*"):
         logger.warning("%s holds the outputs of a run that an interrupted --overwrite run set aside; move them back "
                        "or delete the folder", aside)
@@ -562,10 +564,10 @@ class _PreviousRun:
     new run writes; deleted once the new run has saved a checkpoint or its LoRA, put back if it ends (fails,
     diverges, is cancelled) before that."""
 
-    def __init__(self, output_dir: Path) -> None:
-        self.output_dir = output_dir
+    def __init__(self, output_dir: Path, output_name: str = "") -> None:
+        self.output_dir, self.output_name = output_dir, output_name
         self.aside: Path | None = None
-        names = outputs.run_outputs(output_dir)
+        names = outputs.run_outputs(output_dir, output_name)
         if names:
             self.aside = Path(tempfile.mkdtemp(prefix=PREVIOUS_RUN, dir=output_dir))
             for name in names:
@@ -580,7 +582,7 @@ class _PreviousRun:
         if (self.output_dir / outputs.LORA_NAME).exists() or outputs.list_checkpoints(self.output_dir):
             shutil.rmtree(self.aside)
         else:
-            for name in outputs.run_outputs(self.output_dir):
+            for name in outputs.run_outputs(self.output_dir, self.output_name):
                 path = self.output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             for item in self.aside.iterdir():
@@ -778,7 +780,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if config.resume_from_checkpoint:
         if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
             # a run stopped before its first checkpoint: start afresh, replacing what it wrote (log, plot, samples)
-            stopped = outputs.run_outputs(output_dir)
+            stopped = outputs.run_outputs(output_dir, config.output_name)
             if outputs.LORA_NAME in stopped and not config.overwrite:
                 raise ConfigError(f"--resume_from_checkpoint latest: {output_dir} holds a finished LoRA but no checkpoint to "
                                   "continue from; pass --overwrite to replace it, or another --output_dir")
@@ -788,7 +790,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         else:
             resume = outputs.find_checkpoint(output_dir, config.resume_from_checkpoint)
     init_lora = read_init_lora(config.init_lora) if config.init_lora else None  # (a bad file: before any model loads)
-    _prepare_output_dir(output_dir, resuming=resume is not None or replace_stopped, overwrite=config.overwrite)
+    _prepare_output_dir(output_dir, resuming=resume is not None or replace_stopped, overwrite=config.overwrite,
+                        output_name=config.output_name)
     _check_model_paths(config)
     optimizer_class = _optimizer_class(config)
     if config.compile != "none":
@@ -834,6 +837,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     text_encoder_2 = pipe.text_encoder_2 if sdxl else None
     encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
     noise_scheduler = training_scheduler(pipe.scheduler.config, config)
+    if config.v_parameterization:  # (the sample images denoise as it trains)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
     # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, as diffusers' SDXL trainer does
     vae_dtype = torch.float32 if sdxl and weight_dtype == torch.float16 and vae.config.force_upcast else weight_dtype
     for model in (unet, vae, *encoders):
@@ -963,7 +968,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     def write_snapshot(at_step: int, suffix: str) -> Path:
         """The LoRA as it is, beside the final one (kohya's --save_every_n_steps / --save_every_n_epochs names)."""
-        path = output_dir / (outputs.kohya_name(output_dir).removesuffix(".safetensors") + f"-{suffix}.safetensors")
+        stem = outputs.kohya_name(output_dir, config.output_name).removesuffix(".safetensors")
+        path = output_dir / f"{stem}-{suffix}.safetensors"
         save_lora(path, unet=unet, **trained_encoders(), dtype=SAVE_DTYPES[config.save_precision],
                   metadata=_final_metadata(config, seed, at_step, noise_scheduler, accelerator.num_processes, examples),
                   format="kohya" if config.save_kohya else "diffusers")
@@ -988,7 +994,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     # 5. the loop
     # nothing of a previous run is touched before this point: --overwrite sets it aside now, deletes it at the end
-    previous = _PreviousRun(output_dir) if is_main and (config.overwrite or replace_stopped) and resume is None else None
+    previous = _PreviousRun(output_dir, config.output_name) if is_main and (config.overwrite or replace_stopped) and resume is None else None
     if is_main and resume is not None:  # resuming an earlier step abandons the checkpoints past it: kept aside
         outputs.set_aside_checkpoints_after(output_dir, step)
     ctrl_c = _CtrlC()
@@ -1105,7 +1111,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     atomic_save(pivot.state(), output_dir / "embeddings.safetensors", pivot.metadata())
                     metadata["embedding_file"] = "embeddings.safetensors"
                 save_lora(lora_path, unet=unet, **trained_encoders(), dtype=SAVE_DTYPES[config.save_precision], metadata=metadata)
-                kohya_name, card_name, preview_name = outputs.kohya_companions(output_dir)
+                kohya_name, card_name, preview_name = outputs.kohya_companions(output_dir, config.output_name)
                 if config.save_kohya:  # (the pivotal-tuning token bundled, as A1111 loads it)
                     kohya_path = convert_lora(lora_path, output_dir / kohya_name, to="kohya", overwrite=True)
                     outputs.write_a1111_card(output_dir / card_name, trigger=config.token, architecture=_unet_architecture(unet),

@@ -56,28 +56,29 @@ LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "val_loss", "keys_scal
 OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "log.csv", "loss.png")  # what marks a folder as a previous run
 
 
-def kohya_name(output_dir: str | os.PathLike) -> str:
-    """The file name of a run's kohya copy (``--save_kohya``): the output folder's name, as A1111 and ComfyUI list a
-    LoRA by its file name (``out/my-style`` -> ``my-style.safetensors``; ``lora_kohya.safetensors`` where that name
-    would be ``LORA_NAME``)."""
-    name = f"{Path(output_dir).resolve().name or 'lora'}.safetensors"
+def kohya_name(output_dir: str | os.PathLike, output_name: str = "") -> str:
+    """The file name of a run's kohya copy (``--save_kohya``): ``output_name`` (kohya's ``--output_name``) or the
+    output folder's name, as A1111 and ComfyUI list a LoRA by its file name (``out/my-style`` ->
+    ``my-style.safetensors``; ``lora_kohya.safetensors`` where that name would be ``LORA_NAME``)."""
+    name = f"{output_name or Path(output_dir).resolve().name or 'lora'}.safetensors"
     return "lora_kohya.safetensors" if name == LORA_NAME else name
 
 
-def kohya_companions(output_dir: str | os.PathLike) -> tuple[str, str, str]:
+def kohya_companions(output_dir: str | os.PathLike, output_name: str = "") -> tuple[str, str, str]:
     """The kohya copy's name and those of the files A1111 shows beside it: its card's user metadata (``.json``) and
     preview (``.preview.png``)."""
-    stem = kohya_name(output_dir).removesuffix(".safetensors")
+    stem = kohya_name(output_dir, output_name).removesuffix(".safetensors")
     return f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png"
 
 
-def run_outputs(output_dir: str | os.PathLike) -> list[str]:
+def run_outputs(output_dir: str | os.PathLike, output_name: str = "") -> list[str]:
     """The names in ``output_dir`` of what a run there writes (``OUTPUT_NAMES``, its kohya copy and the files beside
     it, the LoRAs ``--save_every_n_steps`` / ``--save_every_n_epochs`` wrote) that exist."""
-    stem = re.escape(kohya_name(output_dir).removesuffix(".safetensors"))
+    stem = re.escape(kohya_name(output_dir, output_name).removesuffix(".safetensors"))
     snapshots = sorted(p.name for p in Path(output_dir).glob("*.safetensors")
                        if re.fullmatch(rf"{stem}-(step\d{{8}}|\d{{6}})\.safetensors", p.name))
-    return [name for name in (*OUTPUT_NAMES, *kohya_companions(output_dir)) if (Path(output_dir) / name).exists()] + snapshots
+    kept = (*OUTPUT_NAMES, *kohya_companions(output_dir, output_name))
+    return [name for name in kept if (Path(output_dir) / name).exists()] + snapshots
 
 
 # A1111's "sd version" of a LoRA card, from our metadata's ``architecture``
