@@ -786,8 +786,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .tools import _DTYPES, load_model
-
     settings: dict = {}
     if args.from_png:
         settings = _from_png(args.from_png)
@@ -829,34 +827,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         setattr(args, name, getattr(args, name) or settings.get(name))
         settings.pop(name, None)
     plot = args.x_axis or args.y_axis or args.z_axis
+    checkpoints: dict[str, Path] = {}
     if plot:
         from .xyplot import parse_axis
 
         for axis in filter(None, (args.x_axis, args.y_axis, args.z_axis)):
-            parse_axis(axis)  # (a bad axis: before the model loads)
+            kind, values = parse_axis(axis)  # (a bad axis: before the model loads)
+            if kind == "Checkpoint name":
+                checkpoints.update({value: _checkpoint_path(value, args.model) for value in values})
         if args.batch_count != 1:
             raise ValueError("an X/Y plot makes one image per cell: leave --batch-count at 1")
     _check_output(args.output, 1 if plot else args.batch_count, args.overwrite)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else None)
-    pipe = load_model(args.model, args.model_config, dtype)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        raise ValueError(f"{args.model}: a {type(pipe).__name__}; generate takes Stable Diffusion 1.x/2.x and SDXL "
-                         "text-to-image models")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=not args.progress)
-    model = Path(args.model)
-    sha = model_hash(model) if model.is_file() else None
+    pipe, model_info = _generation_model(args.model, args)
     settings.setdefault("sampler", "DPM++ 2M")
-    common = dict(lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, fused=args.fuse,
-                  model_name=model.stem if model.is_file() else model.name, model_sha256=sha)
+    common = dict(lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, fused=args.fuse, **model_info)
     if plot:
         from .xyplot import xy_plot
 
         made = xy_plot(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), x=args.x_axis, y=args.y_axis,
-                       z=args.z_axis, **common, **settings)
+                       z=args.z_axis, load_checkpoint=lambda value: _generation_model(checkpoints[value], args),
+                       **common, **settings)
         return _save_plot(made, args.output)
     images = txt2img(pipe, settings.pop("prompt"), settings.pop("negative_prompt", ""), batch_count=args.batch_count,
                      **common, **settings)
@@ -864,6 +854,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         generated.image.save(path, pnginfo=generated.pnginfo())
         print(path)
     return 0
+
+
+def _generation_model(path: str | os.PathLike, args: argparse.Namespace) -> tuple[object, dict]:
+    """The pipeline ``generate`` makes images with (``--model-config``, ``--dtype``, ``--device``), and its infotext's
+    ``model_name`` and ``model_sha256`` (a single file's)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .tools import _DTYPES, load_model
+
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else None)
+    pipe = load_model(str(path), args.model_config, dtype)
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ValueError(f"{path}: a {type(pipe).__name__}; generate takes Stable Diffusion 1.x/2.x and SDXL "
+                         "text-to-image models")
+    pipe = pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=not args.progress)
+    model = Path(path)
+    return pipe, {"model_name": model.stem if model.is_file() else model.name,
+                  "model_sha256": model_hash(model) if model.is_file() else None}
+
+
+def _checkpoint_path(value: str, model: str) -> Path:
+    """A ``Checkpoint name`` axis value's model: a path (file or diffusers folder), or the name of a file beside
+    ``model``'s (with or without ``.safetensors``), as A1111 names its checkpoints."""
+    beside = Path(model).expanduser().parent
+    for path in (Path(value).expanduser(), beside / value, beside / f"{value}.safetensors"):
+        if path.exists():
+            return path
+    raise ValueError(f"Checkpoint name {value!r}: no such model file or folder (nor one of that name beside {model})")
 
 
 def _save_plot(plot, output: str) -> int:

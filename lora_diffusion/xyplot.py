@@ -19,6 +19,7 @@ import io
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .generate import SAMPLERS, SCHEDULE_TYPES, Generated, split_sampler, txt2img
 
@@ -39,6 +40,7 @@ AXES: dict[str, tuple[type, str | None]] = {
     "Hires steps": (int, "hires_steps"),
     "Var. seed": (int, "subseed"),
     "Var. strength": (float, "subseed_strength"),
+    "Checkpoint name": (str, "checkpoint"),  # (a model per value: ``xy_plot``'s ``load_checkpoint`` loads it)
 }
 _SEEDS = ("Seed", "Var. seed")  # the axes whose -1 values are drawn (each its own), and written fixed
 _LABELLED = ("Seed", "Steps", "CFG Scale", "Denoising", "Clip skip", "Hires upscale", "Hires steps", "Var. seed",
@@ -128,6 +130,8 @@ def parse_axis(text: str) -> tuple[str, list]:
 
 
 def _label(kind: str, value) -> str:
+    if kind == "Checkpoint name":  # (A1111's: the name without its folder and extension)
+        return Path(value).stem if Path(value).suffix in (".safetensors", ".ckpt") else Path(value).name
     if isinstance(value, float):
         value = round(value, 8)
     return f"{kind}: {value}" if kind in _LABELLED else str(value)
@@ -172,22 +176,33 @@ def plot_cells(prompt: str, negative_prompt: str, x: str | None, y: str | None,
 
 
 def xy_plot(pipe, prompt: str, negative_prompt: str = "", *, x: str | None = None, y: str | None = None,
-            z: str | None = None, seed: int = -1, **kwargs) -> XYPlot:
+            z: str | None = None, seed: int = -1, load_checkpoint=None, **kwargs) -> XYPlot:
     """A1111's X/Y/Z plot: ``txt2img`` once per (z, y, x) combination of values, row by row and grid after grid, each
     with its infotext, and the grid (``draw_grid``) with the values as column and row labels (with ``z``, one per Z
     value, side by side under the Z labels: ``draw_z_grid``). ``x`` / ``y`` / ``z``: axis texts (``parse_axis``); any
     may be None. ``seed`` -1 is drawn once, for every cell (a ``Seed`` axis' -1 values each draw their own). Other
     keywords go to ``txt2img`` (``lora_dir``, ``steps``, ``sampler``...). Every axis is checked before the first
-    image (``plot_cells``). The pipeline's scheduler is restored after."""
+    image (``plot_cells``). The pipeline's scheduler is restored after. A ``Checkpoint name`` axis makes its cells
+    with ``load_checkpoint(value)`` -> ``(pipeline, {model_name, model_sha256})``, one model at a time (its cells
+    together, as A1111 orders them to load each once)."""
     if kwargs.get("batch_count", 1) != 1:
         raise ValueError("an X/Y plot makes one image per cell: batch count must be 1")
     cells, x_labels, y_labels, z_labels = plot_cells(prompt, negative_prompt, x, y, z)
+    checkpoints = list(dict.fromkeys(cell.settings.get("checkpoint") for cell in cells))
+    if checkpoints != [None] and load_checkpoint is None:
+        raise ValueError("a Checkpoint name axis needs load_checkpoint (value -> pipeline and its model_name / "
+                         "model_sha256); the command line loads each")
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     scheduler = pipe.scheduler
-    made = []
+    made: list = [None] * len(cells)
     try:
-        for cell in cells:
-            made += txt2img(pipe, cell.prompt, cell.negative_prompt, **{**kwargs, "seed": seed, **cell.settings})
+        for checkpoint in checkpoints:
+            model, extra = (pipe, {}) if checkpoint is None else load_checkpoint(checkpoint)
+            for i, cell in enumerate(cells):
+                if cell.settings.get("checkpoint") == checkpoint:
+                    settings = {k: v for k, v in cell.settings.items() if k != "checkpoint"}
+                    made[i] = txt2img(model, cell.prompt, cell.negative_prompt,
+                                      **{**kwargs, **extra, "seed": seed, **settings})[0]
     finally:
         pipe.scheduler = scheduler
     grids = z_grids([c.image for c in made], x_labels, y_labels, z_labels)

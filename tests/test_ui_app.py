@@ -135,7 +135,8 @@ def test_an_xy_plot_shows_its_grid_then_each_cell_as_one_click_makes_it(served):
     grid = pixels(gallery[0]["image"])
     assert grid.shape[1] == 2 * 2 * SIZE and np.array_equal(grid[-SIZE:, -SIZE:], cells[3])
     for x, y, message in (("Prompt S/R", "<lora:ink:1>, <lora:ink:0>", "Prompt S/R did not find '<lora:ink:1>'"),
-                          ("Steps", "1-100", "X/Y plot: 100 images; at most 64")):
+                          ("Steps", "1-100", "X/Y plot: 100 images; at most 64"),
+                          ("Checkpoint name", "a, b", "Checkpoint name is not in the list of choices")):  # (the CLI's)
         with pytest.raises(Exception, match=message):
             client.predict("a red circle <lora:style:1>", "", "all blocks", False, 5, STEPS, 5.0, SIZE, SIZE, 1, *slots, *after,
                            x, y, "Nothing", "", api_name="/generate")

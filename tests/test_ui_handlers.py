@@ -472,6 +472,8 @@ def test_a_variation_seed_moves_the_noise_and_its_snippet_and_png_make_it_again(
                                                guidance=5.0, subseed=8), "Var. strength: 0, 1", None)  # (the plot's axis)
     assert np.array_equal(pixels(cells[1].image), pixels(other.image)) and not np.array_equal(pixels(cells[0].image),
                                                                                               pixels(other.image))
+    with pytest.raises(UIError, match="X/Y plot: the tab plots Prompt S/R"):  # (the command line's: a model per value)
+        backend.xy_plot(GenerateRequest("a red circle"), "Checkpoint name: a, b", None)
     plain = gen(backend, seed=3, loras={"ink": (0.8, 0.5)})
     for hires in (1.0, 1.5):
         made = gen(backend, seed=3, loras={"ink": (0.8, 0.5)}, subseed=8, subseed_strength=0.4, hires_scale=hires)

@@ -1,6 +1,8 @@
 """A1111's X/Y plot: axes read as A1111 reads them, each cell the image txt2img makes with its values, the grid
 laid out row by row with labels, and bad axes refused before any image."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -128,6 +130,46 @@ def test_variation_axes_sweep_from_the_seed_to_the_variation_seed():
     hires = xy_plot(pipe, "a red circle", x="Var. strength: 0, 0.5", seed=1, subseed=5, hires_scale=1.5, **kw)
     assert hires.cells[0].image.size == (48, 48) and "Variation seed: 5" in hires.cells[1].infotext
     assert not np.array_equal(np.asarray(hires.cells[0].image), np.asarray(hires.cells[1].image))
+
+
+def test_a_checkpoint_axis_makes_each_cell_with_its_model(tmp_path, capsys):
+    """A1111's Checkpoint name axis on the command line: each cell is the image its model makes alone (named in its
+    infotext), the models given as paths or as names beside the first; a missing one is named before any loads."""
+    models = tmp_path / "models"
+    for name, seed in (("alpha", 0), ("beta", 1)):
+        tiny_pipeline(seed).save_pretrained(models / name)
+    out = tmp_path / "plot"
+    assert main(["generate", str(models / "alpha"), "a red circle", "--x-axis", f"Checkpoint name: alpha, {models / 'beta'}",
+                 "--y-axis", "Seed: 1, 2", "--steps", "1", "--width", "32", "--height", "32", "-o", str(out)]) == 0
+    cells = sorted(p for p in out.iterdir() if not p.name.startswith("xyz_grid"))
+    assert len(cells) == 4
+    for cell, (model, seed) in zip(cells, [("alpha", 1), ("beta", 1), ("alpha", 2), ("beta", 2)]):  # row by row
+        alone = tmp_path / f"{model}-{seed}.png"
+        assert main(["generate", str(models / model), "a red circle", "--seed", str(seed), "--steps", "1", "--width", "32",
+                     "--height", "32", "-o", str(alone)]) == 0
+        assert np.array_equal(np.asarray(Image.open(cell)), np.asarray(Image.open(alone))), cell.name
+        assert parse_infotext(Image.open(cell).info["parameters"])[2]["Model"] == model
+    assert not np.array_equal(np.asarray(Image.open(cells[0])), np.asarray(Image.open(cells[1])))
+    with Image.open(out / "xyz_grid-00000.png") as grid:
+        assert parse_infotext(grid.info["parameters"])[2]["X Type"] == "Checkpoint name"
+    capsys.readouterr()
+    assert main(["generate", str(models / "alpha"), "a red circle", "--x-axis", "Checkpoint name: alpha, gamma",
+                 "-o", str(tmp_path / "no")]) == 2
+    assert "Checkpoint name 'gamma': no such model file or folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a Checkpoint name axis needs load_checkpoint"):
+        xy_plot(tiny_pipeline(0), "a red circle", x="Checkpoint name: alpha, beta")
+    loads = []
+
+    def load(value):  # (from Python: any loader; each model loads once, its cells together)
+        loads.append(value)
+        pipe = tiny_pipeline(1)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, {"model_name": Path(value).stem}
+
+    plot = xy_plot(tiny_pipeline(0), "a red circle", x="Checkpoint name: m/one.safetensors, m/two.ckpt", y="Seed: 1, 2",
+                   load_checkpoint=load, steps=1, width=32, height=32)
+    assert plot.x_labels == ["one", "two"] and loads == ["m/one.safetensors", "m/two.ckpt"]
+    assert "Model: two" in plot.cells[3].infotext
 
 
 def test_the_grid_lays_images_out_row_by_row():

@@ -23,9 +23,9 @@ import pandas as pd
 from lora_diffusion.formats import LoraFormatError
 from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS,
                                      SCHEDULE_TYPES)
-from lora_diffusion.xyplot import AXES
 
-from .handlers import BLOCK_PRESETS, Backend, GenerateRequest, TrainRequest, finite_number, job_status, png_info
+from .handlers import (BLOCK_PRESETS, PLOT_AXES, Backend, GenerateRequest, TrainRequest, finite_number, job_status,
+                       png_info)
 from .library import TABLE_HEADERS, UIError
 
 logger = logging.getLogger(__name__)
@@ -148,14 +148,14 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     with gr.Accordion("X/Y/Z plot (A1111's): one image per combination of values, in a labelled grid",
                                       open=False):
                         with gr.Row():
-                            x_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="X type", scale=1)
+                            x_type = gr.Dropdown([NO_AXIS, *PLOT_AXES], value=NO_AXIS, label="X type", scale=1)
                             x_values = gr.Textbox(label="X values", placeholder="<lora:style:1>, <lora:style:0.5>  or  1-4 (+1)",
                                                   elem_id="x-values", scale=3)
                         with gr.Row():
-                            y_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="Y type", scale=1)
+                            y_type = gr.Dropdown([NO_AXIS, *PLOT_AXES], value=NO_AXIS, label="Y type", scale=1)
                             y_values = gr.Textbox(label="Y values", placeholder="1, 2, 3  or  5-9 [3]", elem_id="y-values", scale=3)
                         with gr.Row():  # (one X/Y grid per Z value, side by side)
-                            z_type = gr.Dropdown([NO_AXIS, *AXES], value=NO_AXIS, label="Z type", scale=1)
+                            z_type = gr.Dropdown([NO_AXIS, *PLOT_AXES], value=NO_AXIS, label="Z type", scale=1)
                             z_values = gr.Textbox(label="Z values", placeholder="Euler a, DPM++ 2M", elem_id="z-values", scale=3)
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=3):

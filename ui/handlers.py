@@ -164,6 +164,8 @@ MAX_PLOT_CELLS = 64  # images one X/Y plot makes
 _PLOT_FIELDS = {"seed": "seed", "steps": "steps", "cfg_scale": "guidance", "sampler": "sampler", "schedule_type": "schedule_type",
                 "denoising_strength": "denoising_strength", "clip_skip": "clip_skip", "hires_scale": "hires_scale",
                 "hires_steps": "hires_steps", "subseed": "subseed", "subseed_strength": "subseed_strength"}
+# the X/Y/Z axes the tab plots (a Checkpoint name axis loads other models: the command line's)
+PLOT_AXES = [name for name, (_, key) in AXES.items() if key is None or key in _PLOT_FIELDS]
 MAX_TRAIN_RESOLUTION = 2048  # as generation's largest side
 
 
@@ -550,7 +552,7 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
         fields["plot"] = {}
         for a in "xyz":
             kind, _, values = (part.strip() for part in got.get(f"{a}_axis", "").partition(":"))
-            if kind and kind not in AXES:
+            if kind and kind not in PLOT_AXES:
                 notes.append(f"its X/Y/Z plot's {a.upper()} type {kind!r} is not one of the UI's: that axis is left out")
                 kind, values = "", ""
             fields["plot"].update({f"{a}_type": kind or None, f"{a}_values": values})
@@ -1052,6 +1054,10 @@ class Backend:
             cells, x_labels, y_labels, z_labels = plot_cells(req.prompt, req.negative_prompt, x, y, z)
         except ValueError as e:
             raise UIError(f"X/Y plot: {e}") from None
+        for axis in filter(None, (x, y, z)):
+            if axis.partition(":")[0].strip() not in PLOT_AXES:
+                raise UIError(f"X/Y plot: the tab plots {', '.join(PLOT_AXES)} (the command line's --x-axis also "
+                              "'Checkpoint name: ...', a model per value)")
         if len(cells) > MAX_PLOT_CELLS:
             raise UIError(f"X/Y plot: {len(cells)} images; at most {MAX_PLOT_CELLS} at a time")
         results = [self.generate(dataclasses.replace(req, prompt=cell.prompt, negative_prompt=cell.negative_prompt,
