@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
-           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked", "flatten_start", "mask_levels",
+           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked", "unread_settings", "flatten_start", "mask_levels",
            "overlay_mask", "MASKED_CONTENT", "variation_noise", "variation_params", "slerp", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
@@ -344,6 +345,8 @@ def txt2img(
         raise ValueError(f"unknown hires upscaler {hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
     if hires_steps < 0:
         raise ValueError(f"hires steps must be 0 (as many as steps) or more, got {hires_steps}")
+    if init_image is not None or hires:
+        denoising_steps(hires_steps or steps if hires else steps, denoising_strength, "hires steps" if hires else "steps")
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     _, tags = parse_prompt(prompt)
     paths = {name: _tag_path(name, lora_dir, set()) for name in tags} if lora_dir is not None else {}
@@ -481,6 +484,16 @@ def _img2img(pipe, kind: str = "img2img"):
     second = cls(**kwargs)
     second.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return second
+
+
+def denoising_steps(steps: int, strength: float, what: str = "steps") -> int:
+    """The steps an img2img pass runs, ``int(steps * strength)`` as diffusers (and A1111) count them; ``ValueError``
+    where that is none (the pass would denoise nothing)."""
+    run = int(steps * strength)
+    if run < 1:
+        raise ValueError(f"{steps} {what} at denoising strength {strength:g} run no denoising step (int(steps x "
+                         "strength) = 0); raise either")
+    return run
 
 
 def variation_params(params: dict, subseed: int, strength: float, resize_from: tuple[int, int] | None = None) -> dict:
@@ -742,9 +755,32 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
     return out
 
 
+# the infotext settings ``infotext_settings`` reads, or that only describe the image (hashes, versions, RNG source)
+READ_KEYS = frozenset({
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "Clip skip", "Emphasis",
+    "Pad conds", "Lora hashes", "TI hashes", "Version", "Denoising strength", "Hires upscale", "Hires steps",
+    "Hires upscaler", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding", "Masked content",
+    "Variation seed", "Variation seed strength", "Seed resize from", "Script", "RNG",
+    *(f"{p}{a} {k}" for a in "XYZ" for p, k in (("", "Type"), ("", "Values"), ("Fixed ", "Values"))),
+})
+
+
+def unread_settings(text: str) -> list[str]:
+    """The settings of an A1111 infotext that ``infotext_settings`` does not make again (a Hires sampler or prompt, a
+    VAE, ADetailer's, ControlNet's...), in their order: the image they made will differ."""
+    return [key for key in parse_infotext(text)[2] if key not in READ_KEYS]
+
+
 def _from_png(path: str) -> dict:
-    """The settings an image's A1111 infotext holds, as ``txt2img`` keywords."""
-    return infotext_settings(png_infotext(path), str(path))
+    """The settings an image's A1111 infotext holds, as ``txt2img`` keywords (a warning names those it cannot
+    follow)."""
+    text = png_infotext(path)
+    settings = infotext_settings(text, str(path))
+    unread = unread_settings(text)
+    if unread:
+        print(f"warning: {path}: settings not made again here: {', '.join(unread)}; the image will differ",
+              file=sys.stderr)
+    return settings
 
 
 def _check_output(output: str, count: int, overwrite: bool) -> None:

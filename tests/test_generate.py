@@ -475,6 +475,45 @@ def test_variation_seeds_and_resize_seed_from_are_a1111s(pipe, tmp_path):
         main(["generate", str(TINY_MODEL), "a cat", "--seed-resize-from", "24", "-o", str(tmp_path / "no.png")])
 
 
+def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path, capsys):
+    """Each infotext key txt2img writes (hires, inpainting, variation, LoRA hashes, emphasis, clip skip, an X/Y/Z
+    grid's) is one --from-png reads; an A1111 image's other settings (a Hires sampler, ADetailer's) are named in a
+    warning, and the image is still made."""
+    from lora_diffusion.generate import unread_settings
+    from lora_diffusion.xyplot import xy_plot
+
+    start = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    kw = dict(steps=2, seed=1, width=32, height=32)
+    own = tiny_pipeline(0)  # (a LoRA of this model)
+    inject_lora(own.unet, rank=2)
+    save_lora(tmp_path / "loras" / "style.safetensors", unet=own.unet)
+    texts = [txt2img(pipe, "a (red:1.2) cat <lora:style:0.5>", "ugly", lora_dir=tmp_path / "loras", clip_skip=2, emphasis="No norm",
+                     hires_scale=1.5, hires_steps=2, subseed=3, subseed_strength=0.2, seed_resize_from=(24, 24), sampler="Euler a",
+                     model_name="m", model_sha256="ab" * 32, **kw)[0].infotext,
+             txt2img(pipe, "a cat", init_image=start, mask_image=mask, masked_content="latent noise", inpaint_not_masked=True,
+                     inpaint_only_masked=True, **kw)[0].infotext,
+             xy_plot(pipe, "a cat", x="Seed: 1, -1", y="Steps: 1, 2", z="CFG Scale: 3, 7", width=32, height=32).infotext]
+    for text in texts:
+        assert unread_settings(text) == [], text
+    a1111 = ("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 32x32, Denoising strength: 0.5, Hires upscale: 1.5, "
+             "Hires sampler: DPM++ 2M, ADetailer model: face_yolov8n.pt, Version: v1.10.1")
+    assert unread_settings(a1111) == ["Hires sampler", "ADetailer model"]
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", a1111)
+    Image.new("RGB", (32, 32)).save(tmp_path / "a1111.png", pnginfo=info)
+    capsys.readouterr()
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(tmp_path / "a1111.png"), "-o", str(tmp_path / "again.png")]) == 0
+    assert "settings not made again here: Hires sampler, ADetailer model; the image will differ" in capsys.readouterr().err
+    assert (tmp_path / "again.png").is_file()
+    for bad in (dict(init_image=start, denoising_strength=0.5, steps=1), dict(hires_scale=2.0, hires_steps=1, denoising_strength=0.5)):
+        with pytest.raises(ValueError, match="at denoising strength 0.5 run no denoising step"):  # (diffusers: a crash)
+            txt2img(pipe, "a cat", **{**kw, **bad})
+
+
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_hires_fix_upscales_the_first_pass_and_denoises_it_again(pipe, upscaler, tmp_path):
     import torch.nn.functional as F

@@ -487,6 +487,12 @@ def test_a_variation_seed_moves_the_noise_and_its_snippet_and_png_make_it_again(
     assert main(["generate", str(model_dir), "--from-png", saved, "--lora-dir", str(backend.library.root), "-o", str(again)]) == 0
     assert np.array_equal(pixels(Image.open(again)), pixels(half.image))
     assert (png_info(saved)[0]["subseed"], png_info(saved)[0]["subseed_strength"]) == (8, 0.4)
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()  # an A1111 image's settings the tab does not make: named in the note
+    info.add_text("parameters", "a fox\nSteps: 12, Seed: 42, Size: 40x48, ADetailer model: face_yolov8n.pt, VAE: x.pt")
+    Image.new("RGB", (8, 8)).save(tmp_path / "adetailer.png", pnginfo=info)
+    assert "its ADetailer model, VAE are not made again here" in png_info(tmp_path / "adetailer.png")[1]
     for bad, match in (({"subseed_strength": 1.5}, "variation strength must be between 0 and 1, got 1.5"),
                        ({"subseed_strength": 0.5, "init_image": saved}, "a variation seed is for text-to-image")):
         with pytest.raises(UIError, match=match):

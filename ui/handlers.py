@@ -39,9 +39,10 @@ from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
 from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
-                                     conds_padded, flatten_start, hires_fix, hires_size, image_to_image, infotext,
+                                     conds_padded, denoising_steps, flatten_start, hires_fix, hires_size, image_to_image, infotext,
                                      infotext_settings, inpaint, lora_hash, lora_tag, mask_levels, model_hash, png_infotext,
-                                     second_pass_params, set_sampler, split_sampler, variation_noise, variation_params)
+                                     second_pass_params, set_sampler, split_sampler, unread_settings, variation_noise,
+                                     variation_params)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 from lora_diffusion.xyplot import AXES, draw_z_grid, grid_infotext, plot_cells, z_grids
@@ -512,10 +513,13 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     x_values, y_type, y_values, z_type, z_values}`` (``None``: not a grid); the prompt keeps its ``<lora:...>`` tags,
     which pick the library's LoRAs."""
     try:
-        got = infotext_settings(png_infotext(path), Path(path).name)
+        text = png_infotext(path)
+        got = infotext_settings(text, Path(path).name)
     except ValueError as e:
         raise UIError(str(e)) from None
     notes = []
+    if unread := unread_settings(text):
+        notes.append(f"its {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not made again here")
     sampler, schedule = split_sampler(got.get("sampler", ""), got.get("schedule_type", "Automatic"))
     if sampler and sampler not in SAMPLERS:
         notes.append(f"its sampler {sampler!r} is not one of the UI's: the model's own is set")
@@ -1092,6 +1096,10 @@ class Backend:
         hires_steps = int(finite_number(req.hires_steps, "hires steps"))
         if not 0 <= hires_steps <= 200:
             raise UIError(f"hires steps must be between 0 (as many as steps) and 200, got {hires_steps}")
+        try:
+            denoising_steps(hires_steps or int(req.steps), _strength(req), "hires steps")
+        except ValueError as e:
+            raise UIError(str(e)) from None
         return scale, hires_steps or int(req.steps), req.hires_upscaler, _strength(req)
 
     @staticmethod
@@ -1100,7 +1108,10 @@ class Backend:
         file. A denoising strength outside (0, 1] is refused here too."""
         if not req.init_image:
             return None
-        _strength(req)
+        try:
+            denoising_steps(int(req.steps), _strength(req))
+        except ValueError as e:
+            raise UIError(str(e)) from None
         return flatten_start(Backend._open_image(req.init_image, "init image"))
 
     @staticmethod
