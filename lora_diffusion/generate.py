@@ -286,6 +286,10 @@ def txt2img(
     subseed: int = -1,
     subseed_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
+    hires_sampler: str | None = None,
+    hires_schedule_type: str | None = None,
+    hires_prompt: str = "",
+    hires_negative_prompt: str = "",
 ) -> list[Generated]:
     """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
     switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its
@@ -300,7 +304,9 @@ def txt2img(
     ``inpaint_only_masked`` with ``masked_padding``, ``masked_content`` and ``inpaint_not_masked``: A1111's Inpaint area,
     Masked content and Mask mode). ``hires_scale``
     > 1: A1111's "Hires. fix": the image, upscaled by ``hires_upscaler`` (``HIRES_UPSCALERS``), denoised again for
-    ``hires_steps`` (0: ``steps``) at ``denoising_strength``. ``subseed_strength`` > 0: A1111's variation seed, the
+    ``hires_steps`` (0: ``steps``) at ``denoising_strength``, with ``hires_sampler`` / ``hires_schedule_type``
+    (``None``: the first pass's; A1111's "Use same") and ``hires_prompt`` / ``hires_negative_prompt`` ("": the first pass's; LoRA tags, if
+    any, the prompt's). ``subseed_strength`` > 0: A1111's variation seed, the
     starting noise that far toward ``subseed``'s (``subseed + 1``, ... for the batch; -1: a random one);
     ``seed_resize_from`` ``(width, height)``: A1111's "Resize seed from", the seed's noise at that size, centred
     (``variation_noise``; text-to-image and a Hires. fix's first pass)."""
@@ -313,6 +319,19 @@ def txt2img(
         raise ValueError("put <lora:...> tags in the prompt, not in the negative prompt")
     if sampler is not None:
         sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
+    second_scheduler = None
+    if (hires_sampler or hires_schedule_type) and hires_scale > 1:  # (A1111's "use same": the first pass's)
+        first_scheduler = pipe.scheduler
+        try:
+            hires_sampler, hires_schedule_type = set_sampler(pipe, hires_sampler or sampler_name(first_scheduler),
+                                                             hires_schedule_type or schedule_name(first_scheduler))
+            second_scheduler = pipe.scheduler
+        finally:
+            pipe.scheduler = first_scheduler
+    _, hires_tags = parse_prompt(hires_prompt + " " + hires_negative_prompt)
+    if hires_tags and hires_tags != parse_prompt(prompt)[1]:
+        raise ValueError("LoRA tags in the hires prompt must be the prompt's (A1111 would switch LoRAs between the "
+                         "passes; not done here): leave them out or repeat the prompt's")
     scale = getattr(pipe, "vae_scale_factor", 8)
     if init_image is not None:
         width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
@@ -350,7 +369,8 @@ def txt2img(
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     _, tags = parse_prompt(prompt)
     paths = {name: _tag_path(name, lora_dir, set()) for name in tags} if lora_dir is not None else {}
-    embeddings = _load_named_embeddings(pipe, embeddings_dir, prompt + "\n" + negative_prompt)
+    embeddings = _load_named_embeddings(pipe, embeddings_dir, "\n".join((prompt, negative_prompt, hires_prompt,
+                                                                          hires_negative_prompt)))
     clean = apply_prompt_loras(pipe, prompt, lora_dir)
     negative = negative_prompt or None  # (SDXL: an empty negative prompt is zeros, as in A1111)
     texts = scheduled_prompt_kwargs(pipe, clean, negative, steps, clip_skip=clip_skip, emphasis=emphasis)
@@ -362,16 +382,25 @@ def txt2img(
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     params = variation_params(params, subseed, subseed_strength, seed_resize_from)
+    hires_clean = parse_prompt(hires_prompt)[0] if hires_prompt else clean
+    hires_negative = hires_negative_prompt or negative_prompt
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
                                     mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding,
                                     masked_content=masked_content, inpaint_not_masked=inpaint_not_masked)
+    if hires:  # (A1111's: each where it differs from the first pass's)
+        params = _insert_before(params, "Hires upscale", {
+            "Hires sampler": hires_sampler if second_scheduler is not None and hires_sampler != params["Sampler"] else None,
+            "Hires prompt": hires_prompt if hires_prompt and hires_prompt != prompt else None,
+            "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
+            "Hires schedule type": hires_schedule_type if second_scheduler is not None and
+            hires_schedule_type != params["Schedule type"] else None})
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
     if hires:  # (the second pass schedules prompt editing on from the first, as A1111)
-        second = dict(scheduled_prompt_kwargs(pipe, clean, negative, hires_steps or steps, clip_skip=clip_skip,
-                                              emphasis=emphasis, base_steps=steps), guidance_scale=cfg_scale)
+        second = dict(scheduled_prompt_kwargs(pipe, hires_clean, hires_negative or None, hires_steps or steps,
+                                              clip_skip=clip_skip, emphasis=emphasis, base_steps=steps), guidance_scale=cfg_scale)
     if fused and tags:
         fuse(pipe)
     out = []
@@ -392,7 +421,7 @@ def txt2img(
             elif hires:
                 image = hires_fix(pipe, run, dict(second, generator=generator), steps=steps, width=width, height=height,
                                   scale=hires_scale, hires_steps=hires_steps or steps, upscaler=hires_upscaler,
-                                  strength=denoising_strength)
+                                  strength=denoising_strength, scheduler=second_scheduler)
             else:
                 image = pipe(**run, num_inference_steps=steps, width=width, height=height).images[0]
             own = {"Seed": seed + i, **({"Variation seed": subseed + i} if subseed_strength > 0 else {})}
@@ -657,11 +686,12 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def hires_fix(pipe, run: dict, run_second: dict, *, steps: int, width: int, height: int, scale: float,
-              hires_steps: int, upscaler: str, strength: float):
+              hires_steps: int, upscaler: str, strength: float, scheduler=None):
     """A1111's "Hires. fix": ``pipe(**run)`` at ``width`` x ``height`` for ``steps``, upscaled to ``hires_size`` by
     ``upscaler`` (``HIRES_UPSCALERS``: the latents by torch's ``interpolate``, or the decoded image by PIL), then
     denoised again by the img2img pipeline on ``pipe``'s modules with ``run_second`` for ``hires_steps`` at ``strength``
-    (both kwargs dicts hold the prompts or embeddings, the guidance and the generator). Returns the PIL image."""
+    (both kwargs dicts hold the prompts or embeddings, the guidance and the generator; ``scheduler``: the second
+    pass's, A1111's Hires sampler, else the pipeline's). Returns the PIL image."""
     import torch.nn.functional as F
 
     if upscaler not in HIRES_UPSCALERS:
@@ -680,7 +710,10 @@ def hires_fix(pipe, run: dict, run_second: dict, *, steps: int, width: int, heig
         from PIL import Image
 
         start = first[0].resize(big, _lanczos() if mode == "lanczos" else Image.Resampling.NEAREST)
-    return _img2img(pipe)(**run_second, image=start, strength=strength, num_inference_steps=hires_steps).images[0]
+    second = _img2img(pipe)
+    if scheduler is not None:
+        second.scheduler = scheduler
+    return second(**run_second, image=start, strength=strength, num_inference_steps=hires_steps).images[0]
 
 
 def _load_named_embeddings(pipe, folder, text: str) -> dict[str, Path]:
@@ -720,6 +753,9 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
     convert = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str), "Clip skip": ("clip_skip", int),
                "Denoising strength": ("denoising_strength", float), "Hires upscale": ("hires_scale", float),
+               "Hires sampler": ("hires_sampler", str),
+               "Hires schedule type": ("hires_schedule_type", str), "Hires prompt": ("hires_prompt", str),
+               "Hires negative prompt": ("hires_negative_prompt", str),
                "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "Mask blur": ("mask_blur", int),
                "Masked area padding": ("masked_padding", int), "Variation seed": ("subseed", int),
                "Variation seed strength": ("subseed_strength", float)}
@@ -759,14 +795,15 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
 READ_KEYS = frozenset({
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "Clip skip", "Emphasis",
     "Pad conds", "Lora hashes", "TI hashes", "Version", "Denoising strength", "Hires upscale", "Hires steps",
-    "Hires upscaler", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding", "Masked content",
+    "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt", "Mask blur",
+    "Mask mode", "Inpaint area", "Masked area padding", "Masked content",
     "Variation seed", "Variation seed strength", "Seed resize from", "Script", "RNG",
     *(f"{p}{a} {k}" for a in "XYZ" for p, k in (("", "Type"), ("", "Values"), ("Fixed ", "Values"))),
 })
 
 
 def unread_settings(text: str) -> list[str]:
-    """The settings of an A1111 infotext that ``infotext_settings`` does not make again (a Hires sampler or prompt, a
+    """The settings of an A1111 infotext that ``infotext_settings`` does not make again (a Hires CFG scale, a
     VAE, ADetailer's, ControlNet's...), in their order: the image they made will differ."""
     return [key for key in parse_infotext(text)[2] if key not in READ_KEYS]
 
@@ -827,7 +864,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         settings = _from_png(args.from_png)
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
                  "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding", "masked_content",
-                 "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from"):
+                 "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from", "hires_sampler",
+                 "hires_schedule_type", "hires_prompt", "hires_negative_prompt"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -991,6 +1029,12 @@ def register(subparsers) -> None:
     p.add_argument("--hr-steps", dest="hires_steps", type=int, default=None, help="steps of the hires pass (0: --steps)")
     p.add_argument("--hr-upscaler", dest="hires_upscaler", default=None, choices=list(HIRES_UPSCALERS),
                    help="default Latent")
+    p.add_argument("--hr-sampler", dest="hires_sampler", default=None, help="the hires pass's sampler (A1111's Hires "
+                   "sampler; default: --sampler's)")
+    p.add_argument("--hr-schedule-type", dest="hires_schedule_type", default=None, choices=list(SCHEDULE_TYPES))
+    p.add_argument("--hr-prompt", dest="hires_prompt", default=None, help="the hires pass's prompt (A1111's Hires "
+                   "prompt; default: the prompt; LoRA tags, if any, the prompt's)")
+    p.add_argument("--hr-negative-prompt", dest="hires_negative_prompt", default=None)
     p.add_argument("--batch-count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
     p.add_argument("--x-axis", dest="x_axis", default=None, metavar="'TYPE: VALUES'", help="A1111's X/Y plot: one image "
                    "per value and a labelled grid, e.g. 'Prompt S/R: <lora:style:1>, <lora:style:0.5>' or 'Seed: 1-4' "

@@ -475,6 +475,45 @@ def test_variation_seeds_and_resize_seed_from_are_a1111s(pipe, tmp_path):
         main(["generate", str(TINY_MODEL), "a cat", "--seed-resize-from", "24", "-o", str(tmp_path / "no.png")])
 
 
+def test_a_hires_pass_takes_its_own_sampler_and_prompt_as_a1111(pipe, tmp_path):
+    """A1111's Hires sampler / schedule type and Hires prompt / negative prompt: the second pass is diffusers' img2img
+    pipeline with that scheduler and those prompts (bit for bit), each in the infotext where it differs, read back by
+    --from-png; LoRA tags in the hires prompt must be the prompt's."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    settings = dict(steps=4, seed=5, width=32, height=32, cfg_scale=6.0, sampler="Euler", hires_scale=1.5, hires_steps=3,
+                    denoising_strength=0.6)
+    (got,) = txt2img(pipe, "a red cat", hires_sampler="DPM++ 2M", hires_schedule_type="Karras", hires_prompt="a red cat, detailed",
+                     hires_negative_prompt="blurry", **settings)
+    assert ("Denoising strength: 0.6, Hires sampler: DPM++ 2M, Hires prompt: a red cat, detailed, Hires negative prompt: "
+            "blurry, Hires schedule type: Karras, Hires upscale: 1.5, Hires steps: 3") in got.infotext.replace('"', "")
+    g = torch.Generator().manual_seed(5)
+    set_sampler(pipe, "Euler")
+    first = pipe("a red cat", num_inference_steps=4, guidance_scale=6.0, width=32, height=32, generator=g, output_type="latent").images
+    start = F.interpolate(first, size=(24, 24), mode="bilinear")
+    second = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    set_sampler(second, "DPM++ 2M", "Karras")
+    second.set_progress_bar_config(disable=True)
+    expect = second("a red cat, detailed", negative_prompt="blurry", image=start, strength=0.6, num_inference_steps=3,
+                    guidance_scale=6.0, generator=g).images[0]
+    assert np.array_equal(np.asarray(got.image), np.asarray(expect))
+    (plain,) = txt2img(pipe, "a red cat", **settings)
+    assert "Hires sampler" not in plain.infotext and not np.array_equal(np.asarray(plain.image), np.asarray(got.image))
+    (same,) = txt2img(pipe, "a red cat", hires_sampler="Euler", hires_prompt="a red cat", **settings)  # (as the first's)
+    assert np.array_equal(np.asarray(same.image), np.asarray(plain.image)) and same.infotext == plain.infotext
+
+    path, again = tmp_path / "hires.png", tmp_path / "again.png"
+    got.image.save(path, pnginfo=got.pnginfo())
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(path), "-o", str(again)]) == 0  # (the bundled model)
+    remade = Image.open(again).info["parameters"]
+    assert "Hires sampler: DPM++ 2M" in remade and "Hires schedule type: Karras" in remade
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(again), "-o", str(tmp_path / "third.png")]) == 0
+    assert np.array_equal(_pixels(again), _pixels(tmp_path / "third.png"))
+    with pytest.raises(ValueError, match="LoRA tags in the hires prompt must be the prompt's"):
+        txt2img(pipe, "a red cat", hires_prompt="a red cat <lora:style:1>", **settings)
+
+
 def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path, capsys):
     """Each infotext key txt2img writes (hires, inpainting, variation, LoRA hashes, emphasis, clip skip, an X/Y/Z
     grid's) is one --from-png reads; an A1111 image's other settings (a Hires sampler, ADetailer's) are named in a
@@ -498,8 +537,8 @@ def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path
     for text in texts:
         assert unread_settings(text) == [], text
     a1111 = ("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 32x32, Denoising strength: 0.5, Hires upscale: 1.5, "
-             "Hires sampler: DPM++ 2M, ADetailer model: face_yolov8n.pt, Version: v1.10.1")
-    assert unread_settings(a1111) == ["Hires sampler", "ADetailer model"]
+             "Hires CFG Scale: 5, ADetailer model: face_yolov8n.pt, Version: v1.10.1")
+    assert unread_settings(a1111) == ["Hires CFG Scale", "ADetailer model"]
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -507,7 +546,7 @@ def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path
     Image.new("RGB", (32, 32)).save(tmp_path / "a1111.png", pnginfo=info)
     capsys.readouterr()
     assert main(["generate", str(TINY_MODEL), "--from-png", str(tmp_path / "a1111.png"), "-o", str(tmp_path / "again.png")]) == 0
-    assert "settings not made again here: Hires sampler, ADetailer model; the image will differ" in capsys.readouterr().err
+    assert "settings not made again here: Hires CFG Scale, ADetailer model; the image will differ" in capsys.readouterr().err
     assert (tmp_path / "again.png").is_file()
     for bad in (dict(init_image=start, denoising_strength=0.5, steps=1), dict(hires_scale=2.0, hires_steps=1, denoising_strength=0.5)):
         with pytest.raises(ValueError, match="at denoising strength 0.5 run no denoising step"):  # (diffusers: a crash)

@@ -550,8 +550,10 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
               "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None, "plot": None,
               "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
-    if "seed_resize_from" in got:
-        notes.append("its Resize seed from is not in the tab: `lora-diffusion generate --from-png` makes it")
+    for key, name in (("seed_resize_from", "Resize seed from"), ("hires_sampler", "Hires sampler"),
+                      ("hires_prompt", "Hires prompt"), ("hires_negative_prompt", "Hires negative prompt")):
+        if key in got:
+            notes.append(f"its {name} is not in the tab: `lora-diffusion generate --from-png` makes it")
     if any(f"{a}_axis" in got for a in "xyz"):
         fields["plot"] = {}
         for a in "xyz":
