@@ -295,7 +295,8 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     out = client.predict([handle_file(str(p)) for p in images], None, table, "trained", "style", "", 2, 3, 1e-3, 5e-5,
                          False, True, SIZE, "", 0, "kohya", 2, True, 1, 0.0,  # (DoRA: its file loads as the exact dense change)
                          None, "full", 1, 0.5,  # LoCon, its 3x3 convolutions at their own rank and alpha
-                         0.05, 4, 5.0, "huber", 0.5, api_name="/train")  # kohya's noise and loss options, a validation split
+                         0.05, 4, 5.0, "huber", 0.5,  # kohya's noise and loss options, a validation split
+                         150, True, api_name="/train")  # long captions, debiased estimation
     progress, status = out[0], out[1]
     assert '<progress value="3" max="3"' in progress
     assert "done" in status and "broken0.png" in status, status
@@ -313,6 +314,7 @@ def test_train_a_few_steps_then_use_the_lora(served, tmp_path):
     assert (header["ss_clip_skip"], header["ss_shuffle_caption"], header["ss_keep_tokens"]) == ("2", "True", "1")  # kohya options
     assert (header["ss_noise_offset"], header["ss_multires_noise_iterations"], header["ss_min_snr_gamma"],
             header["ss_loss_type"], header["ss_validation_split"]) == ("0.05", "4", "5.0", "huber", "0.5")
+    assert (header["ss_max_token_length"], header["ss_debiased_estimation"]) == ("150", "True")
     job = max(backend.queue.jobs.values(), key=lambda j: j.id)  # the loss plot's validation series
     assert [s for s, _ in job.val_losses] == [1, 2, 3] and header["ss_num_train_images"] == "1"  # (1 of the 2 readable held out)
     img, caption, _, _ = generate(client, backend, {"trained": (1.0, None)})

@@ -213,6 +213,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             snr_gamma = gr.Number(0.0, label="Min-SNR gamma (e.g. 5; 0: off)")
                             loss_type = gr.Dropdown(["l2", "l1", "huber", "smooth_l1"], value="l2", label="Loss")
                             val_split = gr.Number(0.0, label="Validation split (held-out share; 0: none)")
+                        with gr.Row():
+                            max_tokens = gr.Dropdown([75, 150, 225], value=75, label="Caption tokens (kohya's "
+                                                     "max_token_length: long tag captions in chunks)")
+                            debiased = gr.Checkbox(False, label="Debiased estimation loss (kohya's)")
                         continue_from = gr.Dropdown(choices=[], value=None, allow_custom_value=True, elem_id="continue-from",
                                                     label="Continue training a library LoRA (kohya's --network_weights: "
                                                           "its modules, rank, alpha and DoRA; blank: a new LoRA)")
@@ -366,7 +370,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
 
         def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
                      fmt, skip, shuffle, keep, dropout, continue_from=None, layers="attn", conv_rank=0, conv_alpha=0.0,
-                     noise_offset=0.0, multires=0, snr_gamma=0.0, loss_type="l2", val_split=0.0):
+                     noise_offset=0.0, multires=0, snr_gamma=0.0, loss_type="l2", val_split=0.0, max_tokens=75,
+                     debiased=False):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -385,7 +390,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                            "noise_offset": _number(noise_offset or 0.0, "the noise offset"),
                            "multires_noise_iterations": _whole(multires, "the multires noise iterations", 0),
                            "snr_gamma": _number(snr_gamma or 0.0, "the Min-SNR gamma"), "loss_type": loss_type or "l2",
-                           "validation_split": _number(val_split or 0.0, "the validation split")},
+                           "validation_split": _number(val_split or 0.0, "the validation split"),
+                           "max_token_length": _whole(max_tokens, "the caption tokens", 75),
+                           "debiased_estimation_loss": bool(debiased)},
                     continue_from=continue_from or None,
                 )
                 job = backend.start_training(req)
@@ -478,7 +485,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
              val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout, continue_from, layers,
-             conv_rank, conv_alpha, noise_offset, multires, snr_gamma, loss_type, val_split],
+             conv_rank, conv_alpha, noise_offset, multires, snr_gamma, loss_type, val_split, max_tokens, debiased],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time
