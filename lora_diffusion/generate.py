@@ -69,7 +69,14 @@ _DEFAULT_SETTINGS = {"use_karras_sigmas": False, "use_exponential_sigmas": False
 def set_sampler(pipe, sampler: str, schedule_type: str = "Automatic") -> tuple[str, str]:
     """Give ``pipe`` the scheduler of an A1111 sampler (``"DPM++ 2M"``, ``"Euler a"``; the old names with the
     schedule, ``"DPM++ 2M Karras"``, too) or of a diffusers scheduler class name, on the pipeline's own scheduler
-    config; returns the ``(sampler, schedule type)`` the infotext names."""
+    config (``scheduler_for``); returns the ``(sampler, schedule type)`` the infotext names."""
+    pipe.scheduler, sampler, schedule = scheduler_for(pipe.scheduler, sampler, schedule_type)
+    return sampler, schedule
+
+
+def scheduler_for(base, sampler: str, schedule_type: str = "Automatic") -> tuple[object, str, str]:
+    """``(scheduler, sampler, schedule type)``: a new scheduler of an A1111 sampler or a diffusers scheduler class
+    name (as ``set_sampler`` takes them) on the config of the scheduler ``base``, and the names the infotext gives."""
     sampler, schedule_type = split_sampler(sampler, schedule_type)
     if schedule_type not in SCHEDULE_TYPES:
         raise ValueError(f"unknown schedule type {schedule_type!r}; choose from {', '.join(SCHEDULE_TYPES)}")
@@ -94,11 +101,10 @@ def set_sampler(pipe, sampler: str, schedule_type: str = "Automatic") -> tuple[s
     if missing:
         raise ValueError(f"sampler {sampler!r} ({class_name}) has no {schedule} schedule in diffusers; use schedule "
                          "type Automatic or another sampler")
-    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    config = {k: v for k, v in base.config.items() if not k.startswith("_")}
     config.update({k: v for k, v in _DEFAULT_SETTINGS.items() if k in accepted})
     config.update({k: v for k, v in wanted.items() if k in accepted})
-    pipe.scheduler = cls.from_config(config)
-    return sampler, schedule
+    return cls.from_config(config), sampler, schedule
 
 
 def split_sampler(sampler: str, schedule_type: str = "Automatic") -> tuple[str, str]:
@@ -321,17 +327,9 @@ def txt2img(
         sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
     second_scheduler = None
     if (hires_sampler or hires_schedule_type) and hires_scale > 1:  # (A1111's "use same": the first pass's)
-        first_scheduler = pipe.scheduler
-        try:
-            hires_sampler, hires_schedule_type = set_sampler(pipe, hires_sampler or sampler_name(first_scheduler),
-                                                             hires_schedule_type or schedule_name(first_scheduler))
-            second_scheduler = pipe.scheduler
-        finally:
-            pipe.scheduler = first_scheduler
-    _, hires_tags = parse_prompt(hires_prompt + " " + hires_negative_prompt)
-    if hires_tags and hires_tags != parse_prompt(prompt)[1]:
-        raise ValueError("LoRA tags in the hires prompt must be the prompt's (A1111 would switch LoRAs between the "
-                         "passes; not done here): leave them out or repeat the prompt's")
+        first = pipe.scheduler
+        second_scheduler, hires_sampler, hires_schedule_type = scheduler_for(
+            first, hires_sampler or sampler_name(first), hires_schedule_type or schedule_name(first))
     scale = getattr(pipe, "vae_scale_factor", 8)
     if init_image is not None:
         width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
@@ -368,6 +366,10 @@ def txt2img(
         denoising_steps(hires_steps or steps if hires else steps, denoising_strength, "hires steps" if hires else "steps")
     seed = random.randrange(2**32) if seed == -1 else int(seed)
     _, tags = parse_prompt(prompt)
+    _, hires_tags = parse_prompt(hires_prompt + " " + hires_negative_prompt)
+    if hires_tags and hires_tags != tags:
+        raise ValueError("LoRA tags in the hires prompt must be the prompt's (A1111 would switch LoRAs between the "
+                         "passes; not done here): leave them out or repeat the prompt's")
     paths = {name: _tag_path(name, lora_dir, set()) for name in tags} if lora_dir is not None else {}
     embeddings = _load_named_embeddings(pipe, embeddings_dir, "\n".join((prompt, negative_prompt, hires_prompt,
                                                                           hires_negative_prompt)))
