@@ -292,6 +292,7 @@ def txt2img(
     subseed: int = -1,
     subseed_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
+    hires_resize: tuple[int, int] | None = None,
     hires_sampler: str | None = None,
     hires_schedule_type: str | None = None,
     hires_prompt: str = "",
@@ -310,7 +311,8 @@ def txt2img(
     ``inpaint_only_masked`` with ``masked_padding``, ``masked_content`` and ``inpaint_not_masked``: A1111's Inpaint area,
     Masked content and Mask mode). ``hires_scale``
     > 1: A1111's "Hires. fix": the image, upscaled by ``hires_upscaler`` (``HIRES_UPSCALERS``), denoised again for
-    ``hires_steps`` (0: ``steps``) at ``denoising_strength``, with ``hires_sampler`` / ``hires_schedule_type``
+    ``hires_steps`` (0: ``steps``) at ``denoising_strength`` (``hires_resize`` ``(w, h)``: to that size instead,
+    A1111's "Hires resize", ``hires_size``), with ``hires_sampler`` / ``hires_schedule_type``
     (``None``: the first pass's; A1111's "Use same") and ``hires_prompt`` / ``hires_negative_prompt`` ("": the first pass's; LoRA tags, if
     any, the prompt's). ``subseed_strength`` > 0: A1111's variation seed, the
     starting noise that far toward ``subseed``'s (``subseed + 1``, ... for the batch; -1: a random one);
@@ -357,7 +359,9 @@ def txt2img(
                          "pass), not img2img or inpainting")
     subseed = random.randrange(2**32) if subseed == -1 and subseed_strength > 0 else int(subseed)
     padding = masked_padding if inpaint_only_masked and mask_image is not None else None
-    hires = hires_scale > 1 and init_image is None
+    if hires_resize is not None and (len(hires_resize) != 2 or min(hires_resize) < 0 or not any(hires_resize)):
+        raise ValueError(f"hires resize must be a width and a height (either 0: by the other), got {hires_resize}")
+    hires = (hires_scale > 1 or hires_resize is not None) and init_image is None
     if hires and hires_upscaler not in HIRES_UPSCALERS:
         raise ValueError(f"unknown hires upscaler {hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
     if hires_steps < 0:
@@ -388,10 +392,11 @@ def txt2img(
     hires_negative = hires_negative_prompt or negative_prompt
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
+                                    hires_resize=hires_resize if hires else None,
                                     mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding,
                                     masked_content=masked_content, inpaint_not_masked=inpaint_not_masked)
     if hires:  # (A1111's: each where it differs from the first pass's)
-        params = _insert_before(params, "Hires upscale", {
+        params = _insert_before(params, "Hires resize" if hires_resize else "Hires upscale", {
             "Hires sampler": hires_sampler if second_scheduler is not None and hires_sampler != params["Sampler"] else None,
             "Hires prompt": hires_prompt if hires_prompt and hires_prompt != prompt else None,
             "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
@@ -423,7 +428,7 @@ def txt2img(
             elif hires:
                 image = hires_fix(pipe, run, dict(second, generator=generator), steps=steps, width=width, height=height,
                                   scale=hires_scale, hires_steps=hires_steps or steps, upscaler=hires_upscaler,
-                                  strength=denoising_strength, scheduler=second_scheduler)
+                                  strength=denoising_strength, scheduler=second_scheduler, resize=hires_resize)
             else:
                 image = pipe(**run, num_inference_steps=steps, width=width, height=height).images[0]
             own = {"Seed": seed + i, **({"Variation seed": subseed + i} if subseed_strength > 0 else {})}
@@ -538,11 +543,11 @@ def variation_params(params: dict, subseed: int, strength: float, resize_from: t
 def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,
                        hires_steps: int = 0, hires_upscaler: str = "Latent", *, mask_blur: int | None = None,
                        only_masked_padding: int | None = None, masked_content: str = "original",
-                       inpaint_not_masked: bool = False) -> dict:
+                       inpaint_not_masked: bool = False, hires_resize: tuple[int, int] | None = None) -> dict:
     """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` (and an inpainting's ``Mask mode: Inpaint
     not masked``, ``Mask blur``, ``Inpaint area: Only masked`` with its ``Masked area padding`` and a ``Masked
     content`` other than original) and, given ``hires_scale``, a Hires. fix's settings, where A1111 puts them
-    (``Hires steps`` only when not the first pass's)."""
+    (``Hires steps`` only when not the first pass's; ``hires_resize``: ``Hires resize`` in place of ``Hires upscale``)."""
     inpainting = {}
     if mask_blur is not None:  # (an inpainting)
         inpainting = {"Mask mode": "Inpaint not masked"} if inpaint_not_masked else {}
@@ -554,8 +559,8 @@ def second_pass_params(params: dict, denoising_strength: float, hires_scale: flo
     params = _insert_before(params, "Clip skip", {"Denoising strength": denoising_strength, **inpainting})
     if hires_scale is None:
         return params
-    return _insert_before(params, "Lora hashes", {"Hires upscale": hires_scale, "Hires steps": hires_steps or None,
-                                                  "Hires upscaler": hires_upscaler})
+    size = {"Hires resize": "{}x{}".format(*hires_resize)} if hires_resize else {"Hires upscale": hires_scale}
+    return _insert_before(params, "Lora hashes", {**size, "Hires steps": hires_steps or None, "Hires upscaler": hires_upscaler})
 
 
 def _alpha(image):
@@ -682,36 +687,48 @@ def overlay_mask(mask):
     return mask.point(lambda v: min(255, 2 * v))
 
 
-def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """The size a Hires. fix upscales ``width`` x ``height`` to: ``int(side * scale)``, down to a multiple of 8."""
-    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+def hires_size(width: int, height: int, scale: float, resize: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The size a Hires. fix upscales ``width`` x ``height`` to: ``int(side * scale)``, down to a multiple of 8; with
+    ``resize`` ``(w, h)`` (A1111's "Hires resize"; a 0 side follows the other), the aspect ratio kept and the whole
+    of ``w`` x ``h`` covered, as A1111 computes it (``hires_fix`` then cuts the middle ``w`` x ``h`` out)."""
+    if not resize or not any(resize):
+        return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+    x, y = resize
+    if y == 0 or (x and width / height < x / y):
+        return x // 8 * 8, x * height // width // 8 * 8
+    return y * width // height // 8 * 8, y // 8 * 8
 
 
 def hires_fix(pipe, run: dict, run_second: dict, *, steps: int, width: int, height: int, scale: float,
-              hires_steps: int, upscaler: str, strength: float, scheduler=None):
+              hires_steps: int, upscaler: str, strength: float, scheduler=None, resize: tuple[int, int] | None = None):
     """A1111's "Hires. fix": ``pipe(**run)`` at ``width`` x ``height`` for ``steps``, upscaled to ``hires_size`` by
     ``upscaler`` (``HIRES_UPSCALERS``: the latents by torch's ``interpolate``, or the decoded image by PIL), then
     denoised again by the img2img pipeline on ``pipe``'s modules with ``run_second`` for ``hires_steps`` at ``strength``
     (both kwargs dicts hold the prompts or embeddings, the guidance and the generator; ``scheduler``: the second
-    pass's, A1111's Hires sampler, else the pipeline's). Returns the PIL image."""
+    pass's, A1111's Hires sampler, else the pipeline's; ``resize``: A1111's "Hires resize" to ``(w, h)``, upscaled to
+    cover it and its middle cut out, in latents as A1111 cuts them). Returns the PIL image."""
     import torch.nn.functional as F
 
     if upscaler not in HIRES_UPSCALERS:
         raise ValueError(f"unknown hires upscaler {upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
     mode = HIRES_UPSCALERS[upscaler]
-    big = hires_size(width, height, scale)
+    big = hires_size(width, height, scale, resize)
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    cut = [(big[i] - resize[i]) // factor if resize and all(resize) else 0 for i in (0, 1)]  # (latents, as A1111)
     latent = not mode.startswith(("lanczos", "pil-"))
     first = pipe(**run, num_inference_steps=steps, width=width, height=height,
                  output_type="latent" if latent else "pil").images
     if latent:
-        factor = getattr(pipe, "vae_scale_factor", 8)
         name, _, antialias = mode.partition("-")
         start = F.interpolate(first, size=(big[1] // factor, big[0] // factor), mode=name,
                               **({"antialias": bool(antialias)} if name in ("bilinear", "bicubic") else {}))
+        start = start[..., cut[1] // 2 : start.shape[2] - (cut[1] + 1) // 2, cut[0] // 2 : start.shape[3] - (cut[0] + 1) // 2]
     else:
         from PIL import Image
 
         start = first[0].resize(big, _lanczos() if mode == "lanczos" else Image.Resampling.NEAREST)
+        start = start.crop((cut[0] // 2 * factor, cut[1] // 2 * factor, big[0] - (cut[0] + 1) // 2 * factor,
+                            big[1] - (cut[1] + 1) // 2 * factor))
     second = _img2img(pipe)
     if scheduler is not None:
         second.scheduler = scheduler
@@ -772,6 +789,11 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
         if not size:
             raise ValueError(f"{source}: Size {params['Size']!r} is not WIDTHxHEIGHT")
         out["width"], out["height"] = int(size.group(1)), int(size.group(2))
+    if "Hires resize" in params:
+        size = re.fullmatch(r"(\d+)x(\d+)", params["Hires resize"])
+        if not size:
+            raise ValueError(f"{source}: Hires resize {params['Hires resize']!r} is not WIDTHxHEIGHT")
+        out["hires_resize"] = (int(size.group(1)), int(size.group(2)))
     if "Seed resize from" in params:
         size = re.fullmatch(r"(\d+)x(\d+)", params["Seed resize from"])
         if not size:
@@ -797,7 +819,7 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
 READ_KEYS = frozenset({
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "Clip skip", "Emphasis",
     "Pad conds", "Lora hashes", "TI hashes", "Version", "Denoising strength", "Hires upscale", "Hires steps",
-    "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt", "Mask blur",
+    "Hires upscaler", "Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt", "Mask blur",
     "Mask mode", "Inpaint area", "Masked area padding", "Masked content",
     "Variation seed", "Variation seed strength", "Seed resize from", "Script", "RNG",
     *(f"{p}{a} {k}" for a in "XYZ" for p, k in (("", "Type"), ("", "Values"), ("Fixed ", "Values"))),
@@ -866,7 +888,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         settings = _from_png(args.from_png)
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
                  "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding", "masked_content",
-                 "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from", "hires_sampler",
+                 "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from", "hires_resize", "hires_sampler",
                  "hires_schedule_type", "hires_prompt", "hires_negative_prompt"):
         value = getattr(args, name)
         if value is not None:
@@ -894,7 +916,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 raise ValueError(f"{path}: cannot read it as an image ({e})") from None
     if args.from_png and "mask_blur" in settings and not args.mask:
         raise ValueError(f"{args.from_png} was inpainted; pass its starting image as --init-image and its --mask")
-    if not args.init_image and args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1:
+    if not args.init_image and args.from_png and "denoising_strength" in settings and settings.get("hires_scale", 1) <= 1 \
+            and "hires_resize" not in settings:
         raise ValueError(f"{args.from_png} was made by img2img; pass its starting image as --init-image")
     if not args.mask:
         for name in ("mask_blur", "inpaint_only_masked", "masked_padding", "masked_content", "inpaint_not_masked"):
@@ -1031,6 +1054,8 @@ def register(subparsers) -> None:
     p.add_argument("--hr-steps", dest="hires_steps", type=int, default=None, help="steps of the hires pass (0: --steps)")
     p.add_argument("--hr-upscaler", dest="hires_upscaler", default=None, choices=list(HIRES_UPSCALERS),
                    help="default Latent")
+    p.add_argument("--hr-resize", dest="hires_resize", type=_size, default=None, metavar="WxH", help="A1111's Hires "
+                   "resize: to this size instead of --hr-scale (0 for a side: by the other; both: the middle cut out)")
     p.add_argument("--hr-sampler", dest="hires_sampler", default=None, help="the hires pass's sampler (A1111's Hires "
                    "sampler; default: --sampler's)")
     p.add_argument("--hr-schedule-type", dest="hires_schedule_type", default=None, choices=list(SCHEDULE_TYPES))

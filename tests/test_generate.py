@@ -514,6 +514,43 @@ def test_a_hires_pass_takes_its_own_sampler_and_prompt_as_a1111(pipe, tmp_path):
         txt2img(pipe, "a red cat", hires_prompt="a red cat <lora:style:1>", **settings)
 
 
+def test_hires_resize_covers_the_size_and_cuts_its_middle_as_a1111(pipe, tmp_path):
+    """A1111's Hires resize: one side given, the other follows the aspect ratio; both, the image is upscaled to cover
+    them and the middle cut out of the latents; the image equals the pipelines run by hand, its infotext says Hires
+    resize (not Hires upscale), and --from-png makes it again."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from lora_diffusion.generate import hires_size
+
+    assert hires_size(64, 32, 1.0, (96, 0)) == (96, 48) and hires_size(64, 32, 1.0, (0, 96)) == (192, 96)
+    assert hires_size(64, 32, 1.0, (96, 96)) == (192, 96) and hires_size(32, 64, 1.0, (96, 96)) == (96, 192)
+    settings = dict(steps=4, seed=5, width=32, height=24, cfg_scale=6.0, sampler="Euler", hires_steps=3, denoising_strength=0.6)
+    (got,) = txt2img(pipe, "a red cat", hires_resize=(48, 48), **settings)
+    assert got.image.size == (48, 48)
+    assert "Denoising strength: 0.6, Hires resize: 48x48, Hires steps: 3, Hires upscaler: Latent" in got.infotext
+    assert "Hires upscale:" not in got.infotext
+    g = torch.Generator().manual_seed(5)
+    set_sampler(pipe, "Euler")
+    first = pipe("a red cat", num_inference_steps=4, guidance_scale=6.0, width=32, height=24, generator=g, output_type="latent").images
+    big = F.interpolate(first, size=(48 // 2, 64 // 2), mode="bilinear")  # (covers 48 x 48: 64 x 48; latents at 1/2)
+    start = big[..., :, 4:28]  # (64 - 48 = 16 px = 8 latents: 4 off each side)
+    second = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    second.set_progress_bar_config(disable=True)
+    expect = second("a red cat", image=start, strength=0.6, num_inference_steps=3, guidance_scale=6.0, generator=g).images[0]
+    assert np.array_equal(np.asarray(got.image), np.asarray(expect))
+    (lanczos,) = txt2img(pipe, "a red cat", hires_resize=(0, 40), hires_upscaler="Lanczos", **settings)
+    assert lanczos.image.size == (48, 40) and "Hires resize: 0x40" in lanczos.infotext  # (the width follows: 32 * 40 / 24)
+    path, again = tmp_path / "resized.png", tmp_path / "again.png"
+    got.image.save(path, pnginfo=got.pnginfo())
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(path), "-o", str(again)]) == 0
+    assert "Hires resize: 48x48" in Image.open(again).info["parameters"] and Image.open(again).size == (48, 48)
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(again), "-o", str(tmp_path / "third.png")]) == 0
+    assert np.array_equal(_pixels(again), _pixels(tmp_path / "third.png"))
+    with pytest.raises(ValueError, match="hires resize must be a width and a height"):
+        txt2img(pipe, "a red cat", hires_resize=(0, 0), **settings)
+
+
 def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path, capsys):
     """Each infotext key txt2img writes (hires, inpainting, variation, LoRA hashes, emphasis, clip skip, an X/Y/Z
     grid's) is one --from-png reads; an A1111 image's other settings (a Hires sampler, ADetailer's) are named in a

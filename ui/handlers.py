@@ -525,7 +525,7 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
         notes.append(f"its sampler {sampler!r} is not one of the UI's: the model's own is set")
         sampler = None
     hires_scale, upscaler = got.get("hires_scale", 1.0), got.get("hires_upscaler", "Latent")
-    if hires_scale <= 1 and "denoising_strength" in got:
+    if hires_scale <= 1 and "denoising_strength" in got and "hires_resize" not in got:
         notes.append("it was inpainted: put the image it started from and its mask under img2img to make it again "
                      "(its inpainting settings are set)"
                      if "mask_blur" in got else
@@ -550,7 +550,7 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
               "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None, "plot": None,
               "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
-    for key, name in (("seed_resize_from", "Resize seed from"), ("hires_sampler", "Hires sampler"),
+    for key, name in (("seed_resize_from", "Resize seed from"), ("hires_resize", "Hires resize"), ("hires_sampler", "Hires sampler"),
                       ("hires_prompt", "Hires prompt"), ("hires_negative_prompt", "Hires negative prompt")):
         if key in got:
             notes.append(f"its {name} is not in the tab: `lora-diffusion generate --from-png` makes it")
