@@ -784,21 +784,14 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
                 out[name] = kind(params[key])
             except ValueError:
                 raise ValueError(f"{source}: {key} {params[key]!r} is not a {kind.__name__}") from None
-    if "Size" in params:
-        size = re.fullmatch(r"(\d+)x(\d+)", params["Size"])
-        if not size:
-            raise ValueError(f"{source}: Size {params['Size']!r} is not WIDTHxHEIGHT")
-        out["width"], out["height"] = int(size.group(1)), int(size.group(2))
-    if "Hires resize" in params:
-        size = re.fullmatch(r"(\d+)x(\d+)", params["Hires resize"])
-        if not size:
-            raise ValueError(f"{source}: Hires resize {params['Hires resize']!r} is not WIDTHxHEIGHT")
-        out["hires_resize"] = (int(size.group(1)), int(size.group(2)))
-    if "Seed resize from" in params:
-        size = re.fullmatch(r"(\d+)x(\d+)", params["Seed resize from"])
-        if not size:
-            raise ValueError(f"{source}: Seed resize from {params['Seed resize from']!r} is not WIDTHxHEIGHT")
-        out["seed_resize_from"] = (int(size.group(1)), int(size.group(2)))
+    for key, name in (("Size", "size"), ("Hires resize", "hires_resize"), ("Seed resize from", "seed_resize_from")):
+        if key in params:
+            size = re.fullmatch(r"(\d+)x(\d+)", params[key])
+            if not size:
+                raise ValueError(f"{source}: {key} {params[key]!r} is not WIDTHxHEIGHT")
+            out[name] = (int(size.group(1)), int(size.group(2)))
+    if "size" in out:
+        out["width"], out["height"] = out.pop("size")
     if "Emphasis" in params:
         out["emphasis"] = emphasis_mode(params["Emphasis"])
     if params.get("Inpaint area") == "Only masked":
