@@ -224,10 +224,10 @@ def grid_infotext(first: str, axes: tuple[str | None, str | None, str | None], c
     for letter, axis, every in zip("XYZ", axes, step):
         if not axis:
             continue
-        kind, _ = parse_axis(axis)
+        kind, typed = parse_axis(axis)
         plot[f"{letter} Type"], plot[f"{letter} Values"] = kind, axis.partition(":")[2].strip()
         if kind in _SEEDS:
-            values = [cell.settings[AXES[kind][1]] for cell in cells[::every][: len(parse_axis(axis)[1])]]
+            values = [cell.settings[AXES[kind][1]] for cell in cells[::every][: len(typed)]]
             plot[f"Fixed {letter} Values"] = ", ".join(map(str, values))
     return infotext(prompt, negative, _insert_before(params, "Version", plot))
 
