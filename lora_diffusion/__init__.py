@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from .blend import apply_prompt_loras, merge_loras, parse_prompt
 from .formats import LoraFormatError, read_lora_file, write_lora_file
 from .inject import TARGET_PRESETS, inject_lora, remove_lora
-from .layers import LoraConv2d, LoraLayer, LoraLinear
+from .layers import LoraConv2d, LoraDropout, LoraLayer, LoraLinear
 from .pipeline import (
     cache_merged_weights,
     delete_adapter,
@@ -48,6 +48,7 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraConv2d",
+    "LoraDropout",
     "LoraFormatError",
     "read_lora_file",
     "write_lora_file",

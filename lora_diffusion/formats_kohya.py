@@ -268,6 +268,9 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     if any(w.magnitude is not None for w in lora.values()):
         header["ss_network_module"] = "lycoris.kohya"
         args.update(algo="lora", dora_wd="True")
+    settings = metadata.get("training")
+    if isinstance(settings, dict):  # (kohya writes its rank and module dropouts among the network's arguments)
+        args.update({k: str(settings[k]) for k in ("rank_dropout", "module_dropout") if settings.get(k)})
     if args:
         header["ss_network_args"] = json.dumps(args)
     header.update(_training_keys(metadata))
@@ -285,7 +288,7 @@ _SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rat
                 "ss_gradient_checkpointing": "gradient_checkpointing", "ss_gradient_accumulation_steps": "gradient_accumulation_steps",
                 "ss_mixed_precision": "mixed_precision", "ss_seed": "seed", "ss_clip_skip": "clip_skip", "ss_noise_offset": "noise_offset",
                 "ss_min_snr_gamma": "snr_gamma", "ss_max_grad_norm": "max_grad_norm", "ss_prior_loss_weight": "prior_loss_weight",
-                "ss_cache_latents": "cache_latents", "ss_batch_size_per_device": "train_batch_size", "ss_network_dropout": "lora_dropout",
+                "ss_cache_latents": "cache_latents", "ss_batch_size_per_device": "train_batch_size", "ss_network_dropout": "network_dropout",
                 "ss_enable_bucket": "enable_bucket", "ss_flip_aug": "random_flip", "ss_caption_extension": "caption_extension",
                 "ss_shuffle_caption": "shuffle_caption", "ss_keep_tokens": "keep_tokens", "ss_caption_dropout_rate": "caption_dropout_rate",
                 "ss_caption_tag_dropout_rate": "caption_tag_dropout_rate",

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
-from .layers import BACKWARD_MODES, LoraConv2d, LoraLayer, LoraLinear
+from .layers import BACKWARD_MODES, LoraConv2d, LoraDropout, LoraLayer, LoraLinear
 from .params import PARAMS_ATTR
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def inject_lora(
     *,
     rank: int = 4,
     alpha: float | None = None,
-    dropout: float = 0.0,
+    dropout: float | LoraDropout = 0.0,
     targets: Targets = None,
     adapter: str = "default",
     use_dora: bool = False,
@@ -256,6 +256,8 @@ def inject_lora(
     the text encoder; ``"cross"``: UNet attn2 only; ``"attn-mlp"``: adds feed-forward and proj_in/out, kohya's
     default; ``"full"``: adds ResNet convs, LoCon), a regex fully matching module paths, or a list of module
     path suffixes. ``alpha=None`` means alpha = rank. A layer already wrapped gets the adapter beside the others.
+    ``dropout``: in training, PEFT's dropout of the LoRA input (a float), or ``LoraDropout`` for kohya's neuron,
+    rank and module dropouts too.
     ``use_dora``: DoRA (PEFT's ``use_dora``): each layer also learns a magnitude per output row, returned after
     its factors. All other parameters of ``model`` are frozen; the returned LoRA parameters require grad.
     ``rank_pattern`` / ``alpha_pattern``: PEFT's per-layer ranks and alphas, ``{regex: value}`` matched against

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraConv2d", "AdapterSpec"]
+__all__ = ["LoraLayer", "LoraLinear", "LoraConv2d", "AdapterSpec", "LoraDropout"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,54 @@ class AdapterSpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+class LoraDropout(nn.Module):
+    """The dropouts of one adapter in training, kohya's beside PEFT's (sd-scripts' ``networks/lora.py``):
+
+    * ``input``: PEFT's ``lora_dropout``, on the adapter's input ``x`` (what a plain float ``dropout`` is);
+    * ``neuron``: kohya's ``network_dropout``, on single values of the rank-wide ``A x``;
+    * ``rank``: kohya's ``rank_dropout``, whole rank rows of ``A x`` per sample, the change scaled by
+      ``1 / (1 - rank)`` ("as if the rank were smaller");
+    * ``module``: kohya's ``module_dropout``, the whole adapter of this layer for one forward.
+
+    Each is a probability in ``[0, 1)``; in eval mode nothing is dropped. The masks are drawn on the input's device
+    (no host sync, and the same ops under ``torch.compile``).
+
+    Example:
+        >>> inject_lora(unet, rank=8, dropout=LoraDropout(neuron=0.1, rank=0.1, module=0.1))
+    """
+
+    def __init__(self, input: float = 0.0, neuron: float = 0.0, rank: float = 0.0, module: float = 0.0) -> None:
+        super().__init__()
+        for name, p in (("input", input), ("neuron", neuron), ("rank", rank), ("module", module)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise ValueError(f"LoraDropout: {name} must be a probability in [0, 1), got {p!r}")
+        self.input, self.neuron, self.rank, self.module = float(input), float(neuron), float(rank), float(module)
+
+    @property
+    def hidden(self) -> bool:
+        """Whether anything after ``A`` is dropped (kohya's three): the adapter then runs ``LoraLayer._dropped``."""
+        return bool(self.neuron or self.rank or self.module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's dropout (``nn.Dropout``'s op)."""
+        return F.dropout(x, self.input, self.training) if self.input else x
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k):g}" for k in ("input", "neuron", "rank", "module") if getattr(self, k))
+
+
+def _dropout_module(dropout: float | LoraDropout) -> nn.Module:
+    """An adapter's own dropout module: ``nn.Dropout`` for a float (PEFT's) or a ``LoraDropout`` of the input alone,
+    ``nn.Identity`` for none, else a copy of the ``LoraDropout``."""
+    if isinstance(dropout, LoraDropout):
+        if dropout.hidden:
+            return LoraDropout(dropout.input, dropout.neuron, dropout.rank, dropout.module)
+        dropout = dropout.input
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1) or a LoraDropout, got {dropout!r}")
+    return nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
 def _slot(name: str) -> str:
@@ -398,13 +446,23 @@ class LoraLayer(nn.Module):
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    _rank_axis = -1  # the axis of ``_down``'s output that holds the rank
+
+    def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``A x``, the first of ``_low_rank``'s two ops (apart only where something comes between them)."""
+        raise NotImplementedError
+
+    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``B h``, the second."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ adapters
     def add_adapter(
         self,
         name: str,
         rank: int,
         alpha: float | None = None,
-        dropout: float = 0.0,
+        dropout: float | LoraDropout = 0.0,
         init: str = "kaiming",
         dtype: torch.dtype | None = None,
         weight: float = 1.0,
@@ -412,6 +470,7 @@ class LoraLayer(nn.Module):
     ) -> None:
         """Add a fresh adapter ``name``, active at ``weight``: ``A`` random (kaiming-uniform, as PEFT), ``B`` zero.
         ``dora``: also a magnitude per output row (DoRA, PEFT's ``use_dora``), ``||W||`` of each row at the start.
+        ``dropout``: in training, PEFT's dropout of the input (a float) or ``LoraDropout`` (kohya's too).
 
         Raises ``ValueError`` if the name exists or the rank exceeds what the layer allows.
         """
@@ -424,6 +483,9 @@ class LoraLayer(nn.Module):
                 f"rank {rank} is larger than this layer allows ({self._max_rank()} for "
                 f"{type(self.base_layer).__name__} {tuple(self.base_layer.weight.shape)})"
             )
+        drop = _dropout_module(dropout)
+        if dora and isinstance(drop, LoraDropout) and drop.hidden:
+            raise ValueError("kohya's neuron / rank / module dropout is not built for DoRA adapters (only the input's)")
         device = self.base_layer.weight.device
         dtype = dtype or torch.float32
         a = torch.empty(self._a_shape(rank), device=device, dtype=dtype)
@@ -437,7 +499,7 @@ class LoraLayer(nn.Module):
         self._escaped = self._escaped or _slot(name) != name
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = drop
         if dora:
             if "lora_magnitude" not in self._modules:
                 self.lora_magnitude = _AdapterParameters()
@@ -614,9 +676,8 @@ class LoraLayer(nn.Module):
         """Adapter ``name``'s dropout, read from the ModuleDict's own store (see ``_factors``)."""
         return self._modules["lora_dropout"]._modules[_slot(name) if self._escaped else name]
 
-    def _adapter_input(self, x: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
-        """``dropout(x)`` in the factors' dtype, as PEFT; the cast is skipped where autocast casts back anyway."""
-        drop = self._dropout(name)
+    def _adapter_input(self, x: torch.Tensor, a: torch.Tensor, drop: nn.Module) -> torch.Tensor:
+        """``drop(x)`` in the factors' dtype, as PEFT; the cast is skipped where autocast casts back anyway."""
         identity = isinstance(drop, nn.Identity)
         h = x if x.dtype == a.dtype or (identity and _autocast_recasts(x)) else x.to(a.dtype)
         return h if identity else drop(h)
@@ -720,7 +781,10 @@ class LoraLayer(nn.Module):
         """``result + B(A(dropout(x))) * w * alpha / r`` for one adapter, in PEFT's op order (bit for bit); no-op
         casts and Identity dropouts are skipped (each module/op call costs ~1 us per layer). ``scale``: a tensor
         (``lora_scales``, under torch.compile) in place of the Python weight."""
-        h = self._adapter_input(x, a, name)
+        drop = self._dropout(name)
+        h = self._adapter_input(x, a, drop)
+        if self.training and type(drop) is LoraDropout:  # (one only where kohya's dropouts after A are set)
+            return self._dropped(result, h, a, b, drop, self.weights[name] * self.specs[name].scale if scale is None else scale)
         if scale is not None:
             # in fp32, rounded once, as eager multiplies by a Python float (a bf16 tensor times an fp32 0-d tensor
             # would round the scale to bf16 first)
@@ -734,6 +798,31 @@ class LoraLayer(nn.Module):
             delta = self._low_rank(h, a, b * scale)
         else:
             delta = self._low_rank(h, a, b) * scale
+        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+
+    def _dropped(self, result: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, drop: LoraDropout,
+                 scale: float | torch.Tensor) -> torch.Tensor:
+        """``result + B(mask * dropout(A h)) * scale / (1 - p_rank)`` for one adapter in training: kohya's neuron,
+        rank and module dropouts (``LoraDropout``). The rank mask is one row per sample, broadcast over the other
+        axes; the module's keep is one draw folded into it (a dropped module adds exact zeros)."""
+        # (drawn in kohya's order: the module's keep, the neuron dropout, the rank rows; on the CPU the same numbers)
+        on = torch.rand([1] * h.dim(), device=h.device) >= drop.module if drop.module else None
+        low = self._down(h, a)
+        if drop.neuron:
+            low = F.dropout(low, drop.neuron)
+        if drop.rank:
+            axis = self._rank_axis % low.dim()
+            keep = torch.rand([n if i in (0, axis) else 1 for i, n in enumerate(low.shape)], device=low.device) > drop.rank
+            on = keep if on is None else keep & on
+        if on is not None:
+            low = low * on.to(low.dtype)
+        delta = self._up(low, b)
+        if drop.rank:
+            scale = scale * (1.0 / (1.0 - drop.rank))
+        if isinstance(scale, torch.Tensor) and delta.dtype != torch.float32:
+            delta = (delta.float() * scale).to(delta.dtype)  # (as ``_add_adapter``: the scale rounded once)
+        else:
+            delta = delta * scale
         return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
 
     def _compiled_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -1026,6 +1115,12 @@ class LoraLinear(LoraLayer):
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, a), b)
 
+    def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, a)
+
+    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, b)
+
     def _dense_backward(self, x: torch.Tensor, names: list[str], compiling: bool) -> bool:
         mode = self.backward_mode
         if mode == "lowrank" or len(names) != 1:
@@ -1103,6 +1198,15 @@ class LoraConv2d(LoraLayer):
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         h = F.conv2d(x, a, None, base.stride, base.padding, base.dilation)
+        return F.conv2d(h, b)
+
+    _rank_axis = 1
+
+    def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.conv2d(x, a, None, base.stride, base.padding, base.dilation)
+
+    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.conv2d(h, b)
 
     def _merged_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,75 @@ def test_nan_adapter_refuses_to_fuse():
     with pytest.raises(ValueError, match="NaN or Inf"):
         layer.fuse()
     assert torch.equal(layer.base_layer.weight, w0)
+
+
+def _kohya_forward(org, down, up, x, scale, multiplier, dropout, rank_dropout, module_dropout):
+    """sd-scripts' ``LoRAModule.forward`` in training (networks/lora.py), written out as the reference."""
+    org_forwarded = org(x)
+    if module_dropout is not None and torch.rand(1) < module_dropout:
+        return org_forwarded
+    lx = down(x)
+    if dropout is not None:
+        lx = torch.nn.functional.dropout(lx, p=dropout)
+    if rank_dropout is not None:
+        mask = torch.rand((lx.size(0), down.weight.shape[0]), device=lx.device) > rank_dropout
+        if len(lx.size()) == 3:
+            mask = mask.unsqueeze(1)
+        elif len(lx.size()) == 4:
+            mask = mask.unsqueeze(-1).unsqueeze(-1)
+        lx = lx * mask
+        scale = scale * (1.0 / (1.0 - rank_dropout))
+    return org_forwarded + up(lx) * multiplier * scale
+
+
+@pytest.mark.parametrize("make, x", [(_linear, torch.randn(3, 5, 16)), (_linear, torch.randn(7, 16)),
+                                     (_conv, torch.randn(2, 6, 9, 9))])
+def test_kohya_dropouts_are_sd_scripts_forward_and_eval_drops_nothing(make, x):
+    """``LoraDropout``'s neuron, rank and module dropouts give kohya's training forward bit for bit from the same
+    seed (its draws, in its order, on the CPU); a dropped module adds nothing; in eval mode the adapter is the
+    plain one; a float is still PEFT's input dropout."""
+    from lora_diffusion import LoraDropout
+
+    base = make()
+    layer = (LoraLinear if isinstance(base, nn.Linear) else LoraConv2d)(make())
+    layer.add_adapter("k", rank=4, alpha=2.0, dropout=LoraDropout(neuron=0.25, rank=0.5, module=0.3), weight=0.7)
+    plain = _with_adapters((LoraLinear if isinstance(base, nn.Linear) else LoraConv2d)(make()), {"k": (4, 2.0)})
+    with torch.no_grad():
+        layer.lora_A["k"].copy_(plain.lora_A["k"])
+        layer.lora_B["k"].copy_(plain.lora_B["k"])
+    if isinstance(base, nn.Linear):
+        down, up = nn.Linear(16, 4, bias=False), nn.Linear(4, 12, bias=False)
+    else:
+        down, up = nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False), nn.Conv2d(4, 8, 1, bias=False)
+    down.weight.data, up.weight.data = plain.lora_A["k"].data, plain.lora_B["k"].data
+    dropped = kept = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        ours = layer(x)
+        torch.manual_seed(seed)
+        ref = _kohya_forward(base, down, up, x, 0.5, 0.7, 0.25, 0.5, 0.3)
+        assert torch.equal(ours, ref), seed
+        dropped += torch.equal(ours, base(x))
+        kept += not torch.equal(ours, base(x))
+    assert dropped and kept  # the module dropout (0.3) fell both ways in 12 draws
+    layer.eval()
+    plain.set_weights({"k": 0.7})
+    assert torch.equal(layer(x), plain(x))
+    rank_only = (LoraLinear if isinstance(base, nn.Linear) else LoraConv2d)(make())
+    rank_only.add_adapter("k", rank=4, alpha=2.0, dropout=LoraDropout(rank=0.5))
+    with torch.no_grad():
+        rank_only.lora_B["k"].normal_()
+    torch.manual_seed(0)
+    first = rank_only(x)
+    torch.manual_seed(1)
+    assert not torch.equal(first, rank_only(x))  # each call draws its own rows
+    # a LoraDropout of the input alone is PEFT's nn.Dropout; none at all is no module
+    only_input = LoraLinear(nn.Linear(4, 4))
+    only_input.add_adapter("a", rank=2, dropout=LoraDropout(input=0.1))
+    only_input.add_adapter("b", rank=2, dropout=LoraDropout())
+    assert type(only_input.lora_dropout["a"]) is nn.Dropout and only_input.lora_dropout["a"].p == 0.1
+    assert type(only_input.lora_dropout["b"]) is nn.Identity
+    with pytest.raises(ValueError, match="rank must be a probability"):
+        LoraDropout(rank=1.0)
+    with pytest.raises(ValueError, match="DoRA"):
+        LoraLinear(nn.Linear(4, 4)).add_adapter("d", rank=2, dora=True, dropout=LoraDropout(module=0.1))

@@ -189,7 +189,8 @@ def test_a_kohya_style_data_folder_trains_its_repeats_per_epoch(base, tmp_path):
 # ---------------------------------------------------------------------------------------------- resume
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, tmp_path):
     hard = dict(max_train_steps=6, learning_rate=5e-3, lr_scheduler="cosine", lr_warmup_steps=2, random_flip=True,
-                lora_dropout=0.1, gradient_accumulation_steps=2, train_batch_size=2, noise_offset=0.05,
+                lora_dropout=0.1, network_dropout=0.1, rank_dropout=0.2, module_dropout=0.1, gradient_accumulation_steps=2,
+                train_batch_size=2, noise_offset=0.05,
                 train_text_encoder=True, save_precision="fp32", checkpointing_steps=3, snr_gamma=5.0)
     straight = train(config(base, tmp_path / "a", **hard))
     flat_images(tmp_path / "b" / "data")
@@ -1243,7 +1244,8 @@ def test_max_token_length_reads_long_captions_in_kohyas_chunks(base, tmp_path):
 def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     """A kohya command line (networks.lora, output_name, network_args conv_dim) trains the UNet's attention, MLP and
     convolutions and the text encoder, and writes <output_name>.safetensors in kohya's format; --v_parameterization
-    trains an epsilon-configured model as a v-prediction one."""
+    trains an epsilon-configured model as a v-prediction one. kohya's module dropout leaves layers out of the step
+    (their B stays zero), and its dropouts are written where kohya writes them."""
     from lora_diffusion.training.cli import main
 
     data = tmp_path / "data"
@@ -1251,7 +1253,8 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     out = tmp_path / "out"
     assert main(["--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--output_dir", str(out),
                  "--output_name", "my_style", "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2",
-                 "--network_args", "conv_dim=2", "conv_alpha=1", "--resolution", "32,32", "--max_train_steps", "1",
+                 "--network_args", "conv_dim=2", "conv_alpha=1", "rank_dropout=0.25", "module_dropout=0.5",
+                 "--network_dropout", "0.1", "--resolution", "32,32", "--max_train_steps", "1",
                  "--optimizer_type", "AdamW", "--xformers", "--save_model_as", "safetensors", "--num_validation_images", "0",
                  "--v_parameterization", "--seed", "0"]) == 0
     state, meta = read_safetensors(out / "my_style.safetensors")
@@ -1259,4 +1262,9 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     assert any(k.startswith("lora_te_") for k in keys) and any("_ff_net_" in k for k in keys)
     assert any("resnets" in k and "conv1" in k for k in keys)  # (LoCon: the ResNet convolutions)
     assert meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "my_style"
+    assert meta["ss_network_dropout"] == "0.1" and json.loads(meta["ss_network_args"]) == {
+        "conv_dim": "2", "conv_alpha": "1.0", "rank_dropout": "0.25", "module_dropout": "0.5"}
+    ups = [t for k, t in state.items() if k.endswith("lora_up.weight")]
+    untouched = sum(not t.any() for t in ups)  # (one step: a layer the module dropout left out learned nothing)
+    assert 0.25 * len(ups) < untouched < 0.75 * len(ups), (untouched, len(ups))
     assert our_metadata(read_safetensors(out / "pytorch_lora_weights.safetensors")[1])["prediction_type"] == "v_prediction"

@@ -328,7 +328,8 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     kohya = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--output_dir", "o", "--output_name", "my_style",
              "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "8", "--resolution", "512,512",
              "--learning_rate", "1e-4", "--unet_lr", "2e-4", "--optimizer_type", "AdamW8bit", "--max_train_epochs", "3",
-             "--min_snr_gamma", "5", "--network_args", "conv_dim=4", "conv_alpha=1", "--xformers", "--save_model_as",
+             "--min_snr_gamma", "5", "--network_args", "conv_dim=4", "conv_alpha=1", "rank_dropout=0.1", "module_dropout=0.2",
+             "--xformers", "--save_model_as",
              "safetensors", "--lr_scheduler_num_cycles", "2", "--max_data_loader_n_workers", "2", "--sdpa",
              "--logging_dir", "logs", "--network_dropout", "0.1"]
     config = config_from_args(build_parser().parse_args(kohya))
@@ -336,12 +337,14 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     got = {k: getattr(config, k) for k in ("rank", "lora_alpha", "resolution", "learning_rate", "text_encoder_lr", "optimizer",
                                            "num_train_epochs", "snr_gamma", "conv_rank", "conv_alpha", "target_modules",
                                            "text_encoder_target_modules", "train_text_encoder", "output_name", "save_kohya",
-                                           "lr_num_cycles", "dataloader_num_workers", "lora_dropout")}
+                                           "lr_num_cycles", "dataloader_num_workers", "lora_dropout", "network_dropout",
+                                           "rank_dropout", "module_dropout")}
     assert got == {"rank": 16, "lora_alpha": 8.0, "resolution": 512, "learning_rate": 2e-4, "text_encoder_lr": 1e-4,
                    "optimizer": "adamw8bit", "num_train_epochs": 3, "snr_gamma": 5.0, "conv_rank": 4, "conv_alpha": 1.0,
                    "target_modules": "full", "text_encoder_target_modules": "attn-mlp", "train_text_encoder": True,
                    "output_name": "my_style", "save_kohya": True, "lr_num_cycles": 2, "dataloader_num_workers": 2,
-                   "lora_dropout": 0.1}
+                   "lora_dropout": 0.0, "network_dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.2}  # (kohya's
+    # network_dropout is on A x, not on the input: LoraDropout's neuron)
     unet_only = config_from_args(build_parser().parse_args(kohya[:10] + ["--network_train_unet_only"]))
     assert (unet_only.train_text_encoder, unet_only.target_modules) == (False, "attn-mlp")
     plain = config_from_args(build_parser().parse_args(kohya[:6]))  # (no kohya module: our defaults)
@@ -357,7 +360,9 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
         (8, 768, "prodigy", "x", False)
 
     for extra, match in ((["--resolution", "512,768"], "resolution '512,768': give one side"),
-                         (["--network_args", "rank_dropout=0.1"], "network_args 'rank_dropout=0.1': this trainer takes"),
+                         (["--network_args", "rank_dropout=2"], "--rank_dropout must be in"),
+                         (["--network_args", "dropout=0.1"], "network_args 'dropout=0.1': this trainer takes"),
+                         (["--network_args", "module_dropout=0.1", "--use_dora"], "--use_dora takes --lora_dropout"),
                          (["--network_module", "networks.oft"], "network_module 'networks.oft'"),
                          (["--save_model_as", "ckpt"], "save_model_as 'ckpt': LoRAs are written as safetensors"),
                          (["--network_train_text_encoder_only"], "always trains the UNet's LoRA"),

@@ -74,7 +74,11 @@ class TrainConfig:
                                "'attn2.to_k=8,up_blocks.3.*=16'); or a JSON object. Before --conv_rank")
     alpha_pattern: str = _f("", "per-layer alphas (PEFT's alpha_pattern), as --rank_pattern; a layer it misses takes "
                                 "--lora_alpha, or its own rank where that is 0")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input (PEFT's lora_dropout)")
+    network_dropout: float = _f(0.0, "kohya's dropout of single values of the LoRA's rank-wide hidden A x")
+    rank_dropout: float = _f(0.0, "kohya's rank dropout: the chance that each rank row of A x is dropped for a sample "
+                                  "(the change scaled up to match)")
+    module_dropout: float = _f(0.0, "kohya's module dropout: the chance that a layer's LoRA is left out of a step")
     use_dora: bool = _f(False, "DoRA (PEFT's use_dora): also learn a magnitude per output row of each layer")
     init_lora: str = _f("", "a LoRA file (any format load_lora reads) whose factors the run starts from, as kohya's "
                             "--network_weights: its modules at this run's --rank and --lora_alpha, inside --target_modules")
@@ -239,8 +243,11 @@ class TrainConfig:
             raise ConfigError(f"--huber_c must be in (0, 1] and --huber_scale positive, got {self.huber_c} and {self.huber_scale}")
         if self.lr_num_cycles < 1:
             raise ConfigError(f"--lr_num_cycles must be at least 1, got {self.lr_num_cycles}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.use_dora and (self.network_dropout or self.rank_dropout or self.module_dropout):
+            raise ConfigError("--use_dora takes --lora_dropout (on the input), not kohya's network / rank / module dropout")
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise ConfigError(f"--use_8bit_adam is --optimizer adamw8bit; it does not go with --optimizer {self.optimizer}")
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
@@ -320,7 +327,7 @@ def _field_types() -> dict[str, type]:
 
 ALIASES = {"instance_data_dir": "train_data_dir",  # diffusers' DreamBooth scripts' name -> ours
            # kohya's sd-scripts names -> ours (the same setting, read the same way)
-           "network_dim": "rank", "network_alpha": "lora_alpha", "network_dropout": "lora_dropout",
+           "network_dim": "rank", "network_alpha": "lora_alpha",
            "min_snr_gamma": "snr_gamma", "max_train_epochs": "num_train_epochs", "network_weights": "init_lora",
            "max_data_loader_n_workers": "dataloader_num_workers", "lr_scheduler_num_cycles": "lr_num_cycles",
            "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer"}
@@ -335,7 +342,7 @@ KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_en
 def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
     """``values`` (keys as ``_coerce`` reads them) with kohya's settings that are not plain aliases read into ours:
     ``unet_lr`` (the UNet's rate; ``learning_rate`` then the text encoder's where it has none), ``resolution`` as
-    ``"512,512"``, ``network_args`` (``conv_dim`` / ``conv_alpha``), ``network_train_unet_only``, the module and file
+    ``"512,512"``, ``network_args`` (``conv_dim`` / ``conv_alpha``, ``rank_dropout`` / ``module_dropout``), ``network_train_unet_only``, the module and file
     type (only LoRA and safetensors), ``output_name`` (the kohya copy: ``save_kohya``), and those that change nothing
     (``KOHYA_IGNORED``) left out. ``ConfigError`` names what this trainer cannot do as kohya does."""
     out = {k: v for k, v in values.items() if k not in KOHYA_IGNORED + KOHYA_TRANSLATED}
@@ -369,18 +376,19 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
     for item in [args] if isinstance(args, str) else args:
         key, eq, value = str(item).partition("=")
         key, value = key.strip(), value.strip()
-        if key in ("conv_dim", "conv_alpha") and eq:
+        if key in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout") and eq:
             try:
                 number = float(value)
             except ValueError:
                 raise ConfigError(f"{source}: network_args {item!r}: {key} must be a number") from None
-            out["conv_rank" if key == "conv_dim" else "conv_alpha"] = int(number) if key == "conv_dim" else number
+            out[{"conv_dim": "conv_rank"}.get(key, key)] = int(number) if key == "conv_dim" else number
             if key == "conv_dim" and out.get("target_modules", "attn-mlp") == "attn-mlp":
                 out["target_modules"] = "full"  # (kohya's LoCon: the ResNet convolutions too)
         elif key == "algo" and value in ("lora", "locon"):
             continue
         else:
-            raise ConfigError(f"{source}: network_args {item!r}: this trainer takes conv_dim, conv_alpha and algo=locon")
+            raise ConfigError(f"{source}: network_args {item!r}: this trainer takes conv_dim, conv_alpha, rank_dropout, "
+                              "module_dropout and algo=locon")
     if out.get("output_name"):
         out["output_name"] = str(out["output_name"]).removesuffix(".safetensors")
         out.setdefault("save_kohya", True)

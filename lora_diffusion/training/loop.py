@@ -41,6 +41,7 @@ from torch import nn
 
 from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora, set_backward
+from ..layers import LoraDropout
 from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file, lora_from_model, save_lora
 from ..tools import convert_lora
 from . import outputs
@@ -857,14 +858,16 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     pivot = PivotalToken(pairs, config.token, config.initializer_token) if config.pivotal_tuning else None
     targets = _targets(config.target_modules, unet, "--target_modules")
     alpha = config.lora_alpha or None  # (None: each layer's alpha is its rank, per-layer ranks included)
-    unet_params = inject_lora(unet, rank=config.rank, alpha=alpha, dropout=config.lora_dropout, targets=targets,
+    # PEFT's input dropout (a plain nn.Dropout) and kohya's three after A
+    dropout = LoraDropout(config.lora_dropout, config.network_dropout, config.rank_dropout, config.module_dropout)
+    unet_params = inject_lora(unet, rank=config.rank, alpha=alpha, dropout=dropout, targets=targets,
                               use_dora=config.use_dora, **_layer_shapes(config, unet, targets, "unet", init_lora))
     groups = [{"params": unet_params, "lr": config.learning_rate}]
     te_params: list[nn.Parameter] = []
     if config.train_text_encoder:
         for component, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
             te_targets = _targets(config.text_encoder_target_modules, encoder, "--text_encoder_target_modules")
-            te_params += inject_lora(encoder, rank=config.rank, alpha=alpha, dropout=config.lora_dropout, targets=te_targets,
+            te_params += inject_lora(encoder, rank=config.rank, alpha=alpha, dropout=dropout, targets=te_targets,
                                      use_dora=config.use_dora, **_layer_shapes(config, encoder, te_targets, component, init_lora))
         groups.append({"params": te_params, "lr": config.te_lr})
     if pivot is not None:
