@@ -294,6 +294,9 @@ def merge_lora_dicts(
     rank: int | None = None,
     dtype: torch.dtype | None = None,
     fro: float | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    conv_rank: int | None = None,
 ) -> MergeReport:
     """Merge canonical LoRAs with weights into one: ``dW = sum_i w_i (alpha_i/r_i) B_i A_i`` per layer.
 
@@ -303,7 +306,10 @@ def merge_lora_dicts(
     matrix; the singular values are split evenly between the factors. Errors are measured after casting the
     factors to ``dtype`` (what the file will hold). Layers present in only some inputs are merged from those.
     ``fro`` (svd): a rank per layer, the fewest singular values that keep this share of ``dW``'s Frobenius norm
-    (kohya's ``resize_lora.py --dynamic_method sv_fro``), at most ``rank``. An entry ``(lora, w, blocks)`` weighs its
+    (kohya's ``resize_lora.py --dynamic_method sv_fro``), at most ``rank``; ``sv_cumulative``: the fewest whose sum
+    reaches this share of the sum of all (``sv_cumulative``); ``sv_ratio``: those above the largest divided by this
+    ratio (``sv_ratio``); one of the three at a time. ``conv_rank`` (svd): the rank of the 3x3 convolutions'
+    layers (LoCon; kohya's ``--new_conv_rank``), ``rank`` the others'. An entry ``(lora, w, blocks)`` weighs its
     layers by a block spec too (``block_factor``: an LBW vector or preset's values, a diffusers block dict), as
     ``set_adapters(blocks=...)`` does at run time; an input its blocks weigh at 0 on a layer is left out there (a layer
     that all inputs' blocks zero, altogether).
@@ -320,6 +326,14 @@ def merge_lora_dicts(
         raise ValueError(f"rank={rank} needs mode='svd' (a concat merge is exact: its ranks add up)")
     if fro is not None and (mode != "svd" or not 0 < fro <= 1):
         raise ValueError(f"fro={fro} needs mode='svd' and a share in (0, 1]")
+    if sv_cumulative is not None and (mode != "svd" or not 0 < sv_cumulative <= 1):
+        raise ValueError(f"sv_cumulative={sv_cumulative} needs mode='svd' and a share in (0, 1]")
+    if sv_ratio is not None and (mode != "svd" or not sv_ratio >= 1):
+        raise ValueError(f"sv_ratio={sv_ratio} needs mode='svd' and a ratio of at least 1")
+    if sum(v is not None for v in (fro, sv_ratio, sv_cumulative)) > 1:
+        raise ValueError("give one of fro, sv_ratio and sv_cumulative (each picks a rank per layer)")
+    if conv_rank is not None and (mode != "svd" or isinstance(conv_rank, bool) or not isinstance(conv_rank, int) or conv_rank < 1):
+        raise ValueError(f"conv_rank={conv_rank!r} needs mode='svd' and a positive integer")
     if not loras:
         raise ValueError("nothing to merge")
     loras = _weighted_inputs(loras)
@@ -341,10 +355,9 @@ def merge_lora_dicts(
             qb, rb = torch.linalg.qr(b)  # b = qb rb
             qa, ra = torch.linalg.qr(a.T)  # a = ra^T qa^T
             u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-            k = min(rank or a.shape[0], s.numel())
-            if fro is not None:  # the fewest values whose norm reaches the share fro of the whole (at least one)
-                energy = s.double().pow(2).cumsum(0)
-                k = min(k, max(1, int(torch.searchsorted(energy, fro**2 * energy[-1] * (1 - 1e-12)).item()) + 1))
+            like = parts[0][0].A
+            cap = conv_rank if conv_rank is not None and like.dim() == 4 and like.shape[2:] != (1, 1) else rank
+            k = min(cap or a.shape[0], s.numel(), _dynamic_rank(s, fro, sv_ratio, sv_cumulative))
             root = s[:k].sqrt()
             b, a = (qb @ u[:, :k]) * root, root[:, None] * (vh[:k] @ qa.T)
         out = _as_layer(a, b, parts[0][0])
@@ -365,6 +378,19 @@ def merge_lora_dicts(
     return report
 
 
+def _dynamic_rank(s: torch.Tensor, fro: float | None, ratio: float | None, cumulative: float | None) -> int:
+    """The rank that ``merge_lora_dicts``' ``fro`` / ``sv_ratio`` / ``sv_cumulative`` pick from the singular values
+    ``s`` (descending): at least one, all of them where none is given."""
+    s = s.double()
+    if fro is not None or cumulative is not None:  # the fewest values reaching the share (1e-12: rounding)
+        total = s.pow(2).cumsum(0) if fro is not None else s.cumsum(0)
+        share = fro**2 if fro is not None else cumulative
+        return max(1, int(torch.searchsorted(total, share * total[-1] * (1 - 1e-12)).item()) + 1)
+    if ratio is not None:
+        return max(1, int((s > s[0] / ratio).sum()))
+    return s.numel()
+
+
 def merge_loras(
     inputs: Mapping[str | os.PathLike, float | tuple[float, BlockSpec]] | Sequence[tuple],
     out: str | os.PathLike | None = None,
@@ -375,10 +401,13 @@ def merge_loras(
     dtype: torch.dtype = torch.float16,
     metadata: dict | None = None,
     fro: float | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    conv_rank: int | None = None,
 ) -> MergeReport:
     """Merge LoRA files with weights (any readable format, mixed ranks and alphas) and write ``out``.
 
-    See ``merge_lora_dicts`` for the modes (and ``fro``; one input with ``mode="svd"`` resizes a LoRA). ``format``: ``"diffusers"`` or ``"kohya"``. The merge's inputs,
+    See ``merge_lora_dicts`` for the modes (and ``fro`` / ``sv_ratio`` / ``sv_cumulative``, ``conv_rank``; one input with ``mode="svd"`` resizes a LoRA). ``format``: ``"diffusers"`` or ``"kohya"``. The merge's inputs,
     weights, mode, rank and (svd) overall error go into the file's metadata. Returns the ``MergeReport``. An input
     may come with a block spec, ``{path: (weight, blocks)}`` or ``(path, weight, blocks)``: an LBW vector (or a preset's
     values, ``LBW_PRESETS``) or a diffusers block dict, weighing its layers as ``set_adapters(blocks=...)`` does.
@@ -399,7 +428,8 @@ def merge_loras(
     if embeddings and format != "kohya":
         raise ValueError(f"the inputs bundle the embeddings {', '.join(embeddings)}, which a {format} file cannot hold: "
                          "merge with format='kohya' (--format kohya) to keep them")
-    report = merge_lora_dicts(loras, mode=mode, rank=rank, dtype=dtype, fro=fro)
+    dynamic = {"fro": fro, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative, "conv_rank": conv_rank}
+    report = merge_lora_dicts(loras, mode=mode, rank=rank, dtype=dtype, **dynamic)
     if out is not None:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -408,7 +438,7 @@ def merge_loras(
                             for p, w, b in triples],
             "merge_mode": mode,
             **({"merge_rank": rank, "merge_rel_error": report.error} if mode == "svd" else {}),
-            **({"merge_fro": fro} if fro is not None else {}),
+            **{f"merge_{k}": v for k, v in dynamic.items() if v is not None},
             **(metadata or {}),
         }
         write_lora_file(out, report.lora, metadata=meta, format=format, dtype=dtype, embeddings=embeddings or None, params=params or None)

@@ -479,12 +479,14 @@ def _weighted(spec: str) -> tuple[str, float] | tuple[str, float, tuple[float, .
 def _cmd_merge(args: argparse.Namespace) -> int:
     if args.rank is not None and args.mode != "svd":
         raise ValueError(f"--rank {args.rank} needs --mode svd (a concat merge is exact: its ranks add up)")
-    if args.fro is not None and args.mode != "svd":
-        raise ValueError(f"--fro {args.fro} needs --mode svd")
+    dynamic = {"fro": args.fro, "sv_ratio": args.sv_ratio, "sv_cumulative": args.sv_cumulative, "conv_rank": args.conv_rank}
+    for key, value in dynamic.items():
+        if value is not None and args.mode != "svd":
+            raise ValueError(f"--{key.replace('_', '-')} {value} needs --mode svd")
     inputs = [_weighted(s) for s in args.inputs]
     check_output(args.output, [("the input", p) for p, *_ in inputs], overwrite=args.overwrite)
     report = merge_loras(inputs, args.output, mode=args.mode, rank=args.rank, format=args.format, dtype=_DTYPES[args.dtype],
-                         fro=args.fro)
+                         **dynamic)
     print(f"wrote {args.output}: {len(report.lora)} layers, ranks {report.ranks}, mode {report.mode}")
     if report.mode == "svd":
         _print_errors(report)
@@ -545,9 +547,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _svd_outputs(p: argparse.ArgumentParser) -> None:
-    """``--fro``, ``--format``, ``--dtype`` and ``--overwrite``: what ``merge`` and ``resize`` share."""
-    p.add_argument("--fro", type=float, default=None, metavar="SHARE", help="svd: a rank per layer, the fewest singular "
-                   "values keeping this share of its change's Frobenius norm (e.g. 0.95), at most --rank")
+    """``--fro`` / ``--sv-cumulative`` / ``--sv-ratio``, ``--conv-rank``, ``--format``, ``--dtype`` and ``--overwrite``:
+    what ``merge`` and ``resize`` share."""
+    dynamic = p.add_mutually_exclusive_group()
+    dynamic.add_argument("--fro", type=float, default=None, metavar="SHARE", help="svd: a rank per layer, the fewest singular "
+                         "values keeping this share of its change's Frobenius norm (e.g. 0.95), at most --rank")
+    dynamic.add_argument("--sv-cumulative", type=float, default=None, metavar="SHARE", help="svd: a rank per layer, the "
+                         "fewest singular values whose sum reaches this share of their total, at most --rank")
+    dynamic.add_argument("--sv-ratio", type=float, default=None, metavar="RATIO", help="svd: a rank per layer, the singular "
+                         "values above the largest divided by RATIO (e.g. 10), at most --rank")
+    p.add_argument("--conv-rank", type=int, default=None, help="svd: the rank of the 3x3 convolutions' layers (LoCon; default --rank)")
     p.add_argument("--format", choices=sorted(WRITERS), default="diffusers")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -291,6 +291,41 @@ def test_resize_keeps_per_layer_the_fewest_singular_values_for_a_share_of_the_no
         merge_loras({src: 1.0}, tmp_path / "bad.safetensors", mode="svd", fro=1.5)
 
 
+def test_resize_by_kohyas_other_dynamic_methods_and_a_conv_rank(files, tmp_path, capsys):
+    """kohya's ``sv_cumulative`` (the fewest singular values whose sum reaches a share of the total) and ``sv_ratio``
+    (those above the largest / ratio), at most the rank; ``--conv-rank`` (kohya's ``--new_conv_rank``) caps the 3x3
+    convolutions' layers and ``--rank`` the others."""
+    src = files / "a.safetensors"
+    exact = _file_deltas(src)
+    svals = {k: torch.linalg.svdvals(d.double()) for k, d in exact.items()}
+    for flag, value in (("--sv-cumulative", 0.6), ("--sv-ratio", 1.5)):
+        out = tmp_path / f"{flag}.safetensors"
+        assert cli_main(["resize", str(src), "-o", str(out), "--rank", "3", flag, str(value), "--dtype", "fp32"]) == 0
+        lora, header = read_lora_file(out)
+        for key, s in svals.items():
+            expect = int((s.cumsum(0) / s.sum() < value).sum()) + 1 if flag == "--sv-cumulative" else int((s > s[0] / value).sum())
+            assert lora[key].rank == min(3, max(1, expect)), (flag, key)
+        assert len({w.rank for w in lora.values()}) > 1, flag
+        assert f'"merge_{flag[2:].replace("-", "_")}": {value}' in header["lora_diffusion"]
+    with pytest.raises(SystemExit):  # (argparse: one dynamic method at a time)
+        cli_main(["resize", str(src), "-o", str(tmp_path / "x.safetensors"), "--rank", "3", "--fro", "0.9", "--sv-ratio", "2"])
+    with pytest.raises(ValueError, match="give one of fro, sv_ratio and sv_cumulative"):
+        merge_loras({src: 1.0}, None, mode="svd", fro=0.9, sv_ratio=2.0)
+    with pytest.raises(ValueError, match=r"sv_ratio=0.5 needs mode='svd' and a ratio of at least 1"):
+        merge_loras({src: 1.0}, None, mode="svd", sv_ratio=0.5)
+    assert cli_main(["merge", str(src), "-o", str(tmp_path / "y.safetensors"), "--conv-rank", "2"]) == 2
+    assert "--conv-rank 2 needs --mode svd" in capsys.readouterr().err
+
+    locon = tmp_path / "locon.safetensors"
+    write_lora_file(locon, random_lora(tiny_pipeline(0), seed=3, rank=4, unet_targets="full", text_encoder_targets=None),
+                    dtype=torch.float32)
+    report = merge_loras({locon: 1.0}, tmp_path / "r.safetensors", mode="svd", rank=3, conv_rank=2, dtype=torch.float32)
+    lora, _ = read_lora_file(locon)
+    conv3 = {k for k, w in lora.items() if w.A.dim() == 4 and w.A.shape[2:] != (1, 1)}
+    assert conv3 and len(conv3) < len(lora)
+    assert {k: w.rank for k, w in report.lora.items()} == {k: 2 if k in conv3 else 3 for k in lora}
+
+
 def test_merge_cli(files, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     assert cli_main(["merge", f"{files / 'a.safetensors'}:0.7", f"{files / 'b.safetensors'}:0.3", "-o", str(out), "--mode", "svd", "--rank", "2"]) == 0
