@@ -1254,7 +1254,8 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     assert main(["--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--output_dir", str(out),
                  "--output_name", "my_style", "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2",
                  "--network_args", "conv_dim=2", "conv_alpha=1", "rank_dropout=0.25", "module_dropout=0.5",
-                 "--network_dropout", "0.1", "--resolution", "32,32", "--max_train_steps", "1",
+                 "--network_dropout", "0.1", "--resolution", "32,32", "--max_train_steps", "1", "--enable_bucket",
+                 "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "16", "--bucket_no_upscale",
                  "--optimizer_type", "AdamW", "--xformers", "--save_model_as", "safetensors", "--num_validation_images", "0",
                  "--v_parameterization", "--seed", "0"]) == 0
     state, meta = read_safetensors(out / "my_style.safetensors")

@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +17,8 @@ from PIL import Image
 from lora_diffusion.training import ConfigError, DataError, TrainConfig, load_config
 from lora_diffusion.training.cli import build_parser, main
 from lora_diffusion.training.config import config_from_args
-from lora_diffusion.training.data import BatchPlan, ImageDataset, StepBatchSampler, compose_caption, make_buckets, scan_images
+from lora_diffusion.training.data import (BatchPlan, Example, ImageDataset, KohyaBuckets, StepBatchSampler, compose_caption,
+                                          make_buckets, scan_images)
 
 ISSUE_FLAGS = """--pretrained_model_name_or_path --train_data_dir --output_dir --caption_extension --mode --token
 --instance_prompt --class_prompt --with_prior_preservation --class_data_dir --num_class_images --prior_loss_weight --rank
@@ -140,6 +142,51 @@ def test_buckets_keep_the_area_and_fit_the_aspect_ratio(tmp_path):
         _, h, w = sizes[name]
         assert abs(math.log(w / h / ratio)) < math.log(1.15), (name, w, h)  # aspect kept within 15%
         assert 0.75 * 512 * 512 <= w * h <= 512 * 512, (name, w, h)  # about the training area
+
+
+# sd-scripts' BucketManager (max_reso 512x512, min 256, max 1024, steps 64) on these image sizes, run once from its
+# source: (bucket, the size the image is resized to before the crop)
+KOHYA_BUCKETS = {False: {(1000, 600): ((640, 384), (640, 384)), (300, 900): ((256, 832), (277, 832)),
+                         (512, 512): ((512, 512), (512, 512)), (700, 500): ((576, 448), (627, 448)),
+                         (200, 150): ((576, 448), (597, 448)), (3000, 1000): ((832, 256), (832, 277))},
+                 True: {(1000, 600): ((640, 384), (640, 384)), (300, 900): ((256, 768), (256, 768)),
+                        (512, 512): ((512, 512), (512, 512)), (700, 500): ((512, 384), (538, 384)),
+                        (200, 150): ((192, 128), (200, 150)), (3000, 1000): ((768, 256), (768, 256))}}
+
+
+def test_kohya_buckets_are_sd_scripts_and_no_upscale_enlarges_nothing(tmp_path):
+    """kohya's bucket settings make sd-scripts' buckets and pick them as it does (its own output above); with
+    --bucket_no_upscale a small image is cropped at its own size, its pixels as they are; a kohya command line gets
+    kohya's buckets, ours stay ours."""
+    grid = KohyaBuckets().grid(512)
+    assert grid == [(256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576),
+                    (512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256), (1024, 256)]
+    for no_upscale, cases in KOHYA_BUCKETS.items():
+        examples = [Example(path=tmp_path / "x.png", caption="", size=size) for size in cases]
+        dataset = ImageDataset(examples, resolution=512, enable_bucket=True, kohya_buckets=KohyaBuckets(no_upscale=no_upscale))
+        got = {e.size: (dataset.buckets()[i], dataset.resized_size(i)) for i, e in enumerate(examples)}
+        assert got == cases, no_upscale
+    pixels = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "small.png")
+    small = ImageDataset(scan_images(tmp_path, resolution=512), resolution=512, enable_bucket=True, center_crop=True,
+                         kohya_buckets=KohyaBuckets(no_upscale=True))
+    tensor = small[(0, 0)]["pixel_values"]
+    assert tensor.shape == (3, 128, 192)
+    crop = pixels[11:139, 4:196]  # (the centre: (150 - 128) / 2, (200 - 192) / 2)
+    assert torch.equal(tensor, torch.from_numpy(crop.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+
+    kohya = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--network_module", "networks.lora", "--enable_bucket"]
+    config = config_from_args(build_parser().parse_args(kohya + ["--min_bucket_reso", "320", "--bucket_no_upscale"]))
+    config.validate()
+    assert (config.uses_kohya_buckets, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps,
+            config.bucket_no_upscale) == (True, 320, 0, 64, True)  # (0: kohya's 1024)
+    assert config_from_args(build_parser().parse_args(kohya)).uses_kohya_buckets
+    assert not config_from_args(build_parser().parse_args(kohya[:4] + ["--enable_bucket"])).uses_kohya_buckets
+    for extra, match in ((["--bucket_reso_steps", "20"], "--bucket_reso_steps must be a multiple of 8"),
+                         (["--max_bucket_reso", "256", "--resolution", "512"], r"--max_bucket_reso >= --resolution \(512\)"),
+                         (["--resolution", "32"], r"--resolution 32 is below --bucket_reso_steps \(64\)")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_args(build_parser().parse_args(kohya + extra)).validate()
 
 
 def test_kohya_folders_repeat_their_images_and_caption_those_without_a_caption(tmp_path, caplog):

@@ -146,6 +146,12 @@ class TrainConfig:
     center_crop: bool = _f(False, "crop the centre instead of a random crop")
     random_flip: bool = _f(False, "flip images horizontally at random")
     enable_bucket: bool = _f(False, "aspect-ratio buckets: train non-square images without cropping them square")
+    min_bucket_reso: int = _f(0, "with --enable_bucket, kohya's buckets: their shortest side (0: kohya's 256 where a kohya "
+                                 "bucket setting or --network_module is given, else this trainer's buckets)")
+    max_bucket_reso: int = _f(0, "kohya's buckets: their longest side (0: kohya's 1024)")
+    bucket_reso_steps: int = _f(0, "kohya's buckets: their sides are multiples of this (0: kohya's 64)")
+    bucket_no_upscale: bool = _f(False, "kohya's: each image its own bucket, its size cut down to --bucket_reso_steps (and "
+                                        "shrunk to the area of --resolution if larger): no image is enlarged")
     cache_latents: bool = _f(False, "encode every image once with the VAE (random crop then stays fixed)")
     # ------------------------------------------------------------------ speed, memory
     mixed_precision: str = _f("no", "compute dtype of the frozen model and the forward: bf16 on recent GPUs and CPUs; "
@@ -197,6 +203,12 @@ class TrainConfig:
         return parse_pattern(self.rank_pattern, "--rank_pattern", int), parse_pattern(self.alpha_pattern, "--alpha_pattern", float)
 
     @property
+    def uses_kohya_buckets(self) -> bool:
+        """Whether ``--enable_bucket`` makes kohya's buckets (a kohya bucket setting is given) rather than ours."""
+        return self.enable_bucket and bool(self.min_bucket_reso or self.max_bucket_reso or self.bucket_reso_steps
+                                           or self.bucket_no_upscale)
+
+    @property
     def te_lr(self) -> float:
         return float(self.text_encoder_lr or self.learning_rate)
 
@@ -243,6 +255,15 @@ class TrainConfig:
             raise ConfigError(f"--huber_c must be in (0, 1] and --huber_scale positive, got {self.huber_c} and {self.huber_scale}")
         if self.lr_num_cycles < 1:
             raise ConfigError(f"--lr_num_cycles must be at least 1, got {self.lr_num_cycles}")
+        if self.bucket_reso_steps % 8 or self.bucket_reso_steps < 0:
+            raise ConfigError(f"--bucket_reso_steps must be a multiple of 8 (the VAE's downscaling factor), got {self.bucket_reso_steps}")
+        low, high = self.min_bucket_reso or 256, self.max_bucket_reso or 1024
+        if self.uses_kohya_buckets and self.resolution < (self.bucket_reso_steps or 64):
+            raise ConfigError(f"--resolution {self.resolution} is below --bucket_reso_steps ({self.bucket_reso_steps or 64}): "
+                              "kohya's buckets would be empty; give a smaller --bucket_reso_steps")
+        if self.uses_kohya_buckets and not (0 < low <= high and high >= self.resolution):
+            raise ConfigError(f"kohya's buckets need 0 < --min_bucket_reso ({low}) <= --max_bucket_reso ({high}) and "
+                              f"--max_bucket_reso >= --resolution ({self.resolution})")
         for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -370,6 +391,7 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         out.setdefault("target_modules", "attn-mlp")
         out.setdefault("text_encoder_target_modules", "attn-mlp")
         out.setdefault("train_text_encoder", True)
+        out.setdefault("bucket_reso_steps", 64)  # (kohya's buckets, with its defaults where none is given)
     if values.get("save_model_as") not in (None, "safetensors"):
         raise ConfigError(f"{source}: save_model_as {values['save_model_as']!r}: LoRAs are written as safetensors")
     args = values.get("network_args") or []

@@ -49,6 +49,7 @@ __all__ = [
     "dataset_summary",
     "load_rgb",
     "make_buckets",
+    "KohyaBuckets",
     "ImageDataset",
     "BatchPlan",
     "collate",
@@ -276,6 +277,56 @@ def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.
     return sorted(buckets)
 
 
+@dataclass(frozen=True)
+class KohyaBuckets:
+    """kohya's buckets (sd-scripts' ``BucketManager``; ``--min_bucket_reso``, ``--max_bucket_reso``,
+    ``--bucket_reso_steps``, ``--bucket_no_upscale``): sides from ``min_size`` to ``max_size`` in ``steps``, each
+    width with the tallest height that keeps the area within ``resolution**2``, and the square; an image takes the
+    bucket of the nearest aspect ratio. ``no_upscale``: each image its own bucket instead, its size (shrunk to the
+    area if larger) cut down to ``steps``, so nothing is enlarged."""
+
+    min_size: int = 256
+    max_size: int = 1024
+    steps: int = 64
+    no_upscale: bool = False
+
+    def grid(self, resolution: int) -> list[tuple[int, int]]:
+        """The buckets (width, height) for ``resolution``, sorted (kohya's ``make_bucket_resolutions``)."""
+        area, steps = resolution * resolution, self.steps
+        side = int(math.sqrt(area) // steps) * steps
+        buckets = {(side, side)}
+        for width in range(self.min_size, self.max_size + 1, steps):
+            height = min(self.max_size, area // width // steps * steps)
+            if height >= self.min_size:
+                buckets |= {(width, height), (height, width)}
+        return sorted(buckets)
+
+    def select(self, size: tuple[int, int], resolution: int, grid: list[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """(bucket, size the image is resized to before the crop) for an image of ``size``, as kohya's
+        ``select_bucket``; the size is ``None`` where the image is resized to cover the bucket."""
+        width, height = size
+        aspect = width / height
+        if not self.no_upscale:
+            if size in grid:
+                return size, None
+            return min(grid, key=lambda b: abs(b[0] / b[1] - aspect)), None  # (the first of equals, as argmin)
+        area = resolution * resolution
+        if width * height > area:  # shrunk to the area, its long or short side rounded to steps: the closer aspect
+            wide = math.sqrt(area * aspect)
+            by_width = self._round(wide)
+            by_height = self._round(area / wide)
+            if abs(by_width / self._round(by_width / aspect) - aspect) < abs(self._round(by_height * aspect) / by_height - aspect):
+                width, height = by_width, int(by_width / aspect + 0.5)
+            else:
+                width, height = int(by_height * aspect + 0.5), by_height
+        bucket = (max(self.steps, width - width % self.steps), max(self.steps, height - height % self.steps))
+        return bucket, (max(width, bucket[0]), max(height, bucket[1]))
+
+    def _round(self, x: float) -> int:
+        x = int(x + 0.5)
+        return x - x % self.steps
+
+
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is closest to ``size``'s (in log space); ties go to the larger bucket."""
     ratio = math.log(size[0] / size[1])
@@ -301,6 +352,7 @@ class ImageDataset(torch.utils.data.Dataset):
         keep_tokens: int = 0,
         caption_dropout_rate: float = 0.0,
         caption_tag_dropout_rate: float = 0.0,
+        kohya_buckets: KohyaBuckets | None = None,
     ) -> None:
         self.examples = examples
         self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
@@ -309,8 +361,14 @@ class ImageDataset(torch.utils.data.Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         square = (resolution, resolution)
-        grid = make_buckets(resolution) if enable_bucket else [square]
-        self.bucket_of = [nearest_bucket(e.size, grid) for e in examples]
+        self.resized_of: list[tuple[int, int] | None] = [None] * len(examples)  # (None: resized to cover the bucket)
+        if enable_bucket and kohya_buckets is not None:
+            grid = kohya_buckets.grid(resolution)
+            picks = [kohya_buckets.select(e.size, resolution, grid) for e in examples]
+            self.bucket_of, self.resized_of = [b for b, _ in picks], [r for _, r in picks]
+        else:
+            grid = make_buckets(resolution) if enable_bucket else [square]
+            self.bucket_of = [nearest_bucket(e.size, grid) for e in examples]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -356,21 +414,29 @@ class ImageDataset(torch.utils.data.Dataset):
         and the bucket's size. Computed from the example's size, so the latent cache needs no pixels."""
         width, height = self.bucket_of[index]
         orig_w, orig_h = self.examples[index].size
-        scale = max(width / orig_w, height / orig_h)
-        new_w, new_h = max(width, round(orig_w * scale)), max(height, round(orig_h * scale))
+        new_w, new_h = self.resized_size(index)
         left, top = round((new_w - width) * x), round((new_h - height) * y)
         return [orig_h, orig_w, top, new_w - width - left if flip else left, height, width]
+
+    def resized_size(self, index: int) -> tuple[int, int]:
+        """The size example ``index`` is resized to before its crop: covering its bucket, aspect kept (or as
+        ``KohyaBuckets`` chose)."""
+        if (kept := self.resized_of[index]) is not None:
+            return kept
+        width, height = self.bucket_of[index]
+        orig_w, orig_h = self.examples[index].size
+        scale = max(width / orig_w, height / orig_h)
+        return max(width, round(orig_w * scale)), max(height, round(orig_h * scale))
 
     def load(self, index: int, flip: bool, x: float, y: float) -> torch.Tensor:
         """``[3, H, W]`` float tensor in ``[-1, 1]`` of example ``index`` at its bucket size."""
         width, height = self.bucket_of[index]
         path = self.examples[index].path
+        new_size = self.resized_size(index)
         try:
-            image = load_rgb(path, draft=max(width, height))
+            image = load_rgb(path, draft=max(new_size))
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot read image ({e}); it was readable when training started") from None
-        scale = max(width / image.width, height / image.height)
-        new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
         image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
         left = round((new_size[0] - width) * x)
         top = round((new_size[1] - height) * y)

@@ -47,7 +47,7 @@ from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
 from ..prompts import check_clip_skip, encode_text, join_chunks, prompt_kwargs, token_ids
-from .data import BatchPlan, DataError, Example, ImageDataset, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
+from .data import BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -424,6 +424,14 @@ def split_validation(examples: list, share: float, seed: int) -> tuple[list, lis
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def kohya_buckets(config: TrainConfig) -> KohyaBuckets | None:
+    """kohya's bucket settings of a run (its defaults where a setting is 0), or ``None`` for this trainer's buckets."""
+    if not config.uses_kohya_buckets:
+        return None
+    return KohyaBuckets(config.min_bucket_reso or 256, config.max_bucket_reso or 1024, config.bucket_reso_steps or 64,
+                        config.bucket_no_upscale)
+
+
 class Validation:
     """kohya's validation loss: the held-out images (centre-cropped, unflipped, their VAE means), each denoised at 4
     timesteps evenly inside ``[--min_timestep, --max_timestep]`` (kohya's 200, 400, 600, 800 by default) with noise
@@ -433,7 +441,7 @@ class Validation:
 
     def __init__(self, examples: list, config: TrainConfig, vae, device, vae_dtype, seed: int) -> None:
         self.dataset = ImageDataset(examples, resolution=config.resolution, center_crop=True, random_flip=False,
-                                    enable_bucket=config.enable_bucket)
+                                    enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config))
         encoded = Latents(vae, self.dataset, device, vae_dtype, cache=True)
         self.latents = [(encoded.cache[(i, False)][0] - encoded.shift) * encoded.scale for i in range(len(self.dataset))]
         self.config, self.seed, self.device = config, seed, device
@@ -813,7 +821,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
 
     # the batch order and the length of the run (no model needed): a finished checkpoint stops here
     dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
-                           random_flip=config.random_flip, enable_bucket=config.enable_bucket,
+                           random_flip=config.random_flip, enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config),
                            shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
                            caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate)
     if config.cache_latents and not config.center_crop:
@@ -897,7 +905,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     class_latents = class_plan = None
     if class_examples is not None:
         class_dataset = ImageDataset(class_examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
-                                     random_flip=config.random_flip, enable_bucket=config.enable_bucket)
+                                     random_flip=config.random_flip, enable_bucket=config.enable_bucket,
+                                     kohya_buckets=kohya_buckets(config))
         class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
