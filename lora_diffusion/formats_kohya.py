@@ -227,8 +227,9 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
     """Canonical -> (kohya state dict, header with ``ss_*`` and ``modelspec.*`` keys) that A1111 and ComfyUI load.
 
     ``.alpha`` is a 0-dim fp32 tensor (exact for any alpha); a DoRA module's magnitude is its ``.dora_scale``. ``metadata`` (our own: ``name``/``adapter``,
-    ``trigger_words``, ``base_model``) fills ``ss_output_name``, ``modelspec.title`` and
-    ``modelspec.trigger_phrase``.
+    ``trigger_words``, ``base_model``; a training run's ``comment`` and ``card``: kohya's ``--training_comment`` and
+    ``--metadata_*``) fills ``ss_output_name``, ``modelspec.title``, ``modelspec.trigger_phrase``, the card's
+    ``modelspec.*`` keys and ``ss_training_comment``.
     """
     from .formats import check_components
 
@@ -279,6 +280,10 @@ def to_kohya(lora, metadata: dict | None = None) -> tuple[dict[str, torch.Tensor
         header["modelspec.trigger_phrase"] = ", ".join(words) if isinstance(words, (list, tuple)) else str(words)
     if metadata.get("base_model"):
         header["ss_sd_model_name"] = str(metadata["base_model"])
+    card = metadata.get("card") if isinstance(metadata.get("card"), dict) else {}  # (kohya's --metadata_* flags)
+    header.update({f"modelspec.{k}": str(v) for k, v in card.items() if k in ("title", "author", "description", "license", "tags") and v})
+    if metadata.get("comment"):
+        header["ss_training_comment"] = str(metadata["comment"])
     return state, header
 
 
@@ -289,7 +294,7 @@ _SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rat
                 "ss_mixed_precision": "mixed_precision", "ss_seed": "seed", "ss_clip_skip": "clip_skip", "ss_noise_offset": "noise_offset",
                 "ss_min_snr_gamma": "snr_gamma", "ss_max_grad_norm": "max_grad_norm", "ss_prior_loss_weight": "prior_loss_weight",
                 "ss_cache_latents": "cache_latents", "ss_batch_size_per_device": "train_batch_size", "ss_network_dropout": "network_dropout",
-                "ss_enable_bucket": "enable_bucket", "ss_flip_aug": "random_flip", "ss_caption_extension": "caption_extension",
+                "ss_enable_bucket": "enable_bucket", "ss_flip_aug": "random_flip", "ss_color_aug": "color_aug", "ss_caption_extension": "caption_extension",
                 "ss_shuffle_caption": "shuffle_caption", "ss_keep_tokens": "keep_tokens", "ss_caption_dropout_rate": "caption_dropout_rate",
                 "ss_caption_tag_dropout_rate": "caption_tag_dropout_rate",
                 "ss_multires_noise_iterations": "multires_noise_iterations", "ss_multires_noise_discount": "multires_noise_discount",

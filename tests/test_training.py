@@ -1256,6 +1256,7 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
                  "--network_args", "conv_dim=2", "conv_alpha=1", "rank_dropout=0.25", "module_dropout=0.5",
                  "--network_dropout", "0.1", "--resolution", "32,32", "--max_train_steps", "1", "--enable_bucket",
                  "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "16", "--bucket_no_upscale",
+                 "--flip_aug", "--color_aug", "--training_comment", "first try", "--metadata_author", "me", "--metadata_tags", "a,b",
                  "--optimizer_type", "AdamW", "--xformers", "--save_model_as", "safetensors", "--num_validation_images", "0",
                  "--v_parameterization", "--seed", "0"]) == 0
     state, meta = read_safetensors(out / "my_style.safetensors")
@@ -1263,6 +1264,8 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     assert any(k.startswith("lora_te_") for k in keys) and any("_ff_net_" in k for k in keys)
     assert any("resnets" in k and "conv1" in k for k in keys)  # (LoCon: the ResNet convolutions)
     assert meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "my_style"
+    assert (meta["ss_training_comment"], meta["modelspec.author"], meta["modelspec.tags"], meta["modelspec.title"]) == (
+        "first try", "me", "a,b", "my_style")
     assert meta["ss_network_dropout"] == "0.1" and json.loads(meta["ss_network_args"]) == {
         "conv_dim": "2", "conv_alpha": "1.0", "rank_dropout": "0.25", "module_dropout": "0.5"}
     ups = [t for k, t in state.items() if k.endswith("lora_up.weight")]

@@ -189,6 +189,23 @@ def test_kohya_buckets_are_sd_scripts_and_no_upscale_enlarges_nothing(tmp_path):
             config_from_args(build_parser().parse_args(kohya + extra)).validate()
 
 
+def test_color_aug_shifts_the_hue_or_gamma_of_a_third_of_the_samples(tmp_path):
+    """kohya's --color_aug: about a third of the samples change, each by a small hue shift or gamma (the mean colour
+    moves a little), the others stay the plain sample; the same (image, seed) is the same sample every time."""
+    pixels = np.random.default_rng(1).integers(30, 220, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    examples = scan_images(tmp_path, resolution=32)
+    plain, aug = (ImageDataset(examples, resolution=32, color_aug=c) for c in (False, True))
+    changed = 0
+    for seed in range(60):
+        a, b = plain[(0, seed)]["pixel_values"], aug[(0, seed)]["pixel_values"]
+        assert torch.equal(b, aug[(0, seed)]["pixel_values"])
+        if not torch.equal(a, b):
+            changed += 1
+            assert 0 < (a - b).abs().mean() < 0.25, seed
+    assert 10 <= changed <= 30, changed
+
+
 def test_kohya_folders_repeat_their_images_and_caption_those_without_a_caption(tmp_path, caplog):
     """``10_sks dog/``: kohya's DreamBooth-style folder names give repeats per epoch and the caption of images that
     have none (a sidecar or metadata.jsonl caption wins); other folders and the root count once."""
@@ -392,6 +409,13 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
                    "output_name": "my_style", "save_kohya": True, "lr_num_cycles": 2, "dataloader_num_workers": 2,
                    "lora_dropout": 0.0, "network_dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.2}  # (kohya's
     # network_dropout is on A x, not on the input: LoraDropout's neuron)
+    more = config_from_args(build_parser().parse_args(kohya + ["--flip_aug", "--color_aug", "--cache_latents_to_disk",
+                                                               "--training_comment", "hi", "--metadata_author", "me"]))
+    assert (more.random_flip, more.color_aug, more.cache_latents, more.center_crop, more.training_comment,
+            more.metadata_author) == (True, True, True, True, "hi", "me")  # (kohya crops the centre)
+    assert not config_from_args(build_parser().parse_args(kohya + ["--random_crop"])).center_crop
+    with pytest.raises(ConfigError, match="--color_aug changes every sample's colours: it cannot go with --cache_latents"):
+        more.validate()
     unet_only = config_from_args(build_parser().parse_args(kohya[:10] + ["--network_train_unet_only"]))
     assert (unet_only.train_text_encoder, unet_only.target_modules) == (False, "attn-mlp")
     plain = config_from_args(build_parser().parse_args(kohya[:6]))  # (no kohya module: our defaults)
@@ -408,6 +432,9 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
 
     for extra, match in ((["--resolution", "512,768"], "resolution '512,768': give one side"),
                          (["--network_args", "rank_dropout=2"], "--rank_dropout must be in"),
+                         (["--full_fp16"], "full_fp16: the LoRA trains in fp32 under --mixed_precision fp16"),
+                         (["--dataset_config", "d.toml"], "dataset_config: kohya's dataset TOML is not read"),
+                         (["--random_crop", "--center_crop"], "random_crop and center_crop contradict each other"),
                          (["--network_args", "dropout=0.1"], "network_args 'dropout=0.1': this trainer takes"),
                          (["--network_args", "module_dropout=0.1", "--use_dora"], "--use_dora takes --lora_dropout"),
                          (["--network_module", "networks.oft"], "network_module 'networks.oft'"),

@@ -144,7 +144,9 @@ class TrainConfig:
     # ------------------------------------------------------------------ images
     resolution: int = _f(512, "training resolution, a multiple of 8 (side of the square, or the area of buckets)")
     center_crop: bool = _f(False, "crop the centre instead of a random crop")
-    random_flip: bool = _f(False, "flip images horizontally at random")
+    random_flip: bool = _f(False, "flip images horizontally at random (kohya's --flip_aug)")
+    color_aug: bool = _f(False, "kohya's colour augmentation: a third of the samples get a hue shift of up to 8 degrees "
+                                "of OpenCV's 180 or a gamma of 0.95-1.05 (not with --cache_latents)")
     enable_bucket: bool = _f(False, "aspect-ratio buckets: train non-square images without cropping them square")
     min_bucket_reso: int = _f(0, "with --enable_bucket, kohya's buckets: their shortest side (0: kohya's 256 where a kohya "
                                  "bucket setting or --network_module is given, else this trainer's buckets)")
@@ -191,6 +193,12 @@ class TrainConfig:
                               "(default: the output folder's name)")
     v_parameterization: bool = _f(False, "kohya's: train the model as a v-prediction model whatever its scheduler config "
                                          "says (an SD 2.x 768 single-file checkpoint), its sample images too")
+    training_comment: str = _f("", "kohya's: a comment written into the LoRA file (ss_training_comment)")
+    metadata_title: str = _f("", "kohya's: the title in the file's model card (modelspec.title; default: the file's name)")
+    metadata_author: str = _f("", "kohya's: the author in the file's model card (modelspec.author)")
+    metadata_description: str = _f("", "kohya's: the description in the file's model card (modelspec.description)")
+    metadata_license: str = _f("", "kohya's: the license in the file's model card (modelspec.license)")
+    metadata_tags: str = _f("", "kohya's: comma-separated tags in the file's model card (modelspec.tags)")
     seed: int = _f(-1, "seed of everything random (-1: pick one and record it)")
 
     # ------------------------------------------------------------------ derived values and checks
@@ -264,6 +272,8 @@ class TrainConfig:
         if self.uses_kohya_buckets and not (0 < low <= high and high >= self.resolution):
             raise ConfigError(f"kohya's buckets need 0 < --min_bucket_reso ({low}) <= --max_bucket_reso ({high}) and "
                               f"--max_bucket_reso >= --resolution ({self.resolution})")
+        if self.color_aug and self.cache_latents:
+            raise ConfigError("--color_aug changes every sample's colours: it cannot go with --cache_latents (as in kohya)")
         for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -351,13 +361,23 @@ ALIASES = {"instance_data_dir": "train_data_dir",  # diffusers' DreamBooth scrip
            "network_dim": "rank", "network_alpha": "lora_alpha",
            "min_snr_gamma": "snr_gamma", "max_train_epochs": "num_train_epochs", "network_weights": "init_lora",
            "max_data_loader_n_workers": "dataloader_num_workers", "lr_scheduler_num_cycles": "lr_num_cycles",
-           "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer"}
+           "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer", "flip_aug": "random_flip"}
 # kohya's settings that change nothing here (SDPA attention is torch's own; the model's config says SD 2; logging is ours)
 KOHYA_IGNORED = ("xformers", "sdpa", "mem_eff_attn", "persistent_data_loader_workers", "v2", "no_half_vae", "lowram",
                  "highvram", "logging_dir", "log_with", "log_prefix")
 # kohya's settings read into ours by ``_from_kohya`` (their values differ)
 KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_encoder_only", "network_module",
-                    "network_args", "save_model_as")
+                    "network_args", "save_model_as", "random_crop", "cache_latents_to_disk")
+# kohya's settings this trainer does not build: named, with what to do instead, rather than "unknown setting"
+KOHYA_REFUSED = {
+    "full_fp16": "the LoRA trains in fp32 under --mixed_precision fp16 (its weights are small; the model is fp16)",
+    "full_bf16": "the LoRA trains in fp32 under --mixed_precision bf16 (its weights are small; the model is bf16)",
+    "fp8_base": "an fp8 base model is not built; use --mixed_precision bf16 and --gradient_checkpointing for memory",
+    "dataset_config": "kohya's dataset TOML is not read; give --train_data_dir (kohya's <repeats>_<text> folders work)",
+    "in_json": "kohya's fine-tuning metadata JSON is not read; give captions as sidecar files or metadata.jsonl",
+    "masked_loss": "masked loss is not built", "alpha_mask": "masked loss is not built",
+    "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
+}
 
 
 def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -366,7 +386,16 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
     ``"512,512"``, ``network_args`` (``conv_dim`` / ``conv_alpha``, ``rank_dropout`` / ``module_dropout``), ``network_train_unet_only``, the module and file
     type (only LoRA and safetensors), ``output_name`` (the kohya copy: ``save_kohya``), and those that change nothing
     (``KOHYA_IGNORED``) left out. ``ConfigError`` names what this trainer cannot do as kohya does."""
-    out = {k: v for k, v in values.items() if k not in KOHYA_IGNORED + KOHYA_TRANSLATED}
+    for name, reason in KOHYA_REFUSED.items():
+        if values.get(name) not in (None, False):
+            raise ConfigError(f"{source}: {name}: {reason}")
+    out = {k: v for k, v in values.items() if k not in KOHYA_IGNORED + KOHYA_TRANSLATED + tuple(KOHYA_REFUSED)}
+    if values.get("cache_latents_to_disk"):
+        out.setdefault("cache_latents", True)  # (kept in memory here: the same latents)
+    if values.get("random_crop"):
+        if out.get("center_crop"):
+            raise ConfigError(f"{source}: random_crop and center_crop contradict each other")
+        out["center_crop"] = False
     if values.get("unet_lr") is not None:
         if out.get("learning_rate") is not None and out.get("text_encoder_lr") is None:
             out["text_encoder_lr"] = out["learning_rate"]  # (kohya: the text encoder's rate where it has none)
@@ -392,6 +421,7 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         out.setdefault("text_encoder_target_modules", "attn-mlp")
         out.setdefault("train_text_encoder", True)
         out.setdefault("bucket_reso_steps", 64)  # (kohya's buckets, with its defaults where none is given)
+        out.setdefault("center_crop", True)  # (kohya crops the centre unless --random_crop)
     if values.get("save_model_as") not in (None, "safetensors"):
         raise ConfigError(f"{source}: save_model_as {values['save_model_as']!r}: LoRAs are written as safetensors")
     args = values.get("network_args") or []
@@ -548,6 +578,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     kohya.add_argument("--network_args", nargs="*", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                        help="conv_dim=N conv_alpha=A (LoCon), algo=locon")
     kohya.add_argument("--save_model_as", default=argparse.SUPPRESS, help="safetensors")
+    kohya.add_argument("--random_crop", action="store_true", default=argparse.SUPPRESS, help="a random crop (kohya "
+                       "crops the centre otherwise: a kohya command line gets --center_crop unless this is given)")
+    kohya.add_argument("--cache_latents_to_disk", action="store_true", default=argparse.SUPPRESS,
+                       help="= --cache_latents (the latents are kept in memory)")
+    for name in KOHYA_REFUSED:  # (named by the refusal, not as unknown)
+        takes_value = name in ("dataset_config", "in_json")
+        kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                           **({} if takes_value else {"action": "store_true"}))
     for name in KOHYA_IGNORED:  # (accepted, so that a kohya command runs; they change nothing here)
         if name in ("logging_dir", "log_with", "log_prefix"):
             kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -557,6 +595,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of a parsed command line: defaults < ``--config`` file < flags given."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(KOHYA_TRANSLATED + KOHYA_IGNORED)
+    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(KOHYA_TRANSLATED + KOHYA_IGNORED) + list(KOHYA_REFUSED)
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     return load_config(getattr(args, "config", None), **given)

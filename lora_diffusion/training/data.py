@@ -327,6 +327,20 @@ class KohyaBuckets:
         return x - x % self.steps
 
 
+def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """kohya's ``--color_aug`` (sd-scripts' ``AugHelper.color_aug``): with chance 0.33, either a hue shift of up to 8 of
+    OpenCV's 180 hue steps either way, or the 8-bit values raised to a power in [0.95, 1.05], clipped to 255."""
+    if rng.random() > 0.33:
+        return image
+    if rng.random() > 0.5:
+        shift = rng.uniform(-8, 8) % 180 * 256 / 180  # (in PIL's 256 hue steps)
+        hsv = np.asarray(image.convert("HSV")).copy()
+        hsv[..., 0] = ((hsv[..., 0] + shift) % 256).astype(np.uint8)
+        return Image.fromarray(hsv, "HSV").convert("RGB")
+    gamma = rng.uniform(0.95, 1.05)
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) ** gamma, 0, 255).astype(np.uint8))
+
+
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is closest to ``size``'s (in log space); ties go to the larger bucket."""
     ratio = math.log(size[0] / size[1])
@@ -353,8 +367,10 @@ class ImageDataset(torch.utils.data.Dataset):
         caption_dropout_rate: float = 0.0,
         caption_tag_dropout_rate: float = 0.0,
         kohya_buckets: KohyaBuckets | None = None,
+        color_aug: bool = False,
     ) -> None:
         self.examples = examples
+        self.color_aug = color_aug
         self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
         self.caption_dropout_rate, self.caption_tag_dropout_rate = caption_dropout_rate, caption_tag_dropout_rate
         self.resolution = resolution
@@ -428,8 +444,9 @@ class ImageDataset(torch.utils.data.Dataset):
         scale = max(width / orig_w, height / orig_h)
         return max(width, round(orig_w * scale)), max(height, round(orig_h * scale))
 
-    def load(self, index: int, flip: bool, x: float, y: float) -> torch.Tensor:
-        """``[3, H, W]`` float tensor in ``[-1, 1]`` of example ``index`` at its bucket size."""
+    def load(self, index: int, flip: bool, x: float, y: float, color_seed: int | None = None) -> torch.Tensor:
+        """``[3, H, W]`` float tensor in ``[-1, 1]`` of example ``index`` at its bucket size (``color_seed``: with
+        ``color_aug``, the sample's colour augmentation)."""
         width, height = self.bucket_of[index]
         path = self.examples[index].path
         new_size = self.resized_size(index)
@@ -443,6 +460,8 @@ class ImageDataset(torch.utils.data.Dataset):
         image = image.crop((left, top, left + width, top + height))
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.color_aug and color_seed is not None:
+            image = color_augment(image, random.Random(color_seed))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -450,7 +469,7 @@ class ImageDataset(torch.utils.data.Dataset):
         index, sample_seed = key
         flip, x, y = self.augmentation(sample_seed)
         return {
-            "pixel_values": self.load(index, flip, x, y),
+            "pixel_values": self.load(index, flip, x, y, mix_seed(sample_seed, 2)),
             "caption": self.caption(index, sample_seed),
             "index": index,
             "flip": flip,

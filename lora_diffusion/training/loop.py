@@ -822,7 +822,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # the batch order and the length of the run (no model needed): a finished checkpoint stops here
     dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
                            random_flip=config.random_flip, enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config),
-                           shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
+                           color_aug=config.color_aug, shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
                            caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate)
     if config.cache_latents and not config.center_crop:
         logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
@@ -906,7 +906,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     if class_examples is not None:
         class_dataset = ImageDataset(class_examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
                                      random_flip=config.random_flip, enable_bucket=config.enable_bucket,
-                                     kohya_buckets=kohya_buckets(config))
+                                     kohya_buckets=kohya_buckets(config), color_aug=config.color_aug)
         class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
@@ -1241,6 +1241,10 @@ def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_pr
         "prediction_type": scheduler.config.prediction_type,
         "num_processes": num_processes,
         "training": settings,
+        # kohya's comment and model card (``formats_kohya.to_kohya`` writes them where kohya does)
+        "comment": config.training_comment,
+        "card": {"title": config.metadata_title, "author": config.metadata_author, "description": config.metadata_description,
+                 "license": config.metadata_license, "tags": config.metadata_tags},
     }
 
 
