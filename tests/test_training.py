@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -1272,3 +1273,44 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     untouched = sum(not t.any() for t in ups)  # (one step: a layer the module dropout left out learned nothing)
     assert 0.25 * len(ups) < untouched < 0.75 * len(ups), (untouched, len(ups))
     assert our_metadata(read_safetensors(out / "pytorch_lora_weights.safetensors")[1])["prediction_type"] == "v_prediction"
+
+
+def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base, tmp_path):
+    """--sample_prompts with kohya's options: at the first step (--sample_at_first) and each epoch's end
+    (--sample_every_n_epochs wins over --sample_every_n_steps), one image a prompt in sample/, named as kohya names
+    them; the first sample, before any training, is the base model's image with the prompt's sampler, seed, size,
+    steps, guidance and negative prompt."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    flat_images(tmp_path / "data", n=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# kohya's sample prompts\na red square --n blue --w 48 --h 32 --d 5 --l 3 --s 2 --ss euler_a\n\n"
+                       "a circle --s 2\n")
+    result = train(config(base, tmp_path, sample_prompts=str(prompts), sample_at_first=True, sample_every_n_epochs=1,
+                          sample_every_n_steps=3, output_name="mine", save_kohya=True, train_batch_size=1))
+    assert result.status == "completed"
+    names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
+    pattern = r"mine_(000000|e000001|e000002)_0([01])_\d{14}(_5)?\.png"
+    assert len(names) == 6 and all(re.fullmatch(pattern, n) for n in names), names
+    assert [re.fullmatch(pattern, n).group(1, 2) for n in names] == [
+        ("000000", "0"), ("000000", "1"), ("e000001", "0"), ("e000001", "1"), ("e000002", "0"), ("e000002", "1")]
+    assert all(n.endswith("_5.png") == (n.split("_")[2] == "00") for n in names)  # (the seed only where given)
+    first = Image.open(tmp_path / "out" / "sample" / names[0])
+    assert first.size == (48, 32)
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    expect = pipe("a red square", negative_prompt="blue", width=48, height=32, num_inference_steps=2, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(first), np.asarray(expect))
+    later = Image.open(tmp_path / "out" / "sample" / names[4])
+    assert not np.array_equal(np.asarray(later), np.asarray(expect))  # (trained: the LoRA changes the image)
+
+    bad = tmp_path / "bad.txt"
+    for text, match in (("a cat --x 3", r"bad.txt:1: unknown option --x"), ("\na cat --s many", r"bad.txt:2: --s many: not a whole number"),
+                        ("a cat --ss fast", r"--ss fast: unknown sampler")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            config(base, tmp_path, sample_prompts=str(bad)).validate()
+    with pytest.raises(ConfigError, match="sample the prompts of --sample_prompts: give that file"):
+        config(base, tmp_path, sample_every_n_steps=2).validate()

@@ -445,3 +445,26 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
             config_from_args(build_parser().parse_args(kohya[:6] + extra)).validate()
     with pytest.raises(ConfigError, match="--output_name names the kohya copy: give --save_kohya too"):
         TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", output_name="x").validate()
+
+
+def test_kohya_sample_prompt_files_read_as_kohya_reads_them(tmp_path):
+    """kohya's three prompt-file forms: lines with options, a TOML [prompt] table whose subsets add to it, a JSON
+    list of lines or tables; a bad one is named with where it is."""
+    from lora_diffusion.training.samples import read_sample_prompts
+
+    (tmp_path / "p.txt").write_text("a cat --N dark --w 64 --h 96 --d 7 --l 5.5 --s 2000 --ss k_euler\n# off\n")
+    assert read_sample_prompts(tmp_path / "p.txt") == [{"prompt": "a cat", "negative_prompt": "dark", "width": 64, "height": 96,
+                                                         "seed": 7, "scale": 5.5, "sample_steps": 1000, "sample_sampler": "k_euler"}]
+    (tmp_path / "p.toml").write_text('[prompt]\nwidth = 64\nsample_steps = 20\n[[prompt.subset]]\nprompt = "a"\n'
+                                     '[[prompt.subset]]\nprompt = "b"\nwidth = 32\n')
+    assert read_sample_prompts(tmp_path / "p.toml") == [{"width": 64, "sample_steps": 20, "prompt": "a"},
+                                                         {"width": 32, "sample_steps": 20, "prompt": "b"}]
+    (tmp_path / "p.json").write_text('["a dog --d 3", {"prompt": "b", "scale": 4}]')
+    assert read_sample_prompts(tmp_path / "p.json") == [{"prompt": "a dog", "seed": 3}, {"prompt": "b", "scale": 4}]
+    for name, text, match in (("q.json", '[{"prompt": "b", "cfg": 4}]', r"q.json: prompt 1: unknown key\(s\) \['cfg'\]"),
+                              ("q.toml", "prompt = 1", r"q.toml: not a kohya prompt file"),
+                              ("q.txt", "# nothing\n", r"q.txt: no prompt in the file"),
+                              ("q.yaml", "a", r"q.yaml: use a .txt, .toml or .json file")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            read_sample_prompts(tmp_path / name)

@@ -39,6 +39,20 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+# kohya's --sample_sampler names -> (diffusers scheduler class, its settings), as sd-scripts' get_my_scheduler
+KOHYA_SAMPLERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}), "k_euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}), "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}), "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}), "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}), "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+}  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a LoRA training run (style or DreamBooth subject); see ``docs/TRAINING.md``."""
@@ -176,6 +190,15 @@ class TrainConfig:
     save_every_n_epochs: int = _f(0, "the same every N epochs, as <output folder>-000002.safetensors (kohya's; 0: none)")
     checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all)")
     resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to continue from")
+    sample_prompts: str = _f("", "kohya's sample prompts: a .txt file of one prompt a line, each with kohya's options "
+                                 "(--n negative, --w/--h size, --d seed, --l guidance, --s steps, --ss sampler), or its "
+                                 ".toml / .json; each image goes to sample/, at the points the next settings give")
+    sample_every_n_steps: int = _f(0, "with --sample_prompts: sample every N steps (kohya's)")
+    sample_every_n_epochs: int = _f(0, "with --sample_prompts: sample at the end of every N epochs (kohya's; it wins "
+                                       "over --sample_every_n_steps)")
+    sample_at_first: bool = _f(False, "with --sample_prompts: also sample before the first step (kohya's)")
+    sample_sampler: str = _f("ddim", "kohya's sampler of the sample prompts (a prompt's --ss wins)",
+                             choices=tuple(KOHYA_SAMPLERS))
     validation_prompt: str = _f("", "prompt of the sample grids written to samples/ (default: the first caption)")
     validation_steps: int = _f(100, "write a sample grid every N steps (0: only at the end)")
     validation_split: float = _f(0.0, "the share of the training images held out to measure a validation loss (kohya's), "
@@ -272,6 +295,13 @@ class TrainConfig:
         if self.uses_kohya_buckets and not (0 < low <= high and high >= self.resolution):
             raise ConfigError(f"kohya's buckets need 0 < --min_bucket_reso ({low}) <= --max_bucket_reso ({high}) and "
                               f"--max_bucket_reso >= --resolution ({self.resolution})")
+        if (self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first) and not self.sample_prompts:
+            raise ConfigError("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first sample the prompts of "
+                              "--sample_prompts: give that file")
+        if self.sample_prompts:
+            from .samples import read_sample_prompts
+
+            read_sample_prompts(self.sample_prompts)  # (a bad file is named now, not at the first sample)
         if self.color_aug and self.cache_latents:
             raise ConfigError("--color_aug changes every sample's colours: it cannot go with --cache_latents (as in kohya)")
         for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):
@@ -422,6 +452,7 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         out.setdefault("train_text_encoder", True)
         out.setdefault("bucket_reso_steps", 64)  # (kohya's buckets, with its defaults where none is given)
         out.setdefault("center_crop", True)  # (kohya crops the centre unless --random_crop)
+        out.setdefault("num_validation_images", 0)  # (kohya writes no sample grid: its samples are --sample_prompts')
     if values.get("save_model_as") not in (None, "safetensors"):
         raise ConfigError(f"{source}: save_model_as {values['save_model_as']!r}: LoRAs are written as safetensors")
     args = values.get("network_args") or []

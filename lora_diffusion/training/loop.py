@@ -48,6 +48,7 @@ from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
 from ..prompts import check_clip_skip, encode_text, join_chunks, prompt_kwargs, token_ids
 from .data import BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
+from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -1000,6 +1001,35 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             outputs.image_grid(images).save(tmp, format="PNG")
         return path
 
+    sample_prompts = read_sample_prompts(config.sample_prompts) if config.sample_prompts else []
+
+    def write_kohya_samples(at_step: int, epoch: int | None) -> list[Path]:
+        """kohya's samples (``--sample_prompts``) where ``sample_due`` says, one image a prompt in ``sample/``."""
+        if not sample_prompts or not sample_due(at_step, epoch, config.sample_every_n_steps, config.sample_every_n_epochs,
+                                                config.sample_at_first):
+            return []
+        unet.eval()
+        scheduler, paths = pipe.scheduler, []
+        try:
+            for i, prompt in enumerate(sample_prompts):
+                pipe.scheduler = scheduler_for_sampler(scheduler, prompt.get("sample_sampler") or config.sample_sampler)
+                given = prompt.get("seed")
+                generator = torch.Generator().manual_seed(given if given is not None else mix_seed(seed, at_step, i, 7))
+                width, height = (max(8, v - v % 8) for v in (prompt.get("width", config.resolution), prompt.get("height", config.resolution)))
+                negative = [prompt["negative_prompt"]] if prompt.get("negative_prompt") else None
+                with torch.no_grad(), accelerator.autocast():
+                    image = pipe(**prompt_kwargs(pipe, [prompt["prompt"]], config.clip_skip, negative),
+                                 num_inference_steps=prompt.get("sample_steps", 30), guidance_scale=prompt.get("scale", 7.5),
+                                 height=height, width=width, generator=generator).images[0]
+                path = output_dir / "sample" / sample_file_name(config.output_name, at_step, epoch, i, given)
+                with outputs.atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG")
+                paths.append(path)
+        finally:
+            pipe.scheduler = scheduler
+            unet.train()
+        return paths
+
     def write_log() -> None:
         outputs.write_log(output_dir / "log.csv", log_rows)
         outputs.plot_loss(output_dir / "loss.png", log_rows)
@@ -1018,6 +1048,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         checkpoint = outputs.list_checkpoints(output_dir)[-1] if outputs.list_checkpoints(output_dir) else None
         sample_paths: list[Path] = []
         stop_requested = False
+        if is_main and step == 0:  # (--sample_at_first)
+            sample_paths += write_kohya_samples(0, None)
         unet.train()
         while step < max_steps:
             if stop_requested and accelerator.num_processes == 1:  # no need to agree with other processes
@@ -1091,6 +1123,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     write_snapshot(step, f"{epochs_done:06d}")
                 if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
                     new_samples.append(write_samples(step))
+                new_samples += write_kohya_samples(step, None)
+                if epochs_done > (step - 1) * per_step // plan.batches_per_epoch:  # (an epoch ended with this step)
+                    new_samples += write_kohya_samples(step, epochs_done)
                 if step % LOG_EVERY == 0 or saved:
                     write_log()
                 if progress is not None:

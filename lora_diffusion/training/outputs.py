@@ -53,7 +53,7 @@ STATE_NAME = "training_state.pt"
 CHECKPOINTS = "checkpoints"
 # (val_loss: at the steps a validation ran; keys_scaled, max_key_norm: with --scale_weight_norms, as kohya logs them)
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "val_loss", "keys_scaled", "max_key_norm")
-OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "log.csv", "loss.png")  # what marks a folder as a previous run
+OUTPUT_NAMES = (LORA_NAME, CHECKPOINTS, "samples", "sample", "log.csv", "loss.png")  # what marks a folder as a previous run
 
 
 def kohya_name(output_dir: str | os.PathLike, output_name: str = "") -> str:
