@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import time
@@ -318,6 +319,9 @@ def _training_keys(metadata: dict) -> dict[str, str]:
         kind = "adamw8bit" if settings.get("use_8bit_adam") else settings.get("optimizer", "adamw")
         out["ss_optimizer"] = {"adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.prodigy.Prodigy"}.get(
             kind, "torch.optim.adamw.AdamW")
+        if settings.get("optimizer_args"):  # (kohya's: "name(key=value,...)", the values as Python reads them)
+            pairs = [item.partition("=") for item in str(settings["optimizer_args"]).split()]
+            out["ss_optimizer"] += "(" + ",".join(f"{k}={ast.literal_eval(v)}" for k, _, v in pairs) + ")"
     if "steps" in metadata:
         out["ss_steps"] = str(metadata["steps"])
     if isinstance(dataset, dict):

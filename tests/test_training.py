@@ -211,10 +211,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, tmp_path):
 
 def test_prodigy_trains_and_resumes_exactly(base, tmp_path):
     """``--optimizer prodigy`` (prodigyopt, kohya's users' favourite): it learns, a resumed run is bit for bit the
-    uninterrupted one (its d and moments are in the checkpoint), and kohya's ss_optimizer names it."""
+    uninterrupted one (its d and moments are in the checkpoint), and kohya's ss_optimizer names it with its
+    --optimizer_args (kohya's), which take effect."""
     pytest.importorskip("prodigyopt")
     hard = dict(max_train_steps=4, learning_rate=1.0, optimizer="prodigy", checkpointing_steps=2, save_precision="fp32",
-                save_kohya=True)
+                save_kohya=True, optimizer_args="d_coef=2 decouple=True betas=0.9,0.99")
     straight = train(config(base, tmp_path / "a", **hard))
     flat_images(tmp_path / "b" / "data")
     assert train(config(base, tmp_path / "b", **hard), progress=lambda p: p["step"] < 2).status == "cancelled"
@@ -222,7 +223,13 @@ def test_prodigy_trains_and_resumes_exactly(base, tmp_path):
     a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k) and all(torch.isfinite(t).all() for t in a.values())
-    assert read_lora_file(straight.kohya_path)[1]["ss_optimizer"] == "prodigyopt.prodigy.Prodigy"
+    assert read_lora_file(straight.kohya_path)[1]["ss_optimizer"] == "prodigyopt.prodigy.Prodigy(d_coef=2,decouple=True,betas=(0.9, 0.99))"
+    plain = train(config(base, tmp_path / "p", **{**hard, "optimizer_args": ""}))
+    assert not torch.equal(lora_tensors(plain.lora_path)[next(iter(a))], a[next(iter(a))])  # (d_coef=2 took effect)
+    with pytest.raises(ConfigError, match=r"--optimizer_args d_coef: AdamW does not take it; it takes .*weight_decay"):
+        train(config(base, tmp_path / "q", optimizer_args="d_coef=2"))
+    with pytest.raises(ConfigError, match=r"--optimizer_args 'betas=\(0.9': give KEY=VALUE, the value a Python literal"):
+        config(base, tmp_path / "q", optimizer_args="betas=(0.9 ,0.99)").validate()
     with pytest.raises(ConfigError, match="--use_8bit_adam is --optimizer adamw8bit; it does not go with --optimizer prodigy"):
         config(base, tmp_path / "c", use_8bit_adam=True, optimizer="prodigy").validate()
 

@@ -321,7 +321,7 @@ def test_every_setting_is_used_by_the_training_code():
     root = Path(__file__).resolve().parents[1] / "lora_diffusion" / "training"
     source = (root / "loop.py").read_text()
     via_property = {"lora_alpha": "config.alpha", "text_encoder_lr": "config.te_lr", "rank_pattern": "config.patterns",
-                    "alpha_pattern": "config.patterns"}
+                    "alpha_pattern": "config.patterns", "optimizer_args": "config.optimizer_settings"}
     for f in dataclasses.fields(TrainConfig):
         use = via_property.get(f.name, f"config.{f.name}")
         assert re.search(rf"{re.escape(use)}\b", source), f"--{f.name} is never read by the training loop"

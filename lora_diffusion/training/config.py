@@ -124,6 +124,9 @@ class TrainConfig:
     optimizer: str = _f("adamw", "adamw (torch's), adamw8bit (bitsandbytes, CUDA only) or prodigy (pip install prodigyopt: "
                         "it finds its own step size; use --learning_rate 1, as kohya's users do); the betas, epsilon and "
                         "weight decay are the --adam_* settings", choices=("adamw", "adamw8bit", "prodigy"))
+    optimizer_args: str = _f("", "the optimizer's settings as KEY=VALUE, each value a Python literal (kohya's "
+                                 "--optimizer_args): weight_decay=0.01 betas=0.9,0.99 eps=1e-8 (these win over --adam_*) "
+                                 "and the optimizer's own, e.g. Prodigy's d_coef=2 decouple=True use_bias_correction=True")
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma, e.g. 5.0 (0 disables)")
     debiased_estimation_loss: bool = _f(False, "kohya's: weigh each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), "
                                                "its SNR capped at 1000; after --snr_gamma's weight where both are given")
@@ -239,6 +242,22 @@ class TrainConfig:
         return self.enable_bucket and bool(self.min_bucket_reso or self.max_bucket_reso or self.bucket_reso_steps
                                            or self.bucket_no_upscale)
 
+    def optimizer_settings(self) -> dict[str, Any]:
+        """``--optimizer_args`` as keyword arguments, read as kohya reads them (``ast.literal_eval`` of each value)."""
+        import ast
+
+        out: dict[str, Any] = {}
+        for item in self.optimizer_args.split():
+            key, eq, value = item.partition("=")
+            try:
+                if not (key.isidentifier() and eq):
+                    raise ValueError
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"--optimizer_args {item!r}: give KEY=VALUE, the value a Python literal (e.g. "
+                                  "weight_decay=0.01, betas=0.9,0.99, decouple=True)") from None
+        return out
+
     @property
     def te_lr(self) -> float:
         return float(self.text_encoder_lr or self.learning_rate)
@@ -302,6 +321,7 @@ class TrainConfig:
             from .samples import read_sample_prompts
 
             read_sample_prompts(self.sample_prompts)  # (a bad file is named now, not at the first sample)
+        self.optimizer_settings()
         if self.color_aug and self.cache_latents:
             raise ConfigError("--color_aug changes every sample's colours: it cannot go with --cache_latents (as in kohya)")
         for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):
@@ -497,6 +517,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
             continue
         if key in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):  # a table in a config file
             value = json.dumps(value)
+        if key == "optimizer_args" and isinstance(value, (list, tuple)):  # (kohya's list of KEY=VALUE)
+            value = " ".join(map(str, value))
         if key == "optimizer" and isinstance(value, str):  # (kohya writes AdamW8bit, Prodigy)
             value = value.lower()
         if kind is bool and not isinstance(value, bool):
@@ -593,6 +615,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flags = [f"--{f.name}"] + [f"--{alias}" for alias, name in ALIASES.items() if name == f.name]
         if kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif f.name == "optimizer_args":  # (kohya's: several KEY=VALUE words)
+            parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="KEY=VALUE", help=help_text)
         elif f.name == "resolution":  # (kohya's "512,512" too: ``_from_kohya`` reads it)
             parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, metavar="INT", help=help_text)
         else:

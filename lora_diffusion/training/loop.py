@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -557,6 +558,18 @@ def _optimizer_class(config: TrainConfig):
     return bnb.optim.AdamW8bit
 
 
+def _optimizer_kwargs(config: TrainConfig, optimizer_class) -> dict:
+    """The optimizer's settings: the --adam_* ones, then --optimizer_args over them (kohya's). A key the optimizer
+    does not take is a ``ConfigError`` naming those it takes."""
+    kwargs = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon,
+              "weight_decay": config.adam_weight_decay, **config.optimizer_settings()}
+    takes = inspect.signature(optimizer_class).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in takes.values()) and (unknown := sorted(set(kwargs) - set(takes))):
+        known = sorted(set(takes) - {"self", "params", "lr"})
+        raise ConfigError(f"--optimizer_args {', '.join(unknown)}: {optimizer_class.__name__} does not take it; it takes {', '.join(known)}")
+    return kwargs
+
+
 def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, output_name: str = "") -> None:
     previous = outputs.run_outputs(output_dir, output_name)
     for aside in output_dir.glob(f"{PREVIOUS_RUN}*"):
@@ -804,6 +817,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                         output_name=config.output_name)
     _check_model_paths(config)
     optimizer_class = _optimizer_class(config)
+    optimizer_kwargs = _optimizer_kwargs(config, optimizer_class)
     if config.compile != "none":
         _check_compile(config.compile, config.compile_backend)
     state = outputs.load_state(resume) if resume else None
@@ -920,8 +934,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # on CUDA, torch's fused AdamW: one kernel for every LoRA tensor instead of a dozen multi-tensor launches
     fused = {"fused": True} if optimizer_class is torch.optim.AdamW and device.type == "cuda" else {}
     configured = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-    optimizer = optimizer_class(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                eps=config.adam_epsilon, weight_decay=config.adam_weight_decay, **fused)
+    optimizer = optimizer_class(groups, lr=config.learning_rate, **optimizer_kwargs, **fused)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps,
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
     optimizer = accelerator.prepare(optimizer)
@@ -937,7 +950,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             pivot.load_state(read_safetensors(resume / "embeddings.safetensors")[0])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        _apply_settings(optimizer, lr_scheduler, configured, config)  # the optimizer state holds the old ones
+        _apply_settings(optimizer, lr_scheduler, configured, optimizer_kwargs)  # the optimizer state holds the old ones
         _set_rng_state(state["rng"])
         step = int(state["step"])
         log_rows = [r for r in outputs.read_log(output_dir / "log.csv") if r["step"] <= step]
@@ -1249,11 +1262,12 @@ def _check_resume_settings(config: TrainConfig, state: dict, resume: Path) -> li
     return history
 
 
-def _apply_settings(optimizer, lr_scheduler, configured: list[dict], config: TrainConfig) -> None:
-    """After loading an optimizer and schedule state: this run's learning rates and AdamW settings, not the saved ones."""
+def _apply_settings(optimizer, lr_scheduler, configured: list[dict], settings: dict) -> None:
+    """After loading an optimizer and schedule state: this run's learning rates and optimizer ``settings``
+    (``_optimizer_kwargs``), not the saved ones."""
     for group, wanted in zip(optimizer.param_groups, configured):
-        group["weight_decay"] = wanted.get("weight_decay", config.adam_weight_decay)
-        group["betas"], group["eps"] = (config.adam_beta1, config.adam_beta2), config.adam_epsilon
+        group.update({k: v for k, v in settings.items() if k in group})
+        group["weight_decay"] = wanted.get("weight_decay", settings["weight_decay"])
         group["initial_lr"] = wanted["lr"]
     lr_scheduler.base_lrs = [wanted["lr"] for wanted in configured]
     if hasattr(lr_scheduler, "lr_lambdas"):  # diffusers' schedules: base rate x a factor of the step
