@@ -1111,7 +1111,9 @@ def test_a_validation_split_holds_images_out_and_measures_their_loss_without_tou
 
 def test_save_every_n_steps_and_epochs_write_the_lora_as_it_was(base, tmp_path):
     """kohya's --save_every_n_steps / --save_every_n_epochs: named files beside the final LoRA, each equal to the
-    checkpoint of its step; an --overwrite run sets the old ones aside with the rest of the previous run."""
+    checkpoint of its step; an --overwrite run sets the old ones aside with the rest of the previous run. kohya's
+    --save_last_n_steps (in steps) and --save_last_n_epochs (in saves) delete the older ones as kohya does, and
+    --save_state writes a checkpoint with each save."""
     settings = dict(max_train_steps=10, train_batch_size=1, save_precision="fp32", checkpointing_steps=1)
     run = train(config(base, tmp_path, save_every_n_steps=3, save_every_n_epochs=1, **settings))  # 4 images: 4 steps an epoch
     out = run.output_dir
@@ -1123,9 +1125,13 @@ def test_save_every_n_steps_and_epochs_write_the_lora_as_it_was(base, tmp_path):
         checkpoint, _ = read_lora_file(out / "checkpoints" / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors")
         assert snapshot.keys() == checkpoint.keys() and our_metadata(meta)["steps"] == step
         assert all(torch.equal(snapshot[k].A, w.A) and torch.equal(snapshot[k].B, w.B) for k, w in checkpoint.items())
-    again = train(config(base, tmp_path, save_every_n_steps=5, save_kohya=True, overwrite=True, **settings))
-    assert sorted(p.name for p in again.output_dir.glob("out-*.safetensors")) == ["out-step00000005.safetensors"]
-    assert read_lora_file(out / "out-step00000005.safetensors")[1]["ss_output_name"] == "out-step00000005"  # kohya's
+    kohya = dict(save_every_n_steps=2, save_last_n_steps=3, save_every_n_epochs=1, save_last_n_epochs=1, save_state=True)
+    again = train(config(base, tmp_path, save_kohya=True, overwrite=True, **{**settings, "checkpointing_steps": 0}, **kohya))
+    # steps 2, 4, 6, 8 saved; at 6 the step 2 one goes (6 - 3 - 1 = 2), at 8 the step 4 one; epoch 1 goes at epoch 2
+    assert sorted(p.name for p in again.output_dir.glob("out-*.safetensors")) == [
+        "out-000002.safetensors", "out-step00000006.safetensors", "out-step00000008.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint-{n}" for n in (10, 2, 4, 6, 8)]
+    assert read_lora_file(out / "out-step00000008.safetensors")[1]["ss_output_name"] == "out-step00000008"  # kohya's
 
 
 def test_scale_weight_norms_caps_every_layers_change(base, tmp_path):

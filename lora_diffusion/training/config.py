@@ -191,7 +191,11 @@ class TrainConfig:
     save_every_n_steps: int = _f(0, "also write the LoRA as it is every N steps, as <output folder>-step00000200.safetensors "
                                     "(kohya's; kohya format with --save_kohya), to compare them, e.g. in an X/Y plot (0: none)")
     save_every_n_epochs: int = _f(0, "the same every N epochs, as <output folder>-000002.safetensors (kohya's; 0: none)")
-    checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all)")
+    save_last_n_steps: int = _f(0, "with --save_every_n_steps: delete the step LoRAs older than N steps (kohya's; 0 keeps all)")
+    save_last_n_epochs: int = _f(0, "with --save_every_n_epochs: keep only the newest N epoch LoRAs (kohya's; 0 keeps all)")
+    save_state: bool = _f(False, "also write a resumable checkpoint with each --save_every_n_steps / _epochs LoRA (kohya's)")
+    checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all; kohya's "
+                                         "--save_last_n_steps_state / --save_last_n_epochs_state)")
     resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to continue from")
     sample_prompts: str = _f("", "kohya's sample prompts: a .txt file of one prompt a line, each with kohya's options "
                                  "(--n negative, --w/--h size, --d seed, --l guidance, --s steps, --ss sampler), or its "
@@ -411,10 +415,12 @@ ALIASES = {"instance_data_dir": "train_data_dir",  # diffusers' DreamBooth scrip
            "network_dim": "rank", "network_alpha": "lora_alpha",
            "min_snr_gamma": "snr_gamma", "max_train_epochs": "num_train_epochs", "network_weights": "init_lora",
            "max_data_loader_n_workers": "dataloader_num_workers", "lr_scheduler_num_cycles": "lr_num_cycles",
-           "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer", "flip_aug": "random_flip"}
+           "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer", "flip_aug": "random_flip",
+           "save_last_n_steps_state": "checkpoints_total_limit", "save_last_n_epochs_state": "checkpoints_total_limit"}
 # kohya's settings that change nothing here (SDPA attention is torch's own; the model's config says SD 2; logging is ours)
 KOHYA_IGNORED = ("xformers", "sdpa", "mem_eff_attn", "persistent_data_loader_workers", "v2", "no_half_vae", "lowram",
-                 "highvram", "logging_dir", "log_with", "log_prefix")
+                 "highvram", "logging_dir", "log_with", "log_prefix", "save_state_on_train_end", "log_tracker_name",
+                 "wandb_api_key", "wandb_run_name", "console_log_simple", "skip_cache_check", "vae_batch_size")
 # kohya's settings read into ours by ``_from_kohya`` (their values differ)
 KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_encoder_only", "network_module",
                     "network_args", "save_model_as", "random_crop", "cache_latents_to_disk")
@@ -473,6 +479,7 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         out.setdefault("bucket_reso_steps", 64)  # (kohya's buckets, with its defaults where none is given)
         out.setdefault("center_crop", True)  # (kohya crops the centre unless --random_crop)
         out.setdefault("num_validation_images", 0)  # (kohya writes no sample grid: its samples are --sample_prompts')
+        out.setdefault("checkpointing_steps", 0)  # (kohya writes a resumable state only with --save_state; ours at the end)
     if values.get("save_model_as") not in (None, "safetensors"):
         raise ConfigError(f"{source}: save_model_as {values['save_model_as']!r}: LoRAs are written as safetensors")
     args = values.get("network_args") or []
@@ -642,7 +649,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                            **({} if takes_value else {"action": "store_true"}))
     for name in KOHYA_IGNORED:  # (accepted, so that a kohya command runs; they change nothing here)
-        if name in ("logging_dir", "log_with", "log_prefix"):
+        if name in ("logging_dir", "log_with", "log_prefix", "log_tracker_name", "wandb_api_key", "wandb_run_name", "vae_batch_size"):
             kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             kohya.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -1128,12 +1128,19 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             if is_main:
                 if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps:
                     checkpoint = saved = save_checkpoint(step)
-                if config.save_every_n_steps and step % config.save_every_n_steps == 0 and step < max_steps:
-                    write_snapshot(step, f"step{step:08d}")
                 epochs_done = step * per_step // plan.batches_per_epoch
+                snapshot = step < max_steps and (config.save_every_n_steps and step % config.save_every_n_steps == 0)
+                if snapshot:
+                    write_snapshot(step, f"step{step:08d}")
+                    outputs.prune_snapshots(output_dir, config.output_name, "step", step, config.save_last_n_steps, config.save_every_n_steps)
                 if (config.save_every_n_epochs and epochs_done > (step - 1) * per_step // plan.batches_per_epoch
                         and epochs_done % config.save_every_n_epochs == 0 and step < max_steps):
+                    snapshot = True
                     write_snapshot(step, f"{epochs_done:06d}")
+                    outputs.prune_snapshots(output_dir, config.output_name, "epoch", epochs_done,
+                                            config.save_every_n_epochs * config.save_last_n_epochs, config.save_every_n_epochs)
+                if snapshot and config.save_state and saved is None:  # (kohya's --save_state: a state with each save)
+                    checkpoint = saved = save_checkpoint(step)
                 if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
                     new_samples.append(write_samples(step))
                 new_samples += write_kohya_samples(step, None)

@@ -42,6 +42,7 @@ __all__ = [
     "find_checkpoint",
     "write_checkpoint",
     "prune_checkpoints",
+    "prune_snapshots",
     "write_log",
     "read_log",
     "plot_loss",
@@ -174,6 +175,22 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
         for old in list_checkpoints(output_dir)[:-keep]:
             logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, keep)
             shutil.rmtree(old)
+
+
+def prune_snapshots(output_dir: str | os.PathLike, output_name: str, kind: str, at: int, keep: int, every: int) -> None:
+    """kohya's ``--save_last_n_steps`` (``kind="step"``: the step LoRAs from more than ``keep`` steps before ``at``)
+    and ``--save_last_n_epochs`` (``"epoch"``: those ``keep`` = n x every epochs or more before ``at``), as kohya
+    removes them (``get_remove_step_no`` / ``get_remove_epoch_no``); ``keep=0`` keeps all."""
+    if not keep:
+        return
+    limit = at - keep - 1 if kind == "step" else at - keep
+    limit -= limit % every if kind == "step" else 0
+    stem = re.escape(kohya_name(output_dir, output_name).removesuffix(".safetensors"))
+    pattern = rf"{stem}-step(\d{{8}})\.safetensors" if kind == "step" else rf"{stem}-(\d{{6}})\.safetensors"
+    for path in sorted(Path(output_dir).glob("*.safetensors")):
+        if (m := re.fullmatch(pattern, path.name)) and int(m.group(1)) <= limit:
+            logger.info("removing %s (kohya's --save_last_n_%ss)", path.name, kind)
+            path.unlink()
 
 
 def save_state(folder: Path, state: dict) -> None:
