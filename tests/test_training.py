@@ -1327,3 +1327,30 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
             config(base, tmp_path, sample_prompts=str(bad)).validate()
     with pytest.raises(ConfigError, match="sample the prompts of --sample_prompts: give that file"):
         config(base, tmp_path, sample_every_n_steps=2).validate()
+
+
+def test_kohya_reg_data_dir_trains_its_images_with_their_own_captions(base, tmp_path, monkeypatch):
+    """kohya's --reg_data_dir: its images (a <repeats>_<class> folder, a sidecar caption) are trained beside each
+    batch with their own captions, no trigger token, none generated; at --prior_loss_weight 0 the LoRA is the one
+    trained without them, bit for bit."""
+    reg = tmp_path / "reg"
+    flat_images(reg / "1_dog", n=2, colour=(30, 30, 220))
+    (reg / "1_dog" / "0.txt").write_text("a brown dog")
+    before = sorted(p.name for p in (reg / "1_dog").iterdir())
+    seen = []
+    real = loop_module.condition
+    monkeypatch.setattr(loop_module, "condition", lambda pipe, captions, *a, **k: (seen.extend(captions), real(pipe, captions, *a, **k))[1])
+    settings = dict(mode="subject", token="sks", max_train_steps=3, save_precision="fp32")
+    with_reg = train(config(base, tmp_path / "a", reg_data_dir=str(reg), **settings))
+    assert {"a brown dog", "dog"} <= set(seen) and all("sks" in c for c in set(seen) - {"a brown dog", "dog"})
+    assert sorted(p.name for p in (reg / "1_dog").iterdir()) == before
+    plain = train(config(base, tmp_path / "b", **settings))
+    unweighted = train(config(base, tmp_path / "c", reg_data_dir=str(reg), prior_loss_weight=0.0, **settings))
+    a, b, c = (lora_tensors(r.lora_path) for r in (with_reg, plain, unweighted))
+    assert all(torch.equal(b[k], c[k]) for k in b) and not all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="give --reg_data_dir .* or --with_prior_preservation"):
+        config(base, tmp_path, reg_data_dir=str(reg), with_prior_preservation=True, class_data_dir=str(reg),
+               class_prompt="a dog").validate()
+    monkeypatch.setattr(loop_module, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(DataError, match="--reg_data_dir .*nowhere: no such folder"):
+        train(config(base, tmp_path / "d", reg_data_dir=str(tmp_path / "nowhere"), **settings))

@@ -76,6 +76,9 @@ class TrainConfig:
     class_data_dir: str = _f("", "folder of class images (missing ones are generated with the base model)")
     num_class_images: int = _f(100, "how many class images prior preservation uses")
     prior_loss_weight: float = _f(1.0, "weight of the class-image loss")
+    reg_data_dir: str = _f("", "kohya's regularisation images: a folder (kohya's <repeats>_<class> folders work) whose "
+                               "images, with their own captions (else the folder's text, else --class_prompt), are "
+                               "trained beside each batch at --prior_loss_weight, as prior preservation; none is generated")
     pivotal_tuning: bool = _f(False, "learn a new embedding for --token together with the LoRA (needs --token)")
     initializer_token: str = _f("", "word whose embedding starts the pivotal-tuning token (default: the mean embedding)")
     # ------------------------------------------------------------------ LoRA
@@ -338,6 +341,9 @@ class TrainConfig:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.reg_data_dir and self.with_prior_preservation:
+            raise ConfigError("give --reg_data_dir (kohya's: its images as they are) or --with_prior_preservation "
+                              "--class_data_dir (diffusers': the class prompt's images, made where missing), not both")
         if self.with_prior_preservation:
             if not self.class_data_dir:
                 raise ConfigError("--with_prior_preservation needs --class_data_dir")

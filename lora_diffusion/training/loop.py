@@ -799,6 +799,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
         instance_prompt=config.instance_prompt, strict=config.strict, resolution=config.resolution,
     )
+    # kohya's regularisation images, with their own captions (no trigger token)
+    reg_examples = scan_images(config.reg_data_dir, caption_extension=config.caption_extension, instance_prompt=config.class_prompt,
+                               strict=config.strict, what="--reg_data_dir", resolution=config.resolution) if config.reg_data_dir else None
     resume, replace_stopped = None, False
     if config.resume_from_checkpoint:
         if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
@@ -855,7 +858,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         check_clip_skip(pipe, config.clip_skip, "--clip_skip")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else None
+    class_examples = _class_examples(pipe, config, accelerator, seed) if config.with_prior_preservation else reg_examples
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sdxl = is_sdxl(pipe)
     text_encoder_2 = pipe.text_encoder_2 if sdxl else None
