@@ -1354,3 +1354,44 @@ def test_kohya_reg_data_dir_trains_its_images_with_their_own_captions(base, tmp_
     monkeypatch.setattr(loop_module, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(DataError, match="--reg_data_dir .*nowhere: no such folder"):
         train(config(base, tmp_path / "d", reg_data_dir=str(tmp_path / "nowhere"), **settings))
+
+
+def test_kohyas_noise_offset_options_noise_as_kohya_does(tmp_path):
+    """--noise_offset_random_strength, --adaptive_noise_scale and --ip_noise_gamma_random_strength: the UNet gets
+    kohya's noisy latents (custom_train_functions.apply_noise_offset, get_noise_noisy_latents_and_timesteps written out
+    below, the same draws in the same order)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.randn(2, 4, 8, 8) + torch.tensor([0.5, -1.0, 0.0, 2.0])[None, :, None, None]
+    seen = {}
+
+    def unet(noisy, timesteps, states):
+        seen["noisy"] = noisy
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    cfg = TrainConfig(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.05, ip_noise_gamma=0.1,
+                      ip_noise_gamma_random_strength=True)
+    loop_module.diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(3), cfg)
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(latents.shape, generator=g)
+    offset = torch.rand(1, generator=g) * 0.1
+    offset = torch.clamp(offset + 0.05 * torch.abs(latents.mean(dim=(2, 3), keepdim=True)), 0.0, None)
+    noise = noise + offset * torch.randn((2, 4, 1, 1), generator=g)
+    timesteps = torch.randint(0, 1000, (2,), generator=g)
+    strength = torch.rand(1, generator=g) * 0.1
+    expect = scheduler.add_noise(latents, noise + strength * torch.randn(latents.shape, generator=g), timesteps)
+    assert torch.equal(seen["noisy"], expect)
+    with pytest.raises(ConfigError, match="--adaptive_noise_scale adds to --noise_offset"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", adaptive_noise_scale=0.1).validate()
+
+
+def test_caption_prefix_and_suffix_frame_every_caption(base, tmp_path, monkeypatch):
+    """kohya's --caption_prefix / --caption_suffix: every caption trained on is framed by them."""
+    seen = []
+    real = loop_module.condition
+    monkeypatch.setattr(loop_module, "condition", lambda pipe, captions, *a, **k: (seen.extend(captions), real(pipe, captions, *a, **k))[1])
+    train(config(base, tmp_path, caption_prefix="masterpiece,", caption_suffix="(best)", max_train_steps=2))
+    assert seen and all(c.startswith("masterpiece, ") and c.endswith(" (best)") and "<s>" in c for c in seen), seen

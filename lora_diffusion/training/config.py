@@ -66,6 +66,8 @@ class TrainConfig:
     output_dir: str = _f("lora-output", "where the LoRA, checkpoints/, samples/, log.csv and loss.png go")
     overwrite: bool = _f(False, "allow writing into an output folder that holds a previous run")
     caption_extension: str = _f(".txt", "extension of sidecar caption files (image.png -> image.txt)")
+    caption_prefix: str = _f("", "kohya's: put before every caption (with a space), the trigger word's included")
+    caption_suffix: str = _f("", "kohya's: put after every caption (with a space)")
     strict: bool = _f(False, "stop on an unreadable image instead of warning and skipping it")
     # ------------------------------------------------------------------ what to learn
     mode: str = _f("style", "style: the token is appended to captions; subject (DreamBooth): prompts name the subject", choices=("style", "subject"))
@@ -141,6 +143,10 @@ class TrainConfig:
     multires_noise_iterations: int = _f(0, "kohya's multires (pyramid) noise: this many coarser noises added to the noise, "
                                            "e.g. 6 (0: off)")
     multires_noise_discount: float = _f(0.3, "the weight of each coarser noise is this to its level's power (kohya's)")
+    noise_offset_random_strength: bool = _f(False, "kohya's: each batch's noise offset a random share of --noise_offset")
+    adaptive_noise_scale: float = _f(0.0, "kohya's: add this times each channel's absolute mean latent to --noise_offset, "
+                                          "e.g. 0.01 (0: off; needs --noise_offset)")
+    ip_noise_gamma_random_strength: bool = _f(False, "kohya's: each batch's --ip_noise_gamma a random share of it")
     ip_noise_gamma: float = _f(0.0, "input perturbation (kohya's --ip_noise_gamma): the latents are noised with the noise "
                                     "plus this times fresh noise, the target keeping the noise, e.g. 0.1 (0: off)")
     min_timestep: int = _f(0, "the smallest timestep trained (kohya's)")
@@ -329,6 +335,8 @@ class TrainConfig:
 
             read_sample_prompts(self.sample_prompts)  # (a bad file is named now, not at the first sample)
         self.optimizer_settings()
+        if self.adaptive_noise_scale and not self.noise_offset:
+            raise ConfigError("--adaptive_noise_scale adds to --noise_offset: give that too (as kohya requires)")
         if self.color_aug and self.cache_latents:
             raise ConfigError("--color_aug changes every sample's colours: it cannot go with --cache_latents (as in kohya)")
         for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):

@@ -252,13 +252,21 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
     batch, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if config.noise_offset:
-        noise = noise + config.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator).to(latents)
+        offset = config.noise_offset  # (kohya's: a random share of it, plus a share of each channel's mean latent)
+        if config.noise_offset_random_strength:
+            offset = offset * torch.rand(1, generator=generator).to(latents)
+        if config.adaptive_noise_scale:
+            offset = (offset + config.adaptive_noise_scale * latents.mean(dim=(2, 3), keepdim=True).abs()).clamp(min=0)
+        noise = noise + offset * torch.randn((batch, channels, 1, 1), generator=generator).to(latents)
     if config.multires_noise_iterations:
         noise = pyramid_noise(noise, generator, config.multires_noise_iterations, config.multires_noise_discount)
     timesteps = torch.randint(*timestep_range(config, scheduler), (batch,), generator=generator).to(latents.device)
     start = noise
     if config.ip_noise_gamma:  # (kohya's input perturbation: the target keeps the noise)
-        start = noise + config.ip_noise_gamma * torch.randn(latents.shape, generator=generator).to(latents)
+        gamma = config.ip_noise_gamma
+        if config.ip_noise_gamma_random_strength:
+            gamma = gamma * torch.rand(1, generator=generator).to(latents)
+        start = noise + gamma * torch.randn(latents.shape, generator=generator).to(latents)
     noisy = scheduler.add_noise(latents, start, timesteps)
     target = diffusion_target(scheduler, latents, noise, timesteps)
     extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
@@ -802,6 +810,12 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # kohya's regularisation images, with their own captions (no trigger token)
     reg_examples = scan_images(config.reg_data_dir, caption_extension=config.caption_extension, instance_prompt=config.class_prompt,
                                strict=config.strict, what="--reg_data_dir", resolution=config.resolution) if config.reg_data_dir else None
+    if config.caption_prefix or config.caption_suffix:  # (kohya's, on every caption of its data sets)
+        def framed(found: list[Example]) -> list[Example]:
+            return [dataclasses.replace(e, caption=" ".join(filter(None, (config.caption_prefix, e.caption, config.caption_suffix))))
+                    for e in found]
+
+        examples, reg_examples = framed(examples), reg_examples and framed(reg_examples)
     resume, replace_stopped = None, False
     if config.resume_from_checkpoint:
         if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
