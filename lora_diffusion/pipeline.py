@@ -109,6 +109,44 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
     return pipe
 
 
+def load_vae(path: str | os.PathLike, like: nn.Module) -> nn.Module:
+    """A VAE to use in place of a model's (kohya's ``--vae``, A1111's SD VAE): a diffusers folder (or a model folder
+    with ``vae/``), or one ``.safetensors`` / ``.ckpt`` / ``.pt`` file in the original layout, a VAE alone (as
+    ``vae-ft-mse-840000-ema-pruned.safetensors``) or a whole checkpoint's, read on the config of ``like`` (the model's
+    own VAE, whose shapes it must have). ``ValueError`` names the path where it is not such a VAE.
+
+    Example:
+        >>> pipe.vae = load_vae("vae-ft-mse-840000-ema-pruned.safetensors", pipe.vae)
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+            if not (folder / "config.json").is_file():
+                raise ValueError("a folder without config.json (give a diffusers VAE folder, or a model folder with vae/)")
+            vae = AutoencoderKL.from_pretrained(str(folder))
+        elif path.is_file():
+            with tempfile.TemporaryDirectory() as config:
+                like.save_config(config)
+                vae = AutoencoderKL.from_single_file(str(path), config=config)
+        else:
+            raise ValueError("no such file or folder")
+    except SingleFileComponentError:
+        raise ValueError(f"VAE {path}: no VAE weights in the file") from None
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ValueError(f"VAE {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    mine, theirs = like.config, vae.config
+    if (mine.latent_channels, tuple(mine.block_out_channels)) != (theirs.latent_channels, tuple(theirs.block_out_channels)):
+        raise ValueError(f"VAE {path}: {theirs.latent_channels} latent channels, blocks {list(theirs.block_out_channels)}; "
+                         f"the model's has {mine.latent_channels}, {list(mine.block_out_channels)}")
+    return vae.to(like.device, like.dtype)
+
+
 def _components(pipe) -> Iterator[tuple[str, nn.Module]]:
     for name in COMPONENTS:
         model = getattr(pipe, name, None)

@@ -1388,10 +1388,43 @@ def test_kohyas_noise_offset_options_noise_as_kohya_does(tmp_path):
         TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", adaptive_noise_scale=0.1).validate()
 
 
-def test_caption_prefix_and_suffix_frame_every_caption(base, tmp_path, monkeypatch):
-    """kohya's --caption_prefix / --caption_suffix: every caption trained on is framed by them."""
+def test_caption_prefix_and_suffix_frame_every_caption_and_a_warmup_share_warms_up(base, tmp_path, monkeypatch):
+    """kohya's --caption_prefix / --caption_suffix: every caption trained on is framed by them; kohya's
+    --lr_warmup_steps 0.5 warms up over half the run's steps (truncated, as kohya)."""
     seen = []
     real = loop_module.condition
     monkeypatch.setattr(loop_module, "condition", lambda pipe, captions, *a, **k: (seen.extend(captions), real(pipe, captions, *a, **k))[1])
-    train(config(base, tmp_path, caption_prefix="masterpiece,", caption_suffix="(best)", max_train_steps=2))
+    train(config(base, tmp_path, caption_prefix="masterpiece,", caption_suffix="(best)", max_train_steps=5,
+                 lr_scheduler="constant_with_warmup", lr_warmup_ratio=0.5, learning_rate=1e-3))
     assert seen and all(c.startswith("masterpiece, ") and c.endswith(" (best)") and "<s>" in c for c in seen), seen
+    lrs = [r["lr"] for r in outputs.read_log(tmp_path / "out" / "log.csv")]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3])  # (int(0.5 x 5) = 2 warm-up steps)
+
+
+def test_a_vae_file_or_folder_trains_as_a_model_with_that_vae(base, tmp_path):
+    """kohya's --vae: an original-layout VAE file (a VAE alone) or a diffusers folder in place of the model's VAE
+    trains the LoRA a model holding that VAE trains, bit for bit; what is not such a VAE is named."""
+    from safetensors.torch import save_file
+
+    from lora_diffusion.tools import to_ldm_checkpoint
+
+    other = tiny_pipeline(5)
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in to_ldm_checkpoint(other).items()
+               if k.startswith("first_stage_model.")}, vae_file)
+    with_vae = tiny_pipeline(0)
+    with_vae.vae = other.vae
+    with_vae.save_pretrained(tmp_path / "model_with_vae")
+    settings = dict(max_train_steps=1, save_precision="fp32")
+    ref = lora_tensors(train(config(str(tmp_path / "model_with_vae"), tmp_path / "ref", **settings)).lora_path)
+    for i, vae in enumerate((vae_file, tmp_path / "model_with_vae")):
+        got = lora_tensors(train(config(base, tmp_path / f"run{i}", vae=str(vae), **settings)).lora_path)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), vae
+    plain = lora_tensors(train(config(base, tmp_path / "plain", **settings)).lora_path)
+    assert not all(torch.equal(ref[k], plain[k]) for k in ref)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, lora)
+    with pytest.raises(ConfigError, match=r"--vae: VAE .*lora.safetensors: no VAE weights in the file"):
+        train(config(base, tmp_path / "bad", vae=str(lora), **settings))
+    with pytest.raises(ConfigError, match=r"--vae .*nowhere: no such file or folder"):
+        train(config(base, tmp_path / "bad2", vae=str(tmp_path / "nowhere"), **settings))

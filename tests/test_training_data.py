@@ -414,6 +414,9 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     assert (more.random_flip, more.color_aug, more.cache_latents, more.center_crop, more.training_comment,
             more.metadata_author) == (True, True, True, True, "hi", "me")  # (kohya crops the centre)
     assert not config_from_args(build_parser().parse_args(kohya + ["--random_crop"])).center_crop
+    ratio = config_from_args(build_parser().parse_args(kohya + ["--lr_warmup_steps", "0.1"]))
+    steps = config_from_args(build_parser().parse_args(kohya + ["--lr_warmup_steps", "10"]))
+    assert (ratio.lr_warmup_steps, ratio.lr_warmup_ratio, steps.lr_warmup_steps, steps.lr_warmup_ratio) == (0, 0.1, 10, 0.0)
     with pytest.raises(ConfigError, match="--color_aug changes every sample's colours: it cannot go with --cache_latents"):
         more.validate()
     unet_only = config_from_args(build_parser().parse_args(kohya[:10] + ["--network_train_unet_only"]))

@@ -61,6 +61,8 @@ class TrainConfig:
     pretrained_model_name_or_path: str = _f("", "base model: a local diffusers folder, a hub id, or a single .safetensors/.ckpt file")
     single_file_config: str = _f("", "for a single-file base model: a diffusers folder or hub id of the same architecture "
                                  "whose configs and tokenizer(s) to use (default: diffusers fetches those of the matching base model)")
+    vae: str = _f("", "a VAE in place of the model's (kohya's --vae): a diffusers folder, or a .safetensors/.ckpt file in "
+                      "the original layout (a VAE alone, e.g. vae-ft-mse-840000-ema-pruned, or a whole checkpoint's)")
     train_data_dir: str = _f("", "folder of training images (captions beside them or in metadata.jsonl); "
                              "--instance_data_dir (DreamBooth's name) is the same setting")
     output_dir: str = _f("lora-output", "where the LoRA, checkpoints/, samples/, log.csv and loss.png go")
@@ -110,7 +112,8 @@ class TrainConfig:
     learning_rate: float = _f(1e-4, "learning rate of the UNet LoRA")
     text_encoder_lr: float = _f(0.0, "learning rate of the text encoder LoRA and token (0 means --learning_rate)")
     lr_scheduler: str = _f("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = _f(0, "linear warm-up steps")
+    lr_warmup_steps: int = _f(0, "linear warm-up steps (kohya's: a number below 1 is a share of the run's steps)")
+    lr_warmup_ratio: float = _f(0.0, "linear warm-up as a share of the run's steps, e.g. 0.05 (kohya's --lr_warmup_steps 0.05)")
     lr_num_cycles: int = _f(1, "hard restarts of --lr_scheduler cosine_with_restarts")
     lr_power: float = _f(1.0, "power of --lr_scheduler polynomial")
     max_train_steps: int = _f(0, "optimizer steps (0 means --num_train_epochs epochs)")
@@ -316,6 +319,8 @@ class TrainConfig:
             raise ConfigError(f"--min_timestep {self.min_timestep} must be below --max_timestep {self.max_timestep}")
         if self.loss_type in ("huber", "smooth_l1") and not (0 < self.huber_c <= 1 and self.huber_scale > 0):
             raise ConfigError(f"--huber_c must be in (0, 1] and --huber_scale positive, got {self.huber_c} and {self.huber_scale}")
+        if not 0 <= self.lr_warmup_ratio < 1 or self.lr_warmup_ratio and self.lr_warmup_steps:
+            raise ConfigError(f"--lr_warmup_ratio must be in [0, 1) and not beside --lr_warmup_steps, got {self.lr_warmup_ratio}")
         if self.lr_num_cycles < 1:
             raise ConfigError(f"--lr_num_cycles must be at least 1, got {self.lr_num_cycles}")
         if self.bucket_reso_steps % 8 or self.bucket_reso_steps < 0:
@@ -466,6 +471,17 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         if out.get("center_crop"):
             raise ConfigError(f"{source}: random_crop and center_crop contradict each other")
         out["center_crop"] = False
+    warmup = out.get("lr_warmup_steps")
+    if isinstance(warmup, (str, float)) and not isinstance(warmup, bool):  # (kohya's: below 1, a share of the steps)
+        try:
+            number = float(warmup)
+        except ValueError:
+            raise ConfigError(f"{source}: lr_warmup_steps must be a number, got {warmup!r}") from None
+        if 0 < number < 1:
+            out.pop("lr_warmup_steps")
+            out["lr_warmup_ratio"] = number
+        elif number.is_integer():
+            out["lr_warmup_steps"] = int(number)
     if values.get("unet_lr") is not None:
         if out.get("learning_rate") is not None and out.get("text_encoder_lr") is None:
             out["text_encoder_lr"] = out["learning_rate"]  # (kohya: the text encoder's rate where it has none)
@@ -636,6 +652,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flags = [f"--{f.name}"] + [f"--{alias}" for alias, name in ALIASES.items() if name == f.name]
         if kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif f.name == "lr_warmup_steps":  # (kohya's share of the steps too: ``_from_kohya`` reads it)
+            parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, metavar="INT", help=help_text)
         elif f.name == "optimizer_args":  # (kohya's: several KEY=VALUE words)
             parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="KEY=VALUE", help=help_text)
         elif f.name == "resolution":  # (kohya's "512,512" too: ``_from_kohya`` reads it)

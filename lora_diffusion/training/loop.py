@@ -43,7 +43,7 @@ from torch import nn
 from ..formats import atomic_save, read_lora_file, read_safetensors
 from ..inject import inject_lora, set_backward
 from ..layers import LoraDropout
-from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file, lora_from_model, save_lora
+from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file, load_vae, lora_from_model, save_lora
 from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
@@ -174,6 +174,8 @@ def _check_model_path(name_or_path: str, flag: str = "--pretrained_model_name_or
 
 def _check_model_paths(config: TrainConfig) -> None:
     _check_model_path(config.pretrained_model_name_or_path)
+    if config.vae and not Path(config.vae).expanduser().exists():
+        raise ConfigError(f"--vae {config.vae}: no such file or folder")
     if config.single_file_config:
         if not Path(config.pretrained_model_name_or_path).expanduser().is_file():
             raise ConfigError(f"--single_file_config {config.single_file_config}: only for a single-file "
@@ -868,6 +870,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = _load_model(config.pretrained_model_name_or_path, config.single_file_config)
+    if config.vae:
+        try:
+            pipe.vae = load_vae(config.vae, pipe.vae)
+        except ValueError as e:
+            raise ConfigError(f"--vae: {e}") from None
     try:
         check_clip_skip(pipe, config.clip_skip, "--clip_skip")
     except ValueError as e:
@@ -952,7 +959,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     fused = {"fused": True} if optimizer_class is torch.optim.AdamW and device.type == "cuda" else {}
     configured = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     optimizer = optimizer_class(groups, lr=config.learning_rate, **optimizer_kwargs, **fused)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps,
+    warmup = config.lr_warmup_steps or int(config.lr_warmup_ratio * max_steps)  # (kohya's share: truncated, as kohya)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
     optimizer = accelerator.prepare(optimizer)
     step = 0
