@@ -437,6 +437,8 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
                          (["--network_args", "rank_dropout=2"], "--rank_dropout must be in"),
                          (["--full_fp16"], "full_fp16: the LoRA trains in fp32 under --mixed_precision fp16"),
                          (["--dataset_config", "d.toml"], "dataset_config: kohya's dataset TOML is not read"),
+                         (["--base_weights", "a.safetensors", "b.safetensors"], "base_weights: .*bake them first"),
+                         (["--no_token_padding"], "no_token_padding: captions are always padded"),
                          (["--random_crop", "--center_crop"], "random_crop and center_crop contradict each other"),
                          (["--network_args", "dropout=0.1"], "network_args 'dropout=0.1': this trainer takes"),
                          (["--network_args", "module_dropout=0.1", "--use_dora"], "--use_dora takes --lora_dropout"),

@@ -439,7 +439,8 @@ ALIASES = {"instance_data_dir": "train_data_dir",  # diffusers' DreamBooth scrip
 # kohya's settings that change nothing here (SDPA attention is torch's own; the model's config says SD 2; logging is ours)
 KOHYA_IGNORED = ("xformers", "sdpa", "mem_eff_attn", "persistent_data_loader_workers", "v2", "no_half_vae", "lowram",
                  "highvram", "logging_dir", "log_with", "log_prefix", "save_state_on_train_end", "log_tracker_name",
-                 "wandb_api_key", "wandb_run_name", "console_log_simple", "skip_cache_check", "vae_batch_size")
+                 "wandb_api_key", "wandb_run_name", "console_log_simple", "skip_cache_check", "vae_batch_size", "ddp_timeout",
+                 "tokenizer_cache_dir", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk")
 # kohya's settings read into ours by ``_from_kohya`` (their values differ)
 KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_encoder_only", "network_module",
                     "network_args", "save_model_as", "random_crop", "cache_latents_to_disk")
@@ -452,7 +453,26 @@ KOHYA_REFUSED = {
     "in_json": "kohya's fine-tuning metadata JSON is not read; give captions as sidecar files or metadata.jsonl",
     "masked_loss": "masked loss is not built", "alpha_mask": "masked loss is not built",
     "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
+    "base_weights": "merging LoRAs into the model before training is not built; bake them first: lora-diffusion bake "
+                    "MODEL a.safetensors:1 -o merged, then train on merged",
+    "base_weights_multiplier": "see base_weights",
+    "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
+    "face_crop_aug_range": "face crop augmentation is not built",
+    "keep_tokens_separator": "give the kept tags first and --keep_tokens N", "secondary_separator": "not built",
+    "enable_wildcard": "caption wildcards are not built", "caption_separator": "tags are separated by commas here",
+    "caption_dropout_every_n_epochs": "not built; --caption_dropout_rate drops captions at random",
+    "v_pred_like_loss": "not built", "lr_scheduler_type": "give one of --lr_scheduler's schedules",
+    "lr_scheduler_args": "give one of --lr_scheduler's schedules (--lr_num_cycles, --lr_power)",
+    "lr_decay_steps": "not built; give one of --lr_scheduler's schedules",
+    "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",
+    "save_n_epoch_ratio": "give --save_every_n_epochs", "output_config": "write the settings into a TOML file and pass --config",
+    "no_metadata": "the files carry their training settings (convert the LoRA to drop nothing but embeddings)",
+    "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
+_KOHYA_VALUED = ("dataset_config", "in_json", "base_weights", "base_weights_multiplier", "face_crop_aug_range", "keep_tokens_separator",
+                 "secondary_separator", "caption_separator", "caption_dropout_every_n_epochs", "v_pred_like_loss",
+                 "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "initial_epoch", "initial_step",
+                 "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
 
 
 def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -677,11 +697,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     kohya.add_argument("--cache_latents_to_disk", action="store_true", default=argparse.SUPPRESS,
                        help="= --cache_latents (the latents are kept in memory)")
     for name in KOHYA_REFUSED:  # (named by the refusal, not as unknown)
-        takes_value = name in ("dataset_config", "in_json")
         kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                           **({} if takes_value else {"action": "store_true"}))
+                           **({"nargs": "*"} if name in _KOHYA_VALUED else {"action": "store_true"}))
     for name in KOHYA_IGNORED:  # (accepted, so that a kohya command runs; they change nothing here)
-        if name in ("logging_dir", "log_with", "log_prefix", "log_tracker_name", "wandb_api_key", "wandb_run_name", "vae_batch_size"):
+        if name in ("logging_dir", "log_with", "log_prefix", "log_tracker_name", "wandb_api_key", "wandb_run_name", "vae_batch_size",
+                    "ddp_timeout", "tokenizer_cache_dir"):
             kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             kohya.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
