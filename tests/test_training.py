@@ -1428,3 +1428,31 @@ def test_a_vae_file_or_folder_trains_as_a_model_with_that_vae(base, tmp_path):
         train(config(base, tmp_path / "bad", vae=str(lora), **settings))
     with pytest.raises(ConfigError, match=r"--vae .*nowhere: no such file or folder"):
         train(config(base, tmp_path / "bad2", vae=str(tmp_path / "nowhere"), **settings))
+
+
+def test_a_kohya_ss_gui_command_runs_as_pasted(base, tmp_path):
+    """The command kohya_ss's GUI prints (its flags in --flag=value form, quoted values, buckets, sample prompts, epoch
+    saves, optimizer arguments, a warm-up share) trains here as pasted and writes kohya's files."""
+    import shlex
+
+    from lora_diffusion.training.cli import main
+
+    flat_images(tmp_path / "img" / "2_red thing", n=2)
+    (tmp_path / "prompts.txt").write_text("a red thing --w 32 --h 32 --s 2 --d 1\n")
+    command = (f'--enable_bucket --min_bucket_reso=16 --max_bucket_reso=64 --pretrained_model_name_or_path="{base}" '
+               f'--train_data_dir="{tmp_path / "img"}" --resolution="32,32" --output_dir="{tmp_path / "model"}" '
+               f'--logging_dir="{tmp_path / "log"}" --network_alpha="1" --save_model_as=safetensors --network_module=networks.lora '
+               '--text_encoder_lr=5e-05 --unet_lr=0.0001 --network_dim=4 --output_name="last" --lr_scheduler_num_cycles="1" '
+               '--no_half_vae --learning_rate="0.0001" --lr_scheduler="cosine" --lr_warmup_steps="0.1" --train_batch_size="1" '
+               '--max_train_steps="8" --save_every_n_epochs="1" --save_last_n_epochs="1" --mixed_precision="no" '
+               '--save_precision="fp16" --seed="42" --caption_extension=".txt" --cache_latents --cache_latents_to_disk '
+               '--optimizer_type="AdamW" --optimizer_args "weight_decay=0.05" --max_data_loader_n_workers="0" '
+               '--bucket_reso_steps=16 --xformers --bucket_no_upscale --noise_offset=0.05 --keep_tokens=1 --shuffle_caption '
+               '--max_grad_norm=1 --persistent_data_loader_workers --flip_aug --min_snr_gamma=5 '
+               f'--sample_sampler=euler_a --sample_prompts="{tmp_path / "prompts.txt"}" --sample_every_n_epochs="1"')
+    assert main(shlex.split(command)) == 0
+    out = tmp_path / "model"
+    assert sorted(p.name for p in out.glob("last*.safetensors")) == ["last-000001.safetensors", "last.safetensors"]
+    assert len(list((out / "sample").glob("last_e00000[12]_00_*_1.png"))) == 2  # (an epoch: 2 repeats x 2 images)
+    meta = read_safetensors(out / "last.safetensors")[1]
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.05)" and meta["ss_network_dim"] == "4"
