@@ -29,7 +29,7 @@ import torch
 
 from . import __version__
 from .blend import _tag_path, apply_prompt_loras, parse_prompt
-from .pipeline import fuse, load_embedding, unfuse
+from .pipeline import fuse, load_embedding, load_vae, unfuse
 from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
@@ -201,9 +201,11 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 
 def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width: int, height: int,
                  model_name: str | None = None, model_sha256: str | None = None, clip_skip: int = 1,
-                 emphasis: bool | str = True, padded: bool = False, lora_hashes: dict[str, str] | None = None) -> dict:
+                 emphasis: bool | str = True, padded: bool = False, lora_hashes: dict[str, str] | None = None,
+                 vae_name: str | None = None, vae_sha256: str | None = None) -> dict:
     """The settings line of A1111's infotext for one image of ``pipe`` (its scheduler's A1111 name), in A1111's order;
-    ``lora_hashes``: ``{tag name: full SHA-256}`` (``lora_hash``), written as A1111 writes them (12 digits)."""
+    ``lora_hashes``: ``{tag name: full SHA-256}`` (``lora_hash``), written as A1111 writes them (12 digits);
+    ``vae_name`` / ``vae_sha256``: a VAE in place of the model's (A1111's SD VAE: its file name, 10 digits)."""
     hashes = {name.translate(str.maketrans("", "", ":,")): h[:12] for name, h in (lora_hashes or {}).items()}
     return {
         "Steps": steps,
@@ -214,6 +216,8 @@ def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width:
         "Size": f"{width}x{height}",
         "Model hash": model_sha256[:10] if model_sha256 else None,
         "Model": model_name,
+        "VAE hash": vae_sha256[:10] if vae_sha256 else None,
+        "VAE": vae_name,
         "Clip skip": clip_skip if clip_skip > 1 else None,
         "Emphasis": None if emphasis_mode(emphasis) == "Original" else emphasis_mode(emphasis),
         "Pad conds": True if padded else None,
@@ -278,6 +282,8 @@ def txt2img(
     fused: bool = False,
     model_name: str | None = None,
     model_sha256: str | None = None,
+    vae_name: str | None = None,
+    vae_sha256: str | None = None,
     init_image=None,
     mask_image=None,
     mask_blur: int = 4,
@@ -302,7 +308,8 @@ def txt2img(
     switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its
     emphasis, length and prompt editing are kept (``lora_diffusion.prompts.scheduled_prompt_kwargs``), ``sampler`` (an
     A1111 name; ``None``: the pipeline's own scheduler) and the seeds ``seed``, ``seed + 1``, ... (``-1``: a random
-    one) as A1111 counts them. Each image comes with its infotext (``model_name`` and ``model_sha256`` go into it).
+    one) as A1111 counts them. Each image comes with its infotext (``model_name`` and ``model_sha256``, and a VAE's
+    ``vae_name`` and ``vae_sha256``, go into it).
     ``fused``: the LoRAs are fused for the denoising, and unfused after.
 
     ``init_image`` (a PIL image, resized to ``width`` x ``height``, by default its own size to a multiple of 8): img2img,
@@ -381,7 +388,8 @@ def txt2img(
     negative = negative_prompt or None  # (SDXL: an empty negative prompt is zeros, as in A1111)
     texts = scheduled_prompt_kwargs(pipe, clean, negative, steps, clip_skip=clip_skip, emphasis=emphasis)
     params = a1111_params(pipe, steps=steps, cfg_scale=cfg_scale, seed=None, width=width, height=height,
-                          model_name=model_name, model_sha256=model_sha256, clip_skip=clip_skip,
+                          model_name=model_name, model_sha256=model_sha256, vae_name=vae_name, vae_sha256=vae_sha256,
+                          clip_skip=clip_skip,
                           emphasis=emphasis if any(c in prompt + negative_prompt for c in "([") else True,
                           padded=conds_padded(pipe, clean, negative_prompt, steps, emphasis),
                           lora_hashes={name: lora_hash(path) for name, path in paths.items()})
@@ -825,12 +833,12 @@ def unread_settings(text: str) -> list[str]:
     return [key for key in parse_infotext(text)[2] if key not in READ_KEYS]
 
 
-def _from_png(path: str) -> dict:
+def _from_png(path: str, vae_read: bool = False) -> dict:
     """The settings an image's A1111 infotext holds, as ``txt2img`` keywords (a warning names those it cannot
-    follow)."""
+    follow; ``vae_read``: its VAE is followed)."""
     text = png_infotext(path)
     settings = infotext_settings(text, str(path))
-    unread = unread_settings(text)
+    unread = [key for key in unread_settings(text) if not (vae_read and key in ("VAE", "VAE hash"))]
     if unread:
         print(f"warning: {path}: settings not made again here: {', '.join(unread)}; the image will differ",
               file=sys.stderr)
@@ -878,7 +886,8 @@ def _size(text: str) -> tuple[int, int]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     settings: dict = {}
     if args.from_png:
-        settings = _from_png(args.from_png)
+        args.vae = args.vae or _png_vae(args.from_png, args)
+        settings = _from_png(args.from_png, vae_read=bool(args.vae))
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
                  "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding", "masked_content",
                  "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from", "hires_resize", "hires_sampler",
@@ -892,6 +901,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         settings["emphasis"] = "None"
     if not settings.get("prompt"):
         raise ValueError("give a prompt (or --from-png IMAGE)")
+    if args.vae and not Path(args.vae).expanduser().exists():
+        raise ValueError(f"--vae {args.vae}: no such file or folder")
     if args.mask and not args.init_image:
         raise ValueError("--mask needs the image it masks: give --init-image")
     if (args.inpaint_only_masked or args.masked_padding is not None or args.masked_content or args.inpaint_not_masked) \
@@ -948,9 +959,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _png_vae(image: str, args: argparse.Namespace) -> str | None:
+    """The VAE an A1111 image names (its infotext's ``VAE``), where it is found: in ``--vae-dir``, else beside the
+    model; a warning says when it is not."""
+    name = parse_infotext(png_infotext(image))[2].get("VAE")
+    if not name:
+        return None
+    for folder in filter(None, (args.vae_dir, Path(args.model).expanduser().parent)):
+        if (Path(folder) / name).is_file():
+            return str(Path(folder) / name)
+    print(f"warning: {image} was made with the VAE {name}, not found in {args.vae_dir or 'the model folder'} (give "
+          "--vae FILE or --vae-dir DIR); the model's own VAE is used", file=sys.stderr)
+    return None
+
+
 def _generation_model(path: str | os.PathLike, args: argparse.Namespace) -> tuple[object, dict]:
-    """The pipeline ``generate`` makes images with (``--model-config``, ``--dtype``, ``--device``), and its infotext's
-    ``model_name`` and ``model_sha256`` (a single file's)."""
+    """The pipeline ``generate`` makes images with (``--model-config``, ``--dtype``, ``--device``, ``--vae``), and its
+    infotext's ``model_name`` and ``model_sha256`` (a single file's), ``vae_name`` and ``vae_sha256``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .tools import _DTYPES, load_model
@@ -960,11 +985,16 @@ def _generation_model(path: str | os.PathLike, args: argparse.Namespace) -> tupl
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ValueError(f"{path}: a {type(pipe).__name__}; generate takes Stable Diffusion 1.x/2.x and SDXL "
                          "text-to-image models")
+    vae = Path(args.vae).expanduser() if args.vae else None
+    if vae is not None:
+        pipe.vae = load_vae(vae, pipe.vae)
     pipe = pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=not args.progress)
     model = Path(path)
     return pipe, {"model_name": model.stem if model.is_file() else model.name,
-                  "model_sha256": model_hash(model) if model.is_file() else None}
+                  "model_sha256": model_hash(model) if model.is_file() else None,
+                  "vae_name": vae.name if vae is not None else None,
+                  "vae_sha256": model_hash(vae) if vae is not None and vae.is_file() else None}
 
 
 def _checkpoint_path(value: str, model: str) -> Path:
@@ -1066,6 +1096,10 @@ def register(subparsers) -> None:
     p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights while generating")
     p.add_argument("--from-png", default=None, metavar="IMAGE", help="take prompt and settings from an image's A1111 "
                    "infotext (flags given override them)")
+    p.add_argument("--vae", default=None, metavar="FILE", help="a VAE in place of the model's (A1111's SD VAE): an "
+                   "original-layout file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers folder")
+    p.add_argument("--vae-dir", default=None, metavar="DIR", help="where --from-png finds the VAE an image names "
+                   "(A1111's models/VAE; default: beside the model)")
     p.add_argument("--model-config", default=None, metavar="DIR", help="for a single-file model: a diffusers folder or "
                    "hub id of the same architecture for its configs and tokenizers")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: fp16 on CUDA, else fp32")

@@ -680,3 +680,35 @@ def test_emphasis_modes_go_into_the_infotext_and_come_back(pipe, tmp_path):
         (remade,) = txt2img(pipe, again.pop("prompt"), again.pop("negative_prompt"), **again)
         assert np.array_equal(np.asarray(remade.image), np.asarray(images[mode].image))
     assert "Emphasis" not in txt2img(pipe, "a red cat", emphasis="None", **settings)[0].infotext  # no brackets: moot
+
+
+def test_cli_vae_writes_a1111s_vae_keys_and_from_png_finds_it_again(tmp_path, capsys):
+    """--vae FILE (A1111's SD VAE) decodes with that VAE and writes A1111's "VAE hash" / "VAE"; --from-png finds the
+    named VAE in --vae-dir and makes the image again, pixel for pixel; where it is missing, a warning says so."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from lora_diffusion.tools import to_ldm_checkpoint
+
+    model = StableDiffusionPipeline.from_pretrained(TINY_MODEL)
+    with torch.no_grad():
+        model.vae.decoder.conv_out.bias += 0.3
+    vaes = tmp_path / "vaes"
+    vaes.mkdir()
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in to_ldm_checkpoint(model).items()
+               if k.startswith("first_stage_model.")}, vaes / "bright.safetensors")
+    common = ["generate", str(TINY_MODEL), "a red circle", "--seed", "3", "--steps", "2"]
+    assert main(common + ["--vae", str(vaes / "bright.safetensors"), "-o", str(tmp_path / "vae.png")]) == 0
+    assert main(common + ["-o", str(tmp_path / "plain.png")]) == 0
+    params = parse_infotext(Image.open(tmp_path / "vae.png").info["parameters"])[2]
+    assert (params["VAE"], params["VAE hash"]) == ("bright.safetensors", model_hash(vaes / "bright.safetensors")[:10])
+    assert _pixels(tmp_path / "vae.png").mean() > _pixels(tmp_path / "plain.png").mean() + 5  # (the brighter decoder)
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(tmp_path / "vae.png"), "--vae-dir", str(vaes),
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "vae.png"), _pixels(tmp_path / "again.png"))
+    capsys.readouterr()
+    assert main(["generate", str(TINY_MODEL), "--from-png", str(tmp_path / "vae.png"), "-o", str(tmp_path / "no.png")]) == 0
+    assert "made with the VAE bright.safetensors, not found" in capsys.readouterr().err
+    assert np.array_equal(_pixels(tmp_path / "plain.png"), _pixels(tmp_path / "no.png"))
+    assert main(common + ["--vae", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "--vae " in capsys.readouterr().err
