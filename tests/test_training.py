@@ -1456,3 +1456,22 @@ def test_a_kohya_ss_gui_command_runs_as_pasted(base, tmp_path):
     assert len(list((out / "sample").glob("last_e00000[12]_00_*_1.png"))) == 2  # (an epoch: 2 repeats x 2 images)
     meta = read_safetensors(out / "last.safetensors")[1]
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.05)" and meta["ss_network_dim"] == "4"
+
+
+def test_the_text_encoders_lora_trains_alone(base, tmp_path):
+    """--no-train_unet --train_text_encoder (kohya's --network_train_text_encoder_only): the file holds the text
+    encoder's LoRA alone, which learned, and loads in stock diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    result = train(config(base, tmp_path, train_unet=False, train_text_encoder=True, max_train_steps=2, learning_rate=1e-2))
+    tensors = lora_tensors(result.lora_path)
+    assert tensors and all(k.startswith("text_encoder.") for k in tensors), sorted(tensors)[:3]
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    ids = pipe.tokenizer(["an image in the style of <s>"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(str(result.lora_path))
+        assert not torch.allclose(pipe.text_encoder(ids)[0], before)  # (stock diffusers applies it)
+    with pytest.raises(ConfigError, match="--no-train_unet trains the text encoder's LoRA alone: give --train_text_encoder"):
+        config(base, tmp_path, train_unet=False).validate()

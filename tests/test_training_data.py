@@ -414,6 +414,8 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     assert (more.random_flip, more.color_aug, more.cache_latents, more.center_crop, more.training_comment,
             more.metadata_author) == (True, True, True, True, "hi", "me")  # (kohya crops the centre)
     assert not config_from_args(build_parser().parse_args(kohya + ["--random_crop"])).center_crop
+    te_only = config_from_args(build_parser().parse_args(kohya + ["--network_train_text_encoder_only"]))
+    assert (te_only.train_unet, te_only.train_text_encoder) == (False, True)
     ratio = config_from_args(build_parser().parse_args(kohya + ["--lr_warmup_steps", "0.1"]))
     steps = config_from_args(build_parser().parse_args(kohya + ["--lr_warmup_steps", "10"]))
     assert (ratio.lr_warmup_steps, ratio.lr_warmup_ratio, steps.lr_warmup_steps, steps.lr_warmup_ratio) == (0, 0.1, 10, 0.0)
@@ -444,7 +446,7 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
                          (["--network_args", "module_dropout=0.1", "--use_dora"], "--use_dora takes --lora_dropout"),
                          (["--network_module", "networks.oft"], "network_module 'networks.oft'"),
                          (["--save_model_as", "ckpt"], "save_model_as 'ckpt': LoRAs are written as safetensors"),
-                         (["--network_train_text_encoder_only"], "always trains the UNet's LoRA"),
+                         (["--network_train_text_encoder_only", "--network_train_unet_only"], "contradict each other"),
                          (["--output_name", "a/b"], "--output_name 'a/b': a file name without folders")):
         with pytest.raises(ConfigError, match=match):
             config_from_args(build_parser().parse_args(kohya[:6] + extra)).validate()

@@ -107,6 +107,8 @@ class TrainConfig:
                                        "--rank_pattern and --conv_rank (kohya's --dim_from_weights)")
     target_modules: str = _f("attn", "UNet layers: a preset (attn, cross, attn-mlp, full), a regex, or comma-separated module suffixes")
     train_text_encoder: bool = _f(False, "also train a LoRA in the text encoder")
+    train_unet: bool = _f(True, "train the UNet's LoRA (--no-train_unet with --train_text_encoder: the text encoder's "
+                                "alone, kohya's --network_train_text_encoder_only)")
     text_encoder_target_modules: str = _f("attn", "text encoder layers, as --target_modules")
     # ------------------------------------------------------------------ optimisation
     learning_rate: float = _f(1e-4, "learning rate of the UNet LoRA")
@@ -354,6 +356,8 @@ class TrainConfig:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.train_unet and not self.train_text_encoder:
+            raise ConfigError("--no-train_unet trains the text encoder's LoRA alone: give --train_text_encoder")
         if self.reg_data_dir and self.with_prior_preservation:
             raise ConfigError("give --reg_data_dir (kohya's: its images as they are) or --with_prior_preservation "
                               "--class_data_dir (diffusers': the class prompt's images, made where missing), not both")
@@ -513,7 +517,9 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
                               "buckets keep each image's aspect ratio at that area")
         out["resolution"] = int(next(iter(sides)))
     if values.get("network_train_text_encoder_only"):
-        raise ConfigError(f"{source}: network_train_text_encoder_only: this trainer always trains the UNet's LoRA")
+        if values.get("network_train_unet_only"):
+            raise ConfigError(f"{source}: network_train_unet_only and network_train_text_encoder_only contradict each other")
+        out["train_unet"], out["train_text_encoder"] = False, True
     if values.get("network_train_unet_only"):
         if out.get("train_text_encoder"):
             raise ConfigError(f"{source}: network_train_unet_only and train_text_encoder contradict each other")

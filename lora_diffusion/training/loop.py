@@ -907,9 +907,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     alpha = config.lora_alpha or None  # (None: each layer's alpha is its rank, per-layer ranks included)
     # PEFT's input dropout (a plain nn.Dropout) and kohya's three after A
     dropout = LoraDropout(config.lora_dropout, config.network_dropout, config.rank_dropout, config.module_dropout)
+    unet.requires_grad_(False)  # (--no-train_unet: no LoRA there; the text encoder's gradients pass through it)
     unet_params = inject_lora(unet, rank=config.rank, alpha=alpha, dropout=dropout, targets=targets,
-                              use_dora=config.use_dora, **_layer_shapes(config, unet, targets, "unet", init_lora))
-    groups = [{"params": unet_params, "lr": config.learning_rate}]
+                              use_dora=config.use_dora, **_layer_shapes(config, unet, targets, "unet", init_lora)) \
+        if config.train_unet else []
+    groups = [{"params": unet_params, "lr": config.learning_rate}] if unet_params else []
     te_params: list[nn.Parameter] = []
     if config.train_text_encoder:
         for component, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
@@ -922,7 +924,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         groups.append({"params": pivot.vectors, "lr": config.te_lr, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]
     if init_lora is not None:
-        trained = [("unet", unet)] + ([("text_encoder", text_encoder)] if config.train_text_encoder else []) + (
+        trained = ([("unet", unet)] if config.train_unet else []) + ([("text_encoder", text_encoder)] if config.train_text_encoder else []) + (
             [("text_encoder_2", text_encoder_2)] if config.train_text_encoder and text_encoder_2 is not None else [])
         _init_lora(trained, init_lora, config)
     for model in (unet, *encoders):
