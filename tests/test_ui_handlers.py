@@ -1079,6 +1079,10 @@ def test_refused_training_requests_leave_nothing_in_the_library(tmp_path, lora_f
         (TrainRequest("j0", broken, learning_rate=-1), "learning_rate must not be negative"),  # settings first
         (TrainRequest("j0", good, resolution=16384), "training resolution must be 8-2048"),  # (held the queue, then OOM)
         (TrainRequest("j0", good, seed=10**30), "the seed must be a whole number"),  # (failed only when it ran)
+        (TrainRequest("j0", good, extra_args="--color_aug --nope"), "additional parameters: unrecognized arguments: --nope"),
+        (TrainRequest("j0", good, extra_args="--output_dir /tmp/x"), "--output_dir the Train tab sets itself"),
+        (TrainRequest("j0", good, extra_args="--token 'open"), "additional parameters: No closing quotation"),
+        (TrainRequest("j0", good, extra_args="--rank_dropout 2"), "--rank_dropout must be in"),
     ]
     for req, message in refused:
         with pytest.raises(UIError, match=message):
@@ -1088,6 +1092,12 @@ def test_refused_training_requests_leave_nothing_in_the_library(tmp_path, lora_f
     assert not backend.queue.jobs
     job = backend.start_training(TrainRequest("j0", good, max_train_steps=1))  # the name is still free
     assert job.done_event.wait(10) and job.status == "done", job.message
+    # the additional parameters (kohya_ss's GUI's): lora-diffusion train and kohya flags, over the tab's settings
+    job = backend.start_training(TrainRequest("j1", good, max_train_steps=1, rank=4, extra_args=(
+        "--network_dropout 0.1 --color_aug --network_args rank_dropout=0.2 --network_dim 8 --lr_warmup_steps 0.5")))
+    assert job.done_event.wait(10) and job.status == "done", job.message
+    assert (job.config.network_dropout, job.config.color_aug, job.config.rank_dropout, job.config.rank,
+            job.config.lr_warmup_ratio) == (0.1, True, 0.2, 8, 0.5)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])

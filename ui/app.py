@@ -217,6 +217,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                             max_tokens = gr.Dropdown([75, 150, 225], value=75, label="Caption tokens (kohya's "
                                                      "max_token_length: long tag captions in chunks)")
                             debiased = gr.Checkbox(False, label="Debiased estimation loss (kohya's)")
+                        extra_args = gr.Textbox(label="Additional parameters (lora-diffusion train / kohya flags, over the "
+                                                      "settings above, e.g. --network_dropout 0.1 --color_aug)",
+                                                elem_id="train-extra-args")
                         continue_from = gr.Dropdown(choices=[], value=None, allow_custom_value=True, elem_id="continue-from",
                                                     label="Continue training a library LoRA (kohya's --network_weights: "
                                                           "its modules, rank, alpha and DoRA; blank: a new LoRA)")
@@ -371,7 +374,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         def on_train(files, folder_name, table, name, mode, token, rank, steps, lr, te_lr, train_te, dora, res, val_prompt, seed,
                      fmt, skip, shuffle, keep, dropout, continue_from=None, layers="attn", conv_rank=0, conv_alpha=0.0,
                      noise_offset=0.0, multires=0, snr_gamma=0.0, loss_type="l2", val_split=0.0, max_tokens=75,
-                     debiased=False):
+                     debiased=False, extra_args=None):
             paths = [_file_path(f) for f in files or []]
             try:
                 if folder_name:
@@ -393,7 +396,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                            "validation_split": _number(val_split or 0.0, "the validation split"),
                            "max_token_length": _whole(max_tokens, "the caption tokens", 75),
                            "debiased_estimation_loss": bool(debiased)},
-                    continue_from=continue_from or None,
+                    continue_from=continue_from or None, extra_args=extra_args or "",
                 )
                 job = backend.start_training(req)
             except (UIError, LoraFormatError) as e:
@@ -485,7 +488,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             on_train,
             [train_files, folder, captions, train_name, mode, token, rank, max_steps, lr, te_lr, train_te, use_dora, resolution,
              val_prompt, train_seed, train_format, clip_skip, shuffle_caption, keep_tokens, caption_dropout, continue_from, layers,
-             conv_rank, conv_alpha, noise_offset, multires, snr_gamma, loss_type, val_split, max_tokens, debiased],
+             conv_rank, conv_alpha, noise_offset, multires, snr_gamma, loss_type, val_split, max_tokens, debiased, extra_args],
             [job_id, train_progress, train_status, loss_plot, train_samples],
             api_name="train",
             concurrency_limit=8,  # the polling loops; the backend queue runs one job at a time

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import threading
@@ -642,9 +643,34 @@ class TrainRequest:
     seed: int = 0
     format: str = "diffusers"  # the library file's: "kohya" loads in A1111 and ComfyUI too
     extra: dict = field(default_factory=dict)  # any other TrainConfig fields, e.g. {"num_validation_images": 2}
+    # "additional parameters", as kohya_ss's GUI has them: ``lora-diffusion train`` / kohya flags, over the above
+    extra_args: str = ""
     # a library LoRA to continue training (``--init_lora``): the run trains its modules at its rank, alpha and DoRA,
     # starting from its factors (``rank``, ``train_text_encoder`` and ``use_dora`` are then the LoRA's)
     continue_from: str | None = None
+
+
+# the settings the Train tab makes itself: not taken from its additional parameters
+_UI_OWNED = ("pretrained_model_name_or_path", "single_file_config", "train_data_dir", "output_dir", "resume_from_checkpoint",
+             "overwrite", "init_lora")
+
+
+def _extra_settings(text: str) -> dict:
+    """The Train tab's "additional parameters" (``lora-diffusion train`` and kohya flags) as ``TrainConfig`` values;
+    ``UIError`` naming what cannot be read, or a setting the tab makes itself."""
+    if not (text or "").strip():
+        return {}
+    from lora_diffusion.training.config import ConfigError, settings_from_flags
+
+    try:
+        given = settings_from_flags(shlex.split(text), "additional parameters")
+    except (ValueError, ConfigError) as e:  # (shlex: an unclosed quote)
+        raise UIError(f"additional parameters: {e}" if not str(e).startswith("additional parameters") else str(e)) from None
+    owned = [f"--{k}" for k in _UI_OWNED if k in given]
+    if owned:
+        raise UIError(f"additional parameters: {', '.join(owned)} the Train tab sets itself (the model, the images, the "
+                      "output, the LoRA continued)")
+    return given
 
 
 @dataclass
@@ -1316,6 +1342,7 @@ class Backend:
             from lora_diffusion.training import TrainConfig
         except ImportError as e:
             raise UIError(f"training is not available in this installation ({e})") from None
+        flagged = _extra_settings(req.extra_args)
         job_id = next(self._ids)
         job_dir = self.library.root / ".train" / f"{time.strftime('%Y%m%d-%H%M%S')}-{job_id}-{name}"
         try:  # every setting is checked before the images are copied: a refused request writes nothing
@@ -1337,6 +1364,7 @@ class Backend:
                 "validation_steps": max(1, int(req.max_train_steps) // 4),  # a few samples while it runs
                 "seed": int(req.seed),
                 **req.extra,
+                **flagged,
                 **(self._continue_settings(req.continue_from) if req.continue_from else {}),
             }
             if dataclasses.is_dataclass(TrainConfig):

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError", "read_text"]
+__all__ = ["TrainConfig", "load_config", "add_config_arguments", "config_from_args", "settings_from_flags", "ConfigError",
+           "read_text"]
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -711,6 +712,31 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             kohya.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser whose errors raise ``ConfigError`` instead of exiting (``settings_from_flags``)."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def settings_from_flags(flags: list[str], source: str = "the flags") -> dict[str, Any]:
+    """The settings a list of command-line flags gives (ours and kohya's, as ``lora-diffusion train`` reads them),
+    only those given, as ``TrainConfig`` field values; ``ConfigError`` for a flag or value it cannot read. For a front
+    end's "additional parameters", as kohya_ss's GUI has them.
+
+    Example:
+        >>> settings_from_flags(["--network_dropout", "0.1", "--color_aug"])
+        {'network_dropout': 0.1, 'color_aug': True}
+    """
+    parser = _RaisingParser(add_help=False, allow_abbrev=False, prog=source)
+    add_config_arguments(parser)
+    args = parser.parse_args(flags)
+    if hasattr(args, "config"):
+        raise ConfigError(f"{source}: --config reads a whole file; give its settings as flags")
+    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(KOHYA_TRANSLATED + KOHYA_IGNORED) + list(KOHYA_REFUSED)
+    return _coerce({name: getattr(args, name) for name in names if hasattr(args, name)}, source)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
