@@ -314,8 +314,9 @@ def _training_keys(metadata: dict) -> dict[str, str]:
     out: dict[str, str] = {}
     if isinstance(settings, dict):
         out.update({key: str(settings[name]) for key, name in _SS_SETTINGS.items() if name in settings})
-        if "resolution" in settings:
-            out["ss_resolution"] = str((settings["resolution"], settings["resolution"]))
+        if "resolution" in settings:  # (width, height; a height of 0 is the square)
+            width = settings["resolution"]
+            out["ss_resolution"] = str((width, settings.get("resolution_height") or width))
         kind = "adamw8bit" if settings.get("use_8bit_adam") else settings.get("optimizer", "adamw")
         out["ss_optimizer"] = {"adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.prodigy.Prodigy"}.get(
             kind, "torch.optim.adamw.AdamW")

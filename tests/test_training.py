@@ -1300,7 +1300,8 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
     prompts.write_text("# kohya's sample prompts\na red square --n blue --w 48 --h 32 --d 5 --l 3 --s 2 --ss euler_a\n\n"
                        "a circle --s 2\n")
     result = train(config(base, tmp_path, sample_prompts=str(prompts), sample_at_first=True, sample_every_n_epochs=1,
-                          sample_every_n_steps=3, output_name="mine", save_kohya=True, train_batch_size=1))
+                          sample_every_n_steps=3, output_name="mine", save_kohya=True, train_batch_size=1,
+                          resolution_height=48))  # (kohya's --resolution 32,48: a prompt without --w/--h is that size)
     assert result.status == "completed"
     names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
     pattern = r"mine_(000000|e000001|e000002)_0([01])_\d{14}(_5)?\.png"
@@ -1309,7 +1310,8 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
         ("000000", "0"), ("000000", "1"), ("e000001", "0"), ("e000001", "1"), ("e000002", "0"), ("e000002", "1")]
     assert all(n.endswith("_5.png") == (n.split("_")[2] == "00") for n in names)  # (the seed only where given)
     first = Image.open(tmp_path / "out" / "sample" / names[0])
-    assert first.size == (48, 32)
+    assert first.size == (48, 32) and Image.open(tmp_path / "out" / "sample" / names[1]).size == (32, 48)
+    assert read_lora_file(result.kohya_path)[1]["ss_resolution"] == "(32, 48)"
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -166,6 +166,11 @@ def test_kohya_buckets_are_sd_scripts_and_no_upscale_enlarges_nothing(tmp_path):
         dataset = ImageDataset(examples, resolution=512, enable_bucket=True, kohya_buckets=KohyaBuckets(no_upscale=no_upscale))
         got = {e.size: (dataset.buckets()[i], dataset.resized_size(i)) for i, e in enumerate(examples)}
         assert got == cases, no_upscale
+    # kohya's --resolution WIDTH,HEIGHT: without buckets every image is that size; kohya's buckets hold its area
+    sizes = [Example(path=tmp_path / "x.png", caption="", size=size) for size in ((1000, 600), (300, 900))]
+    assert ImageDataset(sizes, resolution=512, height=768).buckets() == [(512, 768), (512, 768)]
+    assert KohyaBuckets().grid(512, 768) == sorted(KohyaBuckets().grid(512, 768))
+    assert max(w * h for w, h in KohyaBuckets().grid(512, 768)) <= 512 * 768 < max(w * h for w, h in KohyaBuckets().grid(640, 640))
     pixels = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "small.png")
     small = ImageDataset(scan_images(tmp_path, resolution=512), resolution=512, enable_bucket=True, center_crop=True,
@@ -435,7 +440,11 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     assert (loaded.rank, loaded.resolution, loaded.optimizer, loaded.output_name, loaded.train_text_encoder) == \
         (8, 768, "prodigy", "x", False)
 
-    for extra, match in ((["--resolution", "512,768"], "resolution '512,768': give one side"),
+    wide = config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "768,512"]))
+    assert (wide.resolution, wide.resolution_height, wide.size) == (768, 512, (768, 512))
+    assert config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "512,512"])).resolution_height == 0
+    for extra, match in ((["--resolution", "512,768,3"], "resolution '512,768,3': give one side"),
+                         (["--resolution", "512,780"], "--resolution_height must be a multiple of 8"),
                          (["--network_args", "rank_dropout=2"], "--rank_dropout must be in"),
                          (["--full_fp16"], "full_fp16: the LoRA trains in fp32 under --mixed_precision fp16"),
                          (["--dataset_config", "d.toml"], "dataset_config: kohya's dataset TOML is not read"),

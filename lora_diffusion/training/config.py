@@ -174,7 +174,10 @@ class TrainConfig:
                         "(2 for SD 1.x models trained so, e.g. NovelAI-derived anime models; generate with diffusers' "
                         "pipe(..., clip_skip=N-1)); SD 1.x / 2.x only")
     # ------------------------------------------------------------------ images
-    resolution: int = _f(512, "training resolution, a multiple of 8 (side of the square, or the area of buckets)")
+    resolution: int = _f(512, "training resolution, a multiple of 8 (side of the square, or the area of buckets); "
+                              "kohya's WIDTH,HEIGHT (512,768) too")
+    resolution_height: int = _f(0, "the training height where it is not --resolution (kohya's --resolution WIDTH,HEIGHT: "
+                                   "images cropped to that size, or buckets of that area; 0: square)")
     center_crop: bool = _f(False, "crop the centre instead of a random crop")
     random_flip: bool = _f(False, "flip images horizontally at random (kohya's --flip_aug)")
     color_aug: bool = _f(False, "kohya's colour augmentation: a third of the samples get a hue shift of up to 8 degrees "
@@ -256,6 +259,11 @@ class TrainConfig:
         return parse_pattern(self.rank_pattern, "--rank_pattern", int), parse_pattern(self.alpha_pattern, "--alpha_pattern", float)
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the training images: ``resolution`` square, or ``resolution`` x ``resolution_height``."""
+        return self.resolution, self.resolution_height or self.resolution
+
+    @property
     def uses_kohya_buckets(self) -> bool:
         """Whether ``--enable_bucket`` makes kohya's buckets (a kohya bucket setting is given) rather than ours."""
         return self.enable_bucket and bool(self.min_bucket_reso or self.max_bucket_reso or self.bucket_reso_steps
@@ -307,10 +315,12 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must not be negative, got {getattr(self, name)}")
-        if self.resolution % 8:
-            near = sorted({max(8, self.resolution // 8 * 8), self.resolution // 8 * 8 + 8})
-            raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's downscaling factor), got {self.resolution}; "
-                              f"try {' or '.join(map(str, near))}")
+        for name in ("resolution", "resolution_height"):
+            side = getattr(self, name)
+            if side % 8 or side < 0:
+                near = sorted({max(8, side // 8 * 8), side // 8 * 8 + 8})
+                raise ConfigError(f"--{name} must be a multiple of 8 (the VAE's downscaling factor), got {side}; "
+                                  f"try {' or '.join(map(str, near))}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -329,12 +339,12 @@ class TrainConfig:
         if self.bucket_reso_steps % 8 or self.bucket_reso_steps < 0:
             raise ConfigError(f"--bucket_reso_steps must be a multiple of 8 (the VAE's downscaling factor), got {self.bucket_reso_steps}")
         low, high = self.min_bucket_reso or 256, self.max_bucket_reso or 1024
-        if self.uses_kohya_buckets and self.resolution < (self.bucket_reso_steps or 64):
+        if self.uses_kohya_buckets and min(self.size) < (self.bucket_reso_steps or 64):
             raise ConfigError(f"--resolution {self.resolution} is below --bucket_reso_steps ({self.bucket_reso_steps or 64}): "
                               "kohya's buckets would be empty; give a smaller --bucket_reso_steps")
-        if self.uses_kohya_buckets and not (0 < low <= high and high >= self.resolution):
+        if self.uses_kohya_buckets and not (0 < low <= high and high >= max(self.size)):
             raise ConfigError(f"kohya's buckets need 0 < --min_bucket_reso ({low}) <= --max_bucket_reso ({high}) and "
-                              f"--max_bucket_reso >= --resolution ({self.resolution})")
+                              f"--max_bucket_reso >= --resolution ({max(self.size)})")
         if (self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first) and not self.sample_prompts:
             raise ConfigError("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first sample the prompts of "
                               "--sample_prompts: give that file")
@@ -511,12 +521,15 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         if out.get("learning_rate") is not None and out.get("text_encoder_lr") is None:
             out["text_encoder_lr"] = out["learning_rate"]  # (kohya: the text encoder's rate where it has none)
         out["learning_rate"] = values["unet_lr"]
-    if isinstance(out.get("resolution"), str):
-        sides = {side.strip() for side in out["resolution"].split(",")}
-        if len(sides) != 1 or not next(iter(sides)).isdigit():
-            raise ConfigError(f"{source}: resolution {out['resolution']!r}: give one side (512) or a square (512,512); "
-                              "buckets keep each image's aspect ratio at that area")
-        out["resolution"] = int(next(iter(sides)))
+    if isinstance(out.get("resolution"), str):  # (kohya's "512,768": width, height)
+        sides = [side.strip() for side in out["resolution"].split(",")]
+        if len(sides) not in (1, 2) or not all(side.isdigit() for side in sides):
+            raise ConfigError(f"{source}: resolution {out['resolution']!r}: give one side (512) or WIDTH,HEIGHT (512,768)")
+        out["resolution"] = int(sides[0])
+        if len(sides) == 2 and sides[1] != sides[0]:
+            if out.get("resolution_height"):
+                raise ConfigError(f"{source}: give the height in resolution or in resolution_height, not both")
+            out["resolution_height"] = int(sides[1])
     if values.get("network_train_text_encoder_only"):
         if values.get("network_train_unet_only"):
             raise ConfigError(f"{source}: network_train_unet_only and network_train_text_encoder_only contradict each other")

@@ -290,9 +290,10 @@ class KohyaBuckets:
     steps: int = 64
     no_upscale: bool = False
 
-    def grid(self, resolution: int) -> list[tuple[int, int]]:
-        """The buckets (width, height) for ``resolution``, sorted (kohya's ``make_bucket_resolutions``)."""
-        area, steps = resolution * resolution, self.steps
+    def grid(self, resolution: int, height: int | None = None) -> list[tuple[int, int]]:
+        """The buckets (width, height) for ``resolution`` (x ``height``: kohya's max_reso), sorted (kohya's
+        ``make_bucket_resolutions``)."""
+        area, steps = resolution * (height or resolution), self.steps
         side = int(math.sqrt(area) // steps) * steps
         buckets = {(side, side)}
         for width in range(self.min_size, self.max_size + 1, steps):
@@ -301,16 +302,16 @@ class KohyaBuckets:
                 buckets |= {(width, height), (height, width)}
         return sorted(buckets)
 
-    def select(self, size: tuple[int, int], resolution: int, grid: list[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int] | None]:
-        """(bucket, size the image is resized to before the crop) for an image of ``size``, as kohya's
-        ``select_bucket``; the size is ``None`` where the image is resized to cover the bucket."""
+    def select(self, size: tuple[int, int], area: int, grid: list[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """(bucket, size the image is resized to before the crop) for an image of ``size`` (``area``: the largest
+        bucket area), as kohya's ``select_bucket``; the size is ``None`` where the image is resized to cover the
+        bucket."""
         width, height = size
         aspect = width / height
         if not self.no_upscale:
             if size in grid:
                 return size, None
             return min(grid, key=lambda b: abs(b[0] / b[1] - aspect)), None  # (the first of equals, as argmin)
-        area = resolution * resolution
         if width * height > area:  # shrunk to the area, its long or short side rounded to steps: the closer aspect
             wide = math.sqrt(area * aspect)
             by_width = self._round(wide)
@@ -348,7 +349,8 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images resized to cover their bucket, cropped, maybe flipped, as ``[-1, 1]`` tensors.
+    """Images resized to cover their bucket (``resolution`` square, ``resolution`` x ``height``, or aspect-ratio
+    buckets), cropped, maybe flipped, as ``[-1, 1]`` tensors.
 
     Items are addressed by ``(index, sample_seed)``: the seed decides the random crop and flip, so the same key
     always gives the same tensor.
@@ -368,6 +370,7 @@ class ImageDataset(torch.utils.data.Dataset):
         caption_tag_dropout_rate: float = 0.0,
         kohya_buckets: KohyaBuckets | None = None,
         color_aug: bool = False,
+        height: int | None = None,
     ) -> None:
         self.examples = examples
         self.color_aug = color_aug
@@ -376,14 +379,14 @@ class ImageDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        square = (resolution, resolution)
+        fixed = (resolution, height or resolution)  # (kohya's --resolution WIDTH,HEIGHT: not square)
         self.resized_of: list[tuple[int, int] | None] = [None] * len(examples)  # (None: resized to cover the bucket)
         if enable_bucket and kohya_buckets is not None:
-            grid = kohya_buckets.grid(resolution)
-            picks = [kohya_buckets.select(e.size, resolution, grid) for e in examples]
+            grid = kohya_buckets.grid(*fixed)
+            picks = [kohya_buckets.select(e.size, fixed[0] * fixed[1], grid) for e in examples]
             self.bucket_of, self.resized_of = [b for b, _ in picks], [r for _, r in picks]
-        else:
-            grid = make_buckets(resolution) if enable_bucket else [square]
+        else:  # (our buckets: about the area of the fixed size)
+            grid = make_buckets(math.isqrt(fixed[0] * fixed[1]) // 8 * 8) if enable_bucket else [fixed]
             self.bucket_of = [nearest_bucket(e.size, grid) for e in examples]
 
     def __len__(self) -> int:

@@ -452,7 +452,7 @@ class Validation:
     TIMESTEPS = 4
 
     def __init__(self, examples: list, config: TrainConfig, vae, device, vae_dtype, seed: int) -> None:
-        self.dataset = ImageDataset(examples, resolution=config.resolution, center_crop=True, random_flip=False,
+        self.dataset = ImageDataset(examples, resolution=config.resolution, height=config.resolution_height or None, center_crop=True, random_flip=False,
                                     enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config))
         encoded = Latents(vae, self.dataset, device, vae_dtype, cache=True)
         self.latents = [(encoded.cache[(i, False)][0] - encoded.shift) * encoded.scale for i in range(len(self.dataset))]
@@ -807,11 +807,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     output_dir = Path(config.output_dir)
     examples = scan_images(
         config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
-        instance_prompt=config.instance_prompt, strict=config.strict, resolution=config.resolution,
+        instance_prompt=config.instance_prompt, strict=config.strict, resolution=max(config.size),
     )
     # kohya's regularisation images, with their own captions (no trigger token)
     reg_examples = scan_images(config.reg_data_dir, caption_extension=config.caption_extension, instance_prompt=config.class_prompt,
-                               strict=config.strict, what="--reg_data_dir", resolution=config.resolution) if config.reg_data_dir else None
+                               strict=config.strict, what="--reg_data_dir", resolution=max(config.size)) if config.reg_data_dir else None
     if config.caption_prefix or config.caption_suffix:  # (kohya's, on every caption of its data sets)
         def framed(found: list[Example]) -> list[Example]:
             return [dataclasses.replace(e, caption=" ".join(filter(None, (config.caption_prefix, e.caption, config.caption_suffix))))
@@ -854,7 +854,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                                           config.validation_seed if config.validation_seed >= 0 else seed)
 
     # the batch order and the length of the run (no model needed): a finished checkpoint stops here
-    dataset = ImageDataset(examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
+    dataset = ImageDataset(examples, resolution=config.resolution, height=config.resolution_height or None,
+                           center_crop=config.center_crop or config.cache_latents,
                            random_flip=config.random_flip, enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config),
                            color_aug=config.color_aug, shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
                            caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate)
@@ -945,7 +946,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     latents = Latents(vae, dataset, device, vae_dtype, cache=config.cache_latents)
     class_latents = class_plan = None
     if class_examples is not None:
-        class_dataset = ImageDataset(class_examples, resolution=config.resolution, center_crop=config.center_crop or config.cache_latents,
+        class_dataset = ImageDataset(class_examples, resolution=config.resolution, height=config.resolution_height or None,
+                                     center_crop=config.center_crop or config.cache_latents,
                                      random_flip=config.random_flip, enable_bucket=config.enable_bucket,
                                      kohya_buckets=kohya_buckets(config), color_aug=config.color_aug)
         class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
@@ -1033,8 +1035,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad(), accelerator.autocast():
             images = pipe(**prompt_kwargs(pipe, [validation_prompt] * config.num_validation_images, config.clip_skip),
-                          num_inference_steps=config.validation_inference_steps, height=config.resolution,
-                          width=config.resolution, generator=generator).images
+                          num_inference_steps=config.validation_inference_steps, width=config.size[0],
+                          height=config.size[1], generator=generator).images
         unet.train()
         path = output_dir / "samples" / f"step-{at_step:06d}.png"
         with outputs.atomic_path(path) as tmp:
@@ -1055,7 +1057,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 pipe.scheduler = scheduler_for_sampler(scheduler, prompt.get("sample_sampler") or config.sample_sampler)
                 given = prompt.get("seed")
                 generator = torch.Generator().manual_seed(given if given is not None else mix_seed(seed, at_step, i, 7))
-                width, height = (max(8, v - v % 8) for v in (prompt.get("width", config.resolution), prompt.get("height", config.resolution)))
+                width, height = (max(8, v - v % 8) for v in (prompt.get("width", config.size[0]), prompt.get("height", config.size[1])))
                 negative = [prompt["negative_prompt"]] if prompt.get("negative_prompt") else None
                 with torch.no_grad(), accelerator.autocast():
                     image = pipe(**prompt_kwargs(pipe, [prompt["prompt"]], config.clip_skip, negative),
@@ -1320,7 +1322,7 @@ def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_pr
         "trigger_words": [config.token] if config.token else [],
         "mode": config.mode,
         "steps": step,
-        "resolution": config.resolution,
+        "resolution": config.resolution if not config.resolution_height else list(config.size),
         "prediction_type": scheduler.config.prediction_type,
         "num_processes": num_processes,
         "training": settings,
@@ -1339,7 +1341,7 @@ def _class_examples(pipe, config: TrainConfig, accelerator, seed: int) -> list[E
     def readable() -> list[Example]:
         try:
             return scan_images(folder, caption_extension="", instance_prompt=config.class_prompt, strict=config.strict,
-                               what="--class_data_dir", resolution=config.resolution)
+                               what="--class_data_dir", resolution=max(config.size))
         except DataError:  # no folder or no image yet (or, --strict, an unreadable one: refused below)
             return []
 
@@ -1355,12 +1357,12 @@ def _class_examples(pipe, config: TrainConfig, accelerator, seed: int) -> list[E
             generator = torch.Generator().manual_seed(mix_seed(seed, 7, i))
             with torch.no_grad():
                 image = pipe(**prompt_kwargs(pipe, [config.class_prompt], config.clip_skip), num_inference_steps=config.validation_inference_steps,
-                             height=config.resolution, width=config.resolution, generator=generator).images[0]
+                             width=config.size[0], height=config.size[1], generator=generator).images[0]
             with outputs.atomic_path(folder / f"class-{i:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
             i += 1
     accelerator.wait_for_everyone()
     if have < config.num_class_images:
         found = scan_images(folder, caption_extension="", instance_prompt=config.class_prompt, strict=config.strict,
-                            what="--class_data_dir", resolution=config.resolution)
+                            what="--class_data_dir", resolution=max(config.size))
     return [dataclasses.replace(e, caption=config.class_prompt) for e in found[: config.num_class_images]]
