@@ -1298,17 +1298,18 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
     flat_images(tmp_path / "data", n=2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# kohya's sample prompts\na red square --n blue --w 48 --h 32 --d 5 --l 3 --s 2 --ss euler_a\n\n"
-                       "a circle --s 2\n")
+                       "a circle --s 2\na (red:1.6) square --n blue --w 48 --h 32 --d 5 --l 3 --s 2 --ss euler_a\n")
     result = train(config(base, tmp_path, sample_prompts=str(prompts), sample_at_first=True, sample_every_n_epochs=1,
                           sample_every_n_steps=3, output_name="mine", save_kohya=True, train_batch_size=1,
                           resolution_height=48))  # (kohya's --resolution 32,48: a prompt without --w/--h is that size)
     assert result.status == "completed"
     names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
-    pattern = r"mine_(000000|e000001|e000002)_0([01])_\d{14}(_5)?\.png"
-    assert len(names) == 6 and all(re.fullmatch(pattern, n) for n in names), names
+    pattern = r"mine_(000000|e000001|e000002)_0([012])_\d{14}(_5)?\.png"
+    assert len(names) == 9 and all(re.fullmatch(pattern, n) for n in names), names
     assert [re.fullmatch(pattern, n).group(1, 2) for n in names] == [
-        ("000000", "0"), ("000000", "1"), ("e000001", "0"), ("e000001", "1"), ("e000002", "0"), ("e000002", "1")]
-    assert all(n.endswith("_5.png") == (n.split("_")[2] == "00") for n in names)  # (the seed only where given)
+        (when, i) for when in ("000000", "e000001", "e000002") for i in "012"]
+    assert all(n.endswith("_5.png") == (n.split("_")[2] != "01") for n in names)  # (the seed only where given)
+    weighted = Image.open(tmp_path / "out" / "sample" / names[2])  # (kohya's samples read (word:1.6) weights)
     first = Image.open(tmp_path / "out" / "sample" / names[0])
     assert first.size == (48, 32) and Image.open(tmp_path / "out" / "sample" / names[1]).size == (32, 48)
     assert read_lora_file(result.kohya_path)[1]["ss_resolution"] == "(32, 48)"
@@ -1318,7 +1319,8 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
     expect = pipe("a red square", negative_prompt="blue", width=48, height=32, num_inference_steps=2, guidance_scale=3.0,
                   generator=torch.Generator().manual_seed(5)).images[0]
     assert np.array_equal(np.asarray(first), np.asarray(expect))
-    later = Image.open(tmp_path / "out" / "sample" / names[4])
+    assert not np.array_equal(np.asarray(first), np.asarray(weighted))
+    later = Image.open(tmp_path / "out" / "sample" / names[6])
     assert not np.array_equal(np.asarray(later), np.asarray(expect))  # (trained: the LoRA changes the image)
 
     bad = tmp_path / "bad.txt"

@@ -47,7 +47,7 @@ from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file
 from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
-from ..prompts import check_clip_skip, encode_text, join_chunks, prompt_kwargs, token_ids
+from ..prompts import check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids
 from .data import BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
 
@@ -1059,8 +1059,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 generator = torch.Generator().manual_seed(given if given is not None else mix_seed(seed, at_step, i, 7))
                 width, height = (max(8, v - v % 8) for v in (prompt.get("width", config.size[0]), prompt.get("height", config.size[1])))
                 negative = [prompt["negative_prompt"]] if prompt.get("negative_prompt") else None
-                with torch.no_grad(), accelerator.autocast():
-                    image = pipe(**prompt_kwargs(pipe, [prompt["prompt"]], config.clip_skip, negative),
+                with torch.no_grad(), accelerator.autocast():  # (weighted, long prompts: as kohya's LPW pipeline reads them)
+                    image = pipe(**prompt_embeds(pipe, [prompt["prompt"]], negative, clip_skip=config.clip_skip),
                                  num_inference_steps=prompt.get("sample_steps", 30), guidance_scale=prompt.get("scale", 7.5),
                                  height=height, width=width, generator=generator).images[0]
                 path = output_dir / "sample" / sample_file_name(config.output_name, at_step, epoch, i, given)
