@@ -1479,3 +1479,28 @@ def test_the_text_encoders_lora_trains_alone(base, tmp_path):
         assert not torch.allclose(pipe.text_encoder(ids)[0], before)  # (stock diffusers applies it)
     with pytest.raises(ConfigError, match="--no-train_unet trains the text encoder's LoRA alone: give --train_text_encoder"):
         config(base, tmp_path, train_unet=False).validate()
+
+
+def test_base_weights_train_on_the_model_with_those_loras_fused_in(base, tmp_path):
+    """kohya's --base_weights / --base_weights_multiplier: the LoRA trains on the model with those files fused in,
+    bit for bit the LoRA trained on that model baked (``lora-diffusion bake``); a bad entry is named first."""
+    from lora_diffusion.formats import write_lora_file
+    from lora_diffusion.testing import random_lora
+    from lora_diffusion.tools import bake
+    from lora_diffusion.training.cli import build_parser
+    from lora_diffusion.training.config import config_from_args
+
+    lora = tmp_path / "under.safetensors"
+    write_lora_file(lora, random_lora(tiny_pipeline(0), seed=4, rank=2, std=0.3), dtype=torch.float32)
+    bake(base, {str(lora): 0.7}, tmp_path / "baked")
+    settings = dict(max_train_steps=2, save_precision="fp32", train_text_encoder=True)
+    ref = lora_tensors(train(config(str(tmp_path / "baked"), tmp_path / "ref", **settings)).lora_path)
+    got = lora_tensors(train(config(base, tmp_path / "got", base_weights=f"{lora}:0.7", **settings)).lora_path)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    plain = lora_tensors(train(config(base, tmp_path / "plain", **settings)).lora_path)
+    assert not all(torch.equal(ref[k], plain[k]) for k in ref)
+    args = build_parser().parse_args(["--pretrained_model_name_or_path", base, "--train_data_dir", "d", "--base_weights",
+                                      str(lora), str(lora), "--base_weights_multiplier", "0.7", "0.2"])
+    assert config_from_args(args).base_weights == f"{lora}:0.7\n{lora}:0.2"
+    with pytest.raises(ConfigError, match=r"--base_weights .*nowhere.safetensors: no such file"):
+        train(config(base, tmp_path / "bad", base_weights=str(tmp_path / "nowhere.safetensors"), **settings))

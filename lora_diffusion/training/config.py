@@ -102,6 +102,8 @@ class TrainConfig:
                                   "(the change scaled up to match)")
     module_dropout: float = _f(0.0, "kohya's module dropout: the chance that a layer's LoRA is left out of a step")
     use_dora: bool = _f(False, "DoRA (PEFT's use_dora): also learn a magnitude per output row of each layer")
+    base_weights: str = _f("", "LoRA files merged into the model before training, FILE[:WEIGHT] each (kohya's --base_weights "
+                               "with --base_weights_multiplier): the LoRA trained is the change on top of them")
     init_lora: str = _f("", "a LoRA file (any format load_lora reads) whose factors the run starts from, as kohya's "
                             "--network_weights: its modules at this run's --rank and --lora_alpha, inside --target_modules")
     dim_from_weights: bool = _f(False, "with --init_lora: each of its modules keeps the rank and alpha it has there, before "
@@ -458,7 +460,7 @@ KOHYA_IGNORED = ("xformers", "sdpa", "mem_eff_attn", "persistent_data_loader_wor
                  "tokenizer_cache_dir", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk")
 # kohya's settings read into ours by ``_from_kohya`` (their values differ)
 KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_encoder_only", "network_module",
-                    "network_args", "save_model_as", "random_crop", "cache_latents_to_disk")
+                    "network_args", "save_model_as", "random_crop", "cache_latents_to_disk", "base_weights_multiplier")
 # kohya's settings this trainer does not build: named, with what to do instead, rather than "unknown setting"
 KOHYA_REFUSED = {
     "full_fp16": "the LoRA trains in fp32 under --mixed_precision fp16 (its weights are small; the model is fp16)",
@@ -468,9 +470,6 @@ KOHYA_REFUSED = {
     "in_json": "kohya's fine-tuning metadata JSON is not read; give captions as sidecar files or metadata.jsonl",
     "masked_loss": "masked loss is not built", "alpha_mask": "masked loss is not built",
     "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
-    "base_weights": "merging LoRAs into the model before training is not built; bake them first: lora-diffusion bake "
-                    "MODEL a.safetensors:1 -o merged, then train on merged",
-    "base_weights_multiplier": "see base_weights",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
     "keep_tokens_separator": "give the kept tags first and --keep_tokens N", "secondary_separator": "not built",
@@ -484,7 +483,7 @@ KOHYA_REFUSED = {
     "no_metadata": "the files carry their training settings (convert the LoRA to drop nothing but embeddings)",
     "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
-_KOHYA_VALUED = ("dataset_config", "in_json", "base_weights", "base_weights_multiplier", "face_crop_aug_range", "keep_tokens_separator",
+_KOHYA_VALUED = ("dataset_config", "in_json", "face_crop_aug_range", "keep_tokens_separator",
                  "secondary_separator", "caption_separator", "caption_dropout_every_n_epochs", "v_pred_like_loss",
                  "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "initial_epoch", "initial_step",
                  "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
@@ -517,6 +516,14 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
             out["lr_warmup_ratio"] = number
         elif number.is_integer():
             out["lr_warmup_steps"] = int(number)
+    multipliers = values.get("base_weights_multiplier")
+    if multipliers is not None:  # (kohya's: one weight per --base_weights file)
+        files = out.get("base_weights") or []
+        files = files.split("\n") if isinstance(files, str) else list(files)
+        multipliers = multipliers if isinstance(multipliers, (list, tuple)) else [multipliers]
+        if len(multipliers) != len(files):
+            raise ConfigError(f"{source}: base_weights_multiplier gives {len(multipliers)} weights for {len(files)} base_weights files")
+        out["base_weights"] = [f"{f}:{float(m)}" for f, m in zip(files, multipliers)]
     if values.get("unet_lr") is not None:
         if out.get("learning_rate") is not None and out.get("text_encoder_lr") is None:
             out["text_encoder_lr"] = out["learning_rate"]  # (kohya: the text encoder's rate where it has none)
@@ -596,6 +603,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
             value = json.dumps(value)
         if key == "optimizer_args" and isinstance(value, (list, tuple)):  # (kohya's list of KEY=VALUE)
             value = " ".join(map(str, value))
+        if key == "base_weights" and isinstance(value, (list, tuple)):  # (one FILE[:WEIGHT] a line)
+            value = "\n".join(map(str, value))
         if key == "optimizer" and isinstance(value, str):  # (kohya writes AdamW8bit, Prodigy)
             value = value.lower()
         if kind is bool and not isinstance(value, bool):
@@ -694,6 +703,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif f.name == "lr_warmup_steps":  # (kohya's share of the steps too: ``_from_kohya`` reads it)
             parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, metavar="INT", help=help_text)
+        elif f.name == "base_weights":  # (several files)
+            parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="FILE[:WEIGHT]", help=help_text)
         elif f.name == "optimizer_args":  # (kohya's: several KEY=VALUE words)
             parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="KEY=VALUE", help=help_text)
         elif f.name == "resolution":  # (kohya's "512,512" too: ``_from_kohya`` reads it)
@@ -714,6 +725,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     kohya.add_argument("--save_model_as", default=argparse.SUPPRESS, help="safetensors")
     kohya.add_argument("--random_crop", action="store_true", default=argparse.SUPPRESS, help="a random crop (kohya "
                        "crops the centre otherwise: a kohya command line gets --center_crop unless this is given)")
+    kohya.add_argument("--base_weights_multiplier", nargs="*", type=float, default=argparse.SUPPRESS,
+                       help="the weight of each --base_weights file (kohya's)")
     kohya.add_argument("--cache_latents_to_disk", action="store_true", default=argparse.SUPPRESS,
                        help="= --cache_latents (the latents are kept in memory)")
     for name in KOHYA_REFUSED:  # (named by the refusal, not as unknown)

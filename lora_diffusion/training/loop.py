@@ -176,6 +176,7 @@ def _check_model_paths(config: TrainConfig) -> None:
     _check_model_path(config.pretrained_model_name_or_path)
     if config.vae and not Path(config.vae).expanduser().exists():
         raise ConfigError(f"--vae {config.vae}: no such file or folder")
+    _base_weight_files(config.base_weights)
     if config.single_file_config:
         if not Path(config.pretrained_model_name_or_path).expanduser().is_file():
             raise ConfigError(f"--single_file_config {config.single_file_config}: only for a single-file "
@@ -568,6 +569,53 @@ def _optimizer_class(config: TrainConfig):
     return bnb.optim.AdamW8bit
 
 
+def _base_weight_files(text: str) -> list[tuple[str, float]]:
+    """``--base_weights``' ``(file, weight)`` pairs (one ``FILE[:WEIGHT]`` a line); ``ConfigError`` naming a bad one."""
+    from ..tools import _weighted
+
+    pairs = []
+    for entry in filter(None, (line.strip() for line in text.split("\n"))):
+        try:
+            path, weight, *blocks = _weighted(entry)
+        except ValueError as e:
+            raise ConfigError(f"--base_weights {e}") from None
+        if blocks or not Path(path).expanduser().is_file():
+            raise ConfigError(f"--base_weights {entry}: " + ("FILE[:WEIGHT], no block weights" if blocks else "no such file"))
+        pairs.append((path, weight))
+    return pairs
+
+
+def _merge_base_weights(pipe, text: str) -> None:
+    """kohya's ``--base_weights``: the LoRA files fused into the model's weights for good before training (the weights
+    ``fuse`` makes, then the adapters and their wrappers gone), so that the LoRA trained is the change on top."""
+    from ..inject import lora_layers
+    from ..params import param_deltas
+    from ..pipeline import _components, delete_adapter, fuse, load_lora, set_adapters, unfuse
+    from ..tools import _drop_empty_wrappers
+
+    pairs = _base_weight_files(text)
+    try:
+        names = {load_lora(pipe, path, adapter=f"_base{i}"): weight for i, (path, weight) in enumerate(pairs)}
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--base_weights: {e}") from None
+    if any((store := param_deltas(model)) is not None and store.adapters() for _, model in _components(pipe)):
+        raise ConfigError("--base_weights: a file changes whole weights beside its LoRA factors; bake it into the model "
+                          "first (lora-diffusion bake MODEL FILE -o merged) and train on that")
+    set_adapters(pipe, names)
+    fuse(pipe)
+    fused = {component: {path: layer.base_layer.weight.detach().clone() for path, layer in lora_layers(model)}
+             for component, model in _components(pipe)}
+    unfuse(pipe)
+    for name in names:
+        delete_adapter(pipe, name)
+    _drop_empty_wrappers(pipe)
+    with torch.no_grad():
+        for component, model in _components(pipe):
+            for path, weight in fused[component].items():
+                model.get_submodule(path).weight.copy_(weight)
+    logger.info("--base_weights: merged %s into the model", ", ".join(f"{p} x{w:g}" for p, w in pairs))
+
+
 def _optimizer_kwargs(config: TrainConfig, optimizer_class) -> dict:
     """The optimizer's settings: the --adam_* ones, then --optimizer_args over them (kohya's). A key the optimizer
     does not take is a ``ConfigError`` naming those it takes."""
@@ -876,6 +924,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             pipe.vae = load_vae(config.vae, pipe.vae)
         except ValueError as e:
             raise ConfigError(f"--vae: {e}") from None
+    if config.base_weights:
+        _merge_base_weights(pipe, config.base_weights)
     try:
         check_clip_skip(pipe, config.clip_skip, "--clip_skip")
     except ValueError as e:
