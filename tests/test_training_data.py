@@ -260,6 +260,26 @@ def test_caption_shuffle_and_dropout_vary_by_sample_and_stay_reproducible(tmp_pa
         TrainConfig(pretrained_model_name_or_path="m", train_data_dir=str(tmp_path), caption_dropout_rate=1.5).validate()
 
 
+def test_kohyas_caption_separators_and_wildcards(tmp_path):
+    """kohya's --keep_tokens_separator (tags before it fixed, after a second one a fixed suffix), --secondary_separator
+    (tags joined by it move as one, then read with a comma) and --enable_wildcard (one line, one {a|b} choice; {{ }}
+    literal), each a function of the sample's seed."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("sks, girl ||| red;;;hair, smile, sky, tree ||| masterpiece")
+    examples = scan_images(tmp_path, resolution=32)
+    data = ImageDataset(examples, resolution=32, shuffle_caption=True, keep_tokens_separator="|||", secondary_separator=";;;")
+    captions = [data.caption(0, s) for s in range(40)]
+    assert captions == [data.caption(0, s) for s in range(40)] and len(set(captions)) > 10
+    for c in captions:
+        tags = c.split(", ")
+        assert tags[:2] == ["sks", "girl"] and tags[-1] == "masterpiece" and "red,hair" in tags, c
+        assert sorted(tags[2:-1]) == ["red,hair", "sky", "smile", "tree"], c
+    (tmp_path / "a.txt").write_text("a {red|blue} square on {{white}}\na {big|small} circle")
+    wild = ImageDataset(scan_images(tmp_path, resolution=32), resolution=32, enable_wildcard=True)
+    seen = {wild.caption(0, s) for s in range(60)}
+    assert seen == {"a red square on {white}", "a blue square on {white}", "a big circle", "a small circle"}
+
+
 def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
     buckets = [(32, 32)] * 5 + [(48, 16)] * 3
     plan = BatchPlan(buckets, batch_size=2, seed=7)

@@ -169,6 +169,12 @@ class TrainConfig:
     keep_tokens: int = _f(0, "with --shuffle_caption / --caption_tag_dropout_rate: leave the first N tags in place (e.g. 1 for a trigger word put first)")
     caption_dropout_rate: float = _f(0.0, "the share of samples trained with an empty caption (kohya's; helps classifier-free guidance)")
     caption_tag_dropout_rate: float = _f(0.0, "the chance that each tag after --keep_tokens is left out of a sample's caption")
+    keep_tokens_separator: str = _f("", "kohya's: in a caption holding it (e.g. '|||'), the tags before it stay in place, "
+                                        "those after it are shuffled / dropped, and those after a second one stay at the end")
+    secondary_separator: str = _f("", "kohya's: tags joined by this (e.g. ';;;') are shuffled and dropped as one, then "
+                                      "written with a comma")
+    enable_wildcard: bool = _f(False, "kohya's: each sample takes one line of a caption of several and one choice of each "
+                                      "{a|b|c} in it")
     max_token_length: int = _f(75, "kohya's: captions are read up to this many tokens (75, 150 or 225; the rest is cut); past "
                                     "75 each 75-token chunk is encoded alone and the states joined, as kohya trains",
                                choices=(75, 150, 225))
@@ -472,8 +478,7 @@ KOHYA_REFUSED = {
     "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
-    "keep_tokens_separator": "give the kept tags first and --keep_tokens N", "secondary_separator": "not built",
-    "enable_wildcard": "caption wildcards are not built", "caption_separator": "tags are separated by commas here",
+    "caption_separator": "tags are separated by commas here",
     "caption_dropout_every_n_epochs": "not built; --caption_dropout_rate drops captions at random",
     "v_pred_like_loss": "not built", "lr_scheduler_type": "give one of --lr_scheduler's schedules",
     "lr_scheduler_args": "give one of --lr_scheduler's schedules (--lr_num_cycles, --lr_power)",
@@ -483,8 +488,7 @@ KOHYA_REFUSED = {
     "no_metadata": "the files carry their training settings (convert the LoRA to drop nothing but embeddings)",
     "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
-_KOHYA_VALUED = ("dataset_config", "in_json", "face_crop_aug_range", "keep_tokens_separator",
-                 "secondary_separator", "caption_separator", "caption_dropout_every_n_epochs", "v_pred_like_loss",
+_KOHYA_VALUED = ("dataset_config", "in_json", "face_crop_aug_range", "caption_separator", "caption_dropout_every_n_epochs", "v_pred_like_loss",
                  "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "initial_epoch", "initial_step",
                  "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
 

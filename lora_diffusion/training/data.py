@@ -120,6 +120,16 @@ def kohya_folder(relative: Path) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2).strip()) if match else None
 
 
+def wildcard(caption: str, rng: random.Random) -> str:
+    """kohya's ``--enable_wildcard``: one line of a caption of several, each ``{a|b|c}`` one of its choices
+    (``{{`` / ``}}`` are literal braces), drawn from ``rng``."""
+    if "\n" in caption:
+        caption = rng.choice(caption.split("\n"))
+    parts = re.split(r"(\{\{|\}\})", caption)  # (escaped braces kept out of the choices)
+    return "".join({"{{": "{", "}}": "}"}.get(part) or re.sub(r"\{([^}]+)\}", lambda m: rng.choice(m.group(1).split("|")), part)
+                   for part in parts)
+
+
 def caption_tags(caption: str) -> list[str]:
     """A caption's comma-separated tags, stripped, empty ones left out (kohya's unit of shuffling and counting)."""
     return [t.strip() for t in caption.split(",") if t.strip()]
@@ -368,6 +378,9 @@ class ImageDataset(torch.utils.data.Dataset):
         keep_tokens: int = 0,
         caption_dropout_rate: float = 0.0,
         caption_tag_dropout_rate: float = 0.0,
+        keep_tokens_separator: str = "",
+        secondary_separator: str = "",
+        enable_wildcard: bool = False,
         kohya_buckets: KohyaBuckets | None = None,
         color_aug: bool = False,
         height: int | None = None,
@@ -376,6 +389,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.color_aug = color_aug
         self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
         self.caption_dropout_rate, self.caption_tag_dropout_rate = caption_dropout_rate, caption_tag_dropout_rate
+        self.keep_tokens_separator, self.secondary_separator = keep_tokens_separator, secondary_separator
+        self.enable_wildcard = enable_wildcard
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -408,23 +423,36 @@ class ImageDataset(torch.utils.data.Dataset):
         return flip, x, y
 
     def caption(self, index: int, sample_seed: int) -> str:
-        """Example ``index``'s caption for one sample, as kohya varies it: dropped whole (``caption_dropout_rate``),
-        else its comma-separated tags after the first ``keep_tokens`` shuffled (``shuffle_caption``) and each dropped
-        (``caption_tag_dropout_rate``), joined by ", ". Decided by the sample's seed (a stream of its own: the crop
-        and flip are those of a run without these), so a resumed run sees the same captions."""
+        """Example ``index``'s caption for one sample, as kohya varies it (``process_caption``): dropped whole
+        (``caption_dropout_rate``), else with ``enable_wildcard`` one of its lines and one choice of each ``{a|b}``,
+        then its comma-separated tags after the first ``keep_tokens`` (or those around ``keep_tokens_separator``)
+        shuffled (``shuffle_caption``) and each dropped (``caption_tag_dropout_rate``), joined by ", ", and
+        ``secondary_separator`` made a comma. Decided by the sample's seed (a stream of its own: the crop and flip
+        are those of a run without these), so a resumed run sees the same captions."""
         caption = self.examples[index].caption
-        if not (self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate):
+        tagged = self.shuffle_caption or self.caption_tag_dropout_rate
+        if not (tagged or self.caption_dropout_rate or self.enable_wildcard or self.secondary_separator):
             return caption
         rng = random.Random(mix_seed(sample_seed, 1))
         if self.caption_dropout_rate and rng.random() < self.caption_dropout_rate:
             return ""
-        tags = caption_tags(caption)
-        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
-        if self.shuffle_caption:
-            rng.shuffle(rest)
-        if self.caption_tag_dropout_rate:
-            rest = [t for t in rest if rng.random() >= self.caption_tag_dropout_rate]
-        return ", ".join(kept + rest)
+        if self.enable_wildcard:
+            caption = wildcard(caption, rng)
+        if tagged:
+            separator = self.keep_tokens_separator
+            if separator and separator in caption:  # kohya's "fixed ||| shuffled ||| fixed suffix"
+                kept_part, _, rest_part = caption.partition(separator)
+                rest_part, _, suffix_part = rest_part.partition(separator)
+                kept, rest, suffix = caption_tags(kept_part), caption_tags(rest_part), caption_tags(suffix_part)
+            else:
+                tags = caption_tags(caption)
+                kept, rest, suffix = tags[: self.keep_tokens], tags[self.keep_tokens :], []
+            if self.shuffle_caption:
+                rng.shuffle(rest)
+            if self.caption_tag_dropout_rate:
+                rest = [t for t in rest if rng.random() >= self.caption_tag_dropout_rate]
+            caption = ", ".join(kept + rest + suffix)
+        return caption.replace(self.secondary_separator, ",") if self.secondary_separator else caption
 
     def size_conditioning(self, index: int, flip: bool, x: float, y: float) -> list[int]:
         """SDXL's size and crop conditioning of one sample, as its trainers (diffusers', kohya's) give it:

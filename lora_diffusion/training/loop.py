@@ -906,7 +906,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                            center_crop=config.center_crop or config.cache_latents,
                            random_flip=config.random_flip, enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config),
                            color_aug=config.color_aug, shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
-                           caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate)
+                           caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate,
+                           keep_tokens_separator=config.keep_tokens_separator, secondary_separator=config.secondary_separator,
+                           enable_wildcard=config.enable_wildcard)
     if config.cache_latents and not config.center_crop:
         logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
     plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed, dataset.repeats())
