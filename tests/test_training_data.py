@@ -499,6 +499,7 @@ def test_kohya_sample_prompt_files_read_as_kohya_reads_them(tmp_path):
     (tmp_path / "p.json").write_text('["a dog --d 3", {"prompt": "b", "scale": 4}]')
     assert read_sample_prompts(tmp_path / "p.json") == [{"prompt": "a dog", "seed": 3}, {"prompt": "b", "scale": 4}]
     for name, text, match in (("q.json", '[{"prompt": "b", "cfg": 4}]', r"q.json: prompt 1: unknown key\(s\) \['cfg'\]"),
+                              ("w.json", '[{"prompt": "b", "width": "wide"}]', r"w.json: prompt 1: width 'wide': not a whole number"),
                               ("q.toml", "prompt = 1", r"q.toml: not a kohya prompt file"),
                               ("q.txt", "# nothing\n", r"q.txt: no prompt in the file"),
                               ("q.yaml", "a", r"q.yaml: use a .txt, .toml or .json file")):

@@ -95,7 +95,14 @@ def _checked(entry: object, where: str) -> dict:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; kohya's are {sorted(known)}")
     if entry.get("sample_sampler") is not None and entry["sample_sampler"] not in SAMPLERS:
         raise ConfigError(f"{where}: sample_sampler {entry['sample_sampler']!r}: unknown; kohya's are {', '.join(SAMPLERS)}")
-    return dict(entry)
+    for key, kind in _OPTIONS.values():
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind)):
+            raise ConfigError(f"{where}: {key} {value!r}: not {({int: 'a whole number', float: 'a number'}).get(kind, 'text')}")
+    out = dict(entry)
+    if "sample_steps" in out:
+        out["sample_steps"] = max(1, min(1000, out["sample_steps"]))
+    return out
 
 
 def sample_due(step: int, epoch: int | None, every_n_steps: int, every_n_epochs: int, at_first: bool) -> bool:
