@@ -663,9 +663,13 @@ def _extra_settings(text: str) -> dict:
     from lora_diffusion.training.config import ConfigError, settings_from_flags
 
     try:
-        given = settings_from_flags(shlex.split(text), "additional parameters")
-    except (ValueError, ConfigError) as e:  # (shlex: an unclosed quote)
-        raise UIError(f"additional parameters: {e}" if not str(e).startswith("additional parameters") else str(e)) from None
+        flags = shlex.split(text)
+    except ValueError as e:  # (an unclosed quote)
+        raise UIError(f"additional parameters: {e}") from None
+    try:
+        given = settings_from_flags(flags, "additional parameters")
+    except ConfigError as e:  # (its message names the source)
+        raise UIError(str(e)) from None
     owned = [f"--{k}" for k in _UI_OWNED if k in given]
     if owned:
         raise UIError(f"additional parameters: {', '.join(owned)} the Train tab sets itself (the model, the images, the "

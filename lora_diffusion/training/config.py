@@ -748,7 +748,13 @@ class _RaisingParser(argparse.ArgumentParser):
     """A parser whose errors raise ``ConfigError`` instead of exiting (``settings_from_flags``)."""
 
     def error(self, message: str):
-        raise ConfigError(message)
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a parsed command line gives (``add_config_arguments`` leaves the others out), kohya's included."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(KOHYA_TRANSLATED + KOHYA_IGNORED) + list(KOHYA_REFUSED)
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def settings_from_flags(flags: list[str], source: str = "the flags") -> dict[str, Any]:
@@ -765,12 +771,9 @@ def settings_from_flags(flags: list[str], source: str = "the flags") -> dict[str
     args = parser.parse_args(flags)
     if hasattr(args, "config"):
         raise ConfigError(f"{source}: --config reads a whole file; give its settings as flags")
-    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(KOHYA_TRANSLATED + KOHYA_IGNORED) + list(KOHYA_REFUSED)
-    return _coerce({name: getattr(args, name) for name in names if hasattr(args, name)}, source)
+    return _coerce(_given(args), source)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of a parsed command line: defaults < ``--config`` file < flags given."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)] + list(KOHYA_TRANSLATED + KOHYA_IGNORED) + list(KOHYA_REFUSED)
-    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return load_config(getattr(args, "config", None), **given)
+    return load_config(getattr(args, "config", None), **_given(args))
