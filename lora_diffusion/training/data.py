@@ -291,7 +291,7 @@ def make_buckets(resolution: int, step: int | None = None, max_ratio: float = 2.
 class KohyaBuckets:
     """kohya's buckets (sd-scripts' ``BucketManager``; ``--min_bucket_reso``, ``--max_bucket_reso``,
     ``--bucket_reso_steps``, ``--bucket_no_upscale``): sides from ``min_size`` to ``max_size`` in ``steps``, each
-    width with the tallest height that keeps the area within ``resolution**2``, and the square; an image takes the
+    width with the tallest height that keeps the area within the training size's, and the square; an image takes the
     bucket of the nearest aspect ratio. ``no_upscale``: each image its own bucket instead, its size (shrunk to the
     area if larger) cut down to ``steps``, so nothing is enlarged."""
 
