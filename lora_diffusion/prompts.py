@@ -269,7 +269,10 @@ def _encode_chunks(tokenizer, text_encoder, chunks, layer: int, final_norm: bool
         if any(w != 1 for w in weights):  # A1111's emphasis: weigh the tokens ("Original": keep the chunk's mean)
             w = torch.tensor(weights, device=device)[None, :, None]
             weighted = z.float() * w
-            z = (weighted * (z.float().mean() / weighted.mean()) if keep_mean else weighted).to(z.dtype)
+            ratio = z.float().mean() / weighted.mean()
+            # (a weighted mean of 0, as a LayerNorm with no bias can give: A1111 divides by it and draws NaN; here
+            # the weights stand alone)
+            z = (weighted * ratio if keep_mean and torch.isfinite(ratio) else weighted).to(z.dtype)
         states.append(z)
         first = out[0] if first is None else first
     return torch.cat(states, dim=1), first

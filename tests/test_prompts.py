@@ -116,6 +116,12 @@ def test_emphasis_weighs_tokens_and_keeps_the_chunks_mean(sd):
     got = prompt_embeds(sd, ["a (red:1.4) cat [sitting]"])["prompt_embeds"]
     torch.testing.assert_close(got.double(), expect, rtol=0, atol=1e-5)
     assert (got - z).abs().max() > 1e-2  # it did weigh
+    # a chunk whose weighted mean is 0 (a LayerNorm with no bias comes close): the weights alone, not A1111's NaN
+    handle = sd.text_encoder.register_forward_hook(lambda module, args, out: [out.last_hidden_state.zero_(), None][1])
+    try:
+        assert torch.equal(prompt_embeds(sd, ["a (red:1.4) cat"])["prompt_embeds"], torch.zeros(1, 77, z.shape[-1]))
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
