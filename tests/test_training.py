@@ -1333,6 +1333,32 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
         config(base, tmp_path, sample_every_n_steps=2).validate()
 
 
+def test_kohya_dataset_config_trains_the_lora_its_flags_train(base, tmp_path, monkeypatch):
+    """kohya's --dataset_config: a file giving the images, the regularisation images, the batch size and the caption
+    settings trains the LoRA that --train_data_dir / --reg_data_dir and the same flags train, bit for bit."""
+    data, reg = flat_images(tmp_path / "data"), flat_images(tmp_path / "reg", n=2, colour=(30, 30, 220))
+    for i in range(4):
+        (data / f"{i}.txt").write_text(f"<s>, red, square {i}, flat")
+        image = Image.open(data / f"{i}.png")
+        image.paste((0, 0, 0), (0, 0, 12, 32))  # (a flip shows)
+        image.save(data / f"{i}.png")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"""[general]\nshuffle_caption = true\nkeep_tokens = 1\nflip_aug = true\n[[datasets]]\nbatch_size = 2
+[[datasets.subsets]]\nimage_dir = '{data}'\n[[datasets.subsets]]\nimage_dir = '{reg}'\nis_reg = true\nclass_tokens = "dog"\n""")
+    seen = []
+    real = loop_module.condition
+    monkeypatch.setattr(loop_module, "condition", lambda pipe, captions, *a, **k: (seen.extend(captions), real(pipe, captions, *a, **k))[1])
+    flags = train(config(base, tmp_path / "a", train_data_dir=str(data), reg_data_dir=str(reg), class_prompt="dog",
+                         train_batch_size=2, shuffle_caption=True, keep_tokens=1, random_flip=True, max_train_steps=3))
+    assert "dog" in seen and len({c for c in seen if c != "dog"}) > 2  # (shuffled)
+    from_file = train(config(base, tmp_path / "b", train_data_dir="", dataset_config=str(toml), max_train_steps=3))
+    a, b = lora_tensors(flags.lora_path), lora_tensors(from_file.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="dataset.toml: its is_reg subsets are the regularisation images"):
+        train(config(base, tmp_path / "c", dataset_config=str(toml), with_prior_preservation=True, class_data_dir=str(reg),
+                     class_prompt="a dog"))
+
+
 def test_kohya_reg_data_dir_trains_its_images_with_their_own_captions(base, tmp_path, monkeypatch):
     """kohya's --reg_data_dir: its images (a <repeats>_<class> folder, a sidecar caption) are trained beside each
     batch with their own captions, no trigger token, none generated; at --prior_loss_weight 0 the LoRA is the one

@@ -229,8 +229,8 @@ def test_kohya_folders_repeat_their_images_and_caption_those_without_a_caption(t
     plan = BatchPlan(dataset.buckets(), 1, seed=5, repeats=dataset.repeats())
     assert plan.batches_per_epoch == 3 + 3 + 1 + 1 + 1
     epoch = [plan.batch(g)[0] for g in range(plan.batches_per_epoch)]
-    assert sorted(names[i] for i, _ in epoch) == ["a.png"] * 3 + ["b.png"] * 3 + ["c.png", "d.png", "e.png"]
-    assert len({s for i, s in epoch if names[i] == "a.png"}) == 3  # each repeat its own crop and flip
+    assert sorted(names[k.index] for k in epoch) == ["a.png"] * 3 + ["b.png"] * 3 + ["c.png", "d.png", "e.png"]
+    assert len({k.seed for k in epoch if names[k.index] == "a.png"}) == 3  # each repeat its own crop and flip
     # an epoch of single repeats is the plan without repeats, batch for batch and seed for seed
     once = [1] * len(names)
     assert [BatchPlan(dataset.buckets(), 2, 5, once).batch(g) for g in range(9)] == [BatchPlan(dataset.buckets(), 2, 5).batch(g) for g in range(9)]
@@ -249,7 +249,7 @@ def test_caption_shuffle_and_dropout_vary_by_sample_and_stay_reproducible(tmp_pa
     assert captions == [shuffled.caption(0, s) for s in range(40)]  # the same seeds, the same captions
     assert len(set(captions)) > 20 and all(c.startswith("sks, ") for c in captions)
     assert all(sorted(c.split(", ")) == sorted(examples[0].caption.split(", ")) for c in captions)
-    assert [shuffled.augmentation(s) for s in range(5)] == [plain.augmentation(s) for s in range(5)]  # crops unchanged
+    assert [shuffled.augmentation(0, s) for s in range(5)] == [plain.augmentation(0, s) for s in range(5)]  # crops unchanged
     dropped = ImageDataset(examples, resolution=32, caption_dropout_rate=0.5, caption_tag_dropout_rate=0.5, keep_tokens=1)
     captions = [dropped.caption(0, s) for s in range(200)]
     assert 60 < captions.count("") < 140
@@ -278,6 +278,86 @@ def test_kohyas_caption_separators_and_wildcards(tmp_path):
     wild = ImageDataset(scan_images(tmp_path, resolution=32), resolution=32, enable_wildcard=True)
     seen = {wild.caption(0, s) for s in range(60)}
     assert seen == {"a red square on {white}", "a blue square on {white}", "a big circle", "a small circle"}
+    # --caption_separator: the tags split there, joined with ", "; --caption_dropout_every_n_epochs 3: epochs 3, 6 (from 1)
+    (tmp_path / "a.txt").write_text("sks; red; square, flat")
+    tagged = ImageDataset(scan_images(tmp_path, resolution=32), resolution=32, shuffle_caption=True, keep_tokens=1,
+                          caption_separator=";", caption_dropout_every_n_epochs=3)
+    shuffled = {tagged.caption(0, s) for s in range(30)}
+    assert shuffled == {"sks, red, square, flat", "sks, square, flat, red"}
+    assert [tagged.caption(0, 7, epoch) == "" for epoch in range(7)] == [False, False, True, False, False, True, False]
+
+
+def test_kohya_dataset_config_subsets_each_with_their_settings(tmp_path):
+    """kohya's --dataset_config: each subset's setting from the subset, its data set, [general], else the command
+    line; its folder alone (not sub-folders), num_repeats, class_tokens where an image has no caption file, is_reg
+    subsets the regularisation images; the data set's sizes become the run's. Each example varies by its own
+    settings. Bad files are named with the setting's place."""
+    from lora_diffusion.training.dataset_config import read_dataset_config
+
+    for name in ("a", "b"):
+        Image.new("RGB", (48, 32)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.caption").write_text("sks; red; square")
+    (tmp_path / "a.txt").write_text("not this one")
+    (tmp_path / "deeper").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "deeper" / "c.png")
+    (tmp_path / "reg").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "reg" / "d.png")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"""
+[general]
+caption_extension = ".caption"
+shuffle_caption = true
+[[datasets]]
+resolution = [64, 48]
+batch_size = 2
+enable_bucket = true
+caption_separator = ";"
+  [[datasets.subsets]]
+  image_dir = '{tmp_path}'
+  num_repeats = 3
+  class_tokens = "sks dog"
+  keep_tokens = 1
+  caption_prefix = "photo"
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "reg"}'
+  is_reg = true
+  class_tokens = "dog"
+  shuffle_caption = false
+  random_crop = true
+""")
+    config = TrainConfig(pretrained_model_name_or_path="m", dataset_config=str(toml), color_aug=True, center_crop=True, token="sks")
+    found = read_dataset_config(toml, config)
+    assert found.settings == {"resolution": 64, "resolution_height": 48, "train_batch_size": 2, "enable_bucket": True}
+    config = dataclasses.replace(config, **found.settings)
+    train, reg = found.scan(config)
+    assert [(e.path.name, e.caption, e.repeats) for e in train] == [("a.png", "photo sks; red; square", 3), ("b.png", "photo sks dog", 3)]
+    assert [(e.path.name, e.caption, e.repeats) for e in reg] == [("d.png", "dog", 1)]
+    first, second = train[0].options, reg[0].options
+    assert (first.shuffle_caption, first.keep_tokens, first.caption_separator, first.color_aug, first.center_crop) == (True, 1, ";", True, True)
+    assert (second.shuffle_caption, second.keep_tokens, second.caption_separator, second.center_crop) == (False, 0, ";", False)
+    data = ImageDataset(train + reg, resolution=64, height=48)
+    assert {data.caption(0, s) for s in range(20)} == {"photo sks, red, square", "photo sks, square, red"}
+    assert {data.caption(2, s) for s in range(5)} == {"dog"} and {data.augmentation(0, s)[1] for s in range(5)} == {0.5}
+    assert len({data.augmentation(2, s)[1] for s in range(5)}) == 5  # (the reg subset's random crop)
+
+    def refused(text: str, match: str) -> None:
+        toml.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            read_dataset_config(toml, config)
+
+    subset = f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n"
+    refused(subset + "num_repeats = 'ten'", r"dataset.toml: datasets\[0\].subsets\[0\].num_repeats: expected a whole number, got 'ten'")
+    refused(subset + "alpha_mask = true", r"datasets\[0\].subsets\[0\].alpha_mask: masked loss is not built")
+    refused(subset + "colour_aug = true", r"datasets\[0\].subsets\[0\]: unknown setting 'colour_aug'")
+    refused("[general]\nnetwork_multiplier = 0.5\n" + subset, r"general.network_multiplier: a data set's own LoRA strength")
+    refused("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2", r"datasets\[0\].subsets\[0\]: image_dir is required")
+    refused("[general]\nbatch_size = 2", "no data set: give at least one")
+    refused(subset + subset.replace("[[datasets]]", "[[datasets]]\nresolution = 768"),
+            r"datasets\[1\]: its resolution \(768\) is not datasets\[0\]'s \(unset\)")
+    refused("[[datasets]\n", "not valid TOML")
+    toml.write_text(subset.replace(str(tmp_path), str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match=r"datasets\[0\].subsets\[0\].image_dir .*nowhere: no such folder"):
+        read_dataset_config(toml, config).scan(config)
 
 
 def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
@@ -285,8 +365,9 @@ def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
     plan = BatchPlan(buckets, batch_size=2, seed=7)
     assert plan.batches_per_epoch == 3 + 2
     epoch0 = [plan.batch(g) for g in range(plan.batches_per_epoch)]
-    assert sorted(i for b in epoch0 for i, _ in b) == list(range(8))
-    assert all(len({buckets[i] for i, _ in b}) == 1 for b in epoch0)  # one bucket per batch
+    assert sorted(k.index for b in epoch0 for k in b) == list(range(8))
+    assert all(len({buckets[k.index] for k in b}) == 1 for b in epoch0)  # one bucket per batch
+    assert {k.epoch for b in epoch0 for k in b} == {0} and {k.epoch for k in plan.batch(plan.batches_per_epoch)} == {1}
     assert [BatchPlan(buckets, 2, 7).batch(g) for g in range(12)] == [plan.batch(g) for g in range(12)]
     assert [BatchPlan(buckets, 2, 8).batch(g) for g in range(5)] != epoch0
     # processes take interleaved batches; a sampler started at step s yields what the full one yields from s
@@ -463,11 +544,14 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     wide = config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "768,512"]))
     assert (wide.resolution, wide.resolution_height, wide.size) == (768, 512, (768, 512))
     assert config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "512,512"])).resolution_height == 0
+    files = config_from_args(build_parser().parse_args(kohya[:6] + ["--dataset_config", "d.toml", "--caption_separator", ";",
+                                                                    "--caption_dropout_every_n_epochs", "2"]))
+    assert (files.dataset_config, files.caption_separator, files.caption_dropout_every_n_epochs) == ("d.toml", ";", 2)
     for extra, match in ((["--resolution", "512,768,3"], "resolution '512,768,3': give one side"),
                          (["--resolution", "512,780"], "--resolution_height must be a multiple of 8"),
                          (["--network_args", "rank_dropout=2"], "--rank_dropout must be in"),
                          (["--full_fp16"], "full_fp16: the LoRA trains in fp32 under --mixed_precision fp16"),
-                         (["--dataset_config", "d.toml"], "dataset_config: kohya's dataset TOML is not read"),
+                         (["--in_json", "meta.json"], "in_json: kohya's fine-tuning metadata JSON is not read"),
                          (["--base_weights", "a.safetensors", "b.safetensors", "--base_weights_multiplier", "1"],
                           "base_weights_multiplier gives 1 weights for 2 base_weights files"),
                          (["--no_token_padding"], "no_token_padding: captions are always padded"),

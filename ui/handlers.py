@@ -651,7 +651,7 @@ class TrainRequest:
 
 
 # the settings the Train tab makes itself: not taken from its additional parameters
-_UI_OWNED = ("pretrained_model_name_or_path", "single_file_config", "train_data_dir", "output_dir", "resume_from_checkpoint",
+_UI_OWNED = ("pretrained_model_name_or_path", "single_file_config", "train_data_dir", "dataset_config", "output_dir", "resume_from_checkpoint",
              "overwrite", "init_lora")
 
 

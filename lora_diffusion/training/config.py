@@ -66,6 +66,9 @@ class TrainConfig:
                       "the original layout (a VAE alone, e.g. vae-ft-mse-840000-ema-pruned, or a whole checkpoint's)")
     train_data_dir: str = _f("", "folder of training images (captions beside them or in metadata.jsonl); "
                              "--instance_data_dir (DreamBooth's name) is the same setting")
+    dataset_config: str = _f("", "kohya's dataset config: a TOML file whose [[datasets.subsets]] give the image folders "
+                                 "(image_dir, num_repeats, class_tokens, is_reg), each with its own caption and "
+                                 "augmentation settings; in place of --train_data_dir and --reg_data_dir")
     output_dir: str = _f("lora-output", "where the LoRA, checkpoints/, samples/, log.csv and loss.png go")
     overwrite: bool = _f(False, "allow writing into an output folder that holds a previous run")
     caption_extension: str = _f(".txt", "extension of sidecar caption files (image.png -> image.txt)")
@@ -169,6 +172,9 @@ class TrainConfig:
     keep_tokens: int = _f(0, "with --shuffle_caption / --caption_tag_dropout_rate: leave the first N tags in place (e.g. 1 for a trigger word put first)")
     caption_dropout_rate: float = _f(0.0, "the share of samples trained with an empty caption (kohya's; helps classifier-free guidance)")
     caption_tag_dropout_rate: float = _f(0.0, "the chance that each tag after --keep_tokens is left out of a sample's caption")
+    caption_dropout_every_n_epochs: int = _f(0, "kohya's: every Nth epoch (counted from 1) trains on empty captions (0: never)")
+    caption_separator: str = _f(",", "kohya's: what separates a caption's tags for --shuffle_caption, --keep_tokens and "
+                                     "--caption_tag_dropout_rate (they are joined again with ', ')")
     keep_tokens_separator: str = _f("", "kohya's: in a caption holding it (e.g. '|||'), the tags before it stay in place, "
                                         "those after it are shuffled / dropped, and those after a second one stay at the end")
     secondary_separator: str = _f("", "kohya's: tags joined by this (e.g. ';;;') are shuffled and dropped as one, then "
@@ -301,8 +307,8 @@ class TrainConfig:
         """Raise ``ConfigError`` naming the first setting that cannot work."""
         if not self.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required (a diffusers folder or a hub id)")
-        if not self.train_data_dir:
-            raise ConfigError("--train_data_dir is required")
+        if not self.train_data_dir and not self.dataset_config:
+            raise ConfigError("--train_data_dir (or kohya's --dataset_config) is required")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -318,7 +324,7 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
                         "max_timestep", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "scale_weight_norms")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -375,6 +381,8 @@ class TrainConfig:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.caption_separator:
+            raise ConfigError("--caption_separator must not be empty (kohya's is ',')")
         if not self.train_unet and not self.train_text_encoder:
             raise ConfigError("--no-train_unet trains the text encoder's LoRA alone: give --train_text_encoder")
         if self.reg_data_dir and self.with_prior_preservation:
@@ -472,14 +480,11 @@ KOHYA_REFUSED = {
     "full_fp16": "the LoRA trains in fp32 under --mixed_precision fp16 (its weights are small; the model is fp16)",
     "full_bf16": "the LoRA trains in fp32 under --mixed_precision bf16 (its weights are small; the model is bf16)",
     "fp8_base": "an fp8 base model is not built; use --mixed_precision bf16 and --gradient_checkpointing for memory",
-    "dataset_config": "kohya's dataset TOML is not read; give --train_data_dir (kohya's <repeats>_<text> folders work)",
     "in_json": "kohya's fine-tuning metadata JSON is not read; give captions as sidecar files or metadata.jsonl",
     "masked_loss": "masked loss is not built", "alpha_mask": "masked loss is not built",
     "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
-    "caption_separator": "tags are separated by commas here",
-    "caption_dropout_every_n_epochs": "not built; --caption_dropout_rate drops captions at random",
     "v_pred_like_loss": "not built", "lr_scheduler_type": "give one of --lr_scheduler's schedules",
     "lr_scheduler_args": "give one of --lr_scheduler's schedules (--lr_num_cycles, --lr_power)",
     "lr_decay_steps": "not built; give one of --lr_scheduler's schedules",
@@ -488,7 +493,7 @@ KOHYA_REFUSED = {
     "no_metadata": "the files carry their training settings (convert the LoRA to drop nothing but embeddings)",
     "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
-_KOHYA_VALUED = ("dataset_config", "in_json", "face_crop_aug_range", "caption_separator", "caption_dropout_every_n_epochs", "v_pred_like_loss",
+_KOHYA_VALUED = ("in_json", "face_crop_aug_range", "v_pred_like_loss",
                  "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "initial_epoch", "initial_step",
                  "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
 

@@ -30,6 +30,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "Example",
+    "SampleOptions",
+    "SampleKey",
     "list_images",
     "scan_images",
     "compose_caption",
@@ -66,6 +69,25 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class SampleOptions:
+    """How each sample of an image varies (kohya's subset options): its caption (``ImageDataset.caption``) and its
+    crop, flip and colours (``ImageDataset.augmentation``)."""
+
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    enable_wildcard: bool = False
+    random_flip: bool = False
+    center_crop: bool = False
+    color_aug: bool = False
+
+
+@dataclass(frozen=True)
 class Example:
     """One training image: where it is, its caption and its size (width, height) after EXIF rotation."""
 
@@ -73,17 +95,19 @@ class Example:
     caption: str
     size: tuple[int, int]
     repeats: int = 1  # times per epoch (kohya's ``<repeats>_<text>`` folders)
+    options: SampleOptions | None = None  # (its own, as a kohya --dataset_config subset's; None: the data set's)
 
 
-def list_images(folder: str | Path, what: str = "--train_data_dir") -> list[Path]:
-    """Image files below ``folder`` (sorted, hidden files skipped); raises ``DataError`` if there are none."""
+def list_images(folder: str | Path, what: str = "--train_data_dir", recursive: bool = True) -> list[Path]:
+    """Image files below ``folder`` (sorted, hidden files skipped; only those in it where not ``recursive``); raises
+    ``DataError`` if there are none."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{what} {folder}: no such folder")
     if not folder.is_dir():
         raise DataError(f"{what} {folder}: not a folder")
     files = sorted(
-        p for p in folder.rglob("*")
+        p for p in (folder.rglob("*") if recursive else folder.glob("*"))
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if not files:
@@ -130,21 +154,22 @@ def wildcard(caption: str, rng: random.Random) -> str:
                    for part in parts)
 
 
-def caption_tags(caption: str) -> list[str]:
-    """A caption's comma-separated tags, stripped, empty ones left out (kohya's unit of shuffling and counting)."""
-    return [t.strip() for t in caption.split(",") if t.strip()]
+def caption_tags(caption: str, separator: str = ",") -> list[str]:
+    """A caption's comma-separated tags (or ``separator``-), stripped, empty ones left out (kohya's unit of shuffling
+    and counting)."""
+    return [t.strip() for t in caption.split(separator) if t.strip()]
 
 
-def dataset_summary(examples: list[Example], folder: str | Path) -> dict:
-    """What kohya records of a data set, per top-level folder (its name; the data folder's own for images in it):
+def dataset_summary(examples: list[Example], folder: str | Path | None) -> dict:
+    """What kohya records of a data set, per top-level folder (its name; the data folder's own for images in it;
+    with no ``folder``, as kohya's dataset config subsets, the name of the folder each image is in):
     ``dirs`` ``{name: {"n_repeats", "img_count"}}``, ``tag_frequency`` ``{name: {tag: images}}`` (a caption's
     comma-separated parts, lower-cased) and ``num_train_images`` (images times their repeats)."""
-    folder = Path(folder)
     dirs: dict[str, dict[str, int]] = {}
     tags: dict[str, dict[str, int]] = {}
     for e in examples:
-        relative = e.path.relative_to(folder)
-        name = relative.parts[0] if len(relative.parts) > 1 else folder.name
+        relative = e.path.relative_to(folder) if folder is not None else Path(e.path.name)
+        name = relative.parts[0] if len(relative.parts) > 1 else (Path(folder) if folder is not None else e.path.parent).name
         entry = dirs.setdefault(name, {"n_repeats": e.repeats, "img_count": 0})
         entry["img_count"] += 1
         counts = tags.setdefault(name, {})
@@ -216,14 +241,16 @@ def scan_images(
     strict: bool = False,
     what: str = "--train_data_dir",
     resolution: int = 512,
+    recursive: bool = True,
 ) -> list[Example]:
-    """Open every image once and pair it with its caption; bad images are skipped with a warning naming them.
+    """Open every image once and pair it with its caption; bad images are skipped with a warning naming them
+    (``recursive``: in sub-folders too, kohya's ``<repeats>_<text>`` ones read as such).
 
     Raises ``DataError`` if the folder is missing or empty, if every image is unreadable, or (``strict``) at the
     first unreadable one.
     """
     folder = Path(folder)
-    files = list_images(folder, what)
+    files = list_images(folder, what, recursive)
     metadata = read_metadata(folder)
     examples, bad = [], []
     unused = set(metadata)
@@ -362,8 +389,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images resized to cover their bucket (``resolution`` square, ``resolution`` x ``height``, or aspect-ratio
     buckets), cropped, maybe flipped, as ``[-1, 1]`` tensors.
 
-    Items are addressed by ``(index, sample_seed)``: the seed decides the random crop and flip, so the same key
-    always gives the same tensor.
+    Items are addressed by ``SampleKey(index, seed, epoch)``: the seed decides the random crop, flip and caption, so
+    the same key always gives the same sample. The settings given here are every example's, except an example's own
+    ``options`` (a kohya dataset config's subset).
     """
 
     def __init__(
@@ -378,6 +406,8 @@ class ImageDataset(torch.utils.data.Dataset):
         keep_tokens: int = 0,
         caption_dropout_rate: float = 0.0,
         caption_tag_dropout_rate: float = 0.0,
+        caption_dropout_every_n_epochs: int = 0,
+        caption_separator: str = ",",
         keep_tokens_separator: str = "",
         secondary_separator: str = "",
         enable_wildcard: bool = False,
@@ -386,14 +416,13 @@ class ImageDataset(torch.utils.data.Dataset):
         height: int | None = None,
     ) -> None:
         self.examples = examples
-        self.color_aug = color_aug
-        self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
-        self.caption_dropout_rate, self.caption_tag_dropout_rate = caption_dropout_rate, caption_tag_dropout_rate
-        self.keep_tokens_separator, self.secondary_separator = keep_tokens_separator, secondary_separator
-        self.enable_wildcard = enable_wildcard
+        self.options = SampleOptions(
+            shuffle_caption=shuffle_caption, keep_tokens=keep_tokens, caption_dropout_rate=caption_dropout_rate,
+            caption_dropout_every_n_epochs=caption_dropout_every_n_epochs, caption_tag_dropout_rate=caption_tag_dropout_rate,
+            caption_separator=caption_separator, keep_tokens_separator=keep_tokens_separator,
+            secondary_separator=secondary_separator, enable_wildcard=enable_wildcard, random_flip=random_flip,
+            center_crop=center_crop, color_aug=color_aug)
         self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
         fixed = (resolution, height or resolution)  # (kohya's --resolution WIDTH,HEIGHT: not square)
         self.resized_of: list[tuple[int, int] | None] = [None] * len(examples)  # (None: resized to cover the bucket)
         if enable_bucket and kohya_buckets is not None:
@@ -415,44 +444,51 @@ class ImageDataset(torch.utils.data.Dataset):
         """The bucket (width, height) of every example, in order."""
         return list(self.bucket_of)
 
-    def augmentation(self, sample_seed: int) -> tuple[bool, float, float]:
-        """(flip, x, y) for one sample: the crop position as fractions of the slack (0.5 = centre)."""
+    def options_of(self, index: int) -> SampleOptions:
+        """Example ``index``'s ``SampleOptions``: its own, else the data set's."""
+        return self.examples[index].options or self.options
+
+    def augmentation(self, index: int, sample_seed: int) -> tuple[bool, float, float]:
+        """(flip, x, y) for one sample of example ``index``: the crop position as fractions of the slack (0.5 = centre)."""
+        options = self.options_of(index)
         rng = random.Random(sample_seed)
-        flip = self.random_flip and rng.random() < 0.5
-        x, y = (0.5, 0.5) if self.center_crop else (rng.random(), rng.random())
+        flip = options.random_flip and rng.random() < 0.5
+        x, y = (0.5, 0.5) if options.center_crop else (rng.random(), rng.random())
         return flip, x, y
 
-    def caption(self, index: int, sample_seed: int) -> str:
+    def caption(self, index: int, sample_seed: int, epoch: int = 0) -> str:
         """Example ``index``'s caption for one sample, as kohya varies it (``process_caption``): dropped whole
-        (``caption_dropout_rate``), else with ``enable_wildcard`` one of its lines and one choice of each ``{a|b}``,
-        then its comma-separated tags after the first ``keep_tokens`` (or those around ``keep_tokens_separator``)
-        shuffled (``shuffle_caption``) and each dropped (``caption_tag_dropout_rate``), joined by ", ", and
+        (``caption_dropout_rate``, or in every ``caption_dropout_every_n_epochs``-th epoch, counted from 1), else
+        with ``enable_wildcard`` one of its lines and one choice of each ``{a|b}``, then its tags (split at
+        ``caption_separator``) after the first ``keep_tokens`` (or those around ``keep_tokens_separator``) shuffled
+        (``shuffle_caption``) and each dropped (``caption_tag_dropout_rate``), joined by ", ", and
         ``secondary_separator`` made a comma. Decided by the sample's seed (a stream of its own: the crop and flip
         are those of a run without these), so a resumed run sees the same captions."""
-        caption = self.examples[index].caption
-        tagged = self.shuffle_caption or self.caption_tag_dropout_rate
-        if not (tagged or self.caption_dropout_rate or self.enable_wildcard or self.secondary_separator):
+        caption, o = self.examples[index].caption, self.options_of(index)
+        every = o.caption_dropout_every_n_epochs
+        tagged = o.shuffle_caption or o.caption_tag_dropout_rate
+        if not (tagged or o.caption_dropout_rate or every or o.enable_wildcard or o.secondary_separator):
             return caption
         rng = random.Random(mix_seed(sample_seed, 1))
-        if self.caption_dropout_rate and rng.random() < self.caption_dropout_rate:
+        if o.caption_dropout_rate and rng.random() < o.caption_dropout_rate or every and (epoch + 1) % every == 0:
             return ""
-        if self.enable_wildcard:
+        if o.enable_wildcard:
             caption = wildcard(caption, rng)
         if tagged:
-            separator = self.keep_tokens_separator
+            separator, split = o.keep_tokens_separator, o.caption_separator
             if separator and separator in caption:  # kohya's "fixed ||| shuffled ||| fixed suffix"
                 kept_part, _, rest_part = caption.partition(separator)
                 rest_part, _, suffix_part = rest_part.partition(separator)
-                kept, rest, suffix = caption_tags(kept_part), caption_tags(rest_part), caption_tags(suffix_part)
+                kept, rest, suffix = (caption_tags(part, split) for part in (kept_part, rest_part, suffix_part))
             else:
-                tags = caption_tags(caption)
-                kept, rest, suffix = tags[: self.keep_tokens], tags[self.keep_tokens :], []
-            if self.shuffle_caption:
+                tags = caption_tags(caption, split)
+                kept, rest, suffix = tags[: o.keep_tokens], tags[o.keep_tokens :], []
+            if o.shuffle_caption:
                 rng.shuffle(rest)
-            if self.caption_tag_dropout_rate:
-                rest = [t for t in rest if rng.random() >= self.caption_tag_dropout_rate]
+            if o.caption_tag_dropout_rate:
+                rest = [t for t in rest if rng.random() >= o.caption_tag_dropout_rate]
             caption = ", ".join(kept + rest + suffix)
-        return caption.replace(self.secondary_separator, ",") if self.secondary_separator else caption
+        return caption.replace(o.secondary_separator, ",") if o.secondary_separator else caption
 
     def size_conditioning(self, index: int, flip: bool, x: float, y: float) -> list[int]:
         """SDXL's size and crop conditioning of one sample, as its trainers (diffusers', kohya's) give it:
@@ -491,21 +527,29 @@ class ImageDataset(torch.utils.data.Dataset):
         image = image.crop((left, top, left + width, top + height))
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.color_aug and color_seed is not None:
+        if self.options_of(index).color_aug and color_seed is not None:
             image = color_augment(image, random.Random(color_seed))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, sample_seed = key
-        flip, x, y = self.augmentation(sample_seed)
+    def __getitem__(self, key: SampleKey | tuple[int, int]) -> dict:
+        index, sample_seed, epoch = SampleKey(*key)
+        flip, x, y = self.augmentation(index, sample_seed)
         return {
             "pixel_values": self.load(index, flip, x, y, mix_seed(sample_seed, 2)),
-            "caption": self.caption(index, sample_seed),
+            "caption": self.caption(index, sample_seed, epoch),
             "index": index,
             "flip": flip,
             "size_conditioning": self.size_conditioning(index, flip, x, y),
         }
+
+
+class SampleKey(NamedTuple):
+    """One sample: which example, the seed of its crop, flip and caption, and its epoch (from 0)."""
+
+    index: int
+    seed: int
+    epoch: int = 0
 
 
 def collate(items: list[dict]) -> dict:
@@ -556,11 +600,11 @@ class BatchPlan:
             self._epoch = (epoch, batches)
         return self._epoch[1]
 
-    def batch(self, g: int) -> list[tuple[int, int]]:
-        """Global batch ``g`` as ``(index, sample_seed)`` keys for ``ImageDataset`` (each repeat its own crop and
-        flip; the first one's seed is an unrepeated example's)."""
+    def batch(self, g: int) -> list[SampleKey]:
+        """Global batch ``g`` as ``SampleKey``s for ``ImageDataset`` (each repeat its own crop and flip; the first
+        one's seed is an unrepeated example's)."""
         epoch, j = divmod(g, self.batches_per_epoch)
-        return [(i, mix_seed(self.seed, epoch, i, *([k] if k else []))) for i, k in self.epoch_batches(epoch)[j]]
+        return [SampleKey(i, mix_seed(self.seed, epoch, i, *([k] if k else [])), epoch) for i, k in self.epoch_batches(epoch)[j]]
 
     def epoch_of(self, g: int) -> int:
         return g // self.batches_per_epoch

@@ -48,6 +48,7 @@ from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
 from ..prompts import check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids
+from .dataset_config import read_dataset_config
 from .data import BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
 
@@ -378,9 +379,8 @@ class Latents:
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
         self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         if cache:
-            flips = (False, True) if dataset.random_flip else (False,)
             for index in range(len(dataset)):
-                for flip in flips:
+                for flip in (False, True) if dataset.options_of(index).random_flip else (False,):
                     pixels = dataset.load(index, flip, 0.5, 0.5)[None]
                     self.cache[(index, flip)] = self._moments(pixels)
 
@@ -853,14 +853,22 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     # 1. everything that can be checked without a model
     config.validate()
     output_dir = Path(config.output_dir)
-    examples = scan_images(
-        config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
-        instance_prompt=config.instance_prompt, strict=config.strict, resolution=max(config.size),
-    )
-    # kohya's regularisation images, with their own captions (no trigger token)
-    reg_examples = scan_images(config.reg_data_dir, caption_extension=config.caption_extension, instance_prompt=config.class_prompt,
-                               strict=config.strict, what="--reg_data_dir", resolution=max(config.size)) if config.reg_data_dir else None
-    if config.caption_prefix or config.caption_suffix:  # (kohya's, on every caption of its data sets)
+    if config.dataset_config:  # kohya's subsets, each with its own settings; the data set's sizes are the run's
+        if config.train_data_dir or config.reg_data_dir:
+            logger.warning("--dataset_config gives the images: --train_data_dir and --reg_data_dir are ignored, as kohya ignores them")
+        found = read_dataset_config(config.dataset_config, config)
+        config = dataclasses.replace(config, **found.settings)
+        config.validate()
+        examples, reg_examples = found.scan(config)
+    else:
+        examples = scan_images(
+            config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
+            instance_prompt=config.instance_prompt, strict=config.strict, resolution=max(config.size),
+        )
+        # kohya's regularisation images, with their own captions (no trigger token)
+        reg_examples = scan_images(config.reg_data_dir, caption_extension=config.caption_extension, instance_prompt=config.class_prompt,
+                                   strict=config.strict, what="--reg_data_dir", resolution=max(config.size)) if config.reg_data_dir else None
+    if (config.caption_prefix or config.caption_suffix) and not config.dataset_config:  # (kohya's, on every caption)
         def framed(found: list[Example]) -> list[Example]:
             return [dataclasses.replace(e, caption=" ".join(filter(None, (config.caption_prefix, e.caption, config.caption_suffix))))
                     for e in found]
@@ -907,6 +915,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                            random_flip=config.random_flip, enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config),
                            color_aug=config.color_aug, shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
                            caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate,
+                           caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
+                           caption_separator=config.caption_separator,
                            keep_tokens_separator=config.keep_tokens_separator, secondary_separator=config.secondary_separator,
                            enable_wildcard=config.enable_wildcard)
     if config.cache_latents and not config.center_crop:
@@ -1043,9 +1053,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         sampler = StepBatchSampler(plan_, start=step, stop=max_steps, accumulation=config.gradient_accumulation_steps,
                                    num_processes=accelerator.num_processes, rank=accelerator.process_index)
         if cached:  # no pixels needed: only which image, whether flipped (and SDXL's size conditioning)
-            return ({"indices": [i for i, _ in keys], "flips": [dataset_.augmentation(s)[0] for _, s in keys],
-                     "captions": [dataset_.caption(i, s) for i, s in keys],
-                     "size_conditioning": torch.tensor([dataset_.size_conditioning(i, *dataset_.augmentation(s)) for i, s in keys])}
+            return ({"indices": [k.index for k in keys], "flips": [dataset_.augmentation(k.index, k.seed)[0] for k in keys],
+                     "captions": [dataset_.caption(*k) for k in keys],
+                     "size_conditioning": torch.tensor([dataset_.size_conditioning(k.index, *dataset_.augmentation(k.index, k.seed))
+                                                        for k in keys])}
                     for keys in sampler)
         return iter(torch.utils.data.DataLoader(dataset_, batch_sampler=sampler, collate_fn=collate,
                                                 num_workers=config.dataloader_num_workers, worker_init_fn=_ignore_ctrl_c))
@@ -1369,7 +1380,7 @@ def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_pr
     settings = dataclasses.asdict(config)
     settings["seed"] = seed
     return {
-        "dataset": dataset_summary(examples, config.train_data_dir),
+        "dataset": dataset_summary(examples, None if config.dataset_config else config.train_data_dir),
         "base_model": config.pretrained_model_name_or_path,
         "trigger_words": [config.token] if config.token else [],
         "mode": config.mode,
