@@ -298,6 +298,7 @@ _SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rat
                 "ss_enable_bucket": "enable_bucket", "ss_flip_aug": "random_flip", "ss_color_aug": "color_aug", "ss_caption_extension": "caption_extension",
                 "ss_shuffle_caption": "shuffle_caption", "ss_keep_tokens": "keep_tokens", "ss_caption_dropout_rate": "caption_dropout_rate",
                 "ss_caption_tag_dropout_rate": "caption_tag_dropout_rate",
+                "ss_caption_dropout_every_n_epochs": "caption_dropout_every_n_epochs",
                 "ss_multires_noise_iterations": "multires_noise_iterations", "ss_multires_noise_discount": "multires_noise_discount",
                 "ss_ip_noise_gamma": "ip_noise_gamma", "ss_loss_type": "loss_type", "ss_huber_schedule": "huber_schedule",
                 "ss_huber_c": "huber_c", "ss_huber_scale": "huber_scale", "ss_validation_split": "validation_split",

@@ -1189,6 +1189,9 @@ def test_kohyas_snr_weightings_and_zero_terminal_snr(base, base_v, tmp_path):
         if kind == "v_prediction":
             scaled, _ = per_sample(scale_v_pred_loss_like_noise_pred=True)
             torch.testing.assert_close(scaled, plain * snr / (snr + 1))
+        else:  # --v_pred_like_loss: loss + loss / (SNR/(SNR+1)) * v, before the debiased weight
+            vlike, _ = per_sample(v_pred_like_loss=0.1, debiased_estimation_loss=True)
+            torch.testing.assert_close(vlike, (plain + plain / (snr / (snr + 1)) * 0.1) * expect)
 
     plain = training_scheduler(DDPMScheduler(prediction_type="v_prediction").config, config(base, tmp_path))
     ztsnr = training_scheduler(DDPMScheduler(prediction_type="v_prediction").config, config(base, tmp_path, zero_terminal_snr=True))
@@ -1200,6 +1203,10 @@ def test_kohyas_snr_weightings_and_zero_terminal_snr(base, base_v, tmp_path):
         train(config(base, tmp_path / "eps", zero_terminal_snr=True, snr_gamma=5.0))
     with pytest.raises(ConfigError, match="--scale_v_pred_loss_like_noise_pred is for v-prediction models; this one predicts epsilon"):
         train(config(base, tmp_path / "eps2", scale_v_pred_loss_like_noise_pred=True))
+    with pytest.raises(ConfigError, match="--v_pred_like_loss adds a v-prediction-like loss to an epsilon model's"):
+        train(config(base_v, tmp_path / "v2", v_pred_like_loss=0.1))
+    with pytest.raises(ConfigError, match="--zero_terminal_snr leaves an SNR of 0 at the last timestep, by which --v_pred_like_loss"):
+        train(config(base, tmp_path / "eps3", v_pred_like_loss=0.1, zero_terminal_snr=True))
     run = train(config(base_v, tmp_path / "v", zero_terminal_snr=True, debiased_estimation_loss=True, snr_gamma=5.0,
                        max_train_steps=2, save_kohya=True))
     assert math.isfinite(run.final_loss)
@@ -1265,14 +1272,15 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     data = tmp_path / "data"
     flat_images(data)
     out = tmp_path / "out"
-    assert main(["--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--output_dir", str(out),
+    command = ["--pretrained_model_name_or_path", base, "--train_data_dir", str(data),
                  "--output_name", "my_style", "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2",
                  "--network_args", "conv_dim=2", "conv_alpha=1", "rank_dropout=0.25", "module_dropout=0.5",
                  "--network_dropout", "0.1", "--resolution", "32,32", "--max_train_steps", "1", "--enable_bucket",
                  "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "16", "--bucket_no_upscale",
                  "--flip_aug", "--color_aug", "--training_comment", "first try", "--metadata_author", "me", "--metadata_tags", "a,b",
                  "--optimizer_type", "AdamW", "--xformers", "--save_model_as", "safetensors", "--num_validation_images", "0",
-                 "--v_parameterization", "--seed", "0"]) == 0
+                 "--v_parameterization", "--seed", "0"]
+    assert main(command + ["--output_dir", str(out)]) == 0
     state, meta = read_safetensors(out / "my_style.safetensors")
     keys = set(state)
     assert any(k.startswith("lora_te_") for k in keys) and any("_ff_net_" in k for k in keys)
@@ -1286,6 +1294,15 @@ def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):
     untouched = sum(not t.any() for t in ups)  # (one step: a layer the module dropout left out learned nothing)
     assert 0.25 * len(ups) < untouched < 0.75 * len(ups), (untouched, len(ups))
     assert our_metadata(read_safetensors(out / "pytorch_lora_weights.safetensors")[1])["prediction_type"] == "v_prediction"
+    # --no_metadata: kohya's minimum (the network's shape and arguments) and the model card; no settings, data, comment
+    assert main(command + ["--output_dir", str(tmp_path / "bare"), "--no_metadata"]) == 0
+    bare = read_safetensors(tmp_path / "bare" / "my_style.safetensors")[1]
+    assert {k: bare[k] for k in ("ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.author")} == \
+        {k: meta[k] for k in ("ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.author")}
+    for key in ("ss_training_comment", "ss_learning_rate", "ss_tag_frequency", "ss_dataset_dirs", "ss_sd_model_name", "ss_seed"):
+        assert key in meta and key not in bare, key
+    ours = our_metadata(read_safetensors(tmp_path / "bare" / "pytorch_lora_weights.safetensors")[1])
+    assert "base_model" not in ours and "dataset" not in ours and str(data) not in json.dumps(ours)
 
 
 def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base, tmp_path):

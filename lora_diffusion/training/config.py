@@ -148,6 +148,8 @@ class TrainConfig:
                                                "its SNR capped at 1000; after --snr_gamma's weight where both are given")
     scale_v_pred_loss_like_noise_pred: bool = _f(False, "kohya's, for v-prediction models: weigh each sample's loss by "
                                                         "SNR/(SNR+1) (SNR capped at 1000), as an epsilon model's is weighted")
+    v_pred_like_loss: float = _f(0.0, "kohya's: add this share of a v-prediction-like loss, each sample's loss times "
+                                      "1 + v (SNR+1)/SNR (SNR capped at 1000), e.g. 0.1 (0: off)")
     zero_terminal_snr: bool = _f(False, "kohya's: rescale the training noise schedule so that its last timestep is pure noise "
                                         "(zero terminal SNR, Lin et al. 2023); for v-prediction models")
     noise_offset: float = _f(0.0, "noise offset, e.g. 0.05 (helps very dark/bright images)")
@@ -255,6 +257,8 @@ class TrainConfig:
                               "(default: the output folder's name)")
     v_parameterization: bool = _f(False, "kohya's: train the model as a v-prediction model whatever its scheduler config "
                                          "says (an SD 2.x 768 single-file checkpoint), its sample images too")
+    no_metadata: bool = _f(False, "kohya's: the files keep no training settings, data set summary, comment or base model "
+                                  "path (what a LoRA needs to load, and its title, author and trigger words, stay)")
     training_comment: str = _f("", "kohya's: a comment written into the LoRA file (ss_training_comment)")
     metadata_title: str = _f("", "kohya's: the title in the file's model card (modelspec.title; default: the file's name)")
     metadata_author: str = _f("", "kohya's: the author in the file's model card (modelspec.author)")
@@ -324,7 +328,7 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "v_pred_like_loss", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
                         "max_timestep", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "scale_weight_norms")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -485,15 +489,14 @@ KOHYA_REFUSED = {
     "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
-    "v_pred_like_loss": "not built", "lr_scheduler_type": "give one of --lr_scheduler's schedules",
+    "lr_scheduler_type": "give one of --lr_scheduler's schedules",
     "lr_scheduler_args": "give one of --lr_scheduler's schedules (--lr_num_cycles, --lr_power)",
     "lr_decay_steps": "not built; give one of --lr_scheduler's schedules",
     "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",
     "save_n_epoch_ratio": "give --save_every_n_epochs", "output_config": "write the settings into a TOML file and pass --config",
-    "no_metadata": "the files carry their training settings (convert the LoRA to drop nothing but embeddings)",
     "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
-_KOHYA_VALUED = ("in_json", "face_crop_aug_range", "v_pred_like_loss",
+_KOHYA_VALUED = ("in_json", "face_crop_aug_range",
                  "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "initial_epoch", "initial_step",
                  "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
 

@@ -284,12 +284,14 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
         weight = torch.clamp(snr, max=config.snr_gamma)
         weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
         loss = loss * weight
-    if config.scale_v_pred_loss_like_noise_pred or config.debiased_estimation_loss:  # (kohya's order, its cap)
-        from diffusers.training_utils import compute_snr
+    if config.scale_v_pred_loss_like_noise_pred or config.v_pred_like_loss or config.debiased_estimation_loss:  # (kohya's
+        from diffusers.training_utils import compute_snr  # order, its cap)
 
         snr = torch.clamp(compute_snr(scheduler, timesteps).float(), max=1000)
         if config.scale_v_pred_loss_like_noise_pred:
             loss = loss * snr / (snr + 1)
+        if config.v_pred_like_loss:
+            loss = loss + loss / (snr / (snr + 1)) * config.v_pred_like_loss
         if config.debiased_estimation_loss:
             loss = loss / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr.sqrt())
     return loss.mean()
@@ -307,6 +309,11 @@ def training_scheduler(scheduler_config, config: TrainConfig):
     kind = scheduler.config.prediction_type
     if config.scale_v_pred_loss_like_noise_pred and kind != "v_prediction":
         raise ConfigError(f"--scale_v_pred_loss_like_noise_pred is for v-prediction models; this one predicts {kind}")
+    if config.v_pred_like_loss and kind == "v_prediction":
+        raise ConfigError("--v_pred_like_loss adds a v-prediction-like loss to an epsilon model's; this one predicts v_prediction")
+    if config.zero_terminal_snr and config.v_pred_like_loss:
+        raise ConfigError("--zero_terminal_snr leaves an SNR of 0 at the last timestep, by which --v_pred_like_loss divides: "
+                          "leave one of them off")
     if config.zero_terminal_snr and kind == "epsilon":
         if config.snr_gamma or config.debiased_estimation_loss:
             raise ConfigError("--zero_terminal_snr leaves an SNR of 0 at the last timestep, by which an epsilon model's "
@@ -1264,7 +1271,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 checkpoint = save_checkpoint(step)
                 lora_path = output_dir / outputs.LORA_NAME
                 metadata = _final_metadata(config, seed, step, noise_scheduler, accelerator.num_processes, examples)
-                if resumed:
+                if resumed and not config.no_metadata:
                     metadata["training"]["resumed"] = resumed
                 if pivot is not None:
                     atomic_save(pivot.state(), output_dir / "embeddings.safetensors", pivot.metadata())
@@ -1377,8 +1384,18 @@ def _apply_settings(optimizer, lr_scheduler, configured: list[dict], settings: d
 
 
 def _final_metadata(config: TrainConfig, seed: int, step: int, scheduler, num_processes: int, examples: list[Example]) -> dict:
+    """What a LoRA file of the run records (``formats_kohya.to_kohya`` writes it as kohya's ``ss_*`` and ``modelspec.*``
+    keys). ``--no_metadata`` leaves out, as kohya's leaves out, the settings (but the dropouts that kohya's
+    ``ss_network_args`` keeps), the data set, the comment and the base model's path."""
     settings = dataclasses.asdict(config)
     settings["seed"] = seed
+    if config.no_metadata:
+        return {"trigger_words": [config.token] if config.token else [], "mode": config.mode,
+                "prediction_type": scheduler.config.prediction_type,
+                "training": {k: settings[k] for k in ("rank_dropout", "module_dropout") if settings[k]},
+                "card": {"title": config.metadata_title, "author": config.metadata_author,
+                         "description": config.metadata_description, "license": config.metadata_license,
+                         "tags": config.metadata_tags}}
     return {
         "dataset": dataset_summary(examples, None if config.dataset_config else config.train_data_dir),
         "base_model": config.pretrained_model_name_or_path,
