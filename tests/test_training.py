@@ -807,13 +807,17 @@ def test_channels_last_trains_the_same_lora(base, tmp_path):
 
 
 def test_optimizer_and_schedule_get_the_adam_and_schedule_flags(monkeypatch, tmp_path):
-    """The flags reach torch's AdamW and diffusers' get_scheduler (spied; the run stops at the first step)."""
+    """The flags reach torch's AdamW and diffusers' get_scheduler (spied; the run stops at the first step; the
+    settings' check before the model loads makes one too, on a stand-in optimizer)."""
     import diffusers.optimization
 
     seen = {}
+    real = diffusers.optimization.get_scheduler
 
     def spy(name, optimizer, **kwargs):
         group = optimizer.param_groups[0]
+        if "betas" not in group:  # (the check's SGD)
+            return real(name, optimizer, **kwargs)
         seen.update(kwargs, betas=group["betas"], eps=group["eps"])
         raise KeyboardInterrupt  # enough: stop before training
 

@@ -427,7 +427,8 @@ def test_every_setting_is_used_by_the_training_code():
     root = Path(__file__).resolve().parents[1] / "lora_diffusion" / "training"
     source = (root / "loop.py").read_text()
     via_property = {"lora_alpha": "config.alpha", "text_encoder_lr": "config.te_lr", "rank_pattern": "config.patterns",
-                    "alpha_pattern": "config.patterns", "optimizer_args": "config.optimizer_settings"}
+                    "alpha_pattern": "config.patterns", "optimizer_args": "config.optimizer_settings",
+                    "lr_scheduler_args": "config.lr_scheduler_settings"}
     for f in dataclasses.fields(TrainConfig):
         use = via_property.get(f.name, f"config.{f.name}")
         assert re.search(rf"{re.escape(use)}\b", source), f"--{f.name} is never read by the training loop"
@@ -488,6 +489,49 @@ def test_invalid_settings_are_named():
                          ({"max_grad_norm": float("inf")}, "--max_grad_norm must be a finite number")]:
         with pytest.raises(ConfigError, match=re.escape(pattern)):
             TrainConfig(**base, **bad).validate()
+
+
+def test_kohyas_lr_schedules_follow_their_formulas(tmp_path):
+    """kohya's schedules beyond diffusers' (its get_scheduler_fix): cosine_with_min_lr (half a cosine per cycle down
+    to --lr_scheduler_min_lr_ratio), warmup_stable_decay (--lr_decay_steps, a share below 1), inverse_sqrt (its
+    timescale the warm-up's), piecewise_constant's step_rules and a torch class by --lr_scheduler_type, each given
+    --lr_scheduler_args; bad ones refused by name."""
+    from lora_diffusion.training.loop import make_lr_scheduler
+
+    def rates(steps: int = 20, **settings) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        schedule = make_lr_scheduler(TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", **settings), optimizer, steps)
+        out = []
+        for _ in range(steps):
+            out.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    def close(got: list[float], expect: list[float]) -> bool:
+        return all(abs(a - b) < 1e-9 for a, b in zip(got, expect, strict=True))
+
+    cosine = [t / 2 if t < 2 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 18)) for t in range(20)]
+    assert close(rates(lr_scheduler="cosine_with_min_lr", lr_warmup_steps=2, lr_scheduler_min_lr_ratio=0.1), cosine)
+    wsd = [0.1 + 0.9 * t / 2 if t < 2 else 1.0 if t < 15 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 15) / 5)) for t in range(20)]
+    assert close(rates(lr_scheduler="warmup_stable_decay", lr_warmup_steps=2, lr_decay_steps=0.25, lr_scheduler_min_lr_ratio=0.1), wsd)
+    assert close(rates(lr_scheduler="inverse_sqrt", lr_warmup_steps=4), [t / 4 if t < 4 else 1 / math.sqrt(t / 4) for t in range(20)])
+    steps = rates(lr_scheduler="piecewise_constant", lr_scheduler_args="step_rules='1:5,0.1:10,0.01'")
+    assert close(steps, [1.0] * 5 + [0.1] * 5 + [0.01] * 10)
+    assert close(rates(lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args="T_max=20"),
+                 [0.5 * (1 + math.cos(math.pi * t / 20)) for t in range(20)])
+    for settings, match in (({"lr_scheduler_type": "mymodule.Schedule"}, "give a class of torch.optim.lr_scheduler by name"),
+                            ({"lr_scheduler_type": "CosineAnnealingLR", "lr_warmup_steps": 2}, "takes no --lr_warmup_steps"),
+                            ({"lr_scheduler_args": "T_max"}, "--lr_scheduler_args 'T_max': give KEY=VALUE"),
+                            ({"lr_scheduler": "cosine", "lr_scheduler_args": "bogus=1"}, "--lr_scheduler cosine: .*bogus")):
+        with pytest.raises(ConfigError, match=match):
+            config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", **settings)
+            config.validate()
+            rates(**settings)
+    parsed = config_from_args(build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                                                        "--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "0.2",
+                                                        "--lr_scheduler_args", "warmup_type='linear'", "decay_type='linear'"]))
+    assert (parsed.lr_decay_steps, parsed.lr_scheduler_settings()) == (0.2, {"warmup_type": "linear", "decay_type": "linear"})
 
 
 def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):

@@ -28,7 +28,8 @@ __all__ = ["TrainConfig", "load_config", "add_config_arguments", "config_from_ar
            "read_text"]
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "piecewise_constant", "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,14 @@ class TrainConfig:
     lr_warmup_ratio: float = _f(0.0, "linear warm-up as a share of the run's steps, e.g. 0.05 (kohya's --lr_warmup_steps 0.05)")
     lr_num_cycles: int = _f(1, "hard restarts of --lr_scheduler cosine_with_restarts")
     lr_power: float = _f(1.0, "power of --lr_scheduler polynomial")
+    lr_scheduler_min_lr_ratio: float = _f(0.0, "kohya's: the lowest rate of cosine_with_min_lr and warmup_stable_decay, "
+                                               "as a share of the learning rate")
+    lr_decay_steps: float = _f(0.0, "kohya's: the decay steps of warmup_stable_decay (below 1: a share of the run's steps)")
+    lr_scheduler_timescale: int = _f(0, "kohya's: the timescale of inverse_sqrt (0: its warm-up steps, else 10000)")
+    lr_scheduler_args: str = _f("", "the schedule's own settings as KEY=VALUE, each value a Python literal (kohya's), "
+                                    "e.g. step_rules='1:100,0.1:200,0.01' for piecewise_constant")
+    lr_scheduler_type: str = _f("", "kohya's: a schedule of torch.optim.lr_scheduler by name (e.g. CosineAnnealingLR), its "
+                                    "settings in --lr_scheduler_args (T_max=1000); in place of --lr_scheduler")
     max_train_steps: int = _f(0, "optimizer steps (0 means --num_train_epochs epochs)")
     num_train_epochs: int = _f(1, "epochs, used when --max_train_steps is 0")
     train_batch_size: int = _f(1, "images per device per micro-batch")
@@ -289,19 +298,11 @@ class TrainConfig:
 
     def optimizer_settings(self) -> dict[str, Any]:
         """``--optimizer_args`` as keyword arguments, read as kohya reads them (``ast.literal_eval`` of each value)."""
-        import ast
+        return _literal_settings(self.optimizer_args, "--optimizer_args", "weight_decay=0.01, betas=0.9,0.99, decouple=True")
 
-        out: dict[str, Any] = {}
-        for item in self.optimizer_args.split():
-            key, eq, value = item.partition("=")
-            try:
-                if not (key.isidentifier() and eq):
-                    raise ValueError
-                out[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise ConfigError(f"--optimizer_args {item!r}: give KEY=VALUE, the value a Python literal (e.g. "
-                                  "weight_decay=0.01, betas=0.9,0.99, decouple=True)") from None
-        return out
+    def lr_scheduler_settings(self) -> dict[str, Any]:
+        """``--lr_scheduler_args`` as keyword arguments, read as ``--optimizer_args``."""
+        return _literal_settings(self.lr_scheduler_args, "--lr_scheduler_args", "T_max=1000, step_rules='1:10,0.1'")
 
     @property
     def te_lr(self) -> float:
@@ -328,7 +329,7 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "v_pred_like_loss", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "v_pred_like_loss", "lr_scheduler_min_lr_ratio", "lr_decay_steps", "lr_scheduler_timescale", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
                         "max_timestep", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "scale_weight_norms")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -350,6 +351,15 @@ class TrainConfig:
             raise ConfigError(f"--min_timestep {self.min_timestep} must be below --max_timestep {self.max_timestep}")
         if self.loss_type in ("huber", "smooth_l1") and not (0 < self.huber_c <= 1 and self.huber_scale > 0):
             raise ConfigError(f"--huber_c must be in (0, 1] and --huber_scale positive, got {self.huber_c} and {self.huber_scale}")
+        if self.lr_scheduler_type:  # (kohya's: a class by name, its settings in --lr_scheduler_args)
+            import torch
+
+            if not isinstance(getattr(torch.optim.lr_scheduler, self.lr_scheduler_type, None), type):
+                raise ConfigError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: give a class of torch.optim.lr_scheduler "
+                                  "by name (e.g. CosineAnnealingLR); other modules are not imported")
+            if self.lr_warmup_steps or self.lr_warmup_ratio:
+                raise ConfigError(f"--lr_scheduler_type {self.lr_scheduler_type} takes no --lr_warmup_steps (as kohya's)")
+        self.lr_scheduler_settings()
         if not 0 <= self.lr_warmup_ratio < 1 or self.lr_warmup_ratio and self.lr_warmup_steps:
             raise ConfigError(f"--lr_warmup_ratio must be in [0, 1) and not beside --lr_warmup_steps, got {self.lr_warmup_ratio}")
         if self.lr_num_cycles < 1:
@@ -459,6 +469,22 @@ def parse_pattern(text: str, flag: str, kind: type) -> dict:
     return out
 
 
+def _literal_settings(text: str, flag: str, example: str) -> dict[str, Any]:
+    """``KEY=VALUE`` words as keyword arguments, each value a Python literal (as kohya reads its ``*_args``)."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        try:
+            if not (key.isidentifier() and eq):
+                raise ValueError
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{flag} {item!r}: give KEY=VALUE, the value a Python literal (e.g. {example})") from None
+    return out
+
+
 def _field_types() -> dict[str, type]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
@@ -489,15 +515,11 @@ KOHYA_REFUSED = {
     "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
-    "lr_scheduler_type": "give one of --lr_scheduler's schedules",
-    "lr_scheduler_args": "give one of --lr_scheduler's schedules (--lr_num_cycles, --lr_power)",
-    "lr_decay_steps": "not built; give one of --lr_scheduler's schedules",
     "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",
     "save_n_epoch_ratio": "give --save_every_n_epochs", "output_config": "write the settings into a TOML file and pass --config",
     "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
-_KOHYA_VALUED = ("in_json", "face_crop_aug_range",
-                 "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "initial_epoch", "initial_step",
+_KOHYA_VALUED = ("in_json", "face_crop_aug_range", "initial_epoch", "initial_step",
                  "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
 
 
@@ -613,7 +635,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
             continue
         if key in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):  # a table in a config file
             value = json.dumps(value)
-        if key == "optimizer_args" and isinstance(value, (list, tuple)):  # (kohya's list of KEY=VALUE)
+        if key in ("optimizer_args", "lr_scheduler_args") and isinstance(value, (list, tuple)):  # (kohya's list of KEY=VALUE)
             value = " ".join(map(str, value))
         if key == "base_weights" and isinstance(value, (list, tuple)):  # (one FILE[:WEIGHT] a line)
             value = "\n".join(map(str, value))
@@ -717,7 +739,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, metavar="INT", help=help_text)
         elif f.name == "base_weights":  # (several files)
             parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="FILE[:WEIGHT]", help=help_text)
-        elif f.name == "optimizer_args":  # (kohya's: several KEY=VALUE words)
+        elif f.name in ("optimizer_args", "lr_scheduler_args"):  # (kohya's: several KEY=VALUE words)
             parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="KEY=VALUE", help=help_text)
         elif f.name == "resolution":  # (kohya's "512,512" too: ``_from_kohya`` reads it)
             parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, metavar="INT", help=help_text)

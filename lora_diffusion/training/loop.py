@@ -576,6 +576,37 @@ def _optimizer_class(config: TrainConfig):
     return bnb.optim.AdamW8bit
 
 
+def make_lr_scheduler(config: TrainConfig, optimizer, max_steps: int):
+    """The learning-rate schedule of a run of ``max_steps`` optimizer steps, as kohya's ``get_scheduler_fix`` makes it:
+    diffusers' schedules, transformers' ``cosine_with_min_lr`` / ``warmup_stable_decay`` (half a cosine per
+    ``--lr_num_cycles``, down to ``--lr_scheduler_min_lr_ratio``; the latter's last ``--lr_decay_steps`` decaying) and
+    ``inverse_sqrt``, or ``--lr_scheduler_type``'s torch class; ``--lr_scheduler_args`` given to each."""
+    from diffusers.optimization import get_scheduler
+    from transformers import optimization
+
+    extra = config.lr_scheduler_settings()
+    try:
+        if config.lr_scheduler_type:
+            return getattr(torch.optim.lr_scheduler, config.lr_scheduler_type)(optimizer, **extra)
+        warmup = config.lr_warmup_steps or int(config.lr_warmup_ratio * max_steps)  # (kohya's share: truncated, as kohya)
+        name, cycles, low = config.lr_scheduler, config.lr_num_cycles, config.lr_scheduler_min_lr_ratio
+        if name == "cosine_with_min_lr":
+            return optimization.get_cosine_with_min_lr_schedule_with_warmup(
+                optimizer, warmup, max_steps, num_cycles=cycles / 2, min_lr_rate=low, **extra)
+        if name == "warmup_stable_decay":
+            decay = int(config.lr_decay_steps * max_steps) if config.lr_decay_steps < 1 else int(config.lr_decay_steps)
+            return optimization.get_wsd_schedule(optimizer, warmup, decay, num_stable_steps=max_steps - warmup - decay,
+                                                 num_cycles=cycles / 2, min_lr_ratio=low, **extra)
+        if name == "inverse_sqrt":
+            return optimization.get_inverse_sqrt_schedule(optimizer, warmup, timescale=config.lr_scheduler_timescale or None, **extra)
+        if name == "piecewise_constant":
+            return get_scheduler(name, optimizer, **extra)
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps, num_cycles=cycles,
+                             power=config.lr_power, **extra)
+    except (TypeError, ValueError) as e:  # (a setting the schedule does not take, or a bad value of one)
+        raise ConfigError(f"--lr_scheduler {config.lr_scheduler_type or config.lr_scheduler}: {_first_line(e)}") from None
+
+
 def _base_weight_files(text: str) -> list[tuple[str, float]]:
     """``--base_weights``' ``(file, weight)`` pairs (one ``FILE[:WEIGHT]`` a line); ``ConfigError`` naming a bad one."""
     from ..tools import _weighted
@@ -854,7 +885,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import broadcast_object_list
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     # 1. everything that can be checked without a model
@@ -934,6 +964,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     if state is not None and not _left_to_do(int(state["step"]), max_steps, output_dir):
         raise ConfigError(f"{resume} is at step {state['step']}, not before --max_train_steps {max_steps}: nothing to train")
+    make_lr_scheduler(config, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), max_steps)  # (its settings)
 
     # 2. the model: frozen base in the compute dtype, LoRA parameters in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1032,9 +1063,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     fused = {"fused": True} if optimizer_class is torch.optim.AdamW and device.type == "cuda" else {}
     configured = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     optimizer = optimizer_class(groups, lr=config.learning_rate, **optimizer_kwargs, **fused)
-    warmup = config.lr_warmup_steps or int(config.lr_warmup_ratio * max_steps)  # (kohya's share: truncated, as kohya)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
-                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+    lr_scheduler = make_lr_scheduler(config, optimizer, max_steps)
     optimizer = accelerator.prepare(optimizer)
     step = 0
     log_rows: list[dict] = []
