@@ -26,7 +26,7 @@ import re
 
 import torch
 
-__all__ = ["encode_text", "prompt_kwargs", "token_ids", "check_clip_skip", "parse_emphasis", "prompt_chunks",
+__all__ = ["encode_text", "prompt_kwargs", "token_ids", "weighted_token_ids", "check_clip_skip", "parse_emphasis", "prompt_chunks",
            "prompt_embeds", "prompt_schedule", "scheduled_prompt_kwargs", "EMPHASIS_MODES", "emphasis_mode"]
 
 CHUNK_TOKENS = 75  # a chunk's prompt tokens; with its start and end tokens, the text encoder's 77
@@ -44,20 +44,52 @@ def token_ids(tokenizer, captions: list[str], device, max_token_length: int | No
     the tokenizer pads with another token than its end token, SD 2's and SDXL's, a chunk that stops mid-text ends with
     the end token and an empty one starts with it)."""
     length = tokenizer.model_max_length
-    if max_token_length is None or max_token_length <= length - 2:
-        return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
-    ids = tokenizer(captions, padding="max_length", max_length=max_token_length + 2, truncation=True,
+    long = max_token_length is not None and max_token_length > length - 2
+    ids = tokenizer(captions, padding="max_length", max_length=max_token_length + 2 if long else length, truncation=True,
                     return_tensors="pt").input_ids
-    inner, pad, end = length - 2, tokenizer.pad_token_id, tokenizer.eos_token_id
+    return (_chunk_ids(tokenizer, ids) if long else ids).to(device)
+
+
+def _chunk_ids(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, m + 2]`` ids as kohya's ``[B, n, 77]`` chunks of 75 (``token_ids``)."""
+    inner, pad, end = tokenizer.model_max_length - 2, tokenizer.pad_token_id, tokenizer.eos_token_id
     chunks = []
-    for start in range(1, max_token_length + 1, inner):
+    for start in range(1, ids.shape[1] - 1, inner):
         chunk = torch.cat([ids[:, :1], ids[:, start : start + inner], ids[:, -1:]], dim=1)
         if pad != end:
             chunk[(chunk[:, -2] != end) & (chunk[:, -2] != pad), -1] = end
             chunk[chunk[:, 1] == pad, 1] = end
         chunks.append(chunk)
-    return torch.stack(chunks, dim=1).to(device)
+    return torch.stack(chunks, dim=1)
+
+
+def weighted_token_ids(tokenizer, captions: list[str], device, max_token_length: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's ``--weighted_captions``: ``(ids, weights)`` of ``captions`` read with A1111's emphasis
+    (``parse_emphasis``; ``BREAK`` is a word there, as in kohya's older parser), each fragment tokenized alone, cut
+    at ``max_token_length`` (75 by default) tokens and padded as ``token_ids`` pads, in its shape; the weights 1 on
+    the first, last and padding tokens. ``apply_token_weights`` weighs the encoder's states by them."""
+    length = tokenizer.model_max_length
+    long = max_token_length is not None and max_token_length > length - 2
+    size = max_token_length + 2 if long else length
+    rows, weights = [], []
+    for caption in captions:
+        tokens: list[int] = []
+        scale: list[float] = []
+        for fragment, weight in parse_emphasis(caption):
+            piece = tokenizer("BREAK" if weight is None else fragment).input_ids[1:-1]
+            tokens += piece
+            scale += [1.0 if weight is None else weight] * len(piece)
+        tokens, scale = tokens[: size - 2], scale[: size - 2]
+        rows.append([tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (size - 2 - len(tokens)))
+        weights.append([1.0, *scale] + [1.0] * (size - 1 - len(scale)))
+    ids, weights = torch.tensor(rows), torch.tensor(weights)
+    if long:  # (the weights chunked as the ids: 1 on each chunk's first and last token)
+        ids = _chunk_ids(tokenizer, ids)
+        inner = length - 2
+        weights = torch.stack([torch.cat([torch.ones(len(rows), 1), weights[:, start : start + inner], torch.ones(len(rows), 1)], dim=1)
+                               for start in range(1, size - 1, inner)], dim=1)
+    return ids.to(device), weights.to(device)
 
 
 def join_chunks(states: torch.Tensor, batch: int) -> torch.Tensor:
@@ -69,13 +101,29 @@ def join_chunks(states: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([states[:, :1], *inner, states[:, -1:]], dim=1)
 
 
+def apply_token_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """An encoder's states (``[B, T, d]``, chunks joined) weighed token by token by ``weighted_token_ids``' weights
+    (``[B, 77]`` or ``[B, n, 77]``), as kohya's ``encode_tokens_with_weights`` weighs them (no mean restored)."""
+    if weights.dim() == 3:
+        weights = join_chunks(weights.flatten(0, 1)[..., None], weights.shape[0])[..., 0]
+    return states * weights[..., None].to(states.dtype)
+
+
 def encode_text(tokenizer, text_encoder, captions: list[str], device, clip_skip: int = 1,
-                max_token_length: int | None = None) -> torch.Tensor:
+                max_token_length: int | None = None, weighted: bool = False) -> torch.Tensor:
     """A CLIP text encoder's conditioning: its last hidden states, or (``clip_skip`` N > 1, kohya's and A1111's count)
     the Nth from the end through the final layer norm, as kohya trains and diffusers' ``clip_skip=N-1`` generates;
     ``max_token_length`` past 75: each chunk of ``token_ids`` encoded alone and joined (``join_chunks``), as kohya
-    trains long captions."""
-    ids = token_ids(tokenizer, captions, device, max_token_length)
+    trains long captions; ``weighted``: the captions' ``(word:1.2)`` emphasis read and weighed as kohya's
+    ``--weighted_captions`` (``weighted_token_ids``)."""
+    if weighted:
+        ids, weights = weighted_token_ids(tokenizer, captions, device, max_token_length)
+        return apply_token_weights(encode_text_ids(text_encoder, ids, clip_skip), weights)
+    return encode_text_ids(text_encoder, token_ids(tokenizer, captions, device, max_token_length), clip_skip)
+
+
+def encode_text_ids(text_encoder, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """``encode_text`` of token ids (``[B, 77]``, or ``[B, n, 77]`` chunks, joined)."""
     flat = ids.flatten(0, 1) if ids.dim() == 3 else ids
     if clip_skip == 1:
         states = text_encoder(flat)[0]

@@ -27,7 +27,7 @@ from lora_diffusion.testing import tiny_pipeline
 from lora_diffusion.training import ConfigError, DataError, TrainConfig, train
 from lora_diffusion.training import loop as loop_module
 from lora_diffusion.training import outputs
-from lora_diffusion.training.loop import diffusion_target, load_pipeline
+from lora_diffusion.training.loop import condition, diffusion_target, load_pipeline
 
 from training_support import PROMPT, RED, base_state, denoising_loss, flat_images, same_lora_from_a_single_file
 
@@ -1258,12 +1258,45 @@ def test_max_token_length_reads_long_captions_in_kohyas_chunks(base, tmp_path):
         data = tmp_path / f"{name}-data"
         flat_images(data)
         for image in data.glob("*.png"):
-            image.with_suffix(".txt").write_text(long)
+            image.with_suffix(".txt").write_text("(w0:1.3) " + long)
         run = train(config(model, tmp_path / name, train_data_dir=str(data), max_token_length=225, max_train_steps=1,
-                           save_kohya=True))
+                           save_kohya=True, weighted_captions=True))
         assert math.isfinite(run.final_loss) and read_lora_file(run.kohya_path)[1]["ss_max_token_length"] == "225"
     with pytest.raises(ConfigError, match="--max_token_length 100: choose one of 75, 150, 225"):
         config(base, tmp_path, max_token_length=100).validate()
+
+
+def test_weighted_captions_weigh_the_states_as_kohya_does(base, tmp_path):
+    """kohya's --weighted_captions, its steps written out: each emphasis fragment tokenized alone, the ids padded,
+    the encoder's states (clip_skip's layer) times each token's weight, no mean restored; past 75 tokens the weights
+    follow the chunks; a caption without emphasis conditions as it does unweighted."""
+    from lora_diffusion.prompts import encode_text, token_ids, weighted_token_ids
+
+    pipe = tiny_pipeline(0)
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    tokens, weights = [], []
+    for fragment, weight in (("a ", 1.0), ("red", 1.5), (" cat, ", 1.0), ("blurry", 1 / 1.1), (" sky", 1.1)):
+        piece = tokenizer(fragment).input_ids[1:-1]
+        tokens, weights = tokens + piece, weights + [weight] * len(piece)
+    ids = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (75 - len(tokens))
+    scale = torch.tensor([1.0, *weights] + [1.0] * (76 - len(weights)))
+    with torch.no_grad():
+        for clip_skip in (1, 2):
+            states = encoder(torch.tensor([ids]), output_hidden_states=True)
+            states = states[0] if clip_skip == 1 else encoder.text_model.final_layer_norm(states.hidden_states[-2]) \
+                if hasattr(encoder, "text_model") else encoder.final_layer_norm(states.hidden_states[-2])
+            got, _ = condition(pipe, ["a (red:1.5) cat, [blurry] (sky"], None, "cpu", torch.float32, clip_skip, weighted=True)
+            assert torch.equal(got, states * scale[None, :, None]), clip_skip
+        plain = encode_text(tokenizer, encoder, ["a red cat"], "cpu")
+        assert torch.equal(condition(pipe, ["a red cat"], None, "cpu", torch.float32, weighted=True)[0], plain)
+        text = " ".join(["a"] * 80) + " red cat"  # (token 81, "red", in the second chunk)
+        ids, scale = weighted_token_ids(tokenizer, [text.replace("red", "(red:2)")], "cpu", 150)
+        assert torch.equal(ids, token_ids(tokenizer, [text], "cpu", 150)) and scale.shape == (1, 2, 77)
+        red = len(tokenizer("red").input_ids) - 2  # (its tokens follow the 80 "a"s: chunk 1 from its 6th place)
+        assert scale[0, 1, 6 : 6 + red].tolist() == [2.0] * red and (scale == 1).sum() == 2 * 77 - red
+        expect = encode_text(tokenizer, encoder, [text], "cpu", 1, 150)
+        expect[:, 81 : 81 + red] *= 2
+        assert torch.equal(condition(pipe, [text.replace("red", "(red:2)")], None, "cpu", torch.float32, 1, 150, True)[0], expect)
 
 
 def test_a_kohya_command_trains_as_kohya_would(base, tmp_path):

@@ -192,6 +192,8 @@ class TrainConfig:
                                       "written with a comma")
     enable_wildcard: bool = _f(False, "kohya's: each sample takes one line of a caption of several and one choice of each "
                                       "{a|b|c} in it")
+    weighted_captions: bool = _f(False, "kohya's: read each caption's A1111 emphasis, (word:1.2) / (word) / [word], and "
+                                        "weigh those tokens' text-encoder states by it (no mean restored, as kohya's)")
     max_token_length: int = _f(75, "kohya's: captions are read up to this many tokens (75, 150 or 225; the rest is cut); past "
                                     "75 each 75-token chunk is encoded alone and the states joined, as kohya trains",
                                choices=(75, 150, 225))
@@ -512,7 +514,6 @@ KOHYA_REFUSED = {
     "fp8_base": "an fp8 base model is not built; use --mixed_precision bf16 and --gradient_checkpointing for memory",
     "in_json": "kohya's fine-tuning metadata JSON is not read; give captions as sidecar files or metadata.jsonl",
     "masked_loss": "masked loss is not built", "alpha_mask": "masked loss is not built",
-    "weighted_captions": "weighted captions are not built (the caption is read as plain text)",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
     "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",

@@ -47,7 +47,8 @@ from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file
 from ..tools import convert_lora
 from . import outputs
 from .config import COMPILE_MODES, ConfigError, TrainConfig
-from ..prompts import check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids
+from ..prompts import (apply_token_weights, check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids,
+                       weighted_token_ids)
 from .dataset_config import read_dataset_config
 from .data import BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
@@ -349,31 +350,38 @@ def compile_unet(unet: nn.Module, mode: str = "default", backend: str = "inducto
     return torch.compile(unet, mode=None if mode == "default" else mode)
 
 
-def encode_text_sdxl(pipe, captions: list[str], device, max_token_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text_sdxl(pipe, captions: list[str], device, max_token_length: int | None = None,
+                     weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's text conditioning, as its pipeline's ``encode_prompt`` computes it: each encoder's penultimate hidden
     states side by side, and the second encoder's pooled (projected) output; ``max_token_length`` past 75: each chunk
-    encoded alone and joined, the pooled output the first chunk's, as kohya trains long captions."""
+    encoded alone and joined, the pooled output the first chunk's, as kohya trains long captions; ``weighted``: each
+    encoder's states weighed by the captions' emphasis (kohya's ``--weighted_captions``; not the pooled output)."""
     states, pooled = [], None
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        ids = token_ids(tokenizer, captions, device, max_token_length)
+        weights = None
+        if weighted:
+            ids, weights = weighted_token_ids(tokenizer, captions, device, max_token_length)
+        else:
+            ids = token_ids(tokenizer, captions, device, max_token_length)
         out = encoder(ids.flatten(0, 1) if ids.dim() == 3 else ids, output_hidden_states=True)
         hidden = out.hidden_states[-2]
         if ids.dim() == 3:
             pooled, hidden = out[0].reshape(ids.shape[0], ids.shape[1], -1)[:, 0], join_chunks(hidden, ids.shape[0])
         else:
             pooled = out[0]
-        states.append(hidden)
+        states.append(hidden if weights is None else apply_token_weights(hidden, weights))
     return torch.cat(states, dim=-1), pooled
 
 
 def condition(pipe, captions: list[str], size_conditioning: torch.Tensor | None, device, dtype,
-              clip_skip: int = 1, max_token_length: int | None = None) -> tuple[torch.Tensor, dict | None]:
+              clip_skip: int = 1, max_token_length: int | None = None, weighted: bool = False) -> tuple[torch.Tensor, dict | None]:
     """The UNet's text conditioning of a batch, and (SDXL) its ``added_cond_kwargs``: the pooled text and the
     size and crop conditioning (``ImageDataset.size_conditioning``, ``[B, 6]``) in ``dtype``; captions of up to
-    ``max_token_length`` tokens (kohya's chunks past 75)."""
+    ``max_token_length`` tokens (kohya's chunks past 75); ``weighted``: their ``(word:1.2)`` emphasis weighs the
+    states, as kohya's ``--weighted_captions``."""
     if not is_sdxl(pipe):
-        return encode_text(pipe.tokenizer, pipe.text_encoder, captions, device, clip_skip, max_token_length), None
-    states, pooled = encode_text_sdxl(pipe, captions, device, max_token_length)
+        return encode_text(pipe.tokenizer, pipe.text_encoder, captions, device, clip_skip, max_token_length, weighted), None
+    states, pooled = encode_text_sdxl(pipe, captions, device, max_token_length, weighted)
     return states, {"text_embeds": pooled, "time_ids": size_conditioning.to(device, dtype)}
 
 
@@ -479,7 +487,7 @@ class Validation:
             for index, latent in enumerate(self.latents):
                 size = torch.tensor([self.dataset.size_conditioning(index, False, 0.5, 0.5)])
                 states, added = condition(pipe, [self.dataset.caption(index, 0)], size, self.device, dtype, config.clip_skip,
-                                          config.max_token_length)
+                                          config.max_token_length, config.weighted_captions)
                 extra = {"added_cond_kwargs": added} if added is not None else {}
                 for t in timesteps.tolist():
                     step = torch.tensor([t], device=self.device)
@@ -1206,13 +1214,14 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 with accelerator.autocast():
                     with torch.set_grad_enabled(train_text):
                         states, added = condition(pipe, batch["captions"], batch["size_conditioning"], device, weight_dtype,
-                                                  config.clip_skip, config.max_token_length)
+                                                  config.clip_skip, config.max_token_length, config.weighted_captions)
                     loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config, added)
                     if class_batches is not None:
                         class_batch = next(class_batches)
                         with torch.set_grad_enabled(train_text):
                             class_states, class_added = condition(pipe, class_batch["captions"], class_batch["size_conditioning"],
-                                                                  device, weight_dtype, config.clip_skip, config.max_token_length)
+                                                                  device, weight_dtype, config.clip_skip, config.max_token_length,
+                                                                  config.weighted_captions)
                         prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator),
                                                class_states, generator, config, class_added)
                         loss = loss + config.prior_loss_weight * prior
