@@ -1413,6 +1413,54 @@ def test_kohya_dataset_config_trains_the_lora_its_flags_train(base, tmp_path, mo
                      class_prompt="a dog"))
 
 
+def test_kohya_masked_loss_weighs_each_pixel_by_its_mask(base, tmp_path, monkeypatch):
+    """kohya's --masked_loss / --alpha_mask: the loss is weighed by the mask, area-averaged to the latents' size
+    (kohya's apply_masked_loss); all-1 masks (opaque images, white mask images) train the LoRA a run without masks
+    trains, bit for bit; all-0 ones train nothing; masks without --masked_loss, and --masked_loss without masks, are
+    refused before a model loads."""
+    from diffusers import DDPMScheduler
+
+    from lora_diffusion.training.loop import diffusion_loss
+
+    latents, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    mask = torch.rand(2, 1, 64, 64)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    plain = diffusion_loss(_Recorder(), scheduler, latents, cond, torch.Generator().manual_seed(0), config(base, tmp_path))
+    masked = diffusion_loss(_Recorder(), scheduler, latents, cond, torch.Generator().manual_seed(0), config(base, tmp_path), mask=mask)
+    target = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))  # (the noise the loss drew first;
+    per_pixel = target**2 * torch.nn.functional.interpolate(mask, size=(8, 8), mode="area")  # the stand-in predicts 0)
+    torch.testing.assert_close(masked, per_pixel.mean())
+    assert not torch.equal(masked, plain)
+
+    data = tmp_path / "data"
+    flat_images(data)
+    for image in data.glob("*.png"):
+        Image.open(image).convert("RGBA").save(image)  # (opaque)
+    white = tmp_path / "masks"
+    flat_images(white, colour=(255, 255, 255))
+    settings = dict(max_train_steps=2, save_precision="fp32")
+    runs = [train(config(base, tmp_path / name, **settings, **extra)) for name, extra in
+            (("plain", {}), ("alpha", {"alpha_mask": True}), ("white", {"masked_loss": True, "conditioning_data_dir": str(white)}))]
+    files = [lora_tensors(r.lora_path) for r in runs]
+    assert all(f.keys() == files[0].keys() and all(torch.equal(f[k], files[0][k]) for k in f) for f in files[1:])
+    clear = tmp_path / "clear"
+    flat_images(clear)
+    for image in clear.glob("*.png"):
+        Image.new("RGBA", (32, 32), (220, 30, 30, 0)).save(image)
+    nothing = lora_tensors(train(config(base, tmp_path / "none", train_data_dir=str(clear), alpha_mask=True, **settings)).lora_path)
+    ups = [k for k in nothing if "lora_B" in k or "lora_up" in k or "lora.up" in k]
+    assert ups and all(not nothing[k].any() for k in ups) and any(files[0][k].any() for k in ups)
+
+    monkeypatch.setattr(loop_module, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match="--masked_loss: no training image has a mask"):
+        train(config(base, tmp_path / "a", masked_loss=True))
+    with pytest.raises(ConfigError, match="give --masked_loss too"):
+        train(config(base, tmp_path / "b", conditioning_data_dir=str(white)))
+    (white / "0.png").unlink()
+    with pytest.raises(DataError, match=r"masks: no mask for 1 image\(s\), e.g. 0.png"):
+        train(config(base, tmp_path / "c", masked_loss=True, conditioning_data_dir=str(white)))
+
+
 def test_kohya_reg_data_dir_trains_its_images_with_their_own_captions(base, tmp_path, monkeypatch):
     """kohya's --reg_data_dir: its images (a <repeats>_<class> folder, a sidecar caption) are trained beside each
     batch with their own captions, no trigger token, none generated; at --prior_loss_weight 0 the LoRA is the one

@@ -339,6 +339,14 @@ caption_separator = ";"
     assert {data.caption(0, s) for s in range(20)} == {"photo sks, red, square", "photo sks, square, red"}
     assert {data.caption(2, s) for s in range(5)} == {"dog"} and {data.augmentation(0, s)[1] for s in range(5)} == {0.5}
     assert len({data.augmentation(2, s)[1] for s in range(5)}) == 5  # (the reg subset's random crop)
+    toml.write_text(toml.read_text().replace("is_reg = true", "is_reg = true\nalpha_mask = true") + f"""
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "reg"}'
+  conditioning_data_dir = '{tmp_path / "reg"}'
+""")
+    train, reg = read_dataset_config(toml, config).scan(config)
+    assert [(e.mask, e.mask_channel) for e in reg] == [(tmp_path / "reg" / "d.png", "A")]
+    assert train[-1].mask == tmp_path / "reg" / "d.png" and train[-1].mask_channel == "R" and train[0].mask is None
 
     def refused(text: str, match: str) -> None:
         toml.write_text(text)
@@ -347,7 +355,8 @@ caption_separator = ";"
 
     subset = f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n"
     refused(subset + "num_repeats = 'ten'", r"dataset.toml: datasets\[0\].subsets\[0\].num_repeats: expected a whole number, got 'ten'")
-    refused(subset + "alpha_mask = true", r"datasets\[0\].subsets\[0\].alpha_mask: masked loss is not built")
+    refused(subset + "alpha_mask = true\nconditioning_data_dir = 'm'", r"datasets\[0\].subsets\[0\]: give its masks as conditioning_data_dir or alpha_mask")
+    refused(subset + "metadata_file = 'm.json'", r"datasets\[0\].subsets\[0\].metadata_file: fine-tuning subsets")
     refused(subset + "colour_aug = true", r"datasets\[0\].subsets\[0\]: unknown setting 'colour_aug'")
     refused("[general]\nnetwork_multiplier = 0.5\n" + subset, r"general.network_multiplier: a data set's own LoRA strength")
     refused("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2", r"datasets\[0\].subsets\[0\]: image_dir is required")
@@ -358,6 +367,37 @@ caption_separator = ";"
     toml.write_text(subset.replace(str(tmp_path), str(tmp_path / "nowhere")))
     with pytest.raises(DataError, match=r"datasets\[0\].subsets\[0\].image_dir .*nowhere: no such folder"):
         read_dataset_config(toml, config).scan(config)
+
+
+def test_loss_masks_follow_their_images_crop_and_flip(tmp_path):
+    """kohya's loss masks, a same-named mask image's red channel or the image's own alpha, are cropped and flipped as
+    the image is, sample by sample; an image without a mask is named."""
+    from lora_diffusion.training.data import attach_masks, collate
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "masks").mkdir()
+    half = Image.new("RGB", (48, 32), (255, 255, 255))
+    half.paste((0, 0, 0), (0, 0, 20, 32))  # (black on the left, white on the right)
+    half.save(tmp_path / "data" / "a.png")
+    half.save(tmp_path / "masks" / "a.jpg")
+    cut = Image.new("RGBA", (48, 32), (0, 0, 0, 255))
+    cut.paste((255, 255, 255, 0), (20, 0, 48, 32))  # (opaque black on the left, transparent on the right)
+    cut.save(tmp_path / "data" / "b.png")
+    examples = scan_images(tmp_path / "data", resolution=32)
+    masked = attach_masks(examples[:1], tmp_path / "masks", tmp_path / "data") + attach_masks(examples[1:], None, alpha=True)
+    data = ImageDataset(masked, resolution=32, random_flip=True)
+    seen = set()
+    for s in range(12):
+        for index, flip_mask in ((0, False), (1, True)):
+            item = data[(index, s)]
+            white, mask = item["pixel_values"][0] > 0, item["mask"][0] > 0.5
+            assert torch.equal(white, ~mask if flip_mask else mask), (index, s)
+            seen.add((item["flip"], int(white[0].sum())))
+    assert len(seen) > 6  # (several crops, flipped and not)
+    assert collate([data[(0, 0)], data[(1, 0)]])["masks"].shape == (2, 1, 32, 32)
+    assert collate([ImageDataset(examples, resolution=32)[(0, 0)]])["masks"] is None
+    with pytest.raises(DataError, match=r"masks: no mask for 1 image\(s\), e.g. b.png"):
+        attach_masks(examples, tmp_path / "masks", tmp_path / "data")
 
 
 def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):

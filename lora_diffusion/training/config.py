@@ -72,6 +72,13 @@ class TrainConfig:
                                  "augmentation settings; in place of --train_data_dir and --reg_data_dir")
     output_dir: str = _f("lora-output", "where the LoRA, checkpoints/, samples/, log.csv and loss.png go")
     overwrite: bool = _f(False, "allow writing into an output folder that holds a previous run")
+    masked_loss: bool = _f(False, "kohya's masked loss: each image's loss weighed, pixel by pixel, by its mask (black 0, "
+                                  "white 1): a same-named image in --conditioning_data_dir (its red channel), or with "
+                                  "--alpha_mask the image's transparency")
+    alpha_mask: bool = _f(False, "kohya's: each image's alpha channel is its loss mask (opaque 1, transparent 0; an "
+                                 "image without one: all 1); implies --masked_loss")
+    conditioning_data_dir: str = _f("", "kohya's: a folder of loss masks for --masked_loss, one per training image under "
+                                        "its name (any image extension; sub-folders mirrored)")
     caption_extension: str = _f(".txt", "extension of sidecar caption files (image.png -> image.txt)")
     caption_prefix: str = _f("", "kohya's: put before every caption (with a space), the trigger word's included")
     caption_suffix: str = _f("", "kohya's: put after every caption (with a space)")
@@ -513,7 +520,6 @@ KOHYA_REFUSED = {
     "full_bf16": "the LoRA trains in fp32 under --mixed_precision bf16 (its weights are small; the model is bf16)",
     "fp8_base": "an fp8 base model is not built; use --mixed_precision bf16 and --gradient_checkpointing for memory",
     "in_json": "kohya's fine-tuning metadata JSON is not read; give captions as sidecar files or metadata.jsonl",
-    "masked_loss": "masked loss is not built", "alpha_mask": "masked loss is not built",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
     "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ __all__ = [
     "list_images",
     "scan_images",
     "compose_caption",
+    "attach_masks",
     "dataset_summary",
     "load_rgb",
     "make_buckets",
@@ -96,6 +98,8 @@ class Example:
     size: tuple[int, int]
     repeats: int = 1  # times per epoch (kohya's ``<repeats>_<text>`` folders)
     options: SampleOptions | None = None  # (its own, as a kohya --dataset_config subset's; None: the data set's)
+    mask: Path | None = None  # kohya's masked loss: an image whose ``mask_channel`` weighs the loss (0-255 -> 0-1)
+    mask_channel: str = "R"  # "R" (a mask image's red channel) or "A" (kohya's --alpha_mask: the image's own alpha)
 
 
 def list_images(folder: str | Path, what: str = "--train_data_dir", recursive: bool = True) -> list[Path]:
@@ -176,6 +180,33 @@ def dataset_summary(examples: list[Example], folder: str | Path | None) -> dict:
         for tag in caption_tags(e.caption.lower()):
             counts[tag] = counts.get(tag, 0) + 1
     return {"dirs": dirs, "tag_frequency": tags, "num_train_images": sum(e.repeats for e in examples)}
+
+
+def attach_masks(examples: list[Example], folder: Path | None, root: Path | None = None, *, alpha: bool = False,
+                 what: str = "--conditioning_data_dir") -> list[Example]:
+    """``examples`` with kohya's loss masks: ``alpha``, each image's own alpha channel (an image without one: all 1);
+    else the image of the same name (any image extension) in ``folder`` (sub-folders of ``root`` mirrored there),
+    its red channel. ``DataError`` names an image without a mask."""
+    if alpha:
+        return [dataclasses.replace(e, mask=e.path, mask_channel="A") for e in examples]
+    if folder is None:
+        return examples
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder}: no such folder")
+    found = {}
+    for path in list_images(folder, what):
+        found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
+    out, missing = [], []
+    for e in examples:
+        name = (e.path.relative_to(root) if root is not None else Path(e.path.name)).with_suffix("").as_posix()
+        if name not in found:
+            missing.append(e.path.name)
+        out.append(dataclasses.replace(e, mask=found.get(name), mask_channel="R"))
+    if missing:
+        raise DataError(f"{what} {folder}: no mask for {len(missing)} image(s), e.g. {missing[0]} (a mask has the "
+                        "image's name, any image extension)")
+    return out
 
 
 def compose_caption(raw: str | None, *, mode: str = "style", token: str = "", instance_prompt: str = "") -> str:
@@ -514,29 +545,47 @@ class ImageDataset(torch.utils.data.Dataset):
     def load(self, index: int, flip: bool, x: float, y: float, color_seed: int | None = None) -> torch.Tensor:
         """``[3, H, W]`` float tensor in ``[-1, 1]`` of example ``index`` at its bucket size (``color_seed``: with
         ``color_aug``, the sample's colour augmentation)."""
+        image = self._placed(index, self.examples[index].path, flip, x, y)
+        if self.options_of(index).color_aug and color_seed is not None:
+            image = color_augment(image, random.Random(color_seed))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def mask(self, index: int, flip: bool, x: float, y: float) -> torch.Tensor | None:
+        """``[1, H, W]`` loss mask in ``[0, 1]`` of example ``index``, resized, cropped and flipped as its image is
+        (``load``); ``None`` where it has none."""
+        e = self.examples[index]
+        if e.mask is None:
+            return None
+        image = self._placed(index, e.mask, flip, x, y, channel=e.mask_channel)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+    def _placed(self, index: int, path: Path, flip: bool, x: float, y: float, channel: str | None = None) -> Image.Image:
+        """The image at ``path`` (RGB, or one ``channel`` of it) resized to cover example ``index``'s bucket, cropped at
+        ``(x, y)`` and maybe flipped."""
         width, height = self.bucket_of[index]
-        path = self.examples[index].path
         new_size = self.resized_size(index)
         try:
-            image = load_rgb(path, draft=max(new_size))
+            if channel == "A":
+                with Image.open(path) as raw:
+                    image = ImageOps.exif_transpose(raw).convert("RGBA").getchannel("A")
+            else:
+                image = load_rgb(path, draft=max(new_size))
+                image = image.getchannel(channel) if channel else image
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot read image ({e}); it was readable when training started") from None
         image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
         left = round((new_size[0] - width) * x)
         top = round((new_size[1] - height) * y)
         image = image.crop((left, top, left + width, top + height))
-        if flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.options_of(index).color_aug and color_seed is not None:
-            image = color_augment(image, random.Random(color_seed))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
 
     def __getitem__(self, key: SampleKey | tuple[int, int]) -> dict:
         index, sample_seed, epoch = SampleKey(*key)
         flip, x, y = self.augmentation(index, sample_seed)
         return {
             "pixel_values": self.load(index, flip, x, y, mix_seed(sample_seed, 2)),
+            "mask": self.mask(index, flip, x, y),
             "caption": self.caption(index, sample_seed, epoch),
             "index": index,
             "flip": flip,
@@ -552,11 +601,20 @@ class SampleKey(NamedTuple):
     epoch: int = 0
 
 
+def stack_masks(masks: list[torch.Tensor | None], size: tuple[int, int]) -> torch.Tensor | None:
+    """A batch's loss masks ``[B, 1, H, W]`` (1 for an example without one), or ``None`` where none has one."""
+    if all(m is None for m in masks):
+        return None
+    return torch.stack([torch.ones(1, size[1], size[0]) if m is None else m for m in masks])
+
+
 def collate(items: list[dict]) -> dict:
-    """Stack one bucket's items: ``pixel_values [B, 3, H, W]``, ``captions``, ``indices``, ``flips``,
-    ``size_conditioning`` (SDXL's, ``[B, 6]``)."""
+    """Stack one bucket's items: ``pixel_values [B, 3, H, W]``, ``masks`` (``stack_masks``), ``captions``,
+    ``indices``, ``flips``, ``size_conditioning`` (SDXL's, ``[B, 6]``)."""
+    pixels = torch.stack([it["pixel_values"] for it in items])
     return {
-        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "pixel_values": pixels,
+        "masks": stack_masks([it.get("mask") for it in items], (pixels.shape[-1], pixels.shape[-2])),
         "captions": [it["caption"] for it in items],
         "indices": [it["index"] for it in items],
         "flips": [it["flip"] for it in items],

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, read_text
-from .data import Example, SampleOptions, scan_images
+from .data import Example, SampleOptions, attach_masks, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ _SUBSET: dict[str, tuple[type, str | None]] = {
     "caption_dropout_rate": (float, "caption_dropout_rate"), "caption_tag_dropout_rate": (float, "caption_tag_dropout_rate"),
     "caption_dropout_every_n_epochs": (int, "caption_dropout_every_n_epochs"),
     "flip_aug": (bool, "random_flip"), "color_aug": (bool, "color_aug"), "random_crop": (bool, None),
+    "alpha_mask": (bool, "alpha_mask"),
 }
-_SUBSET_ONLY = {"image_dir": str, "is_reg": bool}
+_SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "conditioning_data_dir": str}  # (the last: --masked_loss's masks)
 _IGNORED = ("cache_info",)  # (kohya's cache of image sizes: they are read once here)
 # kohya's settings not built here, with the value that changes nothing (None: any value is refused)
 _REFUSED: dict[str, tuple[Any, str]] = {
@@ -72,9 +73,7 @@ _REFUSED: dict[str, tuple[Any, str]] = {
     "face_crop_aug_range": (None, "face crop augmentation is not built"),
     "token_warmup_min": (1, "token warm-up is not built"), "token_warmup_step": (0, "token warm-up is not built"),
     "custom_attributes": (None, "custom attributes are not read"),
-    "alpha_mask": (False, "masked loss is not built"),
     "metadata_file": (None, "fine-tuning subsets (metadata_file) are not read: give image_dir with caption files"),
-    "conditioning_data_dir": (None, "ControlNet data sets are not trained here"),
 }
 
 
@@ -91,6 +90,8 @@ class Subset:
     caption_prefix: str
     caption_suffix: str
     options: SampleOptions
+    alpha_mask: bool = False  # (the loss masks: the images' alpha, or conditioning_data_dir's images)
+    conditioning_data_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class DatasetConfig:
             found = scan_images(subset.image_dir, caption_extension=subset.caption_extension, mode=mode, token=token,
                                 instance_prompt=fallback, strict=config.strict, resolution=max(config.size), recursive=False,
                                 what=f"--dataset_config {self.path}: {subset.where}.image_dir")
+            found = attach_masks(found, subset.conditioning_data_dir, alpha=subset.alpha_mask,
+                                 what=f"--dataset_config {self.path}: {subset.where}.conditioning_data_dir")
             options = subset.options if not config.cache_latents else dataclasses.replace(subset.options, center_crop=True)
             for e in found:
                 caption = " ".join(filter(None, (subset.caption_prefix, e.caption, subset.caption_suffix)))
@@ -224,7 +227,9 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
         else:
             values[key] = getattr(config, ours) if ours else {"num_repeats": 1, "random_crop": not config.center_crop}.get(key, "")
     for key, kind in _SUBSET_ONLY.items():
-        values[key] = _check_type(member.get(key, False), kind, f"{where}.{key}")
+        values[key] = _check_type(member[key], kind, f"{where}.{key}") if key in member else None
+    if values["conditioning_data_dir"] and values["alpha_mask"]:
+        raise ConfigError(f"{where}: give its masks as conditioning_data_dir or alpha_mask, not both")
     if values["num_repeats"] < 0 or values["keep_tokens"] < 0 or values["caption_dropout_every_n_epochs"] < 0:
         bad = next(k for k in ("num_repeats", "keep_tokens", "caption_dropout_every_n_epochs") if values[k] < 0)
         raise ConfigError(f"{where}.{bad} must not be negative, got {values[bad]}")
@@ -243,5 +248,7 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
         keep_tokens_separator=values["keep_tokens_separator"], secondary_separator=values["secondary_separator"],
         enable_wildcard=values["enable_wildcard"], random_flip=values["flip_aug"], center_crop=not values["random_crop"],
         color_aug=values["color_aug"])
-    return Subset(name, Path(values["image_dir"]), values["is_reg"], values["num_repeats"], values["class_tokens"],
-                  extension, values["caption_prefix"], values["caption_suffix"], options)
+    masks = values["conditioning_data_dir"]
+    return Subset(name, Path(values["image_dir"]), bool(values["is_reg"]), values["num_repeats"], values["class_tokens"],
+                  extension, values["caption_prefix"], values["caption_suffix"], options, values["alpha_mask"],
+                  Path(masks) if masks else None)

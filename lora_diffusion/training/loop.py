@@ -50,7 +50,8 @@ from .config import COMPILE_MODES, ConfigError, TrainConfig
 from ..prompts import (apply_token_weights, check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids,
                        weighted_token_ids)
 from .dataset_config import read_dataset_config
-from .data import BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, collate, dataset_summary, mix_seed, scan_images
+from .data import (BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, attach_masks, collate,
+                   dataset_summary, mix_seed, scan_images, stack_masks)
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
 
 logger = logging.getLogger(__name__)
@@ -251,9 +252,10 @@ def timestep_range(config: TrainConfig, scheduler) -> tuple[int, int]:
 
 
 def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: torch.Generator, config: TrainConfig,
-                   added_cond_kwargs: dict | None = None) -> torch.Tensor:
+                   added_cond_kwargs: dict | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean denoising loss of one batch: noise the latents at random timesteps and compare the UNet's prediction
-    (``added_cond_kwargs``: SDXL's pooled text and size conditioning, from ``condition``)."""
+    (``added_cond_kwargs``: SDXL's pooled text and size conditioning, from ``condition``; ``mask``: kohya's masked
+    loss, ``[B, 1, H, W]`` in pixels, area-averaged to the latents' size, weighing each latent pixel's loss)."""
     batch, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if config.noise_offset:
@@ -277,6 +279,8 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
     extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
     prediction = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
     loss = elementwise_loss(prediction.float(), target.float(), config, scheduler, timesteps)
+    if mask is not None:
+        loss = loss * F.interpolate(mask.to(loss), size=loss.shape[2:], mode="area")
     loss = loss.mean(dim=list(range(1, prediction.dim())))
     if config.snr_gamma:
         from diffusers.training_utils import compute_snr
@@ -489,13 +493,17 @@ class Validation:
                 states, added = condition(pipe, [self.dataset.caption(index, 0)], size, self.device, dtype, config.clip_skip,
                                           config.max_token_length, config.weighted_captions)
                 extra = {"added_cond_kwargs": added} if added is not None else {}
+                mask = self.dataset.mask(index, False, 0.5, 0.5) if config.masked_loss or config.alpha_mask else None
                 for t in timesteps.tolist():
                     step = torch.tensor([t], device=self.device)
                     noise = torch.randn(latent.shape, generator=generator).to(latent)
                     noisy = scheduler.add_noise(latent, noise, step)
                     prediction = unet(noisy, step, states, **extra).sample
                     target = diffusion_target(scheduler, latent, noise, step)
-                    losses.append(float(elementwise_loss(prediction.float(), target.float(), config, scheduler, step).mean()))
+                    loss = elementwise_loss(prediction.float(), target.float(), config, scheduler, step)
+                    if mask is not None:  # (kohya's masked loss, as the step's)
+                        loss = loss * F.interpolate(mask[None].to(loss), size=loss.shape[2:], mode="area")
+                    losses.append(float(loss.mean()))
         finally:
             unet.train(was_training)
         return sum(losses) / len(losses)
@@ -919,6 +927,17 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     for e in found]
 
         examples, reg_examples = framed(examples), reg_examples and framed(reg_examples)
+    if not config.dataset_config:  # kohya's loss masks: each image's alpha, or a mask image of its name
+        examples = attach_masks(examples, Path(config.conditioning_data_dir) if config.conditioning_data_dir else None,
+                                Path(config.train_data_dir), alpha=config.alpha_mask)
+        reg_examples = reg_examples and attach_masks(reg_examples, None, alpha=config.alpha_mask)
+    masked = config.masked_loss or config.alpha_mask
+    if masked and not any(e.mask for e in examples):
+        raise ConfigError("--masked_loss: no training image has a mask; give --alpha_mask (the images' transparency) or "
+                          "--conditioning_data_dir (mask images), or a dataset config subset's")
+    if not masked and any(e.mask for e in examples + (reg_examples or [])):
+        raise ConfigError("the images have loss masks (--conditioning_data_dir, or a subset's alpha_mask / "
+                          "conditioning_data_dir): give --masked_loss too, as kohya masks the loss only then")
     resume, replace_stopped = None, False
     if config.resume_from_checkpoint:
         if config.resume_from_checkpoint == "latest" and not outputs.list_checkpoints(output_dir):
@@ -1098,6 +1117,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                                    num_processes=accelerator.num_processes, rank=accelerator.process_index)
         if cached:  # no pixels needed: only which image, whether flipped (and SDXL's size conditioning)
             return ({"indices": [k.index for k in keys], "flips": [dataset_.augmentation(k.index, k.seed)[0] for k in keys],
+                     "masks": stack_masks([dataset_.mask(k.index, *dataset_.augmentation(k.index, k.seed)) for k in keys],
+                                          dataset_.bucket_of[keys[0].index]) if masked else None,
                      "captions": [dataset_.caption(*k) for k in keys],
                      "size_conditioning": torch.tensor([dataset_.size_conditioning(k.index, *dataset_.augmentation(k.index, k.seed))
                                                         for k in keys])}
@@ -1215,7 +1236,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                     with torch.set_grad_enabled(train_text):
                         states, added = condition(pipe, batch["captions"], batch["size_conditioning"], device, weight_dtype,
                                                   config.clip_skip, config.max_token_length, config.weighted_captions)
-                    loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config, added)
+                    loss = diffusion_loss(step_unet, noise_scheduler, latents.sample(batch, generator), states, generator, config,
+                                          added, batch["masks"] if masked else None)
                     if class_batches is not None:
                         class_batch = next(class_batches)
                         with torch.set_grad_enabled(train_text):
@@ -1223,7 +1245,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                                                                   device, weight_dtype, config.clip_skip, config.max_token_length,
                                                                   config.weighted_captions)
                         prior = diffusion_loss(step_unet, noise_scheduler, class_latents.sample(class_batch, generator),
-                                               class_states, generator, config, class_added)
+                                               class_states, generator, config, class_added, class_batch["masks"] if masked else None)
                         loss = loss + config.prior_loss_weight * prior
                 accelerator.backward(loss / config.gradient_accumulation_steps)
                 loss_sum += loss.detach().float()
