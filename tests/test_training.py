@@ -1408,6 +1408,17 @@ def test_kohya_dataset_config_trains_the_lora_its_flags_train(base, tmp_path, mo
     from_file = train(config(base, tmp_path / "b", train_data_dir="", dataset_config=str(toml), max_train_steps=3))
     a, b = lora_tensors(flags.lora_path), lora_tensors(from_file.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # two data sets side by side, each at its resolution and batch size: a batch holds one data set's images
+    wide = flat_images(tmp_path / "wide", n=2, size=(48, 32))
+    two = tmp_path / "two.toml"
+    two.write_text(f"[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = '{data}'\n"
+                   f"[[datasets]]\nresolution = [48, 32]\n[[datasets.subsets]]\nimage_dir = '{wide}'\nnum_repeats = 2\n")
+    shapes = []
+    real_loss = loop_module.diffusion_loss
+    monkeypatch.setattr(loop_module, "diffusion_loss", lambda unet, s, latents, *a, **k: (shapes.append(tuple(latents.shape)),
+                                                                                          real_loss(unet, s, latents, *a, **k))[1])
+    sides = train(config(base, tmp_path / "sides", train_data_dir="", dataset_config=str(two), max_train_steps=4))
+    assert math.isfinite(sides.final_loss) and set(shapes) == {(2, 4, 16, 16), (1, 4, 16, 24)}  # (the VAE halves the sides)
     with pytest.raises(ConfigError, match="dataset.toml: its is_reg subsets are the regularisation images"):
         train(config(base, tmp_path / "c", dataset_config=str(toml), with_prior_preservation=True, class_data_dir=str(reg),
                      class_prompt="a dog"))

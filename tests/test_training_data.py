@@ -361,8 +361,26 @@ caption_separator = ";"
     refused("[general]\nnetwork_multiplier = 0.5\n" + subset, r"general.network_multiplier: a data set's own LoRA strength")
     refused("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2", r"datasets\[0\].subsets\[0\]: image_dir is required")
     refused("[general]\nbatch_size = 2", "no data set: give at least one")
-    refused(subset + subset.replace("[[datasets]]", "[[datasets]]\nresolution = 768"),
-            r"datasets\[1\]: its resolution \(768\) is not datasets\[0\]'s \(unset\)")
+    refused(subset + subset.replace("[[datasets]]", "[[datasets]]\nvalidation_split = 0.1"),
+            r"datasets\[1\]: its validation_split \(0.1\) is not datasets\[0\]'s \(unset\): give it once")
+    # several data sets of their own sizes: each example its group; batches of one data set, at its batch size
+    toml.write_text(subset.replace("[[datasets]]", "[[datasets]]\nresolution = 32\nbatch_size = 2") +
+                    subset.replace("[[datasets]]", "[[datasets]]\nresolution = [48, 32]\nenable_bucket = true\nbucket_reso_steps = 16\nmin_bucket_reso = 16\nmax_bucket_reso = 64"))
+    config = TrainConfig(pretrained_model_name_or_path="m", dataset_config=str(toml))
+    found = read_dataset_config(toml, config)
+    sizes = found.sizes(config)
+    assert found.settings == {"resolution": 32, "resolution_height": 0, "train_batch_size": 2}
+    assert [(s.resolution, s.height, s.enable_bucket, s.kohya_buckets is not None, s.batch_size) for s in sizes.values()] == [
+        (32, None, False, False, 2), (48, 32, True, True, 1)]
+    train, _ = found.scan(config)
+    assert [e.group for e in train] == [0, 0, 1, 1]
+    data = ImageDataset(train, resolution=32, group_sizes=sizes)
+    assert data.buckets() == [(32, 32), (32, 32), (48, 32), (48, 32)]
+    plan = BatchPlan(data.buckets(), {0: 2, 1: 1}, 3, data.repeats(), data.groups())
+    batches = [plan.batch(g) for g in range(plan.batches_per_epoch)]
+    assert sorted(len(b) for b in batches) == [1, 1, 2] and all(len({data.groups()[k.index] for k in b}) == 1 for b in batches)
+    same = [BatchPlan([(32, 32)] * 5, 2, 9, groups=[0] * 5).batch(g) for g in range(6)]
+    assert same == [BatchPlan([(32, 32)] * 5, 2, 9).batch(g) for g in range(6)]
     refused("[[datasets]\n", "not valid TOML")
     toml.write_text(subset.replace(str(tmp_path), str(tmp_path / "nowhere")))
     with pytest.raises(DataError, match=r"datasets\[0\].subsets\[0\].image_dir .*nowhere: no such folder"):
@@ -465,7 +483,7 @@ def test_help_documents_every_flag_of_the_issue(capsys):
 def test_every_setting_is_used_by_the_training_code():
     """A flag that does nothing is a defect: every field must be read as `config.<name>` in the loop or data code."""
     root = Path(__file__).resolve().parents[1] / "lora_diffusion" / "training"
-    source = (root / "loop.py").read_text()
+    source = "".join((root / name).read_text() for name in ("loop.py", "data.py"))  # (data.py: DatasetSize.of)
     via_property = {"lora_alpha": "config.alpha", "text_encoder_lr": "config.te_lr", "rank_pattern": "config.patterns",
                     "alpha_pattern": "config.patterns", "optimizer_args": "config.optimizer_settings",
                     "lr_scheduler_args": "config.lr_scheduler_settings"}

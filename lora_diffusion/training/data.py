@@ -55,6 +55,7 @@ __all__ = [
     "load_rgb",
     "make_buckets",
     "KohyaBuckets",
+    "DatasetSize",
     "ImageDataset",
     "BatchPlan",
     "collate",
@@ -100,6 +101,7 @@ class Example:
     options: SampleOptions | None = None  # (its own, as a kohya --dataset_config subset's; None: the data set's)
     mask: Path | None = None  # kohya's masked loss: an image whose ``mask_channel`` weighs the loss (0-255 -> 0-1)
     mask_channel: str = "R"  # "R" (a mask image's red channel) or "A" (kohya's --alpha_mask: the image's own alpha)
+    group: int = 0  # its data set (a kohya dataset config's [[datasets]]), whose ``DatasetSize`` it takes
 
 
 def list_images(folder: str | Path, what: str = "--train_data_dir", recursive: bool = True) -> list[Path]:
@@ -396,6 +398,26 @@ class KohyaBuckets:
         return x - x % self.steps
 
 
+@dataclass(frozen=True)
+class DatasetSize:
+    """A data set's own sizes, where a kohya dataset config trains several side by side: the training size
+    (``resolution`` x ``height``), its buckets (``KohyaBuckets`` or, ``kohya_buckets`` None, ours) and its batch size."""
+
+    resolution: int
+    height: int | None = None
+    enable_bucket: bool = False
+    kohya_buckets: KohyaBuckets | None = None
+    batch_size: int = 1
+
+    @classmethod
+    def of(cls, config) -> DatasetSize:
+        """A run's (``TrainConfig``'s) sizes: kohya's buckets where ``--enable_bucket`` comes with a kohya bucket
+        setting (its defaults where one is 0), else ours."""
+        buckets = KohyaBuckets(config.min_bucket_reso or 256, config.max_bucket_reso or 1024, config.bucket_reso_steps or 64,
+                               config.bucket_no_upscale) if config.uses_kohya_buckets else None
+        return cls(config.resolution, config.resolution_height or None, config.enable_bucket, buckets, config.train_batch_size)
+
+
 def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
     """kohya's ``--color_aug`` (sd-scripts' ``AugHelper.color_aug``): with chance 0.33, either a hue shift of up to 8 of
     OpenCV's 180 hue steps either way, or the 8-bit values raised to a power in [0.95, 1.05], clipped to 255."""
@@ -445,6 +467,7 @@ class ImageDataset(torch.utils.data.Dataset):
         kohya_buckets: KohyaBuckets | None = None,
         color_aug: bool = False,
         height: int | None = None,
+        group_sizes: dict[int, DatasetSize] | None = None,
     ) -> None:
         self.examples = examples
         self.options = SampleOptions(
@@ -454,15 +477,22 @@ class ImageDataset(torch.utils.data.Dataset):
             secondary_separator=secondary_separator, enable_wildcard=enable_wildcard, random_flip=random_flip,
             center_crop=center_crop, color_aug=color_aug)
         self.resolution = resolution
-        fixed = (resolution, height or resolution)  # (kohya's --resolution WIDTH,HEIGHT: not square)
-        self.resized_of: list[tuple[int, int] | None] = [None] * len(examples)  # (None: resized to cover the bucket)
-        if enable_bucket and kohya_buckets is not None:
-            grid = kohya_buckets.grid(*fixed)
-            picks = [kohya_buckets.select(e.size, fixed[0] * fixed[1], grid) for e in examples]
-            self.bucket_of, self.resized_of = [b for b, _ in picks], [r for _, r in picks]
-        else:  # (our buckets: about the area of the fixed size)
-            grid = make_buckets(math.isqrt(fixed[0] * fixed[1]) // 8 * 8) if enable_bucket else [fixed]
-            self.bucket_of = [nearest_bucket(e.size, grid) for e in examples]
+        # (None: resized to cover the bucket)
+        self.bucket_of: list[tuple[int, int]] = [(0, 0)] * len(examples)
+        self.resized_of: list[tuple[int, int] | None] = [None] * len(examples)
+        default = DatasetSize(resolution, height, enable_bucket, kohya_buckets)
+        for group in sorted({e.group for e in examples}):
+            size = (group_sizes or {}).get(group, default)
+            members = [i for i, e in enumerate(examples) if e.group == group]
+            fixed = (size.resolution, size.height or size.resolution)  # (kohya's --resolution WIDTH,HEIGHT: not square)
+            if size.enable_bucket and size.kohya_buckets is not None:
+                grid = size.kohya_buckets.grid(*fixed)
+                for i in members:
+                    self.bucket_of[i], self.resized_of[i] = size.kohya_buckets.select(examples[i].size, fixed[0] * fixed[1], grid)
+            else:  # (our buckets: about the area of the fixed size)
+                grid = make_buckets(math.isqrt(fixed[0] * fixed[1]) // 8 * 8) if size.enable_bucket else [fixed]
+                for i in members:
+                    self.bucket_of[i] = nearest_bucket(examples[i].size, grid)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -470,6 +500,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def repeats(self) -> list[int]:
         """How many times per epoch each example comes (``Example.repeats``)."""
         return [e.repeats for e in self.examples]
+
+    def groups(self) -> list[int]:
+        """Each example's data set (``Example.group``)."""
+        return [e.group for e in self.examples]
 
     def buckets(self) -> list[tuple[int, int]]:
         """The bucket (width, height) of every example, in order."""
@@ -625,35 +659,41 @@ def collate(items: list[dict]) -> dict:
 class BatchPlan:
     """The batch order of a run, as a pure function of the seed: batch ``g`` of the endless stream of epochs.
 
-    Each epoch groups examples by bucket (an example ``repeats[i]`` times, default once), shuffles within buckets,
-    cuts batches of ``batch_size`` (a bucket's last batch may be smaller) and shuffles the batches. Optimizer step
+    Each epoch groups examples by bucket (an example ``repeats[i]`` times, default once; with ``groups``, by data set
+    and bucket), shuffles within buckets, cuts batches of ``batch_size`` (or a data set's, ``{group: size}``; a
+    bucket's last batch may be smaller) and shuffles the batches. Optimizer step
     ``s``, micro-batch ``k`` of process ``r`` (of ``P``, with ``G`` micro-batches per step) takes global batch
     ``(s * G + k) * P + r``.
     """
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, repeats: list[int] | None = None) -> None:
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int | dict[int, int], seed: int, repeats: list[int] | None = None,
+                 groups: list[int] | None = None) -> None:
         self.buckets = buckets
         self.batch_size = batch_size
         self.seed = seed
         self.repeats = repeats or [1] * len(buckets)
+        self.groups = groups or [0] * len(buckets)
         self._epoch: tuple[int, list[list[tuple[int, int]]]] | None = None
-        counts: dict[tuple[int, int], int] = {}
-        for bucket, n in zip(buckets, self.repeats):
-            counts[bucket] = counts.get(bucket, 0) + n
-        self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in counts.values())
+        counts: dict[tuple[int, tuple[int, int]], int] = {}
+        for key, n in zip(zip(self.groups, buckets), self.repeats):
+            counts[key] = counts.get(key, 0) + n
+        self.batches_per_epoch = sum(math.ceil(n / self._size(group)) for (group, _), n in counts.items())
+
+    def _size(self, group: int) -> int:
+        return self.batch_size[group] if isinstance(self.batch_size, dict) else self.batch_size
 
     def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         """The epoch's batches of ``(index, repeat)``: each example once per repeat."""
         if self._epoch is None or self._epoch[0] != epoch:
             rng = random.Random(f"{self.seed}/{epoch}")
-            groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-            for index, (bucket, n) in enumerate(zip(self.buckets, self.repeats)):
-                groups.setdefault(bucket, []).extend((index, k) for k in range(n))
+            groups: dict[tuple[int, tuple[int, int]], list[tuple[int, int]]] = {}
+            for index, (key, n) in enumerate(zip(zip(self.groups, self.buckets), self.repeats)):
+                groups.setdefault(key, []).extend((index, k) for k in range(n))
             batches = []
-            for bucket in sorted(groups):
-                members = groups[bucket]
+            for key in sorted(groups):
+                members, size = groups[key], self._size(key[0])
                 rng.shuffle(members)
-                batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+                batches += [members[i : i + size] for i in range(0, len(members), size)]
             rng.shuffle(batches)
             self._epoch = (epoch, batches)
         return self._epoch[1]

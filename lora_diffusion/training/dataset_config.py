@@ -22,7 +22,8 @@ A subset's setting is looked up in the subset, its data set, ``[general]``, then
 command line), kohya's order. Each subset's folder is read alone (not its sub-folders, as kohya reads it); its
 images come ``num_repeats`` times per epoch, take ``class_tokens`` where they have no caption file, and vary by the
 subset's own caption and augmentation settings (``SampleOptions``). ``is_reg`` subsets are the regularisation images
-(``--reg_data_dir``'s). The data set's size settings (``resolution``, ``batch_size``, buckets) become the run's.
+(``--reg_data_dir``'s). The data set's size settings (``resolution``, ``batch_size``, buckets) become the run's; of
+several data sets, the first's, each batch taking its own data set's.
 
 Example:
     >>> found = read_dataset_config("dataset.toml", config)
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, read_text
-from .data import Example, SampleOptions, attach_masks, scan_images
+from .data import DatasetSize, Example, SampleOptions, attach_masks, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Subset:
     options: SampleOptions
     alpha_mask: bool = False  # (the loss masks: the images' alpha, or conditioning_data_dir's images)
     conditioning_data_dir: Path | None = None
+    group: int = 0  # its data set's index
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,24 @@ class DatasetConfig:
     """A dataset config file read: the run's settings it gives and its subsets."""
 
     path: Path
-    settings: dict[str, Any]  # TrainConfig fields
+    settings: dict[str, Any]  # TrainConfig fields: the first data set's, the run's
     subsets: list[Subset]
+    datasets: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # (each data set's)
+
+    def sizes(self, config: TrainConfig) -> dict[int, DatasetSize] | None:
+        """Each data set's ``DatasetSize`` (its settings over ``config``'s, the command line's), where they differ;
+        ``None`` where there is one data set, or all are alike."""
+        if all(d == self.settings for d in self.datasets):
+            return None
+        out = {}
+        for group, settings in enumerate(self.datasets):
+            own = dataclasses.replace(config, **settings)
+            try:
+                own.validate()
+            except ConfigError as e:
+                raise ConfigError(f"--dataset_config {self.path}: datasets[{group}]: {e}") from None
+            out[group] = DatasetSize.of(own)
+        return out
 
     def scan(self, config: TrainConfig) -> tuple[list[Example], list[Example] | None]:
         """(training examples, regularisation examples or ``None``): each subset's images with its captions,
@@ -123,7 +141,7 @@ class DatasetConfig:
             for e in found:
                 caption = " ".join(filter(None, (subset.caption_prefix, e.caption, subset.caption_suffix)))
                 (reg if subset.is_reg else train).append(dataclasses.replace(e, caption=caption, repeats=subset.num_repeats,
-                                                                             options=options))
+                                                                             options=options, group=subset.group))
         if reg and config.with_prior_preservation:
             raise ConfigError(f"--dataset_config {self.path}: its is_reg subsets are the regularisation images; "
                               "--with_prior_preservation would generate others: drop one of them")
@@ -163,7 +181,8 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
 def read_dataset_config(path: str | Path, config: TrainConfig) -> DatasetConfig:
     """Read kohya's dataset config at ``path``, ``config`` giving the settings it leaves out. Raises ``ConfigError``
     naming the file and the setting (``datasets[0].subsets[1].num_repeats``) that cannot be read, or that this
-    trainer does not build. Several ``[[datasets]]`` are trained together where their size settings agree."""
+    trainer does not build. Several ``[[datasets]]`` train side by side, each at its own resolution, buckets and batch
+    size (``DatasetConfig.sizes``), as kohya trains them: a batch holds one data set's images."""
     import tomllib
 
     path = Path(path)
@@ -181,7 +200,7 @@ def read_dataset_config(path: str | Path, config: TrainConfig) -> DatasetConfig:
     if not isinstance(datasets, list) or not datasets or not all(isinstance(d, dict) for d in datasets):
         raise ConfigError(f"{source}: no data set: give at least one [[datasets]] with a [[datasets.subsets]]")
     _check_keys(general, set(_DATASET) | set(_SUBSET), f"{source}: general")
-    settings: dict[str, Any] | None = None
+    per_dataset: list[dict[str, Any]] = []
     subsets = []
     for i, dataset in enumerate(datasets):
         where = f"{source}: datasets[{i}]"
@@ -196,23 +215,21 @@ def read_dataset_config(path: str | Path, config: TrainConfig) -> DatasetConfig:
                 own.update(_resolution(value, here))
             else:
                 own[ours] = _check_type(value, kind, here)
-        if settings is None:
-            settings = own
-        elif own != settings:  # (kohya trains data sets of other sizes side by side; this trainer one size and batch)
-            key = next(k for k in sorted(set(own) | set(settings)) if own.get(k) != settings.get(k))
-            raise ConfigError(f"{where}: its {key} ({own.get(key, 'unset')}) is not datasets[0]'s ({settings.get(key, 'unset')}): "
-                              "data sets trained together need the same resolution, batch size and buckets here; "
-                              "train them in separate runs")
+        per_dataset.append(own)
+        for key in ("validation_split", "validation_seed"):  # (data sets of their own sizes side by side; one held-out share)
+            if own.get(key) != per_dataset[0].get(key):
+                raise ConfigError(f"{where}: its {key} ({own.get(key, 'unset')}) is not datasets[0]'s "
+                                  f"({per_dataset[0].get(key, 'unset')}): give it once, in [general]")
         members = dataset.get("subsets", [])
         if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
             raise ConfigError(f"{where}: no subsets: give at least one [[datasets.subsets]] with an image_dir")
         for j, member in enumerate(members):
             tables = [(dataset, where), (general, f"{source}: general")]
-            subsets.append(_subset(member, tables, config, f"{where}.subsets[{j}]", f"datasets[{i}].subsets[{j}]"))
-    return DatasetConfig(path, settings or {}, subsets)
+            subsets.append(_subset(member, tables, config, f"{where}.subsets[{j}]", f"datasets[{i}].subsets[{j}]", i))
+    return DatasetConfig(path, per_dataset[0], subsets, per_dataset)
 
 
-def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, where: str, name: str) -> Subset:
+def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, where: str, name: str, group: int) -> Subset:
     """One subset's settings: each from the subset, else ``tables`` (its data set, then [general]: ``(table,
     where)``), else ``config``."""
     _check_keys(member, set(_SUBSET) | set(_SUBSET_ONLY), where)
@@ -251,4 +268,4 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
     masks = values["conditioning_data_dir"]
     return Subset(name, Path(values["image_dir"]), bool(values["is_reg"]), values["num_repeats"], values["class_tokens"],
                   extension, values["caption_prefix"], values["caption_suffix"], options, values["alpha_mask"],
-                  Path(masks) if masks else None)
+                  Path(masks) if masks else None, group)

@@ -50,7 +50,7 @@ from .config import COMPILE_MODES, ConfigError, TrainConfig
 from ..prompts import (apply_token_weights, check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids,
                        weighted_token_ids)
 from .dataset_config import read_dataset_config
-from .data import (BatchPlan, DataError, Example, ImageDataset, KohyaBuckets, StepBatchSampler, attach_masks, collate,
+from .data import (BatchPlan, DataError, DatasetSize, Example, ImageDataset, KohyaBuckets, StepBatchSampler, attach_masks, collate,
                    dataset_summary, mix_seed, scan_images, stack_masks)
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
 
@@ -458,10 +458,7 @@ def split_validation(examples: list, share: float, seed: int) -> tuple[list, lis
 
 def kohya_buckets(config: TrainConfig) -> KohyaBuckets | None:
     """kohya's bucket settings of a run (its defaults where a setting is 0), or ``None`` for this trainer's buckets."""
-    if not config.uses_kohya_buckets:
-        return None
-    return KohyaBuckets(config.min_bucket_reso or 256, config.max_bucket_reso or 1024, config.bucket_reso_steps or 64,
-                        config.bucket_no_upscale)
+    return DatasetSize.of(config).kohya_buckets
 
 
 class Validation:
@@ -471,9 +468,10 @@ class Validation:
 
     TIMESTEPS = 4
 
-    def __init__(self, examples: list, config: TrainConfig, vae, device, vae_dtype, seed: int) -> None:
+    def __init__(self, examples: list, config: TrainConfig, vae, device, vae_dtype, seed: int,
+                 group_sizes: dict[int, DatasetSize] | None = None) -> None:
         self.dataset = ImageDataset(examples, resolution=config.resolution, height=config.resolution_height or None, center_crop=True, random_flip=False,
-                                    enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config))
+                                    enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config), group_sizes=group_sizes)
         encoded = Latents(vae, self.dataset, device, vae_dtype, cache=True)
         self.latents = [(encoded.cache[(i, False)][0] - encoded.shift) * encoded.scale for i in range(len(self.dataset))]
         self.config, self.seed, self.device = config, seed, device
@@ -910,10 +908,12 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         if config.train_data_dir or config.reg_data_dir:
             logger.warning("--dataset_config gives the images: --train_data_dir and --reg_data_dir are ignored, as kohya ignores them")
         found = read_dataset_config(config.dataset_config, config)
+        group_sizes = found.sizes(config)  # (several data sets of their own sizes; None: one, or all alike)
         config = dataclasses.replace(config, **found.settings)
         config.validate()
         examples, reg_examples = found.scan(config)
     else:
+        group_sizes = None
         examples = scan_images(
             config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
             instance_prompt=config.instance_prompt, strict=config.strict, resolution=max(config.size),
@@ -982,10 +982,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                            caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
                            caption_separator=config.caption_separator,
                            keep_tokens_separator=config.keep_tokens_separator, secondary_separator=config.secondary_separator,
-                           enable_wildcard=config.enable_wildcard)
+                           enable_wildcard=config.enable_wildcard, group_sizes=group_sizes)
     if config.cache_latents and not config.center_crop:
         logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
-    plan = BatchPlan(dataset.buckets(), config.train_batch_size, seed, dataset.repeats())
+    batch_size = {g: size.batch_size for g, size in group_sizes.items()} if group_sizes else config.train_batch_size
+    plan = BatchPlan(dataset.buckets(), batch_size, seed, dataset.repeats(), dataset.groups())
     per_step = accelerator.num_processes * config.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / per_step))
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -1076,13 +1077,13 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         class_dataset = ImageDataset(class_examples, resolution=config.resolution, height=config.resolution_height or None,
                                      center_crop=config.center_crop or config.cache_latents,
                                      random_flip=config.random_flip, enable_bucket=config.enable_bucket,
-                                     kohya_buckets=kohya_buckets(config), color_aug=config.color_aug)
-        class_plan = BatchPlan(class_dataset.buckets(), config.train_batch_size, seed + 1, class_dataset.repeats())
+                                     kohya_buckets=kohya_buckets(config), color_aug=config.color_aug, group_sizes=group_sizes)
+        class_plan = BatchPlan(class_dataset.buckets(), batch_size, seed + 1, class_dataset.repeats(), class_dataset.groups())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
     timestep_range(config, noise_scheduler)  # (--max_timestep past the model's timesteps: refused before any step)
     validation = Validation(held_out, config, vae, device, vae_dtype, config.validation_seed if config.validation_seed >= 0
-                            else seed) if held_out and is_main else None
+                            else seed, group_sizes) if held_out and is_main else None
     validate_every = config.validate_every_n_steps or config.validation_steps
 
     # 4. optimizer, schedule, and where we start
