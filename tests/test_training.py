@@ -1408,6 +1408,15 @@ def test_kohya_dataset_config_trains_the_lora_its_flags_train(base, tmp_path, mo
     from_file = train(config(base, tmp_path / "b", train_data_dir="", dataset_config=str(toml), max_train_steps=3))
     a, b = lora_tensors(flags.lora_path), lora_tensors(from_file.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # kohya's fine-tuning metadata (--in_json): the captions a table gives train what the same sidecar captions train
+    table = tmp_path / "meta.json"
+    table.write_text(json.dumps({f"{i}": {"caption": "<s>, red", "tags": f"square {i}, flat"} for i in range(4)}))
+    bare = tmp_path / "bare"  # (the images alone: no sidecar captions)
+    shutil.copytree(data, bare, ignore=shutil.ignore_patterns("*.txt"))
+    runs = [train(config(base, tmp_path / name, max_train_steps=2, **extra)) for name, extra in
+            (("c", {"train_data_dir": str(bare), "in_json": str(table), "caption_separator": ", "}), ("d", {"train_data_dir": str(data)}))]
+    c, d = (lora_tensors(r.lora_path) for r in runs)
+    assert c.keys() == d.keys() and all(torch.equal(c[k], d[k]) for k in c)
     # two data sets side by side, each at its resolution and batch size: a batch holds one data set's images
     wide = flat_images(tmp_path / "wide", n=2, size=(48, 32))
     two = tmp_path / "two.toml"

@@ -356,7 +356,7 @@ caption_separator = ";"
     subset = f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n"
     refused(subset + "num_repeats = 'ten'", r"dataset.toml: datasets\[0\].subsets\[0\].num_repeats: expected a whole number, got 'ten'")
     refused(subset + "alpha_mask = true\nconditioning_data_dir = 'm'", r"datasets\[0\].subsets\[0\]: give its masks as conditioning_data_dir or alpha_mask")
-    refused(subset + "metadata_file = 'm.json'", r"datasets\[0\].subsets\[0\].metadata_file: fine-tuning subsets")
+    refused(subset + "face_crop_aug_range = [2.0, 4.0]", r"datasets\[0\].subsets\[0\].face_crop_aug_range: face crop augmentation")
     refused(subset + "colour_aug = true", r"datasets\[0\].subsets\[0\]: unknown setting 'colour_aug'")
     refused("[general]\nnetwork_multiplier = 0.5\n" + subset, r"general.network_multiplier: a data set's own LoRA strength")
     refused("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2", r"datasets\[0\].subsets\[0\]: image_dir is required")
@@ -416,6 +416,43 @@ def test_loss_masks_follow_their_images_crop_and_flip(tmp_path):
     assert collate([ImageDataset(examples, resolution=32)[(0, 0)]])["masks"] is None
     with pytest.raises(DataError, match=r"masks: no mask for 1 image\(s\), e.g. b.png"):
         attach_masks(examples, tmp_path / "masks", tmp_path / "data")
+
+
+def test_kohya_fine_tuning_metadata_names_the_images_and_their_captions(tmp_path):
+    """kohya's --in_json (and a dataset config's metadata_file): .json {key: {caption, tags}} or .jsonl lines; a key is
+    a path (absolute, or in the image folder) or an image's name without its extension; the caption, the separator
+    and the tags; only the images it names; a key without an image, or a file that is not such metadata, is named."""
+    from lora_diffusion.training.data import read_fine_tuning_metadata
+    from lora_diffusion.training.dataset_config import read_dataset_config
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg", "unlisted.png"):
+        Image.new("RGB", (32, 32)).save(images / name)
+    Image.new("RGB", (32, 32)).save(tmp_path / "far.webp")
+    table = {"a": {"caption": "a red square", "tags": "red, square"}, "sub/b.jpg": {"tags": "blue"},
+             str(tmp_path / "far.webp"): {"caption": "far away"}}
+    (tmp_path / "meta.json").write_text(json.dumps(table))
+    captions = read_fine_tuning_metadata(tmp_path / "meta.json", images)
+    assert captions == {images / "a.png": "a red square,red, square", images / "sub" / "b.jpg": "blue", tmp_path / "far.webp": "far away"}
+    examples = scan_images(images, captions=captions, resolution=32)
+    assert sorted((e.path.name, e.caption) for e in examples) == [("a.png", "a red square,red, square"), ("b.jpg", "blue"),
+                                                                   ("far.webp", "far away")]
+    (tmp_path / "meta.jsonl").write_text('{"image_path": "a", "caption": "x", "tags": "y"}\n\n')
+    assert read_fine_tuning_metadata(tmp_path / "meta.jsonl", images, separator=" ||| ") == {images / "a.png": "x ||| y"}
+    for text, match in (('{"nothing": {"caption": "x"}}', r"meta.json: no image for 'nothing'"), ("[1, 2]", "not kohya's fine-tuning metadata"),
+                        ("{", "not kohya's fine-tuning metadata")):
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(DataError, match=match):
+            read_fine_tuning_metadata(tmp_path / "meta.json", images)
+    (tmp_path / "meta.json").write_text(json.dumps({"a": {"caption": "from the table"}}))
+    toml = tmp_path / "d.toml"
+    toml.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{images}'\nmetadata_file = '{tmp_path / 'meta.json'}'\n")
+    config = TrainConfig(pretrained_model_name_or_path="m", dataset_config=str(toml))
+    assert [(e.path.name, e.caption) for e in read_dataset_config(toml, config).scan(config)[0]] == [("a.png", "from the table")]
+    toml.write_text(toml.read_text() + "is_reg = true\n")
+    with pytest.raises(ConfigError, match=r"subsets\[0\]: a fine-tuning subset \(metadata_file\) is not is_reg"):
+        read_dataset_config(toml, config)
 
 
 def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
@@ -646,6 +683,7 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     wide = config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "768,512"]))
     assert (wide.resolution, wide.resolution_height, wide.size) == (768, 512, (768, 512))
     assert config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "512,512"])).resolution_height == 0
+    assert config_from_args(build_parser().parse_args(kohya[:6] + ["--in_json", "meta.json"])).in_json == "meta.json"
     files = config_from_args(build_parser().parse_args(kohya[:6] + ["--dataset_config", "d.toml", "--caption_separator", ";",
                                                                     "--caption_dropout_every_n_epochs", "2"]))
     assert (files.dataset_config, files.caption_separator, files.caption_dropout_every_n_epochs) == ("d.toml", ";", 2)
@@ -653,7 +691,7 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
                          (["--resolution", "512,780"], "--resolution_height must be a multiple of 8"),
                          (["--network_args", "rank_dropout=2"], "--rank_dropout must be in"),
                          (["--full_fp16"], "full_fp16: the LoRA trains in fp32 under --mixed_precision fp16"),
-                         (["--in_json", "meta.json"], "in_json: kohya's fine-tuning metadata JSON is not read"),
+                         (["--face_crop_aug_range", "2.0,4.0"], "face_crop_aug_range: face crop augmentation is not built"),
                          (["--base_weights", "a.safetensors", "b.safetensors", "--base_weights_multiplier", "1"],
                           "base_weights_multiplier gives 1 weights for 2 base_weights files"),
                          (["--no_token_padding"], "no_token_padding: captions are always padded"),

@@ -67,6 +67,8 @@ class TrainConfig:
                       "the original layout (a VAE alone, e.g. vae-ft-mse-840000-ema-pruned, or a whole checkpoint's)")
     train_data_dir: str = _f("", "folder of training images (captions beside them or in metadata.jsonl); "
                              "--instance_data_dir (DreamBooth's name) is the same setting")
+    in_json: str = _f("", "kohya's fine-tuning metadata (.json or .jsonl, as its merge_captions_to_metadata.py writes it): "
+                          "the images it names, in --train_data_dir, with its captions and tags")
     dataset_config: str = _f("", "kohya's dataset config: a TOML file whose [[datasets.subsets]] give the image folders "
                                  "(image_dir, num_repeats, class_tokens, is_reg), each with its own caption and "
                                  "augmentation settings; in place of --train_data_dir and --reg_data_dir")
@@ -519,14 +521,13 @@ KOHYA_REFUSED = {
     "full_fp16": "the LoRA trains in fp32 under --mixed_precision fp16 (its weights are small; the model is fp16)",
     "full_bf16": "the LoRA trains in fp32 under --mixed_precision bf16 (its weights are small; the model is bf16)",
     "fp8_base": "an fp8 base model is not built; use --mixed_precision bf16 and --gradient_checkpointing for memory",
-    "in_json": "kohya's fine-tuning metadata JSON is not read; give captions as sidecar files or metadata.jsonl",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
     "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",
     "save_n_epoch_ratio": "give --save_every_n_epochs", "output_config": "write the settings into a TOML file and pass --config",
     "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
-_KOHYA_VALUED = ("in_json", "face_crop_aug_range", "initial_epoch", "initial_step",
+_KOHYA_VALUED = ("face_crop_aug_range", "initial_epoch", "initial_step",
                  "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
 
 

@@ -121,6 +121,48 @@ def list_images(folder: str | Path, what: str = "--train_data_dir", recursive: b
     return files
 
 
+def read_fine_tuning_metadata(path: str | Path, image_dir: str | Path | None, separator: str = ",",
+                              what: str = "--in_json") -> dict[Path, str]:
+    """kohya's fine-tuning metadata (``--in_json``, a dataset config's ``metadata_file``; what its
+    ``merge_captions_to_metadata.py`` / ``merge_dd_tags_to_metadata.py`` write): ``{image key: {"caption", "tags"}}``
+    (``.json``) or lines ``{"image_path", "caption", "tags"}`` (``.jsonl``), as ``{image: caption}``. An image is its
+    key as a path (absolute, or in ``image_dir``), else the image in ``image_dir`` of that name with any image
+    extension; its caption is the caption, then ``separator`` and the tags, as kohya joins them. ``DataError`` names
+    the file and the key that cannot be read or found."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path}: no such file")
+    text = read_text(path, DataError)
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            table = {str(row["image_path"]): row for row in rows}
+        else:
+            table = json.loads(text)
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            raise TypeError("expected a JSON object of image keys, each an object with 'caption' and/or 'tags'")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{what} {path}: not kohya's fine-tuning metadata ({e})") from None
+    folder = Path(image_dir) if image_dir else None
+    stems = {}
+    if folder is not None and folder.is_dir():
+        for image in sorted(folder.iterdir()):
+            if image.suffix.lower() in IMAGE_EXTENSIONS:
+                stems.setdefault(image.stem, image)
+    out: dict[Path, str] = {}
+    for key, entry in table.items():
+        given = Path(key) if Path(key).is_absolute() or folder is None else folder / key
+        image = given if given.is_file() else stems.get(Path(key).name if folder is not None else "")
+        if image is None:
+            raise DataError(f"{what} {path}: no image for {key!r} (looked for it{f' in {folder}' if folder else ''}, "
+                            "any image extension)")
+        caption, tags = str(entry.get("caption") or ""), str(entry.get("tags") or "")
+        out[image] = caption + separator + tags if caption and tags else caption or tags
+    if not out:
+        raise DataError(f"{what} {path}: no image entries")
+    return out
+
+
 def read_metadata(folder: Path) -> dict[str, str]:
     """``{file_name: text}`` from ``folder/metadata.jsonl`` (empty if there is none)."""
     path = folder / METADATA_FILE
@@ -174,7 +216,7 @@ def dataset_summary(examples: list[Example], folder: str | Path | None) -> dict:
     dirs: dict[str, dict[str, int]] = {}
     tags: dict[str, dict[str, int]] = {}
     for e in examples:
-        relative = e.path.relative_to(folder) if folder is not None else Path(e.path.name)
+        relative = e.path.relative_to(folder) if folder is not None and e.path.is_relative_to(folder) else Path(e.path.name)
         name = relative.parts[0] if len(relative.parts) > 1 else (Path(folder) if folder is not None else e.path.parent).name
         entry = dirs.setdefault(name, {"n_repeats": e.repeats, "img_count": 0})
         entry["img_count"] += 1
@@ -201,7 +243,8 @@ def attach_masks(examples: list[Example], folder: Path | None, root: Path | None
         found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
     out, missing = [], []
     for e in examples:
-        name = (e.path.relative_to(root) if root is not None else Path(e.path.name)).with_suffix("").as_posix()
+        inside = root is not None and e.path.is_relative_to(root)
+        name = (e.path.relative_to(root) if inside else Path(e.path.name)).with_suffix("").as_posix()
         if name not in found:
             missing.append(e.path.name)
         out.append(dataclasses.replace(e, mask=found.get(name), mask_channel="R"))
@@ -275,16 +318,18 @@ def scan_images(
     what: str = "--train_data_dir",
     resolution: int = 512,
     recursive: bool = True,
+    captions: dict[Path, str] | None = None,
 ) -> list[Example]:
     """Open every image once and pair it with its caption; bad images are skipped with a warning naming them
-    (``recursive``: in sub-folders too, kohya's ``<repeats>_<text>`` ones read as such).
+    (``recursive``: in sub-folders too, kohya's ``<repeats>_<text>`` ones read as such; ``captions``: those images,
+    with those captions, kohya's fine-tuning metadata, ``read_fine_tuning_metadata``).
 
     Raises ``DataError`` if the folder is missing or empty, if every image is unreadable, or (``strict``) at the
     first unreadable one.
     """
     folder = Path(folder)
-    files = list_images(folder, what, recursive)
-    metadata = read_metadata(folder)
+    files = sorted(captions) if captions is not None else list_images(folder, what, recursive)
+    metadata = read_metadata(folder) if captions is None else {}
     examples, bad = [], []
     unused = set(metadata)
     for path in files:
@@ -300,11 +345,13 @@ def scan_images(
         if min(size) < resolution // 2:
             logger.info("%s is %dx%d, smaller than half of --resolution %d: it will be upscaled", path, *size, resolution)
         raw = None
-        sidecar = path.with_suffix(caption_extension) if caption_extension else None
-        relative = path.relative_to(folder)
+        sidecar = path.with_suffix(caption_extension) if caption_extension and captions is None else None
+        relative = path.relative_to(folder) if path.is_relative_to(folder) else Path(path.name)
         unused.discard(relative.as_posix())
-        kohya = kohya_folder(relative)
-        if sidecar is not None and sidecar.is_file():
+        kohya = kohya_folder(relative) if captions is None else None
+        if captions is not None:
+            raw = captions[path]
+        elif sidecar is not None and sidecar.is_file():
             raw = read_text(sidecar, DataError).strip()
         elif relative.as_posix() in metadata:
             raw = metadata[relative.as_posix()]
@@ -319,7 +366,8 @@ def scan_images(
         raise DataError(f"{what} {folder}: none of the {len(files)} images could be read")
     if bad:
         logger.warning("%d of %d images in %s were skipped as unreadable", len(bad), len(files), folder)
-    folders = sorted({(e.path.relative_to(folder).parts[0], e.repeats) for e in examples if kohya_folder(e.path.relative_to(folder))})
+    folders = sorted({(e.path.relative_to(folder).parts[0], e.repeats) for e in examples
+                      if captions is None and kohya_folder(e.path.relative_to(folder))})
     for name, repeats in folders:
         logger.info("%s: kohya-style folder %r: its images come %d times per epoch", what, name, repeats)
     if folders and not any(e.repeats for e in examples):

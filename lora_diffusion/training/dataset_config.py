@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, read_text
-from .data import DatasetSize, Example, SampleOptions, attach_masks, scan_images
+from .data import DatasetSize, Example, SampleOptions, attach_masks, read_fine_tuning_metadata, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ _SUBSET: dict[str, tuple[type, str | None]] = {
     "flip_aug": (bool, "random_flip"), "color_aug": (bool, "color_aug"), "random_crop": (bool, None),
     "alpha_mask": (bool, "alpha_mask"),
 }
-_SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "conditioning_data_dir": str}  # (the last: --masked_loss's masks)
+_SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "conditioning_data_dir": str,  # (--masked_loss's masks)
+                "metadata_file": str}  # (kohya's fine-tuning subset: its images and captions, --in_json's)
 _IGNORED = ("cache_info",)  # (kohya's cache of image sizes: they are read once here)
 # kohya's settings not built here, with the value that changes nothing (None: any value is refused)
 _REFUSED: dict[str, tuple[Any, str]] = {
@@ -74,7 +75,6 @@ _REFUSED: dict[str, tuple[Any, str]] = {
     "face_crop_aug_range": (None, "face crop augmentation is not built"),
     "token_warmup_min": (1, "token warm-up is not built"), "token_warmup_step": (0, "token warm-up is not built"),
     "custom_attributes": (None, "custom attributes are not read"),
-    "metadata_file": (None, "fine-tuning subsets (metadata_file) are not read: give image_dir with caption files"),
 }
 
 
@@ -83,7 +83,7 @@ class Subset:
     """One ``[[datasets.subsets]]`` with every setting looked up."""
 
     where: str  # "datasets[0].subsets[1]"
-    image_dir: Path
+    image_dir: Path | None  # (None: a fine-tuning subset whose metadata_file names its images by path)
     is_reg: bool
     num_repeats: int
     class_tokens: str
@@ -94,6 +94,7 @@ class Subset:
     alpha_mask: bool = False  # (the loss masks: the images' alpha, or conditioning_data_dir's images)
     conditioning_data_dir: Path | None = None
     group: int = 0  # its data set's index
+    metadata_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,12 @@ class DatasetConfig:
                 mode, token, fallback = "style", "", subset.class_tokens or config.class_prompt
             else:
                 mode, token, fallback = config.mode, config.token, subset.class_tokens or config.instance_prompt
-            found = scan_images(subset.image_dir, caption_extension=subset.caption_extension, mode=mode, token=token,
-                                instance_prompt=fallback, strict=config.strict, resolution=max(config.size), recursive=False,
-                                what=f"--dataset_config {self.path}: {subset.where}.image_dir")
+            what = f"--dataset_config {self.path}: {subset.where}"
+            captions = read_fine_tuning_metadata(subset.metadata_file, subset.image_dir, subset.options.caption_separator,
+                                                 f"{what}.metadata_file") if subset.metadata_file else None
+            found = scan_images(subset.image_dir or subset.metadata_file.parent, caption_extension=subset.caption_extension, mode=mode,
+                                token=token, instance_prompt=fallback, strict=config.strict, resolution=max(config.size),
+                                recursive=False, what=f"{what}.image_dir", captions=captions)
             found = attach_masks(found, subset.conditioning_data_dir, alpha=subset.alpha_mask,
                                  what=f"--dataset_config {self.path}: {subset.where}.conditioning_data_dir")
             options = subset.options if not config.cache_latents else dataclasses.replace(subset.options, center_crop=True)
@@ -233,8 +237,10 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
     """One subset's settings: each from the subset, else ``tables`` (its data set, then [general]: ``(table,
     where)``), else ``config``."""
     _check_keys(member, set(_SUBSET) | set(_SUBSET_ONLY), where)
-    if "image_dir" not in member:
-        raise ConfigError(f"{where}: image_dir is required")
+    if "image_dir" not in member and "metadata_file" not in member:
+        raise ConfigError(f"{where}: image_dir is required (or a fine-tuning subset's metadata_file)")
+    if "metadata_file" in member and (member.get("is_reg") or "conditioning_data_dir" in member):
+        raise ConfigError(f"{where}: a fine-tuning subset (metadata_file) is not is_reg and has no conditioning_data_dir")
     values: dict[str, Any] = {}
     for key, (kind, ours) in _SUBSET.items():
         for table, at in [(member, where), *tables]:
@@ -265,7 +271,7 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
         keep_tokens_separator=values["keep_tokens_separator"], secondary_separator=values["secondary_separator"],
         enable_wildcard=values["enable_wildcard"], random_flip=values["flip_aug"], center_crop=not values["random_crop"],
         color_aug=values["color_aug"])
-    masks = values["conditioning_data_dir"]
-    return Subset(name, Path(values["image_dir"]), bool(values["is_reg"]), values["num_repeats"], values["class_tokens"],
+    masks, table = values["conditioning_data_dir"], values["metadata_file"]
+    return Subset(name, Path(values["image_dir"]) if values["image_dir"] else None, bool(values["is_reg"]), values["num_repeats"], values["class_tokens"],
                   extension, values["caption_prefix"], values["caption_suffix"], options, values["alpha_mask"],
-                  Path(masks) if masks else None, group)
+                  Path(masks) if masks else None, group, Path(table) if table else None)

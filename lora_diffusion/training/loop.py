@@ -51,7 +51,7 @@ from ..prompts import (apply_token_weights, check_clip_skip, encode_text, join_c
                        weighted_token_ids)
 from .dataset_config import read_dataset_config
 from .data import (BatchPlan, DataError, DatasetSize, Example, ImageDataset, KohyaBuckets, StepBatchSampler, attach_masks, collate,
-                   dataset_summary, mix_seed, scan_images, stack_masks)
+                   dataset_summary, mix_seed, read_fine_tuning_metadata, scan_images, stack_masks)
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
 
 logger = logging.getLogger(__name__)
@@ -917,6 +917,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         examples = scan_images(
             config.train_data_dir, caption_extension=config.caption_extension, mode=config.mode, token=config.token,
             instance_prompt=config.instance_prompt, strict=config.strict, resolution=max(config.size),
+            captions=read_fine_tuning_metadata(config.in_json, config.train_data_dir, config.caption_separator)
+            if config.in_json else None,
         )
         # kohya's regularisation images, with their own captions (no trigger token)
         reg_examples = scan_images(config.reg_data_dir, caption_extension=config.caption_extension, instance_prompt=config.class_prompt,
