@@ -455,6 +455,28 @@ def test_kohya_fine_tuning_metadata_names_the_images_and_their_captions(tmp_path
         read_dataset_config(toml, config)
 
 
+def test_resize_interpolation_as_kohya_names_it(tmp_path):
+    """kohya's --resize_interpolation: area (each pixel the mean of the ones it covers), lanczos, ...; auto, kohya's
+    default (a kohya command line's), area when shrinking and lanczos when enlarging; unset, bicubic."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    examples = scan_images(tmp_path, resolution=32)  # (big.png, small.png)
+
+    def pixels(name: str, index: int) -> np.ndarray:
+        tensor = ImageDataset(examples, resolution=32, center_crop=True, resize_interpolation=name)[(index, 0)]["pixel_values"]
+        return np.rint((tensor.permute(1, 2, 0).numpy() + 1) * 127.5)
+
+    big = np.asarray(Image.open(tmp_path / "big.png"), dtype=np.float64)
+    means = big.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert np.abs(pixels("area", 0) - means).max() <= 1 and np.array_equal(pixels("auto", 0), pixels("area", 0))
+    lanczos = np.asarray(Image.open(tmp_path / "small.png").resize((32, 32), Image.LANCZOS), dtype=np.float64)
+    assert np.array_equal(pixels("auto", 1), lanczos) and np.array_equal(pixels("lanczos", 1), lanczos)
+    assert not np.array_equal(pixels("", 0), pixels("area", 0))  # (bicubic)
+    with pytest.raises(ConfigError, match="--resize_interpolation 'cubic': choose one of"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", resize_interpolation="cubic").validate()
+
+
 def test_batch_order_is_a_function_of_the_seed_and_covers_each_epoch(tmp_path):
     buckets = [(32, 32)] * 5 + [(48, 16)] * 3
     plan = BatchPlan(buckets, batch_size=2, seed=7)
@@ -684,6 +706,7 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     assert (wide.resolution, wide.resolution_height, wide.size) == (768, 512, (768, 512))
     assert config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "512,512"])).resolution_height == 0
     assert config_from_args(build_parser().parse_args(kohya[:6] + ["--in_json", "meta.json"])).in_json == "meta.json"
+    assert config_from_args(build_parser().parse_args(kohya)).resize_interpolation == "auto"  # (kohya's area / lanczos)
     files = config_from_args(build_parser().parse_args(kohya[:6] + ["--dataset_config", "d.toml", "--caption_separator", ";",
                                                                     "--caption_dropout_every_n_epochs", "2"]))
     assert (files.dataset_config, files.caption_separator, files.caption_dropout_every_n_epochs) == ("d.toml", ";", 2)

@@ -215,6 +215,10 @@ class TrainConfig:
     resolution_height: int = _f(0, "the training height where it is not --resolution (kohya's --resolution WIDTH,HEIGHT: "
                                    "images cropped to that size, or buckets of that area; 0: square)")
     center_crop: bool = _f(False, "crop the centre instead of a random crop")
+    resize_interpolation: str = _f("", "kohya's: how images are resized, lanczos, area, bilinear, bicubic, nearest or box; "
+                                       "auto: kohya's default, area when shrinking and lanczos when enlarging (a kohya run's "
+                                       "default); empty: bicubic", choices=("", "auto", "lanczos", "area", "bilinear", "bicubic",
+                                                                            "nearest", "box"))
     random_flip: bool = _f(False, "flip images horizontally at random (kohya's --flip_aug)")
     color_aug: bool = _f(False, "kohya's colour augmentation: a third of the samples get a hue shift of up to 8 degrees "
                                 "of OpenCV's 180 or a gamma of 0.95-1.05 (not with --cache_latents)")
@@ -597,6 +601,7 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         out.setdefault("train_text_encoder", True)
         out.setdefault("bucket_reso_steps", 64)  # (kohya's buckets, with its defaults where none is given)
         out.setdefault("center_crop", True)  # (kohya crops the centre unless --random_crop)
+        out.setdefault("resize_interpolation", "auto")  # (and resizes with area / lanczos)
         out.setdefault("num_validation_images", 0)  # (kohya writes no sample grid: its samples are --sample_prompts')
         out.setdefault("checkpointing_steps", 0)  # (kohya writes a resumable state only with --save_state; ours at the end)
     if values.get("save_model_as") not in (None, "safetensors"):

@@ -88,6 +88,22 @@ class SampleOptions:
     random_flip: bool = False
     center_crop: bool = False
     color_aug: bool = False
+    resize_interpolation: str = ""  # (kohya's; "": ours, bicubic; "auto": kohya's default; see ``resize``)
+
+
+# kohya's --resize_interpolation names -> PIL's filters ("area": cv2's INTER_AREA, PIL's box average)
+RESIZE_FILTERS = {"lanczos": Image.LANCZOS, "area": Image.BOX, "box": Image.BOX, "bilinear": Image.BILINEAR,
+                  "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def resize(image: Image.Image, size: tuple[int, int], interpolation: str = "") -> Image.Image:
+    """``image`` at ``size`` with kohya's ``--resize_interpolation`` (``RESIZE_FILTERS``); ``"auto"``: kohya's default,
+    area when shrinking, lanczos when enlarging; ``""``: this trainer's, bicubic (reducing in steps from 3x)."""
+    if not interpolation:
+        return image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    if interpolation == "auto":
+        interpolation = "area" if image.width >= size[0] and image.height >= size[1] else "lanczos"
+    return image.resize(size, RESIZE_FILTERS[interpolation])
 
 
 @dataclass(frozen=True)
@@ -516,6 +532,7 @@ class ImageDataset(torch.utils.data.Dataset):
         color_aug: bool = False,
         height: int | None = None,
         group_sizes: dict[int, DatasetSize] | None = None,
+        resize_interpolation: str = "",
     ) -> None:
         self.examples = examples
         self.options = SampleOptions(
@@ -523,7 +540,7 @@ class ImageDataset(torch.utils.data.Dataset):
             caption_dropout_every_n_epochs=caption_dropout_every_n_epochs, caption_tag_dropout_rate=caption_tag_dropout_rate,
             caption_separator=caption_separator, keep_tokens_separator=keep_tokens_separator,
             secondary_separator=secondary_separator, enable_wildcard=enable_wildcard, random_flip=random_flip,
-            center_crop=center_crop, color_aug=color_aug)
+            center_crop=center_crop, color_aug=color_aug, resize_interpolation=resize_interpolation)
         self.resolution = resolution
         # (None: resized to cover the bucket)
         self.bucket_of: list[tuple[int, int]] = [(0, 0)] * len(examples)
@@ -656,7 +673,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 image = image.getchannel(channel) if channel else image
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot read image ({e}); it was readable when training started") from None
-        image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
+        image = resize(image, new_size, self.options_of(index).resize_interpolation)
         left = round((new_size[0] - width) * x)
         top = round((new_size[1] - height) * y)
         image = image.crop((left, top, left + width, top + height))

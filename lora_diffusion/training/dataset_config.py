@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, read_text
-from .data import DatasetSize, Example, SampleOptions, attach_masks, read_fine_tuning_metadata, scan_images
+from .data import RESIZE_FILTERS, DatasetSize, Example, SampleOptions, attach_masks, read_fine_tuning_metadata, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ _SUBSET: dict[str, tuple[type, str | None]] = {
     "caption_dropout_rate": (float, "caption_dropout_rate"), "caption_tag_dropout_rate": (float, "caption_tag_dropout_rate"),
     "caption_dropout_every_n_epochs": (int, "caption_dropout_every_n_epochs"),
     "flip_aug": (bool, "random_flip"), "color_aug": (bool, "color_aug"), "random_crop": (bool, None),
-    "alpha_mask": (bool, "alpha_mask"),
+    "alpha_mask": (bool, "alpha_mask"), "resize_interpolation": (str, "resize_interpolation"),
 }
 _SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "conditioning_data_dir": str,  # (--masked_loss's masks)
                 "metadata_file": str}  # (kohya's fine-tuning subset: its images and captions, --in_json's)
@@ -71,7 +71,6 @@ _IGNORED = ("cache_info",)  # (kohya's cache of image sizes: they are read once 
 # kohya's settings not built here, with the value that changes nothing (None: any value is refused)
 _REFUSED: dict[str, tuple[Any, str]] = {
     "network_multiplier": (1.0, "a data set's own LoRA strength is not built"),
-    "resize_interpolation": (None, "images are resized with PIL's bicubic filter here"),
     "face_crop_aug_range": (None, "face crop augmentation is not built"),
     "token_warmup_min": (1, "token warm-up is not built"), "token_warmup_step": (0, "token warm-up is not built"),
     "custom_attributes": (None, "custom attributes are not read"),
@@ -259,6 +258,9 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0 <= values[key] <= 1:
             raise ConfigError(f"{where}.{key} must be in [0, 1], got {values[key]}")
+    if values["resize_interpolation"] not in RESIZE_FILTERS and values["resize_interpolation"] not in ("", "auto"):
+        raise ConfigError(f"{where}.resize_interpolation {values['resize_interpolation']!r}: choose one of "
+                          f"{', '.join(RESIZE_FILTERS)}")
     if not values["caption_separator"]:
         raise ConfigError(f"{where}.caption_separator must not be empty")
     extension = values["caption_extension"]
@@ -270,7 +272,7 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
         caption_tag_dropout_rate=values["caption_tag_dropout_rate"], caption_separator=values["caption_separator"],
         keep_tokens_separator=values["keep_tokens_separator"], secondary_separator=values["secondary_separator"],
         enable_wildcard=values["enable_wildcard"], random_flip=values["flip_aug"], center_crop=not values["random_crop"],
-        color_aug=values["color_aug"])
+        color_aug=values["color_aug"], resize_interpolation=values["resize_interpolation"])
     masks, table = values["conditioning_data_dir"], values["metadata_file"]
     return Subset(name, Path(values["image_dir"]) if values["image_dir"] else None, bool(values["is_reg"]), values["num_repeats"], values["class_tokens"],
                   extension, values["caption_prefix"], values["caption_suffix"], options, values["alpha_mask"],

@@ -471,7 +471,8 @@ class Validation:
     def __init__(self, examples: list, config: TrainConfig, vae, device, vae_dtype, seed: int,
                  group_sizes: dict[int, DatasetSize] | None = None) -> None:
         self.dataset = ImageDataset(examples, resolution=config.resolution, height=config.resolution_height or None, center_crop=True, random_flip=False,
-                                    enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config), group_sizes=group_sizes)
+                                    enable_bucket=config.enable_bucket, kohya_buckets=kohya_buckets(config), group_sizes=group_sizes,
+                                    resize_interpolation=config.resize_interpolation)
         encoded = Latents(vae, self.dataset, device, vae_dtype, cache=True)
         self.latents = [(encoded.cache[(i, False)][0] - encoded.shift) * encoded.scale for i in range(len(self.dataset))]
         self.config, self.seed, self.device = config, seed, device
@@ -984,7 +985,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                            caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
                            caption_separator=config.caption_separator,
                            keep_tokens_separator=config.keep_tokens_separator, secondary_separator=config.secondary_separator,
-                           enable_wildcard=config.enable_wildcard, group_sizes=group_sizes)
+                           enable_wildcard=config.enable_wildcard, group_sizes=group_sizes,
+                           resize_interpolation=config.resize_interpolation)
     if config.cache_latents and not config.center_crop:
         logger.info("--cache_latents: images are centre-cropped (a cached latent cannot be re-cropped)")
     batch_size = {g: size.batch_size for g, size in group_sizes.items()} if group_sizes else config.train_batch_size
@@ -1079,7 +1081,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         class_dataset = ImageDataset(class_examples, resolution=config.resolution, height=config.resolution_height or None,
                                      center_crop=config.center_crop or config.cache_latents,
                                      random_flip=config.random_flip, enable_bucket=config.enable_bucket,
-                                     kohya_buckets=kohya_buckets(config), color_aug=config.color_aug, group_sizes=group_sizes)
+                                     kohya_buckets=kohya_buckets(config), color_aug=config.color_aug, group_sizes=group_sizes,
+                                     resize_interpolation=config.resize_interpolation)
         class_plan = BatchPlan(class_dataset.buckets(), batch_size, seed + 1, class_dataset.repeats(), class_dataset.groups())
         class_latents = Latents(vae, class_dataset, device, vae_dtype, cache=config.cache_latents)
 
