@@ -1136,6 +1136,9 @@ def test_save_every_n_steps_and_epochs_write_the_lora_as_it_was(base, tmp_path):
         "out-000002.safetensors", "out-step00000006.safetensors", "out-step00000008.safetensors"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint-{n}" for n in (10, 2, 4, 6, 8)]
     assert read_lora_file(out / "out-step00000008.safetensors")[1]["ss_output_name"] == "out-step00000008"  # kohya's
+    # kohya's --save_n_epoch_ratio 2 over a 2-epoch run: every (2 // 2) epoch, over --save_every_n_epochs 5
+    ratio = train(config(base, tmp_path / "ratio", max_train_steps=8, save_every_n_epochs=5, save_n_epoch_ratio=2))
+    assert sorted(p.name for p in ratio.output_dir.glob("out-*.safetensors")) == ["out-000001.safetensors"]
 
 
 def test_scale_weight_norms_caps_every_layers_change(base, tmp_path):

@@ -531,6 +531,22 @@ def test_malformed_or_non_utf8_config_files_are_one_line_errors_naming_file_and_
     assert load_config(tmp_path / "utf16.toml").token == "caf\u00e9" and load_config(tmp_path / "bom.yaml").rank == 8
 
 
+def test_output_config_writes_a_file_that_reads_back(tmp_path, capsys):
+    """kohya's --output_config with --config_file: the settings given (a kohya command line's, as read) written as a
+    new TOML that --config and --config_file (".toml" added) read back into the same settings; an existing file is
+    never overwritten."""
+    flags = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--network_module", "networks.lora",
+             "--network_dim", "8", "--token", 'say "hi" \u00e9\\', "--learning_rate", "1e-05", "--shuffle_caption",
+             "--resolution", "768,512", "--lr_scheduler_args", "T_max=5", "eta_min=0.0"]
+    expected = config_from_args(build_parser().parse_args(flags))
+    assert main(flags + ["--output_config", "--config_file", str(tmp_path / "run")]) == 0
+    assert load_config(tmp_path / "run.toml") == expected
+    assert config_from_args(build_parser().parse_args(["--config_file", str(tmp_path / "run")])) == expected
+    before = (tmp_path / "run.toml").read_text()
+    assert main(flags + ["--output_config", "--config", str(tmp_path / "run.toml")]) == 2
+    assert "run.toml exists" in capsys.readouterr().err and (tmp_path / "run.toml").read_text() == before
+
+
 def test_help_documents_every_flag_of_the_issue(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

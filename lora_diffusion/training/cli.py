@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, add_config_arguments, config_from_args
+from .config import ConfigError, add_config_arguments, config_from_args, write_config_file
 from .data import DataError
 
 __all__ = ["register", "build_parser", "main", "run"]
@@ -48,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
     from .loop import train
 
     try:
-        config = config_from_args(args)
-        result = train(config)
+        if getattr(args, "output_config", False):  # (kohya's: the settings given written into --config's file, then stop)
+            if not getattr(args, "config", None):
+                raise ConfigError("--output_config writes the settings into --config's file: give its name")
+            given = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "config"}))
+            print(f"settings written to {write_config_file(given, args.config)}")
+            return 0
+        result = train(config_from_args(args))
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -249,6 +249,8 @@ class TrainConfig:
     save_every_n_steps: int = _f(0, "also write the LoRA as it is every N steps, as <output folder>-step00000200.safetensors "
                                     "(kohya's; kohya format with --save_kohya), to compare them, e.g. in an X/Y plot (0: none)")
     save_every_n_epochs: int = _f(0, "the same every N epochs, as <output folder>-000002.safetensors (kohya's; 0: none)")
+    save_n_epoch_ratio: int = _f(0, "kohya's: about N epoch LoRAs over the run, one every (epochs // N) epochs (at least "
+                                    "1); it wins over --save_every_n_epochs (0: off)")
     save_last_n_steps: int = _f(0, "with --save_every_n_steps: delete the step LoRAs older than N steps (kohya's; 0 keeps all)")
     save_last_n_epochs: int = _f(0, "with --save_every_n_epochs: keep only the newest N epoch LoRAs (kohya's; 0 keeps all)")
     save_state: bool = _f(False, "also write a resumable checkpoint with each --save_every_n_steps / _epochs LoRA (kohya's)")
@@ -344,7 +346,7 @@ class TrainConfig:
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
-                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "v_pred_like_loss", "lr_scheduler_min_lr_ratio", "lr_decay_steps", "lr_scheduler_timescale", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
+                        "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "v_pred_like_loss", "save_n_epoch_ratio", "lr_scheduler_min_lr_ratio", "lr_decay_steps", "lr_scheduler_timescale", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
                         "max_timestep", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "scale_weight_norms")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -528,11 +530,9 @@ KOHYA_REFUSED = {
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
     "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",
-    "save_n_epoch_ratio": "give --save_every_n_epochs", "output_config": "write the settings into a TOML file and pass --config",
     "huggingface_repo_id": "uploading is not built; push the output folder with huggingface_hub",
 }
-_KOHYA_VALUED = ("face_crop_aug_range", "initial_epoch", "initial_step",
-                 "save_n_epoch_ratio", "huggingface_repo_id")  # (the refused flags that take a value)
+_KOHYA_VALUED = ("face_crop_aug_range", "initial_epoch", "initial_step", "huggingface_repo_id")  # (the refused flags that take a value)
 
 
 def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -691,6 +691,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Settings from a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file (a table of the flag names; tables in it, as
     kohya's config files group their settings, are read as one)."""
     path = Path(path)
+    if not path.suffix and not path.is_file() and path.with_name(path.name + ".toml").is_file():
+        path = path.with_name(path.name + ".toml")  # (kohya's --config_file: ".toml" added)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
@@ -737,8 +739,9 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per ``TrainConfig`` field (same name); unset flags stay out of the namespace."""
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help="TOML or YAML file with the same keys as these flags; flags override it")
+    parser.add_argument("--config", "--config_file", dest="config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML or YAML file with the same keys as these flags; flags override it (kohya's "
+                             "--config_file: a name without .toml gets it)")
     types = _field_types()
     for f in dataclasses.fields(TrainConfig):
         kind = types[f.name]
@@ -776,6 +779,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the weight of each --base_weights file (kohya's)")
     kohya.add_argument("--cache_latents_to_disk", action="store_true", default=argparse.SUPPRESS,
                        help="= --cache_latents (the latents are kept in memory)")
+    kohya.add_argument("--output_config", action="store_true", default=argparse.SUPPRESS,
+                       help="write the settings given (those unlike the defaults) into --config's file, a new TOML that "
+                            "--config reads back, and stop (kohya's)")
     for name in KOHYA_REFUSED:  # (named by the refusal, not as unknown)
         kohya.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                            **({"nargs": "*"} if name in _KOHYA_VALUED else {"action": "store_true"}))
@@ -812,9 +818,29 @@ def settings_from_flags(flags: list[str], source: str = "the flags") -> dict[str
     parser = _RaisingParser(add_help=False, allow_abbrev=False, prog=source)
     add_config_arguments(parser)
     args = parser.parse_args(flags)
-    if hasattr(args, "config"):
-        raise ConfigError(f"{source}: --config reads a whole file; give its settings as flags")
+    if hasattr(args, "config") or hasattr(args, "output_config"):
+        raise ConfigError(f"{source}: --config / --output_config read or write a whole file; give its settings as flags")
     return _coerce(_given(args), source)
+
+
+def write_config_file(config: TrainConfig, path: str | os.PathLike) -> Path:
+    """``config``'s settings that are not the defaults, as a new TOML file that ``--config`` reads back into the same
+    ``TrainConfig`` (kohya's ``--output_config``); ``ConfigError`` where the file exists."""
+    path = Path(path)
+    path = path if path.suffix else path.with_name(path.name + ".toml")
+    if path.exists():
+        raise ConfigError(f"--output_config: {path} exists; give --config a new file's name")
+    defaults = TrainConfig()
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(config, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value, ensure_ascii=False) \
+            if isinstance(value, str) else repr(value)
+        lines.append(f"{f.name} = {text}")
+    path.write_text("# lora-diffusion train --config " + path.name + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

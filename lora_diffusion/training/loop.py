@@ -994,6 +994,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     per_step = accelerator.num_processes * config.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / per_step))
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    every_epochs = config.save_every_n_epochs  # (kohya's --save_n_epoch_ratio N: about N snapshots over the run, over it)
+    if config.save_n_epoch_ratio:
+        every_epochs = math.ceil(max_steps / steps_per_epoch) // config.save_n_epoch_ratio or 1
     if state is not None and not _left_to_do(int(state["step"]), max_steps, output_dir):
         raise ConfigError(f"{resume} is at step {state['step']}, not before --max_train_steps {max_steps}: nothing to train")
     make_lr_scheduler(config, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), max_steps)  # (its settings)
@@ -1298,12 +1301,12 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
                 if snapshot:
                     write_snapshot(step, f"step{step:08d}")
                     outputs.prune_snapshots(output_dir, config.output_name, "step", step, config.save_last_n_steps, config.save_every_n_steps)
-                if (config.save_every_n_epochs and epochs_done > (step - 1) * per_step // plan.batches_per_epoch
-                        and epochs_done % config.save_every_n_epochs == 0 and step < max_steps):
+                if (every_epochs and epochs_done > (step - 1) * per_step // plan.batches_per_epoch
+                        and epochs_done % every_epochs == 0 and step < max_steps):
                     snapshot = True
                     write_snapshot(step, f"{epochs_done:06d}")
                     outputs.prune_snapshots(output_dir, config.output_name, "epoch", epochs_done,
-                                            config.save_every_n_epochs * config.save_last_n_epochs, config.save_every_n_epochs)
+                                            every_epochs * config.save_last_n_epochs, every_epochs)
                 if snapshot and config.save_state and saved is None:  # (kohya's --save_state: a state with each save)
                     checkpoint = saved = save_checkpoint(step)
                 if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
