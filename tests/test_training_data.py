@@ -358,6 +358,8 @@ caption_separator = ";"
     refused(subset + "alpha_mask = true\nconditioning_data_dir = 'm'", r"datasets\[0\].subsets\[0\]: give its masks as conditioning_data_dir or alpha_mask")
     refused(subset + "face_crop_aug_range = [2.0, 4.0]", r"datasets\[0\].subsets\[0\].face_crop_aug_range: face crop augmentation")
     refused(subset + "colour_aug = true", r"datasets\[0\].subsets\[0\]: unknown setting 'colour_aug'")
+    refused(subset + "caption_dropout_rate = 1.5", r"datasets\[0\].subsets\[0\]: --caption_dropout_rate must be in \[0, 1\]")
+    refused(subset + "caption_extension = 'txt'", r"datasets\[0\].subsets\[0\]: --caption_extension should start with a dot")
     refused("[general]\nnetwork_multiplier = 0.5\n" + subset, r"general.network_multiplier: a data set's own LoRA strength")
     refused("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2", r"datasets\[0\].subsets\[0\]: image_dir is required")
     refused("[general]\nbatch_size = 2", "no data set: give at least one")

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, read_text
-from .data import RESIZE_FILTERS, DatasetSize, Example, SampleOptions, attach_masks, read_fine_tuning_metadata, scan_images
+from .data import DatasetSize, Example, SampleOptions, attach_masks, read_fine_tuning_metadata, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -252,27 +252,16 @@ def _subset(member: dict, tables: list[tuple[dict, str]], config: TrainConfig, w
         values[key] = _check_type(member[key], kind, f"{where}.{key}") if key in member else None
     if values["conditioning_data_dir"] and values["alpha_mask"]:
         raise ConfigError(f"{where}: give its masks as conditioning_data_dir or alpha_mask, not both")
-    if values["num_repeats"] < 0 or values["keep_tokens"] < 0 or values["caption_dropout_every_n_epochs"] < 0:
-        bad = next(k for k in ("num_repeats", "keep_tokens", "caption_dropout_every_n_epochs") if values[k] < 0)
-        raise ConfigError(f"{where}.{bad} must not be negative, got {values[bad]}")
-    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not 0 <= values[key] <= 1:
-            raise ConfigError(f"{where}.{key} must be in [0, 1], got {values[key]}")
-    if values["resize_interpolation"] not in RESIZE_FILTERS and values["resize_interpolation"] not in ("", "auto"):
-        raise ConfigError(f"{where}.resize_interpolation {values['resize_interpolation']!r}: choose one of "
-                          f"{', '.join(RESIZE_FILTERS)}")
-    if not values["caption_separator"]:
-        raise ConfigError(f"{where}.caption_separator must not be empty")
-    extension = values["caption_extension"]
-    if extension and not extension.startswith("."):
-        raise ConfigError(f"{where}.caption_extension should start with a dot, e.g. '.txt', got {extension!r}")
-    options = SampleOptions(
-        shuffle_caption=values["shuffle_caption"], keep_tokens=values["keep_tokens"],
-        caption_dropout_rate=values["caption_dropout_rate"], caption_dropout_every_n_epochs=values["caption_dropout_every_n_epochs"],
-        caption_tag_dropout_rate=values["caption_tag_dropout_rate"], caption_separator=values["caption_separator"],
-        keep_tokens_separator=values["keep_tokens_separator"], secondary_separator=values["secondary_separator"],
-        enable_wildcard=values["enable_wildcard"], random_flip=values["flip_aug"], center_crop=not values["random_crop"],
-        color_aug=values["color_aug"], resize_interpolation=values["resize_interpolation"])
+    if values["num_repeats"] < 0:
+        raise ConfigError(f"{where}.num_repeats must not be negative, got {values['num_repeats']}")
+    own = dataclasses.replace(config, center_crop=not values["random_crop"],
+                              **{ours: values[key] for key, (_, ours) in _SUBSET.items() if ours})
+    try:
+        own.validate()  # (the run's own checks of these settings: ranges, choices, the caption extension's dot, ...)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    options = SampleOptions(**{f.name: getattr(own, f.name) for f in dataclasses.fields(SampleOptions)})
+    extension = own.caption_extension
     masks, table = values["conditioning_data_dir"], values["metadata_file"]
     return Subset(name, Path(values["image_dir"]) if values["image_dir"] else None, bool(values["is_reg"]), values["num_repeats"], values["class_tokens"],
                   extension, values["caption_prefix"], values["caption_suffix"], options, values["alpha_mask"],
