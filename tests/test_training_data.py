@@ -725,13 +725,15 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     assert config_from_args(build_parser().parse_args(kohya[:6] + ["--resolution", "512,512"])).resolution_height == 0
     assert config_from_args(build_parser().parse_args(kohya[:6] + ["--in_json", "meta.json"])).in_json == "meta.json"
     assert config_from_args(build_parser().parse_args(kohya)).resize_interpolation == "auto"  # (kohya's area / lanczos)
+    assert config_from_args(build_parser().parse_args(kohya + ["--full_bf16", "--mixed_precision", "bf16"])).mixed_precision == "bf16"
     files = config_from_args(build_parser().parse_args(kohya[:6] + ["--dataset_config", "d.toml", "--caption_separator", ";",
                                                                     "--caption_dropout_every_n_epochs", "2"]))
     assert (files.dataset_config, files.caption_separator, files.caption_dropout_every_n_epochs) == ("d.toml", ";", 2)
     for extra, match in ((["--resolution", "512,768,3"], "resolution '512,768,3': give one side"),
                          (["--resolution", "512,780"], "--resolution_height must be a multiple of 8"),
                          (["--network_args", "rank_dropout=2"], "--rank_dropout must be in"),
-                         (["--full_fp16"], "full_fp16: the LoRA trains in fp32 under --mixed_precision fp16"),
+                         (["--full_fp16"], "full_fp16 needs --mixed_precision fp16, as kohya's"),
+                         (["--full_bf16", "--mixed_precision", "fp16"], "full_bf16 needs --mixed_precision bf16"),
                          (["--face_crop_aug_range", "2.0,4.0"], "face_crop_aug_range: face crop augmentation is not built"),
                          (["--base_weights", "a.safetensors", "b.safetensors", "--base_weights_multiplier", "1"],
                           "base_weights_multiplier gives 1 weights for 2 base_weights files"),

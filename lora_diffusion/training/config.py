@@ -521,11 +521,10 @@ KOHYA_IGNORED = ("xformers", "sdpa", "mem_eff_attn", "persistent_data_loader_wor
                  "tokenizer_cache_dir", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk")
 # kohya's settings read into ours by ``_from_kohya`` (their values differ)
 KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_encoder_only", "network_module",
-                    "network_args", "save_model_as", "random_crop", "cache_latents_to_disk", "base_weights_multiplier")
+                    "network_args", "save_model_as", "random_crop", "cache_latents_to_disk", "base_weights_multiplier",
+                    "full_fp16", "full_bf16")
 # kohya's settings this trainer does not build: named, with what to do instead, rather than "unknown setting"
 KOHYA_REFUSED = {
-    "full_fp16": "the LoRA trains in fp32 under --mixed_precision fp16 (its weights are small; the model is fp16)",
-    "full_bf16": "the LoRA trains in fp32 under --mixed_precision bf16 (its weights are small; the model is bf16)",
     "fp8_base": "an fp8 base model is not built; use --mixed_precision bf16 and --gradient_checkpointing for memory",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
@@ -545,6 +544,9 @@ def _from_kohya(values: dict[str, Any], source: str) -> dict[str, Any]:
         if values.get(name) not in (None, False):
             raise ConfigError(f"{source}: {name}: {reason}")
     out = {k: v for k, v in values.items() if k not in KOHYA_IGNORED + KOHYA_TRANSLATED + tuple(KOHYA_REFUSED)}
+    for name, precision in (("full_fp16", "fp16"), ("full_bf16", "bf16")):  # (kohya's: the LoRA in that precision too;
+        if values.get(name) and values.get("mixed_precision") != precision:  # here it stays fp32: a few MB more)
+            raise ConfigError(f"{source}: {name} needs --mixed_precision {precision}, as kohya's")
     if values.get("cache_latents_to_disk"):
         out.setdefault("cache_latents", True)  # (kept in memory here: the same latents)
     if values.get("random_crop"):
@@ -779,6 +781,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the weight of each --base_weights file (kohya's)")
     kohya.add_argument("--cache_latents_to_disk", action="store_true", default=argparse.SUPPRESS,
                        help="= --cache_latents (the latents are kept in memory)")
+    for name in ("full_fp16", "full_bf16"):
+        kohya.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help="with --mixed_precision "
+                           f"{name[-4:]}, as kohya's (the LoRA's own weights stay fp32)")
     kohya.add_argument("--output_config", action="store_true", default=argparse.SUPPRESS,
                        help="write the settings given (those unlike the defaults) into --config's file, a new TOML that "
                             "--config reads back, and stop (kohya's)")
