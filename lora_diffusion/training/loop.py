@@ -240,6 +240,12 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, config: Tra
     return 2 * c * pseudo if config.loss_type == "huber" else 2 * pseudo
 
 
+def masked(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A per-pixel loss ``[B, C, h, w]`` weighed by kohya's loss mask (``[B, 1, H, W]`` in pixels, area-averaged to
+    ``h x w``, as its ``apply_masked_loss``); the loss as it is without one."""
+    return loss if mask is None else loss * F.interpolate(mask.to(loss), size=loss.shape[2:], mode="area")
+
+
 def timestep_range(config: TrainConfig, scheduler) -> tuple[int, int]:
     """The timesteps trained, ``[--min_timestep, --max_timestep)`` (0 for the latter: the scheduler's
     ``num_train_timesteps``); ``ConfigError`` where they do not fit the scheduler."""
@@ -278,9 +284,7 @@ def diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator: t
     target = diffusion_target(scheduler, latents, noise, timesteps)
     extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
     prediction = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
-    loss = elementwise_loss(prediction.float(), target.float(), config, scheduler, timesteps)
-    if mask is not None:
-        loss = loss * F.interpolate(mask.to(loss), size=loss.shape[2:], mode="area")
+    loss = masked(elementwise_loss(prediction.float(), target.float(), config, scheduler, timesteps), mask)
     loss = loss.mean(dim=list(range(1, prediction.dim())))
     if config.snr_gamma:
         from diffusers.training_utils import compute_snr
@@ -492,7 +496,8 @@ class Validation:
                 states, added = condition(pipe, [self.dataset.caption(index, 0)], size, self.device, dtype, config.clip_skip,
                                           config.max_token_length, config.weighted_captions)
                 extra = {"added_cond_kwargs": added} if added is not None else {}
-                mask = self.dataset.mask(index, False, 0.5, 0.5) if config.masked_loss or config.alpha_mask else None
+                mask = stack_masks([self.dataset.mask(index, False, 0.5, 0.5)], self.dataset.bucket_of[index]) \
+                    if config.masked_loss or config.alpha_mask else None
                 for t in timesteps.tolist():
                     step = torch.tensor([t], device=self.device)
                     noise = torch.randn(latent.shape, generator=generator).to(latent)
@@ -500,9 +505,7 @@ class Validation:
                     prediction = unet(noisy, step, states, **extra).sample
                     target = diffusion_target(scheduler, latent, noise, step)
                     loss = elementwise_loss(prediction.float(), target.float(), config, scheduler, step)
-                    if mask is not None:  # (kohya's masked loss, as the step's)
-                        loss = loss * F.interpolate(mask[None].to(loss), size=loss.shape[2:], mode="area")
-                    losses.append(float(loss.mean()))
+                    losses.append(float(masked(loss, mask).mean()))  # (the mask as the step's)
         finally:
             unet.train(was_training)
         return sum(losses) / len(losses)
@@ -1124,14 +1127,15 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     def loader(plan_: BatchPlan, dataset_: ImageDataset, cached: bool) -> Iterator[dict]:
         sampler = StepBatchSampler(plan_, start=step, stop=max_steps, accumulation=config.gradient_accumulation_steps,
                                    num_processes=accelerator.num_processes, rank=accelerator.process_index)
-        if cached:  # no pixels needed: only which image, whether flipped (and SDXL's size conditioning)
-            return ({"indices": [k.index for k in keys], "flips": [dataset_.augmentation(k.index, k.seed)[0] for k in keys],
-                     "masks": stack_masks([dataset_.mask(k.index, *dataset_.augmentation(k.index, k.seed)) for k in keys],
-                                          dataset_.bucket_of[keys[0].index]) if masked else None,
-                     "captions": [dataset_.caption(*k) for k in keys],
-                     "size_conditioning": torch.tensor([dataset_.size_conditioning(k.index, *dataset_.augmentation(k.index, k.seed))
-                                                        for k in keys])}
-                    for keys in sampler)
+        def cached_batch(keys: list) -> dict:  # no pixels needed: which image, whether flipped, SDXL's size conditioning
+            placed = [(k.index, *dataset_.augmentation(k.index, k.seed)) for k in keys]  # (index, flip, x, y), once each
+            return {"indices": [k.index for k in keys], "flips": [flip for _, flip, _, _ in placed],
+                    "masks": stack_masks([dataset_.mask(*p) for p in placed], dataset_.bucket_of[keys[0].index]) if masked else None,
+                    "captions": [dataset_.caption(*k) for k in keys],
+                    "size_conditioning": torch.tensor([dataset_.size_conditioning(*p) for p in placed])}
+
+        if cached:
+            return (cached_batch(keys) for keys in sampler)
         return iter(torch.utils.data.DataLoader(dataset_, batch_sampler=sampler, collate_fn=collate,
                                                 num_workers=config.dataloader_num_workers, worker_init_fn=_ignore_ctrl_c))
 
