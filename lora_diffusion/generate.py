@@ -64,6 +64,30 @@ SCHEDULE_TYPES: dict[str, dict] = {
     "SGM Uniform": {"timestep_spacing": "trailing"},
 }
 _DEFAULT_SETTINGS = {"use_karras_sigmas": False, "use_exponential_sigmas": False}
+# A1111's "Noise schedule for sampling" (infotext "Noise Schedule"), for models trained with zero terminal SNR
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")
+_ZTSNR_LAST = 4.8973451890853435e-08  # A1111's last alpha-bar: not 0, so that the k-samplers' last sigma is finite
+
+
+def zero_terminal_snr(scheduler):
+    """A scheduler like ``scheduler`` (same class and settings) on its schedule rescaled to zero terminal SNR as
+    A1111's "Noise schedule for sampling: Zero Terminal SNR" rescales it (Lin et al. 2023, Algorithm 1, on
+    sqrt(alpha-bar): shifted so that the last timestep's is 0, scaled so that the first's is kept; then the last
+    alpha-bar set to 4.9e-8), given to it as ``trained_betas``."""
+    accepted = set(inspect.signature(type(scheduler).__init__).parameters)
+    if "trained_betas" not in accepted or not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(f"{type(scheduler).__name__} takes no noise schedule (trained_betas): use noise schedule "
+                         "Default or another sampler")
+    root = scheduler.alphas_cumprod.double().sqrt()
+    first, last = root[0].item(), root[-1].item()
+    alpha_bar = ((root - last) * (first / (first - last))) ** 2
+    alpha_bar[-1] = _ZTSNR_LAST
+    betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    config["trained_betas"] = betas.tolist()
+    if "rescale_betas_zero_snr" in accepted:
+        config["rescale_betas_zero_snr"] = False  # (rescaled here, once)
+    return type(scheduler).from_config(config)
 
 
 def set_sampler(pipe, sampler: str, schedule_type: str = "Automatic") -> tuple[str, str]:
@@ -303,6 +327,7 @@ def txt2img(
     hires_schedule_type: str | None = None,
     hires_prompt: str = "",
     hires_negative_prompt: str = "",
+    noise_schedule: str = "Default",
 ) -> list[Generated]:
     """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
     switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its
@@ -324,7 +349,9 @@ def txt2img(
     any, the prompt's). ``subseed_strength`` > 0: A1111's variation seed, the
     starting noise that far toward ``subseed``'s (``subseed + 1``, ... for the batch; -1: a random one);
     ``seed_resize_from`` ``(width, height)``: A1111's "Resize seed from", the seed's noise at that size, centred
-    (``variation_noise``; text-to-image and a Hires. fix's first pass)."""
+    (``variation_noise``; text-to-image and a Hires. fix's first pass). ``noise_schedule`` "Zero Terminal SNR":
+    A1111's noise schedule for models trained with zero terminal SNR (``zero_terminal_snr``), for these images only
+    (``pipe.scheduler`` is put back after them)."""
     if not 1 <= steps <= 1000:
         raise ValueError(f"steps must be between 1 and 1000, got {steps}")
     if batch_count < 1:
@@ -332,6 +359,8 @@ def txt2img(
     _, negative_tags = parse_prompt(negative_prompt)
     if negative_tags:
         raise ValueError("put <lora:...> tags in the prompt, not in the negative prompt")
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise schedule {noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}")
     if sampler is not None:
         sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
     second_scheduler = None
@@ -410,6 +439,11 @@ def txt2img(
             "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
             "Hires schedule type": hires_schedule_type if second_scheduler is not None and
             hires_schedule_type != params["Schedule type"] else None})
+    own_scheduler = pipe.scheduler
+    if noise_schedule != "Default":
+        ztsnr = zero_terminal_snr(own_scheduler)
+        second_scheduler = second_scheduler and zero_terminal_snr(second_scheduler)
+        params = _insert_before(params, "Version", {"Noise Schedule": noise_schedule})
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -420,6 +454,8 @@ def txt2img(
         fuse(pipe)
     out = []
     try:
+        if noise_schedule != "Default":
+            pipe.scheduler = ztsnr
         for i in range(batch_count):
             generator = torch.Generator("cpu").manual_seed(seed + i)
             run = dict(texts, guidance_scale=cfg_scale, generator=generator)
@@ -442,6 +478,7 @@ def txt2img(
             own = {"Seed": seed + i, **({"Variation seed": subseed + i} if subseed_strength > 0 else {})}
             out.append(Generated(image, seed + i, infotext(prompt, negative_prompt, {**params, **own})))
     finally:
+        pipe.scheduler = own_scheduler
         if fused and tags:
             unfuse(pipe)
     return out
@@ -785,7 +822,7 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
                "Hires negative prompt": ("hires_negative_prompt", str),
                "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "Mask blur": ("mask_blur", int),
                "Masked area padding": ("masked_padding", int), "Variation seed": ("subseed", int),
-               "Variation seed strength": ("subseed_strength", float)}
+               "Variation seed strength": ("subseed_strength", float), "Noise Schedule": ("noise_schedule", str)}
     for key, (name, kind) in convert.items():
         if key in params:
             try:
@@ -822,7 +859,7 @@ READ_KEYS = frozenset({
     "Pad conds", "Lora hashes", "TI hashes", "Version", "Denoising strength", "Hires upscale", "Hires steps",
     "Hires upscaler", "Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt", "Mask blur",
     "Mask mode", "Inpaint area", "Masked area padding", "Masked content",
-    "Variation seed", "Variation seed strength", "Seed resize from", "Script", "RNG",
+    "Variation seed", "Variation seed strength", "Seed resize from", "Script", "RNG", "Noise Schedule",
     *(f"{p}{a} {k}" for a in "XYZ" for p, k in (("", "Type"), ("", "Values"), ("Fixed ", "Values"))),
 })
 
@@ -891,7 +928,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
                  "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding", "masked_content",
                  "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from", "hires_resize", "hires_sampler",
-                 "hires_schedule_type", "hires_prompt", "hires_negative_prompt"):
+                 "hires_schedule_type", "hires_prompt", "hires_negative_prompt", "noise_schedule"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -1042,6 +1079,8 @@ def register(subparsers) -> None:
     p.add_argument("--sampler", default=None, help=f"an A1111 sampler ({', '.join(SAMPLERS)}; default DPM++ 2M) or a "
                    "diffusers scheduler class name")
     p.add_argument("--schedule-type", dest="schedule_type", default=None, choices=list(SCHEDULE_TYPES))
+    p.add_argument("--noise-schedule", dest="noise_schedule", default=None, choices=list(NOISE_SCHEDULES),
+                   help="A1111's noise schedule for sampling: Zero Terminal SNR for models trained with it")
     p.add_argument("--variation-seed", dest="subseed", type=int, default=None, help="A1111's variation seed: the "
                    "starting noise --variation-strength of the way toward this seed's (-1: a random one)")
     p.add_argument("--variation-strength", dest="subseed_strength", type=float, default=None,

@@ -567,7 +567,7 @@ def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path
     save_lora(tmp_path / "loras" / "style.safetensors", unet=own.unet)
     texts = [txt2img(pipe, "a (red:1.2) cat <lora:style:0.5>", "ugly", lora_dir=tmp_path / "loras", clip_skip=2, emphasis="No norm",
                      hires_scale=1.5, hires_steps=2, subseed=3, subseed_strength=0.2, seed_resize_from=(24, 24), sampler="Euler a",
-                     model_name="m", model_sha256="ab" * 32, **kw)[0].infotext,
+                     model_name="m", model_sha256="ab" * 32, noise_schedule="Zero Terminal SNR", **kw)[0].infotext,
              txt2img(pipe, "a cat", init_image=start, mask_image=mask, masked_content="latent noise", inpaint_not_masked=True,
                      inpaint_only_masked=True, **kw)[0].infotext,
              xy_plot(pipe, "a cat", x="Seed: 1, -1", y="Steps: 1, 2", z="CFG Scale: 3, 7", width=32, height=32).infotext]
@@ -588,6 +588,38 @@ def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path
     for bad in (dict(init_image=start, denoising_strength=0.5, steps=1), dict(hires_scale=2.0, hires_steps=1, denoising_strength=0.5)):
         with pytest.raises(ValueError, match="at denoising strength 0.5 run no denoising step"):  # (diffusers: a crash)
             txt2img(pipe, "a cat", **{**kw, **bad})
+
+
+def test_zero_terminal_snr_noise_schedule_is_a1111s(pipe):
+    """A1111's "Noise schedule for sampling: Zero Terminal SNR": sqrt(alpha-bar) shifted so that the last is 0 and
+    scaled so that the first is kept (Lin et al. 2023), then the last alpha-bar set to 4.9e-8; for the images of that
+    call only. The infotext names it, and its settings make the image again."""
+    from lora_diffusion.generate import infotext_settings, zero_terminal_snr
+
+    for name in ("Euler a", "DPM++ 2M", "DDIM", "UniPC"):
+        set_sampler(pipe, name)
+        base, rescaled = pipe.scheduler, zero_terminal_snr(pipe.scheduler)
+        assert type(rescaled) is type(base)
+        assert {k: v for k, v in rescaled.config.items() if k != "trained_betas" and not k.startswith("_")} == \
+            {k: v for k, v in base.config.items() if k != "trained_betas" and not k.startswith("_")}
+        old, new = base.alphas_cumprod.double().sqrt(), rescaled.alphas_cumprod.double().sqrt()
+        expect = (old - old[-1]) * (old[0] / (old[0] - old[-1]))
+        torch.testing.assert_close(new[:-1], expect[:-1], rtol=1e-5, atol=1e-7)
+        assert rescaled.alphas_cumprod[-1].item() == pytest.approx(4.8973451890853435e-08, rel=1e-4)
+        assert base.alphas_cumprod[-1] > 1000 * rescaled.alphas_cumprod[-1]  # (SD's own: 0.0047)
+
+    kw = dict(steps=3, seed=2, width=32, height=32, sampler="Euler")
+    default = txt2img(pipe, "a red circle", **kw)[0]
+    ztsnr = txt2img(pipe, "a red circle", noise_schedule="Zero Terminal SNR", **kw)[0]
+    assert pipe.scheduler.config.get("trained_betas") is None  # the pipeline's own schedule again
+    assert torch.equal(pipe.scheduler.alphas_cumprod, base.alphas_cumprod)
+    assert "Noise Schedule" not in parse_infotext(default.infotext)[2]
+    assert parse_infotext(ztsnr.infotext)[2]["Noise Schedule"] == "Zero Terminal SNR"
+    assert not np.array_equal(np.asarray(default.image), np.asarray(ztsnr.image))
+    again = txt2img(pipe, **infotext_settings(ztsnr.infotext))[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(ztsnr.image)) and again.infotext == ztsnr.infotext
+    with pytest.raises(ValueError, match="unknown noise schedule 'ZTSNR'; choose from Default, Zero Terminal SNR"):
+        txt2img(pipe, "a red circle", noise_schedule="ZTSNR", **kw)
 
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
