@@ -328,6 +328,7 @@ def txt2img(
     hires_prompt: str = "",
     hires_negative_prompt: str = "",
     noise_schedule: str = "Default",
+    hires_cfg_scale: float | None = None,
 ) -> list[Generated]:
     """Images of an A1111 prompt: its ``<lora:name:w>`` tags load from ``lora_dir`` and weigh the LoRAs (others are
     switched off), the textual inversions of ``embeddings_dir`` that the prompts name load (``load_embedding``), its
@@ -346,7 +347,7 @@ def txt2img(
     ``hires_steps`` (0: ``steps``) at ``denoising_strength`` (``hires_resize`` ``(w, h)``: to that size instead,
     A1111's "Hires resize", ``hires_size``), with ``hires_sampler`` / ``hires_schedule_type``
     (``None``: the first pass's; A1111's "Use same") and ``hires_prompt`` / ``hires_negative_prompt`` ("": the first pass's; LoRA tags, if
-    any, the prompt's). ``subseed_strength`` > 0: A1111's variation seed, the
+    any, the prompt's) and ``hires_cfg_scale`` (Forge's Hires CFG Scale; ``None``: ``cfg_scale``). ``subseed_strength`` > 0: A1111's variation seed, the
     starting noise that far toward ``subseed``'s (``subseed + 1``, ... for the batch; -1: a random one);
     ``seed_resize_from`` ``(width, height)``: A1111's "Resize seed from", the seed's noise at that size, centred
     (``variation_noise``; text-to-image and a Hires. fix's first pass). ``noise_schedule`` "Zero Terminal SNR":
@@ -437,6 +438,7 @@ def txt2img(
             "Hires sampler": hires_sampler if second_scheduler is not None and hires_sampler != params["Sampler"] else None,
             "Hires prompt": hires_prompt if hires_prompt and hires_prompt != prompt else None,
             "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
+            "Hires CFG Scale": float(hires_cfg_scale) if hires_cfg_scale is not None and hires_cfg_scale != cfg_scale else None,
             "Hires schedule type": hires_schedule_type if second_scheduler is not None and
             hires_schedule_type != params["Schedule type"] else None})
     own_scheduler = pipe.scheduler
@@ -449,7 +451,8 @@ def txt2img(
                                                                           for name, path in embeddings.items())})
     if hires:  # (the second pass schedules prompt editing on from the first, as A1111)
         second = dict(scheduled_prompt_kwargs(pipe, hires_clean, hires_negative or None, hires_steps or steps,
-                                              clip_skip=clip_skip, emphasis=emphasis, base_steps=steps), guidance_scale=cfg_scale)
+                                              clip_skip=clip_skip, emphasis=emphasis, base_steps=steps),
+                      guidance_scale=cfg_scale if hires_cfg_scale is None else hires_cfg_scale)
     if fused and tags:
         fuse(pipe)
     out = []
@@ -822,7 +825,8 @@ def infotext_settings(text: str, source: str = "the infotext") -> dict:
                "Hires negative prompt": ("hires_negative_prompt", str),
                "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "Mask blur": ("mask_blur", int),
                "Masked area padding": ("masked_padding", int), "Variation seed": ("subseed", int),
-               "Variation seed strength": ("subseed_strength", float), "Noise Schedule": ("noise_schedule", str)}
+               "Variation seed strength": ("subseed_strength", float), "Noise Schedule": ("noise_schedule", str),
+               "Hires CFG Scale": ("hires_cfg_scale", float)}
     for key, (name, kind) in convert.items():
         if key in params:
             try:
@@ -859,7 +863,7 @@ READ_KEYS = frozenset({
     "Pad conds", "Lora hashes", "TI hashes", "Version", "Denoising strength", "Hires upscale", "Hires steps",
     "Hires upscaler", "Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt", "Mask blur",
     "Mask mode", "Inpaint area", "Masked area padding", "Masked content",
-    "Variation seed", "Variation seed strength", "Seed resize from", "Script", "RNG", "Noise Schedule",
+    "Variation seed", "Variation seed strength", "Seed resize from", "Script", "RNG", "Noise Schedule", "Hires CFG Scale",
     *(f"{p}{a} {k}" for a in "XYZ" for p, k in (("", "Type"), ("", "Values"), ("Fixed ", "Values"))),
 })
 
@@ -928,7 +932,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "sampler", "schedule_type", "clip_skip",
                  "width", "height", "denoising_strength", "hires_scale", "hires_steps", "hires_upscaler", "mask_blur", "inpaint_only_masked", "masked_padding", "masked_content",
                  "inpaint_not_masked", "subseed", "subseed_strength", "seed_resize_from", "hires_resize", "hires_sampler",
-                 "hires_schedule_type", "hires_prompt", "hires_negative_prompt", "noise_schedule"):
+                 "hires_schedule_type", "hires_prompt", "hires_negative_prompt", "noise_schedule", "hires_cfg_scale"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -1124,6 +1128,8 @@ def register(subparsers) -> None:
     p.add_argument("--hr-prompt", dest="hires_prompt", default=None, help="the hires pass's prompt (A1111's Hires "
                    "prompt; default: the prompt; LoRA tags, if any, the prompt's)")
     p.add_argument("--hr-negative-prompt", dest="hires_negative_prompt", default=None)
+    p.add_argument("--hr-cfg-scale", dest="hires_cfg_scale", type=float, default=None, help="the hires pass's "
+                   "classifier-free guidance (Forge's Hires CFG Scale; default: --cfg-scale)")
     p.add_argument("--batch-count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
     p.add_argument("--x-axis", dest="x_axis", default=None, metavar="'TYPE: VALUES'", help="A1111's X/Y plot: one image "
                    "per value and a labelled grid, e.g. 'Prompt S/R: <lora:style:1>, <lora:style:0.5>' or 'Seed: 1-4' "

@@ -514,6 +514,35 @@ def test_a_hires_pass_takes_its_own_sampler_and_prompt_as_a1111(pipe, tmp_path):
         txt2img(pipe, "a red cat", hires_prompt="a red cat <lora:style:1>", **settings)
 
 
+def test_hires_cfg_scale_guides_the_second_pass_as_forges(pipe, tmp_path):
+    """Forge's Hires CFG Scale: the second pass's guidance (the pipelines run by hand), in the infotext where it is
+    not the first pass's CFG scale, and read back."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from lora_diffusion.generate import infotext_settings
+
+    settings = dict(steps=3, seed=5, width=32, height=32, cfg_scale=6.0, sampler="Euler", hires_resize=(48, 48),
+                    hires_steps=2, denoising_strength=0.6)
+    (plain,) = txt2img(pipe, "a red cat", **settings)
+    (same,) = txt2img(pipe, "a red cat", hires_cfg_scale=6.0, **settings)
+    (low,) = txt2img(pipe, "a red cat", hires_cfg_scale=2, **settings)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(same.image)) and plain.infotext == same.infotext
+    assert "Hires CFG Scale" not in plain.infotext and parse_infotext(low.infotext)[2]["Hires CFG Scale"] == "2.0"
+    g = torch.Generator().manual_seed(5)
+    set_sampler(pipe, "Euler")
+    first = pipe("a red cat", num_inference_steps=3, guidance_scale=6.0, width=32, height=32, generator=g, output_type="latent").images
+    second = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    second.set_progress_bar_config(disable=True)
+    expect = second("a red cat", image=F.interpolate(first, size=(24, 24), mode="bilinear"), strength=0.6,
+                    num_inference_steps=2, guidance_scale=2.0, generator=g).images[0]  # (latents at 1/2)
+    assert np.array_equal(np.asarray(low.image), np.asarray(expect))
+    assert not np.array_equal(np.asarray(low.image), np.asarray(plain.image))
+    assert infotext_settings(low.infotext)["hires_cfg_scale"] == 2.0
+    (again,) = txt2img(pipe, **infotext_settings(low.infotext))
+    assert np.array_equal(np.asarray(again.image), np.asarray(low.image)) and again.infotext == low.infotext
+
+
 def test_hires_resize_covers_the_size_and_cuts_its_middle_as_a1111(pipe, tmp_path):
     """A1111's Hires resize: one side given, the other follows the aspect ratio; both, the image is upscaled to cover
     them and the middle cut out of the latents; the image equals the pipelines run by hand, its infotext says Hires
@@ -567,15 +596,16 @@ def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path
     save_lora(tmp_path / "loras" / "style.safetensors", unet=own.unet)
     texts = [txt2img(pipe, "a (red:1.2) cat <lora:style:0.5>", "ugly", lora_dir=tmp_path / "loras", clip_skip=2, emphasis="No norm",
                      hires_scale=1.5, hires_steps=2, subseed=3, subseed_strength=0.2, seed_resize_from=(24, 24), sampler="Euler a",
-                     model_name="m", model_sha256="ab" * 32, noise_schedule="Zero Terminal SNR", **kw)[0].infotext,
+                     model_name="m", model_sha256="ab" * 32, noise_schedule="Zero Terminal SNR", hires_cfg_scale=4, **kw)[0].infotext,
              txt2img(pipe, "a cat", init_image=start, mask_image=mask, masked_content="latent noise", inpaint_not_masked=True,
                      inpaint_only_masked=True, **kw)[0].infotext,
              xy_plot(pipe, "a cat", x="Seed: 1, -1", y="Steps: 1, 2", z="CFG Scale: 3, 7", width=32, height=32).infotext]
+    assert "Noise Schedule: Zero Terminal SNR" in texts[0] and "Hires CFG Scale: 4.0" in texts[0]
     for text in texts:
         assert unread_settings(text) == [], text
     a1111 = ("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 32x32, Denoising strength: 0.5, Hires upscale: 1.5, "
-             "Hires CFG Scale: 5, ADetailer model: face_yolov8n.pt, Version: v1.10.1")
-    assert unread_settings(a1111) == ["Hires CFG Scale", "ADetailer model"]
+             "Hires CFG Scale: 5, Hires checkpoint: other.safetensors, ADetailer model: face_yolov8n.pt, Version: v1.10.1")
+    assert unread_settings(a1111) == ["Hires checkpoint", "ADetailer model"]
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -583,7 +613,7 @@ def test_every_setting_we_write_is_read_back_and_others_are_named(pipe, tmp_path
     Image.new("RGB", (32, 32)).save(tmp_path / "a1111.png", pnginfo=info)
     capsys.readouterr()
     assert main(["generate", str(TINY_MODEL), "--from-png", str(tmp_path / "a1111.png"), "-o", str(tmp_path / "again.png")]) == 0
-    assert "settings not made again here: Hires CFG Scale, ADetailer model; the image will differ" in capsys.readouterr().err
+    assert "settings not made again here: Hires checkpoint, ADetailer model; the image will differ" in capsys.readouterr().err
     assert (tmp_path / "again.png").is_file()
     for bad in (dict(init_image=start, denoising_strength=0.5, steps=1), dict(hires_scale=2.0, hires_steps=1, denoising_strength=0.5)):
         with pytest.raises(ValueError, match="at denoising strength 0.5 run no denoising step"):  # (diffusers: a crash)

@@ -1189,7 +1189,7 @@ def test_png_info_fills_the_generate_tab_from_a1111_infotext(backend, tmp_path):
     info = PngInfo()
     info.add_text("parameters", "a fox\nNegative prompt: ugly\nSteps: 150, Sampler: DPM++ 2S a Karras, CFG scale: 7, "
                                 "Seed: 1, Size: 512x768, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 10, "
-                                "Hires upscaler: R-ESRGAN 4x+, Noise Schedule: Zero Terminal SNR")
+                                "Hires upscaler: R-ESRGAN 4x+, Hires CFG Scale: 4, Noise Schedule: Zero Terminal SNR")
     Image.new("RGB", (8, 8)).save(tmp_path / "civitai.png", pnginfo=info)
     fields, note = png_info(tmp_path / "civitai.png")
     assert (fields["width"], fields["height"], fields["steps"], fields["sampler"]) == (512, 768, 100, None)
@@ -1198,6 +1198,7 @@ def test_png_info_fills_the_generate_tab_from_a1111_infotext(backend, tmp_path):
     assert "'DPM++ 2S a Karras' is not one of the UI's" in note and "150 steps" in note
     assert "hires upscaler 'R-ESRGAN 4x+' is not one of the UI's: Latent is set" in note and "img2img" not in note
     assert "its Noise Schedule is not in the tab: `lora-diffusion generate --from-png` makes it" in note
+    assert "its Hires CFG Scale is not in the tab" in note
     Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
     with pytest.raises(UIError, match="bare.png: the image holds no A1111 'parameters' text"):
         png_info(tmp_path / "bare.png")

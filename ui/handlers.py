@@ -553,7 +553,7 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
     for key, name in (("seed_resize_from", "Resize seed from"), ("hires_resize", "Hires resize"), ("hires_sampler", "Hires sampler"),
                       ("hires_prompt", "Hires prompt"), ("hires_negative_prompt", "Hires negative prompt"),
-                      ("noise_schedule", "Noise Schedule")):
+                      ("noise_schedule", "Noise Schedule"), ("hires_cfg_scale", "Hires CFG Scale")):
         if key in got:
             notes.append(f"its {name} is not in the tab: `lora-diffusion generate --from-png` makes it")
     if any(f"{a}_axis" in got for a in "xyz"):
