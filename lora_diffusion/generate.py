@@ -431,14 +431,15 @@ def txt2img(
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
                                     hires_resize=hires_resize if hires else None,
+                                    hires_cfg_scale=hires_cfg_scale if hires and hires_cfg_scale not in (None, cfg_scale) else None,
                                     mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding,
                                     masked_content=masked_content, inpaint_not_masked=inpaint_not_masked)
     if hires:  # (A1111's: each where it differs from the first pass's)
-        params = _insert_before(params, "Hires resize" if hires_resize else "Hires upscale", {
+        anchor = "Hires CFG Scale" if "Hires CFG Scale" in params else "Hires resize" if hires_resize else "Hires upscale"
+        params = _insert_before(params, anchor, {
             "Hires sampler": hires_sampler if second_scheduler is not None and hires_sampler != params["Sampler"] else None,
             "Hires prompt": hires_prompt if hires_prompt and hires_prompt != prompt else None,
             "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
-            "Hires CFG Scale": float(hires_cfg_scale) if hires_cfg_scale is not None and hires_cfg_scale != cfg_scale else None,
             "Hires schedule type": hires_schedule_type if second_scheduler is not None and
             hires_schedule_type != params["Schedule type"] else None})
     own_scheduler = pipe.scheduler
@@ -591,11 +592,13 @@ def variation_params(params: dict, subseed: int, strength: float, resize_from: t
 def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,
                        hires_steps: int = 0, hires_upscaler: str = "Latent", *, mask_blur: int | None = None,
                        only_masked_padding: int | None = None, masked_content: str = "original",
-                       inpaint_not_masked: bool = False, hires_resize: tuple[int, int] | None = None) -> dict:
+                       inpaint_not_masked: bool = False, hires_resize: tuple[int, int] | None = None,
+                       hires_cfg_scale: float | None = None) -> dict:
     """``params`` (``a1111_params``) with an img2img's ``Denoising strength`` (and an inpainting's ``Mask mode: Inpaint
     not masked``, ``Mask blur``, ``Inpaint area: Only masked`` with its ``Masked area padding`` and a ``Masked
     content`` other than original) and, given ``hires_scale``, a Hires. fix's settings, where A1111 puts them
-    (``Hires steps`` only when not the first pass's; ``hires_resize``: ``Hires resize`` in place of ``Hires upscale``)."""
+    (``Hires steps`` only when not the first pass's; ``hires_resize``: ``Hires resize`` in place of ``Hires upscale``;
+    ``hires_cfg_scale``: Forge's ``Hires CFG Scale``, given where it is not the first pass's ``CFG scale``)."""
     inpainting = {}
     if mask_blur is not None:  # (an inpainting)
         inpainting = {"Mask mode": "Inpaint not masked"} if inpaint_not_masked else {}
@@ -608,7 +611,9 @@ def second_pass_params(params: dict, denoising_strength: float, hires_scale: flo
     if hires_scale is None:
         return params
     size = {"Hires resize": "{}x{}".format(*hires_resize)} if hires_resize else {"Hires upscale": hires_scale}
-    return _insert_before(params, "Lora hashes", {**size, "Hires steps": hires_steps or None, "Hires upscaler": hires_upscaler})
+    guidance = {"Hires CFG Scale": float(hires_cfg_scale)} if hires_cfg_scale is not None else {}
+    return _insert_before(params, "Lora hashes", {**guidance, **size, "Hires steps": hires_steps or None,
+                                                  "Hires upscaler": hires_upscaler})
 
 
 def _alpha(image):

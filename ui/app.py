@@ -130,7 +130,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         with gr.Row():
                             hr_scale = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1: off)", elem_id="hr-scale")
                             hr_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
-                        hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
+                        with gr.Row():
+                            hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
+                            hr_cfg = gr.Slider(0, 30, value=0, step=0.5, label="Hires CFG Scale (0: as Guidance)")
                     with gr.Accordion("img2img: start from an image", open=False):
                         with gr.Row():
                             init_image = gr.Image(type="filepath", label="Init image (resized to Width x Height; 0: its own size)",
@@ -295,14 +297,14 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
             # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes, the
-            # inpaint mask and its settings, the Z axis and the variation seed come after the slots, in the order they were added: API
+            # inpaint mask and its settings, the Z axis, the variation seed and the hires CFG scale come after the slots, in the order they were added: API
             # callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
-                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0)
+                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0, 0.0)
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
-                y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values, sub, sub_strength = \
-                (*extra, *defaults[len(extra):])[:23]
+                y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values, sub, sub_strength, hr_guidance = \
+                (*extra, *defaults[len(extra):])[:24]
             if (mode or MASK_MODES[0]) not in MASK_MODES:
                 raise UIError(f"unknown mask mode {mode!r}; choose from {', '.join(MASK_MODES)}")
             count = _whole(count, "the batch count", 1)
@@ -327,7 +329,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 masked_padding=_whole(padding, "the masked area padding", 32),
                                 masked_content=content or "original", inpaint_not_masked=mode == MASK_MODES[1],
                                 subseed=_whole(sub, "the variation seed", 0),
-                                subseed_strength=0.0 if sub_strength is None else _number(sub_strength, "the variation strength"))
+                                subseed_strength=0.0 if sub_strength is None else _number(sub_strength, "the variation strength"),
+                                hires_cfg_scale=0.0 if hr_guidance is None else _number(hr_guidance, "the hires CFG scale"))
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
             if any(axes):  # A1111's X/Y/Z plot: the grid first, then its cells
@@ -357,7 +360,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                      "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None,
                                      "inpaint_only_masked": None, "masked_padding": None, "masked_content": None,
                                      "mask_mode": None, "z_type": NO_AXIS, "z_values": None, "subseed": None,
-                                     "subseed_strength": None})
+                                     "subseed_strength": None, "hires_cfg_scale": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -442,7 +445,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 15 + [""] + [gr.update()] * 13
+                return [gr.update()] * 15 + [""] + [gr.update()] * 14
             fields, note = png_info(_file_path(file))
             inpainting = fields["inpaint"]  # (an image that was not inpainted leaves those settings as they are)
             plot, axes = fields["plot"] or {}, []  # an X/Y/Z grid's axes (any other image's: Nothing, one image)
@@ -454,7 +457,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     fields["hires_steps"], fields["denoising_strength"], f"*{note}*" if note else "settings taken",
                     *([inpainting["mask_blur"], inpainting["inpaint_only_masked"], inpainting["masked_padding"],
                        inpainting["masked_content"], MASK_MODES[inpainting["inpaint_not_masked"]]] if inpainting else
-                      [gr.update()] * 5), *axes, fields["subseed"], fields["subseed_strength"]]
+                      [gr.update()] * 5), *axes, fields["subseed"], fields["subseed_strength"], fields["hires_cfg_scale"]]
 
         @_user_errors
         def on_upload(file, name):
@@ -476,7 +479,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
              x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-             z_type, z_values, subseed, subseed_strength],
+             z_type, z_values, subseed, subseed_strength, hr_cfg],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
@@ -499,7 +502,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         png_file.change(on_png, [png_file], [prompt, negative, seed, steps, guidance, width, height, gen_clip_skip, sampler,
                                              schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note,
                                              mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-                                             x_type, x_values, y_type, y_values, z_type, z_values, subseed, subseed_strength],
+                                             x_type, x_values, y_type, y_values, z_type, z_values, subseed, subseed_strength, hr_cfg],
                         api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")

@@ -226,6 +226,7 @@ class GenerateRequest:
     hires_scale: float = 1.0
     hires_steps: int = 0
     hires_upscaler: str = "Latent"
+    hires_cfg_scale: float = 0.0  # the second pass's guidance (Forge's Hires CFG Scale); 0: ``guidance``
     denoising_strength: float = 0.7  # of a Hires. fix's second pass, or of img2img
     # img2img (``lora_diffusion.generate.image_to_image``): the image file to start from, resized to width x height
     # (by default its own size, down to a multiple of 8)
@@ -284,13 +285,15 @@ def diffusers_snippet(
     tag_blocks: dict[str, tuple[float, ...]] | None = None,
     mask: tuple[str, int, int | None, str, bool] | None = None,
     variation: tuple[int, float] | None = None,
+    hires_guidance: float | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
     with ``from_single_file``, its configs from ``model_config`` where given; ``scheduler``: a scheduler class and the
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
-    ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules;
+    ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules
+    at ``hires_guidance`` (``None``: ``guidance``);
     ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too, or with ``mask`` ``(mask
     file, blur, only-masked padding or None, masked content, inpaint not masked)`` the inpaint pipeline, pasted back
     through A1111's overlay (by its ``padding_mask_crop`` for "Only masked"); a masked content other than original,
@@ -395,7 +398,8 @@ def diffusers_snippet(
     if not hires:
         lines += [*noise, "image = pipe(" + ", ".join([*args, "generator=generator"]) + ").images[0]"]
         return "\n".join(lines) + "\n"
-    return "\n".join(lines + noise + _hires_lines(args, second, guidance, width, height, hires, sdxl)) + "\n"
+    second_guidance = guidance if hires_guidance is None else hires_guidance
+    return "\n".join(lines + noise + _hires_lines(args, second, second_guidance, width, height, hires, sdxl)) + "\n"
 
 
 def _diffusers_blend(lora_paths: dict[str, str], loras: dict[str, tuple[float, float]], blocks: dict | None,
@@ -549,11 +553,12 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "height": got.get("height", 0), "clip_skip": got.get("clip_skip", 1), "sampler": sampler or None,
               "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None",
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
-              "denoising_strength": got.get("denoising_strength", 0.7), "inpaint": None, "plot": None,
+              "denoising_strength": got.get("denoising_strength", 0.7), "hires_cfg_scale": got.get("hires_cfg_scale", 0.0),
+              "inpaint": None, "plot": None,
               "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
     for key, name in (("seed_resize_from", "Resize seed from"), ("hires_resize", "Hires resize"), ("hires_sampler", "Hires sampler"),
                       ("hires_prompt", "Hires prompt"), ("hires_negative_prompt", "Hires negative prompt"),
-                      ("noise_schedule", "Noise Schedule"), ("hires_cfg_scale", "Hires CFG Scale")):
+                      ("noise_schedule", "Noise Schedule")):
         if key in got:
             notes.append(f"its {name} is not in the tab: `lora-diffusion generate --from-png` makes it")
     if any(f"{a}_axis" in got for a in "xyz"):
@@ -1014,7 +1019,7 @@ class Backend:
                     # (the second pass schedules prompt editing on from the first, as A1111)
                     second = scheduled_prompt_kwargs(pipe, prompt, negative or None, hires_steps, clip_skip=clip_skip,
                                                      base_steps=steps) if a1111_prompt else texts
-                    image = hires_fix(pipe, run, dict(second, guidance_scale=float(req.guidance), generator=generator),
+                    image = hires_fix(pipe, run, dict(second, guidance_scale=self._hires_guidance(req), generator=generator),
                                       steps=steps, width=width, height=height, scale=scale, hires_steps=hires_steps,
                                       upscaler=upscaler, strength=strength)
                 else:
@@ -1031,7 +1036,8 @@ class Backend:
         if variation:
             params = variation_params(params, *variation)
         if hires:
-            params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2])
+            params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2], hires_cfg_scale=(
+                self._hires_guidance(req) if self._hires_guidance(req) != float(req.guidance) else None))
         elif init is not None:
             params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None,
                                         only_masked_padding=padding, masked_content=req.masked_content,
@@ -1067,8 +1073,9 @@ class Backend:
                 if req.masked_content != "original":
                     caption += f", masked content {req.masked_content}"
         if hires:
-            caption += ", hires {}x{} ({} {}x, {} steps, denoise {})".format(*hires_size(width, height, hires[0]), hires[2],
-                                                                           _fmt(hires[0]), hires[1], _fmt(hires[3]))
+            caption += ", hires {}x{} ({} {}x, {} steps, denoise {}{})".format(
+                *hires_size(width, height, hires[0]), hires[2], _fmt(hires[0]), hires[1], _fmt(hires[3]),
+                f", cfg {_fmt(self._hires_guidance(req))}" if self._hires_guidance(req) != float(req.guidance) else "")
         snippet = diffusers_snippet(
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
@@ -1076,7 +1083,7 @@ class Backend:
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
             mask=(mask_copy, int(req.mask_blur), padding, req.masked_content, bool(req.inpaint_not_masked)) if mask_copy else None,
-            variation=variation,
+            variation=variation, hires_guidance=self._hires_guidance(req) if hires else None,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -1134,6 +1141,11 @@ class Backend:
         except ValueError as e:
             raise UIError(str(e)) from None
         return scale, hires_steps or int(req.steps), req.hires_upscaler, _strength(req)
+
+    @staticmethod
+    def _hires_guidance(req: GenerateRequest) -> float:
+        """The guidance of a request's Hires. fix pass: its Hires CFG Scale, or (0) the first pass's."""
+        return float(req.hires_cfg_scale) or float(req.guidance)
 
     @staticmethod
     def _init_image(req: GenerateRequest):
