@@ -226,10 +226,11 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width: int, height: int,
                  model_name: str | None = None, model_sha256: str | None = None, clip_skip: int = 1,
                  emphasis: bool | str = True, padded: bool = False, lora_hashes: dict[str, str] | None = None,
-                 vae_name: str | None = None, vae_sha256: str | None = None) -> dict:
+                 vae_name: str | None = None, vae_sha256: str | None = None, noise_schedule: str = "Default") -> dict:
     """The settings line of A1111's infotext for one image of ``pipe`` (its scheduler's A1111 name), in A1111's order;
     ``lora_hashes``: ``{tag name: full SHA-256}`` (``lora_hash``), written as A1111 writes them (12 digits);
-    ``vae_name`` / ``vae_sha256``: a VAE in place of the model's (A1111's SD VAE: its file name, 10 digits)."""
+    ``vae_name`` / ``vae_sha256``: a VAE in place of the model's (A1111's SD VAE: its file name, 10 digits);
+    ``noise_schedule``: A1111's ``Noise Schedule``, written when not "Default"."""
     hashes = {name.translate(str.maketrans("", "", ":,")): h[:12] for name, h in (lora_hashes or {}).items()}
     return {
         "Steps": steps,
@@ -246,6 +247,7 @@ def a1111_params(pipe, *, steps: int, cfg_scale: float, seed: int | None, width:
         "Emphasis": None if emphasis_mode(emphasis) == "Original" else emphasis_mode(emphasis),
         "Pad conds": True if padded else None,
         "Lora hashes": ", ".join(f"{k}: {v}" for k, v in hashes.items()) or None,
+        "Noise Schedule": None if noise_schedule == "Default" else noise_schedule,
         "Version": f"lora_diffusion {__version__}",
     }
 
@@ -422,7 +424,7 @@ def txt2img(
                           clip_skip=clip_skip,
                           emphasis=emphasis if any(c in prompt + negative_prompt for c in "([") else True,
                           padded=conds_padded(pipe, clean, negative_prompt, steps, emphasis),
-                          lora_hashes={name: lora_hash(path) for name, path in paths.items()})
+                          lora_hashes={name: lora_hash(path) for name, path in paths.items()}, noise_schedule=noise_schedule)
     if sampler:
         params.update({"Sampler": sampler, "Schedule type": schedule_type})
     params = variation_params(params, subseed, subseed_strength, seed_resize_from)
@@ -446,7 +448,6 @@ def txt2img(
     if noise_schedule != "Default":
         ztsnr = zero_terminal_snr(own_scheduler)
         second_scheduler = second_scheduler and zero_terminal_snr(second_scheduler)
-        params = _insert_before(params, "Version", {"Noise Schedule": noise_schedule})
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})

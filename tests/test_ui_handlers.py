@@ -319,9 +319,9 @@ def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(ba
     from ui.handlers import png_info
 
     kw = dict(loras={"style": (0.6, None)}, seed=4, hires_scale=1.5, hires_steps=2, hires_upscaler="Latent (bicubic)",
-              denoising_strength=0.55, hires_cfg_scale=2.5)
+              denoising_strength=0.55, hires_cfg_scale=2.5, noise_schedule="Zero Terminal SNR")
     result = gen(backend, "a (red:1.2) circle", **kw)
-    assert result.image.size == (48, 48) and "hires 48x48 (Latent (bicubic) 1.5x, 2 steps, denoise 0.55, cfg 2.5)" in result.caption
+    assert result.image.size == (48, 48) and "Zero Terminal SNR, hires 48x48 (Latent (bicubic) 1.5x, 2 steps, denoise 0.55, cfg 2.5)" in result.caption
     assert f"Size: {SIZE}x{SIZE}" in result.infotext and "Denoising strength: 0.55" in result.infotext
     assert "Hires CFG Scale: 2.5, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in result.infotext
     same_cfg = gen(backend, "a (red:1.2) circle", **dict(kw, hires_cfg_scale=7.0, guidance=7.0))
@@ -336,7 +336,8 @@ def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(ba
     assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
     fields, note = png_info(saved)
     assert note == "" and (fields["hires_scale"], fields["hires_steps"], fields["hires_upscaler"],
-                           fields["denoising_strength"], fields["hires_cfg_scale"]) == (1.5, 2, "Latent (bicubic)", 0.55, 2.5)
+                           fields["denoising_strength"], fields["hires_cfg_scale"], fields["noise_schedule"]) == \
+        (1.5, 2, "Latent (bicubic)", 0.55, 2.5, "Zero Terminal SNR")
     for bad, match in (({"hires_scale": 5}, "between 1 \\(off\\) and 4"), ({"hires_upscaler": "ESRGAN"}, "unknown hires upscaler"),
                        ({"denoising_strength": 0}, "denoising strength must be in"), ({"hires_steps": -1}, "hires steps"),
                        ({"width": 2048, "height": 2048}, "upscaled 1.5x is 3072x3072, past 2048")):
@@ -577,6 +578,7 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
                {"loras": {"style": (1.0, 0.3)}, "block_preset": "OUT half", "negative_prompt": "blurry"},
                {"loras": {"style": (1.0, 0.6)}, "negative_prompt": "blurry", "clip_skip": 2},  # (embeddings from that layer)
                {"loras": {"style": (0.7, None)}, "sampler": "Euler a"},
+               {"loras": {"style": (0.7, None)}, "noise_schedule": "Zero Terminal SNR"},  # (on the model's own scheduler)
                {"loras": {"ink": (0.9, None)}, "sampler": "DPM++ 2M", "schedule_type": "Karras",
                 "prompt": "a (red:1.4) circle, [blue] BREAK square", "negative_prompt": "(blurry:1.2)", "clip_skip": 2},
                {"prompt": "a [red:blue:1] [circle|square]", "negative_prompt": "[dark::2]", "loras": {"ink": (0.5, None)}},
@@ -1201,7 +1203,7 @@ def test_png_info_fills_the_generate_tab_from_a1111_infotext(backend, tmp_path):
         (2.0, 10, "Latent", 0.5)
     assert "'DPM++ 2S a Karras' is not one of the UI's" in note and "150 steps" in note
     assert "hires upscaler 'R-ESRGAN 4x+' is not one of the UI's: Latent is set" in note and "img2img" not in note
-    assert "its Noise Schedule is not in the tab: `lora-diffusion generate --from-png` makes it" in note
+    assert fields["noise_schedule"] == "Zero Terminal SNR" and "Noise Schedule" not in note  # (the tab has it)
     assert "Hires CFG Scale" not in note  # (the tab has it)
     Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
     with pytest.raises(UIError, match="bare.png: the image holds no A1111 'parameters' text"):

@@ -21,8 +21,8 @@ import gradio as gr
 import pandas as pd
 
 from lora_diffusion.formats import LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS,
-                                     SCHEDULE_TYPES)
+from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, NOISE_SCHEDULES,
+                                     SAMPLERS, SCHEDULE_TYPES)
 
 from .handlers import (BLOCK_PRESETS, PLOT_AXES, Backend, GenerateRequest, TrainRequest, finite_number, job_status,
                        png_info)
@@ -125,6 +125,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         sampler = gr.Dropdown([MODEL_SAMPLER, *SAMPLERS], value=MODEL_SAMPLER, label="Sampler (A1111's names)",
                                               elem_id="sampler")
                         schedule = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type")
+                        noise_schedule = gr.Dropdown(list(NOISE_SCHEDULES), value="Default", label="Noise schedule "
+                                                     "(A1111's; Zero Terminal SNR for models trained with it)")
                         emphasis = gr.Checkbox(True, label="A1111 prompt syntax: (word:1.2), [word], long prompts, BREAK")
                     with gr.Accordion("Hires. fix (A1111's): upscale, then denoise again", open=False):
                         with gr.Row():
@@ -297,14 +299,14 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
             # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes, the
-            # inpaint mask and its settings, the Z axis, the variation seed and the hires CFG scale come after the slots, in the order they were added: API
+            # inpaint mask and its settings, the Z axis, the variation seed, the hires CFG scale and the noise schedule come after the slots, in the order they were added: API
             # callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
-                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0, 0.0)
+                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0, 0.0, "Default")
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
-                y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values, sub, sub_strength, hr_guidance = \
-                (*extra, *defaults[len(extra):])[:24]
+                y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values, sub, sub_strength, hr_guidance, \
+                noise = (*extra, *defaults[len(extra):])[:25]
             if (mode or MASK_MODES[0]) not in MASK_MODES:
                 raise UIError(f"unknown mask mode {mode!r}; choose from {', '.join(MASK_MODES)}")
             count = _whole(count, "the batch count", 1)
@@ -330,7 +332,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 masked_content=content or "original", inpaint_not_masked=mode == MASK_MODES[1],
                                 subseed=_whole(sub, "the variation seed", 0),
                                 subseed_strength=0.0 if sub_strength is None else _number(sub_strength, "the variation strength"),
-                                hires_cfg_scale=0.0 if hr_guidance is None else _number(hr_guidance, "the hires CFG scale"))
+                                hires_cfg_scale=0.0 if hr_guidance is None else _number(hr_guidance, "the hires CFG scale"),
+                                noise_schedule=noise or "Default")
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
             if any(axes):  # A1111's X/Y/Z plot: the grid first, then its cells
@@ -360,7 +363,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                      "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None,
                                      "inpaint_only_masked": None, "masked_padding": None, "masked_content": None,
                                      "mask_mode": None, "z_type": NO_AXIS, "z_values": None, "subseed": None,
-                                     "subseed_strength": None, "hires_cfg_scale": None})
+                                     "subseed_strength": None, "hires_cfg_scale": None, "noise_schedule": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -445,7 +448,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 15 + [""] + [gr.update()] * 14
+                return [gr.update()] * 15 + [""] + [gr.update()] * 15
             fields, note = png_info(_file_path(file))
             inpainting = fields["inpaint"]  # (an image that was not inpainted leaves those settings as they are)
             plot, axes = fields["plot"] or {}, []  # an X/Y/Z grid's axes (any other image's: Nothing, one image)
@@ -457,7 +460,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     fields["hires_steps"], fields["denoising_strength"], f"*{note}*" if note else "settings taken",
                     *([inpainting["mask_blur"], inpainting["inpaint_only_masked"], inpainting["masked_padding"],
                        inpainting["masked_content"], MASK_MODES[inpainting["inpaint_not_masked"]]] if inpainting else
-                      [gr.update()] * 5), *axes, fields["subseed"], fields["subseed_strength"], fields["hires_cfg_scale"]]
+                      [gr.update()] * 5), *axes, fields["subseed"], fields["subseed_strength"], fields["hires_cfg_scale"],
+                    fields["noise_schedule"]]
 
         @_user_errors
         def on_upload(file, name):
@@ -479,7 +483,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
              x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-             z_type, z_values, subseed, subseed_strength, hr_cfg],
+             z_type, z_values, subseed, subseed_strength, hr_cfg, noise_schedule],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
@@ -502,7 +506,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         png_file.change(on_png, [png_file], [prompt, negative, seed, steps, guidance, width, height, gen_clip_skip, sampler,
                                              schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note,
                                              mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-                                             x_type, x_values, y_type, y_values, z_type, z_values, subseed, subseed_strength, hr_cfg],
+                                             x_type, x_values, y_type, y_values, z_type, z_values, subseed, subseed_strength, hr_cfg,
+                                             noise_schedule],
                         api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")

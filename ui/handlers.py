@@ -39,11 +39,12 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
+from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, NOISE_SCHEDULES, SAMPLERS,
+                                     a1111_params,
                                      conds_padded, denoising_steps, flatten_start, hires_fix, hires_size, image_to_image, infotext,
                                      infotext_settings, inpaint, lora_hash, lora_tag, mask_levels, model_hash, png_infotext,
                                      second_pass_params, set_sampler, split_sampler, unread_settings, variation_noise,
-                                     variation_params)
+                                     variation_params, zero_terminal_snr)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 from lora_diffusion.xyplot import AXES, draw_z_grid, grid_infotext, plot_cells, z_grids
@@ -227,6 +228,7 @@ class GenerateRequest:
     hires_steps: int = 0
     hires_upscaler: str = "Latent"
     hires_cfg_scale: float = 0.0  # the second pass's guidance (Forge's Hires CFG Scale); 0: ``guidance``
+    noise_schedule: str = "Default"  # A1111's noise schedule for sampling (``lora_diffusion.generate.NOISE_SCHEDULES``)
     denoising_strength: float = 0.7  # of a Hires. fix's second pass, or of img2img
     # img2img (``lora_diffusion.generate.image_to_image``): the image file to start from, resized to width x height
     # (by default its own size, down to a multiple of 8)
@@ -286,6 +288,7 @@ def diffusers_snippet(
     mask: tuple[str, int, int | None, str, bool] | None = None,
     variation: tuple[int, float] | None = None,
     hires_guidance: float | None = None,
+    noise_schedule: str = "Default",
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -293,7 +296,8 @@ def diffusers_snippet(
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
     ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules
-    at ``hires_guidance`` (``None``: ``guidance``);
+    at ``hires_guidance`` (``None``: ``guidance``); ``noise_schedule``: A1111's, "Zero Terminal SNR" as
+    ``lora_diffusion.generate.zero_terminal_snr``;
     ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too, or with ``mask`` ``(mask
     file, blur, only-masked padding or None, masked content, inpaint not masked)`` the inpaint pipeline, pasted back
     through A1111's overlay (by its ``padding_mask_crop`` for "Only masked"); a masked content other than original,
@@ -323,6 +327,9 @@ def diffusers_snippet(
         lines += [f"from diffusers import {name}",
                   f"pipe.scheduler = {name}.from_config(pipe.scheduler.config" +
                   "".join(f", {k}={v!r}" for k, v in changes.items()) + ")"]
+    if noise_schedule != "Default":
+        lines += ["from lora_diffusion.generate import zero_terminal_snr  # A1111's Noise Schedule: " + noise_schedule,
+                  "pipe.scheduler = zero_terminal_snr(pipe.scheduler)"]
     args = [_py(prompt)]
     if negative_prompt:
         args.append(f"negative_prompt={_py(negative_prompt)}")
@@ -554,11 +561,11 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None",
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
               "denoising_strength": got.get("denoising_strength", 0.7), "hires_cfg_scale": got.get("hires_cfg_scale", 0.0),
+              "noise_schedule": got.get("noise_schedule", "Default"),
               "inpaint": None, "plot": None,
               "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
     for key, name in (("seed_resize_from", "Resize seed from"), ("hires_resize", "Hires resize"), ("hires_sampler", "Hires sampler"),
-                      ("hires_prompt", "Hires prompt"), ("hires_negative_prompt", "Hires negative prompt"),
-                      ("noise_schedule", "Noise Schedule")):
+                      ("hires_prompt", "Hires prompt"), ("hires_negative_prompt", "Hires negative prompt")):
         if key in got:
             notes.append(f"its {name} is not in the tab: `lora-diffusion generate --from-png` makes it")
     if any(f"{a}_axis" in got for a in "xyz"):
@@ -987,7 +994,7 @@ class Backend:
             except ValueError as e:
                 raise UIError(str(e)) from None
             self._sync(list(loras))
-            scheduler = self._set_scheduler(pipe, req.sampler, req.schedule_type)
+            scheduler = self._set_scheduler(pipe, req.sampler, req.schedule_type, req.noise_schedule)
             fused = bool(req.fuse and loras)
             fusing = False
             try:
@@ -1032,7 +1039,7 @@ class Backend:
                 model_name=Path(self.model).stem if self.model else None, model_sha256=self._model_sha256(),
                 clip_skip=clip_skip, emphasis=bool(req.emphasis) or not any(c in prompt + negative for c in "(["),
                 padded=a1111_prompt and conds_padded(pipe, prompt, negative, steps),
-                lora_hashes={n: self._lora_hash(n) for n in loras})
+                lora_hashes={n: self._lora_hash(n) for n in loras}, noise_schedule=req.noise_schedule)
         if variation:
             params = variation_params(params, *variation)
         if hires:
@@ -1047,7 +1054,9 @@ class Backend:
         settings = {"seed": int(req.seed), "steps": steps, "guidance": float(req.guidance), "width": width,
                     "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
-                    "hires": dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)) if hires else None,
+                    "noise_schedule": req.noise_schedule,
+                    "hires": {**dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)),
+                              "cfg_scale": self._hires_guidance(req)} if hires else None,
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
                     "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None,
                     "masked_padding": padding, "masked_content": req.masked_content if mask is not None else None,
@@ -1064,6 +1073,8 @@ class Backend:
             caption += f", clip skip {clip_skip}"
         if req.sampler:
             caption += f", {req.sampler}" + ("" if (req.schedule_type or "Automatic") == "Automatic" else f" {req.schedule_type}")
+        if req.noise_schedule != "Default":
+            caption += f", {req.noise_schedule}"
         if init is not None:
             caption += f", {'inpaint' if mask is not None else 'img2img'}, denoise {_fmt(_strength(req))}"
             if mask is not None:
@@ -1084,6 +1095,7 @@ class Backend:
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
             mask=(mask_copy, int(req.mask_blur), padding, req.masked_content, bool(req.inpaint_not_masked)) if mask_copy else None,
             variation=variation, hires_guidance=self._hires_guidance(req) if hires else None,
+            noise_schedule=req.noise_schedule,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -1210,21 +1222,31 @@ class Backend:
             self._out_dir = Path(tempfile.mkdtemp(prefix="lora_ui_images_"))
         return self._out_dir
 
-    def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str) -> tuple[str, dict] | None:
-        """The model's own scheduler, or (``sampler``) an A1111 sampler on its config; returns the scheduler class and
-        the settings that differ from the model's own, for the snippet (``None``: the model's own)."""
+    def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str,
+                       noise_schedule: str = "Default") -> tuple[str, dict] | None:
+        """The model's own scheduler, or (``sampler``) an A1111 sampler on its config, on A1111's ``noise_schedule``
+        (``zero_terminal_snr``); returns the scheduler class and the settings that differ from the model's own, for
+        the snippet (``None``: the model's own)."""
         if self._own_scheduler is None:
             self._own_scheduler = pipe.scheduler
         pipe.scheduler = self._own_scheduler
-        if not sampler:
-            return None
-        try:
-            set_sampler(pipe, sampler, schedule_type or "Automatic")
-        except ValueError as e:
-            raise UIError(str(e)) from None
-        baseline = type(pipe.scheduler).from_config(self._own_scheduler.config).config  # the snippet's from_config
-        changes = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_") and baseline.get(k) != v}
-        return type(pipe.scheduler).__name__, changes
+        if noise_schedule not in NOISE_SCHEDULES:
+            raise UIError(f"unknown noise schedule {noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}")
+        changes = None
+        if sampler:
+            try:
+                set_sampler(pipe, sampler, schedule_type or "Automatic")
+            except ValueError as e:
+                raise UIError(str(e)) from None
+            baseline = type(pipe.scheduler).from_config(self._own_scheduler.config).config  # the snippet's from_config
+            changes = type(pipe.scheduler).__name__, {
+                k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_") and baseline.get(k) != v}
+        if noise_schedule != "Default":
+            try:
+                pipe.scheduler = zero_terminal_snr(pipe.scheduler)  # (the next request starts from the model's own)
+            except ValueError as e:
+                raise UIError(str(e)) from None
+        return changes
 
     def _lora_hash(self, name: str) -> str:
         """A library LoRA's A1111 hash, kept while its file is unchanged."""
