@@ -1117,7 +1117,8 @@ def test_save_every_n_steps_and_epochs_write_the_lora_as_it_was(base, tmp_path):
     """kohya's --save_every_n_steps / --save_every_n_epochs: named files beside the final LoRA, each equal to the
     checkpoint of its step; an --overwrite run sets the old ones aside with the rest of the previous run. kohya's
     --save_last_n_steps (in steps) and --save_last_n_epochs (in saves) delete the older ones as kohya does, and
-    --save_state writes a checkpoint with each save."""
+    --save_state writes a checkpoint with each save, deleted as kohya deletes its states (--save_last_n_steps_state /
+    --save_last_n_epochs_state, by default the two above)."""
     settings = dict(max_train_steps=10, train_batch_size=1, save_precision="fp32", checkpointing_steps=1)
     run = train(config(base, tmp_path, save_every_n_steps=3, save_every_n_epochs=1, **settings))  # 4 images: 4 steps an epoch
     out = run.output_dir
@@ -1134,7 +1135,16 @@ def test_save_every_n_steps_and_epochs_write_the_lora_as_it_was(base, tmp_path):
     # steps 2, 4, 6, 8 saved; at 6 the step 2 one goes (6 - 3 - 1 = 2), at 8 the step 4 one; epoch 1 goes at epoch 2
     assert sorted(p.name for p in again.output_dir.glob("out-*.safetensors")) == [
         "out-000002.safetensors", "out-step00000006.safetensors", "out-step00000008.safetensors"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint-{n}" for n in (10, 2, 4, 6, 8)]
+    # --save_state's checkpoints go as kohya's states go (by the same rules: --save_last_n_*_state unset): the step 2 one
+    # at 6; the one at 4 (step 4, epoch 1) at 8; the end's (10) stays
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint-{n}" for n in (10, 6, 8)]
+    # --save_last_n_steps_state / _epochs_state in their place: step states within 5 steps, 2 epoch states; and the
+    # --checkpointing_steps checkpoints are never theirs to delete
+    states = dict(save_last_n_steps_state=5, save_last_n_epochs_state=2, checkpointing_steps=3)
+    third = train(config(base, tmp_path, save_kohya=True, overwrite=True, **{**settings, **kohya, **states}))
+    # states at 2, 4 (epoch 1 too), 6, 8 (epoch 2 too); at 8 the step 2 one goes (8 - 5 - 1 = 2); epochs 1 and 2 stay
+    assert sorted(p.name for p in (third.output_dir / "checkpoints").iterdir()) == [
+        f"checkpoint-{n}" for n in (10, 3, 4, 6, 8, 9)]
     assert read_lora_file(out / "out-step00000008.safetensors")[1]["ss_output_name"] == "out-step00000008"  # kohya's
     # kohya's --save_n_epoch_ratio 2 over a 2-epoch run: every (2 // 2) epoch, over --save_every_n_epochs 5
     ratio = train(config(base, tmp_path / "ratio", max_train_steps=8, save_every_n_epochs=5, save_n_epoch_ratio=2))

@@ -254,8 +254,11 @@ class TrainConfig:
     save_last_n_steps: int = _f(0, "with --save_every_n_steps: delete the step LoRAs older than N steps (kohya's; 0 keeps all)")
     save_last_n_epochs: int = _f(0, "with --save_every_n_epochs: keep only the newest N epoch LoRAs (kohya's; 0 keeps all)")
     save_state: bool = _f(False, "also write a resumable checkpoint with each --save_every_n_steps / _epochs LoRA (kohya's)")
-    checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all; kohya's "
-                                         "--save_last_n_steps_state / --save_last_n_epochs_state)")
+    save_last_n_steps_state: int = _f(0, "with --save_state: delete the step LoRAs' checkpoints older than N steps, as "
+                                         "kohya deletes its step states (0: by --save_last_n_steps)")
+    save_last_n_epochs_state: int = _f(0, "with --save_state: keep only the newest N epoch LoRAs' checkpoints, as kohya "
+                                          "keeps its epoch states (0: by --save_last_n_epochs)")
+    checkpoints_total_limit: int = _f(0, "keep only the newest N checkpoints (0 keeps all)")
     resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to continue from")
     sample_prompts: str = _f("", "kohya's sample prompts: a .txt file of one prompt a line, each with kohya's options "
                                  "(--n negative, --w/--h size, --d seed, --l guidance, --s steps, --ss sampler), or its "
@@ -344,6 +347,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         non_negative = ("max_train_steps", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit",
+                        "save_last_n_steps_state", "save_last_n_epochs_state",
                         "validation_steps", "num_validation_images", "num_class_images", "noise_offset", "snr_gamma",
                         "learning_rate", "text_encoder_lr", "max_grad_norm", "dataloader_num_workers", "adam_weight_decay",
                         "prior_loss_weight", "lora_alpha", "adam_epsilon", "lr_power", "keep_tokens", "caption_dropout_every_n_epochs", "v_pred_like_loss", "save_n_epoch_ratio", "lr_scheduler_min_lr_ratio", "lr_decay_steps", "lr_scheduler_timescale", "conv_rank", "conv_alpha", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
@@ -512,8 +516,7 @@ ALIASES = {"instance_data_dir": "train_data_dir",  # diffusers' DreamBooth scrip
            "network_dim": "rank", "network_alpha": "lora_alpha",
            "min_snr_gamma": "snr_gamma", "max_train_epochs": "num_train_epochs", "network_weights": "init_lora",
            "max_data_loader_n_workers": "dataloader_num_workers", "lr_scheduler_num_cycles": "lr_num_cycles",
-           "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer", "flip_aug": "random_flip",
-           "save_last_n_steps_state": "checkpoints_total_limit", "save_last_n_epochs_state": "checkpoints_total_limit"}
+           "lr_scheduler_power": "lr_power", "optimizer_type": "optimizer", "flip_aug": "random_flip"}
 # kohya's settings that change nothing here (SDPA attention is torch's own; the model's config says SD 2; logging is ours)
 KOHYA_IGNORED = ("xformers", "sdpa", "mem_eff_attn", "persistent_data_loader_workers", "v2", "no_half_vae", "lowram",
                  "highvram", "logging_dir", "log_with", "log_prefix", "save_state_on_train_end", "log_tracker_name",

@@ -1000,6 +1000,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     every_epochs = config.save_every_n_epochs  # (kohya's --save_n_epoch_ratio N: about N snapshots over the run, over it)
     if config.save_n_epoch_ratio:
         every_epochs = math.ceil(max_steps / steps_per_epoch) // config.save_n_epoch_ratio or 1
+    # --save_state's checkpoints by the kohya state each stands for ((kind, number) -> step), which kohya's
+    # --save_last_n_*_state rules delete; --checkpointing_steps' own are never deleted by them (this run's: a resumed
+    # run leaves the earlier ones alone)
+    kohya_states: dict[tuple[str, int], int] = {}
+    own_checkpoints: set[int] = set()
     if state is not None and not _left_to_do(int(state["step"]), max_steps, output_dir):
         raise ConfigError(f"{resume} is at step {state['step']}, not before --max_train_steps {max_steps}: nothing to train")
     make_lr_scheduler(config, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), max_steps)  # (its settings)
@@ -1300,19 +1305,25 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             if is_main:
                 if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps:
                     checkpoint = saved = save_checkpoint(step)
+                    own_checkpoints.add(step)
                 epochs_done = step * per_step // plan.batches_per_epoch
-                snapshot = step < max_steps and (config.save_every_n_steps and step % config.save_every_n_steps == 0)
-                if snapshot:
+                saves = []  # kohya's saves at this step: (kind, number, how many to keep, every)
+                if step < max_steps and config.save_every_n_steps and step % config.save_every_n_steps == 0:
                     write_snapshot(step, f"step{step:08d}")
                     outputs.prune_snapshots(output_dir, config.output_name, "step", step, config.save_last_n_steps, config.save_every_n_steps)
+                    saves.append(("step", step, config.save_last_n_steps_state or config.save_last_n_steps, config.save_every_n_steps))
                 if (every_epochs and epochs_done > (step - 1) * per_step // plan.batches_per_epoch
                         and epochs_done % every_epochs == 0 and step < max_steps):
-                    snapshot = True
                     write_snapshot(step, f"{epochs_done:06d}")
                     outputs.prune_snapshots(output_dir, config.output_name, "epoch", epochs_done,
                                             every_epochs * config.save_last_n_epochs, every_epochs)
-                if snapshot and config.save_state and saved is None:  # (kohya's --save_state: a state with each save)
-                    checkpoint = saved = save_checkpoint(step)
+                    saves.append(("epoch", epochs_done, every_epochs * (config.save_last_n_epochs_state or config.save_last_n_epochs), every_epochs))
+                if saves and config.save_state:  # (kohya's --save_state: a state with each save, pruned as kohya's)
+                    if saved is None:
+                        checkpoint = saved = save_checkpoint(step)
+                    for kind, number, keep, every in saves:
+                        kohya_states[(kind, number)] = step
+                        outputs.prune_states(output_dir, kohya_states, kind, number, keep, every, own_checkpoints)
                 if config.num_validation_images and config.validation_steps and step % config.validation_steps == 0 and step < max_steps:
                     new_samples.append(write_samples(step))
                 new_samples += write_kohya_samples(step, None)

@@ -183,14 +183,39 @@ def prune_snapshots(output_dir: str | os.PathLike, output_name: str, kind: str, 
     removes them (``get_remove_step_no`` / ``get_remove_epoch_no``); ``keep=0`` keeps all."""
     if not keep:
         return
-    limit = at - keep - 1 if kind == "step" else at - keep
-    limit -= limit % every if kind == "step" else 0
+    limit = _kohya_limit(kind, at, keep, every)
     stem = re.escape(kohya_name(output_dir, output_name).removesuffix(".safetensors"))
     pattern = rf"{stem}-step(\d{{8}})\.safetensors" if kind == "step" else rf"{stem}-(\d{{6}})\.safetensors"
     for path in sorted(Path(output_dir).glob("*.safetensors")):
         if (m := re.fullmatch(pattern, path.name)) and int(m.group(1)) <= limit:
             logger.info("removing %s (kohya's --save_last_n_%ss)", path.name, kind)
             path.unlink()
+
+
+def _kohya_limit(kind: str, at: int, keep: int, every: int) -> int:
+    """The newest step (``kind="step"``) or epoch that kohya deletes after saving ``at``: ``keep`` steps back (one
+    more, down to a multiple of ``every``), or ``keep`` (= n x every) epochs back."""
+    if kind == "epoch":
+        return at - keep
+    limit = at - keep - 1
+    return limit - limit % every
+
+
+def prune_states(output_dir: str | os.PathLike, states: dict[tuple[str, int], int], kind: str, at: int, keep: int,
+                 every: int, kept: set[int]) -> None:
+    """kohya's ``--save_last_n_steps_state`` / ``--save_last_n_epochs_state`` with ``--save_state``, after the state
+    of ``kind`` (``"step"`` / ``"epoch"``) ``at`` (``prune_snapshots``' rules; ``keep=0`` keeps all): ``states`` maps
+    each such state, ``(kind, number)``, to the step of the checkpoint that holds it. Those kohya deletes are dropped,
+    and a checkpoint that holds none left, and is not in ``kept`` (``--checkpointing_steps``' own), is deleted."""
+    if not keep:
+        return
+    limit = _kohya_limit(kind, at, keep, every)
+    for state in [s for s in states if s[0] == kind and s[1] <= limit]:
+        step = states.pop(state)
+        folder = Path(output_dir) / CHECKPOINTS / f"checkpoint-{step}"
+        if step not in states.values() and step not in kept and folder.is_dir():
+            logger.info("removing %s (kohya's --save_last_n_%ss_state)", folder.name, kind)
+            shutil.rmtree(folder)
 
 
 def save_state(folder: Path, state: dict) -> None:
