@@ -35,7 +35,8 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
            "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked", "unread_settings", "flatten_start", "mask_levels",
-           "overlay_mask", "MASKED_CONTENT", "variation_noise", "variation_params", "slerp", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING"]
+           "overlay_mask", "MASKED_CONTENT", "variation_noise", "variation_params", "slerp", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING",
+           "NOISE_SCHEDULES", "zero_terminal_snr", "with_noise_schedule"]
 
 # A1111 sampler -> (diffusers scheduler, its settings, the schedule type A1111's "Automatic" takes for it)
 SAMPLERS: dict[str, tuple[str, dict, str]] = {
@@ -88,6 +89,14 @@ def zero_terminal_snr(scheduler):
     if "rescale_betas_zero_snr" in accepted:
         config["rescale_betas_zero_snr"] = False  # (rescaled here, once)
     return type(scheduler).from_config(config)
+
+
+def with_noise_schedule(scheduler, noise_schedule: str):
+    """``scheduler`` on A1111's ``noise_schedule`` (``NOISE_SCHEDULES``): itself for "Default", else a new one
+    (``zero_terminal_snr``); ``ValueError`` names the choices for an unknown one."""
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise schedule {noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}")
+    return scheduler if noise_schedule == "Default" else zero_terminal_snr(scheduler)
 
 
 def set_sampler(pipe, sampler: str, schedule_type: str = "Automatic") -> tuple[str, str]:
@@ -362,15 +371,15 @@ def txt2img(
     _, negative_tags = parse_prompt(negative_prompt)
     if negative_tags:
         raise ValueError("put <lora:...> tags in the prompt, not in the negative prompt")
-    if noise_schedule not in NOISE_SCHEDULES:
-        raise ValueError(f"unknown noise schedule {noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}")
     if sampler is not None:
         sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
+    own_scheduler = pipe.scheduler  # (put back after the images: the noise schedule is theirs alone)
+    scheduler = with_noise_schedule(own_scheduler, noise_schedule)
     second_scheduler = None
     if (hires_sampler or hires_schedule_type) and hires_scale > 1:  # (A1111's "use same": the first pass's)
-        first = pipe.scheduler
         second_scheduler, hires_sampler, hires_schedule_type = scheduler_for(
-            first, hires_sampler or sampler_name(first), hires_schedule_type or schedule_name(first))
+            own_scheduler, hires_sampler or sampler_name(own_scheduler), hires_schedule_type or schedule_name(own_scheduler))
+        second_scheduler = with_noise_schedule(second_scheduler, noise_schedule)
     scale = getattr(pipe, "vae_scale_factor", 8)
     if init_image is not None:
         width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
@@ -444,10 +453,6 @@ def txt2img(
             "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
             "Hires schedule type": hires_schedule_type if second_scheduler is not None and
             hires_schedule_type != params["Schedule type"] else None})
-    own_scheduler = pipe.scheduler
-    if noise_schedule != "Default":
-        ztsnr = zero_terminal_snr(own_scheduler)
-        second_scheduler = second_scheduler and zero_terminal_snr(second_scheduler)
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -459,8 +464,7 @@ def txt2img(
         fuse(pipe)
     out = []
     try:
-        if noise_schedule != "Default":
-            pipe.scheduler = ztsnr
+        pipe.scheduler = scheduler
         for i in range(batch_count):
             generator = torch.Generator("cpu").manual_seed(seed + i)
             run = dict(texts, guidance_scale=cfg_scale, generator=generator)

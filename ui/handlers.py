@@ -39,12 +39,11 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, NOISE_SCHEDULES, SAMPLERS,
-                                     a1111_params,
+from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
                                      conds_padded, denoising_steps, flatten_start, hires_fix, hires_size, image_to_image, infotext,
                                      infotext_settings, inpaint, lora_hash, lora_tag, mask_levels, model_hash, png_infotext,
                                      second_pass_params, set_sampler, split_sampler, unread_settings, variation_noise,
-                                     variation_params, zero_terminal_snr)
+                                     variation_params, with_noise_schedule)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
 from lora_diffusion.xyplot import AXES, draw_z_grid, grid_infotext, plot_cells, z_grids
@@ -1230,8 +1229,6 @@ class Backend:
         if self._own_scheduler is None:
             self._own_scheduler = pipe.scheduler
         pipe.scheduler = self._own_scheduler
-        if noise_schedule not in NOISE_SCHEDULES:
-            raise UIError(f"unknown noise schedule {noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}")
         changes = None
         if sampler:
             try:
@@ -1241,11 +1238,10 @@ class Backend:
             baseline = type(pipe.scheduler).from_config(self._own_scheduler.config).config  # the snippet's from_config
             changes = type(pipe.scheduler).__name__, {
                 k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_") and baseline.get(k) != v}
-        if noise_schedule != "Default":
-            try:
-                pipe.scheduler = zero_terminal_snr(pipe.scheduler)  # (the next request starts from the model's own)
-            except ValueError as e:
-                raise UIError(str(e)) from None
+        try:  # (the next request starts from the model's own)
+            pipe.scheduler = with_noise_schedule(pipe.scheduler, noise_schedule)
+        except ValueError as e:
+            raise UIError(str(e)) from None
         return changes
 
     def _lora_hash(self, name: str) -> str:
