@@ -442,7 +442,7 @@ def txt2img(
     if init_image is not None or hires:
         params = second_pass_params(params, denoising_strength, *((hires_scale, hires_steps, hires_upscaler) if hires else ()),
                                     hires_resize=hires_resize if hires else None,
-                                    hires_cfg_scale=hires_cfg_scale if hires and hires_cfg_scale not in (None, cfg_scale) else None,
+                                    hires_cfg_scale=hires_cfg_scale,
                                     mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding,
                                     masked_content=masked_content, inpaint_not_masked=inpaint_not_masked)
     if hires:  # (A1111's: each where it differs from the first pass's)
@@ -603,7 +603,7 @@ def second_pass_params(params: dict, denoising_strength: float, hires_scale: flo
     not masked``, ``Mask blur``, ``Inpaint area: Only masked`` with its ``Masked area padding`` and a ``Masked
     content`` other than original) and, given ``hires_scale``, a Hires. fix's settings, where A1111 puts them
     (``Hires steps`` only when not the first pass's; ``hires_resize``: ``Hires resize`` in place of ``Hires upscale``;
-    ``hires_cfg_scale``: Forge's ``Hires CFG Scale``, given where it is not the first pass's ``CFG scale``)."""
+    ``hires_cfg_scale``: Forge's ``Hires CFG Scale``, written where it is not ``params``' ``CFG scale``)."""
     inpainting = {}
     if mask_blur is not None:  # (an inpainting)
         inpainting = {"Mask mode": "Inpaint not masked"} if inpaint_not_masked else {}
@@ -616,7 +616,8 @@ def second_pass_params(params: dict, denoising_strength: float, hires_scale: flo
     if hires_scale is None:
         return params
     size = {"Hires resize": "{}x{}".format(*hires_resize)} if hires_resize else {"Hires upscale": hires_scale}
-    guidance = {"Hires CFG Scale": float(hires_cfg_scale)} if hires_cfg_scale is not None else {}
+    own = hires_cfg_scale is not None and float(hires_cfg_scale) != params.get("CFG scale")
+    guidance = {"Hires CFG Scale": float(hires_cfg_scale)} if own else {}
     return _insert_before(params, "Lora hashes", {**guidance, **size, "Hires steps": hires_steps or None,
                                                   "Hires upscaler": hires_upscaler})
 

@@ -969,6 +969,7 @@ class Backend:
         variation = self._variation(req)
         clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
         hires = self._check_hires(req)
+        hires_guidance = float(req.hires_cfg_scale) or float(req.guidance)  # (Hires CFG Scale 0: the first pass's)
         init = self._init_image(req)
         mask = self._mask_image(req, init)
         padding = int(req.masked_padding) if mask is not None and req.inpaint_only_masked else None
@@ -1025,7 +1026,7 @@ class Backend:
                     # (the second pass schedules prompt editing on from the first, as A1111)
                     second = scheduled_prompt_kwargs(pipe, prompt, negative or None, hires_steps, clip_skip=clip_skip,
                                                      base_steps=steps) if a1111_prompt else texts
-                    image = hires_fix(pipe, run, dict(second, guidance_scale=self._hires_guidance(req), generator=generator),
+                    image = hires_fix(pipe, run, dict(second, guidance_scale=hires_guidance, generator=generator),
                                       steps=steps, width=width, height=height, scale=scale, hires_steps=hires_steps,
                                       upscaler=upscaler, strength=strength)
                 else:
@@ -1042,8 +1043,8 @@ class Backend:
         if variation:
             params = variation_params(params, *variation)
         if hires:
-            params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2], hires_cfg_scale=(
-                self._hires_guidance(req) if self._hires_guidance(req) != float(req.guidance) else None))
+            params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2],
+                                        hires_cfg_scale=hires_guidance)
         elif init is not None:
             params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None,
                                         only_masked_padding=padding, masked_content=req.masked_content,
@@ -1055,7 +1056,7 @@ class Backend:
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
                     "noise_schedule": req.noise_schedule,
                     "hires": {**dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)),
-                              "cfg_scale": self._hires_guidance(req)} if hires else None,
+                              "cfg_scale": hires_guidance} if hires else None,
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
                     "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None,
                     "masked_padding": padding, "masked_content": req.masked_content if mask is not None else None,
@@ -1085,7 +1086,7 @@ class Backend:
         if hires:
             caption += ", hires {}x{} ({} {}x, {} steps, denoise {}{})".format(
                 *hires_size(width, height, hires[0]), hires[2], _fmt(hires[0]), hires[1], _fmt(hires[3]),
-                f", cfg {_fmt(self._hires_guidance(req))}" if self._hires_guidance(req) != float(req.guidance) else "")
+                f", cfg {_fmt(hires_guidance)}" if "Hires CFG Scale" in params else "")
         snippet = diffusers_snippet(
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
@@ -1093,7 +1094,7 @@ class Backend:
             clip_skip=clip_skip, scheduler=scheduler, a1111_prompt=a1111_prompt, hires=hires,
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
             mask=(mask_copy, int(req.mask_blur), padding, req.masked_content, bool(req.inpaint_not_masked)) if mask_copy else None,
-            variation=variation, hires_guidance=self._hires_guidance(req) if hires else None,
+            variation=variation, hires_guidance=hires_guidance if hires else None,
             noise_schedule=req.noise_schedule,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
@@ -1152,11 +1153,6 @@ class Backend:
         except ValueError as e:
             raise UIError(str(e)) from None
         return scale, hires_steps or int(req.steps), req.hires_upscaler, _strength(req)
-
-    @staticmethod
-    def _hires_guidance(req: GenerateRequest) -> float:
-        """The guidance of a request's Hires. fix pass: its Hires CFG Scale, or (0) the first pass's."""
-        return float(req.hires_cfg_scale) or float(req.guidance)
 
     @staticmethod
     def _init_image(req: GenerateRequest):
