@@ -305,7 +305,7 @@ _SS_SETTINGS = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rat
                 "ss_validate_every_n_steps": "validate_every_n_steps", "ss_scale_weight_norms": "scale_weight_norms",
                 "ss_debiased_estimation": "debiased_estimation_loss", "ss_zero_terminal_snr": "zero_terminal_snr",
                 "ss_scale_v_pred_loss_like_noise_pred": "scale_v_pred_loss_like_noise_pred",
-                "ss_max_token_length": "max_token_length"}  # fmt: skip
+                "ss_max_token_length": "max_token_length", "ss_fp8_base": "fp8_base", "ss_fp8_base_unet": "fp8_base_unet"}  # fmt: skip
 
 
 def _training_keys(metadata: dict) -> dict[str, str]:

@@ -806,6 +806,70 @@ def test_channels_last_trains_the_same_lora(base, tmp_path):
         torch.testing.assert_close(other[key], plain[key], rtol=0, atol=1e-3, msg=key)
 
 
+def test_fp8_base_trains_against_the_fp8_rounded_model(base, tmp_path, monkeypatch):
+    """kohya's --fp8_base: during the run the frozen Linear / Conv2d weights are float8 (the UNet's and the text
+    encoder's; --fp8_base_unet: the UNet's), their biases, norms and embeddings and the LoRA are not; the run
+    trains a LoRA in the bf16 run's direction, and the pipeline it returns holds the fp8 values in bf16 again."""
+    seen = []
+    real = loop_module.condition
+
+    def spy(pipe, *args, **kwargs):  # (each step conditions on the captions first)
+        seen.append([sorted({str(p.dtype) for p in model.parameters()}) for model in (pipe.unet, pipe.text_encoder)])
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "condition", spy)
+    common = dict(max_train_steps=2, mixed_precision="bf16", train_text_encoder=True, save_precision="fp32", learning_rate=1e-3)
+    plain = train(config(base, tmp_path / "a", **common))
+    bf16, fp8 = ["torch.bfloat16", "torch.float32"], ["torch.bfloat16", "torch.float32", "torch.float8_e4m3fn"]
+    assert seen == [[bf16, bf16]] * 2
+    seen.clear()
+    runs = {}
+    for name, flag in (("fp8", {"fp8_base": True}), ("unet", {"fp8_base_unet": True})):
+        flat_images(tmp_path / name / "data")
+        runs[name] = train(config(base, tmp_path / name, **common, **flag, save_kohya=True))
+        assert seen == [[fp8, fp8 if name == "fp8" else bf16]] * 2, name
+        seen.clear()
+        header = read_lora_file(runs[name].kohya_path)[1]  # (kohya's keys, as kohya writes them)
+        assert (header["ss_fp8_base"], header["ss_fp8_base_unet"]) == (str(name == "fp8"), str(name == "unet"))
+    rounded = 0
+    for name, run in runs.items():
+        for part in ("unet", "text_encoder"):
+            theirs, ours = base_state(getattr(plain.pipeline, part)), base_state(getattr(run.pipeline, part))
+            linear = {f"{path}.weight" for path, m in getattr(plain.pipeline, part).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+            linear = {k.replace(".base_layer", "") for k in linear}
+            assert linear and linear <= theirs.keys() and ours.keys() == theirs.keys()
+            for key, value in theirs.items():
+                expected = value.to(torch.float8_e4m3fn).to(value.dtype) if key in linear and (part == "unet" or name == "fp8") else value
+                assert ours[key].dtype == value.dtype and torch.equal(ours[key], expected), (name, part, key)
+                rounded += not torch.equal(expected, value)
+        trained, reference = lora_tensors(run.lora_path), lora_tensors(plain.lora_path)
+        assert trained.keys() == reference.keys() and any(not torch.equal(trained[k], reference[k]) for k in trained)
+        # the same training direction: Adam's first steps move each B entry by ~lr along the gradient's sign, and
+        # 90 % of the signs agree with the bf16 run's (the fp8-rounded model's gradients differ a little)
+        signs = [(trained[k].sign(), reference[k].sign()) for k in trained if "lora_B" in k]
+        assert all(ours.abs().min() == 1 for ours, _ in signs)  # (every entry trained)
+        assert torch.cat([(ours == theirs).flatten() for ours, theirs in signs]).float().mean() > 0.85, name
+    assert rounded > 100
+
+
+def test_fp8_base_is_refused_without_mixed_precision_or_past_fp8s_range():
+    from lora_diffusion.training.fp8 import store_fp8
+
+    with pytest.raises(ConfigError, match="--fp8_base_unet computes in the mixed precision: give --mixed_precision bf16"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", fp8_base_unet=True).validate()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Conv2d(2, 2, 1)).requires_grad_(False)
+    with torch.no_grad():
+        model[1].weight[0, 0] = 500.0
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"--fp8_base: unet.1.weight holds 500, past float8_e4m3fn's range \(\+-448\)"):
+        store_fp8([("unet", model)])
+    assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == model.state_dict()[k].dtype for k, v in before.items())
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1.0
+    layers = store_fp8([("unet", model)])
+    assert [m.weight.dtype for m in layers] == [torch.float8_e4m3fn] * 2 and model[0].bias.dtype == torch.float32
+
+
 def test_optimizer_and_schedule_get_the_adam_and_schedule_flags(monkeypatch, tmp_path):
     """The flags reach torch's AdamW and diffusers' get_scheduler (spied; the run stops at the first step; the
     settings' check before the model loads makes one too, on a stand-in optimizer)."""

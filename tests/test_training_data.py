@@ -726,6 +726,8 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
     assert config_from_args(build_parser().parse_args(kohya[:6] + ["--in_json", "meta.json"])).in_json == "meta.json"
     assert config_from_args(build_parser().parse_args(kohya)).resize_interpolation == "auto"  # (kohya's area / lanczos)
     assert config_from_args(build_parser().parse_args(kohya + ["--full_bf16", "--mixed_precision", "bf16"])).mixed_precision == "bf16"
+    fp8 = config_from_args(build_parser().parse_args(kohya + ["--fp8_base", "--fp8_base_unet", "--mixed_precision", "fp16"]))
+    assert (fp8.fp8_base, fp8.fp8_base_unet) == (True, True)
     files = config_from_args(build_parser().parse_args(kohya[:6] + ["--dataset_config", "d.toml", "--caption_separator", ";",
                                                                     "--caption_dropout_every_n_epochs", "2"]))
     assert (files.dataset_config, files.caption_separator, files.caption_dropout_every_n_epochs) == ("d.toml", ";", 2)
@@ -738,6 +740,8 @@ def test_a_kohya_command_line_reads_as_kohya_reads_it(tmp_path):
                          (["--base_weights", "a.safetensors", "b.safetensors", "--base_weights_multiplier", "1"],
                           "base_weights_multiplier gives 1 weights for 2 base_weights files"),
                          (["--no_token_padding"], "no_token_padding: captions are always padded"),
+                         (["--fp8_base"], "--fp8_base computes in the mixed precision: give --mixed_precision bf16"),
+                         (["--fp8_base_unet"], "--fp8_base_unet computes in the mixed precision"),
                          (["--random_crop", "--center_crop"], "random_crop and center_crop contradict each other"),
                          (["--network_args", "dropout=0.1"], "network_args 'dropout=0.1': this trainer takes"),
                          (["--network_args", "module_dropout=0.1", "--use_dora"], "--use_dora takes --lora_dropout"),

@@ -233,6 +233,10 @@ class TrainConfig:
     # ------------------------------------------------------------------ speed, memory
     mixed_precision: str = _f("no", "compute dtype of the frozen model and the forward: bf16 on recent GPUs and CPUs; "
                                     "fp16 with loss scaling", choices=("no", "fp16", "bf16"))
+    fp8_base: bool = _f(False, "keep the frozen model's Linear and Conv2d weights in float8 (e4m3fn), cast to the compute "
+                               "dtype at each call: about half the weights' memory, the weights rounded to fp8 "
+                               "(kohya's; needs --mixed_precision fp16 or bf16)")
+    fp8_base_unet: bool = _f(False, "--fp8_base for the UNet only; the text encoders stay in the compute dtype (kohya's)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, about a third slower)")
     dataloader_num_workers: int = _f(0, "worker processes loading images")
     compile: str = _f("none", "torch.compile the UNet's training step: default, reduce-overhead (CUDA graphs: for small "
@@ -404,6 +408,9 @@ class TrainConfig:
         self.optimizer_settings()
         if self.adaptive_noise_scale and not self.noise_offset:
             raise ConfigError("--adaptive_noise_scale adds to --noise_offset: give that too (as kohya requires)")
+        if (self.fp8_base or self.fp8_base_unet) and self.mixed_precision == "no":
+            flag = "--fp8_base" if self.fp8_base else "--fp8_base_unet"
+            raise ConfigError(f"{flag} computes in the mixed precision: give --mixed_precision bf16 (or fp16), as kohya requires")
         if self.color_aug and self.cache_latents:
             raise ConfigError("--color_aug changes every sample's colours: it cannot go with --cache_latents (as in kohya)")
         for name in ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout"):
@@ -528,7 +535,6 @@ KOHYA_TRANSLATED = ("unet_lr", "network_train_unet_only", "network_train_text_en
                     "full_fp16", "full_bf16")
 # kohya's settings this trainer does not build: named, with what to do instead, rather than "unknown setting"
 KOHYA_REFUSED = {
-    "fp8_base": "an fp8 base model is not built; use --mixed_precision bf16 and --gradient_checkpointing for memory",
     "no_token_padding": "captions are always padded to the text encoder's length, as diffusers' pipelines condition",
     "face_crop_aug_range": "face crop augmentation is not built",
     "initial_epoch": "continue a run with --resume_from_checkpoint latest", "initial_step": "continue a run with --resume_from_checkpoint latest",

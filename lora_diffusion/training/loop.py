@@ -50,6 +50,7 @@ from .config import COMPILE_MODES, ConfigError, TrainConfig
 from ..prompts import (apply_token_weights, check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids,
                        weighted_token_ids)
 from .dataset_config import read_dataset_config
+from .fp8 import restore_fp8, store_fp8
 from .data import (BatchPlan, DataError, DatasetSize, Example, ImageDataset, KohyaBuckets, StepBatchSampler, attach_masks, collate,
                    dataset_summary, mix_seed, read_fine_tuning_metadata, scan_images, stack_masks)
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
@@ -1071,6 +1072,13 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         trained = ([("unet", unet)] if config.train_unet else []) + ([("text_encoder", text_encoder)] if config.train_text_encoder else []) + (
             [("text_encoder_2", text_encoder_2)] if config.train_text_encoder and text_encoder_2 is not None else [])
         _init_lora(trained, init_lora, config)
+    # kohya's --fp8_base (the text encoders too) / --fp8_base_unet: the frozen weights in fp8 until the run ends
+    fp8 = [("unet", unet)] if config.fp8_base or config.fp8_base_unet else []
+    if config.fp8_base and not config.fp8_base_unet:
+        fp8 += list(zip(("text_encoder", "text_encoder_2"), encoders))
+    fp8_layers = store_fp8(fp8)
+    if fp8_layers:
+        logger.info("--fp8_base: %d layers' weights in float8 e4m3fn (%s)", len(fp8_layers), ", ".join(name for name, _ in fp8))
     for model in (unet, *encoders):
         set_backward(model, config.lora_backward)
     if config.gradient_checkpointing:
@@ -1379,6 +1387,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
         accelerator.wait_for_everyone()
         unet.eval()
     finally:
+        restore_fp8(fp8_layers, weight_dtype)  # (the pipeline returned computes without autocast)
         ctrl_c.restore()
         if previous is not None:
             previous.close()
