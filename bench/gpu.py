@@ -13,6 +13,9 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
   and seed. Ours with its default backward (dense on CUDA: ``set_backward``) and with the low-rank one (PEFT's
   ops, ``..., lowrank backward``). ``train_peak_mem``: peak GPU memory of each above what was allocated
   before it built its model copy (so: its UNet copy, LoRA parameters, optimizer state, activations).
+* ``train_fp8`` (``--fp8``, opt-in): our step with ``--fp8_base``'s fp8 weights and with kohya's, against the
+  same step on the bf16 model: time, peak memory (``peak_vs_bf16``), the first step's loss difference; without
+  and with gradient checkpointing.
 * ``train_step_compiled`` (``--compile``, opt-in): our step with ``torch.compile`` (default mode
   ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
   checked against the eager step from the same start (losses and LoRA parameters after the same steps).
@@ -184,15 +187,15 @@ def floor_step(s: Setup, unet, inp: dict, cudagraphs: bool = False):
     return step
 
 
-def lora_step(s: Setup, unet, params, inp: dict, *, fused_adam: bool = False, cudagraphs: bool = False):
-    """One LoRA training step; returns (step, losses)."""
+def lora_step(s: Setup, unet, params, inp: dict, *, fused_adam: bool = False, cudagraphs: bool = False, autocast=None):
+    """One LoRA training step; returns (step, losses). ``autocast``: in place of ``s.autocast``."""
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused_adam and s.cuda else {}))
     losses: list[torch.Tensor] = []
 
     def step():
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with s.autocast():
+        with (autocast or s.autocast)():
             pred = unet(inp["noisy"], inp["t"], inp["ehs"]).sample
         loss = F.mse_loss(pred.float(), inp["noise"].float())
         loss.backward()
@@ -362,6 +365,44 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
         if compile_mode and batch in compile_batches:
             guarded(f"train_step_compiled batch {batch}", bench_compiled, s, inp, batch, compile_mode, ours_ms, peft_ms, a_init,
                     floor_ms, flops)
+
+
+def bench_fp8(s: Setup, batches: list[int]) -> None:
+    """``--fp8_base``'s training step (``training.fp8.store_fp8``: the frozen Linear / Conv2d weights in fp8, each
+    layer keeping only its fp8 weight for the backward) and kohya's (the same weights in fp8, cast by autocast at
+    each call, which keeps a bf16 copy of each for the backward) against our step on the bf16 model: time, peak
+    memory and the loss, without and with gradient checkpointing. (Tiny: bf16 autocast on the CPU too.)"""
+    from lora_diffusion.training.fp8 import FP8, store_fp8
+
+    def autocast():
+        return torch.autocast(s.device.type, dtype=torch.bfloat16)
+
+    for batch in batches:
+        inp = s.inputs(batch)
+        for checkpointing in (False, True):
+            ref = None
+            for variant in ("bf16", "fp8", "fp8, kohya's"):
+                log(f"train, batch {batch}: {variant} base{', gradient checkpointing' if checkpointing else ''}")
+                s.resident()
+                unet, params = ours_model(s)
+                if checkpointing:
+                    unet.enable_gradient_checkpointing()
+                if variant == "fp8":
+                    store_fp8([("unet", unet)])
+                elif variant != "bf16":
+                    for module in unet.modules():
+                        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:
+                            module.weight.data = module.weight.data.to(FP8)
+                weights_mb = sum(p.untyped_storage().nbytes() for p in unet.parameters()) / 2**20
+                step, losses = lora_step(s, unet, params, inp, fused_adam=True, autocast=autocast)
+                s.reset_peak()
+                ms, mem = median_ms(step, s.iters, s.warmup, s.sync), s.peak_mb()
+                del unet, params, step
+                ref = ref or (ms, mem, losses[0].item())
+                case = f"rank 4 attn, batch {batch}{', gradient checkpointing' if checkpointing else ''}, {variant} base"
+                emit(s.ctx, "train_fp8", case, ms, ref[0], "bf16_base", peak_mb=mem, weights_mb=round(weights_mb, 1),
+                     peak_vs_bf16=round(mem / ref[1], 4) if mem and ref[1] else None,
+                     first_loss_abs_diff_vs_bf16=abs(losses[0].item() - ref[2]))
 
 
 def bench_paired(s: Setup, inp: dict, batch: int, a_init: dict) -> None:
@@ -790,6 +831,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-floor", action="store_true",
                         help="with --compile: the floor compiled the same way first, in the same process (compiles once more)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time --fp8_base's step and kohya's fp8 step against the bf16 model's, with their "
+                             "peak memory, without and with gradient checkpointing (at --batches)")
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")
     parser.add_argument("--profile-infer", action="store_true",
@@ -810,6 +854,8 @@ def main(argv: list[str] | None = None) -> None:
     s = Setup(args)
     if "train" not in args.skip:
         guarded("train", bench_training, s, args.batches, args.compile, args.compile_batches, args.floor_variants)
+    if args.fp8:
+        guarded("train_fp8", bench_fp8, s, args.batches)
     for batch in args.profile:
         guarded(f"profile batch {batch}", bench_profile, s, batch, args.profile_compile)
     if "infer" not in args.skip or args.compile_infer or args.profile_infer:

@@ -22,7 +22,7 @@ LABELS = {"device", "dtype", "torch", "diffusers", "peft", "threads"}
 CPU_ARGS = ("bench/cpu.py", "--quick", "--threads", "1")
 GPU_ARGS = ("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
             "--compile", "default", "--compile-floor", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
-            "--compile-infer", "--compile-infer-counts", "4", "--profile", "1", "--profile-infer")  # each count is a compile: ~10 s here
+            "--compile-infer", "--compile-infer-counts", "4", "--profile", "1", "--profile-infer", "--fp8")  # each count is a compile: ~10 s here
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _run(proc: subprocess.Popen) -> list[dict]:
     assert not errors, errors
     for line in lines:
         assert LABELS <= set(line), line
-        assert line["ref"] in {"peft", "base", "floor", "floor_compiled", "ours_eager", "base_compiled", "merged"}, line
+        assert line["ref"] in {"peft", "base", "floor", "floor_compiled", "ours_eager", "base_compiled", "merged", "bf16_base"}, line
         unit = next((u for u in ("ms", "us", "bytes", "mb", "ops") if f"ours_{u}" in line), None)
         assert unit, line
         ours, ref = line[f"ours_{unit}"], line[f"ref_{unit}"]
@@ -88,7 +88,7 @@ def test_gpu_bench_tiny_on_cpu(runs):
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
             "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
             "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached", "train_step_paired",
-            "layer_overhead"} <= benches  # (layer_overhead: --profile-infer measures the per-layer host cost too)
+            "layer_overhead", "train_fp8"} <= benches  # (layer_overhead: --profile-infer measures the per-layer host cost too)
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
             "rank 4 attn, batch 1, compile, dense backward", "batch 1, compiled (default)",
@@ -104,5 +104,9 @@ def test_gpu_bench_tiny_on_cpu(runs):
             assert line["max_abs_diff"] == 0.0 and not line.get("recompiled_on_reweight"), line
             assert line["graph_breaks"] == 0, line
             assert line.get("max_abs_diff_after_reweight", 0.0) == 0.0, line
+    fp8 = {line["case"]: line for line in lines if line["bench"] == "train_fp8"}  # (tiny: an fp32 model)
+    for variant in ("fp8 base", "fp8, kohya's base", "gradient checkpointing, fp8 base"):
+        assert fp8[f"rank 4 attn, batch 1, {variant}"]["weights_mb"] < fp8["rank 4 attn, batch 1, bf16 base"]["weights_mb"] / 2
+        assert 0 < fp8[f"rank 4 attn, batch 1, {variant}"]["first_loss_abs_diff_vs_bf16"] < 0.05
     floor = next(line for line in lines if line["bench"] == "train_floor")
     assert floor["tflop"] and floor["tflop"] > 0, floor
