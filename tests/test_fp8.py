@@ -105,3 +105,25 @@ def test_an_fp8_unet_keeps_no_compute_dtype_weight_copies_for_the_backward():
     assert fp8_bytes + kohya_copies > 2 * fp8_bytes and our_copies == 0  # (2x: the weights in bf16)
     for ours, theirs in zip(our_grads, kohya_grads):
         torch.testing.assert_close(ours, theirs, rtol=0.05, atol=1e-3 * float(theirs.abs().max()) + 1e-6)
+
+
+def test_fp8_layers_compile_without_graph_breaks():
+    """``--fp8_base --compile``: dynamo traces the fp8 layers whole; the compiled output and input gradient are
+    the eager ones."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).requires_grad_(False)
+    store_fp8([("m", model)])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    results = []
+    for run in (compiled, model):
+        x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(x)
+        out.float().sum().backward()
+        results.append((out, x.grad))
+    assert not counters["graph_break"]
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
