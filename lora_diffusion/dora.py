@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .formats import LoraWeights
+from .layers import accumulation_dtype
 
 __all__ = ["magnitude_for", "dora_delta", "as_dense"]
 
@@ -41,7 +42,7 @@ def magnitude_for(magnitude: torch.Tensor, weight_shape: torch.Size | tuple[int,
 def dora_delta(w: LoraWeights, weight: torch.Tensor) -> torch.Tensor:
     """``m * V / ||V|| - W`` with ``V = W + alpha/r * B A``, in fp32 (fp64 for an fp64 weight), in ``weight``'s shape;
     the norm over every axis but the one ``m`` runs along."""
-    wide = torch.promote_types(weight.dtype, torch.float32)
+    wide = accumulation_dtype(weight.dtype)
     base = weight.detach().to(wide)
     m = magnitude_for(w.magnitude, base.shape).to(base.device, wide)
     direction = base + w.delta(wide, base.device).reshape(base.shape)

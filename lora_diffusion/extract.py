@@ -23,7 +23,7 @@ import torch
 from .blend import MergeReport
 from .formats import FILE_COMPONENTS, WRITERS, LoraWeights, with_text_model, write_lora_file
 from .inject import resolve_targets, unwrap
-from .layers import LoraLayer
+from .layers import LoraLayer, accumulation_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _computed_weight(module: torch.nn.Module, key: str) -> torch.Tensor:
     if module._dora.intersection(module.active):
         raise ValueError(f"{key}: a DoRA adapter trained in this process is active; save_lora and load the file (it loads "
                          "as its exact delta), or fuse, then extract")
-    return weight.to(torch.promote_types(weight.dtype, torch.float32)) + module.delta_weight()
+    return weight.to(accumulation_dtype(weight.dtype)) + module.delta_weight()
 
 
 def extract_lora(
@@ -93,7 +93,7 @@ def extract_lora(
                 found = "no such layer" if w1 is None else f"{list(w1.shape)}"
                 raise ValueError(f"{component}.{name}: the base model's weight is {list(w0.shape)}, the tuned model's "
                                  f"{found}: not the same architecture")
-            wide = torch.promote_types(w0.dtype, torch.float32)  # (fp32; fp64 for fp64 models)
+            wide = accumulation_dtype(w0.dtype)  # (fp32; fp64 for fp64 models)
             delta = (w1.to(wide) - w0.to(w1.device, wide)).cpu()
             if not delta.any():
                 continue

@@ -1026,7 +1026,8 @@ def _png_vae(image: str, args: argparse.Namespace) -> str | None:
 
 
 def _generation_model(path: str | os.PathLike, args: argparse.Namespace) -> tuple[object, dict]:
-    """The pipeline ``generate`` makes images with (``--model-config``, ``--dtype``, ``--device``, ``--vae``), and its
+    """The pipeline ``generate`` makes images with (``--model-config``, ``--dtype``, ``--device``, ``--vae``,
+    ``--fp8-weight``), and its
     infotext's ``model_name`` and ``model_sha256`` (a single file's), ``vae_name`` and ``vae_sha256``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -1041,6 +1042,8 @@ def _generation_model(path: str | os.PathLike, args: argparse.Namespace) -> tupl
     if vae is not None:
         pipe.vae = load_vae(vae, pipe.vae)
     pipe = pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.fp8_weight:  # (diffusers' layerwise casting: each layer's weight cast up for its own call)
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.unet.dtype)
     pipe.set_progress_bar_config(disable=not args.progress)
     model = Path(path)
     return pipe, {"model_name": model.stem if model.is_file() else model.name,
@@ -1160,6 +1163,9 @@ def register(subparsers) -> None:
                    "hub id of the same architecture for its configs and tokenizers")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: fp16 on CUDA, else fp32")
     p.add_argument("--device", default=None)
+    p.add_argument("--fp8-weight", action="store_true", help="A1111's FP8 weight: the UNet's Linear and Conv2d weights "
+                   "stored in float8 (about half their memory), each cast to --dtype for its own call; LoRAs stay in "
+                   "--dtype beside them (with --fuse: rounded into the fp8 weights)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output .png")
     p.add_argument("--progress", action="store_true", help="show the denoising progress bar")
     p.set_defaults(func=_cmd_generate)

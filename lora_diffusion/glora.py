@@ -32,11 +32,13 @@ from typing import NamedTuple
 
 import torch
 
+from .layers import accumulation_dtype
+
 __all__ = ["Glora", "Ia3"]
 
 
 def _wide(weight: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(weight.dtype, torch.float32)
+    return accumulation_dtype(weight.dtype)
 
 
 class Glora(NamedTuple):

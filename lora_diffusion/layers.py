@@ -21,6 +21,9 @@ The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_
   afresh bit for bit. Many layers fuse together (``fuse_many``: one batched matmul per shape of factors).
 * Training differentiates a single adapter on a frozen Linear through ``W + s B A`` on CUDA (``_DenseBackward``:
   one weight-gradient GEMM in place of four rank-r matmuls); the forward stays PEFT's two thin matmuls.
+* A base weight stored in fp8 (diffusers' ``enable_layerwise_casting``, whose hook casts it up only within the base
+  layer's own call) gets its adapters beside the base output, in the compute dtype (``compute_dtype``), never
+  through the weight; fusing rounds ``W0 + delta`` (fp32) to fp8 once.
 * Under ``torch.compile`` the forward takes no cache: it stacks the factors in the graph and reads the weights
   from the ``lora_scales`` buffer, which every change updates in place, so a re-weight needs no recompile.
 
@@ -161,6 +164,22 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 # what autocast casts to its dtype on the way into a matmul (float64 stays)
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
+# dtypes a weight is stored in but never computed in: fp8 (diffusers' ``enable_layerwise_casting``, A1111's "FP8
+# weight"), which the base layer's own call casts up
+FLOAT8 = frozenset(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, name))
+
+
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype ``layer`` (a frozen Linear / Conv2d) computes in: its weight's, or for a weight stored in fp8 the
+    compute dtype of diffusers' layerwise-casting hook on it (bf16 without one). LoRA factors loaded for the layer
+    take it."""
+    dtype = layer.weight.dtype
+    if dtype not in FLOAT8:
+        return dtype
+    hook = getattr(getattr(layer, "_diffusers_hook", None), "hooks", {}).get("layerwise_casting")
+    return getattr(hook, "compute_dtype", None) or torch.bfloat16
+
 # (weakref to an input, its version, weakref to its cast): the last input ``_cast_shared`` cast
 _LAST_CAST: tuple = (None, 0, None)
 
@@ -217,8 +236,8 @@ def _scale_columns(b: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | N
     return _cast(scaled, dtype or b.dtype)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What fusing and its checks compute in for weights of ``dtype``: fp32, fp64 for fp64 (a Python test, not
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What fusing and its checks compute in for weights of ``dtype``: fp32 (for fp16, bf16 and fp8 too), fp64 for fp64 (a Python test, not
     ``torch.promote_types``, which dispatches an op per call)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -230,13 +249,14 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     ~1e18 in fp32): only then is each tensor checked element by element, so huge finite weights pass."""
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
-        groups.setdefault(_accumulation_dtype(t.dtype), []).append(t)
+        groups.setdefault(accumulation_dtype(t.dtype) if t.dtype not in FLOAT8 else t.dtype, []).append(t)
     if not groups:
         return True
-    finite = [torch.isfinite(torch.stack(torch._foreach_norm(ts, 2, dtype=dtype))) for dtype, ts in groups.items()]
+    finite = [torch.isfinite(torch.stack(torch._foreach_norm(ts, 2, dtype=dtype))) if dtype not in FLOAT8 else
+              torch.stack([torch.isfinite(t.float()).all() for t in ts]) for dtype, ts in groups.items()]  # (fp8: no norm)
     if bool((finite[0] if len(finite) == 1 else torch.cat(finite)).all()):
         return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.isfinite(t if t.dtype not in FLOAT8 else t.float()).all()) for t in tensors)
 
 
 BACKWARD_MODES = ("auto", "dense", "lowrank", "merged")
@@ -696,44 +716,57 @@ class LoraLayer(nn.Module):
             return self._base_op(x, self._merged)
         compiling = _is_compiling()
         names = self._compiled_names if compiling else self._live()
+        # a weight stored in fp8 outside autocast (diffusers' layerwise casting: cast up only within the base
+        # layer's own call): the adapters beside the base output, never through the weight
+        stored_fp8 = base._parameters["weight"].dtype in FLOAT8 and _autocast_dtype(x) is None
         if self._dora and not self._dora.isdisjoint(names):
-            return self._dora_forward(x, names, args, kwargs)
-        if torch.is_grad_enabled() and not (args or kwargs) and self._dense_backward(x, names, compiling):
+            return self._dora_forward(x, names, args, kwargs, stored_fp8)
+        if not stored_fp8 and torch.is_grad_enabled() and not (args or kwargs) and self._dense_backward(x, names, compiling):
             a, b = self._factors(names)[0]
             scale = self.lora_scales[0] if compiling else None
             return _DenseBackward.apply(x, a, b, base.weight, base.bias, self, names[0], scale)
         if compiling:
-            return self._compiled_forward(x, args, kwargs)
+            return self._compiled_forward(x, args, kwargs, stored_fp8)
         if not names:
             return base(x, *args, **kwargs)
         params = self._factors(names)
         tracked = _tracked(x, params)
-        if self._one_by_one(names, tracked):
-            # One adapter in autograd (training): PEFT's op order bit for bit, B(A(dropout(x))) * scale.
-            result = base(x, *args, **kwargs)
-            for n, (a, b) in zip(names, params):
-                result = self._add_adapter(result, x, n, a, b)
-            return result
         # Several adapters, or any number outside autograd: one cached pair of stacked factors with the scales
         # folded into B. Outside autograd, through the merged weight where that moves fewer bytes, else the second
         # matmul adds into the base output (LoraLinear: one kernel). With ``merge_cache``, through the kept merged weight.
-        if not tracked and not (args or kwargs) and self.merge_cache and self._merge_min is not None:
-            return self._base_op(x, self._kept_merged(names, params))
-        if not tracked and not (args or kwargs) and self._merge_pays(x):
-            a_cat, b_cat = self._stacked(names, params, tracked, base._parameters["weight"].dtype)
-            return self._merged_forward(x, a_cat, b_cat)
-        result = base(x, *args, **kwargs)
+        one_by_one = self._one_by_one(names, tracked)
+        if not tracked and not (args or kwargs) and not stored_fp8 and not one_by_one:
+            if self.merge_cache and self._merge_min is not None:
+                return self._base_op(x, self._kept_merged(names, params))
+            if self._merge_pays(x):
+                a_cat, b_cat = self._stacked(names, params, tracked, base._parameters["weight"].dtype)
+                return self._merged_forward(x, a_cat, b_cat)
+        return self._beside_base(x, names, params, tracked, one_by_one, args, kwargs)
+
+    def _beside_base(self, x: torch.Tensor, names: list[str], params: list[tuple[nn.Parameter, nn.Parameter]],
+                     tracked: bool, one_by_one: bool, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The base layer's output with the adapters ``names`` added beside it: one adapter in autograd (training)
+        as PEFT, ``B(A(dropout(x))) * scale`` in its op order (bit for bit); else the stacked pair, whose second
+        matmul adds into the base output outside autograd."""
+        result = self._modules["base_layer"](x, *args, **kwargs)
+        if one_by_one:
+            for n, (a, b) in zip(names, params):
+                result = self._add_adapter(result, x, n, a, b)
+            return result
         a_cat, b_cat = self._stacked(names, params, tracked)
         if not tracked:
             return self._add_low_rank_(result, x, a_cat, b_cat)
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
         return result + self._low_rank(h, a_cat, b_cat).to(result.dtype)
 
-    def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+    def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict, stored_fp8: bool = False) -> torch.Tensor:
         """The forward of a layer holding DoRA adapters trained here: adapter by adapter, PEFT's DoRA for those
         (``W' = m * V / ||V||`` per output row, ``V = W + s B A``, the norm a constant to autograd, as the paper
         and PEFT), PEFT's LoRA for the others. A weight ``w`` scales the whole change, ``W + w (W' - W)``, as
         A1111 applies DoRA files and as ours load (PEFT moves ``w`` into ``s``; the same at ``w = 1``)."""
+        if stored_fp8:
+            raise ValueError(f"the DoRA adapter(s) {sorted(self._dora & set(names))} need the base weight, which is stored in "
+                             "fp8 here (layerwise casting): generate with the weights in their compute dtype")
         base = self._modules["base_layer"]
         result = base_out = base(x, *args, **kwargs)
         for name, (a, b) in zip(names, self._factors(names)):
@@ -825,7 +858,7 @@ class LoraLayer(nn.Module):
             delta = delta * scale
         return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
 
-    def _compiled_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _compiled_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, stored_fp8: bool = False) -> torch.Tensor:
         """The forward as torch.compile traces it: no caches, version counters or Python-float weights, so the
         graph guards only on which adapters are active and fused (and, for the merged weight, on the input's
         size) and reads their scales from ``lora_scales``. The same ops as eager, up to where the (exact) scale
@@ -841,7 +874,7 @@ class LoraLayer(nn.Module):
                 result = self._add_adapter(result, x, n, a, b, scales[row])
                 row += self.specs[n].rank
             return result
-        merge = not tracked and not (args or kwargs) and self._merge_pays(x)
+        merge = not tracked and not (args or kwargs) and not stored_fp8 and self._merge_pays(x)
         a_cat = torch.cat([a for a, _ in params], dim=0)
         b_cat = torch.cat([b for _, b in params], dim=1)
         if merge:
@@ -952,7 +985,7 @@ class LoraLayer(nn.Module):
         if key is not None and key == self._fuse_key and self._fuse_cache is not None:
             return self._fuse_cache
         weight = self._modules["base_layer"]._parameters["weight"]
-        wide = _accumulation_dtype(weight.dtype)
+        wide = accumulation_dtype(weight.dtype)
         a_cat = torch.cat([a.detach().reshape(a.shape[0], -1) for a, _ in params]).to(weight.device, wide)
         b_cat = torch.cat([b.detach().reshape(b.shape[0], -1) for _, b in params], dim=1).to(weight.device, wide)
         if key is not None:
@@ -973,7 +1006,7 @@ class LoraLayer(nn.Module):
         weights = self.weights if weights is None else weights
         w = self.base_layer.weight
         if not names:
-            return torch.zeros(w.shape, dtype=_accumulation_dtype(w.dtype), device=w.device)
+            return torch.zeros(w.shape, dtype=accumulation_dtype(w.dtype), device=w.device)
         return self._delta({n: weights[n] for n in names}).view(w.shape)
 
     def write_fused(self, weights: dict[str, float]) -> torch.Tensor:
@@ -1065,7 +1098,8 @@ def fuse_many(items: list[tuple[LoraLayer, dict[str, float]]]) -> list[torch.Ten
                 delta = torch.bmm(b, torch.stack([m[0] for m in chunk]))
                 # (a Linear's delta has its weight's shape already; a view each costs ~1 us of host time)
                 deltas = [d if m[3].dim() == 2 else d.view(m[3].shape) for d, m in zip(delta.unbind(0), chunk)]
-                torch._foreach_add_(deltas, [m[2] for m in chunk])  # W0 + delta, in fp32 (fp64)
+                # W0 + delta, in fp32 (fp64); a W0 stored in fp8 widened first (no fp8 arithmetic)
+                torch._foreach_add_(deltas, [m[2] if m[2].dtype not in FLOAT8 else m[2].float() for m in chunk])
                 torch._foreach_copy_([m[3] for m in chunk], deltas)  # rounded once to the weight's dtype
         for layer, weights in items:
             layer._set_fused(weights)

@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 
+from .layers import accumulation_dtype
+
 __all__ = ["Oft", "oft_delta", "check_blocks"]
 
 
@@ -121,7 +123,7 @@ def oft_delta(oft: Oft, weight: torch.Tensor) -> torch.Tensor:
     """``W' - W`` of ``oft`` on ``weight``, in fp32 (fp64 for an fp64 weight), in ``weight``'s shape. Raises
     ``ValueError`` (the shapes) where the module does not fit the weight."""
     _check(oft, weight.shape)
-    wide = torch.promote_types(weight.dtype, torch.float32)
+    wide = accumulation_dtype(weight.dtype)
     base = weight.detach().to(wide)
     rows, rest = base.shape[0], base.shape[1:]
     r = _rotations(oft, rows, wide, base.device)

@@ -46,7 +46,7 @@ from .dora import as_dense
 from .formats_lycoris import dense_lora
 from .params import ParamDelta, param_deltas
 from .inject import DETACHED_ATTR, MERGE_CACHE_ATTR, attach, detach, lora_layers, unwrap, unwrap_layer, wrap_layer
-from .layers import LoraLayer, all_finite, floats_on_devices, fuse_many
+from .layers import LoraLayer, all_finite, compute_dtype, floats_on_devices, fuse_many
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, LoraWeights]], adapter: 
             layer = wrap_layer(model, target)
             touched.append((target, layer, fresh))
             layer.disabled = layer.disabled or disabled
-            layer.add_adapter(adapter, rank=w.rank, alpha=w.alpha, dtype=layer.base_layer.weight.dtype, weight=weight)
+            layer.add_adapter(adapter, rank=w.rank, alpha=w.alpha, dtype=compute_dtype(layer.base_layer), weight=weight)
             layer.set_lora_weights(adapter, w.A, w.B)
             layer.lora_A[adapter].requires_grad_(False)
             layer.lora_B[adapter].requires_grad_(False)

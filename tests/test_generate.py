@@ -77,6 +77,47 @@ def test_cli_writes_a1111_infotext_and_makes_the_image_again_from_it(tmp_path, l
     assert main(["generate", str(TINY_MODEL), "x", "--steps", "1", "-o", str(bare)]) == 2  # no silent overwrite
 
 
+def test_cli_fp8_weight_generates_with_the_unet_weights_in_fp8(tmp_path, lora_dir, monkeypatch):
+    """A1111's FP8 weight: the UNet's Linear / Conv2d weights are float8 while the images are made, the LoRA
+    factors are not; each image is txt2img's on the model under diffusers' layerwise casting (unfused and fused),
+    and nearer the full-precision one than the LoRA's own effect."""
+    from diffusers import StableDiffusionPipeline
+
+    import lora_diffusion.generate as generate_module
+
+    seen = []
+    real = generate_module.txt2img
+
+    def spy(pipe, *args, **kwargs):
+        def record(unet, inputs):  # (at the first UNet call: the LoRAs of the prompt's tags are in by then)
+            layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            seen.append(({m.weight.dtype for m in layers}, {p.dtype for n, p in unet.named_parameters() if "lora_" in n}))
+            handle.remove()
+
+        handle = pipe.unet.register_forward_pre_hook(record)
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "txt2img", spy)
+    prompt = "a red circle <lora:style:0.2>"  # (at 0.7 the random LoRA makes the tiny model chaotic: any rounding moves
+    common = [prompt, "--lora-dir", str(lora_dir), "--seed", "5", "--steps", "3"]  # its image far)
+    images = {}
+    for name, flags in (("full", []), ("fp8", ["--fp8-weight"]), ("fused", ["--fp8-weight", "--fuse"])):
+        assert main(["generate", str(TINY_MODEL), *common, *flags, "-o", str(tmp_path / f"{name}.png")]) == 0
+        images[name] = _pixels(tmp_path / f"{name}.png").astype(np.int16)
+    assert [dtypes for dtypes, _ in seen] == [{torch.float32}, {torch.float8_e4m3fn}, {torch.float8_e4m3fn}]
+    assert seen[1][1] == {torch.float32}  # (the LoRA, unfused: in the compute dtype; fused, its wrappers are out)
+    monkeypatch.setattr(generate_module, "txt2img", real)
+    for name, fused in (("fp8", False), ("fused", True)):
+        pipe = StableDiffusionPipeline.from_pretrained(TINY_MODEL)
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        (image,) = txt2img(pipe, prompt, lora_dir=lora_dir, seed=5, steps=3, sampler="DPM++ 2M", fused=fused)
+        assert np.array_equal(np.asarray(image.image.convert("RGB")), images[name]), name
+    assert main(["generate", str(TINY_MODEL), "a red circle", "--seed", "5", "--steps", "3", "-o", str(tmp_path / "none.png")]) == 0
+    effect = np.abs(_pixels(tmp_path / "none.png").astype(np.int16) - images["full"]).mean()
+    for name in ("fp8", "fused"):
+        assert 0 < np.abs(images[name] - images["full"]).mean() < effect / 3, name
+
+
 def test_cli_errors_are_one_line(tmp_path, lora_dir, capsys):
     assert main(["generate", str(TINY_MODEL), "a <lora:nope:1>", "--lora-dir", str(lora_dir), "-o", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
