@@ -16,6 +16,8 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 * ``train_fp8`` (``--fp8``, opt-in): our step with ``--fp8_base``'s fp8 weights and with kohya's, against the
   same step on the bf16 model: time, peak memory (``peak_vs_bf16``), the first step's loss difference; without
   and with gradient checkpointing.
+* ``infer_fp8`` (``--fp8``): the CFG call with the UNet's weights in fp8 (diffusers' ``enable_layerwise_casting``)
+  and 0 / 1 / 4 unfused adapters (PEFT's beside) or 4 fused, against the plain UNet's call, with the UNet's MB.
 * ``train_step_compiled`` (``--compile``, opt-in): our step with ``torch.compile`` (default mode
   ``reduce-overhead``, i.e. CUDA graphs, with ``cudagraph_mark_step_begin`` per step and fused AdamW),
   checked against the eager step from the same start (losses and LoRA parameters after the same steps).
@@ -625,6 +627,50 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
     emit(s.ctx, "reweight_fused", "4 adapters, UNet + text encoder", ours, ref, "peft")
 
 
+def bench_fp8_infer(s: Setup, files: list[Path]) -> None:
+    """A1111's FP8 weight, as diffusers' ``enable_layerwise_casting`` (fp8 storage, the UNet's dtype to compute):
+    the CFG call of the fp8 UNet with 0, 1 and 4 unfused adapters (ours and PEFT's, which loads them before the
+    cast) and 4 fused (ours), against the same call of the plain UNet, with the UNet's parameter MB."""
+    pipe_o, pipe_p = make_pipe(s.comps), make_pipe(s.comps)
+    names = load_both(pipe_o, pipe_p, files[:4])
+    compute = s.comps["unet"].dtype
+    for pipe in (pipe_o, pipe_p):
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    inp = s.inputs(2, seed=1)
+    x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
+
+    def call(unet):
+        def run():
+            with torch.no_grad():
+                return unet(x, t, ehs).sample
+
+        return run
+
+    def mb(unet) -> float:
+        return round(sum(p.untyped_storage().nbytes() for p in unet.parameters()) / 2**20, 1)
+
+    call_o, call_p, call_b = call(pipe_o.unet), call(pipe_p.unet), call(s.comps["unet"])
+    for k in (0, 1, 4):
+        log(f"inference, fp8 weights, {k} adapters")
+        ld.set_adapters(pipe_o, {n: 0.8 for n in names[:k]})
+        pipe_p.enable_lora() if k else pipe_p.disable_lora()
+        if k:
+            pipe_p.set_adapters(names[:k], [0.8] * k)
+        diff = (call_o().float() - call_p().float()).abs().max().item()
+        ours, base_ms, spread = compare_paired(call_o, call_b, s.iters, s.warmup, s.sync)
+        emit(s.ctx, "infer_fp8", f"{k} adapters unfused, fp8 weights", ours, base_ms, "base",
+             peft_ms=median_ms(call_p, s.iters, s.warmup, s.sync), max_abs_diff_vs_peft=diff, unet_mb=mb(pipe_o.unet),
+             base_unet_mb=mb(s.comps["unet"]), **spread)
+    ld.fuse(pipe_o)
+    try:
+        pipe_p.fuse_lora(adapter_names=names[:4])
+        peft_fuse = "fused"
+    except Exception as e:  # (diffusers 0.42 + PEFT 0.21: fp8 arithmetic in their fuse)
+        peft_fuse = f"{type(e).__name__}: {str(e)[:120]}"
+    ours, base_ms, spread = compare_paired(call_o, call_b, s.iters, s.warmup, s.sync)
+    emit(s.ctx, "infer_fp8", "4 adapters fused, fp8 weights", ours, base_ms, "base", peft_fuse=peft_fuse, **spread)
+
+
 def bench_inference_host(s: Setup, files: list[Path], calls: int = 5) -> None:
     """Where an eager CFG call's host time goes (the eager call is launch-bound on the GPU): torch.profiler's CPU
     table (top 25 by self CPU time) of the base call and of ours with one adapter on stderr, and one
@@ -833,7 +879,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer"])
     parser.add_argument("--fp8", action="store_true",
                         help="also time --fp8_base's step and kohya's fp8 step against the bf16 model's, with their "
-                             "peak memory, without and with gradient checkpointing (at --batches)")
+                             "peak memory, without and with gradient checkpointing (at --batches), and the CFG call on "
+                             "fp8 weights (layerwise casting) with 0 / 1 / 4 adapters, ours and PEFT's")
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also print torch.profiler's kernel table of the floor and of our eager step at these batches")
     parser.add_argument("--profile-infer", action="store_true",
@@ -858,7 +905,7 @@ def main(argv: list[str] | None = None) -> None:
         guarded("train_fp8", bench_fp8, s, args.batches)
     for batch in args.profile:
         guarded(f"profile batch {batch}", bench_profile, s, batch, args.profile_compile)
-    if "infer" not in args.skip or args.compile_infer or args.profile_infer:
+    if "infer" not in args.skip or args.compile_infer or args.profile_infer or args.fp8:
         with tempfile.TemporaryDirectory(prefix="lora_bench_gpu_") as tmp:
             log("writing 8 adapter files")
             files = make_adapter_files(s.comps, Path(tmp), 8)
@@ -866,6 +913,8 @@ def main(argv: list[str] | None = None) -> None:
                 guarded("infer", bench_inference, s, files)
             if args.profile_infer:
                 guarded("infer_host", bench_inference_host, s, files)
+            if args.fp8:
+                guarded("infer_fp8", bench_fp8_infer, s, files)
             if args.compile_infer:
                 guarded("infer_compiled", bench_inference_compiled, s, files, args.compile_infer, args.compile_infer_counts)
     log("done")

@@ -49,8 +49,9 @@
 #         functions (base, kept merged weights: the 1.06x that remains with the base's kernels), the per-layer host
 #         cost on this machine (layer_overhead: bare / ours / kept / PEFT), and a fused re-weight's Python functions
 #         and aten ops (reweight_fused_host: the <= 15 ms target); then part 13.
-# Part 15 (~1 min): --fp8_base's step and kohya's fp8 step against the bf16 model's, batch 1 and 8, without and
-#         with gradient checkpointing: time and peak memory (the fp8 base's memory claim in docs/TRAINING.md).
+# Part 15 (~1.5 min): --fp8_base's step and kohya's fp8 step against the bf16 model's, batch 1 and 8, without and
+#         with gradient checkpointing: time and peak memory (the fp8 base's memory claim in docs/TRAINING.md); the CFG
+#         call on fp8 weights (layerwise casting, A1111's FP8 weight) with 0 / 1 / 4 adapters, ours and PEFT's.
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1

@@ -88,7 +88,7 @@ def test_gpu_bench_tiny_on_cpu(runs):
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
             "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
             "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached", "train_step_paired",
-            "layer_overhead", "train_fp8"} <= benches  # (layer_overhead: --profile-infer measures the per-layer host cost too)
+            "layer_overhead", "train_fp8", "infer_fp8"} <= benches  # (layer_overhead: --profile-infer measures the per-layer host cost too)
     cases = {line["case"] for line in lines}
     assert {"batch 1, channels_last", "batch 1, compile", "rank 4 attn, batch 1, compile",
             "rank 4 attn, batch 1, compile, dense backward", "batch 1, compiled (default)",
@@ -108,5 +108,8 @@ def test_gpu_bench_tiny_on_cpu(runs):
     for variant in ("fp8 base", "fp8, kohya's base", "gradient checkpointing, fp8 base"):
         assert fp8[f"rank 4 attn, batch 1, {variant}"]["weights_mb"] < fp8["rank 4 attn, batch 1, bf16 base"]["weights_mb"] / 2
         assert 0 < fp8[f"rank 4 attn, batch 1, {variant}"]["first_loss_abs_diff_vs_bf16"] < 0.05
+    for line in lines:  # (fp8 storage, fp32 compute: ours is PEFT's to rounding; the UNet's weights a quarter)
+        if line["bench"] == "infer_fp8" and "max_abs_diff_vs_peft" in line:
+            assert line["max_abs_diff_vs_peft"] < 1e-4 and line["unet_mb"] < line["base_unet_mb"] / 2, line
     floor = next(line for line in lines if line["bench"] == "train_floor")
     assert floor["tflop"] and floor["tflop"] > 0, floor
