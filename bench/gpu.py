@@ -370,11 +370,11 @@ def bench_training(s: Setup, batches: list[int], compile_mode: str | None, compi
 
 
 def bench_fp8(s: Setup, batches: list[int]) -> None:
-    """``--fp8_base``'s training step (``training.fp8.store_fp8``: the frozen Linear / Conv2d weights in fp8, each
+    """``--fp8_base``'s training step (``fp8.store_fp8``: the frozen Linear / Conv2d weights in fp8, each
     layer keeping only its fp8 weight for the backward) and kohya's (the same weights in fp8, cast by autocast at
     each call, which keeps a bf16 copy of each for the backward) against our step on the bf16 model: time, peak
     memory and the loss, without and with gradient checkpointing. (Tiny: bf16 autocast on the CPU too.)"""
-    from lora_diffusion.training.fp8 import FP8, store_fp8
+    from lora_diffusion.fp8 import FP8, store_fp8
 
     def autocast():
         return torch.autocast(s.device.type, dtype=torch.bfloat16)
@@ -390,7 +390,7 @@ def bench_fp8(s: Setup, batches: list[int]) -> None:
                 if checkpointing:
                     unet.enable_gradient_checkpointing()
                 if variant == "fp8":
-                    store_fp8([("unet", unet)])
+                    store_fp8([("unet", unet)], torch.bfloat16)
                 elif variant != "bf16":
                     for module in unet.modules():
                         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:

@@ -1042,8 +1042,10 @@ def _generation_model(path: str | os.PathLike, args: argparse.Namespace) -> tupl
     if vae is not None:
         pipe.vae = load_vae(vae, pipe.vae)
     pipe = pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.fp8_weight:  # (diffusers' layerwise casting: each layer's weight cast up for its own call)
-        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.unet.dtype)
+    if args.fp8_weight:  # (each layer casts its weight up for its own call)
+        from .fp8 import store_fp8
+
+        store_fp8([("unet", pipe.unet)], pipe.unet.dtype)
     pipe.set_progress_bar_config(disable=not args.progress)
     model = Path(path)
     return pipe, {"model_name": model.stem if model.is_file() else model.name,

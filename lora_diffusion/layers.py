@@ -172,13 +172,13 @@ FLOAT8 = frozenset(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5
 
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype ``layer`` (a frozen Linear / Conv2d) computes in: its weight's, or for a weight stored in fp8 the
-    compute dtype of diffusers' layerwise-casting hook on it (bf16 without one). LoRA factors loaded for the layer
-    take it."""
+    one ``fp8.store_fp8`` or diffusers' layerwise-casting hook on it names (bf16 without either). LoRA factors
+    loaded for the layer take it."""
     dtype = layer.weight.dtype
     if dtype not in FLOAT8:
         return dtype
     hook = getattr(getattr(layer, "_diffusers_hook", None), "hooks", {}).get("layerwise_casting")
-    return getattr(hook, "compute_dtype", None) or torch.bfloat16
+    return getattr(layer, "fp8_compute_dtype", None) or getattr(hook, "compute_dtype", None) or torch.bfloat16
 
 # (weakref to an input, its version, weakref to its cast): the last input ``_cast_shared`` cast
 _LAST_CAST: tuple = (None, 0, None)

@@ -11,7 +11,8 @@ from torch import nn
 
 from lora_diffusion.inject import inject_lora
 from lora_diffusion.testing import tiny_pipeline
-from lora_diffusion.training.fp8 import FP8, Fp8Conv2d, Fp8Linear, restore_fp8, store_fp8
+from lora_diffusion.fp8 import FP8, Fp8Conv2d, Fp8Linear, restore_fp8, store_fp8
+from lora_diffusion.layers import compute_dtype
 
 LAYERS = {
     "linear": (lambda: nn.Linear(24, 40), (3, 7, 24)),
@@ -46,7 +47,7 @@ def test_an_fp8_layer_computes_as_autocast_on_its_fp8_weight(name):
     layer = make().to(torch.bfloat16).requires_grad_(False)
     kohya = copy.deepcopy(layer)
     kohya.weight.data = kohya.weight.data.to(FP8)  # kohya's: the fp8 weight, autocast casts it at each call
-    (ours,) = store_fp8([("m", layer)])
+    (ours,) = store_fp8([("m", layer)], torch.bfloat16)
     assert ours is layer and type(layer) in (Fp8Linear, Fp8Conv2d) and layer.weight.dtype == FP8
     assert torch.equal(layer.weight.view(torch.uint8), kohya.weight.view(torch.uint8))
     x = torch.randn(shape, requires_grad=True)  # fp32 in, as a LayerNorm / GroupNorm output under autocast
@@ -66,8 +67,9 @@ def test_an_fp8_layer_computes_as_autocast_on_its_fp8_weight(name):
     with torch.no_grad():  # outside autocast: in the input's dtype
         assert torch.equal(layer(x.detach().to(torch.bfloat16)), kohya._conv_forward(x.detach().to(torch.bfloat16), kohya.weight.to(torch.bfloat16), kohya.bias)
                            if isinstance(kohya, nn.Conv2d) else nn.functional.linear(x.detach().to(torch.bfloat16), kohya.weight.to(torch.bfloat16), kohya.bias))
+    assert compute_dtype(layer) == torch.bfloat16
     restore_fp8([layer], torch.bfloat16)
-    assert type(layer) is type(kohya) and layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, kohya.weight.to(torch.bfloat16))
+    assert not hasattr(layer, "fp8_compute_dtype") and type(layer) is type(kohya) and layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, kohya.weight.to(torch.bfloat16))
 
 
 def test_an_fp8_unet_keeps_no_compute_dtype_weight_copies_for_the_backward():
@@ -82,7 +84,7 @@ def test_an_fp8_unet_keeps_no_compute_dtype_weight_copies_for_the_backward():
         for p in params:
             nn.init.normal_(p, std=0.1)
         if kind == "ours":
-            layers = store_fp8([("unet", unet)])
+            layers = store_fp8([("unet", unet)], torch.bfloat16)
             assert {type(m) for m in layers} == {Fp8Linear, Fp8Conv2d}
         else:
             for module in unet.modules():
@@ -114,7 +116,7 @@ def test_fp8_layers_compile_without_graph_breaks():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).requires_grad_(False)
-    store_fp8([("m", model)])
+    store_fp8([("m", model)], torch.bfloat16)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend="aot_eager")
@@ -127,3 +129,20 @@ def test_fp8_layers_compile_without_graph_breaks():
         results.append((out, x.grad))
     assert not counters["graph_break"]
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_a_weight_past_fp8s_range_is_refused_by_name_and_nothing_changes():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Conv2d(2, 2, 1)).requires_grad_(False)
+    with torch.no_grad():
+        model[1].weight[0, 0] = 500.0
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"^unet.1.weight holds 500, past float8_e4m3fn's range \(\+-448\)$"):
+        store_fp8([("unet", model)], torch.float32)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) and v.dtype == after[k].dtype for k, v in before.items())
+    assert [type(m) for m in model] == [nn.Linear, nn.Conv2d] and not hasattr(model[0], "fp8_compute_dtype")
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1.0
+    layers = store_fp8([("unet", model)], torch.float32)
+    assert [m.weight.dtype for m in layers] == [FP8] * 2 and model[0].bias.dtype == torch.float32
+    assert [compute_dtype(m) for m in layers] == [torch.float32] * 2

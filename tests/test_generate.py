@@ -79,11 +79,12 @@ def test_cli_writes_a1111_infotext_and_makes_the_image_again_from_it(tmp_path, l
 
 def test_cli_fp8_weight_generates_with_the_unet_weights_in_fp8(tmp_path, lora_dir, monkeypatch):
     """A1111's FP8 weight: the UNet's Linear / Conv2d weights are float8 while the images are made, the LoRA
-    factors are not; each image is txt2img's on the model under diffusers' layerwise casting (unfused and fused),
-    and nearer the full-precision one than the LoRA's own effect."""
+    factors are not; each image is txt2img's on the model after ``fp8.store_fp8`` (unfused and fused), and nearer
+    the full-precision one than the LoRA's own effect."""
     from diffusers import StableDiffusionPipeline
 
     import lora_diffusion.generate as generate_module
+    from lora_diffusion.fp8 import store_fp8
 
     seen = []
     real = generate_module.txt2img
@@ -109,7 +110,7 @@ def test_cli_fp8_weight_generates_with_the_unet_weights_in_fp8(tmp_path, lora_di
     monkeypatch.setattr(generate_module, "txt2img", real)
     for name, fused in (("fp8", False), ("fused", True)):
         pipe = StableDiffusionPipeline.from_pretrained(TINY_MODEL)
-        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        store_fp8([("unet", pipe.unet)], torch.float32)
         (image,) = txt2img(pipe, prompt, lora_dir=lora_dir, seed=5, steps=3, sampler="DPM++ 2M", fused=fused)
         assert np.array_equal(np.asarray(image.image.convert("RGB")), images[name]), name
     assert main(["generate", str(TINY_MODEL), "a red circle", "--seed", "5", "--steps", "3", "-o", str(tmp_path / "none.png")]) == 0

@@ -1,5 +1,5 @@
-"""LoRAs on a model whose weights diffusers stores in fp8 (``enable_layerwise_casting``: A1111's "FP8 weight"),
-enabled before or after loading: the unfused output is PEFT's, the factors stay in the compute dtype, fusing
+"""LoRAs on a model whose weights are stored in fp8 (A1111's "FP8 weight": diffusers' ``enable_layerwise_casting``
+or our ``fp8.store_fp8``), enabled before or after loading: the unfused output is PEFT's, the factors stay in the compute dtype, fusing
 rounds ``W0 + delta`` to fp8 once, re-weighting while fused equals fusing afresh and unfusing restores the fp8
 weights bit for bit."""
 
@@ -11,6 +11,7 @@ from torch import nn
 
 import lora_diffusion as ld
 from lora_diffusion.formats import write_lora_file
+from lora_diffusion.fp8 import store_fp8
 from lora_diffusion.inject import lora_layers
 from lora_diffusion.layers import LoraLinear
 from lora_diffusion.testing import random_lora, tiny_pipeline
@@ -29,8 +30,13 @@ def files(tmp_path_factory) -> list[str]:
     return paths
 
 
-def _cast(pipe, compute: torch.dtype) -> None:
-    pipe.unet.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute)
+def _cast(pipe, compute: torch.dtype, how: str = "diffusers") -> None:
+    """The UNet's weights stored in fp8: by diffusers' layerwise casting (its default skips: norms, proj_in / out),
+    or by ``fp8.store_fp8`` (every Linear / Conv2d weight, as A1111's FP8 weight)."""
+    if how == "diffusers":
+        pipe.unet.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute)
+    else:
+        store_fp8([("unet", pipe.unet)], compute)
 
 
 def _call(pipe, seed: int = 0) -> torch.Tensor:
@@ -40,20 +46,27 @@ def _call(pipe, seed: int = 0) -> torch.Tensor:
         return pipe.unet(x.to(pipe.text_encoder.dtype), 500, states.to(pipe.text_encoder.dtype)).sample
 
 
+@pytest.mark.parametrize("how", ["diffusers", "ours"])
 @pytest.mark.parametrize("order", ["cast_then_load", "load_then_cast"])
-def test_unfused_loras_on_fp8_weights_are_peft_s(files, order):
-    """fp32 compute, fp8 storage: ours (either order) equals diffusers+PEFT's (which loads only before the cast)
-    to fp32 rounding, in the compute dtype with the weights in fp8 between calls; one adapter and two blended."""
+def test_unfused_loras_on_fp8_weights_are_peft_s(files, order, how):
+    """fp32 compute, fp8 storage: ours (either order) equals diffusers+PEFT's to fp32 rounding, in the compute dtype
+    with the weights in fp8 between calls; one adapter and two blended. PEFT's: under the same layerwise casting,
+    which it takes only after loading; or, for ``store_fp8``, on the model with the same weights rounded to fp8."""
     ours, peft = tiny_pipeline(0), tiny_pipeline(0)
+    if how == "ours":
+        for module in peft.unet.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.weight.data = module.weight.data.to(FP8).float()
     for name, path in zip(("a", "b"), files):
         peft.load_lora_weights(path, adapter_name=name)
-    _cast(peft, torch.float32)
+    if how == "diffusers":
+        _cast(peft, torch.float32)
     if order == "cast_then_load":
-        _cast(ours, torch.float32)
+        _cast(ours, torch.float32, how)
     for name, path in zip(("a", "b"), files):
         ld.load_lora(ours, path, adapter=name)
     if order == "load_then_cast":
-        _cast(ours, torch.float32)
+        _cast(ours, torch.float32, how)
     layers = [layer for _, layer in lora_layers(ours.unet)]
     assert layers and all(layer.base_layer.weight.dtype == FP8 for layer in layers)
     assert all(p.dtype == torch.float32 for layer in layers for p in (*layer.lora_A.values(), *layer.lora_B.values()))
@@ -64,16 +77,17 @@ def test_unfused_loras_on_fp8_weights_are_peft_s(files, order):
         assert all(layer.base_layer.weight.dtype == FP8 for layer in layers)
     ld.disable_lora(ours)  # disabled: the fp8 base model itself
     base = tiny_pipeline(0)
-    _cast(base, torch.float32)
+    _cast(base, torch.float32, how)
     assert torch.equal(_call(ours), _call(base))
 
 
-def test_fusing_into_fp8_weights_rounds_once_and_unfuses_exactly(files):
+@pytest.mark.parametrize("how", ["diffusers", "ours"])
+def test_fusing_into_fp8_weights_rounds_once_and_unfuses_exactly(files, how):
     """bf16 compute: fused, each weight is ``W0 + delta`` (fp32) rounded to fp8 once; a re-weight while fused equals
     fusing afresh; unfusing gives the fp8 weights back bit for bit; the fused call is near the unfused one (the
     delta rounded to fp8's 3 mantissa bits)."""
     pipe = tiny_pipeline(0).to(torch.bfloat16)
-    _cast(pipe, torch.bfloat16)
+    _cast(pipe, torch.bfloat16, how)
     for name, path in zip(("a", "b"), files):
         ld.load_lora(pipe, path, adapter=name)
     layers = [layer for _, layer in lora_layers(pipe.unet)]

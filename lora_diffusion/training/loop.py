@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import atomic_save, read_lora_file, read_safetensors
+from ..fp8 import restore_fp8, store_fp8
 from ..inject import inject_lora, set_backward
 from ..layers import LoraDropout
 from ..pipeline import SDXL_EMBEDDING_KEYS, _unet_architecture, load_single_file, load_vae, lora_from_model, save_lora
@@ -50,7 +51,6 @@ from .config import COMPILE_MODES, ConfigError, TrainConfig
 from ..prompts import (apply_token_weights, check_clip_skip, encode_text, join_chunks, prompt_embeds, prompt_kwargs, token_ids,
                        weighted_token_ids)
 from .dataset_config import read_dataset_config
-from .fp8 import restore_fp8, store_fp8
 from .data import (BatchPlan, DataError, DatasetSize, Example, ImageDataset, KohyaBuckets, StepBatchSampler, attach_masks, collate,
                    dataset_summary, mix_seed, read_fine_tuning_metadata, scan_images, stack_masks)
 from .samples import read_sample_prompts, sample_due, sample_file_name, scheduler_for_sampler
@@ -1076,7 +1076,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     fp8 = [("unet", unet)] if config.fp8_base or config.fp8_base_unet else []
     if config.fp8_base and not config.fp8_base_unet:
         fp8 += list(zip(("text_encoder", "text_encoder_2"), encoders))
-    fp8_layers = store_fp8(fp8)
+    try:
+        fp8_layers = store_fp8(fp8, weight_dtype)
+    except ValueError as e:
+        raise ConfigError(f"--fp8_base: {e}; train without it") from None
     if fp8_layers:
         logger.info("--fp8_base: %d layers' weights in float8 e4m3fn (%s)", len(fp8_layers), ", ".join(name for name, _ in fp8))
     for model in (unet, *encoders):

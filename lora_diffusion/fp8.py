@@ -1,13 +1,16 @@
-"""kohya's ``--fp8_base``: the frozen model's Linear and Conv2d weights stored as float8 (e4m3fn) while a LoRA trains.
+"""Weights stored in float8 (e4m3fn), each layer casting its weight up for its own call: A1111's "FP8 weight" for
+generation, kohya's ``--fp8_base`` for training.
 
 kohya casts the whole model to fp8 and lets autocast cast each weight back at each call. Autograd then keeps the
 compute-dtype copy of each layer a gradient passes through until the backward: with the fp8 weights, the step
 holds more than the bf16 model's weights (without gradient checkpointing; tested on the tiny UNet). Here the
 layers run through ``_FrozenFp8``, which keeps only the fp8 weight (already resident) and casts it again in the
-backward: the step holds the weights at one byte each.
+backward: the step holds the weights at one byte each. For generation it casts each weight once per call, where
+diffusers' ``enable_layerwise_casting`` hook casts the layer up and back down (two casts and two module walks).
+LoRA layers take either (``layers.compute_dtype``).
 
-    >>> layers = store_fp8([("unet", unet)])   # during training, under torch.autocast
-    >>> restore_fp8(layers, torch.bfloat16)      # after it: the fp8 values in bf16
+    >>> layers = store_fp8([("unet", pipe.unet)], torch.bfloat16)   # under autocast, or inputs in bf16
+    >>> restore_fp8(layers, torch.bfloat16)                         # the fp8 values in bf16 again
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .config import ConfigError
 
 FP8 = torch.float8_e4m3fn
 
@@ -86,13 +87,16 @@ def _swappable(module: nn.Module) -> bool:
     return type(module) is nn.Linear
 
 
-def store_fp8(models: list[tuple[str, nn.Module]]) -> list[nn.Module]:
-    """The weights of the frozen ``nn.Linear`` / ``nn.Conv2d`` layers of each ``(name, model)`` (LoRA-wrapped ones
-    included) stored as float8 e4m3fn, rounded to nearest. Biases, norms, embeddings and the LoRA factors keep their
-    dtype. Returns the layers changed, for ``restore_fp8``. ``ConfigError`` names a weight past fp8's range
-    (+-448); then nothing changes."""
+def store_fp8(models: list[tuple[str, nn.Module]], compute_dtype: torch.dtype) -> list[nn.Module]:
+    """The weights of the ``nn.Linear`` / ``nn.Conv2d`` layers of each ``(name, model)`` (LoRA-wrapped ones included;
+    our LoRA factors are not such layers) stored as float8 e4m3fn, rounded to nearest, and frozen, as A1111's FP8
+    weight stores them. Each layer computes in
+    autocast's dtype where autocast is on, else its input's; ``compute_dtype`` (what the model computes in) is
+    what LoRA factors loaded onto it take. Biases, norms, embeddings and the LoRA factors keep their dtype. Returns
+    the layers changed, for ``restore_fp8``. ``ValueError`` names a weight past fp8's range (+-448); then nothing
+    changes."""
     found = [(f"{name}.{path}.weight", module) for name, model in models for path, module in model.named_modules()
-             if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.requires_grad and module.weight.dtype != FP8]
+             if isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.dtype != FP8]
     if not found:
         return []
     with torch.no_grad():
@@ -101,9 +105,11 @@ def store_fp8(models: list[tuple[str, nn.Module]]) -> list[nn.Module]:
     limit = torch.finfo(FP8).max
     for (where, _), peak in zip(found, peaks):
         if not peak <= limit:  # (NaN too)
-            raise ConfigError(f"--fp8_base: {where} holds {peak:g}, past float8_e4m3fn's range (+-{limit:g}); train without it")
+            raise ValueError(f"{where} holds {peak:g}, past float8_e4m3fn's range (+-{limit:g})")
     for _, module in found:
+        module.weight.requires_grad_(False)
         module.weight.data = module.weight.data.to(FP8)
+        module.fp8_compute_dtype = compute_dtype  # (``layers.compute_dtype`` reads it)
         if _swappable(module):
             module.__class__ = _FP8_CLASSES[type(module)]
     return [module for _, module in found]
@@ -116,3 +122,4 @@ def restore_fp8(layers: list[nn.Module], dtype: torch.dtype) -> None:
     for module in layers:
         module.weight.data = module.weight.data.to(dtype)
         module.__class__ = plain.get(type(module), type(module))
+        del module.fp8_compute_dtype
