@@ -630,12 +630,18 @@ def bench_inference(s: Setup, files: list[Path]) -> None:
 def bench_fp8_infer(s: Setup, files: list[Path]) -> None:
     """A1111's FP8 weight, as diffusers' ``enable_layerwise_casting`` (fp8 storage, the UNet's dtype to compute):
     the CFG call of the fp8 UNet with 0, 1 and 4 unfused adapters (ours and PEFT's, which loads them before the
-    cast) and 4 fused (ours), against the same call of the plain UNet, with the UNet's parameter MB."""
-    pipe_o, pipe_p = make_pipe(s.comps), make_pipe(s.comps)
+    cast) and 4 fused (ours), against the same call of the plain UNet, with the UNet's parameter MB; and ours
+    unfused on ``fp8.store_fp8``'s weights (``generate --fp8-weight``)."""
+    from lora_diffusion.fp8 import store_fp8
+
+    pipe_o, pipe_p, pipe_s = make_pipe(s.comps), make_pipe(s.comps), make_pipe(s.comps)
     names = load_both(pipe_o, pipe_p, files[:4])
+    for name, file in zip(names, files):
+        ld.load_lora(pipe_s, file, adapter=name)
     compute = s.comps["unet"].dtype
     for pipe in (pipe_o, pipe_p):
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    store_fp8([("unet", pipe_s.unet)], compute)  # (ours: every Linear / Conv2d weight, one cast per call)
     inp = s.inputs(2, seed=1)
     x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
 
@@ -649,9 +655,13 @@ def bench_fp8_infer(s: Setup, files: list[Path]) -> None:
     def mb(unet) -> float:
         return round(sum(p.untyped_storage().nbytes() for p in unet.parameters()) / 2**20, 1)
 
-    call_o, call_p, call_b = call(pipe_o.unet), call(pipe_p.unet), call(s.comps["unet"])
+    call_o, call_p, call_b, call_s = call(pipe_o.unet), call(pipe_p.unet), call(s.comps["unet"]), call(pipe_s.unet)
     for k in (0, 1, 4):
         log(f"inference, fp8 weights, {k} adapters")
+        ld.set_adapters(pipe_s, {n: 0.8 for n in names[:k]})
+        ours, base_ms, spread = compare_paired(call_s, call_b, s.iters, s.warmup, s.sync)
+        emit(s.ctx, "infer_fp8", f"{k} adapters unfused, fp8 weights (store_fp8)", ours, base_ms, "base",
+             unet_mb=mb(pipe_s.unet), base_unet_mb=mb(s.comps["unet"]), **spread)
         ld.set_adapters(pipe_o, {n: 0.8 for n in names[:k]})
         pipe_p.enable_lora() if k else pipe_p.disable_lora()
         if k:
