@@ -45,7 +45,8 @@ class _FrozenFp8(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = weight.to(grad.dtype)
             if isinstance(module, nn.Conv2d):
-                dx = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad, module.stride, module.padding, module.dilation, module.groups)
+                dx = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad, module.stride, module.padding, module.dilation,
+                                                module.groups)
             else:
                 dx = grad @ w
         return dx, None, None, None

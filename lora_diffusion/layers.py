@@ -21,9 +21,9 @@ The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_
   afresh bit for bit. Many layers fuse together (``fuse_many``: one batched matmul per shape of factors).
 * Training differentiates a single adapter on a frozen Linear through ``W + s B A`` on CUDA (``_DenseBackward``:
   one weight-gradient GEMM in place of four rank-r matmuls); the forward stays PEFT's two thin matmuls.
-* A base weight stored in fp8 (diffusers' ``enable_layerwise_casting``, whose hook casts it up only within the base
-  layer's own call) gets its adapters beside the base output, in the compute dtype (``compute_dtype``), never
-  through the weight; fusing rounds ``W0 + delta`` (fp32) to fp8 once.
+* A base weight stored in fp8 (``fp8.store_fp8``, or diffusers' ``enable_layerwise_casting``: either casts it up
+  only within the base layer's own call) gets its adapters beside the base output, in the compute dtype
+  (``compute_dtype``), never through the weight, outside autocast; fusing rounds ``W0 + delta`` (fp32) to fp8 once.
 * Under ``torch.compile`` the forward takes no cache: it stacks the factors in the graph and reads the weights
   from the ``lora_scales`` buffer, which every change updates in place, so a re-weight needs no recompile.
 
@@ -237,8 +237,8 @@ def _scale_columns(b: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | N
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What fusing and its checks compute in for weights of ``dtype``: fp32 (for fp16, bf16 and fp8 too), fp64 for fp64 (a Python test, not
-    ``torch.promote_types``, which dispatches an op per call)."""
+    """What fusing and its checks compute in for weights of ``dtype``: fp32 (for fp16, bf16 and fp8 too), fp64 for
+    fp64 (a Python test, not ``torch.promote_types``, which dispatches an op per call and refuses fp8)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -716,8 +716,8 @@ class LoraLayer(nn.Module):
             return self._base_op(x, self._merged)
         compiling = _is_compiling()
         names = self._compiled_names if compiling else self._live()
-        # a weight stored in fp8 outside autocast (diffusers' layerwise casting: cast up only within the base
-        # layer's own call): the adapters beside the base output, never through the weight
+        # a weight stored in fp8 outside autocast (``fp8.store_fp8``, diffusers' layerwise casting: cast up only
+        # within the base layer's own call): the adapters beside the base output, never through the weight
         stored_fp8 = base._parameters["weight"].dtype in FLOAT8 and _autocast_dtype(x) is None
         if self._dora and not self._dora.isdisjoint(names):
             return self._dora_forward(x, names, args, kwargs, stored_fp8)
@@ -759,14 +759,15 @@ class LoraLayer(nn.Module):
         h = x if x.dtype == a_cat.dtype or _autocast_recasts(x) else x.to(a_cat.dtype)
         return result + self._low_rank(h, a_cat, b_cat).to(result.dtype)
 
-    def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict, stored_fp8: bool = False) -> torch.Tensor:
+    def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict,
+                      stored_fp8: bool = False) -> torch.Tensor:
         """The forward of a layer holding DoRA adapters trained here: adapter by adapter, PEFT's DoRA for those
         (``W' = m * V / ||V||`` per output row, ``V = W + s B A``, the norm a constant to autograd, as the paper
         and PEFT), PEFT's LoRA for the others. A weight ``w`` scales the whole change, ``W + w (W' - W)``, as
         A1111 applies DoRA files and as ours load (PEFT moves ``w`` into ``s``; the same at ``w = 1``)."""
         if stored_fp8:
             raise ValueError(f"the DoRA adapter(s) {sorted(self._dora & set(names))} need the base weight, which is stored in "
-                             "fp8 here (layerwise casting): generate with the weights in their compute dtype")
+                             "fp8 here: generate with the weights in their compute dtype")
         base = self._modules["base_layer"]
         result = base_out = base(x, *args, **kwargs)
         for name, (a, b) in zip(names, self._factors(names)):
