@@ -606,6 +606,24 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         gen(backend, clip_skip=40)
 
 
+def test_fp8_weight_generates_on_fp8_weights_and_its_snippet_makes_the_image_again(model_dir, lora_files, tmp_path):
+    """``Backend(fp8_weight=True)`` (``lora-diffusion ui --fp8-weight``): the UNet's weights are fp8, the LoRAs blend on
+    them (unfused and fused), the caption says so, and the snippet (``store_fp8``, then ``lora_diffusion``'s loader:
+    diffusers' cannot load onto fp8 weights) makes the same image; the image differs from the full-precision one."""
+    for name, path in lora_files.items():
+        shutil.copy(path, tmp_path / f"{name}.safetensors")
+    fp8, full = Backend(model_dir, tmp_path, fp8_weight=True), Backend(model_dir, tmp_path)
+    assert {m.weight.dtype for m in fp8.pipe.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))} == {torch.float8_e4m3fn}
+    for kw in ({"loras": {"style": (0.8, None), "ink": (0.5, None)}}, {"loras": {"style": (0.6, 0.3)}, "fuse": True}):
+        result = gen(fp8, **kw)
+        assert ", fp8 weight" in result.caption and "store_fp8" in result.snippet and "load_lora(pipe" in result.snippet
+        assert result.snippet.index("store_fp8([") < result.snippet.index("load_lora(pipe")
+        scope: dict = {}
+        exec(result.snippet, scope)  # noqa: S102 - our own generated code
+        assert np.abs(pixels(scope["image"]) - pixels(result.image)).max() <= 2, result.snippet
+        assert np.abs(pixels(gen(full, **kw).image) - pixels(result.image)).mean() > 0.5  # (1.5-2.3 here: fp8 rounding)
+
+
 def test_samplers_and_a1111_prompt_syntax_per_request(backend):
     own = pixels(gen(backend).image)
     euler = gen(backend, sampler="Euler a")

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login for every page and API route")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload (default 512 MB)")
+    parser.add_argument("--fp8-weight", action="store_true", help="A1111's FP8 weight: the UNet's Linear and Conv2d "
+                        "weights stored in float8 (about half their memory), each cast up for its own call")
 
 
 def register(subparsers) -> None:
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from ui.handlers import Backend
 
     kwargs = launch_kwargs(args)  # (a bad --auth is refused before anything loads)
-    backend = Backend(args.model, args.lora_dir, args.data_root, max_upload_mb=args.max_upload_mb, model_config=args.model_config)
+    backend = Backend(args.model, args.lora_dir, args.data_root, max_upload_mb=args.max_upload_mb, model_config=args.model_config,
+                      fp8_weight=args.fp8_weight)
     try:
         from ui.app import build_demo, launch
     except ModuleNotFoundError as e:  # the `ui` extra is not installed: one line, not a traceback

@@ -288,6 +288,7 @@ def diffusers_snippet(
     variation: tuple[int, float] | None = None,
     hires_guidance: float | None = None,
     noise_schedule: str = "Default",
+    fp8_weight: bool = False,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -304,7 +305,8 @@ def diffusers_snippet(
     A1111's ``(variation seed, strength)``, the pipeline's ``latents`` from ``lora_diffusion.generate.variation_noise``;
     ``tag_blocks``: LoRA Block
     Weight vectors from the prompt's tags, which diffusers' ``set_adapters`` cannot express: the LoRAs then load and
-    blend with ``lora_diffusion``'s ``load_lora`` / ``set_adapters`` in the same pipeline)."""
+    blend with ``lora_diffusion``'s ``load_lora`` / ``set_adapters`` in the same pipeline; so they do with
+    ``fp8_weight``, the UNet's weights stored in fp8 by ``lora_diffusion.fp8.store_fp8`` first)."""
     lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
     if model is None:
         lines[1:2] = ["from lora_diffusion.testing import tiny_pipeline"]
@@ -317,8 +319,11 @@ def diffusers_snippet(
         lines.append(f"pipe = {cls}.from_single_file({_py(model)}{config}{extra})")
     else:
         lines.append(f"pipe = DiffusionPipeline.from_pretrained({_py(model)})")
-    if tag_blocks:
-        lines += _lora_diffusion_blend(lora_paths, loras, blocks, tag_blocks, fused)
+    if fp8_weight:  # (before the LoRAs: diffusers' loader cannot take fp8 weights, ours loads onto them)
+        lines += ["from lora_diffusion.fp8 import store_fp8  # A1111's FP8 weight",
+                  "store_fp8([(\"unet\", pipe.unet)], pipe.unet.dtype)"]
+    if tag_blocks or fp8_weight:
+        lines += _lora_diffusion_blend(lora_paths, loras, blocks, tag_blocks or {}, fused)
     else:
         lines += _diffusers_blend(lora_paths, loras, blocks, fused, sdxl)
     if scheduler is not None:
@@ -828,9 +833,12 @@ class Backend:
         device: str | None = None,
         train_fn: Callable | None = None,
         model_config: str | os.PathLike | None = None,
+        fp8_weight: bool = False,
     ) -> None:
         if model is None:
             model = default_model()
+        self.fp8_weight = fp8_weight  # A1111's FP8 weight: the UNet's weights stored in fp8 (``fp8.store_fp8``)
+        self._fp8_stored = False
         self.model_config = str(model_config) if model_config else None  # a single-file model's configs
         self._pipe = None if model is None or isinstance(model, (str, os.PathLike)) else model
         self.model = str(model) if isinstance(model, (str, os.PathLike)) else None
@@ -862,6 +870,11 @@ class Backend:
             if self._pipe is None:
                 logger.info("loading model %s", self.model_label)
                 self._pipe = load_pipeline(self.model, self.device, self.model_config)
+            if self.fp8_weight and not self._fp8_stored:
+                from lora_diffusion.fp8 import store_fp8
+
+                store_fp8([("unet", self._pipe.unet)], self._pipe.unet.dtype)
+                self._fp8_stored = True
             return self._pipe
 
     # ------------------------------------------------------------------ library
@@ -1075,6 +1088,8 @@ class Backend:
             caption += f", {req.sampler}" + ("" if (req.schedule_type or "Automatic") == "Automatic" else f" {req.schedule_type}")
         if req.noise_schedule != "Default":
             caption += f", {req.noise_schedule}"
+        if self.fp8_weight:
+            caption += ", fp8 weight"
         if init is not None:
             caption += f", {'inpaint' if mask is not None else 'img2img'}, denoise {_fmt(_strength(req))}"
             if mask is not None:
@@ -1095,7 +1110,7 @@ class Backend:
             init_image=(init_copy, _strength(req)) if init_copy else None, tag_blocks=tag_blocks,
             mask=(mask_copy, int(req.mask_blur), padding, req.masked_content, bool(req.inpaint_not_masked)) if mask_copy else None,
             variation=variation, hires_guidance=hires_guidance if hires else None,
-            noise_schedule=req.noise_schedule,
+            noise_schedule=req.noise_schedule, fp8_weight=self.fp8_weight,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
