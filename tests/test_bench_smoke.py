@@ -113,3 +113,15 @@ def test_gpu_bench_tiny_on_cpu(runs):
             assert line["max_abs_diff_vs_peft"] < 1e-4 and line["unet_mb"] < line["base_unet_mb"] / 2, line
     floor = next(line for line in lines if line["bench"] == "train_floor")
     assert floor["tflop"] and floor["tflop"] > 0, floor
+
+
+def test_fp8_memory_bench_tiny():
+    """``bench/fp8_memory.py``: kohya's fp8 step holds more than the bf16 model's (a bf16 copy of each weight kept for
+    the backward beside the fp8 one); ours holds the fp8 weights and no copy."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "bench/fp8_memory.py", "--tiny", "--latent", "8"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = {line["case"]: line for line in _run(proc)}
+    bf16, kohya, ours = (lines[f"LoRA step, batch 1, {v} base"] for v in ("bf16", "fp8, kohya's", "fp8, ours"))
+    assert kohya["weights_mb"] == ours["weights_mb"] < bf16["weights_mb"] / 1.5
+    assert kohya["ratio"] > 1.0 and ours["ratio"] < 0.75 and ours["saved_for_backward_mb"] <= bf16["saved_for_backward_mb"]
