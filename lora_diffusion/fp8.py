@@ -81,8 +81,8 @@ _FP8_CLASSES = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d}
 
 
 def _swappable(module: nn.Module) -> bool:
-    """Whether ``module`` runs as ``Fp8Linear`` / ``Fp8Conv2d``: a plain Linear, or a Conv2d with numeric zero
-    padding (every SD layer); another subclass keeps its class, its fp8 weight cast by autocast."""
+    """Whether ``module`` can run as ``Fp8Linear`` / ``Fp8Conv2d``: a plain Linear, or a Conv2d with numeric zero
+    padding (every SD and CLIP layer); ``store_fp8`` leaves other subclasses as they are."""
     if type(module) is nn.Conv2d:
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     return type(module) is nn.Linear
@@ -90,14 +90,14 @@ def _swappable(module: nn.Module) -> bool:
 
 def store_fp8(models: list[tuple[str, nn.Module]], compute_dtype: torch.dtype) -> list[nn.Module]:
     """The weights of the ``nn.Linear`` / ``nn.Conv2d`` layers of each ``(name, model)`` (LoRA-wrapped ones included;
-    our LoRA factors are not such layers) stored as float8 e4m3fn, rounded to nearest, and frozen, as A1111's FP8
-    weight stores them. Each layer computes in
-    autocast's dtype where autocast is on, else its input's; ``compute_dtype`` (what the model computes in) is
-    what LoRA factors loaded onto it take. Biases, norms, embeddings and the LoRA factors keep their dtype. Returns
-    the layers changed, for ``restore_fp8``. ``ValueError`` names a weight past fp8's range (+-448); then nothing
+    our LoRA factors are not such layers; subclasses and padded modes other than zeros are left as they are) stored
+    as float8 e4m3fn, rounded to nearest, and frozen, as A1111's FP8 weight stores them. Each layer computes in
+    autocast's dtype where autocast is on, else its input's; ``compute_dtype`` (what the model computes in) is what
+    LoRA factors loaded onto it take. Biases, norms, embeddings and the LoRA factors keep their dtype. Returns the
+    layers changed, for ``restore_fp8``. ``ValueError`` names a weight past fp8's range (+-448); then nothing
     changes."""
     found = [(f"{name}.{path}.weight", module) for name, model in models for path, module in model.named_modules()
-             if isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.dtype != FP8]
+             if _swappable(module) and module.weight.dtype != FP8]
     if not found:
         return []
     with torch.no_grad():
@@ -111,8 +111,7 @@ def store_fp8(models: list[tuple[str, nn.Module]], compute_dtype: torch.dtype) -
         module.weight.requires_grad_(False)
         module.weight.data = module.weight.data.to(FP8)
         module.fp8_compute_dtype = compute_dtype  # (``layers.compute_dtype`` reads it)
-        if _swappable(module):
-            module.__class__ = _FP8_CLASSES[type(module)]
+        module.__class__ = _FP8_CLASSES[type(module)]
     return [module for _, module in found]
 
 
@@ -122,5 +121,5 @@ def restore_fp8(layers: list[nn.Module], dtype: torch.dtype) -> None:
     plain = {fp8: base for base, fp8 in _FP8_CLASSES.items()}
     for module in layers:
         module.weight.data = module.weight.data.to(dtype)
-        module.__class__ = plain.get(type(module), type(module))
+        module.__class__ = plain[type(module)]
         del module.fp8_compute_dtype

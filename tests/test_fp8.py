@@ -146,3 +146,16 @@ def test_a_weight_past_fp8s_range_is_refused_by_name_and_nothing_changes():
     layers = store_fp8([("unet", model)], torch.float32)
     assert [m.weight.dtype for m in layers] == [FP8] * 2 and model[0].bias.dtype == torch.float32
     assert [compute_dtype(m) for m in layers] == [torch.float32] * 2
+
+
+def test_layers_that_cannot_run_as_fp8_layers_are_left_as_they_are():
+    """A Linear subclass (its own forward) and a reflect-padded Conv2d keep their class and dtype: stored in fp8
+    they would need autocast at every call."""
+
+    class Custom(nn.Linear):
+        pass
+
+    model = nn.Sequential(Custom(2, 2), nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Linear(2, 2))
+    layers = store_fp8([("m", model)], torch.float32)
+    assert layers == [model[2]] and type(model[2]) is Fp8Linear
+    assert [type(m) for m in model[:2]] == [Custom, nn.Conv2d] and {m.weight.dtype for m in model[:2]} == {torch.float32}
