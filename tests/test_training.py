@@ -842,6 +842,8 @@ def test_fp8_base_trains_against_the_fp8_rounded_model(base, tmp_path, monkeypat
                 expected = value.to(torch.float8_e4m3fn).to(value.dtype) if key in linear and (part == "unet" or name == "fp8") else value
                 assert ours[key].dtype == value.dtype and torch.equal(ours[key], expected), (name, part, key)
                 rounded += not torch.equal(expected, value)
+        modules = [m for part in ("unet", "text_encoder") for m in getattr(run.pipeline, part).modules()]
+        assert not any(type(m).__name__.startswith("Fp8") or hasattr(m, "fp8_compute_dtype") for m in modules)  # (restored)
         trained, reference = lora_tensors(run.lora_path), lora_tensors(plain.lora_path)
         assert trained.keys() == reference.keys() and any(not torch.equal(trained[k], reference[k]) for k in trained)
         # the same training direction: Adam's first steps move each B entry by ~lr along the gradient's sign, and
