@@ -553,20 +553,31 @@ def pairs_only():
         layers.LoraLayer._merge_pays = rule
 
 
-def bench_inference(s: Setup, files: list[Path]) -> None:
-    base = s.comps["unet"]
-    pipe_o, pipe_p = make_pipe(s.comps), make_pipe(s.comps)
-    names = load_both(pipe_o, pipe_p, files)
-    inp = s.inputs(2, seed=1)  # classifier-free guidance: uncond + cond in one batch of 2
+def cfg_caller(s: Setup, graphed: bool = False):
+    """``call(unet)``: a callable that runs one classifier-free-guidance UNet call (uncond + cond in one batch of 2,
+    the same inputs for every UNet) without grad. ``graphed``: each call a new CUDA-graph step, its output cloned
+    (the graph reuses its buffers)."""
+    inp = s.inputs(2, seed=1)
     x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
 
     def call(unet):
         def run():
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad():
-                return unet(x, t, ehs).sample
+                out = unet(x, t, ehs).sample
+            return out.clone() if graphed else out
 
         return run
 
+    return call
+
+
+def bench_inference(s: Setup, files: list[Path]) -> None:
+    base = s.comps["unet"]
+    pipe_o, pipe_p = make_pipe(s.comps), make_pipe(s.comps)
+    names = load_both(pipe_o, pipe_p, files)
+    call = cfg_caller(s)
     call_o, call_p, call_b = call(pipe_o.unet), call(pipe_p.unet), call(base)
     iters, warmup = s.iters, s.warmup
 
@@ -642,15 +653,7 @@ def bench_fp8_infer(s: Setup, files: list[Path]) -> None:
     for pipe in (pipe_o, pipe_p):
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     store_fp8([("unet", pipe_s.unet)], compute)  # (ours: every Linear / Conv2d weight, one cast per call)
-    inp = s.inputs(2, seed=1)
-    x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
-
-    def call(unet):
-        def run():
-            with torch.no_grad():
-                return unet(x, t, ehs).sample
-
-        return run
+    call = cfg_caller(s)
 
     def mb(unet) -> float:
         return round(sum(p.untyped_storage().nbytes() for p in unet.parameters()) / 2**20, 1)
@@ -789,17 +792,7 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
     names = [f.stem for f in files]
     for f, name in zip(files, names):
         ld.load_lora(pipe, f, adapter=name)
-    inp = s.inputs(2, seed=1)
-    x, t, ehs = inp["noisy"], inp["t"], inp["ehs"]
-
-    def call(unet):
-        def run():
-            if graphed:
-                torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last output may be reused
-            with torch.no_grad():
-                return unet(x, t, ehs).sample.clone()
-
-        return run
+    call = cfg_caller(s, graphed)
 
     eager_o = call(pipe.unet)
     call_o, call_b = call(compiled(pipe.unet)), call(compiled(s.comps["unet"]))
