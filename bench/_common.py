@@ -183,3 +183,33 @@ def quiet() -> None:
         diffusers.utils.logging.disable_progress_bar()
     except (ImportError, AttributeError):
         pass
+
+
+# the GPU bench's models: SD1.5's UNet and CLIP-L shapes (random weights), and tiny ones for CPU smoke runs
+SD15_UNET = dict(
+    sample_size=64,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=49408)
+TINY_UNET = dict(
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32,
+)
+TINY_CLIP = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000)
+
+
+def kohya_fp8(model: torch.nn.Module) -> None:
+    """kohya's ``--fp8_base``: the frozen Linear / Conv2d weights cast to fp8 in place, left for autocast to cast
+    back at every call (the reference ``lora_diffusion.fp8.store_fp8`` is measured against)."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)

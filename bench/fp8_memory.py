@@ -21,17 +21,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Context, cpu_name, emit, log, quiet  # noqa: E402
+from _common import SD15_UNET, TINY_UNET, Context, cpu_name, emit, kohya_fp8, log, quiet  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
-from lora_diffusion.fp8 import FP8, store_fp8  # noqa: E402
-
-SD15_UNET = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                 attention_head_dim=8)
-TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                 norm_num_groups=32)
-
+from lora_diffusion.fp8 import store_fp8  # noqa: E402
 
 def held_bytes(unet: nn.Module, x: torch.Tensor, context: torch.Tensor) -> tuple[int, int]:
     """(the parameters' bytes, the bytes saved for the backward that are not parameters) of one step."""
@@ -81,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         if variant == "fp8, ours":
             store_fp8([("unet", unet)], torch.bfloat16)
         elif variant != "bf16":
-            for module in unet.modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.requires_grad:
-                    module.weight.data = module.weight.data.to(FP8)
+            kohya_fp8(unet)
         weights, saved = held_bytes(unet, x, context)
         total = (weights + saved) / 2**20
         reference = reference or total

@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Context, compare, compare_paired, cpu_name, emit, log, median_ms, once_s, quiet  # noqa: E402
+from _common import (CLIP_L, SD15_UNET, TINY_CLIP, TINY_UNET, Context, compare, compare_paired, cpu_name, emit,  # noqa: E402
+                     kohya_fp8, log, median_ms, once_s, quiet)
 from cpu import bench_cached, bench_layer, load_both, make_adapter_files, make_pipe, peft_add, reweighters, set_both  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
@@ -70,26 +71,6 @@ from lora_diffusion import layers  # noqa: E402
 from lora_diffusion.inject import lora_layers, set_backward  # noqa: E402
 from lora_diffusion.testing import tiny_components  # noqa: E402
 from lora_diffusion.training import compile_unet  # noqa: E402
-
-SD15_UNET = dict(
-    sample_size=64,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=49408)
-TINY_UNET = dict(
-    sample_size=8,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    norm_num_groups=32,
-)
-TINY_CLIP = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000)
 
 
 class Setup:
@@ -374,7 +355,7 @@ def bench_fp8(s: Setup, batches: list[int]) -> None:
     layer keeping only its fp8 weight for the backward) and kohya's (the same weights in fp8, cast by autocast at
     each call, which keeps a bf16 copy of each for the backward) against our step on the bf16 model: time, peak
     memory and the loss, without and with gradient checkpointing. (Tiny: bf16 autocast on the CPU too.)"""
-    from lora_diffusion.fp8 import FP8, store_fp8
+    from lora_diffusion.fp8 import store_fp8
 
     def autocast():
         return torch.autocast(s.device.type, dtype=torch.bfloat16)
@@ -392,9 +373,7 @@ def bench_fp8(s: Setup, batches: list[int]) -> None:
                 if variant == "fp8":
                     store_fp8([("unet", unet)], torch.bfloat16)
                 elif variant != "bf16":
-                    for module in unet.modules():
-                        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:
-                            module.weight.data = module.weight.data.to(FP8)
+                    kohya_fp8(unet)
                 weights_mb = sum(p.untyped_storage().nbytes() for p in unet.parameters()) / 2**20
                 step, losses = lora_step(s, unet, params, inp, fused_adam=True, autocast=autocast)
                 s.reset_peak()

@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import _autocast_dtype
+
 FP8 = torch.float8_e4m3fn
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """What the layer computes in: autocast's dtype where it is on for ``x``'s device, else ``x``'s."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class _FrozenFp8(torch.autograd.Function):
@@ -59,7 +55,7 @@ class _Fp8Forward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype != FP8:
             return super().forward(x)
-        x = x.to(_compute_dtype(x))
+        x = x.to(_autocast_dtype(x) or x.dtype)  # (autocast's dtype where it is on, else the input's)
         return _FrozenFp8.apply(x, self.weight, None if self.bias is None else self.bias.to(x.dtype), self)
 
 
