@@ -1464,6 +1464,32 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
         config(base, tmp_path, sample_every_n_steps=2).validate()
 
 
+@pytest.mark.parametrize("optimizer_args", ["", "fused=False"])
+def test_each_sample_shows_the_lora_of_its_step(base, tmp_path, optimizer_args):
+    """A sample made during training is the image the LoRA saved at that step makes. The layers keep the stacked
+    factors while their version counters stand, and torch's fused AdamW (ours on CUDA and on the CPU) and
+    bitsandbytes' write the factors without counting one: the loop counts it, or every later sample would show
+    the first sample's LoRA."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    from lora_diffusion import load_lora
+
+    flat_images(tmp_path / "data", n=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --s 2 --d 5 --ss euler_a\n")
+    result = train(config(base, tmp_path, sample_prompts=str(prompts), sample_at_first=True, sample_every_n_epochs=1,
+                          train_batch_size=1, learning_rate=1e-2, save_precision="fp32", optimizer_args=optimizer_args))
+    samples = sorted((tmp_path / "out" / "sample").iterdir())
+    assert len(samples) == 3  # before training, after epoch 1 (step 2) and after epoch 2 (step 4, the saved LoRA)
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    load_lora(pipe, result.lora_path)
+    expect = pipe("a red square", num_inference_steps=2, width=32, height=32, generator=torch.Generator().manual_seed(5)).images[0]
+    middle, last = (np.asarray(Image.open(p)) for p in samples[1:])
+    assert np.array_equal(last, np.asarray(expect)) and not np.array_equal(middle, last)
+
+
 def test_kohya_dataset_config_trains_the_lora_its_flags_train(base, tmp_path, monkeypatch):
     """kohya's --dataset_config: a file giving the images, the regularisation images, the batch size and the caption
     settings trains the LoRA that --train_data_dir / --reg_data_dir and the same flags train, bit for bit."""

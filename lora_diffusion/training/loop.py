@@ -685,6 +685,17 @@ def _optimizer_kwargs(config: TrainConfig, optimizer_class) -> dict:
     return kwargs
 
 
+def _fused_adamw(optimizer_class, kwargs: dict, device: torch.device) -> dict:
+    """torch's fused AdamW where it has one: on CUDA one kernel for every LoRA tensor instead of a dozen
+    multi-tensor launches; on the CPU (torch >= 2.4) one pass per tensor instead of torch's default per-tensor loop
+    of ~10 ops (the tiny model's 256 LoRA tensors: 5.6 against 26 ms a step, ~6 % of the step). Not where
+    ``--optimizer_args`` chooses the implementation (``foreach``, ``fused``, ``capturable``, ``differentiable``)."""
+    if optimizer_class is not torch.optim.AdamW or not {"foreach", "fused", "capturable", "differentiable"}.isdisjoint(kwargs):
+        return {}
+    cpu = device.type == "cpu" and tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 4)
+    return {"fused": True} if device.type == "cuda" or cpu else {}
+
+
 def _prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, output_name: str = "") -> None:
     previous = outputs.run_outputs(output_dir, output_name)
     for aside in output_dir.glob(f"{PREVIOUS_RUN}*"):
@@ -1114,8 +1125,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
     validate_every = config.validate_every_n_steps or config.validation_steps
 
     # 4. optimizer, schedule, and where we start
-    # on CUDA, torch's fused AdamW: one kernel for every LoRA tensor instead of a dozen multi-tensor launches
-    fused = {"fused": True} if optimizer_class is torch.optim.AdamW and device.type == "cuda" else {}
+    fused = _fused_adamw(optimizer_class, optimizer_kwargs, device)
     configured = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     optimizer = optimizer_class(groups, lr=config.learning_rate, **optimizer_kwargs, **fused)
     lr_scheduler = make_lr_scheduler(config, optimizer, max_steps)
@@ -1296,6 +1306,10 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, cancel:
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
+            # fused optimizers (torch's fused AdamW, bitsandbytes') write the factors through their pointers and count
+            # no version: count one, or the layers' caches (kept while the versions stand) would miss the step
+            for param in params:
+                torch.autograd.graph.increment_version(param)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
