@@ -1464,7 +1464,7 @@ def test_kohya_sample_prompts_are_written_where_and_when_kohya_writes_them(base,
         config(base, tmp_path, sample_every_n_steps=2).validate()
 
 
-@pytest.mark.parametrize("optimizer_args", ["", "fused=False"])
+@pytest.mark.parametrize("optimizer_args", ["", "foreach=True"])  # (foreach: the user's choice, not fused over it)
 def test_each_sample_shows_the_lora_of_its_step(base, tmp_path, optimizer_args):
     """A sample made during training is the image the LoRA saved at that step makes. The layers keep the stacked
     factors while their version counters stand, and torch's fused AdamW (ours on CUDA and on the CPU) and
