@@ -183,6 +183,9 @@ def lora_step(s: Setup, unet, params, inp: dict, *, fused_adam: bool = False, cu
         loss = F.mse_loss(pred.float(), inp["noise"].float())
         loss.backward()
         opt.step()
+        if fused_adam:  # (as our training loop: a fused step counts no version, the loop counts one per tensor)
+            for p in params:
+                torch.autograd.graph.increment_version(p)
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach().clone())
 
