@@ -89,16 +89,15 @@ def main() -> None:
     load_lora(pipe, style, adapter="style")
     load_lora(pipe, subject, adapter="subject")
     columns = {"base": {}, "style": {"style": 1.0}, "subject": {"subject": 1.0}, "blend": {"style": 0.5, "subject": 0.5}}
-    metrics = {c: {"stripe_energy": [], "heart_iou": []} for c in columns}
-    seeds = [seed for _, seed in PROMPTS] * 2
+    metrics, seeds = {}, [seed for _, seed in PROMPTS] * 2
     cells = []  # per column: one [shape image over heart image] cell per row
     for column, weights in columns.items():
         set_adapters(pipe, weights)
         suffix = STYLE_SUFFIX if "style" in weights else ""
         images = generate(pipe, [p + suffix for p, _ in PROMPTS] + [p + suffix for p in SUBJECT_PROMPTS], seeds)
         shapes, hearts = images[:len(PROMPTS)], images[len(PROMPTS):]
-        metrics[column]["stripe_energy"] = [stripe_energy(image) for image in shapes]
-        metrics[column]["heart_iou"] = [shape_iou(image, "heart") for image in hearts]
+        metrics[column] = {"stripe_energy": [stripe_energy(image) for image in shapes],
+                           "heart_iou": [shape_iou(image, "heart") for image in hearts]}
         cells.append([np.concatenate(pair, axis=0) for pair in zip(shapes, hearts)])
     grid = np.concatenate([np.concatenate(row, axis=1) for row in zip(*cells)], axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / "grid.png")
