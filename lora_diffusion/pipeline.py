@@ -257,16 +257,13 @@ def module_listing(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _resolve_module(model: nn.Module, component: str, path: str) -> str | None:
+def _resolve_module(known: set[str], component: str, path: str) -> str | None:
+    """The module path of ``known`` (the model's module paths and detached layers) that a file's key names: the key's
+    own, or a text encoder's without ``text_model.``; ``None`` when neither is there."""
     candidates = [path]
     if component.startswith("text_encoder"):
         candidates = [path, strip_text_model(path)]
-    modules = dict(model.named_modules())
-    detached = getattr(model, DETACHED_ATTR, {})
-    for cand in candidates:
-        if cand in modules or cand in detached:
-            return cand
-    return None
+    return next((cand for cand in candidates if cand in known), None)
 
 
 def _plan(
@@ -279,8 +276,9 @@ def _plan(
     items = {k.split(".", 1)[1]: w for k, w in lora.items() if k.split(".", 1)[0] == component}
     plan: list[tuple[str, LoraWeights]] = []
     missing: list[tuple[str, LoraWeights]] = []
+    known = {name for name, _ in model.named_modules()} | set(getattr(model, DETACHED_ATTR, {}))  # (once: not per key)
     for path, w in items.items():
-        target = _resolve_module(model, component, path)
+        target = _resolve_module(known, component, path)
         if target is None:
             missing.append((f"{component}.{path}", w))
             continue

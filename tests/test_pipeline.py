@@ -370,6 +370,27 @@ def test_strict_false_loads_what_matches(tmp_path, caplog):
     assert list_adapters(pipe) == {"unet": ["partial"]}
 
 
+def test_a_load_walks_each_model_a_fixed_number_of_times_not_once_per_key(two_files, monkeypatch):
+    """Matching a file's keys to modules looks each up in one listing: walking the whole model per key made a load
+    quadratic (SD1.5's 176 layers: ~0.5 s an adapter, growing with each adapter loaded)."""
+    pipe = tiny_pipeline(0)
+    roots = {id(pipe.unet), id(pipe.text_encoder)}
+    walks = []
+    named_modules = torch.nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        if id(self) in roots:
+            walks.append(type(self).__name__)
+        return named_modules(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+    for name, file in zip(("a", "b"), two_files):
+        walks.clear()
+        load_lora(pipe, file, adapter=name)
+        layers = sum(1 for model in (pipe.unet, pipe.text_encoder) for _ in lora_layers(model))
+        assert layers > 40 and len(walks) <= 6, (layers, walks)
+
+
 def test_nan_in_file_is_refused_and_a_nan_adapter_refuses_to_fuse(tmp_path):
     key = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
     b = torch.ones(64, 2)
