@@ -16,8 +16,8 @@ reference in the same run, timed alternately, median of ``--iters`` after ``--wa
 * ``fuse`` / ``unfuse`` / ``reweight_fused``: fusing 4 adapters, unfusing, and changing the weights of 4 fused
   adapters (ours: ``set_adapters`` while fused; diffusers: ``unfuse_lora``, ``set_adapters``, ``fuse_lora``).
 * ``load``: loading one adapter file (UNet + text encoder) into a pipeline without LoRA.
-* ``host_reweight_unfused`` / ``host_fuse`` / ``host_reweight_fused``: the same calls on a model with SD1.5's
-  structure (176 LoRA layers) but 32 wide, so that the Python and dispatch work a GPU's host pays is what counts;
+* ``host_load`` / ``host_reweight_unfused`` / ``host_fuse`` / ``host_reweight_fused``: the same calls on a model with
+  SD1.5's structure (176 LoRA layers) but 32 wide, so that the Python and dispatch work a GPU's host pays is what counts;
   ``host_train_step``: a training step of the GPU recipe (``Recipe``) on that UNet, with the floor beside it.
 * ``file_size``: bytes of one adapter file per rank (same dtype; and each library's default dtype); diffusers'
   file is written with its ``LoraConfig`` metadata, as ours carries alpha too.
@@ -472,6 +472,7 @@ def bench_host(ctx: Context, folder: Path, iters: int, warmup: int) -> None:
     emit(ctx, "host_train_step", "rank 4 attn, SD1.5 structure (128 layers), 32 wide, bf16 autocast, merged forward",
          merged, ref, "peft", floor_ms=round(floor, 3), lora_overhead_vs_peft=round((merged - floor) / (ref - floor), 4))
     files = make_adapter_files(comps, folder / "host", 4)
+    bench_load(ctx, comps, files[0], iters, warmup, "host_load", ", SD1.5 structure (176 layers), 32 wide")
     pipe_o, pipe_p = make_pipe(comps), make_pipe(comps)
     names = load_both(pipe_o, pipe_p, files)
     case = "4 adapters, SD1.5 structure (176 layers), 32 wide"
@@ -507,8 +508,10 @@ def reweighters(pipe_o, pipe_p, names: list[str], fused: bool = True):
     return reweight_o, reweight_p, state
 
 
-def bench_load(ctx: Context, comps: dict, file: Path, iters: int, warmup: int) -> None:
-    log("load one file")
+def bench_load(ctx: Context, comps: dict, file: Path, iters: int, warmup: int, bench: str = "load", case: str = "") -> None:
+    """Loading ``file`` into a pipeline of ``comps`` without LoRA, ours against diffusers+PEFT's (``bench`` and
+    ``case``: the figure's name and what its case adds to the file's rank and size)."""
+    log(f"load one file{case}")
     pipes = {"o": make_pipe(comps), "p": make_pipe(comps)}
 
     def fresh(key):
@@ -525,7 +528,7 @@ def bench_load(ctx: Context, comps: dict, file: Path, iters: int, warmup: int) -
         pipes["p"].load_lora_weights(str(file), adapter_name="probe")
 
     ours, ref = compare(load_o, load_p, iters, warmup, between=(fresh("o"), fresh("p")))
-    emit(ctx, "load", f"1 file, rank 4, {file.stat().st_size} bytes", ours, ref, "peft")
+    emit(ctx, bench, f"1 file, rank 4, {file.stat().st_size} bytes{case}", ours, ref, "peft")
 
 
 def bench_file_size(ctx: Context, comps: dict, folder: Path, ranks: list[int]) -> None:

@@ -63,7 +63,7 @@ def test_cpu_bench_quick(runs):
         assert ("infer_unfused", f"{k} adapters", "base") in figures
     benches = {line["bench"] for line in lines}
     assert {"train_step", "fuse", "unfuse", "reweight_fused", "infer_fused", "load", "file_size", "train_step_ops",
-            "infer_unfused_ops", "layer_overhead", "host_reweight_unfused", "host_fuse", "host_reweight_fused",
+            "infer_unfused_ops", "layer_overhead", "host_reweight_unfused", "host_load", "host_fuse", "host_reweight_fused",
             "infer_unfused_cached", "reweight_call_cached"} <= benches
     for line in lines:
         if line["bench"] == "infer_unfused_ops":  # kept merged weights: the base call's ops, nothing more
