@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from lora_diffusion import load_lora, set_adapters
+from lora_diffusion.cli import setup_logging
 from lora_diffusion.data import TINY_MODEL
 from lora_diffusion.data.metrics import shape_iou, stripe_energy
 from lora_diffusion.training import TrainConfig, train
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--out", default="out")
     parser.add_argument("--steps", type=int, default=400, help="training steps per LoRA")
     args = parser.parse_args()
+    setup_logging()  # (as the lora-diffusion commands log)
     out = Path(args.out)
 
     # stripes are a 16 px texture: the style LoRA needs the 16x16 ResNet convs (LoCon), where the UNet has no attention

@@ -25,6 +25,24 @@ COMMAND_MODULES = {
 }
 
 
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers >= 5 says once, when diffusers' pipeline classes load, that ``CLIPImageProcessor`` falls back to
+    its PIL backend without torchvision (the CPU install the README gives). Our pipelines run no image processor (no
+    safety checker), so the commands drop that line; every other message of transformers stands."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """The commands' logging: ``WARNING`` (``verbose``: ``INFO``) as ``LEVEL logger: message``, without
+    transformers' torchvision notice (``_DropTorchvisionFallback``)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    fallback = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropTorchvisionFallback) for f in fallback.filters):
+        fallback.addFilter(_DropTorchvisionFallback())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-diffusion", description="LoRA for Stable Diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -54,7 +72,7 @@ def error_message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

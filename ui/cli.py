@@ -13,6 +13,8 @@ import argparse
 import logging
 import sys
 
+from lora_diffusion.cli import setup_logging
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["register", "main", "add_arguments", "parse_auth", "launch_kwargs", "run"]
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         return run(args)
     except (ValueError, OSError) as e:  # as lora-diffusion does: one line, status 2

@@ -9,9 +9,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from ..cli import setup_logging
 from .config import ConfigError, add_config_arguments, config_from_args, write_config_file
 from .data import DataError
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(getattr(args, "verbose", False))
     return run(args)
 
 
