@@ -26,6 +26,7 @@ from _common import SD15_UNET, TINY_UNET, Context, cpu_name, emit, kohya_fp8, lo
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion.fp8 import store_fp8  # noqa: E402
 
+
 def held_bytes(unet: nn.Module, x: torch.Tensor, context: torch.Tensor) -> tuple[int, int]:
     """(the parameters' bytes, the bytes saved for the backward that are not parameters) of one step."""
     parameters = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in unet.parameters()}
