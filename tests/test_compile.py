@@ -25,7 +25,9 @@ from lora_diffusion import delete_adapter, disable_lora, enable_lora, fuse, inje
 from lora_diffusion.formats import read_lora_file, write_lora_file
 from lora_diffusion.inject import lora_layers
 from lora_diffusion.layers import LoraLinear
-from lora_diffusion.testing import random_lora, tiny_pipeline
+from lora_diffusion.testing import random_lora
+
+from conftest import compile_pipeline  # (a one-block UNet: half the trace time)
 
 dynamo = pytest.importorskip("torch._dynamo")
 
@@ -42,7 +44,7 @@ def _graphs() -> int:
 
 
 def _pipe_with(tmp_path, n: int):
-    pipe = tiny_pipeline()
+    pipe = compile_pipeline()
     for i in range(n):
         path = tmp_path / f"a{i}.safetensors"
         write_lora_file(path, random_lora(pipe, seed=i, alpha=4 + i), dtype=torch.float32)
@@ -79,7 +81,7 @@ def test_compiled_unet_follows_every_change(tmp_path):
     two = reweighting_does_not_recompile({"a0": 0.7, "a1": -0.3}, {"a0": 0.0, "a1": 0.0}, {"a0": 1.5, "a1": 0.2})
     assert not torch.equal(two[0], two[1]) and not torch.equal(two[1], two[2])
     with torch.no_grad():  # weight 0 everywhere is the base model
-        plain = tiny_pipeline().unet(x, t, ehs).sample
+        plain = compile_pipeline().unet(x, t, ehs).sample
     torch.testing.assert_close(two[1], plain, rtol=0, atol=1e-6)
     set_adapters(pipe, {"a1": 0.5})  # another active set: compiled once more
     agrees()
@@ -100,7 +102,7 @@ def test_compiled_unet_follows_every_change(tmp_path):
 
 def test_pipeline_holding_the_compiled_unet(tmp_path):
     """diffusers users write ``pipe.unet = torch.compile(pipe.unet)``: every entry point sees the module behind it."""
-    pipe, eager = tiny_pipeline(), tiny_pipeline()
+    pipe, eager = compile_pipeline(), compile_pipeline()
     path = tmp_path / "style.safetensors"
     write_lora_file(path, random_lora(pipe, seed=3, alpha=8), dtype=torch.float32)
     pipe.unet = torch.compile(pipe.unet, backend="aot_eager")

@@ -22,6 +22,8 @@ from lora_diffusion.inject import lora_layers
 from lora_diffusion.layers import AdapterSpec, LoraConv2d, LoraLinear
 from lora_diffusion.testing import OpCounter, random_lora, tiny_pipeline
 
+from conftest import compile_pipeline
+
 
 def _layer(kind: str, n: int, seed: int = 0):
     torch.manual_seed(seed)
@@ -281,7 +283,7 @@ def _compiled_out(pipe) -> torch.Tensor:
 
 
 def test_compiled_model_neither_reads_nor_writes_kept_weights(tmp_path):
-    pipe = tiny_pipeline()
+    pipe = compile_pipeline()
     write_lora_file(tmp_path / "a.safetensors", random_lora(pipe, seed=0), dtype=torch.float32)
     load_lora(pipe, tmp_path / "a.safetensors")
     cache_merged_weights(pipe.unet)
@@ -310,7 +312,7 @@ def test_dropout_set_after_the_kept_weight_is_followed():
 def test_compiling_beside_kept_weights_traces_the_compiled_forward(tmp_path):
     """Kept weights from eager calls do not enter a graph: it traces whole (fullgraph), computes the same, and
     leaves the kept weights as they were for the next eager call."""
-    pipe = tiny_pipeline()
+    pipe = compile_pipeline()
     write_lora_file(tmp_path / "a.safetensors", random_lora(pipe, seed=0), dtype=torch.float32)
     load_lora(pipe, tmp_path / "a.safetensors")
     cache_merged_weights(pipe.unet)
