@@ -31,7 +31,7 @@ def _make(kind: str, seed: int = 0):
     tells a wrong weight from rounding (in float32, large deltas round differently by up to ~1e-4)."""
     return KINDS[kind][0](seed).to(dtype=torch.float64)
 # per kind, 24 steps each (~5 s), seeds from 1: seed 1 reaches a fused layer whose weights went to 0 and back (the
-# bug fixed in e14e0cd) on both kinds; hunt with more (25 per kind passed)
+# bug fixed in e14e0cd) on both kinds; hunt with more (60 per kind passed)
 SEQUENCES = int(os.environ.get("LORA_TEST_SEQUENCES", 1))
 
 # adapters that reach different layers: attention of both models, UNet cross-attention only, everything (the
