@@ -635,6 +635,8 @@ def test_samplers_and_a1111_prompt_syntax_per_request(backend):
     assert np.array_equal(pixels(gen(backend, "a red circle", emphasis=False).image), own)  # plain: the same
     with pytest.raises(UIError, match="unknown sampler 'Euler z'"):
         gen(backend, sampler="Euler z")
+    with pytest.raises(UIError, match=r"prompt emphasis ':\.\)': '\.' is not a number"):  # (A1111 refuses it too)
+        gen(backend, "a (red:.) circle")
 
 
 def test_an_sdxl_model_generates_and_its_snippet_weights_both_text_encoders(tmp_path):

@@ -1020,9 +1020,12 @@ class Backend:
                 raise UIError(_blend_error(e, fusing)) from None
             try:
                 generator = torch.Generator("cpu").manual_seed(int(req.seed))
-                a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t, steps) for t in (prompt, negative))
-                texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
-                    if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
+                try:  # (A1111's syntax refused, as A1111 refuses it: "(red:.)", a weight that is not a number)
+                    a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t, steps) for t in (prompt, negative))
+                    texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
+                        if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
+                except ValueError as e:
+                    raise UIError(str(e)) from None
                 run = dict(texts, guidance_scale=float(req.guidance), generator=generator)
                 if variation:
                     run["latents"] = variation_noise(pipe, generator, width, height, *variation).to(pipe.unet.device,
