@@ -47,6 +47,7 @@ def train_lora(name: str, data: Path, out: Path, steps: int, mode: str, token: s
         rank=8,
         target_modules=targets,
         learning_rate=1e-3,
+        snr_gamma=5.0,  # min-SNR weighting (kohya's --min_snr_gamma 5): the stripes come through for each training seed tried
         lr_scheduler="constant",
         max_train_steps=steps,
         train_batch_size=4,
