@@ -1,6 +1,6 @@
 """The main job: train a style LoRA and a subject LoRA on the bundled tiny model, then blend them.
 
-Offline, on a CPU, in a few minutes. Writes to --out:
+Offline, on a CPU, in a few minutes (the two LoRAs train at once, in two processes). Writes to --out:
   style/pytorch_lora_weights.safetensors     striped style (trigger word "striped")
   subject/pytorch_lora_weights.safetensors   the heart, a shape the base model never saw ("sks heart")
   grid.png                                   rows: prompts; columns: base | style | subject | style 0.5 + subject 0.5
@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +70,37 @@ def train_lora(name: str, data: Path, out: Path, steps: int, mode: str, token: s
     return Path(result.lora_path)
 
 
+def _start_worker(threads: int, counter) -> None:
+    """A training process: its share of the cores, the commands' logging, and its own progress-bar line."""
+    torch.set_num_threads(threads)
+    setup_logging()
+    with counter.get_lock():
+        os.environ["TQDM_POSITION"], counter.value = str(counter.value), counter.value + 1
+
+
+def train_both(out: Path, steps: int) -> tuple[Path, Path]:
+    """The style and the subject LoRA, trained at once in two processes on half the cores each: the tiny model's
+    ops leave cores idle, so on 2 cores this takes ~1/3 less time than one after the other."""
+    # stripes are a 16 px texture: the style LoRA needs the 16x16 ResNet convs (LoCon), where the UNet has no attention
+    jobs = [("style", DATA / "style", out, steps, "style", "striped", "full"),
+            ("subject", DATA / "subject", out, steps, "subject", "sks", "attn-mlp")]
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // len(jobs))
+    with ProcessPoolExecutor(len(jobs), mp_context=context, initializer=_start_worker,
+                             initargs=(threads, context.Value("i", 0))) as pool:
+        futures = [pool.submit(train_lora, *job) for job in jobs]
+        # Ctrl-C reaches the workers too: each stops after its step, saves a checkpoint and ends with a message
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            errors = [str(e) for e in [f.exception() for f in futures] if e is not None]  # (waits for both)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if errors:
+        raise SystemExit("\n".join(errors))
+    style, subject = [f.result() for f in futures]
+    return style, subject
+
+
 def generate(pipe, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
     """One image per prompt, each from its own seed, in one batch (one UNet call per step for all of them)."""
     out = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
@@ -81,9 +116,7 @@ def main() -> None:
     setup_logging()  # (as the lora-diffusion commands log)
     out = Path(args.out)
 
-    # stripes are a 16 px texture: the style LoRA needs the 16x16 ResNet convs (LoCon), where the UNet has no attention
-    style = train_lora("style", DATA / "style", out, args.steps, "style", "striped", "full")
-    subject = train_lora("subject", DATA / "subject", out, args.steps, "subject", "sks", "attn-mlp")
+    style, subject = train_both(out, args.steps)
 
     from diffusers import StableDiffusionPipeline
 
