@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -368,6 +369,9 @@ def txt2img(
         raise ValueError(f"steps must be between 1 and 1000, got {steps}")
     if batch_count < 1:
         raise ValueError(f"batch count must be at least 1, got {batch_count}")
+    for label, value in (("CFG scale", cfg_scale), ("hires CFG scale", hires_cfg_scale), ("hires scale", hires_scale)):
+        if value is not None and not math.isfinite(value):  # (NaN guidance made NaN latents, saved as an image)
+            raise ValueError(f"{label} must be a finite number, got {value}")
     _, negative_tags = parse_prompt(negative_prompt)
     if negative_tags:
         raise ValueError("put <lora:...> tags in the prompt, not in the negative prompt")

@@ -130,6 +130,11 @@ def test_cli_errors_are_one_line(tmp_path, lora_dir, capsys):
     assert "no A1111 'parameters' text" in capsys.readouterr().err
     assert main(["generate", "/no/such/model", "a", "--batch-count", "2", "-o", str(tmp_path / "one.png")]) == 2
     assert "2 images need a folder" in capsys.readouterr().err  # (checked before the model loads)
+    # a NaN guidance made NaN latents, saved as an image with "CFG scale: nan" in its infotext
+    for flag, label in (("--cfg-scale", "CFG scale"), ("--hr-cfg-scale", "hires CFG scale"), ("--hr-scale", "hires scale")):
+        assert main(["generate", str(TINY_MODEL), "a", flag, "nan", "--steps", "1", "-o", str(tmp_path / "nan.png")]) == 2
+        assert f"{label} must be a finite number, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "nan.png").exists()
 
 
 def test_tags_weigh_the_loras_as_load_lora_and_set_adapters_do(pipe, tmp_path):

@@ -341,6 +341,7 @@ def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(ba
     for bad, match in (({"hires_scale": 5}, "between 1 \\(off\\) and 4"), ({"hires_upscaler": "ESRGAN"}, "unknown hires upscaler"),
                        ({"noise_schedule": "ZTSNR"}, "unknown noise schedule 'ZTSNR'; choose from Default, Zero Terminal SNR"),
                        ({"denoising_strength": 0}, "denoising strength must be in"), ({"hires_steps": -1}, "hires steps"),
+                       ({"hires_cfg_scale": float("nan")}, "the hires CFG scale must be a finite number"),
                        ({"width": 2048, "height": 2048}, "upscaled 1.5x is 3072x3072, past 2048")):
         with pytest.raises(UIError, match=match):
             gen(backend, **{**kw, **bad})

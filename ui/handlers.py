@@ -982,7 +982,7 @@ class Backend:
         variation = self._variation(req)
         clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
         hires = self._check_hires(req)
-        hires_guidance = float(req.hires_cfg_scale) or float(req.guidance)  # (Hires CFG Scale 0: the first pass's)
+        hires_guidance = finite_number(req.hires_cfg_scale, "the hires CFG scale") or float(req.guidance)  # (0: the first pass's)
         init = self._init_image(req)
         mask = self._mask_image(req, init)
         padding = int(req.masked_padding) if mask is not None and req.inpaint_only_masked else None
