@@ -94,6 +94,9 @@ def test_cli_defaults_bind_loopback_without_share():
     assert kw["server_name"] == "0.0.0.0" and kw["auth"] == ("me", "a:b") and kw["server_port"] == 9000
     with pytest.raises(ValueError, match="--auth expects USER:PASS"):
         parse_auth("nopassword")
+    for bad in ("0", "-5", "nan"):
+        with pytest.raises(ValueError, match=f"--max-upload-mb must be a positive number, got {float(bad)}"):
+            launch_kwargs(parser.parse_args(["--max-upload-mb", bad]))
 
 
 def test_ui_command_errors_are_one_line_and_exit_2(tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from lora_diffusion.cli import setup_logging
@@ -63,6 +64,8 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def launch_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for ``gr.Blocks.launch`` from the parsed options."""
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):  # (0 or less: gradio refused every upload)
+        raise ValueError(f"--max-upload-mb must be a positive number, got {args.max_upload_mb}")
     return {
         "server_name": args.host,
         "server_port": args.port,
