@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -218,14 +219,26 @@ def _as_layer(a: torch.Tensor, b: torch.Tensor, like: LoraWeights) -> LoraWeight
     return LoraWeights(a, b, float(r))
 
 
+def finite_weight(weight, what: str) -> float:
+    """``weight`` as a float, else ``ValueError`` naming ``what``: a weight that is not a finite number (NaN or Inf
+    make a black image, or a file of NaNs)."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {weight!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {weight!r}")
+    return value
+
+
 def _weighted_inputs(inputs: Sequence[tuple]) -> list[tuple[dict, float, BlockSpec]]:
     """``(dict, weight)`` or ``(dict, weight, block spec)`` entries as ``(dict, weight, spec or None)``, each spec
     checked (``check_blocks``)."""
     out = []
-    for entry in inputs:
+    for i, entry in enumerate(inputs):
         lora, w, spec = (*entry, None)[:3]
         check_blocks(spec)
-        out.append((lora, float(w), spec))
+        out.append((lora, finite_weight(w, f"merge input {i}: the weight"), spec))
     return out
 
 
@@ -454,7 +467,7 @@ def _input_triple(entry: tuple) -> tuple[str | os.PathLike, float, BlockSpec]:
         rest = list(rest[0])
     if len(rest) not in (1, 2):
         raise ValueError(f"a merge input is (file, weight) or (file, weight, blocks), got {entry!r}")
-    return path, float(rest[0]), rest[1] if len(rest) == 2 else None
+    return path, finite_weight(rest[0], f"{path}: the weight"), rest[1] if len(rest) == 2 else None
 
 
 def _jsonable(spec: BlockSpec):

@@ -516,6 +516,7 @@ def load_lora(
     path = Path(path)
     if path.is_dir() and lora_file(path).is_file():
         path = lora_file(path)
+    _check_weights({adapter or _adapter_name(path): weight})
     models = dict(_components(pipe))
     lora, params, header = read_lora_file_with_params(path, modules={c: module_listing(m) for c, m in models.items()})
     if adapter is None:
@@ -697,6 +698,8 @@ def set_adapters(
         te_weights = {n: float(text_encoder) for n in weights}
     elif text_encoder is not None:
         te_weights.update(text_encoder)
+    _check_weights(weights)
+    _check_weights(te_weights, " in the text encoder")
     per_adapter = isinstance(blocks, dict) and bool(blocks) and set(blocks) <= known and not set(blocks) & {"down", "mid", "up"}
     specs = blocks if per_adapter else {n: blocks for n in set(weights) | set(te_weights)}
     unknown = sorted((set(weights) | set(te_weights) | (set(blocks) if per_adapter else set())) - known)
@@ -816,6 +819,14 @@ def delete_adapter(pipe, adapter: str) -> None:
         raise KeyError(f"no adapter named {adapter!r}; loaded adapters: {known}")
     for model in models:
         _delete_from_model(model, adapter)
+
+
+def _check_weights(weights: dict, where: str = "") -> None:
+    """``ValueError`` naming the adapter for a weight that is not a finite number (NaN or Inf: a black image)."""
+    from .blend import finite_weight
+
+    for name, weight in weights.items():
+        finite_weight(weight, f"adapter {name!r}: the weight{where}")
 
 
 def cache_merged_weights(pipe, enabled: bool = True) -> None:

@@ -434,6 +434,22 @@ def test_deleting_an_unknown_adapter_is_an_error(two_files):
     assert list_adapters(pipe) == {"unet": ["style"], "text_encoder": ["style"]}
 
 
+def test_a_weight_that_is_not_a_finite_number_is_refused_naming_the_adapter(two_files):
+    pipe = tiny_pipeline(0)
+    with pytest.raises(ValueError, match="adapter 'style': the weight must be a finite number, got nan"):
+        load_lora(pipe, two_files[0], weight=float("nan"))
+    assert not any(list_adapters(pipe).values())  # (refused before anything loads)
+    load_lora(pipe, two_files[0], weight=0.5)
+    for weights, text_encoder, match in (({"style": float("inf")}, None, "the weight must be a finite number, got inf"),
+                                         ({"style": "x"}, None, "the weight must be a number, got 'x'"),
+                                         ({"style": 1.0}, float("nan"), "the weight in the text encoder must be a finite number"),
+                                         ({"style": 1.0}, {"style": None}, "the weight in the text encoder must be a number, got None")):
+        with pytest.raises(ValueError, match=f"adapter 'style': {match}"):
+            set_adapters(pipe, weights, text_encoder=text_encoder)
+    layers = [layer for model in (pipe.unet, pipe.text_encoder) for _, layer in lora_layers(model)]
+    assert layers and all(layer.weights == {"style": 0.5} for layer in layers)  # (refused before any layer changed)
+
+
 def test_same_name_twice_is_refused(two_files):
     pipe = tiny_pipeline(0)
     load_lora(pipe, two_files[0])

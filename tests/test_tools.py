@@ -264,6 +264,13 @@ def test_merge_arguments_that_would_be_ignored_or_misread_are_refused(files, tmp
     assert not out.exists()
     with pytest.raises(ValueError, match="needs mode='svd'"):
         merge_lora_dicts([(read_lora_file(a)[0], 1.0)], rank=2)
+    # from Python too: a NaN weight was refused only at the write, as a float16 overflow ("lower the weights")
+    from lora_diffusion.blend import merge_loras
+    with pytest.raises(ValueError, match=r"a\.safetensors: the weight must be a finite number, got nan"):
+        merge_loras([(a, float("nan")), (b, 1.0)], out)
+    with pytest.raises(ValueError, match="merge input 1: the weight must be a number, got 'x'"):
+        merge_lora_dicts([(read_lora_file(a)[0], 1.0), (read_lora_file(b)[0], "x")])
+    assert not out.exists()
     assert cli_main(["merge", f"{a}:0.5", f"{b}:-1e-1", "-o", str(out)]) == 0
     assert '"weight": -0.1' in read_lora_file(out)[1]["lora_diffusion"]
 
