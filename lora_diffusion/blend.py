@@ -219,16 +219,16 @@ def _as_layer(a: torch.Tensor, b: torch.Tensor, like: LoraWeights) -> LoraWeight
     return LoraWeights(a, b, float(r))
 
 
-def finite_weight(weight, what: str) -> float:
-    """``weight`` as a float, else ``ValueError`` naming ``what``: a weight that is not a finite number (NaN or Inf
-    make a black image, or a file of NaNs)."""
+def finite_number(value, what: str) -> float:
+    """``value`` as a float, else ``ValueError`` naming ``what``: a weight (or a guidance...) that is not a finite
+    number (NaN or Inf make a black image, or a file of NaNs)."""
     try:
-        value = float(weight)
+        x = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {weight!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {weight!r}")
-    return value
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return x
 
 
 def _weighted_inputs(inputs: Sequence[tuple]) -> list[tuple[dict, float, BlockSpec]]:
@@ -238,7 +238,7 @@ def _weighted_inputs(inputs: Sequence[tuple]) -> list[tuple[dict, float, BlockSp
     for i, entry in enumerate(inputs):
         lora, w, spec = (*entry, None)[:3]
         check_blocks(spec)
-        out.append((lora, finite_weight(w, f"merge input {i}: the weight"), spec))
+        out.append((lora, finite_number(w, f"merge input {i}: the weight"), spec))
     return out
 
 
@@ -467,7 +467,7 @@ def _input_triple(entry: tuple) -> tuple[str | os.PathLike, float, BlockSpec]:
         rest = list(rest[0])
     if len(rest) not in (1, 2):
         raise ValueError(f"a merge input is (file, weight) or (file, weight, blocks), got {entry!r}")
-    return path, finite_weight(rest[0], f"{path}: the weight"), rest[1] if len(rest) == 2 else None
+    return path, finite_number(rest[0], f"{path}: the weight"), rest[1] if len(rest) == 2 else None
 
 
 def _jsonable(spec: BlockSpec):

@@ -823,10 +823,10 @@ def delete_adapter(pipe, adapter: str) -> None:
 
 def _check_weights(weights: dict, where: str = "") -> None:
     """``ValueError`` naming the adapter for a weight that is not a finite number (NaN or Inf: a black image)."""
-    from .blend import finite_weight
+    from .blend import finite_number
 
     for name, weight in weights.items():
-        finite_weight(weight, f"adapter {name!r}: the weight{where}")
+        finite_number(weight, f"adapter {name!r}: the weight{where}")
 
 
 def cache_merged_weights(pipe, enabled: bool = True) -> None:

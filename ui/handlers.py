@@ -21,7 +21,6 @@ import itertools
 import io
 import json
 import logging
-import math
 import os
 import re
 import shlex
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
-from lora_diffusion.blend import lbw_blocks, merge_loras, parse_prompt
+from lora_diffusion.blend import finite_number as _finite_number, lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
 from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
                                      conds_padded, denoising_steps, flatten_start, hires_fix, hires_size, image_to_image, infotext,
@@ -144,12 +143,9 @@ def _plain(pipe, text: str, steps: int) -> bool:
 def finite_number(value: Any, what: str) -> float:
     """``value`` as a finite float, else ``UIError`` naming ``what`` (a NaN or Inf weight gives a black image)."""
     try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise UIError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise UIError(f"{what} must be a finite number, got {value!r}")
-    return x
+        return _finite_number(value, what)
+    except ValueError as e:
+        raise UIError(str(e)) from None
 
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
