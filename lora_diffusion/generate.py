@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import random
 import re
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .blend import _tag_path, apply_prompt_loras, parse_prompt
+from .blend import _tag_path, apply_prompt_loras, finite_number, parse_prompt
 from .pipeline import fuse, load_embedding, load_vae, unfuse
 from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedule, scheduled_prompt_kwargs
 
@@ -370,8 +369,8 @@ def txt2img(
     if batch_count < 1:
         raise ValueError(f"batch count must be at least 1, got {batch_count}")
     for label, value in (("CFG scale", cfg_scale), ("hires CFG scale", hires_cfg_scale), ("hires scale", hires_scale)):
-        if value is not None and not math.isfinite(value):  # (NaN guidance made NaN latents, saved as an image)
-            raise ValueError(f"{label} must be a finite number, got {value}")
+        if value is not None:  # (NaN guidance made NaN latents, saved as an image)
+            finite_number(value, label)
     _, negative_tags = parse_prompt(negative_prompt)
     if negative_tags:
         raise ValueError("put <lora:...> tags in the prompt, not in the negative prompt")

@@ -516,11 +516,11 @@ def load_lora(
     path = Path(path)
     if path.is_dir() and lora_file(path).is_file():
         path = lora_file(path)
-    _check_weights({adapter or _adapter_name(path): weight})
-    models = dict(_components(pipe))
-    lora, params, header = read_lora_file_with_params(path, modules={c: module_listing(m) for c, m in models.items()})
     if adapter is None:
         adapter = _adapter_name(path)
+    _check_weights({adapter: weight})
+    models = dict(_components(pipe))
+    lora, params, header = read_lora_file_with_params(path, modules={c: module_listing(m) for c, m in models.items()})
     components = sorted({k.split(".", 1)[0] for k in [*lora, *params]})
     for component in components:
         if component not in models:
