@@ -42,6 +42,7 @@ from .formats import (
     with_text_model,
     write_lora_file,
 )
+from .blend import block_factor, check_blocks, finite_number
 from .dora import as_dense
 from .formats_lycoris import dense_lora
 from .params import ParamDelta, param_deltas
@@ -687,8 +688,6 @@ def set_adapters(
         >>> set_adapters(pipe, {"style": 0.8, "subject": 1.0}, text_encoder={"style": 0.5})
         >>> set_adapters(pipe, {"style": 1.0}, blocks={"style": {"down": 0, "mid": 0.5, "up": 1}})
     """
-    from .blend import block_factor, check_blocks
-
     layers = {component: list(lora_layers(model)) for component, model in _components(pipe)}  # one walk each
     models = dict(_components(pipe))
     stores = {component: store for component, model in models.items() if (store := param_deltas(model)) is not None}
@@ -823,8 +822,6 @@ def delete_adapter(pipe, adapter: str) -> None:
 
 def _check_weights(weights: dict, where: str = "") -> None:
     """``ValueError`` naming the adapter for a weight that is not a finite number (NaN or Inf: a black image)."""
-    from .blend import finite_number
-
     for name, weight in weights.items():
         finite_number(weight, f"adapter {name!r}: the weight{where}")
 
