@@ -25,7 +25,10 @@ The forward of every wrapper is ``y = base(x) + sum_i w_i * (alpha_i / r_i) * B_
   only within the base layer's own call) gets its adapters beside the base output, in the compute dtype
   (``compute_dtype``), never through the weight, outside autocast; fusing rounds ``W0 + delta`` (fp32) to fp8 once.
 * Under ``torch.compile`` the forward takes no cache: it stacks the factors in the graph and reads the weights
-  from the ``lora_scales`` buffer, which every change updates in place, so a re-weight needs no recompile.
+  from the ``lora_scales`` buffer, which every change updates in place, so a re-weight needs no recompile. The one
+  exception is a compiled wrapper that ``pipeline.cache_merged_weights`` hooked: before each call its hook brings
+  every layer's kept merged weight (the ``lora_kept`` buffer, written in place) up to date, eagerly, and the graph,
+  traced while ``_KEPT_IN_GRAPH`` holds, runs the base op on that buffer alone.
 
 Example:
     >>> layer = LoraLinear(torch.nn.Linear(8, 8))
@@ -150,6 +153,14 @@ class _AdapterModules(nn.ModuleDict):
 
 # True while torch.compile traces (torch >= 2.3; older versions run the eager forward, graph breaks and all)
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+# True only within a call of a compiled wrapper that ``pipeline.cache_merged_weights`` hooked, whose pre-hook has
+# just brought every ``lora_kept`` buffer up to date (``LoraLayer.refresh_kept``). A graph traced then reads those
+# buffers; dynamo guards on this value, so another wrapper of the same model (a ``torch.compile`` by hand, with no
+# hook to re-merge after a change) gets a graph of its own that never reads them. (Dynamo keeps its graphs on the
+# model's code, shared by every wrapper: a flag on the model could not tell the wrappers apart.) One flag for the
+# process: a wrapper compiled by hand and called from another thread during a hooked call would read them too.
+_KEPT_IN_GRAPH = False
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -361,6 +372,12 @@ def _dense_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale,
     if isinstance(scale, torch.Tensor):
         return torch.addmm(_cast(weight, dtype), _cast(b * scale, dtype), _cast(a, dtype))
     return torch.addmm(_cast(weight, dtype), _cast(b, dtype), _cast(a, dtype), alpha=scale)
+
+
+def _writable_as(kept: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether ``t`` can be written into ``kept`` in place (its address kept: what a CUDA graph read stays current)."""
+    return kept is not None and kept.shape == t.shape and kept.dtype == t.dtype and kept.device == t.device \
+        and (torch.is_inference_mode_enabled() or not kept.is_inference())
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -875,6 +892,9 @@ class LoraLayer(nn.Module):
                 result = self._add_adapter(result, x, n, a, b, scales[row])
                 row += self.specs[n].rank
             return result
+        if _KEPT_IN_GRAPH and self.merge_cache and not tracked and not (args or kwargs) and not stored_fp8 \
+                and "lora_kept" in self._buffers:
+            return self._base_op(x, self._buffers["lora_kept"])  # (``refresh_kept`` wrote it before this call)
         merge = not tracked and not (args or kwargs) and not stored_fp8 and self._merge_pays(x)
         a_cat = torch.cat([a for a, _ in params], dim=0)
         b_cat = torch.cat([b for _, b in params], dim=1)
@@ -924,6 +944,9 @@ class LoraLayer(nn.Module):
         self._merged_key = self._merged = self._kept_check = None  # (the old one freed before the new one is made)
         a, b = self._stacked(names, params, False, weight.dtype)
         merged = self._merged_weight(a, b).detach()
+        kept = self._buffers.get("lora_kept")
+        if _writable_as(kept, merged):
+            merged = kept.copy_(merged)  # (a hooked compiled wrapper's graph reads this buffer: one copy, in place)
         if key:
             self._merged_key, self._merged = key, merged
             tensors = [*itertools.chain.from_iterable(params), weight]
@@ -948,6 +971,38 @@ class LoraLayer(nn.Module):
         current = [*itertools.chain.from_iterable(self._factors(names)), self._modules["base_layer"]._parameters["weight"]]
         return all(map(operator.is_, current, tensors)) and [*map(_VERSION, tensors)] == versions \
             and [*map(_DATA_PTR, tensors)] == ptrs
+
+    def refresh_kept(self) -> None:
+        """Bring ``lora_kept`` up to date: the merged weight of the live adapters (``_kept_merged``, the bits of the
+        eager kept weight; the base weight itself when every weight is 0), written in place so that a CUDA graph
+        that read it reads the new values. Run eagerly, before each call of a compiled wrapper that
+        ``pipeline.cache_merged_weights`` hooked; nothing to do while disabled, fused or without adapters, where the
+        graph takes the base op, or for a DoRA adapter, outside the merged paths. A first call registers the buffer
+        (one copy of the wrapped weight, as the eager kept weight: the two are one tensor)."""
+        names = self._compiled_names
+        if self.disabled or not self.merge_cache or self._merge_min is None or not names or not self._dora.isdisjoint(names):
+            return
+        kept, fast = self._buffers.get("lora_kept"), self._kept_check
+        if kept is not None and fast is not None and fast[0] is self._merged_key and self._merged is kept and self._kept_valid(fast):
+            return
+        live = self._live()
+        weight = self._modules["base_layer"]._parameters["weight"]
+        with torch.no_grad():
+            merged = self._kept_merged(live, self._factors(live)) if live else weight
+            if merged is not kept:
+                if _writable_as(kept, merged):
+                    kept.copy_(merged)
+                else:  # (a normal tensor even under inference mode: later calls write into it outside it too)
+                    with torch.inference_mode(False):
+                        kept = merged.clone()
+                    self.register_buffer("lora_kept", kept, persistent=False)
+                    if self._merged is merged:
+                        self._merged = kept
+
+    def drop_kept(self) -> None:
+        """Free ``lora_kept`` and the eager kept weight (``cache_merged_weights(..., enabled=False)``)."""
+        self._buffers.pop("lora_kept", None)
+        self._merged_key = self._merged = self._kept_check = None
 
     def _add_low_rank_(self, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``result + B(A(x))`` outside autograd; a subclass may add into ``result`` in place."""
@@ -1021,6 +1076,8 @@ class LoraLayer(nn.Module):
         compiled forward reads are refreshed unless it computes no adapter, before or now: then they are empty
         already (a re-weight of a fused model, every layer: ~1.5 us each)."""
         self.fused = dict(weights)
+        if weights:  # (a compiled graph of a fused model reads the fused base weight: the kept buffer goes)
+            self._buffers.pop("lora_kept", None)
         self._changed(sync=bool(self._compiled_names) or len(self.fused) != len(self.active))
 
     def restore_fused(self, previous: dict[str, float]) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, layers as _layers
 from .formats import (
     COMPONENTS,
     Lora,
@@ -831,10 +832,16 @@ def cache_merged_weights(pipe, enabled: bool = True) -> None:
     for layers loaded later), so that they run the base model's kernels alone: the speed of ``fuse`` without its
     step, at the same memory (one extra copy of each wrapped weight: ~190 MB for SD1.5's UNet attention in
     fp16, ~1.9 GB for SDXL's). A layer makes its merged weight again in the first call after a ``set_adapters``,
-    a load, an optimizer step or a ``.to()``; training (autograd) and ``torch.compile`` never use it. Outputs
-    equal the unfused call's to rounding: bit for bit in the layers where that call takes the merged weight too
+    a load, an optimizer step or a ``.to()``; training (autograd) never uses it. Outputs equal the unfused call's
+    to rounding: bit for bit in the layers where that call takes the merged weight too
     (``layers.merged_forward_pays``), the low-rank pair's rounding elsewhere. ``pipe``: a pipeline, or one model
     (UNet, text encoder). ``enabled=False`` frees the kept weights.
+
+    Compiled models: call it *after* ``torch.compile``, on the pipeline holding the compiled wrapper (or on the
+    wrapper). A hook on that wrapper re-merges the changed layers eagerly before each call, in place, and its graph
+    runs the base model's ops on the kept weights: a re-weight costs no recompile and the CUDA graphs of
+    ``mode="reduce-overhead"`` stay valid. A wrapper compiled without it (later, or by hand) never reads them,
+    unless it runs in another thread during a hooked wrapper's call (the graphs are told apart by one flag).
 
     Example:
         >>> cache_merged_weights(pipe)                  # e.g. A1111-style generation with changing blends
@@ -846,7 +853,45 @@ def cache_merged_weights(pipe, enabled: bool = True) -> None:
         for _, layer in lora_layers(model):
             layer.merge_cache = bool(enabled)
             if not enabled:
-                layer._merged_key = layer._merged = layer._kept_check = None
+                layer.drop_kept()
+    for wrapper in _compiled_wrappers(pipe):
+        _hook_kept(wrapper, enabled)
+
+
+_KEPT_HOOKS_ATTR = "_lora_kept_hooks"  # on a compiled wrapper: the handles of ``_hook_kept``'s two hooks
+
+
+def _compiled_wrappers(pipe) -> list[nn.Module]:
+    """The ``torch.compile`` wrappers that ``pipe`` is or holds as its models."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # nothing is compiled unless dynamo is loaded
+    if eval_frame is None:
+        return []
+    held = [pipe] if isinstance(pipe, nn.Module) else [getattr(pipe, name, None) for name in COMPONENTS]
+    return [model for model in held if isinstance(model, eval_frame.OptimizedModule)]
+
+
+def _hook_kept(wrapper: nn.Module, enabled: bool) -> None:
+    """Hook (or unhook) a compiled wrapper so that its graph reads the kept merged weights: before each call every
+    LoRA layer's ``lora_kept`` is brought up to date (eagerly: the hook of a wrapper runs outside its graph) and
+    ``layers._KEPT_IN_GRAPH`` holds until the call returns or raises; each wrapper is hooked once."""
+    for handle in wrapper.__dict__.pop(_KEPT_HOOKS_ATTR, ()):
+        handle.remove()
+    if not enabled:
+        return
+    model, outer = unwrap(wrapper), []
+
+    def before(module, args):
+        for _, layer in lora_layers(model):
+            layer.refresh_kept()
+        outer.append(_layers._KEPT_IN_GRAPH)
+        _layers._KEPT_IN_GRAPH = True
+
+    def after(module, args, output):
+        if outer:  # (not when the pre-hook itself raised)
+            _layers._KEPT_IN_GRAPH = outer.pop()
+
+    wrapper.__dict__[_KEPT_HOOKS_ATTR] = (wrapper.register_forward_pre_hook(before),
+                                          wrapper.register_forward_hook(after, always_call=True))
 
 
 def _delete_from_model(model: nn.Module, adapter: str) -> None:

@@ -4,7 +4,8 @@
 * the kept weight follows every change (an optimizer step, a replaced parameter, a re-weight, an alpha edit, the
   base weight edited, a dtype cast, a deleted adapter), and is never used where autograd records;
 * on a pipeline: the UNet's output equals the uncached merged call's, layers loaded later keep weights too, fusing
-  and turning the cache off free them, ``torch.compile`` never reads or writes them.
+  and turning the cache off free them; a model compiled by hand never reads or writes them, while a compiled
+  wrapper that ``cache_merged_weights`` hooked runs its graph on them, re-merged in place after each change.
 """
 
 from __future__ import annotations
@@ -270,33 +271,6 @@ def test_pipeline_keeps_merged_weights_until_fused_or_turned_off(tmp_path):
     assert _kept(pipe) == 0 and not any(layer.merge_cache for layer in layers)
 
 
-def _compiled_out(pipe) -> torch.Tensor:
-    """The UNet's output compiled whole (aot_eager, fullgraph: a graph break fails)."""
-    dynamo = pytest.importorskip("torch._dynamo")
-    dynamo.reset()
-    try:
-        compiled = torch.compile(pipe.unet, backend="aot_eager", fullgraph=True)
-        with torch.no_grad():
-            return compiled(*_inputs()).sample
-    finally:
-        dynamo.reset()
-
-
-def test_compiled_model_neither_reads_nor_writes_kept_weights(tmp_path):
-    pipe = compile_pipeline()
-    write_lora_file(tmp_path / "a.safetensors", random_lora(pipe, seed=0), dtype=torch.float32)
-    load_lora(pipe, tmp_path / "a.safetensors")
-    cache_merged_weights(pipe.unet)
-    assert all(layer.merge_cache for _, layer in lora_layers(pipe.unet))
-    assert not any(layer.merge_cache for _, layer in lora_layers(pipe.text_encoder))
-    eager = _unet_out(pipe)
-    cache_merged_weights(pipe.unet, enabled=False)
-    cache_merged_weights(pipe.unet)
-    out = _compiled_out(pipe)
-    assert _kept(pipe) == 0
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-
-
 def test_dropout_set_after_the_kept_weight_is_followed():
     layer, x = _layer("linear", 1)
     layer.merge_cache = True
@@ -309,17 +283,85 @@ def test_dropout_set_after_the_kept_weight_is_followed():
     assert not torch.allclose(dropped, kept)
 
 
-def test_compiling_beside_kept_weights_traces_the_compiled_forward(tmp_path):
-    """Kept weights from eager calls do not enter a graph: it traces whole (fullgraph), computes the same, and
-    leaves the kept weights as they were for the next eager call."""
+def test_compiled_graphs_read_kept_weights_only_through_a_hooked_wrapper(tmp_path):
+    """A UNet compiled by hand (fullgraph) neither reads nor writes the kept weights of eager calls: it computes the
+    same from the factors and leaves them as they were. ``cache_merged_weights`` on a pipeline holding a compiled
+    wrapper hooks it: its graph runs the base ops on each layer's ``lora_kept`` (the eager kept weight's bits, one
+    tensor with it), which the hook re-merges in place before a call after a change (a re-weight or a factor's
+    step: no recompile); the wrapper compiled by hand still never reads them, even while they are stale."""
+    from torch._dynamo.utils import counters
+
+    import lora_diffusion.layers as layers_module
+
+    dynamo = pytest.importorskip("torch._dynamo")
+    dynamo.reset()
     pipe = compile_pipeline()
-    write_lora_file(tmp_path / "a.safetensors", random_lora(pipe, seed=0), dtype=torch.float32)
-    load_lora(pipe, tmp_path / "a.safetensors")
-    cache_merged_weights(pipe.unet)
-    eager = _unet_out(pipe)
-    kept = {path: layer._merged for path, layer in lora_layers(pipe.unet)}
-    assert all(w is not None for w in kept.values())
-    out = _compiled_out(pipe)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    assert all(layer._merged is kept[path] for path, layer in lora_layers(pipe.unet))
-    assert torch.equal(_unet_out(pipe), eager)
+    for i in range(2):
+        write_lora_file(tmp_path / f"a{i}.safetensors", random_lora(pipe, seed=i, alpha=3 + i), dtype=torch.float32)
+        load_lora(pipe, tmp_path / f"a{i}.safetensors")
+    set_adapters(pipe, {"a0": 0.7, "a1": -0.5})
+    unet = pipe.unet
+    cache_merged_weights(unet)
+    layers = [layer for _, layer in lora_layers(unet)]
+    assert all(layer.merge_cache for layer in layers)
+    assert not any(layer.merge_cache for _, layer in lora_layers(pipe.text_encoder))
+    eager = _unet_out(pipe)  # the eager kept weights
+    kept = [layer._merged for layer in layers]
+    assert all(w is not None for w in kept)
+    by_hand = torch.compile(unet, backend="aot_eager", fullgraph=True)  # (fullgraph: a graph break fails)
+    try:
+        with torch.no_grad():
+            hand = by_hand(*_inputs()).sample
+        torch.testing.assert_close(hand, eager, rtol=1e-5, atol=1e-5)
+        assert all(layer._merged is w for layer, w in zip(layers, kept)) and torch.equal(_unet_out(pipe), eager)
+        cache_merged_weights(unet, enabled=False)
+        cache_merged_weights(unet)
+        with torch.no_grad():
+            torch.testing.assert_close(by_hand(*_inputs()).sample, eager, rtol=1e-5, atol=1e-5)
+        assert _kept(pipe) == 0  # nor made any
+        eager = _unet_out(pipe)
+
+        compiled = pipe.unet = torch.compile(unet, backend="aot_eager", fullgraph=True)
+        cache_merged_weights(pipe)
+        assert torch.equal(_unet_out(pipe), eager)  # aot_eager: the eager kept path's ops on the same tensors
+        assert all(layer._merged is layer.lora_kept for layer in layers)  # one copy, shared with eager calls
+        assert not layers_module._KEPT_IN_GRAPH
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.no_grad():  # the graph reads the buffers: spoiled ones show in its output
+            layers[0].lora_kept.zero_()
+        assert not torch.allclose(_unet_out(pipe), eager)
+        set_adapters(pipe, {"a0": 0.3, "a1": 0.9})  # the hook re-merges: no recompile, the eager output
+        reweighted = _unet_out(pipe)
+        assert not torch.allclose(reweighted, eager)
+        pipe.unet = unet
+        assert torch.equal(_unet_out(pipe), reweighted)
+        with torch.no_grad():  # an optimizer-like step on a factor: followed too
+            layers[-1].lora_B["a1"].add_(0.05)
+        pipe.unet = compiled
+        stepped = _unet_out(pipe)
+        pipe.unet = unet
+        assert not torch.equal(stepped, reweighted) and torch.equal(_unet_out(pipe), stepped)
+        assert counters["stats"]["unique_graphs"] == graphs
+        # the wrapper compiled by hand, called while every kept buffer is stale: its own graph, from the factors
+        stale = layers[0].lora_kept.clone()
+        set_adapters(pipe, {"a0": -0.4, "a1": 0.2})
+        with torch.no_grad():
+            hand = by_hand(*_inputs()).sample
+        assert torch.equal(layers[0].lora_kept, stale)  # (not re-merged by that call: stale while it ran)
+        pipe.unet = compiled
+        now = _unet_out(pipe)
+        torch.testing.assert_close(hand, now, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(now, stepped)
+        with pytest.raises(Exception, match="bind arguments"):  # a call that raises (after the hook ran) leaves the flag down
+            compiled(torch.zeros(1, 4, 16, 16))
+        assert not layers_module._KEPT_IN_GRAPH
+        fuse(pipe)  # fused, the kept buffers are freed (a graph of the fused model reads its base weights)
+        assert not any("lora_kept" in layer._buffers for layer in layers)
+        unfuse(pipe)
+        assert torch.equal(_unet_out(pipe), now) and all("lora_kept" in layer._buffers for layer in layers)
+        cache_merged_weights(pipe, enabled=False)  # unhooked, freed: the graph from the factors again
+        assert not compiled._forward_pre_hooks and not any("lora_kept" in layer._buffers for layer in layers)
+        torch.testing.assert_close(_unet_out(pipe), now, rtol=1e-5, atol=1e-5)
+        assert _kept(pipe) == 0
+    finally:
+        dynamo.reset()
