@@ -37,6 +37,9 @@ Prints one JSON line per figure (stdout); progress goes to stderr; a section tha
 * ``infer_unfused_compiled`` / ``infer_fused_compiled`` (``--compile-infer``, opt-in): the same CFG call with
   the UNet under ``torch.compile`` (default: the ``cudagraphs`` backend), ours with 1 / 4 / 8 adapters and 4
   fused against the base UNet compiled alike; each line also says whether a re-weight recompiled (it must not).
+  ``infer_unfused_kept_compiled`` (``--compile-infer-kept N...``): the same with the kept merged weights
+  (``cache_merged_weights`` on the compiled wrapper: its graph runs the base ops on them, a hook re-merges changed
+  layers before a call), wall clock (paired rounds), GPU time and kernels, a re-weight and the call after it.
 
     python bench/gpu.py                     # the full run, < 5 minutes on one H100
     python bench/gpu.py --compile           # plus the compiled training step (adds the compile time)
@@ -64,7 +67,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (CLIP_L, SD15_UNET, TINY_CLIP, TINY_UNET, Context, compare, compare_paired, cpu_name, emit,  # noqa: E402
                      kohya_fp8, log, median_ms, once_s, quiet)
-from cpu import bench_cached, bench_layer, load_both, make_adapter_files, make_pipe, peft_add, reweighters, set_both  # noqa: E402
+from cpu import bench_cached, bench_layer, kept_mb, load_both, make_adapter_files, make_pipe, peft_add, reweighters, set_both  # noqa: E402
 
 import lora_diffusion as ld  # noqa: E402
 from lora_diffusion import layers  # noqa: E402
@@ -755,7 +758,7 @@ def python_profile(title: str, fn, calls: int, sync) -> None:
     print(f"=== {title}: Python functions ({calls} calls) ===\n{out.getvalue()}", file=sys.stderr, flush=True)
 
 
-def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: list[int]) -> None:
+def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: list[int], kept_counts: list[int]) -> None:
     """One CFG UNet call under torch.compile: ours with 1 / 4 / 8 adapters unfused and 4 fused, each against the
     base UNet compiled the same way (the launch overhead gone from both, what is left is the LoRA kernels), and a
     re-weight of the compiled model, which must not recompile.
@@ -798,6 +801,9 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
              compile_s=compile_s, reweight_ms=round(reweight_ms, 3), recompiled_on_reweight=recompiled,
              max_abs_diff_after_reweight=diff_after, cudagraph_skips=_cudagraph_skips(), graph_breaks=_graph_breaks(), **extra)
 
+    if kept_counts:
+        bench_kept_compiled(s, pipe, names, compiled(pipe.unet), call, call_b, eager_o, kept_counts, extra)
+
     log(f"inference compiled ({mode}), 4 adapters fused: compiles")
     ld.set_adapters(pipe, {n: 0.8 for n in names[:4]})
     ld.fuse(pipe)
@@ -805,6 +811,40 @@ def bench_inference_compiled(s: Setup, files: list[Path], mode: str, counts: lis
     ours, base_ms = compare(call_o, call_b, s.iters, s.warmup, s.sync)
     emit(s.ctx, "infer_fused_compiled", "4 adapters", ours, base_ms, "base_compiled", max_abs_diff=diff,
          compile_s=compile_s, cudagraph_skips=_cudagraph_skips(), graph_breaks=_graph_breaks(), **extra)
+
+
+def bench_kept_compiled(s: Setup, pipe, names: list[str], wrapper, call, call_b, eager_o, counts: list[int],
+                        extra: dict) -> None:
+    """The compiled CFG call on kept merged weights: ``cache_merged_weights`` hooks ``wrapper`` (a second compiled
+    wrapper of the pipeline's UNet: a graph of its own, traced with the kept buffers in it) and its graph runs the
+    base model's ops on them; against the base compiled alike (``call_b``), by paired rounds (the hook's host work
+    is in the wall clock: in a sampling loop it overlaps the previous call's kernels), and in GPU time."""
+    from torch._dynamo.utils import counters
+
+    ld.cache_merged_weights(wrapper)
+    call_k = call(wrapper)
+    try:
+        for k in counts:
+            log(f"inference compiled, kept merged weights, {k} adapters: compiles")
+            ld.set_adapters(pipe, {n: 0.8 for n in names[:k]})
+            compile_s = round(once_s(call_k, s.sync), 1)
+            diff = (call_k() - eager_o()).abs().max().item()
+            ours, base_ms, paired = compare_paired(call_k, call_b, 3 * s.iters, s.warmup, s.sync)
+            gpu_ms, kernels = kernel_time(s, call_k)
+            base_gpu_ms, base_kernels = kernel_time(s, call_b)
+            graphs = counters["stats"]["unique_graphs"]
+            weights = {n: 0.8 - 0.1 * i for i, n in enumerate(names[:k])}
+            reweight_ms = once_s(lambda: ld.set_adapters(pipe, weights), s.sync) * 1e3
+            call_after_ms = once_s(call_k, s.sync) * 1e3  # (the hook re-merges every changed layer first)
+            diff_after = (call_k() - eager_o()).abs().max().item()
+            emit(s.ctx, "infer_unfused_kept_compiled", f"{k} adapters", ours, base_ms, "base_compiled",
+                 max_abs_diff=diff, compile_s=compile_s, gpu_ms=gpu_ms, base_gpu_ms=base_gpu_ms, kernels=kernels,
+                 base_kernels=base_kernels, kept_mb=round(kept_mb(pipe.unet), 1), reweight_ms=round(reweight_ms, 3),
+                 call_after_reweight_ms=round(call_after_ms, 3), recompiled_on_reweight=counters["stats"]["unique_graphs"] != graphs,
+                 max_abs_diff_after_reweight=diff_after, cudagraph_skips=_cudagraph_skips(), graph_breaks=_graph_breaks(),
+                 **paired, **extra)
+    finally:
+        ld.cache_merged_weights(wrapper, enabled=False)
 
 
 def _graph_breaks() -> int:
@@ -854,6 +894,9 @@ def main(argv: list[str] | None = None) -> None:
                              "reduce-overhead, inductor + CUDA graphs; compiles 5 times)")
     parser.add_argument("--compile-infer-counts", type=int, nargs="+", default=[1, 4, 8], choices=range(1, 9),
                         metavar="N", help="numbers of unfused adapters for --compile-infer (each compiles once)")
+    parser.add_argument("--compile-infer-kept", type=int, nargs="*", default=[], choices=range(1, 9), metavar="N",
+                        help="with --compile-infer: also these numbers of adapters on kept merged weights "
+                             "(cache_merged_weights on the compiled UNet; each compiles once)")
     parser.add_argument("--compiled-steps", nargs="+", default=["ours", "ours-dense"], choices=["ours", "ours-dense", "ours-lowrank", "ours-merged"],
                         help="our steps compiled beside the compiled floor (--floor-variants compile, --profile-compile): "
                              "ours = the default backward (low-rank when compiled), or that backward mode")
@@ -901,7 +944,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.fp8:
                 guarded("infer_fp8", bench_fp8_infer, s, files)
             if args.compile_infer:
-                guarded("infer_compiled", bench_inference_compiled, s, files, args.compile_infer, args.compile_infer_counts)
+                guarded("infer_compiled", bench_inference_compiled, s, files, args.compile_infer, args.compile_infer_counts,
+                        args.compile_infer_kept)
     log("done")
 
 

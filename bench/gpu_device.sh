@@ -52,6 +52,10 @@
 # Part 15 (~1.5 min): --fp8_base's step and kohya's fp8 step against the bf16 model's, batch 1 and 8, without and
 #         with gradient checkpointing: time and peak memory (the fp8 base's memory claim in docs/TRAINING.md); the CFG
 #         call on fp8 weights (layerwise casting, A1111's FP8 weight) with 0 / 1 / 4 adapters, ours and PEFT's.
+# Part 16 (~5 min): the compiled-unfused target (4 adapters <= 1.10x the base compiled alike; part 4 measured 1.339x
+#         under reduce-overhead, tenth session): the base compiled, 4 unfused adapters compiled as in part 4, then the
+#         same 4 on kept merged weights (cache_merged_weights on a second compiled wrapper: its graph runs the base
+#         ops on them; new in the twenty-seventh session), then 4 fused; wall (paired rounds), GPU time, kernels.
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -118,8 +122,10 @@ elif [ "$part" = 14 ]; then
     run gpu_infer "${PART_SECONDS:-170}" --skip train
 elif [ "$part" = 15 ]; then
     run gpu_train_fp8 "${PART_SECONDS:-150}" --skip train infer --fp8 --batches 1 8
+elif [ "$part" = 16 ]; then
+    run gpu_infer_kept_compiled_ro "${PART_SECONDS:-420}" --skip train infer --compile-infer reduce-overhead --compile-infer-counts 4 --compile-infer-kept 4
 else
-    echo "no part $part: 1-15" >&2
+    echo "no part $part: 1-16" >&2
     exit 2
 fi
 grep -h '"error"' "$out"/*.jsonl || true

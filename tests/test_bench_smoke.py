@@ -23,7 +23,7 @@ CPU_ARGS = ("bench/cpu.py", "--quick", "--threads", "1")
 GPU_ARGS = ("bench/gpu.py", "--tiny", "--iters", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
             "--compile", "default", "--compile-floor", "--compile-backend", "aot_eager", "--floor-variants", "channels_last", "compile",
             "--compiled-steps", "ours",
-            "--compile-infer", "--compile-infer-counts", "4", "--profile", "1", "--profile-infer", "--fp8")  # each count is a compile: ~10 s here
+            "--compile-infer", "--compile-infer-counts", "4", "--compile-infer-kept", "4", "--profile", "1", "--profile-infer", "--fp8")  # each count is a compile: ~10 s here
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_gpu_bench_tiny_on_cpu(runs):
     assert {"train_floor", "train_step", "train_peak_mem", "infer_unfused", "infer_fused", "fuse", "reweight_fused",
             "train_step_compiled", "infer_unfused_compiled", "infer_fused_compiled", "profile", "infer_host",
             "infer_fused_gpu_time", "infer_unfused_cached", "reweight_call_cached", "train_step_paired",
-            "layer_overhead", "train_fp8", "infer_fp8"} <= benches  # (layer_overhead: --profile-infer measures the per-layer host cost too)
+            "layer_overhead", "train_fp8", "infer_fp8", "infer_unfused_kept_compiled"} <= benches  # (layer_overhead: --profile-infer measures the per-layer host cost too)
     cases = {line["case"] for line in lines}
     # (--compiled-steps ours: the default compiled step, whose graphs --compile then reuses; the dense backward
     # compiled is left to test_training and test_dense_backward, a third compile here, ~25 s)
@@ -106,6 +106,8 @@ def test_gpu_bench_tiny_on_cpu(runs):
             assert line["max_abs_diff"] == 0.0 and not line.get("recompiled_on_reweight"), line
             assert line["graph_breaks"] == 0, line
             assert line.get("max_abs_diff_after_reweight", 0.0) == 0.0, line
+        if line["bench"] == "infer_unfused_kept_compiled":  # the graph on the kept weights, re-merged after the re-weight
+            assert line["kept_mb"] > 0 and line["call_after_reweight_ms"] > 0, line
     fp8 = {line["case"]: line for line in lines if line["bench"] == "train_fp8"}  # (tiny: an fp32 model)
     for variant in ("fp8 base", "fp8, kohya's base", "gradient checkpointing, fp8 base"):
         assert fp8[f"rank 4 attn, batch 1, {variant}"]["weights_mb"] < fp8["rank 4 attn, batch 1, bf16 base"]["weights_mb"] / 2
