@@ -898,8 +898,9 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["cudagraphs", "reduce-overhead", "default", "max-autotune"],
                         help="also time the CFG call compiled, ours vs the base compiled alike (default mode: "
                              "reduce-overhead, inductor + CUDA graphs; compiles 5 times)")
-    parser.add_argument("--compile-infer-counts", type=int, nargs="+", default=[1, 4, 8], choices=range(1, 9),
-                        metavar="N", help="numbers of unfused adapters for --compile-infer (each compiles once)")
+    parser.add_argument("--compile-infer-counts", type=int, nargs="*", default=[1, 4, 8], choices=range(1, 9),
+                        metavar="N", help="numbers of unfused adapters for --compile-infer (each compiles once; none: "
+                                          "only the base, --compile-infer-kept and 4 fused)")
     parser.add_argument("--compile-infer-kept", type=int, nargs="*", default=[], choices=range(1, 9), metavar="N",
                         help="with --compile-infer: also these numbers of adapters on kept merged weights "
                              "(cache_merged_weights on the compiled UNet; each compiles once)")

@@ -52,10 +52,11 @@
 # Part 15 (~1.5 min): --fp8_base's step and kohya's fp8 step against the bf16 model's, batch 1 and 8, without and
 #         with gradient checkpointing: time and peak memory (the fp8 base's memory claim in docs/TRAINING.md); the CFG
 #         call on fp8 weights (layerwise casting, A1111's FP8 weight) with 0 / 1 / 4 adapters, ours and PEFT's.
-# Part 16 (~5 min): the compiled-unfused target (4 adapters <= 1.10x the base compiled alike; part 4 measured 1.339x
-#         under reduce-overhead, tenth session): the base compiled, 4 unfused adapters compiled as in part 4, then the
-#         same 4 on kept merged weights (cache_merged_weights on a second compiled wrapper: its graph runs the base
-#         ops on them; new in the twenty-seventh session), then 4 fused; wall (paired rounds), GPU time, kernels.
+# Part 16 (~3.5 min): the compiled-unfused target (4 adapters <= 1.10x the base compiled alike; part 4 measured
+#         1.339x under reduce-overhead, tenth session): the base compiled, then 4 adapters on kept merged weights
+#         (cache_merged_weights on a compiled wrapper: its graph runs the base ops on them; new in the twenty-seventh
+#         session), then 4 fused; wall (paired rounds, and ten calls back to back), GPU time, kernels. PART16_COUNTS="4"
+#         adds part 4's 4 unfused adapters formed in the graph, in the same process (+~2 min).
 # A 15-minute device session fits two or three parts when each call follows the last at once (the machine stays
 # warm 30 s); PART_SECONDS caps the (single) run of parts 4 and 5 to what the session has left.
 # Smoke-test it on a CPU machine: GPU_BENCH_ARGS="--tiny --iters 1 --warmup 0 --compile-backend aot_eager" OUT=/tmp/g bash bench/gpu_device.sh 1
@@ -123,7 +124,8 @@ elif [ "$part" = 14 ]; then
 elif [ "$part" = 15 ]; then
     run gpu_train_fp8 "${PART_SECONDS:-150}" --skip train infer --fp8 --batches 1 8
 elif [ "$part" = 16 ]; then
-    run gpu_infer_kept_compiled_ro "${PART_SECONDS:-420}" --skip train infer --compile-infer reduce-overhead --compile-infer-counts 4 --compile-infer-kept 4
+    # shellcheck disable=SC2086  # PART16_COUNTS: unfused counts formed in the graph, e.g. "4"
+    run gpu_infer_kept_compiled_ro "${PART_SECONDS:-330}" --skip train infer --compile-infer reduce-overhead --compile-infer-counts ${PART16_COUNTS:-} --compile-infer-kept 4
 else
     echo "no part $part: 1-16" >&2
     exit 2
