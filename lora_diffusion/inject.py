@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
-from .layers import BACKWARD_MODES, LoraConv2d, LoraDropout, LoraLayer, LoraLinear
+from .layers import BACKWARD_MODES, LoraConv2d, LoraDropout, LoraLayer, LoraLinear, bump_generation
 from .params import PARAMS_ATTR
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def wrap_layer(model: nn.Module, name: str) -> LoraLayer:
     wrapper.merge_cache = model.__dict__.get(MERGE_CACHE_ATTR, False)
     parent, child = _get_parent(model, name)
     setattr(parent, child, wrapper)
+    bump_generation()
     return wrapper
 
 
@@ -182,6 +183,7 @@ def unwrap_layer(model: nn.Module, name: str) -> None:
     """Put the base layer back at module path ``name`` in place of its LoRA wrapper (the same tensors)."""
     parent, child = _get_parent(model, name)
     setattr(parent, child, parent.get_submodule(child).base_layer)
+    bump_generation()
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -226,6 +228,7 @@ def detach(model: nn.Module) -> None:
         setattr(parent, child, layer.base_layer)
         detached[name] = layer
     object.__setattr__(model, DETACHED_ATTR, detached)
+    bump_generation()
 
 
 def attach(model: nn.Module) -> None:
@@ -236,6 +239,7 @@ def attach(model: nn.Module) -> None:
         setattr(parent, child, layer)
         layer.follow_base()
     object.__setattr__(model, DETACHED_ATTR, {})
+    bump_generation()
 
 
 def inject_lora(

@@ -296,6 +296,8 @@ def test_compiled_graphs_read_kept_weights_only_through_a_hooked_wrapper(tmp_pat
     dynamo = pytest.importorskip("torch._dynamo")
     dynamo.reset()
     pipe = compile_pipeline()
+    with torch.no_grad():
+        plain = pipe.unet(*_inputs()).sample
     for i in range(2):
         write_lora_file(tmp_path / f"a{i}.safetensors", random_lora(pipe, seed=i, alpha=3 + i), dtype=torch.float32)
         load_lora(pipe, tmp_path / f"a{i}.safetensors")
@@ -314,11 +316,13 @@ def test_compiled_graphs_read_kept_weights_only_through_a_hooked_wrapper(tmp_pat
             hand = by_hand(*_inputs()).sample
         torch.testing.assert_close(hand, eager, rtol=1e-5, atol=1e-5)
         assert all(layer._merged is w for layer, w in zip(layers, kept)) and torch.equal(_unet_out(pipe), eager)
+        graphs = counters["stats"]["unique_graphs"]
         cache_merged_weights(unet, enabled=False)
         cache_merged_weights(unet)
         with torch.no_grad():
             torch.testing.assert_close(by_hand(*_inputs()).sample, eager, rtol=1e-5, atol=1e-5)
         assert _kept(pipe) == 0  # nor made any
+        assert counters["stats"]["unique_graphs"] == graphs  # (nor guarded on them: their going cost no recompile)
         eager = _unet_out(pipe)
 
         compiled = pipe.unet = torch.compile(unet, backend="aot_eager", fullgraph=True)
@@ -330,6 +334,8 @@ def test_compiled_graphs_read_kept_weights_only_through_a_hooked_wrapper(tmp_pat
         with torch.no_grad():  # the graph reads the buffers: spoiled ones show in its output
             layers[0].lora_kept.zero_()
         assert not torch.allclose(_unet_out(pipe), eager)
+        set_adapters(pipe, {"a0": 0.0, "a1": 0.0})  # every weight 0: the base weights, copied before each call
+        torch.testing.assert_close(_unet_out(pipe), plain, rtol=1e-5, atol=1e-5)
         set_adapters(pipe, {"a0": 0.3, "a1": 0.9})  # the hook re-merges: no recompile, the eager output
         reweighted = _unet_out(pipe)
         assert not torch.allclose(reweighted, eager)
@@ -342,6 +348,15 @@ def test_compiled_graphs_read_kept_weights_only_through_a_hooked_wrapper(tmp_pat
         pipe.unet = unet
         assert not torch.equal(stepped, reweighted) and torch.equal(_unet_out(pipe), stepped)
         assert counters["stats"]["unique_graphs"] == graphs
+        # a base weight and a factor replaced by new tensors, not edited in place: followed too
+        replaced = stepped
+        for replace in (lambda: layers[2].lora_A.__setitem__("a0", nn.Parameter(layers[2].lora_A["a0"].detach() * -2.0)),
+                        lambda: setattr(layers[1].base_layer, "weight", nn.Parameter(layers[1].base_layer.weight.detach() * 1.5))):
+            replace()
+            pipe.unet, before = compiled, replaced
+            replaced = _unet_out(pipe)
+            pipe.unet = unet
+            assert not torch.allclose(replaced, before) and torch.equal(_unet_out(pipe), replaced)
         # the wrapper compiled by hand, called while every kept buffer is stale: its own graph, from the factors
         stale = layers[0].lora_kept.clone()
         set_adapters(pipe, {"a0": -0.4, "a1": 0.2})
@@ -351,7 +366,7 @@ def test_compiled_graphs_read_kept_weights_only_through_a_hooked_wrapper(tmp_pat
         pipe.unet = compiled
         now = _unet_out(pipe)
         torch.testing.assert_close(hand, now, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(now, stepped)
+        assert not torch.allclose(now, replaced)
         with pytest.raises(Exception, match="bind arguments"):  # a call that raises (after the hook ran) leaves the flag down
             compiled(torch.zeros(1, 4, 16, 16))
         assert not layers_module._KEPT_IN_GRAPH
