@@ -837,6 +837,12 @@ def bench_kept_compiled(s: Setup, pipe, names: list[str], wrapper, call, call_b,
                                      s.iters, 1, s.sync)
             gpu_ms, kernels = kernel_time(s, call_k)
             base_gpu_ms, base_kernels = kernel_time(s, call_b)
+            before, after = (next(iter(hooks.values())) for hooks in (wrapper._forward_pre_hooks, wrapper._forward_hooks))
+            hook_s = time.perf_counter()
+            for _ in range(100):  # the hook's host work between changes (the bulk check), per call
+                before(wrapper, ())
+                after(wrapper, (), None)
+            hook_us = (time.perf_counter() - hook_s) * 1e4
             graphs = counters["stats"]["unique_graphs"]
             weights = {n: 0.8 - 0.1 * i for i, n in enumerate(names[:k])}
             reweight_ms = once_s(lambda: ld.set_adapters(pipe, weights), s.sync) * 1e3
@@ -844,7 +850,7 @@ def bench_kept_compiled(s: Setup, pipe, names: list[str], wrapper, call, call_b,
             diff_after = (call_k() - eager_o()).abs().max().item()
             emit(s.ctx, "infer_unfused_kept_compiled", f"{k} adapters", ours, base_ms, "base_compiled",
                  max_abs_diff=diff, compile_s=compile_s, gpu_ms=gpu_ms, base_gpu_ms=base_gpu_ms, kernels=kernels,
-                 base_kernels=base_kernels, kept_mb=round(kept_mb(pipe.unet), 1), reweight_ms=round(reweight_ms, 3),
+                 base_kernels=base_kernels, kept_mb=round(kept_mb(pipe.unet), 1), hook_us=round(hook_us, 1), reweight_ms=round(reweight_ms, 3),
                  call_after_reweight_ms=round(call_after_ms, 3), loop_ms=round(loop_k / 10, 3), base_loop_ms=round(loop_b / 10, 3),
                  loop_ratio=round(loop_k / loop_b, 4), recompiled_on_reweight=counters["stats"]["unique_graphs"] != graphs,
                  max_abs_diff_after_reweight=diff_after, cudagraph_skips=_cudagraph_skips(), graph_breaks=_graph_breaks(),

@@ -107,7 +107,7 @@ def test_gpu_bench_tiny_on_cpu(runs):
             assert line["graph_breaks"] == 0, line
             assert line.get("max_abs_diff_after_reweight", 0.0) == 0.0, line
         if line["bench"] == "infer_unfused_kept_compiled":  # the graph on the kept weights, re-merged after the re-weight
-            assert line["kept_mb"] > 0 and line["call_after_reweight_ms"] > 0 and line["loop_ratio"] > 0, line
+            assert line["kept_mb"] > 0 and line["call_after_reweight_ms"] > 0 and line["loop_ratio"] > 0 and line["hook_us"] > 0, line
     fp8 = {line["case"]: line for line in lines if line["bench"] == "train_fp8"}  # (tiny: an fp32 model)
     for variant in ("fp8 base", "fp8, kohya's base", "gradient checkpointing, fp8 base"):
         assert fp8[f"rank 4 attn, batch 1, {variant}"]["weights_mb"] < fp8["rank 4 attn, batch 1, bf16 base"]["weights_mb"] / 2
