@@ -435,7 +435,8 @@ class LoraLayer(nn.Module):
                         "_cache_key", "_cache", "merge_cache", "_merged_key", "_merged", "_kept_check", "_fuse_key", "_fuse_cache", "_compiled_names", "_merge_min", "_escaped",
                         "_dora"})
     # the plain state a kept merged weight (or whether a graph reads it) depends on: setting one moves _GENERATION
-    _KEPT_INPUTS = frozenset({"specs", "weights", "active", "disabled", "fused", "merge_cache", "_escaped", "_dora"})
+    _KEPT_INPUTS = frozenset({"specs", "weights", "active", "disabled", "fused", "merge_cache", "_escaped", "_dora",
+                              "_compiled_names"})
 
     def __setattr__(self, name: str, value) -> None:
         if name in LoraLayer._PLAIN:
@@ -1005,14 +1006,14 @@ class LoraLayer(nn.Module):
         Returns ``None`` where the graph does not read the buffer, ``True`` where it is kept current with what
         ``_kept_check`` records (``kept_snapshot`` checks that in bulk), ``False`` where nothing records it (factors
         made under inference mode, every weight 0): to be merged again before each call."""
-        names = self._compiled_names
-        if self.disabled or not self.merge_cache or self._merge_min is None or not names or not self._dora.isdisjoint(names):
+        names, weight = self._compiled_names, self._modules["base_layer"]._parameters["weight"]
+        if self.disabled or not self.merge_cache or self._merge_min is None or not names or not self._dora.isdisjoint(names) \
+                or (weight.dtype in FLOAT8 and _autocast_dtype(weight) is None):  # (fp8 outside autocast: beside the base)
             return None
         kept, fast = self._buffers.get("lora_kept"), self._kept_check
         if kept is not None and fast is not None and fast[0] is self._merged_key and self._merged is kept and self._kept_valid(fast):
             return True
         live = self._live()
-        weight = self._modules["base_layer"]._parameters["weight"]
         with torch.no_grad():
             merged = self._kept_merged(live, self._factors(live)) if live else weight
             if merged is not kept:
@@ -1152,16 +1153,25 @@ def kept_snapshot(layers: list[LoraLayer]) -> tuple:
     statuses = [layer.refresh_kept() for layer in layers]
     tensors = [t for layer, status in zip(layers, statuses) if status for t in layer._kept_check[3]]
     weights = [layer._modules["base_layer"]._parameters["weight"] for layer in layers]
-    return (_GENERATION, layers, weights, tensors, [*map(_VERSION, tensors)], [*map(_DATA_PTR, tensors)],
-            [layer for layer, status in zip(layers, statuses) if status is False])
+    return (_GENERATION, _autocast_state(), layers, weights, tensors, [*map(_VERSION, tensors)],
+            [*map(_DATA_PTR, tensors)], [layer for layer, status in zip(layers, statuses) if status is False])
+
+
+def _autocast_state() -> tuple:
+    """Autocast's state for CUDA and the CPU: an fp8-stored layer's kept weight exists only under autocast."""
+    try:
+        return tuple(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) for d in ("cuda", "cpu"))
+    except (TypeError, AttributeError):  # torch < 2.4: no per-device query
+        return (torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype(),
+                torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype())
 
 
 def kept_holds(snapshot: tuple) -> bool:
     """Whether every kept buffer of ``kept_snapshot``'s layers is as current as it was then: nothing moved
     ``_GENERATION``, the base weights are the same objects, and the tracked tensors kept their versions and storage
     (a few C-level passes over all layers: ~1 us a layer, against ~10 for ``refresh_kept`` one by one)."""
-    generation, layers, weights, tensors, versions, ptrs, _ = snapshot
-    return generation == _GENERATION \
+    generation, autocast, layers, weights, tensors, versions, ptrs, _ = snapshot
+    return generation == _GENERATION and autocast == _autocast_state() \
         and all(map(operator.is_, [layer._modules["base_layer"]._parameters["weight"] for layer in layers], weights)) \
         and [*map(_VERSION, tensors)] == versions and [*map(_DATA_PTR, tensors)] == ptrs
 

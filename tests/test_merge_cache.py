@@ -380,3 +380,35 @@ def test_compiled_graphs_read_kept_weights_only_through_a_hooked_wrapper(tmp_pat
         assert _kept(pipe) == 0
     finally:
         dynamo.reset()
+
+
+def test_a_hooked_wrapper_keeps_an_fp8_layers_weight_only_under_autocast():
+    """An fp8-stored layer takes its kept weight under autocast only (outside it the adapters run beside the base),
+    so the hook's bulk check holds only while autocast is as it was: under autocast, a re-weight made between
+    calls without it is followed."""
+    from lora_diffusion.fp8 import store_fp8
+
+    dynamo = pytest.importorskip("torch._dynamo")
+    dynamo.reset()
+    layer, x = _layer("linear", 2)
+    model = nn.Sequential(layer).eval()
+    store_fp8([("unet", model)], torch.bfloat16)
+    reference = copy.deepcopy(model)  # eager, no kept weights
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    cache_merged_weights(compiled)
+
+    def agrees(autocast: bool) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, expect = compiled(x), reference(x)
+        torch.testing.assert_close(out, expect, rtol=1e-2, atol=1e-2)
+        return out
+
+    try:
+        first = agrees(True)
+        assert layer.lora_kept.dtype == torch.bfloat16
+        for m in (model, reference):
+            m[0].set_weights({"a0": -0.9, "a1": 1.3})
+        agrees(False)
+        assert not torch.allclose(agrees(True), first, rtol=1e-2, atol=1e-2)
+    finally:
+        dynamo.reset()
