@@ -995,7 +995,7 @@ class LoraLayer(nn.Module):
         return all(map(operator.is_, current, tensors)) and [*map(_VERSION, tensors)] == versions \
             and [*map(_DATA_PTR, tensors)] == ptrs
 
-    def refresh_kept(self) -> None:
+    def refresh_kept(self) -> bool | None:
         """Bring ``lora_kept`` up to date: the merged weight of the live adapters (``_kept_merged``, the bits of the
         eager kept weight; the base weight itself when every weight is 0), written in place so that a CUDA graph
         that read it reads the new values. Run eagerly, before each call of a compiled wrapper that
