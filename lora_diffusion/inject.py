@@ -88,11 +88,16 @@ def pattern_value(patterns: Mapping[str, float] | None, path: str, default, *, t
     return default
 
 
+def is_compiled(model) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # nothing is compiled unless dynamo is loaded
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module behind ``torch.compile(model)`` (a pipeline may hold the compiled wrapper): LoRA works on the
     original module, so paths and file keys carry no ``_orig_mod.`` and the compiled wrapper sees every change."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # nothing is compiled unless dynamo is loaded
-    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+    while is_compiled(model):
         model = model._orig_mod
     return model
 

@@ -1105,7 +1105,7 @@ class LoraLayer(nn.Module):
         already (a re-weight of a fused model, every layer: ~1.5 us each)."""
         self.fused = dict(weights)
         if weights:  # (a compiled graph of a fused model reads the fused base weight: the kept buffer goes)
-            self._buffers.pop("lora_kept", None)
+            self.drop_kept()
         self._changed(sync=bool(self._compiled_names) or len(self.fused) != len(self.active))
 
     def restore_fused(self, previous: dict[str, float]) -> None:

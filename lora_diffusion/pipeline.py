@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from .blend import block_factor, check_blocks, finite_number
 from .dora import as_dense
 from .formats_lycoris import dense_lora
 from .params import ParamDelta, param_deltas
-from .inject import DETACHED_ATTR, MERGE_CACHE_ATTR, attach, detach, lora_layers, unwrap, unwrap_layer, wrap_layer
+from .inject import DETACHED_ATTR, MERGE_CACHE_ATTR, attach, detach, is_compiled, lora_layers, unwrap, unwrap_layer, wrap_layer
 from .layers import LoraLayer, all_finite, compute_dtype, floats_on_devices, fuse_many
 
 logger = logging.getLogger(__name__)
@@ -863,11 +862,8 @@ _KEPT_HOOKS_ATTR = "_lora_kept_hooks"  # on a compiled wrapper: the handles of `
 
 def _compiled_wrappers(pipe) -> list[nn.Module]:
     """The ``torch.compile`` wrappers that ``pipe`` is or holds as its models."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # nothing is compiled unless dynamo is loaded
-    if eval_frame is None:
-        return []
     held = [pipe] if isinstance(pipe, nn.Module) else [getattr(pipe, name, None) for name in COMPONENTS]
-    return [model for model in held if isinstance(model, eval_frame.OptimizedModule)]
+    return [model for model in held if is_compiled(model)]
 
 
 def _hook_kept(wrapper: nn.Module, enabled: bool) -> None:
