@@ -34,7 +34,7 @@ from .prompts import EMPHASIS_MODES, emphasis_mode, prompt_chunks, prompt_schedu
 
 __all__ = ["SAMPLERS", "SCHEDULE_TYPES", "set_sampler", "txt2img", "Generated", "infotext", "parse_infotext",
            "png_infotext", "infotext_settings", "a1111_params", "conds_padded", "lora_tag", "lora_hash", "model_hash",
-           "HIRES_UPSCALERS", "hires_fix", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked", "unread_settings", "flatten_start", "mask_levels",
+           "HIRES_UPSCALERS", "hires_fix", "hires_pass_params", "hires_scheduler", "hires_size", "image_to_image", "inpaint", "inpaint_mask", "fill_masked", "unread_settings", "flatten_start", "mask_levels",
            "overlay_mask", "MASKED_CONTENT", "variation_noise", "variation_params", "slerp", "second_pass_params", "MAX_MASK_BLUR", "MAX_MASKED_PADDING",
            "NOISE_SCHEDULES", "zero_terminal_snr", "with_noise_schedule"]
 
@@ -378,11 +378,8 @@ def txt2img(
         sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
     own_scheduler = pipe.scheduler  # (put back after the images: the noise schedule is theirs alone)
     scheduler = with_noise_schedule(own_scheduler, noise_schedule)
-    second_scheduler = None
-    if (hires_sampler or hires_schedule_type) and hires_scale > 1:  # (A1111's "use same": the first pass's)
-        second_scheduler, hires_sampler, hires_schedule_type = scheduler_for(
-            own_scheduler, hires_sampler or sampler_name(own_scheduler), hires_schedule_type or schedule_name(own_scheduler))
-        second_scheduler = with_noise_schedule(second_scheduler, noise_schedule)
+    second_scheduler, hires_sampler, hires_schedule_type = hires_scheduler(
+        own_scheduler, hires_sampler, hires_schedule_type, noise_schedule) if hires_scale > 1 else (None, None, None)
     scale = getattr(pipe, "vae_scale_factor", 8)
     if init_image is not None:
         width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
@@ -448,14 +445,9 @@ def txt2img(
                                     hires_cfg_scale=hires_cfg_scale,
                                     mask_blur=mask_blur if mask_image is not None else None, only_masked_padding=padding,
                                     masked_content=masked_content, inpaint_not_masked=inpaint_not_masked)
-    if hires:  # (A1111's: each where it differs from the first pass's)
-        anchor = "Hires CFG Scale" if "Hires CFG Scale" in params else "Hires resize" if hires_resize else "Hires upscale"
-        params = _insert_before(params, anchor, {
-            "Hires sampler": hires_sampler if second_scheduler is not None and hires_sampler != params["Sampler"] else None,
-            "Hires prompt": hires_prompt if hires_prompt and hires_prompt != prompt else None,
-            "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
-            "Hires schedule type": hires_schedule_type if second_scheduler is not None and
-            hires_schedule_type != params["Schedule type"] else None})
+    if hires:
+        params = hires_pass_params(params, prompt, negative_prompt, hires_prompt, hires_negative_prompt, hires_sampler,
+                                   hires_schedule_type)
     if embeddings:  # A1111's "TI hashes"
         params = _insert_before(params, "Version", {"TI hashes": ", ".join(f"{name}: {model_hash(path)[:12]}"
                                                                           for name, path in embeddings.items())})
@@ -595,6 +587,34 @@ def variation_params(params: dict, subseed: int, strength: float, resize_from: t
     new = {"Variation seed": subseed if strength > 0 else None, "Variation seed strength": strength or None,
            "Seed resize from": "{}x{}".format(*resize_from) if resize_from else None}
     return _insert_before(params, "Clip skip", new) if any(v is not None for v in new.values()) else params
+
+
+def hires_scheduler(first, sampler: str | None, schedule_type: str | None,
+                    noise_schedule: str = "Default") -> tuple[object | None, str | None, str | None]:
+    """A Hires. fix's second-pass scheduler (A1111's Hires sampler and Hires schedule type; ``None``: "Use same", the
+    first pass's scheduler ``first``) on ``noise_schedule``, and the names the infotext gives; ``(None, None, None)``
+    where both are the first pass's."""
+    if not (sampler or schedule_type):
+        return None, None, None
+    scheduler, sampler, schedule_type = scheduler_for(first, sampler or sampler_name(first),
+                                                      schedule_type or schedule_name(first))
+    return with_noise_schedule(scheduler, noise_schedule), sampler, schedule_type
+
+
+def hires_pass_params(params: dict, prompt: str, negative_prompt: str, hires_prompt: str = "",
+                      hires_negative_prompt: str = "", hires_sampler: str | None = None,
+                      hires_schedule_type: str | None = None) -> dict:
+    """``params`` (with a Hires. fix's, ``second_pass_params``) with A1111's ``Hires sampler``, ``Hires prompt``,
+    ``Hires negative prompt`` and ``Hires schedule type``, each where it differs from the first pass's ("": the
+    first pass's prompt; ``None``: its sampler, schedule type), where A1111 puts them."""
+    anchor = next(key for key in ("Hires CFG Scale", "Hires resize", "Hires upscale") if key in params)
+    hires_negative = hires_negative_prompt or negative_prompt
+    return _insert_before(params, anchor, {
+        "Hires sampler": hires_sampler if hires_sampler and hires_sampler != params["Sampler"] else None,
+        "Hires prompt": hires_prompt if hires_prompt and hires_prompt != prompt else None,
+        "Hires negative prompt": hires_negative if hires_negative != negative_prompt else None,
+        "Hires schedule type": hires_schedule_type if hires_schedule_type and
+        hires_schedule_type != params["Schedule type"] else None})
 
 
 def second_pass_params(params: dict, denoising_strength: float, hires_scale: float | None = None,

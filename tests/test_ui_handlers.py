@@ -69,6 +69,19 @@ def gen(backend, prompt="a red circle", **kw):
     return backend.generate(GenerateRequest(prompt, **kw))
 
 
+def made_again_from_png(backend, model_dir, result, out) -> Path:
+    """The saved PNG of a tab's ``result``: ``lora-diffusion generate --from-png`` on it makes the same image."""
+    from PIL import Image
+
+    from lora_diffusion.cli import main
+
+    saved = backend.save_image(result)
+    assert main(["generate", str(model_dir), "--from-png", saved, "--lora-dir", str(backend.library.root),
+                 "-o", str(out)]) == 0
+    assert np.array_equal(pixels(Image.open(out)), pixels(result.image))
+    return saved
+
+
 # ---------------------------------------------------------------------------------------------- import hygiene
 def test_importing_the_ui_loads_no_gradio_and_no_model():
     code = (
@@ -316,9 +329,6 @@ def test_saved_images_carry_a1111_infotext_that_makes_them_again(backend, model_
 def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(backend, model_dir, tmp_path):
     """The Generate tab's Hires. fix is ``txt2img``'s: the saved PNG's infotext, run by ``lora-diffusion generate
     --from-png``, makes the same image; the tab's own PNG Info takes every setting back."""
-    from PIL import Image
-
-    from lora_diffusion.cli import main
     from ui.handlers import png_info
 
     kw = dict(loras={"style": (0.6, None)}, seed=4, hires_scale=1.5, hires_steps=2, hires_upscaler="Latent (bicubic)",
@@ -332,11 +342,7 @@ def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(ba
     assert np.array_equal(pixels(same_cfg.image), pixels(gen(backend, "a (red:1.2) circle", **dict(kw, hires_cfg_scale=0, guidance=7.0)).image))
     plain = gen(backend, "a (red:1.2) circle", **dict(kw, hires_scale=1))
     assert plain.image.size == (SIZE, SIZE) and "Hires" not in plain.infotext and "Denoising" not in plain.infotext
-    saved = backend.save_image(result)
-    again = tmp_path / "again.png"
-    assert main(["generate", str(model_dir), "--from-png", saved, "--lora-dir", str(backend.library.root),
-                 "-o", str(again)]) == 0
-    assert np.array_equal(pixels(Image.open(again)), pixels(result.image))
+    saved = made_again_from_png(backend, model_dir, result, tmp_path / "again.png")
     fields, note = png_info(saved)
     assert note == "" and (fields["hires_scale"], fields["hires_steps"], fields["hires_upscaler"],
                            fields["denoising_strength"], fields["hires_cfg_scale"], fields["noise_schedule"]) == \
@@ -348,6 +354,43 @@ def test_hires_fix_in_the_tab_is_the_command_lines_and_its_png_makes_it_again(ba
                        ({"width": 2048, "height": 2048}, "upscaled 1.5x is 3072x3072, past 2048")):
         with pytest.raises(UIError, match=match):
             gen(backend, **{**kw, **bad})
+
+
+def test_hires_sampler_and_prompts_in_the_tab_are_the_command_lines_and_its_png_makes_them_again(backend, model_dir, tmp_path):
+    """A1111's Hires sampler, schedule type, prompt and negative prompt: the second pass's, each in the infotext
+    where it differs from the first pass's; ``--from-png`` makes the same image and PNG Info takes them back."""
+    from ui.handlers import png_info
+
+    kw = dict(loras={"style": (0.6, None)}, seed=4, hires_scale=1.5, hires_steps=4, denoising_strength=0.55,
+              noise_schedule="Zero Terminal SNR", negative_prompt="dark")  # (2 hires steps: 1 would end any schedule alike)
+    plain = gen(backend, "a red circle", **kw)
+    hires = dict(hires_sampler="DPM++ 2M", hires_schedule_type="Exponential", hires_prompt="a (blue:1.2) square",
+                 hires_negative_prompt="blurry")
+    result = gen(backend, "a red circle", **kw, **hires)
+    assert 'Hires sampler: DPM++ 2M, Hires prompt: "a (blue:1.2) square", Hires negative prompt: blurry, Hires schedule ' \
+           'type: Exponential, Hires upscale: 1.5' in result.infotext and "hires sampler DPM++ 2M Exponential, hires prompt" in result.caption
+    assert result.settings["hires"]["prompt"] == "a (blue:1.2) square" and result.settings["hires"]["sampler"] == "DPM++ 2M"
+    sampler_only = gen(backend, "a red circle", **kw, hires_sampler="DPM++ 2M")  # (its Automatic schedule: Karras)
+    for one, before in (("hires_sampler", plain), ("hires_schedule_type", sampler_only), ("hires_prompt", plain),
+                        ("hires_negative_prompt", plain)):  # each reaches the second pass
+        changed = sampler_only if one == "hires_sampler" else gen(backend, "a red circle", **kw, **{
+            one: hires[one], **({"hires_sampler": "DPM++ 2M"} if one == "hires_schedule_type" else {})})
+        assert not np.array_equal(pixels(changed.image), pixels(before.image)), one
+    saved = made_again_from_png(backend, model_dir, result, tmp_path / "again.png")
+    fields, note = png_info(saved)
+    assert note == "" and {k: fields[k] for k in hires} == hires
+    # the first pass's, as A1111's "Use same" and an empty hires prompt: nothing in the infotext, the same image
+    same = gen(backend, "a red circle", **kw, hires_prompt="a red circle", hires_negative_prompt="dark")
+    assert "Hires prompt" not in same.infotext and "Hires negative" not in same.infotext
+    assert np.array_equal(pixels(same.image), pixels(plain.image))
+    fields, note = png_info(backend.save_image(plain))
+    assert note == "" and (fields["hires_sampler"], fields["hires_schedule_type"], fields["hires_prompt"]) == (None, None, "")
+    for bad, match in (({"hires_sampler": "Heun++"}, "Heun\\+\\+"), ({"hires_schedule_type": "Cubic"}, "unknown schedule type 'Cubic'"),
+                       ({"hires_schedule_type": "Karras"}, "'DDIM' \\(DDIMScheduler\\) has no Karras schedule"),  # ("Use same": DDIM)
+                       ({"hires_prompt": "a square <lora:ink:1>"}, "LoRA tags in the hires prompt must be the prompt's"),
+                       ({"hires_negative_prompt": "<lora:ink:1>"}, "not the hires negative prompt")):
+        with pytest.raises(UIError, match=match):
+            gen(backend, "a red circle", **kw, **bad)
 
 
 def test_img2img_in_the_tab_is_the_command_lines_and_its_snippet_makes_it_in_stock_diffusers(backend, model_dir, tmp_path):
@@ -591,7 +634,15 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
                {"loras": {"style": (0.8, None)}, "hires_scale": 1.5, "hires_steps": 2, "denoising_strength": 0.6,
                 "hires_cfg_scale": 3.0},
                {"prompt": "a [red:blue:2] (circle:1.2)", "loras": {"ink": (0.7, 0.4)}, "clip_skip": 2, "sampler": "Euler a",
-                "hires_scale": 2, "hires_upscaler": "Lanczos", "denoising_strength": 0.5}):
+                "hires_scale": 2, "hires_upscaler": "Lanczos", "denoising_strength": 0.5},
+               # A1111's Hires sampler and prompts: plain prompts, then CLIP skip's embeddings, then A1111's syntax
+               {"loras": {"style": (0.8, None)}, "hires_scale": 1.5, "hires_steps": 6, "denoising_strength": 0.6,
+                "hires_sampler": "Euler a", "hires_prompt": "a blue square", "hires_negative_prompt": "blurry",
+                "noise_schedule": "Zero Terminal SNR"},
+               {"loras": {"style": (0.8, None)}, "clip_skip": 2, "negative_prompt": "dark", "hires_scale": 1.5,
+                "denoising_strength": 0.6, "hires_prompt": "a blue square"},
+               {"prompt": "a [red:blue:2] circle", "loras": {"ink": (0.7, None)}, "sampler": "DPM++ 2M", "hires_scale": 1.5,
+                "hires_steps": 6, "denoising_strength": 0.6, "hires_schedule_type": "Exponential", "hires_prompt": "a (square:1.3)"}):
         result = gen(backend, **kw)
         assert "load_lora_weights" in result.snippet and "set_adapters" in result.snippet
         scope: dict = {}

@@ -76,6 +76,7 @@ def _rows(table) -> list[list]:
 
 
 MODEL_SAMPLER = "the model's own"  # the sampler choice that keeps the model's scheduler
+SAME = "Use same"  # A1111's hires sampler / schedule type choice: the first pass's
 NO_AXIS = "Nothing"  # an X/Y plot axis left out (A1111's name)
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")  # A1111's Mask mode (the second: the mask inverted)
 
@@ -135,6 +136,12 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         with gr.Row():
                             hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
                             hr_cfg = gr.Slider(0, 30, value=0, step=0.5, label="Hires CFG Scale (0: as Guidance)")
+                        with gr.Row():
+                            hr_sampler = gr.Dropdown([SAME, *SAMPLERS], value=SAME, label="Hires sampling method")
+                            hr_schedule = gr.Dropdown([SAME, *SCHEDULE_TYPES], value=SAME, label="Hires schedule type")
+                        with gr.Row():
+                            hr_prompt = gr.Textbox(label="Hires prompt (empty: the prompt)", lines=1, elem_id="hr-prompt")
+                            hr_negative = gr.Textbox(label="Hires negative prompt (empty: the negative prompt)", lines=1)
                     with gr.Accordion("img2img: start from an image", open=False):
                         with gr.Row():
                             init_image = gr.Image(type="filepath", label="Init image (resized to Width x Height; 0: its own size)",
@@ -299,14 +306,15 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
             # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes, the
-            # inpaint mask and its settings, the Z axis, the variation seed, the hires CFG scale and the noise schedule come after the slots, in the order they were added: API
+            # inpaint mask and its settings, the Z axis, the variation seed, the hires CFG scale, the noise schedule and the
+            # hires sampler, schedule type and prompts come after the slots, in the order they were added: API
             # callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
-                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0, 0.0, "Default")
+                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0, 0.0, "Default", SAME, SAME, "", "")
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
                 y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values, sub, sub_strength, hr_guidance, \
-                noise = (*extra, *defaults[len(extra):])[:25]
+                noise, hr_sampler, hr_schedule, hr_prompt, hr_negative = (*extra, *defaults[len(extra):])[:29]
             if (mode or MASK_MODES[0]) not in MASK_MODES:
                 raise UIError(f"unknown mask mode {mode!r}; choose from {', '.join(MASK_MODES)}")
             count = _whole(count, "the batch count", 1)
@@ -333,7 +341,10 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 subseed=_whole(sub, "the variation seed", 0),
                                 subseed_strength=0.0 if sub_strength is None else _number(sub_strength, "the variation strength"),
                                 hires_cfg_scale=0.0 if hr_guidance is None else _number(hr_guidance, "the hires CFG scale"),
-                                noise_schedule=noise or "Default")
+                                noise_schedule=noise or "Default",
+                                hires_sampler=None if hr_sampler in (None, SAME) else hr_sampler,
+                                hires_schedule_type=None if hr_schedule in (None, SAME) else hr_schedule,
+                                hires_prompt=hr_prompt or "", hires_negative_prompt=hr_negative or "")
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
             if any(axes):  # A1111's X/Y/Z plot: the grid first, then its cells
@@ -363,7 +374,9 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                      "y_type": NO_AXIS, "y_values": None, "mask_image": None, "mask_blur": None,
                                      "inpaint_only_masked": None, "masked_padding": None, "masked_content": None,
                                      "mask_mode": None, "z_type": NO_AXIS, "z_values": None, "subseed": None,
-                                     "subseed_strength": None, "hires_cfg_scale": None, "noise_schedule": None})
+                                     "subseed_strength": None, "hires_cfg_scale": None, "noise_schedule": None,
+                                     "hires_sampler": None, "hires_schedule_type": None, "hires_prompt": None,
+                                     "hires_negative_prompt": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -448,7 +461,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 15 + [""] + [gr.update()] * 15
+                return [gr.update()] * 15 + [""] + [gr.update()] * 19
             fields, note = png_info(_file_path(file))
             inpainting = fields["inpaint"]  # (an image that was not inpainted leaves those settings as they are)
             plot, axes = fields["plot"] or {}, []  # an X/Y/Z grid's axes (any other image's: Nothing, one image)
@@ -461,7 +474,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                     *([inpainting["mask_blur"], inpainting["inpaint_only_masked"], inpainting["masked_padding"],
                        inpainting["masked_content"], MASK_MODES[inpainting["inpaint_not_masked"]]] if inpainting else
                       [gr.update()] * 5), *axes, fields["subseed"], fields["subseed_strength"], fields["hires_cfg_scale"],
-                    fields["noise_schedule"]]
+                    fields["noise_schedule"], fields["hires_sampler"] or SAME, fields["hires_schedule_type"] or SAME,
+                    fields["hires_prompt"], fields["hires_negative_prompt"]]
 
         @_user_errors
         def on_upload(file, name):
@@ -483,7 +497,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
              x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-             z_type, z_values, subseed, subseed_strength, hr_cfg, noise_schedule],
+             z_type, z_values, subseed, subseed_strength, hr_cfg, noise_schedule, hr_sampler, hr_schedule, hr_prompt, hr_negative],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
@@ -507,7 +521,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                              schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note,
                                              mask_blur, only_masked, masked_padding, masked_content, mask_mode,
                                              x_type, x_values, y_type, y_values, z_type, z_values, subseed, subseed_strength, hr_cfg,
-                                             noise_schedule],
+                                             noise_schedule, hr_sampler, hr_schedule, hr_prompt, hr_negative],
                         api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")

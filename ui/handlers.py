@@ -38,10 +38,11 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import finite_number as _finite_number, lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS, a1111_params,
+from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS,
+                                     SCHEDULE_TYPES, a1111_params,
                                      conds_padded, denoising_steps, flatten_start, hires_fix, hires_size, image_to_image, infotext,
                                      infotext_settings, inpaint, lora_hash, lora_tag, mask_levels, model_hash, png_infotext,
-                                     second_pass_params, set_sampler, split_sampler, unread_settings, variation_noise,
+                                     hires_pass_params, hires_scheduler, second_pass_params, set_sampler, split_sampler, unread_settings, variation_noise,
                                      variation_params, with_noise_schedule)
 from lora_diffusion.prompts import check_clip_skip, prompt_chunks, prompt_kwargs, prompt_schedule, scheduled_prompt_kwargs
 from lora_diffusion.tools import convert_lora
@@ -223,6 +224,12 @@ class GenerateRequest:
     hires_steps: int = 0
     hires_upscaler: str = "Latent"
     hires_cfg_scale: float = 0.0  # the second pass's guidance (Forge's Hires CFG Scale); 0: ``guidance``
+    # its sampler and schedule type (A1111's Hires sampler, Hires schedule type; None: "Use same", the first pass's) and
+    # prompts (A1111's Hires prompt, Hires negative prompt; "": the first pass's; LoRA tags, if any, the prompt's)
+    hires_sampler: str | None = None
+    hires_schedule_type: str | None = None
+    hires_prompt: str = ""
+    hires_negative_prompt: str = ""
     noise_schedule: str = "Default"  # A1111's noise schedule for sampling (``lora_diffusion.generate.NOISE_SCHEDULES``)
     denoising_strength: float = 0.7  # of a Hires. fix's second pass, or of img2img
     # img2img (``lora_diffusion.generate.image_to_image``): the image file to start from, resized to width x height
@@ -252,6 +259,13 @@ class GenerateResult:
     snippet: str
     settings: dict
     infotext: str = ""  # A1111's "parameters" text (the blend as <lora:...> tags; block presets are not in it)
+
+
+def _config_changes(scheduler, base) -> tuple[str, dict]:
+    """``scheduler``'s class and the settings in which it differs from its class made on ``base``'s config (the
+    snippet's ``from_config``)."""
+    baseline = type(scheduler).from_config(base.config).config
+    return type(scheduler).__name__, {k: v for k, v in scheduler.config.items() if not k.startswith("_") and baseline.get(k) != v}
 
 
 def _py(value: Any) -> str:
@@ -285,6 +299,8 @@ def diffusers_snippet(
     hires_guidance: float | None = None,
     noise_schedule: str = "Default",
     fp8_weight: bool = False,
+    hires_prompts: tuple[str, str] | None = None,
+    second_scheduler: tuple[str, dict] | None = None,
 ) -> str:
     """Stock-diffusers code (``load_lora_weights`` / ``set_adapters``) that reproduces one generation (``sdxl``:
     the model has a second text encoder, which takes the text-encoder weights too; a single-file ``model`` loads
@@ -292,7 +308,8 @@ def diffusers_snippet(
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
     ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules
-    at ``hires_guidance`` (``None``: ``guidance``); ``noise_schedule``: A1111's, "Zero Terminal SNR" as
+    at ``hires_guidance`` (``None``: ``guidance``), with ``hires_prompts`` ``(prompt, negative prompt)`` (``None``: the first
+    pass's) and ``second_scheduler`` (as ``scheduler``, on the first pass's; ``None``: that one); ``noise_schedule``: A1111's, "Zero Terminal SNR" as
     ``lora_diffusion.generate.zero_terminal_snr``;
     ``init_image``: img2img from ``(image file, denoising strength)``, that pipeline too, or with ``mask`` ``(mask
     file, blur, only-masked padding or None, masked content, inpaint not masked)`` the inpaint pipeline, pasted back
@@ -327,21 +344,29 @@ def diffusers_snippet(
         lines += [f"from diffusers import {name}",
                   f"pipe.scheduler = {name}.from_config(pipe.scheduler.config" +
                   "".join(f", {k}={v!r}" for k, v in changes.items()) + ")"]
+    if hires and second_scheduler is not None:  # (A1111's Hires sampler: the img2img pass's, on the first pass's config)
+        name, changes = second_scheduler
+        lines += [f"from diffusers import {name}",
+                  f"hires_scheduler = {name}.from_config(pipe.scheduler.config" +
+                  "".join(f", {k}={v!r}" for k, v in changes.items()) + ")"]
     if noise_schedule != "Default":
         lines += ["from lora_diffusion.generate import zero_terminal_snr  # A1111's Noise Schedule: " + noise_schedule,
                   "pipe.scheduler = zero_terminal_snr(pipe.scheduler)"]
+        if hires and second_scheduler is not None:
+            lines.append("hires_scheduler = zero_terminal_snr(hires_scheduler)")
+    hires_prompt, hires_negative = hires_prompts if hires and hires_prompts else (prompt, negative_prompt)
     args = [_py(prompt)]
     if negative_prompt:
         args.append(f"negative_prompt={_py(negative_prompt)}")
-    second = list(args)
+    second = [_py(hires_prompt)] + ([f"negative_prompt={_py(hires_negative)}"] if hires_negative else [])
     if a1111_prompt:  # (emphasis, long prompts, prompt editing: ours; the pipeline's own for plain prompts)
         negative = _py(negative_prompt) if negative_prompt else "None"
         lines += ["from lora_diffusion.prompts import scheduled_prompt_kwargs",
                   f"texts = scheduled_prompt_kwargs(pipe, {_py(prompt)}, {negative}, {steps}, clip_skip={clip_skip})"]
         args, second = ["**texts"], ["**texts"]
         if hires:  # (the second pass schedules prompt editing on from the first, as A1111)
-            lines.append(f"texts_hires = scheduled_prompt_kwargs(pipe, {_py(prompt)}, {negative}, {hires[1]}, "
-                         f"clip_skip={clip_skip}, base_steps={steps})")
+            lines.append(f"texts_hires = scheduled_prompt_kwargs(pipe, {_py(hires_prompt)}, "
+                         f"{_py(hires_negative) if hires_negative else 'None'}, {hires[1]}, clip_skip={clip_skip}, base_steps={steps})")
             second = ["**texts_hires"]
     elif clip_skip > 1:  # the embeddings from that layer, the negative prompt's too, as A1111 takes them
         lines += [
@@ -356,6 +381,9 @@ def diffusers_snippet(
         ]
         args = ["prompt_embeds=prompt_embeds", "negative_prompt_embeds=negative_embeds"]
         second = list(args)
+        if (hires_prompt, hires_negative) != (prompt, negative_prompt):
+            lines.append(f"    hires_embeds, hires_negative_embeds = embed({_py(hires_prompt)}), embed({_py(hires_negative)})")
+            second = ["prompt_embeds=hires_embeds", "negative_prompt_embeds=hires_negative_embeds"]
     if init_image and mask:
         path, strength = init_image
         mask_file, mask_blur, padding, content, invert = mask
@@ -406,7 +434,8 @@ def diffusers_snippet(
         lines += [*noise, "image = pipe(" + ", ".join([*args, "generator=generator"]) + ").images[0]"]
         return "\n".join(lines) + "\n"
     second_guidance = guidance if hires_guidance is None else hires_guidance
-    return "\n".join(lines + noise + _hires_lines(args, second, second_guidance, width, height, hires, sdxl)) + "\n"
+    return "\n".join(lines + noise + _hires_lines(args, second, second_guidance, width, height, hires, sdxl,
+                                                  second_scheduler is not None)) + "\n"
 
 
 def _diffusers_blend(lora_paths: dict[str, str], loras: dict[str, tuple[float, float]], blocks: dict | None,
@@ -449,9 +478,10 @@ def _lora_diffusion_blend(lora_paths: dict[str, str], loras: dict[str, tuple[flo
 
 
 def _hires_lines(args: list[str], second: list[str], guidance: float, width: int, height: int,
-                 hires: tuple[float, int, str, float], sdxl: bool) -> list[str]:
+                 hires: tuple[float, int, str, float], sdxl: bool, own_scheduler: bool = False) -> list[str]:
     """The snippet's Hires. fix: the first pass, upscaled as ``lora_diffusion.generate.hires_fix`` upscales it, then
-    diffusers' img2img pipeline on the same modules, one generator (made before) through both passes."""
+    diffusers' img2img pipeline on the same modules (``own_scheduler``: with the snippet's ``hires_scheduler``), one
+    generator (made before) through both passes."""
     scale, hires_steps, upscaler, strength = hires
     big = hires_size(width, height, scale)
     mode = HIRES_UPSCALERS[upscaler]
@@ -468,7 +498,7 @@ def _hires_lines(args: list[str], second: list[str], guidance: float, width: int
     else:
         resample = "LANCZOS" if mode == "lanczos" else "NEAREST"
         lines += ["from PIL import Image", f"start = first[0].resize(({big[0]}, {big[1]}), Image.Resampling.{resample})"]
-    return lines + _img2img_lines(sdxl) + [
+    return lines + _img2img_lines(sdxl) + (["img2img.scheduler = hires_scheduler"] if own_scheduler else []) + [
         "image = img2img(" + ", ".join([*second, "image=start", f"strength={strength!r}", f"num_inference_steps={hires_steps}",
                                        f"guidance_scale={guidance!r}", "generator=generator"]) + ").images[0]"]
 
@@ -518,7 +548,9 @@ def load_pipeline(model: str | None, device: str | None = None, model_config: st
 def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     """The Generate tab's settings from an image's A1111 infotext (A1111's "PNG Info", a Civitai image), and a note of
     what the tab cannot take: ``({prompt, negative_prompt, seed, steps, guidance, width, height, clip_skip, sampler,
-    schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength, inpaint}, note)``, where
+    schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength, hires_cfg_scale,
+    hires_sampler, hires_schedule_type (``None``: "Use same"), hires_prompt, hires_negative_prompt, noise_schedule,
+    inpaint}, note)``, where
     ``inpaint`` is an inpainting's ``{mask_blur, inpaint_only_masked, masked_padding, masked_content,
     inpaint_not_masked}`` (A1111's defaults where it names none) or ``None``, ``subseed`` and ``subseed_strength``
     (A1111's variation seed; 0 where it has none) and ``plot`` an X/Y/Z grid's ``{x_type,
@@ -536,6 +568,16 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     if sampler and sampler not in SAMPLERS:
         notes.append(f"its sampler {sampler!r} is not one of the UI's: the model's own is set")
         sampler = None
+    hires_sampler, hires_schedule = got.get("hires_sampler"), got.get("hires_schedule_type")  # (None: "Use same")
+    if hires_sampler:
+        hires_sampler, named = split_sampler(hires_sampler, hires_schedule or "Automatic")  # ("DPM++ 2M Karras")
+        hires_schedule = hires_schedule or (named if named != "Automatic" else None)
+        if hires_sampler not in SAMPLERS:
+            notes.append(f"its hires sampler {hires_sampler!r} is not one of the UI's: Use same is set")
+            hires_sampler = None
+    if hires_schedule and hires_schedule not in SCHEDULE_TYPES:
+        notes.append(f"its hires schedule type {hires_schedule!r} is not one of the UI's: Use same is set")
+        hires_schedule = None
     hires_scale, upscaler = got.get("hires_scale", 1.0), got.get("hires_upscaler", "Latent")
     if hires_scale <= 1 and "denoising_strength" in got and "hires_resize" not in got:
         notes.append("it was inpainted: put the image it started from and its mask under img2img to make it again "
@@ -561,11 +603,12 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "schedule_type": schedule if schedule else "Automatic", "emphasis": got.get("emphasis") != "None",
               "hires_scale": max(hires_scale, 1.0), "hires_steps": hires_steps, "hires_upscaler": upscaler,
               "denoising_strength": got.get("denoising_strength", 0.7), "hires_cfg_scale": got.get("hires_cfg_scale", 0.0),
-              "noise_schedule": got.get("noise_schedule", "Default"),
+              "noise_schedule": got.get("noise_schedule", "Default"), "hires_sampler": hires_sampler,
+              "hires_schedule_type": hires_schedule, "hires_prompt": got.get("hires_prompt", ""),
+              "hires_negative_prompt": got.get("hires_negative_prompt", ""),
               "inpaint": None, "plot": None,
               "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
-    for key, name in (("seed_resize_from", "Resize seed from"), ("hires_resize", "Hires resize"), ("hires_sampler", "Hires sampler"),
-                      ("hires_prompt", "Hires prompt"), ("hires_negative_prompt", "Hires negative prompt")):
+    for key, name in (("seed_resize_from", "Resize seed from"), ("hires_resize", "Hires resize")):
         if key in got:
             notes.append(f"its {name} is not in the tab: `lora-diffusion generate --from-png` makes it")
     if any(f"{a}_axis" in got for a in "xyz"):
@@ -979,6 +1022,7 @@ class Backend:
         clip_skip = int(finite_number(req.clip_skip, "CLIP skip"))
         hires = self._check_hires(req)
         hires_guidance = finite_number(req.hires_cfg_scale, "the hires CFG scale") or float(req.guidance)  # (0: the first pass's)
+        hires_prompt, hires_negative = self._hires_prompts(req, prompt, negative) if hires else (prompt, negative)
         init = self._init_image(req)
         mask = self._mask_image(req, init)
         padding = int(req.masked_padding) if mask is not None and req.inpaint_only_masked else None
@@ -1003,7 +1047,9 @@ class Backend:
             except ValueError as e:
                 raise UIError(str(e)) from None
             self._sync(list(loras))
-            scheduler = self._set_scheduler(pipe, req.sampler, req.schedule_type, req.noise_schedule)
+            scheduler, second = self._set_scheduler(pipe, req.sampler, req.schedule_type, req.noise_schedule,
+                                                    (req.hires_sampler, req.hires_schedule_type) if hires else (None, None))
+            second_scheduler, hires_sampler, hires_schedule, hires_scheduler_changes = second or (None,) * 4
             fused = bool(req.fuse and loras)
             fusing = False
             try:
@@ -1017,7 +1063,8 @@ class Backend:
             try:
                 generator = torch.Generator("cpu").manual_seed(int(req.seed))
                 try:  # (A1111's syntax refused, as A1111 refuses it: "(red:.)", a weight that is not a number)
-                    a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t, steps) for t in (prompt, negative))
+                    a1111_prompt = bool(req.emphasis) and not all(_plain(pipe, t, steps) for t in {prompt, negative, hires_prompt,
+                                                                                                  hires_negative})
                     texts = scheduled_prompt_kwargs(pipe, prompt, negative or None, steps, clip_skip=clip_skip) \
                         if a1111_prompt else prompt_kwargs(pipe, [prompt], clip_skip, [negative] if negative else None)
                 except ValueError as e:
@@ -1036,11 +1083,13 @@ class Backend:
                 elif hires:
                     scale, hires_steps, upscaler, strength = hires
                     # (the second pass schedules prompt editing on from the first, as A1111)
-                    second = scheduled_prompt_kwargs(pipe, prompt, negative or None, hires_steps, clip_skip=clip_skip,
-                                                     base_steps=steps) if a1111_prompt else texts
+                    second = scheduled_prompt_kwargs(pipe, hires_prompt, hires_negative or None, hires_steps,
+                                                     clip_skip=clip_skip, base_steps=steps) if a1111_prompt else \
+                        texts if (hires_prompt, hires_negative) == (prompt, negative) else \
+                        prompt_kwargs(pipe, [hires_prompt], clip_skip, [hires_negative] if hires_negative else None)
                     image = hires_fix(pipe, run, dict(second, guidance_scale=hires_guidance, generator=generator),
                                       steps=steps, width=width, height=height, scale=scale, hires_steps=hires_steps,
-                                      upscaler=upscaler, strength=strength)
+                                      upscaler=upscaler, strength=strength, scheduler=second_scheduler)
                 else:
                     image = pipe(**run, num_inference_steps=steps, height=height, width=width).images[0]
             finally:
@@ -1057,6 +1106,7 @@ class Backend:
         if hires:
             params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2],
                                         hires_cfg_scale=hires_guidance)
+            params = hires_pass_params(params, prompt, negative, hires_prompt, hires_negative, hires_sampler, hires_schedule)
         elif init is not None:
             params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None,
                                         only_masked_padding=padding, masked_content=req.masked_content,
@@ -1068,7 +1118,8 @@ class Backend:
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
                     "noise_schedule": req.noise_schedule,
                     "hires": {**dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)),
-                              "cfg_scale": hires_guidance} if hires else None,
+                              "cfg_scale": hires_guidance, "sampler": hires_sampler, "schedule_type": hires_schedule,
+                              "prompt": hires_prompt, "negative_prompt": hires_negative} if hires else None,
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
                     "mask_image": mask_copy, "mask_blur": int(req.mask_blur) if mask is not None else None,
                     "masked_padding": padding, "masked_content": req.masked_content if mask is not None else None,
@@ -1101,6 +1152,10 @@ class Backend:
             caption += ", hires {}x{} ({} {}x, {} steps, denoise {}{})".format(
                 *hires_size(width, height, hires[0]), hires[2], _fmt(hires[0]), hires[1], _fmt(hires[3]),
                 f", cfg {_fmt(hires_guidance)}" if "Hires CFG Scale" in params else "")
+            if hires_sampler:
+                caption += f", hires sampler {hires_sampler} {hires_schedule}"
+            if (hires_prompt, hires_negative) != (prompt, negative):
+                caption += ", hires prompt"
         snippet = diffusers_snippet(
             self.model, {n: str(self.library.path_for(n)) for n in loras}, loras, prompt=prompt,
             negative_prompt=negative, blocks=blocks, fused=fused, seed=int(req.seed), steps=steps,
@@ -1110,6 +1165,7 @@ class Backend:
             mask=(mask_copy, int(req.mask_blur), padding, req.masked_content, bool(req.inpaint_not_masked)) if mask_copy else None,
             variation=variation, hires_guidance=hires_guidance if hires else None,
             noise_schedule=req.noise_schedule, fp8_weight=self.fp8_weight,
+            hires_prompts=(hires_prompt, hires_negative) if hires else None, second_scheduler=hires_scheduler_changes,
         )
         tagged = " ".join([prompt] + [lora_tag(n, w, te, tag_blocks.get(n)) for n, (w, te) in loras.items()]).strip()
         return GenerateResult(image, prompt, loras, caption, snippet, settings, infotext(tagged, negative, params))
@@ -1148,6 +1204,20 @@ class Backend:
         if not 0 <= strength <= 1:
             raise UIError(f"the variation strength must be between 0 and 1, got {_fmt(strength)}")
         return (_seed(req.subseed), strength) if strength > 0 else None
+
+    @staticmethod
+    def _hires_prompts(req: GenerateRequest, prompt: str, negative: str) -> tuple[str, str]:
+        """A Hires. fix's prompt and negative prompt (A1111's Hires prompt: "" is the first pass's ``prompt`` /
+        ``negative``); LoRA tags in the hires prompt must be the prompt's, which weigh both passes."""
+        hires_prompt, hires_tags, hires_blocks = parse_lora_tags(req.hires_prompt or "")
+        hires_negative, negative_tags, _ = parse_lora_tags(req.hires_negative_prompt or "")
+        if negative_tags:
+            raise UIError("put <lora:...> tags in the prompt, not the hires negative prompt")
+        _, tags, blocks = parse_lora_tags(req.prompt)
+        if hires_tags and (hires_tags, hires_blocks) != (tags, blocks):
+            raise UIError("LoRA tags in the hires prompt must be the prompt's (A1111 would switch LoRAs between the "
+                          "passes; not done here): leave them out or repeat the prompt's")
+        return hires_prompt or prompt, hires_negative or negative
 
     @staticmethod
     def _check_hires(req: GenerateRequest) -> tuple[float, int, str, float] | None:
@@ -1231,11 +1301,13 @@ class Backend:
             self._out_dir = Path(tempfile.mkdtemp(prefix="lora_ui_images_"))
         return self._out_dir
 
-    def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str,
-                       noise_schedule: str = "Default") -> tuple[str, dict] | None:
+    def _set_scheduler(self, pipe, sampler: str | None, schedule_type: str, noise_schedule: str = "Default",
+                       hires: tuple[str | None, str | None] = (None, None)) -> tuple[tuple[str, dict] | None, tuple | None]:
         """The model's own scheduler, or (``sampler``) an A1111 sampler on its config, on A1111's ``noise_schedule``
         (``zero_terminal_snr``); returns the scheduler class and the settings that differ from the model's own, for
-        the snippet (``None``: the model's own)."""
+        the snippet (``None``: the model's own), and, for a Hires. fix's ``(sampler, schedule type)`` (A1111's Hires
+        sampler; ``None``: "Use same"), ``(scheduler, sampler, schedule type, (class, settings that differ from the
+        first pass's))`` (``lora_diffusion.generate.hires_scheduler``; ``None``: the first pass's scheduler)."""
         if self._own_scheduler is None:
             self._own_scheduler = pipe.scheduler
         pipe.scheduler = self._own_scheduler
@@ -1245,14 +1317,16 @@ class Backend:
                 set_sampler(pipe, sampler, schedule_type or "Automatic")
             except ValueError as e:
                 raise UIError(str(e)) from None
-            baseline = type(pipe.scheduler).from_config(self._own_scheduler.config).config  # the snippet's from_config
-            changes = type(pipe.scheduler).__name__, {
-                k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_") and baseline.get(k) != v}
+            changes = _config_changes(pipe.scheduler, self._own_scheduler)
         try:  # (the next request starts from the model's own)
+            second, hires_sampler, hires_schedule = hires_scheduler(pipe.scheduler, *hires)
+            if second is not None:  # (the snippet's from the first pass's, before the noise schedule)
+                second = (with_noise_schedule(second, noise_schedule), hires_sampler, hires_schedule,
+                          _config_changes(second, pipe.scheduler))
             pipe.scheduler = with_noise_schedule(pipe.scheduler, noise_schedule)
         except ValueError as e:
             raise UIError(str(e)) from None
-        return changes
+        return changes, second
 
     def _lora_hash(self, name: str) -> str:
         """A library LoRA's A1111 hash, kept while its file is unchanged."""
