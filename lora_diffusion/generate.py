@@ -378,8 +378,9 @@ def txt2img(
         sampler, schedule_type = set_sampler(pipe, sampler, schedule_type)
     own_scheduler = pipe.scheduler  # (put back after the images: the noise schedule is theirs alone)
     scheduler = with_noise_schedule(own_scheduler, noise_schedule)
+    hires = (hires_scale > 1 or hires_resize is not None) and init_image is None
     second_scheduler, hires_sampler, hires_schedule_type = hires_scheduler(
-        own_scheduler, hires_sampler, hires_schedule_type, noise_schedule) if hires_scale > 1 else (None, None, None)
+        own_scheduler, hires_sampler, hires_schedule_type, noise_schedule) if hires else (None, None, None)
     scale = getattr(pipe, "vae_scale_factor", 8)
     if init_image is not None:
         width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
@@ -409,7 +410,6 @@ def txt2img(
     padding = masked_padding if inpaint_only_masked and mask_image is not None else None
     if hires_resize is not None and (len(hires_resize) != 2 or min(hires_resize) < 0 or not any(hires_resize)):
         raise ValueError(f"hires resize must be a width and a height (either 0: by the other), got {hires_resize}")
-    hires = (hires_scale > 1 or hires_resize is not None) and init_image is None
     if hires and hires_upscaler not in HIRES_UPSCALERS:
         raise ValueError(f"unknown hires upscaler {hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
     if hires_steps < 0:

@@ -588,6 +588,13 @@ def test_hires_cfg_scale_guides_the_second_pass_as_forges(pipe, tmp_path):
     assert infotext_settings(low.infotext)["hires_cfg_scale"] == 2.0
     (again,) = txt2img(pipe, **infotext_settings(low.infotext))
     assert np.array_equal(np.asarray(again.image), np.asarray(low.image)) and again.infotext == low.infotext
+    # a Hires resize without an upscale factor is a Hires. fix too: its sampler is the second pass's (2 steps of 4: on
+    # 1, Euler a ends as Euler does)
+    (euler,) = txt2img(pipe, "a red cat", **dict(settings, hires_steps=4))
+    (euler_a,) = txt2img(pipe, "a red cat", hires_sampler="Euler a", **dict(settings, hires_steps=4))
+    assert "Hires sampler: Euler a" in euler_a.infotext and not np.array_equal(np.asarray(euler_a.image), np.asarray(euler.image))
+    (again,) = txt2img(pipe, **infotext_settings(euler_a.infotext))
+    assert np.array_equal(np.asarray(again.image), np.asarray(euler_a.image)) and again.infotext == euler_a.infotext
 
 
 def test_hires_resize_covers_the_size_and_cuts_its_middle_as_a1111(pipe, tmp_path):
