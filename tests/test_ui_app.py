@@ -84,8 +84,9 @@ def test_sampler_prompt_syntax_hires_and_img2img_come_after_the_slots(served, tm
     sampled, _, info, snippet = generate(client, backend, {}, prompt="a (red:1.5) circle", extra=(  # (the last inputs)
         "the model's own", "Automatic", True, 1.5, "Lanczos", 4, 0.6, None, 1, "Nothing", "", "Nothing", "", None, 4,
         False, 32, "original", "Inpaint masked", "Nothing", "", 0, 0.0, 2.5, "Zero Terminal SNR", "Euler a", "Use same",
-        "a blue square", ""))
+        "a blue square", "", 48, 40))
     assert "hires sampler Euler a Automatic, hires prompt" in info and "img2img.scheduler = hires_scheduler" in snippet
+    assert sampled.shape[:2] == (40, 48) and "hires 48x40 (Lanczos to 48x40, 4 steps" in info
     assert "texts_hires = scheduled_prompt_kwargs(pipe, \"a blue square\"" in snippet and not np.array_equal(sampled, guided)
     start = tmp_path / "start.png"
     Image.fromarray(own.astype(np.uint8)).save(start)
@@ -175,18 +176,18 @@ def test_png_info_fills_the_generate_inputs(served, tmp_path):
     assert out[14] == 0.6 and "it was inpainted" in out[15]
     assert list(out)[16:21] == [2, True, 16, "latent noise", "Inpaint not masked"]
     assert list(out)[21:27] == ["Nothing", "", "Nothing", "", "Nothing", ""]  # (not a grid: Generate makes one image)
-    assert list(out)[27:] == [0, 0.0, 0.0, "Default", "Use same", "Use same", "", ""]  # (none of the variation seed,
-    # Hires CFG Scale, Noise Schedule, Hires sampler, schedule type, prompt and negative prompt)
+    assert list(out)[27:] == [0, 0.0, 0.0, "Default", "Use same", "Use same", "", "", 0, 0]  # (none of the variation
+    # seed, Hires CFG Scale, Noise Schedule, Hires sampler, schedule type, prompt, negative prompt and resize)
     info = PngInfo()  # an X/Y/Z grid's axes go to the plot's inputs
     info.add_text("parameters", 'a fox\nSteps: 12, Seed: 42, Size: 40x48, Script: X/Y/Z plot, X Type: Seed, X Values: '
                                 '"1, -1", Fixed X Values: "1, 77", Z Type: Checkpoint name, Z Values: "a, b", '
                                 'Variation seed: 9, Variation seed strength: 0.25, Hires CFG Scale: 4, '
                                 'Noise Schedule: Zero Terminal SNR, Hires sampler: DPM++ 2M Karras, Hires prompt: "a cat, '
-                                'tall", Hires negative prompt: dark')
+                                'tall", Hires negative prompt: dark, Hires resize: 64x48')
     Image.new("RGB", (8, 8)).save(tmp_path / "c.png", pnginfo=info)
     out = client.predict(handle_file(str(tmp_path / "c.png")), api_name="/png_info")
     assert list(out)[21:] == ["Seed", "1, 77", "Nothing", "", "Nothing", "", 9, 0.25, 4.0, "Zero Terminal SNR", "DPM++ 2M",
-                              "Karras", "a cat, tall", "dark"]
+                              "Karras", "a cat, tall", "dark", 64, 48]
     assert "Z type 'Checkpoint name' is not one of the UI's: that axis is left out" in out[15]
 
 

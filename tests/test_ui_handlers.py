@@ -379,6 +379,12 @@ def test_hires_sampler_and_prompts_in_the_tab_are_the_command_lines_and_its_png_
     saved = made_again_from_png(backend, model_dir, result, tmp_path / "again.png")
     fields, note = png_info(saved)
     assert note == "" and {k: fields[k] for k in hires} == hires
+    resized = gen(backend, "a red circle", **dict(kw, hires_scale=1, hires_resize=(48, 40)), **hires)
+    assert resized.image.size == (48, 40) and "Hires resize: 48x40" in resized.infotext and "Hires upscale:" not in resized.infotext
+    fields, note = png_info(made_again_from_png(backend, model_dir, resized, tmp_path / "resized.png"))
+    assert note == "" and (fields["hires_resize"], fields["hires_scale"]) == ((48, 40), 1.0)
+    with pytest.raises(UIError, match="hires resize must be a width and a height from 0 \\(by the other\\) to 2048"):
+        gen(backend, "a red circle", **dict(kw, hires_resize=(4096, 0)))
     # the first pass's, as A1111's "Use same" and an empty hires prompt: nothing in the infotext, the same image
     same = gen(backend, "a red circle", **kw, hires_prompt="a red circle", hires_negative_prompt="dark")
     assert "Hires prompt" not in same.infotext and "Hires negative" not in same.infotext
@@ -642,7 +648,11 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
                {"loras": {"style": (0.8, None)}, "clip_skip": 2, "negative_prompt": "dark", "hires_scale": 1.5,
                 "denoising_strength": 0.6, "hires_prompt": "a blue square"},
                {"prompt": "a [red:blue:2] circle", "loras": {"ink": (0.7, None)}, "sampler": "DPM++ 2M", "hires_scale": 1.5,
-                "hires_steps": 6, "denoising_strength": 0.6, "hires_schedule_type": "Exponential", "hires_prompt": "a (square:1.3)"}):
+                "hires_steps": 6, "denoising_strength": 0.6, "hires_schedule_type": "Exponential", "hires_prompt": "a (square:1.3)"},
+               # A1111's Hires resize: the upscale covers it and its middle is kept, in latents and in pixels
+               {"loras": {"style": (0.8, None)}, "hires_resize": (48, 40), "denoising_strength": 0.6},
+               {"loras": {"style": (0.8, None)}, "hires_resize": (40, 0), "hires_upscaler": "Lanczos", "denoising_strength": 0.6},
+               {"loras": {"style": (0.8, None)}, "hires_resize": (56, 40), "hires_upscaler": "Lanczos", "denoising_strength": 0.6}):
         result = gen(backend, **kw)
         assert "load_lora_weights" in result.snippet and "set_adapters" in result.snippet
         scope: dict = {}
@@ -653,7 +663,8 @@ def test_snippet_reproduces_the_image_in_stock_diffusers(backend):
         base = gen(backend, **{k: v for k, v in kw.items() if k != "loras"})
         assert np.abs(pixels(base.image) - ours).mean() > 1.0  # the LoRAs mattered
         assert ("scheduled_prompt_kwargs(pipe" in result.snippet) == ("[" in kw.get("prompt", ""))  # plain: plain code
-        assert scope["image"].size == (int(SIZE * kw.get("hires_scale", 1)),) * 2
+        size = kw.get("hires_resize") or (int(SIZE * kw.get("hires_scale", 1)),) * 2
+        assert scope["image"].size == tuple(v or size[0] for v in size)
     skipped = gen(backend, loras={"style": (1.0, 0.6)}, clip_skip=2)
     assert np.abs(pixels(skipped.image) - pixels(gen(backend, loras={"style": (1.0, 0.6)}).image)).mean() > 1.0
     assert skipped.settings["clip_skip"] == 2 and "clip skip 2" in skipped.caption

@@ -131,8 +131,11 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                         emphasis = gr.Checkbox(True, label="A1111 prompt syntax: (word:1.2), [word], long prompts, BREAK")
                     with gr.Accordion("Hires. fix (A1111's): upscale, then denoise again", open=False):
                         with gr.Row():
-                            hr_scale = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1: off)", elem_id="hr-scale")
+                            hr_scale = gr.Slider(1, 4, value=1, step=0.05, label="Upscale by (1 and no resize: off)", elem_id="hr-scale")
                             hr_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler")
+                        with gr.Row():  # (A1111's: the upscale covers the size, its middle kept)
+                            hr_resize_x = gr.Number(0, label="Resize width to (0: by Upscale by)", precision=0)
+                            hr_resize_y = gr.Number(0, label="Resize height to (0: by Upscale by)", precision=0)
                         with gr.Row():
                             hr_steps = gr.Slider(0, 100, value=0, step=1, label="Hires steps (0: as many as Steps)")
                             hr_cfg = gr.Slider(0, 30, value=0, step=0.5, label="Hires CFG Scale (0: as Guidance)")
@@ -307,14 +310,14 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         def on_generate(prompt, negative, preset, fuse, seed, steps, guidance, width, height, clip_skip, names, past, *rest):
             # (sampler, schedule type, A1111 syntax, hires fix, init image, batch count, the X/Y plot's axes, the
             # inpaint mask and its settings, the Z axis, the variation seed, the hires CFG scale, the noise schedule and the
-            # hires sampler, schedule type and prompts come after the slots, in the order they were added: API
+            # hires sampler, schedule type, prompts and resize come after the slots, in the order they were added: API
             # callers' positions stay as they were, and a call without the newer ones takes their defaults)
             slots, extra = rest[: 3 * max_slots], rest[3 * max_slots :]
             defaults = (MODEL_SAMPLER, "Automatic", True, 1.0, "Latent", 0, 0.7, None, 1, NO_AXIS, None, NO_AXIS, None, None, 4,
-                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0, 0.0, "Default", SAME, SAME, "", "")
+                        False, 32, "original", MASK_MODES[0], NO_AXIS, None, 0, 0.0, 0.0, "Default", SAME, SAME, "", "", 0, 0)
             sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init, count, x_type, x_values, y_type, \
                 y_values, mask, blur, only_masked, padding, content, mode, z_type, z_values, sub, sub_strength, hr_guidance, \
-                noise, hr_sampler, hr_schedule, hr_prompt, hr_negative = (*extra, *defaults[len(extra):])[:29]
+                noise, hr_sampler, hr_schedule, hr_prompt, hr_negative, hr_x, hr_y = (*extra, *defaults[len(extra):])[:31]
             if (mode or MASK_MODES[0]) not in MASK_MODES:
                 raise UIError(f"unknown mask mode {mode!r}; choose from {', '.join(MASK_MODES)}")
             count = _whole(count, "the batch count", 1)
@@ -344,7 +347,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                 noise_schedule=noise or "Default",
                                 hires_sampler=None if hr_sampler in (None, SAME) else hr_sampler,
                                 hires_schedule_type=None if hr_schedule in (None, SAME) else hr_schedule,
-                                hires_prompt=hr_prompt or "", hires_negative_prompt=hr_negative or "")
+                                hires_prompt=hr_prompt or "", hires_negative_prompt=hr_negative or "",
+                                hires_resize=(_whole(hr_x, "the hires resize width", 0), _whole(hr_y, "the hires resize height", 0)))
             axes = [f"{kind}: {values or ''}" if kind and kind != NO_AXIS else None
                     for kind, values in ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
             if any(axes):  # A1111's X/Y/Z plot: the grid first, then its cells
@@ -376,7 +380,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                      "mask_mode": None, "z_type": NO_AXIS, "z_values": None, "subseed": None,
                                      "subseed_strength": None, "hires_cfg_scale": None, "noise_schedule": None,
                                      "hires_sampler": None, "hires_schedule_type": None, "hires_prompt": None,
-                                     "hires_negative_prompt": None})
+                                     "hires_negative_prompt": None, "hires_resize_width": None, "hires_resize_height": None})
 
         def on_select(past, evt: gr.SelectData):
             item = (past or [])[evt.index] if past and evt.index < len(past) else None
@@ -461,7 +465,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
         @_user_errors
         def on_png(file):
             if not file:
-                return [gr.update()] * 15 + [""] + [gr.update()] * 19
+                return [gr.update()] * 15 + [""] + [gr.update()] * 21
             fields, note = png_info(_file_path(file))
             inpainting = fields["inpaint"]  # (an image that was not inpainted leaves those settings as they are)
             plot, axes = fields["plot"] or {}, []  # an X/Y/Z grid's axes (any other image's: Nothing, one image)
@@ -475,7 +479,7 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                        inpainting["masked_content"], MASK_MODES[inpainting["inpaint_not_masked"]]] if inpainting else
                       [gr.update()] * 5), *axes, fields["subseed"], fields["subseed_strength"], fields["hires_cfg_scale"],
                     fields["noise_schedule"], fields["hires_sampler"] or SAME, fields["hires_schedule_type"] or SAME,
-                    fields["hires_prompt"], fields["hires_negative_prompt"]]
+                    fields["hires_prompt"], fields["hires_negative_prompt"], *(fields["hires_resize"] or (0, 0))]
 
         @_user_errors
         def on_upload(file, name):
@@ -497,7 +501,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
             [prompt, negative, preset, fuse, seed, steps, guidance, width, height, gen_clip_skip, slot_names, history,
              *slot_inputs, sampler, schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, init_image, batch_count,
              x_type, x_values, y_type, y_values, mask_image, mask_blur, only_masked, masked_padding, masked_content, mask_mode,
-             z_type, z_values, subseed, subseed_strength, hr_cfg, noise_schedule, hr_sampler, hr_schedule, hr_prompt, hr_negative],
+             z_type, z_values, subseed, subseed_strength, hr_cfg, noise_schedule, hr_sampler, hr_schedule, hr_prompt, hr_negative,
+             hr_resize_x, hr_resize_y],
             [gallery, history, image_info, snippet],
             api_name="generate",
             concurrency_limit=2,  # the backend's lock keeps the two blends apart
@@ -521,7 +526,8 @@ def build_demo(backend: Backend, *, max_slots: int = MAX_SLOTS) -> gr.Blocks:
                                              schedule, emphasis, hr_scale, hr_upscaler, hr_steps, denoise, png_note,
                                              mask_blur, only_masked, masked_padding, masked_content, mask_mode,
                                              x_type, x_values, y_type, y_values, z_type, z_values, subseed, subseed_strength, hr_cfg,
-                                             noise_schedule, hr_sampler, hr_schedule, hr_prompt, hr_negative],
+                                             noise_schedule, hr_sampler, hr_schedule, hr_prompt, hr_negative, hr_resize_x,
+                                             hr_resize_y],
                         api_name="png_info")
         upload_btn.click(on_upload, [upload_file, upload_name], [lib_message], api_name="upload_lora").then(
             refresh, [slot_names], refresh_outputs, api_visibility="private")

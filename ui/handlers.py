@@ -230,6 +230,7 @@ class GenerateRequest:
     hires_schedule_type: str | None = None
     hires_prompt: str = ""
     hires_negative_prompt: str = ""
+    hires_resize: tuple[int, int] | None = None  # A1111's "Resize width / height to" (w, h) in place of the scale; 0: by the other
     noise_schedule: str = "Default"  # A1111's noise schedule for sampling (``lora_diffusion.generate.NOISE_SCHEDULES``)
     denoising_strength: float = 0.7  # of a Hires. fix's second pass, or of img2img
     # img2img (``lora_diffusion.generate.image_to_image``): the image file to start from, resized to width x height
@@ -291,7 +292,7 @@ def diffusers_snippet(
     clip_skip: int = 1,
     scheduler: tuple[str, dict] | None = None,
     a1111_prompt: bool = False,
-    hires: tuple[float, int, str, float] | None = None,
+    hires: tuple[float, int, str, float, tuple[int, int] | None] | None = None,
     init_image: tuple[str, float] | None = None,
     tag_blocks: dict[str, tuple[float, ...]] | None = None,
     mask: tuple[str, int, int | None, str, bool] | None = None,
@@ -307,7 +308,7 @@ def diffusers_snippet(
     with ``from_single_file``, its configs from ``model_config`` where given; ``scheduler``: a scheduler class and the
     settings that differ from the model's own; ``a1111_prompt``: the prompts use A1111's emphasis, length or prompt
     editing, whose embeddings ``lora_diffusion.prompts.scheduled_prompt_kwargs`` makes; ``hires``: a Hires. fix's
-    ``(scale, second-pass steps, upscaler, denoising strength)``, as diffusers' img2img pipeline on the same modules
+    ``(scale, second-pass steps, upscaler, denoising strength, resize or None)``, as diffusers' img2img pipeline on the same modules
     at ``hires_guidance`` (``None``: ``guidance``), with ``hires_prompts`` ``(prompt, negative prompt)`` (``None``: the first
     pass's) and ``second_scheduler`` (as ``scheduler``, on the first pass's; ``None``: that one); ``noise_schedule``: A1111's, "Zero Terminal SNR" as
     ``lora_diffusion.generate.zero_terminal_snr``;
@@ -478,17 +479,18 @@ def _lora_diffusion_blend(lora_paths: dict[str, str], loras: dict[str, tuple[flo
 
 
 def _hires_lines(args: list[str], second: list[str], guidance: float, width: int, height: int,
-                 hires: tuple[float, int, str, float], sdxl: bool, own_scheduler: bool = False) -> list[str]:
+                 hires: tuple[float, int, str, float, tuple[int, int] | None], sdxl: bool, own_scheduler: bool = False) -> list[str]:
     """The snippet's Hires. fix: the first pass, upscaled as ``lora_diffusion.generate.hires_fix`` upscales it, then
     diffusers' img2img pipeline on the same modules (``own_scheduler``: with the snippet's ``hires_scheduler``), one
     generator (made before) through both passes."""
-    scale, hires_steps, upscaler, strength = hires
-    big = hires_size(width, height, scale)
+    scale, hires_steps, upscaler, strength, resize = hires
+    big = hires_size(width, height, scale, resize)
     mode = HIRES_UPSCALERS[upscaler]
     latent = not mode.startswith(("lanczos", "pil-"))
     lines = ["first = pipe(" + ", ".join([*args, "generator=generator", f"output_type={_py('latent' if latent else 'pil')}"])
              + ").images",
-             f"# Hires. fix ({upscaler}, {_fmt(scale)}x): upscaled to {big[0]}x{big[1]}, then denoised again"]
+             f"# Hires. fix ({upscaler}, {'resize to {}x{}'.format(*resize) if resize else _fmt(scale) + 'x'}): upscaled to "
+             f"{big[0]}x{big[1]}, then denoised again"]
     if latent:
         name, _, antialias = mode.partition("-")
         extra = f", antialias={bool(antialias)}" if name in ("bilinear", "bicubic") else ""
@@ -498,6 +500,12 @@ def _hires_lines(args: list[str], second: list[str], guidance: float, width: int
     else:
         resample = "LANCZOS" if mode == "lanczos" else "NEAREST"
         lines += ["from PIL import Image", f"start = first[0].resize(({big[0]}, {big[1]}), Image.Resampling.{resample})"]
+    if resize and all(resize):  # A1111's Hires resize: the upscale covers it, its middle kept (cut in latents)
+        lines.append(f"cut = (({big[0]} - {resize[0]}) // pipe.vae_scale_factor, ({big[1]} - {resize[1]}) // pipe.vae_scale_factor)")
+        lines.append("start = start[..., cut[1] // 2 : start.shape[2] - (cut[1] + 1) // 2, cut[0] // 2 : start.shape[3] - (cut[0] + 1) // 2]"
+                     if latent else
+                     f"start = start.crop((cut[0] // 2 * pipe.vae_scale_factor, cut[1] // 2 * pipe.vae_scale_factor, {big[0]} - "
+                     f"(cut[0] + 1) // 2 * pipe.vae_scale_factor, {big[1]} - (cut[1] + 1) // 2 * pipe.vae_scale_factor))")
     return lines + _img2img_lines(sdxl) + (["img2img.scheduler = hires_scheduler"] if own_scheduler else []) + [
         "image = img2img(" + ", ".join([*second, "image=start", f"strength={strength!r}", f"num_inference_steps={hires_steps}",
                                        f"guidance_scale={guidance!r}", "generator=generator"]) + ").images[0]"]
@@ -549,7 +557,8 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
     """The Generate tab's settings from an image's A1111 infotext (A1111's "PNG Info", a Civitai image), and a note of
     what the tab cannot take: ``({prompt, negative_prompt, seed, steps, guidance, width, height, clip_skip, sampler,
     schedule_type, emphasis, hires_scale, hires_steps, hires_upscaler, denoising_strength, hires_cfg_scale,
-    hires_sampler, hires_schedule_type (``None``: "Use same"), hires_prompt, hires_negative_prompt, noise_schedule,
+    hires_sampler, hires_schedule_type (``None``: "Use same"), hires_prompt, hires_negative_prompt, hires_resize
+    (``(w, h)``; ``None``: by the upscale), noise_schedule,
     inpaint}, note)``, where
     ``inpaint`` is an inpainting's ``{mask_blur, inpaint_only_masked, masked_padding, masked_content,
     inpaint_not_masked}`` (A1111's defaults where it names none) or ``None``, ``subseed`` and ``subseed_strength``
@@ -584,7 +593,7 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
                      "(its inpainting settings are set)"
                      if "mask_blur" in got else
                      "it was made by img2img: put the image it started from under img2img to make it again")
-    if hires_scale > 1 and upscaler not in HIRES_UPSCALERS:
+    if (hires_scale > 1 or "hires_resize" in got) and upscaler not in HIRES_UPSCALERS:
         notes.append(f"its hires upscaler {upscaler!r} is not one of the UI's: Latent is set")
         upscaler = "Latent"
     if hires_scale > 4:
@@ -605,12 +614,11 @@ def png_info(path: str | os.PathLike) -> tuple[dict, str]:
               "denoising_strength": got.get("denoising_strength", 0.7), "hires_cfg_scale": got.get("hires_cfg_scale", 0.0),
               "noise_schedule": got.get("noise_schedule", "Default"), "hires_sampler": hires_sampler,
               "hires_schedule_type": hires_schedule, "hires_prompt": got.get("hires_prompt", ""),
-              "hires_negative_prompt": got.get("hires_negative_prompt", ""),
+              "hires_negative_prompt": got.get("hires_negative_prompt", ""), "hires_resize": got.get("hires_resize"),
               "inpaint": None, "plot": None,
               "subseed": got.get("subseed", 0), "subseed_strength": got.get("subseed_strength", 0.0)}
-    for key, name in (("seed_resize_from", "Resize seed from"), ("hires_resize", "Hires resize")):
-        if key in got:
-            notes.append(f"its {name} is not in the tab: `lora-diffusion generate --from-png` makes it")
+    if "seed_resize_from" in got:
+        notes.append("its Resize seed from is not in the tab: `lora-diffusion generate --from-png` makes it")
     if any(f"{a}_axis" in got for a in "xyz"):
         fields["plot"] = {}
         for a in "xyz":
@@ -1038,9 +1046,10 @@ class Backend:
             width, height = int(req.width or own[0]), int(req.height or own[1])
             if width % 8 or height % 8 or not (8 <= width <= 2048 and 8 <= height <= 2048):
                 raise UIError(f"width and height must be multiples of 8 between 8 and 2048, got {width}x{height}")
-            if hires and max(hires_size(width, height, hires[0])) > 2048:
-                raise UIError(f"Hires. fix: {width}x{height} upscaled {_fmt(hires[0])}x is "
-                              "{}x{}, past 2048".format(*hires_size(width, height, hires[0])))
+            if hires and max(hires_size(width, height, hires[0], hires[4])) > 2048:
+                raise UIError(f"Hires. fix: {width}x{height} upscaled " + (
+                    "to cover {}x{}".format(*hires[4]) if hires[4] else f"{_fmt(hires[0])}x") +
+                    " is {}x{}, past 2048".format(*hires_size(width, height, hires[0], hires[4])))
             sdxl = getattr(pipe, "text_encoder_2", None) is not None
             try:
                 check_clip_skip(pipe, clip_skip, "CLIP skip")
@@ -1081,7 +1090,7 @@ class Backend:
                     image = image_to_image(pipe, run, init, steps=steps, width=width, height=height,
                                            strength=_strength(req))
                 elif hires:
-                    scale, hires_steps, upscaler, strength = hires
+                    scale, hires_steps, upscaler, strength, _ = hires
                     # (the second pass schedules prompt editing on from the first, as A1111)
                     second = scheduled_prompt_kwargs(pipe, hires_prompt, hires_negative or None, hires_steps,
                                                      clip_skip=clip_skip, base_steps=steps) if a1111_prompt else \
@@ -1089,7 +1098,7 @@ class Backend:
                         prompt_kwargs(pipe, [hires_prompt], clip_skip, [hires_negative] if hires_negative else None)
                     image = hires_fix(pipe, run, dict(second, guidance_scale=hires_guidance, generator=generator),
                                       steps=steps, width=width, height=height, scale=scale, hires_steps=hires_steps,
-                                      upscaler=upscaler, strength=strength, scheduler=second_scheduler)
+                                      upscaler=upscaler, strength=strength, scheduler=second_scheduler, resize=hires[4])
                 else:
                     image = pipe(**run, num_inference_steps=steps, height=height, width=width).images[0]
             finally:
@@ -1105,7 +1114,7 @@ class Backend:
             params = variation_params(params, *variation)
         if hires:
             params = second_pass_params(params, hires[3], hires[0], int(req.hires_steps), hires[2],
-                                        hires_cfg_scale=hires_guidance)
+                                        hires_cfg_scale=hires_guidance, hires_resize=hires[4])
             params = hires_pass_params(params, prompt, negative, hires_prompt, hires_negative, hires_sampler, hires_schedule)
         elif init is not None:
             params = second_pass_params(params, _strength(req), mask_blur=int(req.mask_blur) if mask is not None else None,
@@ -1117,7 +1126,7 @@ class Backend:
                     "height": height, "block_preset": req.block_preset, "fused": fused, "clip_skip": clip_skip,
                     "sampler": req.sampler, "schedule_type": req.schedule_type, "emphasis": bool(req.emphasis),
                     "noise_schedule": req.noise_schedule,
-                    "hires": {**dict(zip(("scale", "steps", "upscaler", "denoising_strength"), hires)),
+                    "hires": {**dict(zip(("scale", "steps", "upscaler", "denoising_strength", "resize"), hires)),
                               "cfg_scale": hires_guidance, "sampler": hires_sampler, "schedule_type": hires_schedule,
                               "prompt": hires_prompt, "negative_prompt": hires_negative} if hires else None,
                     "init_image": init_copy, "denoising_strength": _strength(req) if init is not None or hires else None,
@@ -1149,8 +1158,9 @@ class Backend:
                 if req.masked_content != "original":
                     caption += f", masked content {req.masked_content}"
         if hires:
-            caption += ", hires {}x{} ({} {}x, {} steps, denoise {}{})".format(
-                *hires_size(width, height, hires[0]), hires[2], _fmt(hires[0]), hires[1], _fmt(hires[3]),
+            caption += ", hires {}x{} ({} {}, {} steps, denoise {}{})".format(
+                *(hires[4] if hires[4] and all(hires[4]) else hires_size(width, height, hires[0], hires[4])), hires[2],
+                "to {}x{}".format(*hires[4]) if hires[4] else f"{_fmt(hires[0])}x", hires[1], _fmt(hires[3]),
                 f", cfg {_fmt(hires_guidance)}" if "Hires CFG Scale" in params else "")
             if hires_sampler:
                 caption += f", hires sampler {hires_sampler} {hires_schedule}"
@@ -1220,12 +1230,17 @@ class Backend:
         return hires_prompt or prompt, hires_negative or negative
 
     @staticmethod
-    def _check_hires(req: GenerateRequest) -> tuple[float, int, str, float] | None:
-        """``(scale, second-pass steps, upscaler, denoising strength)`` of a request's Hires. fix; ``None``: off."""
+    def _check_hires(req: GenerateRequest) -> tuple[float, int, str, float, tuple[int, int] | None] | None:
+        """``(scale, second-pass steps, upscaler, denoising strength, resize)`` of a request's Hires. fix (``resize``:
+        A1111's Hires resize ``(w, h)``, in place of the scale; ``None``: by the scale); ``None``: off."""
         scale = finite_number(req.hires_scale, "the hires upscale")
-        if scale <= 1:
+        resize = tuple(int(finite_number(v or 0, "the hires resize")) for v in (req.hires_resize or (0, 0)))
+        if len(resize) != 2 or not all(0 <= v <= 2048 for v in resize):
+            raise UIError(f"hires resize must be a width and a height from 0 (by the other) to 2048, got {resize}")
+        resize = resize if any(resize) else None
+        if scale <= 1 and resize is None:
             return None
-        if scale > 4:
+        if not 1 <= scale <= 4:
             raise UIError(f"hires upscale must be between 1 (off) and 4, got {_fmt(scale)}")
         if req.hires_upscaler not in HIRES_UPSCALERS:
             raise UIError(f"unknown hires upscaler {req.hires_upscaler!r}; choose from {', '.join(HIRES_UPSCALERS)}")
@@ -1236,7 +1251,7 @@ class Backend:
             denoising_steps(hires_steps or int(req.steps), _strength(req), "hires steps")
         except ValueError as e:
             raise UIError(str(e)) from None
-        return scale, hires_steps or int(req.steps), req.hires_upscaler, _strength(req)
+        return scale, hires_steps or int(req.steps), req.hires_upscaler, _strength(req), resize
 
     @staticmethod
     def _init_image(req: GenerateRequest):
