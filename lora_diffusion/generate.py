@@ -420,8 +420,7 @@ def txt2img(
     _, tags = parse_prompt(prompt)
     _, hires_tags = parse_prompt(hires_prompt + " " + hires_negative_prompt)
     if hires_tags and hires_tags != tags:
-        raise ValueError("LoRA tags in the hires prompt must be the prompt's (A1111 would switch LoRAs between the "
-                         "passes; not done here): leave them out or repeat the prompt's")
+        raise ValueError(HIRES_TAGS_REFUSED)
     paths = {name: _tag_path(name, lora_dir, set()) for name in tags} if lora_dir is not None else {}
     embeddings = _load_named_embeddings(pipe, embeddings_dir, "\n".join((prompt, negative_prompt, hires_prompt,
                                                                           hires_negative_prompt)))
@@ -587,6 +586,10 @@ def variation_params(params: dict, subseed: int, strength: float, resize_from: t
     new = {"Variation seed": subseed if strength > 0 else None, "Variation seed strength": strength or None,
            "Seed resize from": "{}x{}".format(*resize_from) if resize_from else None}
     return _insert_before(params, "Clip skip", new) if any(v is not None for v in new.values()) else params
+
+
+HIRES_TAGS_REFUSED = ("LoRA tags in the hires prompt must be the prompt's (A1111 would switch LoRAs between the passes; "
+                      "not done here): leave them out or repeat the prompt's")
 
 
 def hires_scheduler(first, sampler: str | None, schedule_type: str | None,

@@ -38,7 +38,7 @@ import torch
 from lora_diffusion import delete_adapter, fuse, load_lora, set_adapters, unfuse
 from lora_diffusion.blend import finite_number as _finite_number, lbw_blocks, merge_loras, parse_prompt
 from lora_diffusion.formats import WRITERS, LoraFormatError
-from lora_diffusion.generate import (HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS,
+from lora_diffusion.generate import (HIRES_TAGS_REFUSED, HIRES_UPSCALERS, MASKED_CONTENT, MAX_MASK_BLUR, MAX_MASKED_PADDING, SAMPLERS,
                                      SCHEDULE_TYPES, a1111_params,
                                      conds_padded, denoising_steps, flatten_start, hires_fix, hires_size, image_to_image, infotext,
                                      infotext_settings, inpaint, lora_hash, lora_tag, mask_levels, model_hash, png_infotext,
@@ -1225,8 +1225,7 @@ class Backend:
             raise UIError("put <lora:...> tags in the prompt, not the hires negative prompt")
         _, tags, blocks = parse_lora_tags(req.prompt)
         if hires_tags and (hires_tags, hires_blocks) != (tags, blocks):
-            raise UIError("LoRA tags in the hires prompt must be the prompt's (A1111 would switch LoRAs between the "
-                          "passes; not done here): leave them out or repeat the prompt's")
+            raise UIError(HIRES_TAGS_REFUSED)
         return hires_prompt or prompt, hires_negative or negative
 
     @staticmethod
